@@ -1,0 +1,11 @@
+#pragma once
+// Each subcommand lives in its own file and registers itself on the program's CLI11 app.
+// A command's callback returns through the exit status: 0 success, 1 bad input (InputError,
+// thrown and caught in main), 2 usage errors (CLI11 parse errors).
+#include <CLI/CLI.hpp>
+
+namespace mop::cli {
+
+void add_model_command(CLI::App& app);
+
+} // namespace mop::cli

@@ -1,0 +1,39 @@
+// mop: predicts, explores and runs parallelism mixes for training Mixture-of-Experts models.
+#include "cli/commands.hpp"
+#include "common/error.hpp"
+
+#include <cstdio>
+#include <exception>
+#include <fmt/format.h>
+
+int main(int argc, char** argv) {
+  CLI::App app{"mop: does this Mixture-of-Experts model train on this cluster, how fast, and with "
+               "which mix of parallelisms?\n\nExample:\n  mop model show kimi-k2 --seq 128K"};
+  app.name("mop");
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "mop 0.1.0");
+  mop::cli::add_model_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(app.help().c_str(), stdout);
+    return 0;
+  } catch (const CLI::CallForAllHelp&) {
+    std::fputs(app.help("", CLI::AppFormatMode::All).c_str(), stdout);
+    return 0;
+  } catch (const CLI::CallForVersion& e) {
+    std::fputs((std::string(e.what()) + "\n").c_str(), stdout);
+    return 0;
+  } catch (const CLI::ParseError& e) {
+    // Usage errors: one sentence and a pointer to --help, exit 2 (CLI.md).
+    std::fputs(fmt::format("mop: {} (see --help)\n", e.what()).c_str(), stderr);
+    return 2;
+  } catch (const mop::InputError& e) {
+    std::fputs(fmt::format("mop: {}\n", e.what()).c_str(), stderr);
+    return 1;
+  } catch (const std::exception& e) {
+    std::fputs(fmt::format("mop: internal error: {}\n", e.what()).c_str(), stderr);
+    return 3;
+  }
+  return 0;
+}

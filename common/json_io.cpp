@@ -1,0 +1,176 @@
+#include "common/json_io.hpp"
+
+#include "common/error.hpp"
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fmt/format.h>
+#include <fstream>
+#include <sstream>
+#include <unistd.h>
+
+namespace mop {
+
+Json parse_json(std::string_view text, const std::string& origin) {
+  try {
+    return Json::parse(text.begin(), text.end());
+  } catch (const nlohmann::json::parse_error& e) {
+    // e.byte is the position of the error; report it as line:column for the reader.
+    std::size_t line = 1, column = 1;
+    for (std::size_t i = 0; i + 1 < e.byte && i < text.size(); ++i) {
+      if (text[i] == '\n') {
+        ++line;
+        column = 1;
+      } else {
+        ++column;
+      }
+    }
+    throw InputError(
+        fmt::format("{} is not valid JSON (line {}, column {}).", origin, line, column));
+  }
+}
+
+Json read_json_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec))
+    throw InputError(fmt::format("{}: no such file.", path));
+  if (std::filesystem::is_directory(path, ec))
+    throw InputError(fmt::format("{} is a folder, not a JSON file.", path));
+  std::ifstream in(path, std::ios::binary);
+  if (!in)
+    throw InputError(fmt::format("{}: cannot be read.", path));
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  return parse_json(buffer.str(), path);
+}
+
+void write_file_atomically(const std::string& path, std::string_view text) {
+  namespace fs = std::filesystem;
+  const fs::path target(path);
+  fs::path dir = target.parent_path();
+  if (dir.empty())
+    dir = ".";
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec))
+    throw InputError(fmt::format("{}: the folder {} does not exist.", path, dir.string()));
+  const fs::path temp =
+      dir / fmt::format(".{}.tmp{}", target.filename().string(), static_cast<long>(::getpid()));
+  {
+    std::ofstream out(temp, std::ios::binary | std::ios::trunc);
+    if (!out)
+      throw InputError(fmt::format("{}: cannot be written.", path));
+    out.write(text.data(), static_cast<std::streamsize>(text.size()));
+    out.flush();
+    if (!out) {
+      out.close();
+      fs::remove(temp, ec);
+      throw InputError(fmt::format("{}: writing failed (disk full?).", path));
+    }
+  }
+  fs::rename(temp, target, ec);
+  if (ec) {
+    fs::remove(temp, ec);
+    throw InputError(fmt::format("{}: cannot be written ({}).", path, ec.message()));
+  }
+}
+
+JsonFields::JsonFields(const Json& object, std::string origin)
+    : object_(object), origin_(std::move(origin)) {
+  if (!object_.is_object())
+    throw InputError(fmt::format("{}: expected a JSON object at the top level.", origin_));
+}
+
+void JsonFields::fail(const std::string& key, const std::string& requirement) const {
+  auto it = object_.find(key);
+  if (it == object_.end() || it->is_null())
+    throw InputError(fmt::format("{}: field '{}' is missing; it must be {}.", origin_, key,
+                                 requirement));
+  throw InputError(
+      fmt::format("{}: field '{}' must be {} (got {}).", origin_, key, requirement, it->dump()));
+}
+
+bool JsonFields::has(const std::string& key) const {
+  auto it = object_.find(key);
+  return it != object_.end() && !it->is_null();
+}
+
+const Json& JsonFields::at(const std::string& key) const {
+  if (!has(key))
+    fail(key, "present");
+  return object_.at(key);
+}
+
+std::int64_t JsonFields::positive_int(const std::string& key) const {
+  if (!has(key))
+    fail(key, "a positive integer");
+  const Json& v = object_.at(key);
+  if (v.is_number_integer() && v.get<std::int64_t>() > 0)
+    return v.get<std::int64_t>();
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (d > 0 && d == std::floor(d) && d < 9e18)
+      return static_cast<std::int64_t>(d);
+  }
+  fail(key, "a positive integer");
+}
+
+std::int64_t JsonFields::positive_int_or(const std::string& key, std::int64_t fallback) const {
+  return has(key) ? positive_int(key) : fallback;
+}
+
+std::int64_t JsonFields::non_negative_int_or(const std::string& key,
+                                             std::int64_t fallback) const {
+  if (!has(key))
+    return fallback;
+  const Json& v = object_.at(key);
+  if (v.is_number_integer() && v.get<std::int64_t>() >= 0)
+    return v.get<std::int64_t>();
+  fail(key, "a non-negative integer");
+}
+
+double JsonFields::positive_number(const std::string& key) const {
+  if (!has(key))
+    fail(key, "a positive number");
+  const Json& v = object_.at(key);
+  if (v.is_number() && v.get<double>() > 0 && std::isfinite(v.get<double>()))
+    return v.get<double>();
+  fail(key, "a positive number");
+}
+
+double JsonFields::positive_number_or(const std::string& key, double fallback) const {
+  return has(key) ? positive_number(key) : fallback;
+}
+
+double JsonFields::number_or(const std::string& key, double fallback) const {
+  if (!has(key))
+    return fallback;
+  const Json& v = object_.at(key);
+  if (v.is_number() && std::isfinite(v.get<double>()))
+    return v.get<double>();
+  fail(key, "a number");
+}
+
+bool JsonFields::bool_or(const std::string& key, bool fallback) const {
+  if (!has(key))
+    return fallback;
+  const Json& v = object_.at(key);
+  if (v.is_boolean())
+    return v.get<bool>();
+  fail(key, "true or false");
+}
+
+std::string JsonFields::string(const std::string& key) const {
+  if (!has(key))
+    fail(key, "a string");
+  const Json& v = object_.at(key);
+  if (v.is_string())
+    return v.get<std::string>();
+  fail(key, "a string");
+}
+
+std::string JsonFields::string_or(const std::string& key, const std::string& fallback) const {
+  return has(key) ? string(key) : fallback;
+}
+
+} // namespace mop

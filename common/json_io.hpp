@@ -1,0 +1,45 @@
+#pragma once
+// Reading JSON inputs with errors that name the file and the field, and writing outputs
+// atomically (a temporary file renamed into place: never a half-written output).
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <string_view>
+
+namespace mop {
+
+using Json = nlohmann::ordered_json;
+
+// Parses `text`; `origin` names it in error sentences (a path, or "built-in model 'kimi-k2'").
+Json parse_json(std::string_view text, const std::string& origin);
+// Reads and parses a file; a missing or unreadable file or broken JSON is an InputError.
+Json read_json_file(const std::string& path);
+// Writes `text` to `path` through a temporary file in the same folder and a rename.
+void write_file_atomically(const std::string& path, std::string_view text);
+
+// Typed field access with one-sentence errors: "config.json: field 'hidden_size' must be a
+// positive integer (got -3)." `origin` names the file.
+class JsonFields {
+public:
+  JsonFields(const Json& object, std::string origin);
+
+  bool has(const std::string& key) const; // present and not null
+  std::int64_t positive_int(const std::string& key) const;
+  std::int64_t positive_int_or(const std::string& key, std::int64_t fallback) const;
+  std::int64_t non_negative_int_or(const std::string& key, std::int64_t fallback) const;
+  double positive_number(const std::string& key) const;
+  double positive_number_or(const std::string& key, double fallback) const;
+  double number_or(const std::string& key, double fallback) const;
+  bool bool_or(const std::string& key, bool fallback) const;
+  std::string string(const std::string& key) const;
+  std::string string_or(const std::string& key, const std::string& fallback) const;
+  const Json& at(const std::string& key) const; // required, any type
+  const std::string& origin() const { return origin_; }
+  [[noreturn]] void fail(const std::string& key, const std::string& requirement) const;
+
+private:
+  const Json& object_;
+  std::string origin_;
+};
+
+} // namespace mop
