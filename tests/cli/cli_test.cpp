@@ -58,3 +58,9 @@ TEST_CASE("usage errors exit 2 and --help exits 0 with an example") {
   CHECK(help.status == 0);
   CHECK(help.out.find("Example") != std::string::npos);
 }
+
+TEST_CASE("an unknown command is a usage error even with --help") {
+  const auto r = run_mop("no-such-command --help");
+  CHECK(r.status == 2);
+  CHECK(count_lines(r.err) == 1);
+}
