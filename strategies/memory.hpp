@@ -1,0 +1,73 @@
+#pragma once
+// The analytic memory model: bytes per rank class (pipeline stage), by state, in HBM and host.
+#include "strategies/plan.hpp"
+#include "workload/model_spec.hpp"
+
+#include <string>
+#include <vector>
+
+namespace mop::strategy {
+
+// The hardware figures the memory model needs (from hw::ClusterSpec).
+struct MemoryHardware {
+  double hbm_bytes = 0;          // per GPU, as CUDA reports it
+  double host_bytes = 0;         // per node
+  int gpus_per_node = 8;
+  double cuda_context_bytes = 0; // CUDA context, cuBLAS workspaces, kernels
+  double nccl_bytes_per_communicator = 0;
+  double fragmentation = 0;      // allocator overhead as a fraction of activations and buffers
+  double host_reserved_bytes = 0; // per node: OS, framework, page cache the job cannot use
+};
+
+struct MemoryBreakdown {
+  double weights = 0;
+  double grads = 0;
+  double optimizer = 0;
+  double activations = 0;
+  double comm_buffers = 0;
+  double other = 0;
+  double total() const { return weights + grads + optimizer + activations + comm_buffers + other; }
+};
+
+// Options that describe the training code rather than the plan.
+struct ActivationOptions {
+  bool flash_attention = true; // no S x S scores saved
+  bool dropout = false;        // dropout masks saved (GPT-3-era models)
+};
+
+// Bytes of activations one decoder layer saves for its backward, per rank, for one micro-batch
+// (plan.micro_batch sequences of `seq` tokens), under the plan's mapping and recompute policy.
+double layer_activation_bytes(const workload::ModelSpec& m, const workload::LayerSpec& layer,
+                              const Plan& plan, std::int64_t seq, Recompute recompute,
+                              const ActivationOptions& options = {});
+
+struct RankClassMemory {
+  std::string name;        // "stage 0 of 4 (first)"
+  int stage = 0;
+  int ranks = 0;           // how many ranks behave like this one
+  int layers = 0;
+  double micro_batches_in_flight = 0;
+  MemoryBreakdown hbm;     // per rank
+  MemoryBreakdown host;    // per rank's share of its node's host memory
+  double peak_hbm_bytes = 0;
+  double host_bytes_per_node = 0; // the node's host memory use if all its ranks were this class
+  std::string dominant;           // the largest HBM component, in words
+};
+
+struct MemoryReport {
+  std::vector<RankClassMemory> classes;
+  int worst = 0; // index of the class with the highest HBM use relative to capacity
+  double peak_hbm_bytes = 0;
+  double peak_host_bytes = 0; // per node
+  double hbm_capacity_bytes = 0;
+  double host_capacity_bytes = 0;
+  bool fits_hbm = false;
+  bool fits_host = false;
+  bool fits() const { return fits_hbm && fits_host; }
+  std::string first_to_run_out; // one sentence when it does not fit
+};
+
+MemoryReport analyze_memory(const workload::ModelSpec& m, const Plan& plan, std::int64_t seq,
+                            const MemoryHardware& hw, const ActivationOptions& options = {});
+
+} // namespace mop::strategy

@@ -1,0 +1,427 @@
+#include "strategies/plan.hpp"
+
+#include "common/error.hpp"
+
+#include <fmt/format.h>
+#include <numeric>
+
+namespace mop::strategy {
+
+const char* layer_kind_name(LayerKind k) {
+  switch (k) {
+  case LayerKind::attention:
+    return "attention";
+  case LayerKind::moe:
+    return "moe";
+  case LayerKind::dense:
+    return "dense";
+  case LayerKind::embedding:
+    return "embedding";
+  }
+  return "?";
+}
+
+const char* name(CpKind k) {
+  switch (k) {
+  case CpKind::ring:
+    return "ring";
+  case CpKind::ulysses:
+    return "ulysses";
+  case CpKind::hybrid:
+    return "hybrid";
+  }
+  return "?";
+}
+const char* name(Recompute r) {
+  switch (r) {
+  case Recompute::none:
+    return "none";
+  case Recompute::selective:
+    return "selective";
+  case Recompute::full:
+    return "full";
+  }
+  return "?";
+}
+const char* name(PipelineSchedule s) {
+  switch (s) {
+  case PipelineSchedule::gpipe:
+    return "gpipe";
+  case PipelineSchedule::one_f_one_b:
+    return "1f1b";
+  case PipelineSchedule::interleaved_1f1b:
+    return "interleaved-1f1b";
+  case PipelineSchedule::zero_bubble:
+    return "zero-bubble";
+  }
+  return "?";
+}
+const char* name(Placement p) { return p == Placement::hbm ? "hbm" : "host"; }
+const char* name(OptimizerOverlap o) {
+  switch (o) {
+  case OptimizerOverlap::after_backward:
+    return "after-backward";
+  case OptimizerOverlap::stream_backward:
+    return "stream-bwd";
+  case OptimizerOverlap::stream_forward:
+    return "stream-fwd";
+  }
+  return "?";
+}
+
+int Plan::data_parallel(LayerKind k) const {
+  switch (k) {
+  case LayerKind::attention:
+    return attention.dp;
+  case LayerKind::moe:
+    return moe.edp;
+  case LayerKind::dense:
+    return dense.dp;
+  case LayerKind::embedding:
+    return embed.dp;
+  }
+  return 1;
+}
+
+int Plan::micro_batches() const {
+  const int replicas = attention.dp;
+  return global_batch / (micro_batch * replicas);
+}
+
+int Plan::layers_in_stage(int stage, int num_layers) const {
+  if (!stage_layers.empty())
+    return stage_layers[static_cast<std::size_t>(stage)];
+  // Even split; the first (num_layers % pp) stages take one more.
+  return num_layers / pp + (stage < num_layers % pp ? 1 : 0);
+}
+
+namespace {
+[[noreturn]] void bad(const std::string& sentence) { throw InputError(sentence); }
+} // namespace
+
+void complete_plan(Plan& p) {
+  if (p.world <= 0)
+    bad(fmt::format("plan: world must be a positive number of ranks (got {}).", p.world));
+  if (p.pp <= 0 || p.world % p.pp != 0)
+    bad(fmt::format("plan: pp ({}) must divide the {} ranks.", p.pp, p.world));
+  const int per_stage = p.world / p.pp;
+  auto derive = [&](const char* what, int product, int& dp) {
+    if (product <= 0 || per_stage % product != 0)
+      bad(fmt::format("plan: {} ({}) must divide the {} ranks of a pipeline stage.", what, product,
+                      per_stage));
+    dp = per_stage / product;
+  };
+  if (p.attention.tp <= 0 || p.attention.cp <= 0)
+    bad("plan: attention tp and cp must be positive.");
+  derive("attention tp x cp", p.attention.tp * p.attention.cp, p.attention.dp);
+  if (p.moe.ep <= 0 || p.moe.etp <= 0)
+    bad("plan: moe ep and etp must be positive.");
+  derive("moe ep x etp", p.moe.ep * p.moe.etp, p.moe.edp);
+  // Dense MLPs and embeddings see the tokens of the attention layout (tp x cp x dp): their
+  // data-parallel ranks are everything but their own tp.
+  derive("dense tp", p.dense.tp, p.dense.dp);
+  derive("embedding tp", p.embed.tp, p.embed.dp);
+  if (p.micro_batch <= 0)
+    bad(fmt::format("plan: micro_batch must be positive (got {}).", p.micro_batch));
+  if (p.global_batch <= 0)
+    bad(fmt::format("plan: global_batch must be positive (got {}).", p.global_batch));
+  if (p.global_batch % (p.micro_batch * p.attention.dp) != 0)
+    bad(fmt::format("plan: the global batch ({} sequences) must be a multiple of micro_batch ({}) "
+                    "x data-parallel replicas ({}).",
+                    p.global_batch, p.micro_batch, p.attention.dp));
+  if (p.vp <= 0)
+    bad("plan: vp must be positive.");
+  if (p.activation_offload < 0 || p.activation_offload > 1)
+    bad(fmt::format("plan: activation_offload must be a fraction between 0 and 1 (got {}).",
+                    p.activation_offload));
+  if (p.moe.capacity_factor < 0 || p.moe.imbalance < 1)
+    bad("plan: moe capacity_factor must be >= 0 (0 = dropless) and imbalance >= 1.");
+  for (const StatePolicy& s : p.state) {
+    if (s.zero < 0 || s.zero > 3)
+      bad(fmt::format("plan: zero stage must be 0, 1, 2 or 3 (got {}).", s.zero));
+    if (s.shard_group < 0)
+      bad("plan: shard_group must be >= 0 (0 = shard over all data-parallel ranks).");
+  }
+  if (p.optimizer_on_host && p.optimizer != Placement::host)
+    bad("plan: an optimizer step on the host needs the optimizer state on the host.");
+}
+
+void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const ClusterShape& c) {
+  const int gpus = c.gpus_per_node * c.nodes;
+  if (p.world != gpus)
+    bad(fmt::format("plan: its {} ranks do not match the cluster's {} GPUs ({} nodes x {}).",
+                    p.world, gpus, c.nodes, c.gpus_per_node));
+  const AttentionMapping& a = p.attention;
+  if (m.num_heads % a.tp != 0)
+    bad(fmt::format("plan: attention tp ({}) must divide the {} attention heads.", a.tp,
+                    m.num_heads));
+  // KV heads: TP beyond the KV heads replicates them (Megatron, vLLM); otherwise it must divide.
+  if (a.tp <= m.num_kv_heads && m.num_kv_heads % a.tp != 0)
+    bad(fmt::format("plan: attention tp ({}) must divide the {} KV heads.", a.tp,
+                    m.num_kv_heads));
+  if (a.tp > m.num_kv_heads && a.tp % m.num_kv_heads != 0)
+    bad(fmt::format("plan: attention tp ({}) must be a multiple of the {} KV heads to replicate "
+                    "them.",
+                    a.tp, m.num_kv_heads));
+  if (a.tp * a.cp > 1 && a.tp > c.gpus_per_node)
+    bad(fmt::format("plan: attention tp ({}) must stay inside a node of {} GPUs.", a.tp,
+                    c.gpus_per_node));
+  if (a.cp > 1) {
+    // Ring CP splits the sequence into 2·cp chunks (each rank takes one early, one late chunk)
+    // to balance causal work; Ulysses splits heads, so cp must divide the heads per TP rank.
+    const std::int64_t chunks = a.cp_kind == CpKind::ulysses ? a.cp : 2 * a.cp;
+    if (seq % chunks != 0)
+      bad(fmt::format("plan: the sequence ({} tokens) must split into {} equal chunks for {} "
+                      "context parallelism of degree {}.",
+                      seq, chunks, name(a.cp_kind), a.cp));
+    const int ulysses = a.cp_kind == CpKind::ulysses ? a.cp
+                        : a.cp_kind == CpKind::hybrid
+                            ? std::gcd(a.cp, std::max(1, c.gpus_per_node / a.tp))
+                            : 1;
+    if ((m.num_heads / a.tp) % ulysses != 0)
+      bad(fmt::format("plan: Ulysses degree {} must divide the {} heads per tensor-parallel rank.",
+                      ulysses, m.num_heads / a.tp));
+  }
+  if (m.num_routed_experts > 0) {
+    if (m.num_routed_experts % p.moe.ep != 0)
+      bad(fmt::format("plan: ep ({}) must divide the {} routed experts.", p.moe.ep,
+                      m.num_routed_experts));
+  } else if (p.moe.ep > 1) {
+    bad("plan: ep > 1 needs a Mixture-of-Experts model.");
+  }
+  if (m.vocab_size % p.embed.tp != 0)
+    bad(fmt::format("plan: embedding tp ({}) must divide the vocabulary ({}).", p.embed.tp,
+                    m.vocab_size));
+  if (p.pp * p.vp > m.num_layers)
+    bad(fmt::format("plan: pp x vp ({} x {}) exceeds the {} layers.", p.pp, p.vp, m.num_layers));
+  if (p.vp > 1 && p.schedule != PipelineSchedule::interleaved_1f1b)
+    bad("plan: virtual stages (vp > 1) need the interleaved-1f1b schedule.");
+  if (!p.stage_layers.empty()) {
+    if (static_cast<int>(p.stage_layers.size()) != p.pp)
+      bad(fmt::format("plan: stage_layers lists {} stages but pp is {}.", p.stage_layers.size(),
+                      p.pp));
+    std::int64_t sum = 0;
+    for (int n : p.stage_layers) {
+      if (n <= 0)
+        bad("plan: every pipeline stage needs at least one layer.");
+      sum += n;
+    }
+    if (sum != m.num_layers)
+      bad(fmt::format("plan: stage_layers add up to {} layers, the model has {}.", sum,
+                      m.num_layers));
+  }
+  if (p.schedule == PipelineSchedule::interleaved_1f1b && p.pp > 1 &&
+      p.micro_batches() % p.pp != 0)
+    bad(fmt::format("plan: interleaved 1F1B needs the micro-batches per step ({}) to be a "
+                    "multiple of pp ({}).",
+                    p.micro_batches(), p.pp));
+}
+
+std::string summary(const Plan& p) {
+  std::string s = "attn[";
+  std::vector<std::string> parts;
+  if (p.attention.tp > 1)
+    parts.push_back(fmt::format("tp{}{}", p.attention.tp, p.attention.sp ? "sp" : ""));
+  if (p.attention.cp > 1)
+    parts.push_back(fmt::format("cp{}{}", p.attention.cp, name(p.attention.cp_kind)[0]));
+  parts.push_back(fmt::format("dp{}", p.attention.dp));
+  auto join = [](const std::vector<std::string>& v) {
+    std::string out;
+    for (const auto& x : v)
+      out += (out.empty() ? "" : " ") + x;
+    return out;
+  };
+  s += join(parts) + "]";
+  if (p.moe.ep > 1 || p.moe.etp > 1) {
+    parts.clear();
+    parts.push_back(fmt::format("ep{}", p.moe.ep));
+    if (p.moe.etp > 1)
+      parts.push_back(fmt::format("etp{}", p.moe.etp));
+    if (p.moe.edp > 1)
+      parts.push_back(fmt::format("edp{}", p.moe.edp));
+    s += " moe[" + join(parts) + "]";
+  }
+  if (p.dense.tp > 1)
+    s += fmt::format(" dense[tp{}]", p.dense.tp);
+  const StatePolicy& z = p.state[static_cast<int>(LayerKind::attention)];
+  s += fmt::format(" zero{}", z.zero);
+  if (z.shard_group > 0)
+    s += fmt::format("/{}", z.shard_group);
+  s += fmt::format(" pp{}", p.pp);
+  if (p.pp > 1)
+    s += fmt::format(" {}{}", name(p.schedule), p.vp > 1 ? fmt::format(" vp{}", p.vp) : "");
+  s += fmt::format(" mb{}", p.micro_batch);
+  const Recompute rc = p.recompute[static_cast<int>(LayerKind::attention)];
+  const Recompute rc_moe = p.recompute[static_cast<int>(LayerKind::moe)];
+  s += fmt::format(" rc={}", name(rc));
+  if (rc_moe != rc)
+    s += fmt::format("/moe={}", name(rc_moe));
+  std::vector<std::string> off;
+  if (p.activation_offload > 0)
+    off.push_back(p.activation_offload < 1 ? fmt::format("act{:.0f}%", 100 * p.activation_offload)
+                                           : "act");
+  if (p.params == Placement::host)
+    off.push_back("param");
+  if (p.grads == Placement::host)
+    off.push_back("grad");
+  if (p.optimizer == Placement::host)
+    off.push_back("opt");
+  if (!off.empty()) {
+    s += " off=";
+    for (std::size_t i = 0; i < off.size(); ++i)
+      s += (i ? "," : "") + off[i];
+  }
+  s += fmt::format(" opt={}/{}", p.optimizer_on_host ? "host" : "gpu", name(p.overlap));
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON
+
+namespace {
+
+template <class E, std::size_t N>
+E parse_enum(const JsonFields& f, const std::string& key, const E (&values)[N], E fallback) {
+  if (!f.has(key))
+    return fallback;
+  const std::string text = f.string(key);
+  std::string allowed;
+  for (E v : values) {
+    if (text == name(v))
+      return v;
+    allowed += (allowed.empty() ? "" : ", ") + std::string(name(v));
+  }
+  f.fail(key, "one of " + allowed);
+}
+
+int int_field(const JsonFields& f, const std::string& key, int fallback) {
+  return static_cast<int>(f.positive_int_or(key, fallback));
+}
+
+} // namespace
+
+Json to_json(const Plan& p) {
+  Json states = Json::object();
+  Json recompute = Json::object();
+  for (int k = 0; k < kNumLayerKinds; ++k) {
+    const char* kind = layer_kind_name(static_cast<LayerKind>(k));
+    states[kind] = Json{{"zero", p.state[k].zero}, {"shard_group", p.state[k].shard_group}};
+    recompute[kind] = name(p.recompute[k]);
+  }
+  Json j{{"family", p.family},
+         {"summary", summary(p)},
+         {"world", p.world},
+         {"pp", p.pp},
+         {"vp", p.vp},
+         {"schedule", name(p.schedule)},
+         {"stage_layers", p.stage_layers},
+         {"attention",
+          Json{{"tp", p.attention.tp},
+               {"sp", p.attention.sp},
+               {"cp", p.attention.cp},
+               {"cp_kind", name(p.attention.cp_kind)},
+               {"dp", p.attention.dp}}},
+         {"moe",
+          Json{{"ep", p.moe.ep},
+               {"etp", p.moe.etp},
+               {"edp", p.moe.edp},
+               {"capacity_factor", p.moe.capacity_factor},
+               {"imbalance", p.moe.imbalance}}},
+         {"dense", Json{{"tp", p.dense.tp}, {"dp", p.dense.dp}}},
+         {"embedding", Json{{"tp", p.embed.tp}, {"dp", p.embed.dp}}},
+         {"state", states},
+         {"micro_batch", p.micro_batch},
+         {"global_batch", p.global_batch},
+         {"recompute", recompute},
+         {"activation_offload", p.activation_offload},
+         {"chunked_loss", p.chunked_loss},
+         {"params", name(p.params)},
+         {"grads", name(p.grads)},
+         {"optimizer", name(p.optimizer)},
+         {"optimizer_on_host", p.optimizer_on_host},
+         {"overlap", name(p.overlap)}};
+  return j;
+}
+
+Plan plan_from_json(const Json& j, const std::string& origin) {
+  const JsonFields f(j, origin);
+  Plan p;
+  p.family = f.string_or("family", "custom");
+  p.world = int_field(f, "world", 0);
+  if (p.world == 0)
+    f.fail("world", "a positive number of ranks");
+  p.pp = int_field(f, "pp", 1);
+  p.vp = int_field(f, "vp", 1);
+  constexpr PipelineSchedule schedules[] = {PipelineSchedule::gpipe, PipelineSchedule::one_f_one_b,
+                                            PipelineSchedule::interleaved_1f1b,
+                                            PipelineSchedule::zero_bubble};
+  p.schedule = parse_enum(f, "schedule", schedules, PipelineSchedule::one_f_one_b);
+  if (f.has("stage_layers")) {
+    const Json& v = f.at("stage_layers");
+    if (!v.is_array())
+      f.fail("stage_layers", "a list of layer counts, one per pipeline stage");
+    for (const Json& n : v) {
+      if (!n.is_number_integer() || n.get<int>() <= 0)
+        f.fail("stage_layers", "a list of positive layer counts");
+      p.stage_layers.push_back(n.get<int>());
+    }
+  }
+  auto object = [&](const char* key) -> Json {
+    return f.has(key) ? f.at(key) : Json::object();
+  };
+  {
+    const Json o = object("attention");
+    const JsonFields a(o, origin + " attention");
+    p.attention.tp = int_field(a, "tp", 1);
+    p.attention.sp = a.bool_or("sp", true);
+    p.attention.cp = int_field(a, "cp", 1);
+    constexpr CpKind kinds[] = {CpKind::ring, CpKind::ulysses, CpKind::hybrid};
+    p.attention.cp_kind = parse_enum(a, "cp_kind", kinds, CpKind::ring);
+  }
+  {
+    const Json o = object("moe");
+    const JsonFields e(o, origin + " moe");
+    p.moe.ep = int_field(e, "ep", 1);
+    p.moe.etp = int_field(e, "etp", 1);
+    p.moe.capacity_factor = e.number_or("capacity_factor", 0);
+    p.moe.imbalance = e.number_or("imbalance", 1.0);
+  }
+  {
+    const Json o = object("dense");
+    p.dense.tp = int_field(JsonFields(o, origin + " dense"), "tp", 1);
+    const Json o2 = object("embedding");
+    p.embed.tp = int_field(JsonFields(o2, origin + " embedding"), "tp", 1);
+  }
+  {
+    const Json states = object("state");
+    const Json rc = object("recompute");
+    const JsonFields sf(states, origin + " state");
+    const JsonFields rf(rc, origin + " recompute");
+    constexpr Recompute policies[] = {Recompute::none, Recompute::selective, Recompute::full};
+    for (int k = 0; k < kNumLayerKinds; ++k) {
+      const std::string kind = layer_kind_name(static_cast<LayerKind>(k));
+      if (sf.has(kind)) {
+        const JsonFields s(sf.at(kind), origin + " state." + kind);
+        p.state[k].zero = static_cast<int>(s.non_negative_int_or("zero", 1));
+        p.state[k].shard_group = static_cast<int>(s.non_negative_int_or("shard_group", 0));
+      }
+      p.recompute[k] = parse_enum(rf, kind, policies, Recompute::none);
+    }
+  }
+  p.micro_batch = int_field(f, "micro_batch", 1);
+  p.global_batch = static_cast<int>(f.non_negative_int_or("global_batch", 0));
+  p.activation_offload = f.number_or("activation_offload", 0);
+  p.chunked_loss = f.bool_or("chunked_loss", false);
+  constexpr Placement places[] = {Placement::hbm, Placement::host};
+  p.params = parse_enum(f, "params", places, Placement::hbm);
+  p.grads = parse_enum(f, "grads", places, Placement::hbm);
+  p.optimizer = parse_enum(f, "optimizer", places, Placement::hbm);
+  p.optimizer_on_host = f.bool_or("optimizer_on_host", false);
+  constexpr OptimizerOverlap overlaps[] = {OptimizerOverlap::after_backward,
+                                           OptimizerOverlap::stream_backward,
+                                           OptimizerOverlap::stream_forward};
+  p.overlap = parse_enum(f, "overlap", overlaps, OptimizerOverlap::after_backward);
+  return p;
+}
+
+} // namespace mop::strategy

@@ -1,0 +1,153 @@
+// The analytic memory model against Korthikanti et al. 2022 and hand calculations.
+#include "strategies/memory.hpp"
+#include "workload/catalog.hpp"
+#include "workload/params.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace mop::strategy;
+using namespace mop::workload;
+
+namespace {
+
+// A GPT-3-style layer as Korthikanti et al. describe it: MHA, LayerNorm, 4h GeLU MLP, dropout.
+ModelSpec gpt(std::int64_t h, std::int64_t heads, std::int64_t layers) {
+  ModelSpec m;
+  m.name = "gpt";
+  m.hidden_size = h;
+  m.vocab_size = 51200;
+  m.attention.num_heads = heads;
+  m.attention.num_kv_heads = heads;
+  m.attention.head_dim = h / heads;
+  m.dense_mlp.intermediate_size = 4 * h;
+  m.dense_mlp.gated = false;
+  m.layers.assign(static_cast<std::size_t>(layers), LayerSpec{});
+  return m;
+}
+
+Plan tp_plan(int tp, bool sp, int world) {
+  Plan p;
+  p.world = world;
+  p.attention.tp = tp;
+  p.attention.sp = sp;
+  p.dense.tp = tp;
+  p.embed.tp = tp;
+  p.global_batch = world / tp;
+  complete_plan(p);
+  return p;
+}
+
+const ActivationOptions kKorthikanti{.flash_attention = false, .dropout = true};
+
+} // namespace
+
+TEST_CASE("activations per layer reproduce Korthikanti et al. 2022, eqs. 1-4, for their models") {
+  // Table 3 of "Reducing Activation Recomputation in Large Transformer Models":
+  // GPT 22B (h 6144, a 64), 175B (12288, 96), 530B (20480, 128), 1T (25600, 160); s = 2048, t = 8.
+  struct Config {
+    std::int64_t h, a;
+  };
+  for (Config c : {Config{6144, 64}, Config{12288, 96}, Config{20480, 128}, Config{25600, 160}}) {
+    const ModelSpec m = gpt(c.h, c.a, 1);
+    const double s = 2048, b = 1, h = static_cast<double>(c.h), a = static_cast<double>(c.a);
+    const double t = 8;
+    CAPTURE(c.h);
+    // No parallelism: sbh(34 + 5as/h).
+    CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(1, false, 8), 2048, Recompute::none,
+                                 kKorthikanti) == doctest::Approx(s * b * h * (34 + 5 * a * s / h)));
+    // Tensor parallel, no SP: sbh(10 + 24/t + 5as/(ht)).
+    CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(8, false, 8), 2048, Recompute::none,
+                                 kKorthikanti) ==
+          doctest::Approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t))));
+    // Tensor + sequence parallel: sbh/t (34 + 5as/h).
+    CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(8, true, 8), 2048, Recompute::none,
+                                 kKorthikanti) ==
+          doctest::Approx(s * b * h / t * (34 + 5 * a * s / h)));
+    // Full recompute keeps the layer input only: 2sbh, split by SP.
+    CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(8, true, 8), 2048, Recompute::full,
+                                 kKorthikanti) == doctest::Approx(2 * s * b * h / t));
+  }
+}
+
+TEST_CASE("flash attention removes the S x S term and keeps a log-sum-exp per head") {
+  const ModelSpec m = gpt(4096, 32, 1);
+  const Plan p = tp_plan(1, false, 8);
+  const double s = 8192, h = 4096;
+  // Without dropout: 34 - 3 dropout-mask bytes = 31 sbh... by tensor: norm inputs 4, QKV input 2,
+  // Q K V 6, attention output 2, MLP input 2, fc1 output 8, GeLU output 8 = 32 sbh, plus the
+  // FP32 log-sum-exp 4·s·a.
+  CHECK(layer_activation_bytes(m, m.layers[0], p, 8192, Recompute::none) ==
+        doctest::Approx(32 * s * h + 4 * s * 32));
+}
+
+TEST_CASE("ZeRO stages shard weights, gradients and optimizer state as DeepSpeed defines them") {
+  // llama3-8b on one node of 8 GPUs, pure data parallel. Per rank, N = all parameters:
+  // ZeRO-0: 2N + 4N + 12N; ZeRO-1: 2N + 4N + 12N/8; ZeRO-2: 2N + 4N/8 + 12N/8;
+  // ZeRO-3: (2N + 4N + 12N)/8 (Rajbhandari et al. 2020, with FP32 gradients).
+  const ModelSpec m = load_model("llama3-8b");
+  const double n = static_cast<double>(count_params(m).total.total());
+  MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
+  for (int zero = 0; zero <= 3; ++zero) {
+    Plan p;
+    p.world = 8;
+    p.global_batch = 8;
+    for (auto& s : p.state)
+      s.zero = zero;
+    complete_plan(p);
+    const MemoryReport r = analyze_memory(m, p, 4096, hw);
+    const MemoryBreakdown& b = r.classes[0].hbm;
+    CAPTURE(zero);
+    CHECK(b.weights == doctest::Approx(zero >= 3 ? 2 * n / 8 : 2 * n));
+    CHECK(b.grads == doctest::Approx(zero >= 2 ? 4 * n / 8 : 4 * n));
+    CHECK(b.optimizer == doctest::Approx(zero >= 1 ? 12 * n / 8 : 12 * n));
+  }
+}
+
+TEST_CASE("host placement moves optimizer state to host memory, counted per node") {
+  const ModelSpec m = load_model("llama3-8b");
+  const double n = static_cast<double>(count_params(m).total.total());
+  MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
+  Plan p;
+  p.world = 8;
+  p.global_batch = 8;
+  p.optimizer = Placement::host;
+  p.optimizer_on_host = true;
+  complete_plan(p);
+  const MemoryReport r = analyze_memory(m, p, 4096, hw);
+  CHECK(r.classes[0].hbm.optimizer == 0);
+  CHECK(r.classes[0].host.optimizer == doctest::Approx(12 * n / 8));
+  // Eight ranks per node share the host: at least the whole 12N lives on the node.
+  CHECK(r.peak_host_bytes >= 12 * n);
+}
+
+TEST_CASE("1F1B keeps pp - i micro-batches in flight on stage i, so the first stage is worst") {
+  const ModelSpec m = load_model("llama3-70b");
+  MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
+  Plan p;
+  p.world = 32;
+  p.pp = 4;
+  p.attention.tp = 8;
+  p.dense.tp = 8;
+  p.embed.tp = 8;
+  p.global_batch = 64;
+  complete_plan(p);
+  const MemoryReport r = analyze_memory(m, p, 4096, hw);
+  REQUIRE(r.classes.size() == 4);
+  CHECK(r.classes[0].micro_batches_in_flight == 4);
+  CHECK(r.classes[3].micro_batches_in_flight == 1);
+  CHECK(r.worst == 0);
+  // 80 layers over 4 stages: 20 each; stage 0's saved activations are 4x stage 3's (same layers).
+  CHECK(r.classes[0].layers == 20);
+}
+
+TEST_CASE("a plan that does not fit names what runs out first") {
+  const ModelSpec m = load_model("llama3-70b");
+  MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
+  Plan p;
+  p.world = 8;
+  p.global_batch = 8;
+  complete_plan(p);
+  const MemoryReport r = analyze_memory(m, p, 8192, hw);
+  CHECK_FALSE(r.fits());
+  CHECK(r.first_to_run_out.starts_with("HBM runs out first on every rank"));
+}

@@ -1,0 +1,89 @@
+#include "common/error.hpp"
+#include "strategies/plan.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace mop::strategy;
+
+namespace {
+std::string error_of(auto&& f) {
+  try {
+    f();
+  } catch (const mop::InputError& e) {
+    return e.what();
+  }
+  return "";
+}
+const ModelShape kKimi{.num_layers = 61, .num_heads = 64, .num_kv_heads = 64,
+                       .num_routed_experts = 384, .vocab_size = 163840};
+const ClusterShape kTwelveNodes{.gpus_per_node = 8, .nodes = 12};
+} // namespace
+
+TEST_CASE("data-parallel degrees are what is left of each layer kind's mapping") {
+  Plan p;
+  p.world = 96;
+  p.attention.cp = 8;
+  p.attention.cp_kind = CpKind::hybrid;
+  p.moe.ep = 96;
+  p.global_batch = 12;
+  complete_plan(p);
+  CHECK(p.attention.dp == 12);
+  CHECK(p.moe.edp == 1);
+  CHECK(p.dense.dp == 96);
+  CHECK(p.micro_batches() == 1);
+  validate_plan(p, kKimi, 1 << 20, kTwelveNodes);
+  CHECK(summary(p).starts_with("attn[cp8h dp12] moe[ep96] zero1 pp1 mb1"));
+}
+
+TEST_CASE("each broken rule is one sentence") {
+  Plan p;
+  p.world = 96;
+  p.attention.tp = 5;
+  p.global_batch = 96;
+  CHECK(error_of([&] { complete_plan(p); }) ==
+        "plan: attention tp x cp (5) must divide the 96 ranks of a pipeline stage.");
+  p.attention.tp = 1;
+  p.moe.ep = 96;
+  p.global_batch = 96;
+  complete_plan(p);
+  Plan r = p;
+  r.moe.ep = 32;
+  complete_plan(r);
+  ModelShape odd = kKimi;
+  odd.num_routed_experts = 100;
+  CHECK(error_of([&] { validate_plan(r, odd, 4096, kTwelveNodes); }) ==
+        "plan: ep (32) must divide the 100 routed experts.");
+  Plan ring = p;
+  ring.attention.cp = 8;
+  complete_plan(ring);
+  CHECK(error_of([&] { validate_plan(ring, kKimi, 4104, kTwelveNodes); }) ==
+        "plan: the sequence (4104 tokens) must split into 16 equal chunks for ring context "
+        "parallelism of degree 8.");
+  Plan pp = p;
+  pp.pp = 96;
+  pp.moe.ep = 1;
+  pp.global_batch = 96;
+  complete_plan(pp);
+  CHECK(error_of([&] { validate_plan(pp, kKimi, 4096, kTwelveNodes); }) ==
+        "plan: pp x vp (96 x 1) exceeds the 61 layers.");
+}
+
+TEST_CASE("a plan survives a JSON round trip") {
+  Plan p;
+  p.family = "mop";
+  p.world = 96;
+  p.attention.cp = 8;
+  p.attention.cp_kind = CpKind::ulysses;
+  p.moe.ep = 96;
+  p.global_batch = 24;
+  p.recompute[0] = Recompute::full;
+  p.activation_offload = 0.5;
+  p.optimizer = Placement::host;
+  p.optimizer_on_host = true;
+  p.overlap = OptimizerOverlap::stream_forward;
+  p.state[2].shard_group = 8;
+  complete_plan(p);
+  Plan q = plan_from_json(to_json(p), "plan.json");
+  complete_plan(q);
+  CHECK(to_json(q) == to_json(p));
+}
