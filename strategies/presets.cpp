@@ -1,0 +1,313 @@
+#include "strategies/presets.hpp"
+
+#include "common/error.hpp"
+#include "common/json_io.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <numeric>
+
+namespace mop::strategy {
+
+const std::vector<std::string>& family_names() {
+  static const std::vector<std::string> names = {"fsdp2", "megatron", "ulysses-zero3", "mop"};
+  return names;
+}
+
+int default_global_batch(std::int64_t seq, int unit) {
+  const std::int64_t target = std::max<std::int64_t>(1, ((std::int64_t{1} << 22) + seq - 1) / seq);
+  const std::int64_t rounded = (target + unit - 1) / unit * unit;
+  return static_cast<int>(rounded);
+}
+
+ModelShape model_shape(const workload::ModelSpec& m) {
+  return ModelShape{m.num_layers(), m.attention.num_heads,
+                    m.attention.kind == workload::AttentionKind::mla ? m.attention.num_heads
+                                                                     : m.attention.num_kv_heads,
+                    m.is_moe() ? m.moe.num_routed_experts : 0, m.vocab_size};
+}
+
+namespace {
+
+std::vector<int> divisors(int n) {
+  std::vector<int> d;
+  for (int i = 1; i <= n; ++i)
+    if (n % i == 0)
+      d.push_back(i);
+  return d;
+}
+
+std::vector<int> powers_of_two_up_to(int n) {
+  std::vector<int> v;
+  for (int i = 1; i <= n; i *= 2)
+    v.push_back(i);
+  return v;
+}
+
+// Completes and validates; keeps the plan when every rule holds.
+void keep_if_valid(Plan p, const PlanContext& ctx, std::vector<Plan>& out) {
+  try {
+    // The batch is the user's, or the default for this plan's replicas.
+    const int per_stage = p.world / p.pp;
+    if (per_stage % (p.attention.tp * p.attention.cp) != 0)
+      return;
+    const int replicas = per_stage / (p.attention.tp * p.attention.cp);
+    p.global_batch = ctx.global_batch > 0
+                         ? ctx.global_batch
+                         : default_global_batch(ctx.seq, replicas * p.micro_batch);
+    if (p.pp > 1 && ctx.global_batch == 0) {
+      // Enough micro-batches to fill the pipeline: at least 2·pp·vp per replica (Megatron's
+      // usual practice), so the bubble is not the default's artefact.
+      const int needed = 2 * p.pp * p.vp * replicas * p.micro_batch;
+      p.global_batch = std::max(p.global_batch, needed);
+      p.global_batch = (p.global_batch + needed - 1) / needed * needed;
+    }
+    complete_plan(p);
+    validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
+    out.push_back(std::move(p));
+  } catch (const InputError&) {
+  }
+}
+
+void set_recompute(Plan& p, Recompute r) {
+  for (Recompute& x : p.recompute)
+    x = r;
+}
+
+void set_zero(Plan& p, int zero, int shard_group = 0) {
+  for (StatePolicy& s : p.state)
+    s = StatePolicy{zero, shard_group};
+}
+
+std::vector<int> expert_degrees(const PlanContext& ctx, int ranks) {
+  if (!ctx.model->is_moe())
+    return {1};
+  std::vector<int> v;
+  for (int ep : divisors(ranks))
+    if (ctx.model->moe.num_routed_experts % ep == 0)
+      v.push_back(ep);
+  return v;
+}
+
+std::vector<int> micro_batches(const PlanContext& ctx) {
+  if (ctx.seq >= 32768)
+    return {1};
+  return {1, 2, 4};
+}
+
+constexpr Recompute kRecomputes[] = {Recompute::none, Recompute::selective, Recompute::full};
+
+void fsdp2(const PlanContext& ctx, std::vector<Plan>& out) {
+  const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
+  for (int tp : powers_of_two_up_to(ctx.cluster.gpus_per_node))
+    for (int cp : powers_of_two_up_to(world / tp))
+      for (int ep : expert_degrees(ctx, world / tp))
+        for (int shard : {0, ctx.cluster.gpus_per_node})
+          for (Recompute rc : kRecomputes)
+            for (bool offload : {false, true})
+              for (int mb : micro_batches(ctx)) {
+                Plan p;
+                p.family = "fsdp2";
+                p.world = world;
+                p.attention = AttentionMapping{tp, true, cp, CpKind::ring, 1};
+                p.moe.ep = ep;
+                p.dense.tp = tp;
+                p.embed.tp = tp;
+                set_zero(p, 3, shard == world ? 0 : shard);
+                set_recompute(p, rc);
+                p.micro_batch = mb;
+                if (offload) { // FSDP2 CPUOffloadPolicy: params, grads and optimizer on host
+                  p.params = p.grads = p.optimizer = Placement::host;
+                  p.optimizer_on_host = true;
+                }
+                keep_if_valid(p, ctx, out);
+              }
+}
+
+void megatron(const PlanContext& ctx, std::vector<Plan>& out) {
+  const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
+  for (int tp : powers_of_two_up_to(ctx.cluster.gpus_per_node))
+    for (int cp : powers_of_two_up_to(world / tp))
+      for (int pp : divisors(world / (tp * cp)))
+        for (int vp : {1, 2, 4})
+          for (int etp : {1, tp})
+            for (int ep : expert_degrees(ctx, world / pp / etp))
+              for (Recompute rc : kRecomputes)
+                for (bool offload : {false, true})
+                  for (int mb : micro_batches(ctx)) {
+                    if ((vp > 1 && pp == 1) || (etp == tp && tp == 1 && etp != 1))
+                      continue;
+                    Plan p;
+                    p.family = "megatron";
+                    p.world = world;
+                    p.pp = pp;
+                    p.vp = vp;
+                    p.schedule = vp > 1 ? PipelineSchedule::interleaved_1f1b
+                                        : PipelineSchedule::one_f_one_b;
+                    p.attention = AttentionMapping{tp, true, cp, CpKind::ring, 1};
+                    p.moe.ep = ep;
+                    p.moe.etp = etp;
+                    p.dense.tp = tp;
+                    p.embed.tp = tp;
+                    set_zero(p, 1); // distributed optimizer
+                    set_recompute(p, rc);
+                    p.micro_batch = mb;
+                    if (offload) { // --optimizer-cpu-offload
+                      p.optimizer = Placement::host;
+                      p.optimizer_on_host = true;
+                    }
+                    keep_if_valid(p, ctx, out);
+                  }
+}
+
+void ulysses_zero3(const PlanContext& ctx, std::vector<Plan>& out) {
+  const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
+  for (int cp : divisors(world))
+    for (int ep : expert_degrees(ctx, world))
+      for (Recompute rc : kRecomputes)
+        for (bool offload : {false, true})
+          for (int mb : micro_batches(ctx)) {
+            Plan p;
+            p.family = "ulysses-zero3";
+            p.world = world;
+            p.attention = AttentionMapping{1, false, cp, CpKind::ulysses, 1};
+            p.moe.ep = ep;
+            set_zero(p, 3);
+            set_recompute(p, rc);
+            p.micro_batch = mb;
+            if (offload) { // ZeRO-Offload: optimizer state and step on the host
+              p.optimizer = Placement::host;
+              p.optimizer_on_host = true;
+            }
+            keep_if_valid(p, ctx, out);
+          }
+}
+
+void mop_family(const PlanContext& ctx, std::vector<Plan>& out) {
+  const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
+  for (int cp : divisors(world))
+    for (CpKind kind : {CpKind::ulysses, CpKind::hybrid, CpKind::ring})
+      for (int ep : expert_degrees(ctx, world))
+        for (Recompute rc : {Recompute::selective, Recompute::full})
+          for (double offload : {0.0, 0.5, 1.0})
+            for (bool host_optimizer : {false, true}) {
+              if (cp == 1 && kind != CpKind::ring)
+                continue;
+              if (kind == CpKind::ulysses && cp > ctx.cluster.gpus_per_node)
+                continue; // across nodes mop uses hybrid or ring
+              Plan p;
+              p.family = "mop";
+              p.world = world;
+              p.attention = AttentionMapping{1, false, cp, kind, 1};
+              p.moe.ep = ep;
+              set_zero(p, 3);
+              p.state[static_cast<int>(LayerKind::moe)].zero = 1; // experts stay put
+              set_recompute(p, rc);
+              p.activation_offload = offload;
+              p.chunked_loss = true;
+              if (host_optimizer) {
+                // Gradients stream to the host as backward produces them; the host holds them
+                // until each layer's step runs before its next forward use.
+                p.grads = Placement::host;
+                p.optimizer = Placement::host;
+                p.optimizer_on_host = true;
+                p.overlap = OptimizerOverlap::stream_forward;
+              }
+              keep_if_valid(p, ctx, out);
+            }
+}
+
+} // namespace
+
+std::vector<Plan> enumerate_family(const std::string& family, const PlanContext& ctx) {
+  std::vector<Plan> out;
+  if (family == "fsdp2")
+    fsdp2(ctx, out);
+  else if (family == "megatron")
+    megatron(ctx, out);
+  else if (family == "ulysses-zero3")
+    ulysses_zero3(ctx, out);
+  else if (family == "mop")
+    mop_family(ctx, out);
+  else
+    throw InputError(fmt::format("unknown plan family '{}'; families are {}.", family,
+                                 fmt::join(family_names(), ", ")));
+  return out;
+}
+
+double preference_cost(const Plan& p) {
+  // Relative overheads, each a rough fraction of step time (docs/PLANS.md gives the reasons):
+  auto rc_cost = [](Recompute r) {
+    return r == Recompute::full ? 0.33 : r == Recompute::selective ? 0.05 : 0.0;
+  };
+  double cost = 0;
+  for (int k = 0; k < kNumLayerKinds; ++k)
+    cost += rc_cost(p.recompute[k]) / kNumLayerKinds;
+  const int m = p.micro_batches();
+  if (p.pp > 1)
+    cost += (p.pp - 1.0) / (p.vp * (m + p.pp - 1.0)); // 1F1B bubble fraction
+  cost += 0.03 * std::log2(p.attention.tp) + 0.02 * std::log2(p.attention.cp);
+  cost += 0.1 * p.activation_offload;
+  if (p.params == Placement::host)
+    cost += 0.3;
+  if (p.optimizer_on_host)
+    cost += p.overlap == OptimizerOverlap::after_backward ? 0.2 : 0.05;
+  cost -= 0.01 * std::log2(p.micro_batch);
+  return cost;
+}
+
+ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ctx) {
+  const auto& families = family_names();
+  ResolvedPlan best;
+  if (std::find(families.begin(), families.end(), name_or_path) == families.end()) {
+    const bool path = name_or_path.find('/') != std::string::npos ||
+                      name_or_path.ends_with(".json") || std::filesystem::exists(name_or_path);
+    if (!path)
+      throw InputError(fmt::format("'{}' is neither a preset ({}) nor a plan JSON path.",
+                                   name_or_path, fmt::join(families, ", ")));
+    Plan p = plan_from_json(read_json_file(name_or_path), name_or_path);
+    if (p.global_batch == 0)
+      p.global_batch = ctx.global_batch > 0
+                           ? ctx.global_batch
+                           : default_global_batch(ctx.seq, 1);
+    complete_plan(p);
+    validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
+    best.plan = p;
+    best.memory = analyze_memory(*ctx.model, p, ctx.seq, ctx.hw);
+    best.candidates = 1;
+    return best;
+  }
+  const std::vector<Plan> plans = enumerate_family(name_or_path, ctx);
+  if (plans.empty())
+    throw InputError(fmt::format("no valid {} plan exists for {} at {} tokens on {} GPUs.",
+                                 name_or_path, ctx.model->name, ctx.seq,
+                                 ctx.cluster.nodes * ctx.cluster.gpus_per_node));
+  bool have_fit = false;
+  double best_cost = 0, best_ratio = 0;
+  for (const Plan& p : plans) {
+    MemoryReport mem = analyze_memory(*ctx.model, p, ctx.seq, ctx.hw);
+    const double ratio = std::max(mem.peak_hbm_bytes / ctx.hw.hbm_bytes,
+                                  mem.peak_host_bytes / ctx.hw.host_bytes);
+    if (mem.fits()) {
+      const double cost = preference_cost(p);
+      if (!have_fit || cost < best_cost) {
+        have_fit = true;
+        best_cost = cost;
+        best.plan = p;
+        best.memory = std::move(mem);
+      }
+    } else if (!have_fit && (best.candidates == 0 || ratio < best_ratio)) {
+      best_ratio = ratio;
+      best.plan = p;
+      best.memory = std::move(mem);
+      best.candidates = 1; // marks that a closest plan is held
+    }
+  }
+  best.candidates = static_cast<int>(plans.size());
+  return best;
+}
+
+} // namespace mop::strategy

@@ -1,0 +1,46 @@
+#pragma once
+// Presets: each a family of Plans, auto-tuned for a model, sequence length and cluster.
+#include "strategies/memory.hpp"
+#include "strategies/plan.hpp"
+#include "workload/model_spec.hpp"
+
+#include <string>
+#include <vector>
+
+namespace mop::strategy {
+
+struct PlanContext {
+  const workload::ModelSpec* model = nullptr;
+  std::int64_t seq = 0;
+  ClusterShape cluster;
+  MemoryHardware hw;
+  int global_batch = 0; // sequences per step; 0 = the default (default_global_batch)
+};
+
+const std::vector<std::string>& family_names(); // fsdp2, megatron, ulysses-zero3, mop
+
+// The default batch: at least 4M tokens (2^22) per optimizer step, at least one sequence per
+// data-parallel replica, rounded up to a multiple of replicas x micro-batch.
+int default_global_batch(std::int64_t seq, int replicas_times_micro_batch);
+
+ModelShape model_shape(const workload::ModelSpec& m);
+
+// Every valid plan of a family for the context (completed and validated).
+std::vector<Plan> enumerate_family(const std::string& family, const PlanContext& ctx);
+
+// Until the analytic time model ranks plans, a preset resolves to the fitting plan with the
+// least expected overhead (recompute, pipeline bubble, offload, TP/CP communication): lower is
+// better. Documented in docs/PLANS.md.
+double preference_cost(const Plan& p);
+
+struct ResolvedPlan {
+  Plan plan;
+  MemoryReport memory;
+  int candidates = 0; // plans of the family considered
+};
+
+// A preset name is auto-tuned over its family; a path is a plan JSON, checked as it is.
+// When no plan of a family fits, the one closest to fitting is returned (memory.fits() false).
+ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ctx);
+
+} // namespace mop::strategy

@@ -1,0 +1,81 @@
+#include "common/error.hpp"
+#include "strategies/presets.hpp"
+#include "workload/catalog.hpp"
+#include "workload/params.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace mop::strategy;
+using namespace mop::workload;
+
+namespace {
+// H200 figures as CUDA reports them (hardware.md §1.1): 139.8 GiB; 2 TB host per node.
+const MemoryHardware kH200{.hbm_bytes = 150.1e9, .host_bytes = 2e12, .gpus_per_node = 8,
+                           .cuda_context_bytes = 1e9, .nccl_bytes_per_communicator = 0.4e9,
+                           .fragmentation = 0.05, .host_reserved_bytes = 50e9};
+
+PlanContext context(const ModelSpec& m, std::int64_t seq, int nodes) {
+  PlanContext c;
+  c.model = &m;
+  c.seq = seq;
+  c.cluster = ClusterShape{8, nodes};
+  c.hw = kH200;
+  return c;
+}
+} // namespace
+
+TEST_CASE("the default batch is at least 4M tokens and a multiple of replicas x micro-batch") {
+  CHECK(default_global_batch(4096, 8) == 1024);       // 2^22 / 4096 = 1024, a multiple of 8
+  CHECK(default_global_batch(4096, 96) == 1056);      // 1024 rounded up to 11 x 96
+  CHECK(default_global_batch(1 << 20, 1) == 4);       // 4 sequences of 1M tokens
+  CHECK(default_global_batch(1 << 20, 12) == 12);     // one per replica at least
+}
+
+TEST_CASE("every family has valid plans for every catalog model on a node it can fit") {
+  for (const std::string& id : catalog_ids()) {
+    const ModelSpec m = load_model(id);
+    for (const std::string& family : family_names()) {
+      CAPTURE(id);
+      CAPTURE(family);
+      const std::vector<Plan> plans = enumerate_family(family, context(m, 4096, 2));
+      CHECK_FALSE(plans.empty());
+      for (const Plan& p : plans) // each candidate obeys the rules it was enumerated under
+        CHECK(p.world == 16);
+    }
+  }
+}
+
+TEST_CASE("a resolved preset re-used as a plan file gives the same memory") {
+  const ModelSpec m = load_model("llama3-8b");
+  const PlanContext ctx = context(m, 8192, 1);
+  const ResolvedPlan r = resolve_plan("fsdp2", ctx);
+  REQUIRE(r.memory.fits());
+  Plan again = plan_from_json(to_json(r.plan), "plan.json");
+  complete_plan(again);
+  CHECK(analyze_memory(m, again, 8192, kH200).peak_hbm_bytes == r.memory.peak_hbm_bytes);
+}
+
+TEST_CASE("Kimi-K2 states cannot live in 96 HBMs: every fitting plan puts the optimizer on host") {
+  // Worked example: 16 bytes per parameter (BF16 weights + FP32 grads... here 2 + 12) x 1.03T
+  // over 96 GPUs is 128 GB of 150 GB for the optimizer and weights alone.
+  const ModelSpec m = load_model("kimi-k2");
+  const double n = static_cast<double>(count_params(m).total.total());
+  CHECK((2 + 12) * n / 96 > 0.9 * kH200.hbm_bytes);
+  for (const char* family : {"megatron", "mop"}) {
+    const ResolvedPlan r = resolve_plan(family, context(m, 65536, 12));
+    CAPTURE(family);
+    REQUIRE(r.memory.fits());
+    CHECK(r.plan.optimizer == Placement::host);
+  }
+}
+
+TEST_CASE("an unknown preset is one sentence listing the presets") {
+  const ModelSpec m = load_model("tiny-moe");
+  try {
+    resolve_plan("zero-infinity", context(m, 4096, 1));
+    FAIL("accepted");
+  } catch (const mop::InputError& e) {
+    CHECK(std::string(e.what()) == "'zero-infinity' is neither a preset (fsdp2, megatron, "
+                                   "ulysses-zero3, mop) nor a plan JSON path.");
+  }
+}
