@@ -284,6 +284,10 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     }
     if (p.moe.ep > 1 || p.moe.etp > 1)
       hbm.comm_buffers += 2 * kAct * a2a_tokens * h;    // dispatch and combine buffers
+    const bool all_to_all = p.moe.ep > 1 || (p.attention.cp > 1 &&
+                                             p.attention.cp_kind != CpKind::ring);
+    if (all_to_all)
+      hbm.comm_buffers += hw.alltoall_buffer_bytes;
     int communicators = 0;
     for (int degree : {p.attention.tp, p.attention.cp, p.attention.dp, p.moe.ep, p.moe.etp,
                        p.moe.edp, p.dense.tp, p.embed.tp})

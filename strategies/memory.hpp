@@ -15,6 +15,7 @@ struct MemoryHardware {
   int gpus_per_node = 8;
   double cuda_context_bytes = 0; // CUDA context, cuBLAS workspaces, kernels
   double nccl_bytes_per_communicator = 0;
+  double alltoall_buffer_bytes = 0; // once per process that runs an all-to-all (EP, Ulysses)
   double fragmentation = 0;      // allocator overhead as a fraction of activations and buffers
   double host_reserved_bytes = 0; // per node: OS, framework, page cache the job cannot use
 };

@@ -189,11 +189,13 @@ void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const C
   } else if (p.moe.ep > 1) {
     bad("plan: ep > 1 needs a Mixture-of-Experts model.");
   }
-  if (m.vocab_size % p.embed.tp != 0)
-    bad(fmt::format("plan: embedding tp ({}) must divide the vocabulary ({}).", p.embed.tp,
-                    m.vocab_size));
-  if (p.pp * p.vp > m.num_layers)
-    bad(fmt::format("plan: pp x vp ({} x {}) exceeds the {} layers.", p.pp, p.vp, m.num_layers));
+  // The vocabulary need not divide by the embedding TP: frameworks pad it (Megatron to a
+  // multiple of 128·tp), which the memory model's split absorbs.
+  // Megatron lets the embedding and the loss count as a pipeline layer each
+  // (account_for_embedding/loss_in_pipeline_split), so a virtual stage may hold only those.
+  if (p.pp * p.vp > m.num_layers + 2)
+    bad(fmt::format("plan: pp x vp ({} x {}) exceeds the {} layers (plus embedding and loss).",
+                    p.pp, p.vp, m.num_layers));
   if (p.vp > 1 && p.schedule != PipelineSchedule::interleaved_1f1b)
     bad("plan: virtual stages (vp > 1) need the interleaved-1f1b schedule.");
   if (!p.stage_layers.empty()) {

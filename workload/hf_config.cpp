@@ -196,11 +196,34 @@ void read_llama4(const JsonFields& outer, ModelSpec& m) {
                                                                         : MlpKind::dense;
 }
 
+// GPT-2 / GPT-3 (Megatron's GPT): MHA with biases, LayerNorm with bias, a 4h GeLU MLP with
+// biases, learned position embeddings; HF GPT2Config field names.
+void read_gpt2(const JsonFields& f, ModelSpec& m) {
+  m.hidden_size = f.positive_int("n_embd");
+  m.vocab_size = f.positive_int("vocab_size");
+  m.tied_embeddings = f.bool_or("tie_word_embeddings", true);
+  m.learned_positions = f.positive_int_or("n_positions", 1024);
+  m.max_position_embeddings = m.learned_positions;
+  m.norm_bias = true;
+  m.layers.assign(static_cast<std::size_t>(f.positive_int("n_layer")), LayerSpec{});
+  AttentionSpec& a = m.attention;
+  a.num_heads = f.positive_int("n_head");
+  a.num_kv_heads = a.num_heads;
+  if (m.hidden_size % a.num_heads != 0)
+    throw InputError(fmt::format("{}: field 'n_head' ({}) must divide n_embd ({}).", f.origin(),
+                                 a.num_heads, m.hidden_size));
+  a.head_dim = m.hidden_size / a.num_heads;
+  a.qkv_bias = a.out_bias = true;
+  m.dense_mlp.intermediate_size = f.positive_int_or("n_inner", 4 * m.hidden_size);
+  m.dense_mlp.gated = false;
+  m.dense_mlp.bias = true;
+}
+
 } // namespace
 
 const std::vector<std::string>& supported_model_types() {
   static const std::vector<std::string> types = {
-      "llama",   "mistral", "mixtral",     "qwen3_moe",    "deepseek_v2",
+      "llama",   "mistral", "qwen3", "gpt2", "mixtral",     "qwen3_moe",    "deepseek_v2",
       "deepseek_v3", "kimi_k2", "gpt_oss", "llama4", "llama4_text"};
   return types;
 }
@@ -212,8 +235,11 @@ ModelSpec from_hf_config(const Json& config, const std::string& origin, const st
   m.name = name;
   m.model_type = type;
   m.display_name = f.string_or("mop_display_name", name);
-  if (type == "llama" || type == "mistral")
+  if (type == "llama" || type == "mistral" || type == "qwen3") {
     read_llama(f, m);
+    m.attention.qk_norm = type == "qwen3"; // Qwen3 normalises q and k per head
+  } else if (type == "gpt2")
+    read_gpt2(f, m);
   else if (type == "mixtral")
     read_mixtral(f, m);
   else if (type == "qwen3_moe")

@@ -79,6 +79,10 @@ struct ModelSpec {
   std::int64_t num_mtp_modules = 0;
   LayerSpec mtp_layer;
   std::int64_t max_position_embeddings = 0;
+  // GPT-2/GPT-3 style: learned absolute position embeddings (this many rows) and LayerNorm with
+  // a bias (two vectors per norm instead of RMSNorm's one).
+  std::int64_t learned_positions = 0;
+  bool norm_bias = false;
 
   std::int64_t num_layers() const { return static_cast<std::int64_t>(layers.size()); }
   std::int64_t num_moe_layers() const;

@@ -69,7 +69,7 @@ ParamCounts layer_params(const ModelSpec& m, const LayerSpec& layer) {
   const std::int64_t h = m.hidden_size;
   ParamCounts c;
   c.attention = attention_params(m.attention, h);
-  c.norms = 2 * h; // input_layernorm and post_attention_layernorm
+  c.norms = (m.norm_bias ? 4 : 2) * h; // two norms per layer; LayerNorm adds a bias to each
   if (layer.mlp == MlpKind::dense) {
     c.dense_mlp = mlp_params(h, m.dense_mlp.intermediate_size, m.dense_mlp.gated, m.dense_mlp.bias);
   } else {
@@ -96,9 +96,9 @@ ParamReport count_params(const ModelSpec& m) {
       a.routed_experts = m.moe.experts_per_token * routed_expert_params(m.moe, h);
     return a;
   };
-  r.total.embedding = table;
+  r.total.embedding = table + m.learned_positions * h;
   r.total.lm_head = m.tied_embeddings ? 0 : table;
-  r.total.norms = h; // final norm
+  r.total.norms = (m.norm_bias ? 2 : 1) * h; // final norm
   r.active = r.total;
   for (const LayerSpec& layer : m.layers) {
     r.total += layer_params(m, layer);

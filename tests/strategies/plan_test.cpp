@@ -65,7 +65,7 @@ TEST_CASE("each broken rule is one sentence") {
   pp.global_batch = 96;
   complete_plan(pp);
   CHECK(error_of([&] { validate_plan(pp, kKimi, 4096, kTwelveNodes); }) ==
-        "plan: pp x vp (96 x 1) exceeds the 61 layers.");
+        "plan: pp x vp (96 x 1) exceeds the 61 layers (plus embedding and loss).");
 }
 
 TEST_CASE("a plan survives a JSON round trip") {

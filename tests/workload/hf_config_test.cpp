@@ -27,8 +27,8 @@ Json llama() {
 
 TEST_CASE("bad configs get one sentence naming the file and the field") {
   Json c = llama();
-  c["model_type"] = "gpt2";
-  CHECK(error_of(c).starts_with("c.json: field 'model_type' is 'gpt2'; supported model types"));
+  c["model_type"] = "bloom";
+  CHECK(error_of(c).starts_with("c.json: field 'model_type' is 'bloom'; supported model types"));
   c = llama();
   c.erase("hidden_size");
   CHECK(error_of(c) == "c.json: field 'hidden_size' is missing; it must be a positive integer.");
@@ -113,4 +113,22 @@ TEST_CASE("gpt-oss alternates sliding and full attention from layer_types") {
   bad["layer_types"] = Json::array({"sliding_attention"});
   CHECK(error_of(bad) == "c.json: field 'layer_types' must be a list of 4 layer types (got "
                          "[\"sliding_attention\"]).");
+}
+
+TEST_CASE("GPT-2 small has 124,439,808 parameters (Hugging Face gpt2 checkpoint)") {
+  const Json c = Json::parse(R"({"model_type": "gpt2", "n_embd": 768, "n_layer": 12,
+    "n_head": 12, "n_positions": 1024, "vocab_size": 50257})");
+  const ModelSpec m = from_hf_config(c, "c.json", "gpt2");
+  CHECK(count_params(m).total.total() == 124439808);
+  CHECK(m.tied_embeddings);
+}
+
+TEST_CASE("Qwen3 dense reads as Llama with QK-norm: Qwen3-8B is 8.2B (Qwen3 model card)") {
+  const Json c = Json::parse(R"({"model_type": "qwen3", "hidden_size": 4096,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936,
+    "tie_word_embeddings": false})");
+  const ModelSpec m = from_hf_config(c, "c.json", "qwen3-8b");
+  CHECK(m.attention.qk_norm);
+  CHECK(static_cast<double>(count_params(m).total.total()) == doctest::Approx(8.2e9).epsilon(0.007));
 }

@@ -1,0 +1,96 @@
+// mop memory: does a plan fit, per rank class, and what runs out first.
+#include "cli/commands.hpp"
+#include "cli/context.hpp"
+#include "cli/output.hpp"
+#include "common/units.hpp"
+#include "strategies/presets.hpp"
+
+#include <fmt/format.h>
+#include <iostream>
+#include <memory>
+
+namespace mop::cli {
+
+Json breakdown_json(const strategy::MemoryBreakdown& b) {
+  return Json{{"weights", b.weights},         {"grads", b.grads},
+              {"optimizer", b.optimizer},     {"activations", b.activations},
+              {"comm_buffers", b.comm_buffers}, {"other", b.other}};
+}
+
+Json memory_json(const strategy::ResolvedPlan& r) {
+  const strategy::MemoryReport& m = r.memory;
+  const strategy::RankClassMemory& w = m.classes[static_cast<std::size_t>(m.worst)];
+  Json classes = Json::array();
+  for (const auto& c : m.classes)
+    classes.push_back(Json{{"name", c.name},
+                           {"stage", c.stage},
+                           {"ranks", c.ranks},
+                           {"layers", c.layers},
+                           {"micro_batches_in_flight", c.micro_batches_in_flight},
+                           {"peak_hbm_bytes", c.peak_hbm_bytes},
+                           {"hbm", breakdown_json(c.hbm)},
+                           {"host_per_rank", breakdown_json(c.host)},
+                           {"host_bytes_per_node", c.host_bytes_per_node},
+                           {"dominant", c.dominant}});
+  Json j{{"fits", m.fits()},
+         {"fits_hbm", m.fits_hbm},
+         {"fits_host", m.fits_host},
+         {"peak_hbm_bytes", m.peak_hbm_bytes},
+         {"hbm_capacity_bytes", m.hbm_capacity_bytes},
+         {"peak_host_bytes", m.peak_host_bytes},
+         {"host_capacity_bytes", m.host_capacity_bytes},
+         {"memory_breakdown", breakdown_json(w.hbm)},
+         {"host_breakdown", breakdown_json(w.host)},
+         {"worst_rank",
+          Json{{"name", w.name}, {"stage", w.stage}, {"dominant", w.dominant},
+               {"peak_hbm_bytes", w.peak_hbm_bytes}}},
+         {"rank_classes", classes},
+         {"candidates_considered", r.candidates},
+         {"plan", strategy::to_json(r.plan)}};
+  if (!m.fits())
+    j["first_to_run_out"] = m.first_to_run_out;
+  return j;
+}
+
+void print_memory_text(const strategy::ResolvedPlan& r, const PlanInputs& in) {
+  const strategy::MemoryReport& m = r.memory;
+  std::cout << fmt::format("{} on {} x {} ({} GPUs), seq {}, global batch {}\n", in.model.name,
+                           in.nodes, in.cluster.name, in.nodes * in.cluster.node.gpus_per_node,
+                           in.seq, r.plan.global_batch);
+  std::cout << fmt::format("plan ({}): {}\n\n", r.plan.family, strategy::summary(r.plan));
+  TextTable t{{"rank class", "ranks", "weights", "grads", "optimizer", "activations", "buffers",
+               "other", "HBM peak", "host/node"},
+              {},
+              {false, true, true, true, true, true, true, true, true, true}};
+  auto b = [](double v) { return format_bytes(v); };
+  for (const auto& c : m.classes)
+    t.rows.push_back({c.name, std::to_string(c.ranks), b(c.hbm.weights), b(c.hbm.grads),
+                      b(c.hbm.optimizer), b(c.hbm.activations), b(c.hbm.comm_buffers),
+                      b(c.hbm.other), b(c.peak_hbm_bytes), b(c.host_bytes_per_node)});
+  std::cout << t.render() << "\n";
+  std::cout << fmt::format("HBM {} of {} per GPU; host {} of {} per node\n",
+                           b(m.peak_hbm_bytes), b(m.hbm_capacity_bytes), b(m.peak_host_bytes),
+                           b(m.host_capacity_bytes));
+  if (m.fits())
+    std::cout << "fits\n";
+  else
+    std::cout << fmt::format("does not fit: {}\n", m.first_to_run_out);
+}
+
+void add_memory_command(CLI::App& app) {
+  auto opt = std::make_shared<PlanOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "memory", "Does a plan fit: bytes per rank class, in HBM and host memory\n\nExample:\n"
+                "  mop memory --model kimi-k2 --cluster h200 --nodes 12 --seq 1M --plan mop");
+  add_plan_options(cmd, *opt);
+  cmd->callback([opt] {
+    const PlanInputs in = resolve_inputs(*opt);
+    const strategy::ResolvedPlan r = strategy::resolve_plan(opt->plan, in.context());
+    if (opt->json)
+      print_json(memory_json(r));
+    else
+      print_memory_text(r, in);
+  });
+}
+
+} // namespace mop::cli

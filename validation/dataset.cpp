@@ -1,0 +1,158 @@
+#include "validation/dataset.hpp"
+
+#include "common/error.hpp"
+#include "strategies/presets.hpp"
+#include "workload/catalog.hpp"
+#include "workload/hf_config.hpp"
+
+#include <fmt/format.h>
+#include <fstream>
+
+namespace mop::validation {
+
+std::string default_dataset_path() { return std::string(MOP_SOURCE_DIR) + "/validation/data/published.jsonl"; }
+
+std::vector<Row> read_dataset(const std::string& path) {
+  std::ifstream in(path);
+  if (!in)
+    throw InputError(fmt::format("{}: no such file or it cannot be read.", path));
+  std::vector<Row> rows;
+  std::string line;
+  int number = 0;
+  while (std::getline(in, line)) {
+    ++number;
+    if (line.find_first_not_of(" \t\r") == std::string::npos)
+      continue;
+    const std::string origin = fmt::format("{}:{}", path, number);
+    const Json j = parse_json(line, origin);
+    const JsonFields f(j, origin);
+    Row r;
+    r.origin = origin;
+    r.raw = j;
+    r.id = f.string("id");
+    r.model_name = f.string_or("model", r.id);
+    if (f.has("model_id"))
+      r.model_id = f.string("model_id");
+    r.gpu = f.string("gpu");
+    r.num_gpus = static_cast<int>(f.positive_int("num_gpus"));
+    r.seq_len = f.positive_int("seq_len");
+    if (f.has("global_batch_size"))
+      r.global_batch_size = static_cast<int>(f.positive_int("global_batch_size"));
+    if (f.has("micro_batch_size"))
+      r.micro_batch_size = static_cast<int>(f.positive_int("micro_batch_size"));
+    r.precision = f.string_or("precision", "bf16");
+    r.framework = f.string_or("framework", "");
+    r.recompute = f.string_or("recompute", "");
+    r.measured = f.at("measured");
+    if (!r.measured.is_object() || r.measured.empty())
+      f.fail("measured", "an object of metric names to numbers");
+    (void)f.at("parallelism");
+    rows.push_back(std::move(r));
+  }
+  return rows;
+}
+
+namespace {
+
+std::string lower(std::string s) {
+  for (char& c : s)
+    c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+} // namespace
+
+Translation translate(const Row& row, int gpus_per_node) {
+  Translation t;
+  const std::string gpu = lower(row.gpu);
+  if (gpu != "h100" && gpu != "h200" && gpu != "b200") {
+    t.reason = fmt::format("no node type for {} GPUs yet (catalog: h100, h200, b200).", row.gpu);
+    return t;
+  }
+  t.cluster_id = gpu;
+  if (row.num_gpus % gpus_per_node != 0 && row.num_gpus > gpus_per_node) {
+    t.reason = fmt::format("{} GPUs do not fill whole nodes of {}.", row.num_gpus, gpus_per_node);
+    return t;
+  }
+  t.nodes = std::max(1, row.num_gpus / gpus_per_node);
+  // A run on part of one node: a cluster of one node with that many GPUs.
+  const int per_node = std::min(gpus_per_node, row.num_gpus);
+  try {
+    if (row.model_id)
+      t.model = workload::load_model(*row.model_id);
+    else if (row.raw.contains("model_config") && row.raw["model_config"].is_object())
+      t.model = workload::from_hf_config(row.raw["model_config"], row.origin + " model_config",
+                                         row.model_name);
+    else {
+      t.reason = "the row names no catalog model and gives no model_config.";
+      return t;
+    }
+  } catch (const InputError& e) {
+    t.reason = e.what();
+    return t;
+  }
+  const JsonFields par(row.raw.at("parallelism"), row.origin + " parallelism");
+  strategy::Plan p;
+  p.family = row.framework == "torchtitan" || row.framework.find("FSDP2") != std::string::npos
+                 ? "fsdp2"
+                 : "megatron";
+  p.world = row.num_gpus;
+  const int tp = static_cast<int>(par.positive_int_or("tp", 1));
+  p.attention.tp = tp;
+  p.attention.sp = par.bool_or("sp", tp > 1);
+  p.attention.cp = static_cast<int>(par.positive_int_or("cp", 1));
+  const std::string cp_comm = par.string_or("cp_comm_type", "p2p");
+  p.attention.cp_kind = cp_comm == "a2a" ? strategy::CpKind::ulysses
+                        : cp_comm == "a2a+p2p" ? strategy::CpKind::hybrid
+                                               : strategy::CpKind::ring;
+  p.pp = static_cast<int>(par.positive_int_or("pp", 1));
+  p.vp = static_cast<int>(par.positive_int_or("vp", 1));
+  p.schedule = p.vp > 1 ? strategy::PipelineSchedule::interleaved_1f1b
+                        : strategy::PipelineSchedule::one_f_one_b;
+  if (par.string_or("pp_schedule", "") == "gpipe")
+    p.schedule = strategy::PipelineSchedule::gpipe;
+  p.moe.ep = static_cast<int>(par.positive_int_or("ep", 1));
+  // Not stated: 1, as the Megatron-Bridge MoE recipes set expert_tensor_parallel_size (with
+  // Megatron-Core's own default, etp = tp, several published rows would not fit their ranks).
+  p.moe.etp = static_cast<int>(par.positive_int_or("etp", 1));
+  if (!t.model->is_moe()) {
+    p.moe.ep = 1;
+    p.moe.etp = 1;
+  }
+  p.dense.tp = tp;
+  p.embed.tp = tp;
+  const int zero = static_cast<int>(par.non_negative_int_or("zero", 1));
+  for (auto& s : p.state)
+    s.zero = zero;
+  const std::string rc = row.recompute;
+  const strategy::Recompute r = rc.starts_with("full")        ? strategy::Recompute::full
+                                : rc.starts_with("selective") ? strategy::Recompute::selective
+                                                              : strategy::Recompute::none;
+  for (auto& x : p.recompute)
+    x = r;
+  const std::string offload = row.raw.value("offload", Json()).is_string()
+                                  ? row.raw["offload"].get<std::string>()
+                                  : "";
+  if (offload.find("activation") != std::string::npos)
+    p.activation_offload = 1;
+  // A chunked cross-entropy (Liger, TRL's chunked_nll) is stated in the row's notes.
+  const std::string notes = row.raw.value("notes", Json()).is_string()
+                                ? row.raw["notes"].get<std::string>()
+                                : "";
+  p.chunked_loss = notes.find("chunked") != std::string::npos;
+  p.micro_batch = row.micro_batch_size.value_or(1);
+  const int replicas = p.world / p.pp / (tp * p.attention.cp);
+  p.global_batch = row.global_batch_size.value_or(replicas * p.micro_batch *
+                                                  (p.pp > 1 ? 2 * p.pp * p.vp : 1));
+  try {
+    strategy::complete_plan(p);
+    strategy::validate_plan(p, strategy::model_shape(*t.model), row.seq_len, strategy::ClusterShape{per_node, t.nodes});
+  } catch (const InputError& e) {
+    t.reason = fmt::format("its published degrees do not form a valid plan: {}", e.what());
+    return t;
+  }
+  t.plan = p;
+  return t;
+}
+
+} // namespace mop::validation

@@ -1,0 +1,49 @@
+#pragma once
+// Published measurements (validation/data/*.jsonl, schema in validation/data/README.md) and
+// their translation into fixed Plans: the published degrees, no auto-tuning.
+#include "common/json_io.hpp"
+#include "strategies/plan.hpp"
+#include "workload/model_spec.hpp"
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mop::validation {
+
+struct Row {
+  std::string id;
+  std::string origin; // "file.jsonl:12"
+  Json raw;           // the whole object, as published
+  std::string model_name;
+  std::optional<std::string> model_id; // catalog id
+  std::string gpu;                     // H100, H200, B200, A100, GB200, GB300
+  int num_gpus = 0;
+  std::int64_t seq_len = 0;
+  std::optional<int> global_batch_size;
+  std::optional<int> micro_batch_size;
+  std::string precision; // bf16, fp8
+  std::string framework;
+  std::string recompute; // none, selective, full, or "" when not stated
+  Json measured;         // metric -> value
+};
+
+// Reads a JSON Lines file; a malformed line is an InputError naming file and line.
+std::vector<Row> read_dataset(const std::string& path);
+// The project's own dataset (compiled-in path of validation/data/published.jsonl).
+std::string default_dataset_path();
+
+// What a row needs before it can be predicted; an empty `reason` means it can.
+struct Translation {
+  std::optional<workload::ModelSpec> model;
+  std::string cluster_id; // "h100", ...
+  int nodes = 0;
+  std::optional<strategy::Plan> plan;
+  std::string reason; // why the row cannot be predicted yet, one sentence
+};
+
+// Builds the fixed plan of a row: the published degrees (dp, zero, tp, sp, cp, pp, vp, ep, etp),
+// recompute, batch sizes and offload, with each assumption stated in docs/VALIDATION.md.
+Translation translate(const Row& row, int gpus_per_node = 8);
+
+} // namespace mop::validation
