@@ -269,10 +269,13 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
       throw InputError(fmt::format("'{}' is neither a preset ({}) nor a plan JSON path.",
                                    name_or_path, fmt::join(families, ", ")));
     Plan p = plan_from_json(read_json_file(name_or_path), name_or_path);
-    if (p.global_batch == 0)
-      p.global_batch = ctx.global_batch > 0
-                           ? ctx.global_batch
-                           : default_global_batch(ctx.seq, 1);
+    if (p.global_batch == 0 && ctx.global_batch > 0)
+      p.global_batch = ctx.global_batch;
+    if (p.global_batch == 0 && p.pp > 0 && p.world % p.pp == 0 && p.attention.tp > 0 &&
+        p.attention.cp > 0 && p.micro_batch > 0) {
+      const int replicas = std::max(1, p.world / p.pp / (p.attention.tp * p.attention.cp));
+      p.global_batch = default_global_batch(ctx.seq, replicas * p.micro_batch);
+    }
     complete_plan(p);
     validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
     best.plan = p;
