@@ -7,5 +7,6 @@
 namespace mop::cli {
 
 void add_model_command(CLI::App& app);
+void add_hw_command(CLI::App& app);
 
 } // namespace mop::cli
