@@ -7,6 +7,7 @@
 namespace mop::cli {
 
 void add_model_command(CLI::App& app);
+void add_hw_command(CLI::App& app);
 void add_memory_command(CLI::App& app);
 
 } // namespace mop::cli

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "mop 0.1.0");
   mop::cli::add_model_command(app);
+  mop::cli::add_hw_command(app);
   mop::cli::add_memory_command(app);
   // CLI11 answers --help before it notices an unknown command ("mop nosuch --help" would exit
   // 0): refuse unknown commands first, so that exit 0 from --help means the command exists.

@@ -1,0 +1,37 @@
+#include "hw_models/host_optimizer.hpp"
+
+#include "common/error.hpp"
+#include "hw_models/calibration.hpp"
+#include "hw_models/cluster.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <fmt/format.h>
+
+namespace mop::hw {
+
+double host_adam_params_per_s(const ClusterSpec& c, const Calibration& calibration,
+                              int cores_used) {
+  if (cores_used < 1 || cores_used > c.node.host_cores)
+    throw InputError(fmt::format("cores used by the host optimizer must be between 1 and the "
+                                 "node's {} host cores (got {}).",
+                                 c.node.host_cores, cores_used));
+  if (auto rate = calibrated_host_adam_params_per_s(calibration, cores_used))
+    return *rate;
+  const HostOptimizerSpec& h = c.host_optimizer;
+  const double per_core = h.adam_params_per_s / c.node.host_cores;
+  const double dram_ceiling = c.node.host_memory_bandwidth_achievable / h.adam_bytes_per_param;
+  return std::min(per_core * cores_used, dram_ceiling);
+}
+
+double host_adam_time_s(const ClusterSpec& c, const Calibration& calibration, double params,
+                        int cores_used) {
+  if (!(params >= 0) || !std::isfinite(params))
+    throw InputError(fmt::format("parameters for the host optimizer must be a non-negative "
+                                 "number (got {}).",
+                                 params));
+  const double rate = host_adam_params_per_s(c, calibration, cores_used);
+  return params / rate;
+}
+
+} // namespace mop::hw

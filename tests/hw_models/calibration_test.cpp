@@ -1,0 +1,207 @@
+// The calibration overlay with the hand-made example file configs/calibration/example-h200.json:
+// a measured shape returns the measured time, a shape between two measured points interpolates,
+// anything else falls back to the model.
+#include "common/error.hpp"
+#include "hw_models/calibration.hpp"
+#include "hw_models/cluster.hpp"
+#include "hw_models/collective.hpp"
+#include "hw_models/compute.hpp"
+#include "hw_models/copy.hpp"
+#include "hw_models/host_optimizer.hpp"
+#include "hw_models/memory_overheads.hpp"
+
+#include <doctest/doctest.h>
+#include <filesystem>
+#include <fstream>
+#include <vector>
+
+using namespace mop::hw;
+using mop::Json;
+
+namespace {
+
+const std::string kExample = MOP_SOURCE_DIR "/configs/calibration/example-h200.json";
+constexpr double MiB = 1024.0 * 1024.0, GiB = 1024.0 * MiB;
+
+AttentionShape causal_self_attention(double seq) {
+  AttentionShape s;
+  s.batch = 1;
+  s.heads = 32;
+  s.kv_heads = 8;
+  s.q_len = s.kv_len = seq;
+  s.causal = true;
+  return s;
+}
+
+// Forward FLOPs of causal_self_attention(seq), by hand: 2 · S(S+1)/2 · 32 heads · (128 + 128).
+double causal_flops(double seq) {
+  return 2 * seq * (seq + 1) / 2 * 32 * 256;
+}
+
+std::string calibration_error(const Json& j) {
+  try {
+    calibration_from_json(j, "cal.json");
+  } catch (const mop::InputError& e) {
+    return e.what();
+  }
+  return "accepted";
+}
+
+} // namespace
+
+TEST_CASE("the example calibration loads; an empty one changes nothing") {
+  const Calibration cal = load_calibration(kExample);
+  CHECK(cal.gemm.size() == 3);
+  CHECK(cal.attention.size() == 3);
+  CHECK(cal.collectives.size() == 4);
+  CHECK(cal.host_adam.size() == 3);
+  CHECK(!cal.empty());
+  CHECK(Calibration{}.empty());
+}
+
+TEST_CASE("GEMM overlay: measured m exact, between measured m interpolated, elsewhere the model") {
+  const ClusterSpec h200 = load_cluster("h200");
+  const Calibration cal = load_calibration(kExample);
+  // The file: bf16 n = k = 4096, m = 1024 in 60 µs and m = 4096 in 180 µs.
+  CHECK(gemm_time_s(h200, cal, 1024, 4096, 4096, Dtype::bf16) == 6.0e-5);
+  CHECK(gemm_time_s(h200, cal, 4096, 4096, 4096, Dtype::bf16) == 1.8e-4);
+  // m = 2048: the achieved FLOP/s interpolated a third of the way from m = 1024 to 4096.
+  const double r1 = 2.0 * 1024 * 4096 * 4096 / 6.0e-5, r2 = 2.0 * 4096 * 4096 * 4096 / 1.8e-4;
+  const double r = r1 + (r2 - r1) * (2048.0 - 1024) / (4096 - 1024);
+  CHECK(gemm_time_s(h200, cal, 2048, 4096, 4096, Dtype::bf16) ==
+        doctest::Approx(2.0 * 2048 * 4096 * 4096 / r));
+  // Outside the measured m, another n, or another dtype: the model.
+  const Calibration none{};
+  CHECK(gemm_time_s(h200, cal, 8192, 4096, 4096, Dtype::bf16) ==
+        gemm_time_s(h200, none, 8192, 4096, 4096, Dtype::bf16));
+  CHECK(gemm_time_s(h200, cal, 2048, 4096, 8192, Dtype::bf16) ==
+        gemm_time_s(h200, none, 2048, 4096, 8192, Dtype::bf16));
+  CHECK(gemm_time_s(h200, cal, 2048, 4096, 4096, Dtype::fp8) ==
+        gemm_time_s(h200, none, 2048, 4096, 4096, Dtype::fp8));
+}
+
+TEST_CASE(
+    "grouped GEMM overlay: a measured balanced routing exact, a skewed one scaled by the model") {
+  const ClusterSpec h200 = load_cluster("h200");
+  const Calibration cal = load_calibration(kExample);
+  // The file: 8 experts × 4096 rows, n = 768, k = 2048 in 165 µs.
+  const std::vector<double> balanced(8, 4096);
+  CHECK(grouped_gemm_time_s(h200, cal, balanced, 768, 2048, Dtype::bf16) == 1.65e-4);
+  std::vector<double> skewed = {8192, 8192, 2048, 2048, 2048, 2048, 4096, 4096}; // same 32,768
+  const Calibration none{};
+  const double model_ratio = grouped_gemm_time_s(h200, none, skewed, 768, 2048, Dtype::bf16) /
+                             grouped_gemm_time_s(h200, none, balanced, 768, 2048, Dtype::bf16);
+  // The model's ratio includes one launch on each side; the overlay's excludes it: within 2 %.
+  CHECK(grouped_gemm_time_s(h200, cal, skewed, 768, 2048, Dtype::bf16) ==
+        doctest::Approx(1.65e-4 * model_ratio).epsilon(0.02));
+}
+
+TEST_CASE("attention overlay: measured shape exact, between interpolated, elsewhere the model") {
+  const ClusterSpec h200 = load_cluster("h200");
+  const Calibration cal = load_calibration(kExample);
+  // The file: causal fwd, 1 × 32 heads, d 128: 4096 in 240 µs, 8192 in 920 µs; bwd 8192 in 2.7 ms.
+  CHECK(attention_fwd_time_s(h200, cal, causal_self_attention(4096)) == 2.4e-4);
+  CHECK(attention_fwd_time_s(h200, cal, causal_self_attention(8192)) == 9.2e-4);
+  CHECK(attention_bwd_time_s(h200, cal, causal_self_attention(8192)) == 2.7e-3);
+  // 6144: the achieved FLOP/s halfway between the two measured lengths.
+  const double r1 = causal_flops(4096) / 2.4e-4, r2 = causal_flops(8192) / 9.2e-4;
+  CHECK(attention_fwd_time_s(h200, cal, causal_self_attention(6144)) ==
+        doctest::Approx(causal_flops(6144) / ((r1 + r2) / 2)));
+  // Same kv length, twice the batch: the measured rate, twice the FLOPs.
+  AttentionShape two = causal_self_attention(8192);
+  two.batch = 2;
+  CHECK(attention_fwd_time_s(h200, cal, two) == doctest::Approx(2 * 9.2e-4));
+  // Outside the measured range, or not measured at all (non-causal): the model.
+  const Calibration none{};
+  for (AttentionShape s : {causal_self_attention(16384), causal_self_attention(2048)})
+    CHECK(attention_fwd_time_s(h200, cal, s) == attention_fwd_time_s(h200, none, s));
+  AttentionShape full = causal_self_attention(6144);
+  full.causal = false;
+  CHECK(attention_fwd_time_s(h200, cal, full) == attention_fwd_time_s(h200, none, full));
+  CHECK(attention_bwd_time_s(h200, cal, causal_self_attention(4096)) ==
+        attention_bwd_time_s(h200, none, causal_self_attention(4096)));
+}
+
+TEST_CASE("collective overlay: measured size exact, between interpolated, elsewhere the model") {
+  const ClusterSpec h200 = load_cluster("h200");
+  const Calibration cal = load_calibration(kExample);
+  const GroupShape node{8, 1};
+  // The file: all_reduce on 8 × 1 at 1 MiB in 36 µs, 64 MiB in 330 µs, 1 GiB in 4.1 ms.
+  const CollectiveCost at64 = collective_cost(h200, cal, CollectiveOp::all_reduce, 64 * MiB, node);
+  CHECK(at64.time_s == 3.3e-4);
+  CHECK(at64.algorithm == "calibrated");
+  CHECK(at64.busbw == doctest::Approx(64 * MiB / 3.3e-4 * 2 * 7 / 8));
+  // Halfway in bytes between 1 MiB and 64 MiB: halfway in time.
+  CHECK(collective_cost(h200, cal, CollectiveOp::all_reduce, 32.5 * MiB, node).time_s ==
+        doctest::Approx((3.6e-5 + 3.3e-4) / 2));
+  // Beyond 1 GiB, another group shape, another op: the model.
+  const Calibration none{};
+  for (auto [op, bytes, g] : {std::tuple{CollectiveOp::all_reduce, 4 * GiB, node},
+                              std::tuple{CollectiveOp::all_reduce, 64 * MiB, GroupShape{4, 1}},
+                              std::tuple{CollectiveOp::reduce_scatter, 64 * MiB, node}}) {
+    const CollectiveCost with = collective_cost(h200, cal, op, bytes, g);
+    CHECK(with.algorithm != "calibrated");
+    CHECK(with.time_s == collective_cost(h200, none, op, bytes, g).time_s);
+  }
+  // A single measured point answers its own size only.
+  CHECK(collective_cost(h200, cal, CollectiveOp::all_gather, GiB, {8, 2}).time_s == 3.0e-3);
+  CHECK(collective_cost(h200, cal, CollectiveOp::all_gather, 0.5 * GiB, {8, 2}).algorithm !=
+        "calibrated");
+}
+
+TEST_CASE("host AdamW overlay interpolates measured rates by core count") {
+  const ClusterSpec h200 = load_cluster("h200");
+  const Calibration cal = load_calibration(kExample);
+  // The file: 16 cores 2.0e8, 56 cores 6.5e8, 112 cores 1.2e9 params/s.
+  CHECK(host_adam_params_per_s(h200, cal, 56) == 6.5e8);
+  CHECK(host_adam_params_per_s(h200, cal, 36) == doctest::Approx(2.0e8 + (6.5e8 - 2.0e8) / 2));
+  // 8 cores is below the measured range: the model, 8/112 of 1.5e9.
+  CHECK(host_adam_params_per_s(h200, cal, 8) == doctest::Approx(1.5e9 * 8 / 112));
+}
+
+TEST_CASE("measured bandwidths and overheads replace the cluster's") {
+  const ClusterSpec h200 = load_cluster("h200");
+  const Calibration cal = load_calibration(kExample);
+  // The file: H2D 54.0, D2H 53.5 GB/s, duplex 1.5, HBM 3.95 TB/s, NVLink copy 390 GB/s.
+  CHECK(host_device_copy_time_s(h200, cal, GiB) == doctest::Approx(GiB / 54.0e9 + 2e-6));
+  HostCopy up, down;
+  up.both_directions = down.both_directions = true;
+  down.direction = CopyDirection::device_to_host;
+  CHECK(host_device_bandwidth(h200, cal, up) + host_device_bandwidth(h200, cal, down) ==
+        doctest::Approx(1.5 * (54.0e9 + 53.5e9) / 2));
+  CHECK(memory_bound_time_s(h200, cal, GiB) == doctest::Approx(GiB / 3.95e12 + 2e-6));
+  CHECK(nvlink_copy_time_s(h200, cal, GiB) == doctest::Approx(GiB / 390e9 + 2e-6));
+  const MemoryOverheads o = memory_overheads(h200, cal);
+  CHECK(o.cuda_context_bytes == 456130560);
+  CHECK(o.allocator_fragmentation == 0.12);
+  CHECK(o.nccl_buffer_bytes_per_communicator == 0.75 * GiB); // not in the file: the cluster's
+}
+
+TEST_CASE("bad calibration files: one sentence naming the file and the field") {
+  CHECK(calibration_error(Json{{"collectives", Json::array({Json{{"op", "gossip"},
+                                                                 {"ranks_per_node", 8},
+                                                                 {"nodes", 1},
+                                                                 {"bytes", 1024},
+                                                                 {"time_s", 1e-5}}})}}) ==
+        "cal.json, collectives[0]: field 'op' must be one of \"all_gather\", \"reduce_scatter\", "
+        "\"all_reduce\", \"all_to_all\", \"send_recv\" (got \"gossip\").");
+  CHECK(calibration_error(Json{
+            {"gemm", Json::array({Json{
+                         {"dtype", "fp16"}, {"m", 1}, {"n", 1}, {"k", 1}, {"time_s", 1e-6}}})}}) ==
+        "cal.json, gemm[0]: field 'dtype' must be one of \"bf16\", \"fp8\", \"fp32\" (got "
+        "\"fp16\").");
+  const Json point{{"dtype", "bf16"}, {"m", 1}, {"n", 1}, {"k", 1}, {"time_s", 1e-6}};
+  CHECK(calibration_error(Json{{"gemm", Json::array({point, point})}}) ==
+        "cal.json: two 'gemm' entries measure the same shape; keep one.");
+  CHECK(
+      calibration_error(Json{
+          {"gemm",
+           Json::array({Json{{"dtype", "bf16"}, {"m", 1}, {"n", 1}, {"k", 1}, {"time_s", 0}}})}}) ==
+      "cal.json, gemm[0]: field 'time_s' must be a positive number (got 0).");
+  CHECK(calibration_error(Json{{"bandwidths", Json{{"h2d_bytes_per_s", -1}}}}) ==
+        "cal.json, section 'bandwidths': field 'h2d_bytes_per_s' must be a positive number (got "
+        "-1).");
+  CHECK(calibration_error(Json{{"gemms", Json::array()}})
+            .starts_with("cal.json: field 'gemms' is not known; allowed: schema,"));
+  CHECK_THROWS_AS(load_calibration("/nonexistent/cal.json"), mop::InputError);
+}
