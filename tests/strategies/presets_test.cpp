@@ -79,3 +79,17 @@ TEST_CASE("an unknown preset is one sentence listing the presets") {
                                    "ulysses-zero3, mop) nor a plan JSON path.");
   }
 }
+
+TEST_CASE("every preset answers for every catalog model, naming what runs out when it does not fit") {
+  for (const std::string& id : catalog_ids()) {
+    const ModelSpec m = load_model(id);
+    for (const std::string& family : family_names()) {
+      CAPTURE(id);
+      CAPTURE(family);
+      const ResolvedPlan r = resolve_plan(family, context(m, 8192, 2));
+      REQUIRE_FALSE(r.memory.classes.empty());
+      CHECK(r.memory.peak_hbm_bytes > 0);
+      CHECK(r.memory.fits() == r.memory.first_to_run_out.empty());
+    }
+  }
+}
