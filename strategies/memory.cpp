@@ -155,6 +155,76 @@ double layer_activation_bytes(const ModelSpec& m, const LayerSpec& layer, const 
          mlp_block_bytes(m, plan, seq, layer, recompute, options);
 }
 
+KindParams layer_local_params(const ModelSpec& m, const LayerSpec& layer, const Plan& p) {
+  const workload::ParamCounts c = workload::layer_params(m, layer);
+  const double h = static_cast<double>(m.hidden_size);
+  const double half_norms = static_cast<double>(c.norms) / 2; // one norm before each block
+  KindParams k;
+  k.by_kind[kind_index(LayerKind::attention)] =
+      static_cast<double>(c.attention) / p.attention.tp + half_norms;
+  k.by_kind[kind_index(LayerKind::moe)] =
+      static_cast<double>(c.routed_experts) / (p.moe.ep * p.moe.etp);
+  k.by_kind[kind_index(LayerKind::dense)] =
+      static_cast<double>(c.dense_mlp + c.shared_experts) / p.dense.tp +
+      static_cast<double>(c.router) + half_norms;
+  (void)h;
+  return k;
+}
+
+double embedding_local_params(const ModelSpec& m, const Plan& p) {
+  return static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size) / p.embed.tp;
+}
+
+double shard_degree(const Plan& p, LayerKind kind) {
+  double d = 1;
+  switch (kind) {
+  case LayerKind::attention:
+    d = p.attention.dp * p.attention.cp;
+    break;
+  case LayerKind::moe:
+    d = p.moe.edp;
+    break;
+  case LayerKind::dense:
+    d = p.dense.dp;
+    break;
+  case LayerKind::embedding:
+    d = p.embed.dp;
+    break;
+  }
+  const int group = p.state[kind_index(kind)].shard_group;
+  return group > 0 ? std::min<double>(d, group) : d;
+}
+
+double saved_activation_bytes(const ModelSpec& m, const LayerSpec& layer, const Plan& p,
+                              std::int64_t seq, const ActivationOptions& options) {
+  const Recompute rc_att = p.recompute[kind_index(LayerKind::attention)];
+  const Recompute rc_mlp =
+      p.recompute[kind_index(layer.mlp == MlpKind::moe ? LayerKind::moe : LayerKind::dense)];
+  if (rc_att == Recompute::full && rc_mlp == Recompute::full)
+    return layer_activation_bytes(m, layer, p, seq, Recompute::full, options);
+  return attention_block_bytes(m, p, seq, layer, rc_att, options) +
+         mlp_block_bytes(m, p, seq, layer, rc_mlp, options);
+}
+
+double logits_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq) {
+  const double tokens = tokens_per_rank(p, seq);
+  const double loss_tokens =
+      p.chunked_loss ? std::min(tokens, kLossChunkTokens * p.micro_batch) : tokens;
+  return loss_tokens * static_cast<double>(m.vocab_size) / p.embed.tp * (2 + 4);
+}
+
+double resident_comm_bytes(const Plan& p, const MemoryHardware& hw) {
+  double bytes = 0;
+  if (p.moe.ep > 1 || (p.attention.cp > 1 && p.attention.cp_kind != CpKind::ring))
+    bytes += hw.alltoall_buffer_bytes;
+  int communicators = 0;
+  for (int degree : {p.attention.tp, p.attention.cp, p.attention.dp, p.moe.ep, p.moe.etp,
+                     p.moe.edp, p.dense.tp, p.embed.tp})
+    communicators += degree > 1 ? 1 : 0;
+  communicators += p.pp > 1 ? 2 : 0; // send and receive neighbours
+  return bytes + communicators * hw.nccl_bytes_per_communicator;
+}
+
 MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
                             const MemoryHardware& hw, const ActivationOptions& options) {
   MemoryReport r;
@@ -163,16 +233,10 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
   const double h = static_cast<double>(m.hidden_size);
   const int att = kind_index(LayerKind::attention), moe = kind_index(LayerKind::moe),
             den = kind_index(LayerKind::dense), emb = kind_index(LayerKind::embedding);
-  // Data-parallel sharding degree of each kind's states (CP ranks hold the same weights, so
-  // attention states shard over dp x cp, as Megatron's distributed optimizer and FSDP2 do).
-  double shard[kNumLayerKinds] = {static_cast<double>(p.attention.dp * p.attention.cp),
-                                  static_cast<double>(p.moe.edp), static_cast<double>(p.dense.dp),
-                                  static_cast<double>(p.embed.dp)};
+  double shard[kNumLayerKinds];
   for (int k = 0; k < kNumLayerKinds; ++k)
-    if (p.state[k].shard_group > 0)
-      shard[k] = std::min<double>(shard[k], p.state[k].shard_group);
+    shard[k] = shard_degree(p, static_cast<LayerKind>(k));
 
-  const double mb = p.micro_batch;
   const double tokens = tokens_per_rank(p, seq);
   int first_layer = 0;
   for (int stage = 0; stage < p.pp; ++stage) {
@@ -187,11 +251,10 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     double a2a_tokens = 0;
     for (int i = first_layer; i < first_layer + n_layers; ++i) {
       const LayerSpec& layer = m.layers[static_cast<std::size_t>(i)];
-      const workload::ParamCounts c = workload::layer_params(m, layer);
-      const double la = (static_cast<double>(c.attention) / p.attention.tp) + h;
-      const double le = static_cast<double>(c.routed_experts) / (p.moe.ep * p.moe.etp);
-      const double ld = static_cast<double>(c.dense_mlp + c.shared_experts) / p.dense.tp +
-                        static_cast<double>(c.router) + h;
+      const KindParams lp = layer_local_params(m, layer, p);
+      const double la = lp[LayerKind::attention];
+      const double le = lp[LayerKind::moe];
+      const double ld = lp[LayerKind::dense];
       local[att] += la;
       local[moe] += le;
       local[den] += ld;
@@ -203,14 +266,7 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
       if (p.state[den].zero >= 3 || p.params == Placement::host)
         block += ld;
       largest_block = std::max(largest_block, block);
-      const Recompute rc_att = p.recompute[att];
-      const Recompute rc_mlp = p.recompute[layer.mlp == MlpKind::moe ? moe : den];
-      double layer_saved = 0;
-      if (rc_att == Recompute::full && rc_mlp == Recompute::full)
-        layer_saved = layer_activation_bytes(m, layer, p, seq, Recompute::full, options);
-      else
-        layer_saved = attention_block_bytes(m, p, seq, layer, rc_att, options) +
-                      mlp_block_bytes(m, p, seq, layer, rc_mlp, options);
+      const double layer_saved = saved_activation_bytes(m, layer, p, seq, options);
       saved += layer_saved;
       largest_checkpoint = std::max(largest_checkpoint, layer_saved);
       largest_layer_full =
@@ -222,7 +278,7 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
                                               p.moe.imbalance);
     }
     first_layer += n_layers;
-    const double table = static_cast<double>(m.vocab_size) * h / p.embed.tp;
+    const double table = embedding_local_params(m, p);
     if (first)
       local[emb] += table;
     if (last)
@@ -261,11 +317,8 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
       hbm.activations += largest_layer_full;
     if (p.activation_offload > 0)
       hbm.activations += 2 * largest_checkpoint * p.activation_offload; // reload double buffer
-    if (last) {
-      // Logits in BF16 and their FP32 softmax / gradient for the loss, vocab-parallel.
-      const double loss_tokens = p.chunked_loss ? std::min(tokens, kLossChunkTokens * mb) : tokens;
-      hbm.activations += loss_tokens * static_cast<double>(m.vocab_size) / p.embed.tp * (2 + 4);
-    }
+    if (last)
+      hbm.activations += logits_bytes(m, p, seq);
     // Communication buffers.
     hbm.comm_buffers += 2 * kParamBytes * largest_block; // ZeRO-3 gather: current + prefetch
     hbm.comm_buffers += kParamBytes * largest_block;     // unsharded gradients being reduced
@@ -284,16 +337,7 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     }
     if (p.moe.ep > 1 || p.moe.etp > 1)
       hbm.comm_buffers += 2 * kAct * a2a_tokens * h;    // dispatch and combine buffers
-    const bool all_to_all = p.moe.ep > 1 || (p.attention.cp > 1 &&
-                                             p.attention.cp_kind != CpKind::ring);
-    if (all_to_all)
-      hbm.comm_buffers += hw.alltoall_buffer_bytes;
-    int communicators = 0;
-    for (int degree : {p.attention.tp, p.attention.cp, p.attention.dp, p.moe.ep, p.moe.etp,
-                       p.moe.edp, p.dense.tp, p.embed.tp})
-      communicators += degree > 1 ? 1 : 0;
-    communicators += p.pp > 1 ? 2 : 0; // send and receive neighbours
-    hbm.comm_buffers += communicators * hw.nccl_bytes_per_communicator;
+    hbm.comm_buffers += resident_comm_bytes(p, hw);
     hbm.other = hw.cuda_context_bytes + hw.fragmentation * (hbm.activations + hbm.comm_buffers);
     // Host: pinned staging for whatever moves over PCIe.
     if (p.activation_offload > 0)

@@ -42,6 +42,36 @@ double layer_activation_bytes(const workload::ModelSpec& m, const workload::Laye
                               const Plan& plan, std::int64_t seq, Recompute recompute,
                               const ActivationOptions& options = {});
 
+// Parameters of one decoder layer held by a rank after tensor and expert splitting, by the
+// kind whose state policy governs them: attention (projections and their norm), moe (routed
+// experts), dense (dense MLP, shared experts, router, MLP norm). Index with LayerKind.
+struct KindParams {
+  double by_kind[kNumLayerKinds] = {0, 0, 0, 0};
+  double operator[](LayerKind k) const { return by_kind[static_cast<int>(k)]; }
+};
+KindParams layer_local_params(const workload::ModelSpec& m, const workload::LayerSpec& layer,
+                              const Plan& plan);
+// Embedding table or LM head rows held by a rank (vocab-parallel split).
+double embedding_local_params(const workload::ModelSpec& m, const Plan& plan);
+// How many data-parallel ranks share (shard) one copy of a kind's states under ZeRO: dp·cp for
+// attention (CP ranks hold the same weights), edp for experts, the rest for dense and embedding;
+// capped by the kind's HSDP shard_group.
+double shard_degree(const Plan& plan, LayerKind kind);
+
+// Bytes one decoder layer saves per rank for one micro-batch under the plan's recompute policy
+// of each of its kinds (attention, and dense or MoE for its MLP): what stays alive from its
+// forward to its backward.
+double saved_activation_bytes(const workload::ModelSpec& m, const workload::LayerSpec& layer,
+                              const Plan& plan, std::int64_t seq,
+                              const ActivationOptions& options = {});
+
+// Bytes of logits (BF16) and their FP32 softmax/gradient held for the loss on the last stage.
+double logits_bytes(const workload::ModelSpec& m, const Plan& plan, std::int64_t seq);
+
+// Communication buffers that live for the whole step: NCCL's per communicator and the
+// all-to-all buffers (not the transient gather/scatter buffers).
+double resident_comm_bytes(const Plan& plan, const MemoryHardware& hw);
+
 struct RankClassMemory {
   std::string name;        // "stage 0 of 4 (first)"
   int stage = 0;

@@ -1,0 +1,26 @@
+#pragma once
+// Lowering: a Plan for a model and sequence length becomes a Schedule (sim/schedule.hpp), the
+// program every executor plays. One rank class per pipeline stage.
+#include "sim/schedule.hpp"
+#include "strategies/memory.hpp"
+#include "strategies/plan.hpp"
+#include "workload/model_spec.hpp"
+
+namespace mop::strategy {
+
+struct LoweringContext {
+  const workload::ModelSpec* model = nullptr;
+  std::int64_t seq = 0;
+  int gpus_per_node = 8;
+  MemoryHardware hw; // resident memory (context, NCCL buffers) and fragmentation figures
+  ActivationOptions activations;
+};
+
+// The Schedule of one optimizer step in steady state: every micro-batch's forward and backward
+// under the pipeline schedule, FSDP gathers with one-layer prefetch, TP/SP, CP (ring, Ulysses,
+// hybrid), EP dispatch/combine, pipeline send/recv, recompute, activation offload and reload,
+// gradient reduction, and the optimizer step where the plan puts it (with host streaming, the
+// step of layer l from the previous step's gradients runs just before layer l's forward).
+sim::Schedule lower(const Plan& plan, const LoweringContext& ctx);
+
+} // namespace mop::strategy
