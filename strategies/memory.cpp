@@ -157,7 +157,6 @@ double layer_activation_bytes(const ModelSpec& m, const LayerSpec& layer, const 
 
 KindParams layer_local_params(const ModelSpec& m, const LayerSpec& layer, const Plan& p) {
   const workload::ParamCounts c = workload::layer_params(m, layer);
-  const double h = static_cast<double>(m.hidden_size);
   const double half_norms = static_cast<double>(c.norms) / 2; // one norm before each block
   KindParams k;
   k.by_kind[kind_index(LayerKind::attention)] =
@@ -167,7 +166,6 @@ KindParams layer_local_params(const ModelSpec& m, const LayerSpec& layer, const 
   k.by_kind[kind_index(LayerKind::dense)] =
       static_cast<double>(c.dense_mlp + c.shared_experts) / p.dense.tp +
       static_cast<double>(c.router) + half_norms;
-  (void)h;
   return k;
 }
 
