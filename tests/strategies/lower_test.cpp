@@ -1,0 +1,137 @@
+// The lowering: every plan's Schedule does exactly the model's arithmetic (a second method: the
+// workload's FLOP accounting), and has the structure each feature promises.
+#include "sim/schedule.hpp"
+#include "strategies/lower.hpp"
+#include "strategies/presets.hpp"
+#include "workload/catalog.hpp"
+#include "workload/flops.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace mop;
+using namespace mop::strategy;
+
+namespace {
+
+const MemoryHardware kH200{.hbm_bytes = 150.1e9, .host_bytes = 2e12, .gpus_per_node = 8,
+                           .cuda_context_bytes = 0.5e9, .nccl_bytes_per_communicator = 0.75e9,
+                           .alltoall_buffer_bytes = 3e9, .fragmentation = 0.1,
+                           .host_reserved_bytes = 2e11};
+
+Plan base(int world) {
+  Plan p;
+  p.world = world;
+  for (auto& s : p.state)
+    s.zero = 3;
+  return p;
+}
+
+double schedule_flops(const sim::Schedule& s) {
+  double f = 0;
+  for (const auto& rc : s.classes)
+    for (const auto& op : rc.ops)
+      f += op.model_flops * rc.multiplicity;
+  return f;
+}
+
+int count(const sim::Schedule& s, sim::OpKind kind) {
+  int n = 0;
+  for (const auto& rc : s.classes)
+    for (const auto& op : rc.ops)
+      n += op.kind == kind ? 1 : 0;
+  return n;
+}
+
+} // namespace
+
+TEST_CASE("every plan feature computes exactly the model's FLOPs: 3 x forward x sequences") {
+  const workload::ModelSpec m = workload::load_model("qwen3-30b-a3b");
+  const std::int64_t seq = 4096;
+  const double per_sequence = 3 * workload::count_flops(m, seq).model_flops_fwd;
+  struct Case {
+    const char* what;
+    Plan plan;
+  };
+  std::vector<Case> cases;
+  {
+    Plan p = base(16);
+    cases.push_back({"FSDP, 2 micro-batches", p});
+  }
+  {
+    Plan p = base(16);
+    p.attention.tp = 4;
+    p.dense.tp = 4;
+    p.embed.tp = 4;
+    cases.push_back({"TP 4 with SP", p});
+  }
+  {
+    Plan p = base(16);
+    p.attention.cp = 4;
+    cases.push_back({"ring CP 4", p});
+  }
+  {
+    Plan p = base(16);
+    p.attention.cp = 4;
+    p.attention.cp_kind = CpKind::ulysses;
+    cases.push_back({"Ulysses CP 4", p});
+  }
+  {
+    Plan p = base(16);
+    p.attention.cp = 16;
+    p.attention.cp_kind = CpKind::hybrid;
+    cases.push_back({"hybrid CP 16 (Ulysses 8 in node, ring 2)", p});
+  }
+  {
+    Plan p = base(16);
+    p.moe.ep = 8;
+    p.moe.etp = 2;
+    cases.push_back({"EP 8 x ETP 2", p});
+  }
+  {
+    Plan p = base(16);
+    p.pp = 4;
+    p.attention.tp = 2;
+    p.dense.tp = 2;
+    p.embed.tp = 2;
+    cases.push_back({"PP 4 1F1B with TP 2", p});
+  }
+  {
+    Plan p = base(16);
+    p.recompute[0] = p.recompute[1] = p.recompute[2] = Recompute::full;
+    p.activation_offload = 0.5;
+    p.optimizer = p.grads = Placement::host;
+    p.optimizer_on_host = true;
+    p.overlap = OptimizerOverlap::stream_forward;
+    cases.push_back({"full recompute, offload, host optimizer (recompute is not model FLOPs)", p});
+  }
+  for (Case& c : cases) {
+    CAPTURE(c.what);
+    const int replicas = c.plan.world / c.plan.pp / (c.plan.attention.tp * c.plan.attention.cp);
+    c.plan.global_batch = replicas * 2 * c.plan.pp;
+    complete_plan(c.plan);
+    validate_plan(c.plan, model_shape(m), seq, ClusterShape{8, 2});
+    const sim::Schedule s = lower(c.plan, LoweringContext{&m, seq, 8, kH200, {}});
+    CHECK(s.classes.size() == static_cast<std::size_t>(c.plan.pp));
+    CHECK(schedule_flops(s) == doctest::Approx(per_sequence * c.plan.global_batch).epsilon(1e-9));
+    CHECK(s.model_flops_per_step == doctest::Approx(schedule_flops(s)));
+    CHECK(s.tokens_per_step == doctest::Approx(4096.0 * c.plan.global_batch));
+  }
+}
+
+TEST_CASE("features appear as the ops they promise") {
+  const workload::ModelSpec m = workload::load_model("qwen3-30b-a3b");
+  Plan p = base(16);
+  p.moe.ep = 8;
+  p.attention.cp = 2;
+  p.global_batch = 8;
+  complete_plan(p);
+  const sim::Schedule s = lower(p, LoweringContext{&m, 4096, 8, kH200, {}});
+  const int layers = 48, micro = 1;
+  // EP: dispatch and combine per MoE layer, forward and backward.
+  CHECK(count(s, sim::OpKind::all_to_all) == 4 * layers * micro);
+  // ZeRO-3: one gather per kind with parameters, forward and backward (attention, dense; the
+  // experts' shards over edp = 2 as well).
+  CHECK(count(s, sim::OpKind::all_gather) == 2 * 3 * layers * micro);
+  // Ring CP of degree 2: one K/V pass forward and one backward per layer.
+  CHECK(count(s, sim::OpKind::send) == 2 * layers * micro);
+}
