@@ -1,5 +1,15 @@
 #include "sim/schedule.hpp"
 
+#include <boost/graph/adjacency_list.hpp>
+#include <boost/graph/depth_first_search.hpp>
+#include <boost/graph/topological_sort.hpp>
+
+#include <cctype>
+#include <iterator>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
 namespace mop::sim {
 
 const char* op_kind_name(OpKind k) {
@@ -85,6 +95,238 @@ const char* memory_kind_name(MemoryKind k) {
     return "other";
   }
   return "?";
+}
+
+} // namespace mop::sim
+
+namespace mop::sim {
+namespace {
+
+std::string quoted(const std::string& name) {
+  return "'" + name + "'";
+}
+
+// "rank class 'stage 0' (0), op 3 'L0.attn.fwd'": how every sentence names an op.
+std::string where(const Schedule& s, int c, int i) {
+  const RankClass& rc = s.classes[static_cast<std::size_t>(c)];
+  return "rank class " + quoted(rc.name) + " (" + std::to_string(c) + "), op " + std::to_string(i) +
+         " " + quoted(rc.ops[static_cast<std::size_t>(i)].name);
+}
+
+[[noreturn]] void fail(const std::string& sentence) {
+  std::string text = sentence;
+  if (!text.empty())
+    text[0] = static_cast<char>(std::toupper(static_cast<unsigned char>(text[0])));
+  throw std::invalid_argument(text + ".");
+}
+
+bool in_range(int index, std::size_t size) {
+  return index >= 0 && static_cast<std::size_t>(index) < size;
+}
+
+void check_groups(const Schedule& s) {
+  for (std::size_t g = 0; g < s.groups.size(); ++g) {
+    const Group& group = s.groups[g];
+    const std::string name = "group " + quoted(group.name) + " (" + std::to_string(g) + ")";
+    if (group.ranks < 1)
+      fail(name + " has " + std::to_string(group.ranks) + " ranks; it needs at least one");
+    if (group.ranks_per_node < 1 || group.ranks_per_node > group.ranks ||
+        group.ranks % group.ranks_per_node != 0)
+      fail(name + " has " + std::to_string(group.ranks_per_node) +
+           " ranks per node, which must be between 1 and its " + std::to_string(group.ranks) +
+           " ranks and divide them");
+  }
+}
+
+void check_indices(const Schedule& s) {
+  const std::size_t classes = s.classes.size();
+  for (std::size_t c = 0; c < classes; ++c) {
+    const RankClass& rc = s.classes[c];
+    const int ci = static_cast<int>(c);
+    for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+      const Op& op = rc.ops[i];
+      const std::string at = where(s, ci, static_cast<int>(i));
+      if (!in_range(op.stream, rc.streams.size()))
+        fail(at + " runs on stream " + std::to_string(op.stream) + ", but the class has " +
+             std::to_string(rc.streams.size()) + " streams");
+      for (int d : op.deps)
+        if (!in_range(d, rc.ops.size()))
+          fail(at + " depends on op " + std::to_string(d) + ", but the class has " +
+               std::to_string(rc.ops.size()) + " ops");
+      for (const RemoteDep& r : op.remote_deps) {
+        if (!in_range(r.rank_class, classes) || r.rank_class == ci)
+          fail(at + " has a remote dependency on rank class " + std::to_string(r.rank_class) +
+               ", which must be another of the schedule's " + std::to_string(classes) + " classes");
+        const std::size_t other_ops = s.classes[static_cast<std::size_t>(r.rank_class)].ops.size();
+        if (!in_range(r.op, other_ops))
+          fail(at + " has a remote dependency on op " + std::to_string(r.op) + " of rank class " +
+               std::to_string(r.rank_class) + ", which has " + std::to_string(other_ops) + " ops");
+      }
+      for (int t : op.allocs)
+        if (!in_range(t, rc.tensors.size()))
+          fail(at + " allocates tensor " + std::to_string(t) + ", but the class has " +
+               std::to_string(rc.tensors.size()) + " tensors");
+      for (int t : op.frees)
+        if (!in_range(t, rc.tensors.size()))
+          fail(at + " frees tensor " + std::to_string(t) + ", but the class has " +
+               std::to_string(rc.tensors.size()) + " tensors");
+      // A recv takes no time of its own, so it may leave its group unset; every other
+      // collective is priced over its group.
+      const bool needs_group = is_collective(op.kind) && op.kind != OpKind::recv;
+      if ((needs_group || op.group != -1) && !in_range(op.group, s.groups.size()))
+        fail(at + " (" + op_kind_name(op.kind) + ") names group " + std::to_string(op.group) +
+             ", but the schedule has " + std::to_string(s.groups.size()) + " groups");
+      if ((op.kind == OpKind::send || op.kind == OpKind::recv) &&
+          (!in_range(op.peer_class, classes) || op.peer_class == ci))
+        fail(at + " (" + op_kind_name(op.kind) + ") names peer class " +
+             std::to_string(op.peer_class) + ", which must be another of the schedule's " +
+             std::to_string(classes) + " classes");
+    }
+  }
+}
+
+void check_tensors(const Schedule& s) {
+  for (std::size_t c = 0; c < s.classes.size(); ++c) {
+    const RankClass& rc = s.classes[c];
+    const int ci = static_cast<int>(c);
+    const std::size_t n = rc.tensors.size();
+    std::vector<int> alloc_op(n, -1), free_op(n, -1);
+    for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+      const int oi = static_cast<int>(i);
+      for (int t : rc.ops[i].allocs) {
+        const Tensor& tensor = rc.tensors[static_cast<std::size_t>(t)];
+        if (tensor.resident)
+          fail(where(s, ci, oi) + " allocates resident tensor " + quoted(tensor.name) +
+               ", which lives for the whole step");
+        int& first = alloc_op[static_cast<std::size_t>(t)];
+        if (first != -1)
+          fail(where(s, ci, oi) + " allocates tensor " + quoted(tensor.name) + " again (op " +
+               std::to_string(first) + " already allocated it)");
+        first = oi;
+      }
+      for (int t : rc.ops[i].frees) {
+        const Tensor& tensor = rc.tensors[static_cast<std::size_t>(t)];
+        if (tensor.resident)
+          fail(where(s, ci, oi) + " frees resident tensor " + quoted(tensor.name) +
+               ", which lives for the whole step");
+        int& first = free_op[static_cast<std::size_t>(t)];
+        if (first != -1)
+          fail(where(s, ci, oi) + " frees tensor " + quoted(tensor.name) + " again (op " +
+               std::to_string(first) + " already freed it)");
+        first = oi;
+      }
+    }
+    for (std::size_t t = 0; t < n; ++t) {
+      const Tensor& tensor = rc.tensors[t];
+      if (tensor.resident)
+        continue;
+      const int a = alloc_op[t], f = free_op[t];
+      if (a == -1 && f == -1)
+        fail("rank class " + quoted(rc.name) + " (" + std::to_string(c) + "), tensor " +
+             quoted(tensor.name) + " is neither resident nor allocated and freed by any op");
+      if (a == -1)
+        fail(where(s, ci, f) + " frees tensor " + quoted(tensor.name) + ", which no op allocates");
+      if (f == -1)
+        fail(where(s, ci, a) + " allocates tensor " + quoted(tensor.name) + ", which no op frees");
+      // The freeing op must be able to end after the allocating op starts; in program order it
+      // comes no earlier (the same op may allocate a workspace and free it).
+      if (f < a)
+        fail(where(s, ci, f) + " frees tensor " + quoted(tensor.name) + " before op " +
+             std::to_string(a) + " allocates it in program order");
+    }
+  }
+}
+
+void check_recvs(const Schedule& s) {
+  for (std::size_t c = 0; c < s.classes.size(); ++c) {
+    const RankClass& rc = s.classes[c];
+    for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+      const Op& op = rc.ops[i];
+      if (op.kind != OpKind::recv)
+        continue;
+      bool matched = false;
+      for (const RemoteDep& r : op.remote_deps) {
+        if (r.rank_class != op.peer_class)
+          continue;
+        const Op& other =
+            s.classes[static_cast<std::size_t>(r.rank_class)].ops[static_cast<std::size_t>(r.op)];
+        if (other.kind == OpKind::send && other.peer_class == static_cast<int>(c))
+          matched = true;
+      }
+      if (!matched)
+        fail(where(s, static_cast<int>(c), static_cast<int>(i)) +
+             " is a recv with no remote dependency on a send of its peer class " +
+             std::to_string(op.peer_class) + " addressed to this class");
+    }
+  }
+}
+
+using DependencyGraph = boost::adjacency_list<boost::vecS, boost::vecS, boost::directedS>;
+
+// Depth-first search stops at the first back edge (u → v): v is an ancestor of u, so both lie
+// on a cycle.
+struct BackEdgeFound {
+  std::size_t from, to;
+};
+struct BackEdgeVisitor : boost::default_dfs_visitor {
+  template <class Edge, class Graph> void back_edge(Edge e, const Graph& g) const {
+    throw BackEdgeFound{boost::source(e, g), boost::target(e, g)};
+  }
+};
+
+void check_acyclic(const Schedule& s) {
+  std::vector<std::size_t> offset(s.classes.size() + 1, 0);
+  for (std::size_t c = 0; c < s.classes.size(); ++c)
+    offset[c + 1] = offset[c] + s.classes[c].ops.size();
+  DependencyGraph graph(offset.back());
+  for (std::size_t c = 0; c < s.classes.size(); ++c) {
+    const RankClass& rc = s.classes[c];
+    std::vector<int> last_on_stream(rc.streams.size(), -1);
+    for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+      const Op& op = rc.ops[i];
+      const std::size_t v = offset[c] + i;
+      int& previous = last_on_stream[static_cast<std::size_t>(op.stream)];
+      if (previous != -1)
+        boost::add_edge(offset[c] + static_cast<std::size_t>(previous), v, graph);
+      previous = static_cast<int>(i);
+      for (int d : op.deps)
+        boost::add_edge(offset[c] + static_cast<std::size_t>(d), v, graph);
+      for (const RemoteDep& r : op.remote_deps)
+        boost::add_edge(offset[static_cast<std::size_t>(r.rank_class)] +
+                            static_cast<std::size_t>(r.op),
+                        v, graph);
+    }
+  }
+  std::vector<std::size_t> order;
+  order.reserve(offset.back());
+  try {
+    boost::topological_sort(graph, std::back_inserter(order));
+    return;
+  } catch (const boost::not_a_dag&) {
+  }
+  auto name_of = [&](std::size_t v) {
+    std::size_t c = 0;
+    while (offset[c + 1] <= v)
+      ++c;
+    return where(s, static_cast<int>(c), static_cast<int>(v - offset[c]));
+  };
+  try {
+    boost::depth_first_search(graph, boost::visitor(BackEdgeVisitor{}));
+  } catch (const BackEdgeFound& found) {
+    fail(name_of(found.to) + " is on a dependency cycle (through deps, remote deps or stream " +
+         "order) that closes at " + name_of(found.from));
+  }
+  fail("the schedule's dependencies form a cycle");
+}
+
+} // namespace
+
+void check_schedule(const Schedule& s) {
+  check_groups(s);
+  check_indices(s);
+  check_tensors(s);
+  check_recvs(s);
+  check_acyclic(s);
 }
 
 } // namespace mop::sim

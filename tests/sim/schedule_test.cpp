@@ -1,0 +1,162 @@
+#include "sim/schedule.hpp"
+
+#include <doctest/doctest.h>
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+using namespace mop::sim;
+
+namespace {
+
+Op op_on(std::string name, int stream, std::vector<int> deps = {}) {
+  Op op;
+  op.name = std::move(name);
+  op.kind = OpKind::elementwise;
+  op.stream = stream;
+  op.bytes = 1e6;
+  op.deps = std::move(deps);
+  return op;
+}
+
+// Two stages: stage 0 computes, allocates an activation and sends it; stage 1 receives it and
+// computes. Valid as built; each test breaks one thing.
+Schedule two_stages() {
+  Schedule s;
+  s.groups.push_back({"pp.0-1", 2, 1});
+  RankClass a;
+  a.name = "stage 0";
+  a.streams = {"compute", "pp"};
+  a.tensors.push_back({"weights", 1e9, Device::hbm, MemoryKind::weights, true});
+  a.tensors.push_back({"act", 1e6, Device::hbm, MemoryKind::activations, false});
+  a.ops.push_back(op_on("fwd", 0));
+  a.ops[0].allocs = {1};
+  Op send = op_on("send.act", 1, {0});
+  send.kind = OpKind::send;
+  send.group = 0;
+  send.peer_class = 1;
+  send.frees = {1};
+  a.ops.push_back(send);
+  RankClass b;
+  b.name = "stage 1";
+  b.streams = {"compute", "pp"};
+  Op recv = op_on("recv.act", 1);
+  recv.kind = OpKind::recv;
+  recv.peer_class = 0;
+  recv.remote_deps = {{0, 1}};
+  b.ops.push_back(recv);
+  b.ops.push_back(op_on("fwd", 0, {0}));
+  s.classes = {a, b};
+  return s;
+}
+
+// The sentence names the class and the op (by index and name).
+void check_refused(const Schedule& s, const std::string& rank_class, const std::string& op) {
+  try {
+    check_schedule(s);
+    FAIL("check_schedule accepted a broken schedule");
+  } catch (const std::invalid_argument& e) {
+    const std::string what = e.what();
+    CAPTURE(what);
+    CHECK(what.find("ank class '" + rank_class + "'") != std::string::npos); // [Rr]ank
+    CHECK(what.find(op) != std::string::npos);
+    CHECK(what.back() == '.');
+  }
+}
+
+} // namespace
+
+TEST_CASE("a well-formed two-stage schedule passes the checks") {
+  CHECK_NOTHROW(check_schedule(two_stages()));
+}
+
+TEST_CASE("check_schedule names the ops where a dependency cycle closes") {
+  SUBCASE("within a class: a dep on a later op of the same stream") {
+    Schedule s = two_stages();
+    s.classes[1].ops[1].stream = 1; // fwd after recv on stream 1 ...
+    s.classes[1].ops[0].deps = {1}; // ... and recv waits for fwd
+    check_refused(s, "stage 1", "dependency cycle");
+    check_refused(s, "stage 1", "op 0 'recv.act'");
+    check_refused(s, "stage 1", "op 1 'fwd'");
+  }
+  SUBCASE("across classes") {
+    // stage 0 fwd → send → stage 1 recv → fwd → stage 0 fwd.
+    Schedule s = two_stages();
+    s.classes[0].ops[0].remote_deps = {{1, 1}};
+    check_refused(s, "stage 0", "dependency cycle");
+    check_refused(s, "stage 0", "op 0 'fwd'");
+    check_refused(s, "stage 1", "op 1 'fwd'");
+  }
+}
+
+TEST_CASE("check_schedule refuses a tensor that is never freed") {
+  Schedule s = two_stages();
+  s.classes[0].ops[1].frees.clear();
+  check_refused(s, "stage 0", "op 0 'fwd'");
+}
+
+TEST_CASE("check_schedule refuses a tensor freed twice") {
+  Schedule s = two_stages();
+  s.classes[0].ops[0].frees = {1};
+  // op 0 frees it first (after allocating it), op 1 frees it again.
+  check_refused(s, "stage 0", "op 1 'send.act'");
+}
+
+TEST_CASE("check_schedule refuses a tensor freed before it is allocated") {
+  Schedule s = two_stages();
+  s.classes[0].ops[0].allocs.clear();
+  s.classes[0].ops[0].frees = {1};
+  s.classes[0].ops[1].allocs = {1};
+  s.classes[0].ops[1].frees.clear();
+  check_refused(s, "stage 0", "op 0 'fwd'");
+}
+
+TEST_CASE("check_schedule refuses an index out of range") {
+  SUBCASE("stream") {
+    Schedule s = two_stages();
+    s.classes[1].ops[1].stream = 2;
+    check_refused(s, "stage 1", "op 1 'fwd'");
+  }
+  SUBCASE("dep") {
+    Schedule s = two_stages();
+    s.classes[1].ops[1].deps = {7};
+    check_refused(s, "stage 1", "op 1 'fwd'");
+  }
+  SUBCASE("remote dep") {
+    Schedule s = two_stages();
+    s.classes[1].ops[0].remote_deps = {{0, 9}};
+    check_refused(s, "stage 1", "op 0 'recv.act'");
+  }
+  SUBCASE("tensor") {
+    Schedule s = two_stages();
+    s.classes[0].ops[0].allocs = {1, 5};
+    check_refused(s, "stage 0", "op 0 'fwd'");
+  }
+  SUBCASE("group") {
+    Schedule s = two_stages();
+    s.classes[0].ops[1].group = 3;
+    check_refused(s, "stage 0", "op 1 'send.act'");
+  }
+  SUBCASE("peer class") {
+    Schedule s = two_stages();
+    s.classes[0].ops[1].peer_class = 0; // itself
+    check_refused(s, "stage 0", "op 1 'send.act'");
+  }
+}
+
+TEST_CASE("check_schedule refuses a recv that waits on no send of its peer") {
+  Schedule s = two_stages();
+  s.classes[1].ops[0].remote_deps.clear();
+  check_refused(s, "stage 1", "op 0 'recv.act'");
+  // Waiting on a compute op of the peer is not a send either.
+  s.classes[1].ops[0].remote_deps = {{0, 0}};
+  check_refused(s, "stage 1", "op 0 'recv.act'");
+}
+
+TEST_CASE("a group's ranks per node must divide its ranks") {
+  Schedule s = two_stages();
+  s.groups[0] = {"odd", 6, 4};
+  CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("Group 'odd'"), std::invalid_argument);
+}
