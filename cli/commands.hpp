@@ -9,5 +9,6 @@ namespace mop::cli {
 void add_model_command(CLI::App& app);
 void add_hw_command(CLI::App& app);
 void add_memory_command(CLI::App& app);
+void add_simulate_command(CLI::App& app);
 
 } // namespace mop::cli

@@ -1,6 +1,6 @@
 // mop memory: does a plan fit, per rank class, and what runs out first.
 #include "cli/commands.hpp"
-#include "cli/context.hpp"
+#include "cli/memory.hpp"
 #include "cli/output.hpp"
 #include "common/units.hpp"
 #include "strategies/presets.hpp"

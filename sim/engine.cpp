@@ -88,6 +88,7 @@ Resource resource_of(const Op& op, const Schedule& s) {
   case OpKind::reduce_scatter:
   case OpKind::all_reduce:
   case OpKind::all_to_all:
+  case OpKind::send_recv:
   case OpKind::send:
   case OpKind::recv: {
     if (op.group < 0) // a recv without a group takes no time and occupies nothing
@@ -597,6 +598,7 @@ double op_duration_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
   case OpKind::reduce_scatter:
   case OpKind::all_reduce:
   case OpKind::all_to_all:
+  case OpKind::send_recv:
   case OpKind::send: {
     const Group& g = group_of_op(op, s);
     return hw::collective_cost(c, cal, hw_collective(op.kind), op.bytes,

@@ -32,6 +32,8 @@ const char* op_kind_name(OpKind k) {
     return "all_reduce";
   case OpKind::all_to_all:
     return "all_to_all";
+  case OpKind::send_recv:
+    return "send_recv";
   case OpKind::send:
     return "send";
   case OpKind::recv:
@@ -48,7 +50,7 @@ const char* op_kind_name(OpKind k) {
 
 bool is_collective(OpKind k) {
   return k == OpKind::all_gather || k == OpKind::reduce_scatter || k == OpKind::all_reduce ||
-         k == OpKind::all_to_all || k == OpKind::send || k == OpKind::recv;
+         k == OpKind::all_to_all || k == OpKind::send_recv || k == OpKind::send || k == OpKind::recv;
 }
 
 bool is_copy(OpKind k) { return k == OpKind::copy_h2d || k == OpKind::copy_d2h; }

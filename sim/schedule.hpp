@@ -25,6 +25,8 @@ enum class OpKind {
   reduce_scatter,
   all_reduce,
   all_to_all,
+  send_recv, // ring exchange inside `group`: every rank sends to the next, receives from the
+             // previous (NCCL send/recv pairs; context-parallel ring attention)
   send, // point-to-point to `peer_class` (pipeline); the matching recv names this op
   recv, // completes when the matching send (remote_deps) completes; takes no time itself
   // host <-> device over PCIe, pinned memory
@@ -34,7 +36,7 @@ enum class OpKind {
   host_adam, // AdamW over `params` parameters on the host, FP32 master weights and moments
 };
 const char* op_kind_name(OpKind k);
-bool is_collective(OpKind k); // all_gather .. recv
+bool is_collective(OpKind k); // all_gather .. recv (send_recv included)
 bool is_copy(OpKind k);       // copy_h2d, copy_d2h
 
 // What an op is for: the report's time breakdown and the trace's colours use it.

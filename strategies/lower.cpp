@@ -374,7 +374,7 @@ int Lowering::emit_forward(const Step& st, const std::string& prefix, Category c
       if (i + 1 < st.ring_steps) {
         sim::Op comm;
         comm.name = fmt::format("{}.ring_kv.{}", prefix, i);
-        comm.kind = OpKind::send;
+        comm.kind = OpKind::send_recv;
         comm.category = Category::cp_comm;
         comm.stream = kCp;
         comm.bytes = st.ring_bytes;
@@ -446,7 +446,7 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
         // K/V travel again and their gradients travel back: twice the forward bytes.
         sim::Op comm;
         comm.name = fmt::format("{}.ring_dkv.{}", prefix, i);
-        comm.kind = OpKind::send;
+        comm.kind = OpKind::send_recv;
         comm.category = Category::cp_comm;
         comm.stream = kCp;
         comm.bytes = 2 * st.ring_bytes;

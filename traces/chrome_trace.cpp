@@ -179,6 +179,7 @@ Json op_args(const sim::Schedule& s, const sim::Op& op, std::size_t index, bool 
   case OpKind::reduce_scatter:
   case OpKind::all_reduce:
   case OpKind::all_to_all:
+  case OpKind::send_recv:
   case OpKind::send:
   case OpKind::recv:
     a["bytes"] = number(op.bytes);

@@ -133,5 +133,5 @@ TEST_CASE("features appear as the ops they promise") {
   // experts' shards over edp = 2 as well).
   CHECK(count(s, sim::OpKind::all_gather) == 2 * 3 * layers * micro);
   // Ring CP of degree 2: one K/V pass forward and one backward per layer.
-  CHECK(count(s, sim::OpKind::send) == 2 * layers * micro);
+  CHECK(count(s, sim::OpKind::send_recv) == 2 * layers * micro);
 }

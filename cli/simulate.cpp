@@ -1,0 +1,164 @@
+// mop simulate: lower the plan to a Schedule, play it on the hardware model, report the step.
+#include "cli/commands.hpp"
+#include "cli/memory.hpp"
+#include "cli/output.hpp"
+#include "common/units.hpp"
+#include "hw_models/calibration.hpp"
+#include "sim/engine.hpp"
+#include "strategies/lower.hpp"
+#include "traces/chrome_trace.hpp"
+
+#include <fmt/format.h>
+#include <iostream>
+#include <memory>
+
+namespace mop::cli {
+namespace {
+
+struct SimulateOptions : PlanOptions {
+  std::string trace;
+};
+
+struct Report {
+  double step_time_s = 0;
+  double tokens_per_s_per_gpu = 0;
+  double tflops_per_gpu = 0;
+  double mfu = 0;
+  double peak_hbm_bytes = 0; // the event engine's tracker, plus the fragmentation allowance
+  double peak_host_bytes = 0;
+  sim::SimResult result;
+};
+
+Report report_of(const sim::Schedule& s, sim::SimResult r, const PlanInputs& in,
+                 const strategy::MemoryHardware& hw) {
+  Report rep;
+  rep.step_time_s = r.step_time_s;
+  const double gpus = static_cast<double>(s.world);
+  rep.tokens_per_s_per_gpu = s.tokens_per_step / r.step_time_s / gpus;
+  rep.tflops_per_gpu = s.model_flops_per_step / r.step_time_s / gpus / 1e12;
+  rep.mfu = rep.tflops_per_gpu * 1e12 / in.cluster.gpu.peak_flops_bf16;
+  for (const sim::ClassResult& c : r.classes) {
+    const double dynamic = c.memory.at_peak[static_cast<int>(sim::MemoryKind::activations)] +
+                           c.memory.at_peak[static_cast<int>(sim::MemoryKind::comm_buffers)];
+    rep.peak_hbm_bytes =
+        std::max(rep.peak_hbm_bytes, c.memory.peak_hbm_bytes + hw.fragmentation * dynamic);
+    rep.peak_host_bytes = std::max(rep.peak_host_bytes, c.memory.peak_host_bytes);
+  }
+  rep.peak_host_bytes = rep.peak_host_bytes * hw.gpus_per_node + hw.host_reserved_bytes;
+  rep.result = std::move(r);
+  return rep;
+}
+
+Json simulate_json(const strategy::ResolvedPlan& plan, const sim::Schedule& s, const Report& rep,
+                   const strategy::MemoryHardware& hw) {
+  Json j = memory_json(plan); // every key of `mop memory` (the analytic model)
+  j["analytic_peak_hbm_bytes"] = j["peak_hbm_bytes"];
+  j["peak_hbm_bytes"] = rep.peak_hbm_bytes;
+  j["peak_host_bytes"] = rep.peak_host_bytes;
+  j["fits"] = rep.peak_hbm_bytes <= hw.hbm_bytes && rep.peak_host_bytes <= hw.host_bytes;
+  j["step_time_s"] = rep.step_time_s;
+  j["tokens_per_s_per_gpu"] = rep.tokens_per_s_per_gpu;
+  j["mfu"] = rep.mfu;
+  j["tflops_per_gpu"] = rep.tflops_per_gpu;
+  const sim::Breakdown& b = rep.result.breakdown;
+  Json by_kind = Json::object();
+  for (int c = 0; c < 10; ++c)
+    if (b.exposed_comm_by_category[c] > 0)
+      by_kind[sim::category_name(static_cast<sim::Category>(c))] = b.exposed_comm_by_category[c];
+  j["breakdown_s"] = Json{{"compute", b.compute},
+                          {"recompute", b.recompute},
+                          {"exposed_comm", b.exposed_comm},
+                          {"exposed_comm_by_kind", by_kind},
+                          {"bubble", b.bubble},
+                          {"offload_stall", b.offload_stall},
+                          {"optimizer", b.optimizer}};
+  Json classes = Json::array();
+  for (std::size_t i = 0; i < s.classes.size(); ++i) {
+    const auto& m = rep.result.classes[i].memory;
+    classes.push_back(Json{{"name", s.classes[i].name},
+                           {"ranks", s.classes[i].multiplicity},
+                           {"ops", s.classes[i].ops.size()},
+                           {"end_s", rep.result.classes[i].end_s},
+                           {"peak_hbm_bytes", m.peak_hbm_bytes},
+                           {"peak_time_s", m.peak_time_s},
+                           {"largest_at_peak", m.largest_at_peak}});
+  }
+  j["simulated_classes"] = classes;
+  j["tokens_per_step"] = s.tokens_per_step;
+  j["events"] = rep.result.events;
+  return j;
+}
+
+void print_text(const strategy::ResolvedPlan& plan, const sim::Schedule& s, const Report& rep,
+                const PlanInputs& in, const strategy::MemoryHardware& hw) {
+  std::cout << fmt::format("{} on {} x {} ({} GPUs), seq {}, global batch {} ({} tokens)\n",
+                           in.model.name, in.nodes, in.cluster.name, s.world, in.seq,
+                           plan.plan.global_batch, s.tokens_per_step);
+  std::cout << fmt::format("plan ({}): {}\n\n", plan.plan.family, strategy::summary(plan.plan));
+  std::cout << fmt::format("step time       {:.3f} s\n", rep.step_time_s);
+  std::cout << fmt::format("tokens/s/GPU    {:.1f}\n", rep.tokens_per_s_per_gpu);
+  std::cout << fmt::format("TFLOPS/GPU      {:.1f} (MFU {:.1f} %)\n", rep.tflops_per_gpu,
+                           100 * rep.mfu);
+  const sim::Breakdown& b = rep.result.breakdown;
+  TextTable t{{"critical path", "seconds", "share"}, {}, {false, true, true}};
+  auto row = [&](const std::string& name, double v) {
+    t.rows.push_back({name, fmt::format("{:.3f}", v),
+                      fmt::format("{:.1f} %", 100 * v / rep.step_time_s)});
+  };
+  row("compute", b.compute);
+  if (b.recompute > 0)
+    row("  of which recompute", b.recompute);
+  row("exposed communication", b.exposed_comm);
+  for (int c = 0; c < 10; ++c)
+    if (b.exposed_comm_by_category[c] > 0)
+      row(fmt::format("  {}", sim::category_name(static_cast<sim::Category>(c))),
+          b.exposed_comm_by_category[c]);
+  row("pipeline bubble", b.bubble);
+  row("offload stall", b.offload_stall);
+  row("optimizer", b.optimizer);
+  std::cout << "\n" << t.render();
+  std::cout << fmt::format("\npeak HBM {} of {} per GPU; host {} of {} per node: {}\n",
+                           format_bytes(rep.peak_hbm_bytes), format_bytes(hw.hbm_bytes),
+                           format_bytes(rep.peak_host_bytes), format_bytes(hw.host_bytes),
+                           rep.peak_hbm_bytes <= hw.hbm_bytes && rep.peak_host_bytes <= hw.host_bytes
+                               ? "fits"
+                               : "does not fit");
+}
+
+} // namespace
+
+void add_simulate_command(CLI::App& app) {
+  auto opt = std::make_shared<SimulateOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "simulate",
+      "Play a plan's schedule on the hardware model: step time, throughput, MFU, where the time "
+      "goes, memory over time\n\nExample:\n"
+      "  mop simulate --model kimi-k2 --cluster h200 --nodes 12 --seq 1M --plan mop --trace t.json");
+  add_plan_options(cmd, *opt);
+  cmd->add_option("--trace", opt->trace,
+                  "write a Chrome/Perfetto trace (open it in ui.perfetto.dev)");
+  cmd->callback([opt] {
+    const PlanInputs in = resolve_inputs(*opt);
+    const strategy::PlanContext ctx = in.context();
+    const strategy::ResolvedPlan plan = strategy::resolve_plan(opt->plan, ctx);
+    const sim::Schedule s =
+        strategy::lower(plan.plan, strategy::LoweringContext{&in.model, in.seq,
+                                                            in.cluster.node.gpus_per_node, ctx.hw,
+                                                            {}});
+    const hw::Calibration cal =
+        opt->calibration.empty() ? hw::Calibration{} : hw::load_calibration(opt->calibration);
+    const Report rep = report_of(s, sim::simulate(s, in.cluster, cal), in, ctx.hw);
+    if (!opt->trace.empty()) {
+      trace::TraceOptions to;
+      to.title = fmt::format("{} {} seq {} on {} x {}", in.model.name,
+                             strategy::summary(plan.plan), in.seq, in.nodes, in.cluster.name);
+      trace::write_chrome_trace(opt->trace, s, rep.result, to);
+    }
+    if (opt->json)
+      print_json(simulate_json(plan, s, rep, ctx.hw));
+    else
+      print_text(plan, s, rep, in, ctx.hw);
+  });
+}
+
+} // namespace mop::cli
