@@ -113,7 +113,7 @@ TEST_CASE("small all-reduces: NVLS costs its 25 µs, NCCL switches from Ring/LL 
   const ClusterSpec h100 = load_cluster("h100"), h200 = load_cluster("h200");
   // Azure ND H100 v5, NVLS forced, 1 KB: 0.07 GB/s busbw, i.e. ≈26 µs.
   CHECK(busbw_gbps(h100, CollectiveOp::all_reduce, 1 * KiB, kNode, CollectiveAlgorithm::nvls) ==
-        doctest::Approx(0.07).epsilon(0.20));
+        doctest::Approx(0.07).epsilon(0.20).scale(0));
   // ml-engineering network/README.md: left to itself NCCL goes from Ring/LL to NVLS/Simple at
   // about 2 MiB on 8×H200.
   const CollectiveCost small =
