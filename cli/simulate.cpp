@@ -5,7 +5,7 @@
 #include "common/units.hpp"
 #include "hw_models/calibration.hpp"
 #include "sim/engine.hpp"
-#include "strategies/lower.hpp"
+#include "strategies/evaluate.hpp"
 #include "traces/chrome_trace.hpp"
 
 #include <fmt/format.h>
@@ -17,6 +17,7 @@ namespace {
 
 struct SimulateOptions : PlanOptions {
   std::string trace;
+  bool full = false;
 };
 
 struct Report {
@@ -29,13 +30,14 @@ struct Report {
   sim::SimResult result;
 };
 
-Report report_of(const sim::Schedule& s, sim::SimResult r, const PlanInputs& in,
+Report report_of(const strategy::StepEvaluation& e, const PlanInputs& in,
                  const strategy::MemoryHardware& hw) {
   Report rep;
-  rep.step_time_s = r.step_time_s;
-  const double gpus = static_cast<double>(s.world);
-  rep.tokens_per_s_per_gpu = s.tokens_per_step / r.step_time_s / gpus;
-  rep.tflops_per_gpu = s.model_flops_per_step / r.step_time_s / gpus / 1e12;
+  const sim::SimResult& r = e.result;
+  rep.step_time_s = e.step_time_s;
+  const double gpus = static_cast<double>(e.schedule.world);
+  rep.tokens_per_s_per_gpu = e.tokens_per_step / e.step_time_s / gpus;
+  rep.tflops_per_gpu = e.model_flops_per_step / e.step_time_s / gpus / 1e12;
   rep.mfu = rep.tflops_per_gpu * 1e12 / in.cluster.gpu.peak_flops_bf16;
   for (const sim::ClassResult& c : r.classes) {
     const double dynamic = c.memory.at_peak[static_cast<int>(sim::MemoryKind::activations)] +
@@ -45,12 +47,13 @@ Report report_of(const sim::Schedule& s, sim::SimResult r, const PlanInputs& in,
     rep.peak_host_bytes = std::max(rep.peak_host_bytes, c.memory.peak_host_bytes);
   }
   rep.peak_host_bytes = rep.peak_host_bytes * hw.gpus_per_node + hw.host_reserved_bytes;
-  rep.result = std::move(r);
+  rep.result = r;
   return rep;
 }
 
-Json simulate_json(const strategy::ResolvedPlan& plan, const sim::Schedule& s, const Report& rep,
-                   const strategy::MemoryHardware& hw) {
+Json simulate_json(const strategy::ResolvedPlan& plan, const strategy::StepEvaluation& e,
+                   const Report& rep, const strategy::MemoryHardware& hw) {
+  const sim::Schedule& s = e.schedule;
   Json j = memory_json(plan); // every key of `mop memory` (the analytic model)
   j["analytic_peak_hbm_bytes"] = j["peak_hbm_bytes"];
   j["peak_hbm_bytes"] = rep.peak_hbm_bytes;
@@ -84,16 +87,23 @@ Json simulate_json(const strategy::ResolvedPlan& plan, const sim::Schedule& s, c
                            {"largest_at_peak", m.largest_at_peak}});
   }
   j["simulated_classes"] = classes;
-  j["tokens_per_step"] = s.tokens_per_step;
+  j["tokens_per_step"] = e.tokens_per_step;
+  j["micro_batches"] = e.micro_batches;
+  j["micro_batches_simulated"] = e.micro_batches_simulated;
   j["events"] = rep.result.events;
   return j;
 }
 
-void print_text(const strategy::ResolvedPlan& plan, const sim::Schedule& s, const Report& rep,
-                const PlanInputs& in, const strategy::MemoryHardware& hw) {
-  std::cout << fmt::format("{} on {} x {} ({} GPUs), seq {}, global batch {} ({} tokens)\n",
-                           in.model.name, in.nodes, in.cluster.name, s.world, in.seq,
-                           plan.plan.global_batch, s.tokens_per_step);
+void print_text(const strategy::ResolvedPlan& plan, const strategy::StepEvaluation& e,
+                const Report& rep, const PlanInputs& in, const strategy::MemoryHardware& hw) {
+  std::cout << fmt::format("{} on {} x {} ({} GPUs), seq {}, global batch {} ({} tokens, {} "
+                           "micro-batches{})\n",
+                           in.model.name, in.nodes, in.cluster.name, e.schedule.world, in.seq,
+                           plan.plan.global_batch, e.tokens_per_step, e.micro_batches,
+                           e.micro_batches_simulated < e.micro_batches
+                               ? fmt::format(", {} simulated and extrapolated",
+                                             e.micro_batches_simulated)
+                               : "");
   std::cout << fmt::format("plan ({}): {}\n\n", plan.plan.family, strategy::summary(plan.plan));
   std::cout << fmt::format("step time       {:.3f} s\n", rep.step_time_s);
   std::cout << fmt::format("tokens/s/GPU    {:.1f}\n", rep.tokens_per_s_per_gpu);
@@ -137,17 +147,21 @@ void add_simulate_command(CLI::App& app) {
   add_plan_options(cmd, *opt);
   cmd->add_option("--trace", opt->trace,
                   "write a Chrome/Perfetto trace (open it in ui.perfetto.dev)");
+  cmd->add_flag("--full", opt->full,
+                std::string("simulate every micro-batch instead of extrapolating the steady "
+                            "state from two shorter runs"));
   cmd->callback([opt] {
     const PlanInputs in = resolve_inputs(*opt);
     const strategy::PlanContext ctx = in.context();
     const strategy::ResolvedPlan plan = strategy::resolve_plan(opt->plan, ctx);
-    const sim::Schedule s =
-        strategy::lower(plan.plan, strategy::LoweringContext{&in.model, in.seq,
-                                                            in.cluster.node.gpus_per_node, ctx.hw,
-                                                            {}});
     const hw::Calibration cal =
         opt->calibration.empty() ? hw::Calibration{} : hw::load_calibration(opt->calibration);
-    const Report rep = report_of(s, sim::simulate(s, in.cluster, cal), in, ctx.hw);
+    const strategy::StepEvaluation e = strategy::evaluate_step(
+        plan.plan,
+        strategy::LoweringContext{&in.model, in.seq, in.cluster.node.gpus_per_node, ctx.hw, {}},
+        in.cluster, cal, opt->full ? 0 : 16);
+    const sim::Schedule& s = e.schedule;
+    const Report rep = report_of(e, in, ctx.hw);
     if (!opt->trace.empty()) {
       trace::TraceOptions to;
       to.title = fmt::format("{} {} seq {} on {} x {}", in.model.name,
@@ -155,9 +169,9 @@ void add_simulate_command(CLI::App& app) {
       trace::write_chrome_trace(opt->trace, s, rep.result, to);
     }
     if (opt->json)
-      print_json(simulate_json(plan, s, rep, ctx.hw));
+      print_json(simulate_json(plan, e, rep, ctx.hw));
     else
-      print_text(plan, s, rep, in, ctx.hw);
+      print_text(plan, e, rep, in, ctx.hw);
   });
 }
 

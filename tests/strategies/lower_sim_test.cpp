@@ -4,6 +4,7 @@
 #include "hw_models/cluster.hpp"
 #include "sim/engine.hpp"
 #include "strategies/hardware.hpp"
+#include "strategies/evaluate.hpp"
 #include "strategies/lower.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
@@ -58,4 +59,28 @@ TEST_CASE("a 1F1B pipeline of equal stages idles (p-1)/(m+p-1) of the step") {
   const double measured = r.breakdown.bubble / r.step_time_s;
   CAPTURE(measured);
   CHECK(std::fabs(measured - expected) < 0.03 * expected);
+}
+
+TEST_CASE("the steady-state extrapolation equals simulating every micro-batch") {
+  const workload::ModelSpec m = workload::load_model("qwen3-30b-a3b");
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  for (int pp : {1, 2}) {
+    Plan p;
+    p.world = 16;
+    p.pp = pp;
+    p.moe.ep = 8;
+    for (auto& s : p.state)
+      s.zero = pp > 1 ? 1 : 3;
+    p.global_batch = 40 * (16 / pp); // 40 micro-batches per replica
+    complete_plan(p);
+    const LoweringContext ctx{&m, 2048, 8, memory_hardware(c), {}};
+    const StepEvaluation full = evaluate_step(p, ctx, c, hw::Calibration{}, 0);
+    const StepEvaluation fast = evaluate_step(p, ctx, c, hw::Calibration{}, 8);
+    CAPTURE(pp);
+    REQUIRE(fast.micro_batches_simulated < full.micro_batches_simulated);
+    CHECK(std::fabs(fast.step_time_s - full.step_time_s) < 1e-6 * full.step_time_s);
+    CHECK(std::fabs(fast.result.breakdown.exposed_comm - full.result.breakdown.exposed_comm) <
+          1e-6 * full.step_time_s);
+    CHECK(fast.model_flops_per_step == doctest::Approx(full.model_flops_per_step));
+  }
 }

@@ -1,0 +1,65 @@
+#include "strategies/evaluate.hpp"
+
+#include "sim/engine.hpp"
+
+#include <algorithm>
+
+namespace mop::strategy {
+
+namespace {
+
+Plan with_micro_batches(Plan p, int micro) {
+  p.global_batch = micro * p.micro_batch * p.attention.dp;
+  return p;
+}
+
+} // namespace
+
+StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
+                             const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
+                             int max_simulated) {
+  StepEvaluation e;
+  e.micro_batches = plan.micro_batches();
+  e.tokens_per_step = static_cast<double>(plan.global_batch) * static_cast<double>(ctx.seq);
+  const int pp = plan.pp;
+  // m2: a multiple of pp, at least 3·pp (warm-up, steady state, cool-down), at most the plan's.
+  int m2 = std::max(max_simulated / pp * pp, 3 * pp);
+  const bool extrapolate = max_simulated > 0 && plan.schedule != PipelineSchedule::gpipe &&
+                           e.micro_batches > m2;
+  if (!extrapolate) {
+    e.schedule = lower(plan, ctx);
+    e.result = sim::simulate(e.schedule, cluster, calibration);
+    e.micro_batches_simulated = e.micro_batches;
+    e.step_time_s = e.result.step_time_s;
+    e.model_flops_per_step = e.schedule.model_flops_per_step;
+    return e;
+  }
+  const int m1 = m2 - pp * std::max(1, m2 / (2 * pp)); // about half, a multiple of pp
+  const sim::Schedule s1 = lower(with_micro_batches(plan, m1), ctx);
+  const sim::SimResult r1 = sim::simulate(s1, cluster, calibration);
+  e.schedule = lower(with_micro_batches(plan, m2), ctx);
+  e.result = sim::simulate(e.schedule, cluster, calibration);
+  e.micro_batches_simulated = m2;
+  const double k = static_cast<double>(e.micro_batches - m2) / (m2 - m1);
+  auto extend = [k](double at_m2, double at_m1) { return at_m2 + k * (at_m2 - at_m1); };
+  sim::Breakdown& b = e.result.breakdown;
+  const sim::Breakdown& b1 = r1.breakdown;
+  b.compute = extend(b.compute, b1.compute);
+  b.recompute = extend(b.recompute, b1.recompute);
+  b.exposed_comm = extend(b.exposed_comm, b1.exposed_comm);
+  for (int c = 0; c < 10; ++c)
+    b.exposed_comm_by_category[c] =
+        extend(b.exposed_comm_by_category[c], b1.exposed_comm_by_category[c]);
+  b.bubble = extend(b.bubble, b1.bubble);
+  b.offload_stall = extend(b.offload_stall, b1.offload_stall);
+  b.optimizer = extend(b.optimizer, b1.optimizer);
+  e.result.step_time_s = extend(e.result.step_time_s, r1.step_time_s);
+  e.result.events += r1.events;
+  e.step_time_s = e.result.step_time_s;
+  // Every micro-batch does the same arithmetic.
+  e.model_flops_per_step =
+      e.schedule.model_flops_per_step * static_cast<double>(e.micro_batches) / m2;
+  return e;
+}
+
+} // namespace mop::strategy

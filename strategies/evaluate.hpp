@@ -1,0 +1,33 @@
+#pragma once
+// Evaluating a plan: lower it and play it on the event engine, fast enough for a search.
+//
+// A step's micro-batches repeat: after the pipeline fills, each one adds the same time. So when
+// a plan has many micro-batches, the step is simulated with two smaller counts m1 < m2 (both
+// past the warm-up, both multiples of pp) and extrapolated linearly to the plan's count:
+// T(M) = T(m2) + (M - m2)·(T(m2) - T(m1))/(m2 - m1), each part of the breakdown likewise.
+// GPipe, whose memory grows with every micro-batch, is always simulated in full.
+#include "hw_models/calibration.hpp"
+#include "hw_models/cluster.hpp"
+#include "sim/result.hpp"
+#include "sim/schedule.hpp"
+#include "strategies/lower.hpp"
+
+namespace mop::strategy {
+
+struct StepEvaluation {
+  sim::Schedule schedule; // the schedule simulated last (m2 micro-batches when extrapolated)
+  sim::SimResult result;  // its result, with step_time_s and breakdown extrapolated to the plan
+  int micro_batches = 0;           // the plan's, per replica
+  int micro_batches_simulated = 0; // in `schedule`
+  double step_time_s = 0;
+  double tokens_per_step = 0;      // the plan's whole batch
+  double model_flops_per_step = 0; // the plan's whole batch
+};
+
+// `max_simulated`: simulate at most this many micro-batches (at least 2·pp + pp are kept so the
+// pipeline reaches its steady state); 0 simulates every micro-batch.
+StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
+                             const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
+                             int max_simulated = 16);
+
+} // namespace mop::strategy
