@@ -511,14 +511,23 @@ sim::Schedule Lowering::run() {
   s_.classes.resize(static_cast<std::size_t>(p_.pp));
   // Pipeline bookkeeping: the op index of each stage's send for (micro-batch, direction), and
   // the recvs that wait for them, patched once every stage is built.
+  // Indexed [stage][chunk * micro + micro-batch]; a chunk is one of the stage's vp virtual
+  // stages (interleaved 1F1B), chunk 0 otherwise.
+  const int vp = p_.schedule == PipelineSchedule::interleaved_1f1b ? p_.vp : 1;
   std::vector<std::vector<int>> send_fwd(static_cast<std::size_t>(p_.pp),
-                                         std::vector<int>(static_cast<std::size_t>(micro), -1));
+                                         std::vector<int>(static_cast<std::size_t>(micro * vp), -1));
+  // Virtual stage v = chunk * pp + stage holds layers [virtual_begin[v], virtual_begin[v + 1]).
+  std::vector<int> virtual_begin(static_cast<std::size_t>(p_.pp * vp + 1), 0);
+  for (int v = 0; v < p_.pp * vp; ++v) {
+    const int n = vp == 1 ? p_.layers_in_stage(v, L)
+                          : L / (p_.pp * vp) + (v < L % (p_.pp * vp) ? 1 : 0);
+    virtual_begin[static_cast<std::size_t>(v + 1)] = virtual_begin[static_cast<std::size_t>(v)] + n;
+  }
   std::vector<std::vector<int>> send_bwd = send_fwd, recv_fwd = send_fwd, recv_bwd = send_fwd;
   const double pp_bytes = kAct * tokens_ * h / sp_;
   const bool host_opt = p_.optimizer_on_host;
   const Recompute rc_att = p_.recompute[static_cast<int>(LayerKind::attention)];
 
-  int first_layer = 0;
   for (int stage = 0; stage < p_.pp; ++stage) {
     sim::RankClass& rc = s_.classes[static_cast<std::size_t>(stage)];
     rc_ = &rc;
@@ -527,9 +536,17 @@ sim::Schedule Lowering::run() {
     rc.multiplicity = p_.ranks_per_stage();
     rc.name = mem.classes[static_cast<std::size_t>(stage)].name;
     rc.streams.assign(kStreamNames, kStreamNames + kNumStreams);
-    const int n_layers = p_.layers_in_stage(stage, L);
-    const int l0 = first_layer;
-    first_layer += n_layers;
+    // The stage's layers, chunk by chunk: local index i is global layer layer_id[i].
+    std::vector<int> layer_id, chunk_begin;
+    for (int chunk = 0; chunk < vp; ++chunk) {
+      chunk_begin.push_back(static_cast<int>(layer_id.size()));
+      const int v = chunk * p_.pp + stage;
+      for (int l = virtual_begin[static_cast<std::size_t>(v)];
+           l < virtual_begin[static_cast<std::size_t>(v + 1)]; ++l)
+        layer_id.push_back(l);
+    }
+    chunk_begin.push_back(static_cast<int>(layer_id.size()));
+    const int n_layers = static_cast<int>(layer_id.size());
     const bool first = stage == 0, last = stage == p_.pp - 1;
     const RankClassMemory& cm = mem.classes[static_cast<std::size_t>(stage)];
 
@@ -552,7 +569,7 @@ sim::Schedule Lowering::run() {
     std::vector<double> saved(static_cast<std::size_t>(n_layers));
     std::vector<double> full(static_cast<std::size_t>(n_layers));
     for (int i = 0; i < n_layers; ++i) {
-      const LayerSpec& layer = m_.layers[static_cast<std::size_t>(l0 + i)];
+      const LayerSpec& layer = m_.layers[static_cast<std::size_t>(layer_id[static_cast<std::size_t>(i)])];
       steps[static_cast<std::size_t>(i)] = layer_steps(layer);
       local[static_cast<std::size_t>(i)] = layer_local_params(m_, layer, p_);
       saved[static_cast<std::size_t>(i)] =
@@ -581,31 +598,31 @@ sim::Schedule Lowering::run() {
         sim::Op up;
         int upload = -1;
         if (p_.params == Placement::host) { // FSDP2 CPU offload: bring the shard to HBM first
-          up.name = fmt::format("L{}.{}.param_upload.{}", l0 + i, layer_kind_name(k), pass);
+          up.name = fmt::format("L{}.{}.param_upload.{}", layer_id[static_cast<std::size_t>(i)], layer_kind_name(k), pass);
           up.kind = OpKind::copy_h2d;
           up.category = Category::offload;
           up.stream = kH2d;
           up.bytes = kAct * params / shard;
-          up.layer = l0 + i;
+          up.layer = layer_id[static_cast<std::size_t>(i)];
           up.micro_batch = mb;
           if (gate >= 0)
             up.deps.push_back(gate);
           upload = add(std::move(up), false);
         }
         sim::Op op;
-        op.name = fmt::format("L{}.{}.fsdp_gather.{}", l0 + i, layer_kind_name(k), pass);
+        op.name = fmt::format("L{}.{}.fsdp_gather.{}", layer_id[static_cast<std::size_t>(i)], layer_kind_name(k), pass);
         op.kind = OpKind::all_gather;
         op.category = Category::dp_comm;
         op.stream = kDp;
         op.bytes = kAct * params;
         op.group = g_.fsdp[ki];
-        op.layer = l0 + i;
+        op.layer = layer_id[static_cast<std::size_t>(i)];
         op.micro_batch = mb;
         if (gate >= 0)
           op.deps.push_back(gate);
         if (upload >= 0)
           op.deps.push_back(upload);
-        op.allocs.push_back(tensor(fmt::format("L{}.{} gathered ({} mb{})", l0 + i,
+        op.allocs.push_back(tensor(fmt::format("L{}.{} gathered ({} mb{})", layer_id[static_cast<std::size_t>(i)],
                                                layer_kind_name(k), pass, mb),
                                    kAct * params, Device::hbm, MemoryKind::comm_buffers));
         ops.push_back(add(std::move(op), false));
@@ -627,20 +644,20 @@ sim::Schedule Lowering::run() {
         for (LayerKind k : kLayerKinds)
           shard_params += local[static_cast<std::size_t>(i)][k] / shard_degree(p_, k);
         sim::Op adam;
-        adam.name = fmt::format("L{}.adam", l0 + i);
+        adam.name = fmt::format("L{}.adam", layer_id[static_cast<std::size_t>(i)]);
         adam.kind = OpKind::host_adam;
         adam.category = Category::optimizer;
         adam.stream = kHost;
         adam.params = shard_params;
-        adam.layer = l0 + i;
+        adam.layer = layer_id[static_cast<std::size_t>(i)];
         const int a = add(std::move(adam), false);
         sim::Op up;
-        up.name = fmt::format("L{}.param_upload", l0 + i);
+        up.name = fmt::format("L{}.param_upload", layer_id[static_cast<std::size_t>(i)]);
         up.kind = OpKind::copy_h2d;
         up.category = Category::optimizer;
         up.stream = kH2d;
         up.bytes = kAct * shard_params;
-        up.layer = l0 + i;
+        up.layer = layer_id[static_cast<std::size_t>(i)];
         up.deps = {a};
         param_ready[static_cast<std::size_t>(i)] = add(std::move(up), false);
       }
@@ -655,17 +672,19 @@ sim::Schedule Lowering::run() {
     std::vector<int> logits(static_cast<std::size_t>(micro), -1);
     std::vector<int> layer_fwd_end(static_cast<std::size_t>(n_layers), -1);
 
-    auto forward = [&](int mb) {
-      if (!first) {
+    auto forward = [&](int mb, int chunk) {
+      const bool embeds = first && chunk == 0, heads = last && chunk == vp - 1;
+      const std::size_t key = static_cast<std::size_t>(chunk * micro + mb);
+      if (!embeds) {
         sim::Op r;
         r.name = fmt::format("recv_act.mb{}", mb);
         r.kind = OpKind::recv;
         r.category = Category::pp_comm;
         r.stream = kPp;
         r.group = g_.pp;
-        r.peer_class = stage - 1;
+        r.peer_class = stage > 0 ? stage - 1 : p_.pp - 1;
         r.micro_batch = mb;
-        recv_fwd[static_cast<std::size_t>(stage)][static_cast<std::size_t>(mb)] = add(std::move(r));
+        recv_fwd[static_cast<std::size_t>(stage)][key] = add(std::move(r));
       } else {
         sim::Op e;
         e.name = fmt::format("embedding.mb{}", mb);
@@ -675,8 +694,9 @@ sim::Schedule Lowering::run() {
         e.micro_batch = mb;
         add(std::move(e));
       }
-      for (int i = 0; i < n_layers; ++i) {
-        const int l = l0 + i;
+      for (int i = chunk_begin[static_cast<std::size_t>(chunk)];
+           i < chunk_begin[static_cast<std::size_t>(chunk + 1)]; ++i) {
+        const int l = layer_id[static_cast<std::size_t>(i)];
         // Prefetch bound: layer i's gather may start once layer i-2's forward ended.
         const int gate = i >= 2 ? layer_fwd_end[static_cast<std::size_t>(i - 2)] : -1;
         const std::vector<int> gathers = gather(i, mb, gate, "fwd");
@@ -723,7 +743,7 @@ sim::Schedule Lowering::run() {
           sv.d2h = add(std::move(d2h), false);
         }
       }
-      if (last) {
+      if (heads) {
         sim::Op head;
         head.name = fmt::format("lm_head.mb{}", mb);
         head.kind = OpKind::gemm;
@@ -752,19 +772,20 @@ sim::Schedule Lowering::run() {
         snd.stream = kPp;
         snd.bytes = pp_bytes;
         snd.group = g_.pp;
-        snd.peer_class = stage + 1;
+        snd.peer_class = last ? 0 : stage + 1;
         snd.micro_batch = mb;
         snd.deps = {cursor_};
-        send_fwd[static_cast<std::size_t>(stage)][static_cast<std::size_t>(mb)] =
-            add(std::move(snd), false);
+        send_fwd[static_cast<std::size_t>(stage)][key] = add(std::move(snd), false);
       }
     };
 
     std::vector<int> layer_bwd_end(static_cast<std::size_t>(n_layers), -1);
     std::vector<int> grad_ready; // ops after which this step's gradients are reduced / on host
-    auto backward = [&](int mb) {
+    auto backward = [&](int mb, int chunk) {
+      const bool embeds = first && chunk == 0, heads = last && chunk == vp - 1;
+      const std::size_t key = static_cast<std::size_t>(chunk * micro + mb);
       const bool last_mb = mb == micro - 1;
-      if (last) {
+      if (heads) {
         sim::Op head;
         head.name = fmt::format("lm_head.mb{}.bwd", mb);
         head.kind = OpKind::gemm;
@@ -782,12 +803,13 @@ sim::Schedule Lowering::run() {
         r.category = Category::pp_comm;
         r.stream = kPp;
         r.group = g_.pp;
-        r.peer_class = stage + 1;
+        r.peer_class = last ? 0 : stage + 1;
         r.micro_batch = mb;
-        recv_bwd[static_cast<std::size_t>(stage)][static_cast<std::size_t>(mb)] = add(std::move(r));
+        recv_bwd[static_cast<std::size_t>(stage)][key] = add(std::move(r));
       }
-      for (int i = n_layers - 1; i >= 0; --i) {
-        const int l = l0 + i;
+      for (int i = chunk_begin[static_cast<std::size_t>(chunk + 1)] - 1;
+           i >= chunk_begin[static_cast<std::size_t>(chunk)]; --i) {
+        const int l = layer_id[static_cast<std::size_t>(i)];
         const int gate = i + 2 < n_layers ? layer_bwd_end[static_cast<std::size_t>(i + 2)] : -1;
         const std::vector<int> gathers = gather(i, mb, gate, "bwd");
         Saved& sv = act[static_cast<std::size_t>(i)][static_cast<std::size_t>(mb)];
@@ -895,7 +917,7 @@ sim::Schedule Lowering::run() {
             grad_ready.push_back(r);
         }
       }
-      if (!first) {
+      if (!embeds) {
         sim::Op snd;
         snd.name = fmt::format("send_grad.mb{}", mb);
         snd.kind = OpKind::send;
@@ -903,33 +925,44 @@ sim::Schedule Lowering::run() {
         snd.stream = kPp;
         snd.bytes = pp_bytes;
         snd.group = g_.pp;
-        snd.peer_class = stage - 1;
+        snd.peer_class = stage > 0 ? stage - 1 : p_.pp - 1;
         snd.micro_batch = mb;
         snd.deps = {cursor_};
-        send_bwd[static_cast<std::size_t>(stage)][static_cast<std::size_t>(mb)] =
-            add(std::move(snd), false);
+        send_bwd[static_cast<std::size_t>(stage)][key] = add(std::move(snd), false);
       }
     };
 
     // Pipeline order of this stage. Without a pipeline each micro-batch's backward follows its
     // forward (gradient accumulation); GPipe runs every forward, then every backward; 1F1B (and,
-    // in this version, interleaved and zero-bubble: docs/SIMULATOR.md) warms up with
-    // pp - stage - 1 forwards, then alternates one forward and one backward.
+    // in this version, zero-bubble: docs/SIMULATOR.md) warms up with pp - stage - 1 forwards,
+    // then alternates one forward and one backward. Interleaved 1F1B (Narayanan et al. 2021, as
+    // Megatron-LM orders it) walks (micro-batch, chunk) pairs: groups of pp micro-batches
+    // through chunk 0, then chunk 1, ...; backwards visit the chunks in reverse; the warm-up is
+    // 2·(pp - stage - 1) + (vp - 1)·pp forwards.
     if (p_.pp == 1) {
       for (int mb = 0; mb < micro; ++mb) {
-        forward(mb);
-        backward(mb);
+        forward(mb, 0);
+        backward(mb, 0);
       }
     } else {
-      const bool gpipe = p_.schedule == PipelineSchedule::gpipe;
-      const int warmup = gpipe ? micro : std::min(micro, p_.pp - stage - 1);
+      const int items = micro * vp;
+      auto mb_of = [&](int k) { return (k / (p_.pp * vp)) * p_.pp + k % p_.pp; };
+      auto fwd_chunk = [&](int k) { return (k / p_.pp) % vp; };
+      auto bwd_chunk = [&](int k) { return vp - 1 - (k / p_.pp) % vp; };
+      int warmup = items;
+      if (p_.schedule != PipelineSchedule::gpipe)
+        warmup = vp == 1 ? std::min(micro, p_.pp - stage - 1)
+                         : std::min(items, 2 * (p_.pp - stage - 1) + (vp - 1) * p_.pp);
       int next_f = 0, next_b = 0;
       for (; next_f < warmup; ++next_f)
-        forward(next_f);
-      while (next_b < micro) {
-        if (next_f < micro)
-          forward(next_f++);
-        backward(next_b++);
+        forward(mb_of(next_f), fwd_chunk(next_f));
+      while (next_b < items) {
+        if (next_f < items) {
+          forward(mb_of(next_f), fwd_chunk(next_f));
+          ++next_f;
+        }
+        backward(mb_of(next_b), bwd_chunk(next_b));
+        ++next_b;
       }
     }
 
@@ -1007,17 +1040,30 @@ sim::Schedule Lowering::run() {
     }
   }
 
-  // Pipeline pairs: each recv waits for the matching send of its neighbour.
+  // Pipeline pairs: each recv waits for the matching send of its neighbour (the previous
+  // virtual stage for activations, the next one for gradients).
   for (int stage = 0; stage < p_.pp; ++stage) {
-    for (int mb = 0; mb < micro; ++mb) {
-      const int rf = recv_fwd[static_cast<std::size_t>(stage)][static_cast<std::size_t>(mb)];
-      if (rf >= 0)
-        s_.classes[static_cast<std::size_t>(stage)].ops[static_cast<std::size_t>(rf)].remote_deps.push_back(
-            sim::RemoteDep{stage - 1, send_fwd[static_cast<std::size_t>(stage - 1)][static_cast<std::size_t>(mb)]});
-      const int rb = recv_bwd[static_cast<std::size_t>(stage)][static_cast<std::size_t>(mb)];
-      if (rb >= 0)
-        s_.classes[static_cast<std::size_t>(stage)].ops[static_cast<std::size_t>(rb)].remote_deps.push_back(
-            sim::RemoteDep{stage + 1, send_bwd[static_cast<std::size_t>(stage + 1)][static_cast<std::size_t>(mb)]});
+    for (int chunk = 0; chunk < vp; ++chunk) {
+      for (int mb = 0; mb < micro; ++mb) {
+        const std::size_t key = static_cast<std::size_t>(chunk * micro + mb);
+        auto& ops = s_.classes[static_cast<std::size_t>(stage)].ops;
+        const int rf = recv_fwd[static_cast<std::size_t>(stage)][key];
+        if (rf >= 0) {
+          const int from = stage > 0 ? stage - 1 : p_.pp - 1;
+          const int from_chunk = stage > 0 ? chunk : chunk - 1;
+          ops[static_cast<std::size_t>(rf)].remote_deps.push_back(sim::RemoteDep{
+              from, send_fwd[static_cast<std::size_t>(from)]
+                            [static_cast<std::size_t>(from_chunk * micro + mb)]});
+        }
+        const int rb = recv_bwd[static_cast<std::size_t>(stage)][key];
+        if (rb >= 0) {
+          const int from = stage < p_.pp - 1 ? stage + 1 : 0;
+          const int from_chunk = stage < p_.pp - 1 ? chunk : chunk + 1;
+          ops[static_cast<std::size_t>(rb)].remote_deps.push_back(sim::RemoteDep{
+              from, send_bwd[static_cast<std::size_t>(from)]
+                            [static_cast<std::size_t>(from_chunk * micro + mb)]});
+        }
+      }
     }
   }
   double flops = 0;

@@ -84,3 +84,27 @@ TEST_CASE("the steady-state extrapolation equals simulating every micro-batch") 
     CHECK(fast.model_flops_per_step == doctest::Approx(full.model_flops_per_step));
   }
 }
+
+TEST_CASE("interleaved 1F1B with v chunks idles (p-1)/(v·m+p-1) of the step") {
+  // Narayanan et al. 2021: the bubble shrinks by the number of model chunks per rank.
+  workload::ModelSpec m = workload::load_model("llama3-8b");
+  m.vocab_size = 1024; // equal stages: the embedding and LM head made negligible
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  const int pp = 4, vp = 2, micro = 8;
+  Plan p;
+  p.world = 8;
+  p.pp = pp;
+  p.vp = vp;
+  p.schedule = PipelineSchedule::interleaved_1f1b;
+  p.attention.tp = 2;
+  p.dense.tp = 2;
+  p.embed.tp = 2;
+  p.global_batch = micro;
+  complete_plan(p);
+  const sim::Schedule s = lower(p, LoweringContext{&m, 4096, 8, memory_hardware(c), {}});
+  const sim::SimResult r = sim::simulate(s, c, hw::Calibration{});
+  const double expected = (pp - 1.0) / (vp * micro + pp - 1.0);
+  const double measured = r.breakdown.bubble / r.step_time_s;
+  CAPTURE(measured);
+  CHECK(std::fabs(measured - expected) < 0.05 * expected);
+}

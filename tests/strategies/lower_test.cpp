@@ -97,6 +97,16 @@ TEST_CASE("every plan feature computes exactly the model's FLOPs: 3 x forward x 
   }
   {
     Plan p = base(16);
+    p.pp = 4;
+    p.vp = 3;
+    p.schedule = PipelineSchedule::interleaved_1f1b;
+    p.attention.tp = 2;
+    p.dense.tp = 2;
+    p.embed.tp = 2;
+    cases.push_back({"interleaved 1F1B, PP 4 x 3 chunks", p});
+  }
+  {
+    Plan p = base(16);
     p.recompute[0] = p.recompute[1] = p.recompute[2] = Recompute::full;
     p.activation_offload = 0.5;
     p.optimizer = p.grads = Placement::host;
