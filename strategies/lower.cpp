@@ -103,6 +103,10 @@ private:
   // Per-class building state.
   sim::RankClass* rc_ = nullptr;
   int cursor_ = -1; // the op the next op on the data path waits for
+  // Zero-bubble (ZB-H1): weight-gradient GEMMs are held back and placed where the stage would
+  // otherwise wait, after the next recv; each keeps its dependency on its input-gradient GEMM.
+  bool defer_wgrad_ = false;
+  std::vector<sim::Op> pending_wgrad_;
 
   void make_groups();
   std::vector<Step> layer_steps(const LayerSpec& layer) const;
@@ -421,7 +425,12 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     sim::Op wgrad = op_of(st, prefix + ".wgrad", Category::backward, layer, mb);
     wgrad.gemm = sim::GemmShape{st.gemm.k, st.gemm.n, st.gemm.m, st.gemm.instances, {}};
     wgrad.model_flops = st.flops;
-    add(std::move(wgrad));
+    if (defer_wgrad_) {
+      wgrad.deps.push_back(cursor_);
+      pending_wgrad_.push_back(std::move(wgrad));
+    } else {
+      add(std::move(wgrad));
+    }
     return;
   }
   case OpKind::grouped_gemm: {
@@ -434,7 +443,12 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     // shape with the reduction over rows (FLOPs equal).
     sim::Op wgrad = op_of(st, prefix + ".wgrad", Category::backward, layer, mb);
     wgrad.model_flops = st.flops;
-    add(std::move(wgrad));
+    if (defer_wgrad_) {
+      wgrad.deps.push_back(cursor_);
+      pending_wgrad_.push_back(std::move(wgrad));
+    } else {
+      add(std::move(wgrad));
+    }
     return;
   }
   case OpKind::attention_fwd: {
@@ -780,7 +794,74 @@ sim::Schedule Lowering::run() {
     };
 
     std::vector<int> layer_bwd_end(static_cast<std::size_t>(n_layers), -1);
+    // Gradient reduction of local layer i after op `after`: ZeRO-3 (FSDP2) reduce-scatters every
+    // micro-batch; lower stages accumulate and reduce on the last (Megatron's
+    // overlap_grad_reduce).
     std::vector<int> grad_ready; // ops after which this step's gradients are reduced / on host
+    auto reduce_grads = [&](int i, int mb, bool last_mb, int after) {
+      const int l = layer_id[static_cast<std::size_t>(i)];
+      const int end = after;
+        for (LayerKind k : kLayerKinds) {
+          const int ki = static_cast<int>(k);
+          const double params = local[static_cast<std::size_t>(i)][k];
+          if (params <= 0 || g_.fsdp[ki] < 0)
+            continue;
+          const int zero = p_.state[ki].zero;
+          if (zero < 3 && !last_mb)
+            continue;
+          sim::Op red;
+          red.name = fmt::format("L{}.{}.grad_reduce.mb{}", l, layer_kind_name(k), mb);
+          red.kind = zero >= 1 ? OpKind::reduce_scatter : OpKind::all_reduce;
+          red.category = Category::dp_comm;
+          red.stream = kDp;
+          red.bytes = kGrad * params;
+          red.group = g_.fsdp[ki];
+          red.layer = l;
+          red.micro_batch = mb;
+          red.deps = {end};
+          const int buf = tensor(fmt::format("L{}.{} unsharded grads mb{}", l, layer_kind_name(k), mb),
+                                 kGrad * params, Device::hbm, MemoryKind::comm_buffers);
+          rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
+          red.frees = {buf};
+          int r = add(std::move(red), false);
+          if (last_mb && p_.grads == Placement::host) {
+            sim::Op d2h;
+            d2h.name = fmt::format("L{}.{}.grad_download", l, layer_kind_name(k));
+            d2h.kind = OpKind::copy_d2h;
+            d2h.category = Category::offload;
+            d2h.stream = kD2h;
+            d2h.bytes = kGrad * params / shard_degree(p_, k);
+            d2h.layer = l;
+            d2h.deps = {r};
+            r = add(std::move(d2h), false);
+          }
+          if (last_mb)
+            grad_ready.push_back(r);
+        }
+    };
+    struct PendingTail {
+      int i, mb;
+      bool last_mb;
+      std::vector<int> frees;
+      std::size_t wgrads; // pending weight gradients up to and including this layer's
+    };
+    std::vector<PendingTail> pending_tails;
+    // Places the held-back weight gradients (zero-bubble), then the frees and reductions that
+    // waited for them.
+    auto flush_wgrad = [&]() {
+      std::vector<int> placed;
+      for (sim::Op& w : pending_wgrad_)
+        placed.push_back(add(std::move(w), false));
+      for (PendingTail& t : pending_tails) {
+        const int last_w = placed[t.wgrads - 1];
+        for (int f : t.frees)
+          rc.ops[static_cast<std::size_t>(last_w)].frees.push_back(f);
+        reduce_grads(t.i, t.mb, t.last_mb, last_w);
+      }
+      pending_wgrad_.clear();
+      pending_tails.clear();
+    };
+
     auto backward = [&](int mb, int chunk) {
       const bool embeds = first && chunk == 0, heads = last && chunk == vp - 1;
       const std::size_t key = static_cast<std::size_t>(chunk * micro + mb);
@@ -870,52 +951,22 @@ sim::Schedule Lowering::run() {
         }
         const int end = cursor_;
         layer_bwd_end[static_cast<std::size_t>(i)] = end;
-        sim::Op& e = rc.ops[static_cast<std::size_t>(end)];
-        e.frees.push_back(sv.kept);
-        if (sv.reload >= 0)
-          e.frees.push_back(sv.reload);
-        if (work >= 0)
-          e.frees.push_back(work);
         free_gathered(gathers, end);
-        // Gradient reduction: ZeRO-3 (FSDP2) reduce-scatters every micro-batch; lower stages
-        // accumulate locally and reduce on the last micro-batch (Megatron's overlap_grad_reduce).
-        for (LayerKind k : kLayerKinds) {
-          const int ki = static_cast<int>(k);
-          const double params = local[static_cast<std::size_t>(i)][k];
-          if (params <= 0 || g_.fsdp[ki] < 0)
-            continue;
-          const int zero = p_.state[ki].zero;
-          if (zero < 3 && !last_mb)
-            continue;
-          sim::Op red;
-          red.name = fmt::format("L{}.{}.grad_reduce.mb{}", l, layer_kind_name(k), mb);
-          red.kind = zero >= 1 ? OpKind::reduce_scatter : OpKind::all_reduce;
-          red.category = Category::dp_comm;
-          red.stream = kDp;
-          red.bytes = kGrad * params;
-          red.group = g_.fsdp[ki];
-          red.layer = l;
-          red.micro_batch = mb;
-          red.deps = {end};
-          const int buf = tensor(fmt::format("L{}.{} unsharded grads mb{}", l, layer_kind_name(k), mb),
-                                 kGrad * params, Device::hbm, MemoryKind::comm_buffers);
-          rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
-          red.frees = {buf};
-          int r = add(std::move(red), false);
-          if (last_mb && p_.grads == Placement::host) {
-            sim::Op d2h;
-            d2h.name = fmt::format("L{}.{}.grad_download", l, layer_kind_name(k));
-            d2h.kind = OpKind::copy_d2h;
-            d2h.category = Category::offload;
-            d2h.stream = kD2h;
-            d2h.bytes = kGrad * params / shard_degree(p_, k);
-            d2h.layer = l;
-            d2h.deps = {r};
-            r = add(std::move(d2h), false);
-          }
-          if (last_mb)
-            grad_ready.push_back(r);
+        std::vector<int> frees = {sv.kept};
+        if (sv.reload >= 0)
+          frees.push_back(sv.reload);
+        if (work >= 0)
+          frees.push_back(work);
+        if (defer_wgrad_ && !pending_wgrad_.empty()) {
+          // The saved inputs feed the held-back weight gradients: freed, and the gradients
+          // reduced, once those have run.
+          pending_tails.push_back(PendingTail{i, mb, last_mb, std::move(frees),
+                                              pending_wgrad_.size()});
+          continue;
         }
+        for (int t : frees)
+          rc.ops[static_cast<std::size_t>(end)].frees.push_back(t);
+        reduce_grads(i, mb, last_mb, end);
       }
       if (!embeds) {
         sim::Op snd;
@@ -933,9 +984,10 @@ sim::Schedule Lowering::run() {
     };
 
     // Pipeline order of this stage. Without a pipeline each micro-batch's backward follows its
-    // forward (gradient accumulation); GPipe runs every forward, then every backward; 1F1B (and,
-    // in this version, zero-bubble: docs/SIMULATOR.md) warms up with pp - stage - 1 forwards,
-    // then alternates one forward and one backward. Interleaved 1F1B (Narayanan et al. 2021, as
+    // forward (gradient accumulation); GPipe runs every forward, then every backward; 1F1B warms
+    // up with pp - stage - 1 forwards, then alternates one forward and one backward; zero-bubble
+    // (ZB-H1, Qi et al. 2023) is 1F1B with each backward's weight gradients held back to the
+    // next point where the stage would wait. Interleaved 1F1B (Narayanan et al. 2021, as
     // Megatron-LM orders it) walks (micro-batch, chunk) pairs: groups of pp micro-batches
     // through chunk 0, then chunk 1, ...; backwards visit the chunks in reverse; the warm-up is
     // 2·(pp - stage - 1) + (vp - 1)·pp forwards.
@@ -953,17 +1005,22 @@ sim::Schedule Lowering::run() {
       if (p_.schedule != PipelineSchedule::gpipe)
         warmup = vp == 1 ? std::min(micro, p_.pp - stage - 1)
                          : std::min(items, 2 * (p_.pp - stage - 1) + (vp - 1) * p_.pp);
+      defer_wgrad_ = p_.schedule == PipelineSchedule::zero_bubble;
       int next_f = 0, next_b = 0;
       for (; next_f < warmup; ++next_f)
         forward(mb_of(next_f), fwd_chunk(next_f));
       while (next_b < items) {
         if (next_f < items) {
+          flush_wgrad();
           forward(mb_of(next_f), fwd_chunk(next_f));
           ++next_f;
         }
+        flush_wgrad();
         backward(mb_of(next_b), bwd_chunk(next_b));
         ++next_b;
       }
+      flush_wgrad();
+      defer_wgrad_ = false;
     }
 
     // The optimizer step.
