@@ -58,13 +58,8 @@ void keep_if_valid(Plan p, const PlanContext& ctx, std::vector<Plan>& out) {
     p.global_batch = ctx.global_batch > 0
                          ? ctx.global_batch
                          : default_global_batch(ctx.seq, replicas * p.micro_batch);
-    if (p.pp > 1 && ctx.global_batch == 0) {
-      // Enough micro-batches to fill the pipeline: at least 2·pp·vp per replica (Megatron's
-      // usual practice), so the bubble is not the default's artefact.
-      const int needed = 2 * p.pp * p.vp * replicas * p.micro_batch;
-      p.global_batch = std::max(p.global_batch, needed);
-      p.global_batch = (p.global_batch + needed - 1) / needed * needed;
-    }
+    // No extra micro-batches for pipelines: plans are compared at (nearly) the same batch, and
+    // a pipeline with few micro-batches pays its bubble.
     complete_plan(p);
     validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
     out.push_back(std::move(p));
