@@ -105,14 +105,14 @@ void print_text(const strategy::ResolvedPlan& plan, const strategy::StepEvaluati
                                              e.micro_batches_simulated)
                                : "");
   std::cout << fmt::format("plan ({}): {}\n\n", plan.plan.family, strategy::summary(plan.plan));
-  std::cout << fmt::format("step time       {:.3f} s\n", rep.step_time_s);
+  std::cout << fmt::format("step time       {}\n", format_seconds(rep.step_time_s));
   std::cout << fmt::format("tokens/s/GPU    {:.1f}\n", rep.tokens_per_s_per_gpu);
   std::cout << fmt::format("TFLOPS/GPU      {:.1f} (MFU {:.1f} %)\n", rep.tflops_per_gpu,
                            100 * rep.mfu);
   const sim::Breakdown& b = rep.result.breakdown;
-  TextTable t{{"critical path", "seconds", "share"}, {}, {false, true, true}};
+  TextTable t{{"critical path", "time", "share"}, {}, {false, true, true}};
   auto row = [&](const std::string& name, double v) {
-    t.rows.push_back({name, fmt::format("{:.3f}", v),
+    t.rows.push_back({name, format_seconds(v),
                       fmt::format("{:.1f} %", 100 * v / rep.step_time_s)});
   };
   row("compute", b.compute);

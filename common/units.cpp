@@ -71,6 +71,15 @@ std::string format_bytes(double bytes) {
   return u == 0 ? fmt::format("{:.0f} B", v) : fmt::format("{:.1f} {}", v, units[u]);
 }
 
+std::string format_seconds(double seconds) {
+  const double a = std::fabs(seconds);
+  if (a >= 1 || a == 0)
+    return fmt::format("{:.3f} s", seconds);
+  if (a >= 1e-3)
+    return fmt::format("{:.3f} ms", seconds * 1e3);
+  return fmt::format("{:.3f} us", seconds * 1e6);
+}
+
 std::string format_flops(double flops) { return fmt::format("{:.3e}", flops); }
 
 } // namespace mop

@@ -14,6 +14,8 @@ std::int64_t parse_count(std::string_view text, std::string_view what);
 std::string format_params(double params);
 // "139.8 GiB", "512 MiB": binary units for memory.
 std::string format_bytes(double bytes);
+// "725.9 s", "2.13 ms", "41.0 us": a duration in the unit that keeps three significant digits.
+std::string format_seconds(double seconds);
 // "1.45e11" style for FLOPs.
 std::string format_flops(double flops);
 

@@ -31,3 +31,9 @@ TEST_CASE("parameter counts print as papers print them") {
   CHECK(mop::format_params(8.03e9) == "8.03B");
   CHECK(mop::format_bytes(150.1e9) == "139.8 GiB");
 }
+
+TEST_CASE("durations print in the unit that keeps them readable") {
+  CHECK(mop::format_seconds(725.914) == "725.914 s");
+  CHECK(mop::format_seconds(0.00213) == "2.130 ms");
+  CHECK(mop::format_seconds(41e-6) == "41.000 us");
+}
