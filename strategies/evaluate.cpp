@@ -22,8 +22,9 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   e.micro_batches = plan.micro_batches();
   e.tokens_per_step = static_cast<double>(plan.global_batch) * static_cast<double>(ctx.seq);
   const int pp = plan.pp;
-  // m2: a multiple of pp, at least 3·pp (warm-up, steady state, cool-down), at most the plan's.
-  int m2 = std::max(max_simulated / pp * pp, 3 * pp);
+  // m2: a multiple of pp and at least 2·pp, so that m1 = m2 - pp·(...) >= pp: both runs have a
+  // full pipeline (1F1B's step is linear in m from m = pp on; interleaving needs m % pp == 0).
+  int m2 = std::max(max_simulated / pp * pp, 2 * pp);
   const bool extrapolate = max_simulated > 0 && plan.schedule != PipelineSchedule::gpipe &&
                            e.micro_batches > m2;
   if (!extrapolate) {

@@ -24,8 +24,8 @@ struct StepEvaluation {
   double model_flops_per_step = 0; // the plan's whole batch
 };
 
-// `max_simulated`: simulate at most this many micro-batches (at least 2·pp + pp are kept so the
-// pipeline reaches its steady state); 0 simulates every micro-batch.
+// `max_simulated`: simulate at most this many micro-batches (at least 2·pp, so both runs reach
+// the pipeline's steady state); 0 simulates every micro-batch.
 StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
                              const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
                              int max_simulated = 16);
