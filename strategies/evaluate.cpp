@@ -36,10 +36,14 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
     return e;
   }
   const int m1 = m2 - pp * std::max(1, m2 / (2 * pp)); // about half, a multiple of pp
-  const sim::Schedule s1 = lower(with_micro_batches(plan, m1), ctx);
-  const sim::SimResult r1 = sim::simulate(s1, cluster, calibration);
   e.schedule = lower(with_micro_batches(plan, m2), ctx);
   e.result = sim::simulate(e.schedule, cluster, calibration);
+  // The shorter run has the same structure as the checked one: only its times are needed.
+  sim::EngineOptions quick;
+  quick.check_schedule_first = false;
+  quick.record_memory_timeline = false;
+  const sim::SimResult r1 =
+      sim::simulate(lower(with_micro_batches(plan, m1), ctx), cluster, calibration, quick);
   e.micro_batches_simulated = m2;
   const double k = static_cast<double>(e.micro_batches - m2) / (m2 - m1);
   auto extend = [k](double at_m2, double at_m1) { return at_m2 + k * (at_m2 - at_m1); };
