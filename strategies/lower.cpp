@@ -198,8 +198,13 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   if (sp)
     collective("attn_sp_gather", OpKind::all_gather, Category::tp_comm, kTp, tp_group,
                kAct * t * h);
+  // Work replicated across TP ranks (K/V heads when TP exceeds them, MLA's unsplit down
+  // projections) runs on every rank but counts once in the model FLOPs.
+  auto replicated = [&](double share) { out.back().flops *= share; };
   if (a.kind == AttentionKind::gqa) {
     gemm("qkv_proj", t, (heads + 2 * kv_heads) * dqk, h);
+    const double kv_true = static_cast<double>(a.num_kv_heads) / tp; // may be below 1
+    out.back().flops = 2 * t * h * (heads + 2 * kv_true) * dqk;
   } else {
     const double qr = static_cast<double>(a.q_lora_rank);
     const double kvr = static_cast<double>(a.kv_lora_rank);
@@ -207,11 +212,13 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     const double nope = static_cast<double>(a.qk_nope_head_dim);
     if (a.q_lora_rank > 0) {
       gemm("q_a_proj", t, qr, h);
+      replicated(1 / tp);
       gemm("q_b_proj", t, heads * dqk, qr);
     } else {
       gemm("q_proj", t, heads * dqk, h);
     }
     gemm("kv_a_proj", t, kvr + rope, h);
+    replicated(1 / tp);
     gemm("kv_b_proj", t, heads * (nope + dv), kvr);
   }
   elementwise("rope_qk_norm", 2 * kAct * t * (heads + kv_heads) * dqk, true);
@@ -321,11 +328,19 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
     elementwise("experts_combine", kAct * routed * h + kAct * tm * h, false);
     if (e.num_shared_experts > 0) {
+      // Shared experts are a dense MLP under the dense TP (Megatron-Core): on the gathered
+      // sequence with the width split, between the SP gather and scatter.
       const double shared =
           static_cast<double>(e.num_shared_experts * e.shared_intermediate_size) / p_.dense.tp;
-      gemm("shared_gate_up", tm, (e.gated ? 2 : 1) * shared, h);
-      elementwise("shared_act", 3 * kAct * tm * shared, true);
-      gemm("shared_down", tm, h, shared);
+      if (sp)
+        collective("shared_sp_gather", OpKind::all_gather, Category::tp_comm, kTp, tp_group,
+                   kAct * t * h);
+      gemm("shared_gate_up", t, (e.gated ? 2 : 1) * shared, h);
+      elementwise("shared_act", 3 * kAct * t * shared, true);
+      gemm("shared_down", t, h, shared);
+      if (sp)
+        collective("shared_sp_scatter", OpKind::reduce_scatter, Category::tp_comm, kTp, tp_group,
+                   kAct * t * h);
     }
   }
   elementwise("mlp_residual", 3 * kAct * t * h / sp_, false);

@@ -183,6 +183,11 @@ void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const C
                       ulysses, m.num_heads / a.tp));
   }
   if (m.num_routed_experts > 0) {
+    // Megatron-Core requires sequence parallelism for MoE with TP: otherwise every TP rank would
+    // route and compute the same tokens.
+    if (a.tp > 1 && !a.sp)
+      bad("plan: a Mixture-of-Experts model with attention tp > 1 needs sequence parallelism "
+          "(sp).");
     if (m.num_routed_experts % p.moe.ep != 0)
       bad(fmt::format("plan: ep ({}) must divide the {} routed experts.", p.moe.ep,
                       m.num_routed_experts));

@@ -8,6 +8,8 @@
 #include "strategies/lower.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
+#include "workload/flops.hpp"
+#include "workload/params.hpp"
 
 #include <cmath>
 #include <doctest/doctest.h>
@@ -142,4 +144,32 @@ TEST_CASE("zero-bubble fills part of 1F1B's bubble with held-back weight gradien
   CAPTURE(zb.breakdown.bubble / zb.step_time_s);
   CHECK(zb.step_time_s < one.step_time_s);
   CHECK(zb.breakdown.bubble < 0.8 * one.breakdown.bubble);
+}
+
+TEST_CASE("every preset simulates on every catalog model, doing exactly the model's arithmetic") {
+  const hw::ClusterSpec c = hw::load_cluster("h200");
+  for (const std::string& id : workload::catalog_ids()) {
+    const workload::ModelSpec m = workload::load_model(id);
+    const double params = static_cast<double>(workload::count_params(m).total.total());
+    const int nodes = params > 300e9 ? 12 : params > 100e9 ? 4 : 1;
+    PlanContext ctx;
+    ctx.model = &m;
+    ctx.seq = 4096;
+    ctx.cluster = ClusterShape{8, nodes};
+    ctx.hw = memory_hardware(c);
+    for (const std::string& family : family_names()) {
+      CAPTURE(id);
+      CAPTURE(family);
+      const ResolvedPlan r = resolve_plan(family, ctx);
+      const StepEvaluation e = evaluate_step(
+          r.plan, LoweringContext{&m, 4096, 8, ctx.hw, {}}, c, hw::Calibration{}, 4);
+      CHECK(std::isfinite(e.step_time_s));
+      CHECK(e.step_time_s > 0);
+      // Second method: 3 x forward FLOPs x sequences, from the workload model.
+      CHECK(e.model_flops_per_step ==
+            doctest::Approx(3 * workload::count_flops(m, 4096).model_flops_fwd *
+                            r.plan.global_batch)
+                .epsilon(1e-6));
+    }
+  }
 }
