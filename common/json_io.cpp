@@ -151,6 +151,34 @@ double JsonFields::number_or(const std::string& key, double fallback) const {
   fail(key, "a number");
 }
 
+double JsonFields::non_negative_number(const std::string& key) const {
+  if (!has(key))
+    fail(key, "a non-negative number");
+  return non_negative_number_or(key, 0);
+}
+
+double JsonFields::non_negative_number_or(const std::string& key, double fallback) const {
+  if (!has(key))
+    return fallback;
+  const double v = number_or(key, -1);
+  if (v < 0)
+    fail(key, "a non-negative number");
+  return v;
+}
+
+bool JsonFields::required_bool(const std::string& key) const {
+  if (!has(key))
+    fail(key, "true or false");
+  return bool_or(key, false);
+}
+
+int JsonFields::count(const std::string& key) const {
+  const std::int64_t v = positive_int(key);
+  if (v > 1'000'000)
+    fail(key, "a positive integer below 1,000,000");
+  return static_cast<int>(v);
+}
+
 bool JsonFields::bool_or(const std::string& key, bool fallback) const {
   if (!has(key))
     return fallback;

@@ -30,6 +30,11 @@ public:
   double positive_number(const std::string& key) const;
   double positive_number_or(const std::string& key, double fallback) const;
   double number_or(const std::string& key, double fallback) const;
+  double non_negative_number(const std::string& key) const;
+  double non_negative_number_or(const std::string& key, double fallback) const;
+  bool required_bool(const std::string& key) const;
+  // A positive count of things (GPUs, cores, ranks) below 1,000,000.
+  int count(const std::string& key) const;
   bool bool_or(const std::string& key, bool fallback) const;
   std::string string(const std::string& key) const;
   std::string string_or(const std::string& key, const std::string& fallback) const;

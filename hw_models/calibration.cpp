@@ -28,27 +28,8 @@ const Json& list_of(const JsonFields& top, const std::string& key) {
   return v;
 }
 
-double non_negative(const JsonFields& f, const std::string& key, double fallback) {
-  if (!f.has(key))
-    return fallback;
-  const double v = f.number_or(key, -1);
-  if (v < 0)
-    f.fail(key, "a non-negative number");
-  return v;
-}
 
-bool required_bool(const JsonFields& f, const std::string& key) {
-  if (!f.has(key))
-    f.fail(key, "true or false");
-  return f.bool_or(key, false);
-}
 
-int count(const JsonFields& f, const std::string& key) {
-  const std::int64_t v = f.positive_int(key);
-  if (v > 1'000'000)
-    f.fail(key, "a positive integer below 1,000,000");
-  return static_cast<int>(v);
-}
 
 int groups_field(const JsonFields& e) {
   const std::int64_t g = e.positive_int_or("groups", 1);
@@ -168,8 +149,8 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
       s.kv_len = e.positive_number("kv_len");
       s.qk_head_dim = e.positive_number("qk_head_dim");
       s.v_head_dim = e.positive_number_or("v_head_dim", s.qk_head_dim);
-      s.causal = required_bool(e, "causal");
-      s.window = non_negative(e, "window", 0);
+      s.causal = e.required_bool("causal");
+      s.window = e.non_negative_number_or("window", 0);
       p.time_s = e.positive_number("time_s");
       attention_flops(s, p.backward); // validates the shape with the same sentences
       c.attention.push_back(p);
@@ -197,8 +178,8 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
         e.fail("op", "one of \"all_gather\", \"reduce_scatter\", \"all_reduce\", "
                      "\"all_to_all\", \"send_recv\"");
       }
-      p.group.ranks_per_node = count(e, "ranks_per_node");
-      p.group.nodes = count(e, "nodes");
+      p.group.ranks_per_node = e.count("ranks_per_node");
+      p.group.nodes = e.count("nodes");
       p.bytes = e.positive_number("bytes");
       p.time_s = e.positive_number("time_s");
       c.collectives.push_back(p);
@@ -217,7 +198,7 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
       const std::string o = entry_origin(origin, "host_adam", i);
       const JsonFields e(list[i], o);
       reject_unknown(list[i], {"cores", "params_per_s"}, o);
-      c.host_adam.push_back({count(e, "cores"), e.positive_number("params_per_s")});
+      c.host_adam.push_back({e.count("cores"), e.positive_number("params_per_s")});
     }
     reject_duplicates(
         c.host_adam, [](const HostAdamPoint& p) { return p.cores; }, origin, "host_adam");

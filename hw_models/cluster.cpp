@@ -89,27 +89,8 @@ double fraction(const JsonFields& f, const std::string& key) {
   return v;
 }
 
-double non_negative(const JsonFields& f, const std::string& key) {
-  if (!f.has(key))
-    f.fail(key, "a non-negative number");
-  const double v = f.number_or(key, -1);
-  if (v < 0)
-    f.fail(key, "a non-negative number");
-  return v;
-}
 
-bool required_bool(const JsonFields& f, const std::string& key) {
-  if (!f.has(key))
-    f.fail(key, "true or false");
-  return f.bool_or(key, false);
-}
 
-int positive_count(const JsonFields& f, const std::string& key) {
-  const std::int64_t v = f.positive_int(key);
-  if (v > 1'000'000)
-    f.fail(key, "a positive integer below 1,000,000");
-  return static_cast<int>(v);
-}
 
 std::vector<AttentionEfficiency> attention_curves(const JsonFields& gpu, const std::string& key) {
   const Json& list = gpu.at(key);
@@ -146,11 +127,11 @@ GpuSpec read_gpu(const Json& object, const std::string& origin) {
   g.peak_flops_bf16 = f.positive_number("peak_flops_bf16");
   g.peak_flops_fp8 = f.positive_number("peak_flops_fp8");
   g.peak_flops_fp32 = f.positive_number("peak_flops_fp32");
-  g.sm_count = positive_count(f, "sm_count");
+  g.sm_count = f.count("sm_count");
   g.gemm_efficiency_bf16 = fraction(f, "gemm_efficiency_bf16");
   g.gemm_efficiency_fp8 = fraction(f, "gemm_efficiency_fp8");
   g.gemm_efficiency_fp32 = fraction(f, "gemm_efficiency_fp32");
-  g.kernel_launch_s = non_negative(f, "kernel_launch_s");
+  g.kernel_launch_s = f.non_negative_number("kernel_launch_s");
   g.attention_fwd = attention_curves(f, "attention_fwd");
   g.attention_bwd = attention_curves(f, "attention_bwd");
   if (g.hbm_bandwidth_achievable > g.hbm_bandwidth)
@@ -162,11 +143,11 @@ NodeSpec read_node(const Json& object, const std::string& origin) {
   const JsonFields f(object, origin);
   reject_unknown(object, kNodeFields, origin);
   NodeSpec n;
-  n.gpus_per_node = positive_count(f, "gpus_per_node");
+  n.gpus_per_node = f.count("gpus_per_node");
   n.nvlink_bandwidth = f.positive_number("nvlink_bandwidth");
   n.nvlink_nccl_bandwidth = f.positive_number("nvlink_nccl_bandwidth");
   n.nvlink_copy_bandwidth = f.positive_number("nvlink_copy_bandwidth");
-  n.nvls = required_bool(f, "nvls");
+  n.nvls = f.required_bool("nvls");
   n.nvls_efficiency = fraction(f, "nvls_efficiency");
   n.pcie_bandwidth = f.positive_number("pcie_bandwidth");
   n.pcie_h2d_bandwidth = f.positive_number("pcie_h2d_bandwidth");
@@ -177,8 +158,8 @@ NodeSpec read_node(const Json& object, const std::string& origin) {
   n.pcie_duplex_h2d_share = f.positive_number("pcie_duplex_h2d_share");
   if (n.pcie_duplex_h2d_share >= 1)
     f.fail("pcie_duplex_h2d_share", "a fraction in (0, 1)");
-  n.nic_shares_pcie_switch = required_bool(f, "nic_shares_pcie_switch");
-  n.host_cores = positive_count(f, "host_cores");
+  n.nic_shares_pcie_switch = f.required_bool("nic_shares_pcie_switch");
+  n.host_cores = f.count("host_cores");
   const std::string vendor = f.string("cpu_vendor");
   if (vendor == "intel")
     n.cpu_vendor = CpuVendor::intel;
@@ -189,7 +170,7 @@ NodeSpec read_node(const Json& object, const std::string& origin) {
   n.host_memory_bytes = f.positive_number("host_memory_bytes");
   n.host_memory_bandwidth = f.positive_number("host_memory_bandwidth");
   n.host_memory_bandwidth_achievable = f.positive_number("host_memory_bandwidth_achievable");
-  n.nics = positive_count(f, "nics");
+  n.nics = f.count("nics");
   n.nic_line_rate = f.positive_number("nic_line_rate");
   n.nic_bandwidth = f.positive_number("nic_bandwidth");
   for (const char* key : {"nvlink_nccl_bandwidth", "nvlink_copy_bandwidth"})
@@ -213,7 +194,7 @@ FabricSpec read_fabric(const Json& object, const std::string& origin) {
   fab.topology = f.string("topology");
   if (fab.topology != "rail-optimized")
     f.fail("topology", "\"rail-optimized\" (the only fabric the collective model knows)");
-  fab.latency_s = non_negative(f, "latency_s");
+  fab.latency_s = f.non_negative_number("latency_s");
   return fab;
 }
 

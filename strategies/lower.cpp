@@ -116,6 +116,9 @@ private:
   int emit_forward(const Step& st, const std::string& prefix, Category category, int layer,
                    int mb);
   void emit_backward(const Step& st, const std::string& prefix, int layer, int mb);
+  int emit_attention(const Step& st, const std::string& prefix, Category category, int layer,
+                     int mb, bool backward);
+  void emit_wgrad(sim::Op wgrad);
   sim::Op op_of(const Step& st, const std::string& name, Category category, int layer, int mb);
 };
 
@@ -382,51 +385,63 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   return op;
 }
 
+// Attention over `steps` ring steps (1: a plain call). Step i computes on the K/V chunk that
+// arrived in step i-1 while step i's chunk travels on the CP stream; backward passes K/V and
+// their gradients (twice the bytes) and runs flash attention's backward.
+int Lowering::emit_attention(const Step& st, const std::string& prefix, Category category,
+                             int layer, int mb, bool backward) {
+  const int steps = std::max(1, st.ring_steps);
+  const int start = cursor_;
+  int prev_comm = -1, last = -1;
+  for (int i = 0; i < steps; ++i) {
+    int comm_index = -1;
+    if (i + 1 < steps) {
+      sim::Op comm;
+      comm.name = fmt::format("{}.{}.{}", prefix, backward ? "ring_dkv" : "ring_kv", i);
+      comm.kind = OpKind::send_recv;
+      comm.category = Category::cp_comm;
+      comm.stream = kCp;
+      comm.bytes = (backward ? 2 : 1) * st.ring_bytes;
+      comm.group = g_.cp_ring;
+      comm.layer = layer;
+      comm.micro_batch = mb;
+      if (start >= 0)
+        comm.deps.push_back(start);
+      if (prev_comm >= 0)
+        comm.deps.push_back(prev_comm);
+      comm_index = add(std::move(comm), false);
+    }
+    const std::string name = steps > 1 ? fmt::format("{}{}.{}", prefix, backward ? ".bwd" : "", i)
+                                       : prefix + (backward ? ".bwd" : "");
+    sim::Op compute = op_of(st, name, category, layer, mb);
+    if (backward) {
+      compute.kind = OpKind::attention_bwd;
+      compute.model_flops = 2 * st.flops / steps;
+    } else {
+      compute.model_flops = category == Category::forward ? st.flops / steps : 0;
+    }
+    if (prev_comm >= 0)
+      compute.deps.push_back(prev_comm);
+    last = add(std::move(compute));
+    prev_comm = comm_index;
+  }
+  return last;
+}
+
 int Lowering::emit_forward(const Step& st, const std::string& prefix, Category category, int layer,
                            int mb) {
-  if (st.ring_steps > 1) {
-    // Ring attention: step i computes on the K/V chunk that arrived in step i-1 while step i's
-    // chunk travels on the CP stream.
-    const int start = cursor_;
-    int prev_comm = -1, last = -1;
-    for (int i = 0; i < st.ring_steps; ++i) {
-      if (i + 1 < st.ring_steps) {
-        sim::Op comm;
-        comm.name = fmt::format("{}.ring_kv.{}", prefix, i);
-        comm.kind = OpKind::send_recv;
-        comm.category = Category::cp_comm;
-        comm.stream = kCp;
-        comm.bytes = st.ring_bytes;
-        comm.group = g_.cp_ring;
-        comm.layer = layer;
-        comm.micro_batch = mb;
-        comm.deps = {start};
-        if (prev_comm >= 0)
-          comm.deps.push_back(prev_comm);
-        comm.deps.erase(std::remove(comm.deps.begin(), comm.deps.end(), -1), comm.deps.end());
-        const int c = add(std::move(comm), false);
-        sim::Op compute = op_of(st, fmt::format("{}.{}", prefix, i), category, layer, mb);
-        compute.model_flops = category == Category::forward ? st.flops / st.ring_steps : 0;
-        if (prev_comm >= 0)
-          compute.deps.push_back(prev_comm);
-        last = add(std::move(compute));
-        prev_comm = c;
-      } else {
-        sim::Op compute = op_of(st, fmt::format("{}.{}", prefix, i), category, layer, mb);
-        compute.model_flops = category == Category::forward ? st.flops / st.ring_steps : 0;
-        if (prev_comm >= 0)
-          compute.deps.push_back(prev_comm);
-        last = add(std::move(compute));
-      }
-    }
-    return last;
+  if (st.kind == OpKind::attention_fwd)
+    return emit_attention(st, prefix, category, layer, mb, false);
+  return add(op_of(st, prefix, category, layer, mb));
+}
+
+void Lowering::emit_wgrad(sim::Op wgrad) {
+  if (defer_wgrad_) {
+    wgrad.deps.push_back(cursor_);
+    pending_wgrad_.push_back(std::move(wgrad));
+  } else {
+    add(std::move(wgrad));
   }
-  sim::Op op = op_of(st, prefix, category, layer, mb);
-  if (op.kind == OpKind::gemm || op.kind == OpKind::grouped_gemm)
-    op.model_flops = category == Category::forward ? st.flops : 0;
-  else if (op.kind == OpKind::attention_fwd)
-    op.model_flops = category == Category::forward ? st.flops : 0;
-  return add(std::move(op));
 }
 
 void Lowering::emit_backward(const Step& st, const std::string& prefix, int layer, int mb) {
@@ -440,12 +455,7 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     sim::Op wgrad = op_of(st, prefix + ".wgrad", Category::backward, layer, mb);
     wgrad.gemm = sim::GemmShape{st.gemm.k, st.gemm.n, st.gemm.m, st.gemm.instances, {}};
     wgrad.model_flops = st.flops;
-    if (defer_wgrad_) {
-      wgrad.deps.push_back(cursor_);
-      pending_wgrad_.push_back(std::move(wgrad));
-    } else {
-      add(std::move(wgrad));
-    }
+    emit_wgrad(std::move(wgrad));
     return;
   }
   case OpKind::grouped_gemm: {
@@ -458,54 +468,12 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     // shape with the reduction over rows (FLOPs equal).
     sim::Op wgrad = op_of(st, prefix + ".wgrad", Category::backward, layer, mb);
     wgrad.model_flops = st.flops;
-    if (defer_wgrad_) {
-      wgrad.deps.push_back(cursor_);
-      pending_wgrad_.push_back(std::move(wgrad));
-    } else {
-      add(std::move(wgrad));
-    }
+    emit_wgrad(std::move(wgrad));
     return;
   }
-  case OpKind::attention_fwd: {
-    const int steps = std::max(1, st.ring_steps);
-    const int start = cursor_;
-    int prev_comm = -1;
-    for (int i = 0; i < steps; ++i) {
-      if (steps > 1 && i + 1 < steps) {
-        // K/V travel again and their gradients travel back: twice the forward bytes.
-        sim::Op comm;
-        comm.name = fmt::format("{}.ring_dkv.{}", prefix, i);
-        comm.kind = OpKind::send_recv;
-        comm.category = Category::cp_comm;
-        comm.stream = kCp;
-        comm.bytes = 2 * st.ring_bytes;
-        comm.group = g_.cp_ring;
-        comm.layer = layer;
-        comm.micro_batch = mb;
-        if (start >= 0)
-          comm.deps.push_back(start);
-        if (prev_comm >= 0)
-          comm.deps.push_back(prev_comm);
-        const int c = add(std::move(comm), false);
-        sim::Op bwd = op_of(st, fmt::format("{}.bwd.{}", prefix, i), Category::backward, layer, mb);
-        bwd.kind = OpKind::attention_bwd;
-        bwd.model_flops = 2 * st.flops / steps;
-        if (prev_comm >= 0)
-          bwd.deps.push_back(prev_comm);
-        add(std::move(bwd));
-        prev_comm = c;
-      } else {
-        sim::Op bwd = op_of(st, steps > 1 ? fmt::format("{}.bwd.{}", prefix, i) : prefix + ".bwd",
-                            Category::backward, layer, mb);
-        bwd.kind = OpKind::attention_bwd;
-        bwd.model_flops = 2 * st.flops / steps;
-        if (prev_comm >= 0)
-          bwd.deps.push_back(prev_comm);
-        add(std::move(bwd));
-      }
-    }
+  case OpKind::attention_fwd:
+    emit_attention(st, prefix, Category::backward, layer, mb, true);
     return;
-  }
   case OpKind::elementwise: {
     sim::Op op = op_of(st, prefix + ".bwd", Category::backward, layer, mb);
     op.bytes = 2 * st.bytes; // reads saved input and incoming gradient, writes the gradient
