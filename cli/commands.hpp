@@ -10,5 +10,8 @@ void add_model_command(CLI::App& app);
 void add_hw_command(CLI::App& app);
 void add_memory_command(CLI::App& app);
 void add_simulate_command(CLI::App& app);
+void add_plan_command(CLI::App& app);
+void add_sweep_command(CLI::App& app);
+void add_fit_command(CLI::App& app);
 
 } // namespace mop::cli

@@ -1,6 +1,8 @@
 #pragma once
 // Lowering: a Plan for a model and sequence length becomes a Schedule (sim/schedule.hpp), the
 // program every executor plays. One rank class per pipeline stage.
+#include "hw_models/calibration.hpp"
+#include "hw_models/cluster.hpp"
 #include "sim/schedule.hpp"
 #include "strategies/memory.hpp"
 #include "strategies/plan.hpp"
@@ -22,5 +24,12 @@ struct LoweringContext {
 // gradient reduction, and the optimizer step where the plan puts it (with host streaming, the
 // step of layer l from the previous step's gradients runs just before layer l's forward).
 sim::Schedule lower(const Plan& plan, const LoweringContext& ctx);
+
+// A lower bound on the plan's step time: the busiest stage's compute kernels (forward, backward,
+// recompute) run back to back at full speed, with no communication, bubble or optimizer. The
+// event engine can only add to it, so a candidate whose bound exceeds a simulated step time
+// cannot beat that plan (the planner's pruning rule).
+double compute_lower_bound_s(const Plan& plan, const LoweringContext& ctx,
+                             const hw::ClusterSpec& cluster, const hw::Calibration& calibration);
 
 } // namespace mop::strategy

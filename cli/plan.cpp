@@ -1,0 +1,162 @@
+// mop plan: search every valid plan of the chosen families; the fastest that fit, best first.
+#include "cli/commands.hpp"
+#include "cli/plan.hpp"
+#include "cli/output.hpp"
+#include "common/error.hpp"
+#include "common/units.hpp"
+#include "strategies/search.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <fmt/format.h>
+#include <iostream>
+#include <memory>
+#include <unistd.h>
+
+namespace mop::cli {
+namespace {
+
+std::atomic<bool> g_interrupted{false};
+extern "C" void on_interrupt(int) { g_interrupted.store(true); }
+
+struct PlanCommandOptions : PlanOptions {
+  std::string family = "all";
+  int top = 5;
+  int threads = 2;
+};
+
+std::vector<std::string> families_of(const std::string& family) {
+  if (family == "all")
+    return {};
+  const auto& names = strategy::family_names();
+  if (std::find(names.begin(), names.end(), family) == names.end())
+    throw InputError(fmt::format("--family must be one of fsdp2, megatron, ulysses-zero3, mop or "
+                                 "all (got '{}').",
+                                 family));
+  return {family};
+}
+
+// What runs out first when nothing fits, and the nearest fix.
+std::string nothing_fits(const strategy::SearchResult& s, const PlanInputs& in) {
+  if (!s.closest)
+    return "no valid plan exists for this model, sequence length and cluster.";
+  const strategy::MemoryReport& m = s.closest_memory;
+  const double over = m.fits_hbm ? m.peak_host_bytes / m.host_capacity_bytes
+                                 : m.peak_hbm_bytes / m.hbm_capacity_bytes;
+  const int nodes = static_cast<int>(std::ceil(over * in.nodes));
+  return fmt::format("nothing fits; closest: {}. {}. Nearest fixes: about {} nodes instead of {}, "
+                     "more offload to the host, or a shorter context.",
+                     strategy::summary(*s.closest), m.first_to_run_out, std::max(nodes, in.nodes + 1),
+                     in.nodes);
+}
+
+} // namespace
+
+Json ranked_json(const strategy::RankedPlan& r) {
+  const sim::Breakdown& b = r.eval.result.breakdown;
+  return Json{{"plan", strategy::to_json(r.plan)},
+              {"summary", strategy::summary(r.plan)},
+              {"fits", r.fits},
+              {"step_time_s", r.eval.step_time_s},
+              {"tokens_per_s_per_gpu", r.tokens_per_s_per_gpu},
+              {"mfu", r.mfu},
+              {"tflops_per_gpu", r.tflops_per_gpu},
+              {"peak_hbm_bytes", r.peak_hbm_bytes},
+              {"peak_host_bytes", r.peak_host_bytes},
+              {"global_batch", r.plan.global_batch},
+              {"breakdown_s",
+               Json{{"compute", b.compute},
+                    {"exposed_comm", b.exposed_comm},
+                    {"bubble", b.bubble},
+                    {"offload_stall", b.offload_stall},
+                    {"optimizer", b.optimizer}}}};
+}
+
+strategy::SearchResult run_search(const PlanInputs& in, const std::string& family, int top,
+                                  int threads, bool show_progress) {
+  strategy::SearchOptions so;
+  so.families = families_of(family);
+  so.top = top;
+  so.threads = threads;
+  so.stop = &g_interrupted;
+  if (show_progress)
+    so.progress = [](std::int64_t done, std::int64_t total) {
+      std::fprintf(stderr, "\rsimulating candidates: %lld of at most %lld", static_cast<long long>(done),
+                   static_cast<long long>(total));
+      std::fflush(stderr);
+    };
+  g_interrupted.store(false);
+  auto previous = std::signal(SIGINT, on_interrupt);
+  strategy::SearchResult r = strategy::search_plans(in.context(), in.cluster,
+                                                    hw::Calibration{}, so);
+  std::signal(SIGINT, previous);
+  if (show_progress)
+    std::fputs("\r\033[K", stderr);
+  return r;
+}
+
+void add_plan_command(CLI::App& app) {
+  auto opt = std::make_shared<PlanCommandOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "plan", "Search every valid plan of the chosen families: the fastest that fit, best "
+              "first\n\nExample:\n  mop plan --model kimi-k2 --cluster h200 --nodes 12 --seq 1M");
+  add_plan_options(cmd, *opt, false);
+  cmd->add_option("--family", opt->family, "fsdp2, megatron, ulysses-zero3, mop or all")
+      ->capture_default_str();
+  cmd->add_option("--top", opt->top, "how many plans to show")->capture_default_str();
+  cmd->add_option("--threads", opt->threads, "threads for the search")->capture_default_str();
+  cmd->callback([opt] {
+    if (opt->top <= 0 || opt->threads <= 0)
+      throw InputError("--top and --threads must be positive.");
+    const PlanInputs in = resolve_inputs(*opt);
+    const bool progress = !opt->json && ::isatty(2);
+    const strategy::SearchResult s = run_search(in, opt->family, opt->top, opt->threads, progress);
+    if (opt->json) {
+      Json results = Json::array();
+      for (const auto& r : s.results)
+        results.push_back(ranked_json(r));
+      Json j{{"candidates_evaluated", s.candidates_evaluated},
+             {"candidates_fitting_memory", s.fit_memory},
+             {"candidates_simulated", s.simulated},
+             {"exhaustive", s.exhaustive},
+             {"interrupted", s.stopped},
+             {"results", results}};
+      if (s.results.empty())
+        j["nothing_fits"] = nothing_fits(s, in);
+      print_json(j);
+      return;
+    }
+    std::cout << fmt::format("{} on {} x {} ({} GPUs), seq {}: {} plans considered, {} fit the "
+                             "analytic memory model, {} simulated{}{}\n\n",
+                             in.model.name, in.nodes, in.cluster.name,
+                             in.nodes * in.cluster.node.gpus_per_node, in.seq,
+                             s.candidates_evaluated, s.fit_memory, s.simulated,
+                             s.exhaustive ? " (the rest are provably slower)"
+                                          : " (simulation budget reached)",
+                             s.stopped ? "; interrupted: best so far" : "");
+    if (s.results.empty()) {
+      std::cout << nothing_fits(s, in) << "\n";
+      return;
+    }
+    TextTable t{{"#", "plan", "step", "tokens/s/GPU", "MFU", "HBM", "host/node"},
+                {},
+                {true, false, true, true, true, true, true}};
+    for (std::size_t i = 0; i < s.results.size(); ++i) {
+      const auto& r = s.results[i];
+      t.rows.push_back({std::to_string(i + 1),
+                        fmt::format("{}: {}", r.plan.family, strategy::summary(r.plan)),
+                        format_seconds(r.eval.step_time_s),
+                        fmt::format("{:.1f}", r.tokens_per_s_per_gpu),
+                        fmt::format("{:.1f} %", 100 * r.mfu), format_bytes(r.peak_hbm_bytes),
+                        format_bytes(r.peak_host_bytes)});
+    }
+    std::cout << t.render();
+    if (s.results.size() > 1)
+      std::cout << "\n" << strategy::why_best(s.results[0], s.results[1]) << "\n";
+  });
+}
+
+} // namespace mop::cli

@@ -1,0 +1,203 @@
+#include "strategies/search.hpp"
+
+#include "common/units.hpp"
+
+#include <algorithm>
+#include <fmt/format.h>
+#include <numeric>
+#include <mutex>
+#include <thread>
+#include <unordered_set>
+
+namespace mop::strategy {
+
+namespace {
+
+struct Candidate {
+  Plan plan;
+  MemoryReport memory;
+  double bound = 0;
+  std::size_t order = 0;
+};
+
+RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpec& cluster,
+                const hw::Calibration& cal, int max_micro) {
+  RankedPlan r;
+  r.plan = c.plan;
+  r.memory = c.memory;
+  r.lower_bound_s = c.bound;
+  r.eval = evaluate_step(c.plan, LoweringContext{ctx.model, ctx.seq, ctx.cluster.gpus_per_node,
+                                                 ctx.hw, {}},
+                         cluster, cal, max_micro);
+  const double gpus = static_cast<double>(c.plan.world);
+  r.tokens_per_s_per_gpu = r.eval.tokens_per_step / r.eval.step_time_s / gpus;
+  r.tflops_per_gpu = r.eval.model_flops_per_step / r.eval.step_time_s / gpus / 1e12;
+  r.mfu = r.tflops_per_gpu * 1e12 / cluster.gpu.peak_flops_bf16;
+  for (const sim::ClassResult& cr : r.eval.result.classes) {
+    const double dynamic = cr.memory.at_peak[static_cast<int>(sim::MemoryKind::activations)] +
+                           cr.memory.at_peak[static_cast<int>(sim::MemoryKind::comm_buffers)];
+    r.peak_hbm_bytes =
+        std::max(r.peak_hbm_bytes, cr.memory.peak_hbm_bytes + ctx.hw.fragmentation * dynamic);
+    r.peak_host_bytes = std::max(r.peak_host_bytes, cr.memory.peak_host_bytes);
+  }
+  r.peak_host_bytes = r.peak_host_bytes * ctx.hw.gpus_per_node + ctx.hw.host_reserved_bytes;
+  r.fits = r.peak_hbm_bytes <= ctx.hw.hbm_bytes && r.peak_host_bytes <= ctx.hw.host_bytes;
+  return r;
+}
+
+bool better(const RankedPlan& a, std::size_t ia, const RankedPlan& b, std::size_t ib) {
+  if (a.eval.step_time_s / a.eval.tokens_per_step != b.eval.step_time_s / b.eval.tokens_per_step)
+    return a.eval.step_time_s / a.eval.tokens_per_step <
+           b.eval.step_time_s / b.eval.tokens_per_step;
+  return ia < ib;
+}
+
+// Runs f(i) for i in [0, n) on `threads` threads; each writes only its own slot.
+template <class F> void parallel_for(std::size_t n, int threads, F f) {
+  if (threads <= 1 || n <= 1) {
+    for (std::size_t i = 0; i < n; ++i)
+      f(i);
+    return;
+  }
+  std::atomic<std::size_t> next{0};
+  std::vector<std::thread> pool;
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&] {
+      for (std::size_t i = next++; i < n; i = next++) {
+        try {
+          f(i);
+        } catch (...) {
+          std::lock_guard lock(error_mutex);
+          if (!error)
+            error = std::current_exception();
+        }
+      }
+    });
+  for (std::thread& t : pool)
+    t.join();
+  if (error)
+    std::rethrow_exception(error);
+}
+
+} // namespace
+
+SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster,
+                          const hw::Calibration& cal, const SearchOptions& o) {
+  SearchResult out;
+  const std::vector<std::string>& families = o.families.empty() ? family_names() : o.families;
+  std::vector<Plan> plans;
+  for (const std::string& f : families) {
+    std::vector<Plan> fp = enumerate_family(f, ctx);
+    plans.insert(plans.end(), std::make_move_iterator(fp.begin()),
+                 std::make_move_iterator(fp.end()));
+  }
+  // The same plan can come from two families (e.g. pure FSDP): keep its first appearance.
+  {
+    std::unordered_set<std::string> seen;
+    std::vector<Plan> unique;
+    for (Plan& p : plans) {
+      Json j = to_json(p);
+      j.erase("family");
+      j.erase("summary");
+      if (seen.insert(j.dump()).second)
+        unique.push_back(std::move(p));
+    }
+    plans = std::move(unique);
+  }
+  out.candidates_evaluated = static_cast<std::int64_t>(plans.size());
+  // Memory first: microseconds a plan.
+  std::vector<MemoryReport> memory(plans.size());
+  parallel_for(plans.size(), o.threads,
+               [&](std::size_t i) { memory[i] = analyze_memory(*ctx.model, plans[i], ctx.seq, ctx.hw); });
+  std::vector<Candidate> fit;
+  double closest_ratio = 0;
+  for (std::size_t i = 0; i < plans.size(); ++i) {
+    if (memory[i].fits()) {
+      fit.push_back(Candidate{plans[i], memory[i], 0, i});
+    } else {
+      const double ratio = std::max(memory[i].peak_hbm_bytes / ctx.hw.hbm_bytes,
+                                    memory[i].peak_host_bytes / ctx.hw.host_bytes);
+      if (!out.closest || ratio < closest_ratio) {
+        closest_ratio = ratio;
+        out.closest = plans[i];
+        out.closest_memory = memory[i];
+      }
+    }
+  }
+  out.fit_memory = static_cast<std::int64_t>(fit.size());
+  // The lower bound of each survivor, then best-first by bound.
+  const LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
+  parallel_for(fit.size(), o.threads, [&](std::size_t i) {
+    fit[i].bound = compute_lower_bound_s(fit[i].plan, lc, cluster, cal) /
+                   (static_cast<double>(fit[i].plan.global_batch) * static_cast<double>(ctx.seq));
+  });
+  std::stable_sort(fit.begin(), fit.end(), [](const Candidate& a, const Candidate& b) {
+    return a.bound != b.bound ? a.bound < b.bound : a.order < b.order;
+  });
+  // Simulate in fixed batches (the same batches whatever the thread count), keep the best
+  // `top` that fit, stop when the next bound (seconds per token) exceeds the top-th best.
+  constexpr std::size_t kBatch = 8;
+  std::vector<std::pair<RankedPlan, std::size_t>> best;
+  std::size_t next = 0;
+  while (next < fit.size()) {
+    if (o.stop && o.stop->load()) {
+      out.stopped = true;
+      break;
+    }
+    if (static_cast<int>(best.size()) >= o.top) {
+      const RankedPlan& kth = best[static_cast<std::size_t>(o.top) - 1].first;
+      if (fit[next].bound >= kth.eval.step_time_s / kth.eval.tokens_per_step)
+        break; // every remaining candidate is provably no faster
+    }
+    if (out.simulated >= o.max_simulations) {
+      out.exhaustive = false;
+      break;
+    }
+    const std::size_t n = std::min(kBatch, fit.size() - next);
+    std::vector<RankedPlan> batch(n);
+    parallel_for(n, o.threads, [&](std::size_t i) {
+      batch[i] = rank(fit[next + i], ctx, cluster, cal, o.max_simulated_micro_batches);
+    });
+    for (std::size_t i = 0; i < n; ++i)
+      if (batch[i].fits)
+        best.emplace_back(std::move(batch[i]), fit[next + i].order);
+    std::sort(best.begin(), best.end(), [](const auto& a, const auto& b) {
+      return better(a.first, a.second, b.first, b.second);
+    });
+    if (static_cast<int>(best.size()) > o.top)
+      best.resize(static_cast<std::size_t>(o.top));
+    out.simulated += static_cast<std::int64_t>(n);
+    next += n;
+    if (o.progress)
+      o.progress(static_cast<std::int64_t>(next), static_cast<std::int64_t>(fit.size()));
+  }
+  for (auto& [r, order] : best)
+    out.results.push_back(std::move(r));
+  return out;
+}
+
+std::string why_best(const RankedPlan& a, const RankedPlan& b) {
+  const sim::Breakdown& x = a.eval.result.breakdown;
+  const sim::Breakdown& y = b.eval.result.breakdown;
+  // Per token, so plans at slightly different batches compare fairly.
+  const double ta = a.eval.tokens_per_step, tb = b.eval.tokens_per_step;
+  struct Part {
+    const char* what;
+    double diff;
+  };
+  const Part parts[] = {{"compute", y.compute / tb - x.compute / ta},
+                        {"exposed communication", y.exposed_comm / tb - x.exposed_comm / ta},
+                        {"pipeline bubble", y.bubble / tb - x.bubble / ta},
+                        {"offload stalls", y.offload_stall / tb - x.offload_stall / ta},
+                        {"optimizer time", y.optimizer / tb - x.optimizer / ta}};
+  const Part* top = std::max_element(std::begin(parts), std::end(parts),
+                                     [](const Part& p, const Part& q) { return p.diff < q.diff; });
+  const double gain = b.eval.step_time_s / tb / (a.eval.step_time_s / ta) - 1;
+  return fmt::format("The best plan is {:.1f} % faster per token than the runner-up, mostly by "
+                     "spending less on {} ({} less per step).",
+                     100 * gain, top->what, format_seconds(top->diff * ta));
+}
+
+} // namespace mop::strategy

@@ -1,0 +1,62 @@
+#pragma once
+// The planner's search: every valid plan of the chosen families, pruned by the analytic memory
+// model and by a provable lower bound on step time, the survivors ranked by the event engine.
+#include "hw_models/calibration.hpp"
+#include "hw_models/cluster.hpp"
+#include "strategies/evaluate.hpp"
+#include "strategies/presets.hpp"
+
+#include <atomic>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mop::strategy {
+
+struct SearchOptions {
+  std::vector<std::string> families; // empty: all
+  int top = 5;
+  int threads = 2;
+  // Simulate at most this many candidates; when reached before the bound proves the rest
+  // slower, the result says so (`exhaustive` false).
+  int max_simulations = 400;
+  int max_simulated_micro_batches = 8; // per evaluation (steady-state extrapolation)
+  std::function<void(std::int64_t done, std::int64_t total)> progress; // called from one thread
+  const std::atomic<bool>* stop = nullptr; // set (e.g. by Ctrl-C): return the best so far
+};
+
+struct RankedPlan {
+  Plan plan;
+  MemoryReport memory;     // analytic
+  StepEvaluation eval;     // simulated
+  double lower_bound_s = 0;
+  double peak_hbm_bytes = 0;  // the engine's peak plus the fragmentation allowance
+  double peak_host_bytes = 0; // per node
+  bool fits = false;          // by the engine's peaks
+  double tokens_per_s_per_gpu = 0;
+  double tflops_per_gpu = 0;
+  double mfu = 0;
+};
+
+struct SearchResult {
+  std::int64_t candidates_evaluated = 0; // plans considered (every valid plan of the families)
+  std::int64_t fit_memory = 0;           // of which the analytic memory model lets through
+  std::int64_t simulated = 0;            // of which the event engine played
+  bool exhaustive = true;                // the bound proved every unsimulated candidate slower
+  bool stopped = false;                  // interrupted
+  std::vector<RankedPlan> results;       // best first, at most `top`, all fitting
+  // When nothing fits: the candidate closest to fitting, and what ran out first.
+  std::optional<Plan> closest;
+  MemoryReport closest_memory;
+};
+
+// Rank results by step time, then tokens per second, then enumeration order, so the answer
+// never depends on the number of threads.
+SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster,
+                          const hw::Calibration& calibration, const SearchOptions& options);
+
+// One sentence on why the best plan beats the runner-up, from their breakdowns.
+std::string why_best(const RankedPlan& best, const RankedPlan& runner_up);
+
+} // namespace mop::strategy

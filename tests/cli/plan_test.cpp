@@ -1,0 +1,70 @@
+// mop plan, sweep and fit end to end: contract keys, nothing-fits as a result, bad input.
+#include "common/json_io.hpp"
+#include "tests/cli/run_mop.hpp"
+
+#include <doctest/doctest.h>
+
+using mop::Json;
+using mop::test::count_lines;
+using mop::test::run_mop;
+
+TEST_CASE("mop plan --json ranks fitting plans best first") {
+  const auto r = run_mop("plan --model tiny-moe --cluster h100 --nodes 1 --seq 4K --top 3 --json");
+  REQUIRE(r.status == 0);
+  const Json j = Json::parse(r.out);
+  CHECK(j["candidates_evaluated"].get<int>() > 0);
+  REQUIRE(j["results"].size() == 3);
+  double previous = 0;
+  for (const Json& res : j["results"]) {
+    for (const char* key : {"plan", "fits", "step_time_s", "tokens_per_s_per_gpu", "mfu",
+                            "peak_hbm_bytes", "peak_host_bytes"})
+      CHECK(res.contains(key));
+    CHECK(res["fits"] == true);
+    // Best first: tokens per second per GPU never rises down the list.
+    if (previous > 0)
+      CHECK(res["tokens_per_s_per_gpu"].get<double>() <= previous * (1 + 1e-12));
+    previous = res["tokens_per_s_per_gpu"].get<double>();
+  }
+}
+
+TEST_CASE("when nothing fits, plan answers with an empty list and what runs out first") {
+  const auto r = run_mop("plan --model kimi-k2 --cluster h100 --nodes 1 --seq 4K --json");
+  REQUIRE(r.status == 0);
+  const Json j = Json::parse(r.out);
+  CHECK(j["results"].empty());
+  CHECK(j["nothing_fits"].get<std::string>().find("runs out first") != std::string::npos);
+  const auto text = run_mop("plan --model kimi-k2 --cluster h100 --nodes 1 --seq 4K");
+  CHECK(text.status == 0);
+  CHECK(text.out.find("nothing fits") != std::string::npos);
+}
+
+TEST_CASE("sweep rows and fit nodes") {
+  const auto s = run_mop("sweep --model tiny-dense --cluster h100 --nodes 1 --seq 2K,4K "
+                         "--family fsdp2,mop --json");
+  REQUIRE(s.status == 0);
+  const Json rows = Json::parse(s.out)["rows"];
+  CHECK(rows.size() == 4);
+  for (const Json& row : rows)
+    for (const char* key : {"seq", "family", "fits", "tokens_per_s_per_gpu", "peak_hbm_bytes"})
+      CHECK(row.contains(key));
+  const auto csv = run_mop("sweep --model tiny-dense --cluster h100 --nodes 1 --seq 2K "
+                           "--family mop --csv");
+  CHECK(csv.status == 0);
+  CHECK(count_lines(csv.out) == 2);
+  const auto f = run_mop("fit --model tiny-dense --cluster h100 --seq 4K --json");
+  REQUIRE(f.status == 0);
+  CHECK(Json::parse(f.out)["nodes"] == 1);
+}
+
+TEST_CASE("plan refuses bad input with one sentence") {
+  for (const char* args :
+       {"plan --model tiny-moe --cluster h100 --nodes 1 --seq 4K --family zero-infinity",
+        "plan --model tiny-moe --cluster h100 --nodes 1 --seq 4K --top 0",
+        "sweep --model tiny-moe --cluster h100 --nodes 1 --seq 4K,0 --family mop",
+        "fit --model tiny-moe --cluster h100 --seq 4K --max-nodes 0"}) {
+    CAPTURE(args);
+    const auto r = run_mop(args);
+    CHECK(r.status == 1);
+    CHECK(count_lines(r.err) == 1);
+  }
+}
