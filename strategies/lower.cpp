@@ -244,19 +244,26 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     const double q_len = seq / ring;
     st.attention = sim::AttentionShape{b, heads / ulysses, std::max(1.0, kv_heads / ulysses),
                                        q_len, q_len, dqk, dv, true, window};
-    if (ring > 1) {
+    sim::AttentionShape whole_sequence = st.attention; // this rank's share of the whole
+    whole_sequence.q_len = whole_sequence.kv_len = seq;
+    whole_sequence.batch = b / ring;
+    if (ring > 1 && window > 0 && window <= q_len) {
+      // A sliding window shorter than a chunk needs no ring: the previous rank's last `window`
+      // keys and values arrive once (a halo), then the chunk attends locally.
+      Step halo = make_step("window_halo", OpKind::send_recv, Category::cp_comm, kCp);
+      halo.group = g_.cp_ring;
+      halo.bytes = kAct * b * window * std::max(1.0, kv_heads / ulysses) * (dqk + dv);
+      out.push_back(std::move(halo));
+      st.flops = attention_flops(whole_sequence);
+    } else if (ring > 1) {
       // Load-balanced ring (2·ring chunks): each of `ring` steps computes its queries against
       // half a chunk of keys on average; K and V of one chunk pass to the next rank per step.
+      // (A window longer than a chunk is priced as full attention: an upper bound.)
       st.ring_steps = ring;
       st.attention = sim::AttentionShape{b, heads / ulysses, std::max(1.0, kv_heads / ulysses),
-                                         q_len, q_len / 2, dqk, dv, false, window};
+                                         q_len, q_len / 2, dqk, dv, false, 0};
       st.ring_bytes = kAct * b * q_len * std::max(1.0, kv_heads / ulysses) * (dqk + dv);
-      sim::AttentionShape whole = st.attention;
-      whole.kv_len = seq;
-      whole.causal = true;
-      whole.q_len = seq;
-      whole.batch = b / ring; // this rank's share of the whole causal attention
-      st.flops = attention_flops(whole);
+      st.flops = attention_flops(whole_sequence);
     } else {
       st.flops = attention_flops(st.attention);
     }
@@ -485,7 +492,8 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
   case OpKind::all_gather: // the transpose of a gather is a reduce-scatter, and vice versa
   case OpKind::reduce_scatter:
   case OpKind::all_reduce:
-  case OpKind::all_to_all: {
+  case OpKind::all_to_all:
+  case OpKind::send_recv: { // a halo's gradients travel back the way it came
     sim::Op op = op_of(st, prefix + ".bwd", Category::backward, layer, mb);
     if (st.kind == OpKind::all_gather)
       op.kind = OpKind::reduce_scatter;

@@ -145,3 +145,22 @@ TEST_CASE("features appear as the ops they promise") {
   // Ring CP of degree 2: one K/V pass forward and one backward per layer.
   CHECK(count(s, sim::OpKind::send_recv) == 2 * layers * micro);
 }
+
+TEST_CASE("sliding-window layers under ring CP exchange a halo and keep the model's FLOPs") {
+  // gpt-oss: every other layer attends to 128 tokens. With ring CP of 4 over 8192 tokens, each
+  // rank's chunk (2048) is longer than the window: one halo exchange per windowed layer instead
+  // of a ring, and the FLOPs still add up to the model's.
+  const workload::ModelSpec m = workload::load_model("gpt-oss-20b");
+  Plan p = base(8);
+  p.attention.cp = 4;
+  p.global_batch = 2;
+  complete_plan(p);
+  const sim::Schedule s = lower(p, LoweringContext{&m, 8192, 8, kH200, {}});
+  CHECK(schedule_flops(s) ==
+        doctest::Approx(3 * workload::count_flops(m, 8192).model_flops_fwd * 2).epsilon(1e-9));
+  int halos = 0;
+  for (const auto& op : s.classes[0].ops)
+    halos += op.name.find("window_halo") != std::string::npos ? 1 : 0;
+  // 12 windowed layers, forward and backward, one micro-batch.
+  CHECK(halos == 12 * 2);
+}
