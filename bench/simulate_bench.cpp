@@ -47,3 +47,48 @@ void BM_Llama3_405B_128xH100_8K_megatron(benchmark::State& state) {
 BENCHMARK(BM_Llama3_405B_128xH100_8K_megatron)->Unit(benchmark::kMillisecond);
 
 } // namespace
+
+namespace {
+
+// The planner's analytic stage: enumerate every family's plans and run the memory model on each
+// (candidates per second), as `mop plan` does before any simulation.
+void BM_AnalyticStage_KimiK2_12xH200_1M(benchmark::State& state) {
+  const auto model = mop::workload::load_model("kimi-k2");
+  const auto cluster = mop::hw::load_cluster("h200");
+  mop::strategy::PlanContext ctx;
+  ctx.model = &model;
+  ctx.seq = std::int64_t{1} << 20;
+  ctx.cluster = {cluster.node.gpus_per_node, 12};
+  ctx.hw = mop::strategy::memory_hardware(cluster);
+  std::int64_t candidates = 0;
+  for (auto _ : state) {
+    for (const std::string& family : mop::strategy::family_names())
+      for (const auto& plan : mop::strategy::enumerate_family(family, ctx)) {
+        benchmark::DoNotOptimize(
+            mop::strategy::analyze_memory(model, plan, ctx.seq, ctx.hw).peak_hbm_bytes);
+        ++candidates;
+      }
+  }
+  state.SetItemsProcessed(candidates);
+}
+BENCHMARK(BM_AnalyticStage_KimiK2_12xH200_1M)->Unit(benchmark::kMillisecond);
+
+// The compute lower bound of one candidate (run on those that fit memory).
+void BM_LowerBound_KimiK2_1M(benchmark::State& state) {
+  const auto model = mop::workload::load_model("kimi-k2");
+  const auto cluster = mop::hw::load_cluster("h200");
+  mop::strategy::PlanContext ctx;
+  ctx.model = &model;
+  ctx.seq = std::int64_t{1} << 20;
+  ctx.cluster = {cluster.node.gpus_per_node, 12};
+  ctx.hw = mop::strategy::memory_hardware(cluster);
+  const auto plan = mop::strategy::resolve_plan("mop", ctx).plan;
+  const mop::strategy::LoweringContext lc{&model, ctx.seq, 8, ctx.hw, {}};
+  for (auto _ : state)
+    benchmark::DoNotOptimize(
+        mop::strategy::compute_lower_bound_s(plan, lc, cluster, mop::hw::Calibration{}));
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_LowerBound_KimiK2_1M);
+
+} // namespace
