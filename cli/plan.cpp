@@ -134,8 +134,9 @@ void add_plan_command(CLI::App& app) {
                              in.model.name, in.nodes, in.cluster.name,
                              in.nodes * in.cluster.node.gpus_per_node, in.seq,
                              s.candidates_evaluated, s.fit_memory, s.simulated,
-                             s.exhaustive ? " (the rest are provably slower)"
-                                          : " (simulation budget reached)",
+                             s.exhaustive  ? " (the rest are provably slower)"
+                             : s.stopped   ? ""
+                                           : " (simulation budget reached)",
                              s.stopped ? "; interrupted: best so far" : "");
     if (s.results.empty()) {
       std::cout << nothing_fits(s, in) << "\n";

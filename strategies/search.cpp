@@ -144,6 +144,7 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   while (next < fit.size()) {
     if (o.stop && o.stop->load()) {
       out.stopped = true;
+      out.exhaustive = false;
       break;
     }
     if (static_cast<int>(best.size()) >= o.top) {
