@@ -391,6 +391,8 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   op.layer = layer;
   op.micro_batch = mb;
   op.model_flops = category == Category::forward ? st.flops : 0;
+  if (st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm)
+    op.dtype = c_.gemm_dtype;
   return op;
 }
 

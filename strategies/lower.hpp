@@ -16,6 +16,9 @@ struct LoweringContext {
   int gpus_per_node = 8;
   MemoryHardware hw; // resident memory (context, NCCL buffers) and fragmentation figures
   ActivationOptions activations;
+  // Precision of the layers' GEMMs: fp8 recipes (Transformer Engine) run them in FP8 and keep
+  // attention, the LM head and everything else in BF16.
+  sim::Dtype gemm_dtype = sim::Dtype::bf16;
 };
 
 // The Schedule of one optimizer step in steady state: every micro-batch's forward and backward
