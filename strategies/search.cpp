@@ -90,6 +90,8 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   std::vector<Plan> plans;
   for (const std::string& f : families) {
     std::vector<Plan> fp = enumerate_family(f, ctx);
+    if (o.filter)
+      std::erase_if(fp, [&](const Plan& p) { return !o.filter(p); });
     plans.insert(plans.end(), std::make_move_iterator(fp.begin()),
                  std::make_move_iterator(fp.end()));
   }

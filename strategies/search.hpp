@@ -16,6 +16,8 @@ namespace mop::strategy {
 
 struct SearchOptions {
   std::vector<std::string> families; // empty: all
+  // Only plans this accepts are considered (e.g. a family without context parallelism).
+  std::function<bool(const Plan&)> filter;
   int top = 5;
   int threads = 2;
   // Simulate at most this many candidates; when reached before the bound proves the rest
