@@ -91,15 +91,15 @@ void add_claims_command(CLI::App& app) {
         continue;
       std::cout << fmt::format("{} on {} x {}: best plan per family, tokens/s per GPU\n", id,
                                opt->nodes, cluster.name);
-      TextTable t{{"seq", "mop", "fsdp2 (torchtitan, CP allowed)", "fsdp2 without CP",
-                   "mop / fsdp2", "mop / fsdp2 no CP"},
+      TextTable t{{"seq", "mop", "fsdp2 (torchtitan, CP allowed)", "fsdp2 FSDP only",
+                   "mop / fsdp2", "mop / fsdp2 FSDP only"},
                   {},
                   {true, true, true, true, true, true}};
       for (const auto& p : r.by_seq)
         t.rows.push_back({seq_name(p.seq), cell(p.mop), cell(p.fsdp2), cell(p.fsdp2_no_cp),
                           ratio(p, false), ratio(p, true)});
       std::cout << t.render();
-      TextTable s{{"nodes", "mop", "fsdp2", "fsdp2 without CP", "mop / fsdp2"},
+      TextTable s{{"nodes", "mop", "fsdp2", "fsdp2 FSDP only", "mop / fsdp2"},
                   {},
                   {true, true, true, true, true}};
       for (const auto& p : r.by_nodes)

@@ -49,7 +49,7 @@ constexpr std::initializer_list<const char*> kNodeFields = {"gpus_per_node",
                                                             "nic_bandwidth"};
 constexpr std::initializer_list<const char*> kFabricFields = {"kind", "topology", "latency_s"};
 constexpr std::initializer_list<const char*> kHostOptimizerFields = {"adam_params_per_s",
-                                                                     "adam_bytes_per_param"};
+                                                                     "adam_bytes_per_param", "torch_adam_slowdown"};
 constexpr std::initializer_list<const char*> kOverheadFields = {
     "cuda_context_bytes", "nccl_buffer_bytes_per_communicator",
     "nvls_buffer_bytes_per_communicator", "alltoall_buffer_bytes", "allocator_fragmentation"};
@@ -204,6 +204,7 @@ HostOptimizerSpec read_host_optimizer(const Json& object, const std::string& ori
   HostOptimizerSpec h;
   h.adam_params_per_s = f.positive_number_or("adam_params_per_s", h.adam_params_per_s);
   h.adam_bytes_per_param = f.positive_number_or("adam_bytes_per_param", h.adam_bytes_per_param);
+  h.torch_adam_slowdown = f.positive_number_or("torch_adam_slowdown", h.torch_adam_slowdown);
   return h;
 }
 
@@ -368,7 +369,8 @@ Json cluster_to_json(const ClusterSpec& c) {
                       {"topology", c.fabric.topology},
                       {"latency_s", c.fabric.latency_s}}},
       {"host_optimizer", Json{{"adam_params_per_s", c.host_optimizer.adam_params_per_s},
-                              {"adam_bytes_per_param", c.host_optimizer.adam_bytes_per_param}}},
+                              {"adam_bytes_per_param", c.host_optimizer.adam_bytes_per_param},
+                              {"torch_adam_slowdown", c.host_optimizer.torch_adam_slowdown}}},
       {"overheads",
        Json{{"cuda_context_bytes", c.overheads.cuda_context_bytes},
             {"nccl_buffer_bytes_per_communicator", c.overheads.nccl_buffer_bytes_per_communicator},

@@ -76,6 +76,9 @@ struct HostOptimizerSpec {
   double adam_params_per_s = 1.5e9; // per node with all host cores
   // hardware.md §4: read p, g, m, v (16 B) + write p, m, v (12 B) + write bf16 copy (2 B).
   double adam_bytes_per_param = 30;
+  // hardware.md §4 (MAINT, DeepSpeed docs and PR #378): DeepSpeed's vectorised CPU-Adam is
+  // 5.1–6.5× faster than torch's AdamW on the CPU; torch's runs this many times slower.
+  double torch_adam_slowdown = 5.8;
 };
 
 struct ClusterSpec {

@@ -612,7 +612,8 @@ double op_duration_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
   case OpKind::copy_d2h:
     return hw::host_device_copy_time_s(c, cal, op.bytes, {hw::CopyDirection::device_to_host});
   case OpKind::host_adam:
-    return hw::host_adam_time_s(c, cal, op.params, host_cores_per_rank(c));
+    return hw::host_adam_time_s(c, cal, op.params, host_cores_per_rank(c)) *
+           (op.torch_kernel ? c.host_optimizer.torch_adam_slowdown : 1.0);
   }
   return 0;
 }

@@ -96,6 +96,8 @@ struct Op {
   int group = -1;        // collectives: index into Schedule::groups
   int peer_class = -1;   // send/recv: the rank class at the other end
   double params = 0;     // host_adam: parameters updated
+  bool torch_kernel = false; // host_adam: torch's AdamW on the CPU instead of a vectorised
+                             // CPU-Adam (DeepSpeed's); slower by the cluster's measured factor
   double model_flops = 0; // counted towards MFU (0 for recompute, communication, copies)
   int layer = -1;        // decoder layer it belongs to, -1 for none (trace grouping)
   int micro_batch = -1;  // micro-batch it belongs to, -1 for none

@@ -655,6 +655,7 @@ sim::Schedule Lowering::run() {
         sim::Op adam;
         adam.name = fmt::format("L{}.adam", layer_id[static_cast<std::size_t>(i)]);
         adam.kind = OpKind::host_adam;
+        adam.torch_kernel = p_.torch_host_optimizer;
         adam.category = Category::optimizer;
         adam.stream = kHost;
         adam.params = shard_params;
@@ -1061,6 +1062,7 @@ sim::Schedule Lowering::run() {
       sim::Op adam;
       adam.name = "optimizer.host_adamw";
       adam.kind = OpKind::host_adam;
+        adam.torch_kernel = p_.torch_host_optimizer;
       adam.category = Category::optimizer;
       adam.stream = kHost;
       adam.params = shard_params;
@@ -1084,6 +1086,7 @@ sim::Schedule Lowering::run() {
       sim::Op adam;
       adam.name = "optimizer.host_adamw.embedding";
       adam.kind = OpKind::host_adam;
+        adam.torch_kernel = p_.torch_host_optimizer;
       adam.category = Category::optimizer;
       adam.stream = kHost;
       adam.params = emb;

@@ -278,7 +278,9 @@ std::string summary(const Plan& p) {
     for (std::size_t i = 0; i < off.size(); ++i)
       s += (i ? "," : "") + off[i];
   }
-  s += fmt::format(" opt={}/{}", p.optimizer_on_host ? "host" : "gpu", name(p.overlap));
+  s += fmt::format(" opt={}/{}", p.optimizer_on_host ? (p.torch_host_optimizer ? "host-torch" : "host")
+                                                   : "gpu",
+                   name(p.overlap));
   return s;
 }
 
@@ -346,6 +348,7 @@ Json to_json(const Plan& p) {
          {"grads", name(p.grads)},
          {"optimizer", name(p.optimizer)},
          {"optimizer_on_host", p.optimizer_on_host},
+         {"torch_host_optimizer", p.torch_host_optimizer},
          {"overlap", name(p.overlap)}};
   return j;
 }
@@ -424,6 +427,7 @@ Plan plan_from_json(const Json& j, const std::string& origin) {
   p.grads = parse_enum(f, "grads", places, Placement::hbm);
   p.optimizer = parse_enum(f, "optimizer", places, Placement::hbm);
   p.optimizer_on_host = f.bool_or("optimizer_on_host", false);
+  p.torch_host_optimizer = f.bool_or("torch_host_optimizer", false);
   constexpr OptimizerOverlap overlaps[] = {OptimizerOverlap::after_backward,
                                            OptimizerOverlap::stream_backward,
                                            OptimizerOverlap::stream_forward};

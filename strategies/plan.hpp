@@ -84,6 +84,8 @@ struct Plan {
   Placement grads = Placement::hbm;     // gradients between reduce and step
   Placement optimizer = Placement::hbm; // FP32 master weights and Adam moments
   bool optimizer_on_host = false;       // the AdamW step runs on the host CPU
+  bool torch_host_optimizer = false;    // with torch's CPU AdamW (FSDP2, Megatron offload), not
+                                        // a vectorised CPU-Adam (DeepSpeed, mop)
   OptimizerOverlap overlap = OptimizerOverlap::after_backward;
 
   int ranks_per_stage() const { return world / pp; }

@@ -114,9 +114,11 @@ void fsdp2(const PlanContext& ctx, std::vector<Plan>& out) {
                 set_zero(p, 3, shard == world ? 0 : shard);
                 set_recompute(p, rc);
                 p.micro_batch = mb;
-                if (offload) { // FSDP2 CPUOffloadPolicy: params, grads and optimizer on host
+                if (offload) { // FSDP2 CPUOffloadPolicy: params, grads and optimizer on host,
+                  // stepped by torch's AdamW on the CPU
                   p.params = p.grads = p.optimizer = Placement::host;
                   p.optimizer_on_host = true;
+                  p.torch_host_optimizer = true;
                 }
                 keep_if_valid(p, ctx, out);
               }
@@ -150,9 +152,11 @@ void megatron(const PlanContext& ctx, std::vector<Plan>& out) {
                     set_zero(p, 1); // distributed optimizer
                     set_recompute(p, rc);
                     p.micro_batch = mb;
-                    if (offload) { // --optimizer-cpu-offload
+                    if (offload) { // --optimizer-cpu-offload (HybridDeviceOptimizer: torch
+                      // optimizers on the CPU)
                       p.optimizer = Placement::host;
                       p.optimizer_on_host = true;
+                      p.torch_host_optimizer = true;
                     }
                     keep_if_valid(p, ctx, out);
                   }

@@ -23,7 +23,9 @@ std::optional<strategy::RankedPlan> best(const workload::ModelSpec& m,
   so.threads = o.threads;
   so.max_simulations = o.max_simulations;
   if (without_cp)
-    so.filter = [](const strategy::Plan& p) { return p.attention.cp == 1; };
+    so.filter = [](const strategy::Plan& p) {
+      return p.attention.cp == 1 && p.attention.tp == 1; // FSDP (and EP) only
+    };
   strategy::SearchResult r = strategy::search_plans(ctx, cluster, hw::Calibration{}, so);
   if (r.results.empty()) {
     if (why)
