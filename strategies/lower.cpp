@@ -121,6 +121,7 @@ private:
   int emit_attention(const Step& st, const std::string& prefix, Category category, int layer,
                      int mb, bool backward);
   void emit_wgrad(sim::Op wgrad);
+  sim::Op host_adam_op(std::string name, double params, int layer) const;
   sim::Op op_of(const Step& st, const std::string& name, Category category, int layer, int mb);
 };
 
@@ -446,6 +447,19 @@ int Lowering::emit_forward(const Step& st, const std::string& prefix, Category c
   return add(op_of(st, prefix, category, layer, mb));
 }
 
+// AdamW over `params` parameters on the host CPU, with the plan's optimizer implementation.
+sim::Op Lowering::host_adam_op(std::string name, double params, int layer) const {
+  sim::Op adam;
+  adam.name = std::move(name);
+  adam.kind = OpKind::host_adam;
+  adam.torch_kernel = p_.torch_host_optimizer;
+  adam.category = Category::optimizer;
+  adam.stream = kHost;
+  adam.params = params;
+  adam.layer = layer;
+  return adam;
+}
+
 void Lowering::emit_wgrad(sim::Op wgrad) {
   if (defer_wgrad_) {
     wgrad.deps.push_back(cursor_);
@@ -652,14 +666,7 @@ sim::Schedule Lowering::run() {
         double shard_params = 0;
         for (LayerKind k : kLayerKinds)
           shard_params += local[static_cast<std::size_t>(i)][k] / shard_degree(p_, k);
-        sim::Op adam;
-        adam.name = fmt::format("L{}.adam", layer_id[static_cast<std::size_t>(i)]);
-        adam.kind = OpKind::host_adam;
-        adam.torch_kernel = p_.torch_host_optimizer;
-        adam.category = Category::optimizer;
-        adam.stream = kHost;
-        adam.params = shard_params;
-        adam.layer = layer_id[static_cast<std::size_t>(i)];
+        sim::Op adam = host_adam_op(fmt::format("L{}.adam", layer_id[static_cast<std::size_t>(i)]), shard_params, layer_id[static_cast<std::size_t>(i)]);
         const int a = add(std::move(adam), false);
         sim::Op up;
         up.name = fmt::format("L{}.param_upload", layer_id[static_cast<std::size_t>(i)]);
@@ -1059,13 +1066,7 @@ sim::Schedule Lowering::run() {
     } else if (p_.overlap != OptimizerOverlap::stream_forward) {
       // After backward (or streamed per layer as gradients arrive): AdamW on the host, then the
       // updated BF16 shard goes back to HBM.
-      sim::Op adam;
-      adam.name = "optimizer.host_adamw";
-      adam.kind = OpKind::host_adam;
-        adam.torch_kernel = p_.torch_host_optimizer;
-      adam.category = Category::optimizer;
-      adam.stream = kHost;
-      adam.params = shard_params;
+      sim::Op adam = host_adam_op("optimizer.host_adamw", shard_params, -1);
       adam.deps = grad_ready;
       if (p_.overlap == OptimizerOverlap::after_backward && cursor_ >= 0)
         adam.deps.push_back(cursor_);
@@ -1083,13 +1084,7 @@ sim::Schedule Lowering::run() {
     } else {
       // Streamed into the next forward: the embedding's step and the gradient downloads end the
       // step; the layers' steps were placed before their forwards.
-      sim::Op adam;
-      adam.name = "optimizer.host_adamw.embedding";
-      adam.kind = OpKind::host_adam;
-        adam.torch_kernel = p_.torch_host_optimizer;
-      adam.category = Category::optimizer;
-      adam.stream = kHost;
-      adam.params = emb;
+      sim::Op adam = host_adam_op("optimizer.host_adamw.embedding", emb, -1);
       adam.deps = grad_ready;
       add(std::move(adam), false);
     }
