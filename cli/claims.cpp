@@ -1,9 +1,9 @@
 // mop claims: the Mixture-of-Parallelisms paper's claims, as mop predicts them.
+#include "validation/claims.hpp"
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/units.hpp"
 #include "hw_models/cluster.hpp"
-#include "validation/claims.hpp"
 #include "workload/catalog.hpp"
 
 #include <fmt/format.h>
@@ -48,9 +48,9 @@ std::string cell(const std::optional<strategy::RankedPlan>& r) {
 
 std::string ratio(const validation::ClaimPoint& p, bool no_cp) {
   const auto& base = no_cp ? p.fsdp2_no_cp : p.fsdp2;
-  return p.mop && base ? fmt::format("{:.2f}x", p.mop->tokens_per_s_per_gpu /
-                                                     base->tokens_per_s_per_gpu)
-                       : "-";
+  return p.mop && base
+             ? fmt::format("{:.2f}x", p.mop->tokens_per_s_per_gpu / base->tokens_per_s_per_gpu)
+             : "-";
 }
 
 } // namespace
@@ -91,8 +91,8 @@ void add_claims_command(CLI::App& app) {
         continue;
       std::cout << fmt::format("{} on {} x {}: best plan per family, tokens/s per GPU\n", id,
                                opt->nodes, cluster.name);
-      TextTable t{{"seq", "mop", "fsdp2 (torchtitan, CP allowed)", "fsdp2 FSDP only",
-                   "mop / fsdp2", "mop / fsdp2 FSDP only"},
+      TextTable t{{"seq", "mop", "fsdp2 (torchtitan, CP allowed)", "fsdp2 FSDP only", "mop / fsdp2",
+                   "mop / fsdp2 FSDP only"},
                   {},
                   {true, true, true, true, true, true}};
       for (const auto& p : r.by_seq)
@@ -103,8 +103,8 @@ void add_claims_command(CLI::App& app) {
                   {},
                   {true, true, true, true, true}};
       for (const auto& p : r.by_nodes)
-        s.rows.push_back({std::to_string(p.nodes), cell(p.mop), cell(p.fsdp2),
-                          cell(p.fsdp2_no_cp), ratio(p, false)});
+        s.rows.push_back({std::to_string(p.nodes), cell(p.mop), cell(p.fsdp2), cell(p.fsdp2_no_cp),
+                          ratio(p, false)});
       std::cout << fmt::format("\nscaling at {}:\n", seq_name(r.scale_seq)) << s.render() << "\n";
     }
     if (opt->json)

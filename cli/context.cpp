@@ -16,8 +16,7 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
   cmd->add_option("--cluster", opt.cluster, "node type (mop hw list) or a cluster JSON path")
       ->required();
   cmd->add_option("--nodes", opt.nodes, "number of nodes")->capture_default_str();
-  cmd->add_option("--seq", opt.seq, "sequence length: 4096, 4K, 128K, 1M (K = 1024)")
-      ->required();
+  cmd->add_option("--seq", opt.seq, "sequence length: 4096, 4K, 128K, 1M (K = 1024)")->required();
   cmd->add_option("--global-batch", opt.global_batch,
                   "sequences per optimizer step (default: at least 4M tokens, a multiple of the "
                   "data-parallel replicas)");
@@ -32,11 +31,11 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
 PlanInputs resolve_inputs(const PlanOptions& opt) {
   PlanInputs in;
   if (opt.nodes <= 0)
-    throw InputError(fmt::format("--nodes must be a positive number of nodes (got {}).", opt.nodes));
-  if (opt.global_batch < 0)
     throw InputError(
-        fmt::format("--global-batch must be a positive number of sequences (got {}).",
-                    opt.global_batch));
+        fmt::format("--nodes must be a positive number of nodes (got {}).", opt.nodes));
+  if (opt.global_batch < 0)
+    throw InputError(fmt::format("--global-batch must be a positive number of sequences (got {}).",
+                                 opt.global_batch));
   in.seq = parse_count(opt.seq, "--seq");
   in.model = workload::load_model(opt.model);
   in.cluster = hw::load_cluster(opt.cluster);

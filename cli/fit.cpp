@@ -34,9 +34,9 @@ std::vector<int> node_counts(int max_nodes) {
 
 void add_fit_command(CLI::App& app) {
   auto opt = std::make_shared<FitOptions>();
-  CLI::App* cmd = app.add_subcommand(
-      "fit", "The fewest nodes on which a plan fits\n\nExample:\n"
-             "  mop fit --model kimi-k2 --cluster h200 --seq 1M --family mop");
+  CLI::App* cmd =
+      app.add_subcommand("fit", "The fewest nodes on which a plan fits\n\nExample:\n"
+                                "  mop fit --model kimi-k2 --cluster h200 --seq 1M --family mop");
   add_plan_options(cmd, *opt, false);
   cmd->add_option("--family", opt->family, "fsdp2, megatron, ulysses-zero3, mop or all")
       ->capture_default_str();

@@ -1,6 +1,6 @@
 // mop memory: does a plan fit, per rank class, and what runs out first.
-#include "cli/commands.hpp"
 #include "cli/memory.hpp"
+#include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/units.hpp"
 #include "strategies/presets.hpp"
@@ -12,8 +12,8 @@
 namespace mop::cli {
 
 Json breakdown_json(const strategy::MemoryBreakdown& b) {
-  return Json{{"weights", b.weights},         {"grads", b.grads},
-              {"optimizer", b.optimizer},     {"activations", b.activations},
+  return Json{{"weights", b.weights},           {"grads", b.grads},
+              {"optimizer", b.optimizer},       {"activations", b.activations},
               {"comm_buffers", b.comm_buffers}, {"other", b.other}};
 }
 
@@ -41,9 +41,10 @@ Json memory_json(const strategy::ResolvedPlan& r) {
          {"host_capacity_bytes", m.host_capacity_bytes},
          {"memory_breakdown", breakdown_json(w.hbm)},
          {"host_breakdown", breakdown_json(w.host)},
-         {"worst_rank",
-          Json{{"name", w.name}, {"stage", w.stage}, {"dominant", w.dominant},
-               {"peak_hbm_bytes", w.peak_hbm_bytes}}},
+         {"worst_rank", Json{{"name", w.name},
+                             {"stage", w.stage},
+                             {"dominant", w.dominant},
+                             {"peak_hbm_bytes", w.peak_hbm_bytes}}},
          {"rank_classes", classes},
          {"candidates_considered", r.candidates},
          {"plan", strategy::to_json(r.plan)}};
@@ -68,9 +69,8 @@ void print_memory_text(const strategy::ResolvedPlan& r, const PlanInputs& in) {
                       b(c.hbm.optimizer), b(c.hbm.activations), b(c.hbm.comm_buffers),
                       b(c.hbm.other), b(c.peak_hbm_bytes), b(c.host_bytes_per_node)});
   std::cout << t.render() << "\n";
-  std::cout << fmt::format("HBM {} of {} per GPU; host {} of {} per node\n",
-                           b(m.peak_hbm_bytes), b(m.hbm_capacity_bytes), b(m.peak_host_bytes),
-                           b(m.host_capacity_bytes));
+  std::cout << fmt::format("HBM {} of {} per GPU; host {} of {} per node\n", b(m.peak_hbm_bytes),
+                           b(m.hbm_capacity_bytes), b(m.peak_host_bytes), b(m.host_capacity_bytes));
   if (m.fits())
     std::cout << "fits\n";
   else

@@ -16,10 +16,14 @@ namespace {
 using workload::Component;
 
 Json params_json(const workload::ParamCounts& c) {
-  return Json{{"embedding", c.embedding},         {"attention", c.attention},
-              {"dense_mlp", c.dense_mlp},         {"shared_experts", c.shared_experts},
-              {"routed_experts", c.routed_experts}, {"router", c.router},
-              {"norms", c.norms},                 {"lm_head", c.lm_head},
+  return Json{{"embedding", c.embedding},
+              {"attention", c.attention},
+              {"dense_mlp", c.dense_mlp},
+              {"shared_experts", c.shared_experts},
+              {"routed_experts", c.routed_experts},
+              {"router", c.router},
+              {"norms", c.norms},
+              {"lm_head", c.lm_head},
               {"total", c.total()}};
 }
 
@@ -46,7 +50,8 @@ std::string layer_summary(const workload::ModelSpec& m) {
 
 void run_list(bool json) {
   Json out = Json::array();
-  TextTable table{{"id", "name", "type", "layers", "experts", "total", "active"}, {},
+  TextTable table{{"id", "name", "type", "layers", "experts", "total", "active"},
+                  {},
                   {false, false, false, true, false, true, true}};
   for (const std::string& id : workload::catalog_ids()) {
     const workload::ModelSpec m = workload::load_model(id);
@@ -87,43 +92,41 @@ void run_show(const std::string& id, const std::string& seq_text, bool json) {
     }
     Json layers = Json::array();
     for (const auto& l : m.layers)
-      layers.push_back(Json{{"mlp", l.mlp == workload::MlpKind::moe ? "moe" : "dense"},
-                            {"window", l.window}});
-    print_json(Json{
-        {"name", m.name},
-        {"display_name", m.display_name},
-        {"model_type", m.model_type},
-        {"total_params", p.total.total()},
-        {"active_params", p.active.total()},
-        {"active_params_without_embedding", p.active_without_embedding()},
-        {"num_layers", m.num_layers()},
-        {"num_moe_layers", m.num_moe_layers()},
-        {"hidden_size", m.hidden_size},
-        {"vocab_size", m.vocab_size},
-        {"tied_embeddings", m.tied_embeddings},
-        {"attention",
-         Json{{"kind", attention_name(m)},
-              {"num_heads", a.num_heads},
-              {"num_kv_heads", a.num_kv_heads},
-              {"qk_head_dim", a.qk_head_dim()},
-              {"v_head_dim", a.v_dim()},
-              {"q_lora_rank", a.q_lora_rank},
-              {"kv_lora_rank", a.kv_lora_rank}}},
-        {"num_routed_experts", m.is_moe() ? m.moe.num_routed_experts : 0},
-        {"experts_per_token", m.is_moe() ? m.moe.experts_per_token : 0},
-        {"num_shared_experts", m.is_moe() ? m.moe.num_shared_experts : 0},
-        {"params_by_component", params_json(p.total)},
-        {"active_params_by_component", params_json(p.active)},
-        {"mtp_params", p.mtp},
-        {"mtp_params_stored", p.mtp_stored},
-        {"seq", seq},
-        {"flops_per_token_fwd", f.model_flops_fwd_per_token},
-        {"flops_per_token_train", f.model_flops_train_per_token},
-        {"elementwise_flops_per_token_fwd", f.elementwise_flops_fwd / tokens},
-        {"bytes_per_token_fwd", f.bytes_fwd / tokens},
-        {"mtp_flops_per_token_fwd", f.mtp_model_flops_fwd_per_token},
-        {"flops_by_component", flops_by_component},
-        {"layers", layers}});
+      layers.push_back(
+          Json{{"mlp", l.mlp == workload::MlpKind::moe ? "moe" : "dense"}, {"window", l.window}});
+    print_json(Json{{"name", m.name},
+                    {"display_name", m.display_name},
+                    {"model_type", m.model_type},
+                    {"total_params", p.total.total()},
+                    {"active_params", p.active.total()},
+                    {"active_params_without_embedding", p.active_without_embedding()},
+                    {"num_layers", m.num_layers()},
+                    {"num_moe_layers", m.num_moe_layers()},
+                    {"hidden_size", m.hidden_size},
+                    {"vocab_size", m.vocab_size},
+                    {"tied_embeddings", m.tied_embeddings},
+                    {"attention", Json{{"kind", attention_name(m)},
+                                       {"num_heads", a.num_heads},
+                                       {"num_kv_heads", a.num_kv_heads},
+                                       {"qk_head_dim", a.qk_head_dim()},
+                                       {"v_head_dim", a.v_dim()},
+                                       {"q_lora_rank", a.q_lora_rank},
+                                       {"kv_lora_rank", a.kv_lora_rank}}},
+                    {"num_routed_experts", m.is_moe() ? m.moe.num_routed_experts : 0},
+                    {"experts_per_token", m.is_moe() ? m.moe.experts_per_token : 0},
+                    {"num_shared_experts", m.is_moe() ? m.moe.num_shared_experts : 0},
+                    {"params_by_component", params_json(p.total)},
+                    {"active_params_by_component", params_json(p.active)},
+                    {"mtp_params", p.mtp},
+                    {"mtp_params_stored", p.mtp_stored},
+                    {"seq", seq},
+                    {"flops_per_token_fwd", f.model_flops_fwd_per_token},
+                    {"flops_per_token_train", f.model_flops_train_per_token},
+                    {"elementwise_flops_per_token_fwd", f.elementwise_flops_fwd / tokens},
+                    {"bytes_per_token_fwd", f.bytes_fwd / tokens},
+                    {"mtp_flops_per_token_fwd", f.mtp_model_flops_fwd_per_token},
+                    {"flops_by_component", flops_by_component},
+                    {"layers", layers}});
     return;
   }
   std::cout << fmt::format("{} ({}, {})\n", m.display_name, m.name, m.model_type);
@@ -158,7 +161,8 @@ void run_show(const std::string& id, const std::string& seq_text, bool json) {
   row("total", p.total.total(), p.active.total());
   row("MTP (separate)", p.mtp, p.mtp_active);
   std::cout << "\n" << t.render();
-  TextTable ft{{fmt::format("per token at seq {}", seq), "fwd FLOPs", "share"}, {}, {false, true, true}};
+  TextTable ft{
+      {fmt::format("per token at seq {}", seq), "fwd FLOPs", "share"}, {}, {false, true, true}};
   for (int c = 0; c < workload::kNumComponents; ++c) {
     const auto comp = static_cast<Component>(c);
     const double v = f.by_component[c].fwd_flops / tokens;

@@ -1,6 +1,6 @@
 // mop plan: search every valid plan of the chosen families; the fastest that fit, best first.
-#include "cli/commands.hpp"
 #include "cli/plan.hpp"
+#include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
 #include "common/units.hpp"
@@ -20,7 +20,9 @@ namespace mop::cli {
 namespace {
 
 std::atomic<bool> g_interrupted{false};
-extern "C" void on_interrupt(int) { g_interrupted.store(true); }
+extern "C" void on_interrupt(int) {
+  g_interrupted.store(true);
+}
 
 struct PlanCommandOptions : PlanOptions {
   std::string family = "all";
@@ -49,8 +51,8 @@ std::string nothing_fits(const strategy::SearchResult& s, const PlanInputs& in) 
   const int nodes = static_cast<int>(std::ceil(over * in.nodes));
   return fmt::format("nothing fits; closest: {}. {}. Nearest fixes: about {} nodes instead of {}, "
                      "more offload to the host, or a shorter context.",
-                     strategy::summary(*s.closest), m.first_to_run_out, std::max(nodes, in.nodes + 1),
-                     in.nodes);
+                     strategy::summary(*s.closest), m.first_to_run_out,
+                     std::max(nodes, in.nodes + 1), in.nodes);
 }
 
 } // namespace
@@ -67,12 +69,11 @@ Json ranked_json(const strategy::RankedPlan& r) {
               {"peak_hbm_bytes", r.peak_hbm_bytes},
               {"peak_host_bytes", r.peak_host_bytes},
               {"global_batch", r.plan.global_batch},
-              {"breakdown_s",
-               Json{{"compute", b.compute},
-                    {"exposed_comm", b.exposed_comm},
-                    {"bubble", b.bubble},
-                    {"offload_stall", b.offload_stall},
-                    {"optimizer", b.optimizer}}}};
+              {"breakdown_s", Json{{"compute", b.compute},
+                                   {"exposed_comm", b.exposed_comm},
+                                   {"bubble", b.bubble},
+                                   {"offload_stall", b.offload_stall},
+                                   {"optimizer", b.optimizer}}}};
 }
 
 strategy::SearchResult run_search(const PlanInputs& in, const std::string& family, int top,
@@ -84,14 +85,14 @@ strategy::SearchResult run_search(const PlanInputs& in, const std::string& famil
   so.stop = &g_interrupted;
   if (show_progress)
     so.progress = [](std::int64_t done, std::int64_t total) {
-      std::fprintf(stderr, "\rsimulating candidates: %lld of at most %lld", static_cast<long long>(done),
-                   static_cast<long long>(total));
+      std::fprintf(stderr, "\rsimulating candidates: %lld of at most %lld",
+                   static_cast<long long>(done), static_cast<long long>(total));
       std::fflush(stderr);
     };
   g_interrupted.store(false);
   auto previous = std::signal(SIGINT, on_interrupt);
-  strategy::SearchResult r = strategy::search_plans(in.context(), in.cluster,
-                                                    hw::Calibration{}, so);
+  strategy::SearchResult r =
+      strategy::search_plans(in.context(), in.cluster, hw::Calibration{}, so);
   std::signal(SIGINT, previous);
   if (show_progress)
     std::fputs("\r\033[K", stderr);
@@ -134,9 +135,9 @@ void add_plan_command(CLI::App& app) {
                              in.model.name, in.nodes, in.cluster.name,
                              in.nodes * in.cluster.node.gpus_per_node, in.seq,
                              s.candidates_evaluated, s.fit_memory, s.simulated,
-                             s.exhaustive  ? " (the rest are provably slower)"
-                             : s.stopped   ? ""
-                                           : " (simulation budget reached)",
+                             s.exhaustive ? " (the rest are provably slower)"
+                             : s.stopped  ? ""
+                                          : " (simulation budget reached)",
                              s.stopped ? "; interrupted: best so far" : "");
     if (s.results.empty()) {
       std::cout << nothing_fits(s, in) << "\n";
@@ -147,12 +148,11 @@ void add_plan_command(CLI::App& app) {
                 {true, false, true, true, true, true, true}};
     for (std::size_t i = 0; i < s.results.size(); ++i) {
       const auto& r = s.results[i];
-      t.rows.push_back({std::to_string(i + 1),
-                        fmt::format("{}: {}", r.plan.family, strategy::summary(r.plan)),
-                        format_seconds(r.eval.step_time_s),
-                        fmt::format("{:.1f}", r.tokens_per_s_per_gpu),
-                        fmt::format("{:.1f} %", 100 * r.mfu), format_bytes(r.peak_hbm_bytes),
-                        format_bytes(r.peak_host_bytes)});
+      t.rows.push_back(
+          {std::to_string(i + 1), fmt::format("{}: {}", r.plan.family, strategy::summary(r.plan)),
+           format_seconds(r.eval.step_time_s), fmt::format("{:.1f}", r.tokens_per_s_per_gpu),
+           fmt::format("{:.1f} %", 100 * r.mfu), format_bytes(r.peak_hbm_bytes),
+           format_bytes(r.peak_host_bytes)});
     }
     std::cout << t.render();
     if (s.results.size() > 1)

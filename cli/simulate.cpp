@@ -96,14 +96,14 @@ Json simulate_json(const strategy::ResolvedPlan& plan, const strategy::StepEvalu
 
 void print_text(const strategy::ResolvedPlan& plan, const strategy::StepEvaluation& e,
                 const Report& rep, const PlanInputs& in, const strategy::MemoryHardware& hw) {
-  std::cout << fmt::format("{} on {} x {} ({} GPUs), seq {}, global batch {} ({} tokens, {} "
-                           "micro-batches{})\n",
-                           in.model.name, in.nodes, in.cluster.name, e.schedule.world, in.seq,
-                           plan.plan.global_batch, e.tokens_per_step, e.micro_batches,
-                           e.micro_batches_simulated < e.micro_batches
-                               ? fmt::format(", {} simulated and extrapolated",
-                                             e.micro_batches_simulated)
-                               : "");
+  std::cout << fmt::format(
+      "{} on {} x {} ({} GPUs), seq {}, global batch {} ({} tokens, {} "
+      "micro-batches{})\n",
+      in.model.name, in.nodes, in.cluster.name, e.schedule.world, in.seq, plan.plan.global_batch,
+      e.tokens_per_step, e.micro_batches,
+      e.micro_batches_simulated < e.micro_batches
+          ? fmt::format(", {} simulated and extrapolated", e.micro_batches_simulated)
+          : "");
   std::cout << fmt::format("plan ({}): {}\n\n", plan.plan.family, strategy::summary(plan.plan));
   std::cout << fmt::format("step time       {}\n", format_seconds(rep.step_time_s));
   std::cout << fmt::format("tokens/s/GPU    {:.1f}\n", rep.tokens_per_s_per_gpu);
@@ -112,8 +112,7 @@ void print_text(const strategy::ResolvedPlan& plan, const strategy::StepEvaluati
   const sim::Breakdown& b = rep.result.breakdown;
   TextTable t{{"critical path", "time", "share"}, {}, {false, true, true}};
   auto row = [&](const std::string& name, double v) {
-    t.rows.push_back({name, format_seconds(v),
-                      fmt::format("{:.1f} %", 100 * v / rep.step_time_s)});
+    t.rows.push_back({name, format_seconds(v), fmt::format("{:.1f} %", 100 * v / rep.step_time_s)});
   };
   row("compute", b.compute);
   if (b.recompute > 0)
@@ -127,12 +126,11 @@ void print_text(const strategy::ResolvedPlan& plan, const strategy::StepEvaluati
   row("offload stall", b.offload_stall);
   row("optimizer", b.optimizer);
   std::cout << "\n" << t.render();
-  std::cout << fmt::format("\npeak HBM {} of {} per GPU; host {} of {} per node: {}\n",
-                           format_bytes(rep.peak_hbm_bytes), format_bytes(hw.hbm_bytes),
-                           format_bytes(rep.peak_host_bytes), format_bytes(hw.host_bytes),
-                           rep.peak_hbm_bytes <= hw.hbm_bytes && rep.peak_host_bytes <= hw.host_bytes
-                               ? "fits"
-                               : "does not fit");
+  std::cout << fmt::format(
+      "\npeak HBM {} of {} per GPU; host {} of {} per node: {}\n", format_bytes(rep.peak_hbm_bytes),
+      format_bytes(hw.hbm_bytes), format_bytes(rep.peak_host_bytes), format_bytes(hw.host_bytes),
+      rep.peak_hbm_bytes <= hw.hbm_bytes && rep.peak_host_bytes <= hw.host_bytes ? "fits"
+                                                                                 : "does not fit");
 }
 
 } // namespace
@@ -143,7 +141,8 @@ void add_simulate_command(CLI::App& app) {
       "simulate",
       "Play a plan's schedule on the hardware model: step time, throughput, MFU, where the time "
       "goes, memory over time\n\nExample:\n"
-      "  mop simulate --model kimi-k2 --cluster h200 --nodes 12 --seq 1M --plan mop --trace t.json");
+      "  mop simulate --model kimi-k2 --cluster h200 --nodes 12 --seq 1M --plan mop --trace "
+      "t.json");
   add_plan_options(cmd, *opt);
   cmd->add_option("--trace", opt->trace,
                   "write a Chrome/Perfetto trace (open it in ui.perfetto.dev)");
@@ -164,8 +163,8 @@ void add_simulate_command(CLI::App& app) {
     const Report rep = report_of(e, in, ctx.hw);
     if (!opt->trace.empty()) {
       trace::TraceOptions to;
-      to.title = fmt::format("{} {} seq {} on {} x {}", in.model.name,
-                             strategy::summary(plan.plan), in.seq, in.nodes, in.cluster.name);
+      to.title = fmt::format("{} {} seq {} on {} x {}", in.model.name, strategy::summary(plan.plan),
+                             in.seq, in.nodes, in.cluster.name);
       trace::write_chrome_trace(opt->trace, s, rep.result, to);
     }
     if (opt->json)

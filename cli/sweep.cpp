@@ -39,8 +39,9 @@ void add_sweep_command(CLI::App& app) {
                "  mop sweep --model kimi-k2 --cluster h200 --nodes 12 --seq 4K,64K,128K,1M "
                "--family fsdp2,mop");
   add_plan_options(cmd, *opt, false);
-  cmd->add_option("--family", opt->family, "comma-separated families (fsdp2, megatron, "
-                                           "ulysses-zero3, mop)")
+  cmd->add_option("--family", opt->family,
+                  "comma-separated families (fsdp2, megatron, "
+                  "ulysses-zero3, mop)")
       ->capture_default_str();
   cmd->add_flag("--csv", opt->csv, std::string("print CSV"));
   cmd->add_option("--threads", opt->threads, "threads for the search")->capture_default_str();
@@ -76,8 +77,7 @@ void add_sweep_command(CLI::App& app) {
                             strategy::summary(r.plan)});
         } else {
           row["tokens_per_s_per_gpu"] = 0;
-          row["peak_hbm_bytes"] =
-              s.closest ? s.closest_memory.peak_hbm_bytes : 0.0;
+          row["peak_hbm_bytes"] = s.closest ? s.closest_memory.peak_hbm_bytes : 0.0;
           row["why"] = s.closest ? s.closest_memory.first_to_run_out : "no valid plan";
           t.rows.push_back({std::to_string(in.seq), family, "no", "-", "-",
                             s.closest ? format_bytes(s.closest_memory.peak_hbm_bytes) : "-",
@@ -93,8 +93,8 @@ void add_sweep_command(CLI::App& app) {
       for (const Json& r : rows)
         std::cout << fmt::format("{},{},{},{},{},{},\"{}\"\n", r["seq"].get<std::int64_t>(),
                                  r["family"].get<std::string>(), r["fits"].get<bool>(),
-                                 r["tokens_per_s_per_gpu"].get<double>(),
-                                 r.value("mfu", 0.0), r["peak_hbm_bytes"].get<double>(),
+                                 r["tokens_per_s_per_gpu"].get<double>(), r.value("mfu", 0.0),
+                                 r["peak_hbm_bytes"].get<double>(),
                                  r.value("summary", std::string()));
     } else {
       std::cout << t.render();

@@ -11,9 +11,13 @@
 namespace mop::cli {
 namespace {
 
-Json number_or_null(double v) { return std::isnan(v) ? Json(nullptr) : Json(v); }
+Json number_or_null(double v) {
+  return std::isnan(v) ? Json(nullptr) : Json(v);
+}
 
-std::string pct(double v) { return std::isnan(v) ? "-" : fmt::format("{:.1f} %", 100 * v); }
+std::string pct(double v) {
+  return std::isnan(v) ? "-" : fmt::format("{:.1f} %", 100 * v);
+}
 
 } // namespace
 
@@ -64,9 +68,8 @@ void add_validate_command(CLI::App& app) {
                       {"rows_predicted", rep.rows_predicted}});
       return;
     }
-    TextTable t{{"row", "metric", "measured", "predicted", "error"},
-                {},
-                {false, false, true, true, true}};
+    TextTable t{
+        {"row", "metric", "measured", "predicted", "error"}, {}, {false, false, true, true, true}};
     for (const auto& p : rep.points)
       t.rows.push_back({p.id, p.metric, fmt::format("{:.4g}", p.measured),
                         p.predicted ? fmt::format("{:.4g}", *p.predicted) : "-",
@@ -75,9 +78,8 @@ void add_validate_command(CLI::App& app) {
     std::cout << fmt::format("{} rows, {} predicted. MAPE: time-like {} (dense {}, MoE {}); peak "
                              "memory {} (dense {}, MoE {})\n",
                              rep.rows, rep.rows_predicted, pct(rep.mape_time),
-                             pct(rep.mape_time_dense), pct(rep.mape_time_moe),
-                             pct(rep.mape_memory), pct(rep.mape_memory_dense),
-                             pct(rep.mape_memory_moe));
+                             pct(rep.mape_time_dense), pct(rep.mape_time_moe), pct(rep.mape_memory),
+                             pct(rep.mape_memory_dense), pct(rep.mape_memory_moe));
   });
 }
 

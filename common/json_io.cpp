@@ -84,8 +84,8 @@ JsonFields::JsonFields(const Json& object, std::string origin)
 void JsonFields::fail(const std::string& key, const std::string& requirement) const {
   auto it = object_.find(key);
   if (it == object_.end() || it->is_null())
-    throw InputError(fmt::format("{}: field '{}' is missing; it must be {}.", origin_, key,
-                                 requirement));
+    throw InputError(
+        fmt::format("{}: field '{}' is missing; it must be {}.", origin_, key, requirement));
   throw InputError(
       fmt::format("{}: field '{}' must be {} (got {}).", origin_, key, requirement, it->dump()));
 }
@@ -119,8 +119,7 @@ std::int64_t JsonFields::positive_int_or(const std::string& key, std::int64_t fa
   return has(key) ? positive_int(key) : fallback;
 }
 
-std::int64_t JsonFields::non_negative_int_or(const std::string& key,
-                                             std::int64_t fallback) const {
+std::int64_t JsonFields::non_negative_int_or(const std::string& key, std::int64_t fallback) const {
   if (!has(key))
     return fallback;
   const Json& v = object_.at(key);

@@ -80,6 +80,8 @@ std::string format_seconds(double seconds) {
   return fmt::format("{:.3f} us", seconds * 1e6);
 }
 
-std::string format_flops(double flops) { return fmt::format("{:.3e}", flops); }
+std::string format_flops(double flops) {
+  return fmt::format("{:.3e}", flops);
+}
 
 } // namespace mop

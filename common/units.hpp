@@ -10,7 +10,8 @@ namespace mop {
 // `what` names the argument in the error sentence ("--seq").
 std::int64_t parse_count(std::string_view text, std::string_view what);
 
-// "1.03T", "32.9B", "46.7B", "8.03B", "671M": parameter counts in decimal units, as papers print them.
+// "1.03T", "32.9B", "46.7B", "8.03B", "671M": parameter counts in decimal units, as papers print
+// them.
 std::string format_params(double params);
 // "139.8 GiB", "512 MiB": binary units for memory.
 std::string format_bytes(double bytes);

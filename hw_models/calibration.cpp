@@ -28,9 +28,6 @@ const Json& list_of(const JsonFields& top, const std::string& key) {
   return v;
 }
 
-
-
-
 int groups_field(const JsonFields& e) {
   const std::int64_t g = e.positive_int_or("groups", 1);
   if (g > 1'000'000)

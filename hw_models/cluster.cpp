@@ -48,8 +48,8 @@ constexpr std::initializer_list<const char*> kNodeFields = {"gpus_per_node",
                                                             "nic_line_rate",
                                                             "nic_bandwidth"};
 constexpr std::initializer_list<const char*> kFabricFields = {"kind", "topology", "latency_s"};
-constexpr std::initializer_list<const char*> kHostOptimizerFields = {"adam_params_per_s",
-                                                                     "adam_bytes_per_param", "torch_adam_slowdown"};
+constexpr std::initializer_list<const char*> kHostOptimizerFields = {
+    "adam_params_per_s", "adam_bytes_per_param", "torch_adam_slowdown"};
 constexpr std::initializer_list<const char*> kOverheadFields = {
     "cuda_context_bytes", "nccl_buffer_bytes_per_communicator",
     "nvls_buffer_bytes_per_communicator", "alltoall_buffer_bytes", "allocator_fragmentation"};
@@ -88,9 +88,6 @@ double fraction(const JsonFields& f, const std::string& key) {
     f.fail(key, "a fraction in (0, 1]");
   return v;
 }
-
-
-
 
 std::vector<AttentionEfficiency> attention_curves(const JsonFields& gpu, const std::string& key) {
   const Json& list = gpu.at(key);

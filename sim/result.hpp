@@ -22,9 +22,9 @@ struct MemorySample {
 
 struct ClassMemory {
   double peak_hbm_bytes = 0;
-  double peak_host_bytes = 0;   // this class's ranks' share of host memory (per rank)
-  double peak_time_s = 0;       // when HBM peaked
-  double at_peak[6] = {0, 0, 0, 0, 0, 0}; // HBM bytes by MemoryKind when HBM peaked
+  double peak_host_bytes = 0;               // this class's ranks' share of host memory (per rank)
+  double peak_time_s = 0;                   // when HBM peaked
+  double at_peak[6] = {0, 0, 0, 0, 0, 0};   // HBM bytes by MemoryKind when HBM peaked
   std::vector<std::string> largest_at_peak; // names of the largest live tensors at the peak
   std::vector<MemorySample> timeline;
 };
@@ -37,9 +37,9 @@ struct ClassResult {
 
 // Time on the critical path by what it was spent on (CLI.md simulate breakdown_s).
 struct Breakdown {
-  double compute = 0;       // forward, backward and recompute kernels
-  double recompute = 0;     // the recompute part of compute
-  double exposed_comm = 0;  // communication not hidden behind compute
+  double compute = 0;      // forward, backward and recompute kernels
+  double recompute = 0;    // the recompute part of compute
+  double exposed_comm = 0; // communication not hidden behind compute
   double exposed_comm_by_category[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}; // by Category index
   double bubble = 0;        // waiting for another pipeline stage
   double offload_stall = 0; // waiting for PCIe copies
@@ -56,7 +56,7 @@ struct SimResult {
   double step_time_s = 0;
   Breakdown breakdown;
   std::vector<CriticalStep> critical_path; // first op to last
-  std::int64_t events = 0;                  // events the engine processed
+  std::int64_t events = 0;                 // events the engine processed
 };
 
 } // namespace mop::sim

@@ -50,10 +50,13 @@ const char* op_kind_name(OpKind k) {
 
 bool is_collective(OpKind k) {
   return k == OpKind::all_gather || k == OpKind::reduce_scatter || k == OpKind::all_reduce ||
-         k == OpKind::all_to_all || k == OpKind::send_recv || k == OpKind::send || k == OpKind::recv;
+         k == OpKind::all_to_all || k == OpKind::send_recv || k == OpKind::send ||
+         k == OpKind::recv;
 }
 
-bool is_copy(OpKind k) { return k == OpKind::copy_h2d || k == OpKind::copy_d2h; }
+bool is_copy(OpKind k) {
+  return k == OpKind::copy_h2d || k == OpKind::copy_d2h;
+}
 
 const char* category_name(Category c) {
   switch (c) {

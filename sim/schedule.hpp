@@ -27,8 +27,8 @@ enum class OpKind {
   all_to_all,
   send_recv, // ring exchange inside `group`: every rank sends to the next, receives from the
              // previous (NCCL send/recv pairs; context-parallel ring attention)
-  send, // point-to-point to `peer_class` (pipeline); the matching recv names this op
-  recv, // completes when the matching send (remote_deps) completes; takes no time itself
+  send,      // point-to-point to `peer_class` (pipeline); the matching recv names this op
+  recv,      // completes when the matching send (remote_deps) completes; takes no time itself
   // host <-> device over PCIe, pinned memory
   copy_h2d,
   copy_d2h,
@@ -63,8 +63,8 @@ const char* memory_kind_name(MemoryKind k);
 
 struct GemmShape {
   double m = 0, n = 0, k = 0;
-  double instances = 1;                 // gemm: independent copies (batched)
-  std::vector<double> rows_per_expert;  // grouped_gemm: rows of each expert's GEMM (m ignored)
+  double instances = 1;                // gemm: independent copies (batched)
+  std::vector<double> rows_per_expert; // grouped_gemm: rows of each expert's GEMM (m ignored)
 };
 
 struct AttentionShape {
@@ -92,19 +92,19 @@ struct Op {
   Dtype dtype = Dtype::bf16;
   GemmShape gemm;
   AttentionShape attention;
-  double bytes = 0;      // elementwise: HBM bytes read+written; collective: per-rank size; copy
-  int group = -1;        // collectives: index into Schedule::groups
-  int peer_class = -1;   // send/recv: the rank class at the other end
-  double params = 0;     // host_adam: parameters updated
+  double bytes = 0;          // elementwise: HBM bytes read+written; collective: per-rank size; copy
+  int group = -1;            // collectives: index into Schedule::groups
+  int peer_class = -1;       // send/recv: the rank class at the other end
+  double params = 0;         // host_adam: parameters updated
   bool torch_kernel = false; // host_adam: torch's AdamW on the CPU instead of a vectorised
                              // CPU-Adam (DeepSpeed's); slower by the cluster's measured factor
-  double model_flops = 0; // counted towards MFU (0 for recompute, communication, copies)
-  int layer = -1;        // decoder layer it belongs to, -1 for none (trace grouping)
-  int micro_batch = -1;  // micro-batch it belongs to, -1 for none
-  std::vector<int> deps;            // ops of this class that must end before this one starts
+  double model_flops = 0;    // counted towards MFU (0 for recompute, communication, copies)
+  int layer = -1;            // decoder layer it belongs to, -1 for none (trace grouping)
+  int micro_batch = -1;      // micro-batch it belongs to, -1 for none
+  std::vector<int> deps;     // ops of this class that must end before this one starts
   std::vector<RemoteDep> remote_deps; // ops of other classes that must end first
-  std::vector<int> allocs;          // tensors (of this class) allocated when the op starts
-  std::vector<int> frees;           // tensors freed when the op ends
+  std::vector<int> allocs;            // tensors (of this class) allocated when the op starts
+  std::vector<int> frees;             // tensors freed when the op ends
 };
 
 struct Tensor {
@@ -119,7 +119,7 @@ struct Tensor {
 
 // A communicator: how its ranks sit on the topology.
 struct Group {
-  std::string name;       // "tp", "cp", "ep", "fsdp.attention", "pp.0-1"
+  std::string name; // "tp", "cp", "ep", "fsdp.attention", "pp.0-1"
   int ranks = 1;
   int ranks_per_node = 1; // ranks of the group that share a node
 };

@@ -25,8 +25,8 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   // m2: a multiple of pp and at least 2·pp, so that m1 = m2 - pp·(...) >= pp: both runs have a
   // full pipeline (1F1B's step is linear in m from m = pp on; interleaving needs m % pp == 0).
   int m2 = std::max(max_simulated / pp * pp, 2 * pp);
-  const bool extrapolate = max_simulated > 0 && plan.schedule != PipelineSchedule::gpipe &&
-                           e.micro_batches > m2;
+  const bool extrapolate =
+      max_simulated > 0 && plan.schedule != PipelineSchedule::gpipe && e.micro_batches > m2;
   if (!extrapolate) {
     e.schedule = lower(plan, ctx);
     e.result = sim::simulate(e.schedule, cluster, calibration);

@@ -17,7 +17,7 @@ namespace mop::strategy {
 struct StepEvaluation {
   sim::Schedule schedule; // the schedule simulated last (m2 micro-batches when extrapolated)
   sim::SimResult result;  // its result, with step_time_s and breakdown extrapolated to the plan
-  int micro_batches = 0;           // the plan's, per replica
+  int micro_batches = 0;  // the plan's, per replica
   int micro_batches_simulated = 0; // in `schedule`
   double step_time_s = 0;
   double tokens_per_step = 0;      // the plan's whole batch

@@ -22,13 +22,13 @@ using workload::ModelSpec;
 namespace {
 
 enum Stream { kCompute, kTp, kCp, kEp, kDp, kPp, kH2d, kD2h, kHost, kNumStreams };
-const char* const kStreamNames[kNumStreams] = {"compute", "comm.tp", "comm.cp",
-                                               "comm.ep", "comm.dp", "comm.pp",
+const char* const kStreamNames[kNumStreams] = {"compute",  "comm.tp",  "comm.cp",
+                                               "comm.ep",  "comm.dp",  "comm.pp",
                                                "copy.h2d", "copy.d2h", "host"};
 
 // Bytes per element (mixed precision, as the memory model counts them).
-constexpr double kAct = 2;       // BF16 activations and weights
-constexpr double kGrad = 4;      // FP32 gradients reduced
+constexpr double kAct = 2;  // BF16 activations and weights
+constexpr double kGrad = 4; // FP32 gradients reduced
 // AdamW on the GPU reads BF16 param, FP32 grad, master, m, v and writes master, m, v, BF16 param.
 constexpr double kAdamBytesPerParam = 2 + 4 + 4 + 4 + 4 + 4 + 4 + 4 + 2;
 
@@ -58,9 +58,9 @@ struct Step {
   sim::AttentionShape attention;
   double bytes = 0;
   int group = -1;
-  double flops = 0;            // forward model FLOPs
-  int ring_steps = 0;          // > 0: ring attention over this many steps (attention shape per step)
-  double ring_bytes = 0;       // K/V bytes passed per ring step
+  double flops = 0;      // forward model FLOPs
+  int ring_steps = 0;    // > 0: ring attention over this many steps (attention shape per step)
+  double ring_bytes = 0; // K/V bytes passed per ring step
   bool selective_keep = false; // recomputed under selective recompute
 };
 
@@ -115,8 +115,7 @@ private:
   int add(sim::Op op, bool on_path = true);
   int tensor(std::string name, double bytes, sim::Device device, sim::MemoryKind kind,
              bool resident = false);
-  int emit_forward(const Step& st, const std::string& prefix, Category category, int layer,
-                   int mb);
+  int emit_forward(const Step& st, const std::string& prefix, Category category, int layer, int mb);
   void emit_backward(const Step& st, const std::string& prefix, int layer, int mb);
   int emit_attention(const Step& st, const std::string& prefix, Category category, int layer,
                      int mb, bool backward);
@@ -154,8 +153,8 @@ void Lowering::make_groups() {
   for (int k = 0; k < kNumLayerKinds; ++k) {
     const int d = static_cast<int>(shard_degree(p_, static_cast<LayerKind>(k)));
     if (d > 1)
-      g_.fsdp[k] = add_group(group_of(fmt::format("dp.{}", layer_kind_name(static_cast<LayerKind>(k))),
-                                      d, strides[k], gpn));
+      g_.fsdp[k] = add_group(group_of(
+          fmt::format("dp.{}", layer_kind_name(static_cast<LayerKind>(k))), d, strides[k], gpn));
   }
   if (p_.pp > 1) {
     const int per_stage = p_.world / p_.pp;
@@ -170,9 +169,9 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   const double tp = p_.attention.tp;
   const double t = tokens_;
   const double heads = static_cast<double>(a.num_heads) / tp;
-  const double kv_heads =
-      a.kind == AttentionKind::mla ? heads
-                                   : std::max(1.0, static_cast<double>(a.num_kv_heads) / tp);
+  const double kv_heads = a.kind == AttentionKind::mla
+                              ? heads
+                              : std::max(1.0, static_cast<double>(a.num_kv_heads) / tp);
   const double dqk = static_cast<double>(a.qk_head_dim());
   const double dv = static_cast<double>(a.v_dim());
   auto gemm = [&](std::string name, double m, double n, double k) {
@@ -236,15 +235,14 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   const int ring = g_.cp_ring >= 0 ? s_.groups[static_cast<std::size_t>(g_.cp_ring)].ranks : 1;
   const double qkv_bytes = kAct * t * (heads * dqk + kv_heads * (dqk + dv));
   if (ulysses > 1)
-    collective("ulysses_qkv_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
-               qkv_bytes);
+    collective("ulysses_qkv_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a, qkv_bytes);
   {
     // After Ulysses each rank holds heads/u of the sequence's ring chunk (ring·tokens... the
     // tokens of u ranks): queries per rank u·t, heads/u.
     Step st = make_step("attn_core", OpKind::attention_fwd);
     const double q_len = seq / ring;
-    st.attention = sim::AttentionShape{b, heads / ulysses, std::max(1.0, kv_heads / ulysses),
-                                       q_len, q_len, dqk, dv, true, window};
+    st.attention = sim::AttentionShape{
+        b, heads / ulysses, std::max(1.0, kv_heads / ulysses), q_len, q_len, dqk, dv, true, window};
     sim::AttentionShape whole_sequence = st.attention; // this rank's share of the whole
     whole_sequence.q_len = whole_sequence.kv_len = seq;
     whole_sequence.batch = b / ring;
@@ -261,8 +259,9 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       // half a chunk of keys on average; K and V of one chunk pass to the next rank per step.
       // (A window longer than a chunk is priced as full attention: an upper bound.)
       st.ring_steps = ring;
-      st.attention = sim::AttentionShape{b, heads / ulysses, std::max(1.0, kv_heads / ulysses),
-                                         q_len, q_len / 2, dqk, dv, false, 0};
+      st.attention = sim::AttentionShape{b,     heads / ulysses, std::max(1.0, kv_heads / ulysses),
+                                         q_len, q_len / 2,       dqk,
+                                         dv,    false,           0};
       st.ring_bytes = kAct * b * q_len * std::max(1.0, kv_heads / ulysses) * (dqk + dv);
       st.flops = attention_flops(whole_sequence);
     } else {
@@ -336,8 +335,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.flops = 2 * expert_rows * h * inter;
       out.push_back(std::move(st));
     }
-    collective("etp_reduce", OpKind::all_reduce, Category::ep_comm, kEp, g_.etp,
-               kAct * routed * h);
+    collective("etp_reduce", OpKind::all_reduce, Category::ep_comm, kEp, g_.etp, kAct * routed * h);
     collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
     elementwise("experts_combine", kAct * routed * h + kAct * tm * h, false);
     if (e.num_shared_experts > 0) {
@@ -537,13 +535,13 @@ sim::Schedule Lowering::run() {
   // Indexed [stage][chunk * micro + micro-batch]; a chunk is one of the stage's vp virtual
   // stages (interleaved 1F1B), chunk 0 otherwise.
   const int vp = p_.schedule == PipelineSchedule::interleaved_1f1b ? p_.vp : 1;
-  std::vector<std::vector<int>> send_fwd(static_cast<std::size_t>(p_.pp),
-                                         std::vector<int>(static_cast<std::size_t>(micro * vp), -1));
+  std::vector<std::vector<int>> send_fwd(
+      static_cast<std::size_t>(p_.pp), std::vector<int>(static_cast<std::size_t>(micro * vp), -1));
   // Virtual stage v = chunk * pp + stage holds layers [virtual_begin[v], virtual_begin[v + 1]).
   std::vector<int> virtual_begin(static_cast<std::size_t>(p_.pp * vp + 1), 0);
   for (int v = 0; v < p_.pp * vp; ++v) {
-    const int n = vp == 1 ? p_.layers_in_stage(v, L)
-                          : L / (p_.pp * vp) + (v < L % (p_.pp * vp) ? 1 : 0);
+    const int n =
+        vp == 1 ? p_.layers_in_stage(v, L) : L / (p_.pp * vp) + (v < L % (p_.pp * vp) ? 1 : 0);
     virtual_begin[static_cast<std::size_t>(v + 1)] = virtual_begin[static_cast<std::size_t>(v)] + n;
   }
   std::vector<std::vector<int>> send_bwd = send_fwd, recv_fwd = send_fwd, recv_bwd = send_fwd;
@@ -592,7 +590,8 @@ sim::Schedule Lowering::run() {
     std::vector<double> saved(static_cast<std::size_t>(n_layers));
     std::vector<double> full(static_cast<std::size_t>(n_layers));
     for (int i = 0; i < n_layers; ++i) {
-      const LayerSpec& layer = m_.layers[static_cast<std::size_t>(layer_id[static_cast<std::size_t>(i)])];
+      const LayerSpec& layer =
+          m_.layers[static_cast<std::size_t>(layer_id[static_cast<std::size_t>(i)])];
       steps[static_cast<std::size_t>(i)] = layer_steps(layer);
       local[static_cast<std::size_t>(i)] = layer_local_params(m_, layer, p_);
       saved[static_cast<std::size_t>(i)] =
@@ -621,7 +620,8 @@ sim::Schedule Lowering::run() {
         sim::Op up;
         int upload = -1;
         if (p_.params == Placement::host) { // FSDP2 CPU offload: bring the shard to HBM first
-          up.name = fmt::format("L{}.{}.param_upload.{}", layer_id[static_cast<std::size_t>(i)], layer_kind_name(k), pass);
+          up.name = fmt::format("L{}.{}.param_upload.{}", layer_id[static_cast<std::size_t>(i)],
+                                layer_kind_name(k), pass);
           up.kind = OpKind::copy_h2d;
           up.category = Category::offload;
           up.stream = kH2d;
@@ -633,7 +633,8 @@ sim::Schedule Lowering::run() {
           upload = add(std::move(up), false);
         }
         sim::Op op;
-        op.name = fmt::format("L{}.{}.fsdp_gather.{}", layer_id[static_cast<std::size_t>(i)], layer_kind_name(k), pass);
+        op.name = fmt::format("L{}.{}.fsdp_gather.{}", layer_id[static_cast<std::size_t>(i)],
+                              layer_kind_name(k), pass);
         op.kind = OpKind::all_gather;
         op.category = Category::dp_comm;
         op.stream = kDp;
@@ -645,9 +646,10 @@ sim::Schedule Lowering::run() {
           op.deps.push_back(gate);
         if (upload >= 0)
           op.deps.push_back(upload);
-        op.allocs.push_back(tensor(fmt::format("L{}.{} gathered ({} mb{})", layer_id[static_cast<std::size_t>(i)],
-                                               layer_kind_name(k), pass, mb),
-                                   kAct * params, Device::hbm, MemoryKind::comm_buffers));
+        op.allocs.push_back(
+            tensor(fmt::format("L{}.{} gathered ({} mb{})", layer_id[static_cast<std::size_t>(i)],
+                               layer_kind_name(k), pass, mb),
+                   kAct * params, Device::hbm, MemoryKind::comm_buffers));
         ops.push_back(add(std::move(op), false));
       }
       return ops;
@@ -666,7 +668,8 @@ sim::Schedule Lowering::run() {
         double shard_params = 0;
         for (LayerKind k : kLayerKinds)
           shard_params += local[static_cast<std::size_t>(i)][k] / shard_degree(p_, k);
-        sim::Op adam = host_adam_op(fmt::format("L{}.adam", layer_id[static_cast<std::size_t>(i)]), shard_params, layer_id[static_cast<std::size_t>(i)]);
+        sim::Op adam = host_adam_op(fmt::format("L{}.adam", layer_id[static_cast<std::size_t>(i)]),
+                                    shard_params, layer_id[static_cast<std::size_t>(i)]);
         const int a = add(std::move(adam), false);
         sim::Op up;
         up.name = fmt::format("L{}.param_upload", layer_id[static_cast<std::size_t>(i)]);
@@ -753,8 +756,8 @@ sim::Schedule Lowering::run() {
           d2h.layer = l;
           d2h.micro_batch = mb;
           d2h.deps = {cursor_};
-          sv.host = tensor(fmt::format("L{} saved mb{} (host)", l, mb), s_bytes * off,
-                           Device::host, MemoryKind::activations);
+          sv.host = tensor(fmt::format("L{} saved mb{} (host)", l, mb), s_bytes * off, Device::host,
+                           MemoryKind::activations);
           d2h.allocs = {sv.host};
           d2h.frees = {sv.offloaded};
           sv.d2h = add(std::move(d2h), false);
@@ -804,43 +807,44 @@ sim::Schedule Lowering::run() {
     auto reduce_grads = [&](int i, int mb, bool last_mb, int after) {
       const int l = layer_id[static_cast<std::size_t>(i)];
       const int end = after;
-        for (LayerKind k : kLayerKinds) {
-          const int ki = static_cast<int>(k);
-          const double params = local[static_cast<std::size_t>(i)][k];
-          if (params <= 0 || g_.fsdp[ki] < 0)
-            continue;
-          const int zero = p_.state[ki].zero;
-          if (zero < 3 && !last_mb)
-            continue;
-          sim::Op red;
-          red.name = fmt::format("L{}.{}.grad_reduce.mb{}", l, layer_kind_name(k), mb);
-          red.kind = zero >= 1 ? OpKind::reduce_scatter : OpKind::all_reduce;
-          red.category = Category::dp_comm;
-          red.stream = kDp;
-          red.bytes = kGrad * params;
-          red.group = g_.fsdp[ki];
-          red.layer = l;
-          red.micro_batch = mb;
-          red.deps = {end};
-          const int buf = tensor(fmt::format("L{}.{} unsharded grads mb{}", l, layer_kind_name(k), mb),
-                                 kGrad * params, Device::hbm, MemoryKind::comm_buffers);
-          rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
-          red.frees = {buf};
-          int r = add(std::move(red), false);
-          if (last_mb && p_.grads == Placement::host) {
-            sim::Op d2h;
-            d2h.name = fmt::format("L{}.{}.grad_download", l, layer_kind_name(k));
-            d2h.kind = OpKind::copy_d2h;
-            d2h.category = Category::offload;
-            d2h.stream = kD2h;
-            d2h.bytes = kGrad * params / shard_degree(p_, k);
-            d2h.layer = l;
-            d2h.deps = {r};
-            r = add(std::move(d2h), false);
-          }
-          if (last_mb)
-            grad_ready.push_back(r);
+      for (LayerKind k : kLayerKinds) {
+        const int ki = static_cast<int>(k);
+        const double params = local[static_cast<std::size_t>(i)][k];
+        if (params <= 0 || g_.fsdp[ki] < 0)
+          continue;
+        const int zero = p_.state[ki].zero;
+        if (zero < 3 && !last_mb)
+          continue;
+        sim::Op red;
+        red.name = fmt::format("L{}.{}.grad_reduce.mb{}", l, layer_kind_name(k), mb);
+        red.kind = zero >= 1 ? OpKind::reduce_scatter : OpKind::all_reduce;
+        red.category = Category::dp_comm;
+        red.stream = kDp;
+        red.bytes = kGrad * params;
+        red.group = g_.fsdp[ki];
+        red.layer = l;
+        red.micro_batch = mb;
+        red.deps = {end};
+        const int buf =
+            tensor(fmt::format("L{}.{} unsharded grads mb{}", l, layer_kind_name(k), mb),
+                   kGrad * params, Device::hbm, MemoryKind::comm_buffers);
+        rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
+        red.frees = {buf};
+        int r = add(std::move(red), false);
+        if (last_mb && p_.grads == Placement::host) {
+          sim::Op d2h;
+          d2h.name = fmt::format("L{}.{}.grad_download", l, layer_kind_name(k));
+          d2h.kind = OpKind::copy_d2h;
+          d2h.category = Category::offload;
+          d2h.stream = kD2h;
+          d2h.bytes = kGrad * params / shard_degree(p_, k);
+          d2h.layer = l;
+          d2h.deps = {r};
+          r = add(std::move(d2h), false);
         }
+        if (last_mb)
+          grad_ready.push_back(r);
+      }
     };
     struct PendingTail {
       int i, mb;
@@ -925,10 +929,10 @@ sim::Schedule Lowering::run() {
                             p_.recompute[static_cast<int>(LayerKind::dense)] != Recompute::none;
         int work = -1;
         if (any_rc)
-          work = tensor(fmt::format("L{} recomputed mb{}", l, mb),
-                        std::max(0.0, full[static_cast<std::size_t>(i)] -
-                                          saved[static_cast<std::size_t>(i)]),
-                        Device::hbm, MemoryKind::activations);
+          work = tensor(
+              fmt::format("L{} recomputed mb{}", l, mb),
+              std::max(0.0, full[static_cast<std::size_t>(i)] - saved[static_cast<std::size_t>(i)]),
+              Device::hbm, MemoryKind::activations);
         const bool full_rc = rc_att == Recompute::full;
         if (any_rc) {
           for (const Step& st : steps[static_cast<std::size_t>(i)]) {
@@ -963,8 +967,8 @@ sim::Schedule Lowering::run() {
         if (defer_wgrad_ && !pending_wgrad_.empty()) {
           // The saved inputs feed the held-back weight gradients: freed, and the gradients
           // reduced, once those have run.
-          pending_tails.push_back(PendingTail{i, mb, last_mb, std::move(frees),
-                                              pending_wgrad_.size()});
+          pending_tails.push_back(
+              PendingTail{i, mb, last_mb, std::move(frees), pending_wgrad_.size()});
           continue;
         }
         for (int t : frees)
@@ -1031,10 +1035,11 @@ sim::Schedule Lowering::run() {
     for (int i = 0; i < n_layers; ++i)
       for (LayerKind k : kLayerKinds)
         shard_params += local[static_cast<std::size_t>(i)][k] / shard_degree(p_, k);
-    const double emb = (first || last) ? embedding_local_params(m_, p_) *
-                                             ((first ? 1 : 0) + (last && !(first && m_.tied_embeddings) ? 1 : 0)) /
-                                             shard_degree(p_, LayerKind::embedding)
-                                       : 0;
+    const double emb =
+        (first || last) ? embedding_local_params(m_, p_) *
+                              ((first ? 1 : 0) + (last && !(first && m_.tied_embeddings) ? 1 : 0)) /
+                              shard_degree(p_, LayerKind::embedding)
+                        : 0;
     shard_params += emb;
     if (!host_opt) {
       sim::Op adam;
@@ -1101,17 +1106,17 @@ sim::Schedule Lowering::run() {
         if (rf >= 0) {
           const int from = stage > 0 ? stage - 1 : p_.pp - 1;
           const int from_chunk = stage > 0 ? chunk : chunk - 1;
-          ops[static_cast<std::size_t>(rf)].remote_deps.push_back(sim::RemoteDep{
-              from, send_fwd[static_cast<std::size_t>(from)]
-                            [static_cast<std::size_t>(from_chunk * micro + mb)]});
+          ops[static_cast<std::size_t>(rf)].remote_deps.push_back(
+              sim::RemoteDep{from, send_fwd[static_cast<std::size_t>(from)]
+                                           [static_cast<std::size_t>(from_chunk * micro + mb)]});
         }
         const int rb = recv_bwd[static_cast<std::size_t>(stage)][key];
         if (rb >= 0) {
           const int from = stage < p_.pp - 1 ? stage + 1 : 0;
           const int from_chunk = stage < p_.pp - 1 ? chunk : chunk + 1;
-          ops[static_cast<std::size_t>(rb)].remote_deps.push_back(sim::RemoteDep{
-              from, send_bwd[static_cast<std::size_t>(from)]
-                            [static_cast<std::size_t>(from_chunk * micro + mb)]});
+          ops[static_cast<std::size_t>(rb)].remote_deps.push_back(
+              sim::RemoteDep{from, send_bwd[static_cast<std::size_t>(from)]
+                                           [static_cast<std::size_t>(from_chunk * micro + mb)]});
         }
       }
     }
@@ -1126,8 +1131,7 @@ sim::Schedule Lowering::run() {
 
 } // namespace
 
-double Lowering::compute_lower_bound_s(const hw::ClusterSpec& cluster,
-                                       const hw::Calibration& cal) {
+double Lowering::compute_lower_bound_s(const hw::ClusterSpec& cluster, const hw::Calibration& cal) {
   // Every compute op of a stage runs on its one compute stream at a rate of at most 1, so a
   // stage takes at least the sum of its compute ops' standalone times: forward, backward (two
   // GEMMs per GEMM, flash backward) and recompute, per micro-batch.
@@ -1188,10 +1192,12 @@ double Lowering::compute_lower_bound_s(const hw::ClusterSpec& cluster,
     double t = 0;
     for (int chunk = 0; chunk < vp; ++chunk) {
       const int v = chunk * p_.pp + stage;
-      const int per = vp == 1 ? p_.layers_in_stage(v, L) : L / (p_.pp * vp) + (v < L % (p_.pp * vp) ? 1 : 0);
+      const int per =
+          vp == 1 ? p_.layers_in_stage(v, L) : L / (p_.pp * vp) + (v < L % (p_.pp * vp) ? 1 : 0);
       int begin = 0;
       for (int u = 0; u < v; ++u)
-        begin += vp == 1 ? p_.layers_in_stage(u, L) : L / (p_.pp * vp) + (u < L % (p_.pp * vp) ? 1 : 0);
+        begin +=
+            vp == 1 ? p_.layers_in_stage(u, L) : L / (p_.pp * vp) + (u < L % (p_.pp * vp) ? 1 : 0);
       for (int l = begin; l < begin + per; ++l)
         t += cached(m_.layers[static_cast<std::size_t>(l)]);
     }

@@ -24,7 +24,9 @@ constexpr double kAct = 2;             // BF16 activations
 // Chunked cross-entropy processes this many tokens' logits at a time (Liger / torchtitan style).
 constexpr double kLossChunkTokens = 4096;
 
-int kind_index(LayerKind k) { return static_cast<int>(k); }
+int kind_index(LayerKind k) {
+  return static_cast<int>(k);
+}
 
 // Tokens of one micro-batch held by a rank in the attention layout (sequence split over CP).
 double tokens_per_rank(const Plan& p, std::int64_t seq) {
@@ -32,7 +34,9 @@ double tokens_per_rank(const Plan& p, std::int64_t seq) {
 }
 
 // Divisor of tensors in sequence-parallel regions (norms, residuals, dropout): TP with SP.
-double sp_div(const Plan& p) { return p.attention.sp ? p.attention.tp : 1; }
+double sp_div(const Plan& p) {
+  return p.attention.sp ? p.attention.tp : 1;
+}
 
 double attention_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq,
                              const LayerSpec& layer, Recompute rc, const ActivationOptions& o) {
@@ -46,9 +50,9 @@ double attention_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq
   const double block_input = kAct * t * h / sp_div(p);
   if (rc == Recompute::full)
     return block_input;
-  double bytes = block_input;                          // norm input
+  double bytes = block_input; // norm input
   if (rc != Recompute::selective)
-    bytes += kAct * t * h / sp_div(p);                 // norm output = projection input
+    bytes += kAct * t * h / sp_div(p); // norm output = projection input
   if (a.kind == AttentionKind::gqa) {
     // K and V heads replicate when TP exceeds them.
     const double kv = std::max(1.0, static_cast<double>(a.num_kv_heads) / tp);
@@ -60,7 +64,7 @@ double attention_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq
   }
   bytes += kAct * t * heads / tp * dv; // attention output = o_proj input
   if (o.flash_attention) {
-    bytes += 4 * t * heads / tp;       // FP32 log-sum-exp per query and head
+    bytes += 4 * t * heads / tp; // FP32 log-sum-exp per query and head
   } else if (rc == Recompute::none) {
     // Scores: softmax output (2), dropout mask (1), dropout output (2) per kept score; Korthikanti
     // et al. count the full S x S block per head (5·a·s²·b bytes).
@@ -80,39 +84,39 @@ double mlp_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq, cons
   const double block_input = kAct * t * h / sp_div(p);
   if (rc == Recompute::full)
     return block_input;
-  double bytes = block_input;                      // norm input
+  double bytes = block_input; // norm input
   const bool keep_norm_out = rc != Recompute::selective;
   const bool keep_act_out = rc != Recompute::selective; // selective recomputes the activation
   auto mlp = [&](double tokens, double inter, bool gated, double split) {
     double b = kAct * tokens * (gated ? 2 : 1) * inter / split; // gate/up outputs
     if (keep_act_out)
-      b += kAct * tokens * inter / split;                        // activation output
+      b += kAct * tokens * inter / split; // activation output
     return b;
   };
   if (keep_norm_out)
-    bytes += kAct * t * h / sp_div(p);             // norm output = MLP / router input
+    bytes += kAct * t * h / sp_div(p); // norm output = MLP / router input
   if (layer.mlp == MlpKind::dense) {
-    bytes += mlp(t, static_cast<double>(m.dense_mlp.intermediate_size), m.dense_mlp.gated,
-                 p.dense.tp);
+    bytes +=
+        mlp(t, static_cast<double>(m.dense_mlp.intermediate_size), m.dense_mlp.gated, p.dense.tp);
   } else {
     const auto& e = m.moe;
     const double experts = static_cast<double>(e.num_routed_experts);
-    bytes += 4 * t / sp_div(p) * experts;          // FP32 router probabilities
+    bytes += 4 * t / sp_div(p) * experts; // FP32 router probabilities
     // Routed token copies arriving at this rank after dispatch: the tokens of its attention
     // layout times top-k, times the imbalance the plan assumes (capacity caps it).
     double load = p.moe.imbalance;
     if (p.moe.capacity_factor > 0)
       load = std::min(load, p.moe.capacity_factor);
     const double routed = t / sp_div(p) * static_cast<double>(e.experts_per_token) * load;
-    bytes += kAct * routed * h;                    // permuted expert inputs
+    bytes += kAct * routed * h; // permuted expert inputs
     bytes += mlp(routed, static_cast<double>(e.expert_intermediate_size), e.gated, p.moe.etp);
-    bytes += kAct * routed * h;                    // expert outputs, for the combine's gradient
+    bytes += kAct * routed * h; // expert outputs, for the combine's gradient
     if (e.num_shared_experts > 0)
       bytes += mlp(t, static_cast<double>(e.num_shared_experts * e.shared_intermediate_size),
                    e.gated, p.dense.tp);
   }
   if (o.dropout)
-    bytes += t * h / sp_div(p);                    // dropout mask (1 byte)
+    bytes += t * h / sp_div(p); // dropout mask (1 byte)
   return bytes;
 }
 
@@ -135,12 +139,13 @@ double in_flight(const Plan& p, int stage) {
 }
 
 const char* largest_component(const MemoryBreakdown& b) {
-  const std::array<std::pair<double, const char*>, 6> parts = {{{b.weights, "weights"},
-                                                                {b.grads, "gradients"},
-                                                                {b.optimizer, "optimizer state"},
-                                                                {b.activations, "activations"},
-                                                                {b.comm_buffers, "communication buffers"},
-                                                                {b.other, "CUDA context and fragmentation"}}};
+  const std::array<std::pair<double, const char*>, 6> parts = {
+      {{b.weights, "weights"},
+       {b.grads, "gradients"},
+       {b.optimizer, "optimizer state"},
+       {b.activations, "activations"},
+       {b.comm_buffers, "communication buffers"},
+       {b.other, "CUDA context and fragmentation"}}};
   return std::max_element(parts.begin(), parts.end())->second;
 }
 
@@ -216,8 +221,8 @@ double resident_comm_bytes(const Plan& p, const MemoryHardware& hw) {
   if (p.moe.ep > 1 || (p.attention.cp > 1 && p.attention.cp_kind != CpKind::ring))
     bytes += hw.alltoall_buffer_bytes;
   int communicators = 0;
-  for (int degree : {p.attention.tp, p.attention.cp, p.attention.dp, p.moe.ep, p.moe.etp,
-                     p.moe.edp, p.dense.tp, p.embed.tp})
+  for (int degree : {p.attention.tp, p.attention.cp, p.attention.dp, p.moe.ep, p.moe.etp, p.moe.edp,
+                     p.dense.tp, p.embed.tp})
     communicators += degree > 1 ? 1 : 0;
   communicators += p.pp > 1 ? 2 : 0; // send and receive neighbours
   return bytes + communicators * hw.nccl_bytes_per_communicator;
@@ -267,13 +272,12 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
       const double layer_saved = saved_activation_bytes(m, layer, p, seq, options);
       saved += layer_saved;
       largest_checkpoint = std::max(largest_checkpoint, layer_saved);
-      largest_layer_full =
-          std::max(largest_layer_full, layer_activation_bytes(m, layer, p, seq, Recompute::none,
-                                                              options));
+      largest_layer_full = std::max(
+          largest_layer_full, layer_activation_bytes(m, layer, p, seq, Recompute::none, options));
       if (layer.mlp == MlpKind::moe)
-        a2a_tokens = std::max(a2a_tokens, tokens / sp_div(p) *
-                                              static_cast<double>(m.moe.experts_per_token) *
-                                              p.moe.imbalance);
+        a2a_tokens =
+            std::max(a2a_tokens, tokens / sp_div(p) * static_cast<double>(m.moe.experts_per_token) *
+                                     p.moe.imbalance);
     }
     first_layer += n_layers;
     const double table = embedding_local_params(m, p);
@@ -290,7 +294,9 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     rc.layers = n_layers;
     rc.name = p.pp == 1 ? "every rank"
                         : fmt::format("pipeline stage {} of {}{}", stage, p.pp,
-                                      first ? " (first)" : last ? " (last)" : "");
+                                      first  ? " (first)"
+                                      : last ? " (last)"
+                                             : "");
     rc.micro_batches_in_flight = in_flight(p, stage);
     MemoryBreakdown& hbm = rc.hbm;
     MemoryBreakdown& host = rc.host;
@@ -321,20 +327,20 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     hbm.comm_buffers += 2 * kParamBytes * largest_block; // ZeRO-3 gather: current + prefetch
     hbm.comm_buffers += kParamBytes * largest_block;     // unsharded gradients being reduced
     if (p.attention.tp > 1)
-      hbm.comm_buffers += kAct * tokens * h;             // SP all-gathered layer input
+      hbm.comm_buffers += kAct * tokens * h; // SP all-gathered layer input
     if (p.attention.cp > 1) {
       // Ring: K/V blocks in flight (double buffer); Ulysses: re-laid-out Q, K, V.
       const auto& a = m.attention;
-      const double kv_width = a.kind == AttentionKind::mla
-                                  ? static_cast<double>(a.num_heads) / p.attention.tp *
-                                        static_cast<double>(a.qk_head_dim() + a.v_dim())
-                                  : std::max(1.0, static_cast<double>(a.num_kv_heads) /
-                                                      p.attention.tp) *
-                                        static_cast<double>(a.qk_head_dim() + a.v_dim());
+      const double kv_width =
+          a.kind == AttentionKind::mla
+              ? static_cast<double>(a.num_heads) / p.attention.tp *
+                    static_cast<double>(a.qk_head_dim() + a.v_dim())
+              : std::max(1.0, static_cast<double>(a.num_kv_heads) / p.attention.tp) *
+                    static_cast<double>(a.qk_head_dim() + a.v_dim());
       hbm.comm_buffers += 2 * kAct * tokens * kv_width;
     }
     if (p.moe.ep > 1 || p.moe.etp > 1)
-      hbm.comm_buffers += 2 * kAct * a2a_tokens * h;    // dispatch and combine buffers
+      hbm.comm_buffers += 2 * kAct * a2a_tokens * h; // dispatch and combine buffers
     hbm.comm_buffers += resident_comm_bytes(p, hw);
     hbm.other = hw.cuda_context_bytes + hw.fragmentation * (hbm.activations + hbm.comm_buffers);
     // Host: pinned staging for whatever moves over PCIe.
@@ -358,16 +364,17 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
   r.fits_host = r.peak_host_bytes <= hw.host_bytes;
   const RankClassMemory& w = r.classes[static_cast<std::size_t>(r.worst)];
   if (!r.fits_hbm) {
-    r.first_to_run_out = fmt::format(
-        "HBM runs out first on {}: {} needed of {} ({} over), {} the largest part ({})", w.name,
-        format_bytes(w.peak_hbm_bytes), format_bytes(hw.hbm_bytes),
-        format_bytes(w.peak_hbm_bytes - hw.hbm_bytes), w.dominant,
-        format_bytes(std::max({w.hbm.weights, w.hbm.grads, w.hbm.optimizer, w.hbm.activations,
-                               w.hbm.comm_buffers, w.hbm.other})));
+    r.first_to_run_out =
+        fmt::format("HBM runs out first on {}: {} needed of {} ({} over), {} the largest part ({})",
+                    w.name, format_bytes(w.peak_hbm_bytes), format_bytes(hw.hbm_bytes),
+                    format_bytes(w.peak_hbm_bytes - hw.hbm_bytes), w.dominant,
+                    format_bytes(std::max({w.hbm.weights, w.hbm.grads, w.hbm.optimizer,
+                                           w.hbm.activations, w.hbm.comm_buffers, w.hbm.other})));
   } else if (!r.fits_host) {
-    r.first_to_run_out = fmt::format("host memory runs out first: {} needed per node of {} ({} over)",
-                                     format_bytes(r.peak_host_bytes), format_bytes(hw.host_bytes),
-                                     format_bytes(r.peak_host_bytes - hw.host_bytes));
+    r.first_to_run_out =
+        fmt::format("host memory runs out first: {} needed per node of {} ({} over)",
+                    format_bytes(r.peak_host_bytes), format_bytes(hw.host_bytes),
+                    format_bytes(r.peak_host_bytes - hw.host_bytes));
   }
   return r;
 }

@@ -10,14 +10,14 @@ namespace mop::strategy {
 
 // The hardware figures the memory model needs (from hw::ClusterSpec).
 struct MemoryHardware {
-  double hbm_bytes = 0;          // per GPU, as CUDA reports it
-  double host_bytes = 0;         // per node
+  double hbm_bytes = 0;  // per GPU, as CUDA reports it
+  double host_bytes = 0; // per node
   int gpus_per_node = 8;
   double cuda_context_bytes = 0; // CUDA context, cuBLAS workspaces, kernels
   double nccl_bytes_per_communicator = 0;
   double alltoall_buffer_bytes = 0; // once per process that runs an all-to-all (EP, Ulysses)
-  double fragmentation = 0;      // allocator overhead as a fraction of activations and buffers
-  double host_reserved_bytes = 0; // per node: OS, framework, page cache the job cannot use
+  double fragmentation = 0;         // allocator overhead as a fraction of activations and buffers
+  double host_reserved_bytes = 0;   // per node: OS, framework, page cache the job cannot use
 };
 
 struct MemoryBreakdown {
@@ -73,13 +73,13 @@ double logits_bytes(const workload::ModelSpec& m, const Plan& plan, std::int64_t
 double resident_comm_bytes(const Plan& plan, const MemoryHardware& hw);
 
 struct RankClassMemory {
-  std::string name;        // "stage 0 of 4 (first)"
+  std::string name; // "stage 0 of 4 (first)"
   int stage = 0;
-  int ranks = 0;           // how many ranks behave like this one
+  int ranks = 0; // how many ranks behave like this one
   int layers = 0;
   double micro_batches_in_flight = 0;
-  MemoryBreakdown hbm;     // per rank
-  MemoryBreakdown host;    // per rank's share of its node's host memory
+  MemoryBreakdown hbm;  // per rank
+  MemoryBreakdown host; // per rank's share of its node's host memory
   double peak_hbm_bytes = 0;
   double host_bytes_per_node = 0; // the node's host memory use if all its ranks were this class
   std::string dominant;           // the largest HBM component, in words

@@ -56,7 +56,9 @@ const char* name(PipelineSchedule s) {
   }
   return "?";
 }
-const char* name(Placement p) { return p == Placement::hbm ? "hbm" : "host"; }
+const char* name(Placement p) {
+  return p == Placement::hbm ? "hbm" : "host";
+}
 const char* name(OptimizerOverlap o) {
   switch (o) {
   case OptimizerOverlap::after_backward:
@@ -96,7 +98,9 @@ int Plan::layers_in_stage(int stage, int num_layers) const {
 }
 
 namespace {
-[[noreturn]] void bad(const std::string& sentence) { throw InputError(sentence); }
+[[noreturn]] void bad(const std::string& sentence) {
+  throw InputError(sentence);
+}
 } // namespace
 
 void complete_plan(Plan& p) {
@@ -157,8 +161,7 @@ void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const C
                     m.num_heads));
   // KV heads: TP beyond the KV heads replicates them (Megatron, vLLM); otherwise it must divide.
   if (a.tp <= m.num_kv_heads && m.num_kv_heads % a.tp != 0)
-    bad(fmt::format("plan: attention tp ({}) must divide the {} KV heads.", a.tp,
-                    m.num_kv_heads));
+    bad(fmt::format("plan: attention tp ({}) must divide the {} KV heads.", a.tp, m.num_kv_heads));
   if (a.tp > m.num_kv_heads && a.tp % m.num_kv_heads != 0)
     bad(fmt::format("plan: attention tp ({}) must be a multiple of the {} KV heads to replicate "
                     "them.",
@@ -217,8 +220,7 @@ void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const C
       bad(fmt::format("plan: stage_layers add up to {} layers, the model has {}.", sum,
                       m.num_layers));
   }
-  if (p.schedule == PipelineSchedule::interleaved_1f1b && p.pp > 1 &&
-      p.micro_batches() % p.pp != 0)
+  if (p.schedule == PipelineSchedule::interleaved_1f1b && p.pp > 1 && p.micro_batches() % p.pp != 0)
     bad(fmt::format("plan: interleaved 1F1B needs the micro-batches per step ({}) to be a "
                     "multiple of pp ({}).",
                     p.micro_batches(), p.pp));
@@ -278,8 +280,8 @@ std::string summary(const Plan& p) {
     for (std::size_t i = 0; i < off.size(); ++i)
       s += (i ? "," : "") + off[i];
   }
-  s += fmt::format(" opt={}/{}", p.optimizer_on_host ? (p.torch_host_optimizer ? "host-torch" : "host")
-                                                   : "gpu",
+  s += fmt::format(" opt={}/{}",
+                   p.optimizer_on_host ? (p.torch_host_optimizer ? "host-torch" : "host") : "gpu",
                    name(p.overlap));
   return s;
 }
@@ -324,18 +326,16 @@ Json to_json(const Plan& p) {
          {"vp", p.vp},
          {"schedule", name(p.schedule)},
          {"stage_layers", p.stage_layers},
-         {"attention",
-          Json{{"tp", p.attention.tp},
-               {"sp", p.attention.sp},
-               {"cp", p.attention.cp},
-               {"cp_kind", name(p.attention.cp_kind)},
-               {"dp", p.attention.dp}}},
-         {"moe",
-          Json{{"ep", p.moe.ep},
-               {"etp", p.moe.etp},
-               {"edp", p.moe.edp},
-               {"capacity_factor", p.moe.capacity_factor},
-               {"imbalance", p.moe.imbalance}}},
+         {"attention", Json{{"tp", p.attention.tp},
+                            {"sp", p.attention.sp},
+                            {"cp", p.attention.cp},
+                            {"cp_kind", name(p.attention.cp_kind)},
+                            {"dp", p.attention.dp}}},
+         {"moe", Json{{"ep", p.moe.ep},
+                      {"etp", p.moe.etp},
+                      {"edp", p.moe.edp},
+                      {"capacity_factor", p.moe.capacity_factor},
+                      {"imbalance", p.moe.imbalance}}},
          {"dense", Json{{"tp", p.dense.tp}, {"dp", p.dense.dp}}},
          {"embedding", Json{{"tp", p.embed.tp}, {"dp", p.embed.dp}}},
          {"state", states},
@@ -376,9 +376,7 @@ Plan plan_from_json(const Json& j, const std::string& origin) {
       p.stage_layers.push_back(n.get<int>());
     }
   }
-  auto object = [&](const char* key) -> Json {
-    return f.has(key) ? f.at(key) : Json::object();
-  };
+  auto object = [&](const char* key) -> Json { return f.has(key) ? f.at(key) : Json::object(); };
   {
     const Json o = object("attention");
     const JsonFields a(o, origin + " attention");

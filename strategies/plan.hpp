@@ -24,18 +24,18 @@ enum class OptimizerOverlap {
 // How the ranks of one pipeline stage are arranged for the attention blocks.
 // tp * cp * dp = ranks per stage; the data-parallel ranks shard state by `zero` and `shard`.
 struct AttentionMapping {
-  int tp = 1;          // tensor parallel (with sequence parallelism when sp)
-  bool sp = true;      // sequence parallelism for norms/dropout regions when tp > 1
-  int cp = 1;          // context parallel: the sequence split over cp ranks
+  int tp = 1;     // tensor parallel (with sequence parallelism when sp)
+  bool sp = true; // sequence parallelism for norms/dropout regions when tp > 1
+  int cp = 1;     // context parallel: the sequence split over cp ranks
   CpKind cp_kind = CpKind::ring;
-  int dp = 1;          // derived: ranks per stage / (tp * cp)
+  int dp = 1; // derived: ranks per stage / (tp * cp)
 };
 
 // MoE blocks: etp * ep * edp = ranks per stage (experts fold over the same ranks).
 struct MoeMapping {
-  int ep = 1;          // expert parallel: routed experts split over ep ranks
-  int etp = 1;         // expert tensor parallel
-  int edp = 1;         // derived: expert data parallel
+  int ep = 1;                 // expert parallel: routed experts split over ep ranks
+  int etp = 1;                // expert tensor parallel
+  int edp = 1;                // derived: expert data parallel
   double capacity_factor = 0; // 0 = dropless (buffers sized by `imbalance`)
   double imbalance = 1.0;     // max/mean routed tokens per expert rank assumed for buffers
 };
@@ -61,20 +61,20 @@ const char* layer_kind_name(LayerKind k);
 
 struct Plan {
   std::string family = "custom"; // fsdp2, megatron, ulysses-zero3, mop, custom
-  int world = 1;                  // ranks (GPUs)
-  int pp = 1;                     // pipeline stages
-  int vp = 1;                     // virtual stages per rank (interleaved 1F1B)
+  int world = 1;                 // ranks (GPUs)
+  int pp = 1;                    // pipeline stages
+  int vp = 1;                    // virtual stages per rank (interleaved 1F1B)
   PipelineSchedule schedule = PipelineSchedule::one_f_one_b;
-  std::vector<int> stage_layers;  // decoder layers per pipeline stage (size pp); empty = even
+  std::vector<int> stage_layers; // decoder layers per pipeline stage (size pp); empty = even
 
   AttentionMapping attention;
   MoeMapping moe;
-  DenseMapping dense;  // dense MLP layers
-  DenseMapping embed;  // embedding and LM head (tp = vocab parallel)
+  DenseMapping dense; // dense MLP layers
+  DenseMapping embed; // embedding and LM head (tp = vocab parallel)
   StatePolicy state[kNumLayerKinds];
 
-  int micro_batch = 1;      // sequences per micro-batch (per data-parallel replica)
-  int global_batch = 0;     // sequences per optimizer step (0: the command's default)
+  int micro_batch = 1;  // sequences per micro-batch (per data-parallel replica)
+  int global_batch = 0; // sequences per optimizer step (0: the command's default)
   Recompute recompute[kNumLayerKinds] = {Recompute::none, Recompute::none, Recompute::none,
                                          Recompute::none};
   double activation_offload = 0; // fraction of checkpointed activations kept on the host
@@ -118,7 +118,8 @@ struct ClusterShape { // the cluster figures the rules need (from hw::ClusterSpe
 void validate_plan(const Plan& plan, const ModelShape& model, std::int64_t seq,
                    const ClusterShape& cluster);
 
-// One line, e.g. "attn[tp1 cp8u dp12] moe[ep96] dense[dp96] pp1 mb1 rc=full off=act,opt opt=host/stream-fwd"
+// One line, e.g. "attn[tp1 cp8u dp12] moe[ep96] dense[dp96] pp1 mb1 rc=full off=act,opt
+// opt=host/stream-fwd"
 std::string summary(const Plan& plan);
 
 Json to_json(const Plan& plan);

@@ -55,9 +55,8 @@ void keep_if_valid(Plan p, const PlanContext& ctx, std::vector<Plan>& out) {
     if (per_stage % (p.attention.tp * p.attention.cp) != 0)
       return;
     const int replicas = per_stage / (p.attention.tp * p.attention.cp);
-    p.global_batch = ctx.global_batch > 0
-                         ? ctx.global_batch
-                         : default_global_batch(ctx.seq, replicas * p.micro_batch);
+    p.global_batch = ctx.global_batch > 0 ? ctx.global_batch
+                                          : default_global_batch(ctx.seq, replicas * p.micro_batch);
     // No extra micro-batches for pipelines: plans are compared at (nearly) the same batch, and
     // a pipeline with few micro-batches pays its bubble.
     complete_plan(p);
@@ -142,8 +141,8 @@ void megatron(const PlanContext& ctx, std::vector<Plan>& out) {
                     p.world = world;
                     p.pp = pp;
                     p.vp = vp;
-                    p.schedule = vp > 1 ? PipelineSchedule::interleaved_1f1b
-                                        : PipelineSchedule::one_f_one_b;
+                    p.schedule =
+                        vp > 1 ? PipelineSchedule::interleaved_1f1b : PipelineSchedule::one_f_one_b;
                     p.attention = AttentionMapping{tp, true, cp, CpKind::ring, 1};
                     p.moe.ep = ep;
                     p.moe.etp = etp;
@@ -291,8 +290,8 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
   double best_cost = 0, best_ratio = 0;
   for (const Plan& p : plans) {
     MemoryReport mem = analyze_memory(*ctx.model, p, ctx.seq, ctx.hw);
-    const double ratio = std::max(mem.peak_hbm_bytes / ctx.hw.hbm_bytes,
-                                  mem.peak_host_bytes / ctx.hw.host_bytes);
+    const double ratio =
+        std::max(mem.peak_hbm_bytes / ctx.hw.hbm_bytes, mem.peak_host_bytes / ctx.hw.host_bytes);
     if (mem.fits()) {
       const double cost = preference_cost(p);
       if (!have_fit || cost < best_cost) {

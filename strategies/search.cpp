@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <fmt/format.h>
-#include <numeric>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <unordered_set>
 
@@ -26,8 +26,8 @@ RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpe
   r.plan = c.plan;
   r.memory = c.memory;
   r.lower_bound_s = c.bound;
-  r.eval = evaluate_step(c.plan, LoweringContext{ctx.model, ctx.seq, ctx.cluster.gpus_per_node,
-                                                 ctx.hw, {}},
+  r.eval = evaluate_step(c.plan,
+                         LoweringContext{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}},
                          cluster, cal, max_micro);
   const double gpus = static_cast<double>(c.plan.world);
   r.tokens_per_s_per_gpu = r.eval.tokens_per_step / r.eval.step_time_s / gpus;
@@ -111,8 +111,9 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   out.candidates_evaluated = static_cast<std::int64_t>(plans.size());
   // Memory first: microseconds a plan.
   std::vector<MemoryReport> memory(plans.size());
-  parallel_for(plans.size(), o.threads,
-               [&](std::size_t i) { memory[i] = analyze_memory(*ctx.model, plans[i], ctx.seq, ctx.hw); });
+  parallel_for(plans.size(), o.threads, [&](std::size_t i) {
+    memory[i] = analyze_memory(*ctx.model, plans[i], ctx.seq, ctx.hw);
+  });
   std::vector<Candidate> fit;
   double closest_ratio = 0;
   for (std::size_t i = 0; i < plans.size(); ++i) {

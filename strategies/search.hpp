@@ -30,8 +30,8 @@ struct SearchOptions {
 
 struct RankedPlan {
   Plan plan;
-  MemoryReport memory;     // analytic
-  StepEvaluation eval;     // simulated
+  MemoryReport memory; // analytic
+  StepEvaluation eval; // simulated
   double lower_bound_s = 0;
   double peak_hbm_bytes = 0;  // the engine's peak plus the fragmentation allowance
   double peak_host_bytes = 0; // per node

@@ -7,11 +7,9 @@ namespace mop::validation {
 
 namespace {
 
-std::optional<strategy::RankedPlan> best(const workload::ModelSpec& m,
-                                         const hw::ClusterSpec& cluster, int nodes,
-                                         std::int64_t seq, const std::string& family,
-                                         bool without_cp, const ClaimsOptions& o,
-                                         std::string* why) {
+std::optional<strategy::RankedPlan>
+best(const workload::ModelSpec& m, const hw::ClusterSpec& cluster, int nodes, std::int64_t seq,
+     const std::string& family, bool without_cp, const ClaimsOptions& o, std::string* why) {
   strategy::PlanContext ctx;
   ctx.model = &m;
   ctx.seq = seq;

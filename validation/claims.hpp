@@ -2,8 +2,9 @@
 // The seed paper's claims (Mixture-of-Parallelisms), checked by mop's own predictions: for a
 // model on N nodes of a cluster, (1) does a `mop`-family plan train at 1M tokens of context,
 // (2) where does the best FSDP2 plan stop fitting (with torchtitan's TP and CP, and as a plain
-// FSDP2 baseline runs: FSDP and EP only, one sequence per GPU), (3) the per-GPU throughput ratio of the best mop plan to the best FSDP2
-// plan at each context length where both fit, and how it moves with the number of nodes.
+// FSDP2 baseline runs: FSDP and EP only, one sequence per GPU), (3) the per-GPU throughput ratio of
+// the best mop plan to the best FSDP2 plan at each context length where both fit, and how it moves
+// with the number of nodes.
 #include "hw_models/cluster.hpp"
 #include "strategies/search.hpp"
 #include "workload/model_spec.hpp"
@@ -17,10 +18,10 @@ namespace mop::validation {
 struct ClaimPoint {
   std::int64_t seq = 0;
   int nodes = 0;
-  std::optional<strategy::RankedPlan> mop;        // best fitting mop-family plan
-  std::optional<strategy::RankedPlan> fsdp2;      // best fitting fsdp2-family plan (CP allowed)
+  std::optional<strategy::RankedPlan> mop;         // best fitting mop-family plan
+  std::optional<strategy::RankedPlan> fsdp2;       // best fitting fsdp2-family plan (CP allowed)
   std::optional<strategy::RankedPlan> fsdp2_no_cp; // best fitting fsdp2 plan without TP or CP
-  std::string fsdp2_no_cp_why;                    // what runs out first when it does not fit
+  std::string fsdp2_no_cp_why;                     // what runs out first when it does not fit
 };
 
 struct ClaimsReport {

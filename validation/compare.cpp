@@ -12,7 +12,9 @@ namespace mop::validation {
 
 namespace {
 
-bool time_like(const std::string& metric) { return metric != "peak_mem_gib"; }
+bool time_like(const std::string& metric) {
+  return metric != "peak_mem_gib";
+}
 
 double mape(const std::vector<Point>& points, auto keep) {
   double sum = 0;

@@ -10,7 +10,9 @@
 
 namespace mop::validation {
 
-std::string default_dataset_path() { return std::string(MOP_SOURCE_DIR) + "/validation/data/published.jsonl"; }
+std::string default_dataset_path() {
+  return std::string(MOP_SOURCE_DIR) + "/validation/data/published.jsonl";
+}
 
 std::vector<Row> read_dataset(const std::string& path) {
   std::ifstream in(path);
@@ -102,7 +104,7 @@ Translation translate(const Row& row, int gpus_per_node) {
   p.attention.sp = par.bool_or("sp", tp > 1);
   p.attention.cp = static_cast<int>(par.positive_int_or("cp", 1));
   const std::string cp_comm = par.string_or("cp_comm_type", "p2p");
-  p.attention.cp_kind = cp_comm == "a2a" ? strategy::CpKind::ulysses
+  p.attention.cp_kind = cp_comm == "a2a"       ? strategy::CpKind::ulysses
                         : cp_comm == "a2a+p2p" ? strategy::CpKind::hybrid
                                                : strategy::CpKind::ring;
   p.pp = static_cast<int>(par.positive_int_or("pp", 1));
@@ -130,23 +132,22 @@ Translation translate(const Row& row, int gpus_per_node) {
                                                               : strategy::Recompute::none;
   for (auto& x : p.recompute)
     x = r;
-  const std::string offload = row.raw.value("offload", Json()).is_string()
-                                  ? row.raw["offload"].get<std::string>()
-                                  : "";
+  const std::string offload =
+      row.raw.value("offload", Json()).is_string() ? row.raw["offload"].get<std::string>() : "";
   if (offload.find("activation") != std::string::npos)
     p.activation_offload = 1;
   // A chunked cross-entropy (Liger, TRL's chunked_nll) is stated in the row's notes.
-  const std::string notes = row.raw.value("notes", Json()).is_string()
-                                ? row.raw["notes"].get<std::string>()
-                                : "";
+  const std::string notes =
+      row.raw.value("notes", Json()).is_string() ? row.raw["notes"].get<std::string>() : "";
   p.chunked_loss = notes.find("chunked") != std::string::npos;
   p.micro_batch = row.micro_batch_size.value_or(1);
   const int replicas = p.world / p.pp / (tp * p.attention.cp);
-  p.global_batch = row.global_batch_size.value_or(replicas * p.micro_batch *
-                                                  (p.pp > 1 ? 2 * p.pp * p.vp : 1));
+  p.global_batch =
+      row.global_batch_size.value_or(replicas * p.micro_batch * (p.pp > 1 ? 2 * p.pp * p.vp : 1));
   try {
     strategy::complete_plan(p);
-    strategy::validate_plan(p, strategy::model_shape(*t.model), row.seq_len, strategy::ClusterShape{per_node, t.nodes});
+    strategy::validate_plan(p, strategy::model_shape(*t.model), row.seq_len,
+                            strategy::ClusterShape{per_node, t.nodes});
   } catch (const InputError& e) {
     t.reason = fmt::format("its published degrees do not form a valid plan: {}", e.what());
     return t;

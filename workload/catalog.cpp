@@ -11,7 +11,9 @@
 
 namespace mop::workload {
 
-std::vector<std::string> catalog_ids() { return embedded_names("models"); }
+std::vector<std::string> catalog_ids() {
+  return embedded_names("models");
+}
 
 ModelSpec load_model(const std::string& id_or_path) {
   namespace fs = std::filesystem;

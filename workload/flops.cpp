@@ -34,17 +34,19 @@ double attended_pairs(std::int64_t seq, std::int64_t window) {
   return w * (w + 1) / 2 + (s - w) * w;
 }
 
-bool is_model_flop(const ForwardOp& op) { return op.op_class != OpClass::elementwise; }
+bool is_model_flop(const ForwardOp& op) {
+  return op.op_class != OpClass::elementwise;
+}
 
 namespace {
 
 // Per-element FLOP constants of elementwise ops (forward), counted as a straightforward kernel
 // computes them:
-constexpr double kRmsNormFlops = 4;   // square, accumulate, multiply by rsqrt, multiply by scale
-constexpr double kSwigluFlops = 5;    // silu(x) = x / (1 + exp(-x)): 3, times the up value: 1, +1
-constexpr double kRopeFlops = 3;      // two multiplies and one add per rotated element
-constexpr double kSoftmaxFlops = 5;   // max, subtract, exp, sum, scale per kept score
-constexpr double kResidualFlops = 1;  // one add
+constexpr double kRmsNormFlops = 4;  // square, accumulate, multiply by rsqrt, multiply by scale
+constexpr double kSwigluFlops = 5;   // silu(x) = x / (1 + exp(-x)): 3, times the up value: 1, +1
+constexpr double kRopeFlops = 3;     // two multiplies and one add per rotated element
+constexpr double kSoftmaxFlops = 5;  // max, subtract, exp, sum, scale per kept score
+constexpr double kResidualFlops = 1; // one add
 constexpr double kCrossEntropyFlops = 5; // max, subtract, exp, sum per logit; log at the end
 constexpr double kRouterFlops = 5;       // softmax or sigmoid per expert score, then top-k
 
@@ -55,8 +57,15 @@ struct OpList {
   void gemm(std::string name, Component c, double k, double n, double instances = 1,
             double m_per_instance = -1) {
     const double m = m_per_instance < 0 ? tokens : m_per_instance;
-    ForwardOp op{std::move(name), c, instances > 1 ? OpClass::grouped_gemm : OpClass::gemm,
-                 m, n, k, instances, 0, 0};
+    ForwardOp op{std::move(name),
+                 c,
+                 instances > 1 ? OpClass::grouped_gemm : OpClass::gemm,
+                 m,
+                 n,
+                 k,
+                 instances,
+                 0,
+                 0};
     op.flops = 2 * m * n * k * instances;
     op.bytes = (m * k + k * n + m * n) * kActivationBytes * instances;
     ops.push_back(std::move(op));
@@ -64,8 +73,8 @@ struct OpList {
   // `elements` processed, `flops_per_element`, bytes read+written per element.
   void elementwise(std::string name, double elements, double flops_per_element,
                    double bytes_per_element) {
-    ops.push_back(ForwardOp{std::move(name), Component::elementwise, OpClass::elementwise,
-                            elements, 0, 0, 1, elements * flops_per_element,
+    ops.push_back(ForwardOp{std::move(name), Component::elementwise, OpClass::elementwise, elements,
+                            0, 0, 1, elements * flops_per_element,
                             elements * bytes_per_element * kActivationBytes});
   }
 };
@@ -116,8 +125,15 @@ std::vector<ForwardOp> layer_forward_ops(const ModelSpec& m, const LayerSpec& la
   // Attention core: Q·Kᵀ over the kept pairs, then P·V; flash-style (scores never in HBM).
   {
     const double pairs = b * attended_pairs(seq, layer.window);
-    ForwardOp core{"attn_core", Component::attention_core, OpClass::attention, s,
-                   pairs / (b * s), dqk, b * heads, 0, 0};
+    ForwardOp core{"attn_core",
+                   Component::attention_core,
+                   OpClass::attention,
+                   s,
+                   pairs / (b * s),
+                   dqk,
+                   b * heads,
+                   0,
+                   0};
     core.flops = 2 * pairs * heads * dqk + 2 * pairs * heads * dv;
     core.bytes = t * (heads * dqk + kv_heads * (dqk + dv) + heads * dv) * kActivationBytes;
     l.ops.push_back(core);
@@ -201,8 +217,8 @@ FlopReport count_flops(const ModelSpec& m, std::int64_t seq) {
     for (const ForwardOp& op : layer_forward_ops(m, m.mtp_layer, seq))
       mtp += is_model_flop(op) ? op.flops : 0;
     const double h = static_cast<double>(m.hidden_size);
-    mtp += 2 * tokens * (2 * h) * h;                                   // eh_proj
-    mtp += 2 * tokens * h * static_cast<double>(m.vocab_size);         // its own LM head pass
+    mtp += 2 * tokens * (2 * h) * h;                           // eh_proj
+    mtp += 2 * tokens * h * static_cast<double>(m.vocab_size); // its own LM head pass
     r.mtp_model_flops_fwd_per_token = static_cast<double>(m.num_mtp_modules) * mtp / tokens;
   }
   return r;

@@ -80,9 +80,7 @@ struct FlopReport {
   double bytes_fwd = 0;
   double mtp_model_flops_fwd_per_token = 0; // MTP modules (not in the figures above)
 
-  const ComponentCost& operator[](Component c) const {
-    return by_component[static_cast<int>(c)];
-  }
+  const ComponentCost& operator[](Component c) const { return by_component[static_cast<int>(c)]; }
 };
 
 FlopReport count_flops(const ModelSpec& m, std::int64_t seq);

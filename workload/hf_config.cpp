@@ -100,7 +100,8 @@ void read_qwen3_moe(const JsonFields& f, ModelSpec& m) {
   const std::int64_t max_window_layers = f.non_negative_int_or("max_window_layers", 0);
   for (std::int64_t i = 0; i < m.num_layers(); ++i) {
     LayerSpec& l = m.layers[static_cast<std::size_t>(i)];
-    const bool sparse = !mlp_only.contains(i) && m.moe.num_routed_experts > 0 && (i + 1) % step == 0;
+    const bool sparse =
+        !mlp_only.contains(i) && m.moe.num_routed_experts > 0 && (i + 1) % step == 0;
     l.mlp = sparse ? MlpKind::moe : MlpKind::dense;
     l.window = i >= max_window_layers ? window : 0;
   }
@@ -163,8 +164,8 @@ void read_gpt_oss(const JsonFields& f, ModelSpec& m) {
     }
   }
   for (std::int64_t i = 0; i < m.num_layers(); ++i) {
-    const bool sliding = types.empty() ? i % 2 == 0
-                                       : types[static_cast<std::size_t>(i)] == "sliding_attention";
+    const bool sliding =
+        types.empty() ? i % 2 == 0 : types[static_cast<std::size_t>(i)] == "sliding_attention";
     m.layers[static_cast<std::size_t>(i)] = LayerSpec{MlpKind::moe, sliding ? window : 0};
   }
 }
@@ -174,8 +175,8 @@ void read_gpt_oss(const JsonFields& f, ModelSpec& m) {
 // the attention FLOPs) until chunked attention is added as its own variant.
 void read_llama4(const JsonFields& outer, ModelSpec& m) {
   const Json& text = outer.has("text_config") ? outer.at("text_config") : Json();
-  const JsonFields f = outer.has("text_config") ? JsonFields(text, outer.origin() + " text_config")
-                                                : outer;
+  const JsonFields f =
+      outer.has("text_config") ? JsonFields(text, outer.origin() + " text_config") : outer;
   read_common(f, m);
   read_gqa(f, m);
   m.moe.num_routed_experts = f.positive_int("num_local_experts");
@@ -192,8 +193,8 @@ void read_llama4(const JsonFields& outer, ModelSpec& m) {
       moe_layers.insert(i);
   }
   for (std::int64_t i = 0; i < m.num_layers(); ++i)
-    m.layers[static_cast<std::size_t>(i)].mlp = moe_layers.contains(i) ? MlpKind::moe
-                                                                        : MlpKind::dense;
+    m.layers[static_cast<std::size_t>(i)].mlp =
+        moe_layers.contains(i) ? MlpKind::moe : MlpKind::dense;
 }
 
 // GPT-2 / GPT-3 (Megatron's GPT): MHA with biases, LayerNorm with bias, a 4h GeLU MLP with
@@ -223,8 +224,8 @@ void read_gpt2(const JsonFields& f, ModelSpec& m) {
 
 const std::vector<std::string>& supported_model_types() {
   static const std::vector<std::string> types = {
-      "llama",   "mistral", "qwen3", "gpt2", "mixtral",     "qwen3_moe",    "deepseek_v2",
-      "deepseek_v3", "kimi_k2", "gpt_oss", "llama4", "llama4_text"};
+      "llama",       "mistral",     "qwen3",   "gpt2",    "mixtral", "qwen3_moe",
+      "deepseek_v2", "deepseek_v3", "kimi_k2", "gpt_oss", "llama4",  "llama4_text"};
   return types;
 }
 

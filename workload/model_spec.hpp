@@ -24,10 +24,10 @@ struct AttentionSpec {
   std::int64_t qk_nope_head_dim = 0;
   std::int64_t qk_rope_head_dim = 0;
   std::int64_t v_head_dim = 0;
-  bool qkv_bias = false;  // bias on q, k, v projections (GPT-OSS, Qwen2)
-  bool out_bias = false;  // bias on the output projection (GPT-OSS)
-  bool qk_norm = false;   // RMSNorm over each head's q and k (Qwen3)
-  bool sinks = false;     // a learned attention-sink logit per head (GPT-OSS)
+  bool qkv_bias = false; // bias on q, k, v projections (GPT-OSS, Qwen2)
+  bool out_bias = false; // bias on the output projection (GPT-OSS)
+  bool qk_norm = false;  // RMSNorm over each head's q and k (Qwen3)
+  bool sinks = false;    // a learned attention-sink logit per head (GPT-OSS)
 
   std::int64_t qk_head_dim() const; // per-head dim of q and k
   std::int64_t v_dim() const;       // per-head dim of v
@@ -45,8 +45,8 @@ struct MoeSpec {
   std::int64_t expert_intermediate_size = 0;
   std::int64_t num_shared_experts = 0;
   std::int64_t shared_intermediate_size = 0; // per shared expert
-  bool expert_bias = false;  // biases inside each expert's projections (GPT-OSS)
-  bool router_bias = false;  // bias on the router logits (GPT-OSS linear router)
+  bool expert_bias = false;                  // biases inside each expert's projections (GPT-OSS)
+  bool router_bias = false;                  // bias on the router logits (GPT-OSS linear router)
   // DeepSeek-V3's aux-loss-free balancing keeps a per-expert score correction (a buffer of
   // num_routed_experts floats, stored in the checkpoint); counted as a parameter as HF does.
   bool router_score_correction = false;

@@ -39,10 +39,10 @@ std::int64_t attention_params(const AttentionSpec& a, std::int64_t h) {
       p += h * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * a.num_heads * qk; // q_a, norm, q_b
     else
       p += h * a.num_heads * qk;
-    p += h * (a.kv_lora_rank + a.qk_rope_head_dim);                      // kv_a (with k_rope)
-    p += a.kv_lora_rank;                                                 // kv_a_layernorm
+    p += h * (a.kv_lora_rank + a.qk_rope_head_dim);                          // kv_a (with k_rope)
+    p += a.kv_lora_rank;                                                     // kv_a_layernorm
     p += a.kv_lora_rank * a.num_heads * (a.qk_nope_head_dim + a.v_head_dim); // kv_b
-    p += a.num_heads * a.v_head_dim * h;                                 // o_proj
+    p += a.num_heads * a.v_head_dim * h;                                     // o_proj
     if (a.out_bias)
       p += h;
   }

@@ -7,7 +7,9 @@
 namespace mop::real {
 namespace {
 
-__global__ void add_one(float* x) { x[0] += 1.0f; }
+__global__ void add_one(float* x) {
+  x[0] += 1.0f;
+}
 
 void check(cudaError_t status, const char* call) {
   if (status != cudaSuccess)

@@ -1,6 +1,6 @@
 // The `mop` program end to end: CLI.md's names, JSON keys and exit statuses.
-#include "tests/cli/run_mop.hpp"
 #include "common/json_io.hpp"
+#include "tests/cli/run_mop.hpp"
 
 #include <doctest/doctest.h>
 
@@ -39,9 +39,9 @@ TEST_CASE("mop model list shows every catalog model in a table and as JSON") {
 }
 
 TEST_CASE("bad input: one sentence on stderr, exit 1, nothing on stdout") {
-  for (const char* args : {"model show no-such-model", "model show kimi-k2 --seq 0",
-                           "model show kimi-k2 --seq 12Q", "model show /nonexistent/config.json",
-                           "model show " MOP_SOURCE_DIR "/CMakeLists.txt"}) {
+  for (const char* args :
+       {"model show no-such-model", "model show kimi-k2 --seq 0", "model show kimi-k2 --seq 12Q",
+        "model show /nonexistent/config.json", "model show " MOP_SOURCE_DIR "/CMakeLists.txt"}) {
     CAPTURE(args);
     const auto r = run_mop(args);
     CHECK(r.status == 1);

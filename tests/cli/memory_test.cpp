@@ -31,7 +31,8 @@ TEST_CASE("mop memory --json has the contract's keys and a re-usable plan") {
   CHECK(sum == doctest::Approx(j["peak_hbm_bytes"].get<double>()));
   const auto path = std::filesystem::temp_directory_path() / "mop-memory-plan.json";
   std::ofstream(path) << j["plan"].dump();
-  const auto again = run_mop(std::string("memory ") + kSmall + " --plan " + path.string() + " --json");
+  const auto again =
+      run_mop(std::string("memory ") + kSmall + " --plan " + path.string() + " --json");
   REQUIRE(again.status == 0);
   CHECK(Json::parse(again.out)["peak_hbm_bytes"] == j["peak_hbm_bytes"]);
   std::filesystem::remove(path);

@@ -14,10 +14,10 @@ TEST_CASE("mop simulate --json has every key of memory plus the step's figures")
                          "--global-batch 16 --plan fsdp2 --json");
   REQUIRE(r.status == 0);
   const Json j = Json::parse(r.out);
-  for (const char* key : {"fits", "peak_hbm_bytes", "hbm_capacity_bytes", "peak_host_bytes",
-                          "host_capacity_bytes", "memory_breakdown", "worst_rank", "plan",
-                          "step_time_s", "tokens_per_s_per_gpu", "mfu", "tflops_per_gpu",
-                          "breakdown_s"})
+  for (const char* key :
+       {"fits", "peak_hbm_bytes", "hbm_capacity_bytes", "peak_host_bytes", "host_capacity_bytes",
+        "memory_breakdown", "worst_rank", "plan", "step_time_s", "tokens_per_s_per_gpu", "mfu",
+        "tflops_per_gpu", "breakdown_s"})
     CHECK(j.contains(key));
   for (const char* key : {"compute", "exposed_comm", "bubble", "offload_stall", "optimizer"})
     CHECK(j["breakdown_s"].contains(key));
@@ -62,5 +62,6 @@ TEST_CASE("mop simulate refuses bad input with one sentence and writes no trace"
   CHECK(r.status == 1);
   CHECK(count_lines(r.err) == 1);
   CHECK(run_mop("simulate --model llama3-8b --cluster h100 --nodes 3 --seq 8K --plan fsdp2 "
-                "--global-batch 7").status == 1);
+                "--global-batch 7")
+            .status == 1);
 }

@@ -3,8 +3,8 @@
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
 #include "sim/engine.hpp"
-#include "strategies/hardware.hpp"
 #include "strategies/evaluate.hpp"
+#include "strategies/hardware.hpp"
 #include "strategies/lower.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
@@ -161,15 +161,15 @@ TEST_CASE("every preset simulates on every catalog model, doing exactly the mode
       CAPTURE(id);
       CAPTURE(family);
       const ResolvedPlan r = resolve_plan(family, ctx);
-      const StepEvaluation e = evaluate_step(
-          r.plan, LoweringContext{&m, 4096, 8, ctx.hw, {}}, c, hw::Calibration{}, 4);
+      const StepEvaluation e =
+          evaluate_step(r.plan, LoweringContext{&m, 4096, 8, ctx.hw, {}}, c, hw::Calibration{}, 4);
       CHECK(std::isfinite(e.step_time_s));
       CHECK(e.step_time_s > 0);
       // Second method: 3 x forward FLOPs x sequences, from the workload model.
-      CHECK(e.model_flops_per_step ==
-            doctest::Approx(3 * workload::count_flops(m, 4096).model_flops_fwd *
-                            r.plan.global_batch)
-                .epsilon(1e-6));
+      CHECK(
+          e.model_flops_per_step ==
+          doctest::Approx(3 * workload::count_flops(m, 4096).model_flops_fwd * r.plan.global_batch)
+              .epsilon(1e-6));
     }
   }
 }

@@ -13,9 +13,13 @@ using namespace mop::strategy;
 
 namespace {
 
-const MemoryHardware kH200{.hbm_bytes = 150.1e9, .host_bytes = 2e12, .gpus_per_node = 8,
-                           .cuda_context_bytes = 0.5e9, .nccl_bytes_per_communicator = 0.75e9,
-                           .alltoall_buffer_bytes = 3e9, .fragmentation = 0.1,
+const MemoryHardware kH200{.hbm_bytes = 150.1e9,
+                           .host_bytes = 2e12,
+                           .gpus_per_node = 8,
+                           .cuda_context_bytes = 0.5e9,
+                           .nccl_bytes_per_communicator = 0.75e9,
+                           .alltoall_buffer_bytes = 3e9,
+                           .fragmentation = 0.1,
                            .host_reserved_bytes = 2e11};
 
 Plan base(int world) {

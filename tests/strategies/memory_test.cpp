@@ -54,7 +54,8 @@ TEST_CASE("activations per layer reproduce Korthikanti et al. 2022, eqs. 1-4, fo
     CAPTURE(c.h);
     // No parallelism: sbh(34 + 5as/h).
     CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(1, false, 8), 2048, Recompute::none,
-                                 kKorthikanti) == doctest::Approx(s * b * h * (34 + 5 * a * s / h)));
+                                 kKorthikanti) ==
+          doctest::Approx(s * b * h * (34 + 5 * a * s / h)));
     // Tensor parallel, no SP: sbh(10 + 24/t + 5as/(ht)).
     CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(8, false, 8), 2048, Recompute::none,
                                  kKorthikanti) ==

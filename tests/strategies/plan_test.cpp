@@ -14,8 +14,11 @@ std::string error_of(auto&& f) {
   }
   return "";
 }
-const ModelShape kKimi{.num_layers = 61, .num_heads = 64, .num_kv_heads = 64,
-                       .num_routed_experts = 384, .vocab_size = 163840};
+const ModelShape kKimi{.num_layers = 61,
+                       .num_heads = 64,
+                       .num_kv_heads = 64,
+                       .num_routed_experts = 384,
+                       .vocab_size = 163840};
 const ClusterShape kTwelveNodes{.gpus_per_node = 8, .nodes = 12};
 } // namespace
 

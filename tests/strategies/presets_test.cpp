@@ -10,9 +10,13 @@ using namespace mop::workload;
 
 namespace {
 // H200 figures as CUDA reports them (hardware.md §1.1): 139.8 GiB; 2 TB host per node.
-const MemoryHardware kH200{.hbm_bytes = 150.1e9, .host_bytes = 2e12, .gpus_per_node = 8,
-                           .cuda_context_bytes = 1e9, .nccl_bytes_per_communicator = 0.4e9,
-                           .fragmentation = 0.05, .host_reserved_bytes = 50e9};
+const MemoryHardware kH200{.hbm_bytes = 150.1e9,
+                           .host_bytes = 2e12,
+                           .gpus_per_node = 8,
+                           .cuda_context_bytes = 1e9,
+                           .nccl_bytes_per_communicator = 0.4e9,
+                           .fragmentation = 0.05,
+                           .host_reserved_bytes = 50e9};
 
 PlanContext context(const ModelSpec& m, std::int64_t seq, int nodes) {
   PlanContext c;
@@ -25,10 +29,10 @@ PlanContext context(const ModelSpec& m, std::int64_t seq, int nodes) {
 } // namespace
 
 TEST_CASE("the default batch is at least 4M tokens and a multiple of replicas x micro-batch") {
-  CHECK(default_global_batch(4096, 8) == 1024);       // 2^22 / 4096 = 1024, a multiple of 8
-  CHECK(default_global_batch(4096, 96) == 1056);      // 1024 rounded up to 11 x 96
-  CHECK(default_global_batch(1 << 20, 1) == 4);       // 4 sequences of 1M tokens
-  CHECK(default_global_batch(1 << 20, 12) == 12);     // one per replica at least
+  CHECK(default_global_batch(4096, 8) == 1024);   // 2^22 / 4096 = 1024, a multiple of 8
+  CHECK(default_global_batch(4096, 96) == 1056);  // 1024 rounded up to 11 x 96
+  CHECK(default_global_batch(1 << 20, 1) == 4);   // 4 sequences of 1M tokens
+  CHECK(default_global_batch(1 << 20, 12) == 12); // one per replica at least
 }
 
 TEST_CASE("every family has valid plans for every catalog model on a node it can fit") {
@@ -80,7 +84,8 @@ TEST_CASE("an unknown preset is one sentence listing the presets") {
   }
 }
 
-TEST_CASE("every preset answers for every catalog model, naming what runs out when it does not fit") {
+TEST_CASE(
+    "every preset answers for every catalog model, naming what runs out when it does not fit") {
   for (const std::string& id : catalog_ids()) {
     const ModelSpec m = load_model(id);
     for (const std::string& family : family_names()) {

@@ -62,8 +62,8 @@ TEST_CASE("a pruned candidate never beats the reported best: the whole space sim
     for (const Plan& p : enumerate_family(family, ctx)) {
       if (!analyze_memory(m, p, 2048, ctx.hw).fits())
         continue;
-      const StepEvaluation e = evaluate_step(p, LoweringContext{&m, 2048, 8, ctx.hw, {}}, c,
-                                             hw::Calibration{}, 8);
+      const StepEvaluation e =
+          evaluate_step(p, LoweringContext{&m, 2048, 8, ctx.hw, {}}, c, hw::Calibration{}, 8);
       best = std::min(best, e.step_time_s / e.tokens_per_step);
     }
   const auto& r = s.results[0];

@@ -60,8 +60,8 @@ TEST_CASE("peak memory against the published measurements: MAPE within the recor
     if (!t.plan)
       continue;
     const hw::ClusterSpec c = hw::load_cluster(t.cluster_id);
-    const strategy::MemoryReport m = strategy::analyze_memory(
-        *t.model, *t.plan, r.seq_len, strategy::memory_hardware(c));
+    const strategy::MemoryReport m =
+        strategy::analyze_memory(*t.model, *t.plan, r.seq_len, strategy::memory_hardware(c));
     const double measured = r.measured["peak_mem_gib"].get<double>() * 1024 * 1024 * 1024;
     const double err = std::fabs(m.peak_hbm_bytes - measured) / measured;
     MESSAGE(r.id << ": measured " << measured / 1073741824.0 << " GiB, predicted "

@@ -35,8 +35,8 @@ TEST_CASE("tiny-dense forward FLOPs per token match the formula derived by hand"
 TEST_CASE("at short sequences training FLOPs per token approach 6 x active parameters") {
   // Kaplan et al. 2020: C = 6·N per token, N the non-embedding parameters a token touches.
   // Attention over 128 tokens and the norms (not matmuls) move it by well under 1 %.
-  for (const char* id : {"llama3-8b", "mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2",
-                         "gpt-oss-120b"}) {
+  for (const char* id :
+       {"llama3-8b", "mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3", "kimi-k2", "gpt-oss-120b"}) {
     CAPTURE(id);
     const ModelSpec m = load_model(id);
     const double n = static_cast<double>(count_params(m).active_without_embedding());
@@ -49,15 +49,18 @@ TEST_CASE("Kimi-K2 forward FLOPs per token as in the worked example (second meth
   // = heads*(d_qk + d_v)*S (half the keys, 2 FLOP per MAC), linear layers 2*(active - embedding).
   const ModelSpec m = load_model("kimi-k2");
   const double linear = 2.0 * static_cast<double>(count_params(m).active_without_embedding());
-  for (std::int64_t seq : {std::int64_t{64} << 10, std::int64_t{128} << 10, std::int64_t{1} << 20}) {
+  for (std::int64_t seq :
+       {std::int64_t{64} << 10, std::int64_t{128} << 10, std::int64_t{1} << 20}) {
     const double attention = 61.0 * 64 * (192 + 128) * static_cast<double>(seq);
     const FlopReport f = count_flops(m, seq);
     CAPTURE(seq);
     CHECK(f.model_flops_fwd_per_token == doctest::Approx(linear + attention).epsilon(0.002));
   }
   // The worked example's rounded table: 1.45e11 at 64K, 2.27e11 at 128K, 1.37e12 at 1M.
-  CHECK(count_flops(m, 64 << 10).model_flops_fwd_per_token == doctest::Approx(1.45e11).epsilon(0.01));
-  CHECK(count_flops(m, 1 << 20).model_flops_fwd_per_token == doctest::Approx(1.37e12).epsilon(0.01));
+  CHECK(count_flops(m, 64 << 10).model_flops_fwd_per_token ==
+        doctest::Approx(1.45e11).epsilon(0.01));
+  CHECK(count_flops(m, 1 << 20).model_flops_fwd_per_token ==
+        doctest::Approx(1.37e12).epsilon(0.01));
 }
 
 TEST_CASE("sliding-window layers of gpt-oss cost the window, not the context") {

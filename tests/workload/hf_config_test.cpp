@@ -130,5 +130,6 @@ TEST_CASE("Qwen3 dense reads as Llama with QK-norm: Qwen3-8B is 8.2B (Qwen3 mode
     "tie_word_embeddings": false})");
   const ModelSpec m = from_hf_config(c, "c.json", "qwen3-8b");
   CHECK(m.attention.qk_norm);
-  CHECK(static_cast<double>(count_params(m).total.total()) == doctest::Approx(8.2e9).epsilon(0.007));
+  CHECK(static_cast<double>(count_params(m).total.total()) ==
+        doctest::Approx(8.2e9).epsilon(0.007));
 }

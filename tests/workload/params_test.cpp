@@ -90,8 +90,8 @@ TEST_CASE("Qwen3 MoE: 235B / 22B and 30.5B / 3.3B (Qwen3 model cards)") {
   const ParamReport a = count_params(load_model("qwen3-235b-a22b"));
   CHECK(rounds_to(static_cast<double>(a.total.total()), 235e9, 1e9));
   CHECK(rounds_to(static_cast<double>(a.active.total()), 22e9, 1e9));
-  CHECK(rounds_to(static_cast<double>(a.total.total() - a.total.embedding - a.total.lm_head),
-                  234e9, 1e9));
+  CHECK(rounds_to(static_cast<double>(a.total.total() - a.total.embedding - a.total.lm_head), 234e9,
+                  1e9));
   // The 30B card truncates rather than rounds: 30.53B -> "30.5B", 3.353B -> "3.3B",
   // 29.91B -> "29.9B".
   const ParamReport b = count_params(load_model("qwen3-30b-a3b"));
@@ -116,12 +116,12 @@ TEST_CASE("gpt-oss: 116.83B / 5.13B and 20.91B / 3.61B (gpt-oss model card)") {
 TEST_CASE("Llama 3.1: 8.03B, 70.6B (Hugging Face model pages) and 405B by hand") {
   CHECK(rounds_to(static_cast<double>(count_params(load_model("llama3-8b")).total.total()), 8.03e9,
                   0.01e9));
-  CHECK(rounds_to(static_cast<double>(count_params(load_model("llama3-70b")).total.total()),
-                  70.6e9, 0.1e9));
+  CHECK(rounds_to(static_cast<double>(count_params(load_model("llama3-70b")).total.total()), 70.6e9,
+                  0.1e9));
   // 405B: Meta's name truncates. By hand: 126 layers of attention 2*16384^2 + 2*16384*1024,
   // MLP 3*16384*53248, norms 2*16384; embedding and head 128256*16384 each; final norm 16384.
-  const std::int64_t layer = 2LL * 16384 * 16384 + 2LL * 16384 * 1024 + 3LL * 16384 * 53248 +
-                             2 * 16384;
+  const std::int64_t layer =
+      2LL * 16384 * 16384 + 2LL * 16384 * 1024 + 3LL * 16384 * 53248 + 2 * 16384;
   const std::int64_t by_hand = 126 * layer + 2LL * 128256 * 16384 + 16384;
   const ParamReport p = count_params(load_model("llama3-405b"));
   CHECK(p.total.total() == by_hand);
