@@ -50,16 +50,23 @@ BENCHMARK(BM_Llama3_405B_128xH100_8K_megatron)->Unit(benchmark::kMillisecond);
 
 namespace {
 
-// The planner's analytic stage: enumerate every family's plans and run the memory model on each
-// (candidates per second), as `mop plan` does before any simulation.
-void BM_AnalyticStage_KimiK2_12xH200_1M(benchmark::State& state) {
-  const auto model = mop::workload::load_model("kimi-k2");
-  const auto cluster = mop::hw::load_cluster("h200");
+// Kimi-K2 at 1M tokens on 12 nodes of the given cluster.
+mop::strategy::PlanContext kimi_1m_context(const mop::workload::ModelSpec& model,
+                                           const mop::hw::ClusterSpec& cluster) {
   mop::strategy::PlanContext ctx;
   ctx.model = &model;
   ctx.seq = std::int64_t{1} << 20;
   ctx.cluster = {cluster.node.gpus_per_node, 12};
   ctx.hw = mop::strategy::memory_hardware(cluster);
+  return ctx;
+}
+
+// The planner's analytic stage: enumerate every family's plans and run the memory model on each
+// (candidates per second), as `mop plan` does before any simulation.
+void BM_AnalyticStage_KimiK2_12xH200_1M(benchmark::State& state) {
+  const auto model = mop::workload::load_model("kimi-k2");
+  const auto cluster = mop::hw::load_cluster("h200");
+  const mop::strategy::PlanContext ctx = kimi_1m_context(model, cluster);
   std::int64_t candidates = 0;
   for (auto _ : state) {
     for (const std::string& family : mop::strategy::family_names())
@@ -77,11 +84,7 @@ BENCHMARK(BM_AnalyticStage_KimiK2_12xH200_1M)->Unit(benchmark::kMillisecond);
 void BM_LowerBound_KimiK2_1M(benchmark::State& state) {
   const auto model = mop::workload::load_model("kimi-k2");
   const auto cluster = mop::hw::load_cluster("h200");
-  mop::strategy::PlanContext ctx;
-  ctx.model = &model;
-  ctx.seq = std::int64_t{1} << 20;
-  ctx.cluster = {cluster.node.gpus_per_node, 12};
-  ctx.hw = mop::strategy::memory_hardware(cluster);
+  const mop::strategy::PlanContext ctx = kimi_1m_context(model, cluster);
   const auto plan = mop::strategy::resolve_plan("mop", ctx).plan;
   const mop::strategy::LoweringContext lc{&model, ctx.seq, 8, ctx.hw, {}};
   for (auto _ : state)

@@ -121,6 +121,7 @@ private:
                      int mb, bool backward);
   void emit_wgrad(sim::Op wgrad);
   sim::Op host_adam_op(std::string name, double params, int layer) const;
+  sim::Op pipeline_op(std::string name, OpKind kind, int peer, int mb, double bytes) const;
   sim::Op op_of(const Step& st, const std::string& name, Category category, int layer, int mb);
 };
 
@@ -445,6 +446,20 @@ int Lowering::emit_forward(const Step& st, const std::string& prefix, Category c
   return add(op_of(st, prefix, category, layer, mb));
 }
 
+// A pipeline send (of `bytes`) or recv between this stage and rank class `peer`.
+sim::Op Lowering::pipeline_op(std::string name, OpKind kind, int peer, int mb, double bytes) const {
+  sim::Op op;
+  op.name = std::move(name);
+  op.kind = kind;
+  op.category = Category::pp_comm;
+  op.stream = kPp;
+  op.bytes = kind == OpKind::send ? bytes : 0;
+  op.group = g_.pp;
+  op.peer_class = peer;
+  op.micro_batch = mb;
+  return op;
+}
+
 // AdamW over `params` parameters on the host CPU, with the plan's optimizer implementation.
 sim::Op Lowering::host_adam_op(std::string name, double params, int layer) const {
   sim::Op adam;
@@ -696,14 +711,8 @@ sim::Schedule Lowering::run() {
       const bool embeds = first && chunk == 0, heads = last && chunk == vp - 1;
       const std::size_t key = static_cast<std::size_t>(chunk * micro + mb);
       if (!embeds) {
-        sim::Op r;
-        r.name = fmt::format("recv_act.mb{}", mb);
-        r.kind = OpKind::recv;
-        r.category = Category::pp_comm;
-        r.stream = kPp;
-        r.group = g_.pp;
-        r.peer_class = stage > 0 ? stage - 1 : p_.pp - 1;
-        r.micro_batch = mb;
+        sim::Op r = pipeline_op(fmt::format("recv_act.mb{}", mb), OpKind::recv,
+                                stage > 0 ? stage - 1 : p_.pp - 1, mb, 0);
         recv_fwd[static_cast<std::size_t>(stage)][key] = add(std::move(r));
       } else {
         sim::Op e;
@@ -785,15 +794,8 @@ sim::Schedule Lowering::run() {
         loss.micro_batch = mb;
         add(std::move(loss));
       } else {
-        sim::Op snd;
-        snd.name = fmt::format("send_act.mb{}", mb);
-        snd.kind = OpKind::send;
-        snd.category = Category::pp_comm;
-        snd.stream = kPp;
-        snd.bytes = pp_bytes;
-        snd.group = g_.pp;
-        snd.peer_class = last ? 0 : stage + 1;
-        snd.micro_batch = mb;
+        sim::Op snd = pipeline_op(fmt::format("send_act.mb{}", mb), OpKind::send,
+                                  last ? 0 : stage + 1, mb, pp_bytes);
         snd.deps = {cursor_};
         send_fwd[static_cast<std::size_t>(stage)][key] = add(std::move(snd), false);
       }
@@ -885,14 +887,8 @@ sim::Schedule Lowering::run() {
         head.frees = {logits[static_cast<std::size_t>(mb)]};
         add(std::move(head));
       } else {
-        sim::Op r;
-        r.name = fmt::format("recv_grad.mb{}", mb);
-        r.kind = OpKind::recv;
-        r.category = Category::pp_comm;
-        r.stream = kPp;
-        r.group = g_.pp;
-        r.peer_class = last ? 0 : stage + 1;
-        r.micro_batch = mb;
+        sim::Op r = pipeline_op(fmt::format("recv_grad.mb{}", mb), OpKind::recv,
+                                last ? 0 : stage + 1, mb, 0);
         recv_bwd[static_cast<std::size_t>(stage)][key] = add(std::move(r));
       }
       for (int i = chunk_begin[static_cast<std::size_t>(chunk + 1)] - 1;
@@ -976,15 +972,8 @@ sim::Schedule Lowering::run() {
         reduce_grads(i, mb, last_mb, end);
       }
       if (!embeds) {
-        sim::Op snd;
-        snd.name = fmt::format("send_grad.mb{}", mb);
-        snd.kind = OpKind::send;
-        snd.category = Category::pp_comm;
-        snd.stream = kPp;
-        snd.bytes = pp_bytes;
-        snd.group = g_.pp;
-        snd.peer_class = stage > 0 ? stage - 1 : p_.pp - 1;
-        snd.micro_batch = mb;
+        sim::Op snd = pipeline_op(fmt::format("send_grad.mb{}", mb), OpKind::send,
+                                  stage > 0 ? stage - 1 : p_.pp - 1, mb, pp_bytes);
         snd.deps = {cursor_};
         send_bwd[static_cast<std::size_t>(stage)][key] = add(std::move(snd), false);
       }
