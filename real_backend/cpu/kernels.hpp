@@ -1,0 +1,107 @@
+#pragma once
+// The CPU twins of the CUDA kernels: plain loops over the per-element math of
+// real_backend/kernels/math.hpp (shared, __host__ __device__). They are the specification of the
+// kernels' semantics; the CPU reference executor runs on them. Every function is instantiated
+// for float (the executor) and double (the references in tests). Row-major throughout.
+#include <cstddef>
+#include <cstdint>
+
+namespace mop::real {
+
+// c[m,n] = (accumulate ? c : 0) + op(a)·op(b). a is [m,k] ([k,m] when trans_a), b is [k,n]
+// ([n,k] when trans_b). Sums run over k in increasing order.
+template <class T>
+void gemm(int m, int n, int k, const T* a, bool trans_a, const T* b, bool trans_b, T* c,
+          bool accumulate);
+
+// RMSNorm over rows of `dim`: y = x * rstd * w, rstd = 1/sqrt(mean(x^2) + eps), rstd saved per
+// row. Backward: dx overwritten, dw accumulated (+=).
+template <class T>
+void rmsnorm_fwd(int rows, int dim, const T* x, const T* w, double eps, T* y, T* rstd);
+template <class T>
+void rmsnorm_bwd(int rows, int dim, const T* x, const T* w, const T* rstd, const T* dy, T* dx,
+                 T* dw);
+
+// Rotary position embedding, Hugging Face's rotate-half convention, in place on x[tokens,
+// heads, head_dim]: for i < head_dim/2 the pair (x_i, x_{i+head_dim/2}) of token t rotates by
+// positions[t] * theta^(-2i/head_dim). inverse = true rotates by the negative angle (the
+// backward of the forward rotation).
+template <class T>
+void rope(int tokens, int heads, int head_dim, const std::int64_t* positions, double theta, T* x,
+          bool inverse);
+
+// SwiGLU: out = silu(gate) * up. Backward overwrites dgate and dup.
+template <class T> void swiglu_fwd(std::size_t n, const T* gate, const T* up, T* out);
+template <class T>
+void swiglu_bwd(std::size_t n, const T* gate, const T* up, const T* dout, T* dgate, T* dup);
+
+// Attention of one sequence or chunk. q[tq, heads, qk_dim], k[tk, kv_heads, qk_dim],
+// v[tk, kv_heads, v_dim]; query head h reads KV head h / (heads / kv_heads) (GQA). q_pos and
+// k_pos are global token positions: key j is visible from query i when
+// (!causal || k_pos[j] <= q_pos[i]) && (window == 0 || q_pos[i] - k_pos[j] < window).
+struct AttentionParams {
+  int heads = 0;
+  int kv_heads = 0;
+  int qk_dim = 0;
+  int v_dim = 0;
+  bool causal = true;
+  std::int64_t window = 0;
+  double scale = 0; // softmax scale, usually 1/sqrt(qk_dim)
+};
+// out[tq, heads, v_dim] and lse[tq, heads] (natural log of the softmax denominator including
+// the max; -infinity where no key is visible, and out 0 there). Both overwritten.
+template <class T>
+void attention_fwd(const AttentionParams& p, int tq, int tk, const T* q, const T* k, const T* v,
+                   const std::int64_t* q_pos, const std::int64_t* k_pos, T* out, T* lse);
+// Merges a partial result over other keys (out_b, lse_b) into (out_a, lse_a), in place: the
+// combination step of ring attention. Exact: the result equals attention over both key sets.
+template <class T>
+void attention_merge(int tq, int heads, int v_dim, T* out_a, T* lse_a, const T* out_b,
+                     const T* lse_b);
+// Backward over one block of keys, given the final out and lse over all keys (FlashAttention-2):
+// dq, dk and dv are accumulated (+=), so a ring sums the blocks' contributions.
+template <class T>
+void attention_bwd(const AttentionParams& p, int tq, int tk, const T* q, const T* k, const T* v,
+                   const std::int64_t* q_pos, const std::int64_t* k_pos, const T* out,
+                   const T* lse, const T* dout, T* dq, T* dk, T* dv);
+
+// Softmax cross-entropy of full-vocabulary rows. Returns the sum of the rows' losses; dlogits
+// (overwritten, may be null) = scale * (softmax - onehot(label)). Rows with label < 0 have no
+// loss and a zero gradient.
+template <class T>
+double cross_entropy(int rows, int vocab, const T* logits, const std::int32_t* labels, double scale,
+                     T* dlogits);
+
+// Router: probs = softmax(logits) over experts (saved); the k largest are selected (ties go to
+// the lower index), idx[rows, k] in decreasing order of probability; weights[rows, k] are their
+// probabilities, divided by their sum when normalize (Qwen3/DeepSeek norm_topk_prob).
+template <class T>
+void router_topk_fwd(int rows, int experts, int k, bool normalize, const T* logits, T* probs,
+                     std::int32_t* idx, T* weights);
+// Gradient of the logits (overwritten) from the gradient of the weights, through the
+// normalisation and the softmax (the selection itself is piecewise constant).
+template <class T>
+void router_topk_bwd(int rows, int experts, int k, bool normalize, const T* probs,
+                     const std::int32_t* idx, const T* dweights, T* dlogits);
+
+// Permutation of token rows (MoE dispatch): dst[i] = src[index[i]] for i < n (gather), and its
+// adjoint dst[index[i]] += src[i] (scatter-add).
+template <class T>
+void gather_rows(int n, int dim, const T* src, const std::int32_t* index, T* dst);
+template <class T>
+void scatter_add_rows(int n, int dim, const T* src, const std::int32_t* index, T* dst);
+
+// AdamW (PyTorch's torch.optim.AdamW): decoupled weight decay, bias-corrected moments.
+// step counts from 1.
+struct AdamWParams {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+};
+template <class T>
+void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param, const T* grad, T* m,
+           T* v);
+
+} // namespace mop::real
