@@ -1,4 +1,5 @@
 #include "strategies/lower.hpp"
+#include "strategies/pipeline.hpp"
 
 #include "common/error.hpp"
 #include "sim/engine.hpp"
@@ -549,16 +550,11 @@ sim::Schedule Lowering::run() {
   // the recvs that wait for them, patched once every stage is built.
   // Indexed [stage][chunk * micro + micro-batch]; a chunk is one of the stage's vp virtual
   // stages (interleaved 1F1B), chunk 0 otherwise.
-  const int vp = p_.schedule == PipelineSchedule::interleaved_1f1b ? p_.vp : 1;
+  const int vp = chunks_per_stage(p_);
   std::vector<std::vector<int>> send_fwd(
       static_cast<std::size_t>(p_.pp), std::vector<int>(static_cast<std::size_t>(micro * vp), -1));
   // Virtual stage v = chunk * pp + stage holds layers [virtual_begin[v], virtual_begin[v + 1]).
-  std::vector<int> virtual_begin(static_cast<std::size_t>(p_.pp * vp + 1), 0);
-  for (int v = 0; v < p_.pp * vp; ++v) {
-    const int n =
-        vp == 1 ? p_.layers_in_stage(v, L) : L / (p_.pp * vp) + (v < L % (p_.pp * vp) ? 1 : 0);
-    virtual_begin[static_cast<std::size_t>(v + 1)] = virtual_begin[static_cast<std::size_t>(v)] + n;
-  }
+  const std::vector<int> virtual_begin = virtual_stage_bounds(p_, L);
   std::vector<std::vector<int>> send_bwd = send_fwd, recv_fwd = send_fwd, recv_bwd = send_fwd;
   const double pp_bytes = kAct * tokens_ * h / sp_;
   const bool host_opt = p_.optimizer_on_host;
@@ -979,45 +975,18 @@ sim::Schedule Lowering::run() {
       }
     };
 
-    // Pipeline order of this stage. Without a pipeline each micro-batch's backward follows its
-    // forward (gradient accumulation); GPipe runs every forward, then every backward; 1F1B warms
-    // up with pp - stage - 1 forwards, then alternates one forward and one backward; zero-bubble
-    // (ZB-H1, Qi et al. 2023) is 1F1B with each backward's weight gradients held back to the
-    // next point where the stage would wait. Interleaved 1F1B (Narayanan et al. 2021, as
-    // Megatron-LM orders it) walks (micro-batch, chunk) pairs: groups of pp micro-batches
-    // through chunk 0, then chunk 1, ...; backwards visit the chunks in reverse; the warm-up is
-    // 2·(pp - stage - 1) + (vp - 1)·pp forwards.
-    if (p_.pp == 1) {
-      for (int mb = 0; mb < micro; ++mb) {
-        forward(mb, 0);
-        backward(mb, 0);
-      }
-    } else {
-      const int items = micro * vp;
-      auto mb_of = [&](int k) { return (k / (p_.pp * vp)) * p_.pp + k % p_.pp; };
-      auto fwd_chunk = [&](int k) { return (k / p_.pp) % vp; };
-      auto bwd_chunk = [&](int k) { return vp - 1 - (k / p_.pp) % vp; };
-      int warmup = items;
-      if (p_.schedule != PipelineSchedule::gpipe)
-        warmup = vp == 1 ? std::min(micro, p_.pp - stage - 1)
-                         : std::min(items, 2 * (p_.pp - stage - 1) + (vp - 1) * p_.pp);
-      defer_wgrad_ = p_.schedule == PipelineSchedule::zero_bubble;
-      int next_f = 0, next_b = 0;
-      for (; next_f < warmup; ++next_f)
-        forward(mb_of(next_f), fwd_chunk(next_f));
-      while (next_b < items) {
-        if (next_f < items) {
-          flush_wgrad();
-          forward(mb_of(next_f), fwd_chunk(next_f));
-          ++next_f;
-        }
+    // Pipeline order of this stage (strategies/pipeline.hpp).
+    defer_wgrad_ = defers_weight_gradients(p_);
+    for (const PipelineStep& st : pipeline_order(p_, stage)) {
+      if (st.flush_deferred_wgrad)
         flush_wgrad();
-        backward(mb_of(next_b), bwd_chunk(next_b));
-        ++next_b;
-      }
-      flush_wgrad();
-      defer_wgrad_ = false;
+      if (st.forward)
+        forward(st.micro_batch, st.chunk);
+      else
+        backward(st.micro_batch, st.chunk);
     }
+    flush_wgrad();
+    defer_wgrad_ = false;
 
     // The optimizer step.
     double shard_params = 0;
@@ -1176,18 +1145,14 @@ double Lowering::compute_lower_bound_s(const hw::ClusterSpec& cluster, const hw:
     return cache.back();
   };
   double worst = 0;
-  const int vp = p_.schedule == PipelineSchedule::interleaved_1f1b ? p_.vp : 1;
+  const int vp = chunks_per_stage(p_);
+  const std::vector<int> bounds = virtual_stage_bounds(p_, L);
   for (int stage = 0; stage < p_.pp; ++stage) {
     double t = 0;
     for (int chunk = 0; chunk < vp; ++chunk) {
       const int v = chunk * p_.pp + stage;
-      const int per =
-          vp == 1 ? p_.layers_in_stage(v, L) : L / (p_.pp * vp) + (v < L % (p_.pp * vp) ? 1 : 0);
-      int begin = 0;
-      for (int u = 0; u < v; ++u)
-        begin +=
-            vp == 1 ? p_.layers_in_stage(u, L) : L / (p_.pp * vp) + (u < L % (p_.pp * vp) ? 1 : 0);
-      for (int l = begin; l < begin + per; ++l)
+      for (int l = bounds[static_cast<std::size_t>(v)]; l < bounds[static_cast<std::size_t>(v + 1)];
+           ++l)
         t += cached(m_.layers[static_cast<std::size_t>(l)]);
     }
     worst = std::max(worst, t * micro);

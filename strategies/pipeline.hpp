@@ -1,0 +1,41 @@
+#pragma once
+// Pipeline bookkeeping shared by every executor of a Plan: which decoder layers each virtual
+// stage holds, and the order in which a stage runs its micro-batches' forward and backward
+// passes. The lowering (strategies/lower.cpp) and the CPU executor (real_backend/cpu/) both
+// follow these, so the simulated and the executed schedules are the same schedule.
+#include "strategies/plan.hpp"
+
+#include <vector>
+
+namespace mop::strategy {
+
+// Model chunks per pipeline rank: vp under interleaved 1F1B, 1 otherwise.
+int chunks_per_stage(const Plan& p);
+
+// Virtual stage v = chunk * pp + stage holds layers [bounds[v], bounds[v + 1]); size pp·chunks+1.
+// Without interleaving the split follows Plan::layers_in_stage; with it, layers are spread
+// evenly over the virtual stages (the first ones take one more).
+std::vector<int> virtual_stage_bounds(const Plan& p, int num_layers);
+
+struct PipelineStep {
+  bool forward = true;
+  int micro_batch = 0;
+  int chunk = 0; // the stage's model chunk (virtual stage chunk * pp + stage)
+  // Zero-bubble: weight gradients held back by earlier backwards run before this step.
+  bool flush_deferred_wgrad = false;
+};
+
+// The order of one stage's passes over the step's micro-batches. Without a pipeline each
+// micro-batch's backward follows its forward (gradient accumulation); GPipe runs every forward,
+// then every backward; 1F1B warms up with pp - stage - 1 forwards, then alternates one forward
+// and one backward; zero-bubble (ZB-H1, Qi et al. 2023) is 1F1B with each backward's weight
+// gradients held back to the next point where the stage would wait. Interleaved 1F1B (Narayanan
+// et al. 2021, as Megatron-LM orders it) walks (micro-batch, chunk) pairs: groups of pp
+// micro-batches through chunk 0, then chunk 1, ...; backwards visit the chunks in reverse; the
+// warm-up is 2·(pp - stage - 1) + (vp - 1)·pp forwards.
+std::vector<PipelineStep> pipeline_order(const Plan& p, int stage);
+
+// Whether backwards hold their weight gradients back (zero-bubble under a pipeline).
+bool defers_weight_gradients(const Plan& p);
+
+} // namespace mop::strategy
