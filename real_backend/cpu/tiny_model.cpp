@@ -12,7 +12,9 @@ namespace mop::real {
 
 namespace {
 
-int to_int(std::int64_t v) { return static_cast<int>(v); }
+int to_int(std::int64_t v) {
+  return static_cast<int>(v);
+}
 
 void refuse(const workload::ModelSpec& s, const std::string& feature) {
   throw InputError(fmt::format("model '{}' uses {}, which the CPU executor does not implement "
@@ -25,18 +27,27 @@ void refuse(const workload::ModelSpec& s, const std::string& feature) {
 
 TinyConfig tiny_config(const workload::ModelSpec& s) {
   const auto& a = s.attention;
-  if (a.kind != workload::AttentionKind::gqa) refuse(s, "multi-head latent attention");
-  if (a.qkv_bias || a.out_bias) refuse(s, "attention biases");
-  if (a.sinks) refuse(s, "attention sinks");
-  if (s.learned_positions > 0) refuse(s, "learned position embeddings");
-  if (s.norm_bias) refuse(s, "LayerNorm with a bias");
-  if (s.num_mtp_modules > 0) refuse(s, "multi-token prediction");
-  if (!s.dense_mlp.gated || s.dense_mlp.bias) refuse(s, "a non-gated or biased dense MLP");
+  if (a.kind != workload::AttentionKind::gqa)
+    refuse(s, "multi-head latent attention");
+  if (a.qkv_bias || a.out_bias)
+    refuse(s, "attention biases");
+  if (a.sinks)
+    refuse(s, "attention sinks");
+  if (s.learned_positions > 0)
+    refuse(s, "learned position embeddings");
+  if (s.norm_bias)
+    refuse(s, "LayerNorm with a bias");
+  if (s.num_mtp_modules > 0)
+    refuse(s, "multi-token prediction");
+  if (!s.dense_mlp.gated || s.dense_mlp.bias)
+    refuse(s, "a non-gated or biased dense MLP");
   if (s.is_moe()) {
-    if (s.moe.num_shared_experts > 0) refuse(s, "shared experts");
+    if (s.moe.num_shared_experts > 0)
+      refuse(s, "shared experts");
     if (s.moe.expert_bias || s.moe.router_bias || s.moe.router_score_correction)
       refuse(s, "router or expert biases");
-    if (!s.moe.gated) refuse(s, "non-gated experts");
+    if (!s.moe.gated)
+      refuse(s, "non-gated experts");
   }
   TinyConfig c;
   c.name = s.name;
@@ -53,11 +64,13 @@ TinyConfig tiny_config(const workload::ModelSpec& s) {
     c.top_k = to_int(s.moe.experts_per_token);
     c.expert_ffn = to_int(s.moe.expert_intermediate_size);
   }
-  for (const auto& l : s.layers) c.layers.push_back({l.mlp == workload::MlpKind::moe, l.window});
+  for (const auto& l : s.layers)
+    c.layers.push_back({l.mlp == workload::MlpKind::moe, l.window});
   // Guard against running a production model on a CPU by mistake.
   const double params = static_cast<double>(c.vocab) * c.hidden * 2 +
                         static_cast<double>(c.num_layers()) * c.hidden *
-                            (4.0 * c.heads * c.head_dim + 3.0 * std::max(c.dense_ffn, c.expert_ffn * std::max(c.experts, 1)));
+                            (4.0 * c.heads * c.head_dim +
+                             3.0 * std::max(c.dense_ffn, c.expert_ffn * std::max(c.experts, 1)));
   if (params > 5e8)
     throw InputError(fmt::format("model '{}' has about {:.3g} parameters; the CPU executor is "
                                  "for small models (at most 5e8)",
@@ -67,31 +80,50 @@ TinyConfig tiny_config(const workload::ModelSpec& s) {
 
 const char* role_name(ParamRole r) {
   switch (r) {
-  case ParamRole::embedding: return "embedding";
-  case ParamRole::attn_norm: return "attn.norm";
-  case ParamRole::wq: return "attn.wq";
-  case ParamRole::wk: return "attn.wk";
-  case ParamRole::wv: return "attn.wv";
-  case ParamRole::wo: return "attn.wo";
-  case ParamRole::q_norm: return "attn.q_norm";
-  case ParamRole::k_norm: return "attn.k_norm";
-  case ParamRole::mlp_norm: return "mlp.norm";
-  case ParamRole::dense_gate: return "mlp.gate";
-  case ParamRole::dense_up: return "mlp.up";
-  case ParamRole::dense_down: return "mlp.down";
-  case ParamRole::router: return "moe.router";
-  case ParamRole::expert_gate: return "moe.experts.gate";
-  case ParamRole::expert_up: return "moe.experts.up";
-  case ParamRole::expert_down: return "moe.experts.down";
-  case ParamRole::final_norm: return "final_norm";
-  case ParamRole::lm_head: return "lm_head";
+  case ParamRole::embedding:
+    return "embedding";
+  case ParamRole::attn_norm:
+    return "attn.norm";
+  case ParamRole::wq:
+    return "attn.wq";
+  case ParamRole::wk:
+    return "attn.wk";
+  case ParamRole::wv:
+    return "attn.wv";
+  case ParamRole::wo:
+    return "attn.wo";
+  case ParamRole::q_norm:
+    return "attn.q_norm";
+  case ParamRole::k_norm:
+    return "attn.k_norm";
+  case ParamRole::mlp_norm:
+    return "mlp.norm";
+  case ParamRole::dense_gate:
+    return "mlp.gate";
+  case ParamRole::dense_up:
+    return "mlp.up";
+  case ParamRole::dense_down:
+    return "mlp.down";
+  case ParamRole::router:
+    return "moe.router";
+  case ParamRole::expert_gate:
+    return "moe.experts.gate";
+  case ParamRole::expert_up:
+    return "moe.experts.up";
+  case ParamRole::expert_down:
+    return "moe.experts.down";
+  case ParamRole::final_norm:
+    return "final_norm";
+  case ParamRole::lm_head:
+    return "lm_head";
   }
   return "?";
 }
 
 std::int64_t ParamInfo::numel() const {
   std::int64_t n = 1;
-  for (auto d : shape) n *= d;
+  for (auto d : shape)
+    n *= d;
   return n;
 }
 
@@ -126,13 +158,15 @@ std::vector<ParamInfo> param_layout(const TinyConfig& c) {
     }
   }
   add(ParamRole::final_norm, -1, {h});
-  if (!c.tied_embeddings) add(ParamRole::lm_head, -1, {h, c.vocab});
+  if (!c.tied_embeddings)
+    add(ParamRole::lm_head, -1, {h, c.vocab});
   return out;
 }
 
 int find_param(const std::vector<ParamInfo>& layout, ParamRole role, int layer) {
   for (std::size_t i = 0; i < layout.size(); ++i)
-    if (layout[i].role == role && layout[i].layer == layer) return static_cast<int>(i);
+    if (layout[i].role == role && layout[i].layer == layer)
+      return static_cast<int>(i);
   return -1;
 }
 
@@ -152,7 +186,8 @@ double standard_normal(std::uint64_t key) {
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * std::numbers::pi * u2);
 }
 
-template <class T> std::vector<std::vector<T>> init_params(const TinyConfig& c, std::uint64_t seed) {
+template <class T>
+std::vector<std::vector<T>> init_params(const TinyConfig& c, std::uint64_t seed) {
   const auto layout = param_layout(c);
   std::vector<std::vector<T>> out;
   for (std::size_t p = 0; p < layout.size(); ++p) {
@@ -170,7 +205,8 @@ template std::vector<std::vector<float>> init_params<float>(const TinyConfig&, s
 template std::vector<std::vector<double>> init_params<double>(const TinyConfig&, std::uint64_t);
 
 DataSource DataSource::synthetic(int vocab, std::uint64_t seed) {
-  if (vocab < 2) throw InputError("the synthetic data needs a vocabulary of at least 2 tokens");
+  if (vocab < 2)
+    throw InputError("the synthetic data needs a vocabulary of at least 2 tokens");
   DataSource d;
   d.vocab_ = vocab;
   d.seed_ = seed;
@@ -183,7 +219,8 @@ DataSource DataSource::text_file(const std::string& path, int vocab, std::uint64
                                  "at least 256 tokens; the model has {}",
                                  vocab));
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(fmt::format("cannot read the data file '{}'", path));
+  if (!in)
+    throw InputError(fmt::format("cannot read the data file '{}'", path));
   std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (bytes.size() < 2)
     throw InputError(fmt::format("the data file '{}' holds fewer than 2 bytes", path));
@@ -191,7 +228,8 @@ DataSource DataSource::text_file(const std::string& path, int vocab, std::uint64
   d.vocab_ = vocab;
   d.seed_ = seed;
   d.text_.reserve(bytes.size());
-  for (char b : bytes) d.text_.push_back(static_cast<unsigned char>(b));
+  for (char b : bytes)
+    d.text_.push_back(static_cast<unsigned char>(b));
   return d;
 }
 
@@ -203,21 +241,24 @@ Batch DataSource::batch(std::int64_t step, int sequences, int seq_len) const {
   b.tokens.resize(n);
   b.labels.resize(n);
   for (int s = 0; s < sequences; ++s) {
-    const std::uint64_t key = mix64(seed_ ^ mix64(static_cast<std::uint64_t>(step) * 1000003ULL + s));
+    const std::uint64_t key =
+        mix64(seed_ ^ mix64(static_cast<std::uint64_t>(step) * 1000003ULL + s));
     std::vector<std::int32_t> seq(static_cast<std::size_t>(seq_len) + 1);
     if (text_.empty()) {
       // next = (5 * prev + 7) mod vocab, replaced by a uniform token 10% of the time
       seq[0] = static_cast<std::int32_t>(mix64(key) % static_cast<std::uint64_t>(vocab_));
       for (int t = 1; t <= seq_len; ++t) {
         const std::uint64_t r = mix64(key + static_cast<std::uint64_t>(t));
-        seq[t] = (r % 10 == 0) ? static_cast<std::int32_t>((r / 10) % static_cast<std::uint64_t>(vocab_))
-                               : static_cast<std::int32_t>((5LL * seq[t - 1] + 7) % vocab_);
+        seq[t] = (r % 10 == 0)
+                     ? static_cast<std::int32_t>((r / 10) % static_cast<std::uint64_t>(vocab_))
+                     : static_cast<std::int32_t>((5LL * seq[t - 1] + 7) % vocab_);
       }
     } else {
       const std::size_t len = static_cast<std::size_t>(seq_len) + 1;
       const std::size_t span = text_.size() > len ? text_.size() - len + 1 : 1;
       const std::size_t start = mix64(key) % span;
-      for (std::size_t t = 0; t < len; ++t) seq[t] = text_[(start + t) % text_.size()];
+      for (std::size_t t = 0; t < len; ++t)
+        seq[t] = text_[(start + t) % text_.size()];
     }
     for (int t = 0; t < seq_len; ++t) {
       b.tokens[static_cast<std::size_t>(s) * seq_len + t] = seq[t];

@@ -1,0 +1,196 @@
+// mop run: execute a plan's training steps with real arithmetic. The CPU reference executor
+// (`--executor cpu`) plays the plan on `--ranks` threads; the CUDA executor is not built yet.
+#include "cli/commands.hpp"
+#include "cli/output.hpp"
+#include "common/error.hpp"
+#include "common/units.hpp"
+#include "hw_models/cluster.hpp"
+#include "real_backend/cpu/executor.hpp"
+#include "strategies/hardware.hpp"
+#include "strategies/presets.hpp"
+#include "workload/catalog.hpp"
+
+#include <algorithm>
+#include <fmt/format.h>
+#include <iostream>
+#include <limits>
+#include <memory>
+
+namespace mop::cli {
+
+namespace {
+
+struct RunArgs {
+  std::string model, plan = "fsdp2", executor = "cuda", seq = "64", data, resume, save;
+  int ranks = 1, steps = 1, batch = 0;
+  std::uint64_t seed = 1;
+  double lr = 1e-3;
+  bool check = false, json = false;
+};
+
+// A preset resolves to the executable plan of its family with the least expected overhead (the
+// preference order of strategies/presets.hpp); a path is taken as it is.
+strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec,
+                           const real::TinyConfig& c, std::int64_t seq, int batch) {
+  strategy::PlanContext ctx;
+  ctx.model = &spec;
+  ctx.seq = seq;
+  ctx.cluster.gpus_per_node = a.ranks;
+  ctx.cluster.nodes = 1;
+  ctx.hw = strategy::memory_hardware(hw::load_cluster("h200"));
+  ctx.global_batch = batch;
+  const auto& families = strategy::family_names();
+  if (std::find(families.begin(), families.end(), a.plan) == families.end()) {
+    strategy::Plan p = strategy::resolve_plan(a.plan, ctx).plan;
+    if (p.world != a.ranks)
+      throw InputError(
+          fmt::format("the plan '{}' is for {} ranks, not --ranks {}", a.plan, p.world, a.ranks));
+    real::check_executable(c, p, static_cast<int>(seq));
+    return p;
+  }
+  const std::vector<strategy::Plan> plans = strategy::enumerate_family(a.plan, ctx);
+  const strategy::Plan* best = nullptr;
+  double best_cost = std::numeric_limits<double>::infinity();
+  std::string why = fmt::format("no valid {} plan exists", a.plan);
+  for (const auto& p : plans) {
+    try {
+      real::check_executable(c, p, static_cast<int>(seq));
+    } catch (const InputError& e) {
+      why = e.what();
+      continue;
+    }
+    const double cost = strategy::preference_cost(p);
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = &p;
+    }
+  }
+  if (best == nullptr)
+    throw InputError(fmt::format("no {} plan for {} on {} ranks runs on the CPU executor ({})",
+                                 a.plan, spec.name, a.ranks, why));
+  return *best;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+void run(const RunArgs& a) {
+  if (a.executor == "cuda")
+    throw InputError("the CUDA executor is not part of this build yet; run the same plan on the "
+                     "CPU reference executor with --executor cpu");
+  if (a.executor != "cpu")
+    throw InputError(fmt::format("--executor must be cpu or cuda (got '{}')", a.executor));
+  if (a.ranks < 1 || a.ranks > 64)
+    throw InputError(fmt::format("--ranks must be between 1 and 64 threads (got {})", a.ranks));
+  if (a.steps < 1)
+    throw InputError(fmt::format("--steps must be at least 1 (got {})", a.steps));
+  if (!(a.lr > 0))
+    throw InputError("--lr must be a positive learning rate");
+  const workload::ModelSpec spec = workload::load_model(a.model);
+  const real::TinyConfig c = real::tiny_config(spec);
+  const std::int64_t seq = parse_count(a.seq, "--seq");
+  if (seq < 2 || seq > 65536)
+    throw InputError(fmt::format("--seq must be between 2 and 64K tokens on the CPU executor "
+                                 "(got {})",
+                                 seq));
+  const int batch = a.batch > 0 ? a.batch : 4 * a.ranks;
+  const strategy::Plan plan = choose_plan(a, spec, c, seq, batch);
+
+  real::TrainState<float> start =
+      a.resume.empty() ? real::initial_state<float>(c, a.seed) : real::load_checkpoint(a.resume, c);
+  const real::DataSource data = a.data.empty()
+                                    ? real::DataSource::synthetic(c.vocab, a.seed)
+                                    : real::DataSource::text_file(a.data, c.vocab, a.seed);
+  real::RunOptions o;
+  o.seq_len = static_cast<int>(seq);
+  o.steps = a.steps;
+  o.check = a.check;
+  o.adam.lr = a.lr;
+  if (!a.json)
+    std::cout << fmt::format("{} on {} CPU ranks, seq {}, global batch {} sequences, from step {}\n"
+                             "plan ({}): {}\n",
+                             spec.name, a.ranks, seq, plan.global_batch, start.step, plan.family,
+                             strategy::summary(plan));
+  const real::RunResult<float> r = real::run_plan<float>(c, plan, data, start, o);
+  if (!a.save.empty())
+    real::save_checkpoint(a.save, c, r.state);
+
+  if (a.json) {
+    Json ops = Json::object();
+    for (const auto& [kind, t] : r.ops)
+      ops[kind] = Json{{"count", t.count}, {"measured_s", t.seconds}, {"predicted_s", nullptr}};
+    Json j{{"model", spec.name},
+           {"executor", "cpu"},
+           {"ranks", a.ranks},
+           {"seq", seq},
+           {"global_batch", plan.global_batch},
+           {"first_step", start.step},
+           {"steps", a.steps},
+           {"loss", r.losses},
+           {"step_time_s", median(r.step_time_s)},
+           {"step_times_s", r.step_time_s},
+           {"tokens_per_s", static_cast<double>(plan.global_batch) * static_cast<double>(seq) /
+                                std::max(median(r.step_time_s), 1e-12)},
+           {"ops", ops},
+           {"plan", strategy::to_json(plan)}};
+    if (a.check)
+      j["check"] = Json{{"max_loss_rel_diff", r.max_loss_rel_diff},
+                        {"max_grad_rel_diff", r.max_grad_rel_diff},
+                        {"max_param_rel_diff", r.max_param_rel_diff},
+                        {"reference", "single rank, float64"}};
+    if (!a.save.empty())
+      j["checkpoint"] = a.save;
+    print_json(j);
+    return;
+  }
+  for (std::size_t k = 0; k < r.losses.size(); ++k)
+    std::cout << fmt::format("step {:>4}  loss {:.4f}  {}\n",
+                             start.step + static_cast<std::int64_t>(k) + 1, r.losses[k],
+                             format_seconds(r.step_time_s[k]));
+  TextTable t{{"op", "count", "time per rank"}, {}, {false, true, true}};
+  for (const auto& [kind, op] : r.ops)
+    t.rows.push_back({kind, std::to_string(op.count), format_seconds(op.seconds)});
+  std::cout << "\n" << t.render();
+  if (a.check)
+    std::cout << fmt::format("\ncheck against the single-rank float64 reference: loss {:.2e}, "
+                             "gradients {:.2e}, parameters {:.2e} (largest relative differences)\n",
+                             r.max_loss_rel_diff, r.max_grad_rel_diff, r.max_param_rel_diff);
+  if (!a.save.empty())
+    std::cout << fmt::format("checkpoint written to {}\n", a.save);
+}
+
+} // namespace
+
+void add_run_command(CLI::App& app) {
+  auto a = std::make_shared<RunArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "run", "Execute a plan's training steps with real arithmetic and report loss and per-op "
+             "times\n\nExample:\n  mop run --executor cpu --model tiny-moe --ranks 4 --plan mop "
+             "--steps 50");
+  cmd->add_option("--model", a->model, "catalog id or path to a Hugging Face config.json")
+      ->required();
+  cmd->add_option("--plan", a->plan, "preset (fsdp2, megatron, ulysses-zero3, mop) or plan JSON")
+      ->capture_default_str();
+  cmd->add_option("--executor", a->executor, "cuda (one process per GPU) or cpu (threads)")
+      ->capture_default_str();
+  cmd->add_option("--ranks", a->ranks, "ranks (CPU executor: threads)")->capture_default_str();
+  cmd->add_option("--steps", a->steps, "optimizer steps")->capture_default_str();
+  cmd->add_option("--seq", a->seq, "tokens per sequence (64, 1K, ...)")->capture_default_str();
+  cmd->add_option("--batch", a->batch, "sequences per optimizer step (default 4 per rank)");
+  cmd->add_option("--seed", a->seed, "seed of the initial weights and the data")
+      ->capture_default_str();
+  cmd->add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str();
+  cmd->add_option("--data", a->data,
+                  "train on the bytes of this text file (default: a "
+                  "generated, learnable token stream)");
+  cmd->add_option("--save-checkpoint", a->save, "write the state after the last step here");
+  cmd->add_option("--resume", a->resume, "start from this checkpoint");
+  cmd->add_flag("--check", a->check,
+                std::string("compare every step with a single-rank float64 reference"));
+  cmd->add_flag("--json", a->json, std::string("print one JSON object"));
+  cmd->callback([a] { run(*a); });
+}
+
+} // namespace mop::cli

@@ -1,0 +1,1948 @@
+#include "real_backend/cpu/executor.hpp"
+
+#include "common/error.hpp"
+#include "common/json_io.hpp"
+#include "real_backend/cpu/comm.hpp"
+#include "real_backend/cpu/reference.hpp"
+#include "strategies/pipeline.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <fmt/format.h>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <mutex>
+#include <numeric>
+
+namespace mop::real {
+
+using strategy::CpKind;
+using strategy::LayerKind;
+using strategy::OptimizerOverlap;
+using strategy::Plan;
+using strategy::Recompute;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Index = std::size_t;
+
+Index sz(std::int64_t v) {
+  return static_cast<Index>(v);
+}
+
+[[noreturn]] void refuse(const std::string& sentence) {
+  throw InputError(sentence);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Where a rank's share of a parameter sits inside the full tensor: a box in the tensor viewed
+// as [d0, d1, d2] (shapes of rank < 3 are padded in front with 1s).
+struct Slice {
+  std::int64_t dim[3] = {1, 1, 1};
+  std::int64_t lo[3] = {0, 0, 0};
+  std::int64_t hi[3] = {1, 1, 1};
+  Index numel() const { return sz((hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])); }
+};
+
+Slice full_slice(const std::vector<std::int64_t>& shape) {
+  Slice s;
+  const int off = 3 - static_cast<int>(shape.size());
+  for (int d = 0; d < static_cast<int>(shape.size()); ++d) {
+    s.dim[off + d] = shape[sz(d)];
+    s.hi[off + d] = shape[sz(d)];
+  }
+  return s;
+}
+
+// Restricts dimension d (of the padded 3-d view) to part `part` of `parts` equal parts.
+void split(Slice& s, int d, int part, int parts) {
+  const std::int64_t len = (s.hi[d] - s.lo[d]) / parts;
+  s.lo[d] += len * part;
+  s.hi[d] = s.lo[d] + len;
+}
+
+template <class T> std::vector<T> extract(const std::vector<T>& full, const Slice& s) {
+  std::vector<T> out;
+  out.reserve(s.numel());
+  for (auto i = s.lo[0]; i < s.hi[0]; ++i)
+    for (auto j = s.lo[1]; j < s.hi[1]; ++j) {
+      const Index base = sz((i * s.dim[1] + j) * s.dim[2]);
+      out.insert(out.end(), full.begin() + static_cast<std::ptrdiff_t>(base + sz(s.lo[2])),
+                 full.begin() + static_cast<std::ptrdiff_t>(base + sz(s.hi[2])));
+    }
+  return out;
+}
+
+template <class T> void insert(const std::vector<T>& part, const Slice& s, std::vector<T>& full) {
+  Index k = 0;
+  for (auto i = s.lo[0]; i < s.hi[0]; ++i)
+    for (auto j = s.lo[1]; j < s.hi[1]; ++j)
+      for (auto l = s.lo[2]; l < s.hi[2]; ++l)
+        full[sz((i * s.dim[1] + j) * s.dim[2] + l)] = part[k++];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared by the ranks of one run: the full state they start from and write back, the gathered
+// gradients, and the per-rank loss and timing figures.
+template <class T> struct Shared {
+  TrainState<T> state;
+  std::vector<std::vector<T>> grads;
+  std::vector<double> loss_part; // per rank, this step
+  std::vector<std::map<std::string, OpTiming>> ops;
+  std::mutex mutex;
+};
+
+// How a rank sits in the plan: its stage and its coordinates in every layer kind's grid.
+struct Coords {
+  int stage = 0, local = 0, rps = 1;
+  int a_tp = 0, a_cp = 0, a_dp = 0; // attention: local = tp + TP*(cp + CP*dp)
+  int m_etp = 0, m_ep = 0, m_edp = 0;
+  int d_tp = 0, d_dp = 0;
+  int e_tp = 0, e_dp = 0;
+};
+
+Coords coords_of(const Plan& p, int rank) {
+  Coords c;
+  c.rps = p.ranks_per_stage();
+  c.stage = rank / c.rps;
+  c.local = rank % c.rps;
+  c.a_tp = c.local % p.attention.tp;
+  c.a_cp = (c.local / p.attention.tp) % p.attention.cp;
+  c.a_dp = c.local / (p.attention.tp * p.attention.cp);
+  c.m_etp = c.local % p.moe.etp;
+  c.m_ep = (c.local / p.moe.etp) % p.moe.ep;
+  c.m_edp = c.local / (p.moe.etp * p.moe.ep);
+  c.d_tp = c.local % p.dense.tp;
+  c.d_dp = c.local / p.dense.tp;
+  c.e_tp = c.local % p.embed.tp;
+  c.e_dp = c.local / p.embed.tp;
+  return c;
+}
+
+// The stage-local ranks whose local index satisfies `keep`, as world ranks.
+template <class F> std::vector<int> members(const Coords& me, F keep) {
+  std::vector<int> out;
+  for (int l = 0; l < me.rps; ++l)
+    if (keep(l))
+      out.push_back(me.stage * me.rps + l);
+  return out;
+}
+
+LayerKind kind_of(ParamRole r, bool moe_layer) {
+  switch (r) {
+  case ParamRole::attn_norm:
+  case ParamRole::wq:
+  case ParamRole::wk:
+  case ParamRole::wv:
+  case ParamRole::wo:
+  case ParamRole::q_norm:
+  case ParamRole::k_norm:
+    return LayerKind::attention;
+  case ParamRole::mlp_norm:
+    return moe_layer ? LayerKind::moe : LayerKind::dense;
+  case ParamRole::dense_gate:
+  case ParamRole::dense_up:
+  case ParamRole::dense_down:
+    return LayerKind::dense;
+  case ParamRole::router:
+  case ParamRole::expert_gate:
+  case ParamRole::expert_up:
+  case ParamRole::expert_down:
+    return LayerKind::moe;
+  case ParamRole::embedding:
+  case ParamRole::final_norm:
+  case ParamRole::lm_head:
+    return LayerKind::embedding;
+  }
+  return LayerKind::embedding;
+}
+
+} // namespace
+
+// ---------------------------------------------------------------------------------------------
+void check_executable(const TinyConfig& c, const Plan& p, int seq_len) {
+  const auto& a = p.attention;
+  if (seq_len <= 0)
+    refuse("the sequence length must be positive");
+  if (p.global_batch <= 0)
+    refuse("the plan has no global batch; give the batch in sequences");
+  if (a.cp > 1 && a.cp_kind == CpKind::hybrid)
+    refuse("the CPU executor runs ring or Ulysses context parallelism, not hybrid");
+  const int any_tp = std::max({a.tp, p.dense.tp, p.embed.tp, p.moe.etp});
+  if (any_tp > 1 && !a.sp)
+    refuse("the CPU executor runs tensor parallelism with sequence parallelism only (sp: true)");
+  const int chunk = a.cp_kind == CpKind::ring ? 2 * a.cp : a.cp;
+  if (seq_len % chunk != 0)
+    refuse(fmt::format("the sequence length {} does not split into {} context-parallel chunks",
+                       seq_len, chunk));
+  const std::int64_t rows = static_cast<std::int64_t>(p.micro_batch) * (seq_len / a.cp);
+  if (rows % a.tp != 0)
+    refuse(fmt::format("the {} tokens of a micro-batch's context chunk do not split over tp {}",
+                       rows, a.tp));
+  if (c.heads % a.tp != 0 || c.kv_heads % a.tp != 0)
+    refuse(fmt::format("tp {} must divide the {} query and {} key/value heads on the CPU "
+                       "executor (it does not replicate key/value heads)",
+                       a.tp, c.heads, c.kv_heads));
+  if (a.cp > 1 && a.cp_kind == CpKind::ulysses &&
+      ((c.heads / a.tp) % a.cp != 0 || (c.kv_heads / a.tp) % a.cp != 0))
+    refuse(fmt::format("Ulysses cp {} must divide the heads left on a tp rank ({} query, {} "
+                       "key/value)",
+                       a.cp, c.heads / a.tp, c.kv_heads / a.tp));
+  if (c.dense_ffn % p.dense.tp != 0)
+    refuse(fmt::format("dense tp {} does not divide the MLP width {}", p.dense.tp, c.dense_ffn));
+  if (c.vocab % p.embed.tp != 0)
+    refuse(fmt::format("embedding tp {} does not divide the vocabulary {}", p.embed.tp, c.vocab));
+  if (c.experts > 0 && (c.experts % p.moe.ep != 0 || c.expert_ffn % p.moe.etp != 0))
+    refuse(fmt::format("ep {} must divide the {} experts and etp {} their width {}", p.moe.ep,
+                       c.experts, p.moe.etp, c.expert_ffn));
+  if (p.moe.capacity_factor > 0)
+    refuse("the CPU executor runs dropless MoE only (capacity_factor 0)");
+  const auto bounds = strategy::virtual_stage_bounds(p, c.num_layers());
+  for (std::size_t v = 0; v + 1 < bounds.size(); ++v)
+    if (bounds[v + 1] <= bounds[v])
+      refuse(fmt::format("virtual pipeline stage {} holds no layer ({} layers over {} stages)", v,
+                         c.num_layers(), bounds.size() - 1));
+  if (p.micro_batches() < 1)
+    refuse("the plan has no micro-batch per step");
+}
+
+template <class T> TrainState<T> initial_state(const TinyConfig& c, std::uint64_t seed) {
+  TrainState<T> s;
+  s.params = init_params<T>(c, seed);
+  for (const auto& v : s.params) {
+    s.adam_m.emplace_back(v.size(), T(0));
+    s.adam_v.emplace_back(v.size(), T(0));
+  }
+  return s;
+}
+template TrainState<float> initial_state<float>(const TinyConfig&, std::uint64_t);
+template TrainState<double> initial_state<double>(const TinyConfig&, std::uint64_t);
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// One parameter as one rank holds it.
+template <class T> struct LocalParam {
+  int index = -1; // in param_layout
+  ParamRole role = ParamRole::embedding;
+  int layer = -1;
+  LayerKind kind = LayerKind::embedding;
+  Slice slice;
+  Index n = 0;            // elements of the slice
+  Comm grads;             // every rank holding the same slice (the gradient is summed over them)
+  Comm shard;             // the ZeRO shard group (grads itself, or an HSDP block of it)
+  Comm replicas;          // HSDP: the same shard index in every block (size 1 otherwise)
+  bool writer = false;    // writes the state back (the first replica)
+  bool tied_copy = false; // the LM head's copy of tied embeddings on the last stage
+  int zero = 0;
+  Index chunk = 0;      // elements per ZeRO shard (the slice padded to a multiple of the group)
+  Index lo = 0, hi = 0; // my shard's range in the slice
+  std::vector<T> value; // the slice; for ZeRO-3 only while gathered
+  std::vector<T> owned; // ZeRO-3: my shard of the slice (padded to chunk)
+  std::vector<T> grad;  // the slice's gradient, accumulated over micro-batches; after the
+                        // reduction: the whole slice (ZeRO 0/1) or my shard (ZeRO 2/3)
+  std::vector<T> m, v;  // AdamW moments over what I own (the slice, or my shard)
+  bool reduced = false;
+  bool pending_step = false;         // reduced, AdamW step not yet applied
+  bool keep_grad_until_step = false; // the pending step (streamed into the next forward) still
+                                     // needs this gradient
+  std::int64_t grad_step = 1;        // the optimizer step these gradients belong to (from 1)
+};
+
+struct OpCounter {
+  std::map<std::string, OpTiming>* ops = nullptr;
+  const char* kind = "";
+  Clock::time_point t0 = Clock::now();
+  ~OpCounter() {
+    auto& t = (*ops)[kind];
+    t.count += 1;
+    t.seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+  }
+};
+
+template <class T> struct AttnSaved {
+  std::vector<T> x, rstd, xg, q_pre, k_pre, q_rstd, k_rstd, q, k, v, o, lse;
+  std::vector<T> cq, ck, cv, co, clse; // Ulysses: the head-sharded full-sequence layout
+  bool has_core = false, has_all = false;
+};
+template <class T> struct MlpSaved {
+  std::vector<T> x, rstd, xg, gate, up, act;
+  // MoE
+  std::vector<T> xn, probs, weights, rows_in, ret;
+  std::vector<std::int32_t> idx, order, rows_expert;
+  std::vector<std::size_t> send_rows, recv_rows;
+  std::int64_t etp_rows = 0, etp_max = 0;
+  bool has_all = false;
+};
+template <class T> struct LayerSaved {
+  AttnSaved<T> attn;
+  MlpSaved<T> mlp;
+  bool offloaded = false;
+};
+template <class T> struct HeadSaved { std::vector<T> x, rstd, xn, xg, dlogits; };
+
+template <class T> class Rank {
+public:
+  Rank(World& world, int rank, const TinyConfig& c, const Plan& p, Shared<T>& shared,
+       const RunOptions& o, const DataSource& data)
+      : w_(world), rank_(rank), c_(c), p_(p), sh_(shared), o_(o), data_(data),
+        co_(coords_of(p, rank)), layout_(param_layout(c)), ops_(&shared.ops[sz(rank)]) {
+    make_groups();
+    chunks_ = strategy::chunks_per_stage(p_);
+    bounds_ = strategy::virtual_stage_bounds(p_, c_.num_layers());
+    for (int ch = 0; ch < chunks_; ++ch) {
+      const int v = ch * p_.pp + co_.stage;
+      for (int l = bounds_[sz(v)]; l < bounds_[sz(v + 1)]; ++l) {
+        layer_chunk_[l] = ch;
+        layers_.push_back(l);
+      }
+    }
+    make_params();
+    hl_ = c_.heads / p_.attention.tp;
+    kvl_ = c_.kv_heads / p_.attention.tp;
+    lc_ = o_.seq_len / p_.attention.cp;
+    ng_ = p_.micro_batch * lc_;
+    n_ = ng_ / p_.attention.tp;
+  }
+
+  // One optimizer step: every pipeline pass of every micro-batch, the gradient reductions and
+  // the AdamW steps, then the step's figures written to the shared state.
+  void step(std::int64_t step_index) {
+    step_index_ = step_index;
+    batch_ = data_.batch(step_index, p_.global_batch, o_.seq_len);
+    labelled_ = 0;
+    for (auto l : batch_.labels)
+      labelled_ += l >= 0 ? 1 : 0;
+    loss_sum_ = 0;
+    for (auto& lp : params_) {
+      lp.reduced = false;
+      if (lp.pending_step)
+        lp.keep_grad_until_step = true;
+      else
+        lp.grad.assign(lp.n, T(0));
+    }
+    const int micro = p_.micro_batches();
+    saved_.assign(sz(c_.num_layers()), std::vector<LayerSaved<T>>(sz(micro)));
+    head_.assign(sz(micro), HeadSaved<T>{});
+    remaining_bwd_.assign(sz(chunks_), micro);
+    defer_ = strategy::defers_weight_gradients(p_);
+    for (const auto& st : strategy::pipeline_order(p_, co_.stage)) {
+      if (st.flush_deferred_wgrad)
+        flush_wgrad();
+      if (st.forward)
+        forward(st.micro_batch, st.chunk);
+      else
+        backward(st.micro_batch, st.chunk);
+    }
+    flush_wgrad();
+    // Layers whose reduction waited for held-back weight gradients, then the embedding, the
+    // final norm and the LM head.
+    for (int l : layers_)
+      finish_layer(l);
+    finish_others();
+    for (auto& lp : params_)
+      if (lp.pending_step && (!host_streams_forward() || lp.layer < 0))
+        adam_step(lp);
+    publish_grads();
+    sh_.loss_part[sz(rank_)] = loss_sum_;
+  }
+
+  // Applies held-back optimizer steps and writes the parameters and moments back.
+  void finish_run() {
+    for (auto& lp : params_)
+      if (lp.pending_step)
+        adam_step(lp);
+    for (auto& lp : params_)
+      publish_state(lp);
+  }
+
+private:
+  // --- topology ------------------------------------------------------------------------------
+  void make_groups() {
+    const auto& a = p_.attention;
+    const Coords me = co_;
+    auto at = [&](int l) { return coords_of(p_, me.stage * me.rps + l); };
+    stage_ = w_.group(members(me, [](int) { return true; }), rank_);
+    a_tp_ = w_.group(
+        members(me, [&](int l) { return at(l).a_cp == me.a_cp && at(l).a_dp == me.a_dp; }), rank_);
+    a_cp_ = w_.group(
+        members(me, [&](int l) { return at(l).a_tp == me.a_tp && at(l).a_dp == me.a_dp; }), rank_);
+    a_grad_ = w_.group(members(me, [&](int l) { return at(l).a_tp == me.a_tp; }), rank_);
+    m_etp_ = w_.group(
+        members(me, [&](int l) { return at(l).m_ep == me.m_ep && at(l).m_edp == me.m_edp; }),
+        rank_);
+    m_ep_ = w_.group(
+        members(me, [&](int l) { return at(l).m_etp == me.m_etp && at(l).m_edp == me.m_edp; }),
+        rank_);
+    m_edp_ = w_.group(
+        members(me, [&](int l) { return at(l).m_etp == me.m_etp && at(l).m_ep == me.m_ep; }),
+        rank_);
+    d_tp_ = w_.group(members(me, [&](int l) { return at(l).d_dp == me.d_dp; }), rank_);
+    d_dp_ = w_.group(members(me, [&](int l) { return at(l).d_tp == me.d_tp; }), rank_);
+    e_tp_ = w_.group(members(me, [&](int l) { return at(l).e_dp == me.e_dp; }), rank_);
+    e_dp_ = w_.group(members(me, [&](int l) { return at(l).e_tp == me.e_tp; }), rank_);
+    if (c_.tied_embeddings && p_.pp > 1 && (me.stage == 0 || me.stage == p_.pp - 1))
+      tied_ = w_.group({me.local, (p_.pp - 1) * me.rps + me.local}, rank_);
+    (void)a;
+  }
+
+  bool first_stage() const { return co_.stage == 0; }
+  bool last_stage() const { return co_.stage == p_.pp - 1; }
+  bool embeds(int chunk) const { return first_stage() && chunk == 0; }
+  bool heads(int chunk) const { return last_stage() && chunk == chunks_ - 1; }
+  bool host_streams_forward() const {
+    return p_.optimizer_on_host && p_.overlap == OptimizerOverlap::stream_forward;
+  }
+  bool host_streams_backward() const {
+    return p_.optimizer_on_host && p_.overlap == OptimizerOverlap::stream_backward;
+  }
+
+  void make_params() {
+    const bool last = last_stage();
+    idx_.assign(layout_.size(), -1);
+    for (std::size_t i = 0; i < layout_.size(); ++i) {
+      const ParamInfo& info = layout_[i];
+      bool here = false, tied_copy = false;
+      if (info.layer >= 0)
+        here = layer_chunk_.count(info.layer) > 0;
+      else if (info.role == ParamRole::embedding) {
+        here = first_stage() || (last && c_.tied_embeddings);
+        tied_copy = !first_stage();
+      } else
+        here = last;
+      if (!here)
+        continue;
+      LocalParam<T> lp;
+      lp.index = static_cast<int>(i);
+      lp.role = info.role;
+      lp.layer = info.layer;
+      lp.tied_copy = tied_copy;
+      const bool moe_layer = info.layer >= 0 && c_.layers[sz(info.layer)].moe;
+      lp.kind = kind_of(info.role, moe_layer);
+      lp.slice = full_slice(info.shape);
+      Comm grads = stage_;
+      switch (info.role) {
+      case ParamRole::wq:
+      case ParamRole::wk:
+      case ParamRole::wv:
+        split(lp.slice, 2, co_.a_tp, p_.attention.tp);
+        grads = a_grad_;
+        break;
+      case ParamRole::wo:
+        split(lp.slice, 1, co_.a_tp, p_.attention.tp);
+        grads = a_grad_;
+        break;
+      case ParamRole::dense_gate:
+      case ParamRole::dense_up:
+        split(lp.slice, 2, co_.d_tp, p_.dense.tp);
+        grads = d_dp_;
+        break;
+      case ParamRole::dense_down:
+        split(lp.slice, 1, co_.d_tp, p_.dense.tp);
+        grads = d_dp_;
+        break;
+      case ParamRole::expert_gate:
+      case ParamRole::expert_up:
+        split(lp.slice, 0, co_.m_ep, p_.moe.ep);
+        split(lp.slice, 2, co_.m_etp, p_.moe.etp);
+        grads = m_edp_;
+        break;
+      case ParamRole::expert_down:
+        split(lp.slice, 0, co_.m_ep, p_.moe.ep);
+        split(lp.slice, 1, co_.m_etp, p_.moe.etp);
+        grads = m_edp_;
+        break;
+      case ParamRole::embedding:
+        split(lp.slice, 1, co_.e_tp, p_.embed.tp);
+        grads = e_dp_;
+        break;
+      case ParamRole::lm_head:
+        split(lp.slice, 2, co_.e_tp, p_.embed.tp);
+        grads = e_dp_;
+        break;
+      default: // norms and the router: whole, replicated over the stage
+        break;
+      }
+      lp.n = lp.slice.numel();
+      lp.grads = grads;
+      const auto& policy = p_.state[static_cast<int>(lp.kind)];
+      lp.zero = policy.zero;
+      if (p_.params == strategy::Placement::host)
+        lp.zero = std::max(lp.zero, 3);
+      const int g = grads.size(), sg = policy.shard_group;
+      const auto& mem = grads.members();
+      if (sg > 0 && sg < g && g % sg == 0 && lp.zero > 0) {
+        const int block = grads.rank() / sg;
+        lp.shard = w_.group(
+            std::vector<int>(mem.begin() + block * sg, mem.begin() + (block + 1) * sg), rank_);
+        std::vector<int> rep;
+        for (int r = grads.rank() % sg; r < g; r += sg)
+          rep.push_back(mem[sz(r)]);
+        lp.replicas = w_.group(rep, rank_);
+      } else {
+        lp.shard = lp.zero > 0 ? grads : w_.group({rank_}, rank_);
+        lp.replicas = w_.group({rank_}, rank_);
+      }
+      if (lp.zero == 0)
+        lp.writer = grads.rank() == 0;
+      else
+        lp.writer = lp.replicas.rank() == 0;
+      if (lp.tied_copy)
+        lp.writer = false;
+      const Index parts = sz(lp.shard.size());
+      lp.chunk = (lp.n + parts - 1) / parts;
+      lp.lo = std::min(lp.n, lp.chunk * sz(lp.shard.rank()));
+      lp.hi = std::min(lp.n, lp.lo + lp.chunk);
+      std::vector<T> value = extract(sh_.state.params[i], lp.slice);
+      std::vector<T> m = extract(sh_.state.adam_m[i], lp.slice);
+      std::vector<T> v = extract(sh_.state.adam_v[i], lp.slice);
+      if (lp.zero == 0) {
+        lp.value = std::move(value);
+        lp.m = std::move(m);
+        lp.v = std::move(v);
+      } else {
+        auto mine = [&](const std::vector<T>& all) {
+          std::vector<T> out(lp.chunk, T(0));
+          std::copy(all.begin() + static_cast<std::ptrdiff_t>(lp.lo),
+                    all.begin() + static_cast<std::ptrdiff_t>(lp.hi), out.begin());
+          return out;
+        };
+        lp.m = mine(m);
+        lp.v = mine(v);
+        if (lp.zero >= 3)
+          lp.owned = mine(value);
+        else
+          lp.value = std::move(value);
+      }
+      idx_[i] = static_cast<int>(params_.size());
+      params_.push_back(std::move(lp));
+    }
+  }
+
+  LocalParam<T>& param(ParamRole role, int layer) {
+    const int i = find_param(layout_, role, layer);
+    if (i < 0 || idx_[sz(i)] < 0)
+      throw std::logic_error(
+          fmt::format("rank {} holds no {} of layer {}", rank_, role_name(role), layer));
+    return params_[sz(idx_[sz(i)])];
+  }
+  bool has_param(ParamRole role, int layer) const {
+    const int i = find_param(layout_, role, layer);
+    return i >= 0 && idx_[sz(i)] >= 0;
+  }
+  const std::vector<T>& value(ParamRole role, int layer) {
+    auto& lp = param(role, layer);
+    ensure(lp);
+    return lp.value;
+  }
+  std::vector<T>& grad(ParamRole role, int layer) { return param(role, layer).grad; }
+
+  // ZeRO-3: gather the slices of every parameter of `layer` over their shard groups before the
+  // layer runs, and drop them after (FSDP's reshard after forward).
+  void gather_params(int layer) {
+    for (auto& lp : params_)
+      if (lp.layer == layer)
+        ensure(lp);
+  }
+  void release_params(int layer) {
+    for (auto& lp : params_)
+      if (lp.layer == layer && lp.zero >= 3) {
+        lp.value.clear();
+        lp.value.shrink_to_fit();
+      }
+  }
+
+  // --- timed kernels and collectives ---------------------------------------------------------
+  void gemm(int m, int n, int k, const T* a, bool ta, const T* b, bool tb, T* out, bool acc) {
+    OpCounter t{ops_, "gemm"};
+    real::gemm<T>(m, n, k, a, ta, b, tb, out, acc);
+  }
+  // Weight-gradient GEMMs may be held back (zero-bubble); inputs are captured by value.
+  void wgrad(std::function<void()> f) {
+    if (defer_)
+      deferred_.push_back(std::move(f));
+    else
+      f();
+  }
+  void flush_wgrad() {
+    while (!deferred_.empty()) {
+      auto f = std::move(deferred_.front());
+      deferred_.pop_front();
+      f();
+    }
+  }
+  std::vector<T> all_gather(const Comm& g, const std::vector<T>& x) {
+    if (g.size() == 1)
+      return x;
+    OpCounter t{ops_, "all_gather"};
+    std::vector<T> out(x.size() * sz(g.size()));
+    g.all_gather(x.data(), x.size(), out.data());
+    return out;
+  }
+  std::vector<T> reduce_scatter(const Comm& g, const std::vector<T>& x) {
+    if (g.size() == 1)
+      return x;
+    OpCounter t{ops_, "reduce_scatter"};
+    std::vector<T> out(x.size() / sz(g.size()));
+    g.reduce_scatter(x.data(), out.size(), out.data());
+    return out;
+  }
+  template <class U>
+  std::vector<U> all_to_all(const Comm& g, const std::vector<U>& send,
+                            const std::vector<std::size_t>& send_counts,
+                            const std::vector<std::size_t>& recv_counts) {
+    OpCounter t{ops_, "all_to_all"};
+    std::vector<U> out(std::accumulate(recv_counts.begin(), recv_counts.end(), std::size_t{0}));
+    g.all_to_all_v(send.data(), send_counts, out.data(), recv_counts);
+    return out;
+  }
+
+  // --- data ----------------------------------------------------------------------------------
+  // Positions of context-parallel rank `cp` in a sequence: ring CP takes chunks cp and
+  // 2·CP - 1 - cp of 2·CP (the causal load balance); Ulysses and no CP a contiguous chunk.
+  std::vector<std::int64_t> cp_positions(int cp) const {
+    const int CP = p_.attention.cp;
+    std::vector<std::int64_t> pos;
+    if (CP > 1 && p_.attention.cp_kind == CpKind::ring) {
+      const int half = o_.seq_len / (2 * CP);
+      for (int t = 0; t < half; ++t)
+        pos.push_back(cp * half + t);
+      for (int t = 0; t < half; ++t)
+        pos.push_back((2 * CP - 1 - cp) * half + t);
+    } else {
+      for (int t = 0; t < lc_; ++t)
+        pos.push_back(static_cast<std::int64_t>(cp) * lc_ + t);
+    }
+    return pos;
+  }
+  int first_sequence(int mb) const { return (mb * p_.attention.dp + co_.a_dp) * p_.micro_batch; }
+  // My rows of micro-batch mb: the ids (or labels) of my SP share of my CP chunk.
+  std::vector<std::int32_t> my_rows(int mb, const std::vector<std::int32_t>& all) const {
+    const auto pos = cp_positions(co_.a_cp);
+    std::vector<std::int32_t> chunk;
+    for (int b = 0; b < p_.micro_batch; ++b)
+      for (auto t : pos)
+        chunk.push_back(all[sz(first_sequence(mb) + b) * sz(o_.seq_len) + sz(t)]);
+    return std::vector<std::int32_t>(chunk.begin() + static_cast<std::ptrdiff_t>(co_.a_tp * n_),
+                                     chunk.begin() +
+                                         static_cast<std::ptrdiff_t>((co_.a_tp + 1) * n_));
+  }
+
+  // --- passes --------------------------------------------------------------------------------
+  void forward(int mb, int chunk) {
+    std::vector<T> x;
+    if (embeds(chunk))
+      x = embed_forward(mb);
+    else
+      x = recv_activation(mb, chunk, true);
+    const int v = chunk * p_.pp + co_.stage;
+    for (int l = bounds_[sz(v)]; l < bounds_[sz(v + 1)]; ++l) {
+      apply_pending(l);
+      gather_params(l);
+      x = layer_forward(l, mb, std::move(x), false);
+      release_params(l);
+      offload(l, mb);
+    }
+    if (heads(chunk))
+      head_forward(mb, std::move(x));
+    else
+      send_activation(mb, chunk, x, true);
+  }
+
+  void backward(int mb, int chunk) {
+    std::vector<T> dx;
+    if (heads(chunk))
+      dx = head_backward(mb);
+    else
+      dx = recv_activation(mb, chunk, false);
+    const int v = chunk * p_.pp + co_.stage;
+    for (int l = bounds_[sz(v + 1)] - 1; l >= bounds_[sz(v)]; --l) {
+      reload(l, mb);
+      gather_params(l);
+      dx = layer_backward(l, mb, std::move(dx));
+      release_params(l);
+    }
+    if (embeds(chunk))
+      embed_backward(mb, dx);
+    else
+      send_activation(mb, chunk, dx, false);
+    if (--remaining_bwd_[sz(chunk)] == 0 && !defer_)
+      for (int l = bounds_[sz(v + 1)] - 1; l >= bounds_[sz(v)]; --l)
+        finish_layer(l);
+  }
+
+  // Pipeline neighbours: forward activations go to the next virtual stage (the next rank, or
+  // from the last rank to the first for the next chunk), gradients come back the same way.
+  // Each message carries (micro-batch, chunk) to catch a schedule that pairs them wrongly.
+  int neighbour(int chunk, bool fwd, bool sending, int* peer_chunk) const {
+    const int pp = p_.pp, s = co_.stage;
+    const int dir = (fwd == sending) ? +1 : -1; // towards later virtual stages?
+    int ps = s + dir, pc = chunk;
+    if (ps == pp) {
+      ps = 0;
+      pc = chunk + 1;
+    } else if (ps < 0) {
+      ps = pp - 1;
+      pc = chunk - 1;
+    }
+    *peer_chunk = pc;
+    return ps * co_.rps + co_.local;
+  }
+  void send_activation(int mb, int chunk, const std::vector<T>& x, bool fwd) {
+    int pc = 0;
+    const int to = neighbour(chunk, fwd, true, &pc);
+    std::vector<T> msg = x;
+    msg.push_back(static_cast<T>(mb));
+    msg.push_back(static_cast<T>(pc));
+    OpCounter t{ops_, "send"};
+    w_.send(rank_, to, msg.data(), msg.size());
+  }
+  std::vector<T> recv_activation(int mb, int chunk, bool fwd) {
+    int pc = 0;
+    const int from = neighbour(chunk, fwd, false, &pc);
+    std::vector<T> msg(sz(n_) * sz(c_.hidden) + 2);
+    {
+      OpCounter t{ops_, "recv"};
+      w_.recv(rank_, from, msg.data(), msg.size());
+    }
+    const int got_mb = static_cast<int>(msg[msg.size() - 2]),
+              got_chunk = static_cast<int>(msg.back());
+    if (got_mb != mb || got_chunk != chunk)
+      throw std::logic_error(fmt::format("rank {} expected micro-batch {} chunk {} from rank {}, "
+                                         "got micro-batch {} chunk {}",
+                                         rank_, mb, chunk, from, got_mb, got_chunk));
+    msg.resize(msg.size() - 2);
+    return msg;
+  }
+
+  // Activation offload: the first fraction of the stage's layers keep their saved activations
+  // on the host between forward and backward (moved out and back, counted as copies).
+  bool offloads(int layer) const {
+    if (p_.activation_offload <= 0)
+      return false;
+    const auto it = std::find(layers_.begin(), layers_.end(), layer);
+    const double i = static_cast<double>(it - layers_.begin());
+    return i < std::ceil(p_.activation_offload * static_cast<double>(layers_.size()) - 1e-9);
+  }
+  void offload(int layer, int mb) {
+    if (!offloads(layer))
+      return;
+    OpCounter t{ops_, "copy_d2h"};
+    host_[{layer, mb}] = std::move(saved_[sz(layer)][sz(mb)]);
+    saved_[sz(layer)][sz(mb)] = LayerSaved<T>{};
+    saved_[sz(layer)][sz(mb)].offloaded = true;
+  }
+  void reload(int layer, int mb) {
+    if (!saved_[sz(layer)][sz(mb)].offloaded)
+      return;
+    OpCounter t{ops_, "copy_h2d"};
+    auto it = host_.find({layer, mb});
+    saved_[sz(layer)][sz(mb)] = std::move(it->second);
+    host_.erase(it);
+  }
+
+  // --- decoder layer -------------------------------------------------------------------------
+  Recompute recompute_of(LayerKind k) const { return p_.recompute[static_cast<int>(k)]; }
+
+  std::vector<T> layer_forward(int l, int mb, std::vector<T> x, bool) {
+    auto& s = saved_[sz(l)][sz(mb)];
+    s.attn.x = std::move(x);
+    std::vector<T> h = attn_compute(l, mb, s.attn);
+    const Recompute ra = recompute_of(LayerKind::attention);
+    if (ra == Recompute::full)
+      drop_attention(s.attn, true);
+    else if (ra == Recompute::selective)
+      drop_attention(s.attn, false);
+    s.mlp.x = std::move(h);
+    const bool moe = c_.layers[sz(l)].moe;
+    std::vector<T> y = moe ? moe_compute(l, s.mlp) : dense_compute(l, s.mlp);
+    if (recompute_of(moe ? LayerKind::moe : LayerKind::dense) != Recompute::none) {
+      std::vector<T> keep = std::move(s.mlp.x);
+      s.mlp = MlpSaved<T>{};
+      s.mlp.x = std::move(keep);
+    }
+    return y;
+  }
+
+  std::vector<T> layer_backward(int l, int mb, std::vector<T> dy) {
+    auto& s = saved_[sz(l)][sz(mb)];
+    const bool moe = c_.layers[sz(l)].moe;
+    if (!s.mlp.has_all) {
+      OpCounter t{ops_, "recompute"};
+      (void)t;
+      if (moe)
+        moe_compute(l, s.mlp);
+      else
+        dense_compute(l, s.mlp);
+    }
+    std::vector<T> dh = moe ? moe_backward(l, s.mlp, dy) : dense_backward(l, s.mlp, dy);
+    if (!s.attn.has_all)
+      attn_compute(l, mb, s.attn);
+    else if (!s.attn.has_core)
+      attn_core(l, mb, s.attn);
+    std::vector<T> dx = attn_backward(l, mb, s.attn, dh);
+    s = LayerSaved<T>{};
+    return dx;
+  }
+
+  void drop_attention(AttnSaved<T>& s, bool all) {
+    for (auto* v : {&s.o, &s.lse, &s.co, &s.clse})
+      *v = {};
+    s.has_core = false;
+    if (all) {
+      std::vector<T> keep = std::move(s.x);
+      s = AttnSaved<T>{};
+      s.x = std::move(keep);
+    }
+  }
+
+  // Positions of the rows of my CP chunk (mb sequences of lc_ tokens each).
+  std::vector<std::int64_t> chunk_row_positions() const {
+    const auto pos = cp_positions(co_.a_cp);
+    std::vector<std::int64_t> rows;
+    for (int b = 0; b < p_.micro_batch; ++b)
+      rows.insert(rows.end(), pos.begin(), pos.end());
+    return rows;
+  }
+
+  AttentionParams attn_params(int l, int heads, int kv_heads) const {
+    AttentionParams a;
+    a.heads = heads;
+    a.kv_heads = kv_heads;
+    a.qk_dim = c_.head_dim;
+    a.v_dim = c_.head_dim;
+    a.causal = true;
+    a.window = c_.layers[sz(l)].window;
+    a.scale = 1.0 / std::sqrt(static_cast<double>(c_.head_dim));
+    return a;
+  }
+
+  // Attention block: RMSNorm, SP all-gather over tp, column-parallel q/k/v (this rank's heads),
+  // per-head q/k norm, RoPE, attention over the CP group, row-parallel output projection and SP
+  // reduce-scatter, residual. Returns the block's output rows.
+  std::vector<T> attn_compute(int l, int mb, AttnSaved<T>& s) {
+    const int H = c_.hidden, d = c_.head_dim;
+    std::vector<T> xn(s.x.size());
+    s.rstd.assign(sz(n_), T(0));
+    {
+      OpCounter t{ops_, "rmsnorm"};
+      rmsnorm_fwd<T>(n_, H, s.x.data(), value(ParamRole::attn_norm, l).data(), c_.norm_eps,
+                     xn.data(), s.rstd.data());
+    }
+    s.xg = all_gather(a_tp_, xn);
+    s.q.assign(sz(ng_) * sz(hl_ * d), T(0));
+    s.k.assign(sz(ng_) * sz(kvl_ * d), T(0));
+    s.v.assign(sz(ng_) * sz(kvl_ * d), T(0));
+    gemm(ng_, hl_ * d, H, s.xg.data(), false, value(ParamRole::wq, l).data(), false, s.q.data(),
+         false);
+    gemm(ng_, kvl_ * d, H, s.xg.data(), false, value(ParamRole::wk, l).data(), false, s.k.data(),
+         false);
+    gemm(ng_, kvl_ * d, H, s.xg.data(), false, value(ParamRole::wv, l).data(), false, s.v.data(),
+         false);
+    if (c_.qk_norm) {
+      OpCounter t{ops_, "rmsnorm"};
+      s.q_pre = s.q;
+      s.k_pre = s.k;
+      s.q_rstd.assign(sz(ng_ * hl_), T(0));
+      s.k_rstd.assign(sz(ng_ * kvl_), T(0));
+      rmsnorm_fwd<T>(ng_ * hl_, d, s.q_pre.data(), value(ParamRole::q_norm, l).data(), c_.norm_eps,
+                     s.q.data(), s.q_rstd.data());
+      rmsnorm_fwd<T>(ng_ * kvl_, d, s.k_pre.data(), value(ParamRole::k_norm, l).data(), c_.norm_eps,
+                     s.k.data(), s.k_rstd.data());
+    }
+    {
+      OpCounter t{ops_, "rope"};
+      const auto pos = chunk_row_positions();
+      rope<T>(ng_, hl_, d, pos.data(), c_.rope_theta, s.q.data(), false);
+      rope<T>(ng_, kvl_, d, pos.data(), c_.rope_theta, s.k.data(), false);
+    }
+    attn_core(l, mb, s);
+    std::vector<T> out(sz(ng_) * sz(H));
+    gemm(ng_, H, hl_ * d, s.o.data(), false, value(ParamRole::wo, l).data(), false, out.data(),
+         false);
+    std::vector<T> y = reduce_scatter(a_tp_, out);
+    for (Index i = 0; i < y.size(); ++i)
+      y[i] += s.x[i];
+    s.has_all = true;
+    return y;
+  }
+
+  // The attention itself over the CP group; fills o (my chunk's rows, [ng, hl, d]) and lse.
+  void attn_core(int l, int, AttnSaved<T>& s) {
+    const int d = c_.head_dim, CP = p_.attention.cp, B = p_.micro_batch;
+    s.o.assign(sz(ng_) * sz(hl_ * d), T(0));
+    s.lse.assign(sz(ng_ * hl_), T(0));
+    if (CP == 1 || p_.attention.cp_kind == CpKind::ring) {
+      const AttentionParams a = attn_params(l, hl_, kvl_);
+      const auto qpos = cp_positions(co_.a_cp);
+      std::vector<T> kb = s.k, vb = s.v, po, pl;
+      for (int step = 0; step < CP; ++step) {
+        const int src = (co_.a_cp - step + CP) % CP;
+        const auto kpos = cp_positions(src);
+        for (int b = 0; b < B; ++b) {
+          const Index qo = sz(b) * sz(lc_), ko = sz(b) * sz(lc_);
+          T* o = s.o.data() + qo * sz(hl_ * d);
+          T* lse = s.lse.data() + qo * sz(hl_);
+          OpCounter t{ops_, "attention_fwd"};
+          if (step == 0) {
+            attention_fwd<T>(a, lc_, lc_, s.q.data() + qo * sz(hl_ * d),
+                             kb.data() + ko * sz(kvl_ * d), vb.data() + ko * sz(kvl_ * d),
+                             qpos.data(), kpos.data(), o, lse);
+          } else {
+            po.assign(sz(lc_ * hl_ * d), T(0));
+            pl.assign(sz(lc_ * hl_), T(0));
+            attention_fwd<T>(a, lc_, lc_, s.q.data() + qo * sz(hl_ * d),
+                             kb.data() + ko * sz(kvl_ * d), vb.data() + ko * sz(kvl_ * d),
+                             qpos.data(), kpos.data(), po.data(), pl.data());
+            attention_merge<T>(lc_, hl_, d, o, lse, po.data(), pl.data());
+          }
+        }
+        if (step + 1 < CP) {
+          kb = ring_shift(kb);
+          vb = ring_shift(vb);
+        }
+      }
+    } else { // Ulysses: trade sequence for heads, attend over whole sequences, trade back
+      const int hs = hl_ / CP, kvs = kvl_ / CP, S = o_.seq_len;
+      const AttentionParams a = attn_params(l, hs, kvs);
+      s.cq = to_heads(s.q, hl_);
+      s.ck = to_heads(s.k, kvl_);
+      s.cv = to_heads(s.v, kvl_);
+      s.co.assign(sz(B) * sz(S) * sz(hs * d), T(0));
+      s.clse.assign(sz(B) * sz(S) * sz(hs), T(0));
+      std::vector<std::int64_t> pos(sz(S));
+      std::iota(pos.begin(), pos.end(), 0);
+      for (int b = 0; b < B; ++b) {
+        OpCounter t{ops_, "attention_fwd"};
+        const Index r = sz(b) * sz(S);
+        attention_fwd<T>(a, S, S, s.cq.data() + r * sz(hs * d), s.ck.data() + r * sz(kvs * d),
+                         s.cv.data() + r * sz(kvs * d), pos.data(), pos.data(),
+                         s.co.data() + r * sz(hs * d), s.clse.data() + r * sz(hs));
+      }
+      s.o = to_tokens(s.co, hl_, d);
+      s.lse = to_tokens(s.clse, hl_, 1);
+    }
+    s.has_core = true;
+  }
+
+  std::vector<T> ring_shift(const std::vector<T>& x) {
+    OpCounter t{ops_, "send_recv"};
+    std::vector<T> out(x.size());
+    a_cp_.send_recv_ring(x.data(), out.data(), x.size(), 1);
+    return out;
+  }
+
+  // Ulysses all-to-all: my chunk's rows with all my heads [ng, heads, d] become whole sequences
+  // with heads / CP heads [B, S, heads / CP, d] (CP rank j gets heads [j·hs, (j+1)·hs)).
+  std::vector<T> to_heads(const std::vector<T>& x, int heads, int dim = -1) {
+    const int d = dim < 0 ? c_.head_dim : dim, CP = p_.attention.cp, hs = heads / CP,
+              B = p_.micro_batch;
+    const Index block = sz(ng_) * sz(hs * d);
+    std::vector<T> send(block * sz(CP));
+    for (int j = 0; j < CP; ++j)
+      for (int r = 0; r < ng_; ++r)
+        std::copy_n(
+            x.begin() + static_cast<std::ptrdiff_t>((sz(r) * sz(heads) + sz(j * hs)) * sz(d)),
+            hs * d, send.begin() + static_cast<std::ptrdiff_t>(sz(j) * block + sz(r) * sz(hs * d)));
+    const std::vector<std::size_t> counts(sz(CP), block);
+    const std::vector<T> recv = all_to_all(a_cp_, send, counts, counts);
+    std::vector<T> out(recv.size());
+    for (int j = 0; j < CP; ++j)
+      for (int b = 0; b < B; ++b)
+        for (int t = 0; t < lc_; ++t) {
+          const Index from = sz(j) * block + (sz(b) * sz(lc_) + sz(t)) * sz(hs * d);
+          const Index to = (sz(b) * sz(o_.seq_len) + sz(j) * sz(lc_) + sz(t)) * sz(hs * d);
+          std::copy_n(recv.begin() + static_cast<std::ptrdiff_t>(from), hs * d,
+                      out.begin() + static_cast<std::ptrdiff_t>(to));
+        }
+    return out;
+  }
+  // The inverse all-to-all: [B, S, heads / CP, d] back to my chunk's rows [ng, heads, d].
+  std::vector<T> to_tokens(const std::vector<T>& x, int heads, int d) {
+    const int CP = p_.attention.cp, hs = heads / CP, B = p_.micro_batch;
+    const Index block = sz(ng_) * sz(hs * d);
+    std::vector<T> send(block * sz(CP));
+    for (int j = 0; j < CP; ++j)
+      for (int b = 0; b < B; ++b)
+        for (int t = 0; t < lc_; ++t) {
+          const Index from = (sz(b) * sz(o_.seq_len) + sz(j) * sz(lc_) + sz(t)) * sz(hs * d);
+          const Index to = sz(j) * block + (sz(b) * sz(lc_) + sz(t)) * sz(hs * d);
+          std::copy_n(x.begin() + static_cast<std::ptrdiff_t>(from), hs * d,
+                      send.begin() + static_cast<std::ptrdiff_t>(to));
+        }
+    const std::vector<std::size_t> counts(sz(CP), block);
+    const std::vector<T> recv = all_to_all(a_cp_, send, counts, counts);
+    std::vector<T> out(recv.size());
+    for (int j = 0; j < CP; ++j)
+      for (int r = 0; r < ng_; ++r)
+        std::copy_n(
+            recv.begin() + static_cast<std::ptrdiff_t>(sz(j) * block + sz(r) * sz(hs * d)), hs * d,
+            out.begin() + static_cast<std::ptrdiff_t>((sz(r) * sz(heads) + sz(j * hs)) * sz(d)));
+    return out;
+  }
+
+  std::vector<T> attn_backward(int l, int, AttnSaved<T>& s, const std::vector<T>& dy) {
+    const int H = c_.hidden, d = c_.head_dim, CP = p_.attention.cp, B = p_.micro_batch;
+    std::vector<T> dyg = all_gather(a_tp_, dy);
+    std::vector<T> dout(sz(ng_) * sz(hl_ * d));
+    gemm(ng_, hl_ * d, H, dyg.data(), false, value(ParamRole::wo, l).data(), true, dout.data(),
+         false);
+    {
+      T* g = grad(ParamRole::wo, l).data();
+      wgrad([this, g, o = s.o, dyg, H, d] {
+        gemm(hl_ * d, H, ng_, o.data(), true, dyg.data(), false, g, true);
+      });
+    }
+    std::vector<T> dq(s.q.size(), T(0)), dk(s.k.size(), T(0)), dv(s.v.size(), T(0));
+    if (CP == 1 || p_.attention.cp_kind == CpKind::ring) {
+      const AttentionParams a = attn_params(l, hl_, kvl_);
+      const auto qpos = cp_positions(co_.a_cp);
+      std::vector<T> kb = s.k, vb = s.v, dkb(s.k.size(), T(0)), dvb(s.v.size(), T(0));
+      for (int step = 0; step < CP; ++step) {
+        const int src = (co_.a_cp - step + CP) % CP;
+        const auto kpos = cp_positions(src);
+        for (int b = 0; b < B; ++b) {
+          OpCounter t{ops_, "attention_bwd"};
+          const Index r = sz(b) * sz(lc_);
+          attention_bwd<T>(a, lc_, lc_, s.q.data() + r * sz(hl_ * d), kb.data() + r * sz(kvl_ * d),
+                           vb.data() + r * sz(kvl_ * d), qpos.data(), kpos.data(),
+                           s.o.data() + r * sz(hl_ * d), s.lse.data() + r * sz(hl_),
+                           dout.data() + r * sz(hl_ * d), dq.data() + r * sz(hl_ * d),
+                           dkb.data() + r * sz(kvl_ * d), dvb.data() + r * sz(kvl_ * d));
+        }
+        if (CP > 1) { // the key/value gradients travel with their block and arrive home last
+          if (step + 1 < CP) {
+            kb = ring_shift(kb);
+            vb = ring_shift(vb);
+          }
+          dkb = ring_shift(dkb);
+          dvb = ring_shift(dvb);
+        }
+      }
+      dk = std::move(dkb);
+      dv = std::move(dvb);
+    } else {
+      const int hs = hl_ / CP, kvs = kvl_ / CP, S = o_.seq_len;
+      const AttentionParams a = attn_params(l, hs, kvs);
+      const std::vector<T> cdo = to_heads(dout, hl_);
+      std::vector<T> cdq(s.cq.size(), T(0)), cdk(s.ck.size(), T(0)), cdv(s.cv.size(), T(0));
+      std::vector<std::int64_t> pos(sz(S));
+      std::iota(pos.begin(), pos.end(), 0);
+      for (int b = 0; b < B; ++b) {
+        OpCounter t{ops_, "attention_bwd"};
+        const Index r = sz(b) * sz(S);
+        attention_bwd<T>(a, S, S, s.cq.data() + r * sz(hs * d), s.ck.data() + r * sz(kvs * d),
+                         s.cv.data() + r * sz(kvs * d), pos.data(), pos.data(),
+                         s.co.data() + r * sz(hs * d), s.clse.data() + r * sz(hs),
+                         cdo.data() + r * sz(hs * d), cdq.data() + r * sz(hs * d),
+                         cdk.data() + r * sz(kvs * d), cdv.data() + r * sz(kvs * d));
+      }
+      dq = to_tokens(cdq, hl_, d);
+      dk = to_tokens(cdk, kvl_, d);
+      dv = to_tokens(cdv, kvl_, d);
+    }
+    {
+      OpCounter t{ops_, "rope"};
+      const auto pos = chunk_row_positions();
+      rope<T>(ng_, hl_, d, pos.data(), c_.rope_theta, dq.data(), true);
+      rope<T>(ng_, kvl_, d, pos.data(), c_.rope_theta, dk.data(), true);
+    }
+    if (c_.qk_norm) {
+      OpCounter t{ops_, "rmsnorm"};
+      std::vector<T> dqp(dq.size()), dkp(dk.size());
+      rmsnorm_bwd<T>(ng_ * hl_, d, s.q_pre.data(), value(ParamRole::q_norm, l).data(),
+                     s.q_rstd.data(), dq.data(), dqp.data(), grad(ParamRole::q_norm, l).data());
+      rmsnorm_bwd<T>(ng_ * kvl_, d, s.k_pre.data(), value(ParamRole::k_norm, l).data(),
+                     s.k_rstd.data(), dk.data(), dkp.data(), grad(ParamRole::k_norm, l).data());
+      dq = std::move(dqp);
+      dk = std::move(dkp);
+    }
+    std::vector<T> dxg(sz(ng_) * sz(H), T(0));
+    gemm(ng_, H, hl_ * d, dq.data(), false, value(ParamRole::wq, l).data(), true, dxg.data(), true);
+    gemm(ng_, H, kvl_ * d, dk.data(), false, value(ParamRole::wk, l).data(), true, dxg.data(),
+         true);
+    gemm(ng_, H, kvl_ * d, dv.data(), false, value(ParamRole::wv, l).data(), true, dxg.data(),
+         true);
+    {
+      T* gq = grad(ParamRole::wq, l).data();
+      T* gk = grad(ParamRole::wk, l).data();
+      T* gv = grad(ParamRole::wv, l).data();
+      wgrad([this, gq, gk, gv, xg = s.xg, dq, dk, dv, H, d] {
+        gemm(H, hl_ * d, ng_, xg.data(), true, dq.data(), false, gq, true);
+        gemm(H, kvl_ * d, ng_, xg.data(), true, dk.data(), false, gk, true);
+        gemm(H, kvl_ * d, ng_, xg.data(), true, dv.data(), false, gv, true);
+      });
+    }
+    std::vector<T> dxn = reduce_scatter(a_tp_, dxg);
+    std::vector<T> dx(dxn.size());
+    {
+      OpCounter t{ops_, "rmsnorm"};
+      rmsnorm_bwd<T>(n_, H, s.x.data(), value(ParamRole::attn_norm, l).data(), s.rstd.data(),
+                     dxn.data(), dx.data(), grad(ParamRole::attn_norm, l).data());
+    }
+    for (Index i = 0; i < dx.size(); ++i)
+      dx[i] += dy[i];
+    return dx;
+  }
+
+  // Dense SwiGLU block: RMSNorm, SP all-gather over the dense tp group, column-parallel gate/up,
+  // row-parallel down, reduce-scatter, residual.
+  std::vector<T> dense_compute(int l, MlpSaved<T>& s) {
+    const int H = c_.hidden, F = c_.dense_ffn / p_.dense.tp;
+    std::vector<T> xn(s.x.size());
+    s.rstd.assign(sz(n_), T(0));
+    {
+      OpCounter t{ops_, "rmsnorm"};
+      rmsnorm_fwd<T>(n_, H, s.x.data(), value(ParamRole::mlp_norm, l).data(), c_.norm_eps,
+                     xn.data(), s.rstd.data());
+    }
+    s.xg = all_gather(d_tp_, xn);
+    const int rows = static_cast<int>(s.xg.size() / sz(H));
+    s.gate.assign(sz(rows) * sz(F), T(0));
+    s.up.assign(sz(rows) * sz(F), T(0));
+    s.act.assign(sz(rows) * sz(F), T(0));
+    gemm(rows, F, H, s.xg.data(), false, value(ParamRole::dense_gate, l).data(), false,
+         s.gate.data(), false);
+    gemm(rows, F, H, s.xg.data(), false, value(ParamRole::dense_up, l).data(), false, s.up.data(),
+         false);
+    {
+      OpCounter t{ops_, "swiglu"};
+      swiglu_fwd<T>(s.act.size(), s.gate.data(), s.up.data(), s.act.data());
+    }
+    std::vector<T> out(sz(rows) * sz(H));
+    gemm(rows, H, F, s.act.data(), false, value(ParamRole::dense_down, l).data(), false, out.data(),
+         false);
+    std::vector<T> y = reduce_scatter(d_tp_, out);
+    for (Index i = 0; i < y.size(); ++i)
+      y[i] += s.x[i];
+    s.has_all = true;
+    return y;
+  }
+
+  std::vector<T> dense_backward(int l, MlpSaved<T>& s, const std::vector<T>& dy) {
+    const int H = c_.hidden, F = c_.dense_ffn / p_.dense.tp;
+    std::vector<T> dyg = all_gather(d_tp_, dy);
+    const int rows = static_cast<int>(dyg.size() / sz(H));
+    std::vector<T> dact(sz(rows) * sz(F)), dgate(dact.size()), dup(dact.size());
+    gemm(rows, F, H, dyg.data(), false, value(ParamRole::dense_down, l).data(), true, dact.data(),
+         false);
+    {
+      OpCounter t{ops_, "swiglu"};
+      swiglu_bwd<T>(dact.size(), s.gate.data(), s.up.data(), dact.data(), dgate.data(), dup.data());
+    }
+    std::vector<T> dxg(sz(rows) * sz(H), T(0));
+    gemm(rows, H, F, dgate.data(), false, value(ParamRole::dense_gate, l).data(), true, dxg.data(),
+         true);
+    gemm(rows, H, F, dup.data(), false, value(ParamRole::dense_up, l).data(), true, dxg.data(),
+         true);
+    {
+      T* gd = grad(ParamRole::dense_down, l).data();
+      T* gg = grad(ParamRole::dense_gate, l).data();
+      T* gu = grad(ParamRole::dense_up, l).data();
+      wgrad([this, gd, gg, gu, act = s.act, xg = s.xg, dyg, dgate, dup, rows, H, F] {
+        gemm(F, H, rows, act.data(), true, dyg.data(), false, gd, true);
+        gemm(H, F, rows, xg.data(), true, dgate.data(), false, gg, true);
+        gemm(H, F, rows, xg.data(), true, dup.data(), false, gu, true);
+      });
+    }
+    std::vector<T> dxn = reduce_scatter(d_tp_, dxg);
+    std::vector<T> dx(dxn.size());
+    {
+      OpCounter t{ops_, "rmsnorm"};
+      rmsnorm_bwd<T>(n_, H, s.x.data(), value(ParamRole::mlp_norm, l).data(), s.rstd.data(),
+                     dxn.data(), dx.data(), grad(ParamRole::mlp_norm, l).data());
+    }
+    for (Index i = 0; i < dx.size(); ++i)
+      dx[i] += dy[i];
+    return dx;
+  }
+
+  // MoE block (dropless): RMSNorm, router top-k on my rows, permute by destination expert,
+  // all-to-all over the EP group, all-gather over the ETP group, grouped SwiGLU GEMMs over my
+  // experts' columns, reduce-scatter over ETP, all-to-all back, unpermute weighted by the
+  // routing weights, residual.
+  std::vector<T> moe_compute(int l, MlpSaved<T>& s) {
+    const int H = c_.hidden, E = c_.experts, K = c_.top_k, EP = p_.moe.ep;
+    const int per_rank = E / EP;
+    s.xn.assign(s.x.size(), T(0));
+    s.rstd.assign(sz(n_), T(0));
+    {
+      OpCounter t{ops_, "rmsnorm"};
+      rmsnorm_fwd<T>(n_, H, s.x.data(), value(ParamRole::mlp_norm, l).data(), c_.norm_eps,
+                     s.xn.data(), s.rstd.data());
+    }
+    std::vector<T> logits(sz(n_) * sz(E));
+    gemm(n_, E, H, s.xn.data(), false, value(ParamRole::router, l).data(), false, logits.data(),
+         false);
+    s.probs.assign(logits.size(), T(0));
+    s.idx.assign(sz(n_) * sz(K), 0);
+    s.weights.assign(sz(n_) * sz(K), T(0));
+    {
+      OpCounter t{ops_, "router"};
+      router_topk_fwd<T>(n_, E, K, c_.normalize_top_k, logits.data(), s.probs.data(), s.idx.data(),
+                         s.weights.data());
+    }
+    // Permute: (token, slot) pairs ordered by destination rank, then expert, then token.
+    s.order.resize(sz(n_) * sz(K));
+    std::iota(s.order.begin(), s.order.end(), 0);
+    std::stable_sort(s.order.begin(), s.order.end(),
+                     [&](std::int32_t a, std::int32_t b) { return s.idx[sz(a)] < s.idx[sz(b)]; });
+    s.send_rows.assign(sz(EP), 0);
+    std::vector<std::int32_t> tokens(s.order.size()), experts(s.order.size());
+    for (Index i = 0; i < s.order.size(); ++i) {
+      tokens[i] = s.order[i] / K;
+      experts[i] = s.idx[sz(s.order[i])];
+      s.send_rows[sz(experts[i] / per_rank)] += 1;
+    }
+    std::vector<T> send(s.order.size() * sz(H));
+    {
+      OpCounter t{ops_, "permute"};
+      gather_rows<T>(static_cast<int>(tokens.size()), H, s.xn.data(), tokens.data(), send.data());
+    }
+    s.recv_rows = exchange_counts(m_ep_, s.send_rows);
+    const std::vector<T> recv =
+        all_to_all(m_ep_, send, scaled(s.send_rows, H), scaled(s.recv_rows, H));
+    const std::vector<std::int32_t> recv_experts =
+        all_to_all(m_ep_, experts, s.send_rows, s.recv_rows);
+    // ETP: every rank of the group computes its columns for the group's tokens.
+    const auto gathered = etp_gather(s, recv, recv_experts);
+    s.rows_in = gathered.first;
+    s.rows_expert = gathered.second;
+    std::vector<T> out = experts_forward(l, s);
+    std::vector<T> mine = etp_scatter(s, out);
+    s.ret = all_to_all(m_ep_, mine, scaled(s.recv_rows, H), scaled(s.send_rows, H));
+    std::vector<T> y = s.x;
+    {
+      OpCounter t{ops_, "unpermute"};
+      for (Index i = 0; i < s.order.size(); ++i) {
+        const Index tok = sz(s.order[i] / K);
+        const T wgt = s.weights[sz(s.order[i])];
+        for (int h = 0; h < H; ++h)
+          y[tok * sz(H) + sz(h)] += wgt * s.ret[i * sz(H) + sz(h)];
+      }
+    }
+    s.has_all = true;
+    return y;
+  }
+
+  static std::vector<std::size_t> scaled(const std::vector<std::size_t>& rows, int h) {
+    std::vector<std::size_t> out(rows);
+    for (auto& r : out)
+      r *= sz(h);
+    return out;
+  }
+  std::vector<std::size_t> exchange_counts(const Comm& g, const std::vector<std::size_t>& send) {
+    std::vector<std::int64_t> s64(send.begin(), send.end()), r64(send.size());
+    const std::vector<std::size_t> ones(send.size(), 1);
+    {
+      OpCounter t{ops_, "all_to_all"};
+      g.all_to_all_v(s64.data(), ones, r64.data(), ones);
+    }
+    return std::vector<std::size_t>(r64.begin(), r64.end());
+  }
+
+  // ETP all-gather with rows padded to the group's largest count (expert id -1 marks padding).
+  std::pair<std::vector<T>, std::vector<std::int32_t>>
+  etp_gather(MlpSaved<T>& s, const std::vector<T>& rows, const std::vector<std::int32_t>& experts) {
+    const int H = c_.hidden;
+    s.etp_rows = static_cast<std::int64_t>(experts.size());
+    if (m_etp_.size() == 1) {
+      s.etp_max = s.etp_rows;
+      return {rows, experts};
+    }
+    std::int64_t mx = s.etp_rows;
+    {
+      OpCounter t{ops_, "all_reduce"};
+      m_etp_.all_reduce_max(&mx, 1);
+    }
+    s.etp_max = mx;
+    std::vector<T> pr(rows);
+    pr.resize(sz(mx) * sz(H), T(0));
+    std::vector<std::int32_t> pe(experts);
+    pe.resize(sz(mx), -1);
+    std::vector<std::int32_t> all_e(pe.size() * sz(m_etp_.size()));
+    {
+      OpCounter t{ops_, "all_gather"};
+      m_etp_.all_gather(pe.data(), pe.size(), all_e.data());
+    }
+    return {all_gather(m_etp_, pr), all_e};
+  }
+  std::vector<T> etp_scatter(const MlpSaved<T>& s, const std::vector<T>& rows) {
+    if (m_etp_.size() == 1)
+      return rows;
+    std::vector<T> mine = reduce_scatter(m_etp_, rows);
+    mine.resize(sz(s.etp_rows) * sz(c_.hidden));
+    return mine;
+  }
+
+  // The grouped GEMMs: rows of each of my experts through its SwiGLU (my ETP columns).
+  std::vector<T> experts_forward(int l, MlpSaved<T>& s) {
+    const int H = c_.hidden, F = c_.expert_ffn / p_.moe.etp, per_rank = c_.experts / p_.moe.ep;
+    const Index rows = s.rows_expert.size();
+    s.gate.assign(rows * sz(F), T(0));
+    s.up.assign(rows * sz(F), T(0));
+    s.act.assign(rows * sz(F), T(0));
+    std::vector<T> out(rows * sz(H), T(0));
+    const auto& wg = value(ParamRole::expert_gate, l);
+    const auto& wu = value(ParamRole::expert_up, l);
+    const auto& wd = value(ParamRole::expert_down, l);
+    for (int e = 0; e < per_rank; ++e) {
+      const std::vector<std::int32_t> sel = rows_of_expert(s, e);
+      if (sel.empty())
+        continue;
+      const int r = static_cast<int>(sel.size());
+      std::vector<T> x(sz(r) * sz(H)), g(sz(r) * sz(F)), u(g.size()), a(g.size()), o(sz(r) * sz(H));
+      gather_rows<T>(r, H, s.rows_in.data(), sel.data(), x.data());
+      OpCounter t{ops_, "grouped_gemm"};
+      real::gemm<T>(r, F, H, x.data(), false, wg.data() + sz(e) * sz(H * F), false, g.data(),
+                    false);
+      real::gemm<T>(r, F, H, x.data(), false, wu.data() + sz(e) * sz(H * F), false, u.data(),
+                    false);
+      swiglu_fwd<T>(a.size(), g.data(), u.data(), a.data());
+      real::gemm<T>(r, H, F, a.data(), false, wd.data() + sz(e) * sz(F * H), false, o.data(),
+                    false);
+      for (int i = 0; i < r; ++i) {
+        std::copy_n(g.begin() + i * F, F,
+                    s.gate.begin() + static_cast<std::ptrdiff_t>(sz(sel[sz(i)]) * sz(F)));
+        std::copy_n(u.begin() + i * F, F,
+                    s.up.begin() + static_cast<std::ptrdiff_t>(sz(sel[sz(i)]) * sz(F)));
+        std::copy_n(a.begin() + i * F, F,
+                    s.act.begin() + static_cast<std::ptrdiff_t>(sz(sel[sz(i)]) * sz(F)));
+        std::copy_n(o.begin() + i * H, H,
+                    out.begin() + static_cast<std::ptrdiff_t>(sz(sel[sz(i)]) * sz(H)));
+      }
+    }
+    return out;
+  }
+  std::vector<std::int32_t> rows_of_expert(const MlpSaved<T>& s, int local_expert) const {
+    const int global = co_.m_ep * (c_.experts / p_.moe.ep) + local_expert;
+    std::vector<std::int32_t> sel;
+    for (Index i = 0; i < s.rows_expert.size(); ++i)
+      if (s.rows_expert[i] == global)
+        sel.push_back(static_cast<std::int32_t>(i));
+    return sel;
+  }
+
+  std::vector<T> moe_backward(int l, MlpSaved<T>& s, const std::vector<T>& dy) {
+    const int H = c_.hidden, E = c_.experts, K = c_.top_k, F = c_.expert_ffn / p_.moe.etp;
+    const int per_rank = E / p_.moe.ep;
+    // Unpermute's adjoint: each sent row's gradient, and each routing weight's.
+    std::vector<T> dret(s.ret.size());
+    std::vector<T> dweights(s.weights.size(), T(0));
+    for (Index i = 0; i < s.order.size(); ++i) {
+      const Index tok = sz(s.order[i] / K);
+      const T wgt = s.weights[sz(s.order[i])];
+      T dot = 0;
+      for (int h = 0; h < H; ++h) {
+        dret[i * sz(H) + sz(h)] = wgt * dy[tok * sz(H) + sz(h)];
+        dot += dy[tok * sz(H) + sz(h)] * s.ret[i * sz(H) + sz(h)];
+      }
+      dweights[sz(s.order[i])] = dot;
+    }
+    const std::vector<T> drecv =
+        all_to_all(m_ep_, dret, scaled(s.send_rows, H), scaled(s.recv_rows, H));
+    std::vector<T> dout = drecv;
+    if (m_etp_.size() > 1) {
+      dout.resize(sz(s.etp_max) * sz(H), T(0));
+      dout = all_gather(m_etp_, dout);
+    }
+    const Index rows = s.rows_expert.size();
+    std::vector<T> dx_rows(rows * sz(H), T(0));
+    const auto& wg = value(ParamRole::expert_gate, l);
+    const auto& wu = value(ParamRole::expert_up, l);
+    const auto& wd = value(ParamRole::expert_down, l);
+    T* gg = grad(ParamRole::expert_gate, l).data();
+    T* gu = grad(ParamRole::expert_up, l).data();
+    T* gd = grad(ParamRole::expert_down, l).data();
+    for (int e = 0; e < per_rank; ++e) {
+      const std::vector<std::int32_t> sel = rows_of_expert(s, e);
+      if (sel.empty())
+        continue;
+      const int r = static_cast<int>(sel.size());
+      std::vector<T> x(sz(r) * sz(H)), g(sz(r) * sz(F)), u(g.size()), a(g.size()),
+          dox(sz(r) * sz(H));
+      gather_rows<T>(r, H, s.rows_in.data(), sel.data(), x.data());
+      gather_rows<T>(r, F, s.gate.data(), sel.data(), g.data());
+      gather_rows<T>(r, F, s.up.data(), sel.data(), u.data());
+      gather_rows<T>(r, F, s.act.data(), sel.data(), a.data());
+      gather_rows<T>(r, H, dout.data(), sel.data(), dox.data());
+      std::vector<T> da(g.size()), dg(g.size()), du(g.size()), dxe(sz(r) * sz(H), T(0));
+      {
+        OpCounter t{ops_, "grouped_gemm"};
+        real::gemm<T>(r, F, H, dox.data(), false, wd.data() + sz(e) * sz(F * H), true, da.data(),
+                      false);
+        swiglu_bwd<T>(da.size(), g.data(), u.data(), da.data(), dg.data(), du.data());
+        real::gemm<T>(r, H, F, dg.data(), false, wg.data() + sz(e) * sz(H * F), true, dxe.data(),
+                      true);
+        real::gemm<T>(r, H, F, du.data(), false, wu.data() + sz(e) * sz(H * F), true, dxe.data(),
+                      true);
+      }
+      wgrad([this, e, r, H, F, gg, gu, gd, x, a, dox, dg, du] {
+        OpCounter t{ops_, "grouped_gemm"};
+        real::gemm<T>(F, H, r, a.data(), true, dox.data(), false, gd + sz(e) * sz(F * H), true);
+        real::gemm<T>(H, F, r, x.data(), true, dg.data(), false, gg + sz(e) * sz(H * F), true);
+        real::gemm<T>(H, F, r, x.data(), true, du.data(), false, gu + sz(e) * sz(H * F), true);
+      });
+      scatter_add_rows<T>(r, H, dxe.data(), sel.data(), dx_rows.data());
+    }
+    std::vector<T> dmine = etp_scatter(s, dx_rows);
+    const std::vector<T> dsent =
+        all_to_all(m_ep_, dmine, scaled(s.recv_rows, H), scaled(s.send_rows, H));
+    std::vector<T> dxn(s.xn.size(), T(0));
+    {
+      OpCounter t{ops_, "unpermute"};
+      std::vector<std::int32_t> tokens(s.order.size());
+      for (Index i = 0; i < s.order.size(); ++i)
+        tokens[i] = s.order[i] / K;
+      scatter_add_rows<T>(static_cast<int>(tokens.size()), H, dsent.data(), tokens.data(),
+                          dxn.data());
+    }
+    std::vector<T> dlogits(sz(n_) * sz(E));
+    {
+      OpCounter t{ops_, "router"};
+      router_topk_bwd<T>(n_, E, K, c_.normalize_top_k, s.probs.data(), s.idx.data(),
+                         dweights.data(), dlogits.data());
+    }
+    gemm(n_, H, E, dlogits.data(), false, value(ParamRole::router, l).data(), true, dxn.data(),
+         true);
+    gemm(H, E, n_, s.xn.data(), true, dlogits.data(), false, grad(ParamRole::router, l).data(),
+         true);
+    std::vector<T> dx(dxn.size());
+    {
+      OpCounter t{ops_, "rmsnorm"};
+      rmsnorm_bwd<T>(n_, H, s.x.data(), value(ParamRole::mlp_norm, l).data(), s.rstd.data(),
+                     dxn.data(), dx.data(), grad(ParamRole::mlp_norm, l).data());
+    }
+    for (Index i = 0; i < dx.size(); ++i)
+      dx[i] += dy[i];
+    return dx;
+  }
+
+  // --- embedding and LM head -----------------------------------------------------------------
+  void ensure(LocalParam<T>& lp) {
+    if (lp.zero < 3 || !lp.value.empty())
+      return;
+    std::vector<T> all(lp.chunk * sz(lp.shard.size()));
+    {
+      OpCounter t{ops_, "all_gather"};
+      lp.shard.all_gather(lp.owned.data(), lp.chunk, all.data());
+    }
+    all.resize(lp.n);
+    lp.value = std::move(all);
+  }
+  void drop(LocalParam<T>& lp) {
+    if (lp.zero >= 3) {
+      lp.value.clear();
+      lp.value.shrink_to_fit();
+    }
+  }
+
+  // Vocab-parallel embedding: the embedding tp group gathers its rows' ids, each rank looks up
+  // the ids of its vocabulary shard, and a reduce-scatter returns every rank its rows.
+  std::vector<T> embed_forward(int mb) {
+    const int H = c_.hidden, shard = c_.vocab / p_.embed.tp, lo = co_.e_tp * shard;
+    auto& lp = param(ParamRole::embedding, -1);
+    ensure(lp);
+    const std::vector<std::int32_t> ids = my_rows(mb, batch_.tokens);
+    std::vector<std::int32_t> ids_g = ids;
+    if (e_tp_.size() > 1) {
+      ids_g.resize(ids.size() * sz(e_tp_.size()));
+      OpCounter t{ops_, "all_gather"};
+      e_tp_.all_gather(ids.data(), ids.size(), ids_g.data());
+    }
+    std::vector<T> rows(ids_g.size() * sz(H), T(0));
+    {
+      OpCounter t{ops_, "embedding"};
+      for (Index r = 0; r < ids_g.size(); ++r)
+        if (ids_g[r] >= lo && ids_g[r] < lo + shard)
+          std::copy_n(lp.value.begin() + static_cast<std::ptrdiff_t>(sz(ids_g[r] - lo) * sz(H)), H,
+                      rows.begin() + static_cast<std::ptrdiff_t>(r * sz(H)));
+    }
+    drop(lp);
+    return reduce_scatter(e_tp_, rows);
+  }
+
+  void embed_backward(int mb, const std::vector<T>& dx) {
+    const int H = c_.hidden, shard = c_.vocab / p_.embed.tp, lo = co_.e_tp * shard;
+    const std::vector<std::int32_t> ids = my_rows(mb, batch_.tokens);
+    std::vector<std::int32_t> ids_g = ids;
+    if (e_tp_.size() > 1) {
+      ids_g.resize(ids.size() * sz(e_tp_.size()));
+      OpCounter t{ops_, "all_gather"};
+      e_tp_.all_gather(ids.data(), ids.size(), ids_g.data());
+    }
+    const std::vector<T> dxg = all_gather(e_tp_, dx);
+    T* g = param(ParamRole::embedding, -1).grad.data();
+    OpCounter t{ops_, "embedding"};
+    for (Index r = 0; r < ids_g.size(); ++r)
+      if (ids_g[r] >= lo && ids_g[r] < lo + shard)
+        for (int h = 0; h < H; ++h)
+          g[sz(ids_g[r] - lo) * sz(H) + sz(h)] += dxg[r * sz(H) + sz(h)];
+  }
+
+  LocalParam<T>& head_weight() {
+    return c_.tied_embeddings ? param(ParamRole::embedding, -1) : param(ParamRole::lm_head, -1);
+  }
+
+  // Final norm, vocab-parallel LM head and cross-entropy (max, sum of exponentials and the
+  // label's logit all-reduced over the embedding tp group, as Megatron's
+  // vocab_parallel_cross_entropy). The logits' gradient is formed here, as the fused kernels do.
+  void head_forward(int mb, std::vector<T> x) {
+    const int H = c_.hidden, V = c_.vocab / p_.embed.tp, lo = co_.e_tp * V;
+    auto& hs = head_[sz(mb)];
+    hs.x = std::move(x);
+    hs.xn.assign(hs.x.size(), T(0));
+    hs.rstd.assign(sz(n_), T(0));
+    {
+      OpCounter t{ops_, "rmsnorm"};
+      rmsnorm_fwd<T>(n_, H, hs.x.data(), value(ParamRole::final_norm, -1).data(), c_.norm_eps,
+                     hs.xn.data(), hs.rstd.data());
+    }
+    hs.xg = all_gather(e_tp_, hs.xn);
+    const int rows = static_cast<int>(hs.xg.size() / sz(H));
+    auto& w = head_weight();
+    ensure(w);
+    std::vector<T> logits(sz(rows) * sz(V));
+    gemm(rows, V, H, hs.xg.data(), false, w.value.data(), c_.tied_embeddings, logits.data(), false);
+    drop(w);
+    const std::vector<std::int32_t> labels = my_rows(mb, batch_.labels);
+    std::vector<std::int32_t> labels_g = labels;
+    if (e_tp_.size() > 1) {
+      labels_g.resize(labels.size() * sz(e_tp_.size()));
+      OpCounter t{ops_, "all_gather"};
+      e_tp_.all_gather(labels.data(), labels.size(), labels_g.data());
+    }
+    const double scale = 1.0 / static_cast<double>(labelled_);
+    hs.dlogits.assign(logits.size(), T(0));
+    OpCounter t{ops_, "cross_entropy"};
+    if (e_tp_.size() == 1) {
+      loss_sum_ +=
+          cross_entropy<T>(rows, V, logits.data(), labels_g.data(), scale, hs.dlogits.data());
+      return;
+    }
+    std::vector<T> mx(sz(rows)), sum(sz(rows), T(0)), target(sz(rows), T(0));
+    for (int r = 0; r < rows; ++r)
+      mx[sz(r)] = *std::max_element(logits.begin() + r * V, logits.begin() + (r + 1) * V);
+    e_tp_.all_reduce_max(mx.data(), mx.size());
+    for (int r = 0; r < rows; ++r) {
+      for (int v = 0; v < V; ++v)
+        sum[sz(r)] += std::exp(logits[sz(r) * sz(V) + sz(v)] - mx[sz(r)]);
+      const int label = labels_g[sz(r)];
+      if (label >= lo && label < lo + V)
+        target[sz(r)] = logits[sz(r) * sz(V) + sz(label - lo)];
+    }
+    e_tp_.all_reduce(sum.data(), sum.size());
+    e_tp_.all_reduce(target.data(), target.size());
+    const int me = e_tp_.rank(), own = rows / e_tp_.size();
+    for (int r = 0; r < rows; ++r) {
+      const int label = labels_g[sz(r)];
+      if (label < 0)
+        continue;
+      if (r / own == me)
+        loss_sum_ += static_cast<double>(std::log(sum[sz(r)]) + mx[sz(r)] - target[sz(r)]);
+      for (int v = 0; v < V; ++v) {
+        const T p = std::exp(logits[sz(r) * sz(V) + sz(v)] - mx[sz(r)]) / sum[sz(r)];
+        hs.dlogits[sz(r) * sz(V) + sz(v)] =
+            static_cast<T>(scale) * (p - (label == lo + v ? T(1) : T(0)));
+      }
+    }
+  }
+
+  std::vector<T> head_backward(int mb) {
+    const int H = c_.hidden, V = c_.vocab / p_.embed.tp;
+    auto& hs = head_[sz(mb)];
+    const int rows = static_cast<int>(hs.xg.size() / sz(H));
+    auto& w = head_weight();
+    ensure(w);
+    std::vector<T> dxg(sz(rows) * sz(H), T(0));
+    gemm(rows, H, V, hs.dlogits.data(), false, w.value.data(), !c_.tied_embeddings, dxg.data(),
+         false);
+    drop(w);
+    T* g = w.grad.data();
+    if (c_.tied_embeddings)
+      wgrad([this, g, rows, H, V, dl = hs.dlogits, xg = hs.xg] {
+        gemm(V, H, rows, dl.data(), true, xg.data(), false, g, true);
+      });
+    else
+      wgrad([this, g, rows, H, V, dl = hs.dlogits, xg = hs.xg] {
+        gemm(H, V, rows, xg.data(), true, dl.data(), false, g, true);
+      });
+    std::vector<T> dxn = reduce_scatter(e_tp_, dxg);
+    std::vector<T> dx(dxn.size());
+    {
+      OpCounter t{ops_, "rmsnorm"};
+      rmsnorm_bwd<T>(n_, H, hs.x.data(), value(ParamRole::final_norm, -1).data(), hs.rstd.data(),
+                     dxn.data(), dx.data(), grad(ParamRole::final_norm, -1).data());
+    }
+    hs = HeadSaved<T>{};
+    return dx;
+  }
+
+  // --- gradients and the optimizer -----------------------------------------------------------
+  void reduce(LocalParam<T>& lp) {
+    if (lp.reduced)
+      return;
+    lp.reduced = true;
+    if (lp.zero <= 1) {
+      if (lp.grads.size() > 1) {
+        OpCounter t{ops_, "all_reduce"};
+        lp.grads.all_reduce(lp.grad.data(), lp.grad.size());
+      }
+    } else {
+      std::vector<T> padded = lp.grad;
+      padded.resize(lp.chunk * sz(lp.shard.size()), T(0));
+      lp.grad.assign(lp.chunk, T(0));
+      {
+        OpCounter t{ops_, "reduce_scatter"};
+        lp.shard.reduce_scatter(padded.data(), lp.chunk, lp.grad.data());
+      }
+      if (lp.replicas.size() > 1) {
+        OpCounter t{ops_, "all_reduce"};
+        lp.replicas.all_reduce(lp.grad.data(), lp.grad.size());
+      }
+    }
+    if (lp.role == ParamRole::embedding && tied_.size() > 1) {
+      OpCounter t{ops_, "all_reduce"};
+      tied_.all_reduce(lp.grad.data(), lp.grad.size());
+    }
+    lp.pending_step = true;
+    lp.grad_step = step_index_ + 1;
+    if (host_streams_backward() && lp.layer >= 0)
+      adam_step(lp);
+  }
+
+  void finish_layer(int l) {
+    for (auto& lp : params_)
+      if (lp.layer == l)
+        reduce(lp);
+  }
+  void finish_others() {
+    for (auto& lp : params_)
+      if (lp.layer < 0)
+        reduce(lp);
+  }
+  void apply_pending(int l) {
+    for (auto& lp : params_)
+      if (lp.layer == l && lp.pending_step)
+        adam_step(lp);
+  }
+
+  void adam_step(LocalParam<T>& lp) {
+    OpCounter t{ops_, p_.optimizer_on_host ? "host_adam" : "adamw"};
+    lp.pending_step = false;
+    const std::int64_t step = lp.grad_step;
+    if (lp.zero == 0) {
+      adamw<T>(lp.n, o_.adam, step, lp.value.data(), lp.grad.data(), lp.m.data(), lp.v.data());
+    } else if (lp.zero >= 3) {
+      adamw<T>(lp.hi - lp.lo, o_.adam, step, lp.owned.data(), lp.grad.data(), lp.m.data(),
+               lp.v.data());
+      lp.value.clear(); // a gathered copy is stale now
+    } else {
+      const T* g = lp.zero == 1 ? lp.grad.data() + lp.lo : lp.grad.data();
+      std::vector<T> mine(lp.chunk, T(0));
+      std::copy(lp.value.begin() + static_cast<std::ptrdiff_t>(lp.lo),
+                lp.value.begin() + static_cast<std::ptrdiff_t>(lp.hi), mine.begin());
+      adamw<T>(lp.hi - lp.lo, o_.adam, step, mine.data(), g, lp.m.data(), lp.v.data());
+      std::vector<T> all(lp.chunk * sz(lp.shard.size()));
+      {
+        OpCounter t2{ops_, "all_gather"};
+        lp.shard.all_gather(mine.data(), lp.chunk, all.data());
+      }
+      all.resize(lp.n);
+      lp.value = std::move(all);
+    }
+    if (lp.keep_grad_until_step) {
+      lp.keep_grad_until_step = false;
+      lp.grad.assign(lp.n, T(0));
+    }
+  }
+
+  // Flat index k of a slice's elements (row-major in the box) in the full tensor.
+  static Index full_index(const Slice& s, Index k) {
+    const Index w2 = sz(s.hi[2] - s.lo[2]), w1 = sz(s.hi[1] - s.lo[1]);
+    const Index l = k % w2 + sz(s.lo[2]), j = (k / w2) % w1 + sz(s.lo[1]),
+                i = k / (w1 * w2) + sz(s.lo[0]);
+    return (i * sz(s.dim[1]) + j) * sz(s.dim[2]) + l;
+  }
+
+  void publish_grads() {
+    for (auto& lp : params_) {
+      if (lp.tied_copy)
+        continue;
+      auto& full = sh_.grads[sz(lp.index)];
+      if (lp.zero <= 1) {
+        if (lp.grads.rank() == 0)
+          insert(lp.grad, lp.slice, full);
+      } else if (lp.replicas.rank() == 0) {
+        for (Index k = lp.lo; k < lp.hi; ++k)
+          full[full_index(lp.slice, k)] = lp.grad[k - lp.lo];
+      }
+    }
+  }
+
+  void publish_state(LocalParam<T>& lp) {
+    if (!lp.writer)
+      return;
+    auto& st = sh_.state;
+    const auto i = sz(lp.index);
+    if (lp.zero == 0) {
+      insert(lp.value, lp.slice, st.params[i]);
+      insert(lp.m, lp.slice, st.adam_m[i]);
+      insert(lp.v, lp.slice, st.adam_v[i]);
+      return;
+    }
+    for (Index k = lp.lo; k < lp.hi; ++k) {
+      const Index f = full_index(lp.slice, k);
+      st.params[i][f] = lp.zero >= 3 ? lp.owned[k - lp.lo] : lp.value[k];
+      st.adam_m[i][f] = lp.m[k - lp.lo];
+      st.adam_v[i][f] = lp.v[k - lp.lo];
+    }
+  }
+
+  World& w_;
+  int rank_;
+  const TinyConfig& c_;
+  const Plan& p_;
+  Shared<T>& sh_;
+  const RunOptions& o_;
+  const DataSource& data_;
+  Coords co_;
+  std::vector<ParamInfo> layout_;
+  std::map<std::string, OpTiming>* ops_;
+  Comm stage_, a_tp_, a_cp_, a_grad_, m_etp_, m_ep_, m_edp_, d_tp_, d_dp_, e_tp_, e_dp_, tied_;
+  int chunks_ = 1;
+  std::vector<int> bounds_, layers_;
+  std::map<int, int> layer_chunk_;
+  std::vector<LocalParam<T>> params_;
+  std::vector<int> idx_;
+  int hl_ = 0, kvl_ = 0, lc_ = 0, ng_ = 0, n_ = 0;
+  std::int64_t step_index_ = 0;
+  Batch batch_;
+  std::int64_t labelled_ = 0;
+  double loss_sum_ = 0;
+  std::vector<std::vector<LayerSaved<T>>> saved_;
+  std::map<std::pair<int, int>, LayerSaved<T>> host_;
+  std::vector<HeadSaved<T>> head_;
+  std::vector<int> remaining_bwd_;
+  bool defer_ = false;
+  std::deque<std::function<void()>> deferred_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The single-rank reference, trained alongside: reference_step for the loss and gradients, the
+// same AdamW on whole tensors.
+template <class T> class ReferenceTrainer {
+public:
+  ReferenceTrainer(const TinyConfig& c, const TrainState<T>& start, const AdamWParams& adam)
+      : c_(c), state_(start), adam_(adam) {}
+  double step(const Batch& batch) {
+    const double loss = reference_step<T>(c_, state_.params, batch, &grads_);
+    state_.step += 1;
+    for (Index i = 0; i < state_.params.size(); ++i)
+      adamw<T>(state_.params[i].size(), adam_, state_.step, state_.params[i].data(),
+               grads_[i].data(), state_.adam_m[i].data(), state_.adam_v[i].data());
+    return loss;
+  }
+  const std::vector<std::vector<T>>& grads() const { return grads_; }
+  const TrainState<T>& state() const { return state_; }
+
+private:
+  const TinyConfig& c_;
+  TrainState<T> state_;
+  AdamWParams adam_;
+  std::vector<std::vector<T>> grads_;
+};
+
+template <class A, class B>
+double max_rel_diff(const std::vector<std::vector<A>>& got,
+                    const std::vector<std::vector<B>>& want) {
+  double worst = 0;
+  for (Index i = 0; i < want.size(); ++i) {
+    double scale = 0, diff = 0;
+    for (Index k = 0; k < want[i].size(); ++k) {
+      scale = std::max(scale, std::abs(static_cast<double>(want[i][k])));
+      diff = std::max(diff,
+                      std::abs(static_cast<double>(got[i][k]) - static_cast<double>(want[i][k])));
+    }
+    worst = std::max(worst, diff / std::max(scale, 1e-30));
+  }
+  return worst;
+}
+
+template <class T> TrainState<double> to_double(const TrainState<T>& s) {
+  auto conv = [](const std::vector<std::vector<T>>& v) {
+    std::vector<std::vector<double>> out;
+    for (const auto& x : v)
+      out.emplace_back(x.begin(), x.end());
+    return out;
+  };
+  return {conv(s.params), conv(s.adam_m), conv(s.adam_v), s.step};
+}
+
+} // namespace
+
+template <class T>
+RunResult<T> run_plan(const TinyConfig& c, const Plan& plan, const DataSource& data,
+                      const TrainState<T>& start, const RunOptions& o) {
+  check_executable(c, plan, o.seq_len);
+  if (o.steps < 1)
+    refuse("the number of steps must be at least 1");
+  const auto layout = param_layout(c);
+  if (start.params.size() != layout.size())
+    refuse("the starting state does not match the model's parameters");
+  Shared<T> sh;
+  sh.state = start;
+  for (const auto& p : start.params)
+    sh.grads.emplace_back(p.size(), T(0));
+  sh.loss_part.assign(sz(plan.world), 0.0);
+  sh.ops.resize(sz(plan.world));
+  RunResult<T> res;
+  std::unique_ptr<ReferenceTrainer<double>> ref;
+  if (o.check)
+    ref = std::make_unique<ReferenceTrainer<double>>(c, to_double(start), o.adam);
+  std::vector<int> everyone(sz(plan.world));
+  std::iota(everyone.begin(), everyone.end(), 0);
+
+  World::run(
+      plan.world,
+      [&](World& w, int r) {
+        Rank<T> rank(w, r, c, plan, sh, o, data);
+        const Comm all = w.group(everyone, r);
+        for (int k = 0; k < o.steps; ++k) {
+          const auto t0 = Clock::now();
+          rank.step(start.step + k);
+          all.barrier();
+          if (r == 0) {
+            res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+            const Batch batch = data.batch(start.step + k, plan.global_batch, o.seq_len);
+            double labelled = 0, loss = 0;
+            for (auto l : batch.labels)
+              labelled += l >= 0 ? 1 : 0;
+            for (double part : sh.loss_part)
+              loss += part;
+            loss /= labelled;
+            res.losses.push_back(loss);
+            if (ref) {
+              const double want = ref->step(batch);
+              res.max_loss_rel_diff =
+                  std::max(res.max_loss_rel_diff, std::abs(loss - want) / std::abs(want));
+              res.max_grad_rel_diff =
+                  std::max(res.max_grad_rel_diff, max_rel_diff(sh.grads, ref->grads()));
+            }
+            if (k + 1 == o.steps)
+              res.last_grads = sh.grads;
+          }
+          all.barrier();
+        }
+        rank.finish_run();
+      },
+      o.timeout);
+
+  res.state = std::move(sh.state);
+  res.state.step = start.step + o.steps;
+  if (ref)
+    res.max_param_rel_diff = max_rel_diff(res.state.params, ref->state().params);
+  for (const auto& per_rank : sh.ops)
+    for (const auto& [kind, t] : per_rank) {
+      auto& total = res.ops[kind];
+      total.count += t.count;
+      total.seconds += t.seconds / plan.world;
+    }
+  return res;
+}
+
+template <class T>
+RunResult<T> run_reference(const TinyConfig& c, int global_batch, const DataSource& data,
+                           const TrainState<T>& start, const RunOptions& o) {
+  ReferenceTrainer<T> ref(c, start, o.adam);
+  RunResult<T> res;
+  for (int k = 0; k < o.steps; ++k) {
+    const auto t0 = Clock::now();
+    res.losses.push_back(ref.step(data.batch(start.step + k, global_batch, o.seq_len)));
+    res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  res.last_grads = ref.grads();
+  res.state = ref.state();
+  return res;
+}
+
+template RunResult<float> run_plan<float>(const TinyConfig&, const Plan&, const DataSource&,
+                                          const TrainState<float>&, const RunOptions&);
+template RunResult<double> run_plan<double>(const TinyConfig&, const Plan&, const DataSource&,
+                                            const TrainState<double>&, const RunOptions&);
+template RunResult<float> run_reference<float>(const TinyConfig&, int, const DataSource&,
+                                               const TrainState<float>&, const RunOptions&);
+template RunResult<double> run_reference<double>(const TinyConfig&, int, const DataSource&,
+                                                 const TrainState<double>&, const RunOptions&);
+
+// ---------------------------------------------------------------------------------------------
+namespace {
+constexpr char kMagic[8] = {'m', 'o', 'p', 'c', 'k', 'p', 't', '1'};
+
+void put_u64(std::string& out, std::uint64_t v) {
+  out.append(reinterpret_cast<const char*>(&v), sizeof v);
+}
+} // namespace
+
+void save_checkpoint(const std::string& path, const TinyConfig& c, const TrainState<float>& s) {
+  const auto layout = param_layout(c);
+  std::string out(kMagic, sizeof kMagic);
+  put_u64(out, layout.size());
+  for (const auto& p : layout)
+    put_u64(out, static_cast<std::uint64_t>(p.numel()));
+  put_u64(out, static_cast<std::uint64_t>(s.step));
+  for (const auto* group : {&s.params, &s.adam_m, &s.adam_v})
+    for (const auto& v : *group)
+      out.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+  write_file_atomically(path, out);
+}
+
+TrainState<float> load_checkpoint(const std::string& path, const TinyConfig& c) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in)
+    refuse(fmt::format("cannot read the checkpoint '{}'", path));
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  Index at = 0;
+  auto take = [&](void* dst, Index n) {
+    if (at + n > bytes.size())
+      refuse(fmt::format("the checkpoint '{}' is truncated", path));
+    std::memcpy(dst, bytes.data() + at, n);
+    at += n;
+  };
+  char magic[8];
+  take(magic, sizeof magic);
+  if (std::memcmp(magic, kMagic, sizeof kMagic) != 0)
+    refuse(fmt::format("'{}' is not a mop checkpoint", path));
+  const auto layout = param_layout(c);
+  std::uint64_t count = 0;
+  take(&count, sizeof count);
+  if (count != layout.size())
+    refuse(fmt::format("the checkpoint '{}' holds {} tensors; model '{}' has {}", path, count,
+                       c.name, layout.size()));
+  for (const auto& p : layout) {
+    std::uint64_t n = 0;
+    take(&n, sizeof n);
+    if (n != static_cast<std::uint64_t>(p.numel()))
+      refuse(fmt::format("the checkpoint '{}' does not match model '{}' ({} has {} elements, the "
+                         "model {})",
+                         path, c.name, p.name, n, p.numel()));
+  }
+  TrainState<float> s;
+  std::uint64_t step = 0;
+  take(&step, sizeof step);
+  s.step = static_cast<std::int64_t>(step);
+  for (auto* group : {&s.params, &s.adam_m, &s.adam_v})
+    for (const auto& p : layout) {
+      group->emplace_back(sz(p.numel()));
+      take(group->back().data(), group->back().size() * sizeof(float));
+    }
+  if (at != bytes.size())
+    refuse(fmt::format("the checkpoint '{}' has trailing bytes", path));
+  return s;
+}
+
+} // namespace mop::real
