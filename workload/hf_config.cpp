@@ -27,6 +27,9 @@ void read_common(const JsonFields& f, ModelSpec& m) {
   m.vocab_size = f.positive_int("vocab_size");
   m.tied_embeddings = f.bool_or("tie_word_embeddings", false);
   m.max_position_embeddings = f.positive_int_or("max_position_embeddings", 0);
+  // Hugging Face defaults (LlamaConfig): rms_norm_eps 1e-6, rope_theta 10000.
+  m.norm_eps = f.positive_number_or("rms_norm_eps", f.positive_number_or("layer_norm_epsilon", 1e-6));
+  m.rope_theta = f.positive_number_or("rope_theta", 10000.0);
   m.layers.assign(static_cast<std::size_t>(f.positive_int("num_hidden_layers")), LayerSpec{});
 }
 

@@ -79,6 +79,8 @@ struct ModelSpec {
   std::int64_t num_mtp_modules = 0;
   LayerSpec mtp_layer;
   std::int64_t max_position_embeddings = 0;
+  double norm_eps = 1e-6;      // RMSNorm/LayerNorm epsilon (rms_norm_eps)
+  double rope_theta = 10000.0; // RoPE base (rope_theta)
   // GPT-2/GPT-3 style: learned absolute position embeddings (this many rows) and LayerNorm with
   // a bias (two vectors per norm instead of RMSNorm's one).
   std::int64_t learned_positions = 0;

@@ -5,8 +5,12 @@
 //
 // Rules, as in NCCL: every member of a group calls the same collectives in the same order with
 // the same sizes; a size mismatch is an error (CommError naming the group and the call). A rank
-// that throws aborts the world: every other rank's pending or later call throws CommError, so a
-// failure never hangs. A call that waits longer than the world's timeout throws too (deadlock).
+// that throws aborts the world: every other rank's call still waiting for its peers, and every
+// later call, throws CommError, so a failure never hangs (a call whose members have all arrived
+// completes first: its peers may be reading its buffers). A call that waits longer than the
+// world's timeout throws too (deadlock). In place as in NCCL: all_gather with
+// send == recv + rank·n, reduce_scatter with recv == send + rank·n; all_to_all_v's buffers must
+// not overlap.
 #include <chrono>
 #include <cstddef>
 #include <functional>
@@ -25,7 +29,8 @@ public:
 struct WorldState; // shared by all ranks of a World
 struct GroupState; // shared by the members of one group
 
-// One rank's handle on a group. Cheap to copy. Collectives are templates instantiated for
+// One rank's handle on a group (a default-constructed one belongs to no group and its
+// collectives throw). Cheap to copy. Collectives are templates instantiated for
 // float, double, std::int32_t and std::int64_t.
 class Comm {
 public:
@@ -83,7 +88,8 @@ public:
   void abort(const std::string& why);
 
   // Runs fn(world, rank) for every rank on its own thread and joins them. If any rank throws,
-  // the world is aborted and the first exception (by time) is rethrown after all threads end.
+  // the world is aborted and, after all threads end, the first failure that the abort did not
+  // cause is rethrown.
   static void run(int ranks, const std::function<void(World&, int)>& fn,
                   std::chrono::milliseconds timeout = std::chrono::seconds(120));
 

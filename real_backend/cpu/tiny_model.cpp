@@ -57,6 +57,8 @@ TinyConfig tiny_config(const workload::ModelSpec& s) {
   c.kv_heads = to_int(a.num_kv_heads);
   c.head_dim = to_int(a.head_dim);
   c.qk_norm = a.qk_norm;
+  c.norm_eps = s.norm_eps;
+  c.rope_theta = s.rope_theta;
   c.tied_embeddings = s.tied_embeddings;
   c.dense_ffn = to_int(s.dense_mlp.intermediate_size);
   if (s.is_moe()) {
