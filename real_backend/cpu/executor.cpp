@@ -771,9 +771,7 @@ private:
   std::vector<T> layer_backward(int l, int mb, std::vector<T> dy) {
     auto& s = saved_[sz(l)][sz(mb)];
     const bool moe = c_.layers[sz(l)].moe;
-    if (!s.mlp.has_all) {
-      OpCounter t{ops_, "recompute"};
-      (void)t;
+    if (!s.mlp.has_all) { // recompute: the block's forward again, its ops counted as usual
       if (moe)
         moe_compute(l, s.mlp);
       else
