@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <fmt/format.h>
 #include <iostream>
-#include <limits>
 #include <memory>
 
 namespace mop::cli {
@@ -28,8 +27,8 @@ struct RunArgs {
   bool check = false, json = false;
 };
 
-// A preset resolves to the executable plan of its family with the least expected overhead (the
-// preference order of strategies/presets.hpp); a path is taken as it is.
+// A preset resolves over its family's plans that the CPU executor can run; a path is checked
+// as it is.
 strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec,
                            const real::TinyConfig& c, std::int64_t seq, int batch) {
   strategy::PlanContext ctx;
@@ -39,36 +38,14 @@ strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec,
   ctx.cluster.nodes = 1;
   ctx.hw = strategy::memory_hardware(hw::load_cluster("h200"));
   ctx.global_batch = batch;
-  const auto& families = strategy::family_names();
-  if (std::find(families.begin(), families.end(), a.plan) == families.end()) {
-    strategy::Plan p = strategy::resolve_plan(a.plan, ctx).plan;
-    if (p.world != a.ranks)
-      throw InputError(
-          fmt::format("the plan '{}' is for {} ranks, not --ranks {}", a.plan, p.world, a.ranks));
-    real::check_executable(c, p, static_cast<int>(seq));
-    return p;
-  }
-  const std::vector<strategy::Plan> plans = strategy::enumerate_family(a.plan, ctx);
-  const strategy::Plan* best = nullptr;
-  double best_cost = std::numeric_limits<double>::infinity();
-  std::string why = fmt::format("no valid {} plan exists", a.plan);
-  for (const auto& p : plans) {
-    try {
-      real::check_executable(c, p, static_cast<int>(seq));
-    } catch (const InputError& e) {
-      why = e.what();
-      continue;
-    }
-    const double cost = strategy::preference_cost(p);
-    if (cost < best_cost) {
-      best_cost = cost;
-      best = &p;
-    }
-  }
-  if (best == nullptr)
-    throw InputError(fmt::format("no {} plan for {} on {} ranks runs on the CPU executor ({})",
-                                 a.plan, spec.name, a.ranks, why));
-  return *best;
+  const strategy::Plan p =
+      strategy::resolve_plan(a.plan, ctx, [&](const strategy::Plan& q) {
+        if (q.world != a.ranks)
+          throw InputError(fmt::format("the plan '{}' is for {} ranks, not --ranks {}", a.plan,
+                                       q.world, a.ranks));
+        real::check_executable(c, q, static_cast<int>(seq));
+      }).plan;
+  return p;
 }
 
 double median(std::vector<double> v) {

@@ -977,15 +977,7 @@ sim::Schedule Lowering::run() {
 
     // Pipeline order of this stage (strategies/pipeline.hpp).
     defer_wgrad_ = defers_weight_gradients(p_);
-    for (const PipelineStep& st : pipeline_order(p_, stage)) {
-      if (st.flush_deferred_wgrad)
-        flush_wgrad();
-      if (st.forward)
-        forward(st.micro_batch, st.chunk);
-      else
-        backward(st.micro_batch, st.chunk);
-    }
-    flush_wgrad();
+    play_pipeline(p_, stage, flush_wgrad, forward, backward);
     defer_wgrad_ = false;
 
     // The optimizer step.

@@ -38,4 +38,19 @@ std::vector<PipelineStep> pipeline_order(const Plan& p, int stage);
 // Whether backwards hold their weight gradients back (zero-bubble under a pipeline).
 bool defers_weight_gradients(const Plan& p);
 
+// Plays one stage's order: flush() runs the held-back weight gradients where the order says,
+// and once more at the end; forward(mb, chunk) and backward(mb, chunk) run the passes.
+template <class Flush, class Forward, class Backward>
+void play_pipeline(const Plan& p, int stage, Flush flush, Forward forward, Backward backward) {
+  for (const PipelineStep& st : pipeline_order(p, stage)) {
+    if (st.flush_deferred_wgrad)
+      flush();
+    if (st.forward)
+      forward(st.micro_batch, st.chunk);
+    else
+      backward(st.micro_batch, st.chunk);
+  }
+  flush();
+}
+
 } // namespace mop::strategy

@@ -257,7 +257,8 @@ double preference_cost(const Plan& p) {
   return cost;
 }
 
-ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ctx) {
+ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ctx,
+                          const std::function<void(const Plan&)>& admissible) {
   const auto& families = family_names();
   ResolvedPlan best;
   if (std::find(families.begin(), families.end(), name_or_path) == families.end()) {
@@ -276,12 +277,30 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
     }
     complete_plan(p);
     validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
+    if (admissible)
+      admissible(p);
     best.plan = p;
     best.memory = analyze_memory(*ctx.model, p, ctx.seq, ctx.hw);
     best.candidates = 1;
     return best;
   }
-  const std::vector<Plan> plans = enumerate_family(name_or_path, ctx);
+  std::vector<Plan> plans = enumerate_family(name_or_path, ctx);
+  if (admissible && !plans.empty()) {
+    std::string why;
+    std::erase_if(plans, [&](const Plan& p) {
+      try {
+        admissible(p);
+        return false;
+      } catch (const InputError& e) {
+        why = e.what();
+        return true;
+      }
+    });
+    if (plans.empty())
+      throw InputError(fmt::format("no {} plan for {} on {} ranks can be used: {}", name_or_path,
+                                   ctx.model->name, ctx.cluster.nodes * ctx.cluster.gpus_per_node,
+                                   why));
+  }
   if (plans.empty())
     throw InputError(fmt::format("no valid {} plan exists for {} at {} tokens on {} GPUs.",
                                  name_or_path, ctx.model->name, ctx.seq,

@@ -13,8 +13,6 @@
 #include <fmt/format.h>
 #include <fstream>
 #include <functional>
-#include <limits>
-#include <mutex>
 #include <numeric>
 
 namespace mop::real {
@@ -93,7 +91,6 @@ template <class T> struct Shared {
   std::vector<std::vector<T>> grads;
   std::vector<double> loss_part; // per rank, this step
   std::vector<std::map<std::string, OpTiming>> ops;
-  std::mutex mutex;
 };
 
 // How a rank sits in the plan: its stage and its coordinates in every layer kind's grid.
@@ -330,15 +327,9 @@ public:
     head_.assign(sz(micro), HeadSaved<T>{});
     remaining_bwd_.assign(sz(chunks_), micro);
     defer_ = strategy::defers_weight_gradients(p_);
-    for (const auto& st : strategy::pipeline_order(p_, co_.stage)) {
-      if (st.flush_deferred_wgrad)
-        flush_wgrad();
-      if (st.forward)
-        forward(st.micro_batch, st.chunk);
-      else
-        backward(st.micro_batch, st.chunk);
-    }
-    flush_wgrad();
+    strategy::play_pipeline(
+        p_, co_.stage, [this] { flush_wgrad(); }, [this](int mb, int chunk) { forward(mb, chunk); },
+        [this](int mb, int chunk) { backward(mb, chunk); });
     // Layers whose reduction waited for held-back weight gradients, then the embedding, the
     // final norm and the LM head.
     for (int l : layers_)
@@ -363,7 +354,6 @@ public:
 private:
   // --- topology ------------------------------------------------------------------------------
   void make_groups() {
-    const auto& a = p_.attention;
     const Coords me = co_;
     auto at = [&](int l) { return coords_of(p_, me.stage * me.rps + l); };
     stage_ = w_.group(members(me, [](int) { return true; }), rank_);
@@ -387,7 +377,6 @@ private:
     e_dp_ = w_.group(members(me, [&](int l) { return at(l).e_tp == me.e_tp; }), rank_);
     if (c_.tied_embeddings && p_.pp > 1 && (me.stage == 0 || me.stage == p_.pp - 1))
       tied_ = w_.group({me.local, (p_.pp - 1) * me.rps + me.local}, rank_);
-    (void)a;
   }
 
   bool first_stage() const { return co_.stage == 0; }
@@ -424,47 +413,47 @@ private:
       const bool moe_layer = info.layer >= 0 && c_.layers[sz(info.layer)].moe;
       lp.kind = kind_of(info.role, moe_layer);
       lp.slice = full_slice(info.shape);
+      // The dimension a layer kind's TP (or EP/ETP, vocab parallelism) splits, and the ranks
+      // that hold the same slice and sum its gradient. Norms and the router stay whole,
+      // replicated over the stage.
       Comm grads = stage_;
+      auto shard = [&](int dim, int part, int parts, const Comm& same_slice) {
+        split(lp.slice, dim, part, parts);
+        grads = same_slice;
+      };
+      using R = ParamRole;
       switch (info.role) {
-      case ParamRole::wq:
-      case ParamRole::wk:
-      case ParamRole::wv:
-        split(lp.slice, 2, co_.a_tp, p_.attention.tp);
-        grads = a_grad_;
+      case R::wq:
+      case R::wk:
+      case R::wv:
+        shard(2, co_.a_tp, p_.attention.tp, a_grad_);
         break;
-      case ParamRole::wo:
-        split(lp.slice, 1, co_.a_tp, p_.attention.tp);
-        grads = a_grad_;
+      case R::wo:
+        shard(1, co_.a_tp, p_.attention.tp, a_grad_);
         break;
-      case ParamRole::dense_gate:
-      case ParamRole::dense_up:
-        split(lp.slice, 2, co_.d_tp, p_.dense.tp);
-        grads = d_dp_;
+      case R::dense_gate:
+      case R::dense_up:
+        shard(2, co_.d_tp, p_.dense.tp, d_dp_);
         break;
-      case ParamRole::dense_down:
-        split(lp.slice, 1, co_.d_tp, p_.dense.tp);
-        grads = d_dp_;
+      case R::dense_down:
+        shard(1, co_.d_tp, p_.dense.tp, d_dp_);
         break;
-      case ParamRole::expert_gate:
-      case ParamRole::expert_up:
+      case R::expert_gate:
+      case R::expert_up:
         split(lp.slice, 0, co_.m_ep, p_.moe.ep);
-        split(lp.slice, 2, co_.m_etp, p_.moe.etp);
-        grads = m_edp_;
+        shard(2, co_.m_etp, p_.moe.etp, m_edp_);
         break;
-      case ParamRole::expert_down:
+      case R::expert_down:
         split(lp.slice, 0, co_.m_ep, p_.moe.ep);
-        split(lp.slice, 1, co_.m_etp, p_.moe.etp);
-        grads = m_edp_;
+        shard(1, co_.m_etp, p_.moe.etp, m_edp_);
         break;
-      case ParamRole::embedding:
-        split(lp.slice, 1, co_.e_tp, p_.embed.tp);
-        grads = e_dp_;
+      case R::embedding:
+        shard(1, co_.e_tp, p_.embed.tp, e_dp_);
         break;
-      case ParamRole::lm_head:
-        split(lp.slice, 2, co_.e_tp, p_.embed.tp);
-        grads = e_dp_;
+      case R::lm_head:
+        shard(2, co_.e_tp, p_.embed.tp, e_dp_);
         break;
-      default: // norms and the router: whole, replicated over the stage
+      default:
         break;
       }
       lp.n = lp.slice.numel();
@@ -550,10 +539,8 @@ private:
   }
   void release_params(int layer) {
     for (auto& lp : params_)
-      if (lp.layer == layer && lp.zero >= 3) {
-        lp.value.clear();
-        lp.value.shrink_to_fit();
-      }
+      if (lp.layer == layer)
+        drop(lp);
   }
 
   // --- timed kernels and collectives ---------------------------------------------------------
@@ -575,11 +562,11 @@ private:
       f();
     }
   }
-  std::vector<T> all_gather(const Comm& g, const std::vector<T>& x) {
+  template <class U> std::vector<U> all_gather(const Comm& g, const std::vector<U>& x) {
     if (g.size() == 1)
       return x;
     OpCounter t{ops_, "all_gather"};
-    std::vector<T> out(x.size() * sz(g.size()));
+    std::vector<U> out(x.size() * sz(g.size()));
     g.all_gather(x.data(), x.size(), out.data());
     return out;
   }
@@ -643,7 +630,7 @@ private:
     for (int l = bounds_[sz(v)]; l < bounds_[sz(v + 1)]; ++l) {
       apply_pending(l);
       gather_params(l);
-      x = layer_forward(l, mb, std::move(x), false);
+      x = layer_forward(l, mb, std::move(x));
       release_params(l);
       offload(l, mb);
     }
@@ -748,10 +735,10 @@ private:
   // --- decoder layer -------------------------------------------------------------------------
   Recompute recompute_of(LayerKind k) const { return p_.recompute[static_cast<int>(k)]; }
 
-  std::vector<T> layer_forward(int l, int mb, std::vector<T> x, bool) {
+  std::vector<T> layer_forward(int l, int mb, std::vector<T> x) {
     auto& s = saved_[sz(l)][sz(mb)];
     s.attn.x = std::move(x);
-    std::vector<T> h = attn_compute(l, mb, s.attn);
+    std::vector<T> h = attn_compute(l, s.attn);
     const Recompute ra = recompute_of(LayerKind::attention);
     if (ra == Recompute::full)
       drop_attention(s.attn, true);
@@ -779,10 +766,10 @@ private:
     }
     std::vector<T> dh = moe ? moe_backward(l, s.mlp, dy) : dense_backward(l, s.mlp, dy);
     if (!s.attn.has_all)
-      attn_compute(l, mb, s.attn);
+      attn_compute(l, s.attn);
     else if (!s.attn.has_core)
-      attn_core(l, mb, s.attn);
-    std::vector<T> dx = attn_backward(l, mb, s.attn, dh);
+      attn_core(l, s.attn);
+    std::vector<T> dx = attn_backward(l, s.attn, dh);
     s = LayerSaved<T>{};
     return dx;
   }
@@ -822,7 +809,7 @@ private:
   // Attention block: RMSNorm, SP all-gather over tp, column-parallel q/k/v (this rank's heads),
   // per-head q/k norm, RoPE, attention over the CP group, row-parallel output projection and SP
   // reduce-scatter, residual. Returns the block's output rows.
-  std::vector<T> attn_compute(int l, int mb, AttnSaved<T>& s) {
+  std::vector<T> attn_compute(int l, AttnSaved<T>& s) {
     const int H = c_.hidden, d = c_.head_dim;
     std::vector<T> xn(s.x.size());
     s.rstd.assign(sz(n_), T(0));
@@ -858,7 +845,7 @@ private:
       rope<T>(ng_, hl_, d, pos.data(), c_.rope_theta, s.q.data(), false);
       rope<T>(ng_, kvl_, d, pos.data(), c_.rope_theta, s.k.data(), false);
     }
-    attn_core(l, mb, s);
+    attn_core(l, s);
     std::vector<T> out(sz(ng_) * sz(H));
     gemm(ng_, H, hl_ * d, s.o.data(), false, value(ParamRole::wo, l).data(), false, out.data(),
          false);
@@ -870,7 +857,7 @@ private:
   }
 
   // The attention itself over the CP group; fills o (my chunk's rows, [ng, hl, d]) and lse.
-  void attn_core(int l, int, AttnSaved<T>& s) {
+  void attn_core(int l, AttnSaved<T>& s) {
     const int d = c_.head_dim, CP = p_.attention.cp, B = p_.micro_batch;
     s.o.assign(sz(ng_) * sz(hl_ * d), T(0));
     s.lse.assign(sz(ng_ * hl_), T(0));
@@ -936,9 +923,8 @@ private:
 
   // Ulysses all-to-all: my chunk's rows with all my heads [ng, heads, d] become whole sequences
   // with heads / CP heads [B, S, heads / CP, d] (CP rank j gets heads [j·hs, (j+1)·hs)).
-  std::vector<T> to_heads(const std::vector<T>& x, int heads, int dim = -1) {
-    const int d = dim < 0 ? c_.head_dim : dim, CP = p_.attention.cp, hs = heads / CP,
-              B = p_.micro_batch;
+  std::vector<T> to_heads(const std::vector<T>& x, int heads) {
+    const int d = c_.head_dim, CP = p_.attention.cp, hs = heads / CP, B = p_.micro_batch;
     const Index block = sz(ng_) * sz(hs * d);
     std::vector<T> send(block * sz(CP));
     for (int j = 0; j < CP; ++j)
@@ -983,7 +969,7 @@ private:
     return out;
   }
 
-  std::vector<T> attn_backward(int l, int, AttnSaved<T>& s, const std::vector<T>& dy) {
+  std::vector<T> attn_backward(int l, AttnSaved<T>& s, const std::vector<T>& dy) {
     const int H = c_.hidden, d = c_.head_dim, CP = p_.attention.cp, B = p_.micro_batch;
     std::vector<T> dyg = all_gather(a_tp_, dy);
     std::vector<T> dout(sz(ng_) * sz(hl_ * d));
@@ -1445,13 +1431,7 @@ private:
     const int H = c_.hidden, shard = c_.vocab / p_.embed.tp, lo = co_.e_tp * shard;
     auto& lp = param(ParamRole::embedding, -1);
     ensure(lp);
-    const std::vector<std::int32_t> ids = my_rows(mb, batch_.tokens);
-    std::vector<std::int32_t> ids_g = ids;
-    if (e_tp_.size() > 1) {
-      ids_g.resize(ids.size() * sz(e_tp_.size()));
-      OpCounter t{ops_, "all_gather"};
-      e_tp_.all_gather(ids.data(), ids.size(), ids_g.data());
-    }
+    const std::vector<std::int32_t> ids_g = all_gather(e_tp_, my_rows(mb, batch_.tokens));
     std::vector<T> rows(ids_g.size() * sz(H), T(0));
     {
       OpCounter t{ops_, "embedding"};
@@ -1466,13 +1446,7 @@ private:
 
   void embed_backward(int mb, const std::vector<T>& dx) {
     const int H = c_.hidden, shard = c_.vocab / p_.embed.tp, lo = co_.e_tp * shard;
-    const std::vector<std::int32_t> ids = my_rows(mb, batch_.tokens);
-    std::vector<std::int32_t> ids_g = ids;
-    if (e_tp_.size() > 1) {
-      ids_g.resize(ids.size() * sz(e_tp_.size()));
-      OpCounter t{ops_, "all_gather"};
-      e_tp_.all_gather(ids.data(), ids.size(), ids_g.data());
-    }
+    const std::vector<std::int32_t> ids_g = all_gather(e_tp_, my_rows(mb, batch_.tokens));
     const std::vector<T> dxg = all_gather(e_tp_, dx);
     T* g = param(ParamRole::embedding, -1).grad.data();
     OpCounter t{ops_, "embedding"};
@@ -1507,13 +1481,7 @@ private:
     std::vector<T> logits(sz(rows) * sz(V));
     gemm(rows, V, H, hs.xg.data(), false, w.value.data(), c_.tied_embeddings, logits.data(), false);
     drop(w);
-    const std::vector<std::int32_t> labels = my_rows(mb, batch_.labels);
-    std::vector<std::int32_t> labels_g = labels;
-    if (e_tp_.size() > 1) {
-      labels_g.resize(labels.size() * sz(e_tp_.size()));
-      OpCounter t{ops_, "all_gather"};
-      e_tp_.all_gather(labels.data(), labels.size(), labels_g.data());
-    }
+    const std::vector<std::int32_t> labels_g = all_gather(e_tp_, my_rows(mb, batch_.labels));
     const double scale = 1.0 / static_cast<double>(labelled_);
     hs.dlogits.assign(logits.size(), T(0));
     OpCounter t{ops_, "cross_entropy"};
@@ -1853,30 +1821,10 @@ RunResult<T> run_plan(const TinyConfig& c, const Plan& plan, const DataSource& d
   return res;
 }
 
-template <class T>
-RunResult<T> run_reference(const TinyConfig& c, int global_batch, const DataSource& data,
-                           const TrainState<T>& start, const RunOptions& o) {
-  ReferenceTrainer<T> ref(c, start, o.adam);
-  RunResult<T> res;
-  for (int k = 0; k < o.steps; ++k) {
-    const auto t0 = Clock::now();
-    res.losses.push_back(ref.step(data.batch(start.step + k, global_batch, o.seq_len)));
-    res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  res.last_grads = ref.grads();
-  res.state = ref.state();
-  return res;
-}
-
 template RunResult<float> run_plan<float>(const TinyConfig&, const Plan&, const DataSource&,
                                           const TrainState<float>&, const RunOptions&);
 template RunResult<double> run_plan<double>(const TinyConfig&, const Plan&, const DataSource&,
                                             const TrainState<double>&, const RunOptions&);
-template RunResult<float> run_reference<float>(const TinyConfig&, int, const DataSource&,
-                                               const TrainState<float>&, const RunOptions&);
-template RunResult<double> run_reference<double>(const TinyConfig&, int, const DataSource&,
-                                                 const TrainState<double>&, const RunOptions&);
-
 // ---------------------------------------------------------------------------------------------
 namespace {
 constexpr char kMagic[8] = {'m', 'o', 'p', 'c', 'k', 'p', 't', '1'};

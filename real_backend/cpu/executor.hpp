@@ -65,12 +65,6 @@ template <class T>
 RunResult<T> run_plan(const TinyConfig& c, const strategy::Plan& plan, const DataSource& data,
                       const TrainState<T>& start, const RunOptions& options);
 
-// The same steps on one rank with the reference model (real_backend/cpu/reference.hpp) and the
-// same AdamW: what run_plan is checked against.
-template <class T>
-RunResult<T> run_reference(const TinyConfig& c, int global_batch, const DataSource& data,
-                           const TrainState<T>& start, const RunOptions& options);
-
 // Binary checkpoints ("mopckpt1", the model's layout and the state), written atomically.
 void save_checkpoint(const std::string& path, const TinyConfig& c, const TrainState<float>& s);
 TrainState<float> load_checkpoint(const std::string& path, const TinyConfig& c);

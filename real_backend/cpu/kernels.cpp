@@ -75,15 +75,13 @@ void rmsnorm_fwd(int rows, int dim, const T* x, const T* w, double eps, T* y, T*
     rstd[r] = rs;
     T* yr = y + sz(r) * dim;
     for (int j = 0; j < dim; ++j)
-      yr[j] = xr[j] * rs * w[j];
+      yr[j] = math::rmsnorm_y(xr[j], rs, w[j]);
   }
 }
 
 template <class T>
 void rmsnorm_bwd(int rows, int dim, const T* x, const T* w, const T* rstd, const T* dy, T* dx,
                  T* dw) {
-  // y_j = x_j r w_j with r = (sum(x^2)/dim + eps)^(-1/2), dr/dx_j = -r^3 x_j / dim:
-  // dx_j = r (dy_j w_j - x_j r^2 sum_i(dy_i w_i x_i) / dim), dw_j += dy_j x_j r.
   for (int r = 0; r < rows; ++r) {
     const T* xr = x + sz(r) * dim;
     const T* dyr = dy + sz(r) * dim;
@@ -91,11 +89,11 @@ void rmsnorm_bwd(int rows, int dim, const T* x, const T* w, const T* rstd, const
     T s = 0;
     for (int j = 0; j < dim; ++j)
       s += dyr[j] * w[j] * xr[j];
-    const T c = rs * rs * s / static_cast<T>(dim);
+    const T c = math::rmsnorm_dx_coefficient(rs, s, dim);
     T* dxr = dx + sz(r) * dim;
     for (int j = 0; j < dim; ++j) {
-      dxr[j] = rs * (dyr[j] * w[j] - xr[j] * c);
-      dw[j] += dyr[j] * xr[j] * rs;
+      dxr[j] = math::rmsnorm_dx(xr[j], dyr[j], w[j], rs, c);
+      dw[j] += math::rmsnorm_dw(xr[j], dyr[j], rs);
     }
   }
 }

@@ -1,6 +1,7 @@
 #include "real_backend/cpu/tiny_model.hpp"
 
 #include "common/error.hpp"
+#include "workload/params.hpp"
 
 #include <cmath>
 #include <fmt/format.h>
@@ -69,13 +70,10 @@ TinyConfig tiny_config(const workload::ModelSpec& s) {
   for (const auto& l : s.layers)
     c.layers.push_back({l.mlp == workload::MlpKind::moe, l.window});
   // Guard against running a production model on a CPU by mistake.
-  const double params = static_cast<double>(c.vocab) * c.hidden * 2 +
-                        static_cast<double>(c.num_layers()) * c.hidden *
-                            (4.0 * c.heads * c.head_dim +
-                             3.0 * std::max(c.dense_ffn, c.expert_ffn * std::max(c.experts, 1)));
+  const double params = static_cast<double>(workload::count_params(s).total.total());
   if (params > 5e8)
-    throw InputError(fmt::format("model '{}' has about {:.3g} parameters; the CPU executor is "
-                                 "for small models (at most 5e8)",
+    throw InputError(fmt::format("model '{}' has {:.3g} parameters; the CPU executor is for "
+                                 "small models (at most 5e8)",
                                  s.name, params));
   return c;
 }

@@ -79,11 +79,11 @@ __global__ void rmsnorm_fwd_kernel(int dim, const float* x, const float* w, doub
     rstd[row] = rs;
   float* yr = y + row * dim;
   for (int j = static_cast<int>(threadIdx.x); j < dim; j += kThreads)
-    yr[j] = xr[j] * rs * w[j];
+    yr[j] = math::rmsnorm_y(xr[j], rs, w[j]);
 }
 
-// One block per row: dx_j = r (dy_j w_j - x_j r^2 sum_i(dy_i w_i x_i) / dim), the CPU twin's
-// formula (derivation in real_backend/cpu/kernels.cpp), with the row sum in float as there.
+// One block per row: dx from math.hpp's formula (derivation there), with the row sum in float
+// as in the CPU twin.
 __global__ void rmsnorm_bwd_dx_kernel(int dim, const float* x, const float* w, const float* rstd,
                                       const float* dy, float* dx) {
   const std::size_t row = blockIdx.x;
@@ -94,10 +94,10 @@ __global__ void rmsnorm_bwd_dx_kernel(int dim, const float* x, const float* w, c
   for (int j = static_cast<int>(threadIdx.x); j < dim; j += kThreads)
     s += dyr[j] * w[j] * xr[j];
   s = block_sum(s);
-  const float c = rs * rs * s / static_cast<float>(dim);
+  const float c = math::rmsnorm_dx_coefficient(rs, s, dim);
   float* dxr = dx + row * dim;
   for (int j = static_cast<int>(threadIdx.x); j < dim; j += kThreads)
-    dxr[j] = rs * (dyr[j] * w[j] - xr[j] * c);
+    dxr[j] = math::rmsnorm_dx(xr[j], dyr[j], w[j], rs, c);
 }
 
 // One thread per column: dw_j += sum over rows of dy_j x_j r, rows in increasing order as in the
@@ -108,7 +108,7 @@ __global__ void rmsnorm_bwd_dw_kernel(int rows, int dim, const float* x, const f
     float acc = dw[j];
     for (int r = 0; r < rows; ++r) {
       const std::size_t e = static_cast<std::size_t>(r) * dim + j;
-      acc += dy[e] * x[e] * rstd[r];
+      acc += math::rmsnorm_dw(x[e], dy[e], rstd[r]);
     }
     dw[j] = acc;
   }

@@ -84,6 +84,24 @@ MOP_HD double rmsnorm_rstd(double sum_sq, int dim, double eps) {
   return 1.0 / std::sqrt(sum_sq / static_cast<double>(dim) + eps);
 }
 
+// Forward of one element: y_j = x_j r w_j.
+template <class T> MOP_HD T rmsnorm_y(T x, T rstd, T w) {
+  return x * rstd * w;
+}
+
+// Backward. With r = (sum(x^2)/dim + eps)^(-1/2), dr/dx_j = -r^3 x_j / dim, so
+// dx_j = r (dy_j w_j - x_j c) where c = r^2 sum_i(dy_i w_i x_i) / dim is one per row,
+// and dw_j gains dy_j x_j r from every row.
+template <class T> MOP_HD T rmsnorm_dx_coefficient(T rstd, T sum_dy_w_x, int dim) {
+  return rstd * rstd * sum_dy_w_x / static_cast<T>(dim);
+}
+template <class T> MOP_HD T rmsnorm_dx(T x, T dy, T w, T rstd, T coefficient) {
+  return rstd * (dy * w - x * coefficient);
+}
+template <class T> MOP_HD T rmsnorm_dw(T x, T dy, T rstd) {
+  return dy * x * rstd;
+}
+
 // ---- Softmax pieces (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax";
 //      Dao 2023, FlashAttention-2) ----
 

@@ -51,7 +51,8 @@ TEST_CASE("mop run refuses bad input with one sentence") {
        {"run --model tiny-moe --ranks 2 --steps 1",                           // no CUDA executor
         "run --executor cpu --model tiny-moe --ranks 0",                      // no ranks
         "run --executor cpu --model tiny-moe --steps 0",                      // no steps
-        "run --executor cpu --model kimi-k2 --ranks 2",                       // far too large
+        "run --executor cpu --model kimi-k2 --ranks 2",                       // MLA attention
+        "run --executor cpu --model llama3-8b --ranks 2",                     // too large for a CPU
         "run --executor cpu --model tiny-moe --resume /no/such.ckpt",         // missing file
         "run --executor cpu --model tiny-moe --data /no/such.txt",            // missing file
         "run --executor cpu --model tiny-moe --ranks 3 --plan /no/plan.json", // missing plan
