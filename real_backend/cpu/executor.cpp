@@ -732,6 +732,31 @@ private:
     host_.erase(it);
   }
 
+  // Pre-norm RMSNorm of a block's input rows, and its backward plus the residual's gradient.
+  std::vector<T> norm_forward(ParamRole role, int layer, const std::vector<T>& x,
+                              std::vector<T>& rstd) {
+    std::vector<T> y(x.size());
+    rstd.assign(sz(n_), T(0));
+    OpCounter t{ops_, "rmsnorm"};
+    rmsnorm_fwd<T>(n_, c_.hidden, x.data(), value(role, layer).data(), c_.norm_eps, y.data(),
+                   rstd.data());
+    return y;
+  }
+  std::vector<T> norm_backward(ParamRole role, int layer, const std::vector<T>& x,
+                               const std::vector<T>& rstd, const std::vector<T>& dy_norm,
+                               const std::vector<T>* dy_residual) {
+    std::vector<T> dx(x.size());
+    {
+      OpCounter t{ops_, "rmsnorm"};
+      rmsnorm_bwd<T>(n_, c_.hidden, x.data(), value(role, layer).data(), rstd.data(),
+                     dy_norm.data(), dx.data(), grad(role, layer).data());
+    }
+    if (dy_residual != nullptr)
+      for (Index i = 0; i < dx.size(); ++i)
+        dx[i] += (*dy_residual)[i];
+    return dx;
+  }
+
   // --- decoder layer -------------------------------------------------------------------------
   Recompute recompute_of(LayerKind k) const { return p_.recompute[static_cast<int>(k)]; }
 
@@ -811,13 +836,7 @@ private:
   // reduce-scatter, residual. Returns the block's output rows.
   std::vector<T> attn_compute(int l, AttnSaved<T>& s) {
     const int H = c_.hidden, d = c_.head_dim;
-    std::vector<T> xn(s.x.size());
-    s.rstd.assign(sz(n_), T(0));
-    {
-      OpCounter t{ops_, "rmsnorm"};
-      rmsnorm_fwd<T>(n_, H, s.x.data(), value(ParamRole::attn_norm, l).data(), c_.norm_eps,
-                     xn.data(), s.rstd.data());
-    }
+    std::vector<T> xn = norm_forward(ParamRole::attn_norm, l, s.x, s.rstd);
     s.xg = all_gather(a_tp_, xn);
     s.q.assign(sz(ng_) * sz(hl_ * d), T(0));
     s.k.assign(sz(ng_) * sz(kvl_ * d), T(0));
@@ -1062,28 +1081,14 @@ private:
       });
     }
     std::vector<T> dxn = reduce_scatter(a_tp_, dxg);
-    std::vector<T> dx(dxn.size());
-    {
-      OpCounter t{ops_, "rmsnorm"};
-      rmsnorm_bwd<T>(n_, H, s.x.data(), value(ParamRole::attn_norm, l).data(), s.rstd.data(),
-                     dxn.data(), dx.data(), grad(ParamRole::attn_norm, l).data());
-    }
-    for (Index i = 0; i < dx.size(); ++i)
-      dx[i] += dy[i];
-    return dx;
+    return norm_backward(ParamRole::attn_norm, l, s.x, s.rstd, dxn, &dy);
   }
 
   // Dense SwiGLU block: RMSNorm, SP all-gather over the dense tp group, column-parallel gate/up,
   // row-parallel down, reduce-scatter, residual.
   std::vector<T> dense_compute(int l, MlpSaved<T>& s) {
     const int H = c_.hidden, F = c_.dense_ffn / p_.dense.tp;
-    std::vector<T> xn(s.x.size());
-    s.rstd.assign(sz(n_), T(0));
-    {
-      OpCounter t{ops_, "rmsnorm"};
-      rmsnorm_fwd<T>(n_, H, s.x.data(), value(ParamRole::mlp_norm, l).data(), c_.norm_eps,
-                     xn.data(), s.rstd.data());
-    }
+    std::vector<T> xn = norm_forward(ParamRole::mlp_norm, l, s.x, s.rstd);
     s.xg = all_gather(d_tp_, xn);
     const int rows = static_cast<int>(s.xg.size() / sz(H));
     s.gate.assign(sz(rows) * sz(F), T(0));
@@ -1134,15 +1139,7 @@ private:
       });
     }
     std::vector<T> dxn = reduce_scatter(d_tp_, dxg);
-    std::vector<T> dx(dxn.size());
-    {
-      OpCounter t{ops_, "rmsnorm"};
-      rmsnorm_bwd<T>(n_, H, s.x.data(), value(ParamRole::mlp_norm, l).data(), s.rstd.data(),
-                     dxn.data(), dx.data(), grad(ParamRole::mlp_norm, l).data());
-    }
-    for (Index i = 0; i < dx.size(); ++i)
-      dx[i] += dy[i];
-    return dx;
+    return norm_backward(ParamRole::mlp_norm, l, s.x, s.rstd, dxn, &dy);
   }
 
   // MoE block (dropless): RMSNorm, router top-k on my rows, permute by destination expert,
@@ -1152,13 +1149,7 @@ private:
   std::vector<T> moe_compute(int l, MlpSaved<T>& s) {
     const int H = c_.hidden, E = c_.experts, K = c_.top_k, EP = p_.moe.ep;
     const int per_rank = E / EP;
-    s.xn.assign(s.x.size(), T(0));
-    s.rstd.assign(sz(n_), T(0));
-    {
-      OpCounter t{ops_, "rmsnorm"};
-      rmsnorm_fwd<T>(n_, H, s.x.data(), value(ParamRole::mlp_norm, l).data(), c_.norm_eps,
-                     s.xn.data(), s.rstd.data());
-    }
+    s.xn = norm_forward(ParamRole::mlp_norm, l, s.x, s.rstd);
     std::vector<T> logits(sz(n_) * sz(E));
     gemm(n_, E, H, s.xn.data(), false, value(ParamRole::router, l).data(), false, logits.data(),
          false);
@@ -1395,15 +1386,7 @@ private:
          true);
     gemm(H, E, n_, s.xn.data(), true, dlogits.data(), false, grad(ParamRole::router, l).data(),
          true);
-    std::vector<T> dx(dxn.size());
-    {
-      OpCounter t{ops_, "rmsnorm"};
-      rmsnorm_bwd<T>(n_, H, s.x.data(), value(ParamRole::mlp_norm, l).data(), s.rstd.data(),
-                     dxn.data(), dx.data(), grad(ParamRole::mlp_norm, l).data());
-    }
-    for (Index i = 0; i < dx.size(); ++i)
-      dx[i] += dy[i];
-    return dx;
+    return norm_backward(ParamRole::mlp_norm, l, s.x, s.rstd, dxn, &dy);
   }
 
   // --- embedding and LM head -----------------------------------------------------------------
@@ -1467,13 +1450,7 @@ private:
     const int H = c_.hidden, V = c_.vocab / p_.embed.tp, lo = co_.e_tp * V;
     auto& hs = head_[sz(mb)];
     hs.x = std::move(x);
-    hs.xn.assign(hs.x.size(), T(0));
-    hs.rstd.assign(sz(n_), T(0));
-    {
-      OpCounter t{ops_, "rmsnorm"};
-      rmsnorm_fwd<T>(n_, H, hs.x.data(), value(ParamRole::final_norm, -1).data(), c_.norm_eps,
-                     hs.xn.data(), hs.rstd.data());
-    }
+    hs.xn = norm_forward(ParamRole::final_norm, -1, hs.x, hs.rstd);
     hs.xg = all_gather(e_tp_, hs.xn);
     const int rows = static_cast<int>(hs.xg.size() / sz(H));
     auto& w = head_weight();
@@ -1538,12 +1515,7 @@ private:
         gemm(H, V, rows, xg.data(), true, dl.data(), false, g, true);
       });
     std::vector<T> dxn = reduce_scatter(e_tp_, dxg);
-    std::vector<T> dx(dxn.size());
-    {
-      OpCounter t{ops_, "rmsnorm"};
-      rmsnorm_bwd<T>(n_, H, hs.x.data(), value(ParamRole::final_norm, -1).data(), hs.rstd.data(),
-                     dxn.data(), dx.data(), grad(ParamRole::final_norm, -1).data());
-    }
+    std::vector<T> dx = norm_backward(ParamRole::final_norm, -1, hs.x, hs.rstd, dxn, nullptr);
     hs = HeadSaved<T>{};
     return dx;
   }
