@@ -2,6 +2,7 @@
 // Reading JSON inputs with errors that name the file and the field, and writing outputs
 // atomically (a temporary file renamed into place: never a half-written output).
 #include <cstdint>
+#include <initializer_list>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
@@ -11,6 +12,8 @@ namespace mop {
 using Json = nlohmann::ordered_json;
 
 // Parses `text`; `origin` names it in error sentences (a path, or "built-in model 'kimi-k2'").
+// Broken JSON, nesting deeper than limits::max_json_depth and numbers beyond a double
+// ("1e309") are InputErrors naming `origin` and, where known, the line.
 Json parse_json(std::string_view text, const std::string& origin);
 // Reads and parses a file; a missing or unreadable file or broken JSON is an InputError.
 Json read_json_file(const std::string& path);
@@ -27,6 +30,10 @@ public:
   std::int64_t positive_int(const std::string& key) const;
   std::int64_t positive_int_or(const std::string& key, std::int64_t fallback) const;
   std::int64_t non_negative_int_or(const std::string& key, std::int64_t fallback) const;
+  // A whole number in [min, max] (a ceiling from common/limits.hpp, or what an int holds).
+  std::int64_t int_in(const std::string& key, std::int64_t min, std::int64_t max) const;
+  std::int64_t int_in_or(const std::string& key, std::int64_t min, std::int64_t max,
+                         std::int64_t fallback) const;
   double positive_number(const std::string& key) const;
   double positive_number_or(const std::string& key, double fallback) const;
   double number_or(const std::string& key, double fallback) const;
@@ -40,7 +47,12 @@ public:
   std::string string_or(const std::string& key, const std::string& fallback) const;
   const Json& at(const std::string& key) const; // required, any type
   const std::string& origin() const { return origin_; }
+  // Refuses a key outside `known`, naming it: a misspelt field must not be silently ignored.
+  void allow_only(std::initializer_list<std::string_view> known) const;
   [[noreturn]] void fail(const std::string& key, const std::string& requirement) const;
+  // A user's value as an error sentence may quote it, bounded: a string truncated, a list or an
+  // object by its size.
+  static std::string quote_value(const Json& value);
 
 private:
   const Json& object_;

@@ -63,3 +63,61 @@ TEST_CASE("atomic write leaves either the whole new file or the old one") {
                   InputError);
   fs::remove_all(dir);
 }
+
+TEST_CASE("JSON nested deeper than the ceiling is refused before parsing, with its line") {
+  // 100,000 '[' overflowed the stack of the recursive copy and dump of a parsed value.
+  const std::string deep = "{\"a\":\n" + std::string(100000, '[');
+  CHECK(message_of([&] { mop::parse_json(deep, "deep.json"); }) ==
+        "deep.json nests JSON deeper than 100 levels (line 2).");
+  // Exactly at the ceiling parses: 99 lists inside the top-level object are 100 levels.
+  const std::string at_limit = "{\"a\":" + std::string(99, '[') + std::string(99, ']') + "}";
+  CHECK(mop::parse_json(at_limit, "ok.json").is_object());
+  // Brackets inside strings (and escaped quotes) are text, not nesting.
+  const std::string in_string = "{\"a\": \"\\\"" + std::string(1000, '[') + "\"}";
+  CHECK(mop::parse_json(in_string, "s.json")["a"].get<std::string>().size() == 1001);
+}
+
+TEST_CASE("a number beyond a double is one sentence naming the file, the number and the line") {
+  CHECK(message_of([] { mop::parse_json("{\n\"hidden_size\": 1e309}", "big.json"); }) ==
+        "big.json: the number 1e309 (line 2) is out of the range of a double.");
+  CHECK(message_of([] { mop::parse_json("[-1e400]", "neg.json"); }) ==
+        "neg.json: the number -1e400 (line 1) is out of the range of a double.");
+}
+
+TEST_CASE("fields: integers in a range, and quoted values stay bounded") {
+  const Json j = Json::parse(R"({"w": 4294967304, "u": 18446744073709551615, "f": 8.0,
+                                 "n": -1, "x": 1.5})");
+  const mop::JsonFields f(j, "p.json");
+  // 4294967304 = 2^32 + 8: an int cast would read it as 8.
+  CHECK(message_of([&] { f.int_in("w", 1, 1 << 20); }) ==
+        "p.json: field 'w' must be an integer from 1 to 1048576 (got 4294967304).");
+  CHECK(message_of([&] { f.int_in("u", 1, 1 << 20); }) ==
+        "p.json: field 'u' must be an integer from 1 to 1048576 (got 18446744073709551615).");
+  CHECK(message_of([&] { f.positive_int("u"); }) ==
+        "p.json: field 'u' must be a positive integer (got 18446744073709551615).");
+  CHECK(f.int_in("f", 1, 8) == 8);
+  CHECK(f.int_in_or("missing", 1, 8, 3) == 3);
+  CHECK(message_of([&] { f.int_in("n", 0, 3); }).ends_with("(got -1)."));
+  CHECK(message_of([&] { f.int_in("x", 0, 3); }).ends_with("(got 1.5)."));
+
+  Json big = Json::object();
+  big["s"] = std::string(1'000'000, 'x');
+  big["l"] = Json::array();
+  for (int i = 0; i < 100000; ++i)
+    big["l"].push_back(i);
+  const mop::JsonFields g(big, "big.json");
+  const std::string s_msg = message_of([&] { g.positive_int("s"); });
+  CHECK(s_msg.size() < 250); // 120 characters of the string, then "..."
+  CHECK(s_msg.find("xxx...\")") != std::string::npos);
+  CHECK(message_of([&] { g.positive_int("l"); }) ==
+        "big.json: field 'l' must be a positive integer (got a list of 100000 values).");
+}
+
+TEST_CASE("fields: a key outside the known ones is named") {
+  const Json j = Json::parse(R"({"world": 8, "wrold": 8})");
+  const mop::JsonFields f(j, "plan.json");
+  CHECK(message_of([&] {
+          f.allow_only({"world", "pp"});
+        }) == "plan.json: field 'wrold' is not known; allowed: world, pp.");
+  f.allow_only({"world", "wrold"}); // no throw
+}
