@@ -2,6 +2,7 @@
 // Every ceiling mop puts on its inputs, in one place. Each is far above what any real model,
 // cluster or run reaches, and low enough that the arithmetic on it cannot overflow 64 bits and
 // the work it implies finishes in seconds. A value past a ceiling is an InputError that names it.
+#include <cstddef>
 #include <cstdint>
 
 namespace mop::limits {
@@ -13,5 +14,34 @@ inline constexpr std::int64_t max_input_file_bytes = std::int64_t{64} << 20;
 inline constexpr int max_json_depth = 100;
 // Error sentences quote at most this many characters of an offending value.
 inline constexpr std::size_t max_quoted_chars = 120;
+
+// Model dimensions (workload::validate, so every path: catalog, config.json, dataset rows).
+// Real models stay far below: at most 126 layers, hidden 16384, 128 heads of at most 256, FFN
+// 53248, vocabulary 256K, 384 routed experts (8 per token), LoRA ranks 1536, 10M positions.
+inline constexpr std::int64_t max_layers = 10'000;
+inline constexpr std::int64_t max_hidden_size = std::int64_t{1} << 20;
+inline constexpr std::int64_t max_attention_heads = std::int64_t{1} << 14;
+inline constexpr std::int64_t max_head_dim = std::int64_t{1} << 14;
+inline constexpr std::int64_t max_intermediate_size = std::int64_t{1} << 22;
+inline constexpr std::int64_t max_vocab_size = std::int64_t{1} << 24;
+inline constexpr std::int64_t max_routed_experts = std::int64_t{1} << 16;
+inline constexpr std::int64_t max_shared_experts = std::int64_t{1} << 10;
+inline constexpr std::int64_t max_lora_rank = std::int64_t{1} << 20;
+inline constexpr std::int64_t max_positions = std::int64_t{1} << 30;
+inline constexpr std::int64_t max_mtp_modules = 64;
+// Parameters of a whole model: 1.1e15, a thousand times the largest trained. With it, a byte
+// count of every state of every parameter (at most 32 bytes each) stays below 2^55.
+inline constexpr std::int64_t max_params = std::int64_t{1} << 50;
+
+// A run: the largest clusters have about 2^17 GPUs; every parallel degree is at most the
+// world, so each fits an int and a product of two of them fits an int64.
+inline constexpr std::int64_t max_gpus = std::int64_t{1} << 20;
+// Sequence length: 64M tokens, six times the longest context trained (10M).
+inline constexpr std::int64_t max_seq_tokens = std::int64_t{1} << 26;
+// Sequences per optimizer step (and per micro-batch): 16M, with the longest sequence 2^50
+// tokens a step, exact in a double.
+inline constexpr std::int64_t max_batch_sequences = std::int64_t{1} << 24;
+// Search threads: more than any host has cores; each thread is a few MiB of stack.
+inline constexpr int max_threads = 256;
 
 } // namespace mop::limits

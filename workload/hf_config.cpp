@@ -1,6 +1,7 @@
 #include "workload/hf_config.hpp"
 
 #include "common/error.hpp"
+#include "common/limits.hpp"
 
 #include <algorithm>
 #include <fmt/format.h>
@@ -9,6 +10,17 @@
 
 namespace mop::workload {
 namespace {
+
+// A count checked against its ceiling where it is read, before it sizes anything (the layer
+// list) or is multiplied; validate() checks the rest with the same sentence.
+std::int64_t bounded_positive_int(const JsonFields& f, const std::string& key,
+                                  std::int64_t ceiling) {
+  const std::int64_t n = f.positive_int(key);
+  if (n > ceiling)
+    throw InputError(fmt::format("{}: field '{}' ({}) is above mop's ceiling of {}.", f.origin(),
+                                 key, n, ceiling));
+  return n;
+}
 
 // Per-head dimension: `head_dim` when the config gives it, otherwise hidden / heads, which then
 // must divide exactly.
@@ -28,9 +40,13 @@ void read_common(const JsonFields& f, ModelSpec& m) {
   m.tied_embeddings = f.bool_or("tie_word_embeddings", false);
   m.max_position_embeddings = f.positive_int_or("max_position_embeddings", 0);
   // Hugging Face defaults (LlamaConfig): rms_norm_eps 1e-6, rope_theta 10000.
-  m.norm_eps = f.positive_number_or("rms_norm_eps", f.positive_number_or("layer_norm_epsilon", 1e-6));
+  m.norm_eps =
+      f.positive_number_or("rms_norm_eps", f.positive_number_or("layer_norm_epsilon", 1e-6));
   m.rope_theta = f.positive_number_or("rope_theta", 10000.0);
-  m.layers.assign(static_cast<std::size_t>(f.positive_int("num_hidden_layers")), LayerSpec{});
+  // Bounded before the layers are allocated (validate checks every other ceiling).
+  m.layers.assign(
+      static_cast<std::size_t>(bounded_positive_int(f, "num_hidden_layers", limits::max_layers)),
+      LayerSpec{});
 }
 
 void read_gqa(const JsonFields& f, ModelSpec& m) {
@@ -55,8 +71,8 @@ std::set<std::int64_t> int_set(const JsonFields& f, const std::string& key) {
   if (!f.has(key))
     return out;
   const Json& v = f.at(key);
-  if (!v.is_array())
-    f.fail(key, "a list of layer indices");
+  if (!v.is_array() || static_cast<std::int64_t>(v.size()) > limits::max_layers)
+    f.fail(key, fmt::format("a list of at most {} layer indices", limits::max_layers));
   for (const Json& e : v) {
     if (!e.is_number_integer() || e.get<std::int64_t>() < 0)
       f.fail(key, "a list of non-negative layer indices");
@@ -203,13 +219,14 @@ void read_llama4(const JsonFields& outer, ModelSpec& m) {
 // GPT-2 / GPT-3 (Megatron's GPT): MHA with biases, LayerNorm with bias, a 4h GeLU MLP with
 // biases, learned position embeddings; HF GPT2Config field names.
 void read_gpt2(const JsonFields& f, ModelSpec& m) {
-  m.hidden_size = f.positive_int("n_embd");
+  m.hidden_size = bounded_positive_int(f, "n_embd", limits::max_hidden_size); // 4h below
   m.vocab_size = f.positive_int("vocab_size");
   m.tied_embeddings = f.bool_or("tie_word_embeddings", true);
   m.learned_positions = f.positive_int_or("n_positions", 1024);
   m.max_position_embeddings = m.learned_positions;
   m.norm_bias = true;
-  m.layers.assign(static_cast<std::size_t>(f.positive_int("n_layer")), LayerSpec{});
+  m.layers.assign(static_cast<std::size_t>(bounded_positive_int(f, "n_layer", limits::max_layers)),
+                  LayerSpec{});
   AttentionSpec& a = m.attention;
   a.num_heads = f.positive_int("n_head");
   a.num_kv_heads = a.num_heads;

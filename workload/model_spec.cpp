@@ -1,6 +1,8 @@
 #include "workload/model_spec.hpp"
 
 #include "common/error.hpp"
+#include "common/limits.hpp"
+#include "workload/params.hpp"
 
 #include <fmt/format.h>
 
@@ -25,6 +27,37 @@ void validate(const ModelSpec& m, const std::string& origin) {
   auto bad = [&](const std::string& field, const std::string& why) {
     throw InputError(fmt::format("{}: field '{}' {}.", origin, field, why));
   };
+  // Ceilings first (common/limits.hpp): every count below is then exact in 64 bits or refused.
+  auto at_most = [&](const std::string& field, std::int64_t value, std::int64_t ceiling) {
+    if (value > ceiling)
+      throw InputError(fmt::format("{}: field '{}' ({}) is above mop's ceiling of {}.", origin,
+                                   field, value, ceiling));
+  };
+  const AttentionSpec& att = m.attention;
+  at_most("num_hidden_layers", m.num_layers(), limits::max_layers);
+  at_most("hidden_size", m.hidden_size, limits::max_hidden_size);
+  at_most("vocab_size", m.vocab_size, limits::max_vocab_size);
+  at_most("num_attention_heads", att.num_heads, limits::max_attention_heads);
+  at_most("num_key_value_heads", att.num_kv_heads, limits::max_attention_heads);
+  at_most("head_dim", att.head_dim, limits::max_head_dim);
+  at_most("q_lora_rank", att.q_lora_rank, limits::max_lora_rank);
+  at_most("kv_lora_rank", att.kv_lora_rank, limits::max_lora_rank);
+  at_most("qk_nope_head_dim", att.qk_nope_head_dim, limits::max_head_dim);
+  at_most("qk_rope_head_dim", att.qk_rope_head_dim, limits::max_head_dim);
+  at_most("v_head_dim", att.v_head_dim, limits::max_head_dim);
+  at_most("intermediate_size", m.dense_mlp.intermediate_size, limits::max_intermediate_size);
+  at_most("num_experts", m.moe.num_routed_experts, limits::max_routed_experts);
+  at_most("num_experts_per_tok", m.moe.experts_per_token, limits::max_routed_experts);
+  at_most("moe_intermediate_size", m.moe.expert_intermediate_size, limits::max_intermediate_size);
+  at_most("n_shared_experts", m.moe.num_shared_experts, limits::max_shared_experts);
+  at_most("shared_intermediate_size", m.moe.shared_intermediate_size,
+          limits::max_intermediate_size);
+  at_most("max_position_embeddings", m.max_position_embeddings, limits::max_positions);
+  at_most("n_positions", m.learned_positions, limits::max_positions);
+  at_most("num_nextn_predict_layers", m.num_mtp_modules, limits::max_mtp_modules);
+  if (m.learned_positions < 0 || m.num_mtp_modules < 0 || att.q_lora_rank < 0 ||
+      m.moe.num_shared_experts < 0)
+    throw InputError(fmt::format("{}: a count of the model is negative.", origin));
   if (m.hidden_size <= 0)
     bad("hidden_size", "must be a positive integer");
   if (m.vocab_size <= 0)
@@ -57,6 +90,7 @@ void validate(const ModelSpec& m, const std::string& origin) {
     any_dense |= l.mlp == MlpKind::dense;
     if (l.window < 0)
       bad("sliding_window", "must not be negative");
+    at_most("sliding_window", l.window, limits::max_positions);
   }
   if (m.num_mtp_modules > 0)
     any_dense |= m.mtp_layer.mlp == MlpKind::dense;
@@ -75,6 +109,23 @@ void validate(const ModelSpec& m, const std::string& origin) {
     if (e.num_shared_experts > 0 && e.shared_intermediate_size <= 0)
       bad("n_shared_experts", "needs a positive shared-expert intermediate size");
   }
+  // Every dimension is now below its ceiling, yet layers x experts x hidden x intermediate may
+  // still pass 2^63: the count is checked arithmetic, and bounded so that byte counts of all
+  // states stay exact (limits::max_params).
+  std::int64_t params = 0;
+  try {
+    const ParamReport r = count_params(m);
+    params = r.total.total();
+    if (__builtin_add_overflow(params, r.mtp_stored, &params))
+      throw ParamCountOverflow();
+  } catch (const ParamCountOverflow&) {
+    throw InputError(fmt::format(
+        "{}: the model is too large to count its parameters in 64 bits (mop's ceiling is {}).",
+        origin, limits::max_params));
+  }
+  if (params > limits::max_params)
+    throw InputError(fmt::format("{}: the model has {} parameters, above mop's ceiling of {}.",
+                                 origin, params, limits::max_params));
 }
 
 } // namespace mop::workload

@@ -127,3 +127,19 @@ TEST_CASE("Llama 3.1: 8.03B, 70.6B (Hugging Face model pages) and 405B by hand")
   CHECK(p.total.total() == by_hand);
   CHECK(static_cast<double>(by_hand) == doctest::Approx(405e9).epsilon(0.005));
 }
+
+TEST_CASE("a count past 64 bits throws instead of wrapping (a spec that skipped validate)") {
+  ModelSpec m = load_model("tiny-moe");
+  // One expert of hidden 2^20 and FFN 2^40 has 3·2^60 weights; tiny-moe's 8 of them are
+  // 3·2^63, past int64 in one product.
+  m.hidden_size = std::int64_t{1} << 20;
+  m.moe.expert_intermediate_size = std::int64_t{1} << 40;
+  CHECK_THROWS_AS(count_params(m), ParamCountOverflow);
+  // 3·2^59 per layer is representable; eight such layers (3·2^62) sum past 2^63.
+  ModelSpec d = load_model("tiny-dense");
+  d.hidden_size = std::int64_t{1} << 20;
+  d.dense_mlp.intermediate_size = std::int64_t{1} << 39; // MLP: 3·2^59 per layer, < 2^63
+  d.layers.assign(8, LayerSpec{});
+  CHECK_NOTHROW(layer_params(d, d.layers[0]));
+  CHECK_THROWS_AS(count_params(d), ParamCountOverflow);
+}
