@@ -1,6 +1,7 @@
 #include "cli/context.hpp"
 
 #include "common/error.hpp"
+#include "common/limits.hpp"
 #include "common/units.hpp"
 #include "hw_models/calibration.hpp"
 #include "strategies/hardware.hpp"
@@ -28,17 +29,32 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
   cmd->add_flag("--json", opt.json, std::string("print one JSON object"));
 }
 
+void check_gpus(std::int64_t nodes, int gpus_per_node, const std::string& cluster_name) {
+  if (nodes * gpus_per_node > limits::max_gpus)
+    throw InputError(fmt::format("{} nodes of {} GPUs ({}) are {} GPUs, above mop's ceiling of {}.",
+                                 nodes, gpus_per_node, quote_for_message(cluster_name),
+                                 nodes * gpus_per_node, limits::max_gpus));
+}
+
+void check_threads(int threads) {
+  if (threads < 1 || threads > limits::max_threads)
+    throw InputError(
+        fmt::format("--threads must be between 1 and {} (got {}).", limits::max_threads, threads));
+}
+
 PlanInputs resolve_inputs(const PlanOptions& opt) {
   PlanInputs in;
-  if (opt.nodes <= 0)
-    throw InputError(
-        fmt::format("--nodes must be a positive number of nodes (got {}).", opt.nodes));
-  if (opt.global_batch < 0)
-    throw InputError(fmt::format("--global-batch must be a positive number of sequences (got {}).",
-                                 opt.global_batch));
-  in.seq = parse_count(opt.seq, "--seq");
+  if (opt.nodes <= 0 || opt.nodes > limits::max_gpus)
+    throw InputError(fmt::format("--nodes must be a number of nodes from 1 to {} (got {}).",
+                                 limits::max_gpus, opt.nodes));
+  if (opt.global_batch < 0 || opt.global_batch > limits::max_batch_sequences)
+    throw InputError(fmt::format("--global-batch must be a number of sequences from 1 to {} "
+                                 "(got {}).",
+                                 limits::max_batch_sequences, opt.global_batch));
+  in.seq = parse_seq(opt.seq);
   in.model = workload::load_model(opt.model);
   in.cluster = hw::load_cluster(opt.cluster);
+  check_gpus(opt.nodes, in.cluster.node.gpus_per_node, in.cluster.name);
   if (!opt.calibration.empty()) {
     const hw::Calibration cal = hw::load_calibration(opt.calibration);
     in.cluster.overheads = hw::memory_overheads(in.cluster, cal);
@@ -46,6 +62,14 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
   in.nodes = opt.nodes;
   in.global_batch = opt.global_batch;
   return in;
+}
+
+std::int64_t parse_seq(const std::string& text) {
+  const std::int64_t seq = parse_count(text, "--seq");
+  if (seq > limits::max_seq_tokens)
+    throw InputError(fmt::format("--seq {} is {} tokens, above mop's ceiling of {} (64M).",
+                                 quote_for_message(text), seq, limits::max_seq_tokens));
+  return seq;
 }
 
 strategy::PlanContext PlanInputs::context() const {

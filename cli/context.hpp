@@ -29,6 +29,15 @@ struct PlanInputs {
   strategy::PlanContext context() const;
 };
 
+// Loads the model, the cluster and the calibration and checks every number against its ceiling
+// (common/limits.hpp): nodes, GPUs (nodes x GPUs per node), sequence length, global batch.
 PlanInputs resolve_inputs(const PlanOptions& opt);
+
+// InputError unless nodes x gpus_per_node is at most limits::max_gpus.
+void check_gpus(std::int64_t nodes, int gpus_per_node, const std::string& cluster_name);
+// A --seq value ("128K") in tokens, at most limits::max_seq_tokens.
+std::int64_t parse_seq(const std::string& text);
+// InputError unless 1 <= threads <= limits::max_threads.
+void check_threads(int threads);
 
 } // namespace mop::cli

@@ -3,6 +3,7 @@
 #include "cli/output.hpp"
 #include "cli/plan.hpp"
 #include "common/error.hpp"
+#include "common/limits.hpp"
 #include "common/units.hpp"
 
 #include <fmt/format.h>
@@ -46,10 +47,16 @@ void add_fit_command(CLI::App& app) {
   cmd->callback([opt] {
     if (opt->max_nodes <= 0)
       throw InputError("--max-nodes must be positive.");
+    check_threads(opt->threads);
+    PlanOptions first = *opt;
+    first.nodes = 1;
+    PlanInputs in = resolve_inputs(first);
+    // Node counts past the GPU ceiling are not tried: "does not fit up to there" is the answer.
+    const std::int64_t most = limits::max_gpus / in.cluster.node.gpus_per_node;
     for (int nodes : node_counts(opt->max_nodes)) {
-      PlanOptions one = *opt;
-      one.nodes = nodes;
-      const PlanInputs in = resolve_inputs(one);
+      if (nodes > most)
+        break;
+      in.nodes = nodes;
       const strategy::SearchResult s =
           run_search(in, opt->family, 1, opt->threads, !opt->json && ::isatty(2));
       if (s.results.empty())
@@ -71,9 +78,10 @@ void add_fit_command(CLI::App& app) {
       return;
     }
     // Not fitting is a result (CLI.md): exit 0, nodes null.
-    const std::string why = fmt::format("no {}plan fits {} at {} tokens on up to {} nodes of {}.",
-                                        opt->family == "all" ? "" : opt->family + " ", opt->model,
-                                        opt->seq, opt->max_nodes, opt->cluster);
+    const std::string why =
+        fmt::format("no {}plan fits {} at {} tokens on up to {} nodes of {}.",
+                    opt->family == "all" ? "" : opt->family + " ", opt->model, opt->seq,
+                    std::min<std::int64_t>(opt->max_nodes, most), opt->cluster);
     if (opt->json)
       print_json(Json{{"nodes", nullptr}, {"plan", nullptr}, {"fits", false}, {"why", why}});
     else

@@ -2,6 +2,7 @@
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
+#include "common/limits.hpp"
 #include "common/units.hpp"
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
@@ -142,6 +143,9 @@ void run_collective(const CollectiveOptions& o) {
   const hw::CollectiveOp op = hw::parse_collective_op(o.op);
   const hw::CollectiveAlgorithm algorithm = hw::parse_collective_algorithm(o.algorithm);
   const double bytes = static_cast<double>(parse_count(o.bytes, "--bytes"));
+  if (o.ranks > limits::max_gpus)
+    throw InputError(
+        fmt::format("--ranks {} is above mop's ceiling of {} GPUs.", o.ranks, limits::max_gpus));
   const hw::GroupShape group = hw::group_of(c, o.ranks, o.ranks_per_node);
   const hw::Calibration calibration =
       o.calibration.empty() ? hw::Calibration{} : hw::load_calibration(o.calibration);

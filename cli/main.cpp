@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <exception>
 #include <fmt/format.h>
+#include <new>
 
 int main(int argc, char** argv) {
   CLI::App app{"mop: does this Mixture-of-Experts model train on this cluster, how fast, and with "
@@ -50,6 +51,13 @@ int main(int argc, char** argv) {
     return 2;
   } catch (const mop::InputError& e) {
     std::fputs(fmt::format("mop: {}\n", e.what()).c_str(), stderr);
+    return 1;
+  } catch (const std::bad_alloc&) {
+    // A last resort: the ceilings of common/limits.hpp keep every input's work far below any
+    // machine's memory, so reaching here means an input still asked for more than it has.
+    std::fputs("mop: out of memory while running this command; the inputs ask for more memory "
+               "than this machine has.\n",
+               stderr);
     return 1;
   } catch (const std::exception& e) {
     std::fputs(fmt::format("mop: internal error: {}\n", e.what()).c_str(), stderr);

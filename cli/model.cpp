@@ -1,5 +1,6 @@
 // mop model list | show: the workload model (parameters and FLOPs of a catalog or HF model).
 #include "cli/commands.hpp"
+#include "cli/context.hpp"
 #include "cli/output.hpp"
 #include "common/units.hpp"
 #include "workload/catalog.hpp"
@@ -75,7 +76,7 @@ void run_list(bool json) {
 
 void run_show(const std::string& id, const std::string& seq_text, bool json) {
   const workload::ModelSpec m = workload::load_model(id);
-  const std::int64_t seq = parse_count(seq_text, "--seq");
+  const std::int64_t seq = parse_seq(seq_text);
   const workload::ParamReport p = workload::count_params(m);
   const workload::FlopReport f = workload::count_flops(m, seq);
   const auto& a = m.attention;

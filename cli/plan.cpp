@@ -3,6 +3,7 @@
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
+#include "common/limits.hpp"
 #include "common/units.hpp"
 #include "strategies/search.hpp"
 
@@ -48,11 +49,14 @@ std::string nothing_fits(const strategy::SearchResult& s, const PlanInputs& in) 
   const strategy::MemoryReport& m = s.closest_memory;
   const double over = m.fits_hbm ? m.peak_host_bytes / m.host_capacity_bytes
                                  : m.peak_hbm_bytes / m.hbm_capacity_bytes;
-  const int nodes = static_cast<int>(std::ceil(over * in.nodes));
+  // In double: a plan hundreds of times too large must not wrap an int.
+  const double needed = std::max(std::ceil(over * in.nodes), in.nodes + 1.0);
+  const std::int64_t most = limits::max_gpus / in.cluster.node.gpus_per_node;
+  const std::string nodes = needed > static_cast<double>(most) ? fmt::format("more than {}", most)
+                                                               : fmt::format("{:.0f}", needed);
   return fmt::format("nothing fits; closest: {}. {}. Nearest fixes: about {} nodes instead of {}, "
                      "more offload to the host, or a shorter context.",
-                     strategy::summary(*s.closest), m.first_to_run_out,
-                     std::max(nodes, in.nodes + 1), in.nodes);
+                     strategy::summary(*s.closest), m.first_to_run_out, nodes, in.nodes);
 }
 
 } // namespace
@@ -110,8 +114,9 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("--top", opt->top, "how many plans to show")->capture_default_str();
   cmd->add_option("--threads", opt->threads, "threads for the search")->capture_default_str();
   cmd->callback([opt] {
-    if (opt->top <= 0 || opt->threads <= 0)
-      throw InputError("--top and --threads must be positive.");
+    if (opt->top <= 0)
+      throw InputError(fmt::format("--top must be positive (got {}).", opt->top));
+    check_threads(opt->threads);
     const PlanInputs in = resolve_inputs(*opt);
     const bool progress = !opt->json && ::isatty(2);
     const strategy::SearchResult s = run_search(in, opt->family, opt->top, opt->threads, progress);

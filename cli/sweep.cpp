@@ -50,6 +50,7 @@ void add_sweep_command(CLI::App& app) {
     const std::vector<std::string> families = split(opt->family);
     if (seqs.empty() || families.empty())
       throw InputError("--seq and --family need at least one value each.");
+    check_threads(opt->threads);
     Json rows = Json::array();
     TextTable t{{"seq", "family", "fits", "tokens/s/GPU", "MFU", "peak HBM", "plan"},
                 {},

@@ -1,6 +1,7 @@
 #include "hw_models/calibration.hpp"
 
 #include "common/error.hpp"
+#include "common/limits.hpp"
 
 #include <algorithm>
 #include <fmt/format.h>
@@ -16,8 +17,8 @@ void reject_unknown(const Json& object, std::initializer_list<const char*> known
   for (const auto& item : object.items()) {
     const std::string& key = item.key();
     if (std::none_of(known.begin(), known.end(), [&](const char* k) { return key == k; }))
-      throw InputError(fmt::format("{}: field '{}' is not known; allowed: {}.", origin, key,
-                                   fmt::join(known, ", ")));
+      throw InputError(fmt::format("{}: field '{}' is not known; allowed: {}.", origin,
+                                   quote_for_message(key), fmt::join(known, ", ")));
   }
 }
 
@@ -175,8 +176,13 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
         e.fail("op", "one of \"all_gather\", \"reduce_scatter\", \"all_reduce\", "
                      "\"all_to_all\", \"send_recv\"");
       }
-      p.group.ranks_per_node = e.count("ranks_per_node");
-      p.group.nodes = e.count("nodes");
+      // Bounded so that ranks_per_node x nodes (an int) is at most limits::max_gpus.
+      p.group.ranks_per_node = static_cast<int>(e.int_in("ranks_per_node", 1, limits::max_gpus));
+      p.group.nodes = static_cast<int>(e.int_in("nodes", 1, limits::max_gpus));
+      if (std::int64_t{p.group.ranks_per_node} * p.group.nodes > limits::max_gpus)
+        e.fail("nodes", fmt::format("at most {} with {} ranks per node (mop's ceiling is {} GPUs)",
+                                    limits::max_gpus / p.group.ranks_per_node,
+                                    p.group.ranks_per_node, limits::max_gpus));
       p.bytes = e.positive_number("bytes");
       p.time_s = e.positive_number("time_s");
       c.collectives.push_back(p);

@@ -66,8 +66,8 @@ void reject_unknown(const Json& object, std::initializer_list<const char*> known
                     const std::string& origin) {
   for (const auto& [key, value] : object.items())
     if (!contains(known, key))
-      throw InputError(fmt::format("{}: field '{}' is not known; allowed: {}.", origin, key,
-                                   fmt::join(known, ", ")));
+      throw InputError(fmt::format("{}: field '{}' is not known; allowed: {}.", origin,
+                                   quote_for_message(key), fmt::join(known, ", ")));
 }
 
 // A required object member of the top level ("gpu", "node", "fabric").
@@ -234,14 +234,14 @@ std::vector<std::pair<std::string, std::string>> read_sources(const Json& object
     if (!known_field(key))
       throw InputError(fmt::format("{}: sources names '{}', which is not a field of the cluster "
                                    "file (write \"section.field\", e.g. \"gpu.hbm_bytes\").",
-                                   origin, key));
+                                   origin, quote_for_message(key)));
     const std::string text = value.is_string() ? value.get<std::string>() : "";
     const auto colon = text.find(':');
     const std::string tag = colon == std::string::npos ? "" : text.substr(0, colon);
     if (!contains(kTags, tag))
       throw InputError(fmt::format("{}: source of '{}' must start with a tag, one of DS, MEAS, "
                                    "MAINT, CODE, DERIVED, and a colon (got {}).",
-                                   origin, key, value.dump()));
+                                   origin, key, JsonFields::quote_value(value)));
     out.emplace_back(key, text);
   }
   return out;

@@ -1,6 +1,7 @@
 #include "strategies/plan.hpp"
 
 #include "common/error.hpp"
+#include "common/limits.hpp"
 
 #include <fmt/format.h>
 #include <numeric>
@@ -86,8 +87,9 @@ int Plan::data_parallel(LayerKind k) const {
 }
 
 int Plan::micro_batches() const {
-  const int replicas = attention.dp;
-  return global_batch / (micro_batch * replicas);
+  // int64: micro_batch and the replicas are each at most an int; complete_plan made both >= 1.
+  const std::int64_t per_micro_batch = std::int64_t{micro_batch} * attention.dp;
+  return per_micro_batch > 0 ? static_cast<int>(global_batch / per_micro_batch) : 0;
 }
 
 int Plan::layers_in_stage(int stage, int num_layers) const {
@@ -109,18 +111,19 @@ void complete_plan(Plan& p) {
   if (p.pp <= 0 || p.world % p.pp != 0)
     bad(fmt::format("plan: pp ({}) must divide the {} ranks.", p.pp, p.world));
   const int per_stage = p.world / p.pp;
-  auto derive = [&](const char* what, int product, int& dp) {
+  // Products of two degrees in int64: each degree is an int, so a product cannot wrap.
+  auto derive = [&](const char* what, std::int64_t product, int& dp) {
     if (product <= 0 || per_stage % product != 0)
       bad(fmt::format("plan: {} ({}) must divide the {} ranks of a pipeline stage.", what, product,
                       per_stage));
-    dp = per_stage / product;
+    dp = static_cast<int>(per_stage / product); // a divisor of per_stage: fits an int
   };
   if (p.attention.tp <= 0 || p.attention.cp <= 0)
     bad("plan: attention tp and cp must be positive.");
-  derive("attention tp x cp", p.attention.tp * p.attention.cp, p.attention.dp);
+  derive("attention tp x cp", std::int64_t{p.attention.tp} * p.attention.cp, p.attention.dp);
   if (p.moe.ep <= 0 || p.moe.etp <= 0)
     bad("plan: moe ep and etp must be positive.");
-  derive("moe ep x etp", p.moe.ep * p.moe.etp, p.moe.edp);
+  derive("moe ep x etp", std::int64_t{p.moe.ep} * p.moe.etp, p.moe.edp);
   // Dense MLPs and embeddings see the tokens of the attention layout (tp x cp x dp): their
   // data-parallel ranks are everything but their own tp.
   derive("dense tp", p.dense.tp, p.dense.dp);
@@ -129,7 +132,7 @@ void complete_plan(Plan& p) {
     bad(fmt::format("plan: micro_batch must be positive (got {}).", p.micro_batch));
   if (p.global_batch <= 0)
     bad(fmt::format("plan: global_batch must be positive (got {}).", p.global_batch));
-  if (p.global_batch % (p.micro_batch * p.attention.dp) != 0)
+  if (p.global_batch % (std::int64_t{p.micro_batch} * p.attention.dp) != 0)
     bad(fmt::format("plan: the global batch ({} sequences) must be a multiple of micro_batch ({}) "
                     "x data-parallel replicas ({}).",
                     p.global_batch, p.micro_batch, p.attention.dp));
@@ -151,7 +154,7 @@ void complete_plan(Plan& p) {
 }
 
 void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const ClusterShape& c) {
-  const int gpus = c.gpus_per_node * c.nodes;
+  const std::int64_t gpus = std::int64_t{c.gpus_per_node} * c.nodes;
   if (p.world != gpus)
     bad(fmt::format("plan: its {} ranks do not match the cluster's {} GPUs ({} nodes x {}).",
                     p.world, gpus, c.nodes, c.gpus_per_node));
@@ -166,7 +169,7 @@ void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const C
     bad(fmt::format("plan: attention tp ({}) must be a multiple of the {} KV heads to replicate "
                     "them.",
                     a.tp, m.num_kv_heads));
-  if (a.tp * a.cp > 1 && a.tp > c.gpus_per_node)
+  if ((a.tp > 1 || a.cp > 1) && a.tp > c.gpus_per_node)
     bad(fmt::format("plan: attention tp ({}) must stay inside a node of {} GPUs.", a.tp,
                     c.gpus_per_node));
   if (a.cp > 1) {
@@ -201,7 +204,7 @@ void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const C
   // multiple of 128·tp), which the memory model's split absorbs.
   // Megatron lets the embedding and the loss count as a pipeline layer each
   // (account_for_embedding/loss_in_pipeline_split), so a virtual stage may hold only those.
-  if (p.pp * p.vp > m.num_layers + 2)
+  if (std::int64_t{p.pp} * p.vp > m.num_layers + 2)
     bad(fmt::format("plan: pp x vp ({} x {}) exceeds the {} layers (plus embedding and loss).",
                     p.pp, p.vp, m.num_layers));
   if (p.vp > 1 && p.schedule != PipelineSchedule::interleaved_1f1b)
@@ -305,8 +308,10 @@ E parse_enum(const JsonFields& f, const std::string& key, const E (&values)[N], 
   f.fail(key, "one of " + allowed);
 }
 
-int int_field(const JsonFields& f, const std::string& key, int fallback) {
-  return static_cast<int>(f.positive_int_or(key, fallback));
+// A parallel degree, a rank count or a batch: whole, positive, at most `max` (an int).
+int int_field(const JsonFields& f, const std::string& key, int fallback,
+              std::int64_t max = limits::max_gpus) {
+  return static_cast<int>(f.int_in_or(key, 1, max, fallback));
 }
 
 } // namespace
@@ -355,31 +360,66 @@ Json to_json(const Plan& p) {
 
 Plan plan_from_json(const Json& j, const std::string& origin) {
   const JsonFields f(j, origin);
+  // "summary" and the derived data-parallel degrees ("dp", "edp") are in every plan mop
+  // writes; they are read back as what they are, derived, and ignored.
+  f.allow_only({"family",
+                "summary",
+                "world",
+                "pp",
+                "vp",
+                "schedule",
+                "stage_layers",
+                "attention",
+                "moe",
+                "dense",
+                "embedding",
+                "state",
+                "micro_batch",
+                "global_batch",
+                "recompute",
+                "activation_offload",
+                "chunked_loss",
+                "params",
+                "grads",
+                "optimizer",
+                "optimizer_on_host",
+                "torch_host_optimizer",
+                "overlap"});
   Plan p;
   p.family = f.string_or("family", "custom");
-  p.world = int_field(f, "world", 0);
-  if (p.world == 0)
+  if (!f.has("world"))
     f.fail("world", "a positive number of ranks");
+  p.world = int_field(f, "world", 0);
   p.pp = int_field(f, "pp", 1);
-  p.vp = int_field(f, "vp", 1);
+  p.vp = int_field(f, "vp", 1, limits::max_layers + 2);
   constexpr PipelineSchedule schedules[] = {PipelineSchedule::gpipe, PipelineSchedule::one_f_one_b,
                                             PipelineSchedule::interleaved_1f1b,
                                             PipelineSchedule::zero_bubble};
   p.schedule = parse_enum(f, "schedule", schedules, PipelineSchedule::one_f_one_b);
   if (f.has("stage_layers")) {
     const Json& v = f.at("stage_layers");
-    if (!v.is_array())
-      f.fail("stage_layers", "a list of layer counts, one per pipeline stage");
+    const std::string requirement = fmt::format(
+        "a list of layer counts from 1 to {}, one per pipeline stage", limits::max_layers);
+    if (!v.is_array() || static_cast<std::int64_t>(v.size()) > limits::max_gpus)
+      f.fail("stage_layers", requirement);
     for (const Json& n : v) {
-      if (!n.is_number_integer() || n.get<int>() <= 0)
-        f.fail("stage_layers", "a list of positive layer counts");
-      p.stage_layers.push_back(n.get<int>());
+      // Compared as what the parser stored: a large unsigned must not wrap to a small int.
+      const bool in_range =
+          n.is_number_unsigned()
+              ? n.get<std::uint64_t>() >= 1 &&
+                    n.get<std::uint64_t>() <= static_cast<std::uint64_t>(limits::max_layers)
+              : n.is_number_integer() && n.get<std::int64_t>() >= 1 &&
+                    n.get<std::int64_t>() <= limits::max_layers;
+      if (!in_range)
+        f.fail("stage_layers", requirement);
+      p.stage_layers.push_back(static_cast<int>(n.get<std::int64_t>()));
     }
   }
   auto object = [&](const char* key) -> Json { return f.has(key) ? f.at(key) : Json::object(); };
   {
     const Json o = object("attention");
     const JsonFields a(o, origin + " attention");
+    a.allow_only({"tp", "sp", "cp", "cp_kind", "dp"});
     p.attention.tp = int_field(a, "tp", 1);
     p.attention.sp = a.bool_or("sp", true);
     p.attention.cp = int_field(a, "cp", 1);
@@ -389,6 +429,7 @@ Plan plan_from_json(const Json& j, const std::string& origin) {
   {
     const Json o = object("moe");
     const JsonFields e(o, origin + " moe");
+    e.allow_only({"ep", "etp", "edp", "capacity_factor", "imbalance"});
     p.moe.ep = int_field(e, "ep", 1);
     p.moe.etp = int_field(e, "etp", 1);
     p.moe.capacity_factor = e.number_or("capacity_factor", 0);
@@ -396,28 +437,37 @@ Plan plan_from_json(const Json& j, const std::string& origin) {
   }
   {
     const Json o = object("dense");
-    p.dense.tp = int_field(JsonFields(o, origin + " dense"), "tp", 1);
+    const JsonFields d(o, origin + " dense");
+    d.allow_only({"tp", "dp"});
+    p.dense.tp = int_field(d, "tp", 1);
     const Json o2 = object("embedding");
-    p.embed.tp = int_field(JsonFields(o2, origin + " embedding"), "tp", 1);
+    const JsonFields e(o2, origin + " embedding");
+    e.allow_only({"tp", "dp"});
+    p.embed.tp = int_field(e, "tp", 1);
   }
   {
     const Json states = object("state");
     const Json rc = object("recompute");
     const JsonFields sf(states, origin + " state");
     const JsonFields rf(rc, origin + " recompute");
+    sf.allow_only({"attention", "moe", "dense", "embedding"});
+    rf.allow_only({"attention", "moe", "dense", "embedding"});
     constexpr Recompute policies[] = {Recompute::none, Recompute::selective, Recompute::full};
     for (int k = 0; k < kNumLayerKinds; ++k) {
       const std::string kind = layer_kind_name(static_cast<LayerKind>(k));
       if (sf.has(kind)) {
         const JsonFields s(sf.at(kind), origin + " state." + kind);
-        p.state[k].zero = static_cast<int>(s.non_negative_int_or("zero", 1));
-        p.state[k].shard_group = static_cast<int>(s.non_negative_int_or("shard_group", 0));
+        s.allow_only({"zero", "shard_group"});
+        p.state[k].zero = static_cast<int>(s.int_in_or("zero", 0, 3, 1));
+        p.state[k].shard_group =
+            static_cast<int>(s.int_in_or("shard_group", 0, limits::max_gpus, 0));
       }
       p.recompute[k] = parse_enum(rf, kind, policies, Recompute::none);
     }
   }
-  p.micro_batch = int_field(f, "micro_batch", 1);
-  p.global_batch = static_cast<int>(f.non_negative_int_or("global_batch", 0));
+  p.micro_batch = int_field(f, "micro_batch", 1, limits::max_batch_sequences);
+  // 0: the command's default batch
+  p.global_batch = static_cast<int>(f.int_in_or("global_batch", 0, limits::max_batch_sequences, 0));
   p.activation_offload = f.number_or("activation_offload", 0);
   p.chunked_loss = f.bool_or("chunked_loss", false);
   constexpr Placement places[] = {Placement::hbm, Placement::host};

@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "common/json_io.hpp"
+#include "common/limits.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -17,9 +18,15 @@ const std::vector<std::string>& family_names() {
   return names;
 }
 
-int default_global_batch(std::int64_t seq, int unit) {
+int default_global_batch(std::int64_t seq, std::int64_t unit) {
   const std::int64_t target = std::max<std::int64_t>(1, ((std::int64_t{1} << 22) + seq - 1) / seq);
+  // target <= 2^22 and unit <= replicas x micro-batch <= 2^44: no int64 overflow.
   const std::int64_t rounded = (target + unit - 1) / unit * unit;
+  if (rounded > limits::max_batch_sequences)
+    throw InputError(fmt::format("the default global batch, {} sequences (a multiple of "
+                                 "data-parallel replicas x micro-batch, {}), is above mop's "
+                                 "ceiling of {}.",
+                                 rounded, unit, limits::max_batch_sequences));
   return static_cast<int>(rounded);
 }
 
@@ -32,18 +39,27 @@ ModelShape model_shape(const workload::ModelSpec& m) {
 
 namespace {
 
+// Ascending; up to sqrt(n) steps, so a world of 2^20 ranks costs a thousand.
 std::vector<int> divisors(int n) {
-  std::vector<int> d;
-  for (int i = 1; i <= n; ++i)
-    if (n % i == 0)
-      d.push_back(i);
-  return d;
+  std::vector<int> low, high;
+  for (int i = 1; i <= n / i; ++i)
+    if (n % i == 0) {
+      low.push_back(i);
+      if (i != n / i)
+        high.push_back(n / i);
+    }
+  low.insert(low.end(), high.rbegin(), high.rend());
+  return low;
 }
 
+// 1, 2, 4, ... <= n, for any int n: doubling stops before it could pass INT_MAX.
 std::vector<int> powers_of_two_up_to(int n) {
   std::vector<int> v;
-  for (int i = 1; i <= n; i *= 2)
+  for (int i = 1; i <= n; i *= 2) {
     v.push_back(i);
+    if (i > n / 2)
+      break;
+  }
   return v;
 }
 
@@ -272,7 +288,8 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
       p.global_batch = ctx.global_batch;
     if (p.global_batch == 0 && p.pp > 0 && p.world % p.pp == 0 && p.attention.tp > 0 &&
         p.attention.cp > 0 && p.micro_batch > 0) {
-      const int replicas = std::max(1, p.world / p.pp / (p.attention.tp * p.attention.cp));
+      const std::int64_t replicas = std::max<std::int64_t>(
+          1, p.world / p.pp / (std::int64_t{p.attention.tp} * p.attention.cp));
       p.global_batch = default_global_batch(ctx.seq, replicas * p.micro_batch);
     }
     complete_plan(p);

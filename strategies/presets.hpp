@@ -21,8 +21,9 @@ struct PlanContext {
 const std::vector<std::string>& family_names(); // fsdp2, megatron, ulysses-zero3, mop
 
 // The default batch: at least 4M tokens (2^22) per optimizer step, at least one sequence per
-// data-parallel replica, rounded up to a multiple of replicas x micro-batch.
-int default_global_batch(std::int64_t seq, int replicas_times_micro_batch);
+// data-parallel replica, rounded up to a multiple of replicas x micro-batch. InputError when
+// that passes limits::max_batch_sequences.
+int default_global_batch(std::int64_t seq, std::int64_t replicas_times_micro_batch);
 
 ModelShape model_shape(const workload::ModelSpec& m);
 

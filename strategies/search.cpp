@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <mutex>
 #include <numeric>
+#include <system_error>
 #include <thread>
 #include <unordered_set>
 
@@ -63,18 +64,25 @@ template <class F> void parallel_for(std::size_t n, int threads, F f) {
   std::vector<std::thread> pool;
   std::exception_ptr error;
   std::mutex error_mutex;
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back([&] {
-      for (std::size_t i = next++; i < n; i = next++) {
-        try {
-          f(i);
-        } catch (...) {
-          std::lock_guard lock(error_mutex);
-          if (!error)
-            error = std::current_exception();
-        }
+  auto work = [&] {
+    for (std::size_t i = next++; i < n; i = next++) {
+      try {
+        f(i);
+      } catch (...) {
+        std::lock_guard lock(error_mutex);
+        if (!error)
+          error = std::current_exception();
       }
-    });
+    }
+  };
+  for (int t = 1; t < threads; ++t) {
+    try {
+      pool.emplace_back(work);
+    } catch (const std::system_error&) {
+      break; // the system has no more threads for us: the ones started (or this one) suffice
+    }
+  }
+  work(); // the calling thread works too, so that no thread at all still finishes the loop
   for (std::thread& t : pool)
     t.join();
   if (error)

@@ -1,6 +1,7 @@
 #include "validation/dataset.hpp"
 
 #include "common/error.hpp"
+#include "common/limits.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
 #include "workload/hf_config.hpp"
@@ -36,12 +37,15 @@ std::vector<Row> read_dataset(const std::string& path) {
     if (f.has("model_id"))
       r.model_id = f.string("model_id");
     r.gpu = f.string("gpu");
-    r.num_gpus = static_cast<int>(f.positive_int("num_gpus"));
-    r.seq_len = f.positive_int("seq_len");
+    // Ceilings of common/limits.hpp: a count past one is a malformed row, like a negative one.
+    r.num_gpus = static_cast<int>(f.int_in("num_gpus", 1, limits::max_gpus));
+    r.seq_len = f.int_in("seq_len", 1, limits::max_seq_tokens);
     if (f.has("global_batch_size"))
-      r.global_batch_size = static_cast<int>(f.positive_int("global_batch_size"));
+      r.global_batch_size =
+          static_cast<int>(f.int_in("global_batch_size", 1, limits::max_batch_sequences));
     if (f.has("micro_batch_size"))
-      r.micro_batch_size = static_cast<int>(f.positive_int("micro_batch_size"));
+      r.micro_batch_size =
+          static_cast<int>(f.int_in("micro_batch_size", 1, limits::max_batch_sequences));
     r.precision = f.string_or("precision", "bf16");
     r.framework = f.string_or("framework", "");
     r.recompute = f.string_or("recompute", "");
@@ -99,31 +103,36 @@ Translation translate(const Row& row, int gpus_per_node) {
                  ? "fsdp2"
                  : "megatron";
   p.world = row.num_gpus;
-  const int tp = static_cast<int>(par.positive_int_or("tp", 1));
+  // A parallel degree is at most the world; past limits::max_gpus the row is malformed (an
+  // InputError naming it), below it a degree that does not fit is a reason (validate_plan).
+  auto degree = [&](const char* key) {
+    return static_cast<int>(par.int_in_or(key, 1, limits::max_gpus, 1));
+  };
+  const int tp = degree("tp");
   p.attention.tp = tp;
   p.attention.sp = par.bool_or("sp", tp > 1);
-  p.attention.cp = static_cast<int>(par.positive_int_or("cp", 1));
+  p.attention.cp = degree("cp");
   const std::string cp_comm = par.string_or("cp_comm_type", "p2p");
   p.attention.cp_kind = cp_comm == "a2a"       ? strategy::CpKind::ulysses
                         : cp_comm == "a2a+p2p" ? strategy::CpKind::hybrid
                                                : strategy::CpKind::ring;
-  p.pp = static_cast<int>(par.positive_int_or("pp", 1));
-  p.vp = static_cast<int>(par.positive_int_or("vp", 1));
+  p.pp = degree("pp");
+  p.vp = degree("vp");
   p.schedule = p.vp > 1 ? strategy::PipelineSchedule::interleaved_1f1b
                         : strategy::PipelineSchedule::one_f_one_b;
   if (par.string_or("pp_schedule", "") == "gpipe")
     p.schedule = strategy::PipelineSchedule::gpipe;
-  p.moe.ep = static_cast<int>(par.positive_int_or("ep", 1));
+  p.moe.ep = degree("ep");
   // Not stated: 1, as the Megatron-Bridge MoE recipes set expert_tensor_parallel_size (with
   // Megatron-Core's own default, etp = tp, several published rows would not fit their ranks).
-  p.moe.etp = static_cast<int>(par.positive_int_or("etp", 1));
+  p.moe.etp = degree("etp");
   if (!t.model->is_moe()) {
     p.moe.ep = 1;
     p.moe.etp = 1;
   }
   p.dense.tp = tp;
   p.embed.tp = tp;
-  const int zero = static_cast<int>(par.non_negative_int_or("zero", 1));
+  const int zero = static_cast<int>(par.int_in_or("zero", 0, 3, 1));
   for (auto& s : p.state)
     s.zero = zero;
   const std::string rc = row.recompute;
@@ -141,9 +150,19 @@ Translation translate(const Row& row, int gpus_per_node) {
       row.raw.value("notes", Json()).is_string() ? row.raw["notes"].get<std::string>() : "";
   p.chunked_loss = notes.find("chunked") != std::string::npos;
   p.micro_batch = row.micro_batch_size.value_or(1);
-  const int replicas = p.world / p.pp / (tp * p.attention.cp);
-  p.global_batch =
-      row.global_batch_size.value_or(replicas * p.micro_batch * (p.pp > 1 ? 2 * p.pp * p.vp : 1));
+  // Each factor is an int, their product need not fit even an int64: the default batch is
+  // formed in double and checked against the ceiling before it becomes an int. replicas is 0
+  // when the degrees do not divide the GPUs, which complete_plan then names.
+  const std::int64_t replicas = p.world / p.pp / (std::int64_t{tp} * p.attention.cp);
+  const double default_batch =
+      static_cast<double>(replicas) * p.micro_batch * (p.pp > 1 ? 2.0 * p.pp * p.vp : 1.0);
+  if (!row.global_batch_size && default_batch > static_cast<double>(limits::max_batch_sequences)) {
+    t.reason = fmt::format("its degrees imply a global batch of {:.0f} sequences, above mop's "
+                           "ceiling of {}; give global_batch_size.",
+                           default_batch, limits::max_batch_sequences);
+    return t;
+  }
+  p.global_batch = row.global_batch_size.value_or(static_cast<int>(default_batch));
   try {
     strategy::complete_plan(p);
     strategy::validate_plan(p, strategy::model_shape(*t.model), row.seq_len,

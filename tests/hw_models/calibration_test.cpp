@@ -205,3 +205,20 @@ TEST_CASE("bad calibration files: one sentence naming the file and the field") {
             .starts_with("cal.json: field 'gemms' is not known; allowed: schema,"));
   CHECK_THROWS_AS(load_calibration("/nonexistent/cal.json"), mop::InputError);
 }
+
+TEST_CASE("a measured collective's group is bounded so that its rank count fits an int") {
+  // 10^6 ranks per node on 10^6 nodes were each below the old bound; their product 10^12
+  // overflowed GroupShape::ranks().
+  const Json point{{"op", "all_reduce"},
+                   {"ranks_per_node", 1'000'000},
+                   {"nodes", 1'000'000},
+                   {"bytes", 1024},
+                   {"time_s", 1e-5}};
+  CHECK(calibration_error(Json{{"collectives", Json::array({point})}}) ==
+        "cal.json, collectives[0]: field 'nodes' must be at most 1 with 1000000 ranks per node "
+        "(mop's ceiling is 1048576 GPUs) (got 1000000).");
+  // A megabyte key is quoted cut to 120 characters.
+  const std::string msg = calibration_error(Json{{std::string(1'000'000, 'k'), 1}});
+  CHECK(msg.size() < 400);
+  CHECK(msg.starts_with("cal.json: field 'kkk"));
+}

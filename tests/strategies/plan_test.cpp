@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 using namespace mop::strategy;
+using mop::Json;
 
 namespace {
 std::string error_of(auto&& f) {
@@ -89,4 +90,60 @@ TEST_CASE("a plan survives a JSON round trip") {
   Plan q = plan_from_json(to_json(p), "plan.json");
   complete_plan(q);
   CHECK(to_json(q) == to_json(p));
+}
+
+TEST_CASE("plan JSON: numbers past an int or past the GPU ceiling are refused, not truncated") {
+  // 4294967304 = 2^32 + 8 ran as 8 ranks.
+  Json j = Json::parse(R"({"world": 4294967304})");
+  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+        "p.json: field 'world' must be an integer from 1 to 1048576 (got 4294967304).");
+  j = Json::parse(R"({"world": 8, "attention": {"tp": 4294967298}})");
+  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+        "p.json attention: field 'tp' must be an integer from 1 to 1048576 (got 4294967298).");
+  j = Json::parse(R"({"world": 8, "stage_layers": [4294967297]})");
+  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+        "p.json: field 'stage_layers' must be a list of layer counts from 1 to 10000, one per "
+        "pipeline stage (got a list of 1 values).");
+  j = Json::parse(R"({"world": 8, "state": {"moe": {"zero": 4}}})");
+  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+        "p.json state.moe: field 'zero' must be an integer from 0 to 3 (got 4).");
+  j = Json::parse(R"({"world": 8, "global_batch": 16777217})");
+  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+        "p.json: field 'global_batch' must be an integer from 0 to 16777216 (got 16777217).");
+}
+
+TEST_CASE("plan JSON: an unknown key is named, at every level") {
+  Json j = Json::parse(R"({"world": 8, "micro_batches": 2})");
+  CHECK(error_of([&] {
+          plan_from_json(j, "p.json");
+        }).starts_with("p.json: field 'micro_batches' is not known; allowed: family, summary, "));
+  j = Json::parse(R"({"world": 8, "attention": {"tp": 2, "ccp": 2}})");
+  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+        "p.json attention: field 'ccp' is not known; allowed: tp, sp, cp, cp_kind, dp.");
+  j = Json::parse(R"({"world": 8, "state": {"experts": {"zero": 3}}})");
+  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+        "p.json state: field 'experts' is not known; allowed: attention, moe, dense, embedding.");
+  j = Json::parse(R"({"world": 8, "state": {"moe": {"zero": 3, "shard": 8}}})");
+  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+        "p.json state.moe: field 'shard' is not known; allowed: zero, shard_group.");
+}
+
+TEST_CASE("degrees whose product passes an int are a sentence, not a wrapped product") {
+  // tp = cp = 2^16 on 2^20 ranks: tp·cp = 2^32 wrapped to 0 in int arithmetic.
+  Plan p;
+  p.world = 1 << 20;
+  p.attention.tp = 1 << 16;
+  p.attention.cp = 1 << 16;
+  p.global_batch = 1;
+  CHECK(error_of([&] { complete_plan(p); }) == "plan: attention tp x cp (4294967296) must divide "
+                                               "the 1048576 ranks of a pipeline stage.");
+  p = Plan{};
+  p.world = 1 << 20;
+  p.micro_batch = 1 << 16;
+  p.global_batch = 1 << 16;
+  p.moe.ep = 1;
+  // 2^20 replicas x micro-batches of 2^16 sequences: 2^36 per step, more than the batch.
+  CHECK(error_of([&] { complete_plan(p); }) ==
+        "plan: the global batch (65536 sequences) must be a multiple of micro_batch (65536) x "
+        "data-parallel replicas (1048576).");
 }

@@ -76,3 +76,48 @@ TEST_CASE("peak memory against the published measurements: MAPE within the recor
   // dominates). The bound only stops it getting worse; tighten it as the model improves.
   CHECK(mape < 0.32);
 }
+
+namespace {
+// One dataset row of Llama 3 8B on H100 with the given GPUs and parallelism.
+Row row_with(const std::string& num_gpus, const std::string& parallelism) {
+  const auto path = std::filesystem::temp_directory_path() / "mop-degrees.jsonl";
+  std::ofstream(path) << R"({"id": "r", "model_id": "llama3-8b", "gpu": "H100", "num_gpus": )"
+                      << num_gpus << R"(, "seq_len": 4096, "parallelism": )" << parallelism
+                      << R"(, "measured": {"mfu": 0.4}})"
+                      << "\n";
+  std::vector<Row> rows = read_dataset(path.string());
+  std::filesystem::remove(path);
+  REQUIRE(rows.size() == 1);
+  return rows[0];
+}
+std::string error_of(auto&& f) {
+  try {
+    f();
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "";
+}
+} // namespace
+
+TEST_CASE(
+    "absurd parallel degrees: past the ceiling a sentence naming the row, below it a reason") {
+  // tp·cp = 2^16·2^16 wrapped to 0 in int and `mop validate` died of SIGFPE dividing by it.
+  const Translation t = translate(row_with("1048576", R"({"tp": 65536, "cp": 65536})"));
+  CHECK_FALSE(t.plan);
+  CHECK(t.reason == "its published degrees do not form a valid plan: plan: attention tp x cp "
+                    "(4294967296) must divide the 1048576 ranks of a pipeline stage.");
+  // pp = vp = 2^20 imply 2·pp·vp = 2^41 micro-batches of one sequence by default.
+  const Translation b = translate(row_with("1048576", R"({"pp": 1048576, "vp": 1048576})"));
+  CHECK(b.reason == "its degrees imply a global batch of 2199023255552 sequences, above mop's "
+                    "ceiling of 16777216; give global_batch_size.");
+  // Past what any world holds: the row is malformed, as a negative degree is.
+  const Row r = row_with("8", R"({"tp": 4294967295})");
+  CHECK(
+      error_of([&] { translate(r); })
+          .ends_with(
+              ":1 parallelism: field 'tp' must be an integer from 1 to 1048576 (got 4294967295)."));
+  CHECK(error_of([&] { row_with("4294967304", "{}"); })
+            .ends_with(":1: field 'num_gpus' must be an integer from 1 to 1048576 (got "
+                       "4294967304)."));
+}
