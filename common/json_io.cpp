@@ -143,17 +143,46 @@ JsonFields::JsonFields(const Json& object, std::string origin)
     throw InputError(fmt::format("{}: expected a JSON object at the top level.", origin_));
 }
 
+namespace {
+
+// Appends the compact JSON text of `v` to `out`, giving up (false) as soon as it passes `budget`
+// characters: a list of 10^7 numbers costs a few steps, not a 100 MB string.
+bool dump_within(const Json& v, std::string& out, std::size_t budget) {
+  if (v.is_array() || v.is_object()) {
+    out += v.is_array() ? '[' : '{';
+    bool first = true;
+    for (auto it = v.begin(); it != v.end(); ++it) {
+      if (!first)
+        out += ',';
+      first = false;
+      if (v.is_object())
+        out += Json(it.key()).dump() + ':';
+      if (out.size() > budget || !dump_within(*it, out, budget))
+        return false;
+    }
+    out += v.is_array() ? ']' : '}';
+  } else if (v.is_string() && v.get_ref<const std::string&>().size() > budget) {
+    return false;
+  } else {
+    out += v.dump();
+  }
+  return out.size() <= budget;
+}
+
+} // namespace
+
 std::string JsonFields::quote_value(const Json& v) {
-  // Bounded whatever the input holds: a megabyte string or a list of 10^7 numbers is described,
-  // not copied into the sentence.
+  // Bounded whatever the input holds: a short value is quoted as JSON, a megabyte string is cut
+  // and a long list or object is described by its size.
+  std::string text;
+  if (dump_within(v, text, limits::max_quoted_chars))
+    return text;
   if (v.is_string())
     return "\"" + quote_for_message(v.get_ref<const std::string&>(), limits::max_quoted_chars) +
            "\"";
   if (v.is_array())
-    return v.empty() ? "[]" : fmt::format("a list of {} values", v.size());
-  if (v.is_object())
-    return v.empty() ? "{}" : fmt::format("an object with {} fields", v.size());
-  return v.dump(); // a number, true, false or null: a few characters
+    return fmt::format("a list of {} values", v.size());
+  return fmt::format("an object with {} fields", v.size());
 }
 
 void JsonFields::fail(const std::string& key, const std::string& requirement) const {

@@ -18,7 +18,9 @@ inline constexpr std::size_t max_quoted_chars = 120;
 // Model dimensions (workload::validate, so every path: catalog, config.json, dataset rows).
 // Real models stay far below: at most 126 layers, hidden 16384, 128 heads of at most 256, FFN
 // 53248, vocabulary 256K, 384 routed experts (8 per token), LoRA ranks 1536, 10M positions.
-inline constexpr std::int64_t max_layers = 10'000;
+// Layers: 1024, past the deepest trained (DeepNet's 1000; 126 in production models). The plan
+// search simulates every layer, so its time grows with this one.
+inline constexpr std::int64_t max_layers = 1024;
 inline constexpr std::int64_t max_hidden_size = std::int64_t{1} << 20;
 inline constexpr std::int64_t max_attention_heads = std::int64_t{1} << 14;
 inline constexpr std::int64_t max_head_dim = std::int64_t{1} << 14;

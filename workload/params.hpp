@@ -9,7 +9,7 @@ namespace mop::workload {
 
 // Every count below is checked arithmetic: a sum or product that would not fit in 64 bits
 // throws ParamCountOverflow instead of wrapping. Each dimension's ceiling (common/limits.hpp)
-// keeps one product in range, but 10^4 layers of 2^16 experts of 2^20 x 2^22 would not sum in
+// keeps one product in range, but 2^10 layers of 2^16 experts of 2^20 x 2^22 would not sum in
 // range; workload::validate refuses such a model (and any above limits::max_params), so a
 // validated ModelSpec never throws here.
 struct ParamCountOverflow : std::overflow_error {

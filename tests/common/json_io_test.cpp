@@ -111,6 +111,9 @@ TEST_CASE("fields: integers in a range, and quoted values stay bounded") {
   CHECK(s_msg.find("xxx...\")") != std::string::npos);
   CHECK(message_of([&] { g.positive_int("l"); }) ==
         "big.json: field 'l' must be a positive integer (got a list of 100000 values).");
+  const Json small = Json::parse(R"({"l": [1, "a", {"b": null}]})");
+  CHECK(message_of([&] { mop::JsonFields(small, "s.json").positive_int("l"); }) ==
+        "s.json: field 'l' must be a positive integer (got [1,\"a\",{\"b\":null}]).");
 }
 
 TEST_CASE("fields: a key outside the known ones is named") {

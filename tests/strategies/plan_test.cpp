@@ -102,8 +102,8 @@ TEST_CASE("plan JSON: numbers past an int or past the GPU ceiling are refused, n
         "p.json attention: field 'tp' must be an integer from 1 to 1048576 (got 4294967298).");
   j = Json::parse(R"({"world": 8, "stage_layers": [4294967297]})");
   CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
-        "p.json: field 'stage_layers' must be a list of layer counts from 1 to 10000, one per "
-        "pipeline stage (got a list of 1 values).");
+        "p.json: field 'stage_layers' must be a list of layer counts from 1 to 1024, one per "
+        "pipeline stage (got [4294967297]).");
   j = Json::parse(R"({"world": 8, "state": {"moe": {"zero": 4}}})");
   CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
         "p.json state.moe: field 'zero' must be an integer from 0 to 3 (got 4).");

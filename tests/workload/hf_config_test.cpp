@@ -142,7 +142,7 @@ TEST_CASE("every model dimension has a ceiling, checked before anything is sized
   c = llama();
   c["num_hidden_layers"] = 100'000'000; // 10^8 layers: GiB of layer specs before
   CHECK(error_of(c) == "c.json: field 'num_hidden_layers' (100000000) is above mop's ceiling of "
-                       "10000.");
+                       "1024.");
   c = llama();
   c["vocab_size"] = std::int64_t{1} << 25;
   CHECK(error_of(c) == "c.json: field 'vocab_size' (33554432) is above mop's ceiling of 16777216.");
@@ -159,10 +159,10 @@ TEST_CASE("every model dimension has a ceiling, checked before anything is sized
   c["num_experts"] = 4;
   c["moe_intermediate_size"] = 32;
   c["mlp_only_layers"] = Json::array();
-  for (int i = 0; i < 10001; ++i)
+  for (int i = 0; i < 1025; ++i)
     c["mlp_only_layers"].push_back(0);
-  CHECK(error_of(c) == "c.json: field 'mlp_only_layers' must be a list of at most 10000 layer "
-                       "indices (got a list of 10001 values).");
+  CHECK(error_of(c) == "c.json: field 'mlp_only_layers' must be a list of at most 1024 layer "
+                       "indices (got a list of 1025 values).");
 }
 
 TEST_CASE("a model at the ceilings is accepted; their product past 64 bits is refused") {
@@ -173,23 +173,23 @@ TEST_CASE("a model at the ceilings is accepted; their product past 64 bits is re
   c["num_attention_heads"] = 128;
   c["num_key_value_heads"] = 128;
   CHECK(error_of(c).empty());
-  // Each dimension below its ceiling, but 10^4 layers x 2^16 experts x 3·2^20·2^22 weights is
-  // about 2^72.9: beyond int64 (2^63), so the count itself cannot be formed.
+  // Each dimension below its ceiling, but 2^10 layers x 2^16 experts x 3·2^20·2^22 weights is
+  // about 2^69.6: beyond int64 (2^63), so the count itself cannot be formed.
   c = Json::parse(R"({"model_type": "mixtral", "hidden_size": 1048576,
-    "intermediate_size": 4194304, "num_hidden_layers": 10000, "num_attention_heads": 128,
+    "intermediate_size": 4194304, "num_hidden_layers": 1024, "num_attention_heads": 128,
     "num_local_experts": 65536, "num_experts_per_tok": 2, "vocab_size": 256})");
   CHECK(error_of(c) == "c.json: the model is too large to count its parameters in 64 bits (mop's "
                        "ceiling is 1125899906842624).");
-  // Within int64 but above the 2^50 ceiling: 10^4 dense layers of hidden h = 2^20, FFN 2^22,
+  // Within int64 but above the 2^50 ceiling: 1024 dense layers of hidden h = 2^20, FFN 2^22,
   // 128 heads of 8192. Per layer: q, k, v, o 4·h² = 2^42, gated MLP 3·h·2^22 = 3·2^42, two
   // norms 2^21; plus embedding and untied head 2·256·h = 2^29 and the final norm 2^20:
-  // 10^4·(7·2^42 + 2^21) + 2^29 + 2^20 = 307,863,277,286,719,488.
+  // 1024·(2^42 + 3·2^42 + 2^21) + 2^29 + 2^20 = 18,014,401,194,885,120.
   c = llama();
   c["hidden_size"] = std::int64_t{1} << 20;
   c["intermediate_size"] = std::int64_t{1} << 22;
-  c["num_hidden_layers"] = 10000;
+  c["num_hidden_layers"] = 1024;
   c["num_attention_heads"] = 128;
   c["num_key_value_heads"] = 128;
-  CHECK(error_of(c) == "c.json: the model has 307863277286719488 parameters, above mop's ceiling "
+  CHECK(error_of(c) == "c.json: the model has 18014401194885120 parameters, above mop's ceiling "
                        "of 1125899906842624.");
 }
