@@ -37,7 +37,10 @@ const std::string kLlama = R"({"model_type": "llama", "hidden_size": 64, "interm
 } // namespace
 
 TEST_CASE("JSON nested 100,000 deep is refused, not a stack overflow") {
-  const TempFile f("deep.json", std::string(100000, '['));
+  // Quoting the value in "field 'hidden_size' must be a positive integer (got [[[...)" recursed
+  // once per level: SIGSEGV.
+  const TempFile f("deep.json", R"({"model_type": "llama", "hidden_size": )" +
+                                    std::string(100000, '[') + std::string(100000, ']') + "}");
   check_refused(run_mop("model show " + f.path), f.path + " nests JSON deeper than 100 levels "
                                                           "(line 1).");
   check_refused(run_mop("hw show " + f.path), f.path + " nests JSON deeper than 100 levels "
@@ -121,4 +124,26 @@ TEST_CASE("mop validate: absurd degrees are a null prediction with a reason, or 
   check_refused(run_mop("validate --dataset " + g.path),
                 g.path + ":1 parallelism: field 'tp' must be an integer from 1 to 1048576 (got "
                          "4294967295).");
+}
+
+TEST_CASE("threads the system cannot create: the search runs on those it has, same answer") {
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer reserves terabytes of address space: it cannot run under `ulimit -v`.
+  return;
+#else
+  namespace fs = std::filesystem;
+  const fs::path out = fs::temp_directory_path() / "mop-limits-threads.json";
+  const std::string args = " plan --model tiny-moe --cluster h200 --nodes 1 --seq 4K --json";
+  // 1 GB of address space holds about a hundred 8 MiB thread stacks, not 256: creating the rest
+  // threw std::system_error, and the pool's destructor aborted the program.
+  const std::string limited = "ulimit -v 1000000 && " + std::string(MOP_BINARY) + args +
+                              " --threads 256 >" + out.string() + " 2>/dev/null";
+  const int raw = std::system(("bash -c '" + limited + "'").c_str());
+  REQUIRE(WIFEXITED(raw));
+  CHECK(WEXITSTATUS(raw) == 0);
+  const auto serial = run_mop(args.substr(1) + " --threads 1");
+  REQUIRE(serial.status == 0);
+  CHECK(Json::parse(mop::test::slurp(out)) == Json::parse(serial.out));
+  fs::remove(out);
+#endif
 }

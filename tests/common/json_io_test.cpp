@@ -66,7 +66,7 @@ TEST_CASE("atomic write leaves either the whole new file or the old one") {
 
 TEST_CASE("JSON nested deeper than the ceiling is refused before parsing, with its line") {
   // 100,000 '[' overflowed the stack of the recursive copy and dump of a parsed value.
-  const std::string deep = "{\"a\":\n" + std::string(100000, '[');
+  const std::string deep = "{\"a\":\n" + std::string(100000, '[') + std::string(100000, ']') + "}";
   CHECK(message_of([&] { mop::parse_json(deep, "deep.json"); }) ==
         "deep.json nests JSON deeper than 100 levels (line 2).");
   // Exactly at the ceiling parses: 99 lists inside the top-level object are 100 levels.
