@@ -123,6 +123,8 @@ void validate_plan(const Plan& plan, const ModelShape& model, std::int64_t seq,
 std::string summary(const Plan& plan);
 
 Json to_json(const Plan& plan);
+// Reads what to_json writes. An unknown key, or a count past its ceiling (common/limits.hpp:
+// degrees and ranks at most limits::max_gpus), is an InputError naming `origin` and the key.
 Plan plan_from_json(const Json& j, const std::string& origin);
 
 const char* name(CpKind k);
