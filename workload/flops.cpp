@@ -163,6 +163,7 @@ std::vector<ForwardOp> layer_forward_ops(const ModelSpec& m, const LayerSpec& la
     l.gemm("experts_down", Component::routed_experts, inter, h, experts, rows);
     l.elementwise("experts_combine", t * topk * h, 2, 1); // weight and sum k expert outputs
     if (e.num_shared_experts > 0) {
+      // The one integer product here: at most 2^10 shared experts x 2^22 (limits.hpp).
       const double shared = static_cast<double>(e.num_shared_experts * e.shared_intermediate_size);
       l.gemm("shared_gate_up", Component::shared_experts, h, (e.gated ? 2 : 1) * shared);
       l.elementwise("shared_act", t * shared, kSwigluFlops, 3);
