@@ -11,7 +11,9 @@
 #include "hw_models/host_optimizer.hpp"
 #include "hw_models/memory_overheads.hpp"
 
+#include <cmath>
 #include <optional>
+#include <vector>
 
 namespace {
 
@@ -34,9 +36,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                    fuzz::sane(o.nvls_buffer_bytes_per_communicator));
     MOP_FUZZ_CHECK(fuzz::sane(o.allocator_fragmentation));
 
-    // Each measured key, at its own size, halfway to twice it, and through the cost function.
+    // Each measured key, at its own size and 1.5 times it, and through the cost function.
+    // (1.5x a measured size only where that is still a finite number)
+    auto sizes = [](double x) {
+      return std::isfinite(x * 1.5) ? std::vector<double>{x, x * 1.5} : std::vector<double>{x};
+    };
     for (const hw::GemmPoint& g : cal.gemm)
-      for (double m : {g.m, g.m * 1.5}) {
+      for (double m : sizes(g.m)) {
         check_lookup(hw::calibrated_gemm_time_s(cal, g.dtype, g.groups, m, g.n, g.k));
         if (g.groups == 1)
           MOP_FUZZ_CHECK(fuzz::sane(hw::gemm_time_s(h200, cal, m, g.n, g.k, g.dtype)));
@@ -47,7 +53,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                                            : hw::attention_fwd_time_s(h200, cal, a.shape)));
     }
     for (const hw::CollectivePoint& c : cal.collectives)
-      for (double bytes : {c.bytes, c.bytes * 1.5}) {
+      for (double bytes : sizes(c.bytes)) {
         check_lookup(hw::calibrated_collective_time_s(cal, c.op, c.group, bytes));
         try {
           const hw::CollectiveCost cost = hw::collective_cost(h200, cal, c.op, bytes, c.group);

@@ -13,7 +13,15 @@
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
 
+#include <utility>
+
 namespace {
+
+// Integer fields of a plan JSON as to_json writes them back: {section or nullptr, key}.
+constexpr std::pair<const char*, const char*> kDegrees[] = {
+    {nullptr, "world"},  {nullptr, "pp"},     {nullptr, "micro_batch"},
+    {"attention", "tp"}, {"attention", "cp"}, {"moe", "ep"},
+    {"moe", "etp"},      {"dense", "tp"},     {"embedding", "tp"}};
 
 void check_breakdown(const mop::strategy::MemoryBreakdown& b) {
   using mop::fuzz::sane;
@@ -31,8 +39,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   try {
     // The plan's world decides the cluster: a multiple of 8 fills whole 8-GPU nodes, a smaller
     // world is one node of that many GPUs; anything else is left for validation to refuse.
-    const strategy::Plan peek =
-        strategy::plan_from_json(parse_json(fuzz::as_text(data, size), "plan.json"), "plan.json");
+    const Json input = parse_json(fuzz::as_text(data, size), "plan.json");
+    const strategy::Plan peek = strategy::plan_from_json(input, "plan.json");
     strategy::PlanContext ctx;
     ctx.model = &model;
     ctx.seq = 256;
@@ -53,7 +61,19 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       MOP_FUZZ_CHECK(c.ranks > 0 && c.layers >= 0);
       MOP_FUZZ_CHECK(fuzz::sane(c.micro_batches_in_flight));
     }
-    (void)strategy::to_json(r.plan).dump();
+    // Every degree the file gives as an integer is the one used, never truncated to another.
+    const Json used = strategy::to_json(r.plan);
+    for (const auto& [section, key] : kDegrees) {
+      const Json* given =
+          section
+              ? (input.contains(section) && input[section].is_object() ? &input[section] : nullptr)
+              : &input;
+      if (given && given->contains(key) && (*given)[key].is_number_integer()) {
+        const Json& out = section ? used.at(section) : used;
+        MOP_FUZZ_CHECK(out.at(key).get<std::int64_t>() == (*given)[key].get<std::int64_t>());
+      }
+    }
+    (void)used.dump();
     (void)strategy::summary(r.plan);
 
     const strategy::StepEvaluation e = strategy::evaluate_step(
