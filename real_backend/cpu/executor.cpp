@@ -1745,40 +1745,37 @@ RunResult<T> run_plan(const TinyConfig& c, const Plan& plan, const DataSource& d
   std::vector<int> everyone(sz(plan.world));
   std::iota(everyone.begin(), everyone.end(), 0);
 
-  World::run(
-      plan.world,
-      [&](World& w, int r) {
-        Rank<T> rank(w, r, c, plan, sh, o, data);
-        const Comm all = w.group(everyone, r);
-        for (int k = 0; k < o.steps; ++k) {
-          const auto t0 = Clock::now();
-          rank.step(start.step + k);
-          all.barrier();
-          if (r == 0) {
-            res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-            const Batch batch = data.batch(start.step + k, plan.global_batch, o.seq_len);
-            double labelled = 0, loss = 0;
-            for (auto l : batch.labels)
-              labelled += l >= 0 ? 1 : 0;
-            for (double part : sh.loss_part)
-              loss += part;
-            loss /= labelled;
-            res.losses.push_back(loss);
-            if (ref) {
-              const double want = ref->step(batch);
-              res.max_loss_rel_diff =
-                  std::max(res.max_loss_rel_diff, std::abs(loss - want) / std::abs(want));
-              res.max_grad_rel_diff =
-                  std::max(res.max_grad_rel_diff, max_rel_diff(sh.grads, ref->grads()));
-            }
-            if (k + 1 == o.steps)
-              res.last_grads = sh.grads;
-          }
-          all.barrier();
+  World::run(plan.world, [&](World& w, int r) {
+    Rank<T> rank(w, r, c, plan, sh, o, data);
+    const Comm all = w.group(everyone, r);
+    for (int k = 0; k < o.steps; ++k) {
+      const auto t0 = Clock::now();
+      rank.step(start.step + k);
+      all.barrier();
+      if (r == 0) {
+        res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+        const Batch batch = data.batch(start.step + k, plan.global_batch, o.seq_len);
+        double labelled = 0, loss = 0;
+        for (auto l : batch.labels)
+          labelled += l >= 0 ? 1 : 0;
+        for (double part : sh.loss_part)
+          loss += part;
+        loss /= labelled;
+        res.losses.push_back(loss);
+        if (ref) {
+          const double want = ref->step(batch);
+          res.max_loss_rel_diff =
+              std::max(res.max_loss_rel_diff, std::abs(loss - want) / std::abs(want));
+          res.max_grad_rel_diff =
+              std::max(res.max_grad_rel_diff, max_rel_diff(sh.grads, ref->grads()));
         }
-        rank.finish_run();
-      },
-      o.timeout);
+        if (k + 1 == o.steps)
+          res.last_grads = sh.grads;
+      }
+      all.barrier();
+    }
+    rank.finish_run();
+  });
 
   res.state = std::move(sh.state);
   res.state.step = start.step + o.steps;

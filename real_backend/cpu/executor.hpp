@@ -34,7 +34,6 @@ struct RunOptions {
   // Compare every step's loss and gradients, and the final parameters, with a single-rank
   // reference trained alongside in double precision.
   bool check = false;
-  std::chrono::milliseconds timeout = std::chrono::seconds(120);
 };
 
 struct OpTiming {

@@ -40,7 +40,6 @@ RunResult<double> check(const TinyConfig& c, const Plan& p, int seq = 16, int st
   o.seq_len = seq;
   o.steps = steps;
   o.check = true;
-  o.timeout = std::chrono::seconds(30);
   const auto data = DataSource::synthetic(c.vocab, 7);
   return run_plan<double>(c, p, data, initial_state<double>(c, 11), o);
 }
