@@ -64,8 +64,6 @@ template <class T>
 RunResult<T> run_plan(const TinyConfig& c, const strategy::Plan& plan, const DataSource& data,
                       const TrainState<T>& start, const RunOptions& options);
 
-// Binary checkpoints ("mopckpt1", the model's layout and the state), written atomically.
-void save_checkpoint(const std::string& path, const TinyConfig& c, const TrainState<float>& s);
-TrainState<float> load_checkpoint(const std::string& path, const TinyConfig& c);
+// Checkpoints of a TrainState: real_backend/cpu/checkpoint.hpp.
 
 } // namespace mop::real
