@@ -171,6 +171,10 @@ Header read_header(const std::string& text, const std::string& what) {
   h.id.model = string_field(model, "name");
   h.id.model_config = model.is_object() && model.contains("config") ? model["config"] : Json();
   h.id.model_hash = read_hash_field(model, what);
+  if (fnv1a64(h.id.model_config.dump()) != h.id.model_hash)
+    throw InputError(fmt::format("{} has a model identity whose hash does not match its "
+                                 "configuration",
+                                 what));
   h.id.plan = string_field(plan, "summary");
   h.id.plan_hash = read_hash_field(plan, what);
   h.id.data = string_field(data, "description");

@@ -224,6 +224,11 @@ TEST_CASE("checkpoint: NaN, infinite or negative optimizer state and a negative 
   rewrite(path, [](Json& h, std::string&) { h["step"] = std::uint64_t{1} << 63; });
   CHECK(refusal([&] { load_checkpoint(path, c, id); }) ==
         what + "step 9223372036854775808; a step must be between 0 and 1099511627776");
+  rewrite(path, [](Json& h, std::string&) { h["model"]["config"]["rope_theta"] = 1.0; });
+  CHECK(refusal([&] { load_checkpoint(path, c, id); }) ==
+        "the checkpoint '" + path +
+            "' has a model identity whose hash does not match its configuration");
+  save_checkpoint(path, id, c, some_state(c, 3));
   rewrite(path, [](Json& h, std::string&) { h["step"] = "3"; });
   CHECK(refusal([&] { load_checkpoint(path, c, id); }) ==
         "the checkpoint '" + path + "' holds no step count");
