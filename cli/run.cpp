@@ -3,14 +3,17 @@
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
+#include "common/limits.hpp"
 #include "common/units.hpp"
 #include "hw_models/cluster.hpp"
+#include "real_backend/cpu/checkpoint.hpp"
 #include "real_backend/cpu/executor.hpp"
 #include "strategies/hardware.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <fmt/format.h>
 #include <iostream>
 #include <memory>
@@ -21,10 +24,13 @@ namespace {
 
 struct RunArgs {
   std::string model, plan = "fsdp2", executor = "cuda", seq = "64", data, resume, save;
-  int ranks = 1, steps = 1, batch = 0;
+  int ranks = 1, steps = 1;
+  std::int64_t batch = 0;
   std::uint64_t seed = 1;
   double lr = 1e-3;
   bool check = false, json = false;
+  // Whether the option was given at all (an empty path or --batch 0 is refused, not ignored).
+  bool batch_given = false, save_given = false, resume_given = false;
 };
 
 // A preset resolves over its family's plans that the CPU executor can run; a path is checked
@@ -58,28 +64,57 @@ void run(const RunArgs& a) {
     throw InputError("the CUDA executor is not part of this build yet; run the same plan on the "
                      "CPU reference executor with --executor cpu");
   if (a.executor != "cpu")
-    throw InputError(fmt::format("--executor must be cpu or cuda (got '{}')", a.executor));
-  if (a.ranks < 1 || a.ranks > 64)
-    throw InputError(fmt::format("--ranks must be between 1 and 64 threads (got {})", a.ranks));
-  if (a.steps < 1)
-    throw InputError(fmt::format("--steps must be at least 1 (got {})", a.steps));
-  if (!(a.lr > 0))
-    throw InputError("--lr must be a positive learning rate");
+    throw InputError(fmt::format("--executor must be cpu or cuda (got '{}')",
+                                 quote_for_message(a.executor, 40)));
+  if (a.ranks < 1 || a.ranks > limits::max_cpu_ranks)
+    throw InputError(fmt::format("--ranks must be between 1 and {} threads (got {})",
+                                 limits::max_cpu_ranks, a.ranks));
+  if (a.steps < 1 || a.steps > limits::max_run_steps)
+    throw InputError(
+        fmt::format("--steps must be between 1 and {} (got {})", limits::max_run_steps, a.steps));
+  if (a.batch_given && (a.batch < 1 || a.batch > limits::max_cpu_tokens_per_step))
+    throw InputError(fmt::format("--batch must be between 1 and {} sequences (got {})",
+                                 limits::max_cpu_tokens_per_step, a.batch));
+  if (!(a.lr > 0) || a.lr > limits::max_learning_rate)
+    throw InputError(fmt::format("--lr must be a learning rate above 0 and at most {} (got {})",
+                                 limits::max_learning_rate, a.lr));
+  // Where the checkpoint goes, before any work: a run must not train for hours and then fail
+  // to save.
+  if (a.save_given)
+    real::check_checkpoint_target(a.save);
   const workload::ModelSpec spec = workload::load_model(a.model);
   const real::TinyConfig c = real::tiny_config(spec);
   const std::int64_t seq = parse_count(a.seq, "--seq");
-  if (seq < 2 || seq > 65536)
-    throw InputError(fmt::format("--seq must be between 2 and 64K tokens on the CPU executor "
+  if (seq < 2 || seq > limits::max_cpu_seq)
+    throw InputError(fmt::format("--seq must be between 2 and {} tokens on the CPU executor "
                                  "(got {})",
-                                 seq));
-  const int batch = a.batch > 0 ? a.batch : 4 * a.ranks;
+                                 limits::max_cpu_seq, seq));
+  const int batch = a.batch_given ? static_cast<int>(a.batch) : 4 * a.ranks;
   const strategy::Plan plan = choose_plan(a, spec, c, seq, batch);
+  if (plan.global_batch > limits::max_cpu_tokens_per_step / seq)
+    throw InputError(fmt::format("a step of {} sequences of {} tokens is more than the CPU "
+                                 "executor's {} tokens per step",
+                                 plan.global_batch, seq, limits::max_cpu_tokens_per_step));
 
-  real::TrainState<float> start =
-      a.resume.empty() ? real::initial_state<float>(c, a.seed) : real::load_checkpoint(a.resume, c);
   const real::DataSource data = a.data.empty()
                                     ? real::DataSource::synthetic(c.vocab, a.seed)
                                     : real::DataSource::text_file(a.data, c.vocab, a.seed);
+  const real::CheckpointIdentity identity = real::checkpoint_identity(c, plan, data);
+  real::TrainState<float> start;
+  if (a.resume_given) {
+    real::Checkpoint loaded = real::load_checkpoint(a.resume, c, identity);
+    if (loaded.state.step + a.steps > limits::max_checkpoint_step)
+      throw InputError(fmt::format("the checkpoint holds step {}; {} more steps pass the largest "
+                                   "step count a checkpoint holds ({})",
+                                   loaded.state.step, a.steps, limits::max_checkpoint_step));
+    if (loaded.saved.plan_hash != identity.plan_hash)
+      std::cerr << fmt::format("note: the checkpoint was saved under plan {}; it is resharded for "
+                               "plan {}\n",
+                               quote_for_message(loaded.saved.plan, 100), identity.plan);
+    start = std::move(loaded.state);
+  } else {
+    start = real::initial_state<float>(c, a.seed);
+  }
   real::RunOptions o;
   o.seq_len = static_cast<int>(seq);
   o.steps = a.steps;
@@ -91,8 +126,14 @@ void run(const RunArgs& a) {
                              spec.name, a.ranks, seq, plan.global_batch, start.step, plan.family,
                              strategy::summary(plan));
   const real::RunResult<float> r = real::run_plan<float>(c, plan, data, start, o);
-  if (!a.save.empty())
-    real::save_checkpoint(a.save, c, r.state);
+  for (std::size_t k = 0; k < r.losses.size(); ++k)
+    if (!std::isfinite(r.losses[k]))
+      throw InputError(fmt::format("training diverged: the loss of step {} is {}; try a smaller "
+                                   "--lr (got {})",
+                                   start.step + static_cast<std::int64_t>(k) + 1, r.losses[k],
+                                   a.lr));
+  if (a.save_given)
+    real::save_checkpoint(a.save, identity, c, r.state);
 
   if (a.json) {
     Json ops = Json::object();
@@ -117,7 +158,7 @@ void run(const RunArgs& a) {
                         {"max_grad_rel_diff", r.max_grad_rel_diff},
                         {"max_param_rel_diff", r.max_param_rel_diff},
                         {"reference", "single rank, float64"}};
-    if (!a.save.empty())
+    if (a.save_given)
       j["checkpoint"] = a.save;
     print_json(j);
     return;
@@ -134,7 +175,7 @@ void run(const RunArgs& a) {
     std::cout << fmt::format("\ncheck against the single-rank float64 reference: loss {:.2e}, "
                              "gradients {:.2e}, parameters {:.2e} (largest relative differences)\n",
                              r.max_loss_rel_diff, r.max_grad_rel_diff, r.max_param_rel_diff);
-  if (!a.save.empty())
+  if (a.save_given)
     std::cout << fmt::format("checkpoint written to {}\n", a.save);
 }
 
@@ -155,19 +196,26 @@ void add_run_command(CLI::App& app) {
   cmd->add_option("--ranks", a->ranks, "ranks (CPU executor: threads)")->capture_default_str();
   cmd->add_option("--steps", a->steps, "optimizer steps")->capture_default_str();
   cmd->add_option("--seq", a->seq, "tokens per sequence (64, 1K, ...)")->capture_default_str();
-  cmd->add_option("--batch", a->batch, "sequences per optimizer step (default 4 per rank)");
+  CLI::Option* batch =
+      cmd->add_option("--batch", a->batch, "sequences per optimizer step (default 4 per rank)");
   cmd->add_option("--seed", a->seed, "seed of the initial weights and the data")
       ->capture_default_str();
   cmd->add_option("--lr", a->lr, "AdamW learning rate")->capture_default_str();
   cmd->add_option("--data", a->data,
                   "train on the bytes of this text file (default: a "
                   "generated, learnable token stream)");
-  cmd->add_option("--save-checkpoint", a->save, "write the state after the last step here");
-  cmd->add_option("--resume", a->resume, "start from this checkpoint");
+  CLI::Option* save =
+      cmd->add_option("--save-checkpoint", a->save, "write the state after the last step here");
+  CLI::Option* resume = cmd->add_option("--resume", a->resume, "start from this checkpoint");
   cmd->add_flag("--check", a->check,
                 std::string("compare every step with a single-rank float64 reference"));
   cmd->add_flag("--json", a->json, std::string("print one JSON object"));
-  cmd->callback([a] { run(*a); });
+  cmd->callback([a, batch, save, resume] {
+    a->batch_given = batch->count() > 0;
+    a->save_given = save->count() > 0;
+    a->resume_given = resume->count() > 0;
+    run(*a);
+  });
 }
 
 } // namespace mop::cli

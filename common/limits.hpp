@@ -45,5 +45,24 @@ inline constexpr std::int64_t max_seq_tokens = std::int64_t{1} << 26;
 inline constexpr std::int64_t max_batch_sequences = std::int64_t{1} << 24;
 // Search threads: more than any host has cores; each thread is a few MiB of stack.
 inline constexpr int max_threads = 256;
+// ---- mop run (the CPU reference executor) and its checkpoints ----
+// Ranks are threads sharing the machine's cores: beyond 64 the rendezvous, not the arithmetic,
+// is the run.
+inline constexpr int max_cpu_ranks = 64;
+// Optimizer steps in one run: a CPU step takes milliseconds to seconds, so a million is days.
+inline constexpr std::int64_t max_run_steps = 1'000'000;
+// Tokens per sequence on the CPU executor: attention costs seq^2 per head.
+inline constexpr std::int64_t max_cpu_seq = 65536;
+// Tokens per optimizer step (sequences x seq) on the CPU executor: each rank holds its tokens'
+// activations for every layer in float32, and 2^20 tokens already need gigabytes.
+inline constexpr std::int64_t max_cpu_tokens_per_step = std::int64_t{1} << 20;
+// AdamW's learning rate: each step moves a weight by up to about lr, and weights start near
+// 0.02, so a rate above 1 destroys the model in one step.
+inline constexpr double max_learning_rate = 1.0;
+// The step counter a checkpoint may hold: a million runs of the longest allowed, and far from
+// where the step arithmetic (data keys, AdamW bias correction) loses precision.
+inline constexpr std::int64_t max_checkpoint_step = std::int64_t{1} << 40;
+// A checkpoint's identity header (JSON) is a few kilobytes even for a model of 1,000 layers.
+inline constexpr std::int64_t max_checkpoint_header_bytes = std::int64_t{1} << 20;
 
 } // namespace mop::limits

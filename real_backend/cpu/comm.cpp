@@ -28,7 +28,7 @@
 //      buffers named in the slots stay valid; only then does a member write its in-place results or
 //      return.
 //
-// Only the wait in step 1 can be interrupted (by an abort or the timeout): before every member
+// Only the wait in step 1 can be interrupted (by an abort or a deadlock): before every member
 // has arrived nobody reads anybody's buffers, so leaving is safe. A member that leaves marks the
 // group broken, so the barrier can never complete without it. After step 1 completes, every
 // member is guaranteed to reach the later barriers (steps 2 and 3 only copy and add memory that
@@ -167,11 +167,32 @@ struct GroupState {
   std::string broken;               // why the group can no longer complete a call
 };
 
+// What a world rank is doing, for deadlock detection. A rank is `waiting` only while the
+// condition it waits for (its group's arrival completing, a message in its mailbox) does not
+// hold; whoever makes the condition true (the last member to arrive, the sender) sets it back to
+// `running` under the same mutex as the condition, so a waiting rank can only be woken by another
+// rank's action.
+struct RankActivity {
+  enum class State { running, waiting, finished };
+  State state = State::running;
+  // What it waits for (state == waiting): a group's call, or a message from `from`.
+  const GroupState* group = nullptr;
+  Op op = Op::barrier;
+  std::uint64_t call = 0;
+  const Mailbox* box = nullptr;
+  int from = -1;
+};
+
 struct WorldState {
-  WorldState(int n, std::chrono::milliseconds t) : size(n), timeout(t) {}
+  explicit WorldState(int n) : size(n), live(n), activity(static_cast<std::size_t>(n)) {}
 
   const int size;
-  const std::chrono::milliseconds timeout;
+  // Deadlock detection (see wait_begins): guarded by progress_m, which is taken inside a group's
+  // or a mailbox's mutex, never the other way round.
+  std::mutex progress_m;
+  int live;        // ranks not finished
+  int waiting = 0; // ranks whose wait no action of theirs can end
+  std::vector<RankActivity> activity;
   std::mutex m; // guards the two maps
   std::map<std::vector<int>, std::shared_ptr<GroupState>> groups;
   std::map<std::pair<int, int>, std::unique_ptr<Mailbox>> mailboxes;
@@ -208,10 +229,65 @@ void throw_if_aborted(const WorldState& w) {
     throw Aborted(w.why);
 }
 
-std::string deadlock(const WorldState& w, int world_rank, const std::string& where) {
-  return fmt::format("world rank {} waited longer than {} ms in {}: a rank did not reach the "
-                     "matching call (deadlock)",
-                     world_rank, w.timeout.count(), where);
+// The deadlock sentence: what every rank waits for. Called under progress_m when every rank
+// that has not finished is waiting.
+std::string deadlock(const WorldState& w) {
+  constexpr int shown = 8; // a sentence, not a dump: the first ranks tell the story
+  std::string ranks;
+  for (int r = 0; r < w.size && r < shown; ++r) {
+    const RankActivity& a = w.activity[static_cast<std::size_t>(r)];
+    if (!ranks.empty())
+      ranks += "; ";
+    if (a.state == RankActivity::State::finished)
+      ranks += fmt::format("world rank {} has finished", r);
+    else if (a.group)
+      ranks += fmt::format("world rank {} waits in {} (call {}) on group {}", r, op_name(a.op),
+                           a.call, a.group->name);
+    else
+      ranks += fmt::format("world rank {} waits in recv from rank {}", r, a.from);
+  }
+  if (w.size > shown)
+    ranks += fmt::format("; and {} more ranks", w.size - shown);
+  return fmt::format("deadlock: every rank still running waits for a call that no other rank "
+                     "will make ({})",
+                     ranks);
+}
+
+// Marks world rank `rank` as waiting for `what`; returns the deadlock sentence when that leaves
+// no rank able to act (every rank not finished is waiting), else an empty string. The caller
+// holds the mutex of the condition it waits for.
+std::string wait_begins(WorldState& w, int rank, const RankActivity& what) {
+  std::lock_guard lock(w.progress_m);
+  RankActivity& a = w.activity[static_cast<std::size_t>(rank)];
+  if (a.state != RankActivity::State::waiting)
+    ++w.waiting;
+  a = what;
+  a.state = RankActivity::State::waiting;
+  return w.waiting == w.live ? deadlock(w) : std::string();
+}
+
+// Marks world rank `rank` as running again if it waits for `group` (or `box`): called by the rank
+// that makes its condition true, and by the waiter itself when it leaves on an abort.
+void wait_ends(WorldState& w, int rank, const GroupState* group, const Mailbox* box) {
+  std::lock_guard lock(w.progress_m);
+  RankActivity& a = w.activity[static_cast<std::size_t>(rank)];
+  if (a.state == RankActivity::State::waiting && a.group == group && a.box == box) {
+    a.state = RankActivity::State::running;
+    --w.waiting;
+  }
+}
+
+// Marks world rank `rank` as finished; returns the deadlock sentence when every rank still
+// running is waiting (for a rank that will now never call).
+std::string rank_finishes(WorldState& w, int rank) {
+  std::lock_guard lock(w.progress_m);
+  RankActivity& a = w.activity[static_cast<std::size_t>(rank)];
+  if (a.state == RankActivity::State::waiting)
+    --w.waiting;
+  a = RankActivity{};
+  a.state = RankActivity::State::finished;
+  --w.live;
+  return w.live > 0 && w.waiting == w.live ? deadlock(w) : std::string();
 }
 
 struct Member {
@@ -264,8 +340,8 @@ std::string check(const GroupState& g, std::uint64_t call) {
 }
 
 // Step 1: publish this member's arguments and wait until every member has. Throws on every
-// member if the arguments disagree, and on this member if the world is aborted or the wait
-// times out before everyone arrived.
+// member if the arguments disagree, and on this member if the world is aborted, or if waiting
+// leaves no rank of the world able to act (deadlock), before everyone arrived.
 void arrive(const Member& m, const Slot& s) {
   GroupState& g = m.g;
   throw_if_aborted(m.w);
@@ -280,24 +356,30 @@ void arrive(const Member& m, const Slot& s) {
     g.mismatch = check(g, call);
     g.count = 0;
     ++g.gen;
+    for (std::size_t r = 0; r < g.members.size(); ++r)
+      if (r != me)
+        wait_ends(m.w, g.members[r], &g, nullptr);
     g.cv.notify_all();
   } else {
-    const auto deadline = std::chrono::steady_clock::now() + m.w.timeout;
+    const int world_rank = g.members[me];
+    RankActivity what;
+    what.group = &g;
+    what.op = s.op;
+    what.call = call;
+    const std::string why = wait_begins(m.w, world_rank, what);
+    if (!why.empty()) {
+      g.broken = why;
+      lock.unlock();
+      abort_world(m.w, why);
+      throw CommError(why);
+    }
     while (g.gen == gen) {
       if (m.w.aborted.load()) {
         g.broken = m.w.why;
+        wait_ends(m.w, world_rank, &g, nullptr);
         throw Aborted(m.w.why);
       }
-      if (g.cv.wait_until(lock, deadline) == std::cv_status::timeout && g.gen == gen &&
-          !m.w.aborted.load()) {
-        const std::string why =
-            deadlock(m.w, g.members[me],
-                     fmt::format("{} (call {}) on group {}", op_name(s.op), call, g.name));
-        g.broken = why;
-        lock.unlock();
-        abort_world(m.w, why);
-        throw CommError(why);
-      }
+      g.cv.wait(lock);
     }
   }
   if (!g.mismatch.empty())
@@ -496,13 +578,10 @@ void Comm::barrier() const {
 
 // ---- World ---------------------------------------------------------------------------------
 
-World::World(int ranks, std::chrono::milliseconds timeout) {
+World::World(int ranks) {
   if (ranks < 1)
     throw std::invalid_argument(fmt::format("a world needs at least one rank, not {}", ranks));
-  if (timeout.count() <= 0)
-    throw std::invalid_argument(
-        fmt::format("the collectives' timeout must be positive, not {} ms", timeout.count()));
-  state_ = std::make_unique<WorldState>(ranks, timeout);
+  state_ = std::make_unique<WorldState>(ranks);
 }
 
 World::~World() = default;
@@ -556,6 +635,7 @@ template <class T> void World::send(int from, int to, const T* data, std::size_t
   {
     std::lock_guard lock(box.m);
     box.queue.push_back(std::move(msg));
+    wait_ends(w, to, nullptr, &box);
   }
   box.cv.notify_all();
 }
@@ -567,16 +647,23 @@ template <class T> void World::recv(int to, int from, T* data, std::size_t n) {
   throw_if_aborted(w);
   Mailbox& box = mailbox(w, from, to);
   std::unique_lock lock(box.m);
-  const auto deadline = std::chrono::steady_clock::now() + w.timeout;
-  while (box.queue.empty()) {
-    throw_if_aborted(w);
-    if (box.cv.wait_until(lock, deadline) == std::cv_status::timeout && box.queue.empty() &&
-        !w.aborted.load()) {
-      const std::string why = deadlock(w, to, fmt::format("recv from rank {}", from));
+  if (box.queue.empty()) {
+    RankActivity what;
+    what.box = &box;
+    what.from = from;
+    const std::string why = wait_begins(w, to, what);
+    if (!why.empty()) {
       lock.unlock();
       abort_world(w, why);
       throw CommError(why);
     }
+  }
+  while (box.queue.empty()) {
+    if (w.aborted.load()) {
+      wait_ends(w, to, nullptr, &box);
+      throw Aborted(w.why);
+    }
+    box.cv.wait(lock);
   }
   Message msg = std::move(box.queue.front());
   box.queue.pop_front();
@@ -593,9 +680,8 @@ void World::abort(const std::string& why) {
   abort_world(*state_, why);
 }
 
-void World::run(int ranks, const std::function<void(World&, int)>& fn,
-                std::chrono::milliseconds timeout) {
-  World world(ranks, timeout);
+void World::run(int ranks, const std::function<void(World&, int)>& fn) {
+  World world(ranks);
   struct Failure {
     std::exception_ptr error;
     bool from_abort; // a consequence of another rank's failure
@@ -613,6 +699,10 @@ void World::run(int ranks, const std::function<void(World&, int)>& fn,
   const auto body = [&](int rank) {
     try {
       fn(world, rank);
+      // The others may be waiting for this rank, which will never call again.
+      const std::string why = rank_finishes(*world.state_, rank);
+      if (!why.empty())
+        world.abort(why);
     } catch (const Aborted& e) {
       fail(rank, std::current_exception(), true, e.what());
     } catch (const std::exception& e) {

@@ -7,11 +7,13 @@
 // the same sizes; a size mismatch is an error (CommError naming the group and the call). A rank
 // that throws aborts the world: every other rank's call still waiting for its peers, and every
 // later call, throws CommError, so a failure never hangs (a call whose members have all arrived
-// completes first: its peers may be reading its buffers). A call that waits longer than the
-// world's timeout throws too (deadlock). In place as in NCCL: all_gather with
+// completes first: its peers may be reading its buffers). A deadlock is detected, not guessed
+// from a clock: when every rank that has not finished waits for a call or a message that only
+// another rank could supply, the world is aborted with a sentence naming what each rank waits
+// for. A rank that computes, however long, is never a deadlock. Each world rank is driven by one
+// thread at a time. In place as in NCCL: all_gather with
 // send == recv + rank·n, reduce_scatter with recv == send + rank·n; all_to_all_v's buffers must
 // not overlap.
-#include <chrono>
 #include <cstddef>
 #include <functional>
 #include <memory>
@@ -55,7 +57,8 @@ public:
                     const std::vector<std::size_t>& recv_counts) const;
   // Ring exchange: send n elements to member (rank() + shift) mod size(), receive n from member
   // (rank() - shift) mod size(). send and recv must not overlap.
-  template <class T> void send_recv_ring(const T* send, T* recv, std::size_t n, int shift = 1) const;
+  template <class T>
+  void send_recv_ring(const T* send, T* recv, std::size_t n, int shift = 1) const;
   void barrier() const;
 
 private:
@@ -68,7 +71,7 @@ private:
 
 class World {
 public:
-  explicit World(int ranks, std::chrono::milliseconds timeout = std::chrono::seconds(120));
+  explicit World(int ranks);
   ~World();
   World(const World&) = delete;
   World& operator=(const World&) = delete;
@@ -89,9 +92,9 @@ public:
 
   // Runs fn(world, rank) for every rank on its own thread and joins them. If any rank throws,
   // the world is aborted and, after all threads end, the first failure that the abort did not
-  // cause is rethrown.
-  static void run(int ranks, const std::function<void(World&, int)>& fn,
-                  std::chrono::milliseconds timeout = std::chrono::seconds(120));
+  // cause is rethrown. A rank whose fn returns has finished: ranks still waiting for it are a
+  // deadlock.
+  static void run(int ranks, const std::function<void(World&, int)>& fn);
 
 private:
   std::unique_ptr<WorldState> state_;

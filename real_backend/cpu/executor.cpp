@@ -1,7 +1,6 @@
 #include "real_backend/cpu/executor.hpp"
 
 #include "common/error.hpp"
-#include "common/json_io.hpp"
 #include "real_backend/cpu/comm.hpp"
 #include "real_backend/cpu/reference.hpp"
 #include "strategies/pipeline.hpp"
@@ -11,7 +10,6 @@
 #include <cstring>
 #include <deque>
 #include <fmt/format.h>
-#include <fstream>
 #include <functional>
 #include <numeric>
 
@@ -1745,40 +1743,37 @@ RunResult<T> run_plan(const TinyConfig& c, const Plan& plan, const DataSource& d
   std::vector<int> everyone(sz(plan.world));
   std::iota(everyone.begin(), everyone.end(), 0);
 
-  World::run(
-      plan.world,
-      [&](World& w, int r) {
-        Rank<T> rank(w, r, c, plan, sh, o, data);
-        const Comm all = w.group(everyone, r);
-        for (int k = 0; k < o.steps; ++k) {
-          const auto t0 = Clock::now();
-          rank.step(start.step + k);
-          all.barrier();
-          if (r == 0) {
-            res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-            const Batch batch = data.batch(start.step + k, plan.global_batch, o.seq_len);
-            double labelled = 0, loss = 0;
-            for (auto l : batch.labels)
-              labelled += l >= 0 ? 1 : 0;
-            for (double part : sh.loss_part)
-              loss += part;
-            loss /= labelled;
-            res.losses.push_back(loss);
-            if (ref) {
-              const double want = ref->step(batch);
-              res.max_loss_rel_diff =
-                  std::max(res.max_loss_rel_diff, std::abs(loss - want) / std::abs(want));
-              res.max_grad_rel_diff =
-                  std::max(res.max_grad_rel_diff, max_rel_diff(sh.grads, ref->grads()));
-            }
-            if (k + 1 == o.steps)
-              res.last_grads = sh.grads;
-          }
-          all.barrier();
+  World::run(plan.world, [&](World& w, int r) {
+    Rank<T> rank(w, r, c, plan, sh, o, data);
+    const Comm all = w.group(everyone, r);
+    for (int k = 0; k < o.steps; ++k) {
+      const auto t0 = Clock::now();
+      rank.step(start.step + k);
+      all.barrier();
+      if (r == 0) {
+        res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+        const Batch batch = data.batch(start.step + k, plan.global_batch, o.seq_len);
+        double labelled = 0, loss = 0;
+        for (auto l : batch.labels)
+          labelled += l >= 0 ? 1 : 0;
+        for (double part : sh.loss_part)
+          loss += part;
+        loss /= labelled;
+        res.losses.push_back(loss);
+        if (ref) {
+          const double want = ref->step(batch);
+          res.max_loss_rel_diff =
+              std::max(res.max_loss_rel_diff, std::abs(loss - want) / std::abs(want));
+          res.max_grad_rel_diff =
+              std::max(res.max_grad_rel_diff, max_rel_diff(sh.grads, ref->grads()));
         }
-        rank.finish_run();
-      },
-      o.timeout);
+        if (k + 1 == o.steps)
+          res.last_grads = sh.grads;
+      }
+      all.barrier();
+    }
+    rank.finish_run();
+  });
 
   res.state = std::move(sh.state);
   res.state.step = start.step + o.steps;
@@ -1797,70 +1792,5 @@ template RunResult<float> run_plan<float>(const TinyConfig&, const Plan&, const 
                                           const TrainState<float>&, const RunOptions&);
 template RunResult<double> run_plan<double>(const TinyConfig&, const Plan&, const DataSource&,
                                             const TrainState<double>&, const RunOptions&);
-// ---------------------------------------------------------------------------------------------
-namespace {
-constexpr char kMagic[8] = {'m', 'o', 'p', 'c', 'k', 'p', 't', '1'};
-
-void put_u64(std::string& out, std::uint64_t v) {
-  out.append(reinterpret_cast<const char*>(&v), sizeof v);
-}
-} // namespace
-
-void save_checkpoint(const std::string& path, const TinyConfig& c, const TrainState<float>& s) {
-  const auto layout = param_layout(c);
-  std::string out(kMagic, sizeof kMagic);
-  put_u64(out, layout.size());
-  for (const auto& p : layout)
-    put_u64(out, static_cast<std::uint64_t>(p.numel()));
-  put_u64(out, static_cast<std::uint64_t>(s.step));
-  for (const auto* group : {&s.params, &s.adam_m, &s.adam_v})
-    for (const auto& v : *group)
-      out.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
-  write_file_atomically(path, out);
-}
-
-TrainState<float> load_checkpoint(const std::string& path, const TinyConfig& c) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    refuse(fmt::format("cannot read the checkpoint '{}'", path));
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  Index at = 0;
-  auto take = [&](void* dst, Index n) {
-    if (at + n > bytes.size())
-      refuse(fmt::format("the checkpoint '{}' is truncated", path));
-    std::memcpy(dst, bytes.data() + at, n);
-    at += n;
-  };
-  char magic[8];
-  take(magic, sizeof magic);
-  if (std::memcmp(magic, kMagic, sizeof kMagic) != 0)
-    refuse(fmt::format("'{}' is not a mop checkpoint", path));
-  const auto layout = param_layout(c);
-  std::uint64_t count = 0;
-  take(&count, sizeof count);
-  if (count != layout.size())
-    refuse(fmt::format("the checkpoint '{}' holds {} tensors; model '{}' has {}", path, count,
-                       c.name, layout.size()));
-  for (const auto& p : layout) {
-    std::uint64_t n = 0;
-    take(&n, sizeof n);
-    if (n != static_cast<std::uint64_t>(p.numel()))
-      refuse(fmt::format("the checkpoint '{}' does not match model '{}' ({} has {} elements, the "
-                         "model {})",
-                         path, c.name, p.name, n, p.numel()));
-  }
-  TrainState<float> s;
-  std::uint64_t step = 0;
-  take(&step, sizeof step);
-  s.step = static_cast<std::int64_t>(step);
-  for (auto* group : {&s.params, &s.adam_m, &s.adam_v})
-    for (const auto& p : layout) {
-      group->emplace_back(sz(p.numel()));
-      take(group->back().data(), group->back().size() * sizeof(float));
-    }
-  if (at != bytes.size())
-    refuse(fmt::format("the checkpoint '{}' has trailing bytes", path));
-  return s;
-}
 
 } // namespace mop::real

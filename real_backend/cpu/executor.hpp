@@ -34,7 +34,6 @@ struct RunOptions {
   // Compare every step's loss and gradients, and the final parameters, with a single-rank
   // reference trained alongside in double precision.
   bool check = false;
-  std::chrono::milliseconds timeout = std::chrono::seconds(120);
 };
 
 struct OpTiming {
@@ -65,8 +64,6 @@ template <class T>
 RunResult<T> run_plan(const TinyConfig& c, const strategy::Plan& plan, const DataSource& data,
                       const TrainState<T>& start, const RunOptions& options);
 
-// Binary checkpoints ("mopckpt1", the model's layout and the state), written atomically.
-void save_checkpoint(const std::string& path, const TinyConfig& c, const TrainState<float>& s);
-TrainState<float> load_checkpoint(const std::string& path, const TinyConfig& c);
+// Checkpoints of a TrainState: real_backend/cpu/checkpoint.hpp.
 
 } // namespace mop::real

@@ -1,6 +1,7 @@
 #include "real_backend/cpu/tiny_model.hpp"
 
 #include "common/error.hpp"
+#include "real_backend/cpu/hash.hpp"
 #include "workload/params.hpp"
 
 #include <cmath>
@@ -266,6 +267,21 @@ Batch DataSource::batch(std::int64_t step, int sequences, int seq_len) const {
     }
   }
   return b;
+}
+
+std::uint64_t DataSource::fingerprint() const {
+  Fnv1a64 h;
+  const std::uint64_t head[3] = {text_.empty() ? 0ULL : 1ULL, seed_,
+                                 static_cast<std::uint64_t>(vocab_)};
+  h.add(head, sizeof head);
+  h.add(text_.data(), text_.size() * sizeof(text_[0]));
+  return h.value();
+}
+
+std::string DataSource::description() const {
+  if (text_.empty())
+    return fmt::format("the synthetic stream with seed {}", seed_);
+  return fmt::format("a {}-byte text file with seed {}", text_.size(), seed_);
 }
 
 } // namespace mop::real

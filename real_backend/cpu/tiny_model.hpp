@@ -97,6 +97,10 @@ public:
   static DataSource synthetic(int vocab, std::uint64_t seed);
   static DataSource text_file(const std::string& path, int vocab, std::uint64_t seed);
   Batch batch(std::int64_t step, int sequences, int seq_len) const;
+  // What determines every batch (the kind, the seed, the text's bytes), for checkpoints: equal
+  // fingerprints give equal batches. The description names it in a sentence.
+  std::uint64_t fingerprint() const;
+  std::string description() const;
 
 private:
   int vocab_ = 0;

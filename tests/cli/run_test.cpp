@@ -2,6 +2,7 @@
 // bad input.
 #include "common/json_io.hpp"
 #include "tests/cli/run_mop.hpp"
+#include "tests/support/approx.hpp"
 
 #include <cmath>
 #include <doctest/doctest.h>
@@ -56,11 +57,107 @@ TEST_CASE("mop run refuses bad input with one sentence") {
         "run --executor cpu --model tiny-moe --resume /no/such.ckpt",         // missing file
         "run --executor cpu --model tiny-moe --data /no/such.txt",            // missing file
         "run --executor cpu --model tiny-moe --ranks 3 --plan /no/plan.json", // missing plan
-        "run --executor gpu --model tiny-moe"}) {
+        "run --executor gpu --model tiny-moe",
+        // Flag values past the limits in common/limits.hpp.
+        "run --executor cpu --model tiny-moe --ranks 100000",
+        "run --executor cpu --model tiny-moe --ranks -1",
+        "run --executor cpu --model tiny-moe --steps 1000000000",
+        "run --executor cpu --model tiny-moe --steps -5",
+        "run --executor cpu --model tiny-moe --batch 0",
+        "run --executor cpu --model tiny-moe --batch -3",
+        "run --executor cpu --model tiny-moe --batch 100000000",
+        "run --executor cpu --model tiny-moe --seq 64K --batch 64", // 4M tokens in a step
+        "run --executor cpu --model tiny-moe --seq 1M",
+        "run --executor cpu --model tiny-moe --lr 0",
+        "run --executor cpu --model tiny-moe --lr 1e9",
+        "run --executor cpu --model tiny-moe --lr inf",
+        "run --executor cpu --model tiny-moe --lr nan",
+        "run --executor cpu --model tiny-moe --save-checkpoint ''",
+        "run --executor cpu --model tiny-moe --resume ''",
+        "run --executor cpu --model tiny-moe --resume /dev/null"}) {
     CAPTURE(args);
     const auto r = run_mop(args);
     CHECK(r.status == 1);
     CHECK(count_lines(r.err) == 1);
   }
   CHECK(run_mop("run --executor cpu").status == 2); // --model is required
+  // Not an int at all: a usage error.
+  CHECK(run_mop("run --executor cpu --model tiny-moe --steps 99999999999").status == 2);
+}
+
+namespace {
+
+struct TempDir {
+  std::filesystem::path dir;
+  explicit TempDir(const std::string& name) {
+    dir = std::filesystem::temp_directory_path() / (name + "-" + std::to_string(::getpid()));
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(dir, ec);
+  }
+  std::string path(const std::string& name) const { return (dir / name).string(); }
+};
+
+} // namespace
+
+TEST_CASE("mop run refuses a checkpoint target before it trains") {
+  const TempDir t("mop-run-target");
+  // Without --json the plan line is printed just before training starts: an empty stdout shows
+  // the refusal came first.
+  const std::string run = "run --executor cpu --model tiny-dense --ranks 2 --steps 2 ";
+  for (const std::string& target :
+       {t.path("missing/x.ckpt"), t.dir.string(), std::string("/dev/null")}) {
+    CAPTURE(target);
+    const auto r = run_mop(run + "--save-checkpoint " + target);
+    CHECK(r.status == 1);
+    CHECK(count_lines(r.err) == 1);
+    CHECK(r.err.find("cannot save the checkpoint to") != std::string::npos);
+    CHECK(r.out.empty());
+  }
+}
+
+TEST_CASE("mop run refuses a damaged or foreign checkpoint before it trains") {
+  const TempDir t("mop-run-resume");
+  const std::string ckpt = t.path("a.ckpt");
+  const std::string run = "run --executor cpu --model tiny-dense --ranks 2 --seq 32 --steps 1";
+  REQUIRE(run_mop(run + " --save-checkpoint " + ckpt).status == 0);
+  const auto refused = [&](const std::string& args, const std::string& part) {
+    CAPTURE(args);
+    const auto r = run_mop(args);
+    CHECK(r.status == 1);
+    CHECK(count_lines(r.err) == 1);
+    CHECK(r.err.find(part) != std::string::npos);
+    CHECK(r.out.empty());
+  };
+  // Another model, another data seed.
+  refused("run --executor cpu --model tiny-moe --ranks 2 --seq 32 --resume " + ckpt,
+          "was saved for model 'tiny-dense', not 'tiny-moe'");
+  refused(run + " --seed 2 --resume " + ckpt, "seed 1, not on the synthetic stream with seed 2");
+  // One bit flipped in the middle of the parameters.
+  std::string bytes = mop::test::slurp(ckpt);
+  bytes[bytes.size() / 3] = static_cast<char>(bytes[bytes.size() / 3] ^ 0x10);
+  std::ofstream(ckpt, std::ios::binary | std::ios::trunc) << bytes;
+  refused(run + " --resume " + ckpt, "its checksum does not match its contents");
+}
+
+TEST_CASE("mop run resumes under another plan of the same model") {
+  const TempDir t("mop-run-reshard");
+  const std::string ckpt = t.path("a.ckpt");
+  const std::string common = "run --executor cpu --model tiny-dense --seq 32 --batch 4 --json";
+  const auto whole = run_mop(common + " --ranks 2 --plan fsdp2 --steps 3");
+  const auto first =
+      run_mop(common + " --ranks 2 --plan fsdp2 --steps 2 --save-checkpoint " + ckpt);
+  const auto rest = run_mop(common + " --ranks 1 --steps 1 --resume " + ckpt);
+  REQUIRE(whole.status == 0);
+  REQUIRE(first.status == 0);
+  REQUIRE(rest.status == 0);
+  CHECK(rest.err.find("it is resharded for plan") != std::string::npos);
+  const Json w = Json::parse(whole.out), b = Json::parse(rest.out);
+  CHECK(b["first_step"] == 2);
+  // float32 on 2 ranks against float32 on 1: the same training up to the order of sums, the
+  // bound of the --check test above.
+  CHECK(b["loss"][0].get<double>() == mop::test::rel(w["loss"][2].get<double>(), 1e-5));
 }
