@@ -251,10 +251,12 @@ bool link_unnamed(int fd, const std::string& target, std::string& temp) {
   const std::string self = fmt::format("/proc/self/fd/{}", fd);
   for (int attempt = 0; attempt < 100; ++attempt) {
     temp = temporary_name(target);
-    if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, temp.c_str(), AT_SYMLINK_FOLLOW) == 0 ||
-        ::linkat(fd, "", AT_FDCWD, temp.c_str(), AT_EMPTY_PATH) == 0)
+    if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, temp.c_str(), AT_SYMLINK_FOLLOW) == 0)
       return true;
-    if (errno != EEXIST)
+    const int by_proc = errno;
+    if (::linkat(fd, "", AT_FDCWD, temp.c_str(), AT_EMPTY_PATH) == 0)
+      return true;
+    if (by_proc != EEXIST && errno != EEXIST) // a name taken is retried with the next one
       return false;
   }
   return false;
