@@ -1,11 +1,40 @@
 // mop: predicts, explores and runs parallelism mixes for training Mixture-of-Experts models.
 #include "cli/commands.hpp"
 #include "common/error.hpp"
+#include "common/limits.hpp"
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <fmt/format.h>
 #include <new>
+#include <iostream>
+
+namespace {
+
+// A message built from what the user typed (a command name, CLI11's sentence quoting an
+// argument) stays on one line of bounded length, as InputError's own sentences do.
+std::string one_line(std::string_view text) {
+  return mop::quote_for_message(text, 1000);
+}
+
+// Everything printed on stdout went through its buffer; a write that failed on the way (a full
+// disk, a closed terminal) must not end in exit 0 with a truncated output.
+int finish(int status) {
+  errno = 0;
+  const bool flushed = std::fflush(stdout) == 0;
+  const int err = errno;
+  if (flushed && !std::ferror(stdout) && !std::cout.bad())
+    return status;
+  std::fputs(fmt::format("mop: cannot write the output to stdout ({}).\n",
+                         err != 0 ? std::strerror(err) : "a write failed")
+                 .c_str(),
+             stderr);
+  return status == 0 ? 1 : status;
+}
+
+} // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"mop: does this Mixture-of-Experts model train on this cluster, how fast, and with "
@@ -30,7 +59,10 @@ int main(int argc, char** argv) {
     for (const CLI::App* sub : app.get_subcommands({}))
       known |= sub->get_name() == argv[1];
     if (!known) {
-      std::fputs(fmt::format("mop: unknown command '{}' (see --help)\n", argv[1]).c_str(), stderr);
+      std::fputs(fmt::format("mop: unknown command '{}' (see --help)\n",
+                             mop::quote_for_message(argv[1], mop::limits::max_quoted_chars))
+                     .c_str(),
+                 stderr);
       return 2;
     }
   }
@@ -38,16 +70,16 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp&) {
     std::fputs(app.help().c_str(), stdout);
-    return 0;
+    return finish(0);
   } catch (const CLI::CallForAllHelp&) {
     std::fputs(app.help("", CLI::AppFormatMode::All).c_str(), stdout);
-    return 0;
+    return finish(0);
   } catch (const CLI::CallForVersion& e) {
     std::fputs((std::string(e.what()) + "\n").c_str(), stdout);
-    return 0;
+    return finish(0);
   } catch (const CLI::ParseError& e) {
     // Usage errors: one sentence and a pointer to --help, exit 2 (CLI.md).
-    std::fputs(fmt::format("mop: {} (see --help)\n", e.what()).c_str(), stderr);
+    std::fputs(fmt::format("mop: {} (see --help)\n", one_line(e.what())).c_str(), stderr);
     return 2;
   } catch (const mop::InputError& e) {
     std::fputs(fmt::format("mop: {}\n", e.what()).c_str(), stderr);
@@ -60,8 +92,8 @@ int main(int argc, char** argv) {
                stderr);
     return 1;
   } catch (const std::exception& e) {
-    std::fputs(fmt::format("mop: internal error: {}\n", e.what()).c_str(), stderr);
+    std::fputs(fmt::format("mop: internal error: {}\n", one_line(e.what())).c_str(), stderr);
     return 3;
   }
-  return 0;
+  return finish(0);
 }

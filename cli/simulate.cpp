@@ -2,6 +2,7 @@
 #include "cli/commands.hpp"
 #include "cli/memory.hpp"
 #include "cli/output.hpp"
+#include "common/file_io.hpp"
 #include "common/units.hpp"
 #include "hw_models/calibration.hpp"
 #include "sim/engine.hpp"
@@ -150,6 +151,8 @@ void add_simulate_command(CLI::App& app) {
                 std::string("simulate every micro-batch instead of extrapolating the steady "
                             "state from two shorter runs"));
   cmd->callback([opt] {
+    if (!opt->trace.empty())
+      check_output_path(opt->trace); // refused before minutes of simulation, not after
     const PlanInputs in = resolve_inputs(*opt);
     const strategy::PlanContext ctx = in.context();
     const strategy::ResolvedPlan plan = strategy::resolve_plan(opt->plan, ctx);

@@ -2,6 +2,7 @@
 
 #include "common/error.hpp"
 #include "common/limits.hpp"
+#include "common/file_io.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -94,47 +95,11 @@ Json parse_json(std::string_view text, const std::string& origin) {
 }
 
 Json read_json_file(const std::string& path) {
-  std::error_code ec;
-  if (!std::filesystem::exists(path, ec))
-    throw InputError(fmt::format("{}: no such file.", path));
-  if (std::filesystem::is_directory(path, ec))
-    throw InputError(fmt::format("{} is a folder, not a JSON file.", path));
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    throw InputError(fmt::format("{}: cannot be read.", path));
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  return parse_json(buffer.str(), path);
+  return parse_json(read_input_file(path), path);
 }
 
 void write_file_atomically(const std::string& path, std::string_view text) {
-  namespace fs = std::filesystem;
-  const fs::path target(path);
-  fs::path dir = target.parent_path();
-  if (dir.empty())
-    dir = ".";
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec))
-    throw InputError(fmt::format("{}: the folder {} does not exist.", path, dir.string()));
-  const fs::path temp =
-      dir / fmt::format(".{}.tmp{}", target.filename().string(), static_cast<long>(::getpid()));
-  {
-    std::ofstream out(temp, std::ios::binary | std::ios::trunc);
-    if (!out)
-      throw InputError(fmt::format("{}: cannot be written.", path));
-    out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    out.flush();
-    if (!out) {
-      out.close();
-      fs::remove(temp, ec);
-      throw InputError(fmt::format("{}: writing failed (disk full?).", path));
-    }
-  }
-  fs::rename(temp, target, ec);
-  if (ec) {
-    fs::remove(temp, ec);
-    throw InputError(fmt::format("{}: cannot be written ({}).", path, ec.message()));
-  }
+  write_output_file(path, text);
 }
 
 JsonFields::JsonFields(const Json& object, std::string origin)

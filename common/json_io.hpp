@@ -1,6 +1,6 @@
 #pragma once
 // Reading JSON inputs with errors that name the file and the field, and writing outputs
-// atomically (a temporary file renamed into place: never a half-written output).
+// (common/file_io.hpp: which files are read, and how each kind of output target is written).
 #include <cstdint>
 #include <initializer_list>
 #include <nlohmann/json.hpp>
@@ -15,9 +15,11 @@ using Json = nlohmann::ordered_json;
 // Broken JSON, nesting deeper than limits::max_json_depth and numbers beyond a double
 // ("1e309") are InputErrors naming `origin` and, where known, the line.
 Json parse_json(std::string_view text, const std::string& origin);
-// Reads and parses a file; a missing or unreadable file or broken JSON is an InputError.
+// Reads (read_input_file) and parses a file; a file that cannot be read or broken JSON is an
+// InputError.
 Json read_json_file(const std::string& path);
-// Writes `text` to `path` through a temporary file in the same folder and a rename.
+// write_output_file: a regular file is replaced through a temporary file in the same folder and
+// a rename (never half-written); a FIFO or character device is written through.
 void write_file_atomically(const std::string& path, std::string_view text);
 
 // Typed field access with one-sentence errors: "config.json: field 'hidden_size' must be a

@@ -1,5 +1,6 @@
 #include "traces/chrome_trace.hpp"
 
+#include "common/file_io.hpp"
 #include "common/json_io.hpp"
 
 #include <algorithm>
@@ -415,7 +416,7 @@ std::string chrome_trace_json(const sim::Schedule& s, const sim::SimResult& r,
 
 void write_chrome_trace(const std::string& path, const sim::Schedule& s, const sim::SimResult& r,
                         const TraceOptions& o) {
-  write_file_atomically(path, chrome_trace_json(s, r, o));
+  write_output_file(path, chrome_trace_json(s, r, o));
 }
 
 } // namespace mop::trace

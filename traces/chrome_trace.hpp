@@ -26,8 +26,9 @@ struct TraceOptions {
 std::string chrome_trace_json(const sim::Schedule& s, const sim::SimResult& r,
                               const TraceOptions& o = {});
 
-// Writes chrome_trace_json() to `path` through mop::write_file_atomically: either the whole
-// trace or no file; a missing folder is an InputError naming the path.
+// Writes chrome_trace_json() to `path` through mop::write_output_file: a regular file gets either
+// the whole trace or stays as it was, a FIFO or character device is written through; a missing
+// folder, a folder or a failed write is an InputError naming the path.
 void write_chrome_trace(const std::string& path, const sim::Schedule& s, const sim::SimResult& r,
                         const TraceOptions& o = {});
 

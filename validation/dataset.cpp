@@ -1,13 +1,14 @@
 #include "validation/dataset.hpp"
 
 #include "common/error.hpp"
+#include "common/file_io.hpp"
 #include "common/limits.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
 #include "workload/hf_config.hpp"
 
+#include <algorithm>
 #include <fmt/format.h>
-#include <fstream>
 
 namespace mop::validation {
 
@@ -16,13 +17,13 @@ std::string default_dataset_path() {
 }
 
 std::vector<Row> read_dataset(const std::string& path) {
-  std::ifstream in(path);
-  if (!in)
-    throw InputError(fmt::format("{}: no such file or it cannot be read.", path));
+  const std::string text = read_input_file(path);
   std::vector<Row> rows;
-  std::string line;
   int number = 0;
-  while (std::getline(in, line)) {
+  for (std::size_t at = 0; at < text.size();) {
+    const std::size_t end = std::min(text.find('\n', at), text.size());
+    const std::string line = text.substr(at, end - at);
+    at = end + 1;
     ++number;
     if (line.find_first_not_of(" \t\r") == std::string::npos)
       continue;
@@ -55,6 +56,9 @@ std::vector<Row> read_dataset(const std::string& path) {
     (void)f.at("parallelism");
     rows.push_back(std::move(r));
   }
+  if (rows.empty())
+    throw InputError(fmt::format("{} holds no rows; a dataset has one JSON object per line.",
+                                 quote_for_message(path, limits::max_quoted_chars)));
   return rows;
 }
 

@@ -28,7 +28,8 @@ struct Row {
   Json measured;         // metric -> value
 };
 
-// Reads a JSON Lines file; a malformed line is an InputError naming file and line.
+// Reads a JSON Lines file (common/file_io.hpp: regular files only); a malformed line is an
+// InputError naming file and line, and so is a file without any row.
 std::vector<Row> read_dataset(const std::string& path);
 // The project's own dataset (compiled-in path of validation/data/published.jsonl).
 std::string default_dataset_path();

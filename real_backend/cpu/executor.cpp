@@ -1725,6 +1725,7 @@ template <class T>
 RunResult<T> run_plan(const TinyConfig& c, const Plan& plan, const DataSource& data,
                       const TrainState<T>& start, const RunOptions& o) {
   check_executable(c, plan, o.seq_len);
+  data.check_sequence_length(o.seq_len);
   if (o.steps < 1)
     refuse("the number of steps must be at least 1");
   const auto layout = param_layout(c);

@@ -2,11 +2,12 @@
 
 #include "common/error.hpp"
 #include "real_backend/cpu/hash.hpp"
+#include "common/file_io.hpp"
+#include "common/limits.hpp"
 #include "workload/params.hpp"
 
 #include <cmath>
 #include <fmt/format.h>
-#include <fstream>
 #include <iterator>
 #include <numbers>
 
@@ -219,19 +220,36 @@ DataSource DataSource::text_file(const std::string& path, int vocab, std::uint64
     throw InputError(fmt::format("training on a text file reads bytes and needs a vocabulary of "
                                  "at least 256 tokens; the model has {}",
                                  vocab));
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    throw InputError(fmt::format("cannot read the data file '{}'", path));
-  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (bytes.size() < 2)
-    throw InputError(fmt::format("the data file '{}' holds fewer than 2 bytes", path));
+  const std::string bytes = read_input_file(path);
+  const std::string name = quote_for_message(path, limits::max_quoted_chars);
+  if (bytes.empty())
+    throw InputError(fmt::format("the data file '{}' is empty; --data needs a text file", name));
+  // Text never holds a NUL byte (the test git and grep use to tell binary files from text).
+  if (const std::size_t nul = bytes.find('\0'); nul != std::string::npos)
+    throw InputError(fmt::format("the data file '{}' is not text (a NUL byte at offset {}); "
+                                 "--data trains on the bytes of a text file",
+                                 name, nul));
   DataSource d;
   d.vocab_ = vocab;
   d.seed_ = seed;
+  d.path_ = path;
+  // Every byte is a token below 256 <= vocab, so no token is outside the vocabulary.
   d.text_.reserve(bytes.size());
   for (char b : bytes)
     d.text_.push_back(static_cast<unsigned char>(b));
   return d;
+}
+
+void DataSource::check_sequence_length(int seq_len) const {
+  if (text_.empty())
+    return;
+  // One sequence of seq_len inputs needs seq_len + 1 tokens: the last input's label too.
+  const std::size_t needed = static_cast<std::size_t>(seq_len) + 1;
+  if (text_.size() < needed)
+    throw InputError(fmt::format("the data file '{}' holds {} bytes; a sequence of {} tokens "
+                                 "needs at least {}",
+                                 quote_for_message(path_, limits::max_quoted_chars), text_.size(),
+                                 seq_len, needed));
 }
 
 Batch DataSource::batch(std::int64_t step, int sequences, int seq_len) const {

@@ -95,7 +95,12 @@ struct Batch {
 class DataSource {
 public:
   static DataSource synthetic(int vocab, std::uint64_t seed);
+  // The file is read by read_input_file; an empty file or one with a NUL byte (not text) is an
+  // InputError.
   static DataSource text_file(const std::string& path, int vocab, std::uint64_t seed);
+  // InputError when a text file is too short for one sequence of `seq_len` tokens and its
+  // labels (seq_len + 1 bytes); the synthetic stream has any length.
+  void check_sequence_length(int seq_len) const;
   Batch batch(std::int64_t step, int sequences, int seq_len) const;
   // What determines every batch (the kind, the seed, the text's bytes), for checkpoints: equal
   // fingerprints give equal batches. The description names it in a sentence.
@@ -106,6 +111,7 @@ private:
   int vocab_ = 0;
   std::uint64_t seed_ = 0;
   std::vector<std::int32_t> text_; // empty for synthetic
+  std::string path_;               // the text file's path
 };
 
 // splitmix64: the project's counter-based random source (same numbers on every platform).

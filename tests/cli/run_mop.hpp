@@ -22,13 +22,14 @@ inline std::string slurp(const std::filesystem::path& p) {
   return s.str();
 }
 
-// `args` is passed to the shell as written (quote what needs quoting).
-inline MopResult run_mop(const std::string& args) {
+// `args` is passed to the shell as written (quote what needs quoting); `before` is shell text
+// run first in the same shell (`ulimit -f 64;`).
+inline MopResult run_mop(const std::string& args, const std::string& before = "") {
   namespace fs = std::filesystem;
   const fs::path dir = fs::temp_directory_path() / ("mop-cli-" + std::to_string(::getpid()));
   fs::create_directories(dir);
-  const std::string cmd = std::string(MOP_BINARY) + " " + args + " >" + (dir / "out").string() +
-                          " 2>" + (dir / "err").string();
+  const std::string cmd = before + std::string(MOP_BINARY) + " " + args + " >" +
+                          (dir / "out").string() + " 2>" + (dir / "err").string();
   const int raw = std::system(cmd.c_str());
   MopResult r;
   r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : -1;

@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <sys/stat.h>
+#include <unistd.h>
 
 using namespace mop;
 using namespace mop::validation;
@@ -120,4 +122,38 @@ TEST_CASE(
   CHECK(error_of([&] { row_with("4294967304", "{}"); })
             .ends_with(":1: field 'num_gpus' must be an integer from 1 to 1048576 (got "
                        "4294967304)."));
+TEST_CASE("a dataset without rows, a folder and a FIFO are refused with one sentence") {
+  namespace fs = std::filesystem;
+  std::string pattern = (fs::temp_directory_path() / "mop-dataset-XXXXXX").string();
+  REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+  const fs::path dir = pattern;
+  std::ofstream(dir / "empty.jsonl").close();
+  std::ofstream(dir / "blank.jsonl") << "\n  \n\r\n";
+  REQUIRE(::mkfifo((dir / "fifo.jsonl").c_str(), 0600) == 0);
+  auto message = [](const fs::path& p) -> std::string {
+    try {
+      read_dataset(p.string());
+    } catch (const InputError& e) {
+      return e.what();
+    }
+    return "accepted";
+  };
+  CHECK(message(dir / "empty.jsonl") ==
+        (dir / "empty.jsonl").string() + " holds no rows; a dataset has one JSON object per line.");
+  CHECK(message(dir / "blank.jsonl") ==
+        (dir / "blank.jsonl").string() + " holds no rows; a dataset has one JSON object per line.");
+  CHECK(message(dir).find("is a folder") != std::string::npos);
+  CHECK(message(dir / "fifo.jsonl").find("is a FIFO") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("a last line without a newline and CRLF line ends are rows like the others") {
+  const auto path = std::filesystem::temp_directory_path() / "mop-crlf.jsonl";
+  const std::string row = R"({"id": "r", "gpu": "H100", "num_gpus": 8, "seq_len": 4096, )"
+                          R"("measured": {"mfu": 0.4}, "parallelism": {}})";
+  std::ofstream(path, std::ios::binary) << row << "\r\n" << row;
+  const std::vector<Row> rows = read_dataset(path.string());
+  std::filesystem::remove(path);
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[1].origin == path.string() + ":2");
 }
