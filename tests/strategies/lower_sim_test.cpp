@@ -35,10 +35,15 @@ TEST_CASE("saved activations at the engine's peak equal the analytic model's (no
   const sim::Schedule s = lower(p, LoweringContext{&m, 4096, 8, hw, {}});
   const sim::SimResult r = sim::simulate(s, c, hw::Calibration{});
   const double des = r.classes[0].memory.at_peak[static_cast<int>(sim::MemoryKind::activations)];
+  // The tensors' sizes come from the same per-layer function on both sides; what this checks is
+  // the engine's timing: its peak falls where every layer's saved activations are live at once.
   // The analytic figure adds the allocator's fragmentation only to "other"; activations agree.
   CHECK(des == mop::test::rel(analytic.classes[0].hbm.activations, 0.01));
+  // Weights: the lowering copies the analytic figure into its resident tensor, so compare with
+  // the ZeRO-3 shard by hand instead: BF16 weights of all N parameters over 8 ranks, 2N/8 bytes.
+  const double n = static_cast<double>(workload::count_params(m).total.total());
   CHECK(r.classes[0].memory.at_peak[static_cast<int>(sim::MemoryKind::weights)] ==
-        mop::test::rel(analytic.classes[0].hbm.weights));
+        mop::test::rel(2 * n / 8));
 }
 
 TEST_CASE("a 1F1B pipeline of equal stages idles (p-1)/(m+p-1) of the step" *
