@@ -8,7 +8,8 @@ using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
 
-TEST_CASE("mop model show --json prints one object with the contract's keys") {
+TEST_CASE("mop model show --json prints one object with the contract's keys" *
+          doctest::test_suite("plumbing")) {
   const auto r = run_mop("model show kimi-k2 --seq 4K --json");
   REQUIRE(r.status == 0);
   const Json j = Json::parse(r.out);
@@ -21,14 +22,15 @@ TEST_CASE("mop model show --json prints one object with the contract's keys") {
   CHECK(j["seq"] == 4096);
 }
 
-TEST_CASE("mop model show accepts a config.json path") {
+TEST_CASE("mop model show accepts a config.json path" * doctest::test_suite("plumbing")) {
   const auto r = run_mop(std::string("model show ") + MOP_SOURCE_DIR +
                          "/configs/models/mixtral-8x7b.json --json");
   REQUIRE(r.status == 0);
   CHECK(Json::parse(r.out)["num_routed_experts"] == 8);
 }
 
-TEST_CASE("mop model list shows every catalog model in a table and as JSON") {
+TEST_CASE("mop model list shows every catalog model in a table and as JSON" *
+          doctest::test_suite("plumbing")) {
   const auto text = run_mop("model list");
   CHECK(text.status == 0);
   CHECK(text.out.find("kimi-k2") != std::string::npos);
@@ -38,7 +40,8 @@ TEST_CASE("mop model list shows every catalog model in a table and as JSON") {
   CHECK(Json::parse(json.out)["models"].size() == 13);
 }
 
-TEST_CASE("bad input: one sentence on stderr, exit 1, nothing on stdout") {
+TEST_CASE("bad input: one sentence on stderr, exit 1, nothing on stdout" *
+          doctest::test_suite("plumbing")) {
   for (const char* args :
        {"model show no-such-model", "model show kimi-k2 --seq 0", "model show kimi-k2 --seq 12Q",
         "model show /nonexistent/config.json", "model show " MOP_SOURCE_DIR "/CMakeLists.txt"}) {
@@ -50,7 +53,8 @@ TEST_CASE("bad input: one sentence on stderr, exit 1, nothing on stdout") {
   }
 }
 
-TEST_CASE("usage errors exit 2 and --help exits 0 with an example") {
+TEST_CASE("usage errors exit 2 and --help exits 0 with an example" *
+          doctest::test_suite("plumbing")) {
   CHECK(run_mop("model show").status == 2);
   CHECK(run_mop("model show kimi-k2 --no-such-flag").status == 2);
   CHECK(run_mop("").status == 2);
@@ -59,7 +63,8 @@ TEST_CASE("usage errors exit 2 and --help exits 0 with an example") {
   CHECK(help.out.find("Example") != std::string::npos);
 }
 
-TEST_CASE("an unknown command is a usage error even with --help") {
+TEST_CASE("an unknown command is a usage error even with --help" *
+          doctest::test_suite("plumbing")) {
   const auto r = run_mop("no-such-command --help");
   CHECK(r.status == 2);
   CHECK(count_lines(r.err) == 1);

@@ -1,6 +1,7 @@
 // `mop hw` end to end: CLI.md's JSON keys, nccl-tests figures, exit statuses.
 #include "common/json_io.hpp"
 #include "tests/cli/run_mop.hpp"
+#include "tests/support/approx.hpp"
 
 #include <doctest/doctest.h>
 #include <filesystem>
@@ -10,7 +11,8 @@ using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
 
-TEST_CASE("mop hw list shows the three node types in a table and as JSON") {
+TEST_CASE("mop hw list shows the three node types in a table and as JSON" *
+          doctest::test_suite("plumbing")) {
   const auto text = run_mop("hw list");
   REQUIRE(text.status == 0);
   for (const char* id : {"h100", "h200", "b200"})
@@ -20,7 +22,8 @@ TEST_CASE("mop hw list shows the three node types in a table and as JSON") {
   CHECK(Json::parse(json.out)["clusters"].size() == 3);
 }
 
-TEST_CASE("mop hw show --json prints one object with the contract's keys") {
+TEST_CASE("mop hw show --json prints one object with the contract's keys" *
+          doctest::test_suite("plumbing")) {
   const auto r = run_mop("hw show h200 --json");
   REQUIRE(r.status == 0);
   const Json j = Json::parse(r.out);
@@ -38,14 +41,15 @@ TEST_CASE("mop hw show --json prints one object with the contract's keys") {
   CHECK(text.out.find("sources:") != std::string::npos);
 }
 
-TEST_CASE("mop hw show accepts a cluster JSON path") {
+TEST_CASE("mop hw show accepts a cluster JSON path" * doctest::test_suite("plumbing")) {
   const auto r =
       run_mop(std::string("hw show ") + MOP_SOURCE_DIR + "/configs/clusters/h100.json --json");
   REQUIRE(r.status == 0);
   CHECK(Json::parse(r.out)["name"] == "h100");
 }
 
-TEST_CASE("mop hw collective reproduces nccl-tests figures with the contract's keys") {
+TEST_CASE("mop hw collective reproduces nccl-tests figures with the contract's keys" *
+          doctest::test_suite("independent")) {
   // 8×H200 all-reduce at 8 GiB: NVLS ≈480 GB/s busbw, algbw ≈275 (Azure ND H200 v5; nccl-tests
   // #212). --ranks-per-node defaults to min(ranks, 8).
   const auto r =
@@ -54,19 +58,20 @@ TEST_CASE("mop hw collective reproduces nccl-tests figures with the contract's k
   const Json j = Json::parse(r.out);
   for (const char* key : {"time_s", "algbw", "busbw", "algorithm"})
     CHECK(j.contains(key));
-  CHECK(j["busbw"].get<double>() / 1e9 == doctest::Approx(480).epsilon(0.10));
-  CHECK(j["algbw"].get<double>() / 1e9 == doctest::Approx(275).epsilon(0.10));
-  CHECK(j["busbw"].get<double>() == doctest::Approx(j["algbw"].get<double>() * 2 * 7 / 8));
+  CHECK(j["busbw"].get<double>() / 1e9 == mop::test::rel(480, 0.10));
+  CHECK(j["algbw"].get<double>() / 1e9 == mop::test::rel(275, 0.10));
+  CHECK(j["busbw"].get<double>() == mop::test::rel(j["algbw"].get<double>() * 2 * 7 / 8));
   CHECK(j["ranks_per_node"] == 8);
   // 16 nodes × 8 GPUs, all-gather: ≈370 GB/s, 8 × 46–47 GB/s NICs (hardware.md §3.3).
   const auto inter =
       run_mop("hw collective --cluster h100 --op all_gather --bytes 8G --ranks 128 --json");
   REQUIRE(inter.status == 0);
-  CHECK(Json::parse(inter.out)["busbw"].get<double>() / 1e9 == doctest::Approx(370).epsilon(0.10));
+  CHECK(Json::parse(inter.out)["busbw"].get<double>() / 1e9 == mop::test::rel(370, 0.10));
   CHECK(Json::parse(inter.out)["nodes"] == 16);
 }
 
-TEST_CASE("mop hw collective prints an nccl-tests-like table, one row per size") {
+TEST_CASE("mop hw collective prints an nccl-tests-like table, one row per size" *
+          doctest::test_suite("plumbing")) {
   const auto r = run_mop("hw collective --cluster h200 --op reduce_scatter --bytes 1M --min-bytes "
                          "1K --ranks 16 --ranks-per-node 8");
   REQUIRE(r.status == 0);
@@ -79,7 +84,7 @@ TEST_CASE("mop hw collective prints an nccl-tests-like table, one row per size")
   CHECK(Json::parse(forced.out)["algorithm"] == "Ring");
 }
 
-TEST_CASE("mop hw collective uses a calibration file") {
+TEST_CASE("mop hw collective uses a calibration file" * doctest::test_suite("plumbing")) {
   const auto r = run_mop(std::string("hw collective --cluster h200 --op all_reduce --bytes 64M "
                                      "--ranks 8 --json --calibration ") +
                          MOP_SOURCE_DIR + "/configs/calibration/example-h200.json");
@@ -89,7 +94,8 @@ TEST_CASE("mop hw collective uses a calibration file") {
   CHECK(j["time_s"] == 3.3e-4); // the example file's measured point
 }
 
-TEST_CASE("mop hw bad input: one sentence on stderr, exit 1, nothing on stdout") {
+TEST_CASE("mop hw bad input: one sentence on stderr, exit 1, nothing on stdout" *
+          doctest::test_suite("plumbing")) {
   namespace fs = std::filesystem;
   const fs::path bad = fs::temp_directory_path() / "mop-hw-cli-missing-field.json";
   {
@@ -120,7 +126,8 @@ TEST_CASE("mop hw bad input: one sentence on stderr, exit 1, nothing on stdout")
   fs::remove(bad);
 }
 
-TEST_CASE("mop hw usage errors exit 2 and every subcommand's help has an example") {
+TEST_CASE("mop hw usage errors exit 2 and every subcommand's help has an example" *
+          doctest::test_suite("plumbing")) {
   CHECK(run_mop("hw").status == 2);
   CHECK(run_mop("hw collective --cluster h200 --op all_reduce --bytes 1G").status == 2);
   for (const char* sub : {"list", "show", "collective"}) {

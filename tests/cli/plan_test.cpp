@@ -8,7 +8,7 @@ using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
 
-TEST_CASE("mop plan --json ranks fitting plans best first") {
+TEST_CASE("mop plan --json ranks fitting plans best first" * doctest::test_suite("plumbing")) {
   const auto r = run_mop("plan --model tiny-moe --cluster h100 --nodes 1 --seq 4K --top 3 --json");
   REQUIRE(r.status == 0);
   const Json j = Json::parse(r.out);
@@ -27,7 +27,8 @@ TEST_CASE("mop plan --json ranks fitting plans best first") {
   }
 }
 
-TEST_CASE("when nothing fits, plan answers with an empty list and what runs out first") {
+TEST_CASE("when nothing fits, plan answers with an empty list and what runs out first" *
+          doctest::test_suite("plumbing")) {
   const auto r = run_mop("plan --model kimi-k2 --cluster h100 --nodes 1 --seq 4K --json");
   REQUIRE(r.status == 0);
   const Json j = Json::parse(r.out);
@@ -38,7 +39,7 @@ TEST_CASE("when nothing fits, plan answers with an empty list and what runs out 
   CHECK(text.out.find("nothing fits") != std::string::npos);
 }
 
-TEST_CASE("sweep rows and fit nodes") {
+TEST_CASE("sweep rows and fit nodes" * doctest::test_suite("plumbing")) {
   const auto s = run_mop("sweep --model tiny-dense --cluster h100 --nodes 1 --seq 2K,4K "
                          "--family fsdp2,mop --json");
   REQUIRE(s.status == 0);
@@ -56,7 +57,7 @@ TEST_CASE("sweep rows and fit nodes") {
   CHECK(Json::parse(f.out)["nodes"] == 1);
 }
 
-TEST_CASE("plan refuses bad input with one sentence") {
+TEST_CASE("plan refuses bad input with one sentence" * doctest::test_suite("plumbing")) {
   for (const char* args :
        {"plan --model tiny-moe --cluster h100 --nodes 1 --seq 4K --family zero-infinity",
         "plan --model tiny-moe --cluster h100 --nodes 1 --seq 4K --top 0",

@@ -13,7 +13,8 @@ using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
 
-TEST_CASE("mop run --executor cpu --check --json has the contract's keys") {
+TEST_CASE("mop run --executor cpu --check --json has the contract's keys" *
+          doctest::test_suite("plumbing")) {
   const auto r = run_mop("run --executor cpu --model tiny-moe --ranks 2 --plan fsdp2 --steps 2 "
                          "--check --json");
   REQUIRE(r.status == 0);
@@ -30,7 +31,7 @@ TEST_CASE("mop run --executor cpu --check --json has the contract's keys") {
   CHECK(std::abs(j["loss"][0].get<double>() - std::log(256.0)) < 0.05);
 }
 
-TEST_CASE("mop run resumes from a checkpoint exactly") {
+TEST_CASE("mop run resumes from a checkpoint exactly" * doctest::test_suite("plumbing")) {
   namespace fs = std::filesystem;
   const fs::path ckpt = fs::temp_directory_path() / "mop-run-test.ckpt";
   const std::string common =
@@ -47,7 +48,7 @@ TEST_CASE("mop run resumes from a checkpoint exactly") {
   CHECK(b["loss"][0].get<double>() == w["loss"][2].get<double>());
 }
 
-TEST_CASE("mop run refuses bad input with one sentence") {
+TEST_CASE("mop run refuses bad input with one sentence" * doctest::test_suite("plumbing")) {
   for (const char* args :
        {"run --model tiny-moe --ranks 2 --steps 1",                           // no CUDA executor
         "run --executor cpu --model tiny-moe --ranks 0",                      // no ranks

@@ -1,6 +1,7 @@
 // mop simulate end to end: the contract's keys, a trace Perfetto can open, determinism.
 #include "common/json_io.hpp"
 #include "tests/cli/run_mop.hpp"
+#include "tests/support/approx.hpp"
 
 #include <doctest/doctest.h>
 #include <filesystem>
@@ -9,7 +10,8 @@ using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
 
-TEST_CASE("mop simulate --json has every key of memory plus the step's figures") {
+TEST_CASE("mop simulate --json has every key of memory plus the step's figures" *
+          doctest::test_suite("plumbing")) {
   const auto r = run_mop("simulate --model llama3-8b --cluster h100 --nodes 1 --seq 8K "
                          "--global-batch 16 --plan fsdp2 --json");
   REQUIRE(r.status == 0);
@@ -26,16 +28,17 @@ TEST_CASE("mop simulate --json has every key of memory plus the step's figures")
   const double parts = b["compute"].get<double>() + b["exposed_comm"].get<double>() +
                        b["bubble"].get<double>() + b["offload_stall"].get<double>() +
                        b["optimizer"].get<double>();
-  CHECK(parts == doctest::Approx(j["step_time_s"].get<double>()).epsilon(1e-9));
+  CHECK(parts == mop::test::rel(j["step_time_s"].get<double>(), 1e-9));
   // Throughput follows from the step: 16 sequences of 8192 tokens on 8 GPUs.
   CHECK(j["tokens_per_s_per_gpu"].get<double>() ==
-        doctest::Approx(16.0 * 8192 / j["step_time_s"].get<double>() / 8));
+        mop::test::rel(16.0 * 8192 / j["step_time_s"].get<double>() / 8));
   // MFU is TFLOPS over the H100's 989 dense BF16 TFLOPS.
-  CHECK(j["mfu"].get<double>() == doctest::Approx(j["tflops_per_gpu"].get<double>() / 989.0));
+  CHECK(j["mfu"].get<double>() == mop::test::rel(j["tflops_per_gpu"].get<double>() / 989.0));
 }
 
 TEST_CASE("mop simulate --trace writes a Chrome trace with ops and memory counters, the same "
-          "bytes every time") {
+          "bytes every time" *
+          doctest::test_suite("plumbing")) {
   namespace fs = std::filesystem;
   const fs::path a = fs::temp_directory_path() / "mop-sim-a.json";
   const fs::path b = fs::temp_directory_path() / "mop-sim-b.json";
@@ -56,7 +59,8 @@ TEST_CASE("mop simulate --trace writes a Chrome trace with ops and memory counte
   fs::remove(b);
 }
 
-TEST_CASE("mop simulate refuses bad input with one sentence and writes no trace") {
+TEST_CASE("mop simulate refuses bad input with one sentence and writes no trace" *
+          doctest::test_suite("plumbing")) {
   const auto r = run_mop("simulate --model llama3-8b --cluster h100 --nodes 1 --seq 8K "
                          "--plan fsdp2 --trace /nonexistent/dir/t.json");
   CHECK(r.status == 1);

@@ -20,18 +20,19 @@ std::string message_of(auto&& f) {
 }
 } // namespace
 
-TEST_CASE("broken JSON names the origin and the line") {
+TEST_CASE("broken JSON names the origin and the line" * doctest::test_suite("plumbing")) {
   const std::string msg = message_of([] { mop::parse_json("{\n \"a\": 1,\n oops }", "x.json"); });
   CHECK(msg.find("x.json") != std::string::npos);
   CHECK(msg.find("line 3") != std::string::npos);
 }
 
-TEST_CASE("a missing file is one sentence naming it") {
+TEST_CASE("a missing file is one sentence naming it" * doctest::test_suite("plumbing")) {
   const std::string msg = message_of([] { mop::read_json_file("/nonexistent/config.json"); });
   CHECK(msg == "/nonexistent/config.json: no such file.");
 }
 
-TEST_CASE("fields: missing, wrong type and non-positive values name the field") {
+TEST_CASE("fields: missing, wrong type and non-positive values name the field" *
+          doctest::test_suite("plumbing")) {
   const Json j = Json::parse(R"({"a": 3, "b": -2, "c": "x", "d": 2.0, "e": null})");
   const mop::JsonFields f(j, "m.json");
   CHECK(f.positive_int("a") == 3);
@@ -45,7 +46,8 @@ TEST_CASE("fields: missing, wrong type and non-positive values name the field") 
         "m.json: field 'c' must be true or false (got \"x\").");
 }
 
-TEST_CASE("atomic write leaves either the whole new file or the old one") {
+TEST_CASE("atomic write leaves either the whole new file or the old one" *
+          doctest::test_suite("plumbing")) {
   const fs::path dir = fs::temp_directory_path() / "mop-json-io-test";
   fs::create_directories(dir);
   const std::string path = (dir / "out.json").string();

@@ -9,6 +9,7 @@
 #include "hw_models/copy.hpp"
 #include "hw_models/host_optimizer.hpp"
 #include "hw_models/memory_overheads.hpp"
+#include "tests/support/approx.hpp"
 
 #include <doctest/doctest.h>
 #include <filesystem>
@@ -49,7 +50,8 @@ std::string calibration_error(const Json& j) {
 
 } // namespace
 
-TEST_CASE("the example calibration loads; an empty one changes nothing") {
+TEST_CASE("the example calibration loads and an empty one changes nothing" *
+          doctest::test_suite("plumbing")) {
   const Calibration cal = load_calibration(kExample);
   CHECK(cal.gemm.size() == 3);
   CHECK(cal.attention.size() == 3);
@@ -59,7 +61,8 @@ TEST_CASE("the example calibration loads; an empty one changes nothing") {
   CHECK(Calibration{}.empty());
 }
 
-TEST_CASE("GEMM overlay: measured m exact, between measured m interpolated, elsewhere the model") {
+TEST_CASE("GEMM overlay: measured m exact, between measured m interpolated, elsewhere the model" *
+          doctest::test_suite("independent")) {
   const ClusterSpec h200 = load_cluster("h200");
   const Calibration cal = load_calibration(kExample);
   // The file: bf16 n = k = 4096, m = 1024 in 60 µs and m = 4096 in 180 µs.
@@ -69,7 +72,7 @@ TEST_CASE("GEMM overlay: measured m exact, between measured m interpolated, else
   const double r1 = 2.0 * 1024 * 4096 * 4096 / 6.0e-5, r2 = 2.0 * 4096 * 4096 * 4096 / 1.8e-4;
   const double r = r1 + (r2 - r1) * (2048.0 - 1024) / (4096 - 1024);
   CHECK(gemm_time_s(h200, cal, 2048, 4096, 4096, Dtype::bf16) ==
-        doctest::Approx(2.0 * 2048 * 4096 * 4096 / r));
+        mop::test::rel(2.0 * 2048 * 4096 * 4096 / r));
   // Outside the measured m, another n, or another dtype: the model.
   const Calibration none{};
   CHECK(gemm_time_s(h200, cal, 8192, 4096, 4096, Dtype::bf16) ==
@@ -81,7 +84,8 @@ TEST_CASE("GEMM overlay: measured m exact, between measured m interpolated, else
 }
 
 TEST_CASE(
-    "grouped GEMM overlay: a measured balanced routing exact, a skewed one scaled by the model") {
+    "grouped GEMM overlay: a measured balanced routing exact, a skewed one scaled by the model" *
+    doctest::test_suite("independent")) {
   const ClusterSpec h200 = load_cluster("h200");
   const Calibration cal = load_calibration(kExample);
   // The file: 8 experts × 4096 rows, n = 768, k = 2048 in 165 µs.
@@ -93,10 +97,11 @@ TEST_CASE(
                              grouped_gemm_time_s(h200, none, balanced, 768, 2048, Dtype::bf16);
   // The model's ratio includes one launch on each side; the overlay's excludes it: within 2 %.
   CHECK(grouped_gemm_time_s(h200, cal, skewed, 768, 2048, Dtype::bf16) ==
-        doctest::Approx(1.65e-4 * model_ratio).epsilon(0.02));
+        mop::test::rel(1.65e-4 * model_ratio, 0.02));
 }
 
-TEST_CASE("attention overlay: measured shape exact, between interpolated, elsewhere the model") {
+TEST_CASE("attention overlay: measured shape exact, between interpolated, elsewhere the model" *
+          doctest::test_suite("independent")) {
   const ClusterSpec h200 = load_cluster("h200");
   const Calibration cal = load_calibration(kExample);
   // The file: causal fwd, 1 × 32 heads, d 128: 4096 in 240 µs, 8192 in 920 µs; bwd 8192 in 2.7 ms.
@@ -106,11 +111,11 @@ TEST_CASE("attention overlay: measured shape exact, between interpolated, elsewh
   // 6144: the achieved FLOP/s halfway between the two measured lengths.
   const double r1 = causal_flops(4096) / 2.4e-4, r2 = causal_flops(8192) / 9.2e-4;
   CHECK(attention_fwd_time_s(h200, cal, causal_self_attention(6144)) ==
-        doctest::Approx(causal_flops(6144) / ((r1 + r2) / 2)));
+        mop::test::rel(causal_flops(6144) / ((r1 + r2) / 2)));
   // Same kv length, twice the batch: the measured rate, twice the FLOPs.
   AttentionShape two = causal_self_attention(8192);
   two.batch = 2;
-  CHECK(attention_fwd_time_s(h200, cal, two) == doctest::Approx(2 * 9.2e-4));
+  CHECK(attention_fwd_time_s(h200, cal, two) == mop::test::rel(2 * 9.2e-4));
   // Outside the measured range, or not measured at all (non-causal): the model.
   const Calibration none{};
   for (AttentionShape s : {causal_self_attention(16384), causal_self_attention(2048)})
@@ -122,7 +127,8 @@ TEST_CASE("attention overlay: measured shape exact, between interpolated, elsewh
         attention_bwd_time_s(h200, none, causal_self_attention(4096)));
 }
 
-TEST_CASE("collective overlay: measured size exact, between interpolated, elsewhere the model") {
+TEST_CASE("collective overlay: measured size exact, between interpolated, elsewhere the model" *
+          doctest::test_suite("independent")) {
   const ClusterSpec h200 = load_cluster("h200");
   const Calibration cal = load_calibration(kExample);
   const GroupShape node{8, 1};
@@ -130,10 +136,10 @@ TEST_CASE("collective overlay: measured size exact, between interpolated, elsewh
   const CollectiveCost at64 = collective_cost(h200, cal, CollectiveOp::all_reduce, 64 * MiB, node);
   CHECK(at64.time_s == 3.3e-4);
   CHECK(at64.algorithm == "calibrated");
-  CHECK(at64.busbw == doctest::Approx(64 * MiB / 3.3e-4 * 2 * 7 / 8));
+  CHECK(at64.busbw == mop::test::rel(64 * MiB / 3.3e-4 * 2 * 7 / 8));
   // Halfway in bytes between 1 MiB and 64 MiB: halfway in time.
   CHECK(collective_cost(h200, cal, CollectiveOp::all_reduce, 32.5 * MiB, node).time_s ==
-        doctest::Approx((3.6e-5 + 3.3e-4) / 2));
+        mop::test::rel((3.6e-5 + 3.3e-4) / 2));
   // Beyond 1 GiB, another group shape, another op: the model.
   const Calibration none{};
   for (auto [op, bytes, g] : {std::tuple{CollectiveOp::all_reduce, 4 * GiB, node},
@@ -149,35 +155,38 @@ TEST_CASE("collective overlay: measured size exact, between interpolated, elsewh
         "calibrated");
 }
 
-TEST_CASE("host AdamW overlay interpolates measured rates by core count") {
+TEST_CASE("host AdamW overlay interpolates measured rates by core count" *
+          doctest::test_suite("independent")) {
   const ClusterSpec h200 = load_cluster("h200");
   const Calibration cal = load_calibration(kExample);
   // The file: 16 cores 2.0e8, 56 cores 6.5e8, 112 cores 1.2e9 params/s.
   CHECK(host_adam_params_per_s(h200, cal, 56) == 6.5e8);
-  CHECK(host_adam_params_per_s(h200, cal, 36) == doctest::Approx(2.0e8 + (6.5e8 - 2.0e8) / 2));
+  CHECK(host_adam_params_per_s(h200, cal, 36) == mop::test::rel(2.0e8 + (6.5e8 - 2.0e8) / 2));
   // 8 cores is below the measured range: the model, 8/112 of 1.5e9.
-  CHECK(host_adam_params_per_s(h200, cal, 8) == doctest::Approx(1.5e9 * 8 / 112));
+  CHECK(host_adam_params_per_s(h200, cal, 8) == mop::test::rel(1.5e9 * 8 / 112));
 }
 
-TEST_CASE("measured bandwidths and overheads replace the cluster's") {
+TEST_CASE("measured bandwidths and overheads replace the cluster's" *
+          doctest::test_suite("independent")) {
   const ClusterSpec h200 = load_cluster("h200");
   const Calibration cal = load_calibration(kExample);
   // The file: H2D 54.0, D2H 53.5 GB/s, duplex 1.5, HBM 3.95 TB/s, NVLink copy 390 GB/s.
-  CHECK(host_device_copy_time_s(h200, cal, GiB) == doctest::Approx(GiB / 54.0e9 + 2e-6));
+  CHECK(host_device_copy_time_s(h200, cal, GiB) == mop::test::rel(GiB / 54.0e9 + 2e-6));
   HostCopy up, down;
   up.both_directions = down.both_directions = true;
   down.direction = CopyDirection::device_to_host;
   CHECK(host_device_bandwidth(h200, cal, up) + host_device_bandwidth(h200, cal, down) ==
-        doctest::Approx(1.5 * (54.0e9 + 53.5e9) / 2));
-  CHECK(memory_bound_time_s(h200, cal, GiB) == doctest::Approx(GiB / 3.95e12 + 2e-6));
-  CHECK(nvlink_copy_time_s(h200, cal, GiB) == doctest::Approx(GiB / 390e9 + 2e-6));
+        mop::test::rel(1.5 * (54.0e9 + 53.5e9) / 2));
+  CHECK(memory_bound_time_s(h200, cal, GiB) == mop::test::rel(GiB / 3.95e12 + 2e-6));
+  CHECK(nvlink_copy_time_s(h200, cal, GiB) == mop::test::rel(GiB / 390e9 + 2e-6));
   const MemoryOverheads o = memory_overheads(h200, cal);
   CHECK(o.cuda_context_bytes == 456130560);
   CHECK(o.allocator_fragmentation == 0.12);
   CHECK(o.nccl_buffer_bytes_per_communicator == 0.75 * GiB); // not in the file: the cluster's
 }
 
-TEST_CASE("bad calibration files: one sentence naming the file and the field") {
+TEST_CASE("bad calibration files: one sentence naming the file and the field" *
+          doctest::test_suite("plumbing")) {
   CHECK(calibration_error(Json{{"collectives", Json::array({Json{{"op", "gossip"},
                                                                  {"ranks_per_node", 8},
                                                                  {"nodes", 1},

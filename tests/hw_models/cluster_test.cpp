@@ -1,6 +1,7 @@
 #include "common/embedded.hpp"
 #include "common/error.hpp"
 #include "hw_models/cluster.hpp"
+#include "tests/support/approx.hpp"
 
 #include <doctest/doctest.h>
 #include <filesystem>
@@ -34,11 +35,11 @@ std::string load_error(const std::string& path) {
 
 } // namespace
 
-TEST_CASE("the built-in node types are b200, h100 and h200") {
+TEST_CASE("the built-in node types are b200, h100 and h200" * doctest::test_suite("plumbing")) {
   CHECK(cluster_ids() == std::vector<std::string>{"b200", "h100", "h200"});
 }
 
-TEST_CASE("h200 loads and each figure matches hardware.md") {
+TEST_CASE("h200 loads and each figure matches hardware.md" * doctest::test_suite("plumbing")) {
   const ClusterSpec c = load_cluster("h200");
   CHECK(c.name == "h200");
   // §1.1: CUDA totalGlobalMem 143,156 MiB (cuda-samples #311); 4.8 TB/s; 989 / 1,979 TFLOPS; 132
@@ -49,11 +50,11 @@ TEST_CASE("h200 loads and each figure matches hardware.md") {
   CHECK(c.gpu.peak_flops_bf16 == 989e12);
   CHECK(c.gpu.peak_flops_fp8 == 1979e12);
   CHECK(c.gpu.sm_count == 132);
-  CHECK(c.gpu.gemm_efficiency_fp8 == doctest::Approx(1453.4 / 1979).epsilon(0.001)); // MAMF
+  CHECK(c.gpu.gemm_efficiency_fp8 == mop::test::rel(1453.4 / 1979, 0.001)); // MAMF
   // §2: 8 GPUs, NVLink 4 450 GB/s per direction, NCCL's 18 × 20.6 GB/s, copy engine 396.4 GB/s.
   CHECK(c.node.gpus_per_node == 8);
   CHECK(c.node.nvlink_bandwidth == 450e9);
-  CHECK(c.node.nvlink_nccl_bandwidth == doctest::Approx(18 * 20.6e9));
+  CHECK(c.node.nvlink_nccl_bandwidth == mop::test::rel(18 * 20.6e9));
   CHECK(c.node.nvlink_copy_bandwidth == 396.4e9);
   CHECK(c.node.nvls);
   CHECK(c.node.nvls_efficiency == 0.85);
@@ -65,7 +66,7 @@ TEST_CASE("h200 loads and each figure matches hardware.md") {
   // §2.1: 2 × 56-core 8480C, 2 TB of 64 GB DIMMs, 8 channels × 4800 MT/s × 8 B × 2 sockets.
   CHECK(c.node.host_cores == 112);
   CHECK(c.node.host_memory_bytes == 32 * 64 * 1024 * MiB);
-  CHECK(c.node.host_memory_bandwidth == doctest::Approx(2 * 8 * 4800e6 * 8));
+  CHECK(c.node.host_memory_bandwidth == mop::test::rel(2 * 8 * 4800e6 * 8));
   // §2.4: 8 × 400 Gb/s NDR, NCCL reaches 46–48 GB/s per NIC.
   CHECK(c.node.nics == 8);
   CHECK(c.node.nic_line_rate == 400e9 / 8);
@@ -77,20 +78,22 @@ TEST_CASE("h200 loads and each figure matches hardware.md") {
   CHECK(c.host_optimizer.adam_bytes_per_param == 30);
 }
 
-TEST_CASE("h100 loads and differs from h200 where hardware.md §6.2 says") {
+TEST_CASE("h100 loads and differs from h200 where hardware.md §6.2 says" *
+          doctest::test_suite("plumbing")) {
   const ClusterSpec c = load_cluster("h100");
   CHECK(c.gpu.hbm_bytes == 81089 * MiB);            // modal-client PR #2797: 81,089 MiB
   CHECK(c.gpu.hbm_bandwidth == 3.35e12);            // §1.1
   CHECK(c.gpu.hbm_bandwidth_achievable == 2.90e12); // Azure ND H100 v5 STREAM copy
   CHECK(c.gpu.peak_flops_bf16 == 989e12);
-  CHECK(c.gpu.gemm_efficiency_bf16 == doctest::Approx(794.5 / 989).epsilon(0.001)); // MAMF
-  CHECK(c.gpu.gemm_efficiency_fp8 == doctest::Approx(1402.6 / 1979).epsilon(0.001));
+  CHECK(c.gpu.gemm_efficiency_bf16 == mop::test::rel(794.5 / 989, 0.001)); // MAMF
+  CHECK(c.gpu.gemm_efficiency_fp8 == mop::test::rel(1402.6 / 1979, 0.001));
   CHECK(c.node.gpus_per_node == 8);
   CHECK(c.node.nvlink_bandwidth == 450e9);
   CHECK(c.node.host_cores == 112);
 }
 
-TEST_CASE("b200 loads with its own figures from hardware.md §1.1 and §6.3") {
+TEST_CASE("b200 loads with its own figures from hardware.md §1.1 and §6.3" *
+          doctest::test_suite("plumbing")) {
   const ClusterSpec c = load_cluster("b200");
   CHECK(c.gpu.arch == GpuArch::blackwell);
   CHECK(c.gpu.hbm_bytes == 182631 * MiB); // pytorch/ao PR #4002: 178.35 GiB
@@ -98,15 +101,16 @@ TEST_CASE("b200 loads with its own figures from hardware.md §1.1 and §6.3") {
   CHECK(c.gpu.peak_flops_bf16 == 2250e12);
   CHECK(c.gpu.peak_flops_fp8 == 4500e12);
   CHECK(c.gpu.sm_count == 148);
-  CHECK(c.gpu.gemm_efficiency_bf16 == doctest::Approx(1745.0 / 2250).epsilon(0.001));
+  CHECK(c.gpu.gemm_efficiency_bf16 == mop::test::rel(1745.0 / 2250, 0.001));
   CHECK(c.node.nvlink_bandwidth == 900e9);
-  CHECK(c.node.nvlink_nccl_bandwidth == doctest::Approx(18 * 40.1e9)); // topo.h SM100
-  CHECK(c.node.nvls_efficiency == 0.74);                               // tuning.cc Blackwell
+  CHECK(c.node.nvlink_nccl_bandwidth == mop::test::rel(18 * 40.1e9)); // topo.h SM100
+  CHECK(c.node.nvls_efficiency == 0.74);                              // tuning.cc Blackwell
   CHECK(c.node.host_cores == 112);
   CHECK(c.node.nics == 8);
 }
 
-TEST_CASE("every figure of a built-in node type carries a source with its tag") {
+TEST_CASE("every figure of a built-in node type carries a source with its tag" *
+          doctest::test_suite("plumbing")) {
   for (const std::string& id : cluster_ids()) {
     const ClusterSpec c = load_cluster(id);
     const Json j = cluster_to_json(c);
@@ -126,7 +130,8 @@ TEST_CASE("every figure of a built-in node type carries a source with its tag") 
   }
 }
 
-TEST_CASE("a user's cluster JSON loads by path and is named after its name field") {
+TEST_CASE("a user's cluster JSON loads by path and is named after its name field" *
+          doctest::test_suite("plumbing")) {
   const std::string path = write_variant("user", [](Json& j) {
     j["name"] = "my-h200";
     j["node"]["nics"] = 4; // 2 GPUs per NIC
@@ -139,7 +144,8 @@ TEST_CASE("a user's cluster JSON loads by path and is named after its name field
   std::filesystem::remove(path);
 }
 
-TEST_CASE("bad cluster files: one sentence naming the file, the field and what is allowed") {
+TEST_CASE("bad cluster files: one sentence naming the file, the field and what is allowed" *
+          doctest::test_suite("plumbing")) {
   struct Case {
     const char* name;
     void (*edit)(Json&);
@@ -174,7 +180,7 @@ TEST_CASE("bad cluster files: one sentence naming the file, the field and what i
   }
 }
 
-TEST_CASE("an unknown node type lists the built-in ones") {
+TEST_CASE("an unknown node type lists the built-in ones" * doctest::test_suite("plumbing")) {
   CHECK_THROWS_WITH_AS(load_cluster("a100"),
                        "'a100' is neither a built-in node type nor a cluster JSON path; built-in: "
                        "b200, h100, h200.",

@@ -6,7 +6,8 @@
 
 using namespace mop::hw;
 
-TEST_CASE("dtypes parse from their names and have their storage sizes") {
+TEST_CASE("dtypes parse from their names and have their storage sizes" *
+          doctest::test_suite("plumbing")) {
   for (Dtype d : {Dtype::bf16, Dtype::fp8, Dtype::fp32})
     CHECK(parse_dtype(dtype_name(d)) == d);
   // IEEE/OCP formats: bfloat16 2 bytes, FP8 e4m3/e5m2 1 byte, float32 4 bytes.
@@ -15,7 +16,8 @@ TEST_CASE("dtypes parse from their names and have their storage sizes") {
   CHECK(dtype_bytes(Dtype::fp32) == 4);
 }
 
-TEST_CASE("an unknown dtype is one sentence that lists the allowed names") {
+TEST_CASE("an unknown dtype is one sentence that lists the allowed names" *
+          doctest::test_suite("plumbing")) {
   try {
     parse_dtype("fp16");
     FAIL("accepted");

@@ -8,7 +8,8 @@
 using namespace mop::hw;
 using mop::Json;
 
-TEST_CASE("memory overhead defaults are hardware.md §5's suggested values") {
+TEST_CASE("memory overhead defaults are hardware.md §5's suggested values" *
+          doctest::test_suite("plumbing")) {
   const MemoryOverheads d;
   // §5 "Suggested defaults": 0.5 GiB context, 0.75 GiB per communicator (+0.3 GiB with NVLS,
   // +3 GiB after the first intra-node AlltoAll), ×1.10 fragmentation with expandable_segments.
@@ -19,7 +20,8 @@ TEST_CASE("memory overhead defaults are hardware.md §5's suggested values") {
   CHECK(d.allocator_fragmentation == 0.10);
 }
 
-TEST_CASE("a cluster file overrides the named defaults, and a calibration overrides the cluster") {
+TEST_CASE("a cluster file overrides the named defaults, and a calibration overrides the cluster" *
+          doctest::test_suite("plumbing")) {
   ClusterSpec c = load_cluster("h200");
   c.overheads = apply_overrides(
       MemoryOverheads{},
@@ -34,7 +36,8 @@ TEST_CASE("a cluster file overrides the named defaults, and a calibration overri
   CHECK(memory_overheads(c, Calibration{}).allocator_fragmentation == 0.10);
 }
 
-TEST_CASE("bad overheads: negative bytes, a fragmentation outside [0, 1], an unknown field") {
+TEST_CASE("bad overheads: negative bytes, a fragmentation outside [0, 1], an unknown field" *
+          doctest::test_suite("plumbing")) {
   CHECK_THROWS_WITH_AS(read_memory_overheads(Json{{"cuda_context_bytes", -1}}, "c.json"),
                        "c.json: field 'cuda_context_bytes' must be a non-negative number of "
                        "bytes (got -1).",

@@ -2,6 +2,7 @@
 #include "hw_models/cluster.hpp"
 #include "hw_models/collective.hpp"
 #include "sim/engine.hpp"
+#include "tests/support/approx.hpp"
 
 #include <doctest/doctest.h>
 
@@ -29,6 +30,15 @@ constexpr double kLaunch = 2e-6;
 constexpr double kH2d = 55.43e9;
 constexpr double kD2h = 55.06e9;
 constexpr double GiB = 1073741824.0;
+
+// "L" + std::to_string(i) + ".fwd", built by appending: GCC 12 at -O3 raises a false -Wrestrict
+// on operator+(const char*, std::string&&) (GCC bug 105651).
+std::string op_name(const char* prefix, int i, const char* suffix = "") {
+  std::string name = prefix;
+  name += std::to_string(i);
+  name += suffix;
+  return name;
+}
 
 Op elementwise(std::string name, int stream, double bytes, std::vector<int> deps = {}) {
   Op op;
@@ -84,21 +94,22 @@ double parts_sum(const Breakdown& b) {
 
 } // namespace
 
-TEST_CASE("op durations come from the hardware cost functions") {
+TEST_CASE("op durations come from the hardware cost functions" *
+          doctest::test_suite("independent")) {
   Schedule s = one_class({"compute"});
   // 4.01 GB at 4.01 TB/s is 1 ms, plus one launch.
   CHECK(op_duration_s(elementwise("e", 0, 4.01e9), s, h200(), kNone) ==
-        doctest::Approx(1e-3 + kLaunch));
+        mop::test::rel(1e-3 + kLaunch));
   // 55.43 MB over PCIe at 55.43 GB/s: 1 ms plus one launch; D2H at 55.06 GB/s.
   CHECK(op_duration_s(copy("h", OpKind::copy_h2d, 0, 55.43e6), s, h200(), kNone) ==
-        doctest::Approx(1e-3 + kLaunch));
+        mop::test::rel(1e-3 + kLaunch));
   CHECK(op_duration_s(copy("d", OpKind::copy_d2h, 0, 55.06e6), s, h200(), kNone) ==
-        doctest::Approx(1e-3 + kLaunch));
+        mop::test::rel(1e-3 + kLaunch));
   // A rank's host optimizer gets 112 / 8 = 14 cores: 1.5e9 × 14 / 112 = 1.875e8 params/s.
   Op adam;
   adam.kind = OpKind::host_adam;
   adam.params = 1.875e8;
-  CHECK(op_duration_s(adam, s, h200(), kNone) == doctest::Approx(1.0));
+  CHECK(op_duration_s(adam, s, h200(), kNone) == mop::test::rel(1.0));
   // A recv takes no time: it ends with its send.
   Op recv;
   recv.kind = OpKind::recv;
@@ -112,23 +123,24 @@ TEST_CASE("op durations come from the hardware cost functions") {
   one.gemm = {4096, 4096, 4096, 1, {}};
   three.gemm = {4096, 4096, 4096, 3, {}};
   CHECK(op_duration_s(three, s, h200(), kNone) ==
-        doctest::Approx(3 * op_duration_s(one, s, h200(), kNone)));
+        mop::test::rel(3 * op_duration_s(one, s, h200(), kNone)));
 }
 
-TEST_CASE("two ops on one stream run back to back") {
+TEST_CASE("two ops on one stream run back to back" * doctest::test_suite("independent")) {
   Schedule s = one_class({"compute"});
   ops(s).push_back(elementwise("a", 0, 4.01e9));
   ops(s).push_back(elementwise("b", 0, 8.02e9));
   const SimResult r = simulate(s, h200(), kNone);
   // d1 = 4.01e9 / 4.01e12 + 2 µs = 1.002 ms, d2 = 2.002 ms.
   const double d1 = 4.01e9 / kHbm + kLaunch, d2 = 8.02e9 / kHbm + kLaunch;
-  CHECK(timing(r, 0, 1).start_s == doctest::Approx(d1));
-  CHECK(r.step_time_s == doctest::Approx(d1 + d2));
-  CHECK(r.step_time_s == doctest::Approx(3.004e-3));
+  CHECK(timing(r, 0, 1).start_s == mop::test::rel(d1));
+  CHECK(r.step_time_s == mop::test::rel(d1 + d2));
+  CHECK(r.step_time_s == mop::test::rel(3.004e-3));
   CHECK(r.events == 4); // two starts, two ends
 }
 
-TEST_CASE("two ops on two streams with no dependency overlap: the step is the longer one") {
+TEST_CASE("two ops on two streams with no dependency overlap: the step is the longer one" *
+          doctest::test_suite("independent")) {
   // A kernel and a host-to-device copy use different resources (SMs, PCIe).
   Schedule s = one_class({"compute", "copy.h2d"});
   ops(s).push_back(elementwise("a", 0, 8.02e9));
@@ -136,12 +148,12 @@ TEST_CASE("two ops on two streams with no dependency overlap: the step is the lo
   const SimResult r = simulate(s, h200(), kNone);
   const double d_kernel = 8.02e9 / kHbm + kLaunch; // 2.002 ms
   const double d_copy = 55.43e6 / kH2d + kLaunch;  // 1.002 ms
-  CHECK(timing(r, 0, 1).end_s == doctest::Approx(d_copy));
-  CHECK(r.step_time_s == doctest::Approx(std::max(d_kernel, d_copy)));
-  CHECK(r.step_time_s == doctest::Approx(2.002e-3));
+  CHECK(timing(r, 0, 1).end_s == mop::test::rel(d_copy));
+  CHECK(r.step_time_s == mop::test::rel(std::max(d_kernel, d_copy)));
+  CHECK(r.step_time_s == mop::test::rel(2.002e-3));
 }
 
-TEST_CASE("kernels on two compute streams share the SMs") {
+TEST_CASE("kernels on two compute streams share the SMs" * doctest::test_suite("independent")) {
   // Each runs at 1/2 while both run: the 1.002 ms one ends at 2 × 1.002 ms, the 2.002 ms one
   // has done 1.002 ms of work by then and runs the last 1 ms alone: d1 + d2.
   Schedule s = one_class({"compute", "compute.side"});
@@ -149,14 +161,15 @@ TEST_CASE("kernels on two compute streams share the SMs") {
   ops(s).push_back(elementwise("long", 1, 8.02e9));
   const SimResult r = simulate(s, h200(), kNone);
   const double d1 = 4.01e9 / kHbm + kLaunch, d2 = 8.02e9 / kHbm + kLaunch;
-  CHECK(timing(r, 0, 0).end_s == doctest::Approx(2 * d1));
-  CHECK(r.step_time_s == doctest::Approx(d1 + d2));
+  CHECK(timing(r, 0, 0).end_s == mop::test::rel(2 * d1));
+  CHECK(r.step_time_s == mop::test::rel(d1 + d2));
 }
 
-TEST_CASE("a compute kernel overlapped by a collective slows by the documented factor") {
+TEST_CASE("a compute kernel overlapped by a collective slows by the documented factor" *
+          doctest::test_suite("independent")) {
   // Default: 24 of 132 SMs are NCCL's while a collective runs (docs/ENGINE.md).
   const double slowdown = 24.0 / 132.0;
-  CHECK(EngineOptions{}.compute_slowdown_with_comm == doctest::Approx(slowdown));
+  CHECK(EngineOptions{}.compute_slowdown_with_comm == mop::test::rel(slowdown));
   Schedule s = one_class({"compute", "comm"});
   ops(s).push_back(elementwise("kernel", 0, 4.01e10)); // 10.002 ms
   ops(s).push_back(collective("ar", OpKind::all_reduce, 1, 0, GiB));
@@ -167,15 +180,16 @@ TEST_CASE("a compute kernel overlapped by a collective slows by the documented f
   const SimResult r = simulate(s, h200(), kNone);
   // During [0, dg] the kernel does (1 − s)·dg of its work; the rest, dc − (1 − s)·dg, at full
   // speed: it ends at dg + dc − (1 − s)·dg = dc + s·dg. The collective is not slowed.
-  CHECK(timing(r, 0, 1).end_s == doctest::Approx(dg));
-  CHECK(timing(r, 0, 0).end_s == doctest::Approx(dc + slowdown * dg));
+  CHECK(timing(r, 0, 1).end_s == mop::test::rel(dg));
+  CHECK(timing(r, 0, 0).end_s == mop::test::rel(dc + slowdown * dg));
   // With the slowdown set to 1/4 the same hand formula gives dc + dg/4.
   EngineOptions quarter;
   quarter.compute_slowdown_with_comm = 0.25;
-  CHECK(simulate(s, h200(), kNone, quarter).step_time_s == doctest::Approx(dc + 0.25 * dg));
+  CHECK(simulate(s, h200(), kNone, quarter).step_time_s == mop::test::rel(dc + 0.25 * dg));
 }
 
-TEST_CASE("two collectives on the same link take twice as long; another link is not shared") {
+TEST_CASE("two collectives on the same link take twice as long, another link is not shared" *
+          doctest::test_suite("independent")) {
   Schedule s = one_class({"comm.a", "comm.b", "comm.c"});
   ops(s).push_back(collective("ar.a", OpKind::all_reduce, 0, 0, GiB)); // NVLink
   ops(s).push_back(collective("ar.b", OpKind::all_reduce, 1, 0, GiB)); // NVLink
@@ -184,12 +198,13 @@ TEST_CASE("two collectives on the same link take twice as long; another link is 
   const double d_nic = op_duration_s(ops(s)[2], s, h200(), kNone);
   const SimResult r = simulate(s, h200(), kNone);
   // Fair share: each of the two NVLink collectives at 1/2, both end at 2·d.
-  CHECK(timing(r, 0, 0).end_s == doctest::Approx(2 * d_nvlink));
-  CHECK(timing(r, 0, 1).end_s == doctest::Approx(2 * d_nvlink));
-  CHECK(timing(r, 0, 2).end_s == doctest::Approx(d_nic));
+  CHECK(timing(r, 0, 0).end_s == mop::test::rel(2 * d_nvlink));
+  CHECK(timing(r, 0, 1).end_s == mop::test::rel(2 * d_nvlink));
+  CHECK(timing(r, 0, 2).end_s == mop::test::rel(d_nic));
 }
 
-TEST_CASE("H2D and D2H at once share PCIe as the duplex figures say") {
+TEST_CASE("H2D and D2H at once share PCIe as the duplex figures say" *
+          doctest::test_suite("independent")) {
   // hardware.md §2.3: both directions carry 1.4 × one direction, H2D a third of it. One
   // direction = (55.43 + 55.06) / 2 = 55.245 GB/s, so H2D gets 1.4 · 55.245 · 0.3333 = 25.78 GB/s
   // (rate 25.78 / 55.43) and D2H 1.4 · 55.245 · 0.6667 = 51.56 GB/s (rate 51.56 / 55.06).
@@ -205,11 +220,12 @@ TEST_CASE("H2D and D2H at once share PCIe as the duplex figures say") {
   // D2H is the faster one: it ends at d_down / r_down; H2D has done r_up of that and then runs
   // alone.
   const double t1 = d_down / r_down;
-  CHECK(timing(r, 0, 1).end_s == doctest::Approx(t1));
-  CHECK(timing(r, 0, 0).end_s == doctest::Approx(t1 + d_up - r_up * t1));
+  CHECK(timing(r, 0, 1).end_s == mop::test::rel(t1));
+  CHECK(timing(r, 0, 0).end_s == mop::test::rel(t1 + d_up - r_up * t1));
 }
 
-TEST_CASE("a copy and an inter-node collective share the GPU's PCIe switch") {
+TEST_CASE("a copy and an inter-node collective share the GPU's PCIe switch" *
+          doctest::test_suite("independent")) {
   // docs/HARDWARE.md "Copies": the copy keeps max(55.43 − 47, 55.43 / 2) = half of its link; the
   // NIC gets min(47, 55.245 / 2) of its 47 GB/s (max-min fair share of the x16 link).
   Schedule s = one_class({"comm", "copy.h2d"});
@@ -221,19 +237,21 @@ TEST_CASE("a copy and an inter-node collective share the GPU's PCIe switch") {
   REQUIRE(d_up / r_up < d_ag / r_ag);
   const SimResult r = simulate(s, h200(), kNone);
   const double t1 = d_up / r_up;
-  CHECK(timing(r, 0, 1).end_s == doctest::Approx(t1));
-  CHECK(timing(r, 0, 0).end_s == doctest::Approx(t1 + d_ag - r_ag * t1));
+  CHECK(timing(r, 0, 1).end_s == mop::test::rel(t1));
+  CHECK(timing(r, 0, 0).end_s == mop::test::rel(t1 + d_ag - r_ag * t1));
 }
 
-TEST_CASE("the ranks of a class on one node share host DRAM for their copies") {
+TEST_CASE("the ranks of a class on one node share host DRAM for their copies" *
+          doctest::test_suite("independent")) {
   // hardware.md §2.3: 8 GPUs × 55.43 GB/s = 443 GB/s against 420 GB/s of DRAM → 52.5 GB/s each.
   Schedule s = one_class({"copy.h2d"}, 64);
   ops(s).push_back(copy("up", OpKind::copy_h2d, 0, 1e9));
   const SimResult r = simulate(s, h200(), kNone);
-  CHECK(r.step_time_s == doctest::Approx((1e9 / kH2d + kLaunch) / (420e9 / (8 * kH2d))));
+  CHECK(r.step_time_s == mop::test::rel((1e9 / kH2d + kLaunch) / (420e9 / (8 * kH2d))));
 }
 
-TEST_CASE("FSDP prefetch: a gather shorter than a layer is hidden, a longer one exposed") {
+TEST_CASE("FSDP prefetch: a gather shorter than a layer is hidden, a longer one exposed" *
+          doctest::test_suite("independent")) {
   // Gathers of layers 0..n−1 run back to back on the comm stream; layer i's compute waits for its
   // gather. No SM slowdown here, to see the overlap alone.
   EngineOptions no_slowdown;
@@ -243,9 +261,9 @@ TEST_CASE("FSDP prefetch: a gather shorter than a layer is hidden, a longer one 
     Schedule s = one_class({"compute", "comm.fsdp"});
     for (int i = 0; i < n; ++i)
       ops(s).push_back(
-          collective("L" + std::to_string(i) + ".gather", OpKind::all_gather, 1, 0, gather_bytes));
+          collective(op_name("L", i, ".gather"), OpKind::all_gather, 1, 0, gather_bytes));
     for (int i = 0; i < n; ++i)
-      ops(s).push_back(elementwise("L" + std::to_string(i) + ".fwd", 0, layer_bytes, {i}));
+      ops(s).push_back(elementwise(op_name("L", i, ".fwd"), 0, layer_bytes, {i}));
     return s;
   };
   const double c = 4.01e9 / kHbm + kLaunch; // 1.002 ms per layer
@@ -256,13 +274,13 @@ TEST_CASE("FSDP prefetch: a gather shorter than a layer is hidden, a longer one 
     REQUIRE(g < c);
     const SimResult r = simulate(s, h200(), kNone, no_slowdown);
     // Only the first gather is exposed: step = g + n·c.
-    CHECK(r.step_time_s == doctest::Approx(g + n * c));
-    CHECK(r.breakdown.exposed_comm == doctest::Approx(g));
+    CHECK(r.step_time_s == mop::test::rel(g + n * c));
+    CHECK(r.breakdown.exposed_comm == mop::test::rel(g));
     CHECK(r.breakdown.exposed_comm_by_category[static_cast<int>(Category::dp_comm)] ==
-          doctest::Approx(g));
-    CHECK(r.breakdown.compute == doctest::Approx(n * c));
-    CHECK(r.breakdown.bubble == doctest::Approx(0));
-    CHECK(parts_sum(r.breakdown) == doctest::Approx(r.step_time_s));
+          mop::test::rel(g));
+    CHECK(r.breakdown.compute == mop::test::rel(n * c));
+    CHECK(r.breakdown.bubble == 0);
+    CHECK(parts_sum(r.breakdown) == mop::test::rel(r.step_time_s));
     // The critical path: the first gather, then the layers one after the other.
     REQUIRE(r.critical_path.size() == static_cast<std::size_t>(n + 1));
     CHECK(r.critical_path[0].op == 0);
@@ -276,10 +294,10 @@ TEST_CASE("FSDP prefetch: a gather shorter than a layer is hidden, a longer one 
     const SimResult r = simulate(s, h200(), kNone, no_slowdown);
     // The gathers set the pace: layer n−1 starts after n gathers, step = n·g + c = n·c + g +
     // (n − 1)(g − c): the first gather and every later one's excess over a layer are exposed.
-    CHECK(r.step_time_s == doctest::Approx(n * g + c));
-    CHECK(r.breakdown.exposed_comm == doctest::Approx(g + (n - 1) * (g - c)));
-    CHECK(r.breakdown.compute == doctest::Approx(n * c));
-    CHECK(parts_sum(r.breakdown) == doctest::Approx(r.step_time_s));
+    CHECK(r.step_time_s == mop::test::rel(n * g + c));
+    CHECK(r.breakdown.exposed_comm == mop::test::rel(g + (n - 1) * (g - c)));
+    CHECK(r.breakdown.compute == mop::test::rel(n * c));
+    CHECK(parts_sum(r.breakdown) == mop::test::rel(r.step_time_s));
   }
 }
 
@@ -294,7 +312,7 @@ Schedule pipeline(int m, double bytes) {
   s.groups.push_back({"pp.0-1", 2, 1});
   for (int stage = 0; stage < 2; ++stage) {
     RankClass rc;
-    rc.name = "stage " + std::to_string(stage) + " of 2";
+    rc.name = op_name("stage ", stage, " of 2");
     rc.stage = stage;
     rc.streams = {"compute", "pp.send", "pp.recv"};
     s.classes.push_back(rc);
@@ -305,7 +323,7 @@ Schedule pipeline(int m, double bytes) {
     return static_cast<int>(list.size()) - 1;
   };
   auto p2p = [&](OpKind kind, int stage, int j, std::vector<int> deps) {
-    Op op = collective((kind == OpKind::send ? "send." : "recv.") + std::to_string(j), kind,
+    Op op = collective(op_name(kind == OpKind::send ? "send." : "recv.", j), kind,
                        kind == OpKind::send ? 1 : 2, 0, 0, std::move(deps));
     op.category = Category::pp_comm;
     op.peer_class = 1 - stage;
@@ -317,23 +335,23 @@ Schedule pipeline(int m, double bytes) {
     Op recv = p2p(OpKind::recv, 1, j, {});
     recv.remote_deps.push_back({0, 0}); // patched below, once stage 0's sends exist
     const int r = add(1, recv);
-    Op f = elementwise("F" + std::to_string(j), 0, bytes, {r});
+    Op f = elementwise(op_name("F", j), 0, bytes, {r});
     f.micro_batch = j;
     const int fi = add(1, f);
-    Op b = elementwise("B" + std::to_string(j), 0, bytes, {fi});
+    Op b = elementwise(op_name("B", j), 0, bytes, {fi});
     b.category = Category::backward;
     const int bi = add(1, b);
     send_grad[static_cast<std::size_t>(j)] = add(1, p2p(OpKind::send, 1, j, {bi}));
   }
   auto forward = [&](int j) {
-    const int f = add(0, elementwise("F" + std::to_string(j), 0, bytes));
+    const int f = add(0, elementwise(op_name("F", j), 0, bytes));
     send_act[static_cast<std::size_t>(j)] = add(0, p2p(OpKind::send, 0, j, {f}));
   };
   auto backward = [&](int j) {
     Op recv = p2p(OpKind::recv, 0, j, {});
     recv.remote_deps.push_back({1, send_grad[static_cast<std::size_t>(j)]});
     const int r = add(0, recv);
-    Op b = elementwise("B" + std::to_string(j), 0, bytes, {r});
+    Op b = elementwise(op_name("B", j), 0, bytes, {r});
     b.category = Category::backward;
     add(0, b);
   };
@@ -352,7 +370,7 @@ Schedule pipeline(int m, double bytes) {
 
 } // namespace
 
-TEST_CASE("1F1B bubble is (p-1)/(m+p-1) of the step") {
+TEST_CASE("1F1B bubble is (p-1)/(m+p-1) of the step" * doctest::test_suite("independent")) {
   const int p = 2;
   const double t = 4.01e9 / kHbm + kLaunch; // tf = tb = 1.002 ms
   for (int m : {2, 4, 8}) {
@@ -360,18 +378,19 @@ TEST_CASE("1F1B bubble is (p-1)/(m+p-1) of the step") {
     const Schedule s = pipeline(m, 4.01e9);
     CHECK_NOTHROW(check_schedule(s));
     const SimResult r = simulate(s, h200(), kNone);
-    CHECK(r.step_time_s == doctest::Approx((m + p - 1) * (t + t)));
+    CHECK(r.step_time_s == mop::test::rel((m + p - 1) * (t + t)));
     // The last stage to finish is stage 0 (its last backward); its GPU computes m·(tf + tb) and
     // waits the rest.
     CHECK(r.critical_path.back().rank_class == 0);
-    CHECK(r.breakdown.compute == doctest::Approx(m * (t + t)));
-    CHECK(r.breakdown.bubble / r.step_time_s == doctest::Approx(double(p - 1) / (m + p - 1)));
-    CHECK(parts_sum(r.breakdown) == doctest::Approx(r.step_time_s));
-    CHECK(r.classes[1].end_s == doctest::Approx((m + p - 1) * (t + t) - t));
+    CHECK(r.breakdown.compute == mop::test::rel(m * (t + t)));
+    CHECK(r.breakdown.bubble / r.step_time_s == mop::test::rel(double(p - 1) / (m + p - 1)));
+    CHECK(parts_sum(r.breakdown) == mop::test::rel(r.step_time_s));
+    CHECK(r.classes[1].end_s == mop::test::rel((m + p - 1) * (t + t) - t));
   }
 }
 
-TEST_CASE("the memory tracker finds the HBM peak, its breakdown and its largest tensors") {
+TEST_CASE("the memory tracker finds the HBM peak, its breakdown and its largest tensors" *
+          doctest::test_suite("independent")) {
   Schedule s = one_class({"compute"});
   auto& tensors = s.classes[0].tensors;
   const double GB = 1e9;
@@ -382,7 +401,7 @@ TEST_CASE("the memory tracker finds the HBM peak, its breakdown and its largest 
   tensors.push_back({"grads", 3 * GB, Device::hbm, MemoryKind::grads, false});
   tensors.push_back({"pinned", 1 * GB, Device::host, MemoryKind::activations, false});
   for (int i = 0; i < 4; ++i)
-    ops(s).push_back(elementwise("op" + std::to_string(i), 0, 4.01e9));
+    ops(s).push_back(elementwise(op_name("op", i), 0, 4.01e9));
   ops(s)[0].allocs = {2};    // act1
   ops(s)[1].allocs = {3, 5}; // act2, pinned
   ops(s)[2].allocs = {4};    // grads
@@ -393,7 +412,7 @@ TEST_CASE("the memory tracker finds the HBM peak, its breakdown and its largest 
   const ClassMemory& mem = r.classes[0].memory;
   // HBM: 10 at t = 0, 14 at 0 (op0), 20 at d (op1), 23 at 2d (op2 starts), 19 at 3d, 10 at 4d.
   CHECK(mem.peak_hbm_bytes == 23 * GB);
-  CHECK(mem.peak_time_s == doctest::Approx(2 * d));
+  CHECK(mem.peak_time_s == mop::test::rel(2 * d));
   CHECK(mem.at_peak[static_cast<int>(MemoryKind::weights)] == 10 * GB);
   CHECK(mem.at_peak[static_cast<int>(MemoryKind::activations)] == 10 * GB);
   CHECK(mem.at_peak[static_cast<int>(MemoryKind::grads)] == 3 * GB);
@@ -404,7 +423,7 @@ TEST_CASE("the memory tracker finds the HBM peak, its breakdown and its largest 
   // Samples: both devices at 0; HBM at op0's start; HBM and host at op1's start; HBM at op2's
   // start; HBM and host at op2's end; HBM at op3's end.
   REQUIRE(mem.timeline.size() == 9);
-  CHECK(mem.timeline.back().time_s == doctest::Approx(4 * d));
+  CHECK(mem.timeline.back().time_s == mop::test::rel(4 * d));
   CHECK(mem.timeline.back().device == Device::hbm);
   CHECK(mem.timeline.back().bytes == 10 * GB);
   EngineOptions quiet;
@@ -412,7 +431,8 @@ TEST_CASE("the memory tracker finds the HBM peak, its breakdown and its largest 
   CHECK(simulate(s, h200(), kNone, quiet).classes[0].memory.timeline.empty());
 }
 
-TEST_CASE("the breakdown charges each instant to compute, optimizer, comm, copy or waiting") {
+TEST_CASE("the breakdown charges each instant to compute, optimizer, comm, copy or waiting" *
+          doctest::test_suite("independent")) {
   // One stream, in order: a forward kernel, a recompute kernel, an exposed TP all-reduce, an
   // offload copy, the host optimizer. Nothing overlaps, so each part is its op's duration.
   Schedule s = one_class({"compute"});
@@ -431,30 +451,29 @@ TEST_CASE("the breakdown charges each instant to compute, optimizer, comm, copy 
   const double d_ar = op_duration_s(ops(s)[2], s, h200(), kNone);
   const SimResult r = simulate(s, h200(), kNone);
   const Breakdown& b = r.breakdown;
-  CHECK(b.compute == doctest::Approx(4.01e9 / kHbm + kLaunch + 8.02e9 / kHbm + kLaunch));
-  CHECK(b.recompute == doctest::Approx(8.02e9 / kHbm + kLaunch));
-  CHECK(b.exposed_comm == doctest::Approx(d_ar));
-  CHECK(b.exposed_comm_by_category[static_cast<int>(Category::tp_comm)] == doctest::Approx(d_ar));
-  CHECK(b.offload_stall == doctest::Approx(55.06e6 / kD2h + kLaunch));
-  CHECK(b.optimizer == doctest::Approx(0.01));
+  CHECK(b.compute == mop::test::rel(4.01e9 / kHbm + kLaunch + 8.02e9 / kHbm + kLaunch));
+  CHECK(b.recompute == mop::test::rel(8.02e9 / kHbm + kLaunch));
+  CHECK(b.exposed_comm == mop::test::rel(d_ar));
+  CHECK(b.exposed_comm_by_category[static_cast<int>(Category::tp_comm)] == mop::test::rel(d_ar));
+  CHECK(b.offload_stall == mop::test::rel(55.06e6 / kD2h + kLaunch));
+  CHECK(b.optimizer == mop::test::rel(0.01));
   CHECK(b.bubble == 0);
-  CHECK(parts_sum(b) == doctest::Approx(r.step_time_s));
+  CHECK(parts_sum(b) == mop::test::rel(r.step_time_s));
   CHECK(r.critical_path.size() == 5);
 }
 
-TEST_CASE("same schedule, same timings, to the bit") {
+TEST_CASE("same schedule, same timings, to the bit" * doctest::test_suite("plumbing")) {
   // A busy mix: the pipeline plus an FSDP-like class with copies and overlapping collectives.
   Schedule s = pipeline(6, 3e9);
   RankClass extra;
   extra.name = "side";
   extra.streams = {"compute", "comm", "copy.h2d", "copy.d2h"};
   for (int i = 0; i < 20; ++i) {
-    extra.ops.push_back(
-        collective("g" + std::to_string(i), OpKind::all_gather, 1, 0, 1e8 * (i + 1)));
-    extra.ops.push_back(elementwise("c" + std::to_string(i), 0, 1e9 * (i % 3 + 1),
+    extra.ops.push_back(collective(op_name("g", i), OpKind::all_gather, 1, 0, 1e8 * (i + 1)));
+    extra.ops.push_back(elementwise(op_name("c", i), 0, 1e9 * (i % 3 + 1),
                                     {static_cast<int>(extra.ops.size()) - 1}));
-    extra.ops.push_back(copy("u" + std::to_string(i), OpKind::copy_h2d, 2, 1e8));
-    extra.ops.push_back(copy("d" + std::to_string(i), OpKind::copy_d2h, 3, 2e8));
+    extra.ops.push_back(copy(op_name("u", i), OpKind::copy_h2d, 2, 1e8));
+    extra.ops.push_back(copy(op_name("d", i), OpKind::copy_d2h, 3, 2e8));
   }
   s.classes.push_back(extra);
   const SimResult a = simulate(s, h200(), kNone);
@@ -471,10 +490,11 @@ TEST_CASE("same schedule, same timings, to the bit") {
   }
   CHECK(same);
   CHECK(a.critical_path.size() == b.critical_path.size());
-  CHECK(parts_sum(a.breakdown) == doctest::Approx(a.step_time_s));
+  CHECK(parts_sum(a.breakdown) == mop::test::rel(a.step_time_s));
 }
 
-TEST_CASE("a dependency cycle that the check was told to skip is refused, not hung") {
+TEST_CASE("a dependency cycle that the check was told to skip is refused, not hung" *
+          doctest::test_suite("plumbing")) {
   Schedule s = one_class({"compute", "comm"});
   ops(s).push_back(elementwise("a", 0, 1e6, {1}));
   ops(s).push_back(elementwise("b", 1, 1e6, {0}));
@@ -484,7 +504,8 @@ TEST_CASE("a dependency cycle that the check was told to skip is refused, not hu
                        std::invalid_argument);
 }
 
-TEST_CASE("torch's CPU AdamW takes the measured 5.8x of a vectorised CPU-Adam") {
+TEST_CASE("torch's CPU AdamW takes the measured 5.8x of a vectorised CPU-Adam" *
+          doctest::test_suite("fitted")) {
   // hardware.md §4: DeepSpeed CPU-Adam is 5.1–6.5x faster than torch's Adam on the CPU.
   const mop::hw::ClusterSpec c = mop::hw::load_cluster("h200");
   mop::sim::Schedule s;
@@ -494,5 +515,5 @@ TEST_CASE("torch's CPU AdamW takes the measured 5.8x of a vectorised CPU-Adam") 
   const double vectorised = mop::sim::op_duration_s(op, s, c, mop::hw::Calibration{});
   op.torch_kernel = true;
   const double torch = mop::sim::op_duration_s(op, s, c, mop::hw::Calibration{});
-  CHECK(torch / vectorised == doctest::Approx(5.8));
+  CHECK(torch / vectorised == mop::test::rel(5.8));
 }

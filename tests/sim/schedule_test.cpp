@@ -68,11 +68,12 @@ void check_refused(const Schedule& s, const std::string& rank_class, const std::
 
 } // namespace
 
-TEST_CASE("a well-formed two-stage schedule passes the checks") {
+TEST_CASE("a well-formed two-stage schedule passes the checks" * doctest::test_suite("plumbing")) {
   CHECK_NOTHROW(check_schedule(two_stages()));
 }
 
-TEST_CASE("check_schedule names the ops where a dependency cycle closes") {
+TEST_CASE("check_schedule names the ops where a dependency cycle closes" *
+          doctest::test_suite("plumbing")) {
   SUBCASE("within a class: a dep on a later op of the same stream") {
     Schedule s = two_stages();
     s.classes[1].ops[1].stream = 1; // fwd after recv on stream 1 ...
@@ -91,20 +92,21 @@ TEST_CASE("check_schedule names the ops where a dependency cycle closes") {
   }
 }
 
-TEST_CASE("check_schedule refuses a tensor that is never freed") {
+TEST_CASE("check_schedule refuses a tensor that is never freed" * doctest::test_suite("plumbing")) {
   Schedule s = two_stages();
   s.classes[0].ops[1].frees.clear();
   check_refused(s, "stage 0", "op 0 'fwd'");
 }
 
-TEST_CASE("check_schedule refuses a tensor freed twice") {
+TEST_CASE("check_schedule refuses a tensor freed twice" * doctest::test_suite("plumbing")) {
   Schedule s = two_stages();
   s.classes[0].ops[0].frees = {1};
   // op 0 frees it first (after allocating it), op 1 frees it again.
   check_refused(s, "stage 0", "op 1 'send.act'");
 }
 
-TEST_CASE("check_schedule refuses a tensor freed before it is allocated") {
+TEST_CASE("check_schedule refuses a tensor freed before it is allocated" *
+          doctest::test_suite("plumbing")) {
   Schedule s = two_stages();
   s.classes[0].ops[0].allocs.clear();
   s.classes[0].ops[0].frees = {1};
@@ -113,7 +115,7 @@ TEST_CASE("check_schedule refuses a tensor freed before it is allocated") {
   check_refused(s, "stage 0", "op 0 'fwd'");
 }
 
-TEST_CASE("check_schedule refuses an index out of range") {
+TEST_CASE("check_schedule refuses an index out of range" * doctest::test_suite("plumbing")) {
   SUBCASE("stream") {
     Schedule s = two_stages();
     s.classes[1].ops[1].stream = 2;
@@ -146,7 +148,8 @@ TEST_CASE("check_schedule refuses an index out of range") {
   }
 }
 
-TEST_CASE("check_schedule refuses a recv that waits on no send of its peer") {
+TEST_CASE("check_schedule refuses a recv that waits on no send of its peer" *
+          doctest::test_suite("plumbing")) {
   Schedule s = two_stages();
   s.classes[1].ops[0].remote_deps.clear();
   check_refused(s, "stage 1", "op 0 'recv.act'");
@@ -155,7 +158,7 @@ TEST_CASE("check_schedule refuses a recv that waits on no send of its peer") {
   check_refused(s, "stage 1", "op 0 'recv.act'");
 }
 
-TEST_CASE("a group's ranks per node must divide its ranks") {
+TEST_CASE("a group's ranks per node must divide its ranks" * doctest::test_suite("plumbing")) {
   Schedule s = two_stages();
   s.groups[0] = {"odd", 6, 4};
   CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("Group 'odd'"), std::invalid_argument);

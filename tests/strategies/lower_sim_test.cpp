@@ -7,6 +7,7 @@
 #include "strategies/hardware.hpp"
 #include "strategies/lower.hpp"
 #include "strategies/presets.hpp"
+#include "tests/support/approx.hpp"
 #include "workload/catalog.hpp"
 #include "workload/flops.hpp"
 #include "workload/params.hpp"
@@ -17,7 +18,8 @@
 using namespace mop;
 using namespace mop::strategy;
 
-TEST_CASE("saved activations at the engine's peak equal the analytic model's (no recompute)") {
+TEST_CASE("saved activations at the engine's peak equal the analytic model's (no recompute)" *
+          doctest::test_suite("independent")) {
   // Without pipelining or recompute, HBM peaks when the last layer's forward has saved its
   // tensors: every layer's saved activations plus the logits, as the analytic model counts.
   const workload::ModelSpec m = workload::load_model("llama3-8b");
@@ -33,13 +35,19 @@ TEST_CASE("saved activations at the engine's peak equal the analytic model's (no
   const sim::Schedule s = lower(p, LoweringContext{&m, 4096, 8, hw, {}});
   const sim::SimResult r = sim::simulate(s, c, hw::Calibration{});
   const double des = r.classes[0].memory.at_peak[static_cast<int>(sim::MemoryKind::activations)];
+  // The tensors' sizes come from the same per-layer function on both sides; what this checks is
+  // the engine's timing: its peak falls where every layer's saved activations are live at once.
   // The analytic figure adds the allocator's fragmentation only to "other"; activations agree.
-  CHECK(des == doctest::Approx(analytic.classes[0].hbm.activations).epsilon(0.01));
+  CHECK(des == mop::test::rel(analytic.classes[0].hbm.activations, 0.01));
+  // Weights: the lowering copies the analytic figure into its resident tensor, so compare with
+  // the ZeRO-3 shard by hand instead: BF16 weights of all N parameters over 8 ranks, 2N/8 bytes.
+  const double n = static_cast<double>(workload::count_params(m).total.total());
   CHECK(r.classes[0].memory.at_peak[static_cast<int>(sim::MemoryKind::weights)] ==
-        doctest::Approx(analytic.classes[0].hbm.weights));
+        mop::test::rel(2 * n / 8));
 }
 
-TEST_CASE("a 1F1B pipeline of equal stages idles (p-1)/(m+p-1) of the step") {
+TEST_CASE("a 1F1B pipeline of equal stages idles (p-1)/(m+p-1) of the step" *
+          doctest::test_suite("independent")) {
   // 4 stages of 8 llama3-8b layers. The formula assumes equal stages, so the vocabulary is cut
   // to 1024 to make the embedding and LM head (on the first and last stage) negligible.
   workload::ModelSpec m = workload::load_model("llama3-8b");
@@ -63,7 +71,8 @@ TEST_CASE("a 1F1B pipeline of equal stages idles (p-1)/(m+p-1) of the step") {
   CHECK(std::fabs(measured - expected) < 0.03 * expected);
 }
 
-TEST_CASE("the steady-state extrapolation equals simulating every micro-batch") {
+TEST_CASE("the steady-state extrapolation equals simulating every micro-batch" *
+          doctest::test_suite("independent")) {
   const workload::ModelSpec m = workload::load_model("qwen3-30b-a3b");
   const hw::ClusterSpec c = hw::load_cluster("h100");
   for (int pp : {1, 2, 4}) {
@@ -89,11 +98,12 @@ TEST_CASE("the steady-state extrapolation equals simulating every micro-batch") 
     // runs and the full one with interleaving: its parts agree to 0.1 % of the step.
     CHECK(std::fabs(fast.result.breakdown.exposed_comm - full.result.breakdown.exposed_comm) <
           1e-3 * full.step_time_s);
-    CHECK(fast.model_flops_per_step == doctest::Approx(full.model_flops_per_step));
+    CHECK(fast.model_flops_per_step == mop::test::rel(full.model_flops_per_step));
   }
 }
 
-TEST_CASE("interleaved 1F1B with v chunks idles (p-1)/(v·m+p-1) of the step") {
+TEST_CASE("interleaved 1F1B with v chunks idles (p-1)/(v·m+p-1) of the step" *
+          doctest::test_suite("independent")) {
   // Narayanan et al. 2021: the bubble shrinks by the number of model chunks per rank.
   workload::ModelSpec m = workload::load_model("llama3-8b");
   m.vocab_size = 1024; // equal stages: the embedding and LM head made negligible
@@ -117,7 +127,8 @@ TEST_CASE("interleaved 1F1B with v chunks idles (p-1)/(v·m+p-1) of the step") {
   CHECK(std::fabs(measured - expected) < 0.05 * expected);
 }
 
-TEST_CASE("zero-bubble fills part of 1F1B's bubble with held-back weight gradients") {
+TEST_CASE("zero-bubble fills part of 1F1B's bubble with held-back weight gradients" *
+          doctest::test_suite("independent")) {
   // ZB-H1 (Qi et al. 2023): same memory as 1F1B, bubble about a third of 1F1B's when forward,
   // input-gradient and weight-gradient passes take equal time. Here: strictly smaller than
   // 1F1B's bubble, and every held-back weight gradient still runs (same FLOPs).
@@ -139,14 +150,19 @@ TEST_CASE("zero-bubble fills part of 1F1B's bubble with held-back weight gradien
   };
   const auto [flops_1f1b, one] = run(PipelineSchedule::one_f_one_b);
   const auto [flops_zb, zb] = run(PipelineSchedule::zero_bubble);
-  CHECK(flops_zb == doctest::Approx(flops_1f1b));
+  // Both do the model's arithmetic: 3 × forward FLOPs × 8 sequences, from the workload model
+  // (a second method; the op sums add many terms in different orders: 1e-9).
+  const double model_flops = 3 * workload::count_flops(m, 4096).model_flops_fwd * 8;
+  CHECK(flops_1f1b == mop::test::rel(model_flops, 1e-9));
+  CHECK(flops_zb == mop::test::rel(model_flops, 1e-9));
   CAPTURE(one.breakdown.bubble / one.step_time_s);
   CAPTURE(zb.breakdown.bubble / zb.step_time_s);
   CHECK(zb.step_time_s < one.step_time_s);
   CHECK(zb.breakdown.bubble < 0.8 * one.breakdown.bubble);
 }
 
-TEST_CASE("every preset simulates on every catalog model, doing exactly the model's arithmetic") {
+TEST_CASE("every preset simulates on every catalog model, doing exactly the model's arithmetic" *
+          doctest::test_suite("independent")) {
   const hw::ClusterSpec c = hw::load_cluster("h200");
   for (const std::string& id : workload::catalog_ids()) {
     const workload::ModelSpec m = workload::load_model(id);
@@ -166,10 +182,9 @@ TEST_CASE("every preset simulates on every catalog model, doing exactly the mode
       CHECK(std::isfinite(e.step_time_s));
       CHECK(e.step_time_s > 0);
       // Second method: 3 x forward FLOPs x sequences, from the workload model.
-      CHECK(
-          e.model_flops_per_step ==
-          doctest::Approx(3 * workload::count_flops(m, 4096).model_flops_fwd * r.plan.global_batch)
-              .epsilon(1e-6));
+      CHECK(e.model_flops_per_step ==
+            mop::test::rel(3 * workload::count_flops(m, 4096).model_flops_fwd * r.plan.global_batch,
+                           1e-6));
     }
   }
 }

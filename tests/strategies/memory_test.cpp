@@ -1,5 +1,6 @@
 // The analytic memory model against Korthikanti et al. 2022 and hand calculations.
 #include "strategies/memory.hpp"
+#include "tests/support/approx.hpp"
 #include "workload/catalog.hpp"
 #include "workload/params.hpp"
 
@@ -41,7 +42,8 @@ const ActivationOptions kKorthikanti{.flash_attention = false, .dropout = true};
 
 } // namespace
 
-TEST_CASE("activations per layer reproduce Korthikanti et al. 2022, eqs. 1-4, for their models") {
+TEST_CASE("activations per layer reproduce Korthikanti et al. 2022, eqs. 1-4, for their models" *
+          doctest::test_suite("independent")) {
   // Table 3 of "Reducing Activation Recomputation in Large Transformer Models":
   // GPT 22B (h 6144, a 64), 175B (12288, 96), 530B (20480, 128), 1T (25600, 160); s = 2048, t = 8.
   struct Config {
@@ -54,23 +56,23 @@ TEST_CASE("activations per layer reproduce Korthikanti et al. 2022, eqs. 1-4, fo
     CAPTURE(c.h);
     // No parallelism: sbh(34 + 5as/h).
     CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(1, false, 8), 2048, Recompute::none,
-                                 kKorthikanti) ==
-          doctest::Approx(s * b * h * (34 + 5 * a * s / h)));
+                                 kKorthikanti) == mop::test::rel(s * b * h * (34 + 5 * a * s / h)));
     // Tensor parallel, no SP: sbh(10 + 24/t + 5as/(ht)).
     CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(8, false, 8), 2048, Recompute::none,
                                  kKorthikanti) ==
-          doctest::Approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t))));
+          mop::test::rel(s * b * h * (10 + 24 / t + 5 * a * s / (h * t))));
     // Tensor + sequence parallel: sbh/t (34 + 5as/h).
     CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(8, true, 8), 2048, Recompute::none,
                                  kKorthikanti) ==
-          doctest::Approx(s * b * h / t * (34 + 5 * a * s / h)));
+          mop::test::rel(s * b * h / t * (34 + 5 * a * s / h)));
     // Full recompute keeps the layer input only: 2sbh, split by SP.
     CHECK(layer_activation_bytes(m, m.layers[0], tp_plan(8, true, 8), 2048, Recompute::full,
-                                 kKorthikanti) == doctest::Approx(2 * s * b * h / t));
+                                 kKorthikanti) == mop::test::rel(2 * s * b * h / t));
   }
 }
 
-TEST_CASE("flash attention removes the S x S term and keeps a log-sum-exp per head") {
+TEST_CASE("flash attention removes the S x S term and keeps a log-sum-exp per head" *
+          doctest::test_suite("independent")) {
   const ModelSpec m = gpt(4096, 32, 1);
   const Plan p = tp_plan(1, false, 8);
   const double s = 8192, h = 4096;
@@ -78,10 +80,11 @@ TEST_CASE("flash attention removes the S x S term and keeps a log-sum-exp per he
   // Q K V 6, attention output 2, MLP input 2, fc1 output 8, GeLU output 8 = 32 sbh, plus the
   // FP32 log-sum-exp 4·s·a.
   CHECK(layer_activation_bytes(m, m.layers[0], p, 8192, Recompute::none) ==
-        doctest::Approx(32 * s * h + 4 * s * 32));
+        mop::test::rel(32 * s * h + 4 * s * 32));
 }
 
-TEST_CASE("ZeRO stages shard weights, gradients and optimizer state as DeepSpeed defines them") {
+TEST_CASE("ZeRO stages shard weights, gradients and optimizer state as DeepSpeed defines them" *
+          doctest::test_suite("independent")) {
   // llama3-8b on one node of 8 GPUs, pure data parallel. Per rank, N = all parameters:
   // ZeRO-0: 2N + 4N + 12N; ZeRO-1: 2N + 4N + 12N/8; ZeRO-2: 2N + 4N/8 + 12N/8;
   // ZeRO-3: (2N + 4N + 12N)/8 (Rajbhandari et al. 2020, with FP32 gradients).
@@ -98,13 +101,14 @@ TEST_CASE("ZeRO stages shard weights, gradients and optimizer state as DeepSpeed
     const MemoryReport r = analyze_memory(m, p, 4096, hw);
     const MemoryBreakdown& b = r.classes[0].hbm;
     CAPTURE(zero);
-    CHECK(b.weights == doctest::Approx(zero >= 3 ? 2 * n / 8 : 2 * n));
-    CHECK(b.grads == doctest::Approx(zero >= 2 ? 4 * n / 8 : 4 * n));
-    CHECK(b.optimizer == doctest::Approx(zero >= 1 ? 12 * n / 8 : 12 * n));
+    CHECK(b.weights == mop::test::rel(zero >= 3 ? 2 * n / 8 : 2 * n));
+    CHECK(b.grads == mop::test::rel(zero >= 2 ? 4 * n / 8 : 4 * n));
+    CHECK(b.optimizer == mop::test::rel(zero >= 1 ? 12 * n / 8 : 12 * n));
   }
 }
 
-TEST_CASE("host placement moves optimizer state to host memory, counted per node") {
+TEST_CASE("host placement moves optimizer state to host memory, counted per node" *
+          doctest::test_suite("independent")) {
   const ModelSpec m = load_model("llama3-8b");
   const double n = static_cast<double>(count_params(m).total.total());
   MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
@@ -116,12 +120,13 @@ TEST_CASE("host placement moves optimizer state to host memory, counted per node
   complete_plan(p);
   const MemoryReport r = analyze_memory(m, p, 4096, hw);
   CHECK(r.classes[0].hbm.optimizer == 0);
-  CHECK(r.classes[0].host.optimizer == doctest::Approx(12 * n / 8));
+  CHECK(r.classes[0].host.optimizer == mop::test::rel(12 * n / 8));
   // Eight ranks per node share the host: at least the whole 12N lives on the node.
   CHECK(r.peak_host_bytes >= 12 * n);
 }
 
-TEST_CASE("1F1B keeps pp - i micro-batches in flight on stage i, so the first stage is worst") {
+TEST_CASE("1F1B keeps pp - i micro-batches in flight on stage i, so the first stage is worst" *
+          doctest::test_suite("independent")) {
   const ModelSpec m = load_model("llama3-70b");
   MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
   Plan p;
@@ -141,7 +146,7 @@ TEST_CASE("1F1B keeps pp - i micro-batches in flight on stage i, so the first st
   CHECK(r.classes[0].layers == 20);
 }
 
-TEST_CASE("a plan that does not fit names what runs out first") {
+TEST_CASE("a plan that does not fit names what runs out first" * doctest::test_suite("plumbing")) {
   const ModelSpec m = load_model("llama3-70b");
   MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
   Plan p;

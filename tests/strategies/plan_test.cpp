@@ -23,7 +23,8 @@ const ModelShape kKimi{.num_layers = 61,
 const ClusterShape kTwelveNodes{.gpus_per_node = 8, .nodes = 12};
 } // namespace
 
-TEST_CASE("data-parallel degrees are what is left of each layer kind's mapping") {
+TEST_CASE("data-parallel degrees are what is left of each layer kind's mapping" *
+          doctest::test_suite("independent")) {
   Plan p;
   p.world = 96;
   p.attention.cp = 8;
@@ -39,7 +40,7 @@ TEST_CASE("data-parallel degrees are what is left of each layer kind's mapping")
   CHECK(summary(p).starts_with("attn[cp8h dp12] moe[ep96] zero1 pp1 mb1"));
 }
 
-TEST_CASE("each broken rule is one sentence") {
+TEST_CASE("each broken rule is one sentence" * doctest::test_suite("plumbing")) {
   Plan p;
   p.world = 96;
   p.attention.tp = 5;
@@ -72,7 +73,7 @@ TEST_CASE("each broken rule is one sentence") {
         "plan: pp x vp (96 x 1) exceeds the 61 layers (plus embedding and loss).");
 }
 
-TEST_CASE("a plan survives a JSON round trip") {
+TEST_CASE("a plan survives a JSON round trip" * doctest::test_suite("plumbing")) {
   Plan p;
   p.family = "mop";
   p.world = 96;

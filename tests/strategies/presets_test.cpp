@@ -28,7 +28,8 @@ PlanContext context(const ModelSpec& m, std::int64_t seq, int nodes) {
 }
 } // namespace
 
-TEST_CASE("the default batch is at least 4M tokens and a multiple of replicas x micro-batch") {
+TEST_CASE("the default batch is at least 4M tokens and a multiple of replicas x micro-batch" *
+          doctest::test_suite("independent")) {
   CHECK(default_global_batch(4096, 8) == 1024);   // 2^22 / 4096 = 1024, a multiple of 8
   CHECK(default_global_batch(4096, 96) == 1056);  // 1024 rounded up to 11 x 96
   CHECK(default_global_batch(1 << 20, 1) == 4);   // 4 sequences of 1M tokens
@@ -59,7 +60,8 @@ TEST_CASE("every family has valid plans for every catalog model on a node it can
   }
 }
 
-TEST_CASE("a resolved preset re-used as a plan file gives the same memory") {
+TEST_CASE("a resolved preset re-used as a plan file gives the same memory" *
+          doctest::test_suite("plumbing")) {
   const ModelSpec m = load_model("llama3-8b");
   const PlanContext ctx = context(m, 8192, 1);
   const ResolvedPlan r = resolve_plan("fsdp2", ctx);
@@ -69,7 +71,8 @@ TEST_CASE("a resolved preset re-used as a plan file gives the same memory") {
   CHECK(analyze_memory(m, again, 8192, kH200).peak_hbm_bytes == r.memory.peak_hbm_bytes);
 }
 
-TEST_CASE("Kimi-K2 states cannot live in 96 HBMs: every fitting plan puts the optimizer on host") {
+TEST_CASE("Kimi-K2 states cannot live in 96 HBMs: every fitting plan puts the optimizer on host" *
+          doctest::test_suite("independent")) {
   // Worked example: 16 bytes per parameter (BF16 weights + FP32 grads... here 2 + 12) x 1.03T
   // over 96 GPUs is 128 GB of 150 GB for the optimizer and weights alone.
   const ModelSpec m = load_model("kimi-k2");
@@ -83,7 +86,8 @@ TEST_CASE("Kimi-K2 states cannot live in 96 HBMs: every fitting plan puts the op
   }
 }
 
-TEST_CASE("an unknown preset is one sentence listing the presets") {
+TEST_CASE("an unknown preset is one sentence listing the presets" *
+          doctest::test_suite("plumbing")) {
   const ModelSpec m = load_model("tiny-moe");
   try {
     resolve_plan("zero-infinity", context(m, 4096, 1));
@@ -95,7 +99,8 @@ TEST_CASE("an unknown preset is one sentence listing the presets") {
 }
 
 TEST_CASE(
-    "every preset answers for every catalog model, naming what runs out when it does not fit") {
+    "every preset answers for every catalog model, naming what runs out when it does not fit" *
+    doctest::test_suite("plumbing")) {
   for (const std::string& id : catalog_ids()) {
     const ModelSpec m = load_model(id);
     for (const std::string& family : family_names()) {

@@ -4,6 +4,7 @@
 #include "hw_models/cluster.hpp"
 #include "strategies/hardware.hpp"
 #include "strategies/search.hpp"
+#include "tests/support/approx.hpp"
 #include "workload/catalog.hpp"
 
 #include <doctest/doctest.h>
@@ -24,7 +25,8 @@ PlanContext context(const workload::ModelSpec& m, std::int64_t seq, int nodes,
 }
 } // namespace
 
-TEST_CASE("the compute lower bound never exceeds the simulated step") {
+TEST_CASE("the compute lower bound never exceeds the simulated step" *
+          doctest::test_suite("independent")) {
   const workload::ModelSpec m = workload::load_model("qwen3-30b-a3b");
   const hw::ClusterSpec c = hw::load_cluster("h100");
   const PlanContext ctx = context(m, 4096, 2, c);
@@ -44,7 +46,8 @@ TEST_CASE("the compute lower bound never exceeds the simulated step") {
   CHECK(checked >= 20);
 }
 
-TEST_CASE("a pruned candidate never beats the reported best: the whole space simulated") {
+TEST_CASE("a pruned candidate never beats the reported best: the whole space simulated" *
+          doctest::test_suite("independent")) {
   const workload::ModelSpec m = workload::load_model("tiny-moe");
   const hw::ClusterSpec c = hw::load_cluster("h100");
   const PlanContext ctx = context(m, 2048, 1, c);
@@ -67,10 +70,11 @@ TEST_CASE("a pruned candidate never beats the reported best: the whole space sim
       best = std::min(best, e.step_time_s / e.tokens_per_step);
     }
   const auto& r = s.results[0];
-  CHECK(r.eval.step_time_s / r.eval.tokens_per_step == doctest::Approx(best).scale(0));
+  CHECK(r.eval.step_time_s / r.eval.tokens_per_step == mop::test::rel(best));
 }
 
-TEST_CASE("the search gives the same answer on one thread and on two") {
+TEST_CASE("the search gives the same answer on one thread and on two" *
+          doctest::test_suite("plumbing")) {
   const workload::ModelSpec m = workload::load_model("mixtral-8x7b");
   const hw::ClusterSpec c = hw::load_cluster("h100");
   const PlanContext ctx = context(m, 4096, 2, c);

@@ -8,7 +8,8 @@
 
 using namespace mop;
 
-TEST_CASE("Kimi-K2 at 1M on 12x8 H200: mop fits, FSDP2 without TP or CP runs out of HBM") {
+TEST_CASE("Kimi-K2 at 1M on 12x8 H200: mop fits, FSDP2 without TP or CP runs out of HBM" *
+          doctest::test_suite("independent")) {
   const workload::ModelSpec m = workload::load_model("kimi-k2");
   const hw::ClusterSpec c = hw::load_cluster("h200");
   validation::ClaimsOptions o;

@@ -18,7 +18,8 @@
 using namespace mop;
 using namespace mop::validation;
 
-TEST_CASE("the shipped dataset parses: 86 published rows with unique ids") {
+TEST_CASE("the shipped dataset parses: 86 published rows with unique ids" *
+          doctest::test_suite("plumbing")) {
   const std::vector<Row> rows = read_dataset(default_dataset_path());
   CHECK(rows.size() == 86);
   std::set<std::string> ids;
@@ -27,7 +28,8 @@ TEST_CASE("the shipped dataset parses: 86 published rows with unique ids") {
   CHECK(ids.size() == rows.size());
 }
 
-TEST_CASE("every row becomes a fixed plan or states why it cannot yet") {
+TEST_CASE("every row becomes a fixed plan or states why it cannot yet" *
+          doctest::test_suite("plumbing")) {
   int translated = 0;
   for (const Row& r : read_dataset(default_dataset_path())) {
     const Translation t = translate(r);
@@ -40,7 +42,7 @@ TEST_CASE("every row becomes a fixed plan or states why it cannot yet") {
   CHECK(translated >= 60);
 }
 
-TEST_CASE("a malformed line names the file and the line") {
+TEST_CASE("a malformed line names the file and the line" * doctest::test_suite("plumbing")) {
   const auto path = std::filesystem::temp_directory_path() / "mop-bad.jsonl";
   std::ofstream(path) << "{\"id\": \"a\"}\n{broken\n";
   try {
@@ -52,7 +54,8 @@ TEST_CASE("a malformed line names the file and the line") {
   std::filesystem::remove(path);
 }
 
-TEST_CASE("peak memory against the published measurements: MAPE within the recorded bound") {
+TEST_CASE("peak memory against the published measurements: MAPE within the recorded bound" *
+          doctest::test_suite("fitted")) {
   double sum = 0;
   int n = 0;
   for (const Row& r : read_dataset(default_dataset_path())) {

@@ -8,7 +8,8 @@
 
 using namespace mop::workload;
 
-TEST_CASE("the catalog holds the models the project promises, and each one loads") {
+TEST_CASE("the catalog holds the models the project promises, and each one loads" *
+          doctest::test_suite("plumbing")) {
   const std::vector<std::string> ids = catalog_ids();
   for (const char* id : {"kimi-k2", "deepseek-v3", "qwen3-235b-a22b", "qwen3-30b-a3b",
                          "mixtral-8x7b", "mixtral-8x22b", "gpt-oss-120b", "gpt-oss-20b",
@@ -19,7 +20,7 @@ TEST_CASE("the catalog holds the models the project promises, and each one loads
   }
 }
 
-TEST_CASE("an unknown id lists the catalog in one sentence") {
+TEST_CASE("an unknown id lists the catalog in one sentence" * doctest::test_suite("plumbing")) {
   try {
     load_model("no-such-model");
     FAIL("accepted");
@@ -30,7 +31,8 @@ TEST_CASE("an unknown id lists the catalog in one sentence") {
   }
 }
 
-TEST_CASE("a config.json path loads and is named after its folder") {
+TEST_CASE("a config.json path loads and is named after its folder" *
+          doctest::test_suite("plumbing")) {
   namespace fs = std::filesystem;
   const fs::path dir = fs::temp_directory_path() / "mop-catalog-test" / "My-Model";
   fs::create_directories(dir);

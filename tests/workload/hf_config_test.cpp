@@ -1,5 +1,6 @@
 // The Hugging Face importer: layer kinds per architecture, and one sentence for each bad input.
 #include "common/error.hpp"
+#include "tests/support/approx.hpp"
 #include "workload/hf_config.hpp"
 #include "workload/params.hpp"
 
@@ -25,7 +26,8 @@ Json llama() {
 }
 } // namespace
 
-TEST_CASE("bad configs get one sentence naming the file and the field") {
+TEST_CASE("bad configs get one sentence naming the file and the field" *
+          doctest::test_suite("plumbing")) {
   Json c = llama();
   c["model_type"] = "bloom";
   CHECK(error_of(c).starts_with("c.json: field 'model_type' is 'bloom'; supported model types"));
@@ -50,7 +52,8 @@ TEST_CASE("bad configs get one sentence naming the file and the field") {
   CHECK(error_of(c) == "c.json: field 'model_type' is missing; it must be a string.");
 }
 
-TEST_CASE("a MoE config whose top-k exceeds its experts is refused") {
+TEST_CASE("a MoE config whose top-k exceeds its experts is refused" *
+          doctest::test_suite("plumbing")) {
   const Json c = Json::parse(R"({"model_type": "mixtral", "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "vocab_size": 256, "num_local_experts": 4,
@@ -59,7 +62,8 @@ TEST_CASE("a MoE config whose top-k exceeds its experts is refused") {
                        "of routed experts (4).");
 }
 
-TEST_CASE("DeepSeek layers: the first k are dense, MTP is kept apart") {
+TEST_CASE("DeepSeek layers: the first k are dense, MTP is kept apart" *
+          doctest::test_suite("plumbing")) {
   const Json c = Json::parse(R"({"model_type": "deepseek_v3", "hidden_size": 64,
     "intermediate_size": 128, "moe_intermediate_size": 32, "num_hidden_layers": 4,
     "num_attention_heads": 4, "vocab_size": 256, "q_lora_rank": 32, "kv_lora_rank": 16,
@@ -82,7 +86,8 @@ TEST_CASE("DeepSeek layers: the first k are dense, MTP is kept apart") {
   CHECK(p.mtp_stored == p.mtp + 2 * 256 * 64);
 }
 
-TEST_CASE("Llama 4 interleaves MoE layers and Maverick is 400B total, 17B active (Meta)") {
+TEST_CASE("Llama 4 interleaves MoE layers and Maverick is 400B total, 17B active (Meta)" *
+          doctest::test_suite("independent")) {
   // Llama-4-Maverick text config (Hugging Face meta-llama/Llama-4-Maverick-17B-128E).
   const Json c = Json::parse(R"({"model_type": "llama4", "text_config": {
     "model_type": "llama4_text", "hidden_size": 5120, "intermediate_size": 8192,
@@ -95,11 +100,12 @@ TEST_CASE("Llama 4 interleaves MoE layers and Maverick is 400B total, 17B active
   CHECK(m.layers[1].mlp == MlpKind::moe);
   const ParamReport p = count_params(m);
   // Meta publishes 400B total (text and vision; the vision encoder is under 1B) and 17B active.
-  CHECK(static_cast<double>(p.total.total()) == doctest::Approx(400e9).epsilon(0.01));
-  CHECK(static_cast<double>(p.active.total()) == doctest::Approx(17e9).epsilon(0.03));
+  CHECK(static_cast<double>(p.total.total()) == mop::test::rel(400e9, 0.01));
+  CHECK(static_cast<double>(p.active.total()) == mop::test::rel(17e9, 0.03));
 }
 
-TEST_CASE("gpt-oss alternates sliding and full attention from layer_types") {
+TEST_CASE("gpt-oss alternates sliding and full attention from layer_types" *
+          doctest::test_suite("plumbing")) {
   const Json c = Json::parse(R"({"model_type": "gpt_oss", "hidden_size": 64,
     "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256, "num_local_experts": 4,
@@ -115,7 +121,8 @@ TEST_CASE("gpt-oss alternates sliding and full attention from layer_types") {
                          "[\"sliding_attention\"]).");
 }
 
-TEST_CASE("GPT-2 small has 124,439,808 parameters (Hugging Face gpt2 checkpoint)") {
+TEST_CASE("GPT-2 small has 124,439,808 parameters (Hugging Face gpt2 checkpoint)" *
+          doctest::test_suite("independent")) {
   const Json c = Json::parse(R"({"model_type": "gpt2", "n_embd": 768, "n_layer": 12,
     "n_head": 12, "n_positions": 1024, "vocab_size": 50257})");
   const ModelSpec m = from_hf_config(c, "c.json", "gpt2");
@@ -123,15 +130,15 @@ TEST_CASE("GPT-2 small has 124,439,808 parameters (Hugging Face gpt2 checkpoint)
   CHECK(m.tied_embeddings);
 }
 
-TEST_CASE("Qwen3 dense reads as Llama with QK-norm: Qwen3-8B is 8.2B (Qwen3 model card)") {
+TEST_CASE("Qwen3 dense reads as Llama with QK-norm: Qwen3-8B is 8.2B (Qwen3 model card)" *
+          doctest::test_suite("independent")) {
   const Json c = Json::parse(R"({"model_type": "qwen3", "hidden_size": 4096,
     "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
     "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936,
     "tie_word_embeddings": false})");
   const ModelSpec m = from_hf_config(c, "c.json", "qwen3-8b");
   CHECK(m.attention.qk_norm);
-  CHECK(static_cast<double>(count_params(m).total.total()) ==
-        doctest::Approx(8.2e9).epsilon(0.007));
+  CHECK(static_cast<double>(count_params(m).total.total()) == mop::test::rel(8.2e9, 0.007));
 }
 
 TEST_CASE("every model dimension has a ceiling, checked before anything is sized by it") {

@@ -42,7 +42,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 } // namespace
 
-TEST_CASE("comm: all_reduce sums in place on 1 to 4 ranks") {
+TEST_CASE("comm: all_reduce sums in place on 1 to 4 ranks" * doctest::test_suite("independent")) {
   for (int n = 1; n <= 4; ++n) {
     CAPTURE(n);
     std::vector<std::vector<double>> got(at(n));
@@ -69,7 +69,8 @@ TEST_CASE("comm: all_reduce sums in place on 1 to 4 ranks") {
   }
 }
 
-TEST_CASE("comm: all_reduce_max takes the elementwise maximum on 1 to 4 ranks") {
+TEST_CASE("comm: all_reduce_max takes the elementwise maximum on 1 to 4 ranks" *
+          doctest::test_suite("independent")) {
   for (int n = 1; n <= 4; ++n) {
     CAPTURE(n);
     std::vector<std::vector<float>> got(at(n));
@@ -85,7 +86,8 @@ TEST_CASE("comm: all_reduce_max takes the elementwise maximum on 1 to 4 ranks") 
   }
 }
 
-TEST_CASE("comm: all_gather puts member r's block at offset r times n on 1 to 4 ranks") {
+TEST_CASE("comm: all_gather puts member r's block at offset r times n on 1 to 4 ranks" *
+          doctest::test_suite("independent")) {
   for (int n = 1; n <= 4; ++n) {
     CAPTURE(n);
     std::vector<std::vector<std::int32_t>> got(at(n));
@@ -102,7 +104,8 @@ TEST_CASE("comm: all_gather puts member r's block at offset r times n on 1 to 4 
   }
 }
 
-TEST_CASE("comm: reduce_scatter gives member m the sum of every member's block m on 1 to 4 ranks") {
+TEST_CASE("comm: reduce_scatter gives member m the sum of every member's block m on 1 to 4 ranks" *
+          doctest::test_suite("independent")) {
   for (int n = 1; n <= 4; ++n) {
     CAPTURE(n);
     std::vector<std::vector<double>> got(at(n));
@@ -121,7 +124,8 @@ TEST_CASE("comm: reduce_scatter gives member m the sum of every member's block m
   }
 }
 
-TEST_CASE("comm: all_to_all_v with uneven counts and zeros delivers blocks in member order") {
+TEST_CASE("comm: all_to_all_v with uneven counts and zeros delivers blocks in member order" *
+          doctest::test_suite("independent")) {
   // counts[from][to] on three ranks; element k of the block from f to t is 100 f + 10 t + k.
   const std::vector<std::vector<std::size_t>> counts{{1, 0, 2}, {3, 1, 0}, {0, 2, 1}};
   std::vector<std::vector<float>> got(3);
@@ -144,7 +148,8 @@ TEST_CASE("comm: all_to_all_v with uneven counts and zeros delivers blocks in me
   CHECK(got[2] == std::vector<float>{20, 21, 220});
 }
 
-TEST_CASE("comm: all_to_all_v on 1 to 4 ranks sends every pair its own count") {
+TEST_CASE("comm: all_to_all_v on 1 to 4 ranks sends every pair its own count" *
+          doctest::test_suite("independent")) {
   for (int n = 1; n <= 4; ++n) {
     CAPTURE(n);
     // count(f, t) = (f + 2 t) mod 3: zeros, ones and twos.
@@ -176,7 +181,8 @@ TEST_CASE("comm: all_to_all_v on 1 to 4 ranks sends every pair its own count") {
   }
 }
 
-TEST_CASE("comm: send_recv_ring receives from the member shift places before on 1 to 4 ranks") {
+TEST_CASE("comm: send_recv_ring receives from the member shift places before on 1 to 4 ranks" *
+          doctest::test_suite("independent")) {
   for (int n = 1; n <= 4; ++n) {
     for (int shift : {1, -1, 2, 5}) {
       CAPTURE(n);
@@ -196,7 +202,8 @@ TEST_CASE("comm: send_recv_ring receives from the member shift places before on 
   }
 }
 
-TEST_CASE("comm: in-place all_gather and reduce_scatter give the out-of-place results") {
+TEST_CASE("comm: in-place all_gather and reduce_scatter give the out-of-place results" *
+          doctest::test_suite("independent")) {
   std::vector<std::vector<float>> gathered(3), scattered(3);
   World::run(3, [&](World& w, int r) {
     const Comm c = everyone(w, r);
@@ -218,7 +225,8 @@ TEST_CASE("comm: in-place all_gather and reduce_scatter give the out-of-place re
   }
 }
 
-TEST_CASE("comm: float sums are bit-identical across runs whatever the arrival order") {
+TEST_CASE("comm: float sums are bit-identical across runs whatever the arrival order" *
+          doctest::test_suite("plumbing")) {
   constexpr int n = 4;
   constexpr std::size_t len = 512;
   // Magnitudes from 1e-3 to 1e6 with both signs, so the order of the additions changes the
@@ -275,7 +283,8 @@ TEST_CASE("comm: float sums are bit-identical across runs whatever the arrival o
   }
 }
 
-TEST_CASE("comm: two disjoint subgroups run concurrently without mixing their calls") {
+TEST_CASE("comm: two disjoint subgroups run concurrently without mixing their calls" *
+          doctest::test_suite("plumbing")) {
   std::vector<std::vector<double>> got(4);
   World::run(4, [&](World& w, int r) {
     // Listed out of order: in group [3, 2] world rank 3 is group rank 0.
@@ -303,7 +312,8 @@ TEST_CASE("comm: two disjoint subgroups run concurrently without mixing their ca
   }
 }
 
-TEST_CASE("comm: each rank of a 2x2 grid uses its row group and its column group") {
+TEST_CASE("comm: each rank of a 2x2 grid uses its row group and its column group" *
+          doctest::test_suite("plumbing")) {
   // World rank r sits at row r / 2, column r % 2.
   std::vector<std::vector<std::int32_t>> got(4);
   World::run(4, [&](World& w, int r) {
@@ -333,7 +343,8 @@ TEST_CASE("comm: each rank of a 2x2 grid uses its row group and its column group
   }
 }
 
-TEST_CASE("comm: pipeline send and recv deliver messages in FIFO order") {
+TEST_CASE("comm: pipeline send and recv deliver messages in FIFO order" *
+          doctest::test_suite("plumbing")) {
   // Stage 0 sends five messages of growing length to stage 1, which adds 100 and forwards them
   // to stage 2.
   std::vector<std::vector<double>> received;
@@ -372,7 +383,8 @@ TEST_CASE("comm: recv checks the size and element type of the message") {
   CHECK_THROWS_AS(w.recv(1, 0, two, 1), CommError);
 }
 
-TEST_CASE("comm: a rank that throws makes run rethrow its exception and the others stop") {
+TEST_CASE("comm: a rank that throws makes run rethrow its exception and the others stop" *
+          doctest::test_suite("plumbing")) {
   std::vector<std::string> others(3);
   const auto t0 = std::chrono::steady_clock::now();
   CHECK_THROWS_AS(World::run(3,
@@ -487,7 +499,8 @@ TEST_CASE("comm: a size mismatch throws the same sentence on every member") {
                "all_reduce of 2 float but group rank 2 called all_reduce of 3 float");
 }
 
-TEST_CASE("comm: different collectives or counts at the same call throw on every member") {
+TEST_CASE("comm: different collectives or counts at the same call throw on every member" *
+          doctest::test_suite("plumbing")) {
   std::vector<std::string> kinds(2), counts(2);
   World::run(2, [&](World& w, int r) {
     const Comm c = w.group({0, 1}, r);
@@ -540,7 +553,8 @@ TEST_CASE("comm: abort makes a waiting call and every later call throw its reaso
   CHECK_THROWS_WITH_AS(w.group({0}, 0), "stopped by the test", CommError);
 }
 
-TEST_CASE("comm: group checks its members and numbers them in list order") {
+TEST_CASE("comm: group checks its members and numbers them in list order" *
+          doctest::test_suite("plumbing")) {
   World w(3);
   CHECK_THROWS_WITH_AS(w.group({}, 0), "a group needs at least one member", std::invalid_argument);
   CHECK_THROWS_WITH_AS(w.group({0, 3}, 0),

@@ -10,6 +10,7 @@
 // does not blow up on components that happen to be near zero).
 #include "real_backend/cpu/kernels.hpp"
 #include "real_backend/cpu/tiny_model.hpp"
+#include "tests/support/approx.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -98,7 +99,8 @@ std::vector<std::int64_t> iota_pos(int n, std::int64_t first) {
 
 } // namespace
 
-TEST_CASE("kernels: gemm 2x3 by 3x2 by hand in all four transpose layouts") {
+TEST_CASE("kernels: gemm 2x3 by 3x2 by hand in all four transpose layouts" *
+          doctest::test_suite("independent")) {
   // A = [[1,2,3],[4,5,6]], B = [[7,8],[9,10],[11,12]]:
   // C = [[1*7+2*9+3*11, 1*8+2*10+3*12], [4*7+5*9+6*11, 4*8+5*10+6*12]] = [[58,64],[139,154]].
   const Vec a = {1, 2, 3, 4, 5, 6}, at = {1, 4, 2, 5, 3, 6};
@@ -117,7 +119,8 @@ TEST_CASE("kernels: gemm 2x3 by 3x2 by hand in all four transpose layouts") {
     }
 }
 
-TEST_CASE("kernels: gemm gradients dA = dC B^T and dB = A^T dC match finite differences") {
+TEST_CASE("kernels: gemm gradients dA = dC B^T and dB = A^T dC match finite differences" *
+          doctest::test_suite("independent")) {
   const int m = 3, n = 4, k = 5;
   Vec a = randn(m * k, 1), b = randn(k * n, 2);
   const Vec w = randn(m * n, 3);
@@ -133,20 +136,21 @@ TEST_CASE("kernels: gemm gradients dA = dC B^T and dB = A^T dC match finite diff
   check_grad(db, loss, b);
 }
 
-TEST_CASE("kernels: rmsnorm of one row by hand") {
+TEST_CASE("kernels: rmsnorm of one row by hand" * doctest::test_suite("independent")) {
   // x = [1,2,3,4], eps = 0.5: mean(x^2) + eps = 30/4 + 0.5 = 8, rstd = 1/sqrt(8);
   // w = [1,1,2,0.5] -> y = [1, 2, 6, 2] / sqrt(8).
   const Vec x = {1, 2, 3, 4}, w = {1, 1, 2, 0.5};
   Vec y(4), rstd(1);
   rmsnorm_fwd(1, 4, x.data(), w.data(), 0.5, y.data(), rstd.data());
   const double r = 1 / std::sqrt(8.0);
-  CHECK(rstd[0] == doctest::Approx(r).epsilon(1e-15));
+  CHECK(rstd[0] == mop::test::rel(r, 1e-15));
   const Vec expect = {r, 2 * r, 6 * r, 2 * r};
   for (int j = 0; j < 4; ++j)
-    CHECK(y[j] == doctest::Approx(expect[j]).epsilon(1e-15));
+    CHECK(y[j] == mop::test::rel(expect[j], 1e-15));
 }
 
-TEST_CASE("kernels: rmsnorm backward matches finite differences and accumulates dw") {
+TEST_CASE("kernels: rmsnorm backward matches finite differences and accumulates dw" *
+          doctest::test_suite("independent")) {
   const int rows = 3, dim = 6;
   const double eps = 1e-3;
   Vec x = randn(rows * dim, 10), w = randn(dim, 11);
@@ -165,19 +169,20 @@ TEST_CASE("kernels: rmsnorm backward matches finite differences and accumulates 
   Vec dw2 = dw;
   rmsnorm_bwd(rows, dim, x.data(), w.data(), rs.data(), dy.data(), dx.data(), dw2.data());
   for (int j = 0; j < dim; ++j)
-    CHECK(dw2[j] == doctest::Approx(2 * dw[j]).epsilon(1e-14));
+    CHECK(dw2[j] == mop::test::rel(2 * dw[j], 1e-14));
 }
 
-TEST_CASE("kernels: rope rotates one pair by a hand-computed angle and inverse undoes it") {
+TEST_CASE("kernels: rope rotates one pair by a hand-computed angle and inverse undoes it" *
+          doctest::test_suite("independent")) {
   // head_dim 4, theta 10000: pair i rotates by position * 10000^(-2i/4); pair 1 at position 3
   // turns by 3 * 10000^(-1/2) = 0.03 rad, pair 0 by 3 rad. Pairs are (x0, x2) and (x1, x3).
   Vec x = {0.5, 1.0, -0.25, 2.0};
   const std::int64_t pos = 3;
   rope(1, 1, 4, &pos, 10000.0, x.data(), false);
-  CHECK(x[1] == doctest::Approx(1.0 * std::cos(0.03) - 2.0 * std::sin(0.03)).epsilon(1e-14));
-  CHECK(x[3] == doctest::Approx(2.0 * std::cos(0.03) + 1.0 * std::sin(0.03)).epsilon(1e-14));
-  CHECK(x[0] == doctest::Approx(0.5 * std::cos(3.0) + 0.25 * std::sin(3.0)).epsilon(1e-14));
-  CHECK(x[2] == doctest::Approx(-0.25 * std::cos(3.0) + 0.5 * std::sin(3.0)).epsilon(1e-14));
+  CHECK(x[1] == mop::test::rel(1.0 * std::cos(0.03) - 2.0 * std::sin(0.03), 1e-14));
+  CHECK(x[3] == mop::test::rel(2.0 * std::cos(0.03) + 1.0 * std::sin(0.03), 1e-14));
+  CHECK(x[0] == mop::test::rel(0.5 * std::cos(3.0) + 0.25 * std::sin(3.0), 1e-14));
+  CHECK(x[2] == mop::test::rel(-0.25 * std::cos(3.0) + 0.5 * std::sin(3.0), 1e-14));
 
   const int tokens = 5, heads = 3, hd = 8;
   const Vec orig = randn(tokens * heads * hd, 20);
@@ -189,7 +194,8 @@ TEST_CASE("kernels: rope rotates one pair by a hand-computed angle and inverse u
   CHECK(rel_err(y, orig) < 1e-14);
 }
 
-TEST_CASE("kernels: rope backward (the inverse rotation) matches finite differences") {
+TEST_CASE("kernels: rope backward (the inverse rotation) matches finite differences" *
+          doctest::test_suite("independent")) {
   const int tokens = 4, heads = 2, hd = 6;
   const std::vector<std::int64_t> positions = {0, 1, 9, 30};
   Vec x = randn(tokens * heads * hd, 30);
@@ -204,13 +210,14 @@ TEST_CASE("kernels: rope backward (the inverse rotation) matches finite differen
   check_grad(g, loss, x);
 }
 
-TEST_CASE("kernels: swiglu value by hand and backward against finite differences") {
+TEST_CASE("kernels: swiglu value by hand and backward against finite differences" *
+          doctest::test_suite("independent")) {
   // silu(1) * 2 = 2 / (1 + e^-1); silu(-2) * 0.5 = -1 / (1 + e^2).
   const Vec g1 = {1.0, -2.0}, u1 = {2.0, 0.5};
   Vec o1(2);
   swiglu_fwd(2, g1.data(), u1.data(), o1.data());
-  CHECK(o1[0] == doctest::Approx(2 / (1 + std::exp(-1.0))).epsilon(1e-15));
-  CHECK(o1[1] == doctest::Approx(-1 / (1 + std::exp(2.0))).epsilon(1e-15));
+  CHECK(o1[0] == mop::test::rel(2 / (1 + std::exp(-1.0)), 1e-15));
+  CHECK(o1[1] == mop::test::rel(-1 / (1 + std::exp(2.0)), 1e-15));
 
   const std::size_t n = 12;
   Vec gate = randn(n, 40, 2.0), up = randn(n, 41);
@@ -289,7 +296,8 @@ AttnCase make_case(int heads, int kv_heads, bool causal, std::int64_t window, in
 
 } // namespace
 
-TEST_CASE("kernels: attention with equal scores averages the visible values by hand") {
+TEST_CASE("kernels: attention with equal scores averages the visible values by hand" *
+          doctest::test_suite("independent")) {
   // q = 0 makes every score 0: out is the mean of the visible values and lse = ln(count).
   // Causal, window 2: query at position 2 sees keys 1 and 2; query at 0 sees key 0 only.
   AttnCase c = make_case(1, 1, true, 2, 2, 3, 0, 0);
@@ -302,12 +310,13 @@ TEST_CASE("kernels: attention with equal scores averages the visible values by h
   attn_fwd(c, d, out, lse);
   const Vec expect = {55, 110, 165, 1, 2, 3};
   for (int i = 0; i < 6; ++i)
-    CHECK(out[i] == doctest::Approx(expect[i]).epsilon(1e-14));
-  CHECK(lse[0] == doctest::Approx(std::log(2.0)).epsilon(1e-14));
-  CHECK(lse[1] == doctest::Approx(0.0));
+    CHECK(out[i] == mop::test::rel(expect[i], 1e-14));
+  CHECK(lse[0] == mop::test::rel(std::log(2.0), 1e-14));
+  CHECK(lse[1] == 0.0);
 }
 
-TEST_CASE("kernels: query head h reads KV head h / (heads / kv_heads)") {
+TEST_CASE("kernels: query head h reads KV head h / (heads / kv_heads)" *
+          doctest::test_suite("independent")) {
   // 4 query heads over 2 KV heads, one key: every query's softmax is 1 on that key, so query
   // heads 0 and 1 return the value of KV head 0 and heads 2 and 3 that of KV head 1.
   const AttnCase c = make_case(4, 2, true, 0, 1, 1, 0, 0);
@@ -318,20 +327,24 @@ TEST_CASE("kernels: query head h reads KV head h / (heads / kv_heads)") {
   CHECK(out == Vec{1, 2, 3, 1, 2, 3, 4, 5, 6, 4, 5, 6});
 }
 
-TEST_CASE("kernels: attention backward matches finite differences with causal masking") {
+TEST_CASE("kernels: attention backward matches finite differences with causal masking" *
+          doctest::test_suite("independent")) {
   check_attention_grads(make_case(2, 2, true, 0, 5, 5, 0, 0));
 }
 
-TEST_CASE("kernels: attention backward matches finite differences with a sliding window") {
+TEST_CASE("kernels: attention backward matches finite differences with a sliding window" *
+          doctest::test_suite("independent")) {
   check_attention_grads(make_case(2, 2, true, 3, 6, 6, 0, 0));
 }
 
-TEST_CASE("kernels: attention backward matches finite differences with grouped KV heads") {
+TEST_CASE("kernels: attention backward matches finite differences with grouped KV heads" *
+          doctest::test_suite("independent")) {
   check_attention_grads(make_case(4, 2, true, 0, 4, 4, 0, 0));
   check_attention_grads(make_case(3, 1, false, 0, 3, 5, 0, 0));
 }
 
-TEST_CASE("kernels: a query that sees no key gives out 0 lse -inf and no gradient") {
+TEST_CASE("kernels: a query that sees no key gives out 0 lse -inf and no gradient" *
+          doctest::test_suite("independent")) {
   // Queries at positions 0..3, keys at 2..5 (a later block of a ring): queries 0 and 1 see none.
   const AttnCase c = make_case(2, 1, true, 0, 4, 4, 0, 2);
   const AttnData d = attn_inputs(c, 70);
@@ -353,7 +366,8 @@ TEST_CASE("kernels: a query that sees no key gives out 0 lse -inf and no gradien
   check_attention_grads(c);
 }
 
-TEST_CASE("kernels: attention_merge of two key halves equals attention over all keys") {
+TEST_CASE("kernels: attention_merge of two key halves equals attention over all keys" *
+          doctest::test_suite("independent")) {
   // Queries at 0..7, keys at 2..9 split into 2..5 and 6..9, causal with window 3: queries 0 and
   // 1 see no key in either half, queries 2..5 none in the second half, and query 7 only key 5
   // of the first half.
@@ -380,12 +394,13 @@ TEST_CASE("kernels: attention_merge of two key halves equals attention over all 
     if (lse[r] == kNegInf)
       CHECK(lse_a[r] == kNegInf);
     else
-      CHECK(lse_a[r] == doctest::Approx(lse[r]).epsilon(1e-14));
+      CHECK(lse_a[r] == mop::test::rel(lse[r], 1e-14));
   }
   CHECK(lse[0] == kNegInf); // the both-empty case is exercised
 }
 
-TEST_CASE("kernels: ring-style attention backward over two key blocks sums to one block") {
+TEST_CASE("kernels: ring-style attention backward over two key blocks sums to one block" *
+          doctest::test_suite("independent")) {
   const AttnCase all = make_case(4, 2, true, 0, 6, 6, 0, 0);
   const AttnData d = attn_inputs(all, 90);
   Vec out, lse;
@@ -412,7 +427,8 @@ TEST_CASE("kernels: ring-style attention backward over two key blocks sums to on
   CHECK(rel_err(rv, dv) < 1e-14);
 }
 
-TEST_CASE("kernels: cross_entropy over a 3-token vocabulary by hand with an ignored label") {
+TEST_CASE("kernels: cross_entropy over a 3-token vocabulary by hand with an ignored label" *
+          doctest::test_suite("independent")) {
   // Row 0: logits [0, ln 2, ln 3] -> softmax [1/6, 2/6, 3/6], label 2: loss ln 2.
   // Row 1: label -1: no loss, zero gradient. Row 2: [1, 1, 1], label 0: loss ln 3.
   const double l2 = std::log(2.0), l3 = std::log(3.0);
@@ -420,16 +436,22 @@ TEST_CASE("kernels: cross_entropy over a 3-token vocabulary by hand with an igno
   const std::vector<std::int32_t> labels = {2, -1, 0};
   Vec dl(9, 7.0);
   const double loss = cross_entropy(3, 3, logits.data(), labels.data(), 0.5, dl.data());
-  CHECK(loss == doctest::Approx(l2 + l3).epsilon(1e-15));
+  CHECK(loss == mop::test::rel(l2 + l3, 1e-15));
   const Vec expect = {0.5 / 6, 0.5 * 2 / 6, 0.5 * (3.0 / 6 - 1), 0, 0, 0, 0.5 * (1.0 / 3 - 1),
                       0.5 / 3, 0.5 / 3};
-  for (int i = 0; i < 9; ++i)
-    CHECK(dl[i] == doctest::Approx(expect[i]).epsilon(1e-15));
+  for (int i = 0; i < 9; ++i) {
+    CAPTURE(i);
+    if (expect[i] == 0)
+      CHECK(dl[i] == 0); // the ignored row
+    else
+      CHECK(dl[i] == mop::test::rel(expect[i], 1e-15));
+  }
   CHECK(cross_entropy(3, 3, logits.data(), labels.data(), 1.0, static_cast<double*>(nullptr)) ==
-        doctest::Approx(l2 + l3).epsilon(1e-15));
+        mop::test::rel(l2 + l3, 1e-15));
 }
 
-TEST_CASE("kernels: cross_entropy gradient matches finite differences") {
+TEST_CASE("kernels: cross_entropy gradient matches finite differences" *
+          doctest::test_suite("independent")) {
   const int rows = 4, vocab = 7;
   Vec logits = randn(rows * vocab, 100, 3.0);
   const std::vector<std::int32_t> labels = {3, -1, 0, 6};
@@ -443,32 +465,34 @@ TEST_CASE("kernels: cross_entropy gradient matches finite differences") {
   check_grad(dl, loss, logits);
 }
 
-TEST_CASE("kernels: router_topk picks the largest probabilities with ties to the lower index") {
+TEST_CASE("kernels: router_topk picks the largest probabilities with ties to the lower index" *
+          doctest::test_suite("independent")) {
   // logits [0, ln 3, ln 3, ln 2] -> probs [1, 3, 3, 2] / 9; top-2 = experts 1 then 2 (tie).
   const Vec logits = {0, std::log(3.0), std::log(3.0), std::log(2.0)};
   Vec probs(4), w(2);
   std::vector<std::int32_t> idx(2);
   router_topk_fwd(1, 4, 2, false, logits.data(), probs.data(), idx.data(), w.data());
   CHECK(idx == std::vector<std::int32_t>{1, 2});
-  CHECK(probs[0] == doctest::Approx(1.0 / 9).epsilon(1e-15));
-  CHECK(probs[3] == doctest::Approx(2.0 / 9).epsilon(1e-15));
-  CHECK(w[0] == doctest::Approx(3.0 / 9).epsilon(1e-15));
-  CHECK(w[1] == doctest::Approx(3.0 / 9).epsilon(1e-15));
+  CHECK(probs[0] == mop::test::rel(1.0 / 9, 1e-15));
+  CHECK(probs[3] == mop::test::rel(2.0 / 9, 1e-15));
+  CHECK(w[0] == mop::test::rel(3.0 / 9, 1e-15));
+  CHECK(w[1] == mop::test::rel(3.0 / 9, 1e-15));
   // Normalised: both weights become (3/9) / (6/9) = 1/2.
   router_topk_fwd(1, 4, 2, true, logits.data(), probs.data(), idx.data(), w.data());
   CHECK(idx == std::vector<std::int32_t>{1, 2});
-  CHECK(w[0] == doctest::Approx(0.5).epsilon(1e-15));
-  CHECK(w[1] == doctest::Approx(0.5).epsilon(1e-15));
+  CHECK(w[0] == mop::test::rel(0.5, 1e-15));
+  CHECK(w[1] == mop::test::rel(0.5, 1e-15));
   // k = 3 takes expert 3 (probability 2/9) third; normalised weights 3/8, 3/8, 2/8.
   Vec w3(3);
   std::vector<std::int32_t> idx3(3);
   router_topk_fwd(1, 4, 3, true, logits.data(), probs.data(), idx3.data(), w3.data());
   CHECK(idx3 == std::vector<std::int32_t>{1, 2, 3});
-  CHECK(w3[2] == doctest::Approx(0.25).epsilon(1e-15));
+  CHECK(w3[2] == mop::test::rel(0.25, 1e-15));
 }
 
 TEST_CASE("kernels: router_topk backward matches finite differences with and without "
-          "normalisation") {
+          "normalisation" *
+          doctest::test_suite("independent")) {
   // Logits spaced 0.7 apart (then shuffled per row) with noise of 0.01: the top-k choice changes
   // only if a logit moves by about 0.68, far beyond the step 1e-5.
   const int rows = 3, experts = 6, k = 2;
@@ -503,7 +527,8 @@ TEST_CASE("kernels: router_topk backward matches finite differences with and wit
   }
 }
 
-TEST_CASE("kernels: gather_rows then scatter_add_rows is the adjoint pair") {
+TEST_CASE("kernels: gather_rows then scatter_add_rows is the adjoint pair" *
+          doctest::test_suite("independent")) {
   // Gather rows [2, 0, 2] of a 3x2 source; the gradient of sum(gathered * w) wrt the source is
   // the scatter-add of w, which adds both copies of row 2.
   Vec src = {1, 2, 3, 4, 5, 6};
@@ -523,7 +548,7 @@ TEST_CASE("kernels: gather_rows then scatter_add_rows is the adjoint pair") {
   check_grad(g, loss, src);
 }
 
-TEST_CASE("kernels: adamw two steps by hand") {
+TEST_CASE("kernels: adamw two steps by hand" * doctest::test_suite("independent")) {
   // lr 0.1, betas (0.9, 0.95), eps 1e-8, weight decay 0.1; p = 1, gradients 0.5 then -0.25.
   AdamWParams hp;
   hp.lr = 0.1;
@@ -537,21 +562,22 @@ TEST_CASE("kernels: adamw two steps by hand") {
   // Step 1: p = 1 - 0.1*0.1*1 = 0.99; m = 0.1*0.5 = 0.05; v = 0.05*0.25 = 0.0125;
   // mhat = 0.05/(1-0.9) = 0.5; vhat = 0.0125/(1-0.95) = 0.25; p = 0.99 - 0.1*0.5/(0.5+1e-8).
   const double p1 = 0.99 - 0.1 * 0.5 / (0.5 + 1e-8);
-  CHECK(m == doctest::Approx(0.05).epsilon(1e-14));
-  CHECK(v == doctest::Approx(0.0125).epsilon(1e-14));
-  CHECK(p == doctest::Approx(p1).epsilon(1e-14));
+  CHECK(m == mop::test::rel(0.05, 1e-14));
+  CHECK(v == mop::test::rel(0.0125, 1e-14));
+  CHECK(p == mop::test::rel(p1, 1e-14));
   g = -0.25;
   adamw(1, hp, 2, &p, &g, &m, &v);
   // Step 2: p = p1 * (1 - 0.01); m = 0.9*0.05 - 0.1*0.25 = 0.02;
   // v = 0.95*0.0125 + 0.05*0.0625 = 0.015; mhat = 0.02/(1-0.81) = 0.02/0.19;
   // vhat = 0.015/(1-0.9025) = 0.015/0.0975.
   const double p2 = p1 * 0.99 - 0.1 * (0.02 / 0.19) / (std::sqrt(0.015 / 0.0975) + 1e-8);
-  CHECK(m == doctest::Approx(0.02).epsilon(1e-14));
-  CHECK(v == doctest::Approx(0.015).epsilon(1e-14));
-  CHECK(p == doctest::Approx(p2).epsilon(1e-14));
+  CHECK(m == mop::test::rel(0.02, 1e-14));
+  CHECK(v == mop::test::rel(0.015, 1e-14));
+  CHECK(p == mop::test::rel(p2, 1e-14));
 }
 
-TEST_CASE("kernels: float results agree with double within 1e-5") {
+TEST_CASE("kernels: float results agree with double within 1e-5" *
+          doctest::test_suite("independent")) {
   // The float kernels round each operation to 2^-24 ~ 6e-8 relative; the longest sums here run
   // over at most 8 terms of magnitude comparable to the result's largest component, so the
   // norm-wise error stays within a few times 8 * 6e-8 ~ 5e-7: 1e-5 leaves a factor 20.
@@ -621,7 +647,7 @@ TEST_CASE("kernels: float results agree with double within 1e-5") {
   std::vector<float> dlf(a.size());
   const double ce = cross_entropy(m, k, a.data(), labels.data(), 0.2, dl.data());
   const double cef = cross_entropy(m, k, to_float(a).data(), labels.data(), 0.2, dlf.data());
-  CHECK(cef == doctest::Approx(ce).epsilon(1e-5));
+  CHECK(cef == mop::test::rel(ce, 1e-5));
   CHECK(float_err(dlf, dl) < 1e-5);
 
   Vec probs(a.size()), rw(m * 2), dlog(a.size());

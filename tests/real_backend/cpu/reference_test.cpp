@@ -5,6 +5,7 @@
 
 #include "common/error.hpp"
 #include "real_backend/cpu/tiny_model.hpp"
+#include "tests/support/approx.hpp"
 #include "workload/catalog.hpp"
 
 #include <algorithm>
@@ -77,7 +78,8 @@ void check_model_gradients(const TinyConfig& c, const Batch& batch, std::uint64_
 
 } // namespace
 
-TEST_CASE("reference: loss at init is close to ln(vocab) for tiny-dense and tiny-moe") {
+TEST_CASE("reference: loss at init is close to ln(vocab) for tiny-dense and tiny-moe" *
+          doctest::test_suite("independent")) {
   // Weights of scale 0.02 give logits of scale about 0.2, so the prediction is nearly uniform
   // and the cross-entropy is ln(vocab) plus about half the logit variance (< 0.05).
   for (const char* id : {"tiny-dense", "tiny-moe"}) {
@@ -89,12 +91,14 @@ TEST_CASE("reference: loss at init is close to ln(vocab) for tiny-dense and tiny
   }
 }
 
-TEST_CASE("reference: tiny-dense gradients match finite differences for every tensor") {
+TEST_CASE("reference: tiny-dense gradients match finite differences for every tensor" *
+          doctest::test_suite("independent")) {
   const TinyConfig c = config("tiny-dense");
   check_model_gradients(c, small_batch(c), 3);
 }
 
-TEST_CASE("reference: tiny-moe gradients match finite differences for every tensor") {
+TEST_CASE("reference: tiny-moe gradients match finite differences for every tensor" *
+          doctest::test_suite("independent")) {
   const TinyConfig c = config("tiny-moe");
   REQUIRE(c.qk_norm);
   REQUIRE(c.layers[1].moe);
@@ -102,7 +106,8 @@ TEST_CASE("reference: tiny-moe gradients match finite differences for every tens
 }
 
 TEST_CASE("reference: gradients match finite differences with a sliding window and raw top-k "
-          "weights") {
+          "weights" *
+          doctest::test_suite("independent")) {
   TinyConfig c = config("tiny-moe");
   c.layers[0].window = 5;
   c.layers[1].window = 3;
@@ -112,7 +117,8 @@ TEST_CASE("reference: gradients match finite differences with a sliding window a
   check_model_gradients(c, b, 5);
 }
 
-TEST_CASE("reference: float and double losses agree to 1e-5 relative") {
+TEST_CASE("reference: float and double losses agree to 1e-5 relative" *
+          doctest::test_suite("independent")) {
   // Float rounds each operation to 6e-8 relative; the loss sums 32 token losses of about 5.5
   // computed through sums of at most 256 terms, so its relative error stays near 1e-6.
   for (const char* id : {"tiny-dense", "tiny-moe"}) {
@@ -122,11 +128,12 @@ TEST_CASE("reference: float and double losses agree to 1e-5 relative") {
     const double d = reference_step<double>(c, init_params<double>(c, 2), b, nullptr);
     std::vector<std::vector<float>> gf;
     const double f = reference_step<float>(c, init_params<float>(c, 2), b, &gf);
-    CHECK(f == doctest::Approx(d).epsilon(1e-5));
+    CHECK(f == mop::test::rel(d, 1e-5));
   }
 }
 
-TEST_CASE("reference: a tied embedding gets the lookup and the LM-head gradient") {
+TEST_CASE("reference: a tied embedding gets the lookup and the LM-head gradient" *
+          doctest::test_suite("independent")) {
   // The untied twin with lm_head = embedding^T computes the same loss; the tied embedding's
   // gradient is the twin's embedding gradient plus the transpose of its LM-head gradient.
   const TinyConfig tied = config("tiny-dense");
@@ -147,7 +154,7 @@ TEST_CASE("reference: a tied embedding gets the lookup and the LM-head gradient"
   Params gt, gu;
   const double lt = reference_step(tied, pt, b, &gt);
   const double lu = reference_step(untied, pu, b, &gu);
-  CHECK(lt == doctest::Approx(lu).epsilon(1e-14));
+  CHECK(lt == mop::test::rel(lu, 1e-14));
   REQUIRE(gu.size() == gt.size() + 1);
   double worst = 0, scale = 0;
   for (int v = 0; v < V; ++v)
@@ -165,7 +172,8 @@ TEST_CASE("reference: a tied embedding gets the lookup and the LM-head gradient"
   CHECK(head_scale > 1e-3 * scale);
 }
 
-TEST_CASE("reference: mismatched parameters and batches are input errors") {
+TEST_CASE("reference: mismatched parameters and batches are input errors" *
+          doctest::test_suite("plumbing")) {
   const TinyConfig c = config("tiny-dense");
   const Params p = init_params<double>(c, 1);
   const Batch b = small_batch(c);

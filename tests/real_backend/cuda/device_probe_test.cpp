@@ -1,12 +1,12 @@
 #include "real_backend/cuda/device_probe.hpp"
+#include "tests/real_backend/cuda/gpu.hpp"
 
 #include <doctest/doctest.h>
 
-TEST_CASE("a kernel adds one on the GPU, or the probe says why there is no GPU") {
-  const mop::real::DeviceProbe p = mop::real::probe_devices();
-  if (p.device_count == 0) {
-    MESSAGE("skipped: " << p.reason);
-    CHECK(!p.reason.empty());
+TEST_CASE("a kernel adds one on the GPU, or the probe says why there is no GPU" *
+          doctest::test_suite("plumbing")) {
+  if (!mop::test::gpu_or_skip()) {
+    CHECK(!mop::test::no_gpu_reason().empty());
     return;
   }
   CHECK(mop::real::add_one_on_device(41.0f) == 42.0f);
