@@ -1,6 +1,7 @@
 #include "real_backend/cpu/checkpoint.hpp"
 
 #include "common/error.hpp"
+#include "common/file_io.hpp"
 #include "common/limits.hpp"
 #include "real_backend/cpu/hash.hpp"
 
@@ -272,36 +273,20 @@ void check_state_values(const TinyConfig& c, const TrainState<float>& s, const s
 void check_checkpoint_target(const std::string& path) {
   if (path.empty())
     throw InputError("the checkpoint path is empty");
-  const std::string what = "cannot save the checkpoint to " + q(path);
+  // A checkpoint is a file that --resume reads back: unlike other outputs it is never written
+  // through a FIFO or a device. The folder's checks are every output's (common/file_io.hpp).
   std::error_code ec;
   const fs::file_status st = fs::status(path, ec);
-  if (fs::exists(st)) {
-    if (fs::is_directory(st))
-      throw InputError(what + ": it is a folder");
-    if (!fs::is_regular_file(st))
-      throw InputError(what + ": it exists and is not a regular file");
+  if (fs::is_directory(st))
+    throw InputError("cannot save the checkpoint to " + q(path) + ": it is a folder");
+  if (fs::exists(st) && !fs::is_regular_file(st))
+    throw InputError("cannot save the checkpoint to " + q(path) +
+                     ": it exists and is not a regular file");
+  try {
+    check_output_path(path);
+  } catch (const InputError& e) {
+    throw InputError(std::string("cannot save the checkpoint to ") + e.what());
   }
-  fs::path dir = fs::path(path).parent_path();
-  if (dir.empty())
-    dir = ".";
-  const fs::file_status dst = fs::status(dir, ec);
-  if (!fs::exists(dst))
-    throw InputError(fmt::format("{}: the folder {} does not exist", what, q(dir.string())));
-  if (!fs::is_directory(dst))
-    throw InputError(fmt::format("{}: {} is not a folder", what, q(dir.string())));
-  // Creating a file is the only test that holds for every user (root included) and every file
-  // system (read-only mounts): the atomic write creates a temporary file in this folder.
-  const fs::path probe = dir / fmt::format(".mopckpt-probe-{}", static_cast<long>(::getpid()));
-  const int fd = ::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    const int err = errno;
-    if (err != EEXIST)
-      throw InputError(fmt::format("{}: the folder {} is not writable ({})", what, q(dir.string()),
-                                   std::strerror(err)));
-    return; // a probe of ours from a crashed run: the folder was writable then, leave it
-  }
-  ::close(fd);
-  ::unlink(probe.c_str());
 }
 
 void save_checkpoint(const std::string& path, const CheckpointIdentity& id, const TinyConfig& c,

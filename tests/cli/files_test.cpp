@@ -63,7 +63,8 @@ void check_refused(const mop::test::MopResult& r, const std::string& part) {
 
 } // namespace
 
-TEST_CASE("inputs: a FIFO or a device in place of any input file is refused at once") {
+TEST_CASE("inputs: a FIFO or a device in place of any input file is refused at once" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   REQUIRE(::mkfifo((s / "fifo.json").c_str(), 0600) == 0);
   const std::string fifo = s / "fifo.json";
@@ -87,14 +88,16 @@ TEST_CASE("inputs: a FIFO or a device in place of any input file is refused at o
   }
 }
 
-TEST_CASE("inputs: a dataset without rows or a folder as a dataset is refused") {
+TEST_CASE("inputs: a dataset without rows or a folder as a dataset is refused" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   std::ofstream(s / "empty.jsonl").close();
   check_refused(run_mop("validate --dataset " + s / "empty.jsonl"), "holds no rows");
   check_refused(run_mop("validate --dataset " + s.dir.string()), "is a folder");
 }
 
-TEST_CASE("inputs: run --data refuses an empty, a binary and a too short file") {
+TEST_CASE("inputs: run --data refuses an empty, a binary and a too short file" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   std::ofstream(s / "empty.txt").close();
   std::ofstream(s / "bin", std::ios::binary) << std::string("\x7f"
@@ -107,7 +110,8 @@ TEST_CASE("inputs: run --data refuses an empty, a binary and a too short file") 
   check_refused(run_mop(run + s / "short.txt"), "a sequence of 64 tokens needs at least 65");
 }
 
-TEST_CASE("outputs: --trace through a symbolic link writes what it points to; the link stays") {
+TEST_CASE("outputs: --trace through a symbolic link writes what it points to, the link stays" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   fs::create_symlink(s / "real.json", s / "link.json");
   const auto r = run_mop(simulate + " --trace " + s / "link.json", in_time);
@@ -117,7 +121,8 @@ TEST_CASE("outputs: --trace through a symbolic link writes what it points to; th
   CHECK(s.names() == std::vector<std::string>{"link.json", "real.json"});
 }
 
-TEST_CASE("outputs: --trace to a FIFO without a reader is refused, the FIFO stays") {
+TEST_CASE("outputs: --trace to a FIFO without a reader is refused, the FIFO stays" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   REQUIRE(::mkfifo((s / "fifo").c_str(), 0600) == 0);
   check_refused(run_mop(simulate + " --trace " + s / "fifo", in_time), "no process reads");
@@ -125,7 +130,8 @@ TEST_CASE("outputs: --trace to a FIFO without a reader is refused, the FIFO stay
   CHECK(s.names() == std::vector<std::string>{"fifo"});
 }
 
-TEST_CASE("outputs: --trace to a character device writes through it and leaves the node") {
+TEST_CASE("outputs: --trace to a character device writes through it and leaves the node" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   if (::mknod((s / "null").c_str(), S_IFCHR | 0666, makedev(1, 3)) != 0 ||
       ::mknod((s / "full").c_str(), S_IFCHR | 0666, makedev(1, 7)) != 0) {
@@ -140,7 +146,8 @@ TEST_CASE("outputs: --trace to a character device writes through it and leaves t
   CHECK(s.names() == std::vector<std::string>{"full", "null"});
 }
 
-TEST_CASE("outputs: a failed --trace write is exit 1 and leaves no file behind") {
+TEST_CASE("outputs: a failed --trace write is exit 1 and leaves no file behind" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   // A 64-block file size limit (RLIMIT_FSIZE, at most 64 KiB) fails the write of the trace
   // (hundreds of KiB) with EFBIG as a full disk fails it with ENOSPC; SIGXFSZ ignored so that
@@ -155,7 +162,8 @@ TEST_CASE("outputs: a failed --trace write is exit 1 and leaves no file behind")
   CHECK(s.names() == std::vector<std::string>{"t.json"});
 }
 
-TEST_CASE("outputs: a --trace path that cannot be written is refused before the simulation") {
+TEST_CASE("outputs: a --trace path that cannot be written is refused before the simulation" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   fs::create_directory(s / "dir");
   // The model does not exist: the trace path is checked first, so its sentence is the one seen.
@@ -170,7 +178,8 @@ TEST_CASE("outputs: a --trace path that cannot be written is refused before the 
   CHECK(s.names() == std::vector<std::string>{"dir"});
 }
 
-TEST_CASE("stdout: a failed write is exit 1 with one sentence, not exit 0 with a cut output") {
+TEST_CASE("stdout: a failed write is exit 1 with one sentence, not exit 0 with a cut output" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   // The shell opens /dev/full for stdout: every write to it fails with ENOSPC. Outputs of 6 and
   // 9 KiB fail in a flush on the way (the buffer holds 4 KiB), the 1 KiB table at exit.
@@ -186,7 +195,8 @@ TEST_CASE("stdout: a failed write is exit 1 with one sentence, not exit 0 with a
   }
 }
 
-TEST_CASE("messages quoting a path or an argument with a newline stay on one line") {
+TEST_CASE("messages quoting a path or an argument with a newline stay on one line" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   const std::string odd = s / "a\nb.json";
   for (const std::string& args :

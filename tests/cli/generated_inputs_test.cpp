@@ -470,10 +470,8 @@ bool replace_some(Rng& rng, Flags& flags, const std::function<bool(const std::st
 
 } // namespace
 
-// may_fail until the input-limit fixes land: a newline in a numeric value reaches stderr
-// unescaped through CLI11's usage error ("Could not convert: --nodes = 8\n9").
 TEST_CASE("generated invocations: absurd numbers in numeric flags keep the exit contract" *
-          doctest::timeout(300) * doctest::may_fail()) {
+          doctest::timeout(300) * doctest::test_suite("plumbing")) {
   const Scratch s;
   run_class(s, "numbers", 0x6e756d62657273ULL, 110,
             [](const Scratch&, Rng& rng, Command&, Flags& flags) {
@@ -483,7 +481,7 @@ TEST_CASE("generated invocations: absurd numbers in numeric flags keep the exit 
 }
 
 TEST_CASE("generated invocations: absurd names and strings keep the exit contract" *
-          doctest::timeout(300)) {
+          doctest::timeout(300) * doctest::test_suite("plumbing")) {
   const Scratch s;
   run_class(
       s, "names", 0x6e616d6573ULL, 60, [](const Scratch&, Rng& rng, Command& c, Flags& flags) {
@@ -500,11 +498,9 @@ TEST_CASE("generated invocations: absurd names and strings keep the exit contrac
       });
 }
 
-// may_fail until the input-limit fixes land: 1e309 in a JSON file is an internal error, a model
-// of 2^31 layers is std::bad_alloc, a folder as --resume is an internal error.
 TEST_CASE("generated invocations: folders, missing, empty and broken files keep the exit "
           "contract" *
-          doctest::timeout(300) * doctest::may_fail()) {
+          doctest::timeout(300) * doctest::test_suite("plumbing")) {
   Scratch scratch;
   // A checkpoint of the other tiny model: well-formed, but not this model's layout.
   const mop::test::MopResult saved =
@@ -537,9 +533,8 @@ TEST_CASE("generated invocations: folders, missing, empty and broken files keep 
 
 // A FIFO as an input blocks a reader that opens it; as an output, it must not be written
 // through. One invocation per flag that takes a file.
-// may_fail until the input-limit fixes land: every reader opens a FIFO and blocks.
 TEST_CASE("generated invocations: a FIFO in place of any file keeps the exit contract" *
-          doctest::timeout(300) * doctest::may_fail()) {
+          doctest::timeout(300) * doctest::test_suite("plumbing")) {
   Scratch s;
   const std::string calibration =
       (fs::path(MOP_SOURCE_DIR) / "configs/calibration/example-h200.json").string();

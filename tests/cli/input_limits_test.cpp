@@ -36,7 +36,8 @@ const std::string kLlama = R"({"model_type": "llama", "hidden_size": 64, "interm
 
 } // namespace
 
-TEST_CASE("JSON nested 100,000 deep is refused, not a stack overflow") {
+TEST_CASE("JSON nested 100,000 deep is refused, not a stack overflow" *
+          doctest::test_suite("plumbing")) {
   // Quoting the value in "field 'hidden_size' must be a positive integer (got [[[...)" recursed
   // once per level: SIGSEGV.
   const TempFile f("deep.json", R"({"model_type": "llama", "hidden_size": )" +
@@ -47,13 +48,15 @@ TEST_CASE("JSON nested 100,000 deep is refused, not a stack overflow") {
                                                        "(line 1).");
 }
 
-TEST_CASE("a number beyond a double is exit 1 naming the file, not an internal error") {
+TEST_CASE("a number beyond a double is exit 1 naming the file, not an internal error" *
+          doctest::test_suite("plumbing")) {
   const TempFile f("1e309.json", kLlama + ",\n\"rope_theta\": 1e309}");
   check_refused(run_mop("model show " + f.path),
                 f.path + ": the number 1e309 (line 3) is out of the range of a double.");
 }
 
-TEST_CASE("a model dimension past its ceiling is refused before any count is formed") {
+TEST_CASE("a model dimension past its ceiling is refused before any count is formed" *
+          doctest::test_suite("plumbing")) {
   // hidden_size 2^40 printed a negative parameter count with exit 0.
   const TempFile f("hidden.json", R"({"model_type": "llama", "hidden_size": 1099511627776,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -69,7 +72,8 @@ TEST_CASE("a model dimension past its ceiling is refused before any count is for
                 e.path + ": field 'num_experts' (2147483648) is above mop's ceiling of 65536.");
 }
 
-TEST_CASE("plan JSON: a world past an int is refused, not run as 8 ranks; unknown keys named") {
+TEST_CASE("plan JSON: a world past an int is refused, not run as 8 ranks, unknown keys named" *
+          doctest::test_suite("plumbing")) {
   const TempFile f("world.json", R"({"world": 4294967304})");
   check_refused(
       run_mop("memory --model tiny-moe --cluster h200 --nodes 1 --seq 4K --plan " + f.path),
@@ -83,7 +87,8 @@ TEST_CASE("plan JSON: a world past an int is refused, not run as 8 ranks; unknow
   CHECK(r.err.starts_with("mop: " + k.path + ": field 'micro_bacth' is not known; allowed: "));
 }
 
-TEST_CASE("--nodes, --seq and --global-batch past their ceilings are one sentence each") {
+TEST_CASE("--nodes, --seq and --global-batch past their ceilings are one sentence each" *
+          doctest::test_suite("plumbing")) {
   // 10^9 nodes printed "-589934592 GPUs".
   check_refused(run_mop("memory --model tiny-moe --cluster h200 --nodes 1000000000 --seq 4K"),
                 "--nodes must be a number of nodes from 1 to 1048576 (got 1000000000).");
@@ -98,7 +103,8 @@ TEST_CASE("--nodes, --seq and --global-batch past their ceilings are one sentenc
       "--global-batch must be a number of sequences from 1 to 16777216 (got 20000000).");
 }
 
-TEST_CASE("--threads past the ceiling is a sentence, not an abort") {
+TEST_CASE("--threads past the ceiling is a sentence, not an abort" *
+          doctest::test_suite("plumbing")) {
   for (const char* command : {"plan --nodes 1", "sweep --nodes 1", "fit"})
     check_refused(
         run_mop(std::string(command) + " --model tiny-moe --cluster h200 --seq 4K --threads 5000"),
@@ -107,7 +113,8 @@ TEST_CASE("--threads past the ceiling is a sentence, not an abort") {
                 "--threads must be between 1 and 256 (got 0).");
 }
 
-TEST_CASE("mop validate: absurd degrees are a null prediction with a reason, or a sentence") {
+TEST_CASE("mop validate: absurd degrees are a null prediction with a reason, or a sentence" *
+          doctest::test_suite("plumbing")) {
   const std::string row = R"({"id": "r", "model_id": "llama3-8b", "gpu": "H100", )"
                           R"("num_gpus": 1048576, "seq_len": 4096, "measured": {"mfu": 0.4}, )";
   // tp·cp wrapped to 0 in int and the division by it killed mop with SIGFPE.
@@ -126,7 +133,8 @@ TEST_CASE("mop validate: absurd degrees are a null prediction with a reason, or 
                          "4294967295).");
 }
 
-TEST_CASE("threads the system cannot create: the search runs on those it has, same answer") {
+TEST_CASE("threads the system cannot create: the search runs on those it has, same answer" *
+          doctest::test_suite("plumbing")) {
 #if defined(__SANITIZE_ADDRESS__)
   // AddressSanitizer reserves terabytes of address space: it cannot run under `ulimit -v`.
   return;

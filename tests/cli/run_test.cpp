@@ -104,7 +104,8 @@ struct TempDir {
 
 } // namespace
 
-TEST_CASE("mop run refuses a checkpoint target before it trains") {
+TEST_CASE("mop run refuses a checkpoint target before it trains" *
+          doctest::test_suite("plumbing")) {
   const TempDir t("mop-run-target");
   // Without --json the plan line is printed just before training starts: an empty stdout shows
   // the refusal came first.
@@ -120,7 +121,8 @@ TEST_CASE("mop run refuses a checkpoint target before it trains") {
   }
 }
 
-TEST_CASE("mop run refuses a damaged or foreign checkpoint before it trains") {
+TEST_CASE("mop run refuses a damaged or foreign checkpoint before it trains" *
+          doctest::test_suite("plumbing")) {
   const TempDir t("mop-run-resume");
   const std::string ckpt = t.path("a.ckpt");
   const std::string run = "run --executor cpu --model tiny-dense --ranks 2 --seq 32 --steps 1";
@@ -144,7 +146,8 @@ TEST_CASE("mop run refuses a damaged or foreign checkpoint before it trains") {
   refused(run + " --resume " + ckpt, "its checksum does not match its contents");
 }
 
-TEST_CASE("mop run resumes under another plan of the same model") {
+TEST_CASE("mop run resumes under another plan of the same model" *
+          doctest::test_suite("plumbing")) {
   const TempDir t("mop-run-reshard");
   const std::string ckpt = t.path("a.ckpt");
   const std::string common = "run --executor cpu --model tiny-dense --seq 32 --batch 4 --json";

@@ -97,7 +97,8 @@ int bind_socket(const std::string& path) {
 
 } // namespace
 
-TEST_CASE("input: a regular file and a symbolic link to one are read whole") {
+TEST_CASE("input: a regular file and a symbolic link to one are read whole" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   put(s / "a.json", "{\"v\": 1}\n");
   fs::create_symlink(s / "a.json", s / "link.json");
@@ -107,7 +108,7 @@ TEST_CASE("input: a regular file and a symbolic link to one are read whole") {
   CHECK(mop::read_input_file(s / "empty").empty());
 }
 
-TEST_CASE("input: a FIFO is refused at once, not waited on") {
+TEST_CASE("input: a FIFO is refused at once, not waited on" * doctest::test_suite("plumbing")) {
   Scratch s;
   REQUIRE(::mkfifo((s / "fifo").c_str(), 0600) == 0);
   const auto t0 = std::chrono::steady_clock::now();
@@ -118,7 +119,8 @@ TEST_CASE("input: a FIFO is refused at once, not waited on") {
   CHECK(contains(message_of([&] { mop::read_json_file(s / "fifo"); }), "FIFO"));
 }
 
-TEST_CASE("input: a folder, a device and a socket are refused with what they are") {
+TEST_CASE("input: a folder, a device and a socket are refused with what they are" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   fs::create_directory(s / "dir");
   CHECK(contains(message_of([&] { mop::read_input_file(s / "dir"); }), "dir is a folder"));
@@ -133,7 +135,8 @@ TEST_CASE("input: a folder, a device and a socket are refused with what they are
   ::close(sock);
 }
 
-TEST_CASE("input: a missing file, an empty path and a path with a newline are one sentence") {
+TEST_CASE("input: a missing file, an empty path and a path with a newline are one sentence" *
+          doctest::test_suite("plumbing")) {
   CHECK(message_of([] { mop::read_input_file("/nonexistent/x.json"); }) ==
         "/nonexistent/x.json: no such file.");
   CHECK(message_of([] { mop::read_input_file(""); }) == "an input file path is empty.");
@@ -141,7 +144,8 @@ TEST_CASE("input: a missing file, an empty path and a path with a newline are on
   CHECK(msg == "/nonexistent/a\\nb.json: no such file.");
 }
 
-TEST_CASE("input: a file over the limit is refused before it is read; one at the limit is read") {
+TEST_CASE("input: a file over the limit is refused before it is read, one at the limit is read" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   // Sparse files: the size is set without writing 64 MiB.
   put(s / "at", "");
@@ -154,7 +158,8 @@ TEST_CASE("input: a file over the limit is refused before it is read; one at the
         s / "over" + " is larger than 64 MiB, the most mop reads from an input file.");
 }
 
-TEST_CASE("output: a new file and a replaced file hold the whole text and no temporary is left") {
+TEST_CASE("output: a new file and a replaced file hold the whole text and no temporary is left" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   mop::write_output_file(s / "out.json", "first");
   CHECK(get(s / "out.json") == "first");
@@ -170,7 +175,8 @@ TEST_CASE("output: a new file and a replaced file hold the whole text and no tem
   CHECK(s.names() == std::vector<std::string>{"out.json"});
 }
 
-TEST_CASE("output: a symbolic link stays and what it points to gets the text") {
+TEST_CASE("output: a symbolic link stays and what it points to gets the text" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   put(s / "real.json", "old");
   fs::create_symlink("real.json", s / "link.json"); // relative: resolved from the link's folder
@@ -191,7 +197,8 @@ TEST_CASE("output: a symbolic link stays and what it points to gets the text") {
                  "too many levels of symbolic links"));
 }
 
-TEST_CASE("output: a FIFO is written through when read, and refused at once without a reader") {
+TEST_CASE("output: a FIFO is written through when read, and refused at once without a reader" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   REQUIRE(::mkfifo((s / "fifo").c_str(), 0600) == 0);
   const auto t0 = std::chrono::steady_clock::now();
@@ -214,7 +221,8 @@ TEST_CASE("output: a FIFO is written through when read, and refused at once with
   CHECK(s.names() == std::vector<std::string>{"fifo"});
 }
 
-TEST_CASE("output: a FIFO whose reader leaves is a sentence, not a SIGPIPE") {
+TEST_CASE("output: a FIFO whose reader leaves is a sentence, not a SIGPIPE" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   REQUIRE(::mkfifo((s / "fifo").c_str(), 0600) == 0);
   // The reader opens, then closes without reading once the writer has filled the pipe: the
@@ -235,7 +243,8 @@ TEST_CASE("output: a FIFO whose reader leaves is a sentence, not a SIGPIPE") {
   CHECK(sigismember(&pending, SIGPIPE) == 0); // consumed, not left for later
 }
 
-TEST_CASE("output: a character device is written through and stays a device") {
+TEST_CASE("output: a character device is written through and stays a device" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   if (!make_char_device(s / "null", 3) || !make_char_device(s / "full", 7)) {
     MESSAGE("skipped: this process may not make device nodes");
@@ -250,7 +259,8 @@ TEST_CASE("output: a character device is written through and stays a device") {
   CHECK(s.names() == std::vector<std::string>{"full", "null"});
 }
 
-TEST_CASE("output: a folder, a socket and a missing folder are refused; nothing is created") {
+TEST_CASE("output: a folder, a socket and a missing folder are refused, nothing is created" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   fs::create_directory(s / "dir");
   CHECK(message_of([&] { mop::write_output_file(s / "dir", "x"); }) ==
@@ -267,7 +277,8 @@ TEST_CASE("output: a folder, a socket and a missing folder are refused; nothing 
   CHECK(fs::is_empty(fs::path(s / "dir")));
 }
 
-TEST_CASE("output: a failed write leaves the old file whole and no temporary file") {
+TEST_CASE("output: a failed write leaves the old file whole and no temporary file" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   put(s / "out.json", "old");
   // In a child process: a file size limit of 4 KiB (RLIMIT_FSIZE) makes the 64 KiB write fail
@@ -293,7 +304,8 @@ TEST_CASE("output: a failed write leaves the old file whole and no temporary fil
   CHECK(s.names() == std::vector<std::string>{"out.json"});
 }
 
-TEST_CASE("check_output_path refuses up front what the writer would refuse, and writes nothing") {
+TEST_CASE("check_output_path refuses up front what the writer would refuse, and writes nothing" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   fs::create_directory(s / "dir");
   REQUIRE(::mkfifo((s / "fifo").c_str(), 0600) == 0);

@@ -1,6 +1,8 @@
 #include "common/error.hpp"
 #include "common/json_io.hpp"
 
+#include "tests/support/errors.hpp"
+
 #include <doctest/doctest.h>
 #include <filesystem>
 #include <fstream>
@@ -9,25 +11,16 @@ namespace fs = std::filesystem;
 using mop::InputError;
 using mop::Json;
 
-namespace {
-std::string message_of(auto&& f) {
-  try {
-    f();
-  } catch (const InputError& e) {
-    return e.what();
-  }
-  return "";
-}
-} // namespace
-
 TEST_CASE("broken JSON names the origin and the line" * doctest::test_suite("plumbing")) {
-  const std::string msg = message_of([] { mop::parse_json("{\n \"a\": 1,\n oops }", "x.json"); });
+  const std::string msg =
+      mop::test::input_error_of([] { mop::parse_json("{\n \"a\": 1,\n oops }", "x.json"); });
   CHECK(msg.find("x.json") != std::string::npos);
   CHECK(msg.find("line 3") != std::string::npos);
 }
 
 TEST_CASE("a missing file is one sentence naming it" * doctest::test_suite("plumbing")) {
-  const std::string msg = message_of([] { mop::read_json_file("/nonexistent/config.json"); });
+  const std::string msg =
+      mop::test::input_error_of([] { mop::read_json_file("/nonexistent/config.json"); });
   CHECK(msg == "/nonexistent/config.json: no such file.");
 }
 
@@ -38,11 +31,11 @@ TEST_CASE("fields: missing, wrong type and non-positive values name the field" *
   CHECK(f.positive_int("a") == 3);
   CHECK(f.positive_int("d") == 2);
   CHECK(f.positive_int_or("e", 7) == 7); // null counts as absent, as HF configs use it
-  CHECK(message_of([&] { f.positive_int("b"); }) ==
+  CHECK(mop::test::input_error_of([&] { f.positive_int("b"); }) ==
         "m.json: field 'b' must be a positive integer (got -2).");
-  CHECK(message_of([&] { f.positive_int("zz"); }) ==
+  CHECK(mop::test::input_error_of([&] { f.positive_int("zz"); }) ==
         "m.json: field 'zz' is missing; it must be a positive integer.");
-  CHECK(message_of([&] { f.bool_or("c", false); }) ==
+  CHECK(mop::test::input_error_of([&] { f.bool_or("c", false); }) ==
         "m.json: field 'c' must be true or false (got \"x\").");
 }
 
@@ -66,10 +59,11 @@ TEST_CASE("atomic write leaves either the whole new file or the old one" *
   fs::remove_all(dir);
 }
 
-TEST_CASE("JSON nested deeper than the ceiling is refused before parsing, with its line") {
+TEST_CASE("JSON nested deeper than the ceiling is refused before parsing, with its line" *
+          doctest::test_suite("plumbing")) {
   // 100,000 '[' overflowed the stack of the recursive copy and dump of a parsed value.
   const std::string deep = "{\"a\":\n" + std::string(100000, '[') + std::string(100000, ']') + "}";
-  CHECK(message_of([&] { mop::parse_json(deep, "deep.json"); }) ==
+  CHECK(mop::test::input_error_of([&] { mop::parse_json(deep, "deep.json"); }) ==
         "deep.json nests JSON deeper than 100 levels (line 2).");
   // Exactly at the ceiling parses: 99 lists inside the top-level object are 100 levels.
   const std::string at_limit = "{\"a\":" + std::string(99, '[') + std::string(99, ']') + "}";
@@ -79,28 +73,31 @@ TEST_CASE("JSON nested deeper than the ceiling is refused before parsing, with i
   CHECK(mop::parse_json(in_string, "s.json")["a"].get<std::string>().size() == 1001);
 }
 
-TEST_CASE("a number beyond a double is one sentence naming the file, the number and the line") {
-  CHECK(message_of([] { mop::parse_json("{\n\"hidden_size\": 1e309}", "big.json"); }) ==
-        "big.json: the number 1e309 (line 2) is out of the range of a double.");
-  CHECK(message_of([] { mop::parse_json("[-1e400]", "neg.json"); }) ==
+TEST_CASE("a number beyond a double is one sentence naming the file, the number and the line" *
+          doctest::test_suite("plumbing")) {
+  CHECK(mop::test::input_error_of([] {
+          mop::parse_json("{\n\"hidden_size\": 1e309}", "big.json");
+        }) == "big.json: the number 1e309 (line 2) is out of the range of a double.");
+  CHECK(mop::test::input_error_of([] { mop::parse_json("[-1e400]", "neg.json"); }) ==
         "neg.json: the number -1e400 (line 1) is out of the range of a double.");
 }
 
-TEST_CASE("fields: integers in a range, and quoted values stay bounded") {
+TEST_CASE("fields: integers in a range, and quoted values stay bounded" *
+          doctest::test_suite("plumbing")) {
   const Json j = Json::parse(R"({"w": 4294967304, "u": 18446744073709551615, "f": 8.0,
                                  "n": -1, "x": 1.5})");
   const mop::JsonFields f(j, "p.json");
   // 4294967304 = 2^32 + 8: an int cast would read it as 8.
-  CHECK(message_of([&] { f.int_in("w", 1, 1 << 20); }) ==
+  CHECK(mop::test::input_error_of([&] { f.int_in("w", 1, 1 << 20); }) ==
         "p.json: field 'w' must be an integer from 1 to 1048576 (got 4294967304).");
-  CHECK(message_of([&] { f.int_in("u", 1, 1 << 20); }) ==
+  CHECK(mop::test::input_error_of([&] { f.int_in("u", 1, 1 << 20); }) ==
         "p.json: field 'u' must be an integer from 1 to 1048576 (got 18446744073709551615).");
-  CHECK(message_of([&] { f.positive_int("u"); }) ==
+  CHECK(mop::test::input_error_of([&] { f.positive_int("u"); }) ==
         "p.json: field 'u' must be a positive integer (got 18446744073709551615).");
   CHECK(f.int_in("f", 1, 8) == 8);
   CHECK(f.int_in_or("missing", 1, 8, 3) == 3);
-  CHECK(message_of([&] { f.int_in("n", 0, 3); }).ends_with("(got -1)."));
-  CHECK(message_of([&] { f.int_in("x", 0, 3); }).ends_with("(got 1.5)."));
+  CHECK(mop::test::input_error_of([&] { f.int_in("n", 0, 3); }).ends_with("(got -1)."));
+  CHECK(mop::test::input_error_of([&] { f.int_in("x", 0, 3); }).ends_with("(got 1.5)."));
 
   Json big = Json::object();
   big["s"] = std::string(1'000'000, 'x');
@@ -108,20 +105,20 @@ TEST_CASE("fields: integers in a range, and quoted values stay bounded") {
   for (int i = 0; i < 100000; ++i)
     big["l"].push_back(i);
   const mop::JsonFields g(big, "big.json");
-  const std::string s_msg = message_of([&] { g.positive_int("s"); });
+  const std::string s_msg = mop::test::input_error_of([&] { g.positive_int("s"); });
   CHECK(s_msg.size() < 250); // 120 characters of the string, then "..."
   CHECK(s_msg.find("xxx...\")") != std::string::npos);
-  CHECK(message_of([&] { g.positive_int("l"); }) ==
+  CHECK(mop::test::input_error_of([&] { g.positive_int("l"); }) ==
         "big.json: field 'l' must be a positive integer (got a list of 100000 values).");
   const Json small = Json::parse(R"({"l": [1, "a", {"b": null}]})");
-  CHECK(message_of([&] { mop::JsonFields(small, "s.json").positive_int("l"); }) ==
+  CHECK(mop::test::input_error_of([&] { mop::JsonFields(small, "s.json").positive_int("l"); }) ==
         "s.json: field 'l' must be a positive integer (got [1,\"a\",{\"b\":null}]).");
 }
 
-TEST_CASE("fields: a key outside the known ones is named") {
+TEST_CASE("fields: a key outside the known ones is named" * doctest::test_suite("plumbing")) {
   const Json j = Json::parse(R"({"world": 8, "wrold": 8})");
   const mop::JsonFields f(j, "plan.json");
-  CHECK(message_of([&] {
+  CHECK(mop::test::input_error_of([&] {
           f.allow_only({"world", "pp"});
         }) == "plan.json: field 'wrold' is not known; allowed: world, pp.");
   f.allow_only({"world", "wrold"}); // no throw

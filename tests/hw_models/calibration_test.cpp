@@ -215,7 +215,8 @@ TEST_CASE("bad calibration files: one sentence naming the file and the field" *
   CHECK_THROWS_AS(load_calibration("/nonexistent/cal.json"), mop::InputError);
 }
 
-TEST_CASE("a measured collective's group is bounded so that its rank count fits an int") {
+TEST_CASE("a measured collective's group is bounded so that its rank count fits an int" *
+          doctest::test_suite("plumbing")) {
   // 10^6 ranks per node on 10^6 nodes were each below the old bound; their product 10^12
   // overflowed GroupShape::ranks().
   const Json point{{"op", "all_reduce"},

@@ -1,20 +1,14 @@
 #include "common/error.hpp"
 #include "strategies/plan.hpp"
 
+#include "tests/support/errors.hpp"
+
 #include <doctest/doctest.h>
 
 using namespace mop::strategy;
 using mop::Json;
 
 namespace {
-std::string error_of(auto&& f) {
-  try {
-    f();
-  } catch (const mop::InputError& e) {
-    return e.what();
-  }
-  return "";
-}
 const ModelShape kKimi{.num_layers = 61,
                        .num_heads = 64,
                        .num_kv_heads = 64,
@@ -45,7 +39,7 @@ TEST_CASE("each broken rule is one sentence" * doctest::test_suite("plumbing")) 
   p.world = 96;
   p.attention.tp = 5;
   p.global_batch = 96;
-  CHECK(error_of([&] { complete_plan(p); }) ==
+  CHECK(mop::test::input_error_of([&] { complete_plan(p); }) ==
         "plan: attention tp x cp (5) must divide the 96 ranks of a pipeline stage.");
   p.attention.tp = 1;
   p.moe.ep = 96;
@@ -56,12 +50,12 @@ TEST_CASE("each broken rule is one sentence" * doctest::test_suite("plumbing")) 
   complete_plan(r);
   ModelShape odd = kKimi;
   odd.num_routed_experts = 100;
-  CHECK(error_of([&] { validate_plan(r, odd, 4096, kTwelveNodes); }) ==
+  CHECK(mop::test::input_error_of([&] { validate_plan(r, odd, 4096, kTwelveNodes); }) ==
         "plan: ep (32) must divide the 100 routed experts.");
   Plan ring = p;
   ring.attention.cp = 8;
   complete_plan(ring);
-  CHECK(error_of([&] { validate_plan(ring, kKimi, 4104, kTwelveNodes); }) ==
+  CHECK(mop::test::input_error_of([&] { validate_plan(ring, kKimi, 4104, kTwelveNodes); }) ==
         "plan: the sequence (4104 tokens) must split into 16 equal chunks for ring context "
         "parallelism of degree 8.");
   Plan pp = p;
@@ -69,7 +63,7 @@ TEST_CASE("each broken rule is one sentence" * doctest::test_suite("plumbing")) 
   pp.moe.ep = 1;
   pp.global_batch = 96;
   complete_plan(pp);
-  CHECK(error_of([&] { validate_plan(pp, kKimi, 4096, kTwelveNodes); }) ==
+  CHECK(mop::test::input_error_of([&] { validate_plan(pp, kKimi, 4096, kTwelveNodes); }) ==
         "plan: pp x vp (96 x 1) exceeds the 61 layers (plus embedding and loss).");
 }
 
@@ -93,58 +87,61 @@ TEST_CASE("a plan survives a JSON round trip" * doctest::test_suite("plumbing"))
   CHECK(to_json(q) == to_json(p));
 }
 
-TEST_CASE("plan JSON: numbers past an int or past the GPU ceiling are refused, not truncated") {
+TEST_CASE("plan JSON: numbers past an int or past the GPU ceiling are refused, not truncated" *
+          doctest::test_suite("plumbing")) {
   // 4294967304 = 2^32 + 8 ran as 8 ranks.
   Json j = Json::parse(R"({"world": 4294967304})");
-  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+  CHECK(mop::test::input_error_of([&] { plan_from_json(j, "p.json"); }) ==
         "p.json: field 'world' must be an integer from 1 to 1048576 (got 4294967304).");
   j = Json::parse(R"({"world": 8, "attention": {"tp": 4294967298}})");
-  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+  CHECK(mop::test::input_error_of([&] { plan_from_json(j, "p.json"); }) ==
         "p.json attention: field 'tp' must be an integer from 1 to 1048576 (got 4294967298).");
   j = Json::parse(R"({"world": 8, "stage_layers": [4294967297]})");
-  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+  CHECK(mop::test::input_error_of([&] { plan_from_json(j, "p.json"); }) ==
         "p.json: field 'stage_layers' must be a list of layer counts from 1 to 1024, one per "
         "pipeline stage (got [4294967297]).");
   j = Json::parse(R"({"world": 8, "state": {"moe": {"zero": 4}}})");
-  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+  CHECK(mop::test::input_error_of([&] { plan_from_json(j, "p.json"); }) ==
         "p.json state.moe: field 'zero' must be an integer from 0 to 3 (got 4).");
   j = Json::parse(R"({"world": 8, "global_batch": 16777217})");
-  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+  CHECK(mop::test::input_error_of([&] { plan_from_json(j, "p.json"); }) ==
         "p.json: field 'global_batch' must be an integer from 0 to 16777216 (got 16777217).");
 }
 
-TEST_CASE("plan JSON: an unknown key is named, at every level") {
+TEST_CASE("plan JSON: an unknown key is named, at every level" * doctest::test_suite("plumbing")) {
   Json j = Json::parse(R"({"world": 8, "micro_batches": 2})");
-  CHECK(error_of([&] {
+  CHECK(mop::test::input_error_of([&] {
           plan_from_json(j, "p.json");
         }).starts_with("p.json: field 'micro_batches' is not known; allowed: family, summary, "));
   j = Json::parse(R"({"world": 8, "attention": {"tp": 2, "ccp": 2}})");
-  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+  CHECK(mop::test::input_error_of([&] { plan_from_json(j, "p.json"); }) ==
         "p.json attention: field 'ccp' is not known; allowed: tp, sp, cp, cp_kind, dp.");
   j = Json::parse(R"({"world": 8, "state": {"experts": {"zero": 3}}})");
-  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+  CHECK(mop::test::input_error_of([&] { plan_from_json(j, "p.json"); }) ==
         "p.json state: field 'experts' is not known; allowed: attention, moe, dense, embedding.");
   j = Json::parse(R"({"world": 8, "state": {"moe": {"zero": 3, "shard": 8}}})");
-  CHECK(error_of([&] { plan_from_json(j, "p.json"); }) ==
+  CHECK(mop::test::input_error_of([&] { plan_from_json(j, "p.json"); }) ==
         "p.json state.moe: field 'shard' is not known; allowed: zero, shard_group.");
 }
 
-TEST_CASE("degrees whose product passes an int are a sentence, not a wrapped product") {
+TEST_CASE("degrees whose product passes an int are a sentence, not a wrapped product" *
+          doctest::test_suite("plumbing")) {
   // tp = cp = 2^16 on 2^20 ranks: tp·cp = 2^32 wrapped to 0 in int arithmetic.
   Plan p;
   p.world = 1 << 20;
   p.attention.tp = 1 << 16;
   p.attention.cp = 1 << 16;
   p.global_batch = 1;
-  CHECK(error_of([&] { complete_plan(p); }) == "plan: attention tp x cp (4294967296) must divide "
-                                               "the 1048576 ranks of a pipeline stage.");
+  CHECK(mop::test::input_error_of([&] { complete_plan(p); }) ==
+        "plan: attention tp x cp (4294967296) must divide "
+        "the 1048576 ranks of a pipeline stage.");
   p = Plan{};
   p.world = 1 << 20;
   p.micro_batch = 1 << 16;
   p.global_batch = 1 << 16;
   p.moe.ep = 1;
   // 2^20 replicas x micro-batches of 2^16 sequences: 2^36 per step, more than the batch.
-  CHECK(error_of([&] { complete_plan(p); }) ==
+  CHECK(mop::test::input_error_of([&] { complete_plan(p); }) ==
         "plan: the global batch (65536 sequences) must be a multiple of micro_batch (65536) x "
         "data-parallel replicas (1048576).");
 }

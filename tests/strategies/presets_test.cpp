@@ -36,7 +36,8 @@ TEST_CASE("the default batch is at least 4M tokens and a multiple of replicas x 
   CHECK(default_global_batch(1 << 20, 12) == 12); // one per replica at least
 }
 
-TEST_CASE("a default batch past the ceiling is a sentence, not a wrapped int") {
+TEST_CASE("a default batch past the ceiling is a sentence, not a wrapped int" *
+          doctest::test_suite("plumbing")) {
   // 2^20 replicas x micro-batches of 2^16: one sequence each is 2^36 sequences a step.
   CHECK_THROWS_WITH_AS(default_global_batch(4096, std::int64_t{1} << 36),
                        "the default global batch, 68719476736 sequences (a multiple of "
@@ -46,7 +47,8 @@ TEST_CASE("a default batch past the ceiling is a sentence, not a wrapped int") {
   CHECK(default_global_batch(1, std::int64_t{1} << 24) == 1 << 24); // at the ceiling: accepted
 }
 
-TEST_CASE("every family has valid plans for every catalog model on a node it can fit") {
+TEST_CASE("every family has valid plans for every catalog model on a node it can fit" *
+          doctest::test_suite("plumbing")) {
   for (const std::string& id : catalog_ids()) {
     const ModelSpec m = load_model(id);
     for (const std::string& family : family_names()) {

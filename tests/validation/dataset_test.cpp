@@ -7,7 +7,9 @@
 #include "strategies/memory.hpp"
 #include "validation/dataset.hpp"
 
+#include "tests/support/errors.hpp"
 #include <cmath>
+
 #include <doctest/doctest.h>
 #include <filesystem>
 #include <fstream>
@@ -95,18 +97,10 @@ Row row_with(const std::string& num_gpus, const std::string& parallelism) {
   REQUIRE(rows.size() == 1);
   return rows[0];
 }
-std::string error_of(auto&& f) {
-  try {
-    f();
-  } catch (const InputError& e) {
-    return e.what();
-  }
-  return "";
-}
 } // namespace
 
-TEST_CASE(
-    "absurd parallel degrees: past the ceiling a sentence naming the row, below it a reason") {
+TEST_CASE("absurd parallel degrees: past the ceiling a sentence naming the row, below it a reason" *
+          doctest::test_suite("plumbing")) {
   // tp·cp = 2^16·2^16 wrapped to 0 in int and `mop validate` died of SIGFPE dividing by it.
   const Translation t = translate(row_with("1048576", R"({"tp": 65536, "cp": 65536})"));
   CHECK_FALSE(t.plan);
@@ -119,13 +113,16 @@ TEST_CASE(
   // Past what any world holds: the row is malformed, as a negative degree is.
   const Row r = row_with("8", R"({"tp": 4294967295})");
   CHECK(
-      error_of([&] { translate(r); })
+      mop::test::input_error_of([&] { translate(r); })
           .ends_with(
               ":1 parallelism: field 'tp' must be an integer from 1 to 1048576 (got 4294967295)."));
-  CHECK(error_of([&] { row_with("4294967304", "{}"); })
+  CHECK(mop::test::input_error_of([&] { row_with("4294967304", "{}"); })
             .ends_with(":1: field 'num_gpus' must be an integer from 1 to 1048576 (got "
                        "4294967304)."));
-TEST_CASE("a dataset without rows, a folder and a FIFO are refused with one sentence") {
+}
+
+TEST_CASE("a dataset without rows, a folder and a FIFO are refused with one sentence" *
+          doctest::test_suite("plumbing")) {
   namespace fs = std::filesystem;
   std::string pattern = (fs::temp_directory_path() / "mop-dataset-XXXXXX").string();
   REQUIRE(::mkdtemp(pattern.data()) != nullptr);
@@ -150,7 +147,8 @@ TEST_CASE("a dataset without rows, a folder and a FIFO are refused with one sent
   fs::remove_all(dir);
 }
 
-TEST_CASE("a last line without a newline and CRLF line ends are rows like the others") {
+TEST_CASE("a last line without a newline and CRLF line ends are rows like the others" *
+          doctest::test_suite("plumbing")) {
   const auto path = std::filesystem::temp_directory_path() / "mop-crlf.jsonl";
   const std::string row = R"({"id": "r", "gpu": "H100", "num_gpus": 8, "seq_len": 4096, )"
                           R"("measured": {"mfu": 0.4}, "parallelism": {}})";

@@ -141,7 +141,8 @@ TEST_CASE("Qwen3 dense reads as Llama with QK-norm: Qwen3-8B is 8.2B (Qwen3 mode
   CHECK(static_cast<double>(count_params(m).total.total()) == mop::test::rel(8.2e9, 0.007));
 }
 
-TEST_CASE("every model dimension has a ceiling, checked before anything is sized by it") {
+TEST_CASE("every model dimension has a ceiling, checked before anything is sized by it" *
+          doctest::test_suite("plumbing")) {
   Json c = llama();
   c["hidden_size"] = std::int64_t{1} << 40; // overflowed the parameter count before
   CHECK(error_of(c) == "c.json: field 'hidden_size' (1099511627776) is above mop's ceiling of "
@@ -172,7 +173,8 @@ TEST_CASE("every model dimension has a ceiling, checked before anything is sized
                        "indices (got a list of 1025 values).");
 }
 
-TEST_CASE("a model at the ceilings is accepted; their product past 64 bits is refused") {
+TEST_CASE("a model at the ceilings is accepted, their product past 64 bits is refused" *
+          doctest::test_suite("independent")) {
   // hidden 2^20 (the ceiling), one layer, 128 heads of 8192: attention is 4·h² = 2^42 weights.
   Json c = llama();
   c["hidden_size"] = std::int64_t{1} << 20;

@@ -137,7 +137,8 @@ TEST_CASE("Llama 3.1: 8.03B, 70.6B (Hugging Face model pages) and 405B by hand" 
   CHECK(static_cast<double>(by_hand) == mop::test::rel(405e9, 0.005));
 }
 
-TEST_CASE("a count past 64 bits throws instead of wrapping (a spec that skipped validate)") {
+TEST_CASE("a count past 64 bits throws instead of wrapping (a spec that skipped validate)" *
+          doctest::test_suite("plumbing")) {
   ModelSpec m = load_model("tiny-moe");
   // One expert of hidden 2^20 and FFN 2^40 has 3·2^60 weights; tiny-moe's 8 of them are
   // 3·2^63, past int64 in one product.

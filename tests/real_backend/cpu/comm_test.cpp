@@ -370,7 +370,8 @@ TEST_CASE("comm: pipeline send and recv deliver messages in FIFO order" *
     CHECK(received[at(i)] == std::vector<double>(at(i + 1), 100.0 + i));
 }
 
-TEST_CASE("comm: recv checks the size and element type of the message") {
+TEST_CASE("comm: recv checks the size and element type of the message" *
+          doctest::test_suite("plumbing")) {
   World w(2);
   const float three[3] = {1, 2, 3};
   float two[2];
@@ -409,7 +410,8 @@ TEST_CASE("comm: a rank that throws makes run rethrow its exception and the othe
   CHECK(others[2] == "rank 1 failed: boom on rank 1");
 }
 
-TEST_CASE("comm: a rank that skips a collective is reported as a deadlock at once") {
+TEST_CASE("comm: a rank that skips a collective is reported as a deadlock at once" *
+          doctest::test_suite("plumbing")) {
   const auto t0 = std::chrono::steady_clock::now();
   CHECK_THROWS_WITH_AS(World::run(2,
                                   [](World& w, int r) {
@@ -427,7 +429,8 @@ TEST_CASE("comm: a rank that skips a collective is reported as a deadlock at onc
   CHECK(seconds_since(t0) < 1.0);
 }
 
-TEST_CASE("comm: a recv with no matching send is reported as a deadlock") {
+TEST_CASE("comm: a recv with no matching send is reported as a deadlock" *
+          doctest::test_suite("plumbing")) {
   CHECK_THROWS_WITH_AS(World::run(2,
                                   [](World& w, int r) {
                                     float x = 0;
@@ -440,7 +443,8 @@ TEST_CASE("comm: a recv with no matching send is reported as a deadlock") {
                        CommError);
 }
 
-TEST_CASE("comm: ranks waiting on each other in different groups are a deadlock") {
+TEST_CASE("comm: ranks waiting on each other in different groups are a deadlock" *
+          doctest::test_suite("plumbing")) {
   // Rank 0 waits for rank 1 in group [0, 1]; rank 1 waits for rank 2 in [1, 2]; rank 2 waits
   // for rank 0 in [0, 2]: a cycle, with nobody finished.
   const auto t0 = std::chrono::steady_clock::now();
@@ -462,7 +466,8 @@ TEST_CASE("comm: ranks waiting on each other in different groups are a deadlock"
   CHECK(seconds_since(t0) < 1.0);
 }
 
-TEST_CASE("comm: a rank that computes for long while the others wait is not a deadlock") {
+TEST_CASE("comm: a rank that computes for long while the others wait is not a deadlock" *
+          doctest::test_suite("plumbing")) {
   // The collectives used to give up after a fixed wait; a slow rank is never a deadlock however
   // long it computes. Three ranks wait in all_reduce and in a pipeline recv while rank 3 sleeps.
   std::vector<double> sums(4);
@@ -484,7 +489,8 @@ TEST_CASE("comm: a rank that computes for long while the others wait is not a de
   CHECK(received == 42);
 }
 
-TEST_CASE("comm: a size mismatch throws the same sentence on every member") {
+TEST_CASE("comm: a size mismatch throws the same sentence on every member" *
+          doctest::test_suite("plumbing")) {
   std::vector<std::string> errors(3);
   World::run(3, [&](World& w, int r) {
     std::vector<float> x(r == 2 ? 3 : 2, 1.0f);
@@ -533,7 +539,8 @@ TEST_CASE("comm: different collectives or counts at the same call throw on every
   }
 }
 
-TEST_CASE("comm: abort makes a waiting call and every later call throw its reason") {
+TEST_CASE("comm: abort makes a waiting call and every later call throw its reason" *
+          doctest::test_suite("plumbing")) {
   World w(2);
   std::string waiting;
   std::thread t([&] {

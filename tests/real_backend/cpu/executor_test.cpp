@@ -338,7 +338,8 @@ TEST_CASE("executor checkpoint and resume are bit-identical to an uninterrupted 
   CHECK(second.state.adam_v == whole.state.adam_v);
 }
 
-TEST_CASE("executor resumes a state under another plan (resharding) as the same training") {
+TEST_CASE("executor resumes a state under another plan (resharding) as the same training" *
+          doctest::test_suite("independent")) {
   // The state is unsharded, so a run under any plan can continue it: two steps on 4 ranks
   // (EP 2, ZeRO-3, the optimizer streamed into the next forward), two more on 2 ranks under
   // TP+SP, equal four steps on the first plan up to the order of sums (double precision, the
@@ -377,7 +378,8 @@ TEST_CASE("executor resumes a state under another plan (resharding) as the same 
   }
 }
 
-TEST_CASE("executor refuses what it cannot run with one sentence") {
+TEST_CASE("executor refuses what it cannot run with one sentence" *
+          doctest::test_suite("plumbing")) {
   const auto c = model("tiny-moe");
   RunOptions o;
   const auto data = DataSource::synthetic(c.vocab, 1);

@@ -41,7 +41,8 @@ std::string message_of(auto&& f) {
 
 } // namespace
 
-TEST_CASE("data file: every byte is a token, high bytes included, and sequences follow the text") {
+TEST_CASE("data file: every byte is a token, high bytes included, and sequences follow the text" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   // "ab" followed by byte 0xff: with a vocabulary of 256 every byte value is a token id.
   const std::string text = std::string("ab\xff", 3);
@@ -54,7 +55,8 @@ TEST_CASE("data file: every byte is a token, high bytes included, and sequences 
     CHECK((t == 'a' || t == 'b' || t == 0xff));
 }
 
-TEST_CASE("data file: empty, binary (a NUL byte) and too short for a sequence are refused") {
+TEST_CASE("data file: empty, binary (a NUL byte) and too short for a sequence are refused" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   const std::string empty = s.file("empty.txt", "");
   CHECK(message_of([&] { DataSource::text_file(empty, 256, 1); }) ==
@@ -75,7 +77,8 @@ TEST_CASE("data file: empty, binary (a NUL byte) and too short for a sequence ar
   CHECK_NOTHROW(DataSource::synthetic(256, 1).check_sequence_length(1 << 20));
 }
 
-TEST_CASE("data file: a FIFO, a folder and a missing file are refused without blocking") {
+TEST_CASE("data file: a FIFO, a folder and a missing file are refused without blocking" *
+          doctest::test_suite("plumbing")) {
   Scratch s;
   REQUIRE(::mkfifo((s.dir / "fifo").c_str(), 0600) == 0);
   CHECK(message_of([&] {
