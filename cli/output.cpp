@@ -7,7 +7,8 @@
 namespace mop::cli {
 
 void print_json(const Json& j) {
-  const std::string text = j.dump(2);
+  // A name taken from a path need not be UTF-8; JSON must be: such bytes print as U+FFFD.
+  const std::string text = j.dump(2, ' ', false, Json::error_handler_t::replace);
   std::fwrite(text.data(), 1, text.size(), stdout);
   std::fputc('\n', stdout);
 }

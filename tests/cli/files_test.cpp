@@ -210,3 +210,14 @@ TEST_CASE("messages quoting a path or an argument with a newline stay on one lin
     CHECK(contains(r.err, "\\n"));
   }
 }
+
+TEST_CASE("a file name that is not UTF-8 prints as valid JSON, not an internal error" *
+          doctest::test_suite("plumbing")) {
+  Scratch s;
+  const std::string name = s / "bad\xff.json"; // the model's name comes from the file name
+  fs::copy_file(std::string(MOP_SOURCE_DIR) + "/configs/models/tiny-moe.json", name);
+  const auto r = run_mop("model show '" + name + "' --json");
+  CHECK(r.status == 0);
+  const mop::Json j = mop::parse_json(r.out, "stdout");
+  CHECK(j.at("name").get<std::string>().find("\xef\xbf\xbd") != std::string::npos); // U+FFFD
+}
