@@ -8,7 +8,9 @@
 #include "common/error.hpp"
 #include "common/json_io.hpp"
 #include "fuzz/fuzz_support.hpp"
+#include "real_backend/cpu/checkpoint.hpp"
 #include "real_backend/cpu/executor.hpp"
+#include "strategies/plan.hpp"
 #include "workload/hf_config.hpp"
 
 #include <cstdlib>
@@ -29,13 +31,26 @@ const mop::real::TinyConfig& model() {
   return c;
 }
 
+// What a one-rank run on synthetic data would check a resumed file against.
+const mop::real::CheckpointIdentity& identity() {
+  static const mop::real::CheckpointIdentity id = [] {
+    mop::strategy::Plan p;
+    p.world = 1;
+    p.global_batch = 2;
+    mop::strategy::complete_plan(p);
+    return mop::real::checkpoint_identity(model(), p,
+                                          mop::real::DataSource::synthetic(model().vocab, 1));
+  }();
+  return id;
+}
+
 } // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
   if (const char* seed = std::getenv("MOP_FUZZ_WRITE_SEED")) {
     mop::real::TrainState<float> s = mop::real::initial_state<float>(model(), 1);
     s.step = 3;
-    mop::real::save_checkpoint(seed, model(), s);
+    mop::real::save_checkpoint(seed, identity(), model(), s);
     std::exit(0);
   }
   return 0;
@@ -45,7 +60,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   using namespace mop;
   static fuzz::ScratchFile file(".ckpt");
   try {
-    const real::TrainState<float> s = real::load_checkpoint(file.write(data, size), model());
+    const real::TrainState<float> s =
+        real::load_checkpoint(file.write(data, size), model(), identity()).state;
     const auto layout = real::param_layout(model());
     MOP_FUZZ_CHECK(s.step >= 0);
     MOP_FUZZ_CHECK(s.params.size() == layout.size() && s.adam_m.size() == layout.size() &&
