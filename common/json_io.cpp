@@ -1,8 +1,8 @@
 #include "common/json_io.hpp"
 
 #include "common/error.hpp"
-#include "common/limits.hpp"
 #include "common/file_io.hpp"
+#include "common/limits.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -245,12 +245,23 @@ std::int64_t JsonFields::int_in_or(const std::string& key, std::int64_t min, std
   return has(key) ? int_in(key, min, max) : fallback;
 }
 
+double JsonFields::figure(const std::string& key, double v) const {
+  // Every figure of a real input (seconds, bytes, FLOP/s, ratios) lies far inside this range;
+  // past it, the products and quotients of the cost model reach infinity or zero.
+  const double magnitude = std::abs(v);
+  if (v != 0 && (magnitude < limits::min_figure || magnitude > limits::max_figure))
+    throw InputError(fmt::format("{}: field '{}' ({}) is outside the range mop accepts for a "
+                                 "figure, {:g} to {:g} in magnitude (or 0 where 0 is allowed).",
+                                 origin_, key, v, limits::min_figure, limits::max_figure));
+  return v;
+}
+
 double JsonFields::positive_number(const std::string& key) const {
   if (!has(key))
     fail(key, "a positive number");
   const Json& v = object_.at(key);
   if (v.is_number() && v.get<double>() > 0 && std::isfinite(v.get<double>()))
-    return v.get<double>();
+    return figure(key, v.get<double>());
   fail(key, "a positive number");
 }
 
@@ -263,7 +274,7 @@ double JsonFields::number_or(const std::string& key, double fallback) const {
     return fallback;
   const Json& v = object_.at(key);
   if (v.is_number() && std::isfinite(v.get<double>()))
-    return v.get<double>();
+    return figure(key, v.get<double>());
   fail(key, "a number");
 }
 

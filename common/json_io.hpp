@@ -51,6 +51,8 @@ public:
   const std::string& origin() const { return origin_; }
   // Refuses a key outside `known`, naming it: a misspelt field must not be silently ignored.
   void allow_only(std::initializer_list<std::string_view> known) const;
+  // `v` itself when its magnitude is 0 or within [limits::min_figure, limits::max_figure].
+  double figure(const std::string& key, double v) const;
   [[noreturn]] void fail(const std::string& key, const std::string& requirement) const;
   // A user's value as an error sentence may quote it, bounded: a string truncated, a list or an
   // object by its size.

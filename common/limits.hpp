@@ -12,6 +12,11 @@ namespace mop::limits {
 inline constexpr std::int64_t max_input_file_bytes = std::int64_t{64} << 20;
 // JSON nesting: real inputs nest 4-5 levels; the parser recurses once per level.
 inline constexpr int max_json_depth = 100;
+// Real numbers in inputs (seconds, bytes, FLOP/s, bandwidths, ratios): a kernel takes
+// microseconds, a GPU does 1e15 FLOP/s, a node holds 1e12 bytes. Within these magnitudes the
+// cost model's products and quotients stay finite and non-zero in double precision.
+inline constexpr double min_figure = 1e-15;
+inline constexpr double max_figure = 1e20;
 // Error sentences quote at most this many characters of an offending value.
 inline constexpr std::size_t max_quoted_chars = 120;
 

@@ -123,3 +123,18 @@ TEST_CASE("fields: a key outside the known ones is named" * doctest::test_suite(
         }) == "plan.json: field 'wrold' is not known; allowed: world, pp.");
   f.allow_only({"world", "wrold"}); // no throw
 }
+
+TEST_CASE("fields: a figure past the magnitudes a cost model can carry is refused, 0 is kept" *
+          doctest::test_suite("plumbing")) {
+  // 1e-300 FLOP/s made a GEMM take infinite time; 1e308 bytes overflowed the first product.
+  const Json j = Json::parse(
+      R"({"tiny": 1e-300, "huge": 1e308, "zero": 0, "launch": 2e-6, "flops": 9.89e14})");
+  const mop::JsonFields f(j, "c.json");
+  CHECK(mop::test::input_error_of([&] { f.positive_number("tiny"); }) ==
+        "c.json: field 'tiny' (1e-300) is outside the range mop accepts for a figure, 1e-15 to "
+        "1e+20 in magnitude (or 0 where 0 is allowed).");
+  CHECK(mop::test::input_error_of([&] { f.number_or("huge", 1); }) != "");
+  CHECK(f.non_negative_number("zero") == 0);
+  CHECK(f.positive_number("launch") == 2e-6);
+  CHECK(f.positive_number("flops") == 9.89e14);
+}
