@@ -21,9 +21,9 @@ const hw::ClusterSpec& h200() {
 
 Schedule synthetic_pipeline(int stages, int micro_batches, int layers) {
   Schedule s;
-  s.groups.push_back({"fsdp", 8, 8});
-  s.groups.push_back({"ep", 16, 8});
-  s.groups.push_back({"pp", 2, 1});
+  s.groups.push_back({"fsdp", 8, 8, {}});
+  s.groups.push_back({"ep", 16, 8, {}});
+  s.groups.push_back({"pp", 2, 1, {}});
   std::vector<std::vector<int>> send_act(static_cast<std::size_t>(stages)),
       send_grad(static_cast<std::size_t>(stages));
   for (int st = 0; st < stages; ++st) {

@@ -130,6 +130,10 @@ bool in_range(int index, std::size_t size) {
 }
 
 void check_groups(const Schedule& s) {
+  for (const MeshView& v : s.mesh.views)
+    if (v.size() != s.world)
+      fail("mesh view " + quoted(v.name()) + " spans " + std::to_string(v.size()) +
+           " ranks, not the world's " + std::to_string(s.world));
   for (std::size_t g = 0; g < s.groups.size(); ++g) {
     const Group& group = s.groups[g];
     const std::string name = "group " + quoted(group.name) + " (" + std::to_string(g) + ")";
@@ -140,6 +144,20 @@ void check_groups(const Schedule& s) {
       fail(name + " has " + std::to_string(group.ranks_per_node) +
            " ranks per node, which must be between 1 and its " + std::to_string(group.ranks) +
            " ranks and divide them");
+    if (group.spec.view.empty())
+      continue;
+    int size = 0, per_node = 0;
+    try {
+      const MeshView& v = s.mesh.view(group.spec.view);
+      size = v.group_size(group.spec);
+      per_node = v.ranks_per_node(group.spec, s.mesh.gpus_per_node);
+    } catch (const std::invalid_argument& e) {
+      fail(name + ": " + e.what());
+    }
+    if (size != group.ranks || per_node != group.ranks_per_node)
+      fail(name + " has " + std::to_string(group.ranks) + " ranks, " +
+           std::to_string(group.ranks_per_node) + " per node, but its mesh spec gives " +
+           std::to_string(size) + " ranks, " + std::to_string(per_node) + " per node");
   }
 }
 

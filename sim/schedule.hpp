@@ -7,6 +7,8 @@
 // dependencies and explicit tensor allocations and frees. Everything that decides time or memory
 // is visible here; nothing is hidden inside an executor. Ops carry their shapes, dtypes and byte
 // counts as plain numbers: this header includes only the standard library.
+#include "sim/mesh.hpp"
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -117,11 +119,13 @@ struct Tensor {
   bool resident = false;
 };
 
-// A communicator: how its ranks sit on the topology.
+// A communicator: which ranks form it (`spec`, over Schedule::mesh; an executor derives each
+// rank's members from it) and how they sit on the topology (the simulator's cost).
 struct Group {
   std::string name; // "tp", "cp", "ep", "fsdp.attention", "pp.0-1"
   int ranks = 1;
   int ranks_per_node = 1; // ranks of the group that share a node
+  GroupSpec spec;         // empty view: point-to-point between stages (pipeline)
 };
 
 struct RankClass {
@@ -136,6 +140,7 @@ struct RankClass {
 struct Schedule {
   std::vector<RankClass> classes;
   std::vector<Group> groups;
+  Mesh mesh; // the ranks' layout, which every group's spec refers to
   int world = 1;
   int gpus_per_node = 8;
   double tokens_per_step = 0;      // tokens the whole world trains on per optimizer step
@@ -145,7 +150,8 @@ struct Schedule {
 // Structural checks, each a one-sentence std::invalid_argument naming the class and op:
 // indices in range; dependencies acyclic within and across classes (Boost.Graph); every
 // non-resident tensor allocated once and freed once, after its allocation; every collective's
-// group exists and every recv has a matching send in its peer class.
+// group exists, matches its mesh spec (size, ranks per node), and every recv has a matching
+// send in its peer class.
 void check_schedule(const Schedule& s);
 
 } // namespace mop::sim

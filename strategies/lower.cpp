@@ -1,4 +1,5 @@
 #include "strategies/lower.hpp"
+#include "strategies/mesh.hpp"
 #include "strategies/pipeline.hpp"
 
 #include "common/error.hpp"
@@ -38,16 +39,6 @@ struct Groups {
   int tp = -1, cp_a2a = -1, cp_ring = -1, ep = -1, etp = -1, pp = -1;
   int fsdp[kNumLayerKinds] = {-1, -1, -1, -1};
 };
-
-// Ranks are laid out tensor-parallel innermost, then context, then data, then pipeline
-// (Megatron's order): a group of `size` ranks whose consecutive members are `stride` ranks apart
-// has min(size, gpus_per_node / stride) of them on one node.
-sim::Group group_of(std::string name, int size, int stride, int gpus_per_node) {
-  int per_node = stride >= gpus_per_node ? 1 : std::min(size, gpus_per_node / stride);
-  while (size % per_node != 0)
-    --per_node;
-  return sim::Group{std::move(name), size, std::max(1, per_node)};
-}
 
 // One forward operation of a layer as the lowering emits it; backward is derived from it.
 struct Step {
@@ -128,39 +119,39 @@ private:
 
 void Lowering::make_groups() {
   const int gpn = c_.gpus_per_node;
-  const AttentionMapping& a = p_.attention;
-  auto add_group = [&](sim::Group gr) {
-    s_.groups.push_back(std::move(gr));
+  s_.mesh = plan_mesh(p_, gpn);
+  auto add_group_p2p = [&](std::string name, int per_node) {
+    s_.groups.push_back(sim::Group{std::move(name), 2, per_node, {}});
     return static_cast<int>(s_.groups.size()) - 1;
   };
-  if (a.tp > 1)
-    g_.tp = add_group(group_of("tp", a.tp, 1, gpn));
-  if (a.cp > 1) {
-    int ulysses = 1;
-    if (a.cp_kind == CpKind::ulysses)
-      ulysses = a.cp;
-    else if (a.cp_kind == CpKind::hybrid)
-      ulysses = std::gcd(a.cp, std::max(1, gpn / a.tp));
-    const int ring = a.cp / ulysses;
-    if (ulysses > 1)
-      g_.cp_a2a = add_group(group_of("cp.ulysses", ulysses, a.tp, gpn));
-    if (ring > 1)
-      g_.cp_ring = add_group(group_of("cp.ring", ring, a.tp * ulysses, gpn));
-  }
+  auto add_group = [&](std::string name, sim::GroupSpec spec) {
+    const sim::MeshView& v = s_.mesh.view(spec.view);
+    s_.groups.push_back(sim::Group{std::move(name), v.group_size(spec), v.ranks_per_node(spec, gpn),
+                                   std::move(spec)});
+    return static_cast<int>(s_.groups.size()) - 1;
+  };
+  const CpSplit cp = cp_split(p_, gpn);
+  if (p_.attention.tp > 1)
+    g_.tp = add_group("tp", tp_group());
+  if (cp.ulysses > 1)
+    g_.cp_a2a = add_group("cp.ulysses", cp_ulysses_group());
+  if (cp.ring > 1)
+    g_.cp_ring = add_group("cp.ring", cp_ring_group());
   if (p_.moe.ep > 1)
-    g_.ep = add_group(group_of("ep", p_.moe.ep, p_.moe.etp, gpn));
+    g_.ep = add_group("ep", ep_group());
   if (p_.moe.etp > 1)
-    g_.etp = add_group(group_of("etp", p_.moe.etp, 1, gpn));
-  const int strides[kNumLayerKinds] = {a.tp, p_.moe.ep * p_.moe.etp, p_.dense.tp, p_.embed.tp};
+    g_.etp = add_group("etp", etp_group());
   for (int k = 0; k < kNumLayerKinds; ++k) {
-    const int d = static_cast<int>(shard_degree(p_, static_cast<LayerKind>(k)));
-    if (d > 1)
-      g_.fsdp[k] = add_group(group_of(
-          fmt::format("dp.{}", layer_kind_name(static_cast<LayerKind>(k))), d, strides[k], gpn));
+    const auto kind = static_cast<LayerKind>(k);
+    sim::GroupSpec spec = shard_group(p_, kind);
+    if (s_.mesh.view(spec.view).group_size(spec) > 1)
+      g_.fsdp[k] = add_group(fmt::format("dp.{}", layer_kind_name(kind)), std::move(spec));
   }
   if (p_.pp > 1) {
+    // Point to point between adjacent stages at the same place in each: on one node when
+    // both stages' ranks fit in it.
     const int per_stage = p_.world / p_.pp;
-    g_.pp = add_group(sim::Group{"pp", 2, per_stage >= gpn ? 1 : (2 * per_stage <= gpn ? 2 : 1)});
+    g_.pp = add_group_p2p("pp", per_stage >= gpn ? 1 : (2 * per_stage <= gpn ? 2 : 1));
   }
 }
 

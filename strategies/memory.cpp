@@ -1,4 +1,5 @@
 #include "strategies/memory.hpp"
+#include "strategies/mesh.hpp"
 
 #include "common/units.hpp"
 #include "workload/params.hpp"
@@ -179,23 +180,9 @@ double embedding_local_params(const ModelSpec& m, const Plan& p) {
 }
 
 double shard_degree(const Plan& p, LayerKind kind) {
-  double d = 1;
-  switch (kind) {
-  case LayerKind::attention:
-    d = p.attention.dp * p.attention.cp;
-    break;
-  case LayerKind::moe:
-    d = p.moe.edp;
-    break;
-  case LayerKind::dense:
-    d = p.dense.dp;
-    break;
-  case LayerKind::embedding:
-    d = p.embed.dp;
-    break;
-  }
+  const int d = data_parallel_ranks(p, kind);
   const int group = p.state[kind_index(kind)].shard_group;
-  return group > 0 ? std::min<double>(d, group) : d;
+  return group > 0 ? std::min(d, group) : d;
 }
 
 double saved_activation_bytes(const ModelSpec& m, const LayerSpec& layer, const Plan& p,

@@ -1,4 +1,5 @@
 #include "strategies/plan.hpp"
+#include "strategies/mesh.hpp"
 
 #include "common/error.hpp"
 #include "common/limits.hpp"
@@ -180,13 +181,20 @@ void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const C
       bad(fmt::format("plan: the sequence ({} tokens) must split into {} equal chunks for {} "
                       "context parallelism of degree {}.",
                       seq, chunks, name(a.cp_kind), a.cp));
-    const int ulysses = a.cp_kind == CpKind::ulysses ? a.cp
-                        : a.cp_kind == CpKind::hybrid
-                            ? std::gcd(a.cp, std::max(1, c.gpus_per_node / a.tp))
-                            : 1;
+    const int ulysses = cp_split(p, c.gpus_per_node).ulysses;
     if ((m.num_heads / a.tp) % ulysses != 0)
       bad(fmt::format("plan: Ulysses degree {} must divide the {} heads per tensor-parallel rank.",
                       ulysses, m.num_heads / a.tp));
+  }
+  // HSDP: shard groups tile a layer kind's data-parallel ranks (torchtitan's dp_shard x
+  // dp_replicate); a group at least as large as them shards over all of them.
+  for (int k = 0; k < kNumLayerKinds; ++k) {
+    const auto kind = static_cast<LayerKind>(k);
+    const int g = p.state[k].shard_group;
+    const int d = data_parallel_ranks(p, kind);
+    if (g > 0 && g < d && d % g != 0)
+      bad(fmt::format("plan: the {} shard_group ({}) must divide its {} data-parallel ranks.",
+                      layer_kind_name(kind), g, d));
   }
   if (m.num_routed_experts > 0) {
     // Megatron-Core requires sequence parallelism for MoE with TP: otherwise every TP rank would

@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "real_backend/cpu/comm.hpp"
 #include "real_backend/cpu/reference.hpp"
+#include "strategies/mesh.hpp"
 #include "strategies/pipeline.hpp"
 
 #include <algorithm>
@@ -91,40 +92,36 @@ template <class T> struct Shared {
   std::vector<std::map<std::string, OpTiming>> ops;
 };
 
-// How a rank sits in the plan: its stage and its coordinates in every layer kind's grid.
+// How a rank sits in the plan: its stage and its coordinates in every layer kind's view of the
+// plan's mesh (strategies/mesh.hpp, the layout the lowering uses).
 struct Coords {
   int stage = 0, local = 0, rps = 1;
-  int a_tp = 0, a_cp = 0, a_dp = 0; // attention: local = tp + TP*(cp + CP*dp)
+  int a_tp = 0, a_cp = 0, a_dp = 0; // attention (a_cp: the whole CP coordinate)
   int m_etp = 0, m_ep = 0, m_edp = 0;
   int d_tp = 0, d_dp = 0;
   int e_tp = 0, e_dp = 0;
 };
 
-Coords coords_of(const Plan& p, int rank) {
+Coords coords_of(const sim::Mesh& mesh, int rank) {
+  const sim::MeshView& a = mesh.view("attention");
+  const sim::MeshView& m = mesh.view("moe");
+  const sim::MeshView& d = mesh.view("dense");
+  const sim::MeshView& e = mesh.view("embed");
   Coords c;
-  c.rps = p.ranks_per_stage();
-  c.stage = rank / c.rps;
+  c.rps = a.stride("pp");
+  c.stage = a.coord(rank, "pp");
   c.local = rank % c.rps;
-  c.a_tp = c.local % p.attention.tp;
-  c.a_cp = (c.local / p.attention.tp) % p.attention.cp;
-  c.a_dp = c.local / (p.attention.tp * p.attention.cp);
-  c.m_etp = c.local % p.moe.etp;
-  c.m_ep = (c.local / p.moe.etp) % p.moe.ep;
-  c.m_edp = c.local / (p.moe.etp * p.moe.ep);
-  c.d_tp = c.local % p.dense.tp;
-  c.d_dp = c.local / p.dense.tp;
-  c.e_tp = c.local % p.embed.tp;
-  c.e_dp = c.local / p.embed.tp;
+  c.a_tp = a.coord(rank, "tp");
+  c.a_cp = a.coord(rank, "cp.ulysses") + a.extent("cp.ulysses") * a.coord(rank, "cp.ring");
+  c.a_dp = a.coord(rank, "dp");
+  c.m_etp = m.coord(rank, "etp");
+  c.m_ep = m.coord(rank, "ep");
+  c.m_edp = m.coord(rank, "edp");
+  c.d_tp = d.coord(rank, "tp");
+  c.d_dp = d.coord(rank, "dp");
+  c.e_tp = e.coord(rank, "tp");
+  c.e_dp = e.coord(rank, "dp");
   return c;
-}
-
-// The stage-local ranks whose local index satisfies `keep`, as world ranks.
-template <class F> std::vector<int> members(const Coords& me, F keep) {
-  std::vector<int> out;
-  for (int l = 0; l < me.rps; ++l)
-    if (keep(l))
-      out.push_back(me.stage * me.rps + l);
-  return out;
 }
 
 LayerKind kind_of(ParamRole r, bool moe_layer) {
@@ -285,7 +282,8 @@ public:
   Rank(World& world, int rank, const TinyConfig& c, const Plan& p, Shared<T>& shared,
        const RunOptions& o, const DataSource& data)
       : w_(world), rank_(rank), c_(c), p_(p), sh_(shared), o_(o), data_(data),
-        co_(coords_of(p, rank)), layout_(param_layout(c)), ops_(&shared.ops[sz(rank)]) {
+        mesh_(strategy::plan_mesh(p, /*gpus_per_node=*/8)), co_(coords_of(mesh_, rank)),
+        layout_(param_layout(c)), ops_(&shared.ops[sz(rank)]) {
     make_groups();
     chunks_ = strategy::chunks_per_stage(p_);
     bounds_ = strategy::virtual_stage_bounds(p_, c_.num_layers());
@@ -352,29 +350,27 @@ public:
 private:
   // --- topology ------------------------------------------------------------------------------
   void make_groups() {
-    const Coords me = co_;
-    auto at = [&](int l) { return coords_of(p_, me.stage * me.rps + l); };
-    stage_ = w_.group(members(me, [](int) { return true; }), rank_);
-    a_tp_ = w_.group(
-        members(me, [&](int l) { return at(l).a_cp == me.a_cp && at(l).a_dp == me.a_dp; }), rank_);
-    a_cp_ = w_.group(
-        members(me, [&](int l) { return at(l).a_tp == me.a_tp && at(l).a_dp == me.a_dp; }), rank_);
-    a_grad_ = w_.group(members(me, [&](int l) { return at(l).a_tp == me.a_tp; }), rank_);
-    m_etp_ = w_.group(
-        members(me, [&](int l) { return at(l).m_ep == me.m_ep && at(l).m_edp == me.m_edp; }),
-        rank_);
-    m_ep_ = w_.group(
-        members(me, [&](int l) { return at(l).m_etp == me.m_etp && at(l).m_edp == me.m_edp; }),
-        rank_);
-    m_edp_ = w_.group(
-        members(me, [&](int l) { return at(l).m_etp == me.m_etp && at(l).m_ep == me.m_ep; }),
-        rank_);
-    d_tp_ = w_.group(members(me, [&](int l) { return at(l).d_dp == me.d_dp; }), rank_);
-    d_dp_ = w_.group(members(me, [&](int l) { return at(l).d_tp == me.d_tp; }), rank_);
-    e_tp_ = w_.group(members(me, [&](int l) { return at(l).e_dp == me.e_dp; }), rank_);
-    e_dp_ = w_.group(members(me, [&](int l) { return at(l).e_tp == me.e_tp; }), rank_);
-    if (c_.tied_embeddings && p_.pp > 1 && (me.stage == 0 || me.stage == p_.pp - 1))
-      tied_ = w_.group({me.local, (p_.pp - 1) * me.rps + me.local}, rank_);
+    auto group = [&](const sim::GroupSpec& spec) {
+      return w_.group(mesh_.view(spec.view).members(rank_, spec), rank_);
+    };
+    stage_ = group(strategy::stage_group());
+    a_tp_ = group(strategy::tp_group());
+    // The executor runs ring or Ulysses CP (hybrid is refused): one of the two CP dimensions.
+    a_cp_ = group(p_.attention.cp_kind == CpKind::ulysses ? strategy::cp_ulysses_group()
+                                                          : strategy::cp_ring_group());
+    a_grad_ = group(strategy::data_parallel_group(LayerKind::attention));
+    m_etp_ = group(strategy::etp_group());
+    m_ep_ = group(strategy::ep_group());
+    m_edp_ = group(strategy::data_parallel_group(LayerKind::moe));
+    d_tp_ = group(strategy::dense_tp_group());
+    d_dp_ = group(strategy::data_parallel_group(LayerKind::dense));
+    e_tp_ = group(strategy::embed_tp_group());
+    e_dp_ = group(strategy::data_parallel_group(LayerKind::embedding));
+    if (c_.tied_embeddings && p_.pp > 1 && (co_.stage == 0 || co_.stage == p_.pp - 1)) {
+      const std::vector<int> pipe =
+          mesh_.view("attention").members(rank_, sim::GroupSpec{"attention", {"pp"}});
+      tied_ = w_.group({pipe.front(), pipe.back()}, rank_);
+    }
   }
 
   bool first_stage() const { return co_.stage == 0; }
@@ -415,41 +411,43 @@ private:
       // that hold the same slice and sum its gradient. Norms and the router stay whole,
       // replicated over the stage.
       Comm grads = stage_;
-      auto shard = [&](int dim, int part, int parts, const Comm& same_slice) {
+      sim::GroupSpec grads_spec = strategy::stage_group();
+      auto shard = [&](int dim, int part, int parts, const Comm& same_slice, LayerKind kind) {
         split(lp.slice, dim, part, parts);
         grads = same_slice;
+        grads_spec = strategy::data_parallel_group(kind);
       };
       using R = ParamRole;
       switch (info.role) {
       case R::wq:
       case R::wk:
       case R::wv:
-        shard(2, co_.a_tp, p_.attention.tp, a_grad_);
+        shard(2, co_.a_tp, p_.attention.tp, a_grad_, LayerKind::attention);
         break;
       case R::wo:
-        shard(1, co_.a_tp, p_.attention.tp, a_grad_);
+        shard(1, co_.a_tp, p_.attention.tp, a_grad_, LayerKind::attention);
         break;
       case R::dense_gate:
       case R::dense_up:
-        shard(2, co_.d_tp, p_.dense.tp, d_dp_);
+        shard(2, co_.d_tp, p_.dense.tp, d_dp_, LayerKind::dense);
         break;
       case R::dense_down:
-        shard(1, co_.d_tp, p_.dense.tp, d_dp_);
+        shard(1, co_.d_tp, p_.dense.tp, d_dp_, LayerKind::dense);
         break;
       case R::expert_gate:
       case R::expert_up:
         split(lp.slice, 0, co_.m_ep, p_.moe.ep);
-        shard(2, co_.m_etp, p_.moe.etp, m_edp_);
+        shard(2, co_.m_etp, p_.moe.etp, m_edp_, LayerKind::moe);
         break;
       case R::expert_down:
         split(lp.slice, 0, co_.m_ep, p_.moe.ep);
-        shard(1, co_.m_etp, p_.moe.etp, m_edp_);
+        shard(1, co_.m_etp, p_.moe.etp, m_edp_, LayerKind::moe);
         break;
       case R::embedding:
-        shard(1, co_.e_tp, p_.embed.tp, e_dp_);
+        shard(1, co_.e_tp, p_.embed.tp, e_dp_, LayerKind::embedding);
         break;
       case R::lm_head:
-        shard(2, co_.e_tp, p_.embed.tp, e_dp_);
+        shard(2, co_.e_tp, p_.embed.tp, e_dp_, LayerKind::embedding);
         break;
       default:
         break;
@@ -460,16 +458,16 @@ private:
       lp.zero = policy.zero;
       if (p_.params == strategy::Placement::host)
         lp.zero = std::max(lp.zero, 3);
+      // HSDP: shard inside blocks of the gradient group, replicate across them (plan rules
+      // make the block divide the group).
       const int g = grads.size(), sg = policy.shard_group;
-      const auto& mem = grads.members();
-      if (sg > 0 && sg < g && g % sg == 0 && lp.zero > 0) {
-        const int block = grads.rank() / sg;
-        lp.shard = w_.group(
-            std::vector<int>(mem.begin() + block * sg, mem.begin() + (block + 1) * sg), rank_);
-        std::vector<int> rep;
-        for (int r = grads.rank() % sg; r < g; r += sg)
-          rep.push_back(mem[sz(r)]);
-        lp.replicas = w_.group(rep, rank_);
+      if (sg > 0 && sg < g && lp.zero > 0) {
+        const sim::MeshView& view = mesh_.view(grads_spec.view);
+        sim::GroupSpec block = grads_spec;
+        block.block = sg;
+        lp.shard = w_.group(view.members(rank_, block), rank_);
+        block.across_blocks = true;
+        lp.replicas = w_.group(view.members(rank_, block), rank_);
       } else {
         lp.shard = lp.zero > 0 ? grads : w_.group({rank_}, rank_);
         lp.replicas = w_.group({rank_}, rank_);
@@ -1646,6 +1644,8 @@ private:
   Shared<T>& sh_;
   const RunOptions& o_;
   const DataSource& data_;
+  // The layout: only hybrid CP's split depends on the node size, and hybrid CP is refused.
+  sim::Mesh mesh_;
   Coords co_;
   std::vector<ParamInfo> layout_;
   std::map<std::string, OpTiming>* ops_;

@@ -75,8 +75,8 @@ Schedule one_class(std::vector<std::string> streams, int multiplicity = 1) {
   rc.multiplicity = multiplicity;
   rc.streams = std::move(streams);
   s.classes.push_back(rc);
-  s.groups.push_back({"tp", 8, 8});
-  s.groups.push_back({"fsdp", 16, 8});
+  s.groups.push_back({"tp", 8, 8, {}});
+  s.groups.push_back({"fsdp", 16, 8, {}});
   return s;
 }
 
@@ -309,7 +309,7 @@ namespace {
 // (NCCL takes no time for an empty message), so the hand formula holds exactly.
 Schedule pipeline(int m, double bytes) {
   Schedule s;
-  s.groups.push_back({"pp.0-1", 2, 1});
+  s.groups.push_back({"pp.0-1", 2, 1, {}});
   for (int stage = 0; stage < 2; ++stage) {
     RankClass rc;
     rc.name = op_name("stage ", stage, " of 2");

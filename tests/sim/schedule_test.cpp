@@ -25,7 +25,7 @@ Op op_on(std::string name, int stream, std::vector<int> deps = {}) {
 // computes. Valid as built; each test breaks one thing.
 Schedule two_stages() {
   Schedule s;
-  s.groups.push_back({"pp.0-1", 2, 1});
+  s.groups.push_back({"pp.0-1", 2, 1, {}});
   RankClass a;
   a.name = "stage 0";
   a.streams = {"compute", "pp"};
@@ -160,6 +160,26 @@ TEST_CASE("check_schedule refuses a recv that waits on no send of its peer" *
 
 TEST_CASE("a group's ranks per node must divide its ranks" * doctest::test_suite("plumbing")) {
   Schedule s = two_stages();
-  s.groups[0] = {"odd", 6, 4};
+  s.groups[0] = {"odd", 6, 4, {}};
   CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("Group 'odd'"), std::invalid_argument);
+}
+
+TEST_CASE("a group must match its mesh spec" * doctest::test_suite("plumbing")) {
+  Schedule s = two_stages();
+  s.world = 16;
+  s.mesh.gpus_per_node = 8;
+  s.mesh.views.emplace_back("attention", std::vector<MeshDim>{{"tp", 8}, {"pp", 2}});
+  s.groups.push_back({"tp", 8, 8, GroupSpec{"attention", {"tp"}}});
+  CHECK_NOTHROW(check_schedule(s));
+  s.groups.back().ranks = 4;
+  s.groups.back().ranks_per_node = 4;
+  CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("its mesh spec gives 8 ranks"),
+                       std::invalid_argument);
+  s.groups.back() = {"tp", 8, 8, GroupSpec{"attention", {"ep"}}};
+  CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("no dimension 'ep'"),
+                       std::invalid_argument);
+  s.groups.back() = {"tp", 8, 8, GroupSpec{"attention", {"tp"}}};
+  s.world = 32;
+  CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("not the world's 32"),
+                       std::invalid_argument);
 }

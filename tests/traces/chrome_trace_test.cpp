@@ -34,7 +34,7 @@ struct Fixture {
   sim::SimResult r;
 
   Fixture() {
-    s.groups = {{"tp", 2, 2}, {"pp.0-1", 2, 1}};
+    s.groups = {{"tp", 2, 2, {}}, {"pp.0-1", 2, 1, {}}};
     s.world = 8;
     for (int c = 0; c < 2; ++c) {
       sim::RankClass rc;
