@@ -33,7 +33,7 @@ Schedule synthetic_pipeline(int stages, int micro_batches, int layers) {
     rc.multiplicity = 16;
     rc.streams = {"compute",  "comm.dp", "comm.ep", "copy.d2h",
                   "copy.h2d", "pp.send", "pp.recv", "host"};
-    rc.tensors.push_back({"weights", 20e9, Device::hbm, MemoryKind::weights, true});
+    rc.tensors.push_back(cost_tensor("weights", 20e9, Device::hbm, MemoryKind::weights, true));
     s.classes.push_back(rc);
   }
   auto add = [&](int st, Op op) {
@@ -43,7 +43,7 @@ Schedule synthetic_pipeline(int stages, int micro_batches, int layers) {
   };
   auto tensor = [&](int st, std::string name, double bytes, Device d) {
     auto& t = s.classes[static_cast<std::size_t>(st)].tensors;
-    t.push_back({std::move(name), bytes, d, MemoryKind::activations, false});
+    t.push_back(cost_tensor(std::move(name), bytes, d, MemoryKind::activations, false));
     return static_cast<int>(t.size()) - 1;
   };
   auto make = [](std::string name, OpKind kind, int stream, std::vector<int> deps) {

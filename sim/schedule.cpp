@@ -12,6 +12,76 @@
 
 namespace mop::sim {
 
+const char* kernel_name(Kernel k) {
+  switch (k) {
+  case Kernel::none:
+    return "none";
+  case Kernel::tokens:
+    return "tokens";
+  case Kernel::embedding_fwd:
+    return "embedding_fwd";
+  case Kernel::embedding_bwd:
+    return "embedding_bwd";
+  case Kernel::matmul:
+    return "matmul";
+  case Kernel::rmsnorm_fwd:
+    return "rmsnorm_fwd";
+  case Kernel::rmsnorm_bwd:
+    return "rmsnorm_bwd";
+  case Kernel::rope:
+    return "rope";
+  case Kernel::swiglu_fwd:
+    return "swiglu_fwd";
+  case Kernel::swiglu_bwd:
+    return "swiglu_bwd";
+  case Kernel::add:
+    return "add";
+  case Kernel::attention_fwd:
+    return "attention_fwd";
+  case Kernel::attention_bwd:
+    return "attention_bwd";
+  case Kernel::cross_entropy:
+    return "cross_entropy";
+  case Kernel::ce_max:
+    return "ce_max";
+  case Kernel::ce_sums:
+    return "ce_sums";
+  case Kernel::ce_finish:
+    return "ce_finish";
+  case Kernel::adamw:
+    return "adamw";
+  case Kernel::collective:
+    return "collective";
+  }
+  return "?";
+}
+
+const char* tensor_role_name(TensorRole r) {
+  switch (r) {
+  case TensorRole::activation:
+    return "activation";
+  case TensorRole::saved:
+    return "saved";
+  case TensorRole::param:
+    return "param";
+  case TensorRole::param_shard:
+    return "param_shard";
+  case TensorRole::grad:
+    return "grad";
+  case TensorRole::optimizer_state:
+    return "optimizer_state";
+  case TensorRole::comm_buffer:
+    return "comm_buffer";
+  case TensorRole::host_copy:
+    return "host_copy";
+  case TensorRole::index:
+    return "index";
+  case TensorRole::loss:
+    return "loss";
+  }
+  return "?";
+}
+
 const char* op_kind_name(OpKind k) {
   switch (k) {
   case OpKind::gemm:

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace mop::sim {
@@ -81,6 +82,162 @@ struct AttentionShape {
   double window = 0; // sliding window in tokens; 0 = none
 };
 
+// ---- The executable layer -------------------------------------------------------------------
+// An op's `kind` is how the simulator prices it; its `kernel` is what an executor computes, on its
+// `inputs` and `outputs` (tensor ids of its rank class). Data dependencies follow from the
+// operands; `deps` adds the control-only ones. Kernel::none marks a cost-only op (FP8 GEMMs, MLA
+// projections, capacity dropping, ...): priced, never executed; an executor refuses it by name.
+//
+// Shapes are row-major and local to a rank. "Rows" are this rank's tokens of one micro-batch, in
+// the order of the token layout (Schedule::tokens).
+enum class Kernel {
+  none,
+  // tokens: outputs ids [rows] (i32) and labels [rows] (i32, -1 for no label): this rank's rows
+  //   of micro-batch `Op::micro_batch` (its data-parallel sequences, its CP chunk's positions,
+  //   and with attrs.sequence_parallel its SP share).
+  tokens,
+  // embedding_fwd: inputs ids, table [vocab_shard, hidden] (a parameter); output y [rows, hidden]:
+  //   the table's row of each id inside the table's shard, 0 for the others.
+  // embedding_bwd: inputs ids, dy; output dtable (accumulates).
+  embedding_fwd,
+  embedding_bwd,
+  // matmul: inputs a1 [, a2 ...] (attrs.a_blocks of them), b1 [, b2 ...]; outputs c1 [, c2 ...].
+  //   Each operand is a matrix of shape[0] rows and the rest of its elements as columns; each
+  //   list holds the column blocks of one stored matrix (side by side):
+  //   C (+)= op(A)·op(B), op(X) = Xᵀ when attrs.trans_a / trans_b. Fused weights (q|k|v,
+  //   gate|up) are several parameters read as one matrix; their gradients come out as several.
+  matmul,
+  // rmsnorm_fwd: inputs x [rows, dim], w [dim]; outputs y, rstd [rows].
+  // rmsnorm_bwd: inputs x, w, rstd, dy; outputs dx, dw (dw accumulates).
+  rmsnorm_fwd,
+  rmsnorm_bwd,
+  // rope: input x [rows, heads, head_dim]; output y, rotated by each row's position (the token
+  //   layout's), inverse rotation with attrs.inverse (the backward).
+  rope,
+  // swiglu_fwd: input gu [rows, 2F] (gate then up in each row); output act [rows, F].
+  // swiglu_bwd: inputs gu, dact; output dgu.
+  swiglu_fwd,
+  swiglu_bwd,
+  // add: inputs a, b; output a + b.
+  add,
+  // attention_fwd: inputs q [rows, heads, d], k, v [rows, kv_heads, d]; outputs o, lse
+  //   [rows, heads], over attrs.sequences sequences (or CP chunks) of rows / sequences tokens.
+  //   attrs.ring_step s > 0: k and v are the block of ring rank (mine - s) mod ring, and the
+  //   result merges into o and lse (exactly, by log-sum-exp). attrs.full_sequence: whole
+  //   sequences at positions 0.. (after Ulysses), else the token layout's positions.
+  // attention_bwd: inputs q, k, v, o, lse, do; outputs dq, dk, dv (all accumulate).
+  attention_fwd,
+  attention_bwd,
+  // cross_entropy: inputs logits [rows, vocab], labels; outputs dlogits, loss [1] (accumulates):
+  //   softmax cross-entropy summed over labelled rows, gradient scaled by 1 / the step's
+  //   labelled tokens (the whole batch's).
+  cross_entropy,
+  // Vocabulary-parallel cross-entropy (Megatron's): ce_max: input logits; output max [rows].
+  //   ce_sums: inputs logits, max, labels; outputs sum of exp(logit - max) [rows], the label's
+  //   logit [rows] (0 outside this shard). ce_finish: inputs logits, max, sum, target, labels;
+  //   outputs dlogits, loss [1] (accumulates; each row counted by one rank of the group).
+  ce_max,
+  ce_sums,
+  ce_finish,
+  // adamw: inputs params..., grads..., m, v (attrs.params: how many tensors each of params and
+  //   grads is); outputs params'..., m, v. One AdamW step of the step's index over the bucket's
+  //   elements this rank owns: m and v are the bucket's flat shard (ZeRO >= 1) or all of it.
+  //   Each list is read as a flat concatenation; a list covering the whole bucket is first cut
+  //   to this rank's shard. The output params' are the updated shard (a param_shard tensor) or,
+  //   unsharded, the members themselves.
+  adamw,
+  // collectives (OpKind says which; over Op::group). Several inputs (or outputs) are read (or
+  //   written) as the concatenation of their flattened contents, in order. all_gather
+  //   concatenates the group's inputs in group-rank order; outputs take its first elements
+  //   (a flat shard's padding is dropped). reduce_scatter sums the group's inputs, zero-padded to
+  //   a multiple of the group, and keeps this rank's part; all_reduce sums (attrs.reduce_max:
+  //   the maximum) into outputs of the inputs' sizes; send_recv passes the input to the next
+  //   ring rank and receives the previous one's.
+  collective,
+};
+const char* kernel_name(Kernel k);
+
+// What a tensor holds (the memory breakdown uses MemoryKind; this is what an executor binds).
+enum class TensorRole {
+  activation,      // produced and consumed within a pass
+  saved,           // produced in forward, read in backward
+  param,           // a parameter as the rank computes with it (its slice, gathered)
+  param_shard,     // a parameter's ZeRO flat shard (what the rank owns between uses)
+  grad,            // a parameter's gradient (slice or flat shard, like the param it belongs to)
+  optimizer_state, // AdamW moments (m, v) over what the rank owns
+  comm_buffer,     // a collective's staging buffer
+  host_copy,       // an offloaded copy in host memory
+  index,           // integers: token ids, labels, routing indices, counts
+  loss,            // the summed loss
+};
+const char* tensor_role_name(TensorRole r);
+
+// Element type of a tensor's storage: real numbers (bytes by the tensor's dtype) or integers.
+enum class Element { real, i32, i64 };
+
+// How a parameter sits on the ranks: axis `axis` of its full shape is split into the `dim`
+// extent of mesh view `view`, a rank holding part coord(dim).
+struct AxisSplit {
+  int axis = 0;
+  std::string view;
+  std::string dim;
+};
+
+// A model parameter as the program refers to it.
+struct ParamSpec {
+  std::string name;                // the model's name for it ("L1.attn.wq")
+  std::vector<std::int64_t> shape; // full, unsharded
+  std::vector<AxisSplit> splits;   // the slice each rank holds
+  int bucket = -1;                 // index into Schedule::buckets
+};
+
+// Parameters whose gradients are reduced and whose state is sharded together (FSDP's flat
+// parameter of a module, Megatron's gradient buffer bucket): the concatenation of its members'
+// slices, flattened in member order and zero-padded to a multiple of the shard group, is cut
+// into equal flat shards over `shard` (no dims: not sharded). Gradients sum over `grads` (the
+// ranks holding the same slices); with HSDP the shards' gradients then sum over `replicas`.
+struct Bucket {
+  std::string name;        // "L3.attention", "L3.attention.replicated", "embedding"
+  std::vector<int> params; // members, indices into Schedule::params
+  GroupSpec grads;
+  GroupSpec shard;
+  GroupSpec replicas;
+  int zero = 0; // 0 replicate, 1 shard optimizer state, 2 + gradients, 3 + parameters
+};
+
+// Which tokens each rank holds: micro-batch m of data-parallel rank d holds sequences
+// (m·dp + d)·micro_batch .. + micro_batch; CP rank c holds positions c·L .. (L = seq_len / cp),
+// or with load balancing (ring CP) the chunks c and 2·cp - 1 - c of 2·cp; with sequence
+// parallelism TP rank t holds the t-th of tp equal parts of those rows.
+struct TokenLayout {
+  int seq_len = 0;
+  int micro_batch = 1;  // sequences per micro-batch per data-parallel rank
+  int global_batch = 0; // sequences per step
+  std::string view = "attention";
+  std::string dp_dim = "dp";
+  std::vector<std::string> cp_dims; // the CP coordinate: first dim fastest
+  bool cp_balanced = false;         // ring CP's 2·cp chunks
+  std::string sp_dim = "tp";
+};
+
+struct Attrs {
+  bool trans_a = false, trans_b = false; // matmul
+  bool accumulate = false;               // outputs add into their current values
+  bool inverse = false;                  // rope: the backward rotation
+  bool sequence_parallel = false;        // tokens: this rank's SP share only
+  bool reduce_max = false;               // all_reduce of the maximum
+  int ring_step = 0;                     // attention: the ring block (see Kernel)
+  bool full_sequence = false;            // attention: whole sequences after Ulysses
+  int sequences = 1;                     // attention: sequences or chunks in the call
+  bool causal = true;
+  std::int64_t window = 0;
+  double scale = 0; // attention: softmax scale
+  double eps = 0;   // rmsnorm
+  double theta = 0; // rope base
+  int params = 1;   // adamw: tensors in each of the params and grads lists
+  int a_blocks = 1; // matmul: inputs that are column blocks of A (the rest are B's)
+};
+
 struct RemoteDep {
   int rank_class = 0; // the other rank class
   int op = 0;         // index of the op in that class's program
@@ -107,6 +264,11 @@ struct Op {
   std::vector<RemoteDep> remote_deps; // ops of other classes that must end first
   std::vector<int> allocs;            // tensors (of this class) allocated when the op starts
   std::vector<int> frees;             // tensors freed when the op ends
+  // The executable layer.
+  Kernel kernel = Kernel::none;
+  std::vector<int> inputs;  // tensors read
+  std::vector<int> outputs; // tensors written
+  Attrs attrs;
 };
 
 struct Tensor {
@@ -117,7 +279,27 @@ struct Tensor {
   // Resident tensors (weight shards, optimizer state, the CUDA context) live for the whole step:
   // allocated before the first op, never freed. Every other tensor must be freed by some op.
   bool resident = false;
+  // The executable layer: the local shape (empty for a cost-only tensor), what it holds, and
+  // for a parameter's tensors (param, param_shard, grad, optimizer_state) which parameter.
+  std::vector<std::int64_t> shape;
+  Element element = Element::real;
+  Dtype dtype = Dtype::bf16; // of real elements, as the memory model counts them
+  TensorRole role = TensorRole::activation;
+  int param = -1;  // a member's slice: index into Schedule::params
+  int bucket = -1; // a bucket's flat shard (param_shard, grad, optimizer_state): its index
 };
+
+// A tensor the simulator counts but no executor binds (no shape): bytes and where they live.
+inline Tensor cost_tensor(std::string name, double bytes, Device device, MemoryKind kind,
+                          bool resident) {
+  Tensor t;
+  t.name = std::move(name);
+  t.bytes = bytes;
+  t.device = device;
+  t.kind = kind;
+  t.resident = resident;
+  return t;
+}
 
 // A communicator: which ranks form it (`spec`, over Schedule::mesh; an executor derives each
 // rank's members from it) and how they sit on the topology (the simulator's cost).
@@ -143,6 +325,9 @@ struct Schedule {
   Mesh mesh; // the ranks' layout, which every group's spec refers to
   int world = 1;
   int gpus_per_node = 8;
+  std::vector<ParamSpec> params; // the executable layer's parameters
+  std::vector<Bucket> buckets;
+  TokenLayout tokens;              // the executable layer's token layout
   double tokens_per_step = 0;      // tokens the whole world trains on per optimizer step
   double model_flops_per_step = 0; // whole world, the model-FLOPs convention (README)
 };

@@ -353,7 +353,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
 
 int Lowering::tensor(std::string name, double bytes, sim::Device device, sim::MemoryKind kind,
                      bool resident) {
-  rc_->tensors.push_back(sim::Tensor{std::move(name), bytes, device, kind, resident});
+  rc_->tensors.push_back(sim::cost_tensor(std::move(name), bytes, device, kind, resident));
   return static_cast<int>(rc_->tensors.size()) - 1;
 }
 

@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "real_backend/cpu/comm.hpp"
 #include "real_backend/cpu/reference.hpp"
+#include "real_backend/cpu/slice.hpp"
 #include "strategies/mesh.hpp"
 #include "strategies/pipeline.hpp"
 
@@ -33,53 +34,6 @@ Index sz(std::int64_t v) {
 
 [[noreturn]] void refuse(const std::string& sentence) {
   throw InputError(sentence);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Where a rank's share of a parameter sits inside the full tensor: a box in the tensor viewed
-// as [d0, d1, d2] (shapes of rank < 3 are padded in front with 1s).
-struct Slice {
-  std::int64_t dim[3] = {1, 1, 1};
-  std::int64_t lo[3] = {0, 0, 0};
-  std::int64_t hi[3] = {1, 1, 1};
-  Index numel() const { return sz((hi[0] - lo[0]) * (hi[1] - lo[1]) * (hi[2] - lo[2])); }
-};
-
-Slice full_slice(const std::vector<std::int64_t>& shape) {
-  Slice s;
-  const int off = 3 - static_cast<int>(shape.size());
-  for (int d = 0; d < static_cast<int>(shape.size()); ++d) {
-    s.dim[off + d] = shape[sz(d)];
-    s.hi[off + d] = shape[sz(d)];
-  }
-  return s;
-}
-
-// Restricts dimension d (of the padded 3-d view) to part `part` of `parts` equal parts.
-void split(Slice& s, int d, int part, int parts) {
-  const std::int64_t len = (s.hi[d] - s.lo[d]) / parts;
-  s.lo[d] += len * part;
-  s.hi[d] = s.lo[d] + len;
-}
-
-template <class T> std::vector<T> extract(const std::vector<T>& full, const Slice& s) {
-  std::vector<T> out;
-  out.reserve(s.numel());
-  for (auto i = s.lo[0]; i < s.hi[0]; ++i)
-    for (auto j = s.lo[1]; j < s.hi[1]; ++j) {
-      const Index base = sz((i * s.dim[1] + j) * s.dim[2]);
-      out.insert(out.end(), full.begin() + static_cast<std::ptrdiff_t>(base + sz(s.lo[2])),
-                 full.begin() + static_cast<std::ptrdiff_t>(base + sz(s.hi[2])));
-    }
-  return out;
-}
-
-template <class T> void insert(const std::vector<T>& part, const Slice& s, std::vector<T>& full) {
-  Index k = 0;
-  for (auto i = s.lo[0]; i < s.hi[0]; ++i)
-    for (auto j = s.lo[1]; j < s.hi[1]; ++j)
-      for (auto l = s.lo[2]; l < s.hi[2]; ++l)
-        full[sz((i * s.dim[1] + j) * s.dim[2] + l)] = part[k++];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1595,14 +1549,6 @@ private:
     }
   }
 
-  // Flat index k of a slice's elements (row-major in the box) in the full tensor.
-  static Index full_index(const Slice& s, Index k) {
-    const Index w2 = sz(s.hi[2] - s.lo[2]), w1 = sz(s.hi[1] - s.lo[1]);
-    const Index l = k % w2 + sz(s.lo[2]), j = (k / w2) % w1 + sz(s.lo[1]),
-                i = k / (w1 * w2) + sz(s.lo[0]);
-    return (i * sz(s.dim[1]) + j) * sz(s.dim[2]) + l;
-  }
-
   void publish_grads() {
     for (auto& lp : params_) {
       if (lp.tied_copy)
@@ -1669,56 +1615,6 @@ private:
 };
 
 // ---------------------------------------------------------------------------------------------
-// The single-rank reference, trained alongside: reference_step for the loss and gradients, the
-// same AdamW on whole tensors.
-template <class T> class ReferenceTrainer {
-public:
-  ReferenceTrainer(const TinyConfig& c, const TrainState<T>& start, const AdamWParams& adam)
-      : c_(c), state_(start), adam_(adam) {}
-  double step(const Batch& batch) {
-    const double loss = reference_step<T>(c_, state_.params, batch, &grads_);
-    state_.step += 1;
-    for (Index i = 0; i < state_.params.size(); ++i)
-      adamw<T>(state_.params[i].size(), adam_, state_.step, state_.params[i].data(),
-               grads_[i].data(), state_.adam_m[i].data(), state_.adam_v[i].data());
-    return loss;
-  }
-  const std::vector<std::vector<T>>& grads() const { return grads_; }
-  const TrainState<T>& state() const { return state_; }
-
-private:
-  const TinyConfig& c_;
-  TrainState<T> state_;
-  AdamWParams adam_;
-  std::vector<std::vector<T>> grads_;
-};
-
-template <class A, class B>
-double max_rel_diff(const std::vector<std::vector<A>>& got,
-                    const std::vector<std::vector<B>>& want) {
-  double worst = 0;
-  for (Index i = 0; i < want.size(); ++i) {
-    double scale = 0, diff = 0;
-    for (Index k = 0; k < want[i].size(); ++k) {
-      scale = std::max(scale, std::abs(static_cast<double>(want[i][k])));
-      diff = std::max(diff,
-                      std::abs(static_cast<double>(got[i][k]) - static_cast<double>(want[i][k])));
-    }
-    worst = std::max(worst, diff / std::max(scale, 1e-30));
-  }
-  return worst;
-}
-
-template <class T> TrainState<double> to_double(const TrainState<T>& s) {
-  auto conv = [](const std::vector<std::vector<T>>& v) {
-    std::vector<std::vector<double>> out;
-    for (const auto& x : v)
-      out.emplace_back(x.begin(), x.end());
-    return out;
-  };
-  return {conv(s.params), conv(s.adam_m), conv(s.adam_v), s.step};
-}
-
 } // namespace
 
 template <class T>

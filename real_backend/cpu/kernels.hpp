@@ -62,8 +62,8 @@ void attention_merge(int tq, int heads, int v_dim, T* out_a, T* lse_a, const T* 
 // dq, dk and dv are accumulated (+=), so a ring sums the blocks' contributions.
 template <class T>
 void attention_bwd(const AttentionParams& p, int tq, int tk, const T* q, const T* k, const T* v,
-                   const std::int64_t* q_pos, const std::int64_t* k_pos, const T* out,
-                   const T* lse, const T* dout, T* dq, T* dk, T* dv);
+                   const std::int64_t* q_pos, const std::int64_t* k_pos, const T* out, const T* lse,
+                   const T* dout, T* dq, T* dk, T* dv);
 
 // Softmax cross-entropy of full-vocabulary rows. Returns the sum of the rows' losses; dlogits
 // (overwritten, may be null) = scale * (softmax - onehot(label)). Rows with label < 0 have no

@@ -1,9 +1,9 @@
 #include "real_backend/cpu/tiny_model.hpp"
 
 #include "common/error.hpp"
-#include "real_backend/cpu/hash.hpp"
 #include "common/file_io.hpp"
 #include "common/limits.hpp"
+#include "real_backend/cpu/hash.hpp"
 #include "workload/params.hpp"
 
 #include <cmath>

@@ -394,12 +394,12 @@ TEST_CASE("the memory tracker finds the HBM peak, its breakdown and its largest 
   Schedule s = one_class({"compute"});
   auto& tensors = s.classes[0].tensors;
   const double GB = 1e9;
-  tensors.push_back({"weights", 10 * GB, Device::hbm, MemoryKind::weights, true});
-  tensors.push_back({"adam.state", 20 * GB, Device::host, MemoryKind::optimizer, true});
-  tensors.push_back({"act1", 4 * GB, Device::hbm, MemoryKind::activations, false});
-  tensors.push_back({"act2", 6 * GB, Device::hbm, MemoryKind::activations, false});
-  tensors.push_back({"grads", 3 * GB, Device::hbm, MemoryKind::grads, false});
-  tensors.push_back({"pinned", 1 * GB, Device::host, MemoryKind::activations, false});
+  tensors.push_back(cost_tensor("weights", 10 * GB, Device::hbm, MemoryKind::weights, true));
+  tensors.push_back(cost_tensor("adam.state", 20 * GB, Device::host, MemoryKind::optimizer, true));
+  tensors.push_back(cost_tensor("act1", 4 * GB, Device::hbm, MemoryKind::activations, false));
+  tensors.push_back(cost_tensor("act2", 6 * GB, Device::hbm, MemoryKind::activations, false));
+  tensors.push_back(cost_tensor("grads", 3 * GB, Device::hbm, MemoryKind::grads, false));
+  tensors.push_back(cost_tensor("pinned", 1 * GB, Device::host, MemoryKind::activations, false));
   for (int i = 0; i < 4; ++i)
     ops(s).push_back(elementwise(op_name("op", i), 0, 4.01e9));
   ops(s)[0].allocs = {2};    // act1

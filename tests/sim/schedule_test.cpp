@@ -29,8 +29,8 @@ Schedule two_stages() {
   RankClass a;
   a.name = "stage 0";
   a.streams = {"compute", "pp"};
-  a.tensors.push_back({"weights", 1e9, Device::hbm, MemoryKind::weights, true});
-  a.tensors.push_back({"act", 1e6, Device::hbm, MemoryKind::activations, false});
+  a.tensors.push_back(cost_tensor("weights", 1e9, Device::hbm, MemoryKind::weights, true));
+  a.tensors.push_back(cost_tensor("act", 1e6, Device::hbm, MemoryKind::activations, false));
   a.ops.push_back(op_on("fwd", 0));
   a.ops[0].allocs = {1};
   Op send = op_on("send.act", 1, {0});

@@ -42,8 +42,10 @@ struct Fixture {
       rc.multiplicity = 4;
       rc.stage = c;
       rc.streams = {"compute", "comm.tp", "comm.pp"};
-      rc.tensors = {{"weights", 1.0 * kGiB, sim::Device::hbm, sim::MemoryKind::weights, true},
-                    {"act", 0.5 * kGiB, sim::Device::hbm, sim::MemoryKind::activations, false}};
+      rc.tensors = {
+          sim::cost_tensor("weights", 1.0 * kGiB, sim::Device::hbm, sim::MemoryKind::weights, true),
+          sim::cost_tensor("act", 0.5 * kGiB, sim::Device::hbm, sim::MemoryKind::activations,
+                           false)};
       s.classes.push_back(rc);
     }
     auto& s0 = s.classes[0].ops;

@@ -1,0 +1,36 @@
+#pragma once
+// The program lowering: a Plan for a model and sequence length becomes an executable Schedule
+// (sim/schedule.hpp with its executable layer): every op a rank runs in one optimizer step,
+// with its kernel, its operand tensors (integer local shapes, roles, the parameters they hold),
+// the communicator it talks over (a spec of the plan's mesh) and what the simulator prices.
+// Executors interpret it rank by rank (real_backend/cpu/interpreter.hpp); the event engine plays
+// it like any Schedule.
+//
+// It is built in passes (lowering/passes.hpp): the per-block emission, which shards every
+// block by the plan's mesh (TP/SP, vocabulary parallelism) and writes its backward by a rule
+// per kernel; ZeRO (parameter gathers, gradient reduction, the sharded optimizer step); then
+// dependencies from the operands and allocations from the tensors' liveness.
+//
+// The features it covers grow toward the whole Plan; check_programmable names the first one a
+// plan uses that it does not build yet.
+#include "sim/schedule.hpp"
+#include "strategies/plan.hpp"
+#include "workload/model_spec.hpp"
+
+#include <cstdint>
+
+namespace mop::lowering {
+
+struct ProgramContext {
+  const workload::ModelSpec* model = nullptr;
+  std::int64_t seq = 0;
+  int gpus_per_node = 8;
+};
+
+// Throws InputError with one sentence naming the first feature of `plan` the program lowering
+// does not build yet (the plan must be complete: strategy::complete_plan).
+void check_programmable(const strategy::Plan& plan, const ProgramContext& ctx);
+
+sim::Schedule lower_program(const strategy::Plan& plan, const ProgramContext& ctx);
+
+} // namespace mop::lowering

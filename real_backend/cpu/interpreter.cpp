@@ -1,0 +1,904 @@
+#include "real_backend/cpu/interpreter.hpp"
+
+#include "common/error.hpp"
+#include "real_backend/cpu/comm.hpp"
+#include "real_backend/cpu/slice.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <fmt/format.h>
+#include <memory>
+#include <numeric>
+#include <stdexcept>
+
+namespace mop::real {
+
+using sim::Kernel;
+using sim::OpKind;
+using sim::TensorRole;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Index = std::size_t;
+
+Index sz(std::int64_t v) {
+  return static_cast<Index>(v);
+}
+
+std::int64_t numel(const std::vector<std::int64_t>& shape) {
+  std::int64_t n = 1;
+  for (auto d : shape)
+    n *= d;
+  return n;
+}
+
+double element_bytes(const sim::Tensor& t) {
+  switch (t.element) {
+  case sim::Element::i32:
+    return 4;
+  case sim::Element::i64:
+    return 8;
+  case sim::Element::real:
+    break;
+  }
+  switch (t.dtype) {
+  case sim::Dtype::fp8:
+    return 1;
+  case sim::Dtype::fp32:
+    return 4;
+  case sim::Dtype::bf16:
+    break;
+  }
+  return 2;
+}
+
+[[noreturn]] void bug(const std::string& what) {
+  throw std::logic_error(what);
+}
+
+// Shared by the ranks of one run.
+template <class T> struct Shared {
+  TrainState<T> state;
+  std::vector<std::vector<T>> grads;
+  std::vector<double> loss_part;
+  std::vector<std::map<std::string, OpTiming>> ops;
+  std::vector<double> peak;
+  std::vector<std::vector<ExecutedOp>> trace;
+};
+
+template <class T> class RankInterpreter {
+public:
+  RankInterpreter(World& w, int rank, const sim::Schedule& s, const TinyConfig& c, Shared<T>& sh,
+                  const RunOptions& o, const DataSource& data)
+      : w_(w), rank_(rank), s_(s), c_(c), sh_(sh), o_(o), data_(data), layout_(param_layout(c)) {
+    const sim::MeshView& a = s_.mesh.view(s_.tokens.view);
+    const int stage = a.coord(rank, "pp");
+    for (std::size_t k = 0; k < s_.classes.size(); ++k)
+      if (s_.classes[k].stage == stage)
+        rc_ = &s_.classes[k];
+    if (rc_ == nullptr)
+      bug(fmt::format("no rank class runs stage {} (rank {})", stage, rank));
+    for (const sim::Group& g : s_.groups)
+      comms_.push_back(g.spec.view.empty()
+                           ? Comm{}
+                           : w_.group(s_.mesh.view(g.spec.view).members(rank_, g.spec), rank_));
+    bind_params();
+    real_.resize(rc_->tensors.size());
+    ints_.resize(rc_->tensors.size());
+    for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
+      if (rc_->tensors[t].resident)
+        allocate(static_cast<int>(t));
+    load_state();
+  }
+
+  void step(std::int64_t step_index) {
+    step_index_ = step_index;
+    batch_ = data_.batch(step_index, s_.tokens.global_batch, s_.tokens.seq_len);
+    labelled_ = 0;
+    for (auto l : batch_.labels)
+      labelled_ += l >= 0 ? 1 : 0;
+    for (std::size_t t = 0; t < rc_->tensors.size(); ++t) {
+      const sim::Tensor& ten = rc_->tensors[t];
+      if (ten.resident && (ten.role == TensorRole::grad || ten.role == TensorRole::loss))
+        std::fill(real_[t].begin(), real_[t].end(), T(0));
+    }
+    for (const sim::Op& op : rc_->ops)
+      run(op);
+    publish_grads();
+    const int loss = find_loss();
+    sh_.loss_part[sz(rank_)] = loss < 0 ? 0.0 : static_cast<double>(real_[sz(loss)][0]);
+  }
+
+  void finish_run() { publish_state(); }
+
+private:
+  World& w_;
+  int rank_;
+  const sim::Schedule& s_;
+  const TinyConfig& c_;
+  Shared<T>& sh_;
+  const RunOptions& o_;
+  const DataSource& data_;
+  std::vector<ParamInfo> layout_;
+  const sim::RankClass* rc_ = nullptr;
+  std::vector<Comm> comms_;
+  std::vector<std::vector<T>> real_;
+  std::vector<std::vector<std::int32_t>> ints_;
+  double live_ = 0, peak_ = 0;
+  std::int64_t step_index_ = 0;
+  Batch batch_;
+  std::int64_t labelled_ = 0;
+
+  // Each parameter: its index in the model's layout and this rank's slice of it; each bucket:
+  // its members' flat offsets, the padded shard size and this rank's shard.
+  struct ParamBind {
+    int layout = -1;
+    Slice slice;
+  };
+  std::vector<ParamBind> pb_;
+  struct BucketBind {
+    std::vector<std::int64_t> offset; // member i starts at flat element offset[i]
+    std::int64_t n = 0;               // the members' slices' elements
+    std::int64_t chunk = 0;           // elements per shard (n padded to the group, divided)
+    std::int64_t lo = 0;              // this rank's shard starts here
+    bool sharded = false;
+    bool writer = false;       // writes its shard back (the first of its replicas)
+    bool slice_writer = false; // writes the whole slices back (the first of the grads group)
+  };
+  std::vector<BucketBind> bb_;
+
+  const Comm& comm(int g) const { return comms_[sz(g)]; }
+  std::vector<int> members(const sim::GroupSpec& g) const {
+    return s_.mesh.view(g.view).members(rank_, g);
+  }
+
+  void bind_params() {
+    for (const sim::ParamSpec& ps : s_.params) {
+      ParamBind b;
+      for (std::size_t i = 0; i < layout_.size(); ++i)
+        if (layout_[i].name == ps.name)
+          b.layout = static_cast<int>(i);
+      if (b.layout < 0 || layout_[sz(b.layout)].shape != ps.shape)
+        bug(fmt::format("the Schedule's parameter {} is not the model's", ps.name));
+      b.slice = full_slice(ps.shape);
+      const int off = 3 - static_cast<int>(ps.shape.size());
+      for (const sim::AxisSplit& sp : ps.splits) {
+        const sim::MeshView& v = s_.mesh.view(sp.view);
+        split(b.slice, off + sp.axis, v.coord(rank_, sp.dim), v.extent(sp.dim));
+      }
+      pb_.push_back(b);
+    }
+    for (const sim::Bucket& bk : s_.buckets) {
+      BucketBind b;
+      for (int p : bk.params) {
+        b.offset.push_back(b.n);
+        b.n += static_cast<std::int64_t>(pb_[sz(p)].slice.numel());
+      }
+      b.sharded = !bk.shard.dims.empty();
+      b.chunk = b.n;
+      if (b.sharded) {
+        const std::vector<int> g = members(bk.shard);
+        const auto me = std::find(g.begin(), g.end(), rank_) - g.begin();
+        const auto parts = static_cast<std::int64_t>(g.size());
+        b.chunk = (b.n + parts - 1) / parts;
+        b.lo = std::min(b.n, b.chunk * me);
+        b.writer = bk.replicas.dims.empty() || members(bk.replicas).front() == rank_;
+      }
+      b.slice_writer = members(bk.grads).front() == rank_;
+      if (!b.sharded)
+        b.writer = b.slice_writer;
+      bb_.push_back(std::move(b));
+    }
+  }
+
+  // The bucket's members' slices of a full-state list, flattened and concatenated.
+  std::vector<T> bucket_flat(int b, const std::vector<std::vector<T>>& full) const {
+    std::vector<T> out;
+    for (int p : s_.buckets[sz(b)].params) {
+      const std::vector<T> part = extract(full[sz(pb_[sz(p)].layout)], pb_[sz(p)].slice);
+      out.insert(out.end(), part.begin(), part.end());
+    }
+    return out;
+  }
+  // Elements [lo, lo + chunk) of a flat list, zero-padded.
+  std::vector<T> shard_of(int b, const std::vector<T>& flat) const {
+    const BucketBind& bb = bb_[sz(b)];
+    std::vector<T> out(sz(bb.chunk), T(0));
+    const std::int64_t hi = std::min(bb.n, bb.lo + bb.chunk);
+    for (std::int64_t k = bb.lo; k < hi; ++k)
+      out[sz(k - bb.lo)] = flat[sz(k)];
+    return out;
+  }
+  // Writes flat bucket elements [lo, lo + count) into a full-state list.
+  void write_flat(int b, const T* values, std::int64_t lo, std::int64_t count,
+                  std::vector<std::vector<T>>& full) const {
+    const sim::Bucket& bk = s_.buckets[sz(b)];
+    const BucketBind& bb = bb_[sz(b)];
+    for (std::size_t i = 0; i < bk.params.size(); ++i) {
+      const ParamBind& pb = pb_[sz(bk.params[i])];
+      const std::int64_t begin = bb.offset[i];
+      const auto n = static_cast<std::int64_t>(pb.slice.numel());
+      for (std::int64_t k = std::max(lo, begin); k < std::min(lo + count, begin + n); ++k)
+        full[sz(pb.layout)][full_index(pb.slice, sz(k - begin))] = values[sz(k - lo)];
+    }
+  }
+
+  void load_state() {
+    const TrainState<T>& st = sh_.state;
+    for (std::size_t t = 0; t < rc_->tensors.size(); ++t) {
+      const sim::Tensor& ten = rc_->tensors[t];
+      if (!ten.resident)
+        continue;
+      if (ten.role == TensorRole::param && ten.param >= 0) {
+        const ParamBind& pb = pb_[sz(ten.param)];
+        real_[t] = extract(st.params[sz(pb.layout)], pb.slice);
+      } else if (ten.role == TensorRole::param_shard) {
+        real_[t] = shard_of(ten.bucket, bucket_flat(ten.bucket, st.params));
+      } else if (ten.role == TensorRole::optimizer_state) {
+        const bool m = ten.name.ends_with(".adam_m");
+        std::vector<T> flat = bucket_flat(ten.bucket, m ? st.adam_m : st.adam_v);
+        real_[t] = bb_[sz(ten.bucket)].sharded ? shard_of(ten.bucket, flat) : std::move(flat);
+      }
+      check_size(static_cast<int>(t));
+    }
+  }
+
+  void publish_state() {
+    TrainState<T>& st = sh_.state;
+    for (std::size_t b = 0; b < s_.buckets.size(); ++b) {
+      const BucketBind& bb = bb_[b];
+      const int bi = static_cast<int>(b);
+      // Unsharded parameters (ZeRO 0-2): the slices themselves.
+      if (bb.slice_writer)
+        for (int p : s_.buckets[b].params) {
+          const int t = resident_param(p);
+          if (t >= 0)
+            insert(real_[sz(t)], pb_[sz(p)].slice, st.params[sz(pb_[sz(p)].layout)]);
+        }
+      if (!bb.writer)
+        continue;
+      const std::int64_t count = std::min(bb.n, bb.lo + bb.chunk) - bb.lo;
+      for (std::size_t t = 0; t < rc_->tensors.size(); ++t) {
+        const sim::Tensor& ten = rc_->tensors[t];
+        if (!ten.resident || ten.bucket != bi)
+          continue;
+        if (ten.role == TensorRole::param_shard)
+          write_flat(bi, real_[t].data(), bb.lo, count, st.params);
+        else if (ten.role == TensorRole::optimizer_state)
+          write_flat(bi, real_[t].data(), bb.lo, count,
+                     ten.name.ends_with(".adam_m") ? st.adam_m : st.adam_v);
+      }
+    }
+  }
+
+  void publish_grads() {
+    for (std::size_t b = 0; b < s_.buckets.size(); ++b) {
+      const BucketBind& bb = bb_[b];
+      const int bi = static_cast<int>(b);
+      const sim::Bucket& bk = s_.buckets[b];
+      int shard = -1;
+      for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
+        if (rc_->tensors[t].resident && rc_->tensors[t].bucket == bi &&
+            rc_->tensors[t].role == TensorRole::grad)
+          shard = static_cast<int>(t);
+      if (shard >= 0 ? !bb.writer : !bb.slice_writer)
+        continue;
+      if (shard >= 0) {
+        const std::int64_t count = std::min(bb.n, bb.lo + bb.chunk) - bb.lo;
+        write_flat(bi, real_[sz(shard)].data(), bb.lo, count, sh_.grads);
+        continue;
+      }
+      for (int p : bk.params)
+        for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
+          if (rc_->tensors[t].resident && rc_->tensors[t].param == p &&
+              rc_->tensors[t].role == TensorRole::grad)
+            insert(real_[t], pb_[sz(p)].slice, sh_.grads[sz(pb_[sz(p)].layout)]);
+    }
+  }
+
+  int resident_param(int p) const {
+    for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
+      if (rc_->tensors[t].resident && rc_->tensors[t].param == p &&
+          rc_->tensors[t].role == TensorRole::param)
+        return static_cast<int>(t);
+    return -1;
+  }
+  int find_loss() const {
+    for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
+      if (rc_->tensors[t].role == TensorRole::loss)
+        return static_cast<int>(t);
+    return -1;
+  }
+
+  // --- tensors -------------------------------------------------------------------------------
+  const sim::Tensor& info(int t) const { return rc_->tensors[sz(t)]; }
+  bool is_int(int t) const { return info(t).element != sim::Element::real; }
+  void allocate(int t) {
+    const sim::Tensor& ten = info(t);
+    const auto n = sz(numel(ten.shape));
+    if (is_int(t))
+      ints_[sz(t)].assign(n, 0);
+    else
+      real_[sz(t)].assign(n, T(0));
+    live_ += static_cast<double>(n) * element_bytes(ten);
+    peak_ = std::max(peak_, live_);
+  }
+  void release(int t) {
+    const sim::Tensor& ten = info(t);
+    const double n = static_cast<double>(is_int(t) ? ints_[sz(t)].size() : real_[sz(t)].size());
+    live_ -= n * element_bytes(ten);
+    std::vector<T>().swap(real_[sz(t)]);
+    std::vector<std::int32_t>().swap(ints_[sz(t)]);
+  }
+  void check_size(int t) const {
+    const auto want = sz(numel(info(t).shape));
+    const auto got = is_int(t) ? ints_[sz(t)].size() : real_[sz(t)].size();
+    if (want != got)
+      bug(fmt::format("tensor '{}' holds {} elements, its shape says {}", info(t).name, got, want));
+  }
+  std::vector<T>& R(int t) { return real_[sz(t)]; }
+  std::vector<std::int32_t>& I(int t) { return ints_[sz(t)]; }
+  double bytes_of(const std::vector<int>& ts) const {
+    double b = 0;
+    for (int t : ts)
+      b += static_cast<double>(is_int(t) ? ints_[sz(t)].size() : real_[sz(t)].size()) *
+           element_bytes(info(t));
+    return b;
+  }
+
+  // --- the token layout ----------------------------------------------------------------------
+  int coord_cp(int rank, int ring_shift) const {
+    const sim::MeshView& v = s_.mesh.view(s_.tokens.view);
+    int c = 0, scale = 1;
+    for (std::size_t i = 0; i < s_.tokens.cp_dims.size(); ++i) {
+      const std::string& d = s_.tokens.cp_dims[i];
+      int x = v.coord(rank, d);
+      if (d == "cp.ring" && ring_shift != 0)
+        x = ((x - ring_shift) % v.extent(d) + v.extent(d)) % v.extent(d);
+      c += x * scale;
+      scale *= v.extent(d);
+    }
+    return c;
+  }
+  int cp_size() const {
+    const sim::MeshView& v = s_.mesh.view(s_.tokens.view);
+    int n = 1;
+    for (const std::string& d : s_.tokens.cp_dims)
+      n *= v.extent(d);
+    return n;
+  }
+  // Positions of CP rank `cp`'s chunk of a sequence.
+  std::vector<std::int64_t> chunk_positions(int cp) const {
+    const int CP = cp_size(), S = s_.tokens.seq_len;
+    std::vector<std::int64_t> pos;
+    if (CP > 1 && s_.tokens.cp_balanced) {
+      const int half = S / (2 * CP);
+      for (int t = 0; t < half; ++t)
+        pos.push_back(static_cast<std::int64_t>(cp) * half + t);
+      for (int t = 0; t < half; ++t)
+        pos.push_back(static_cast<std::int64_t>(2 * CP - 1 - cp) * half + t);
+    } else {
+      const int len = S / CP;
+      for (int t = 0; t < len; ++t)
+        pos.push_back(static_cast<std::int64_t>(cp) * len + t);
+    }
+    return pos;
+  }
+  // Rank r's rows of micro-batch mb (ids or labels), its SP share when `sp`.
+  void rows_of(int r, int mb, bool sp, std::vector<std::int32_t>& ids,
+               std::vector<std::int32_t>& labels) const {
+    const sim::MeshView& v = s_.mesh.view(s_.tokens.view);
+    const int dp = v.extent(s_.tokens.dp_dim), d = v.coord(r, s_.tokens.dp_dim);
+    const int first = (mb * dp + d) * s_.tokens.micro_batch;
+    const std::vector<std::int64_t> pos = chunk_positions(coord_cp(r, 0));
+    std::vector<std::int32_t> ci, cl;
+    for (int b = 0; b < s_.tokens.micro_batch; ++b)
+      for (auto t : pos) {
+        const Index at = sz(first + b) * sz(s_.tokens.seq_len) + sz(t);
+        ci.push_back(batch_.tokens[at]);
+        cl.push_back(batch_.labels[at]);
+      }
+    Index lo = 0, n = ci.size();
+    if (sp) {
+      const int tp = v.extent(s_.tokens.sp_dim);
+      n /= sz(tp);
+      lo = sz(v.coord(r, s_.tokens.sp_dim)) * n;
+    }
+    ids.insert(ids.end(), ci.begin() + static_cast<std::ptrdiff_t>(lo),
+               ci.begin() + static_cast<std::ptrdiff_t>(lo + n));
+    labels.insert(labels.end(), cl.begin() + static_cast<std::ptrdiff_t>(lo),
+                  cl.begin() + static_cast<std::ptrdiff_t>(lo + n));
+  }
+  // Positions of the rows of a [rows, ...] activation of `sequences` sequences.
+  std::vector<std::int64_t> row_positions(Index rows, const sim::Attrs& a, int ring_shift) const {
+    std::vector<std::int64_t> per;
+    if (a.full_sequence) {
+      per.resize(sz(s_.tokens.seq_len));
+      std::iota(per.begin(), per.end(), 0);
+    } else {
+      per = chunk_positions(coord_cp(rank_, ring_shift));
+    }
+    std::vector<std::int64_t> out;
+    while (out.size() < rows)
+      out.insert(out.end(), per.begin(), per.end());
+    out.resize(rows);
+    return out;
+  }
+
+  // --- ops -----------------------------------------------------------------------------------
+  void run(const sim::Op& op) {
+    for (int t : op.allocs)
+      allocate(t);
+    const auto t0 = Clock::now();
+    execute(op);
+    const std::string key = op_count_key(op);
+    auto& timing = sh_.ops[sz(rank_)][key];
+    timing.count += 1;
+    timing.seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+    if (o_.trace) {
+      double b = 0;
+      if (op.kernel == Kernel::collective)
+        b = op.kind == OpKind::all_gather ? bytes_of(op.outputs) : bytes_of(op.inputs);
+      else if (op.kernel != Kernel::tokens)
+        b = bytes_of(op.inputs) + bytes_of(op.outputs);
+      sh_.trace[sz(rank_)].push_back(ExecutedOp{key, op.group, b});
+    }
+    for (int t : op.outputs)
+      check_size(t);
+    for (int t : op.frees)
+      release(t);
+    sh_.peak[sz(rank_)] = peak_;
+  }
+
+  void execute(const sim::Op& op) {
+    const std::vector<int>& in = op.inputs;
+    const std::vector<int>& out = op.outputs;
+    const sim::Attrs& a = op.attrs;
+    switch (op.kernel) {
+    case Kernel::none:
+      throw InputError(
+          fmt::format("op '{}' is priced but cannot run on the CPU interpreter", op.name));
+    case Kernel::tokens: {
+      std::vector<std::int32_t> ids, labels;
+      if (op.group >= 0)
+        for (int r : comm(op.group).members())
+          rows_of(r, op.micro_batch, a.sequence_parallel, ids, labels);
+      else
+        rows_of(rank_, op.micro_batch, a.sequence_parallel, ids, labels);
+      I(out[0]) = std::move(ids);
+      I(out[1]) = std::move(labels);
+      return;
+    }
+    case Kernel::embedding_fwd: {
+      const ParamBind& pb = table_bind(in[1]);
+      const int H = c_.hidden;
+      const std::int64_t lo = pb.slice.lo[1], hi = pb.slice.hi[1];
+      const auto& ids = I(in[0]);
+      const auto& w = R(in[1]);
+      auto& y = R(out[0]);
+      for (Index r = 0; r < ids.size(); ++r)
+        if (ids[r] >= lo && ids[r] < hi)
+          std::copy_n(w.begin() + static_cast<std::ptrdiff_t>(sz(ids[r] - lo) * sz(H)), H,
+                      y.begin() + static_cast<std::ptrdiff_t>(r * sz(H)));
+      return;
+    }
+    case Kernel::embedding_bwd: {
+      const ParamBind& pb = table_bind(out[0]);
+      const int H = c_.hidden;
+      const std::int64_t lo = pb.slice.lo[1], hi = pb.slice.hi[1];
+      const auto& ids = I(in[0]);
+      const auto& dy = R(in[1]);
+      auto& g = R(out[0]);
+      for (Index r = 0; r < ids.size(); ++r)
+        if (ids[r] >= lo && ids[r] < hi)
+          for (int h = 0; h < H; ++h)
+            g[sz(ids[r] - lo) * sz(H) + sz(h)] += dy[r * sz(H) + sz(h)];
+      return;
+    }
+    case Kernel::matmul:
+      return matmul(op);
+    case Kernel::rmsnorm_fwd: {
+      const auto dim = static_cast<int>(R(in[1]).size());
+      const int rows = static_cast<int>(R(in[0]).size()) / dim;
+      rmsnorm_fwd<T>(rows, dim, R(in[0]).data(), R(in[1]).data(), a.eps, R(out[0]).data(),
+                     R(out[1]).data());
+      return;
+    }
+    case Kernel::rmsnorm_bwd: {
+      const auto dim = static_cast<int>(R(in[1]).size());
+      const int rows = static_cast<int>(R(in[0]).size()) / dim;
+      rmsnorm_bwd<T>(rows, dim, R(in[0]).data(), R(in[1]).data(), R(in[2]).data(), R(in[3]).data(),
+                     R(out[0]).data(), R(out[1]).data());
+      return;
+    }
+    case Kernel::rope: {
+      const auto& sh = info(in[0]).shape;
+      const auto rows = static_cast<int>(sh[0]);
+      const auto pos = row_positions(sz(rows), a, 0);
+      R(out[0]) = R(in[0]);
+      rope<T>(rows, static_cast<int>(sh[1]), static_cast<int>(sh[2]), pos.data(), a.theta,
+              R(out[0]).data(), a.inverse);
+      return;
+    }
+    case Kernel::swiglu_fwd:
+    case Kernel::swiglu_bwd: {
+      const auto& gu = R(in[0]);
+      const auto rows = sz(info(in[0]).shape[0]);
+      const Index F = gu.size() / rows / 2;
+      for (Index r = 0; r < rows; ++r) {
+        const T* g = gu.data() + r * 2 * F;
+        if (op.kernel == Kernel::swiglu_fwd) {
+          swiglu_fwd<T>(F, g, g + F, R(out[0]).data() + r * F);
+        } else {
+          T* dg = R(out[0]).data() + r * 2 * F;
+          swiglu_bwd<T>(F, g, g + F, R(in[1]).data() + r * F, dg, dg + F);
+        }
+      }
+      return;
+    }
+    case Kernel::add: {
+      auto& y = R(out[0]);
+      const auto& x0 = R(in[0]);
+      const auto& x1 = R(in[1]);
+      for (Index i = 0; i < y.size(); ++i)
+        y[i] = x0[i] + x1[i];
+      return;
+    }
+    case Kernel::attention_fwd:
+    case Kernel::attention_bwd:
+      return attention(op);
+    case Kernel::cross_entropy: {
+      const auto& sh = info(in[0]).shape;
+      const double scale = 1.0 / static_cast<double>(labelled_);
+      R(out[1])
+      [0] += static_cast<T>(cross_entropy<T>(static_cast<int>(sh[0]), static_cast<int>(sh[1]),
+                                             R(in[0]).data(), I(in[1]).data(), scale,
+                                             R(out[0]).data()));
+      return;
+    }
+    case Kernel::ce_max: {
+      const auto& sh = info(in[0]).shape;
+      const auto V = sz(sh[1]);
+      for (Index r = 0; r < sz(sh[0]); ++r)
+        R(out[0])
+      [r] = *std::max_element(R(in[0]).begin() + static_cast<std::ptrdiff_t>(r * V),
+                              R(in[0]).begin() + static_cast<std::ptrdiff_t>((r + 1) * V));
+      return;
+    }
+    case Kernel::ce_sums: {
+      const auto& sh = info(in[0]).shape;
+      const auto V = sz(sh[1]);
+      const auto lo = static_cast<std::int64_t>(comm(op.group).rank()) * sh[1];
+      const auto& logits = R(in[0]);
+      const auto& mx = R(in[1]);
+      const auto& labels = I(in[2]);
+      for (Index r = 0; r < sz(sh[0]); ++r) {
+        T sum = 0;
+        for (Index v = 0; v < V; ++v)
+          sum += std::exp(logits[r * V + v] - mx[r]);
+        R(out[0])[r] = sum;
+        const std::int64_t l = labels[r];
+        R(out[1])[r] = l >= lo && l < lo + sh[1] ? logits[r * V + sz(l - lo)] : T(0);
+      }
+      return;
+    }
+    case Kernel::ce_finish: {
+      const auto& sh = info(in[0]).shape;
+      const auto V = sz(sh[1]);
+      const Comm& g = comm(op.group);
+      const auto lo = static_cast<std::int64_t>(g.rank()) * sh[1];
+      const auto rows = sz(sh[0]);
+      const Index own = rows / sz(g.size());
+      const T scale = static_cast<T>(1.0 / static_cast<double>(labelled_));
+      const auto& logits = R(in[0]);
+      const auto& mx = R(in[1]);
+      const auto& sum = R(in[2]);
+      const auto& target = R(in[3]);
+      const auto& labels = I(in[4]);
+      auto& dl = R(out[0]);
+      for (Index r = 0; r < rows; ++r) {
+        const std::int64_t label = labels[r];
+        if (label < 0)
+          continue;
+        if (r / own == sz(g.rank()))
+          R(out[1])[0] += std::log(sum[r]) + mx[r] - target[r];
+        for (Index v = 0; v < V; ++v) {
+          const T p = std::exp(logits[r * V + v] - mx[r]) / sum[r];
+          dl[r * V + v] = scale * (p - (label == lo + static_cast<std::int64_t>(v) ? T(1) : T(0)));
+        }
+      }
+      return;
+    }
+    case Kernel::adamw:
+      return adam(op);
+    case Kernel::collective:
+      return collective(op);
+    }
+  }
+
+  const ParamBind& table_bind(int t) const {
+    const int p = info(t).param;
+    if (p < 0)
+      bug(fmt::format("the embedding op's table '{}' is not a parameter", info(t).name));
+    return pb_[sz(p)];
+  }
+
+  // A list of tensors read as one matrix: rows = shape[0] of each, columns side by side.
+  std::vector<T> side_by_side(const std::vector<int>& ts, Index& rows, Index& cols) {
+    rows = sz(info(ts[0]).shape[0]);
+    cols = 0;
+    for (int t : ts)
+      cols += R(t).size() / rows;
+    if (ts.size() == 1)
+      return R(ts[0]);
+    std::vector<T> m(rows * cols);
+    Index c0 = 0;
+    for (int t : ts) {
+      const Index w = R(t).size() / rows;
+      for (Index r = 0; r < rows; ++r)
+        std::copy_n(R(t).begin() + static_cast<std::ptrdiff_t>(r * w), w,
+                    m.begin() + static_cast<std::ptrdiff_t>(r * cols + c0));
+      c0 += w;
+    }
+    return m;
+  }
+
+  void matmul(const sim::Op& op) {
+    const sim::Attrs& a = op.attrs;
+    const auto na = sz(a.a_blocks);
+    const std::vector<int> as(op.inputs.begin(),
+                              op.inputs.begin() + static_cast<std::ptrdiff_t>(na));
+    const std::vector<int> bs(op.inputs.begin() + static_cast<std::ptrdiff_t>(na), op.inputs.end());
+    Index ar = 0, ac = 0, br = 0, bc = 0, cr = 0, cc = 0;
+    const std::vector<T> A = side_by_side(as, ar, ac);
+    const std::vector<T> B = side_by_side(bs, br, bc);
+    std::vector<T> C = side_by_side(op.outputs, cr, cc);
+    const Index m = a.trans_a ? ac : ar, k = a.trans_a ? ar : ac, n = a.trans_b ? br : bc;
+    if ((a.trans_b ? bc : br) != k || cr != m || cc != n)
+      bug(fmt::format("op '{}' multiplies [{}x{}] by [{}x{}] into [{}x{}]", op.name, m, k,
+                      a.trans_b ? bc : br, n, cr, cc));
+    real::gemm<T>(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), A.data(),
+                  a.trans_a, B.data(), a.trans_b, C.data(), a.accumulate);
+    Index c0 = 0;
+    for (int t : op.outputs) {
+      const Index w = R(t).size() / cr;
+      for (Index r = 0; r < cr; ++r)
+        std::copy_n(C.begin() + static_cast<std::ptrdiff_t>(r * cc + c0), w,
+                    R(t).begin() + static_cast<std::ptrdiff_t>(r * w));
+      c0 += w;
+    }
+  }
+
+  void attention(const sim::Op& op) {
+    const sim::Attrs& at = op.attrs;
+    const auto& qs = info(op.inputs[0]).shape;
+    const auto& ks = info(op.inputs[1]).shape;
+    AttentionParams p;
+    p.heads = static_cast<int>(qs[1]);
+    p.kv_heads = static_cast<int>(ks[1]);
+    p.qk_dim = static_cast<int>(qs[2]);
+    p.v_dim = static_cast<int>(info(op.inputs[2]).shape[2]);
+    p.causal = at.causal;
+    p.window = at.window;
+    p.scale = at.scale;
+    const int B = at.sequences;
+    const int tq = static_cast<int>(qs[0]) / B, tk = static_cast<int>(ks[0]) / B;
+    const auto qpos = row_positions(sz(tq), at, 0);
+    const auto kpos = row_positions(sz(tk), at, at.ring_step);
+    const Index qh = sz(p.heads) * sz(p.qk_dim), kh = sz(p.kv_heads) * sz(p.qk_dim),
+                vh = sz(p.kv_heads) * sz(p.v_dim), oh = sz(p.heads) * sz(p.v_dim);
+    const auto& q = R(op.inputs[0]);
+    const auto& k = R(op.inputs[1]);
+    const auto& v = R(op.inputs[2]);
+    for (int b = 0; b < B; ++b) {
+      const Index rq = sz(b) * sz(tq), rk = sz(b) * sz(tk);
+      if (op.kernel == Kernel::attention_fwd) {
+        T* o = R(op.outputs[0]).data() + rq * oh;
+        T* lse = R(op.outputs[1]).data() + rq * sz(p.heads);
+        if (at.ring_step == 0) {
+          attention_fwd<T>(p, tq, tk, q.data() + rq * qh, k.data() + rk * kh, v.data() + rk * vh,
+                           qpos.data(), kpos.data(), o, lse);
+        } else {
+          std::vector<T> po(sz(tq) * oh), pl(sz(tq) * sz(p.heads));
+          attention_fwd<T>(p, tq, tk, q.data() + rq * qh, k.data() + rk * kh, v.data() + rk * vh,
+                           qpos.data(), kpos.data(), po.data(), pl.data());
+          attention_merge<T>(tq, p.heads, p.v_dim, o, lse, po.data(), pl.data());
+        }
+      } else {
+        const auto& o = R(op.inputs[3]);
+        const auto& lse = R(op.inputs[4]);
+        const auto& dout = R(op.inputs[5]);
+        attention_bwd<T>(p, tq, tk, q.data() + rq * qh, k.data() + rk * kh, v.data() + rk * vh,
+                         qpos.data(), kpos.data(), o.data() + rq * oh,
+                         lse.data() + rq * sz(p.heads), dout.data() + rq * oh,
+                         R(op.outputs[0]).data() + rq * qh, R(op.outputs[1]).data() + rk * kh,
+                         R(op.outputs[2]).data() + rk * vh);
+      }
+    }
+  }
+
+  // Flat concatenation of a list of tensors, and its inverse.
+  std::vector<T> concat(const std::vector<int>& ts) {
+    std::vector<T> out;
+    for (int t : ts)
+      out.insert(out.end(), R(t).begin(), R(t).end());
+    return out;
+  }
+  void scatter_to(const std::vector<T>& flat, const std::vector<int>& ts) {
+    Index at = 0;
+    for (int t : ts) {
+      auto& y = R(t);
+      if (at + y.size() > flat.size())
+        bug("a collective's outputs are larger than what it produced");
+      std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(at), y.size(), y.begin());
+      at += y.size();
+    }
+  }
+
+  void collective(const sim::Op& op) {
+    const Comm& g = comm(op.group);
+    const auto n = sz(g.size());
+    std::vector<T> x = concat(op.inputs);
+    switch (op.kind) {
+    case OpKind::all_gather: {
+      std::vector<T> y(x.size() * n);
+      g.all_gather(x.data(), x.size(), y.data());
+      return scatter_to(y, op.outputs);
+    }
+    case OpKind::reduce_scatter: {
+      const Index chunk = (x.size() + n - 1) / n;
+      x.resize(chunk * n, T(0));
+      std::vector<T> y(chunk);
+      g.reduce_scatter(x.data(), chunk, y.data());
+      return scatter_to(y, op.outputs);
+    }
+    case OpKind::all_reduce:
+      if (op.attrs.reduce_max)
+        g.all_reduce_max(x.data(), x.size());
+      else
+        g.all_reduce(x.data(), x.size());
+      return scatter_to(x, op.outputs);
+    default:
+      bug(fmt::format("op '{}': the interpreter does not run {} yet", op.name,
+                      sim::op_kind_name(op.kind)));
+    }
+  }
+
+  // AdamW over what this rank owns of the bucket (see sim::Kernel::adamw).
+  void adam(const sim::Op& op) {
+    const auto np = sz(op.attrs.params);
+    const std::vector<int> ps(op.inputs.begin(),
+                              op.inputs.begin() + static_cast<std::ptrdiff_t>(np));
+    const std::vector<int> gs(op.inputs.begin() + static_cast<std::ptrdiff_t>(np),
+                              op.inputs.end() - 2);
+    const int mt = op.inputs[op.inputs.size() - 2], vt = op.inputs.back();
+    const int b = info(mt).bucket;
+    const BucketBind& bb = bb_[sz(b)];
+    auto owned = [&](const std::vector<int>& ts) {
+      std::vector<T> flat = concat(ts);
+      if (bb.sharded && static_cast<std::int64_t>(flat.size()) == bb.n)
+        return shard_of(b, flat);
+      return flat;
+    };
+    std::vector<T> p = owned(ps);
+    const std::vector<T> gr = owned(gs);
+    const std::int64_t count = bb.sharded ? std::min(bb.n, bb.lo + bb.chunk) - bb.lo : bb.n;
+    adamw<T>(sz(count), o_.adam, step_index_ + 1, p.data(), gr.data(), R(mt).data(), R(vt).data());
+    const std::vector<int> outs(op.outputs.begin(), op.outputs.end() - 2);
+    scatter_to(p, outs);
+  }
+};
+
+} // namespace
+
+std::string op_count_key(const sim::Op& op) {
+  if (op.kernel == Kernel::collective || sim::is_collective(op.kind))
+    return sim::op_kind_name(op.kind);
+  return sim::kernel_name(op.kernel);
+}
+
+void check_interpretable(const sim::Schedule& s, const TinyConfig& c) {
+  for (const sim::RankClass& rc : s.classes)
+    for (const sim::Op& op : rc.ops)
+      if (op.kernel == Kernel::none)
+        throw InputError(fmt::format("the CPU interpreter cannot run op '{}' of {}: it is priced "
+                                     "only (no kernel)",
+                                     op.name, rc.name));
+  const auto layout = param_layout(c);
+  for (const sim::ParamSpec& ps : s.params) {
+    const bool known = std::any_of(layout.begin(), layout.end(), [&](const ParamInfo& p) {
+      return p.name == ps.name && p.shape == ps.shape;
+    });
+    if (!known)
+      throw InputError(
+          fmt::format("the Schedule's parameter '{}' is not one of model '{}'", ps.name, c.name));
+  }
+  if (s.tokens.seq_len <= 0 || s.tokens.global_batch <= 0)
+    throw InputError("the Schedule has no token layout to run");
+}
+
+template <class T>
+RunResult<T> interpret(const sim::Schedule& s, const TinyConfig& c, const DataSource& data,
+                       const TrainState<T>& start, const RunOptions& o) {
+  check_interpretable(s, c);
+  data.check_sequence_length(s.tokens.seq_len);
+  if (o.steps < 1)
+    throw InputError("the number of steps must be at least 1");
+  const auto layout = param_layout(c);
+  if (start.params.size() != layout.size())
+    throw InputError("the starting state does not match the model's parameters");
+  Shared<T> sh;
+  sh.state = start;
+  for (const auto& p : start.params)
+    sh.grads.emplace_back(p.size(), T(0));
+  sh.loss_part.assign(sz(s.world), 0.0);
+  sh.ops.resize(sz(s.world));
+  sh.peak.assign(sz(s.world), 0.0);
+  sh.trace.resize(sz(s.world));
+  RunResult<T> res;
+  std::unique_ptr<ReferenceTrainer<double>> ref;
+  if (o.check)
+    ref = std::make_unique<ReferenceTrainer<double>>(c, to_double(start), o.adam);
+  std::vector<int> everyone(sz(s.world));
+  std::iota(everyone.begin(), everyone.end(), 0);
+
+  World::run(s.world, [&](World& w, int r) {
+    RankInterpreter<T> rank(w, r, s, c, sh, o, data);
+    const Comm all = w.group(everyone, r);
+    for (int k = 0; k < o.steps; ++k) {
+      const auto t0 = Clock::now();
+      rank.step(start.step + k);
+      all.barrier();
+      if (r == 0) {
+        res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+        const Batch batch = data.batch(start.step + k, s.tokens.global_batch, s.tokens.seq_len);
+        double labelled = 0, loss = 0;
+        for (auto l : batch.labels)
+          labelled += l >= 0 ? 1 : 0;
+        for (double part : sh.loss_part)
+          loss += part;
+        loss /= labelled;
+        res.losses.push_back(loss);
+        if (ref) {
+          const double want = ref->step(batch);
+          res.max_loss_rel_diff =
+              std::max(res.max_loss_rel_diff, std::abs(loss - want) / std::abs(want));
+          res.max_grad_rel_diff =
+              std::max(res.max_grad_rel_diff, max_rel_diff(sh.grads, ref->grads()));
+        }
+        if (k + 1 == o.steps)
+          res.last_grads = sh.grads;
+      }
+      all.barrier();
+    }
+    rank.finish_run();
+  });
+
+  res.state = std::move(sh.state);
+  res.state.step = start.step + o.steps;
+  if (ref)
+    res.max_param_rel_diff = max_rel_diff(res.state.params, ref->state().params);
+  for (const auto& per_rank : sh.ops)
+    for (const auto& [kind, t] : per_rank) {
+      auto& total = res.ops[kind];
+      total.count += t.count;
+      total.seconds += t.seconds / s.world;
+    }
+  for (const sim::RankClass& rc : s.classes)
+    for (const sim::Op& op : rc.ops)
+      res.scheduled[op_count_key(op)] += static_cast<std::int64_t>(rc.multiplicity) * o.steps;
+  res.peak_bytes = std::move(sh.peak);
+  if (o.trace)
+    res.trace = std::move(sh.trace);
+  return res;
+}
+
+template RunResult<float> interpret<float>(const sim::Schedule&, const TinyConfig&,
+                                           const DataSource&, const TrainState<float>&,
+                                           const RunOptions&);
+template RunResult<double> interpret<double>(const sim::Schedule&, const TinyConfig&,
+                                             const DataSource&, const TrainState<double>&,
+                                             const RunOptions&);
+
+} // namespace mop::real

@@ -1,0 +1,76 @@
+#include "lowering/program.hpp"
+
+#include "hw_models/calibration.hpp"
+#include "hw_models/cluster.hpp"
+#include "sim/engine.hpp"
+#include "strategies/plan.hpp"
+#include "tests/support/errors.hpp"
+#include "workload/catalog.hpp"
+
+#include <doctest/doctest.h>
+
+using namespace mop;
+using strategy::Plan;
+
+namespace {
+Plan plan(int world, int global_batch, int tp, int micro_batch = 1) {
+  Plan p;
+  p.micro_batch = micro_batch;
+  p.world = world;
+  p.global_batch = global_batch;
+  p.attention.tp = tp;
+  p.dense.tp = tp;
+  p.embed.tp = tp;
+  strategy::complete_plan(p);
+  return p;
+}
+} // namespace
+
+TEST_CASE("program lowering: the simulator plays the executable program" *
+          doctest::test_suite("plumbing")) {
+  const workload::ModelSpec m = workload::load_model("tiny-dense");
+  const sim::Schedule s = lowering::lower_program(plan(8, 8, 2), {&m, 64, 8});
+  sim::check_schedule(s);
+  const hw::ClusterSpec cluster = hw::load_cluster("h100");
+  const sim::SimResult r = sim::simulate(s, cluster, hw::Calibration{});
+  CHECK(r.step_time_s > 0);
+  CHECK(r.classes[0].memory.peak_hbm_bytes > 0);
+}
+
+TEST_CASE("program lowering: every op is sized from its operands" *
+          doctest::test_suite("independent")) {
+  // tiny-dense at TP 2: the fused q|k|v projection of one micro-batch of 2 sequences of 64
+  // tokens multiplies [128 x hidden] by [hidden x (heads + 2 kv_heads) / 2 · head_dim].
+  const workload::ModelSpec m = workload::load_model("tiny-dense");
+  const sim::Schedule s = lowering::lower_program(plan(2, 4, 2, 2), {&m, 64, 8});
+  const double rows = 2 * 64, h = static_cast<double>(m.hidden_size);
+  const double cols = static_cast<double>((m.attention.num_heads + 2 * m.attention.num_kv_heads) /
+                                          2 * m.attention.head_dim);
+  bool found = false;
+  for (const sim::Op& op : s.classes[0].ops)
+    if (op.name == "L0.qkv_proj.mb0") {
+      found = true;
+      CHECK(op.gemm.m == rows);
+      CHECK(op.gemm.n == cols);
+      CHECK(op.gemm.k == h);
+      CHECK(op.model_flops == 2 * rows * cols * h);
+    } else if (op.name == "L0.attn_sp_gather.mb0") {
+      // The gathered buffer: all 128 rows of the hidden size in BF16.
+      CHECK(op.bytes == 2 * rows * h);
+    }
+  CHECK(found);
+}
+
+TEST_CASE("program lowering: names what it does not build yet" * doctest::test_suite("plumbing")) {
+  const workload::ModelSpec moe = workload::load_model("tiny-moe");
+  CHECK(test::input_error_of([&] {
+          lowering::lower_program(plan(1, 2, 1), {&moe, 64, 8});
+        }) == "the program lowering does not build Mixture-of-Experts layers yet");
+  const workload::ModelSpec m = workload::load_model("tiny-dense");
+  Plan p = plan(2, 4, 1);
+  p.pp = 2;
+  strategy::complete_plan(p);
+  CHECK(test::input_error_of([&] {
+          lowering::lower_program(p, {&m, 64, 8});
+        }) == "the program lowering does not build pipeline parallelism yet");
+}
