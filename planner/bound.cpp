@@ -34,9 +34,9 @@ double compute_lower_bound_s(const strategy::Plan& plan, const strategy::Lowerin
     return sim::op_duration_s(op, no_groups, cluster, calibration);
   };
   // Per layer kind (dense / MoE, window), one micro-batch: the compute ops' time.
-  auto layer_time = [&](const workload::LayerSpec& layer) {
+  auto layer_time = [&](std::vector<strategy::ForwardKernel>& kernels) {
     double t = 0;
-    for (strategy::ForwardKernel& k : strategy::layer_forward_kernels(plan, ctx, layer)) {
+    for (strategy::ForwardKernel& k : kernels) {
       sim::Op& op = k.op;
       const double steps = k.ring_steps;
       const sim::GemmShape g = op.gemm;
@@ -67,16 +67,24 @@ double compute_lower_bound_s(const strategy::Plan& plan, const strategy::Lowerin
     }
     return t;
   };
-  std::vector<double> cache;
-  std::vector<std::pair<workload::MlpKind, std::int64_t>> keys;
-  auto cached = [&](const workload::LayerSpec& layer) {
-    for (std::size_t i = 0; i < keys.size(); ++i)
-      if (keys[i] == std::pair{layer.mlp, layer.window})
-        return cache[i];
-    keys.emplace_back(layer.mlp, layer.window);
-    cache.push_back(layer_time(layer));
-    return cache.back();
-  };
+  // The layers of one kind lower to the same kernels: one layer of each kind is priced.
+  std::vector<workload::LayerSpec> kinds;
+  std::vector<std::size_t> kind_of(static_cast<std::size_t>(L));
+  for (std::size_t l = 0; l < kind_of.size(); ++l) {
+    const workload::LayerSpec& layer = m.layers[l];
+    std::size_t k = 0;
+    while (k < kinds.size() &&
+           std::pair{kinds[k].mlp, kinds[k].window} != std::pair{layer.mlp, layer.window})
+      ++k;
+    if (k == kinds.size())
+      kinds.push_back(layer);
+    kind_of[l] = k;
+  }
+  std::vector<std::vector<strategy::ForwardKernel>> kernels =
+      strategy::layer_forward_kernels(plan, ctx, kinds);
+  std::vector<double> time_of_kind(kinds.size());
+  for (std::size_t k = 0; k < kinds.size(); ++k)
+    time_of_kind[k] = layer_time(kernels[k]);
   double worst = 0;
   const int vp = strategy::chunks_per_stage(plan);
   const std::vector<int> bounds = strategy::virtual_stage_bounds(plan, L);
@@ -86,7 +94,7 @@ double compute_lower_bound_s(const strategy::Plan& plan, const strategy::Lowerin
       const int v = chunk * plan.pp + stage;
       for (int l = bounds[static_cast<std::size_t>(v)]; l < bounds[static_cast<std::size_t>(v + 1)];
            ++l)
-        t += cached(m.layers[static_cast<std::size_t>(l)]);
+        t += time_of_kind[kind_of[static_cast<std::size_t>(l)]];
     }
     worst = std::max(worst, t * micro);
   }

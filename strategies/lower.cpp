@@ -1081,8 +1081,10 @@ sim::Schedule Lowering::run() {
 } // namespace
 
 std::vector<ForwardKernel> Lowering::forward_kernels(const LayerSpec& layer) {
+  const std::vector<Step> steps = layer_steps(layer);
   std::vector<ForwardKernel> out;
-  for (const Step& st : layer_steps(layer)) {
+  out.reserve(steps.size());
+  for (const Step& st : steps) {
     if (sim::is_collective(st.kind))
       continue;
     out.push_back(ForwardKernel{op_of(st, st.name, Category::forward, 0, 0),
@@ -1091,11 +1093,17 @@ std::vector<ForwardKernel> Lowering::forward_kernels(const LayerSpec& layer) {
   return out;
 }
 
-std::vector<ForwardKernel> layer_forward_kernels(const Plan& plan, const LoweringContext& ctx,
-                                                 const workload::LayerSpec& layer) {
+std::vector<std::vector<ForwardKernel>>
+layer_forward_kernels(const Plan& plan, const LoweringContext& ctx,
+                      std::span<const workload::LayerSpec> layers) {
   if (ctx.model == nullptr || ctx.seq <= 0)
     throw InputError("lowering needs a model and a positive sequence length.");
-  return Lowering(plan, ctx).forward_kernels(layer);
+  Lowering lowering(plan, ctx);
+  std::vector<std::vector<ForwardKernel>> out;
+  out.reserve(layers.size());
+  for (const LayerSpec& layer : layers)
+    out.push_back(lowering.forward_kernels(layer));
+  return out;
 }
 
 sim::Schedule lower(const Plan& plan, const LoweringContext& ctx) {

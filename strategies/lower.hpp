@@ -6,6 +6,9 @@
 #include "strategies/plan.hpp"
 #include "workload/model_spec.hpp"
 
+#include <span>
+#include <vector>
+
 namespace mop::strategy {
 
 struct LoweringContext {
@@ -34,9 +37,11 @@ struct ForwardKernel {
   bool selective_recompute = false; // recomputed under selective recompute
 };
 
-// The compute kernels of one forward pass of `layer` under the plan, in order; collectives left
-// out. Their cost needs no communicator: sim::op_duration_s prices them with any Schedule.
-std::vector<ForwardKernel> layer_forward_kernels(const Plan& plan, const LoweringContext& ctx,
-                                                 const workload::LayerSpec& layer);
+// The compute kernels of one forward pass of each of `layers` under the plan (one list per
+// layer, each in order); collectives left out. Their cost needs no communicator:
+// sim::op_duration_s prices them with any Schedule.
+std::vector<std::vector<ForwardKernel>>
+layer_forward_kernels(const Plan& plan, const LoweringContext& ctx,
+                      std::span<const workload::LayerSpec> layers);
 
 } // namespace mop::strategy
