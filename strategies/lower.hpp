@@ -30,7 +30,7 @@ struct LoweringContext {
 sim::Schedule lower(const Plan& plan, const LoweringContext& ctx);
 
 // One compute kernel of a layer's forward pass, for one micro-batch on one rank, as lower() emits
-// it; the planner's compute lower bound (planner/bound.hpp) prices a layer from these.
+// it; the planner's compute lower bound prices a layer from these.
 struct ForwardKernel {
   sim::Op op;                       // the forward op (ring attention: one step's)
   int ring_steps = 1;               // ring attention runs `op` once per ring step
