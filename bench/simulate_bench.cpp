@@ -2,7 +2,8 @@
 // issue's two reference cases; the plan is resolved once, outside the timed loop.
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
-#include "strategies/evaluate.hpp"
+#include "planner/bound.hpp"
+#include "planner/evaluate.hpp"
 #include "strategies/hardware.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
@@ -24,7 +25,7 @@ void run(benchmark::State& state, const char* model_id, const char* cluster_id, 
   const mop::strategy::LoweringContext lc{&model, seq, cluster.node.gpus_per_node, ctx.hw, {}};
   std::int64_t ops = 0, events = 0;
   for (auto _ : state) {
-    const auto e = mop::strategy::evaluate_step(plan, lc, cluster, mop::hw::Calibration{});
+    const auto e = mop::planner::evaluate_step(plan, lc, cluster, mop::hw::Calibration{});
     for (const auto& c : e.schedule.classes)
       ops += static_cast<std::int64_t>(c.ops.size()) * 1;
     events += e.result.events;
@@ -89,7 +90,7 @@ void BM_LowerBound_KimiK2_1M(benchmark::State& state) {
   const mop::strategy::LoweringContext lc{&model, ctx.seq, 8, ctx.hw, {}};
   for (auto _ : state)
     benchmark::DoNotOptimize(
-        mop::strategy::compute_lower_bound_s(plan, lc, cluster, mop::hw::Calibration{}));
+        mop::planner::compute_lower_bound_s(plan, lc, cluster, mop::hw::Calibration{}));
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_LowerBound_KimiK2_1M);

@@ -17,7 +17,7 @@ std::string seq_name(std::int64_t s) {
   return s >= (1 << 20) ? fmt::format("{}M", s >> 20) : fmt::format("{}K", s >> 10);
 }
 
-Json side(const std::optional<strategy::RankedPlan>& r) {
+Json side(const std::optional<planner::RankedPlan>& r) {
   if (!r)
     return Json{{"fits", false}};
   return Json{{"fits", true},
@@ -42,7 +42,7 @@ Json point_json(const validation::ClaimPoint& p) {
   return j;
 }
 
-std::string cell(const std::optional<strategy::RankedPlan>& r) {
+std::string cell(const std::optional<planner::RankedPlan>& r) {
   return r ? fmt::format("{:.0f}", r->tokens_per_s_per_gpu) : "OOM";
 }
 

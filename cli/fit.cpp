@@ -57,7 +57,7 @@ void add_fit_command(CLI::App& app) {
       if (nodes > most)
         break;
       in.nodes = nodes;
-      const strategy::SearchResult s =
+      const planner::SearchResult s =
           run_search(in, opt->family, 1, opt->threads, !opt->json && ::isatty(2));
       if (s.results.empty())
         continue;

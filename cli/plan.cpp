@@ -5,7 +5,7 @@
 #include "common/error.hpp"
 #include "common/limits.hpp"
 #include "common/units.hpp"
-#include "strategies/search.hpp"
+#include "planner/search.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -43,7 +43,7 @@ std::vector<std::string> families_of(const std::string& family) {
 }
 
 // What runs out first when nothing fits, and the nearest fix.
-std::string nothing_fits(const strategy::SearchResult& s, const PlanInputs& in) {
+std::string nothing_fits(const planner::SearchResult& s, const PlanInputs& in) {
   if (!s.closest)
     return "no valid plan exists for this model, sequence length and cluster.";
   const strategy::MemoryReport& m = s.closest_memory;
@@ -61,7 +61,7 @@ std::string nothing_fits(const strategy::SearchResult& s, const PlanInputs& in) 
 
 } // namespace
 
-Json ranked_json(const strategy::RankedPlan& r) {
+Json ranked_json(const planner::RankedPlan& r) {
   const sim::Breakdown& b = r.eval.result.breakdown;
   return Json{{"plan", strategy::to_json(r.plan)},
               {"summary", strategy::summary(r.plan)},
@@ -80,9 +80,9 @@ Json ranked_json(const strategy::RankedPlan& r) {
                                    {"optimizer", b.optimizer}}}};
 }
 
-strategy::SearchResult run_search(const PlanInputs& in, const std::string& family, int top,
-                                  int threads, bool show_progress) {
-  strategy::SearchOptions so;
+planner::SearchResult run_search(const PlanInputs& in, const std::string& family, int top,
+                                 int threads, bool show_progress) {
+  planner::SearchOptions so;
   so.families = families_of(family);
   so.top = top;
   so.threads = threads;
@@ -95,8 +95,7 @@ strategy::SearchResult run_search(const PlanInputs& in, const std::string& famil
     };
   g_interrupted.store(false);
   auto previous = std::signal(SIGINT, on_interrupt);
-  strategy::SearchResult r =
-      strategy::search_plans(in.context(), in.cluster, hw::Calibration{}, so);
+  planner::SearchResult r = planner::search_plans(in.context(), in.cluster, hw::Calibration{}, so);
   std::signal(SIGINT, previous);
   if (show_progress)
     std::fputs("\r\033[K", stderr);
@@ -119,7 +118,7 @@ void add_plan_command(CLI::App& app) {
     check_threads(opt->threads);
     const PlanInputs in = resolve_inputs(*opt);
     const bool progress = !opt->json && ::isatty(2);
-    const strategy::SearchResult s = run_search(in, opt->family, opt->top, opt->threads, progress);
+    const planner::SearchResult s = run_search(in, opt->family, opt->top, opt->threads, progress);
     if (opt->json) {
       Json results = Json::array();
       for (const auto& r : s.results)
@@ -161,7 +160,7 @@ void add_plan_command(CLI::App& app) {
     }
     std::cout << t.render();
     if (s.results.size() > 1)
-      std::cout << "\n" << strategy::why_best(s.results[0], s.results[1]) << "\n";
+      std::cout << "\n" << planner::why_best(s.results[0], s.results[1]) << "\n";
   });
 }
 

@@ -5,8 +5,8 @@
 #include "common/file_io.hpp"
 #include "common/units.hpp"
 #include "hw_models/calibration.hpp"
+#include "planner/evaluate.hpp"
 #include "sim/engine.hpp"
-#include "strategies/evaluate.hpp"
 #include "traces/chrome_trace.hpp"
 
 #include <fmt/format.h>
@@ -31,7 +31,7 @@ struct Report {
   sim::SimResult result;
 };
 
-Report report_of(const strategy::StepEvaluation& e, const PlanInputs& in,
+Report report_of(const planner::StepEvaluation& e, const PlanInputs& in,
                  const strategy::MemoryHardware& hw) {
   Report rep;
   const sim::SimResult& r = e.result;
@@ -52,7 +52,7 @@ Report report_of(const strategy::StepEvaluation& e, const PlanInputs& in,
   return rep;
 }
 
-Json simulate_json(const strategy::ResolvedPlan& plan, const strategy::StepEvaluation& e,
+Json simulate_json(const strategy::ResolvedPlan& plan, const planner::StepEvaluation& e,
                    const Report& rep, const strategy::MemoryHardware& hw) {
   const sim::Schedule& s = e.schedule;
   Json j = memory_json(plan); // every key of `mop memory` (the analytic model)
@@ -95,7 +95,7 @@ Json simulate_json(const strategy::ResolvedPlan& plan, const strategy::StepEvalu
   return j;
 }
 
-void print_text(const strategy::ResolvedPlan& plan, const strategy::StepEvaluation& e,
+void print_text(const strategy::ResolvedPlan& plan, const planner::StepEvaluation& e,
                 const Report& rep, const PlanInputs& in, const strategy::MemoryHardware& hw) {
   std::cout << fmt::format(
       "{} on {} x {} ({} GPUs), seq {}, global batch {} ({} tokens, {} "
@@ -158,7 +158,7 @@ void add_simulate_command(CLI::App& app) {
     const strategy::ResolvedPlan plan = strategy::resolve_plan(opt->plan, ctx);
     const hw::Calibration cal =
         opt->calibration.empty() ? hw::Calibration{} : hw::load_calibration(opt->calibration);
-    const strategy::StepEvaluation e = strategy::evaluate_step(
+    const planner::StepEvaluation e = planner::evaluate_step(
         plan.plan,
         strategy::LoweringContext{&in.model, in.seq, in.cluster.node.gpus_per_node, ctx.hw, {}},
         in.cluster, cal, opt->full ? 0 : 16);

@@ -60,7 +60,7 @@ void add_sweep_command(CLI::App& app) {
       one.seq = seq;
       const PlanInputs in = resolve_inputs(one);
       for (const std::string& family : families) {
-        const strategy::SearchResult s =
+        const planner::SearchResult s =
             run_search(in, family, 1, opt->threads, !opt->json && !opt->csv && ::isatty(2));
         Json row{{"seq", in.seq}, {"family", family}, {"fits", !s.results.empty()}};
         if (!s.results.empty()) {

@@ -7,7 +7,7 @@
 #include "fuzz/fuzz_support.hpp"
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
-#include "strategies/evaluate.hpp"
+#include "planner/evaluate.hpp"
 #include "strategies/hardware.hpp"
 #include "strategies/plan.hpp"
 #include "strategies/presets.hpp"
@@ -76,7 +76,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     (void)used.dump();
     (void)strategy::summary(r.plan);
 
-    const strategy::StepEvaluation e = strategy::evaluate_step(
+    const planner::StepEvaluation e = planner::evaluate_step(
         r.plan, strategy::LoweringContext{&model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}},
         h200, hw::Calibration{});
     MOP_FUZZ_CHECK(fuzz::sane(e.step_time_s) && e.step_time_s > 0);

@@ -3,7 +3,6 @@
 #include "strategies/pipeline.hpp"
 
 #include "common/error.hpp"
-#include "sim/engine.hpp"
 #include "workload/flops.hpp"
 #include "workload/params.hpp"
 
@@ -83,7 +82,7 @@ public:
   }
 
   sim::Schedule run();
-  double compute_lower_bound_s(const hw::ClusterSpec& cluster, const hw::Calibration& cal);
+  std::vector<ForwardKernel> forward_kernels(const LayerSpec& layer);
 
 private:
   const Plan& p_;
@@ -1072,82 +1071,30 @@ sim::Schedule Lowering::run() {
 
 } // namespace
 
-double Lowering::compute_lower_bound_s(const hw::ClusterSpec& cluster, const hw::Calibration& cal) {
-  // Every compute op of a stage runs on its one compute stream at a rate of at most 1, so a
-  // stage takes at least the sum of its compute ops' standalone times: forward, backward (two
-  // GEMMs per GEMM, flash backward) and recompute, per micro-batch.
-  const int L = static_cast<int>(m_.num_layers());
-  const int micro = p_.micro_batches();
-  const Recompute rc_att = p_.recompute[static_cast<int>(LayerKind::attention)];
-  const bool any_rc = rc_att != Recompute::none ||
-                      p_.recompute[static_cast<int>(LayerKind::moe)] != Recompute::none ||
-                      p_.recompute[static_cast<int>(LayerKind::dense)] != Recompute::none;
-  auto duration = [&](const sim::Op& op) { return sim::op_duration_s(op, s_, cluster, cal); };
-  // Per layer kind (dense / MoE, window), one micro-batch: the compute ops' time.
-  auto layer_time = [&](const LayerSpec& layer) {
-    double t = 0;
-    for (const Step& st : layer_steps(layer)) {
-      if (sim::is_collective(st.kind))
-        continue;
-      const double steps = std::max(1, st.ring_steps);
-      sim::Op op = op_of(st, st.name, Category::forward, 0, 0);
-      double fwd = duration(op) * steps;
-      double bwd = 0;
-      if (st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm) {
-        sim::Op d = op;
-        if (st.kind == OpKind::gemm)
-          d.gemm = sim::GemmShape{st.gemm.m, st.gemm.k, st.gemm.n, st.gemm.instances, {}};
-        else {
-          d.gemm.n = st.gemm.k;
-          d.gemm.k = st.gemm.n;
-        }
-        sim::Op w = op;
-        if (st.kind == OpKind::gemm)
-          w.gemm = sim::GemmShape{st.gemm.k, st.gemm.n, st.gemm.m, st.gemm.instances, {}};
-        bwd = duration(d) + duration(w);
-      } else if (st.kind == OpKind::attention_fwd) {
-        op.kind = OpKind::attention_bwd;
-        bwd = duration(op) * steps;
-      } else {
-        op.bytes *= 2;
-        bwd = duration(op);
-      }
-      const bool recomputed = any_rc && (rc_att == Recompute::full || st.selective_keep);
-      t += fwd + bwd + (recomputed ? fwd : 0);
-    }
-    return t;
-  };
-  std::vector<double> cache;
-  std::vector<std::pair<MlpKind, std::int64_t>> keys;
-  auto cached = [&](const LayerSpec& layer) {
-    for (std::size_t i = 0; i < keys.size(); ++i)
-      if (keys[i] == std::pair{layer.mlp, layer.window})
-        return cache[i];
-    keys.emplace_back(layer.mlp, layer.window);
-    cache.push_back(layer_time(layer));
-    return cache.back();
-  };
-  double worst = 0;
-  const int vp = chunks_per_stage(p_);
-  const std::vector<int> bounds = virtual_stage_bounds(p_, L);
-  for (int stage = 0; stage < p_.pp; ++stage) {
-    double t = 0;
-    for (int chunk = 0; chunk < vp; ++chunk) {
-      const int v = chunk * p_.pp + stage;
-      for (int l = bounds[static_cast<std::size_t>(v)]; l < bounds[static_cast<std::size_t>(v + 1)];
-           ++l)
-        t += cached(m_.layers[static_cast<std::size_t>(l)]);
-    }
-    worst = std::max(worst, t * micro);
+std::vector<ForwardKernel> Lowering::forward_kernels(const LayerSpec& layer) {
+  const std::vector<Step> steps = layer_steps(layer);
+  std::vector<ForwardKernel> out;
+  out.reserve(steps.size());
+  for (const Step& st : steps) {
+    if (sim::is_collective(st.kind))
+      continue;
+    out.push_back(ForwardKernel{op_of(st, st.name, Category::forward, 0, 0),
+                                std::max(1, st.ring_steps), st.selective_keep});
   }
-  return worst;
+  return out;
 }
 
-double compute_lower_bound_s(const Plan& plan, const LoweringContext& ctx,
-                             const hw::ClusterSpec& cluster, const hw::Calibration& calibration) {
+std::vector<std::vector<ForwardKernel>>
+layer_forward_kernels(const Plan& plan, const LoweringContext& ctx,
+                      std::span<const workload::LayerSpec> layers) {
   if (ctx.model == nullptr || ctx.seq <= 0)
     throw InputError("lowering needs a model and a positive sequence length.");
-  return Lowering(plan, ctx).compute_lower_bound_s(cluster, calibration);
+  Lowering lowering(plan, ctx);
+  std::vector<std::vector<ForwardKernel>> out;
+  out.reserve(layers.size());
+  for (const LayerSpec& layer : layers)
+    out.push_back(lowering.forward_kernels(layer));
+  return out;
 }
 
 sim::Schedule lower(const Plan& plan, const LoweringContext& ctx) {

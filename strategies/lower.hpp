@@ -1,12 +1,13 @@
 #pragma once
 // Lowering: a Plan for a model and sequence length becomes a Schedule (sim/schedule.hpp), the
 // program every executor plays. One rank class per pipeline stage.
-#include "hw_models/calibration.hpp"
-#include "hw_models/cluster.hpp"
 #include "sim/schedule.hpp"
 #include "strategies/memory.hpp"
 #include "strategies/plan.hpp"
 #include "workload/model_spec.hpp"
+
+#include <span>
+#include <vector>
 
 namespace mop::strategy {
 
@@ -28,11 +29,19 @@ struct LoweringContext {
 // step of layer l from the previous step's gradients runs just before layer l's forward).
 sim::Schedule lower(const Plan& plan, const LoweringContext& ctx);
 
-// A lower bound on the plan's step time: the busiest stage's compute kernels (forward, backward,
-// recompute) run back to back at full speed, with no communication, bubble or optimizer. The
-// event engine can only add to it, so a candidate whose bound exceeds a simulated step time
-// cannot beat that plan (the planner's pruning rule).
-double compute_lower_bound_s(const Plan& plan, const LoweringContext& ctx,
-                             const hw::ClusterSpec& cluster, const hw::Calibration& calibration);
+// One compute kernel of a layer's forward pass, for one micro-batch on one rank, as lower() emits
+// it; the planner's compute lower bound prices a layer from these.
+struct ForwardKernel {
+  sim::Op op;                       // the forward op (ring attention: one step's)
+  int ring_steps = 1;               // ring attention runs `op` once per ring step
+  bool selective_recompute = false; // recomputed under selective recompute
+};
+
+// The compute kernels of one forward pass of each of `layers` under the plan (one list per
+// layer, each in order); collectives left out. Their cost needs no communicator:
+// sim::op_duration_s prices them with any Schedule.
+std::vector<std::vector<ForwardKernel>>
+layer_forward_kernels(const Plan& plan, const LoweringContext& ctx,
+                      std::span<const workload::LayerSpec> layers);
 
 } // namespace mop::strategy

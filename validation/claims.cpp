@@ -7,15 +7,16 @@ namespace mop::validation {
 
 namespace {
 
-std::optional<strategy::RankedPlan>
-best(const workload::ModelSpec& m, const hw::ClusterSpec& cluster, int nodes, std::int64_t seq,
-     const std::string& family, bool without_cp, const ClaimsOptions& o, std::string* why) {
+std::optional<planner::RankedPlan> best(const workload::ModelSpec& m,
+                                        const hw::ClusterSpec& cluster, int nodes, std::int64_t seq,
+                                        const std::string& family, bool without_cp,
+                                        const ClaimsOptions& o, std::string* why) {
   strategy::PlanContext ctx;
   ctx.model = &m;
   ctx.seq = seq;
   ctx.cluster = strategy::ClusterShape{cluster.node.gpus_per_node, nodes};
   ctx.hw = strategy::memory_hardware(cluster);
-  strategy::SearchOptions so;
+  planner::SearchOptions so;
   so.families = {family};
   so.top = 1;
   so.threads = o.threads;
@@ -24,7 +25,7 @@ best(const workload::ModelSpec& m, const hw::ClusterSpec& cluster, int nodes, st
     so.filter = [](const strategy::Plan& p) {
       return p.attention.cp == 1 && p.attention.tp == 1; // FSDP (and EP) only
     };
-  strategy::SearchResult r = strategy::search_plans(ctx, cluster, hw::Calibration{}, so);
+  planner::SearchResult r = planner::search_plans(ctx, cluster, hw::Calibration{}, so);
   if (r.results.empty()) {
     if (why)
       *why = r.closest ? r.closest_memory.first_to_run_out : "no valid plan";

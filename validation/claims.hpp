@@ -6,7 +6,7 @@
 // the best mop plan to the best FSDP2 plan at each context length where both fit, and how it moves
 // with the number of nodes.
 #include "hw_models/cluster.hpp"
-#include "strategies/search.hpp"
+#include "planner/search.hpp"
 #include "workload/model_spec.hpp"
 
 #include <optional>
@@ -18,10 +18,10 @@ namespace mop::validation {
 struct ClaimPoint {
   std::int64_t seq = 0;
   int nodes = 0;
-  std::optional<strategy::RankedPlan> mop;         // best fitting mop-family plan
-  std::optional<strategy::RankedPlan> fsdp2;       // best fitting fsdp2-family plan (CP allowed)
-  std::optional<strategy::RankedPlan> fsdp2_no_cp; // best fitting fsdp2 plan without TP or CP
-  std::string fsdp2_no_cp_why;                     // what runs out first when it does not fit
+  std::optional<planner::RankedPlan> mop;         // best fitting mop-family plan
+  std::optional<planner::RankedPlan> fsdp2;       // best fitting fsdp2-family plan (CP allowed)
+  std::optional<planner::RankedPlan> fsdp2_no_cp; // best fitting fsdp2 plan without TP or CP
+  std::string fsdp2_no_cp_why;                    // what runs out first when it does not fit
 };
 
 struct ClaimsReport {

@@ -2,7 +2,7 @@
 
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
-#include "strategies/evaluate.hpp"
+#include "planner/evaluate.hpp"
 #include "strategies/hardware.hpp"
 
 #include <cmath>
@@ -43,8 +43,8 @@ Report validate(const std::vector<Row>& rows) {
         const strategy::MemoryHardware mh = strategy::memory_hardware(cluster);
         strategy::LoweringContext lc{&*t.model, row.seq_len, cluster.node.gpus_per_node, mh, {}};
         lc.gemm_dtype = row.precision == "fp8" ? sim::Dtype::fp8 : sim::Dtype::bf16;
-        const strategy::StepEvaluation e =
-            strategy::evaluate_step(*t.plan, lc, cluster, hw::Calibration{});
+        const planner::StepEvaluation e =
+            planner::evaluate_step(*t.plan, lc, cluster, hw::Calibration{});
         const double gpus = row.num_gpus;
         const double tflops = e.model_flops_per_step / e.step_time_s / gpus / 1e12;
         double peak = 0;

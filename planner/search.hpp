@@ -3,7 +3,8 @@
 // model and by a provable lower bound on step time, the survivors ranked by the event engine.
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
-#include "strategies/evaluate.hpp"
+#include "planner/evaluate.hpp"
+#include "strategies/memory.hpp"
 #include "strategies/presets.hpp"
 
 #include <atomic>
@@ -12,12 +13,12 @@
 #include <string>
 #include <vector>
 
-namespace mop::strategy {
+namespace mop::planner {
 
 struct SearchOptions {
   std::vector<std::string> families; // empty: all
   // Only plans this accepts are considered (e.g. a family without context parallelism).
-  std::function<bool(const Plan&)> filter;
+  std::function<bool(const strategy::Plan&)> filter;
   int top = 5;
   int threads = 2;
   // Simulate at most this many candidates; when reached before the bound proves the rest
@@ -29,9 +30,9 @@ struct SearchOptions {
 };
 
 struct RankedPlan {
-  Plan plan;
-  MemoryReport memory; // analytic
-  StepEvaluation eval; // simulated
+  strategy::Plan plan;
+  strategy::MemoryReport memory; // analytic
+  StepEvaluation eval;           // simulated
   double lower_bound_s = 0;
   double peak_hbm_bytes = 0;  // the engine's peak plus the fragmentation allowance
   double peak_host_bytes = 0; // per node
@@ -49,16 +50,16 @@ struct SearchResult {
   bool stopped = false;                  // interrupted
   std::vector<RankedPlan> results;       // best first, at most `top`, all fitting
   // When nothing fits: the candidate closest to fitting, and what ran out first.
-  std::optional<Plan> closest;
-  MemoryReport closest_memory;
+  std::optional<strategy::Plan> closest;
+  strategy::MemoryReport closest_memory;
 };
 
 // Rank results by step time, then tokens per second, then enumeration order, so the answer
 // never depends on the number of threads.
-SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster,
+SearchResult search_plans(const strategy::PlanContext& ctx, const hw::ClusterSpec& cluster,
                           const hw::Calibration& calibration, const SearchOptions& options);
 
 // One sentence on why the best plan beats the runner-up, from their breakdowns.
 std::string why_best(const RankedPlan& best, const RankedPlan& runner_up);
 
-} // namespace mop::strategy
+} // namespace mop::planner

@@ -2,14 +2,16 @@
 // on threads, and its bound is a true lower bound.
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
+#include "planner/bound.hpp"
+#include "planner/search.hpp"
 #include "strategies/hardware.hpp"
-#include "strategies/search.hpp"
 #include "tests/support/approx.hpp"
 #include "workload/catalog.hpp"
 
 #include <doctest/doctest.h>
 
 using namespace mop;
+using namespace mop::planner;
 using namespace mop::strategy;
 
 namespace {

@@ -12,7 +12,7 @@
 #include "sim/schedule.hpp"
 #include "strategies/lower.hpp"
 
-namespace mop::strategy {
+namespace mop::planner {
 
 struct StepEvaluation {
   sim::Schedule schedule; // the schedule simulated last (m2 micro-batches when extrapolated)
@@ -26,8 +26,8 @@ struct StepEvaluation {
 
 // `max_simulated`: simulate at most this many micro-batches (at least 2·pp, so both runs reach
 // the pipeline's steady state); 0 simulates every micro-batch.
-StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
+StepEvaluation evaluate_step(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
                              const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
                              int max_simulated = 16);
 
-} // namespace mop::strategy
+} // namespace mop::planner

@@ -1,6 +1,7 @@
-#include "strategies/search.hpp"
+#include "planner/search.hpp"
 
 #include "common/units.hpp"
+#include "planner/bound.hpp"
 
 #include <algorithm>
 #include <fmt/format.h>
@@ -10,7 +11,15 @@
 #include <thread>
 #include <unordered_set>
 
-namespace mop::strategy {
+namespace mop::planner {
+
+using strategy::analyze_memory;
+using strategy::enumerate_family;
+using strategy::family_names;
+using strategy::LoweringContext;
+using strategy::MemoryReport;
+using strategy::Plan;
+using strategy::PlanContext;
 
 namespace {
 
@@ -108,7 +117,7 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
     std::unordered_set<std::string> seen;
     std::vector<Plan> unique;
     for (Plan& p : plans) {
-      Json j = to_json(p);
+      Json j = strategy::to_json(p);
       j.erase("family");
       j.erase("summary");
       if (seen.insert(j.dump()).second)
@@ -212,4 +221,4 @@ std::string why_best(const RankedPlan& a, const RankedPlan& b) {
                      100 * gain, top->what, format_seconds(top->diff * ta));
 }
 
-} // namespace mop::strategy
+} // namespace mop::planner

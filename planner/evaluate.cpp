@@ -1,10 +1,15 @@
-#include "strategies/evaluate.hpp"
+#include "planner/evaluate.hpp"
 
 #include "sim/engine.hpp"
 
 #include <algorithm>
 
-namespace mop::strategy {
+namespace mop::planner {
+
+using strategy::lower;
+using strategy::LoweringContext;
+using strategy::PipelineSchedule;
+using strategy::Plan;
 
 namespace {
 
@@ -67,4 +72,4 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   return e;
 }
 
-} // namespace mop::strategy
+} // namespace mop::planner

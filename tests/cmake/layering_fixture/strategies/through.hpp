@@ -1,0 +1,3 @@
+#pragma once
+#include "strategies/direct_ok.hpp"
+#include "traces/trace.hpp"
