@@ -230,12 +230,12 @@ template <class T> struct LocalParam {
   int layer = -1;
   LayerKind kind = LayerKind::embedding;
   Slice slice;
-  Index n = 0;            // elements of the slice
-  Comm grads;             // every rank holding the same slice (the gradient is summed over them)
-  Comm shard;             // the ZeRO shard group (grads itself, or an HSDP block of it)
-  Comm replicas;          // HSDP: the same shard index in every block (size 1 otherwise)
-  bool writer = false;    // writes the state back (the first replica)
-  bool tied_copy = false; // the LM head's copy of tied embeddings on the last stage
+  Index n = 0;              // elements of the slice
+  Comm grads;               // every rank holding the same slice (the gradient is summed over them)
+  Comm shard;               // the ZeRO shard group (grads itself, or an HSDP block of it)
+  Comm replicas;            // HSDP: the same shard index in every block (size 1 otherwise)
+  bool writer = false;      // writes the state back (the first replica)
+  bool tied_copy = false;   // the LM head's copy of tied embeddings on the last stage
   bool head_module = false; // the final norm and the LM head (layer -1, not the embedding)
   int bucket = -1;          // in Rank::buckets_
   int zero = 0;
@@ -1336,8 +1336,8 @@ private:
     std::int64_t mx = 0;
     for (int r = 0; r < m_etp_.size(); ++r) {
       const auto first = tables.begin() + static_cast<std::ptrdiff_t>(sz(r) * mine.size());
-      member_experts.push_back(experts_of(std::vector<std::size_t>(
-          first, first + static_cast<std::ptrdiff_t>(mine.size()))));
+      member_experts.push_back(experts_of(
+          std::vector<std::size_t>(first, first + static_cast<std::ptrdiff_t>(mine.size()))));
       mx = std::max(mx, static_cast<std::int64_t>(member_experts.back().size()));
     }
     s.etp_max = mx;
