@@ -545,7 +545,7 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
 // Attention over `steps` ring steps (1: a plain call). Forward: step i computes on the K/V block
 // that arrived in step i-1 while step i's block travels on the CP stream (steps - 1 hops).
 // Backward: the K/V blocks travel the same steps - 1 hops, and each block's gradient (dK/dV)
-// travels with it, one hop after every step, the last hop bringing each rank's own gradient home
+// follows it, one hop after every step, the last hop bringing each rank's own gradient home
 // (steps hops): the q/k/v projections' backward waits for it.
 int Lowering::emit_attention(const Step& st, const std::string& prefix, Category category,
                              int layer, int mb, bool backward) {
@@ -581,11 +581,12 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
     }
     if (prev_kv >= 0)
       compute.deps.push_back(prev_kv);
-    if (prev_dkv >= 0)
-      compute.deps.push_back(prev_dkv);
     last = add(std::move(compute));
-    if (backward && steps > 1) // the last hop is on the data path
-      prev_dkv = last = add(ring_hop("ring_dkv", i, {last}), i + 1 == steps);
+    // The block's accumulated gradient leaves once this step's share is added to what arrived
+    // with it (the next step accumulates locally meanwhile, as Transformer Engine's ring does);
+    // the last hop brings my own block's gradient home, on the data path.
+    if (backward && steps > 1)
+      prev_dkv = last = add(ring_hop("ring_dkv", i, {last, prev_dkv}), i + 1 == steps);
     prev_kv = kv;
   }
   return last;
