@@ -69,19 +69,21 @@ struct Step {
 
 // Parameters gathered, reduced and stepped together: those of one layer (or of the embedding, or
 // of the final norm and LM head), of one kind, over one communicator (the CPU executor's
-// buckets). A kind whose tensor parallelism splits its weights keeps the parameters it does not
-// split (norms, the router) in a second bucket over the whole stage: every rank of the stage
-// sees other tokens, so their gradients sum over all of them.
+// buckets). Under tensor parallelism with SP, the parameters a kind does not split (norms, the
+// router) see other tokens on each TP rank: their gradients are first summed over the kind's TP
+// group (Megatron-Core's sequence-parallel norm gradients), then reduced with the bucket.
 struct ParamBucket {
-  std::string name; // "attention", "attention.replicated", "embedding", "head", ...
+  std::string name; // "attention", "moe", "dense", "embedding", "head"
   LayerKind kind = LayerKind::attention;
-  double params = 0;      // on this rank, before ZeRO sharding
-  int zero = 0;           // the kind's ZeRO stage (3 when the parameters live on the host)
-  int all_reduce = -1;    // ZeRO-0: the group the gradients are summed over
-  int shard = -1;         // ZeRO 1-3: the shard group (reduce-scatter, gathers)
-  int shard_ranks = 1;    // its size
-  int replicas = -1;      // HSDP: the shard's replicas, all-reduced after the reduce-scatter
-  bool embedding = false; // holds the (tied) embedding table
+  double params = 0;        // on this rank, before ZeRO sharding
+  int zero = 0;             // the kind's ZeRO stage (3 when the parameters live on the host)
+  int all_reduce = -1;      // ZeRO-0: the group the gradients are summed over
+  int shard = -1;           // ZeRO 1-3: the shard group (reduce-scatter, gathers)
+  int shard_ranks = 1;      // its size
+  int replicas = -1;        // HSDP: the shard's replicas, all-reduced after the reduce-scatter
+  bool embedding = false;   // holds the (tied) embedding table
+  int tp_sum = -1;          // the TP group the unsplit parameters' gradients are summed over
+  double tp_sum_params = 0; // those parameters
 };
 
 Step make_step(std::string name, OpKind kind, Category comm_category = Category::forward,
@@ -223,37 +225,33 @@ ParamBucket Lowering::param_bucket(std::string name, LayerKind kind, double para
 
 std::vector<ParamBucket> Lowering::layer_buckets(const LayerSpec& layer, const KindParams& local) {
   std::vector<ParamBucket> out;
-  const int stage_ranks = p_.ranks_per_stage();
   const workload::ParamCounts counts = workload::layer_params(m_, layer);
   const double norm = static_cast<double>(counts.norms) / 2; // one norm before each block
-  auto add = [&](const char* kind_name, LayerKind kind, int tp, int ranks, double replicated) {
-    const double all = local[kind];
-    if (all <= 0)
+  auto add = [&](const char* kind_name, LayerKind kind, int tp, int ranks, int stride,
+                 double unsplit) {
+    if (local[kind] <= 0)
       return;
-    if (tp == 1 || replicated <= 0) {
-      out.push_back(param_bucket(kind_name, kind, all, ranks, tp));
-      return;
+    out.push_back(param_bucket(kind_name, kind, local[kind], ranks, stride));
+    if (tp > 1 && unsplit > 0) {
+      out.back().tp_sum = comm_group(kind == LayerKind::attention ? "tp" : "tp.dense", tp, 1);
+      out.back().tp_sum_params = unsplit;
     }
-    if (all - replicated > 0)
-      out.push_back(param_bucket(kind_name, kind, all - replicated, ranks, tp));
-    out.push_back(
-        param_bucket(std::string(kind_name) + ".replicated", kind, replicated, stage_ranks, 1));
   };
   const double qk_norms =
       m_.attention.qk_norm ? 2.0 * static_cast<double>(m_.attention.head_dim) : 0.0;
-  add("attention", LayerKind::attention, p_.attention.tp, stage_ranks / p_.attention.tp,
-      norm + qk_norms);
-  add("moe", LayerKind::moe, p_.moe.ep * p_.moe.etp, p_.moe.edp, 0);
-  add("dense", LayerKind::dense, p_.dense.tp, p_.dense.dp,
+  add("attention", LayerKind::attention, p_.attention.tp, p_.ranks_per_stage() / p_.attention.tp,
+      p_.attention.tp, norm + qk_norms);
+  add("moe", LayerKind::moe, 1, p_.moe.edp, p_.moe.ep * p_.moe.etp, 0);
+  add("dense", LayerKind::dense, p_.dense.tp, p_.dense.dp, p_.dense.tp,
       norm + static_cast<double>(counts.router));
   return out;
 }
 
 // The embedding kind's buckets on a stage: the embedding table on the first stage; the final
-// norm and the LM head (or, across stages, the tied copy of the table) on the last.
+// norm with the LM head (or, across stages, the tied copy of the table) on the last.
 std::vector<ParamBucket> Lowering::embedding_buckets(bool first, bool last) {
   std::vector<ParamBucket> out;
-  const int etp = p_.embed.tp, stage_ranks = p_.ranks_per_stage();
+  const int etp = p_.embed.tp;
   const double table = embedding_local_params(m_, p_);
   const double h = static_cast<double>(m_.hidden_size);
   if (first) {
@@ -261,17 +259,12 @@ std::vector<ParamBucket> Lowering::embedding_buckets(bool first, bool last) {
     out.back().embedding = true;
   }
   if (last) {
-    const bool tied_copy = m_.tied_embeddings && !first;
     const double head = m_.tied_embeddings && first ? 0 : table;
-    if (etp == 1) {
-      out.push_back(param_bucket("head", LayerKind::embedding, head + h, stage_ranks, 1));
-      out.back().embedding = tied_copy;
-    } else {
-      if (head > 0) {
-        out.push_back(param_bucket("head", LayerKind::embedding, head, p_.embed.dp, etp));
-        out.back().embedding = tied_copy;
-      }
-      out.push_back(param_bucket("head.norm", LayerKind::embedding, h, stage_ranks, 1));
+    out.push_back(param_bucket("head", LayerKind::embedding, head + h, p_.embed.dp, etp));
+    out.back().embedding = m_.tied_embeddings && !first;
+    if (etp > 1) {
+      out.back().tp_sum = comm_group("tp.embedding", etp, 1);
+      out.back().tp_sum_params = h;
     }
   }
   return out;
@@ -1044,6 +1037,12 @@ sim::Schedule Lowering::run() {
       };
       int r = -1;
       std::vector<sim::Op> ops;
+      if (b.tp_sum >= 0) {
+        ops.push_back(
+            reduction("grad_tp_sum", OpKind::all_reduce, b.tp_sum, kGrad * b.tp_sum_params, end));
+        ops.back().category = Category::tp_comm;
+        ops.back().stream = kTp;
+      }
       if (b.zero == 0 && b.all_reduce >= 0)
         ops.push_back(
             reduction("grad_reduce", OpKind::all_reduce, b.all_reduce, kGrad * b.params, end));

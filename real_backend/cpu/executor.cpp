@@ -230,10 +230,12 @@ template <class T> struct LocalParam {
   int layer = -1;
   LayerKind kind = LayerKind::embedding;
   Slice slice;
-  Index n = 0;              // elements of the slice
-  Comm grads;               // every rank holding the same slice (the gradient is summed over them)
-  Comm shard;               // the ZeRO shard group (grads itself, or an HSDP block of it)
-  Comm replicas;            // HSDP: the same shard index in every block (size 1 otherwise)
+  Index n = 0;   // elements of the slice
+  Comm grads;    // every rank holding the same slice (the gradient is summed over them)
+  Comm shard;    // the ZeRO shard group (grads itself, or an HSDP block of it)
+  Comm replicas; // HSDP: the same shard index in every block (size 1 otherwise)
+  Comm tp_sum;   // norms and the router: the TP ranks whose gradients are summed first (size 1
+                 // for TP-split parameters)
   bool writer = false;      // writes the state back (the first replica)
   bool tied_copy = false;   // the LM head's copy of tied embeddings on the last stage
   bool head_module = false; // the final norm and the LM head (layer -1, not the embedding)
@@ -431,9 +433,16 @@ private:
       lp.head_module = info.layer < 0 && (info.role != ParamRole::embedding || tied_copy);
       lp.slice = full_slice(info.shape);
       // The dimension a layer kind's TP (or EP/ETP, vocab parallelism) splits, and the ranks
-      // that hold the same slice and sum its gradient. Norms and the router stay whole,
-      // replicated over the stage.
+      // that hold the same slice and sum its gradient. Norms and the router stay whole on every
+      // rank of the stage: under SP each TP rank sees other tokens, so their gradients are first
+      // summed over the kind's TP group, then reduced with the kind's TP-split weights over its
+      // data-parallel group (Megatron-Core's sequence-parallel norm gradients).
       Comm grads = stage_;
+      Comm tp_sum = w_.group({rank_}, rank_);
+      auto replicated = [&](const Comm& dp, const Comm& tp) {
+        grads = dp;
+        tp_sum = tp;
+      };
       auto shard = [&](int dim, int part, int parts, const Comm& same_slice) {
         split(lp.slice, dim, part, parts);
         grads = same_slice;
@@ -470,11 +479,22 @@ private:
       case R::lm_head:
         shard(2, co_.e_tp, p_.embed.tp, e_dp_);
         break;
-      default:
+      case R::attn_norm:
+      case R::q_norm:
+      case R::k_norm:
+        replicated(a_grad_, a_tp_);
+        break;
+      case R::mlp_norm:
+      case R::router:
+        replicated(d_dp_, d_tp_);
+        break;
+      case R::final_norm:
+        replicated(e_dp_, e_tp_);
         break;
       }
       lp.n = lp.slice.numel();
       lp.grads = grads;
+      lp.tp_sum = tp_sum;
       const auto& policy = p_.state[static_cast<int>(lp.kind)];
       lp.zero = policy.zero;
       if (p_.params == strategy::Placement::host)
@@ -497,7 +517,7 @@ private:
         lp.writer = grads.rank() == 0;
       else
         lp.writer = lp.replicas.rank() == 0;
-      if (lp.tied_copy)
+      if (lp.tied_copy || tp_sum.rank() != 0)
         lp.writer = false;
       const Index parts = sz(lp.shard.size());
       lp.chunk = (lp.n + parts - 1) / parts;
@@ -1596,6 +1616,30 @@ private:
       off += gr.size();
     }
   }
+  // The gradients of the bucket's norms and router, summed over their TP group in one
+  // all-reduce (the TP-split members are not summed).
+  void sum_over_tp(const Bucket& b) {
+    std::vector<T> all;
+    const Comm* g = nullptr;
+    for (Index k : b.members)
+      if (params_[k].tp_sum.size() > 1) {
+        g = &params_[k].tp_sum;
+        all.insert(all.end(), params_[k].grad.begin(), params_[k].grad.end());
+      }
+    if (g == nullptr)
+      return;
+    {
+      OpCounter t{ops_, "all_reduce"};
+      g->all_reduce(all.data(), all.size());
+    }
+    Index off = 0;
+    for (Index k : b.members)
+      if (params_[k].tp_sum.size() > 1) {
+        auto& gr = params_[k].grad;
+        std::copy_n(all.begin() + static_cast<std::ptrdiff_t>(off), gr.size(), gr.begin());
+        off += gr.size();
+      }
+  }
   // ZeRO-3 layers reduce-scatter after every micro-batch's backward (FSDP2), so no unsharded
   // gradient outlives its layer's backward; the embedding and the LM head once per step.
   bool scatters_every_micro_batch(const Bucket& b) const { return b.zero >= 3 && b.layer >= 0; }
@@ -1603,6 +1647,7 @@ private:
     for (auto& b : buckets_) {
       if (b.layer != layer || !scatters_every_micro_batch(b))
         continue;
+      sum_over_tp(b);
       const auto mine = scatter_grads(b);
       for (Index i = 0; i < b.members.size(); ++i) {
         auto& lp = params_[b.members[i]];
@@ -1758,6 +1803,8 @@ private:
     if (b.reduced)
       return;
     b.reduced = true;
+    if (!scatters_every_micro_batch(b))
+      sum_over_tp(b);
     if (b.zero == 0) {
       all_reduce_grads(b.grads, b);
     } else {
@@ -1845,7 +1892,7 @@ private:
 
   void publish_grads() {
     for (auto& lp : params_) {
-      if (lp.tied_copy)
+      if (lp.tied_copy || lp.tp_sum.rank() != 0)
         continue;
       auto& full = sh_.grads[sz(lp.index)];
       if (lp.zero == 0) {
