@@ -52,7 +52,28 @@ struct Step {
   double flops = 0;      // forward model FLOPs
   int ring_steps = 0;    // > 0: ring attention over this many steps (attention shape per step)
   double ring_bytes = 0; // K/V bytes passed per ring step
-  bool selective_keep = false; // recomputed under selective recompute
+  bool selective_keep = false;            // recomputed under selective recompute
+  bool forward_only = false;              // no transpose in backward (the MoE count exchanges)
+  LayerKind owner = LayerKind::attention; // whose recompute policy re-runs it
+};
+
+// Parameters gathered, reduced and stepped together: those of one layer (or of the embedding, or
+// of the final norm and LM head), of one kind, over one communicator (the CPU executor's
+// buckets). Under tensor parallelism with SP, the parameters a kind does not split (norms, the
+// router) see other tokens on each TP rank: their gradients are first summed over the kind's TP
+// group (Megatron-Core's sequence-parallel norm gradients), then reduced with the bucket.
+struct ParamBucket {
+  std::string name; // "attention", "moe", "dense", "embedding", "head"
+  LayerKind kind = LayerKind::attention;
+  double params = 0;        // on this rank, before ZeRO sharding
+  int zero = 0;             // the kind's ZeRO stage (3 when the parameters live on the host)
+  int all_reduce = -1;      // ZeRO-0: the group the gradients are summed over
+  int shard = -1;           // ZeRO 1-3: the shard group (reduce-scatter, gathers)
+  int shard_ranks = 1;      // its size
+  int replicas = -1;        // HSDP: the shard's replicas, all-reduced after the reduce-scatter
+  bool embedding = false;   // holds the (tied) embedding table
+  int tp_sum = -1;          // the TP group the unsplit parameters' gradients are summed over
+  double tp_sum_params = 0; // those parameters
 };
 
 Step make_step(std::string name, OpKind kind, Category comm_category = Category::forward,
@@ -102,6 +123,10 @@ private:
   std::vector<sim::Op> pending_wgrad_;
 
   void make_groups();
+  int comm_group(const std::string& name, sim::GroupSpec spec);
+  ParamBucket param_bucket(std::string name, LayerKind kind, double params);
+  std::vector<ParamBucket> layer_buckets(const LayerSpec& layer, const KindParams& local);
+  std::vector<ParamBucket> embedding_buckets(bool first, bool last);
   std::vector<Step> layer_steps(const LayerSpec& layer) const;
   int add(sim::Op op, bool on_path = true);
   int tensor(std::string name, double bytes, sim::Device device, sim::MemoryKind kind,
@@ -152,6 +177,91 @@ void Lowering::make_groups() {
     const int per_stage = p_.world / p_.pp;
     g_.pp = add_group_p2p("pp", per_stage >= gpn ? 1 : (2 * per_stage <= gpn ? 2 : 1));
   }
+}
+
+// The communicator of `spec` (-1 for one rank), added on first use under `name`.
+int Lowering::comm_group(const std::string& name, sim::GroupSpec spec) {
+  const sim::MeshView& v = s_.mesh.view(spec.view);
+  const int ranks = v.group_size(spec);
+  if (ranks <= 1)
+    return -1;
+  for (std::size_t i = 0; i < s_.groups.size(); ++i) {
+    const sim::GroupSpec& g = s_.groups[i].spec;
+    if (g.view == spec.view && g.dims == spec.dims && g.block == spec.block &&
+        g.across_blocks == spec.across_blocks)
+      return static_cast<int>(i);
+  }
+  s_.groups.push_back(
+      sim::Group{name, ranks, v.ranks_per_node(spec, c_.gpus_per_node), std::move(spec)});
+  return static_cast<int>(s_.groups.size()) - 1;
+}
+
+// A bucket of `params` parameters of layer kind `kind`, whose gradients sum over the kind's
+// data-parallel ranks, under its ZeRO stage and HSDP shard group (strategies/mesh.hpp, as the
+// CPU executor shards them).
+ParamBucket Lowering::param_bucket(std::string name, LayerKind kind, double params) {
+  ParamBucket b;
+  b.kind = kind;
+  b.params = params;
+  const StatePolicy& policy = p_.state[static_cast<int>(kind)];
+  b.zero = p_.params == Placement::host ? std::max(policy.zero, 3) : policy.zero;
+  if (b.zero == 0) {
+    b.all_reduce = comm_group("dp." + name, data_parallel_group(kind));
+  } else {
+    sim::GroupSpec shard = shard_group(p_, kind);
+    b.shard_ranks = s_.mesh.view(shard.view).group_size(shard);
+    b.shard = comm_group("dp." + name, std::move(shard));
+    const sim::GroupSpec replicas = replica_group(p_, kind);
+    if (!replicas.dims.empty())
+      b.replicas = comm_group("dp." + name + ".replicas", replicas);
+  }
+  b.name = std::move(name);
+  return b;
+}
+
+std::vector<ParamBucket> Lowering::layer_buckets(const LayerSpec& layer, const KindParams& local) {
+  std::vector<ParamBucket> out;
+  const workload::ParamCounts counts = workload::layer_params(m_, layer);
+  const double norm = static_cast<double>(counts.norms) / 2; // one norm before each block
+  auto add = [&](const char* kind_name, LayerKind kind, int tp, double unsplit) {
+    if (local[kind] <= 0)
+      return;
+    out.push_back(param_bucket(kind_name, kind, local[kind]));
+    if (tp > 1 && unsplit > 0) {
+      out.back().tp_sum = kind == LayerKind::attention ? comm_group("tp", tp_group())
+                                                       : comm_group("tp.dense", dense_tp_group());
+      out.back().tp_sum_params = unsplit;
+    }
+  };
+  const double qk_norms =
+      m_.attention.qk_norm ? 2.0 * static_cast<double>(m_.attention.head_dim) : 0.0;
+  add("attention", LayerKind::attention, p_.attention.tp, norm + qk_norms);
+  add("moe", LayerKind::moe, 1, 0);
+  add("dense", LayerKind::dense, p_.dense.tp, norm + static_cast<double>(counts.router));
+  return out;
+}
+
+// The embedding kind's buckets on a stage: the embedding table on the first stage; the final
+// norm with the LM head (or, across stages, the tied copy of the table) on the last.
+std::vector<ParamBucket> Lowering::embedding_buckets(bool first, bool last) {
+  std::vector<ParamBucket> out;
+  const int etp = p_.embed.tp;
+  const double table = embedding_local_params(m_, p_);
+  const double h = static_cast<double>(m_.hidden_size);
+  if (first) {
+    out.push_back(param_bucket("embedding", LayerKind::embedding, table));
+    out.back().embedding = true;
+  }
+  if (last) {
+    const double head = m_.tied_embeddings && first ? 0 : table;
+    out.push_back(param_bucket("head", LayerKind::embedding, head + h));
+    out.back().embedding = m_.tied_embeddings && !first;
+    if (etp > 1) {
+      out.back().tp_sum = comm_group("tp.embedding", embed_tp_group());
+      out.back().tp_sum_params = h;
+    }
+  }
+  return out;
 }
 
 std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
@@ -225,9 +335,20 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   const double window = static_cast<double>(layer.window);
   const int ulysses = g_.cp_a2a >= 0 ? s_.groups[static_cast<std::size_t>(g_.cp_a2a)].ranks : 1;
   const int ring = g_.cp_ring >= 0 ? s_.groups[static_cast<std::size_t>(g_.cp_ring)].ranks : 1;
-  const double qkv_bytes = kAct * t * (heads * dqk + kv_heads * (dqk + dv));
-  if (ulysses > 1)
-    collective("ulysses_qkv_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a, qkv_bytes);
+  // Ulysses: q, k and v each in their own all-to-all (DeepSpeed's DistributedAttention; the CPU
+  // executor likewise). They sit inside the recomputed attention core, as in Megatron-Core with
+  // Transformer Engine's all-to-all context parallelism.
+  if (ulysses > 1) {
+    collective("ulysses_q_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
+               kAct * t * heads * dqk);
+    out.back().selective_keep = true;
+    collective("ulysses_k_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
+               kAct * t * kv_heads * dqk);
+    out.back().selective_keep = true;
+    collective("ulysses_v_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
+               kAct * t * kv_heads * dv);
+    out.back().selective_keep = true;
+  }
   {
     // After Ulysses each rank holds heads/u of the sequence's ring chunk (ring·tokens... the
     // tokens of u ranks): queries per rank u·t, heads/u.
@@ -262,9 +383,11 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     st.selective_keep = true;
     out.push_back(std::move(st));
   }
-  if (ulysses > 1)
+  if (ulysses > 1) {
     collective("ulysses_out_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
                kAct * t * heads * dv);
+    out.back().selective_keep = true;
+  }
   gemm("o_proj", t, h, heads * dv);
   if (sp)
     collective("attn_sp_scatter", OpKind::reduce_scatter, Category::tp_comm, kTp, tp_group,
@@ -273,6 +396,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     collective("attn_tp_reduce", OpKind::all_reduce, Category::tp_comm, kTp, tp_group,
                kAct * t * h);
   elementwise("attn_residual", 3 * kAct * t * h / sp_, false);
+  const std::size_t mlp_begin = out.size();
   // --- MLP block ---
   elementwise("mlp_norm", 2 * kAct * t * h / sp_, true);
   if (layer.mlp == MlpKind::dense) {
@@ -298,10 +422,25 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     const double k = static_cast<double>(e.experts_per_token);
     gemm("router", tm, experts, h);
     elementwise("router_topk", kAct * tm * experts, false);
-    // Dispatch: every token copy goes to its expert's rank (balanced routing).
+    // Dispatch: every token copy goes to its expert's rank (balanced routing). Dropless routing
+    // first exchanges how many rows each rank sends to each expert (one int64 per expert of the
+    // model; Megatron-Core's MoEAlltoAllTokenDispatcher), which also tells every rank the
+    // expert of each row it receives; backward reuses the counts.
     const double routed = tm * k;
+    collective("ep_counts", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, 8 * experts);
+    if (!out.empty() && out.back().name == "ep_counts")
+      out.back().forward_only = true;
     collective("ep_dispatch", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
     const double local_experts = experts / p_.moe.ep;
+    // Expert tensor parallelism: the etp ranks of an expert gather each other's count tables
+    // (forward only), then their rows (padded to the largest count), compute their share of the
+    // expert's width on all of them, and reduce-scatter the partial outputs back.
+    collective("etp_counts", OpKind::all_gather, Category::ep_comm, kEp, g_.etp,
+               8 * experts * p_.moe.etp);
+    if (!out.empty() && out.back().name == "etp_counts")
+      out.back().forward_only = true;
+    collective("etp_gather", OpKind::all_gather, Category::ep_comm, kEp, g_.etp,
+               kAct * routed * p_.moe.etp * h);
     const double inter = static_cast<double>(e.expert_intermediate_size) / p_.moe.etp;
     // Expert tensor parallelism: the etp ranks of an expert see the tokens of all of them, each
     // computing 1/etp of the expert's width.
@@ -327,7 +466,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.flops = 2 * expert_rows * h * inter;
       out.push_back(std::move(st));
     }
-    collective("etp_reduce", OpKind::all_reduce, Category::ep_comm, kEp, g_.etp, kAct * routed * h);
+    collective("etp_scatter", OpKind::reduce_scatter, Category::ep_comm, kEp, g_.etp,
+               kAct * routed * p_.moe.etp * h);
     collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
     elementwise("experts_combine", kAct * routed * h + kAct * tm * h, false);
     if (e.num_shared_experts > 0) {
@@ -347,6 +487,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     }
   }
   elementwise("mlp_residual", 3 * kAct * t * h / sp_, false);
+  for (std::size_t i = mlp_begin; i < out.size(); ++i)
+    out[i].owner = layer.mlp == MlpKind::moe ? LayerKind::moe : LayerKind::dense;
   return out;
 }
 
@@ -387,32 +529,34 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   return op;
 }
 
-// Attention over `steps` ring steps (1: a plain call). Step i computes on the K/V chunk that
-// arrived in step i-1 while step i's chunk travels on the CP stream; backward passes K/V and
-// their gradients (twice the bytes) and runs flash attention's backward.
+// Attention over `steps` ring steps (1: a plain call). Forward: step i computes on the K/V block
+// that arrived in step i-1 while step i's block travels on the CP stream (steps - 1 hops).
+// Backward: the K/V blocks travel the same steps - 1 hops, and each block's gradient (dK/dV)
+// follows it, one hop after every step, the last hop bringing each rank's own gradient home
+// (steps hops): the q/k/v projections' backward waits for it.
 int Lowering::emit_attention(const Step& st, const std::string& prefix, Category category,
                              int layer, int mb, bool backward) {
   const int steps = std::max(1, st.ring_steps);
   const int start = cursor_;
-  int prev_comm = -1, last = -1;
+  auto ring_hop = [&](const char* what, int i, std::vector<int> deps) {
+    sim::Op comm;
+    comm.name = fmt::format("{}.{}.{}", prefix, what, i);
+    comm.kind = OpKind::send_recv;
+    comm.category = Category::cp_comm;
+    comm.stream = kCp;
+    comm.bytes = st.ring_bytes;
+    comm.group = g_.cp_ring;
+    comm.layer = layer;
+    comm.micro_batch = mb;
+    comm.deps = std::move(deps);
+    comm.deps.erase(std::remove(comm.deps.begin(), comm.deps.end(), -1), comm.deps.end());
+    return comm;
+  };
+  int prev_kv = -1, prev_dkv = -1, last = -1;
   for (int i = 0; i < steps; ++i) {
-    int comm_index = -1;
-    if (i + 1 < steps) {
-      sim::Op comm;
-      comm.name = fmt::format("{}.{}.{}", prefix, backward ? "ring_dkv" : "ring_kv", i);
-      comm.kind = OpKind::send_recv;
-      comm.category = Category::cp_comm;
-      comm.stream = kCp;
-      comm.bytes = (backward ? 2 : 1) * st.ring_bytes;
-      comm.group = g_.cp_ring;
-      comm.layer = layer;
-      comm.micro_batch = mb;
-      if (start >= 0)
-        comm.deps.push_back(start);
-      if (prev_comm >= 0)
-        comm.deps.push_back(prev_comm);
-      comm_index = add(std::move(comm), false);
-    }
+    int kv = -1;
+    if (i + 1 < steps)
+      kv = add(ring_hop(backward ? "ring_kv_bwd" : "ring_kv", i, {start, prev_kv}), false);
     const std::string name = steps > 1 ? fmt::format("{}{}.{}", prefix, backward ? ".bwd" : "", i)
                                        : prefix + (backward ? ".bwd" : "");
     sim::Op compute = op_of(st, name, category, layer, mb);
@@ -422,10 +566,15 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
     } else {
       compute.model_flops = category == Category::forward ? st.flops / steps : 0;
     }
-    if (prev_comm >= 0)
-      compute.deps.push_back(prev_comm);
+    if (prev_kv >= 0)
+      compute.deps.push_back(prev_kv);
     last = add(std::move(compute));
-    prev_comm = comm_index;
+    // The block's accumulated gradient leaves once this step's share is added to what arrived
+    // with it (the next step accumulates locally meanwhile, as Transformer Engine's ring does);
+    // the last hop brings my own block's gradient home, on the data path.
+    if (backward && steps > 1)
+      prev_dkv = last = add(ring_hop("ring_dkv", i, {last, prev_dkv}), i + 1 == steps);
+    prev_kv = kv;
   }
   return last;
 }
@@ -474,6 +623,8 @@ void Lowering::emit_wgrad(sim::Op wgrad) {
 }
 
 void Lowering::emit_backward(const Step& st, const std::string& prefix, int layer, int mb) {
+  if (st.forward_only)
+    return;
   switch (st.kind) {
   case OpKind::gemm: {
     // dX = dY·Wᵀ (m x k over n) and dW = Xᵀ·dY (k x n over m): twice the forward FLOPs.
@@ -590,70 +741,128 @@ sim::Schedule Lowering::run() {
     std::vector<KindParams> local(static_cast<std::size_t>(n_layers));
     std::vector<double> saved(static_cast<std::size_t>(n_layers));
     std::vector<double> full(static_cast<std::size_t>(n_layers));
+    std::vector<std::vector<ParamBucket>> buckets(static_cast<std::size_t>(n_layers));
     for (int i = 0; i < n_layers; ++i) {
       const LayerSpec& layer =
           m_.layers[static_cast<std::size_t>(layer_id[static_cast<std::size_t>(i)])];
       steps[static_cast<std::size_t>(i)] = layer_steps(layer);
       local[static_cast<std::size_t>(i)] = layer_local_params(m_, layer, p_);
+      buckets[static_cast<std::size_t>(i)] =
+          layer_buckets(layer, local[static_cast<std::size_t>(i)]);
       saved[static_cast<std::size_t>(i)] =
           saved_activation_bytes(m_, layer, p_, c_.seq, c_.activations);
       full[static_cast<std::size_t>(i)] =
           layer_activation_bytes(m_, layer, p_, c_.seq, Recompute::none, c_.activations);
     }
-    auto gathered = [&](int i, LayerKind k) {
-      const int ki = static_cast<int>(k);
-      const bool z3 = p_.state[ki].zero >= 3 || p_.params == Placement::host;
-      return z3 && g_.fsdp[ki] >= 0 ? local[static_cast<std::size_t>(i)][k] : 0.0;
-    };
     constexpr LayerKind kLayerKinds[] = {LayerKind::attention, LayerKind::moe, LayerKind::dense};
+    // The embedding kind on this stage; the buckets the embedding lookup reads, and those the LM
+    // head reads (the final norm, the head weight or the tied table).
+    const std::vector<ParamBucket> emb_buckets = embedding_buckets(first, last);
+    std::vector<ParamBucket> table_buckets, head_buckets;
+    for (const ParamBucket& b : emb_buckets) {
+      if (b.name == "embedding")
+        table_buckets.push_back(b);
+      if (b.name != "embedding" || m_.tied_embeddings)
+        head_buckets.push_back(b);
+    }
+    const int etp_group = comm_group("tp.embedding", embed_tp_group());
+    // The tied table's copies on the first and last stage: a pair of ranks at the same place in
+    // their stages (on one node only if both stages fit in it).
+    int tied_group = -1;
+    if (m_.tied_embeddings && p_.pp > 1) {
+      const int apart = (p_.pp - 1) * p_.ranks_per_stage();
+      const int gpn = c_.gpus_per_node;
+      s_.groups.push_back(
+          sim::Group{"embedding.tied", 2, apart >= gpn ? 1 : std::min(2, gpn / apart), {}});
+      tied_group = static_cast<int>(s_.groups.size()) - 1;
+    }
 
-    // ZeRO-3 gather of layer i's parameters (per kind, over its own group); returns the ops the
-    // layer's compute must wait for. `gate` is the op that bounds prefetch to one layer ahead.
-    std::vector<int> last_gather;
-    auto gather = [&](int i, int mb, int gate, const char* pass) {
+    // ZeRO-3 gathers of `list` (one all-gather per bucket, over its shard group); returns the ops
+    // the compute must wait for. `gate` is the op that bounds prefetch to one layer ahead.
+    auto gather_buckets = [&](const std::vector<ParamBucket>& list, const std::string& what,
+                              int layer, int mb, int gate, const char* pass) {
       std::vector<int> ops;
-      for (LayerKind k : kLayerKinds) {
-        const double params = gathered(i, k);
-        if (params <= 0)
+      for (const ParamBucket& b : list) {
+        if (b.zero < 3 || b.shard < 0)
           continue;
-        const int ki = static_cast<int>(k);
-        const double shard = shard_degree(p_, k);
-        sim::Op up;
         int upload = -1;
         if (p_.params == Placement::host) { // FSDP2 CPU offload: bring the shard to HBM first
-          up.name = fmt::format("L{}.{}.param_upload.{}", layer_id[static_cast<std::size_t>(i)],
-                                layer_kind_name(k), pass);
+          sim::Op up;
+          up.name = fmt::format("{}.{}.param_upload.{}", what, b.name, pass);
           up.kind = OpKind::copy_h2d;
           up.category = Category::offload;
           up.stream = kH2d;
-          up.bytes = kAct * params / shard;
-          up.layer = layer_id[static_cast<std::size_t>(i)];
+          up.bytes = kAct * b.params / b.shard_ranks;
+          up.layer = layer;
           up.micro_batch = mb;
           if (gate >= 0)
             up.deps.push_back(gate);
           upload = add(std::move(up), false);
         }
         sim::Op op;
-        op.name = fmt::format("L{}.{}.fsdp_gather.{}", layer_id[static_cast<std::size_t>(i)],
-                              layer_kind_name(k), pass);
+        op.name = fmt::format("{}.{}.fsdp_gather.{}", what, b.name, pass);
         op.kind = OpKind::all_gather;
         op.category = Category::dp_comm;
         op.stream = kDp;
-        op.bytes = kAct * params;
-        op.group = g_.fsdp[ki];
-        op.layer = layer_id[static_cast<std::size_t>(i)];
+        op.bytes = kAct * b.params;
+        op.group = b.shard;
+        op.layer = layer;
         op.micro_batch = mb;
         if (gate >= 0)
           op.deps.push_back(gate);
         if (upload >= 0)
           op.deps.push_back(upload);
-        op.allocs.push_back(
-            tensor(fmt::format("L{}.{} gathered ({} mb{})", layer_id[static_cast<std::size_t>(i)],
-                               layer_kind_name(k), pass, mb),
-                   kAct * params, Device::hbm, MemoryKind::comm_buffers));
+        op.allocs.push_back(tensor(fmt::format("{}.{} gathered ({} mb{})", what, b.name, pass, mb),
+                                   kAct * b.params, Device::hbm, MemoryKind::comm_buffers));
         ops.push_back(add(std::move(op), false));
       }
       return ops;
+    };
+    auto collective_op = [&](std::string name, OpKind kind, Category category, int stream,
+                             int group, double bytes, int mb) {
+      sim::Op op;
+      op.name = std::move(name);
+      op.kind = kind;
+      op.category = category;
+      op.stream = stream;
+      op.group = group;
+      op.bytes = bytes;
+      op.micro_batch = mb;
+      return op;
+    };
+    // Vocabulary parallelism with SP (Megatron's VocabParallelEmbedding and
+    // vocab_parallel_cross_entropy): the embedding's partial rows reduce-scatter over the
+    // embedding tp group (an all-gather of their gradients in backward); the head gathers the
+    // sequence-parallel rows (a reduce-scatter in backward) and the loss all-reduces each row's
+    // max, its target logit and its sum of exponentials (FP32).
+    auto embedding_tp_op = [&](const char* name, OpKind kind, int mb) {
+      sim::Op op = collective_op(fmt::format("{}.mb{}", name, mb), kind, Category::tp_comm, kTp,
+                                 etp_group, kAct * tokens_ * h, mb);
+      if (kind == OpKind::all_reduce)
+        op.bytes = 4 * tokens_;
+      return op;
+    };
+    // ZeRO 1 and 2: the all-gathers of `list`'s updated parameters after op `after`, chained on
+    // the DP stream; returns the last (or `after` when there is none).
+    auto param_gathers = [&](const std::vector<ParamBucket>& list, const std::string& what,
+                             int layer, int after) {
+      int last_op = after;
+      for (const ParamBucket& b : list) {
+        if ((b.zero != 1 && b.zero != 2) || b.shard < 0)
+          continue;
+        sim::Op op =
+            collective_op(fmt::format("{}.{}.param_gather", what, b.name), OpKind::all_gather,
+                          Category::dp_comm, kDp, b.shard, kAct * b.params, -1);
+        op.layer = layer;
+        op.deps = {last_op};
+        last_op = add(std::move(op), false);
+      }
+      return last_op;
+    };
+    auto gather = [&](int i, int mb, int gate, const char* pass) {
+      const int l = layer_id[static_cast<std::size_t>(i)];
+      return gather_buckets(buckets[static_cast<std::size_t>(i)], fmt::format("L{}", l), l, mb,
+                            gate, pass);
     };
     auto free_gathered = [&](const std::vector<int>& gathers, int at_op) {
       for (int gi : gathers)
@@ -680,7 +889,10 @@ sim::Schedule Lowering::run() {
         up.bytes = kAct * shard_params;
         up.layer = layer_id[static_cast<std::size_t>(i)];
         up.deps = {a};
-        param_ready[static_cast<std::size_t>(i)] = add(std::move(up), false);
+        param_ready[static_cast<std::size_t>(i)] =
+            param_gathers(buckets[static_cast<std::size_t>(i)],
+                          fmt::format("L{}", layer_id[static_cast<std::size_t>(i)]),
+                          layer_id[static_cast<std::size_t>(i)], add(std::move(up), false));
       }
     }
 
@@ -701,13 +913,18 @@ sim::Schedule Lowering::run() {
                                 stage > 0 ? stage - 1 : p_.pp - 1, mb, 0);
         recv_fwd[static_cast<std::size_t>(stage)][key] = add(std::move(r));
       } else {
+        const std::vector<int> gathers =
+            gather_buckets(table_buckets, "embedding", -1, mb, -1, "fwd");
         sim::Op e;
         e.name = fmt::format("embedding.mb{}", mb);
         e.kind = OpKind::elementwise;
         e.category = Category::forward;
         e.bytes = 2 * kAct * tokens_ * h;
         e.micro_batch = mb;
-        add(std::move(e));
+        e.deps = gathers;
+        free_gathered(gathers, add(std::move(e)));
+        if (etp_group >= 0)
+          add(embedding_tp_op("embedding_sp_scatter", OpKind::reduce_scatter, mb));
       }
       for (int i = chunk_begin[static_cast<std::size_t>(chunk)];
            i < chunk_begin[static_cast<std::size_t>(chunk + 1)]; ++i) {
@@ -759,7 +976,14 @@ sim::Schedule Lowering::run() {
         }
       }
       if (heads) {
+        const std::vector<int> gathers = gather_buckets(head_buckets, "head", -1, mb, -1, "fwd");
+        if (etp_group >= 0) {
+          sim::Op ag = embedding_tp_op("head_sp_gather", OpKind::all_gather, mb);
+          ag.deps = gathers;
+          add(std::move(ag));
+        }
         sim::Op head;
+        head.deps = gathers;
         head.name = fmt::format("lm_head.mb{}", mb);
         head.kind = OpKind::gemm;
         head.category = Category::forward;
@@ -772,6 +996,8 @@ sim::Schedule Lowering::run() {
                    MemoryKind::activations);
         head.allocs = {logits[static_cast<std::size_t>(mb)]};
         add(std::move(head));
+        if (etp_group >= 0)
+          add(embedding_tp_op("loss_max", OpKind::all_reduce, mb));
         sim::Op loss;
         loss.name = fmt::format("loss.mb{}", mb);
         loss.kind = OpKind::elementwise;
@@ -779,6 +1005,11 @@ sim::Schedule Lowering::run() {
         loss.bytes = kAct * tokens_ * v * 3;
         loss.micro_batch = mb;
         add(std::move(loss));
+        if (etp_group >= 0) {
+          add(embedding_tp_op("loss_target", OpKind::all_reduce, mb));
+          add(embedding_tp_op("loss_sum_exp", OpKind::all_reduce, mb));
+        }
+        free_gathered(gathers, cursor_);
       } else {
         sim::Op snd = pipeline_op(fmt::format("send_act.mb{}", mb), OpKind::send,
                                   last ? 0 : stage + 1, mb, pp_bytes);
@@ -788,51 +1019,72 @@ sim::Schedule Lowering::run() {
     };
 
     std::vector<int> layer_bwd_end(static_cast<std::size_t>(n_layers), -1);
-    // Gradient reduction of local layer i after op `after`: ZeRO-3 (FSDP2) reduce-scatters every
-    // micro-batch; lower stages accumulate and reduce on the last (Megatron's
-    // overlap_grad_reduce).
+    // Gradient reduction of a bucket after op `after`: ZeRO-3 (FSDP2) reduce-scatters a layer's
+    // buckets every micro-batch; the others, and the embedding kind, reduce on the last
+    // (Megatron's overlap_grad_reduce): ZeRO-0 all-reduces, ZeRO 1 and 2 reduce-scatter (each
+    // rank steps only its shard). HSDP then all-reduces the shard over the replicas once per
+    // step, and tied embeddings sum the first and last stages' copies.
     std::vector<int> grad_ready; // ops after which this step's gradients are reduced / on host
+    auto reduce_bucket = [&](const ParamBucket& b, const std::string& what, int layer, int mb,
+                             bool last_mb, int end) {
+      if (!last_mb && !(b.zero >= 3 && layer >= 0))
+        return;
+      auto reduction = [&](std::string step, OpKind kind, int group, double bytes, int after) {
+        sim::Op op = collective_op(fmt::format("{}.{}.{}.mb{}", what, b.name, step, mb), kind,
+                                   Category::dp_comm, kDp, group, bytes, mb);
+        op.layer = layer;
+        op.deps = {after};
+        return op;
+      };
+      int r = -1;
+      std::vector<sim::Op> ops;
+      if (b.tp_sum >= 0) {
+        ops.push_back(
+            reduction("grad_tp_sum", OpKind::all_reduce, b.tp_sum, kGrad * b.tp_sum_params, end));
+        ops.back().category = Category::tp_comm;
+        ops.back().stream = kTp;
+      }
+      if (b.zero == 0 && b.all_reduce >= 0)
+        ops.push_back(
+            reduction("grad_reduce", OpKind::all_reduce, b.all_reduce, kGrad * b.params, end));
+      if (b.zero > 0 && b.shard >= 0)
+        ops.push_back(
+            reduction("grad_reduce", OpKind::reduce_scatter, b.shard, kGrad * b.params, end));
+      if (last_mb && b.zero > 0 && b.replicas >= 0)
+        ops.push_back(reduction("grad_replicas", OpKind::all_reduce, b.replicas,
+                                kGrad * b.params / b.shard_ranks, end));
+      if (last_mb && b.embedding && tied_group >= 0)
+        ops.push_back(reduction("tied_grad_sum", OpKind::all_reduce, tied_group,
+                                kGrad * b.params / (b.zero > 0 ? b.shard_ranks : 1), end));
+      if (ops.empty())
+        return;
+      const int buf = tensor(fmt::format("{}.{} unsharded grads mb{}", what, b.name, mb),
+                             kGrad * b.params, Device::hbm, MemoryKind::comm_buffers);
+      rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
+      ops.front().frees = {buf};
+      for (sim::Op& op : ops) {
+        if (r >= 0)
+          op.deps = {r};
+        r = add(std::move(op), false);
+      }
+      if (last_mb && p_.grads == Placement::host) {
+        sim::Op d2h;
+        d2h.name = fmt::format("{}.{}.grad_download", what, b.name);
+        d2h.kind = OpKind::copy_d2h;
+        d2h.category = Category::offload;
+        d2h.stream = kD2h;
+        d2h.bytes = kGrad * b.params / b.shard_ranks;
+        d2h.layer = layer;
+        d2h.deps = {r};
+        r = add(std::move(d2h), false);
+      }
+      if (last_mb)
+        grad_ready.push_back(r);
+    };
     auto reduce_grads = [&](int i, int mb, bool last_mb, int after) {
       const int l = layer_id[static_cast<std::size_t>(i)];
-      const int end = after;
-      for (LayerKind k : kLayerKinds) {
-        const int ki = static_cast<int>(k);
-        const double params = local[static_cast<std::size_t>(i)][k];
-        if (params <= 0 || g_.fsdp[ki] < 0)
-          continue;
-        const int zero = p_.state[ki].zero;
-        if (zero < 3 && !last_mb)
-          continue;
-        sim::Op red;
-        red.name = fmt::format("L{}.{}.grad_reduce.mb{}", l, layer_kind_name(k), mb);
-        red.kind = zero >= 1 ? OpKind::reduce_scatter : OpKind::all_reduce;
-        red.category = Category::dp_comm;
-        red.stream = kDp;
-        red.bytes = kGrad * params;
-        red.group = g_.fsdp[ki];
-        red.layer = l;
-        red.micro_batch = mb;
-        red.deps = {end};
-        const int buf =
-            tensor(fmt::format("L{}.{} unsharded grads mb{}", l, layer_kind_name(k), mb),
-                   kGrad * params, Device::hbm, MemoryKind::comm_buffers);
-        rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
-        red.frees = {buf};
-        int r = add(std::move(red), false);
-        if (last_mb && p_.grads == Placement::host) {
-          sim::Op d2h;
-          d2h.name = fmt::format("L{}.{}.grad_download", l, layer_kind_name(k));
-          d2h.kind = OpKind::copy_d2h;
-          d2h.category = Category::offload;
-          d2h.stream = kD2h;
-          d2h.bytes = kGrad * params / shard_degree(p_, k);
-          d2h.layer = l;
-          d2h.deps = {r};
-          r = add(std::move(d2h), false);
-        }
-        if (last_mb)
-          grad_ready.push_back(r);
-      }
+      for (const ParamBucket& b : buckets[static_cast<std::size_t>(i)])
+        reduce_bucket(b, fmt::format("L{}", l), l, mb, last_mb, after);
     };
     struct PendingTail {
       int i, mb;
@@ -862,7 +1114,9 @@ sim::Schedule Lowering::run() {
       const std::size_t key = static_cast<std::size_t>(chunk * micro + mb);
       const bool last_mb = mb == micro - 1;
       if (heads) {
+        const std::vector<int> gathers = gather_buckets(head_buckets, "head", -1, mb, -1, "bwd");
         sim::Op head;
+        head.deps = gathers;
         head.name = fmt::format("lm_head.mb{}.bwd", mb);
         head.kind = OpKind::gemm;
         head.category = Category::backward;
@@ -872,6 +1126,9 @@ sim::Schedule Lowering::run() {
         head.micro_batch = mb;
         head.frees = {logits[static_cast<std::size_t>(mb)]};
         add(std::move(head));
+        if (etp_group >= 0)
+          add(embedding_tp_op("head_sp_gather.bwd", OpKind::reduce_scatter, mb));
+        free_gathered(gathers, cursor_);
       } else {
         sim::Op r = pipeline_op(fmt::format("recv_grad.mb{}", mb), OpKind::recv,
                                 last ? 0 : stage + 1, mb, 0);
@@ -915,12 +1172,12 @@ sim::Schedule Lowering::run() {
               fmt::format("L{} recomputed mb{}", l, mb),
               std::max(0.0, full[static_cast<std::size_t>(i)] - saved[static_cast<std::size_t>(i)]),
               Device::hbm, MemoryKind::activations);
-        const bool full_rc = rc_att == Recompute::full;
+        // Each block follows its own kind's policy: full re-runs every step of the block, its
+        // collectives included; selective the steps marked for it.
         if (any_rc) {
           for (const Step& st : steps[static_cast<std::size_t>(i)]) {
-            if (!full_rc && !st.selective_keep)
-              continue;
-            if (!full_rc && sim::is_collective(st.kind))
+            const Recompute r = p_.recompute[static_cast<int>(st.owner)];
+            if (r == Recompute::none || (r == Recompute::selective && !st.selective_keep))
               continue;
             emit_forward(st, fmt::format("L{}.{}.mb{}.recompute", l, st.name, mb),
                          Category::recompute, l, mb);
@@ -957,6 +1214,8 @@ sim::Schedule Lowering::run() {
           rc.ops[static_cast<std::size_t>(end)].frees.push_back(t);
         reduce_grads(i, mb, last_mb, end);
       }
+      if (embeds && etp_group >= 0)
+        add(embedding_tp_op("embedding_sp_scatter.bwd", OpKind::all_gather, mb));
       if (!embeds) {
         sim::Op snd = pipeline_op(fmt::format("send_grad.mb{}", mb), OpKind::send,
                                   stage > 0 ? stage - 1 : p_.pp - 1, mb, pp_bytes);
@@ -969,8 +1228,20 @@ sim::Schedule Lowering::run() {
     defer_wgrad_ = defers_weight_gradients(p_);
     play_pipeline(p_, stage, flush_wgrad, forward, backward);
     defer_wgrad_ = false;
+    // The embedding kind's gradients, once per step after the last backward.
+    const int backward_end = cursor_;
+    for (const ParamBucket& b : emb_buckets)
+      reduce_bucket(b, "embedding", -1, micro - 1, true, backward_end);
 
-    // The optimizer step.
+    // The optimizer step. ZeRO 1 and 2 then all-gather each bucket's updated BF16 parameters
+    // (Megatron's distributed optimizer; DeepSpeed's after a host step).
+    auto param_gathers_after = [&](int after) {
+      for (int i = 0; i < n_layers; ++i)
+        param_gathers(buckets[static_cast<std::size_t>(i)],
+                      fmt::format("L{}", layer_id[static_cast<std::size_t>(i)]),
+                      layer_id[static_cast<std::size_t>(i)], after);
+      param_gathers(emb_buckets, "embedding", -1, after);
+    };
     double shard_params = 0;
     for (int i = 0; i < n_layers; ++i)
       for (LayerKind k : kLayerKinds)
@@ -988,26 +1259,7 @@ sim::Schedule Lowering::run() {
       adam.category = Category::optimizer;
       adam.bytes = kAdamBytesPerParam * shard_params;
       adam.deps = grad_ready;
-      add(std::move(adam));
-      // ZeRO-1/2: gather the updated BF16 parameters (Megatron's distributed optimizer).
-      for (LayerKind k : kLayerKinds) {
-        const int ki = static_cast<int>(k);
-        if (p_.state[ki].zero < 1 || p_.state[ki].zero >= 3 || g_.fsdp[ki] < 0)
-          continue;
-        double params = 0;
-        for (int i = 0; i < n_layers; ++i)
-          params += local[static_cast<std::size_t>(i)][k];
-        if (params <= 0)
-          continue;
-        sim::Op ag;
-        ag.name = fmt::format("{}.param_gather", layer_kind_name(k));
-        ag.kind = OpKind::all_gather;
-        ag.category = Category::dp_comm;
-        ag.stream = kDp;
-        ag.bytes = kAct * params;
-        ag.group = g_.fsdp[ki];
-        add(std::move(ag));
-      }
+      param_gathers_after(add(std::move(adam)));
     } else if (p_.overlap != OptimizerOverlap::stream_forward) {
       // After backward (or streamed per layer as gradients arrive): AdamW on the host, then the
       // updated BF16 shard goes back to HBM.
@@ -1024,14 +1276,14 @@ sim::Schedule Lowering::run() {
         up.stream = kH2d;
         up.bytes = kAct * shard_params;
         up.deps = {a};
-        add(std::move(up), false);
+        param_gathers_after(add(std::move(up), false));
       }
     } else {
       // Streamed into the next forward: the embedding's step and the gradient downloads end the
       // step; the layers' steps were placed before their forwards.
       sim::Op adam = host_adam_op("optimizer.host_adamw.embedding", emb, -1);
       adam.deps = grad_ready;
-      add(std::move(adam), false);
+      param_gathers(emb_buckets, "embedding", -1, add(std::move(adam), false));
     }
   }
 

@@ -78,7 +78,11 @@ Coords coords_of(const sim::Mesh& mesh, int rank) {
   return c;
 }
 
-LayerKind kind_of(ParamRole r, bool moe_layer) {
+// The layer kind whose plan (ZeRO stage, shard group) a parameter follows, as the memory model
+// and the lowering count them: an MoE layer's norm and router are non-expert parameters, in the
+// dense kind (Megatron-Core reduces them with the dense parameters, not over the expert
+// data-parallel group).
+LayerKind kind_of(ParamRole r) {
   switch (r) {
   case ParamRole::attn_norm:
   case ParamRole::wq:
@@ -89,12 +93,11 @@ LayerKind kind_of(ParamRole r, bool moe_layer) {
   case ParamRole::k_norm:
     return LayerKind::attention;
   case ParamRole::mlp_norm:
-    return moe_layer ? LayerKind::moe : LayerKind::dense;
+  case ParamRole::router:
   case ParamRole::dense_gate:
   case ParamRole::dense_up:
   case ParamRole::dense_down:
     return LayerKind::dense;
-  case ParamRole::router:
   case ParamRole::expert_gate:
   case ParamRole::expert_up:
   case ParamRole::expert_down:
@@ -178,12 +181,16 @@ template <class T> struct LocalParam {
   int layer = -1;
   LayerKind kind = LayerKind::embedding;
   Slice slice;
-  Index n = 0;            // elements of the slice
-  Comm grads;             // every rank holding the same slice (the gradient is summed over them)
-  Comm shard;             // the ZeRO shard group (grads itself, or an HSDP block of it)
-  Comm replicas;          // HSDP: the same shard index in every block (size 1 otherwise)
-  bool writer = false;    // writes the state back (the first replica)
-  bool tied_copy = false; // the LM head's copy of tied embeddings on the last stage
+  Index n = 0;   // elements of the slice
+  Comm grads;    // every rank holding the same slice (the gradient is summed over them)
+  Comm shard;    // the ZeRO shard group (grads itself, or an HSDP block of it)
+  Comm replicas; // HSDP: the same shard index in every block (size 1 otherwise)
+  Comm tp_sum;   // norms and the router: the TP ranks whose gradients are summed first (size 1
+                 // for TP-split parameters)
+  bool writer = false;      // writes the state back (the first replica)
+  bool tied_copy = false;   // the LM head's copy of tied embeddings on the last stage
+  bool head_module = false; // the final norm and the LM head (layer -1, not the embedding)
+  int bucket = -1;          // in Rank::buckets_
   int zero = 0;
   Index chunk = 0;      // elements per ZeRO shard (the slice padded to a multiple of the group)
   Index lo = 0, hi = 0; // my shard's range in the slice
@@ -191,8 +198,9 @@ template <class T> struct LocalParam {
   std::vector<T> owned; // ZeRO-3: my shard of the slice (padded to chunk)
   std::vector<T> grad;  // the slice's gradient, accumulated over micro-batches; after the
                         // reduction: the whole slice (ZeRO 0/1) or my shard (ZeRO 2/3)
+  std::vector<T> acc;   // ZeRO-3 layers: my shard of the gradient, reduce-scattered after each
+                        // micro-batch's backward (FSDP2) and summed over micro-batches
   std::vector<T> m, v;  // AdamW moments over what I own (the slice, or my shard)
-  bool reduced = false;
   bool pending_step = false;         // reduced, AdamW step not yet applied
   bool keep_grad_until_step = false; // the pending step (streamed into the next forward) still
                                      // needs this gradient
@@ -210,6 +218,15 @@ struct OpCounter {
   }
 };
 
+// Parameters reduced, gathered and stepped together (Rank::make_params).
+struct Bucket {
+  std::vector<Index> members; // into Rank::params_
+  int layer = -1;
+  int zero = 0;
+  Comm grads, shard, replicas; // as each member's
+  bool reduced = false;
+};
+
 template <class T> struct AttnSaved {
   std::vector<T> x, rstd, xg, q_pre, k_pre, q_rstd, k_rstd, q, k, v, o, lse;
   std::vector<T> cq, ck, cv, co, clse; // Ulysses: the head-sharded full-sequence layout
@@ -223,6 +240,7 @@ template <class T> struct MlpSaved {
   std::vector<std::size_t> send_rows, recv_rows;
   std::int64_t etp_rows = 0, etp_max = 0;
   bool has_all = false;
+  bool act_dropped = false; // selective recompute: act is recomputed from gate and up
 };
 template <class T> struct LayerSaved {
   AttnSaved<T> attn;
@@ -266,12 +284,15 @@ public:
       labelled_ += l >= 0 ? 1 : 0;
     loss_sum_ = 0;
     for (auto& lp : params_) {
-      lp.reduced = false;
       if (lp.pending_step)
         lp.keep_grad_until_step = true;
       else
         lp.grad.assign(lp.n, T(0));
+      if (scatters_every_micro_batch(buckets_[sz(lp.bucket)]))
+        lp.acc.assign(lp.chunk, T(0));
     }
+    for (auto& b : buckets_)
+      b.reduced = false;
     const int micro = p_.micro_batches();
     saved_.assign(sz(c_.num_layers()), std::vector<LayerSaved<T>>(sz(micro)));
     head_.assign(sz(micro), HeadSaved<T>{});
@@ -285,18 +306,18 @@ public:
     for (int l : layers_)
       finish_layer(l);
     finish_others();
-    for (auto& lp : params_)
-      if (lp.pending_step && (!host_streams_forward() || lp.layer < 0))
-        adam_step(lp);
+    for (auto& b : buckets_)
+      if (pending(b) && (!host_streams_forward() || b.layer < 0))
+        adam_step(b);
     publish_grads();
     sh_.loss_part[sz(rank_)] = loss_sum_;
   }
 
   // Applies held-back optimizer steps and writes the parameters and moments back.
   void finish_run() {
-    for (auto& lp : params_)
-      if (lp.pending_step)
-        adam_step(lp);
+    for (auto& b : buckets_)
+      if (pending(b))
+        adam_step(b);
     for (auto& lp : params_)
       publish_state(lp);
   }
@@ -358,14 +379,22 @@ private:
       lp.role = info.role;
       lp.layer = info.layer;
       lp.tied_copy = tied_copy;
-      const bool moe_layer = info.layer >= 0 && c_.layers[sz(info.layer)].moe;
-      lp.kind = kind_of(info.role, moe_layer);
+      lp.kind = kind_of(info.role);
+      lp.head_module = info.layer < 0 && (info.role != ParamRole::embedding || tied_copy);
       lp.slice = full_slice(info.shape);
       // The dimension a layer kind's TP (or EP/ETP, vocab parallelism) splits, and the ranks
-      // that hold the same slice and sum its gradient. Norms and the router stay whole,
-      // replicated over the stage.
+      // that hold the same slice and sum its gradient. Norms and the router stay whole on every
+      // rank of the stage: under SP each TP rank sees other tokens, so their gradients are first
+      // summed over the kind's TP group, then reduced with the kind's TP-split weights over its
+      // data-parallel group (Megatron-Core's sequence-parallel norm gradients).
       Comm grads = stage_;
       sim::GroupSpec grads_spec = strategy::stage_group();
+      Comm tp_sum = w_.group({rank_}, rank_);
+      auto replicated = [&](const Comm& dp, const Comm& tp, LayerKind kind) {
+        grads = dp;
+        tp_sum = tp;
+        grads_spec = strategy::data_parallel_group(kind);
+      };
       auto shard = [&](int dim, int part, int parts, const Comm& same_slice, LayerKind kind) {
         split(lp.slice, dim, part, parts);
         grads = same_slice;
@@ -403,11 +432,22 @@ private:
       case R::lm_head:
         shard(2, co_.e_tp, p_.embed.tp, e_dp_, LayerKind::embedding);
         break;
-      default:
+      case R::attn_norm:
+      case R::q_norm:
+      case R::k_norm:
+        replicated(a_grad_, a_tp_, LayerKind::attention);
+        break;
+      case R::mlp_norm:
+      case R::router:
+        replicated(d_dp_, d_tp_, LayerKind::dense);
+        break;
+      case R::final_norm:
+        replicated(e_dp_, e_tp_, LayerKind::embedding);
         break;
       }
       lp.n = lp.slice.numel();
       lp.grads = grads;
+      lp.tp_sum = tp_sum;
       const auto& policy = p_.state[static_cast<int>(lp.kind)];
       lp.zero = policy.zero;
       if (p_.params == strategy::Placement::host)
@@ -430,7 +470,7 @@ private:
         lp.writer = grads.rank() == 0;
       else
         lp.writer = lp.replicas.rank() == 0;
-      if (lp.tied_copy)
+      if (lp.tied_copy || tp_sum.rank() != 0)
         lp.writer = false;
       const Index parts = sz(lp.shard.size());
       lp.chunk = (lp.n + parts - 1) / parts;
@@ -460,6 +500,31 @@ private:
       idx_[i] = static_cast<int>(params_.size());
       params_.push_back(std::move(lp));
     }
+    // Buckets: the parameters of one layer (or of the embedding, or of the final norm and LM
+    // head), of one kind and one gradient group, travel together, one collective per bucket for
+    // each gather, reduction and optimizer gather (FSDP2 gathers and reduces a module's
+    // parameters as one flat buffer; Megatron-Core reduces gradients in buckets).
+    for (Index k = 0; k < params_.size(); ++k) {
+      auto& lp = params_[k];
+      auto same = [&](const Bucket& b) {
+        const auto& f = params_[b.members.front()];
+        return f.layer == lp.layer && f.kind == lp.kind && f.head_module == lp.head_module &&
+               f.grads.members() == lp.grads.members();
+      };
+      auto it = std::find_if(buckets_.begin(), buckets_.end(), same);
+      if (it == buckets_.end()) {
+        Bucket b;
+        b.layer = lp.layer;
+        b.zero = lp.zero;
+        b.grads = lp.grads;
+        b.shard = lp.shard;
+        b.replicas = lp.replicas;
+        buckets_.push_back(b);
+        it = buckets_.end() - 1;
+      }
+      it->members.push_back(k);
+      lp.bucket = static_cast<int>(it - buckets_.begin());
+    }
   }
 
   LocalParam<T>& param(ParamRole role, int layer) {
@@ -475,22 +540,24 @@ private:
   }
   const std::vector<T>& value(ParamRole role, int layer) {
     auto& lp = param(role, layer);
-    ensure(lp);
+    ensure(bucket_of(lp));
     return lp.value;
   }
+  Bucket& bucket_of(const LocalParam<T>& lp) { return buckets_[sz(lp.bucket)]; }
+  bool pending(const Bucket& b) const { return params_[b.members.front()].pending_step; }
   std::vector<T>& grad(ParamRole role, int layer) { return param(role, layer).grad; }
 
   // ZeRO-3: gather the slices of every parameter of `layer` over their shard groups before the
   // layer runs, and drop them after (FSDP's reshard after forward).
   void gather_params(int layer) {
-    for (auto& lp : params_)
-      if (lp.layer == layer)
-        ensure(lp);
+    for (auto& b : buckets_)
+      if (b.layer == layer)
+        ensure(b);
   }
   void release_params(int layer) {
-    for (auto& lp : params_)
-      if (lp.layer == layer)
-        drop(lp);
+    for (auto& b : buckets_)
+      if (b.layer == layer)
+        drop(b);
   }
 
   // --- timed kernels and collectives ---------------------------------------------------------
@@ -532,6 +599,8 @@ private:
   std::vector<U> all_to_all(const Comm& g, const std::vector<U>& send,
                             const std::vector<std::size_t>& send_counts,
                             const std::vector<std::size_t>& recv_counts) {
+    if (g.size() == 1) // a group of one keeps its rows: no call
+      return send;
     OpCounter t{ops_, "all_to_all"};
     std::vector<U> out(std::accumulate(recv_counts.begin(), recv_counts.end(), std::size_t{0}));
     g.all_to_all_v(send.data(), send_counts, out.data(), recv_counts);
@@ -556,17 +625,30 @@ private:
     }
     return pos;
   }
-  int first_sequence(int mb) const { return (mb * p_.attention.dp + co_.a_dp) * p_.micro_batch; }
-  // My rows of micro-batch mb: the ids (or labels) of my SP share of my CP chunk.
-  std::vector<std::int32_t> my_rows(int mb, const std::vector<std::int32_t>& all) const {
-    const auto pos = cp_positions(co_.a_cp);
+  // The rows of micro-batch mb that the rank at `at` holds: the ids (or labels) of its SP share
+  // of its CP chunk.
+  std::vector<std::int32_t> rows_of(const Coords& at, int mb,
+                                    const std::vector<std::int32_t>& all) const {
+    const auto pos = cp_positions(at.a_cp);
+    const int first = (mb * p_.attention.dp + at.a_dp) * p_.micro_batch;
     std::vector<std::int32_t> chunk;
     for (int b = 0; b < p_.micro_batch; ++b)
       for (auto t : pos)
-        chunk.push_back(all[sz(first_sequence(mb) + b) * sz(o_.seq_len) + sz(t)]);
-    return std::vector<std::int32_t>(chunk.begin() + static_cast<std::ptrdiff_t>(co_.a_tp * n_),
+        chunk.push_back(all[sz(first + b) * sz(o_.seq_len) + sz(t)]);
+    return std::vector<std::int32_t>(chunk.begin() + static_cast<std::ptrdiff_t>(at.a_tp * n_),
                                      chunk.begin() +
-                                         static_cast<std::ptrdiff_t>((co_.a_tp + 1) * n_));
+                                         static_cast<std::ptrdiff_t>((at.a_tp + 1) * n_));
+  }
+  // The rows of every member of `g`, in member order: what an all-gather of their rows would
+  // return, read from the batch every rank has.
+  std::vector<std::int32_t> group_rows(const Comm& g, int mb,
+                                       const std::vector<std::int32_t>& all) const {
+    std::vector<std::int32_t> out;
+    for (int member : g.members()) {
+      const auto rows = rows_of(coords_of(mesh_, member), mb, all);
+      out.insert(out.end(), rows.begin(), rows.end());
+    }
+    return out;
   }
 
   // --- passes --------------------------------------------------------------------------------
@@ -601,6 +683,8 @@ private:
       reload(l, mb);
       gather_params(l);
       dx = layer_backward(l, mb, std::move(dx));
+      // After the layer's weight gradients, which zero-bubble may hold back.
+      wgrad([this, l] { scatter_micro_batch(l); });
       release_params(l);
     }
     if (embeds(chunk))
@@ -722,10 +806,14 @@ private:
     s.mlp.x = std::move(h);
     const bool moe = c_.layers[sz(l)].moe;
     std::vector<T> y = moe ? moe_compute(l, s.mlp) : dense_compute(l, s.mlp);
-    if (recompute_of(moe ? LayerKind::moe : LayerKind::dense) != Recompute::none) {
+    const Recompute rm = recompute_of(moe ? LayerKind::moe : LayerKind::dense);
+    if (rm == Recompute::full) {
       std::vector<T> keep = std::move(s.mlp.x);
       s.mlp = MlpSaved<T>{};
       s.mlp.x = std::move(keep);
+    } else if (rm == Recompute::selective) { // only the activation function runs again
+      s.mlp.act = {};
+      s.mlp.act_dropped = true;
     }
     return y;
   }
@@ -738,6 +826,11 @@ private:
         moe_compute(l, s.mlp);
       else
         dense_compute(l, s.mlp);
+    } else if (s.mlp.act_dropped) {
+      OpCounter t{ops_, "swiglu"};
+      s.mlp.act.assign(s.mlp.gate.size(), T(0));
+      swiglu_fwd<T>(s.mlp.act.size(), s.mlp.gate.data(), s.mlp.up.data(), s.mlp.act.data());
+      s.mlp.act_dropped = false;
     }
     std::vector<T> dh = moe ? moe_backward(l, s.mlp, dy) : dense_backward(l, s.mlp, dy);
     if (!s.attn.has_all)
@@ -855,10 +948,8 @@ private:
             attention_merge<T>(lc_, hl_, d, o, lse, po.data(), pl.data());
           }
         }
-        if (step + 1 < CP) {
-          kb = ring_shift(kb);
-          vb = ring_shift(vb);
-        }
+        if (step + 1 < CP)
+          ring_shift(kb, vb);
       }
     } else { // Ulysses: trade sequence for heads, attend over whole sequences, trade back
       const int hs = hl_ / CP, kvs = kvl_ / CP, S = o_.seq_len;
@@ -877,17 +968,23 @@ private:
                          s.cv.data() + r * sz(kvs * d), pos.data(), pos.data(),
                          s.co.data() + r * sz(hs * d), s.clse.data() + r * sz(hs));
       }
-      s.o = to_tokens(s.co, hl_, d);
-      s.lse = to_tokens(s.clse, hl_, 1);
+      s.o = to_tokens(s.co, hl_, d); // the log-sum-exp stays head-sharded: backward reads clse
     }
     s.has_core = true;
   }
 
-  std::vector<T> ring_shift(const std::vector<T>& x) {
-    OpCounter t{ops_, "send_recv"};
-    std::vector<T> out(x.size());
-    a_cp_.send_recv_ring(x.data(), out.data(), x.size(), 1);
-    return out;
+  // One ring hop of a key/value block (or of its two gradients): both tensors travel in one
+  // message, as ring attention implementations send K and V together.
+  void ring_shift(std::vector<T>& a, std::vector<T>& b) {
+    std::vector<T> send(a);
+    send.insert(send.end(), b.begin(), b.end());
+    std::vector<T> recv(send.size());
+    {
+      OpCounter t{ops_, "send_recv"};
+      a_cp_.send_recv_ring(send.data(), recv.data(), send.size(), 1);
+    }
+    std::copy_n(recv.begin(), a.size(), a.begin());
+    std::copy_n(recv.begin() + static_cast<std::ptrdiff_t>(a.size()), b.size(), b.begin());
   }
 
   // Ulysses all-to-all: my chunk's rows with all my heads [ng, heads, d] become whole sequences
@@ -968,12 +1065,9 @@ private:
                            dkb.data() + r * sz(kvl_ * d), dvb.data() + r * sz(kvl_ * d));
         }
         if (CP > 1) { // the key/value gradients travel with their block and arrive home last
-          if (step + 1 < CP) {
-            kb = ring_shift(kb);
-            vb = ring_shift(vb);
-          }
-          dkb = ring_shift(dkb);
-          dvb = ring_shift(dvb);
+          if (step + 1 < CP)
+            ring_shift(kb, vb);
+          ring_shift(dkb, dvb);
         }
       }
       dk = std::move(dkb);
@@ -1117,24 +1211,31 @@ private:
     std::stable_sort(s.order.begin(), s.order.end(),
                      [&](std::int32_t a, std::int32_t b) { return s.idx[sz(a)] < s.idx[sz(b)]; });
     s.send_rows.assign(sz(EP), 0);
-    std::vector<std::int32_t> tokens(s.order.size()), experts(s.order.size());
+    std::vector<std::size_t> per_expert(sz(E), 0);
+    std::vector<std::int32_t> tokens(s.order.size());
     for (Index i = 0; i < s.order.size(); ++i) {
       tokens[i] = s.order[i] / K;
-      experts[i] = s.idx[sz(s.order[i])];
-      s.send_rows[sz(experts[i] / per_rank)] += 1;
+      const int expert = s.idx[sz(s.order[i])];
+      per_expert[sz(expert)] += 1;
+      s.send_rows[sz(expert / per_rank)] += 1;
     }
     std::vector<T> send(s.order.size() * sz(H));
     {
       OpCounter t{ops_, "permute"};
       gather_rows<T>(static_cast<int>(tokens.size()), H, s.xn.data(), tokens.data(), send.data());
     }
-    s.recv_rows = exchange_counts(m_ep_, s.send_rows);
+    // One all-to-all of per-expert counts (Megatron-Core's MoEAlltoAllTokenDispatcher): row j
+    // of `from` holds how many rows of each of my experts rank j sends. Rows arrive grouped by
+    // source rank, then expert, so the counts also say which expert each received row is for.
+    const std::vector<std::size_t> from = exchange_counts(m_ep_, per_expert, per_rank);
+    s.recv_rows.assign(sz(EP), 0);
+    for (int j = 0; j < EP; ++j)
+      for (int e = 0; e < per_rank; ++e)
+        s.recv_rows[sz(j)] += from[sz(j * per_rank + e)];
     const std::vector<T> recv =
         all_to_all(m_ep_, send, scaled(s.send_rows, H), scaled(s.recv_rows, H));
-    const std::vector<std::int32_t> recv_experts =
-        all_to_all(m_ep_, experts, s.send_rows, s.recv_rows);
     // ETP: every rank of the group computes its columns for the group's tokens.
-    const auto gathered = etp_gather(s, recv, recv_experts);
+    const auto gathered = etp_gather(s, recv, from);
     s.rows_in = gathered.first;
     s.rows_expert = gathered.second;
     std::vector<T> out = experts_forward(l, s);
@@ -1160,40 +1261,66 @@ private:
       r *= sz(h);
     return out;
   }
-  std::vector<std::size_t> exchange_counts(const Comm& g, const std::vector<std::size_t>& send) {
+  // Sends every rank of `g` the counts of its `per_rank` experts (send: one count per expert of
+  // the model, in expert order); returns [g.size() x per_rank]: what each rank sends me.
+  std::vector<std::size_t> exchange_counts(const Comm& g, const std::vector<std::size_t>& send,
+                                           int per_rank) {
+    if (g.size() == 1)
+      return send;
     std::vector<std::int64_t> s64(send.begin(), send.end()), r64(send.size());
-    const std::vector<std::size_t> ones(send.size(), 1);
+    const std::vector<std::size_t> counts(sz(g.size()), sz(per_rank));
     {
       OpCounter t{ops_, "all_to_all"};
-      g.all_to_all_v(s64.data(), ones, r64.data(), ones);
+      g.all_to_all_v(s64.data(), counts, r64.data(), counts);
     }
     return std::vector<std::size_t>(r64.begin(), r64.end());
   }
 
-  // ETP all-gather with rows padded to the group's largest count (expert id -1 marks padding).
+  // The global expert of each row received from the EP group, from the counts [ep x per_rank].
+  std::vector<std::int32_t> experts_of(const std::vector<std::size_t>& from) const {
+    const int per_rank = c_.experts / p_.moe.ep;
+    std::vector<std::int32_t> out;
+    for (Index i = 0; i < from.size(); ++i)
+      out.insert(out.end(), from[i],
+                 static_cast<std::int32_t>(co_.m_ep * per_rank + static_cast<int>(i) % per_rank));
+    return out;
+  }
+
+  // ETP: one all-gather of the group's count tables (each rank's [ep x per_rank] counts, from
+  // which every rank derives the others' row counts, the largest, and each row's expert, as
+  // Megatron-Core gathers counts rather than ids), then the all-gather of the rows, padded to
+  // the group's largest count (expert id -1 marks padding).
   std::pair<std::vector<T>, std::vector<std::int32_t>>
-  etp_gather(MlpSaved<T>& s, const std::vector<T>& rows, const std::vector<std::int32_t>& experts) {
+  etp_gather(MlpSaved<T>& s, const std::vector<T>& rows, const std::vector<std::size_t>& from) {
     const int H = c_.hidden;
+    std::vector<std::int32_t> experts = experts_of(from);
     s.etp_rows = static_cast<std::int64_t>(experts.size());
     if (m_etp_.size() == 1) {
       s.etp_max = s.etp_rows;
       return {rows, experts};
     }
-    std::int64_t mx = s.etp_rows;
-    {
-      OpCounter t{ops_, "all_reduce"};
-      m_etp_.all_reduce_max(&mx, 1);
-    }
-    s.etp_max = mx;
-    std::vector<T> pr(rows);
-    pr.resize(sz(mx) * sz(H), T(0));
-    std::vector<std::int32_t> pe(experts);
-    pe.resize(sz(mx), -1);
-    std::vector<std::int32_t> all_e(pe.size() * sz(m_etp_.size()));
+    const std::vector<std::int64_t> mine(from.begin(), from.end());
+    std::vector<std::int64_t> tables(mine.size() * sz(m_etp_.size()));
     {
       OpCounter t{ops_, "all_gather"};
-      m_etp_.all_gather(pe.data(), pe.size(), all_e.data());
+      m_etp_.all_gather(mine.data(), mine.size(), tables.data());
     }
+    std::vector<std::vector<std::int32_t>> member_experts;
+    std::int64_t mx = 0;
+    for (int r = 0; r < m_etp_.size(); ++r) {
+      const auto first = tables.begin() + static_cast<std::ptrdiff_t>(sz(r) * mine.size());
+      member_experts.push_back(experts_of(
+          std::vector<std::size_t>(first, first + static_cast<std::ptrdiff_t>(mine.size()))));
+      mx = std::max(mx, static_cast<std::int64_t>(member_experts.back().size()));
+    }
+    s.etp_max = mx;
+    std::vector<std::int32_t> all_e;
+    for (auto& e : member_experts) {
+      e.resize(sz(mx), -1);
+      all_e.insert(all_e.end(), e.begin(), e.end());
+    }
+    std::vector<T> pr(rows);
+    pr.resize(sz(mx) * sz(H), T(0));
     return {all_gather(m_etp_, pr), all_e};
   }
   std::vector<T> etp_scatter(const MlpSaved<T>& s, const std::vector<T>& rows) {
@@ -1340,31 +1467,158 @@ private:
   }
 
   // --- embedding and LM head -----------------------------------------------------------------
-  void ensure(LocalParam<T>& lp) {
-    if (lp.zero < 3 || !lp.value.empty())
+  // ZeRO-3: one all-gather of every member's shard over the bucket's shard group.
+  void ensure(Bucket& b) {
+    if (b.zero < 3 || !params_[b.members.front()].value.empty())
       return;
-    std::vector<T> all(lp.chunk * sz(lp.shard.size()));
-    {
-      OpCounter t{ops_, "all_gather"};
-      lp.shard.all_gather(lp.owned.data(), lp.chunk, all.data());
-    }
-    all.resize(lp.n);
-    lp.value = std::move(all);
+    std::vector<std::vector<T>> mine;
+    for (Index k : b.members)
+      mine.push_back(params_[k].owned);
+    std::vector<std::vector<T>> all = gather_shards(b, mine);
+    for (Index i = 0; i < b.members.size(); ++i)
+      params_[b.members[i]].value = std::move(all[i]);
   }
-  void drop(LocalParam<T>& lp) {
-    if (lp.zero >= 3) {
-      lp.value.clear();
-      lp.value.shrink_to_fit();
+  void drop(Bucket& b) {
+    if (b.zero < 3)
+      return;
+    for (Index k : b.members) {
+      params_[k].value.clear();
+      params_[k].value.shrink_to_fit();
+    }
+  }
+  // The whole slices of a bucket's members from their shards (`mine[i]`: chunk elements of
+  // member i), in one all-gather: each rank's block holds its shard of every member in turn.
+  std::vector<std::vector<T>> gather_shards(const Bucket& b,
+                                            const std::vector<std::vector<T>>& mine) {
+    const Index parts = sz(b.shard.size());
+    Index total = 0;
+    for (Index k : b.members)
+      total += params_[k].chunk;
+    std::vector<T> send;
+    send.reserve(total);
+    for (const auto& m : mine)
+      send.insert(send.end(), m.begin(), m.end());
+    std::vector<T> all = send;
+    if (parts > 1) {
+      all.assign(total * parts, T(0));
+      OpCounter t{ops_, "all_gather"};
+      b.shard.all_gather(send.data(), total, all.data());
+    }
+    std::vector<std::vector<T>> out;
+    Index off = 0;
+    for (Index k : b.members) {
+      const auto& lp = params_[k];
+      std::vector<T> whole;
+      whole.reserve(lp.chunk * parts);
+      for (Index r = 0; r < parts; ++r)
+        whole.insert(whole.end(), all.begin() + static_cast<std::ptrdiff_t>(r * total + off),
+                     all.begin() + static_cast<std::ptrdiff_t>(r * total + off + lp.chunk));
+      whole.resize(lp.n);
+      out.push_back(std::move(whole));
+      off += lp.chunk;
+    }
+    return out;
+  }
+  // My shard of every member's summed slice gradient, in one reduce-scatter: the send buffer
+  // holds, rank block after rank block, each member's part for that rank (padded to chunk).
+  std::vector<std::vector<T>> scatter_grads(const Bucket& b) {
+    const Index parts = sz(b.shard.size());
+    Index total = 0;
+    for (Index k : b.members)
+      total += params_[k].chunk;
+    std::vector<T> send(total * parts, T(0));
+    Index off = 0;
+    for (Index r = 0; r < parts; ++r)
+      for (Index k : b.members) {
+        const auto& lp = params_[k];
+        const Index lo = std::min(lp.n, r * lp.chunk), hi = std::min(lp.n, lo + lp.chunk);
+        std::copy(lp.grad.begin() + static_cast<std::ptrdiff_t>(lo),
+                  lp.grad.begin() + static_cast<std::ptrdiff_t>(hi),
+                  send.begin() + static_cast<std::ptrdiff_t>(off));
+        off += lp.chunk;
+      }
+    std::vector<T> mine(send.begin(), send.begin() + static_cast<std::ptrdiff_t>(total));
+    if (parts > 1) {
+      OpCounter t{ops_, "reduce_scatter"};
+      b.shard.reduce_scatter(send.data(), total, mine.data());
+    }
+    std::vector<std::vector<T>> out;
+    off = 0;
+    for (Index k : b.members) {
+      out.emplace_back(mine.begin() + static_cast<std::ptrdiff_t>(off),
+                       mine.begin() + static_cast<std::ptrdiff_t>(off + params_[k].chunk));
+      off += params_[k].chunk;
+    }
+    return out;
+  }
+  // Sums every member's `grad` over `g` in one all-reduce.
+  void all_reduce_grads(const Comm& g, const Bucket& b) {
+    if (g.size() == 1)
+      return;
+    std::vector<T> all;
+    for (Index k : b.members)
+      all.insert(all.end(), params_[k].grad.begin(), params_[k].grad.end());
+    {
+      OpCounter t{ops_, "all_reduce"};
+      g.all_reduce(all.data(), all.size());
+    }
+    Index off = 0;
+    for (Index k : b.members) {
+      auto& gr = params_[k].grad;
+      std::copy_n(all.begin() + static_cast<std::ptrdiff_t>(off), gr.size(), gr.begin());
+      off += gr.size();
+    }
+  }
+  // The gradients of the bucket's norms and router, summed over their TP group in one
+  // all-reduce (the TP-split members are not summed).
+  void sum_over_tp(const Bucket& b) {
+    std::vector<T> all;
+    const Comm* g = nullptr;
+    for (Index k : b.members)
+      if (params_[k].tp_sum.size() > 1) {
+        g = &params_[k].tp_sum;
+        all.insert(all.end(), params_[k].grad.begin(), params_[k].grad.end());
+      }
+    if (g == nullptr)
+      return;
+    {
+      OpCounter t{ops_, "all_reduce"};
+      g->all_reduce(all.data(), all.size());
+    }
+    Index off = 0;
+    for (Index k : b.members)
+      if (params_[k].tp_sum.size() > 1) {
+        auto& gr = params_[k].grad;
+        std::copy_n(all.begin() + static_cast<std::ptrdiff_t>(off), gr.size(), gr.begin());
+        off += gr.size();
+      }
+  }
+  // ZeRO-3 layers reduce-scatter after every micro-batch's backward (FSDP2), so no unsharded
+  // gradient outlives its layer's backward; the embedding and the LM head once per step.
+  bool scatters_every_micro_batch(const Bucket& b) const { return b.zero >= 3 && b.layer >= 0; }
+  void scatter_micro_batch(int layer) {
+    for (auto& b : buckets_) {
+      if (b.layer != layer || !scatters_every_micro_batch(b))
+        continue;
+      sum_over_tp(b);
+      const auto mine = scatter_grads(b);
+      for (Index i = 0; i < b.members.size(); ++i) {
+        auto& lp = params_[b.members[i]];
+        for (Index k = 0; k < lp.chunk; ++k)
+          lp.acc[k] += mine[i][k];
+        std::fill(lp.grad.begin(), lp.grad.end(), T(0));
+      }
     }
   }
 
-  // Vocab-parallel embedding: the embedding tp group gathers its rows' ids, each rank looks up
-  // the ids of its vocabulary shard, and a reduce-scatter returns every rank its rows.
+  // Vocab-parallel embedding: each rank of the embedding tp group reads the ids of the group's
+  // rows (as Megatron's ranks each read the micro-batch), looks up those of its vocabulary shard,
+  // and a reduce-scatter returns every rank its rows.
   std::vector<T> embed_forward(int mb) {
     const int H = c_.hidden, shard = c_.vocab / p_.embed.tp, lo = co_.e_tp * shard;
     auto& lp = param(ParamRole::embedding, -1);
-    ensure(lp);
-    const std::vector<std::int32_t> ids_g = all_gather(e_tp_, my_rows(mb, batch_.tokens));
+    ensure(bucket_of(lp));
+    const std::vector<std::int32_t> ids_g = group_rows(e_tp_, mb, batch_.tokens);
     std::vector<T> rows(ids_g.size() * sz(H), T(0));
     {
       OpCounter t{ops_, "embedding"};
@@ -1373,13 +1627,13 @@ private:
           std::copy_n(lp.value.begin() + static_cast<std::ptrdiff_t>(sz(ids_g[r] - lo) * sz(H)), H,
                       rows.begin() + static_cast<std::ptrdiff_t>(r * sz(H)));
     }
-    drop(lp);
+    drop(bucket_of(lp));
     return reduce_scatter(e_tp_, rows);
   }
 
   void embed_backward(int mb, const std::vector<T>& dx) {
     const int H = c_.hidden, shard = c_.vocab / p_.embed.tp, lo = co_.e_tp * shard;
-    const std::vector<std::int32_t> ids_g = all_gather(e_tp_, my_rows(mb, batch_.tokens));
+    const std::vector<std::int32_t> ids_g = group_rows(e_tp_, mb, batch_.tokens);
     const std::vector<T> dxg = all_gather(e_tp_, dx);
     T* g = param(ParamRole::embedding, -1).grad.data();
     OpCounter t{ops_, "embedding"};
@@ -1392,6 +1646,14 @@ private:
   LocalParam<T>& head_weight() {
     return c_.tied_embeddings ? param(ParamRole::embedding, -1) : param(ParamRole::lm_head, -1);
   }
+  // The buckets the head reads (the final norm's and the head weight's), gathered for the
+  // head's forward and again for its backward under ZeRO-3.
+  std::vector<Bucket*> head_buckets() {
+    std::vector<Bucket*> out{&bucket_of(param(ParamRole::final_norm, -1))};
+    if (&bucket_of(head_weight()) != out.front())
+      out.push_back(&bucket_of(head_weight()));
+    return out;
+  }
 
   // Final norm, vocab-parallel LM head and cross-entropy (max, sum of exponentials and the
   // label's logit all-reduced over the embedding tp group, as Megatron's
@@ -1399,16 +1661,19 @@ private:
   void head_forward(int mb, std::vector<T> x) {
     const int H = c_.hidden, V = c_.vocab / p_.embed.tp, lo = co_.e_tp * V;
     auto& hs = head_[sz(mb)];
+    const auto held = head_buckets();
+    for (Bucket* b : held)
+      ensure(*b);
     hs.x = std::move(x);
     hs.xn = norm_forward(ParamRole::final_norm, -1, hs.x, hs.rstd);
     hs.xg = all_gather(e_tp_, hs.xn);
     const int rows = static_cast<int>(hs.xg.size() / sz(H));
     auto& w = head_weight();
-    ensure(w);
     std::vector<T> logits(sz(rows) * sz(V));
     gemm(rows, V, H, hs.xg.data(), false, w.value.data(), c_.tied_embeddings, logits.data(), false);
-    drop(w);
-    const std::vector<std::int32_t> labels_g = all_gather(e_tp_, my_rows(mb, batch_.labels));
+    for (Bucket* b : held)
+      drop(*b);
+    const std::vector<std::int32_t> labels_g = group_rows(e_tp_, mb, batch_.labels);
     const double scale = 1.0 / static_cast<double>(labelled_);
     hs.dlogits.assign(logits.size(), T(0));
     OpCounter t{ops_, "cross_entropy"};
@@ -1420,7 +1685,10 @@ private:
     std::vector<T> mx(sz(rows)), sum(sz(rows), T(0)), target(sz(rows), T(0));
     for (int r = 0; r < rows; ++r)
       mx[sz(r)] = *std::max_element(logits.begin() + r * V, logits.begin() + (r + 1) * V);
-    e_tp_.all_reduce_max(mx.data(), mx.size());
+    {
+      OpCounter c{ops_, "all_reduce"};
+      e_tp_.all_reduce_max(mx.data(), mx.size());
+    }
     for (int r = 0; r < rows; ++r) {
       for (int v = 0; v < V; ++v)
         sum[sz(r)] += std::exp(logits[sz(r) * sz(V) + sz(v)] - mx[sz(r)]);
@@ -1428,8 +1696,14 @@ private:
       if (label >= lo && label < lo + V)
         target[sz(r)] = logits[sz(r) * sz(V) + sz(label - lo)];
     }
-    e_tp_.all_reduce(sum.data(), sum.size());
-    e_tp_.all_reduce(target.data(), target.size());
+    {
+      OpCounter c{ops_, "all_reduce"};
+      e_tp_.all_reduce(sum.data(), sum.size());
+    }
+    {
+      OpCounter c{ops_, "all_reduce"};
+      e_tp_.all_reduce(target.data(), target.size());
+    }
     const int me = e_tp_.rank(), own = rows / e_tp_.size();
     for (int r = 0; r < rows; ++r) {
       const int label = labels_g[sz(r)];
@@ -1449,12 +1723,13 @@ private:
     const int H = c_.hidden, V = c_.vocab / p_.embed.tp;
     auto& hs = head_[sz(mb)];
     const int rows = static_cast<int>(hs.xg.size() / sz(H));
+    const auto held = head_buckets();
+    for (Bucket* b : held)
+      ensure(*b);
     auto& w = head_weight();
-    ensure(w);
     std::vector<T> dxg(sz(rows) * sz(H), T(0));
     gemm(rows, H, V, hs.dlogits.data(), false, w.value.data(), !c_.tied_embeddings, dxg.data(),
          false);
-    drop(w);
     T* g = w.grad.data();
     if (c_.tied_embeddings)
       wgrad([this, g, rows, H, V, dl = hs.dlogits, xg = hs.xg] {
@@ -1466,95 +1741,106 @@ private:
       });
     std::vector<T> dxn = reduce_scatter(e_tp_, dxg);
     std::vector<T> dx = norm_backward(ParamRole::final_norm, -1, hs.x, hs.rstd, dxn, nullptr);
+    for (Bucket* b : held)
+      drop(*b);
     hs = HeadSaved<T>{};
     return dx;
   }
 
   // --- gradients and the optimizer -----------------------------------------------------------
-  void reduce(LocalParam<T>& lp) {
-    if (lp.reduced)
+  // The step's gradient reduction of a bucket: ZeRO-0 all-reduces; ZeRO 1 and 2 reduce-scatter
+  // (each rank steps its shard only, as Megatron's distributed optimizer); ZeRO-3 layers have
+  // reduce-scattered every micro-batch already. HSDP then all-reduces the shard over the
+  // replicas, and tied embeddings sum their two copies' gradients.
+  void reduce(Bucket& b) {
+    if (b.reduced)
       return;
-    lp.reduced = true;
-    if (lp.zero <= 1) {
-      if (lp.grads.size() > 1) {
-        OpCounter t{ops_, "all_reduce"};
-        lp.grads.all_reduce(lp.grad.data(), lp.grad.size());
-      }
+    b.reduced = true;
+    if (!scatters_every_micro_batch(b))
+      sum_over_tp(b);
+    if (b.zero == 0) {
+      all_reduce_grads(b.grads, b);
     } else {
-      std::vector<T> padded = lp.grad;
-      padded.resize(lp.chunk * sz(lp.shard.size()), T(0));
-      lp.grad.assign(lp.chunk, T(0));
-      {
-        OpCounter t{ops_, "reduce_scatter"};
-        lp.shard.reduce_scatter(padded.data(), lp.chunk, lp.grad.data());
+      if (scatters_every_micro_batch(b)) {
+        for (Index k : b.members)
+          params_[k].grad = std::move(params_[k].acc);
+      } else {
+        auto mine = scatter_grads(b);
+        for (Index i = 0; i < b.members.size(); ++i)
+          params_[b.members[i]].grad = std::move(mine[i]);
       }
-      if (lp.replicas.size() > 1) {
+      all_reduce_grads(b.replicas, b);
+    }
+    for (Index k : b.members) {
+      auto& lp = params_[k];
+      if (lp.role == ParamRole::embedding && tied_.size() > 1) {
         OpCounter t{ops_, "all_reduce"};
-        lp.replicas.all_reduce(lp.grad.data(), lp.grad.size());
+        tied_.all_reduce(lp.grad.data(), lp.grad.size());
       }
+      lp.pending_step = true;
+      lp.grad_step = step_index_ + 1;
     }
-    if (lp.role == ParamRole::embedding && tied_.size() > 1) {
-      OpCounter t{ops_, "all_reduce"};
-      tied_.all_reduce(lp.grad.data(), lp.grad.size());
-    }
-    lp.pending_step = true;
-    lp.grad_step = step_index_ + 1;
-    if (host_streams_backward() && lp.layer >= 0)
-      adam_step(lp);
+    if (host_streams_backward() && b.layer >= 0)
+      adam_step(b);
   }
 
   void finish_layer(int l) {
-    for (auto& lp : params_)
-      if (lp.layer == l)
-        reduce(lp);
+    for (auto& b : buckets_)
+      if (b.layer == l)
+        reduce(b);
   }
   void finish_others() {
-    for (auto& lp : params_)
-      if (lp.layer < 0)
-        reduce(lp);
+    for (auto& b : buckets_)
+      if (b.layer < 0)
+        reduce(b);
   }
   void apply_pending(int l) {
-    for (auto& lp : params_)
-      if (lp.layer == l && lp.pending_step)
-        adam_step(lp);
+    for (auto& b : buckets_)
+      if (b.layer == l && pending(b))
+        adam_step(b);
   }
 
-  void adam_step(LocalParam<T>& lp) {
-    OpCounter t{ops_, p_.optimizer_on_host ? "host_adam" : "adamw"};
-    lp.pending_step = false;
-    const std::int64_t step = lp.grad_step;
-    if (lp.zero == 0) {
-      adamw<T>(lp.n, o_.adam, step, lp.value.data(), lp.grad.data(), lp.m.data(), lp.v.data());
-    } else if (lp.zero >= 3) {
-      adamw<T>(lp.hi - lp.lo, o_.adam, step, lp.owned.data(), lp.grad.data(), lp.m.data(),
-               lp.v.data());
-      lp.value.clear(); // a gathered copy is stale now
-    } else {
-      const T* g = lp.zero == 1 ? lp.grad.data() + lp.lo : lp.grad.data();
-      std::vector<T> mine(lp.chunk, T(0));
-      std::copy(lp.value.begin() + static_cast<std::ptrdiff_t>(lp.lo),
-                lp.value.begin() + static_cast<std::ptrdiff_t>(lp.hi), mine.begin());
-      adamw<T>(lp.hi - lp.lo, o_.adam, step, mine.data(), g, lp.m.data(), lp.v.data());
-      std::vector<T> all(lp.chunk * sz(lp.shard.size()));
-      {
-        OpCounter t2{ops_, "all_gather"};
-        lp.shard.all_gather(mine.data(), lp.chunk, all.data());
+  // AdamW on what each member owns; under ZeRO 1 and 2 one all-gather then brings every rank
+  // the bucket's updated parameters.
+  void adam_step(Bucket& b) {
+    std::vector<std::vector<T>> mine;
+    for (Index k : b.members) {
+      auto& lp = params_[k];
+      OpCounter t{ops_, p_.optimizer_on_host ? "host_adam" : "adamw"};
+      lp.pending_step = false;
+      const std::int64_t step = lp.grad_step;
+      if (lp.zero == 0) {
+        adamw<T>(lp.n, o_.adam, step, lp.value.data(), lp.grad.data(), lp.m.data(), lp.v.data());
+      } else if (lp.zero >= 3) {
+        adamw<T>(lp.hi - lp.lo, o_.adam, step, lp.owned.data(), lp.grad.data(), lp.m.data(),
+                 lp.v.data());
+        lp.value.clear(); // a gathered copy is stale now
+      } else {
+        std::vector<T> part(lp.chunk, T(0));
+        std::copy(lp.value.begin() + static_cast<std::ptrdiff_t>(lp.lo),
+                  lp.value.begin() + static_cast<std::ptrdiff_t>(lp.hi), part.begin());
+        adamw<T>(lp.hi - lp.lo, o_.adam, step, part.data(), lp.grad.data(), lp.m.data(),
+                 lp.v.data());
+        mine.push_back(std::move(part));
       }
-      all.resize(lp.n);
-      lp.value = std::move(all);
+      if (lp.keep_grad_until_step) {
+        lp.keep_grad_until_step = false;
+        lp.grad.assign(lp.n, T(0));
+      }
     }
-    if (lp.keep_grad_until_step) {
-      lp.keep_grad_until_step = false;
-      lp.grad.assign(lp.n, T(0));
+    if (b.zero == 1 || b.zero == 2) {
+      auto all = gather_shards(b, mine);
+      for (Index i = 0; i < b.members.size(); ++i)
+        params_[b.members[i]].value = std::move(all[i]);
     }
   }
 
   void publish_grads() {
     for (auto& lp : params_) {
-      if (lp.tied_copy)
+      if (lp.tied_copy || lp.tp_sum.rank() != 0)
         continue;
       auto& full = sh_.grads[sz(lp.index)];
-      if (lp.zero <= 1) {
+      if (lp.zero == 0) {
         if (lp.grads.rank() == 0)
           insert(lp.grad, lp.slice, full);
       } else if (lp.replicas.rank() == 0) {
@@ -1600,6 +1886,7 @@ private:
   std::vector<int> bounds_, layers_;
   std::map<int, int> layer_chunk_;
   std::vector<LocalParam<T>> params_;
+  std::vector<Bucket> buckets_;
   std::vector<int> idx_;
   int hl_ = 0, kvl_ = 0, lc_ = 0, ng_ = 0, n_ = 0;
   std::int64_t step_index_ = 0;

@@ -146,13 +146,18 @@ TEST_CASE("features appear as the ops they promise" * doctest::test_suite("indep
   complete_plan(p);
   const sim::Schedule s = lower(p, LoweringContext{&m, 4096, 8, kH200, {}});
   const int layers = 48, micro = 1;
-  // EP: dispatch and combine per MoE layer, forward and backward.
-  CHECK(count(s, sim::OpKind::all_to_all) == 4 * layers * micro);
+  // EP: dispatch and combine per MoE layer, forward and backward, and the per-expert count
+  // exchange before the forward dispatch (backward reuses the counts): 2 + 2 + 1.
+  CHECK(count(s, sim::OpKind::all_to_all) == 5 * layers * micro);
   // ZeRO-3: one gather per kind with parameters, forward and backward (attention, dense; the
-  // experts' shards over edp = 2 as well).
-  CHECK(count(s, sim::OpKind::all_gather) == 2 * 3 * layers * micro);
-  // Ring CP of degree 2: one K/V pass forward and one backward per layer.
-  CHECK(count(s, sim::OpKind::send_recv) == 2 * layers * micro);
+  // experts' shards over edp = 2 as well); the embedding table before the lookup, and the final
+  // norm with the LM head (one bucket without vocabulary parallelism) before the head's forward
+  // and again before its backward: 3 more per micro-batch.
+  CHECK(count(s, sim::OpKind::all_gather) == 2 * 3 * layers * micro + 3 * micro);
+  // Ring CP of degree 2 per layer: forward, one K/V hop (cp - 1); backward, one K/V hop again
+  // and two dK/dV hops (cp: the gradients of the block a rank holds after the last step travel
+  // one more hop home): 1 + 1 + 2.
+  CHECK(count(s, sim::OpKind::send_recv) == 4 * layers * micro);
 }
 
 TEST_CASE("sliding-window layers under ring CP exchange a halo and keep the model's FLOPs" *

@@ -1,0 +1,219 @@
+// The lowering prices exactly the collectives the CPU executor runs. For every case of the
+// executor's equivalence matrix (tests/real_backend/cpu/executor_test.cpp: the same tiny models,
+// plans, sequence lengths and batches), the Schedule the lowering writes and the ops the executor
+// counts while it trains one step with real arithmetic (a second method: it runs the plan's
+// decomposition and moves the data) must issue the same number of collectives of every kind per
+// rank and step. A collective the lowering leaves out is time the simulator never charges; one
+// the executor does not need is one the lowering should not price either.
+#include "real_backend/cpu/executor.hpp"
+#include "sim/schedule.hpp"
+#include "strategies/lower.hpp"
+#include "strategies/plan.hpp"
+#include "workload/catalog.hpp"
+
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+using namespace mop;
+using strategy::Plan;
+
+namespace {
+
+const char* const kCollectives[] = {"all_gather", "reduce_scatter", "all_reduce", "all_to_all",
+                                    "send_recv",  "send",           "recv"};
+
+// The tiny model with at least `layers` layers (deeper copies repeat the dense/MoE pattern, as
+// the equivalence matrix builds them for pipelines).
+workload::ModelSpec spec(const std::string& id, int layers) {
+  workload::ModelSpec m = workload::load_model(id);
+  while (layers > m.num_layers())
+    m.layers.push_back(m.layers[m.layers.size() % 2]);
+  return m;
+}
+
+struct Case {
+  std::string what;
+  std::string model;
+  int layers = 0;
+  int seq = 16;
+  Plan plan;
+};
+
+Plan plan(int world, int global_batch, const std::function<void(Plan&)>& edit) {
+  Plan p;
+  p.world = world;
+  p.global_batch = global_batch;
+  edit(p);
+  strategy::complete_plan(p);
+  return p;
+}
+
+// The cases of the equivalence matrix.
+std::vector<Case> matrix() {
+  using strategy::CpKind;
+  using strategy::LayerKind;
+  using strategy::OptimizerOverlap;
+  using strategy::PipelineSchedule;
+  using strategy::Placement;
+  using strategy::Recompute;
+  std::vector<Case> cases;
+  for (const char* id : {"tiny-dense", "tiny-moe"}) {
+    cases.push_back({fmt::format("{} one rank", id), id, 0, 16, plan(1, 2, [](Plan&) {})});
+    for (int zero = 0; zero <= 3; ++zero)
+      cases.push_back(
+          {fmt::format("{} DP 2 ZeRO-{}", id, zero), id, 0, 16, plan(2, 4, [&](Plan& p) {
+             for (auto& s : p.state)
+               s.zero = zero;
+           })});
+    cases.push_back({fmt::format("{} TP 2 with SP", id), id, 0, 16, plan(2, 2, [](Plan& p) {
+                       p.attention.tp = 2;
+                       p.dense.tp = 2;
+                       p.embed.tp = 2;
+                     })});
+  }
+  cases.push_back({"HSDP 2 x 2", "tiny-moe", 0, 16, plan(4, 4, [](Plan& p) {
+                     for (auto& s : p.state) {
+                       s.zero = 3;
+                       s.shard_group = 2;
+                     }
+                   })});
+  cases.push_back(
+      {"ring CP 2", "tiny-moe", 0, 16, plan(2, 2, [](Plan& p) { p.attention.cp = 2; })});
+  cases.push_back(
+      {"ring CP 4", "tiny-moe", 0, 16, plan(4, 2, [](Plan& p) { p.attention.cp = 4; })});
+  cases.push_back({"Ulysses CP 2", "tiny-dense", 0, 16, plan(2, 2, [](Plan& p) {
+                     p.attention.cp = 2;
+                     p.attention.cp_kind = CpKind::ulysses;
+                   })});
+  cases.push_back({"EP 2", "tiny-moe", 0, 16, plan(2, 2, [](Plan& p) { p.moe.ep = 2; })});
+  cases.push_back({"EP 4", "tiny-moe", 0, 16, plan(4, 4, [](Plan& p) { p.moe.ep = 4; })});
+  cases.push_back({"EP 2 x ETP 2", "tiny-moe", 0, 16, plan(4, 4, [](Plan& p) {
+                     p.moe.ep = 2;
+                     p.moe.etp = 2;
+                   })});
+  for (auto s :
+       {PipelineSchedule::gpipe, PipelineSchedule::one_f_one_b, PipelineSchedule::zero_bubble})
+    cases.push_back({fmt::format("PP 2 schedule {}", static_cast<int>(s)), "tiny-moe", 4, 16,
+                     plan(2, 4, [&](Plan& p) {
+                       p.pp = 2;
+                       p.schedule = s;
+                     })});
+  cases.push_back({"PP 2 interleaved vp 2", "tiny-moe", 4, 16, plan(2, 4, [](Plan& p) {
+                     p.pp = 2;
+                     p.vp = 2;
+                     p.schedule = PipelineSchedule::interleaved_1f1b;
+                   })});
+  for (auto rc : {Recompute::selective, Recompute::full})
+    cases.push_back({fmt::format("recompute {} with TP 2", static_cast<int>(rc)), "tiny-moe", 0, 16,
+                     plan(2, 4, [&](Plan& p) {
+                       p.attention.tp = 2;
+                       p.dense.tp = 2;
+                       for (auto& r : p.recompute)
+                         r = rc;
+                     })});
+  cases.push_back(
+      {"offload with attention recompute and EP 2", "tiny-moe", 0, 16, plan(2, 4, [](Plan& p) {
+         p.moe.ep = 2;
+         p.activation_offload = 0.5;
+         p.recompute[static_cast<int>(LayerKind::attention)] = Recompute::full;
+       })});
+  for (auto mode : {OptimizerOverlap::after_backward, OptimizerOverlap::stream_backward,
+                    OptimizerOverlap::stream_forward})
+    cases.push_back({fmt::format("host optimizer overlap {}", static_cast<int>(mode)), "tiny-moe",
+                     0, 16, plan(2, 4, [&](Plan& p) {
+                       p.optimizer_on_host = true;
+                       p.optimizer = Placement::host;
+                       p.overlap = mode;
+                       for (auto& s : p.state)
+                         s.zero = 2;
+                     })});
+  cases.push_back({"gradient accumulation over 8 micro-batches", "tiny-dense", 0, 16,
+                   plan(2, 16, [](Plan& p) { p.micro_batch = 1; })});
+  cases.push_back({"tied embeddings across stages", "tiny-dense", 4, 16, plan(4, 4, [](Plan& p) {
+                     p.pp = 2;
+                     p.embed.tp = 2;
+                     for (auto& s : p.state)
+                       s.zero = 3;
+                   })});
+  cases.push_back({"mixture on 8 ranks", "tiny-moe", 4, 32, plan(8, 4, [](Plan& p) {
+                     p.pp = 2;
+                     p.attention.tp = 2;
+                     p.attention.cp = 2;
+                     p.moe.ep = 4;
+                     p.dense.tp = 2;
+                     p.embed.tp = 2;
+                     p.state[0].zero = 3;
+                     p.state[1].zero = 1;
+                     p.state[2].zero = 3;
+                     p.state[3].zero = 2;
+                     for (auto& r : p.recompute)
+                       r = Recompute::full;
+                     p.activation_offload = 0.5;
+                     p.optimizer_on_host = true;
+                     p.optimizer = Placement::host;
+                     p.overlap = OptimizerOverlap::stream_forward;
+                   })});
+  cases.push_back({"float case: TP 2, EP 2", "tiny-moe", 0, 32, plan(4, 4, [](Plan& q) {
+                     q.attention.tp = 2;
+                     q.dense.tp = 2;
+                     q.moe.ep = 2;
+                   })});
+  return cases;
+}
+
+// Collectives per rank per step in the Schedule: every class's ops times its multiplicity, over
+// the world.
+std::map<std::string, double> scheduled(const Case& c, const workload::ModelSpec& m) {
+  strategy::LoweringContext ctx;
+  ctx.model = &m;
+  ctx.seq = c.seq;
+  ctx.gpus_per_node = 8;
+  const sim::Schedule s = strategy::lower(c.plan, ctx);
+  std::map<std::string, double> n;
+  for (const auto& rc : s.classes)
+    for (const auto& op : rc.ops)
+      n[sim::op_kind_name(op.kind)] += rc.multiplicity;
+  for (auto& [kind, v] : n)
+    v /= c.plan.world;
+  return n;
+}
+
+// Collectives per rank per step the executor ran (RunResult::ops counts are summed over ranks and
+// steps).
+std::map<std::string, double> executed(const Case& c, const workload::ModelSpec& m) {
+  const real::TinyConfig tiny = real::tiny_config(m);
+  real::RunOptions o;
+  o.seq_len = c.seq;
+  o.steps = 1;
+  const auto data = real::DataSource::synthetic(tiny.vocab, 7);
+  const auto r =
+      real::run_plan<double>(tiny, c.plan, data, real::initial_state<double>(tiny, 11), o);
+  std::map<std::string, double> n;
+  for (const auto& [kind, t] : r.ops)
+    n[kind] = static_cast<double>(t.count) / c.plan.world;
+  return n;
+}
+
+} // namespace
+
+TEST_CASE("the lowering prices the collectives the CPU executor runs, kind by kind" *
+          doctest::test_suite("independent")) {
+  for (const Case& c : matrix()) {
+    CAPTURE(c.what);
+    const workload::ModelSpec m = spec(c.model, c.layers);
+    const auto want = executed(c, m);
+    const auto got = scheduled(c, m);
+    for (const char* kind : kCollectives) {
+      CAPTURE(kind);
+      const double e = want.count(kind) ? want.at(kind) : 0.0;
+      const double s = got.count(kind) ? got.at(kind) : 0.0;
+      if (e != s)
+        MESSAGE(fmt::format("{:45} {:15} executed {:7.2f} scheduled {:7.2f}", c.what, kind, e, s));
+      CHECK(s == e); // whole counts over the same world: exact
+    }
+  }
+}
