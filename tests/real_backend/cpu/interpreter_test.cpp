@@ -5,117 +5,24 @@
 // (c) each rank's peak live bytes equal the simulator's memory tracker replaying its class's
 //     allocations in program order (no allocator allowance: the interpreter allocates exactly
 //     the Schedule's tensors).
-#include "lowering/passes.hpp"
-#include "lowering/program.hpp"
-#include "real_backend/cpu/interpreter.hpp"
-#include "sim/memory_tracker.hpp"
-#include "strategies/plan.hpp"
-#include "tests/support/approx.hpp"
-#include "workload/catalog.hpp"
+#include "tests/support/program_case.hpp"
 
 #include <doctest/doctest.h>
-#include <functional>
 
-using namespace mop;
-using namespace mop::real;
-using strategy::Plan;
-
-namespace {
-
-struct Case {
-  workload::ModelSpec spec;
-  TinyConfig config;
-  Plan plan;
-  sim::Schedule schedule;
-};
-
-Case make(const std::string& id, int world, int global_batch, int seq,
-          const std::function<void(Plan&)>& edit) {
-  Case k;
-  k.spec = workload::load_model(id);
-  k.config = tiny_config(k.spec);
-  k.plan.world = world;
-  k.plan.global_batch = global_batch;
-  edit(k.plan);
-  strategy::complete_plan(k.plan);
-  k.schedule = lowering::lower_program(k.plan, {&k.spec, seq, 8});
-  sim::check_schedule(k.schedule);
-  return k;
-}
-
-// The rank class a rank runs: its pipeline stage.
-const sim::RankClass& class_of(const sim::Schedule& s, int rank) {
-  const int stage = s.mesh.view("attention").coord(rank, "pp");
-  for (const sim::RankClass& rc : s.classes)
-    if (rc.stage == stage)
-      return rc;
-  FAIL("no class for rank " << rank);
-  return s.classes[0];
-}
-
-double program_order_peak(const sim::RankClass& rc) {
-  sim::MemoryTracker tracker(rc, false);
-  double t = 0;
-  for (const sim::Op& op : rc.ops) {
-    tracker.allocate(op.allocs, t);
-    tracker.free(op.frees, t + 0.5);
-    t += 1;
-  }
-  return tracker.finish().peak_hbm_bytes;
-}
-
-void expect_held_together(const Case& k, int steps = 2) {
-  RunOptions o;
-  o.steps = steps;
-  o.check = true;
-  o.trace = true;
-  const auto data = DataSource::synthetic(k.config.vocab, 7);
-  const RunResult<double> r =
-      interpret<double>(k.schedule, k.config, data, initial_state<double>(k.config, 11), o);
-  // (a)
-  CHECK(r.max_loss_rel_diff < 1e-12);
-  CHECK(r.max_grad_rel_diff < 1e-9);
-  CHECK(r.max_param_rel_diff < 1e-9);
-  // (b): per kind, and op by op.
-  for (const auto& [kind, count] : r.scheduled) {
-    CAPTURE(kind);
-    CHECK(r.ops.at(kind).count == count);
-  }
-  CHECK(r.ops.size() == r.scheduled.size());
-  for (int rank = 0; rank < k.schedule.world; ++rank) {
-    CAPTURE(rank);
-    const sim::RankClass& rc = class_of(k.schedule, rank);
-    std::vector<ExecutedOp> want;
-    for (int step = 0; step < steps; ++step)
-      for (const sim::Op& op : rc.ops) {
-        double bytes = 0;
-        if (op.kernel == sim::Kernel::collective)
-          bytes = op.bytes;
-        else if (op.kernel != sim::Kernel::tokens)
-          for (const auto* list : {&op.inputs, &op.outputs})
-            for (int t : *list)
-              bytes += lowering::tensor_bytes(rc.tensors[static_cast<std::size_t>(t)]);
-        want.push_back(ExecutedOp{op_count_key(op), op.group, bytes});
-      }
-    REQUIRE(r.trace[static_cast<std::size_t>(rank)].size() == want.size());
-    CHECK(r.trace[static_cast<std::size_t>(rank)] == want);
-    // (c)
-    CHECK(r.peak_bytes[static_cast<std::size_t>(rank)] == test::rel(program_order_peak(rc)));
-  }
-}
-
-} // namespace
+using mop::strategy::Plan;
+using mop::test::expect_held_together;
+using mop::test::make_case;
 
 TEST_CASE("interpreter: one rank runs the lowered program as the reference trains" *
           doctest::test_suite("independent")) {
-  expect_held_together(make("tiny-dense", 1, 2, 16, [](Plan&) {}));
+  expect_held_together(make_case("tiny-dense", 1, 2, 16, [](Plan&) {}));
 }
 
 TEST_CASE("interpreter: data parallelism under every ZeRO stage" *
           doctest::test_suite("independent")) {
   for (int zero = 0; zero <= 3; ++zero) {
     CAPTURE(zero);
-    expect_held_together(make("tiny-dense", 2, 4, 16, [&](Plan& p) {
+    expect_held_together(make_case("tiny-dense", 2, 4, 16, [&](Plan& p) {
       for (auto& s : p.state)
         s.zero = zero;
     }));
@@ -124,7 +31,7 @@ TEST_CASE("interpreter: data parallelism under every ZeRO stage" *
 
 TEST_CASE("interpreter: HSDP shards in blocks and sums across them" *
           doctest::test_suite("independent")) {
-  expect_held_together(make("tiny-dense", 4, 4, 16, [&](Plan& p) {
+  expect_held_together(make_case("tiny-dense", 4, 4, 16, [&](Plan& p) {
     for (auto& s : p.state) {
       s.zero = 3;
       s.shard_group = 2;
@@ -134,13 +41,13 @@ TEST_CASE("interpreter: HSDP shards in blocks and sums across them" *
 
 TEST_CASE("interpreter: tensor and sequence parallelism with a vocabulary-parallel head" *
           doctest::test_suite("independent")) {
-  expect_held_together(make("tiny-dense", 2, 2, 16, [](Plan& p) {
+  expect_held_together(make_case("tiny-dense", 2, 2, 16, [](Plan& p) {
     p.attention.tp = 2;
     p.dense.tp = 2;
     p.embed.tp = 2;
   }));
   // Different TP degrees per layer kind, with DP and ZeRO-3 on top, and gradient accumulation.
-  expect_held_together(make("tiny-dense", 4, 8, 16, [](Plan& p) {
+  expect_held_together(make_case("tiny-dense", 4, 8, 16, [](Plan& p) {
     p.attention.tp = 2;
     p.dense.tp = 4;
     p.embed.tp = 1;
