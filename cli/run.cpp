@@ -1,13 +1,20 @@
-// mop run: execute a plan's training steps with real arithmetic. The CPU reference executor
-// (`--executor cpu`) plays the plan on `--ranks` threads; the CUDA executor is not built yet.
+// mop run: execute a plan's training steps with real arithmetic. With `--executor cpu` the plan is
+// lowered to its executable Schedule (lowering/program.hpp) and the CPU interpreter runs it on
+// `--ranks` threads, the very program the simulator prices; a plan whose features the program
+// lowering does not build yet runs on the Plan-playing reference executor instead. The CUDA
+// executor is not built yet.
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
 #include "common/limits.hpp"
 #include "common/units.hpp"
+#include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
 #include "real_backend/cpu/checkpoint.hpp"
+#include "lowering/program.hpp"
 #include "real_backend/cpu/executor.hpp"
+#include "real_backend/cpu/interpreter.hpp"
+#include "sim/engine.hpp"
 #include "strategies/hardware.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
@@ -16,6 +23,7 @@
 #include <cmath>
 #include <fmt/format.h>
 #include <iostream>
+#include <map>
 #include <memory>
 
 namespace mop::cli {
@@ -125,7 +133,41 @@ void run(const RunArgs& a) {
                              "plan ({}): {}\n",
                              spec.name, a.ranks, seq, plan.global_batch, start.step, plan.family,
                              strategy::summary(plan));
-  const real::RunResult<float> r = real::run_plan<float>(c, plan, data, start, o);
+  // The executable Schedule when the program lowering builds this plan, and what the simulator
+  // predicts for it on the reference cluster (per rank over the run: op time by kind, peak
+  // memory of each rank's class).
+  const lowering::ProgramContext pc{&spec, seq, a.ranks};
+  bool programmable = true;
+  try {
+    lowering::check_programmable(plan, pc);
+  } catch (const InputError&) {
+    programmable = false;
+  }
+  real::RunResult<float> r;
+  std::map<std::string, double> predicted_s;
+  std::vector<double> simulated_peak;
+  if (programmable) {
+    const sim::Schedule schedule = lowering::lower_program(plan, pc);
+    sim::check_schedule(schedule);
+    r = real::interpret<float>(schedule, c, data, start, o);
+    const sim::SimResult sr = sim::simulate(schedule, hw::load_cluster("h200"), hw::Calibration{});
+    for (std::size_t k = 0; k < schedule.classes.size(); ++k) {
+      const sim::RankClass& rc = schedule.classes[k];
+      for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+        const sim::OpTiming& t = sr.classes[k].ops[i];
+        predicted_s[real::op_count_key(rc.ops[i])] +=
+            (t.end_s - t.start_s) * rc.multiplicity * a.steps / schedule.world;
+      }
+    }
+    for (int rank = 0; rank < schedule.world; ++rank) {
+      const int stage = schedule.mesh.view("attention").coord(rank, "pp");
+      for (std::size_t k = 0; k < schedule.classes.size(); ++k)
+        if (schedule.classes[k].stage == stage)
+          simulated_peak.push_back(sr.classes[k].memory.peak_hbm_bytes);
+    }
+  } else {
+    r = real::run_plan<float>(c, plan, data, start, o);
+  }
   for (std::size_t k = 0; k < r.losses.size(); ++k)
     if (!std::isfinite(r.losses[k]))
       throw InputError(fmt::format("training diverged: the loss of step {} is {}; try a smaller "
@@ -137,8 +179,14 @@ void run(const RunArgs& a) {
 
   if (a.json) {
     Json ops = Json::object();
-    for (const auto& [kind, t] : r.ops)
-      ops[kind] = Json{{"count", t.count}, {"measured_s", t.seconds}, {"predicted_s", nullptr}};
+    for (const auto& [kind, t] : r.ops) {
+      const auto sched = r.scheduled.find(kind);
+      const auto pred = predicted_s.find(kind);
+      ops[kind] = Json{{"count", t.count},
+                       {"scheduled", sched == r.scheduled.end() ? Json() : Json(sched->second)},
+                       {"measured_s", t.seconds},
+                       {"predicted_s", pred == predicted_s.end() ? Json() : Json(pred->second)}};
+    }
     Json j{{"model", spec.name},
            {"executor", "cpu"},
            {"ranks", a.ranks},
@@ -152,7 +200,10 @@ void run(const RunArgs& a) {
            {"tokens_per_s", static_cast<double>(plan.global_batch) * static_cast<double>(seq) /
                                 std::max(median(r.step_time_s), 1e-12)},
            {"ops", ops},
+           {"program", programmable},
            {"plan", strategy::to_json(plan)}};
+    if (programmable)
+      j["memory"] = Json{{"peak_bytes", r.peak_bytes}, {"simulated_peak_bytes", simulated_peak}};
     if (a.check)
       j["check"] = Json{{"max_loss_rel_diff", r.max_loss_rel_diff},
                         {"max_grad_rel_diff", r.max_grad_rel_diff},
@@ -167,10 +218,18 @@ void run(const RunArgs& a) {
     std::cout << fmt::format("step {:>4}  loss {:.4f}  {}\n",
                              start.step + static_cast<std::int64_t>(k) + 1, r.losses[k],
                              format_seconds(r.step_time_s[k]));
-  TextTable t{{"op", "count", "time per rank"}, {}, {false, true, true}};
-  for (const auto& [kind, op] : r.ops)
-    t.rows.push_back({kind, std::to_string(op.count), format_seconds(op.seconds)});
-  std::cout << "\n" << t.render();
+  TextTable t{{"op", "count", "scheduled", "time per rank"}, {}, {false, true, true, true}};
+  for (const auto& [kind, op] : r.ops) {
+    const auto sched = r.scheduled.find(kind);
+    t.rows.push_back({kind, std::to_string(op.count),
+                      sched == r.scheduled.end() ? "-" : std::to_string(sched->second),
+                      format_seconds(op.seconds)});
+  }
+  std::cout << "\n"
+            << (programmable ? "the plan's executable Schedule, run by the CPU interpreter\n"
+                             : "run by the plan executor (the program lowering does not build "
+                               "this plan yet)\n")
+            << t.render();
   if (a.check)
     std::cout << fmt::format("\ncheck against the single-rank float64 reference: loss {:.2e}, "
                              "gradients {:.2e}, parameters {:.2e} (largest relative differences)\n",
