@@ -9,9 +9,17 @@ set(MOP_LAYERING_RULES
     "strategies|sim/engine.hpp"
     "strategies|sim/result.hpp"
     "strategies|planner/"
-    # The executors run a program; pricing and searching plans is not theirs.
+    "lowering|sim/engine.hpp"
+    "lowering|sim/result.hpp"
+    "lowering|planner/"
+    # The executors run a program; pricing and searching plans is not theirs, nor is making
+    # the program.
     "real_backend|sim/engine.hpp"
-    "real_backend|planner/")
+    "real_backend|planner/"
+    "real_backend|lowering/"
+    # The IR stands alone.
+    "sim|strategies/"
+    "sim|lowering/")
 
 if(NOT DEFINED ROOT OR NOT IS_DIRECTORY "${ROOT}")
   message(FATAL_ERROR "check_layering.cmake needs -DROOT=<source tree>")
