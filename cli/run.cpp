@@ -10,8 +10,8 @@
 #include "common/units.hpp"
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
-#include "real_backend/cpu/checkpoint.hpp"
 #include "lowering/program.hpp"
+#include "real_backend/cpu/checkpoint.hpp"
 #include "real_backend/cpu/executor.hpp"
 #include "real_backend/cpu/interpreter.hpp"
 #include "sim/engine.hpp"
@@ -107,7 +107,8 @@ void run(const RunArgs& a) {
   const real::DataSource data = a.data.empty()
                                     ? real::DataSource::synthetic(c.vocab, a.seed)
                                     : real::DataSource::text_file(a.data, c.vocab, a.seed);
-  const real::CheckpointIdentity identity = real::checkpoint_identity(c, plan, data);
+  const real::CheckpointIdentity identity = real::checkpoint_identity(
+      c, real::PlanIdentity{strategy::summary(plan), strategy::to_json(plan).dump()}, data);
   real::TrainState<float> start;
   if (a.resume_given) {
     real::Checkpoint loaded = real::load_checkpoint(a.resume, c, identity);

@@ -38,8 +38,10 @@ const mop::real::CheckpointIdentity& identity() {
     p.world = 1;
     p.global_batch = 2;
     mop::strategy::complete_plan(p);
-    return mop::real::checkpoint_identity(model(), p,
-                                          mop::real::DataSource::synthetic(model().vocab, 1));
+    return mop::real::checkpoint_identity(
+        model(),
+        mop::real::PlanIdentity{mop::strategy::summary(p), mop::strategy::to_json(p).dump()},
+        mop::real::DataSource::synthetic(model().vocab, 1));
   }();
   return id;
 }

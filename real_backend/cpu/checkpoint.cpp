@@ -222,14 +222,14 @@ void check_tensors(const Header& h, const std::vector<ParamInfo>& layout, const 
 
 } // namespace
 
-CheckpointIdentity checkpoint_identity(const TinyConfig& c, const strategy::Plan& plan,
+CheckpointIdentity checkpoint_identity(const TinyConfig& c, const PlanIdentity& plan,
                                        const DataSource& data) {
   CheckpointIdentity id;
   id.model = c.name;
   id.model_config = config_json(c);
   id.model_hash = fnv1a64(id.model_config.dump());
-  id.plan = strategy::summary(plan);
-  id.plan_hash = fnv1a64(strategy::to_json(plan).dump());
+  id.plan = plan.summary;
+  id.plan_hash = fnv1a64(plan.canonical);
   id.data = data.description();
   id.data_hash = data.fingerprint();
   return id;

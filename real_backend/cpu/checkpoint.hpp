@@ -18,7 +18,7 @@
 // >= 0). A different plan is allowed: the state is stored unsharded and every plan shards it on
 // load (docs/EXECUTOR.md).
 #include "common/json_io.hpp"
-#include "real_backend/cpu/executor.hpp"
+#include "real_backend/cpu/training.hpp"
 
 #include <cstdint>
 #include <string>
@@ -30,12 +30,18 @@ struct CheckpointIdentity {
   std::string model;            // the model's name
   Json model_config;            // every TinyConfig field that shapes or computes with parameters
   std::uint64_t model_hash = 0; // of model_config
-  std::string plan;             // strategy::summary
+  std::string plan;             // the plan's one-line summary
   std::uint64_t plan_hash = 0;  // of the resolved plan's JSON
   std::string data;             // DataSource::description
   std::uint64_t data_hash = 0;  // DataSource::fingerprint
 };
-CheckpointIdentity checkpoint_identity(const TinyConfig& c, const strategy::Plan& plan,
+// The plan a state was trained under, as whoever resolved it writes it: a one-line summary
+// and a canonical text (the resolved plan's JSON), whose hash tells plans apart.
+struct PlanIdentity {
+  std::string summary;
+  std::string canonical;
+};
+CheckpointIdentity checkpoint_identity(const TinyConfig& c, const PlanIdentity& plan,
                                        const DataSource& data);
 
 // Every value a training state may hold: finite parameters and moments, second moments >= 0,

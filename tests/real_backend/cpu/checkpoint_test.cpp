@@ -30,12 +30,12 @@ TinyConfig dense() {
   return tiny_config(workload::load_model("tiny-dense"));
 }
 
-strategy::Plan plan(int world) {
+PlanIdentity plan(int world) {
   strategy::Plan p;
   p.world = world;
   p.global_batch = 2 * world;
   strategy::complete_plan(p);
-  return p;
+  return {strategy::summary(p), strategy::to_json(p).dump()};
 }
 
 // A state with distinct, recognisable values (not the initial zeros of the moments).
@@ -144,7 +144,7 @@ TEST_CASE("checkpoint: a round trip keeps every bit and records the identity" *
   CHECK(back.saved.model == "tiny-dense");
   CHECK(back.saved.model_hash == id.model_hash);
   CHECK(back.saved.plan_hash == id.plan_hash);
-  CHECK(back.saved.plan == strategy::summary(plan(2)));
+  CHECK(back.saved.plan == plan(2).summary);
   CHECK(back.saved.data == "the synthetic stream with seed 3");
   // The size is the format's: 16 bytes of prefix, the header, three float32 copies of every
   // element, 8 bytes of checksum.

@@ -323,7 +323,8 @@ TEST_CASE("executor checkpoint and resume are bit-identical to an uninterrupted 
   o.steps = 2;
   const auto first = run_plan<float>(c, p, data, initial_state<float>(c, 3), o);
   const std::string path = "executor_test.ckpt";
-  const CheckpointIdentity id = checkpoint_identity(c, p, data);
+  const CheckpointIdentity id =
+      checkpoint_identity(c, PlanIdentity{strategy::summary(p), strategy::to_json(p).dump()}, data);
   save_checkpoint(path, id, c, first.state);
   const auto loaded = load_checkpoint(path, c, id).state;
   std::remove(path.c_str());
