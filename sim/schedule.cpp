@@ -414,9 +414,55 @@ void check_acyclic(const Schedule& s) {
 
 } // namespace
 
+// The executable layer: operands, parameters and buckets in range, shapes that are sizes, and
+// a matmul's split of its inputs into A and B blocks possible.
+void check_executable(const Schedule& s) {
+  for (std::size_t b = 0; b < s.buckets.size(); ++b)
+    for (int p : s.buckets[b].params)
+      if (!in_range(p, s.params.size()))
+        fail("bucket " + quoted(s.buckets[b].name) + " names parameter " + std::to_string(p) +
+             ", but the schedule has " + std::to_string(s.params.size()) + " parameters");
+  for (const ParamSpec& p : s.params)
+    if (!in_range(p.bucket, s.buckets.size()))
+      fail("parameter " + quoted(p.name) + " is in bucket " + std::to_string(p.bucket) +
+           ", but the schedule has " + std::to_string(s.buckets.size()) + " buckets");
+  for (std::size_t c = 0; c < s.classes.size(); ++c) {
+    const RankClass& rc = s.classes[c];
+    for (const Tensor& t : rc.tensors) {
+      for (std::int64_t d : t.shape)
+        if (d < 0)
+          fail("tensor " + quoted(t.name) + " of " + rc.name + " has a negative dimension");
+      if (t.param != -1 && !in_range(t.param, s.params.size()))
+        fail("tensor " + quoted(t.name) + " of " + rc.name + " names parameter " +
+             std::to_string(t.param) + ", but the schedule has " + std::to_string(s.params.size()) +
+             " parameters");
+      if (t.bucket != -1 && !in_range(t.bucket, s.buckets.size()))
+        fail("tensor " + quoted(t.name) + " of " + rc.name + " names bucket " +
+             std::to_string(t.bucket) + ", but the schedule has " +
+             std::to_string(s.buckets.size()) + " buckets");
+    }
+    for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+      const Op& op = rc.ops[i];
+      const std::string at = where(s, static_cast<int>(c), static_cast<int>(i));
+      for (const auto* list : {&op.inputs, &op.outputs})
+        for (int t : *list)
+          if (!in_range(t, rc.tensors.size()))
+            fail(at + " has operand tensor " + std::to_string(t) + ", but the class has " +
+                 std::to_string(rc.tensors.size()) + " tensors");
+      if (op.kernel == Kernel::matmul &&
+          (op.attrs.a_blocks < 1 ||
+           static_cast<std::size_t>(op.attrs.a_blocks) >= op.inputs.size() || op.outputs.empty()))
+        fail(at + " is a matmul of " + std::to_string(op.inputs.size()) + " inputs with " +
+             std::to_string(op.attrs.a_blocks) + " of them A blocks and " +
+             std::to_string(op.outputs.size()) + " outputs");
+    }
+  }
+}
+
 void check_schedule(const Schedule& s) {
   check_groups(s);
   check_indices(s);
+  check_executable(s);
   check_tensors(s);
   check_recvs(s);
   check_acyclic(s);

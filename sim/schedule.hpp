@@ -336,7 +336,8 @@ struct Schedule {
 // indices in range; dependencies acyclic within and across classes (Boost.Graph); every
 // non-resident tensor allocated once and freed once, after its allocation; every collective's
 // group exists, matches its mesh spec (size, ranks per node), and every recv has a matching
-// send in its peer class.
+// send in its peer class; the executable layer's operands, parameters and buckets are in range
+// and its shapes are sizes.
 void check_schedule(const Schedule& s);
 
 } // namespace mop::sim

@@ -183,3 +183,24 @@ TEST_CASE("a group must match its mesh spec" * doctest::test_suite("plumbing")) 
   CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("not the world's 32"),
                        std::invalid_argument);
 }
+
+TEST_CASE("the executable layer's indices must be in range" * doctest::test_suite("plumbing")) {
+  Schedule s = two_stages();
+  s.classes[0].ops[0].inputs = {7};
+  CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("has operand tensor 7"),
+                       std::invalid_argument);
+  s = two_stages();
+  s.classes[0].ops[0].kernel = Kernel::matmul;
+  s.classes[0].ops[0].inputs = {0};
+  s.classes[0].ops[0].outputs = {1};
+  CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("is a matmul of 1 inputs"),
+                       std::invalid_argument);
+  s = two_stages();
+  s.classes[0].tensors[0].shape = {4, -1};
+  CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("has a negative dimension"),
+                       std::invalid_argument);
+  s = two_stages();
+  s.params.push_back(ParamSpec{"w", {4}, {}, 3});
+  CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("is in bucket 3"),
+                       std::invalid_argument);
+}
