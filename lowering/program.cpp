@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cmath>
 #include <fmt/format.h>
+#include <map>
+#include <tuple>
 
 namespace mop::lowering {
 
@@ -119,6 +121,7 @@ private:
   };
   std::vector<BucketTensors> bt_;
   std::vector<BucketKey> bucket_keys_;
+  std::map<std::tuple<int, std::string, int>, std::vector<int>> gathered_;
   int loss_ = -1;
 
   // --- building blocks --------------------------------------------------------------------
@@ -388,9 +391,16 @@ private:
 
   int embed_forward(int mb);
   void embed_backward(int mb, int dx);
-  int attn_forward(int l, int mb, int x, AttnSaved& s);
+  // `cat` recompute: the block (or its attention core alone, `core_only`) runs again in the
+  // backward pass, with the backward's parameter gathers.
+  int attn_forward(int l, int mb, int x, AttnSaved& s, Category cat = Category::forward,
+                   bool core_only = false);
   int attn_backward(int l, int mb, const AttnSaved& s, int dy);
-  int dense_forward(int l, int mb, int x, MlpSaved& s);
+  int dense_forward(int l, int mb, int x, MlpSaved& s, Category cat = Category::forward);
+  // Recompute before a block's backward (the CPU executor's order): the MLP block, or under
+  // selective recompute its activation function alone; the attention block, or its core alone.
+  void recompute_mlp(int l, int mb, MlpSaved& s);
+  void recompute_attention(int l, int mb, AttnSaved& s);
   int dense_backward(int l, int mb, const MlpSaved& s, int dy);
   void head_forward(int mb, int x);
   int head_backward(int mb);
@@ -482,6 +492,10 @@ void Builder::make_state() {
 std::vector<int> Builder::use_bucket(int b, const std::string& pass, int layer, int mb) {
   const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
   std::vector<int> out;
+  // One gather per bucket, pass and micro-batch: a recompute reuses the backward's.
+  const auto key = std::make_tuple(b, pass, mb);
+  if (const auto it = gathered_.find(key); it != gathered_.end())
+    return it->second;
   if (bk.zero < 3) {
     for (int p : bk.params)
       out.push_back(pt_[static_cast<std::size_t>(p)].value);
@@ -506,6 +520,7 @@ std::vector<int> Builder::use_bucket(int b, const std::string& pass, int layer, 
            layer,
            mb};
   emit(std::move(o));
+  gathered_[key] = out;
   return out;
 }
 
@@ -691,49 +706,55 @@ int Builder::head_backward(int mb) {
 // RMSNorm, SP all-gather over TP, column-parallel q/k/v (one fused GEMM), per-head q/k norm,
 // RoPE, attention over the rank's heads, row-parallel output projection, SP reduce-scatter,
 // residual.
-int Builder::attn_forward(int l, int mb, int x, AttnSaved& s) {
+int Builder::attn_forward(int l, int mb, int x, AttnSaved& s, Category cat, bool core_only) {
   const std::string pre = fmt::format("L{}.", l);
-  auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}", l, what, mb); };
+  const bool again = cat == Category::recompute;
+  auto nm = [&](const char* what) {
+    return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
+  };
+  const char* pass = again ? "bwd" : "fwd";
   const int b = bucket_of_param(pname(l, "attn.wq"));
   const int br = bucket_of_param(pname(l, "attn.norm"));
-  const std::vector<int> w = use_bucket(b, "fwd", l, mb);
-  const std::vector<int> wr = use_bucket(br, "fwd", l, mb);
-  s.x = x;
-  s.xn = tensor(nm("attn_norm"), {n_, h_}, TensorRole::activation);
-  s.rstd = tensor(nm("attn_norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
-  simple(nm("attn_norm"), Kernel::rmsnorm_fwd, {x, value_of(pname(l, "attn.norm"), wr, br)},
-         {s.xn, s.rstd}, Category::forward, l, mb, norm_attrs());
-  s.xg = collective(nm("attn_sp_gather"), OpKind::all_gather, Category::tp_comm, kTp, g_tp_, s.xn,
-                    {ng_, h_}, TensorRole::saved, l, mb);
-  const bool qkn = m_.attention.qk_norm;
-  const int q = tensor(nm("q"), {ng_, hl_, d_}, TensorRole::saved);
-  const int k = tensor(nm("k"), {ng_, kvl_, d_}, TensorRole::saved);
-  s.v = tensor(nm("v"), {ng_, kvl_, d_}, TensorRole::saved);
-  matmul(nm("qkv_proj"), {s.xg},
-         {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
-          value_of(pname(l, "attn.wv"), w, b)},
-         {q, k, s.v}, false, false, false, Category::forward, l, mb);
-  int qr = q, kr = k;
-  if (qkn) {
-    s.q_pre = q;
-    s.k_pre = k;
-    qr = tensor(nm("q normed"), {ng_, hl_, d_}, TensorRole::activation);
-    kr = tensor(nm("k normed"), {ng_, kvl_, d_}, TensorRole::activation);
-    s.q_rstd =
-        tensor(nm("q rstd"), {ng_ * hl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
-    s.k_rstd =
-        tensor(nm("k rstd"), {ng_ * kvl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
-    simple(nm("q_norm"), Kernel::rmsnorm_fwd, {q, value_of(pname(l, "attn.q_norm"), wr, br)},
-           {qr, s.q_rstd}, Category::forward, l, mb, norm_attrs());
-    simple(nm("k_norm"), Kernel::rmsnorm_fwd, {k, value_of(pname(l, "attn.k_norm"), wr, br)},
-           {kr, s.k_rstd}, Category::forward, l, mb, norm_attrs());
+  const std::vector<int> w = use_bucket(b, pass, l, mb);
+  const std::vector<int> wr = use_bucket(br, pass, l, mb);
+  if (!core_only) {
+    s.x = x;
+    s.xn = tensor(nm("attn_norm"), {n_, h_}, TensorRole::activation);
+    s.rstd = tensor(nm("attn_norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+    simple(nm("attn_norm"), Kernel::rmsnorm_fwd, {x, value_of(pname(l, "attn.norm"), wr, br)},
+           {s.xn, s.rstd}, cat, l, mb, norm_attrs());
+    s.xg = collective(nm("attn_sp_gather"), OpKind::all_gather, Category::tp_comm, kTp, g_tp_, s.xn,
+                      {ng_, h_}, TensorRole::saved, l, mb);
+    const bool qkn = m_.attention.qk_norm;
+    const int q = tensor(nm("q"), {ng_, hl_, d_}, TensorRole::saved);
+    const int k = tensor(nm("k"), {ng_, kvl_, d_}, TensorRole::saved);
+    s.v = tensor(nm("v"), {ng_, kvl_, d_}, TensorRole::saved);
+    matmul(nm("qkv_proj"), {s.xg},
+           {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
+            value_of(pname(l, "attn.wv"), w, b)},
+           {q, k, s.v}, false, false, false, cat, l, mb);
+    int qr = q, kr = k;
+    if (qkn) {
+      s.q_pre = q;
+      s.k_pre = k;
+      qr = tensor(nm("q normed"), {ng_, hl_, d_}, TensorRole::activation);
+      kr = tensor(nm("k normed"), {ng_, kvl_, d_}, TensorRole::activation);
+      s.q_rstd =
+          tensor(nm("q rstd"), {ng_ * hl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+      s.k_rstd =
+          tensor(nm("k rstd"), {ng_ * kvl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+      simple(nm("q_norm"), Kernel::rmsnorm_fwd, {q, value_of(pname(l, "attn.q_norm"), wr, br)},
+             {qr, s.q_rstd}, cat, l, mb, norm_attrs());
+      simple(nm("k_norm"), Kernel::rmsnorm_fwd, {k, value_of(pname(l, "attn.k_norm"), wr, br)},
+             {kr, s.k_rstd}, cat, l, mb, norm_attrs());
+    }
+    sim::Attrs rope;
+    rope.theta = m_.rope_theta;
+    s.q = tensor(nm("q rotated"), {ng_, hl_, d_}, TensorRole::saved);
+    s.k = tensor(nm("k rotated"), {ng_, kvl_, d_}, TensorRole::saved);
+    simple(nm("rope_q"), Kernel::rope, {qr}, {s.q}, cat, l, mb, rope);
+    simple(nm("rope_k"), Kernel::rope, {kr}, {s.k}, cat, l, mb, rope);
   }
-  sim::Attrs rope;
-  rope.theta = m_.rope_theta;
-  s.q = tensor(nm("q rotated"), {ng_, hl_, d_}, TensorRole::saved);
-  s.k = tensor(nm("k rotated"), {ng_, kvl_, d_}, TensorRole::saved);
-  simple(nm("rope_q"), Kernel::rope, {qr}, {s.q}, Category::forward, l, mb, rope);
-  simple(nm("rope_k"), Kernel::rope, {kr}, {s.k}, Category::forward, l, mb, rope);
   s.o = tensor(nm("attn out"), {ng_, hl_, d_}, TensorRole::saved);
   s.lse = tensor(nm("attn lse"), {ng_, hl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
   OpSpec core;
@@ -749,13 +770,15 @@ int Builder::attn_forward(int l, int mb, int x, AttnSaved& s) {
   core.layer = l;
   core.mb = mb;
   emit(std::move(core));
+  if (core_only)
+    return -1;
   const int out = tensor(nm("o_proj out"), {ng_, h_}, TensorRole::activation);
   matmul(nm("o_proj"), {s.o}, {value_of(pname(l, "attn.wo"), w, b)}, {out}, false, false, false,
-         Category::forward, l, mb);
+         cat, l, mb);
   const int y = collective(nm("attn_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
                            g_tp_, out, {n_, h_}, TensorRole::activation, l, mb);
   const int h = tensor(nm("attn residual"), {n_, h_}, TensorRole::saved);
-  simple(nm("attn_residual"), Kernel::add, {x, y}, {h}, Category::forward, l, mb);
+  simple(nm("attn_residual"), Kernel::add, {x, y}, {h}, cat, l, mb);
   return h;
 }
 
@@ -867,32 +890,36 @@ int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
 
 // RMSNorm, SP all-gather over the dense TP group, column-parallel gate|up (one fused GEMM),
 // SwiGLU, row-parallel down, reduce-scatter, residual.
-int Builder::dense_forward(int l, int mb, int x, MlpSaved& s) {
-  auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}", l, what, mb); };
+int Builder::dense_forward(int l, int mb, int x, MlpSaved& s, Category cat) {
+  const bool again = cat == Category::recompute;
+  auto nm = [&](const char* what) {
+    return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
+  };
+  const char* pass = again ? "bwd" : "fwd";
   const int b = bucket_of_param(pname(l, "mlp.gate"));
   const int br = bucket_of_param(pname(l, "mlp.norm"));
-  const std::vector<int> w = use_bucket(b, "fwd", l, mb);
-  const std::vector<int> wr = use_bucket(br, "fwd", l, mb);
+  const std::vector<int> w = use_bucket(b, pass, l, mb);
+  const std::vector<int> wr = use_bucket(br, pass, l, mb);
   s.x = x;
   const int xn = tensor(nm("mlp_norm"), {n_, h_}, TensorRole::activation);
   s.rstd = tensor(nm("mlp_norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
   simple(nm("mlp_norm"), Kernel::rmsnorm_fwd, {x, value_of(pname(l, "mlp.norm"), wr, br)},
-         {xn, s.rstd}, Category::forward, l, mb, norm_attrs());
+         {xn, s.rstd}, cat, l, mb, norm_attrs());
   s.xg = collective(nm("mlp_sp_gather"), OpKind::all_gather, Category::tp_comm, kTp, g_dtp_, xn,
                     {rows_d_, h_}, TensorRole::saved, l, mb);
   s.gu = tensor(nm("gate_up"), {rows_d_, 2 * f_}, TensorRole::saved);
   matmul(nm("mlp_gate_up"), {s.xg},
          {value_of(pname(l, "mlp.gate"), w, b), value_of(pname(l, "mlp.up"), w, b)}, {s.gu}, false,
-         false, false, Category::forward, l, mb);
+         false, false, cat, l, mb);
   s.act = tensor(nm("mlp act"), {rows_d_, f_}, TensorRole::saved);
-  simple(nm("mlp_act"), Kernel::swiglu_fwd, {s.gu}, {s.act}, Category::forward, l, mb);
+  simple(nm("mlp_act"), Kernel::swiglu_fwd, {s.gu}, {s.act}, cat, l, mb);
   const int out = tensor(nm("mlp out"), {rows_d_, h_}, TensorRole::activation);
   matmul(nm("mlp_down"), {s.act}, {value_of(pname(l, "mlp.down"), w, b)}, {out}, false, false,
-         false, Category::forward, l, mb);
+         false, cat, l, mb);
   const int y = collective(nm("mlp_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
                            g_dtp_, out, {n_, h_}, TensorRole::activation, l, mb);
   const int o = tensor(nm("mlp residual"), {n_, h_}, TensorRole::activation);
-  simple(nm("mlp_residual"), Kernel::add, {x, y}, {o}, Category::forward, l, mb);
+  simple(nm("mlp_residual"), Kernel::add, {x, y}, {o}, cat, l, mb);
   return o;
 }
 
@@ -939,6 +966,26 @@ int Builder::dense_backward(int l, int mb, const MlpSaved& s, int dy) {
   const int dx = tensor(nm("d mlp block input"), {n_, h_}, TensorRole::activation);
   simple(nm("mlp_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
   return dx;
+}
+
+// --- recompute ----------------------------------------------------------------------------------
+
+void Builder::recompute_mlp(int l, int mb, MlpSaved& s) {
+  const strategy::Recompute r = p_.recompute[static_cast<int>(LayerKind::dense)];
+  if (r == strategy::Recompute::full) {
+    dense_forward(l, mb, s.x, s, Category::recompute);
+  } else if (r == strategy::Recompute::selective) {
+    s.act =
+        tensor(fmt::format("L{}.mlp act.mb{}.recompute", l, mb), {rows_d_, f_}, TensorRole::saved);
+    simple(fmt::format("L{}.mlp_act.mb{}.recompute", l, mb), Kernel::swiglu_fwd, {s.gu}, {s.act},
+           Category::recompute, l, mb);
+  }
+}
+
+void Builder::recompute_attention(int l, int mb, AttnSaved& s) {
+  const strategy::Recompute r = p_.recompute[static_cast<int>(LayerKind::attention)];
+  if (r != strategy::Recompute::none)
+    attn_forward(l, mb, s.x, s, Category::recompute, r == strategy::Recompute::selective);
 }
 
 // --- gradients and the optimizer -----------------------------------------------------------------
@@ -1059,8 +1106,10 @@ sim::Schedule Builder::run() {
   auto backward = [&](int mb, int /*chunk*/) {
     int dx = head_backward(mb);
     for (int l = layers - 1; l >= 0; --l) {
-      const LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
+      LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
+      recompute_mlp(l, mb, sv.m);
       dx = dense_backward(l, mb, sv.m, dx);
+      recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
     }
     embed_backward(mb, dx);
@@ -1091,9 +1140,6 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
     not_yet("pipeline parallelism");
   if (p.attention.cp > 1)
     not_yet("context parallelism");
-  for (auto r : p.recompute)
-    if (r != strategy::Recompute::none)
-      not_yet("recompute");
   if (p.activation_offload > 0)
     not_yet("activation offload");
   if (p.optimizer_on_host || p.params == strategy::Placement::host ||

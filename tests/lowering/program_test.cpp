@@ -3,6 +3,7 @@
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
 #include "sim/engine.hpp"
+#include "sim/memory_tracker.hpp"
 #include "strategies/plan.hpp"
 #include "tests/support/errors.hpp"
 #include "workload/catalog.hpp"
@@ -73,4 +74,33 @@ TEST_CASE("program lowering: names what it does not build yet" * doctest::test_s
   CHECK(test::input_error_of([&] {
           lowering::lower_program(p, {&m, 64, 8});
         }) == "the program lowering does not build pipeline parallelism yet");
+}
+
+TEST_CASE("program lowering: recompute lowers the activation peak, full more than selective" *
+          doctest::test_suite("independent")) {
+  // Four layers: what each layer keeps between its forward and backward decides the peak.
+  // Selective keeps everything but the attention output and the MLP activation; full keeps only
+  // each block's input.
+  workload::ModelSpec m = workload::load_model("tiny-dense");
+  while (m.layers.size() < 4)
+    m.layers.push_back(m.layers[0]);
+  auto peak = [&](strategy::Recompute r) {
+    Plan p = plan(1, 2, 1);
+    for (auto& k : p.recompute)
+      k = r;
+    const sim::Schedule s = lowering::lower_program(p, {&m, 64, 8});
+    sim::MemoryTracker t(s.classes[0], false);
+    double time = 0;
+    for (const sim::Op& op : s.classes[0].ops) {
+      t.allocate(op.allocs, time);
+      t.free(op.frees, time + 0.5);
+      time += 1;
+    }
+    return t.finish().peak_hbm_bytes;
+  };
+  const double none = peak(strategy::Recompute::none);
+  const double selective = peak(strategy::Recompute::selective);
+  const double full = peak(strategy::Recompute::full);
+  CHECK(selective < none);
+  CHECK(full < selective);
 }

@@ -56,3 +56,26 @@ TEST_CASE("interpreter: tensor and sequence parallelism with a vocabulary-parall
       s.zero = 3;
   }));
 }
+
+TEST_CASE("interpreter: selective and full recompute run the blocks again before their backward" *
+          doctest::test_suite("independent")) {
+  using mop::strategy::Recompute;
+  for (Recompute r : {Recompute::selective, Recompute::full}) {
+    CAPTURE(static_cast<int>(r));
+    expect_held_together(make_case("tiny-dense", 1, 2, 16, [&](Plan& p) {
+      for (auto& k : p.recompute)
+        k = r;
+    }));
+    // With TP+SP (the recomputed block's collectives run again) and ZeRO-3 (the recompute uses
+    // the backward's parameter gathers).
+    expect_held_together(make_case("tiny-dense", 4, 4, 16, [&](Plan& p) {
+      p.attention.tp = 2;
+      p.dense.tp = 2;
+      p.embed.tp = 2;
+      for (auto& k : p.recompute)
+        k = r;
+      for (auto& s : p.state)
+        s.zero = 3;
+    }));
+  }
+}
