@@ -118,6 +118,7 @@ private:
     int shard = -1;      // ZeRO-3: the flat parameter shard (resident)
     int grad_shard = -1; // ZeRO >= 2: the reduced flat gradient shard
     int m = -1, v = -1;  // AdamW moments over what the rank owns
+    int master = -1;     // host optimizer: the FP32 master weights it owns (host memory)
   };
   std::vector<BucketTensors> bt_;
   std::vector<BucketKey> bucket_keys_;
@@ -243,6 +244,12 @@ private:
       return;
     case Kernel::tokens:
       op.bytes = 0;
+      return;
+    case Kernel::copy: // what crosses the link
+      op.bytes = in;
+      return;
+    case Kernel::zero:
+      op.bytes = out;
       return;
     default:
       op.bytes = in + out;
@@ -404,7 +411,20 @@ private:
   int dense_backward(int l, int mb, const MlpSaved& s, int dy);
   void head_forward(int mb, int x);
   int head_backward(int mb);
-  void reduce_and_step();
+  void dp_comm(std::string name, OpKind kind, int g, std::vector<int> in, std::vector<int> out,
+               int layer, bool deferred);
+  std::vector<int> reduce_bucket(int b); // returns the rank's reduced gradients of the bucket
+  void step_bucket(int b, const std::vector<int>& owned_grads, bool deferred);
+  void zero_grads(int b, bool deferred);
+  bool streams_forward(int b) const; // the bucket's update runs in the next step's forward
+  std::vector<int> layer_buckets(int l) const {
+    std::vector<int> out;
+    for (std::size_t b = 0; b < bucket_keys_.size(); ++b)
+      if (bucket_keys_[b].layer == l)
+        out.push_back(static_cast<int>(b));
+    return out;
+  }
+  std::vector<int> owned_grads(int b) const; // the bucket's gradients the rank steps from
 
   std::string pname(int l, const char* role) const { return fmt::format("L{}.{}", l, role); }
   sim::Attrs norm_attrs() const {
@@ -478,12 +498,24 @@ void Builder::make_state() {
       rc_->tensors.back().bucket = bi;
       rc_->tensors.back().resident = true;
     }
+    const bool state_on_host = p_.optimizer == strategy::Placement::host;
     for (int* t : {&bt_[b].m, &bt_[b].v}) {
       *t = tensor(bk.name + (t == &bt_[b].m ? ".adam_m" : ".adam_v"), {owned},
                   TensorRole::optimizer_state, Element::real, sim::Dtype::fp32);
       rc_->tensors.back().bucket = bi;
       rc_->tensors.back().resident = true;
+      if (state_on_host)
+        rc_->tensors.back().device = sim::Device::host;
     }
+    if (p_.optimizer_on_host && p_.params != strategy::Placement::host) {
+      bt_[b].master = tensor(bk.name + ".master", {owned}, TensorRole::optimizer_state,
+                             Element::real, sim::Dtype::fp32);
+      rc_->tensors.back().bucket = bi;
+      rc_->tensors.back().resident = true;
+      rc_->tensors.back().device = sim::Device::host;
+    }
+    if (bk.zero >= 3 && p_.params == strategy::Placement::host)
+      rc_->tensors[static_cast<std::size_t>(bt_[b].shard)].device = sim::Device::host;
   }
   loss_ = tensor("loss", {1}, TensorRole::loss, Element::real, sim::Dtype::fp32);
   rc_->tensors.back().resident = true;
@@ -508,13 +540,31 @@ std::vector<int> Builder::use_bucket(int b, const std::string& pass, int layer, 
     rc_->tensors.back().param = p;
   }
   const int g = group(group_name(bk.shard), bk.shard);
+  int shard = bt_[static_cast<std::size_t>(b)].shard;
+  if (p_.params == strategy::Placement::host) { // FSDP2 CPU offload: upload the shard first
+    const int dev = tensor(fmt::format("{}.shard ({} mb{}, uploaded)", bk.name, pass, mb),
+                           {chunk(b)}, TensorRole::param_shard);
+    rc_->tensors.back().bucket = b;
+    emit(OpSpec{fmt::format("{}.param_upload.{}.mb{}", bk.name, pass, mb),
+                Kernel::copy,
+                OpKind::copy_h2d,
+                Category::offload,
+                kH2d,
+                -1,
+                {shard},
+                {dev},
+                {},
+                layer,
+                mb});
+    shard = dev;
+  }
   OpSpec o{fmt::format("{}.fsdp_gather.{}.mb{}", bk.name, pass, mb),
            Kernel::collective,
            OpKind::all_gather,
            Category::dp_comm,
            kDp,
            g,
-           {bt_[static_cast<std::size_t>(b)].shard},
+           {shard},
            out,
            {},
            layer,
@@ -994,77 +1044,152 @@ void Builder::recompute_attention(int l, int mb, AttnSaved& s) {
 // the same slices (an all-reduce under ZeRO 0-1, a reduce-scatter to the owned shard under
 // ZeRO 2-3 and with HSDP an all-reduce of the shards across replicas), then AdamW over what the
 // rank owns and, under ZeRO 1-2, an all-gather of the updated parameters.
-void Builder::reduce_and_step() {
-  for (std::size_t bi = 0; bi < s_.buckets.size(); ++bi) {
-    const sim::Bucket& bk = s_.buckets[bi];
-    const BucketTensors& bt = bt_[bi];
-    std::vector<int> grads, values;
-    for (int p : bk.params) {
-      grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
-      values.push_back(pt_[static_cast<std::size_t>(p)].value);
-    }
-    const int layer = bucket_keys_[bi].layer;
-    auto comm = [&](std::string name, OpKind kind, int g, std::vector<int> in, std::vector<int> out,
-                    Category cat) {
-      if (g < 0)
-        return;
-      emit(OpSpec{std::move(name),
-                  Kernel::collective,
-                  kind,
-                  cat,
-                  kDp,
-                  g,
-                  std::move(in),
-                  std::move(out),
-                  {},
-                  layer,
-                  -1});
-    };
-    std::vector<int> owned_grads = grads;
-    if (bk.zero <= 1) {
-      comm(bk.name + ".grad_all_reduce", OpKind::all_reduce, group(group_name(bk.grads), bk.grads),
-           grads, grads, Category::dp_comm);
-    } else {
-      comm(bk.name + ".grad_reduce_scatter", OpKind::reduce_scatter,
-           group(group_name(bk.shard), bk.shard), grads, {bt.grad_shard}, Category::dp_comm);
-      if (!bk.replicas.dims.empty())
-        comm(bk.name + ".grad_replica_all_reduce", OpKind::all_reduce,
-             group(group_name(bk.replicas), bk.replicas), {bt.grad_shard}, {bt.grad_shard},
-             Category::dp_comm);
-      owned_grads = {bt.grad_shard};
-    }
-    OpSpec adam;
-    adam.name = bk.name + ".adamw";
-    adam.kernel = Kernel::adamw;
-    adam.category = Category::optimizer;
-    adam.layer = layer;
-    if (bk.zero >= 3) {
-      adam.in = {bt.shard, bt.grad_shard, bt.m, bt.v};
-      adam.out = {bt.shard, bt.m, bt.v};
-      adam.attrs.params = 1;
-      emit(std::move(adam));
-      continue;
-    }
-    adam.in = values;
-    adam.in.insert(adam.in.end(), owned_grads.begin(), owned_grads.end());
-    adam.in.push_back(bt.m);
-    adam.in.push_back(bt.v);
-    adam.attrs.params = static_cast<int>(values.size());
-    if (bk.zero == 0) {
-      adam.out = values;
-      adam.out.push_back(bt.m);
-      adam.out.push_back(bt.v);
-      emit(std::move(adam));
-      continue;
-    }
-    const int updated =
-        tensor(bk.name + ".updated_shard", {chunk(static_cast<int>(bi))}, TensorRole::comm_buffer);
-    rc_->tensors.back().bucket = static_cast<int>(bi);
-    adam.out = {updated, bt.m, bt.v};
-    emit(std::move(adam));
-    comm(bk.name + ".param_all_gather", OpKind::all_gather, group(group_name(bk.shard), bk.shard),
-         {updated}, values, Category::dp_comm);
+// A collective of the optimizer's part over group g (no op for a group of one rank).
+void Builder::dp_comm(std::string name, OpKind kind, int g, std::vector<int> in,
+                      std::vector<int> out, int layer, bool deferred) {
+  if (g < 0)
+    return;
+  OpSpec o{std::move(name),
+           Kernel::collective,
+           kind,
+           Category::dp_comm,
+           kDp,
+           g,
+           std::move(in),
+           std::move(out),
+           {},
+           layer,
+           -1};
+  o.attrs.deferred = deferred;
+  emit(std::move(o));
+}
+
+std::vector<int> Builder::owned_grads(int b) const {
+  const auto bi = static_cast<std::size_t>(b);
+  const sim::Bucket& bk = s_.buckets[bi];
+  if (bk.zero >= 2)
+    return {bt_[bi].grad_shard};
+  std::vector<int> grads;
+  for (int p : bk.params)
+    grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
+  return grads;
+}
+
+std::vector<int> Builder::reduce_bucket(int b) {
+  const auto bi = static_cast<std::size_t>(b);
+  const sim::Bucket& bk = s_.buckets[bi];
+  const BucketTensors& bt = bt_[bi];
+  std::vector<int> grads;
+  for (int p : bk.params)
+    grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
+  const int layer = bucket_keys_[bi].layer;
+  if (bk.zero <= 1) {
+    dp_comm(bk.name + ".grad_all_reduce", OpKind::all_reduce, group(group_name(bk.grads), bk.grads),
+            grads, grads, layer, false);
+    return grads;
   }
+  dp_comm(bk.name + ".grad_reduce_scatter", OpKind::reduce_scatter,
+          group(group_name(bk.shard), bk.shard), grads, {bt.grad_shard}, layer, false);
+  if (!bk.replicas.dims.empty())
+    dp_comm(bk.name + ".grad_replica_all_reduce", OpKind::all_reduce,
+            group(group_name(bk.replicas), bk.replicas), {bt.grad_shard}, {bt.grad_shard}, layer,
+            false);
+  return {bt.grad_shard};
+}
+
+// AdamW over what the rank owns of bucket b from its reduced gradients `owned_grads`: on the
+// GPU, or on the host (gradients downloaded, the FP32 master weights updated there and uploaded
+// as the new parameters); under ZeRO 1-2 the updated shards are then all-gathered. `deferred`:
+// the update of the previous step's gradients, streamed into this step's forward.
+void Builder::step_bucket(int b, const std::vector<int>& owned_grads, bool deferred) {
+  const auto bi = static_cast<std::size_t>(b);
+  const sim::Bucket& bk = s_.buckets[bi];
+  const BucketTensors& bt = bt_[bi];
+  std::vector<int> values;
+  for (int p : bk.params)
+    values.push_back(pt_[static_cast<std::size_t>(p)].value);
+  const int layer = bucket_keys_[bi].layer;
+  const bool host = p_.optimizer_on_host;
+  auto op = [&](std::string name, Kernel k, OpKind kind, Category cat, int stream,
+                std::vector<int> in, std::vector<int> out, int params = 1) {
+    OpSpec o{std::move(name), k,  kind,  cat, stream, -1, std::move(in),
+             std::move(out),  {}, layer, -1};
+    o.attrs.params = params;
+    o.attrs.deferred = deferred;
+    return emit(std::move(o));
+  };
+  // Where the update lands: the ZeRO-3 shard, the unsharded slices, or a fresh updated shard
+  // that an all-gather spreads (ZeRO 1-2).
+  std::vector<int> target = bk.zero >= 3 ? std::vector<int>{bt.shard} : values;
+  int updated = -1;
+  if (bk.zero == 1 || bk.zero == 2) {
+    updated = tensor(bk.name + ".updated_shard", {chunk(b)}, TensorRole::comm_buffer);
+    rc_->tensors.back().bucket = b;
+    target = {updated};
+  }
+  if (!host) {
+    std::vector<int> in = bk.zero >= 3 ? std::vector<int>{bt.shard} : values;
+    const int np = static_cast<int>(in.size());
+    in.insert(in.end(), owned_grads.begin(), owned_grads.end());
+    in.push_back(bt.m);
+    in.push_back(bt.v);
+    std::vector<int> out = target;
+    out.push_back(bt.m);
+    out.push_back(bt.v);
+    op(bk.name + ".adamw", Kernel::adamw, OpKind::elementwise, Category::optimizer, kCompute,
+       std::move(in), std::move(out), np);
+  } else {
+    std::int64_t n = 0;
+    for (int t : owned_grads)
+      n += numel(shape(t));
+    const int gh = tensor(bk.name + ".grads (host)", {n}, TensorRole::host_copy, Element::real,
+                          sim::Dtype::fp32);
+    rc_->tensors.back().device = sim::Device::host;
+    op(bk.name + ".grad_download", Kernel::copy, OpKind::copy_d2h, Category::offload, kD2h,
+       owned_grads, {gh});
+    // With the parameters on the host (ZeRO-3 shards), the step updates them in place;
+    // otherwise it updates the host's FP32 master weights, uploaded as the new parameters.
+    const bool params_on_host = p_.params == strategy::Placement::host;
+    const int master = params_on_host ? bt.shard : bt.master;
+    const int a = op(bk.name + ".host_adamw", Kernel::adamw, OpKind::host_adam, Category::optimizer,
+                     kHost, {master, gh, bt.m, bt.v}, {master, bt.m, bt.v});
+    rc_->ops[static_cast<std::size_t>(a)].params = static_cast<double>(numel(shape(bt.m)));
+    rc_->ops[static_cast<std::size_t>(a)].torch_kernel = p_.torch_host_optimizer;
+    if (!params_on_host)
+      op(bk.name + ".param_upload", Kernel::copy, OpKind::copy_h2d, Category::optimizer, kH2d,
+         {master}, target);
+  }
+  if (updated >= 0) {
+    dp_comm(bk.name + ".param_all_gather", OpKind::all_gather,
+            group(group_name(bk.shard), bk.shard), {updated}, values, layer, deferred);
+  }
+}
+
+// Gradients are zeroed by the program: at the start of the step, or for a bucket whose update is
+// streamed into the next forward, right after that update has read them.
+void Builder::zero_grads(int b, bool deferred) {
+  const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
+  std::vector<int> grads;
+  for (int p : bk.params)
+    grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
+  OpSpec o{bk.name + ".zero_grads",
+           Kernel::zero,
+           OpKind::elementwise,
+           Category::optimizer,
+           kCompute,
+           -1,
+           {},
+           grads,
+           {},
+           bucket_keys_[static_cast<std::size_t>(b)].layer,
+           -1};
+  o.attrs.deferred = deferred;
+  emit(std::move(o));
+}
+
+bool Builder::streams_forward(int b) const {
+  return p_.optimizer_on_host && p_.overlap == strategy::OptimizerOverlap::stream_forward &&
+         bucket_keys_[static_cast<std::size_t>(b)].layer >= 0;
 }
 
 sim::Schedule Builder::run() {
@@ -1094,9 +1219,20 @@ sim::Schedule Builder::run() {
   head_.assign(static_cast<std::size_t>(micro), {});
   ids_.assign(static_cast<std::size_t>(micro), -1);
   labels_.assign(static_cast<std::size_t>(micro), -1);
+  const int nb = static_cast<int>(s_.buckets.size());
+  for (int b = 0; b < nb; ++b)
+    if (!streams_forward(b))
+      zero_grads(b, false);
+  std::vector<bool> reduced(static_cast<std::size_t>(nb), false);
   auto forward = [&](int mb, int /*chunk*/) {
     int x = embed_forward(mb);
     for (int l = 0; l < layers; ++l) {
+      if (mb == 0) // the layer's first forward: the previous step's update streamed in
+        for (int b : layer_buckets(l))
+          if (streams_forward(b)) {
+            step_bucket(b, owned_grads(b), true);
+            zero_grads(b, true);
+          }
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       x = attn_forward(l, mb, x, sv.a);
       x = dense_forward(l, mb, x, sv.m);
@@ -1111,12 +1247,24 @@ sim::Schedule Builder::run() {
       dx = dense_backward(l, mb, sv.m, dx);
       recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
+      if (mb == micro - 1 && p_.optimizer_on_host &&
+          p_.overlap == strategy::OptimizerOverlap::stream_backward)
+        for (int b : layer_buckets(l)) { // reduced and stepped as soon as the layer is done
+          step_bucket(b, reduce_bucket(b), false);
+          reduced[static_cast<std::size_t>(b)] = true;
+        }
     }
     embed_backward(mb, dx);
   };
   strategy::play_pipeline(
       p_, 0, [] {}, forward, backward);
-  reduce_and_step();
+  for (int b = 0; b < nb; ++b) {
+    if (reduced[static_cast<std::size_t>(b)])
+      continue;
+    const std::vector<int> owned = reduce_bucket(b);
+    if (!streams_forward(b))
+      step_bucket(b, owned, false);
+  }
   double flops = 0;
   for (const sim::Op& op : rc_->ops)
     flops += op.model_flops;
@@ -1142,9 +1290,8 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
     not_yet("context parallelism");
   if (p.activation_offload > 0)
     not_yet("activation offload");
-  if (p.optimizer_on_host || p.params == strategy::Placement::host ||
-      p.grads == strategy::Placement::host)
-    not_yet("host placement of the optimizer, parameters or gradients");
+  if (p.grads == strategy::Placement::host)
+    not_yet("gradients kept in host memory");
   const int any_tp = std::max({p.attention.tp, p.dense.tp, p.embed.tp});
   if (any_tp > 1 && !p.attention.sp)
     not_yet("tensor parallelism without sequence parallelism");

@@ -50,6 +50,10 @@ const char* kernel_name(Kernel k) {
     return "ce_finish";
   case Kernel::adamw:
     return "adamw";
+  case Kernel::copy:
+    return "copy";
+  case Kernel::zero:
+    return "zero";
   case Kernel::collective:
     return "collective";
   }

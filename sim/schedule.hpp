@@ -139,13 +139,18 @@ enum class Kernel {
   ce_max,
   ce_sums,
   ce_finish,
-  // adamw: inputs params..., grads..., m, v (attrs.params: how many tensors each of params and
-  //   grads is); outputs params'..., m, v. One AdamW step of the step's index over the bucket's
+  // adamw: inputs params..., grads..., m, v (attrs.params: how many of the inputs are params);
+  //   outputs params'..., m, v. One AdamW step of the step's index over the bucket's
   //   elements this rank owns: m and v are the bucket's flat shard (ZeRO >= 1) or all of it.
   //   Each list is read as a flat concatenation; a list covering the whole bucket is first cut
   //   to this rank's shard. The output params' are the updated shard (a param_shard tensor) or,
   //   unsharded, the members themselves.
   adamw,
+  // copy: inputs read as a flat concatenation are written to the outputs' flat concatenation
+  //   (equal sizes): offload and reload (OpKind copy_d2h / copy_h2d), parameter uploads.
+  copy,
+  // zero: sets its outputs to 0 (gradient buffers at the start of a step).
+  zero,
   // collectives (OpKind says which; over Op::group). Several inputs (or outputs) are read (or
   //   written) as the concatenation of their flattened contents, in order. all_gather
   //   concatenates the group's inputs in group-rank order; outputs take its first elements
@@ -234,7 +239,10 @@ struct Attrs {
   double scale = 0; // attention: softmax scale
   double eps = 0;   // rmsnorm
   double theta = 0; // rope base
-  int params = 1;   // adamw: tensors in each of the params and grads lists
+  // The previous step's update, streamed into this step's forward (host optimizer): an executor
+  // skips it in a run's first step and runs the deferred ops once more after the last step.
+  bool deferred = false;
+  int params = 1;   // adamw: tensors in the params list
   int a_blocks = 1; // matmul: inputs that are column blocks of A (the rest are B's)
 };
 

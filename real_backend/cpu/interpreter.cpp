@@ -98,19 +98,31 @@ public:
     labelled_ = 0;
     for (auto l : batch_.labels)
       labelled_ += l >= 0 ? 1 : 0;
-    for (std::size_t t = 0; t < rc_->tensors.size(); ++t) {
-      const sim::Tensor& ten = rc_->tensors[t];
-      if (ten.resident && (ten.role == TensorRole::grad || ten.role == TensorRole::loss))
+    // The program zeroes its gradients itself (Kernel::zero); the loss restarts each step.
+    for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
+      if (rc_->tensors[t].resident && rc_->tensors[t].role == TensorRole::loss)
         std::fill(real_[t].begin(), real_[t].end(), T(0));
-    }
+    // AdamW's step count: this step's, or for an update deferred from the previous step, that
+    // one's.
     for (const sim::Op& op : rc_->ops)
-      run(op);
+      if (!op.attrs.deferred || steps_run_ > 0) {
+        adam_count_ = op.attrs.deferred ? step_index_ : step_index_ + 1;
+        run(op);
+      }
+    ++steps_run_;
     publish_grads();
     const int loss = find_loss();
     sh_.loss_part[sz(rank_)] = loss < 0 ? 0.0 : static_cast<double>(real_[sz(loss)][0]);
   }
 
-  void finish_run() { publish_state(); }
+  // The updates still pending (streamed into a next forward that will not come) run now.
+  void finish_run() {
+    adam_count_ = step_index_ + 1;
+    for (const sim::Op& op : rc_->ops)
+      if (op.attrs.deferred)
+        run(op);
+    publish_state();
+  }
 
 private:
   World& w_;
@@ -127,6 +139,8 @@ private:
   std::vector<std::vector<std::int32_t>> ints_;
   double live_ = 0, peak_ = 0;
   std::int64_t step_index_ = 0;
+  int steps_run_ = 0;
+  std::int64_t adam_count_ = 1;
   Batch batch_;
   std::int64_t labelled_ = 0;
 
@@ -224,8 +238,18 @@ private:
     }
   }
 
+  // Which list of the training state an optimizer-state tensor holds: the AdamW moments by
+  // name (".adam_m", ".adam_v"), the host optimizer's master weights (".master") the
+  // parameters themselves.
+  static bool is_master(const sim::Tensor& t) { return t.name.ends_with(".master"); }
+  static std::vector<std::vector<T>>& state_list(const sim::Tensor& t, TrainState<T>& st) {
+    if (is_master(t))
+      return st.params;
+    return t.name.ends_with(".adam_m") ? st.adam_m : st.adam_v;
+  }
+
   void load_state() {
-    const TrainState<T>& st = sh_.state;
+    TrainState<T>& st = sh_.state; // read only
     for (std::size_t t = 0; t < rc_->tensors.size(); ++t) {
       const sim::Tensor& ten = rc_->tensors[t];
       if (!ten.resident)
@@ -236,8 +260,7 @@ private:
       } else if (ten.role == TensorRole::param_shard) {
         real_[t] = shard_of(ten.bucket, bucket_flat(ten.bucket, st.params));
       } else if (ten.role == TensorRole::optimizer_state) {
-        const bool m = ten.name.ends_with(".adam_m");
-        std::vector<T> flat = bucket_flat(ten.bucket, m ? st.adam_m : st.adam_v);
+        std::vector<T> flat = bucket_flat(ten.bucket, state_list(ten, st));
         real_[t] = bb_[sz(ten.bucket)].sharded ? shard_of(ten.bucket, flat) : std::move(flat);
       }
       check_size(static_cast<int>(t));
@@ -265,9 +288,8 @@ private:
           continue;
         if (ten.role == TensorRole::param_shard)
           write_flat(bi, real_[t].data(), bb.lo, count, st.params);
-        else if (ten.role == TensorRole::optimizer_state)
-          write_flat(bi, real_[t].data(), bb.lo, count,
-                     ten.name.ends_with(".adam_m") ? st.adam_m : st.adam_v);
+        else if (ten.role == TensorRole::optimizer_state && !is_master(ten))
+          write_flat(bi, real_[t].data(), bb.lo, count, state_list(ten, st));
       }
     }
   }
@@ -321,13 +343,16 @@ private:
       ints_[sz(t)].assign(n, 0);
     else
       real_[sz(t)].assign(n, T(0));
-    live_ += static_cast<double>(n) * element_bytes(ten);
-    peak_ = std::max(peak_, live_);
+    if (ten.device == sim::Device::hbm) {
+      live_ += static_cast<double>(n) * element_bytes(ten);
+      peak_ = std::max(peak_, live_);
+    }
   }
   void release(int t) {
     const sim::Tensor& ten = info(t);
     const double n = static_cast<double>(is_int(t) ? ints_[sz(t)].size() : real_[sz(t)].size());
-    live_ -= n * element_bytes(ten);
+    if (ten.device == sim::Device::hbm)
+      live_ -= n * element_bytes(ten);
     std::vector<T>().swap(real_[sz(t)]);
     std::vector<std::int32_t>().swap(ints_[sz(t)]);
   }
@@ -612,6 +637,12 @@ private:
     }
     case Kernel::adamw:
       return adam(op);
+    case Kernel::copy:
+      return scatter_to(concat(in), out);
+    case Kernel::zero:
+      for (int t : out)
+        std::fill(R(t).begin(), R(t).end(), T(0));
+      return;
     case Kernel::collective:
       return collective(op);
     }
@@ -784,7 +815,7 @@ private:
     std::vector<T> p = owned(ps);
     const std::vector<T> gr = owned(gs);
     const std::int64_t count = bb.sharded ? std::min(bb.n, bb.lo + bb.chunk) - bb.lo : bb.n;
-    adamw<T>(sz(count), o_.adam, step_index_ + 1, p.data(), gr.data(), R(mt).data(), R(vt).data());
+    adamw<T>(sz(count), o_.adam, adam_count_, p.data(), gr.data(), R(mt).data(), R(vt).data());
     const std::vector<int> outs(op.outputs.begin(), op.outputs.end() - 2);
     scatter_to(p, outs);
   }

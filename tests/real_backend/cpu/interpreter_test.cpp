@@ -79,3 +79,35 @@ TEST_CASE("interpreter: selective and full recompute run the blocks again before
     }));
   }
 }
+
+TEST_CASE("interpreter: the host optimizer under every overlap mode" *
+          doctest::test_suite("independent")) {
+  using mop::strategy::OptimizerOverlap;
+  using mop::strategy::Placement;
+  for (auto mode : {OptimizerOverlap::after_backward, OptimizerOverlap::stream_backward,
+                    OptimizerOverlap::stream_forward})
+    for (int zero : {0, 2, 3}) {
+      CAPTURE(static_cast<int>(mode));
+      CAPTURE(zero);
+      // Three steps: under stream-forward the update of one step runs inside the next, and the
+      // last one after the run.
+      expect_held_together(make_case("tiny-dense", 2, 4, 16,
+                                     [&](Plan& p) {
+                                       p.optimizer_on_host = true;
+                                       p.optimizer = Placement::host;
+                                       p.overlap = mode;
+                                       for (auto& s : p.state)
+                                         s.zero = zero;
+                                     }),
+                           3);
+    }
+  // FSDP2's CPU offload: the parameter shards live on the host and are uploaded for each gather.
+  expect_held_together(make_case("tiny-dense", 2, 4, 16,
+                                 [&](Plan& p) {
+                                   p.optimizer_on_host = true;
+                                   p.optimizer = Placement::host;
+                                   p.params = Placement::host;
+                                   p.overlap = OptimizerOverlap::stream_forward;
+                                 }),
+                       3);
+}
