@@ -407,6 +407,16 @@ private:
   // Recompute before a block's backward (the CPU executor's order): the MLP block, or under
   // selective recompute its activation function alone; the attention block, or its core alone.
   void recompute_mlp(int l, int mb, MlpSaved& s);
+  // Activation offload: the first fraction of the stage's layers move what their backward reads
+  // to host memory after their forward, and back before their backward (one copy each way).
+  bool offloads(int index_in_stage, int layers_in_stage) const {
+    return p_.activation_offload > 0 &&
+           index_in_stage < std::ceil(p_.activation_offload * layers_in_stage - 1e-9);
+  }
+  std::vector<int*> backward_reads(LayerSaved& sv);
+  void offload(int l, int mb, LayerSaved& sv);
+  void reload(int l, int mb, LayerSaved& sv);
+  std::map<std::pair<int, int>, std::vector<int>> host_copies_; // (layer, mb) -> host tensors
   void recompute_attention(int l, int mb, AttnSaved& s);
   int dense_backward(int l, int mb, const MlpSaved& s, int dy);
   void head_forward(int mb, int x);
@@ -1018,6 +1028,91 @@ int Builder::dense_backward(int l, int mb, const MlpSaved& s, int dy) {
   return dx;
 }
 
+// --- activation offload -------------------------------------------------------------------------
+
+std::vector<int*> Builder::backward_reads(LayerSaved& sv) {
+  using strategy::Recompute;
+  const Recompute ra = p_.recompute[static_cast<int>(LayerKind::attention)];
+  const Recompute rm = p_.recompute[static_cast<int>(LayerKind::dense)];
+  AttnSaved& a = sv.a;
+  MlpSaved& m = sv.m;
+  std::vector<int*> out;
+  if (ra == Recompute::full)
+    out = {&a.x};
+  else
+    out = {&a.x, &a.rstd, &a.xg, &a.q_pre, &a.k_pre, &a.q_rstd, &a.k_rstd, &a.q, &a.k, &a.v};
+  if (ra == Recompute::none) {
+    out.push_back(&a.o);
+    out.push_back(&a.lse);
+  }
+  if (rm == Recompute::full) {
+    out.push_back(&m.x);
+  } else {
+    for (int* f : {&m.x, &m.rstd, &m.xg, &m.gu})
+      out.push_back(f);
+    if (rm == Recompute::none)
+      out.push_back(&m.act);
+  }
+  std::erase_if(out, [](const int* f) { return *f < 0; });
+  return out;
+}
+
+void Builder::offload(int l, int mb, LayerSaved& sv) {
+  std::vector<int> dev;
+  for (int* f : backward_reads(sv))
+    if (std::find(dev.begin(), dev.end(), *f) == dev.end())
+      dev.push_back(*f);
+  std::vector<int> host;
+  for (int t : dev) {
+    const sim::Tensor src = rc_->tensors[static_cast<std::size_t>(t)];
+    host.push_back(
+        tensor(src.name + " (host)", src.shape, TensorRole::host_copy, src.element, src.dtype));
+    rc_->tensors.back().device = sim::Device::host;
+  }
+  emit(OpSpec{fmt::format("L{}.act_offload.mb{}", l, mb),
+              Kernel::copy,
+              OpKind::copy_d2h,
+              Category::offload,
+              kD2h,
+              -1,
+              dev,
+              host,
+              {},
+              l,
+              mb});
+  host_copies_[{l, mb}] = host;
+}
+
+void Builder::reload(int l, int mb, LayerSaved& sv) {
+  const auto it = host_copies_.find({l, mb});
+  if (it == host_copies_.end())
+    return;
+  std::vector<int*> fields = backward_reads(sv);
+  std::vector<int> dev, back;
+  for (int* f : fields)
+    if (std::find(dev.begin(), dev.end(), *f) == dev.end())
+      dev.push_back(*f);
+  for (int t : dev) {
+    const sim::Tensor src = rc_->tensors[static_cast<std::size_t>(t)];
+    back.push_back(
+        tensor(src.name + " (reloaded)", src.shape, TensorRole::saved, src.element, src.dtype));
+  }
+  emit(OpSpec{fmt::format("L{}.act_reload.mb{}", l, mb),
+              Kernel::copy,
+              OpKind::copy_h2d,
+              Category::offload,
+              kH2d,
+              -1,
+              it->second,
+              back,
+              {},
+              l,
+              mb});
+  for (int* f : fields)
+    *f = back[static_cast<std::size_t>(std::find(dev.begin(), dev.end(), *f) - dev.begin())];
+  host_copies_.erase(it);
+}
+
 // --- recompute ----------------------------------------------------------------------------------
 
 void Builder::recompute_mlp(int l, int mb, MlpSaved& s) {
@@ -1236,6 +1331,8 @@ sim::Schedule Builder::run() {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       x = attn_forward(l, mb, x, sv.a);
       x = dense_forward(l, mb, x, sv.m);
+      if (offloads(l, layers))
+        offload(l, mb, sv);
     }
     head_forward(mb, x);
   };
@@ -1243,6 +1340,7 @@ sim::Schedule Builder::run() {
     int dx = head_backward(mb);
     for (int l = layers - 1; l >= 0; --l) {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
+      reload(l, mb, sv);
       recompute_mlp(l, mb, sv.m);
       dx = dense_backward(l, mb, sv.m, dx);
       recompute_attention(l, mb, sv.a);
@@ -1288,8 +1386,6 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
     not_yet("pipeline parallelism");
   if (p.attention.cp > 1)
     not_yet("context parallelism");
-  if (p.activation_offload > 0)
-    not_yet("activation offload");
   if (p.grads == strategy::Placement::host)
     not_yet("gradients kept in host memory");
   const int any_tp = std::max({p.attention.tp, p.dense.tp, p.embed.tp});

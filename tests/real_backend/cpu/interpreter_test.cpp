@@ -111,3 +111,22 @@ TEST_CASE("interpreter: the host optimizer under every overlap mode" *
                                  }),
                        3);
 }
+
+TEST_CASE("interpreter: activation offload moves what the backward reads out and back" *
+          doctest::test_suite("independent")) {
+  using mop::strategy::Recompute;
+  for (Recompute r : {Recompute::none, Recompute::selective, Recompute::full}) {
+    CAPTURE(static_cast<int>(r));
+    expect_held_together(make_case("tiny-dense", 2, 4, 16, [&](Plan& p) {
+      p.activation_offload = 0.5;
+      p.attention.tp = 2;
+      p.dense.tp = 2;
+      for (auto& k : p.recompute)
+        k = r;
+    }));
+  }
+  expect_held_together(make_case("tiny-dense", 1, 2, 16, [&](Plan& p) {
+    p.activation_offload = 1;
+    p.recompute[static_cast<int>(mop::strategy::LayerKind::attention)] = Recompute::full;
+  }));
+}
