@@ -1386,8 +1386,9 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
     not_yet("pipeline parallelism");
   if (p.attention.cp > 1)
     not_yet("context parallelism");
-  if (p.grads == strategy::Placement::host)
-    not_yet("gradients kept in host memory");
+  // Host gradients are the host optimizer's downloaded copies (step_bucket).
+  if (p.grads == strategy::Placement::host && !p.optimizer_on_host)
+    not_yet("gradients in host memory for an optimizer on the GPU");
   const int any_tp = std::max({p.attention.tp, p.dense.tp, p.embed.tp});
   if (any_tp > 1 && !p.attention.sp)
     not_yet("tensor parallelism without sequence parallelism");
