@@ -93,6 +93,9 @@ public:
     vl_ = m_.vocab_size / p_.embed.tp;
     rows_e_ = n_ * p_.embed.tp;
     rows_d_ = n_ * p_.dense.tp;
+    const strategy::CpSplit cp = strategy::cp_split(p_, c_.gpus_per_node);
+    uly_ = cp.ulysses;
+    ring_ = cp.ring;
   }
 
   sim::Schedule run();
@@ -103,6 +106,8 @@ private:
   const workload::ModelSpec& m_;
   std::int64_t h_ = 0, d_ = 0, hl_ = 0, kvl_ = 0, lc_ = 0, ng_ = 0, n_ = 0, f_ = 0, vl_ = 0;
   std::int64_t rows_e_ = 0, rows_d_ = 0; // rows gathered over the embedding / dense TP group
+  int uly_ = 1, ring_ = 1;               // context parallelism's Ulysses and ring parts
+  int g_uly_ = -1, g_ring_ = -1;
   sim::Schedule s_;
   sim::RankClass* rc_ = nullptr;
   int g_tp_ = -1, g_dtp_ = -1, g_etp_ = -1;
@@ -221,6 +226,26 @@ private:
       const Shape& q = shape(op.inputs[0]);
       const Shape& k = shape(op.inputs[1]);
       const double len = static_cast<double>(q[0]) / a.sequences;
+      if (ring_ > 1) {
+        // One step of the load-balanced ring (strategies/lower.cpp prices it so): my queries
+        // against half a block of keys on average, unmasked; the model FLOPs are my share of
+        // the whole sequences' attention (a window included), spread evenly over the steps.
+        op.attention = sim::AttentionShape{static_cast<double>(a.sequences),
+                                           static_cast<double>(q[1]),
+                                           static_cast<double>(k[1]),
+                                           len,
+                                           len / 2,
+                                           static_cast<double>(q[2]),
+                                           static_cast<double>(q[2]),
+                                           false,
+                                           0};
+        const double pairs = a.sequences * workload::attended_pairs(c_.seq, a.window) / ring_;
+        const double fwd = 2 * pairs * static_cast<double>(q[1] * 2 * q[2]) / ring_;
+        op.model_flops = op.category == Category::recompute
+                             ? 0
+                             : (op.kernel == Kernel::attention_bwd ? 2 : 1) * fwd;
+        return;
+      }
       op.attention = sim::AttentionShape{static_cast<double>(a.sequences),
                                          static_cast<double>(q[1]),
                                          static_cast<double>(k[1]),
@@ -380,7 +405,10 @@ private:
   // --- the model ---------------------------------------------------------------------------
   struct AttnSaved {
     int x = -1, xn = -1, rstd = -1, xg = -1, q_pre = -1, k_pre = -1, q_rstd = -1, k_rstd = -1;
-    int q = -1, k = -1, v = -1, o = -1, lse = -1;
+    int q = -1, k = -1, v = -1, o = -1; // the token layout: this rank's rows, its TP heads
+    // The attention core's operands: the token layout's, or after Ulysses' all-to-all whole
+    // sequences (the Ulysses group's chunks) with heads / ulysses heads.
+    int cq = -1, ck = -1, cv = -1, co = -1, lse = -1;
   };
   struct MlpSaved {
     int x = -1, rstd = -1, xg = -1, gu = -1, act = -1;
@@ -398,6 +426,19 @@ private:
 
   int embed_forward(int mb);
   void embed_backward(int mb, int dx);
+  // --- context parallelism (the attention core) -------------------------------------------
+  sim::Attrs core_attrs(int l) const;
+  int transpose(const std::string& name, int x, int y, std::int64_t a, std::int64_t b, Category cat,
+                int l, int mb);
+  int cp_collective(const std::string& name, OpKind kind, int g, std::vector<int> in,
+                    std::vector<int> out, int l, int mb);
+  int to_heads(const std::string& name, int x, std::int64_t heads, TensorRole role, Category cat,
+               int l, int mb);
+  int to_tokens(const std::string& name, int x, std::int64_t heads, TensorRole role, Category cat,
+                int l, int mb);
+  void core_forward(int l, int mb, AttnSaved& s, Category cat = Category::forward);
+  void core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq, int& dk, int& dv);
+
   // `cat` recompute: the block (or its attention core alone, `core_only`) runs again in the
   // backward pass, with the backward's parameter gathers.
   int attn_forward(int l, int mb, int x, AttnSaved& s, Category cat = Category::forward,
@@ -815,21 +856,7 @@ int Builder::attn_forward(int l, int mb, int x, AttnSaved& s, Category cat, bool
     simple(nm("rope_q"), Kernel::rope, {qr}, {s.q}, cat, l, mb, rope);
     simple(nm("rope_k"), Kernel::rope, {kr}, {s.k}, cat, l, mb, rope);
   }
-  s.o = tensor(nm("attn out"), {ng_, hl_, d_}, TensorRole::saved);
-  s.lse = tensor(nm("attn lse"), {ng_, hl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
-  OpSpec core;
-  core.name = nm("attn_core");
-  core.kernel = Kernel::attention_fwd;
-  core.kind = OpKind::attention_fwd;
-  core.in = {s.q, s.k, s.v};
-  core.out = {s.o, s.lse};
-  core.attrs.sequences = p_.micro_batch;
-  core.attrs.causal = true;
-  core.attrs.window = m_.layers[static_cast<std::size_t>(l)].window;
-  core.attrs.scale = 1.0 / std::sqrt(static_cast<double>(d_));
-  core.layer = l;
-  core.mb = mb;
-  emit(std::move(core));
+  core_forward(l, mb, s, cat);
   if (core_only)
     return -1;
   const int out = tensor(nm("o_proj out"), {ng_, h_}, TensorRole::activation);
@@ -858,24 +885,8 @@ int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
          false, Category::backward, l, mb);
   matmul(nm("o_proj.wgrad"), {s.o}, {dyg}, {grad("attn.wo")}, true, false, true, Category::backward,
          l, mb);
-  int dq = tensor(nm("dq"), {ng_, hl_, d_}, TensorRole::activation);
-  int dk = tensor(nm("dk"), {ng_, kvl_, d_}, TensorRole::activation);
-  const int dv = tensor(nm("dv"), {ng_, kvl_, d_}, TensorRole::activation);
-  OpSpec core;
-  core.name = nm("attn_core");
-  core.kernel = Kernel::attention_bwd;
-  core.kind = OpKind::attention_bwd;
-  core.category = Category::backward;
-  core.in = {s.q, s.k, s.v, s.o, s.lse, dout};
-  core.out = {dq, dk, dv};
-  core.attrs.sequences = p_.micro_batch;
-  core.attrs.causal = true;
-  core.attrs.window = m_.layers[static_cast<std::size_t>(l)].window;
-  core.attrs.scale = 1.0 / std::sqrt(static_cast<double>(d_));
-  core.attrs.accumulate = true;
-  core.layer = l;
-  core.mb = mb;
-  emit(std::move(core));
+  int dq = -1, dk = -1, dv = -1;
+  core_backward(l, mb, s, dout, dq, dk, dv);
   sim::Attrs inv;
   inv.theta = m_.rope_theta;
   inv.inverse = true;
@@ -944,6 +955,183 @@ int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
   const int dx = tensor(nm("d layer input"), {n_, h_}, TensorRole::activation);
   simple(nm("attn_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
   return dx;
+}
+
+// --- context parallelism -------------------------------------------------------------------------
+
+sim::Attrs Builder::core_attrs(int l) const {
+  sim::Attrs a;
+  a.sequences = p_.micro_batch;
+  a.causal = true;
+  a.window = m_.layers[static_cast<std::size_t>(l)].window;
+  a.scale = 1.0 / std::sqrt(static_cast<double>(d_));
+  a.full_sequence = uly_ > 1;
+  return a;
+}
+
+// y [b, a, rest] from x viewed as [a, b, rest].
+int Builder::transpose(const std::string& name, int x, int y, std::int64_t a, std::int64_t b,
+                       Category cat, int l, int mb) {
+  sim::Attrs at;
+  at.transpose_a = a;
+  at.transpose_b = b;
+  return simple(name, Kernel::transpose, {x}, {y}, cat, l, mb, at);
+}
+
+int Builder::cp_collective(const std::string& name, OpKind kind, int g, std::vector<int> in,
+                           std::vector<int> out, int l, int mb) {
+  return emit(OpSpec{name,
+                     Kernel::collective,
+                     kind,
+                     Category::cp_comm,
+                     kCp,
+                     g,
+                     std::move(in),
+                     std::move(out),
+                     {},
+                     l,
+                     mb});
+}
+
+// Ulysses' all-to-all from my rows with all `heads` heads [ng, heads, d] to whole sequences
+// (the Ulysses group's chunks, in group order) with heads / ulysses heads [B·u·lc, hs, d]:
+// pack the block for Ulysses rank j (its heads j·hs ..) first, exchange equal blocks, then put
+// each sequence's u received chunks together (no copy for one sequence: already in order).
+int Builder::to_heads(const std::string& name, int x, std::int64_t heads, TensorRole role,
+                      Category cat, int l, int mb) {
+  if (uly_ == 1)
+    return x;
+  const std::int64_t hs = heads / uly_, B = p_.micro_batch;
+  const int send = tensor(name + " packed", {uly_, ng_, hs, d_}, TensorRole::comm_buffer);
+  transpose(name + ".pack", x, send, ng_, uly_, cat, l, mb);
+  const int recv = tensor(name + (B > 1 ? " received" : ""), {uly_ * ng_, hs, d_},
+                          B > 1 ? TensorRole::comm_buffer : role);
+  cp_collective(name + ".all_to_all", OpKind::all_to_all, g_uly_, {send}, {recv}, l, mb);
+  if (B == 1)
+    return recv;
+  const int y = tensor(name, {uly_ * ng_, hs, d_}, role);
+  transpose(name + ".unpack", recv, y, uly_, B, cat, l, mb);
+  return y;
+}
+
+// The inverse: whole sequences with heads / ulysses heads back to my rows with all heads.
+int Builder::to_tokens(const std::string& name, int x, std::int64_t heads, TensorRole role,
+                       Category cat, int l, int mb) {
+  if (uly_ == 1)
+    return x;
+  const std::int64_t hs = heads / uly_, B = p_.micro_batch;
+  int send = x;
+  if (B > 1) {
+    send = tensor(name + " packed", {uly_ * ng_, hs, d_}, TensorRole::comm_buffer);
+    transpose(name + ".pack", x, send, B, uly_, cat, l, mb);
+  }
+  const int recv = tensor(name + " received", {uly_, ng_, hs, d_}, TensorRole::comm_buffer);
+  cp_collective(name + ".all_to_all", OpKind::all_to_all, g_uly_, {send}, {recv}, l, mb);
+  const int y = tensor(name, {ng_, heads, d_}, role);
+  transpose(name + ".unpack", recv, y, uly_, ng_, cat, l, mb);
+  return y;
+}
+
+// The attention core over the CP group, as the CPU executor runs it: Ulysses' all-to-alls of q,
+// k and v (each its own, as DeepSpeed's DistributedAttention), then the ring: step i attends my
+// queries to the key/value block of ring rank (me - i) while the next block travels (K and V in
+// one message per hop, ring - 1 hops), merging into o and lse; then o back to my rows (the
+// log-sum-exp stays head-sharded: only the backward reads it). Without CP: one attention call.
+void Builder::core_forward(int l, int mb, AttnSaved& s, Category cat) {
+  const bool again = cat == Category::recompute;
+  auto nm = [&](const char* what) {
+    return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
+  };
+  const Category fwd = cat;
+  s.cq = to_heads(nm("q heads"), s.q, hl_, TensorRole::saved, fwd, l, mb);
+  s.ck = to_heads(nm("k heads"), s.k, kvl_, TensorRole::saved, fwd, l, mb);
+  s.cv = to_heads(nm("v heads"), s.v, kvl_, TensorRole::saved, fwd, l, mb);
+  const Shape qs = shape(s.cq), ks = shape(s.ck); // copies: tensor() grows the list
+  s.co = tensor(nm("attn out"), qs, TensorRole::saved);
+  s.lse =
+      tensor(nm("attn lse"), {qs[0], qs[1]}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+  int kb = s.ck, vb = s.cv;
+  for (int i = 0; i < ring_; ++i) {
+    int kn = -1, vn = -1;
+    if (i + 1 < ring_) {
+      kn =
+          tensor(fmt::format("{} k block {}", nm("attn_core"), i + 1), ks, TensorRole::comm_buffer);
+      vn =
+          tensor(fmt::format("{} v block {}", nm("attn_core"), i + 1), ks, TensorRole::comm_buffer);
+      cp_collective(fmt::format("{}.ring_kv.{}", nm("attn_core"), i), OpKind::send_recv, g_ring_,
+                    {kb, vb}, {kn, vn}, l, mb);
+    }
+    OpSpec core;
+    core.name = ring_ > 1 ? fmt::format("{}.{}", nm("attn_core"), i) : nm("attn_core");
+    core.kernel = Kernel::attention_fwd;
+    core.kind = OpKind::attention_fwd;
+    core.category = fwd;
+    core.in = {s.cq, kb, vb};
+    core.out = {s.co, s.lse};
+    core.attrs = core_attrs(l);
+    core.attrs.ring_step = i;
+    core.layer = l;
+    core.mb = mb;
+    emit(std::move(core));
+    kb = kn;
+    vb = vn;
+  }
+  s.o = to_tokens(nm("attn out tokens"), s.co, hl_, TensorRole::saved, fwd, l, mb);
+}
+
+// Its backward: dO to the core's layout, the ring again (the key/value blocks travel ring - 1
+// hops; each block's gradient travels with it, one hop after every step, ring hops in all so
+// that it arrives home, accumulating each step's share), then dq, dk, dv back to my rows.
+void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq, int& dk,
+                            int& dv) {
+  auto nm = [&](const std::string& what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
+  const Category bwd = Category::backward;
+  const int cdo = to_heads(nm("d attn out heads"), dout, hl_, TensorRole::activation, bwd, l, mb);
+  const Shape qs = shape(s.cq), ks = shape(s.ck); // copies: tensor() grows the list
+  const std::string heads = uly_ > 1 ? " heads" : "";
+  const int cdq = tensor(nm("dq" + heads), qs, TensorRole::activation);
+  auto block = [&](const std::string& what, int i) {
+    return ring_ > 1 ? tensor(fmt::format("{} {} block {}", nm("attn_core"), what, i), ks,
+                              TensorRole::comm_buffer)
+                     : tensor(nm(what + heads), ks, TensorRole::activation);
+  };
+  int kb = s.ck, vb = s.cv, dkb = block("dk", 0), dvb = block("dv", 0);
+  for (int i = 0; i < ring_; ++i) {
+    int kn = -1, vn = -1;
+    if (i + 1 < ring_) {
+      kn =
+          tensor(fmt::format("{} k block {}", nm("attn_core"), i + 1), ks, TensorRole::comm_buffer);
+      vn =
+          tensor(fmt::format("{} v block {}", nm("attn_core"), i + 1), ks, TensorRole::comm_buffer);
+      cp_collective(fmt::format("{}.ring_kv.{}", nm("attn_core"), i), OpKind::send_recv, g_ring_,
+                    {kb, vb}, {kn, vn}, l, mb);
+    }
+    OpSpec core;
+    core.name = ring_ > 1 ? fmt::format("{}.{}", nm("attn_core"), i) : nm("attn_core");
+    core.kernel = Kernel::attention_bwd;
+    core.kind = OpKind::attention_bwd;
+    core.category = bwd;
+    core.in = {s.cq, kb, vb, s.co, s.lse, cdo};
+    core.out = {cdq, dkb, dvb};
+    core.attrs = core_attrs(l);
+    core.attrs.ring_step = i;
+    core.attrs.accumulate = true;
+    core.layer = l;
+    core.mb = mb;
+    emit(std::move(core));
+    if (ring_ > 1) {
+      const int dkn = block("dk", i + 1), dvn = block("dv", i + 1);
+      cp_collective(fmt::format("{}.ring_dkv.{}", nm("attn_core"), i), OpKind::send_recv, g_ring_,
+                    {dkb, dvb}, {dkn, dvn}, l, mb);
+      dkb = dkn;
+      dvb = dvn;
+    }
+    kb = kn;
+    vb = vn;
+  }
+  dq = to_tokens(nm("dq"), cdq, hl_, TensorRole::activation, bwd, l, mb);
+  dk = to_tokens(nm("dk"), dkb, kvl_, TensorRole::activation, bwd, l, mb);
+  dv = to_tokens(nm("dv"), dvb, kvl_, TensorRole::activation, bwd, l, mb);
 }
 
 // --- dense MLP -----------------------------------------------------------------------------------
@@ -1041,10 +1229,9 @@ std::vector<int*> Builder::backward_reads(LayerSaved& sv) {
     out = {&a.x};
   else
     out = {&a.x, &a.rstd, &a.xg, &a.q_pre, &a.k_pre, &a.q_rstd, &a.k_rstd, &a.q, &a.k, &a.v};
-  if (ra == Recompute::none) {
-    out.push_back(&a.o);
-    out.push_back(&a.lse);
-  }
+  if (ra == Recompute::none)
+    for (int* f : {&a.o, &a.cq, &a.ck, &a.cv, &a.co, &a.lse})
+      out.push_back(f);
   if (rm == Recompute::full) {
     out.push_back(&m.x);
   } else {
@@ -1296,7 +1483,7 @@ sim::Schedule Builder::run() {
   s_.tokens.micro_batch = p_.micro_batch;
   s_.tokens.global_batch = p_.global_batch;
   s_.tokens.cp_dims = {"cp.ulysses", "cp.ring"};
-  s_.tokens.cp_balanced = p_.attention.cp > 1 && p_.attention.cp_kind == strategy::CpKind::ring;
+  s_.tokens.cp_balanced = ring_ > 1;
   s_.classes.resize(1);
   rc_ = &s_.classes[0];
   rc_->name = "stage 0 of 1";
@@ -1305,6 +1492,8 @@ sim::Schedule Builder::run() {
   g_tp_ = group("attention.tp", strategy::tp_group());
   g_dtp_ = group("dense.tp", strategy::dense_tp_group());
   g_etp_ = group("embed.tp", strategy::embed_tp_group());
+  g_uly_ = group("attention.cp.ulysses", strategy::cp_ulysses_group());
+  g_ring_ = group("attention.cp.ring", strategy::cp_ring_group());
   declare_params();
   make_state();
   const int micro = p_.micro_batches();
@@ -1384,8 +1573,21 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
     not_yet("multi-head latent attention");
   if (p.pp > 1)
     not_yet("pipeline parallelism");
-  if (p.attention.cp > 1)
-    not_yet("context parallelism");
+  if (p.attention.cp > 1) {
+    // Ring (and hybrid) CP balances the causal work over 2·cp chunks; Ulysses splits heads.
+    const strategy::CpSplit cp = strategy::cp_split(p, c.gpus_per_node);
+    const std::int64_t chunks = cp.ring > 1 ? 2 * p.attention.cp : p.attention.cp;
+    if (c.seq % chunks != 0)
+      throw InputError(fmt::format("the sequence length {} does not split into the {} chunks of "
+                                   "context parallelism {}",
+                                   c.seq, chunks, p.attention.cp));
+    const std::int64_t heads = m.attention.num_heads / p.attention.tp;
+    const std::int64_t kv = m.attention.num_kv_heads / p.attention.tp;
+    if (cp.ulysses > 1 && (heads % cp.ulysses != 0 || kv % cp.ulysses != 0))
+      throw InputError(fmt::format("Ulysses cp {} must divide the heads left on a tp rank ({} "
+                                   "query, {} key/value)",
+                                   cp.ulysses, heads, kv));
+  }
   // Host gradients are the host optimizer's downloaded copies (step_bucket).
   if (p.grads == strategy::Placement::host && !p.optimizer_on_host)
     not_yet("gradients in host memory for an optimizer on the GPU");

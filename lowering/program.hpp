@@ -7,9 +7,10 @@
 // it like any Schedule.
 //
 // It is built in passes (lowering/passes.hpp): the per-block emission, which shards every
-// block by the plan's mesh (TP/SP, vocabulary parallelism) and writes its backward by a rule
-// per kernel; ZeRO (parameter gathers, gradient reduction, the sharded optimizer step); then
-// dependencies from the operands and allocations from the tensors' liveness.
+// block by the plan's mesh (TP/SP, vocabulary parallelism, ring/Ulysses/hybrid context
+// parallelism) and writes its backward by a rule per kernel; ZeRO (parameter gathers, gradient
+// reduction, the sharded optimizer step); then dependencies from the operands and allocations
+// from the tensors' liveness.
 //
 // The features it covers grow toward the whole Plan; check_programmable names the first one a
 // plan uses that it does not build yet.

@@ -48,6 +48,8 @@ const char* kernel_name(Kernel k) {
     return "ce_sums";
   case Kernel::ce_finish:
     return "ce_finish";
+  case Kernel::transpose:
+    return "transpose";
   case Kernel::adamw:
     return "adamw";
   case Kernel::copy:

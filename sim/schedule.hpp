@@ -122,10 +122,14 @@ enum class Kernel {
   add,
   // attention_fwd: inputs q [rows, heads, d], k, v [rows, kv_heads, d]; outputs o, lse
   //   [rows, heads], over attrs.sequences sequences (or CP chunks) of rows / sequences tokens.
-  //   attrs.ring_step s > 0: k and v are the block of ring rank (mine - s) mod ring, and the
-  //   result merges into o and lse (exactly, by log-sum-exp). attrs.full_sequence: whole
-  //   sequences at positions 0.. (after Ulysses), else the token layout's positions.
-  // attention_bwd: inputs q, k, v, o, lse, do; outputs dq, dk, dv (all accumulate).
+  //   attrs.ring_step s > 0: k and v are the block of ring rank (mine - s) mod ring (over the
+  //   token layout's "cp.ring" dim), and the result merges into o and lse (exactly, by
+  //   log-sum-exp). attrs.full_sequence (after a Ulysses all-to-all): each sequence's rows are
+  //   the chunks of the "cp.ulysses" group's ranks in group order (whole sequences at positions
+  //   0.. with Ulysses alone; with a ring as well, the ring rank's group's chunks), else this
+  //   rank's chunk: the token layout's positions.
+  // attention_bwd: inputs q, k, v, o, lse, do; outputs dq, dk, dv (all accumulate; with
+  //   attrs.ring_step, dk and dv are the travelling gradient of that step's k/v block).
   attention_fwd,
   attention_bwd,
   // cross_entropy: inputs logits [rows, vocab], labels; outputs dlogits, loss [1] (accumulates):
@@ -139,6 +143,12 @@ enum class Kernel {
   ce_max,
   ce_sums,
   ce_finish,
+  // transpose: input x viewed as [a, b, rest] (a = attrs.transpose_a, b = attrs.transpose_b);
+  //   output y [b, a, rest]: whole rest-blocks move. The layout change on each side of an
+  //   equal-split all_to_all (Ulysses: pack a rank's rows by destination head group, unpack
+  //   the received blocks into whole sequences), as DeepSpeed-Ulysses and Transformer Engine
+  //   permute contiguously before and after theirs; a CUDA executor runs it as one copy kernel.
+  transpose,
   // adamw: inputs params..., grads..., m, v (attrs.params: how many of the inputs are params);
   //   outputs params'..., m, v. One AdamW step of the step's index over the bucket's
   //   elements this rank owns: m and v are the bucket's flat shard (ZeRO >= 1) or all of it.
@@ -156,8 +166,11 @@ enum class Kernel {
   //   concatenates the group's inputs in group-rank order; outputs take its first elements
   //   (a flat shard's padding is dropped). reduce_scatter sums the group's inputs, zero-padded to
   //   a multiple of the group, and keeps this rank's part; all_reduce sums (attrs.reduce_max:
-  //   the maximum) into outputs of the inputs' sizes; send_recv passes the input to the next
-  //   ring rank and receives the previous one's.
+  //   the maximum) into outputs of the inputs' sizes; all_to_all cuts the input into n equal
+  //   parts, sends part j to group rank j and writes the parts received in group-rank order
+  //   (NCCL's equal-split all-to-all: the layout changes are transpose ops around it);
+  //   send_recv passes the input to the next ring rank and receives the previous one's (K and
+  //   V travel in one message as inputs {k, v}, outputs {k', v'}).
   collective,
 };
 const char* kernel_name(Kernel k);
@@ -212,7 +225,7 @@ struct Bucket {
 
 // Which tokens each rank holds: micro-batch m of data-parallel rank d holds sequences
 // (m·dp + d)·micro_batch .. + micro_batch; CP rank c holds positions c·L .. (L = seq_len / cp),
-// or with load balancing (ring CP) the chunks c and 2·cp - 1 - c of 2·cp; with sequence
+// or with load balancing (ring and hybrid CP) the chunks c and 2·cp - 1 - c of 2·cp; with sequence
 // parallelism TP rank t holds the t-th of tp equal parts of those rows.
 struct TokenLayout {
   int seq_len = 0;
@@ -244,6 +257,7 @@ struct Attrs {
   bool deferred = false;
   int params = 1;   // adamw: tensors in the params list
   int a_blocks = 1; // matmul: inputs that are column blocks of A (the rest are B's)
+  std::int64_t transpose_a = 1, transpose_b = 1; // transpose: the [a, b, rest] view
 };
 
 struct RemoteDep {

@@ -373,7 +373,9 @@ private:
   }
 
   // --- the token layout ----------------------------------------------------------------------
-  int coord_cp(int rank, int ring_shift) const {
+  // The CP coordinate of `rank`, with its ring coordinate moved back by ring_shift and, when
+  // ulysses >= 0, its Ulysses coordinate replaced.
+  int coord_cp(int rank, int ring_shift, int ulysses = -1) const {
     const sim::MeshView& v = s_.mesh.view(s_.tokens.view);
     int c = 0, scale = 1;
     for (std::size_t i = 0; i < s_.tokens.cp_dims.size(); ++i) {
@@ -381,6 +383,8 @@ private:
       int x = v.coord(rank, d);
       if (d == "cp.ring" && ring_shift != 0)
         x = ((x - ring_shift) % v.extent(d) + v.extent(d)) % v.extent(d);
+      if (d == "cp.ulysses" && ulysses >= 0)
+        x = ulysses;
       c += x * scale;
       scale *= v.extent(d);
     }
@@ -438,9 +442,12 @@ private:
   // Positions of the rows of a [rows, ...] activation of `sequences` sequences.
   std::vector<std::int64_t> row_positions(Index rows, const sim::Attrs& a, int ring_shift) const {
     std::vector<std::int64_t> per;
-    if (a.full_sequence) {
-      per.resize(sz(s_.tokens.seq_len));
-      std::iota(per.begin(), per.end(), 0);
+    if (a.full_sequence) { // the Ulysses group's chunks, in group order
+      const int u = s_.mesh.view(s_.tokens.view).extent("cp.ulysses");
+      for (int j = 0; j < u; ++j) {
+        const auto part = chunk_positions(coord_cp(rank_, ring_shift, j));
+        per.insert(per.end(), part.begin(), part.end());
+      }
     } else {
       per = chunk_positions(coord_cp(rank_, ring_shift));
     }
@@ -635,6 +642,20 @@ private:
       }
       return;
     }
+    case Kernel::transpose: {
+      const auto& x = R(in[0]);
+      auto& y = R(out[0]);
+      const auto A = sz(a.transpose_a), B = sz(a.transpose_b);
+      const Index rest = x.size() / (A * B);
+      if (A * B * rest != x.size() || y.size() != x.size())
+        bug(fmt::format("op '{}' transposes {} elements as [{}, {}, ...] into {}", op.name,
+                        x.size(), A, B, y.size()));
+      for (Index i = 0; i < A; ++i)
+        for (Index j = 0; j < B; ++j)
+          std::copy_n(x.begin() + static_cast<std::ptrdiff_t>((i * B + j) * rest), rest,
+                      y.begin() + static_cast<std::ptrdiff_t>((j * A + i) * rest));
+      return;
+    }
     case Kernel::adamw:
       return adam(op);
     case Kernel::copy:
@@ -790,6 +811,19 @@ private:
       else
         g.all_reduce(x.data(), x.size());
       return scatter_to(x, op.outputs);
+    case OpKind::all_to_all: {
+      if (x.size() % n != 0)
+        bug(fmt::format("op '{}' cuts {} elements into {} equal parts", op.name, x.size(), n));
+      const std::vector<std::size_t> counts(n, x.size() / n);
+      std::vector<T> y(x.size());
+      g.all_to_all_v(x.data(), counts, y.data(), counts);
+      return scatter_to(y, op.outputs);
+    }
+    case OpKind::send_recv: {
+      std::vector<T> y(x.size());
+      g.send_recv_ring(x.data(), y.data(), x.size(), 1);
+      return scatter_to(y, op.outputs);
+    }
     default:
       bug(fmt::format("op '{}': the interpreter does not run {} yet", op.name,
                       sim::op_kind_name(op.kind)));
