@@ -1101,11 +1101,18 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s) {
   s.recv_counts = s.counts;
   s.recv = xp;
   if (g_ep_ >= 0) {
-    s.recv_counts = collective(nm("ep_counts"), OpKind::all_to_all, Category::ep_comm, kEp, g_ep_,
-                               s.counts, {ep, per_rank}, TensorRole::index, l, mb);
-    rc_->tensors[static_cast<std::size_t>(s.recv_counts)].element = Element::i64;
-    rc_->tensors[static_cast<std::size_t>(s.recv_counts)].bytes =
-        tensor_bytes(rc_->tensors[static_cast<std::size_t>(s.recv_counts)]);
+    s.recv_counts = tensor(nm("ep counts"), {ep, per_rank}, TensorRole::index, Element::i64);
+    emit(OpSpec{nm("ep_counts"),
+                Kernel::collective,
+                OpKind::all_to_all,
+                Category::ep_comm,
+                kEp,
+                g_ep_,
+                {s.counts},
+                {s.recv_counts},
+                {},
+                l,
+                mb});
     s.recv =
         routed(nm("dispatched"), {routed_rows, h_}, TensorRole::activation, s.recv_counts, false);
     OpSpec o{nm("ep_dispatch"),

@@ -2,6 +2,9 @@
 // the cost-only lowering (strategies/lower.cpp) that prices the same plan.
 #include "lowering/program.hpp"
 
+#include "hw_models/calibration.hpp"
+#include "hw_models/cluster.hpp"
+#include "sim/engine.hpp"
 #include "sim/schedule.hpp"
 #include "strategies/lower.hpp"
 #include "strategies/plan.hpp"
@@ -154,4 +157,13 @@ TEST_CASE("program lowering: refuses MoE plans it cannot split" * doctest::test_
   CHECK(test::input_error_of([&] {
           lowering::lower_program(p, {&m, 64, 8});
         }) == "ep 3 must divide the 8 experts and etp 1 their width 32");
+}
+
+TEST_CASE("program lowering: the simulator plays an MoE program with expert parallelism" *
+          doctest::test_suite("plumbing")) {
+  const workload::ModelSpec m = workload::load_model("tiny-moe");
+  const sim::Schedule s = lowering::lower_program(ep2_etp2(), {&m, 64, 8});
+  const sim::SimResult r = sim::simulate(s, hw::load_cluster("h100"), hw::Calibration{});
+  CHECK(r.step_time_s > 0);
+  CHECK(r.classes[0].memory.peak_hbm_bytes > 0);
 }
