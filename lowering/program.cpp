@@ -111,6 +111,7 @@ private:
   sim::Schedule s_;
   sim::RankClass* rc_ = nullptr;
   int g_tp_ = -1, g_dtp_ = -1, g_etp_ = -1;
+  int g_ep_ = -1, g_xtp_ = -1; // MoE: expert parallel, expert tensor parallel
 
   // Parameters: the tensor each one computes with (gathered under ZeRO-3: one per use), its
   // gradient, and the buckets' state.
@@ -160,7 +161,9 @@ private:
     return static_cast<int>(rc_->tensors.size()) - 1;
   }
   const Shape& shape(int t) const { return rc_->tensors[static_cast<std::size_t>(t)].shape; }
-  double bytes(int t) const { return rc_->tensors[static_cast<std::size_t>(t)].bytes; }
+  // What an op reads or writes of tensor t as the simulator prices it: its shape's bytes (for
+  // runtime rows the expected ones; Tensor::bytes holds the buffer reserved for them).
+  double bytes(int t) const { return tensor_bytes(rc_->tensors[static_cast<std::size_t>(t)]); }
 
   struct OpSpec {
     std::string name;
@@ -194,8 +197,11 @@ private:
   // What the simulator charges, from the operands.
   void price(sim::Op& op) const {
     double in = 0, out = 0;
-    for (int t : op.inputs)
-      in += bytes(t);
+    // Count tables (the trailing attrs.count_inputs inputs) size and split; they move nothing.
+    const std::size_t data_inputs =
+        op.inputs.size() - static_cast<std::size_t>(op.attrs.count_inputs);
+    for (std::size_t i = 0; i < data_inputs; ++i)
+      in += bytes(op.inputs[i]);
     for (int t : op.outputs)
       out += bytes(t);
     switch (op.kernel) {
@@ -263,6 +269,9 @@ private:
                            : (op.kernel == Kernel::attention_bwd ? 2 : 1) * fwd;
       return;
     }
+    case Kernel::grouped_matmul:
+      price_grouped(op);
+      return;
     case Kernel::collective:
       // nccl-tests' size: the gathered buffer of an all-gather, the input of the others.
       op.bytes = op.kind == OpKind::all_gather ? out : in;
@@ -315,6 +324,75 @@ private:
              Category cat, int layer, int mb, sim::Attrs attrs = {}) {
     return emit(OpSpec{name, k, OpKind::elementwise, cat, kCompute, -1, std::move(in),
                        std::move(out), attrs, layer, mb});
+  }
+
+  // --- Mixture-of-Experts building blocks ---------------------------------------------------
+  // A tensor whose rows the routing decides: `expected` rows as the simulator prices them,
+  // sized at run time from the count table `counts` (sim::RuntimeRows); the buffer it reserves
+  // is the expected one times the plan's imbalance (the memory model's assumption).
+  int routed(std::string name, Shape shape, TensorRole role, int counts, bool padded) {
+    const int t = tensor(std::move(name), std::move(shape), role);
+    sim::Tensor& ten = rc_->tensors.back();
+    ten.rows = sim::RuntimeRows{counts, padded};
+    ten.bytes = tensor_bytes(ten) * p_.moe.imbalance;
+    return t;
+  }
+  // A tensor of `cols` columns with the rows of tensor `like` (static or runtime).
+  int rows_like(int like, std::string name, std::int64_t cols, TensorRole role) {
+    const sim::RuntimeRows r = rc_->tensors[static_cast<std::size_t>(like)].rows;
+    const Shape sh{shape(like)[0], cols};
+    if (r.counts < 0)
+      return tensor(std::move(name), sh, role);
+    return routed(std::move(name), sh, role, r.counts, r.padded);
+  }
+  int grouped_matmul(const std::string& name, std::vector<int> a, std::vector<int> b,
+                     std::vector<int> c, int counts, bool ta, bool tb, bool acc, Category cat,
+                     int layer, int mb) {
+    OpSpec o;
+    o.name = name;
+    o.kernel = Kernel::grouped_matmul;
+    o.kind = OpKind::grouped_gemm;
+    o.category = cat;
+    o.attrs.trans_a = ta;
+    o.attrs.trans_b = tb;
+    o.attrs.accumulate = acc;
+    o.attrs.a_blocks = static_cast<int>(a.size());
+    o.attrs.count_inputs = 1;
+    o.in = std::move(a);
+    o.in.insert(o.in.end(), b.begin(), b.end());
+    o.in.push_back(counts);
+    o.out = std::move(c);
+    o.layer = layer;
+    o.mb = mb;
+    return emit(std::move(o));
+  }
+  // One GEMM per group over its expected rows (balanced routing: the row-segmented operand's
+  // expected rows, shared equally by the G groups of the count table).
+  void price_grouped(sim::Op& op) const {
+    const sim::Attrs& a = op.attrs;
+    const auto na = static_cast<std::size_t>(a.a_blocks);
+    const std::size_t nb = op.inputs.size() - na - 1;
+    const int counts = op.inputs.back();
+    const double groups = static_cast<double>(shape(counts).back());
+    double a_cols = 0, b_cols = 0;
+    for (std::size_t i = 0; i < na; ++i)
+      a_cols += static_cast<double>(numel(shape(op.inputs[i])) / shape(op.inputs[i])[0]);
+    const double rows = static_cast<double>(shape(op.inputs[0])[0]);
+    double m = rows, n = 0, k = a_cols;
+    if (a.trans_a) { // C[g] = A[rows of g]ᵀ · B[rows of g]: reduction over the group's rows
+      for (std::size_t i = 0; i < nb; ++i)
+        b_cols +=
+            static_cast<double>(numel(shape(op.inputs[na + i])) / shape(op.inputs[na + i])[0]);
+      n = b_cols;
+    } else { // B stacked per group [G, k, n]
+      const Shape& b0 = shape(op.inputs[na]);
+      for (std::size_t i = 0; i < nb; ++i)
+        b_cols += static_cast<double>(shape(op.inputs[na + i])[2]);
+      n = a.trans_b ? static_cast<double>(b0[1]) : b_cols;
+    }
+    op.gemm = sim::GemmShape{m, n, k, 1,
+                             std::vector<double>(static_cast<std::size_t>(groups), rows / groups)};
+    op.model_flops = op.category == Category::recompute ? 0 : 2 * m * n * k;
   }
 
   // --- parameters ----------------------------------------------------------------------------
@@ -390,6 +468,7 @@ private:
   }
 
   void declare_params();
+  void declare_moe_params(int l);
   void make_state();
   // The tensors a pass computes with for the parameters of bucket b: the resident slices, or
   // under ZeRO-3 a fresh gather of the bucket's shard.
@@ -413,9 +492,20 @@ private:
   struct MlpSaved {
     int x = -1, rstd = -1, xg = -1, gu = -1, act = -1;
   };
+  // An MoE block's tensors kept for its backward (and, for `recv`, the dispatched rows' shape).
+  struct MoeSaved {
+    int x = -1, rstd = -1, xn = -1, probs = -1, idx = -1, weights = -1, order = -1;
+    int counts = -1;      // [experts]: my routed rows per expert
+    int recv_counts = -1; // [ep, experts / ep]: the rows each EP rank sends to my experts
+    int table = -1;       // the count table of the expert rows (ETP: [etp, ep, experts / ep])
+    int recv = -1;        // the rows dispatched to me (runtime rows)
+    int rows_in = -1;     // the experts' input rows (after the ETP gather)
+    int gu = -1, act = -1, ret = -1;
+  };
   struct LayerSaved {
     AttnSaved a;
     MlpSaved m;
+    MoeSaved e;
   };
   struct HeadSaved {
     int x = -1, rstd = -1, xg = -1, dlogits = -1;
@@ -460,6 +550,11 @@ private:
   std::map<std::pair<int, int>, std::vector<int>> host_copies_; // (layer, mb) -> host tensors
   void recompute_attention(int l, int mb, AttnSaved& s);
   int dense_backward(int l, int mb, const MlpSaved& s, int dy);
+  bool is_moe(int l) const {
+    return m_.layers[static_cast<std::size_t>(l)].mlp == workload::MlpKind::moe;
+  }
+  int moe_forward(int l, int mb, int x, MoeSaved& s);
+  int moe_backward(int l, int mb, const MoeSaved& s, int dy);
   void head_forward(int mb, int x);
   int head_backward(int mb);
   void dp_comm(std::string name, OpKind kind, int g, std::vector<int> in, std::vector<int> out,
@@ -506,6 +601,10 @@ void Builder::declare_params() {
     }
     const BucketKey mlp{l, LayerKind::dense, false}, mlp_rep{l, LayerKind::dense, true};
     param(pname(l, "mlp.norm"), {h}, {}, mlp_rep);
+    if (is_moe(l)) {
+      declare_moe_params(l);
+      continue;
+    }
     const std::int64_t f = m_.dense_mlp.intermediate_size;
     param(pname(l, "mlp.gate"), {h, f}, {d_tp_cols}, mlp);
     param(pname(l, "mlp.up"), {h, f}, {d_tp_cols}, mlp);
@@ -1320,6 +1419,311 @@ void Builder::recompute_attention(int l, int mb, AttnSaved& s) {
     attn_forward(l, mb, s.x, s, Category::recompute, r == strategy::Recompute::selective);
 }
 
+// --- Mixture-of-Experts MLP ----------------------------------------------------------------------
+
+// The block's norm and router are replicated on every rank, like the norms, and follow the
+// dense kind (Megatron-Core reduces them with the non-expert parameters); the experts' stacked
+// weights are split on the expert axis over EP and on their width over ETP, and reduce over the
+// expert data-parallel group.
+void Builder::declare_moe_params(int l) {
+  const workload::MoeSpec& e = m_.moe;
+  const std::int64_t h = h_, experts = e.num_routed_experts, f = e.expert_intermediate_size;
+  const BucketKey rep{l, LayerKind::dense, true}, exp{l, LayerKind::moe, false};
+  const sim::AxisSplit by_ep{0, "moe", "ep"};
+  param(pname(l, "moe.router"), {h, experts}, {}, rep);
+  param(pname(l, "moe.experts.gate"), {experts, h, f}, {by_ep, {2, "moe", "etp"}}, exp);
+  param(pname(l, "moe.experts.up"), {experts, h, f}, {by_ep, {2, "moe", "etp"}}, exp);
+  param(pname(l, "moe.experts.down"), {experts, f, h}, {by_ep, {1, "moe", "etp"}}, exp);
+}
+
+// Dropless top-k MoE (Megatron-Core's all-to-all token dispatcher, as the CPU executor runs it):
+// RMSNorm on this rank's rows, router GEMM and top-k, permute the (row, slot) copies by expert,
+// exchange the per-expert counts over EP (one all-to-all), dispatch the rows (all-to-all-v), with
+// ETP gather the group's count tables and rows, grouped SwiGLU GEMMs over my experts' columns,
+// reduce-scatter over ETP, combine (all-to-all-v back), unpermute weighted by the routing
+// weights, residual.
+int Builder::moe_forward(int l, int mb, int x, MoeSaved& s) {
+  auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}", l, what, mb); };
+  const workload::MoeSpec& e = m_.moe;
+  const std::int64_t experts = e.num_routed_experts, k = e.experts_per_token;
+  const std::int64_t ep = p_.moe.ep, etp = p_.moe.etp, per_rank = experts / ep;
+  const std::int64_t f = e.expert_intermediate_size / etp, routed_rows = n_ * k;
+  const int be = bucket_of_param(pname(l, "moe.experts.gate"));
+  const int br = bucket_of_param(pname(l, "mlp.norm"));
+  const std::vector<int> w = use_bucket(be, "fwd", l, mb);
+  const std::vector<int> wr = use_bucket(br, "fwd", l, mb);
+  s.x = x;
+  s.xn = tensor(nm("mlp_norm"), {n_, h_}, TensorRole::saved);
+  s.rstd = tensor(nm("mlp_norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+  simple(nm("mlp_norm"), Kernel::rmsnorm_fwd, {x, value_of(pname(l, "mlp.norm"), wr, br)},
+         {s.xn, s.rstd}, Category::forward, l, mb, norm_attrs());
+  const int logits = tensor(nm("router logits"), {n_, experts}, TensorRole::activation);
+  matmul(nm("router"), {s.xn}, {value_of(pname(l, "moe.router"), wr, br)}, {logits}, false, false,
+         false, Category::forward, l, mb);
+  s.probs =
+      tensor(nm("router probs"), {n_, experts}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+  s.idx = tensor(nm("router idx"), {n_, k}, TensorRole::index, Element::i32);
+  s.weights =
+      tensor(nm("router weights"), {n_, k}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+  sim::Attrs route;
+  route.top_k = static_cast<int>(k);
+  route.normalize = true; // norm_topk_prob, as the executable model routes
+  simple(nm("router_topk"), Kernel::router_topk_fwd, {logits}, {s.probs, s.idx, s.weights},
+         Category::forward, l, mb, route);
+  const int xp = tensor(nm("permuted"), {routed_rows, h_}, TensorRole::activation);
+  s.order = tensor(nm("permute order"), {routed_rows}, TensorRole::index, Element::i32);
+  s.counts = tensor(nm("expert counts"), {experts}, TensorRole::index, Element::i64);
+  simple(nm("permute"), Kernel::permute, {s.xn, s.idx}, {xp, s.order, s.counts}, Category::forward,
+         l, mb);
+  // One all-to-all of per-expert counts: row j says how many rows of each of my experts EP rank
+  // j sends; rows arrive grouped by source rank, then expert, so it also names their experts.
+  s.recv_counts = s.counts;
+  s.recv = xp;
+  if (g_ep_ >= 0) {
+    s.recv_counts = tensor(nm("ep counts"), {ep, per_rank}, TensorRole::index, Element::i64);
+    emit(OpSpec{nm("ep_counts"),
+                Kernel::collective,
+                OpKind::all_to_all,
+                Category::ep_comm,
+                kEp,
+                g_ep_,
+                {s.counts},
+                {s.recv_counts},
+                {},
+                l,
+                mb});
+    s.recv =
+        routed(nm("dispatched"), {routed_rows, h_}, TensorRole::activation, s.recv_counts, false);
+    OpSpec o{nm("ep_dispatch"),
+             Kernel::collective,
+             OpKind::all_to_all,
+             Category::ep_comm,
+             kEp,
+             g_ep_,
+             {xp, s.counts, s.recv_counts},
+             {s.recv},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 2;
+    emit(std::move(o));
+  }
+  // ETP: the group's count tables (from which each rank sizes the others' rows and finds their
+  // experts), then the rows, each member's padded to the group's largest count.
+  s.table = s.recv_counts;
+  s.rows_in = s.recv;
+  if (g_xtp_ >= 0) {
+    s.table = tensor(nm("etp counts"), {etp, ep, per_rank}, TensorRole::index, Element::i64);
+    emit(OpSpec{nm("etp_counts"),
+                Kernel::collective,
+                OpKind::all_gather,
+                Category::ep_comm,
+                kEp,
+                g_xtp_,
+                {s.recv_counts},
+                {s.table},
+                {},
+                l,
+                mb});
+    s.rows_in =
+        routed(nm("etp gathered"), {etp * routed_rows, h_}, TensorRole::saved, s.table, true);
+    OpSpec o{nm("etp_gather"),
+             Kernel::collective,
+             OpKind::all_gather,
+             Category::ep_comm,
+             kEp,
+             g_xtp_,
+             {s.recv, s.table},
+             {s.rows_in},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 1;
+    emit(std::move(o));
+  }
+  s.gu = rows_like(s.rows_in, nm("experts gate_up"), 2 * f, TensorRole::saved);
+  grouped_matmul(
+      nm("experts_gate_up"), {s.rows_in},
+      {value_of(pname(l, "moe.experts.gate"), w, be), value_of(pname(l, "moe.experts.up"), w, be)},
+      {s.gu}, s.table, false, false, false, Category::forward, l, mb);
+  s.act = rows_like(s.rows_in, nm("experts act"), f, TensorRole::saved);
+  simple(nm("experts_act"), Kernel::swiglu_fwd, {s.gu}, {s.act}, Category::forward, l, mb);
+  const int out = rows_like(s.rows_in, nm("experts out"), h_, TensorRole::activation);
+  grouped_matmul(nm("experts_down"), {s.act}, {value_of(pname(l, "moe.experts.down"), w, be)},
+                 {out}, s.table, false, false, false, Category::forward, l, mb);
+  int mine = out;
+  if (g_xtp_ >= 0) {
+    mine = rows_like(s.recv, nm("etp scattered"), h_, TensorRole::activation);
+    emit(OpSpec{nm("etp_scatter"),
+                Kernel::collective,
+                OpKind::reduce_scatter,
+                Category::ep_comm,
+                kEp,
+                g_xtp_,
+                {out},
+                {mine},
+                {},
+                l,
+                mb});
+  }
+  s.ret = mine;
+  if (g_ep_ >= 0) {
+    s.ret = tensor(nm("combined"), {routed_rows, h_}, TensorRole::saved);
+    OpSpec o{nm("ep_combine"),
+             Kernel::collective,
+             OpKind::all_to_all,
+             Category::ep_comm,
+             kEp,
+             g_ep_,
+             {mine, s.recv_counts, s.counts},
+             {s.ret},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 2;
+    emit(std::move(o));
+  }
+  const int y = tensor(nm("moe out"), {n_, h_}, TensorRole::activation);
+  simple(nm("unpermute"), Kernel::unpermute, {s.ret, s.order, s.weights}, {y}, Category::forward, l,
+         mb);
+  const int o = tensor(nm("mlp residual"), {n_, h_}, TensorRole::activation);
+  simple(nm("mlp_residual"), Kernel::add, {x, y}, {o}, Category::forward, l, mb);
+  return o;
+}
+
+// The forward in reverse: the combine's adjoint (and the routing weights' gradient), the
+// dispatch direction for the rows' gradients, the ETP gather, the grouped GEMMs' data and weight
+// gradients, the ETP reduce-scatter, the combine direction, the permutation's adjoint, the
+// router's backward and GEMMs, the norm.
+int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
+  auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
+  const workload::MoeSpec& e = m_.moe;
+  const std::int64_t experts = e.num_routed_experts, k = e.experts_per_token;
+  const std::int64_t f = e.expert_intermediate_size / p_.moe.etp, routed_rows = n_ * k;
+  const int be = bucket_of_param(pname(l, "moe.experts.gate"));
+  const int br = bucket_of_param(pname(l, "mlp.norm"));
+  const std::vector<int> w = use_bucket(be, "bwd", l, mb);
+  const std::vector<int> wr = use_bucket(br, "bwd", l, mb);
+  auto grad = [&](const char* role) {
+    return pt_[static_cast<std::size_t>(find_param(pname(l, role)))].grad;
+  };
+  const int dret = tensor(nm("d combined"), {routed_rows, h_}, TensorRole::activation);
+  const int dweights = tensor(nm("d router weights"), {n_, k}, TensorRole::activation,
+                              Element::real, sim::Dtype::fp32);
+  simple(nm("unpermute"), Kernel::unpermute_bwd, {dy, s.ret, s.order, s.weights}, {dret, dweights},
+         Category::backward, l, mb);
+  int drecv = dret;
+  if (g_ep_ >= 0) {
+    drecv = rows_like(s.recv, nm("d dispatched"), h_, TensorRole::activation);
+    OpSpec o{nm("ep_combine"),
+             Kernel::collective,
+             OpKind::all_to_all,
+             Category::ep_comm,
+             kEp,
+             g_ep_,
+             {dret, s.counts, s.recv_counts},
+             {drecv},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 2;
+    emit(std::move(o));
+  }
+  int dout = drecv;
+  if (g_xtp_ >= 0) {
+    dout = rows_like(s.rows_in, nm("d etp gathered"), h_, TensorRole::activation);
+    OpSpec o{nm("etp_scatter"),
+             Kernel::collective,
+             OpKind::all_gather,
+             Category::ep_comm,
+             kEp,
+             g_xtp_,
+             {drecv, s.table},
+             {dout},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 1;
+    emit(std::move(o));
+  }
+  const int dact = rows_like(s.rows_in, nm("d experts act"), f, TensorRole::activation);
+  grouped_matmul(nm("experts_down.dgrad"), {dout}, {value_of(pname(l, "moe.experts.down"), w, be)},
+                 {dact}, s.table, false, true, false, Category::backward, l, mb);
+  grouped_matmul(nm("experts_down.wgrad"), {s.act}, {dout}, {grad("moe.experts.down")}, s.table,
+                 true, false, true, Category::backward, l, mb);
+  const int dgu = rows_like(s.rows_in, nm("d experts gate_up"), 2 * f, TensorRole::activation);
+  simple(nm("experts_act"), Kernel::swiglu_bwd, {s.gu, dact}, {dgu}, Category::backward, l, mb);
+  const int dxr = rows_like(s.rows_in, nm("d experts input"), h_, TensorRole::activation);
+  grouped_matmul(
+      nm("experts_gate_up.dgrad"), {dgu},
+      {value_of(pname(l, "moe.experts.gate"), w, be), value_of(pname(l, "moe.experts.up"), w, be)},
+      {dxr}, s.table, false, true, false, Category::backward, l, mb);
+  grouped_matmul(nm("experts_gate_up.wgrad"), {s.rows_in}, {dgu},
+                 {grad("moe.experts.gate"), grad("moe.experts.up")}, s.table, true, false, true,
+                 Category::backward, l, mb);
+  int dmine = dxr;
+  if (g_xtp_ >= 0) {
+    dmine = rows_like(s.recv, nm("d etp scattered"), h_, TensorRole::activation);
+    emit(OpSpec{nm("etp_gather"),
+                Kernel::collective,
+                OpKind::reduce_scatter,
+                Category::ep_comm,
+                kEp,
+                g_xtp_,
+                {dxr},
+                {dmine},
+                {},
+                l,
+                mb});
+  }
+  int dsent = dmine;
+  if (g_ep_ >= 0) {
+    dsent = tensor(nm("d permuted"), {routed_rows, h_}, TensorRole::activation);
+    OpSpec o{nm("ep_dispatch"),
+             Kernel::collective,
+             OpKind::all_to_all,
+             Category::ep_comm,
+             kEp,
+             g_ep_,
+             {dmine, s.recv_counts, s.counts},
+             {dsent},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 2;
+    emit(std::move(o));
+  }
+  const int dxn = tensor(nm("d mlp norm out"), {n_, h_}, TensorRole::activation);
+  simple(nm("permute"), Kernel::permute_bwd, {dsent, s.order}, {dxn}, Category::backward, l, mb);
+  const int dlogits = tensor(nm("d router logits"), {n_, experts}, TensorRole::activation);
+  sim::Attrs route;
+  route.top_k = static_cast<int>(k);
+  route.normalize = true;
+  simple(nm("router_topk"), Kernel::router_topk_bwd, {s.probs, s.idx, dweights}, {dlogits},
+         Category::backward, l, mb, route);
+  matmul(nm("router.dgrad"), {dlogits}, {value_of(pname(l, "moe.router"), wr, br)}, {dxn}, false,
+         true, true, Category::backward, l, mb);
+  matmul(nm("router.wgrad"), {s.xn}, {dlogits}, {grad("moe.router")}, true, false, true,
+         Category::backward, l, mb);
+  const int dxa = tensor(nm("d mlp norm input"), {n_, h_}, TensorRole::activation);
+  sim::Attrs a = norm_attrs();
+  a.accumulate = true;
+  emit(OpSpec{nm("mlp_norm"),
+              Kernel::rmsnorm_bwd,
+              OpKind::elementwise,
+              Category::backward,
+              kCompute,
+              -1,
+              {s.x, value_of(pname(l, "mlp.norm"), wr, br), s.rstd, dxn},
+              {dxa, grad("mlp.norm")},
+              a,
+              l,
+              mb});
+  const int dx = tensor(nm("d mlp block input"), {n_, h_}, TensorRole::activation);
+  simple(nm("mlp_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
+  return dx;
+}
+
 // --- gradients and the optimizer -----------------------------------------------------------------
 
 // Per bucket, after the last micro-batch's backward: the gradient sum over the ranks holding
@@ -1494,6 +1898,8 @@ sim::Schedule Builder::run() {
   g_etp_ = group("embed.tp", strategy::embed_tp_group());
   g_uly_ = group("attention.cp.ulysses", strategy::cp_ulysses_group());
   g_ring_ = group("attention.cp.ring", strategy::cp_ring_group());
+  g_ep_ = group("moe.ep", strategy::ep_group());
+  g_xtp_ = group("moe.etp", strategy::etp_group());
   declare_params();
   make_state();
   const int micro = p_.micro_batches();
@@ -1519,7 +1925,7 @@ sim::Schedule Builder::run() {
           }
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       x = attn_forward(l, mb, x, sv.a);
-      x = dense_forward(l, mb, x, sv.m);
+      x = is_moe(l) ? moe_forward(l, mb, x, sv.e) : dense_forward(l, mb, x, sv.m);
       if (offloads(l, layers))
         offload(l, mb, sv);
     }
@@ -1530,8 +1936,12 @@ sim::Schedule Builder::run() {
     for (int l = layers - 1; l >= 0; --l) {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       reload(l, mb, sv);
-      recompute_mlp(l, mb, sv.m);
-      dx = dense_backward(l, mb, sv.m, dx);
+      if (is_moe(l)) {
+        dx = moe_backward(l, mb, sv.e, dx);
+      } else {
+        recompute_mlp(l, mb, sv.m);
+        dx = dense_backward(l, mb, sv.m, dx);
+      }
       recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
       if (mb == micro - 1 && p_.optimizer_on_host &&
@@ -1567,8 +1977,19 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
   if (c.model == nullptr || c.seq <= 0)
     throw InputError("lowering needs a model and a positive sequence length.");
   const workload::ModelSpec& m = *c.model;
-  if (m.is_moe())
-    not_yet("Mixture-of-Experts layers");
+  if (m.is_moe()) {
+    const workload::MoeSpec& e = m.moe;
+    if (e.num_shared_experts > 0)
+      not_yet("shared experts");
+    if (!e.gated || e.expert_bias || e.router_bias || e.router_score_correction)
+      not_yet("experts other than bias-free SwiGLU with a softmax router");
+    if (p.moe.capacity_factor > 0)
+      not_yet("token-dropping MoE (a capacity factor)");
+    if (e.num_routed_experts % p.moe.ep != 0 || e.expert_intermediate_size % p.moe.etp != 0)
+      throw InputError(fmt::format("ep {} must divide the {} experts and etp {} their width {}",
+                                   p.moe.ep, e.num_routed_experts, p.moe.etp,
+                                   e.expert_intermediate_size));
+  }
   if (m.attention.kind != workload::AttentionKind::gqa)
     not_yet("multi-head latent attention");
   if (p.pp > 1)
@@ -1591,7 +2012,10 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
   // Host gradients are the host optimizer's downloaded copies (step_bucket).
   if (p.grads == strategy::Placement::host && !p.optimizer_on_host)
     not_yet("gradients in host memory for an optimizer on the GPU");
-  const int any_tp = std::max({p.attention.tp, p.dense.tp, p.embed.tp});
+  if (m.is_moe() && (p.recompute[static_cast<int>(LayerKind::moe)] != strategy::Recompute::none ||
+                     p.activation_offload > 0))
+    not_yet("recompute or activation offload of Mixture-of-Experts layers");
+  const int any_tp = std::max({p.attention.tp, p.dense.tp, p.embed.tp, p.moe.etp});
   if (any_tp > 1 && !p.attention.sp)
     not_yet("tensor parallelism without sequence parallelism");
   const std::int64_t rows = p.micro_batch * (c.seq / p.attention.cp);

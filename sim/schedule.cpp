@@ -58,6 +58,20 @@ const char* kernel_name(Kernel k) {
     return "zero";
   case Kernel::collective:
     return "collective";
+  case Kernel::router_topk_fwd:
+    return "router_topk_fwd";
+  case Kernel::router_topk_bwd:
+    return "router_topk_bwd";
+  case Kernel::permute:
+    return "permute";
+  case Kernel::permute_bwd:
+    return "permute_bwd";
+  case Kernel::unpermute:
+    return "unpermute";
+  case Kernel::unpermute_bwd:
+    return "unpermute_bwd";
+  case Kernel::grouped_matmul:
+    return "grouped_matmul";
   }
   return "?";
 }
@@ -317,6 +331,19 @@ void check_tensors(const Schedule& s) {
     }
     for (std::size_t t = 0; t < n; ++t) {
       const Tensor& tensor = rc.tensors[t];
+      const int counts = tensor.rows.counts;
+      if (counts != -1) {
+        // Runtime rows: sized from a count table written no later than the tensor is made.
+        if (!in_range(counts, n) ||
+            rc.tensors[static_cast<std::size_t>(counts)].element != Element::i64 ||
+            tensor.shape.empty() || tensor.resident)
+          fail("rank class " + quoted(rc.name) + " (" + std::to_string(c) + "), tensor " +
+               quoted(tensor.name) +
+               " has runtime rows, which need a shape, no residency and an i64 count table");
+        if (alloc_op[static_cast<std::size_t>(counts)] >= alloc_op[t])
+          fail("rank class " + quoted(rc.name) + " (" + std::to_string(c) + "), tensor " +
+               quoted(tensor.name) + " is made before the count table that sizes it");
+      }
       if (tensor.resident)
         continue;
       const int a = alloc_op[t], f = free_op[t];

@@ -162,16 +162,61 @@ enum class Kernel {
   // zero: sets its outputs to 0 (gradient buffers at the start of a step).
   zero,
   // collectives (OpKind says which; over Op::group). Several inputs (or outputs) are read (or
-  //   written) as the concatenation of their flattened contents, in order. all_gather
+  //   written) as the concatenation of their flattened contents, in order; the last
+  //   attrs.count_inputs inputs are count tables (below), read for sizes, not moved. all_gather
   //   concatenates the group's inputs in group-rank order; outputs take its first elements
-  //   (a flat shard's padding is dropped). reduce_scatter sums the group's inputs, zero-padded to
-  //   a multiple of the group, and keeps this rank's part; all_reduce sums (attrs.reduce_max:
-  //   the maximum) into outputs of the inputs' sizes; all_to_all cuts the input into n equal
-  //   parts, sends part j to group rank j and writes the parts received in group-rank order
-  //   (NCCL's equal-split all-to-all: the layout changes are transpose ops around it);
-  //   send_recv passes the input to the next ring rank and receives the previous one's (K and
-  //   V travel in one message as inputs {k, v}, outputs {k', v'}).
+  //   (a flat shard's padding is dropped); into an output of padded runtime rows each rank's
+  //   contribution is its inputs zero-padded to 1/group of the output (ETP's gather of routed
+  //   rows, padded to the group's largest count). reduce_scatter sums the group's inputs,
+  //   zero-padded to a multiple of the group, and keeps this rank's part (outputs take its first
+  //   elements); all_reduce sums (attrs.reduce_max: the maximum) into outputs of the inputs'
+  //   sizes; send_recv passes the input to the next ring rank and receives the previous one's.
+  //   K and V travel a ring hop in one message as inputs {k, v}, outputs {k', v'}.
+  //   all_to_all: without count tables the input is cut into group-size equal parts, part j
+  //   going to group rank j, and the output holds the parts received, in group-rank order
+  //   (NCCL's equal-split all-to-all: Ulysses' layout changes are transpose ops around it). With
+  //   count tables send_counts, recv_counts (all-to-all-v, attrs.count_inputs = 2) the input's
+  //   rows are cut by send_counts: its elements cut into group-size equal parts, rank j gets
+  //   the sum of part j rows; from rank j come the sum of part j of recv_counts rows.
   collective,
+  // --- Mixture-of-Experts (dropless top-k routing) ---------------------------------------------
+  // Count tables are Element::i64 index tensors of rows per expert. Rows whose number depends
+  // on the routing are runtime rows (Tensor::rows): the shape says the expected count.
+  // router_topk_fwd: input logits [rows, experts]; outputs probs [rows, experts] (softmax),
+  //   idx [rows, k] (i32: the k most probable experts, decreasing, ties to the lower index),
+  //   weights [rows, k] (their probabilities, divided by their sum with attrs.normalize);
+  //   k = attrs.top_k.
+  // router_topk_bwd: inputs probs, idx, dweights; output dlogits (through the normalisation and
+  //   the softmax).
+  router_topk_fwd,
+  router_topk_bwd,
+  // permute: inputs x [rows, dim], idx [rows, k]; outputs xp [rows·k, dim], order [rows·k] (i32),
+  //   counts [experts] (i64). The (row, slot) pairs sorted by expert, stably (so by destination
+  //   EP rank, then expert, then row): order[i] = row·k + slot of the i-th, xp[i] = x[row],
+  //   counts[e] = pairs routed to expert e (experts = the last dimension of the router's
+  //   logits; the op reads it from counts' shape).
+  // permute_bwd: inputs dxp [rows·k, dim], order; output dx [rows, dim]: the sum of each row's
+  //   copies (attrs.accumulate: added to dx).
+  permute,
+  permute_bwd,
+  // unpermute: inputs y [rows·k, dim] (permuted order), order, weights [rows, k]; output
+  //   out [rows, dim] = the sum over a row's slots of weight · y (the weighted combine).
+  // unpermute_bwd: inputs dout [rows, dim], y, order, weights; outputs dy [rows·k, dim] (weight ·
+  //   dout of the row), dweights [rows, k] (dout · y of the pair).
+  unpermute,
+  unpermute_bwd,
+  // grouped_matmul: a matmul (inputs a..., b..., outputs c... as Kernel::matmul, attrs.a_blocks)
+  //   per group of rows, over row segments given by a count table, the last input
+  //   (attrs.count_inputs = 1) of shape [..., G]: G groups (local experts); its elements, in
+  //   order, are consecutive row segments, segment i of counts[i] rows belonging to group
+  //   i mod G. When the row operands have padded runtime rows (Tensor::rows.padded) the table is
+  //   [P, ..., G]: P blocks of rows, block p holding the segments of counts[p] and padded to the
+  //   largest block; padding rows belong to no group (outputs stay 0 there). Without trans_a,
+  //   A and C are row-segmented and B is stacked per group ([G, k, n], op(B) per group):
+  //   C[rows of g] = A[rows of g] · op(B[g]). With trans_a, A and B are row-segmented and C is
+  //   stacked per group: C[g] (+)= A[rows of g]ᵀ · B[rows of g] (expert weight gradients).
+  //   Priced as OpKind::grouped_gemm, GemmShape::rows_per_expert the expected rows of each group.
+  grouped_matmul,
 };
 const char* kernel_name(Kernel k);
 
@@ -192,6 +237,20 @@ const char* tensor_role_name(TensorRole r);
 
 // Element type of a tensor's storage: real numbers (bytes by the tensor's dtype) or integers.
 enum class Element { real, i32, i64 };
+
+// Routing-dependent sizes (MoE dispatch): a tensor whose number of rows the routing decides at
+// run time. Its shape[0] is the expected row count (balanced routing: the rank's routed
+// (token, slot) pairs, tokens·top_k, as each EP rank receives on average; times etp after the
+// ETP gather) and is what the simulator prices; its Tensor::bytes is the buffer the plan
+// reserves (the expected bytes times Plan::moe.imbalance). An executor sizes it from the count
+// table `counts` (an Element::i64 tensor of the same rank class, written before the tensor is
+// made): shape[0] = the sum of the table's elements, or with `padded` the table's shape[0]
+// times the largest sum over its first dimension (the ETP group's rows, each member's padded
+// to the largest). The other dimensions are static.
+struct RuntimeRows {
+  int counts = -1; // the count table; -1: a static shape
+  bool padded = false;
+};
 
 // How a parameter sits on the ranks: axis `axis` of its full shape is split into the `dim`
 // extent of mesh view `view`, a rank holding part coord(dim).
@@ -258,6 +317,9 @@ struct Attrs {
   int params = 1;   // adamw: tensors in the params list
   int a_blocks = 1; // matmul: inputs that are column blocks of A (the rest are B's)
   std::int64_t transpose_a = 1, transpose_b = 1; // transpose: the [a, b, rest] view
+  int top_k = 0;                                 // router_topk: experts per token
+  bool normalize = true; // router_topk: weights divided by their sum (norm_topk_prob)
+  int count_inputs = 0;  // collectives, grouped_matmul: trailing inputs that are count tables
 };
 
 struct RemoteDep {
@@ -307,8 +369,9 @@ struct Tensor {
   Element element = Element::real;
   Dtype dtype = Dtype::bf16; // of real elements, as the memory model counts them
   TensorRole role = TensorRole::activation;
-  int param = -1;  // a member's slice: index into Schedule::params
-  int bucket = -1; // a bucket's flat shard (param_shard, grad, optimizer_state): its index
+  int param = -1;   // a member's slice: index into Schedule::params
+  int bucket = -1;  // a bucket's flat shard (param_shard, grad, optimizer_state): its index
+  RuntimeRows rows; // routing-dependent rows (MoE); counts < 0 for a static shape
 };
 
 // A tensor the simulator counts but no executor binds (no shape): bytes and where they live.

@@ -65,6 +65,7 @@ template <class T> struct Shared {
   std::vector<std::map<std::string, OpTiming>> ops;
   std::vector<double> peak;
   std::vector<std::vector<ExecutedOp>> trace;
+  std::vector<std::vector<std::vector<std::int64_t>>> runtime_rows;
 };
 
 template <class T> class RankInterpreter {
@@ -86,6 +87,12 @@ public:
     bind_params();
     real_.resize(rc_->tensors.size());
     ints_.resize(rc_->tensors.size());
+    longs_.resize(rc_->tensors.size());
+    rows_.assign(rc_->tensors.size(), -1);
+    sized_by_.resize(rc_->tensors.size());
+    for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
+      if (rc_->tensors[t].rows.counts >= 0)
+        sized_by_[sz(rc_->tensors[t].rows.counts)].push_back(static_cast<int>(t));
     for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
       if (rc_->tensors[t].resident)
         allocate(static_cast<int>(t));
@@ -98,6 +105,8 @@ public:
     labelled_ = 0;
     for (auto l : batch_.labels)
       labelled_ += l >= 0 ? 1 : 0;
+    if (o_.trace)
+      sh_.runtime_rows[sz(rank_)].emplace_back(rc_->tensors.size(), -1);
     // The program zeroes its gradients itself (Kernel::zero); the loss restarts each step.
     for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
       if (rc_->tensors[t].resident && rc_->tensors[t].role == TensorRole::loss)
@@ -137,6 +146,9 @@ private:
   std::vector<Comm> comms_;
   std::vector<std::vector<T>> real_;
   std::vector<std::vector<std::int32_t>> ints_;
+  std::vector<std::vector<std::int64_t>> longs_; // Element::i64 (count tables)
+  std::vector<std::int64_t> rows_;               // runtime rows, once their table is written
+  std::vector<std::vector<int>> sized_by_;       // count table -> the tensors it sizes
   double live_ = 0, peak_ = 0;
   std::int64_t step_index_ = 0;
   int steps_run_ = 0;
@@ -335,11 +347,28 @@ private:
 
   // --- tensors -------------------------------------------------------------------------------
   const sim::Tensor& info(int t) const { return rc_->tensors[sz(t)]; }
-  bool is_int(int t) const { return info(t).element != sim::Element::real; }
-  void allocate(int t) {
+  bool is_int(int t) const { return info(t).element == sim::Element::i32; }
+  bool is_long(int t) const { return info(t).element == sim::Element::i64; }
+  // Elements of tensor t as made now: its shape, with runtime rows as its count table says.
+  Index elements(int t) const {
     const sim::Tensor& ten = info(t);
     const auto n = sz(numel(ten.shape));
-    if (is_int(t))
+    if (ten.rows.counts < 0)
+      return n;
+    if (rows_[sz(t)] < 0)
+      bug(fmt::format("tensor '{}' is made before its count table is written", ten.name));
+    return n / sz(ten.shape[0]) * sz(rows_[sz(t)]);
+  }
+  Index stored(int t) const {
+    return is_long(t) ? longs_[sz(t)].size()
+                      : (is_int(t) ? ints_[sz(t)].size() : real_[sz(t)].size());
+  }
+  void allocate(int t) {
+    const sim::Tensor& ten = info(t);
+    const Index n = elements(t);
+    if (is_long(t))
+      longs_[sz(t)].assign(n, 0);
+    else if (is_int(t))
       ints_[sz(t)].assign(n, 0);
     else
       real_[sz(t)].assign(n, T(0));
@@ -350,26 +379,62 @@ private:
   }
   void release(int t) {
     const sim::Tensor& ten = info(t);
-    const double n = static_cast<double>(is_int(t) ? ints_[sz(t)].size() : real_[sz(t)].size());
     if (ten.device == sim::Device::hbm)
-      live_ -= n * element_bytes(ten);
+      live_ -= static_cast<double>(stored(t)) * element_bytes(ten);
     std::vector<T>().swap(real_[sz(t)]);
     std::vector<std::int32_t>().swap(ints_[sz(t)]);
+    std::vector<std::int64_t>().swap(longs_[sz(t)]);
   }
   void check_size(int t) const {
-    const auto want = sz(numel(info(t).shape));
-    const auto got = is_int(t) ? ints_[sz(t)].size() : real_[sz(t)].size();
+    const Index want = elements(t), got = stored(t);
     if (want != got)
       bug(fmt::format("tensor '{}' holds {} elements, its shape says {}", info(t).name, got, want));
   }
+  // A count table was written: the rows of the tensors it sizes (sim::RuntimeRows).
+  void resolve_rows(int table) {
+    const std::vector<std::int64_t>& c = longs_[sz(table)];
+    for (int t : sized_by_[sz(table)]) {
+      std::int64_t rows = 0;
+      if (!info(t).rows.padded) {
+        for (auto v : c)
+          rows += v;
+      } else {
+        const auto blocks = sz(info(table).shape[0]);
+        const Index per = c.size() / blocks;
+        std::int64_t largest = 0;
+        for (Index b = 0; b < blocks; ++b) {
+          std::int64_t sum = 0;
+          for (Index i = 0; i < per; ++i)
+            sum += c[b * per + i];
+          largest = std::max(largest, sum);
+        }
+        rows = static_cast<std::int64_t>(blocks) * largest;
+      }
+      rows_[sz(t)] = rows;
+      if (o_.trace)
+        sh_.runtime_rows[sz(rank_)].back()[sz(t)] = rows;
+    }
+  }
+  // Columns of tensor t (all but its first dimension), and its rows as made now (runtime rows
+  // as the routing gave them, possibly none).
+  Index cols_of(int t) const {
+    const auto& sh = info(t).shape;
+    return sz(numel(sh) / sh[0]);
+  }
+  Index actual_rows(int t) const { return elements(t) / cols_of(t); }
   std::vector<T>& R(int t) { return real_[sz(t)]; }
   std::vector<std::int32_t>& I(int t) { return ints_[sz(t)]; }
+  std::vector<std::int64_t>& L(int t) { return longs_[sz(t)]; }
   double bytes_of(const std::vector<int>& ts) const {
     double b = 0;
     for (int t : ts)
-      b += static_cast<double>(is_int(t) ? ints_[sz(t)].size() : real_[sz(t)].size()) *
-           element_bytes(info(t));
+      b += static_cast<double>(stored(t)) * element_bytes(info(t));
     return b;
+  }
+  // The data inputs of an op: its inputs less the trailing count tables.
+  std::vector<int> data_inputs(const sim::Op& op) const {
+    return std::vector<int>(op.inputs.begin(),
+                            op.inputs.end() - static_cast<std::ptrdiff_t>(op.attrs.count_inputs));
   }
 
   // --- the token layout ----------------------------------------------------------------------
@@ -471,13 +536,16 @@ private:
     if (o_.trace) {
       double b = 0;
       if (op.kernel == Kernel::collective)
-        b = op.kind == OpKind::all_gather ? bytes_of(op.outputs) : bytes_of(op.inputs);
+        b = op.kind == OpKind::all_gather ? bytes_of(op.outputs) : bytes_of(data_inputs(op));
       else if (op.kernel != Kernel::tokens)
         b = bytes_of(op.inputs) + bytes_of(op.outputs);
       sh_.trace[sz(rank_)].push_back(ExecutedOp{key, op.group, b});
     }
-    for (int t : op.outputs)
+    for (int t : op.outputs) {
       check_size(t);
+      if (!sized_by_[sz(t)].empty())
+        resolve_rows(t);
+    }
     for (int t : op.frees)
       release(t);
     sh_.peak[sz(rank_)] = peak_;
@@ -556,8 +624,8 @@ private:
     case Kernel::swiglu_fwd:
     case Kernel::swiglu_bwd: {
       const auto& gu = R(in[0]);
-      const auto rows = sz(info(in[0]).shape[0]);
-      const Index F = gu.size() / rows / 2;
+      const Index rows = actual_rows(in[0]);
+      const Index F = cols_of(in[0]) / 2;
       for (Index r = 0; r < rows; ++r) {
         const T* g = gu.data() + r * 2 * F;
         if (op.kernel == Kernel::swiglu_fwd) {
@@ -666,6 +734,246 @@ private:
       return;
     case Kernel::collective:
       return collective(op);
+    case Kernel::router_topk_fwd:
+    case Kernel::router_topk_bwd:
+    case Kernel::permute:
+    case Kernel::permute_bwd:
+    case Kernel::unpermute:
+    case Kernel::unpermute_bwd:
+      return routing(op);
+    case Kernel::grouped_matmul:
+      return grouped_matmul(op);
+    }
+  }
+
+  // --- Mixture-of-Experts ----------------------------------------------------------------------
+  // The routing kernels (sim::Kernel's router_topk, permute, unpermute and their backwards).
+  void routing(const sim::Op& op) {
+    const std::vector<int>& in = op.inputs;
+    const std::vector<int>& out = op.outputs;
+    switch (op.kernel) {
+    case Kernel::router_topk_fwd: {
+      const auto& sh = info(in[0]).shape;
+      router_topk_fwd<T>(static_cast<int>(sh[0]), static_cast<int>(sh[1]), op.attrs.top_k,
+                         op.attrs.normalize, R(in[0]).data(), R(out[0]).data(), I(out[1]).data(),
+                         R(out[2]).data());
+      return;
+    }
+    case Kernel::router_topk_bwd: {
+      const auto& sh = info(in[0]).shape;
+      router_topk_bwd<T>(static_cast<int>(sh[0]), static_cast<int>(sh[1]), op.attrs.top_k,
+                         op.attrs.normalize, R(in[0]).data(), I(in[1]).data(), R(in[2]).data(),
+                         R(out[0]).data());
+      return;
+    }
+    case Kernel::permute: {
+      const auto dim = sz(info(in[0]).shape[1]);
+      const auto& idx = I(in[1]);
+      const auto k = static_cast<std::int32_t>(info(in[1]).shape[1]);
+      auto& order = I(out[1]);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(),
+                       [&](std::int32_t a, std::int32_t b) { return idx[sz(a)] < idx[sz(b)]; });
+      auto& counts = L(out[2]);
+      std::fill(counts.begin(), counts.end(), 0);
+      std::vector<std::int32_t> rows(order.size());
+      for (Index i = 0; i < order.size(); ++i) {
+        rows[i] = order[i] / k;
+        counts[sz(idx[sz(order[i])])] += 1;
+      }
+      gather_rows<T>(static_cast<int>(rows.size()), static_cast<int>(dim), R(in[0]).data(),
+                     rows.data(), R(out[0]).data());
+      return;
+    }
+    case Kernel::permute_bwd: {
+      const auto dim = info(in[0]).shape[1];
+      const auto& order = I(in[1]);
+      auto& dx = R(out[0]);
+      const auto k = static_cast<std::int32_t>(order.size() / (dx.size() / sz(dim)));
+      if (!op.attrs.accumulate)
+        std::fill(dx.begin(), dx.end(), T(0));
+      std::vector<std::int32_t> rows(order.size());
+      for (Index i = 0; i < order.size(); ++i)
+        rows[i] = order[i] / k;
+      scatter_add_rows<T>(static_cast<int>(rows.size()), static_cast<int>(dim), R(in[0]).data(),
+                          rows.data(), dx.data());
+      return;
+    }
+    case Kernel::unpermute: {
+      const auto dim = sz(info(in[0]).shape[1]);
+      const auto& y = R(in[0]);
+      const auto& order = I(in[1]);
+      const auto& w = R(in[2]);
+      const auto k = static_cast<std::int32_t>(info(in[2]).shape[1]);
+      auto& o = R(out[0]);
+      std::fill(o.begin(), o.end(), T(0));
+      for (Index i = 0; i < order.size(); ++i) {
+        const Index row = sz(order[i] / k);
+        const T wgt = w[sz(order[i])];
+        for (Index h = 0; h < dim; ++h)
+          o[row * dim + h] += wgt * y[i * dim + h];
+      }
+      return;
+    }
+    case Kernel::unpermute_bwd: {
+      const auto dim = sz(info(in[0]).shape[1]);
+      const auto& dout = R(in[0]);
+      const auto& y = R(in[1]);
+      const auto& order = I(in[2]);
+      const auto& w = R(in[3]);
+      const auto k = static_cast<std::int32_t>(info(in[3]).shape[1]);
+      auto& dy = R(out[0]);
+      auto& dw = R(out[1]);
+      for (Index i = 0; i < order.size(); ++i) {
+        const Index row = sz(order[i] / k);
+        const T wgt = w[sz(order[i])];
+        T dot = 0;
+        for (Index h = 0; h < dim; ++h) {
+          dy[i * dim + h] = wgt * dout[row * dim + h];
+          dot += dout[row * dim + h] * y[i * dim + h];
+        }
+        dw[sz(order[i])] = dot;
+      }
+      return;
+    }
+    default:
+      bug(fmt::format("op '{}' is not a routing kernel", op.name));
+    }
+  }
+
+  // The group of each row of a row-segmented operand of `rows` rows, from the count table
+  // (sim::Kernel::grouped_matmul); -1 for padding rows.
+  std::vector<int> row_groups(int table, bool padded, Index rows) const {
+    const std::vector<std::int64_t>& c = longs_[sz(table)];
+    const auto& ts = info(table).shape;
+    const auto groups = static_cast<std::size_t>(ts.back());
+    const Index blocks = padded ? sz(ts[0]) : 1;
+    const Index per = c.size() / blocks, block_rows = rows / blocks;
+    std::vector<int> out(rows, -1);
+    for (Index b = 0; b < blocks; ++b) {
+      Index r = b * block_rows;
+      for (Index i = 0; i < per; ++i)
+        for (std::int64_t n = 0; n < c[b * per + i]; ++n) {
+          if (r >= (b + 1) * block_rows)
+            bug(fmt::format("count table '{}' holds more rows than its operand", info(table).name));
+          out[r++] = static_cast<int>(i % groups);
+        }
+      if (!padded && r != rows)
+        bug(fmt::format("count table '{}' holds {} rows, its operand {}", info(table).name, r,
+                        rows));
+    }
+    return out;
+  }
+
+  // Per group: the rows of `m` (rows x cols) at `sel`, and back.
+  static std::vector<T> take_rows(const std::vector<T>& m, Index cols,
+                                  const std::vector<std::int32_t>& sel) {
+    std::vector<T> out(sel.size() * cols);
+    gather_rows<T>(static_cast<int>(sel.size()), static_cast<int>(cols), m.data(), sel.data(),
+                   out.data());
+    return out;
+  }
+  // Group g's matrix of a list of stacked [G, rows, cols] tensors, side by side.
+  std::vector<T> group_matrix(const std::vector<int>& ts, Index g, Index& rows, Index& cols) {
+    rows = sz(info(ts[0]).shape[1]);
+    cols = 0;
+    for (int t : ts)
+      cols += sz(info(t).shape[2]);
+    std::vector<T> m(rows * cols);
+    Index c0 = 0;
+    for (int t : ts) {
+      const Index w = sz(info(t).shape[2]);
+      for (Index r = 0; r < rows; ++r)
+        std::copy_n(R(t).begin() + static_cast<std::ptrdiff_t>((g * rows + r) * w), w,
+                    m.begin() + static_cast<std::ptrdiff_t>(r * cols + c0));
+      c0 += w;
+    }
+    return m;
+  }
+  void set_group_matrix(const std::vector<int>& ts, Index g, const std::vector<T>& m) {
+    const Index rows = sz(info(ts[0]).shape[1]);
+    Index cols = 0;
+    for (int t : ts)
+      cols += sz(info(t).shape[2]);
+    Index c0 = 0;
+    for (int t : ts) {
+      const Index w = sz(info(t).shape[2]);
+      for (Index r = 0; r < rows; ++r)
+        std::copy_n(m.begin() + static_cast<std::ptrdiff_t>(r * cols + c0), w,
+                    R(t).begin() + static_cast<std::ptrdiff_t>((g * rows + r) * w));
+      c0 += w;
+    }
+  }
+
+  void grouped_matmul(const sim::Op& op) {
+    const sim::Attrs& a = op.attrs;
+    const auto na = sz(a.a_blocks);
+    const int table = op.inputs.back();
+    const std::vector<int> as(op.inputs.begin(),
+                              op.inputs.begin() + static_cast<std::ptrdiff_t>(na));
+    const std::vector<int> bs(op.inputs.begin() + static_cast<std::ptrdiff_t>(na),
+                              op.inputs.end() - 1);
+    Index ar = 0, ac = 0;
+    const std::vector<T> A = side_by_side(as, ar, ac);
+    const std::vector<int> group = row_groups(table, info(as[0]).rows.padded, ar);
+    const auto groups = sz(info(table).shape.back());
+    if (a.trans_a) { // C[g] (+)= A[rows of g]ᵀ · B[rows of g]
+      Index br = 0, bc = 0;
+      const std::vector<T> B = side_by_side(bs, br, bc);
+      for (Index g = 0; g < groups; ++g) {
+        std::vector<std::int32_t> sel;
+        for (Index r = 0; r < ar; ++r)
+          if (group[r] == static_cast<int>(g))
+            sel.push_back(static_cast<std::int32_t>(r));
+        Index cr = 0, cc = 0;
+        std::vector<T> C = group_matrix(op.outputs, g, cr, cc);
+        if (cr != ac || cc != bc)
+          bug(fmt::format("op '{}' computes [{}x{}] per group into [{}x{}]", op.name, ac, bc, cr,
+                          cc));
+        if (!a.accumulate)
+          std::fill(C.begin(), C.end(), T(0));
+        if (!sel.empty()) {
+          const std::vector<T> x = take_rows(A, ac, sel), y = take_rows(B, bc, sel);
+          real::gemm<T>(static_cast<int>(ac), static_cast<int>(bc), static_cast<int>(sel.size()),
+                        x.data(), true, y.data(), false, C.data(), true);
+        }
+        set_group_matrix(op.outputs, g, C);
+      }
+      return;
+    }
+    // C[rows of g] = A[rows of g] · op(B[g])
+    Index cr = 0, cc = 0;
+    std::vector<T> C = side_by_side(op.outputs, cr, cc);
+    if (!a.accumulate)
+      std::fill(C.begin(), C.end(), T(0));
+    for (Index g = 0; g < groups; ++g) {
+      std::vector<std::int32_t> sel;
+      for (Index r = 0; r < ar; ++r)
+        if (group[r] == static_cast<int>(g))
+          sel.push_back(static_cast<std::int32_t>(r));
+      if (sel.empty())
+        continue;
+      Index br = 0, bc = 0;
+      const std::vector<T> B = group_matrix(bs, g, br, bc);
+      const Index k = a.trans_b ? bc : br, n = a.trans_b ? br : bc;
+      if (k != ac || n != cc || cr != ar)
+        bug(fmt::format("op '{}' multiplies [{}x{}] by [{}x{}] into [{}x{}]", op.name, ar, ac, k, n,
+                        cr, cc));
+      const std::vector<T> x = take_rows(A, ac, sel);
+      std::vector<T> y(sel.size() * n, T(0));
+      real::gemm<T>(static_cast<int>(sel.size()), static_cast<int>(n), static_cast<int>(k),
+                    x.data(), false, B.data(), a.trans_b, y.data(), false);
+      for (Index i = 0; i < sel.size(); ++i)
+        for (Index j = 0; j < n; ++j)
+          C[sz(sel[i]) * n + j] += y[i * n + j];
+    }
+    Index c0 = 0;
+    for (int t : op.outputs) {
+      const Index w = cols_of(t);
+      for (Index r = 0; r < cr; ++r)
+        std::copy_n(C.begin() + static_cast<std::ptrdiff_t>(r * cc + c0), w,
+                    R(t).begin() + static_cast<std::ptrdiff_t>(r * w));
+      c0 += w;
     }
   }
 
@@ -678,16 +986,16 @@ private:
 
   // A list of tensors read as one matrix: rows = shape[0] of each, columns side by side.
   std::vector<T> side_by_side(const std::vector<int>& ts, Index& rows, Index& cols) {
-    rows = sz(info(ts[0]).shape[0]);
+    rows = actual_rows(ts[0]);
     cols = 0;
     for (int t : ts)
-      cols += R(t).size() / rows;
+      cols += cols_of(t);
     if (ts.size() == 1)
       return R(ts[0]);
     std::vector<T> m(rows * cols);
     Index c0 = 0;
     for (int t : ts) {
-      const Index w = R(t).size() / rows;
+      const Index w = cols_of(t);
       for (Index r = 0; r < rows; ++r)
         std::copy_n(R(t).begin() + static_cast<std::ptrdiff_t>(r * w), w,
                     m.begin() + static_cast<std::ptrdiff_t>(r * cols + c0));
@@ -714,7 +1022,7 @@ private:
                   a.trans_a, B.data(), a.trans_b, C.data(), a.accumulate);
     Index c0 = 0;
     for (int t : op.outputs) {
-      const Index w = R(t).size() / cr;
+      const Index w = cols_of(t);
       for (Index r = 0; r < cr; ++r)
         std::copy_n(C.begin() + static_cast<std::ptrdiff_t>(r * cc + c0), w,
                     R(t).begin() + static_cast<std::ptrdiff_t>(r * w));
@@ -788,14 +1096,78 @@ private:
     }
   }
 
-  void collective(const sim::Op& op) {
+  // Count tables move as integers: an equal all-to-all (the EP count exchange) or an
+  // all-gather (ETP's tables).
+  void count_collective(const sim::Op& op) {
     const Comm& g = comm(op.group);
     const auto n = sz(g.size());
-    std::vector<T> x = concat(op.inputs);
+    const std::vector<std::int64_t>& x = L(op.inputs[0]);
+    std::vector<std::int64_t>& y = L(op.outputs[0]);
+    if (op.inputs.size() != 1 || op.outputs.size() != 1 || !is_long(op.outputs[0]))
+      bug(fmt::format("op '{}' moves count tables other than one to one", op.name));
+    if (op.kind == OpKind::all_gather) {
+      if (y.size() != x.size() * n)
+        bug(fmt::format("op '{}' gathers {} counts into {}", op.name, x.size(), y.size()));
+      g.all_gather(x.data(), x.size(), y.data());
+      return;
+    }
+    if (op.kind != OpKind::all_to_all || x.size() % n != 0 || y.size() != x.size())
+      bug(fmt::format("op '{}': the interpreter moves count tables by an equal all-to-all or an "
+                      "all-gather only",
+                      op.name));
+    const std::vector<std::size_t> parts(n, x.size() / n);
+    g.all_to_all_v(x.data(), parts, y.data(), parts);
+  }
+
+  // Rows sent to (or received from) each group rank: the sums of the table's group-size parts,
+  // times the columns of a row.
+  std::vector<std::size_t> split_of(int table, Index n, Index cols) const {
+    const std::vector<std::int64_t>& c = longs_[sz(table)];
+    std::vector<std::size_t> out(n, 0);
+    const Index per = c.size() / n;
+    for (Index j = 0; j < n; ++j)
+      for (Index i = 0; i < per; ++i)
+        out[j] += sz(c[j * per + i]) * cols;
+    return out;
+  }
+
+  void collective(const sim::Op& op) {
+    if (is_long(op.inputs[0]))
+      return count_collective(op);
+    const Comm& g = comm(op.group);
+    const auto n = sz(g.size());
+    const std::vector<int> data = data_inputs(op);
+    std::vector<T> x = concat(data);
     switch (op.kind) {
     case OpKind::all_gather: {
+      // Into padded runtime rows, each rank's part is 1/group of the output (sim::Kernel).
+      if (info(op.outputs[0]).rows.padded) {
+        Index total = 0;
+        for (int t : op.outputs)
+          total += R(t).size();
+        if (x.size() > total / n)
+          bug(fmt::format("op '{}' gathers more rows than its padded output holds", op.name));
+        x.resize(total / n, T(0));
+      }
       std::vector<T> y(x.size() * n);
       g.all_gather(x.data(), x.size(), y.data());
+      return scatter_to(y, op.outputs);
+    }
+    case OpKind::all_to_all: {
+      std::vector<std::size_t> send(n, x.size() / n), recv = send;
+      if (op.attrs.count_inputs == 2) {
+        const auto& sh = info(data[0]).shape;
+        const Index cols = sz(numel(sh) / sh[0]);
+        send = split_of(op.inputs[op.inputs.size() - 2], n, cols);
+        recv = split_of(op.inputs.back(), n, cols);
+      } else if (x.size() % n != 0) {
+        bug(fmt::format("op '{}' cuts {} elements into {} equal parts", op.name, x.size(), n));
+      }
+      Index total = 0;
+      for (auto r : recv)
+        total += r;
+      std::vector<T> y(total);
+      g.all_to_all_v(x.data(), send, y.data(), recv);
       return scatter_to(y, op.outputs);
     }
     case OpKind::reduce_scatter: {
@@ -811,14 +1183,6 @@ private:
       else
         g.all_reduce(x.data(), x.size());
       return scatter_to(x, op.outputs);
-    case OpKind::all_to_all: {
-      if (x.size() % n != 0)
-        bug(fmt::format("op '{}' cuts {} elements into {} equal parts", op.name, x.size(), n));
-      const std::vector<std::size_t> counts(n, x.size() / n);
-      std::vector<T> y(x.size());
-      g.all_to_all_v(x.data(), counts, y.data(), counts);
-      return scatter_to(y, op.outputs);
-    }
     case OpKind::send_recv: {
       std::vector<T> y(x.size());
       g.send_recv_ring(x.data(), y.data(), x.size(), 1);
@@ -901,6 +1265,7 @@ RunResult<T> interpret(const sim::Schedule& s, const TinyConfig& c, const DataSo
   sh.ops.resize(sz(s.world));
   sh.peak.assign(sz(s.world), 0.0);
   sh.trace.resize(sz(s.world));
+  sh.runtime_rows.resize(sz(s.world));
   RunResult<T> res;
   std::unique_ptr<ReferenceTrainer<double>> ref;
   if (o.check)
@@ -954,8 +1319,10 @@ RunResult<T> interpret(const sim::Schedule& s, const TinyConfig& c, const DataSo
     for (const sim::Op& op : rc.ops)
       res.scheduled[op_count_key(op)] += static_cast<std::int64_t>(rc.multiplicity) * o.steps;
   res.peak_bytes = std::move(sh.peak);
-  if (o.trace)
+  if (o.trace) {
     res.trace = std::move(sh.trace);
+    res.runtime_rows = std::move(sh.runtime_rows);
+  }
   return res;
 }
 

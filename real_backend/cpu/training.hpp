@@ -59,6 +59,9 @@ template <class T> struct RunResult {
   std::map<std::string, std::int64_t> scheduled;
   std::vector<double> peak_bytes;
   std::vector<std::vector<ExecutedOp>> trace;
+  // Routing-dependent sizes (sim::RuntimeRows): [rank][step][tensor] the rows each runtime-rows
+  // tensor of the rank's class had in that step (-1 for static tensors). Recorded with trace.
+  std::vector<std::vector<std::vector<std::int64_t>>> runtime_rows;
   TrainState<T> state;                    // after the last step
   std::vector<std::vector<T>> last_grads; // the last step's reduced gradients, gathered
   // With RunOptions::check: the largest differences over all steps.

@@ -64,9 +64,11 @@ TEST_CASE("program lowering: every op is sized from its operands" *
 
 TEST_CASE("program lowering: names what it does not build yet" * doctest::test_suite("plumbing")) {
   const workload::ModelSpec moe = workload::load_model("tiny-moe");
+  Plan dropping = plan(1, 2, 1);
+  dropping.moe.capacity_factor = 1.25;
   CHECK(test::input_error_of([&] {
-          lowering::lower_program(plan(1, 2, 1), {&moe, 64, 8});
-        }) == "the program lowering does not build Mixture-of-Experts layers yet");
+          lowering::lower_program(dropping, {&moe, 64, 8});
+        }) == "the program lowering does not build token-dropping MoE (a capacity factor) yet");
   const workload::ModelSpec m = workload::load_model("tiny-dense");
   Plan p = plan(2, 4, 1);
   p.pp = 2;

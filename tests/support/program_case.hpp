@@ -7,6 +7,15 @@
 // (c) each rank's peak live bytes with the simulator's memory tracker replaying its class's
 //     allocations in program order (no allocator allowance: the interpreter allocates exactly
 //     the Schedule's tensors).
+// Routing-dependent sizes (sim::RuntimeRows, MoE): the interpreter records the rows each such
+// tensor had in each step (RunResult::runtime_rows). (b) compares kind and communicator op by
+// op exactly; bytes exactly for static ops, and for an op with runtime-rows operands the
+// Schedule's operands re-sized to the rows recorded, plus, summed over the world, the
+// Schedule's expected bytes: equal where rows are a sum of counts (routing moves rows between
+// ranks, it creates none), no more than the executed where padded to the ETP group's largest.
+// (c) replays each step's allocations with the runtime-rows tensors at the recorded rows (the
+// Schedule's Tensor::bytes for them is the reserved buffer, the expected rows times the plan's
+// imbalance) and compares the largest peak of the steps.
 #include "lowering/passes.hpp"
 #include "lowering/program.hpp"
 #include "real_backend/cpu/interpreter.hpp"
@@ -15,9 +24,13 @@
 #include "tests/support/approx.hpp"
 #include "workload/catalog.hpp"
 
+#include <algorithm>
 #include <doctest/doctest.h>
 #include <functional>
+#include <map>
 #include <string>
+#include <tuple>
+#include <utility>
 
 namespace mop::test {
 
@@ -52,6 +65,51 @@ inline const sim::RankClass& class_of(const sim::Schedule& s, int rank) {
   return s.classes[0];
 }
 
+// The bytes of tensor t at `rows` rows (its shape's otherwise).
+inline double bytes_at(const sim::Tensor& t, std::int64_t rows) {
+  sim::Tensor copy = t;
+  if (rows >= 0)
+    copy.shape[0] = rows;
+  return lowering::tensor_bytes(copy);
+}
+
+// What an op reads and writes (a collective: moves, nccl-tests' size), its tensors sized by
+// `rows` (runtime rows; -1 or an empty list: as the Schedule's shapes say).
+inline double op_bytes(const sim::RankClass& rc, const sim::Op& op,
+                       const std::vector<std::int64_t>& rows) {
+  auto b = [&](int t) {
+    const auto k = static_cast<std::size_t>(t);
+    return bytes_at(rc.tensors[k], rows.empty() ? -1 : rows[k]);
+  };
+  double bytes = 0;
+  if (op.kernel == sim::Kernel::collective) {
+    if (op.kind == sim::OpKind::all_gather)
+      for (int t : op.outputs)
+        bytes += b(t);
+    else
+      for (std::size_t i = 0;
+           i + static_cast<std::size_t>(op.attrs.count_inputs) < op.inputs.size(); ++i)
+        bytes += b(op.inputs[i]);
+  } else if (op.kernel != sim::Kernel::tokens) {
+    for (const auto* list : {&op.inputs, &op.outputs})
+      for (int t : *list)
+        bytes += b(t);
+  }
+  return bytes;
+}
+
+// 0: static operands only; 1: runtime rows, all sums of counts; 2: some padded.
+inline int runtime_kind(const sim::RankClass& rc, const sim::Op& op) {
+  int kind = 0;
+  for (const auto* list : {&op.inputs, &op.outputs})
+    for (int t : *list) {
+      const sim::RuntimeRows& r = rc.tensors[static_cast<std::size_t>(t)].rows;
+      if (r.counts >= 0)
+        kind = std::max(kind, r.padded ? 2 : 1);
+    }
+  return kind;
+}
+
 inline double program_order_peak(const sim::RankClass& rc) {
   sim::MemoryTracker tracker(rc, false);
   double t = 0;
@@ -81,35 +139,60 @@ inline void expect_held_together(const Case& k, int steps = 2) {
     CHECK(r.ops.at(kind).count == count);
   }
   CHECK(r.ops.size() == r.scheduled.size());
+  // (b) for runtime-rows ops, over the world: [class, step, op] executed and expected bytes.
+  std::map<std::tuple<const sim::RankClass*, int, std::size_t>, std::pair<double, double>> routed;
   for (int rank = 0; rank < k.schedule.world; ++rank) {
     CAPTURE(rank);
+    const auto rk = static_cast<std::size_t>(rank);
     const sim::RankClass& rc = class_of(k.schedule, rank);
+    const auto& rows = r.runtime_rows[rk];
+    REQUIRE(rows.size() == static_cast<std::size_t>(steps));
     std::vector<real::ExecutedOp> want;
     // An update deferred into the next step's forward is skipped in the first step and runs
     // once more after the last.
-    std::vector<const sim::Op*> order;
     for (int step = 0; step < steps; ++step)
-      for (const sim::Op& op : rc.ops)
-        if (!op.attrs.deferred || step > 0)
-          order.push_back(&op);
-    for (const sim::Op& op : rc.ops)
+      for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+        const sim::Op& op = rc.ops[i];
+        if (op.attrs.deferred && step == 0)
+          continue;
+        double bytes = 0;
+        if (runtime_kind(rc, op) == 0) {
+          bytes = op.kernel == sim::Kernel::collective ? op.bytes : op_bytes(rc, op, {});
+        } else {
+          bytes = op_bytes(rc, op, rows[static_cast<std::size_t>(step)]);
+          auto& sums = routed[{&rc, step, i}];
+          sums.first += bytes;
+          sums.second += op_bytes(rc, op, {});
+        }
+        want.push_back(real::ExecutedOp{real::op_count_key(op), op.group, bytes});
+      }
+    for (const sim::Op& op : rc.ops) // the deferred updates run once more after the last step
       if (op.attrs.deferred)
-        order.push_back(&op);
-    for (const sim::Op* opp : order) {
-      const sim::Op& op = *opp;
-      double bytes = 0;
-      if (op.kernel == sim::Kernel::collective)
-        bytes = op.bytes;
-      else if (op.kernel != sim::Kernel::tokens)
-        for (const auto* list : {&op.inputs, &op.outputs})
-          for (int t : *list)
-            bytes += lowering::tensor_bytes(rc.tensors[static_cast<std::size_t>(t)]);
-      want.push_back(real::ExecutedOp{real::op_count_key(op), op.group, bytes});
-    }
-    REQUIRE(r.trace[static_cast<std::size_t>(rank)].size() == want.size());
-    CHECK(r.trace[static_cast<std::size_t>(rank)] == want);
+        want.push_back(real::ExecutedOp{
+            real::op_count_key(op), op.group,
+            op.kernel == sim::Kernel::collective ? op.bytes : op_bytes(rc, op, {})});
+    REQUIRE(r.trace[rk].size() == want.size());
+    CHECK(r.trace[rk] == want);
     // (c)
-    CHECK(r.peak_bytes[static_cast<std::size_t>(rank)] == rel(program_order_peak(rc)));
+    double peak = 0;
+    for (int step = 0; step < steps; ++step) {
+      sim::RankClass sized = rc;
+      for (std::size_t t = 0; t < sized.tensors.size(); ++t)
+        if (sized.tensors[t].rows.counts >= 0)
+          sized.tensors[t].bytes =
+              bytes_at(sized.tensors[t], rows[static_cast<std::size_t>(step)][t]);
+      peak = std::max(peak, program_order_peak(sized));
+    }
+    CHECK(r.peak_bytes[rk] == rel(peak));
+  }
+  for (const auto& [at, sums] : routed) {
+    const sim::RankClass& rc = *std::get<0>(at);
+    const sim::Op& op = rc.ops[std::get<2>(at)];
+    CAPTURE(op.name);
+    if (runtime_kind(rc, op) == 1)
+      CHECK(sums.first == rel(sums.second));
+    else
+      CHECK(sums.first >= sums.second);
   }
 }
 
