@@ -70,6 +70,7 @@ TEST_CASE("program lowering: names what it does not build yet" * doctest::test_s
   Plan p = plan(2, 4, 1);
   p.recompute[static_cast<int>(strategy::LayerKind::attention)] = strategy::Recompute::full;
   strategy::complete_plan(p);
-  CHECK(test::input_error_of([&] { lowering::lower_program(p, {&m, 64, 8}); }) ==
-        "the program lowering does not build recompute yet");
+  CHECK(test::input_error_of([&] {
+          lowering::lower_program(p, {&m, 64, 8});
+        }) == "the program lowering does not build recompute yet");
 }
