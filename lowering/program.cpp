@@ -125,8 +125,12 @@ private:
     int stage, forward, chunk, mb;
     auto operator<=>(const PipeKey&) const = default;
   };
+  struct PendingRecv {
+    int stage, op; // the recv
+    PipeKey send;  // the send it receives
+  };
   std::map<PipeKey, int> sends_;
-  std::vector<std::pair<std::pair<int, int>, PipeKey>> recvs_; // ((class, op), the send's key)
+  std::vector<PendingRecv> recvs_;
 
   // Parameters: the tensor each one computes with (gathered under ZeRO-3: one per use), its
   // gradient, and the buckets' state.
@@ -613,9 +617,6 @@ int Builder::value_of(const std::string& name, const std::vector<int>& gathered,
 
 // --- embedding and head --------------------------------------------------------------------------
 
-// The embedding group's rows (each member's SP share, in group order): their ids are looked up
-// in this rank's vocabulary shard, and a reduce-scatter sums the shards and returns each rank
-// its own rows (Megatron's vocab-parallel embedding with sequence parallelism).
 // The embedding group's ids and labels of micro-batch mb (the first stage reads the ids, the
 // last the labels; one stage without a pipeline).
 void Builder::tokens(int mb) {
@@ -632,6 +633,9 @@ void Builder::tokens(int mb) {
   emit(std::move(t));
 }
 
+// The embedding group's rows (each member's SP share, in group order): their ids are looked up
+// in this rank's vocabulary shard, and a reduce-scatter sums the shards and returns each rank
+// its own rows (Megatron's vocab-parallel embedding with sequence parallelism).
 int Builder::embed_forward(int mb) {
   const auto m = static_cast<std::size_t>(mb);
   tokens(mb);
@@ -1171,21 +1175,21 @@ int Builder::recv_activation(int mb, int chunk, bool fwd) {
   const int op = emit(OpSpec{
       name, Kernel::collective, OpKind::recv, Category::pp_comm, kPp, g_pp_, {}, {x}, {}, -1, mb});
   rc_->ops[static_cast<std::size_t>(op)].peer_class = from;
-  recvs_.push_back({{stage_, op}, PipeKey{from, fwd ? 1 : 0, pc, mb}});
+  recvs_.push_back(PendingRecv{stage_, op, PipeKey{from, fwd ? 1 : 0, pc, mb}});
   return x;
 }
 
 // Each recv depends on the send it receives (the old lowering's pairing, strategies/lower.cpp).
 void Builder::pair_pipeline() {
-  for (const auto& [at, key] : recvs_) {
-    const auto it = sends_.find(key);
+  for (const PendingRecv& r : recvs_) {
+    const auto it = sends_.find(r.send);
     if (it == sends_.end())
       throw std::logic_error(fmt::format("stage {} receives micro-batch {} chunk {} that stage {} "
                                          "never sends",
-                                         at.first, key.mb, key.chunk, key.stage));
-    s_.classes[static_cast<std::size_t>(at.first)]
-        .ops[static_cast<std::size_t>(at.second)]
-        .remote_deps.push_back(sim::RemoteDep{key.stage, it->second});
+                                         r.stage, r.send.mb, r.send.chunk, r.send.stage));
+    s_.classes[static_cast<std::size_t>(r.stage)]
+        .ops[static_cast<std::size_t>(r.op)]
+        .remote_deps.push_back(sim::RemoteDep{r.send.stage, it->second});
   }
 }
 
