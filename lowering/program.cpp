@@ -10,6 +10,7 @@
 #include <cmath>
 #include <fmt/format.h>
 #include <map>
+#include <stdexcept>
 #include <tuple>
 
 namespace mop::lowering {
@@ -65,16 +66,20 @@ std::string group_name(const sim::GroupSpec& g) {
     s += "." + d;
   if (g.block > 0)
     s += fmt::format("/{}{}", g.block, g.across_blocks ? "x" : "");
+  if (g.ends_only)
+    s += ".ends";
   return s;
 }
 
 // The parameters of one layer kind in one layer (or the embedding and head), split by the group
 // their gradients sum over: sharded by the kind's TP (or EP) and summed over its data-parallel
-// ranks, or replicated over the stage (norms, the router) and summed over all of it.
+// ranks, or replicated over the stage (norms, the router) and summed over all of it. Under a
+// pipeline the embedding (first stage) and the head (last stage) are separate buckets.
 struct BucketKey {
   int layer = -1;
   LayerKind kind = LayerKind::embedding;
   bool replicated = false;
+  bool head = false; // the last stage's final norm and LM head, under a pipeline
   bool operator==(const BucketKey&) const = default;
 };
 
@@ -113,6 +118,27 @@ private:
   int g_tp_ = -1, g_dtp_ = -1, g_etp_ = -1;
   int g_ep_ = -1, g_xtp_ = -1; // MoE: expert parallel, expert tensor parallel
 
+  // Pipeline: the stage being built (its rank class), the virtual stages' layer bounds
+  // (strategy::virtual_stage_bounds), the point-to-point group and the tied embeddings' group.
+  int stage_ = 0, chunks_ = 1;
+  std::vector<int> bounds_;
+  int g_pp_ = -1, g_tied_ = -1;
+  std::vector<int> bucket_stage_; // the stage holding each bucket
+  int emb_param_ = -1;            // the embedding table (first stage)
+  int head_param_ = -1;           // the LM head's weight: lm_head, or the (copy of the) table
+  // Each pipeline send, by (stage, forward?, chunk, micro-batch), and each recv with the send
+  // it receives, paired once every stage is built.
+  struct PipeKey {
+    int stage, forward, chunk, mb;
+    auto operator<=>(const PipeKey&) const = default;
+  };
+  struct PendingRecv {
+    int stage, op; // the recv
+    PipeKey send;  // the send it receives
+  };
+  std::map<PipeKey, int> sends_;
+  std::vector<PendingRecv> recvs_;
+
   // Parameters: the tensor each one computes with (gathered under ZeRO-3: one per use), its
   // gradient, and the buckets' state.
   struct ParamTensors {
@@ -138,9 +164,7 @@ private:
     if (size <= 1)
       return -1;
     for (std::size_t i = 0; i < s_.groups.size(); ++i)
-      if (s_.groups[i].spec.view == spec.view && s_.groups[i].spec.dims == spec.dims &&
-          s_.groups[i].spec.block == spec.block &&
-          s_.groups[i].spec.across_blocks == spec.across_blocks)
+      if (s_.groups[i].spec == spec)
         return static_cast<int>(i);
     s_.groups.push_back(
         sim::Group{name, size, v.ranks_per_node(spec, c_.gpus_per_node), std::move(spec)});
@@ -177,6 +201,10 @@ private:
     int layer = -1;
     int mb = -1;
   };
+  // Zero-bubble: weight-gradient GEMMs held back to the pipeline order's next flush.
+  bool defer_wgrad_ = false;
+  std::vector<OpSpec> held_wgrad_;
+
   int emit(OpSpec o) {
     sim::Op op;
     op.name = std::move(o.name);
@@ -320,6 +348,33 @@ private:
     o.mb = mb;
     return emit(std::move(o));
   }
+  // A weight-gradient GEMM (dW += ...): emitted now, or under zero-bubble held back until the
+  // pipeline order's next flush (flush_wgrad), where the stage would otherwise wait.
+  void wgrad(const std::string& name, std::vector<int> a, std::vector<int> b, std::vector<int> c,
+             bool ta, int layer, int mb) {
+    OpSpec o;
+    o.name = name;
+    o.kernel = Kernel::matmul;
+    o.kind = OpKind::gemm;
+    o.category = Category::backward;
+    o.attrs.trans_a = ta;
+    o.attrs.accumulate = true;
+    o.attrs.a_blocks = static_cast<int>(a.size());
+    o.in = std::move(a);
+    o.in.insert(o.in.end(), b.begin(), b.end());
+    o.out = std::move(c);
+    o.layer = layer;
+    o.mb = mb;
+    if (defer_wgrad_)
+      held_wgrad_.push_back(std::move(o));
+    else
+      emit(std::move(o));
+  }
+  void flush_wgrad() {
+    for (OpSpec& o : held_wgrad_)
+      emit(std::move(o));
+    held_wgrad_.clear();
+  }
   int simple(const std::string& name, Kernel k, std::vector<int> in, std::vector<int> out,
              Category cat, int layer, int mb, sim::Attrs attrs = {}) {
     return emit(OpSpec{name, k, OpKind::elementwise, cat, kCompute, -1, std::move(in),
@@ -407,8 +462,12 @@ private:
       if (bucket_keys_[i] == key)
         return static_cast<int>(i);
     sim::Bucket b;
-    b.name = key.layer >= 0 ? fmt::format("L{}.{}", key.layer, strategy::layer_kind_name(key.kind))
-                            : std::string("embedding and head");
+    if (key.layer >= 0)
+      b.name = fmt::format("L{}.{}", key.layer, strategy::layer_kind_name(key.kind));
+    else if (p_.pp == 1)
+      b.name = "embedding and head";
+    else
+      b.name = key.head ? "head" : "embedding";
     if (key.replicated)
       b.name += ".replicated";
     b.grads = key.replicated ? strategy::stage_group() : strategy::data_parallel_group(key.kind);
@@ -430,6 +489,8 @@ private:
     }
     s_.buckets.push_back(std::move(b));
     bucket_keys_.push_back(key);
+    bucket_stage_.push_back(key.layer >= 0 ? stage_of_layer(key.layer)
+                                           : (key.head || key.replicated ? p_.pp - 1 : 0));
     return static_cast<int>(s_.buckets.size()) - 1;
   }
   // Declares a parameter: its full shape and which axes the plan splits.
@@ -465,6 +526,17 @@ private:
   std::int64_t chunk(int b) const {
     const std::int64_t g = shard_size(b);
     return (bucket_numel(b) + g - 1) / g;
+  }
+
+  // The pipeline stage holding decoder layer l.
+  int stage_of_layer(int l) const {
+    for (std::size_t v = 0; v + 1 < bounds_.size(); ++v)
+      if (l >= bounds_[v] && l < bounds_[v + 1])
+        return static_cast<int>(v) % p_.pp;
+    throw std::logic_error(fmt::format("no virtual stage holds layer {}", l));
+  }
+  bool on_stage(int bucket) const {
+    return bucket_stage_[static_cast<std::size_t>(bucket)] == stage_;
   }
 
   void declare_params();
@@ -514,6 +586,7 @@ private:
   std::vector<HeadSaved> head_;
   std::vector<int> ids_, labels_; // per micro-batch: the embedding group's rows' ids and labels
 
+  void tokens(int mb);
   int embed_forward(int mb);
   void embed_backward(int mb, int dx);
   // --- context parallelism (the attention core) -------------------------------------------
@@ -572,6 +645,13 @@ private:
   }
   std::vector<int> owned_grads(int b) const; // the bucket's gradients the rank steps from
 
+  // --- the pipeline ----------------------------------------------------------------------------
+  void build_stage(int stage);
+  int neighbour(int chunk, bool fwd, bool sending, int* peer_chunk) const;
+  void send_activation(int mb, int chunk, int x, bool fwd);
+  int recv_activation(int mb, int chunk, bool fwd);
+  void pair_pipeline();
+
   std::string pname(int l, const char* role) const { return fmt::format("L{}.{}", l, role); }
   sim::Attrs norm_attrs() const {
     sim::Attrs a;
@@ -585,9 +665,11 @@ void Builder::declare_params() {
   const std::int64_t h = h_, hq = m_.attention.num_heads * d_, hkv = m_.attention.num_kv_heads * d_;
   const AxisSplit a_tp_cols{1, "attention", "tp"}, a_tp_rows{0, "attention", "tp"};
   const AxisSplit d_tp_cols{1, "dense", "tp"}, d_tp_rows{0, "dense", "tp"};
-  const BucketKey emb{-1, LayerKind::embedding, false};
-  const BucketKey emb_rep{-1, LayerKind::embedding, true};
-  param("embedding", {m_.vocab_size, h}, {{0, "embed", "tp"}}, emb);
+  const bool pipe = p_.pp > 1;
+  const BucketKey emb{-1, LayerKind::embedding, false, false};
+  const BucketKey head{-1, LayerKind::embedding, false, pipe};
+  const BucketKey head_rep{-1, LayerKind::embedding, true, pipe};
+  emb_param_ = param("embedding", {m_.vocab_size, h}, {{0, "embed", "tp"}}, emb);
   for (int l = 0; l < static_cast<int>(m_.num_layers()); ++l) {
     const BucketKey att{l, LayerKind::attention, false}, att_rep{l, LayerKind::attention, true};
     param(pname(l, "attn.norm"), {h}, {}, att_rep);
@@ -610,9 +692,22 @@ void Builder::declare_params() {
     param(pname(l, "mlp.up"), {h, f}, {d_tp_cols}, mlp);
     param(pname(l, "mlp.down"), {f, h}, {d_tp_rows}, mlp);
   }
-  param("final_norm", {h}, {}, emb_rep);
-  if (!m_.tied_embeddings)
-    param("lm_head", {h, m_.vocab_size}, {{1, "embed", "tp"}}, emb);
+  param("final_norm", {h}, {}, head_rep);
+  if (!m_.tied_embeddings) {
+    head_param_ = param("lm_head", {h, m_.vocab_size}, {{1, "embed", "tp"}}, head);
+  } else if (!pipe) {
+    head_param_ = emb_param_;
+  } else {
+    // The last stage's copy of the tied table; the two copies' gradients sum over the first
+    // and last stage (Megatron's embedding group).
+    head_param_ = param("embedding", {m_.vocab_size, h}, {{0, "embed", "tp"}}, head);
+    sim::GroupSpec ends{"embed", {"pp"}};
+    ends.ends_only = true;
+    g_tied_ = group(group_name(ends), ends);
+    for (int p : {emb_param_, head_param_})
+      s_.buckets[static_cast<std::size_t>(s_.params[static_cast<std::size_t>(p)].bucket)].tied =
+          ends;
+  }
 }
 
 // Resident state: each parameter's slice (ZeRO 0-2) or each bucket's flat shard (ZeRO-3), the
@@ -623,6 +718,8 @@ void Builder::make_state() {
   for (std::size_t b = 0; b < s_.buckets.size(); ++b) {
     const sim::Bucket& bk = s_.buckets[b];
     const int bi = static_cast<int>(b);
+    if (!on_stage(bi))
+      continue;
     const std::int64_t owned = bk.zero >= 1 ? chunk(bi) : bucket_numel(bi);
     for (int p : bk.params) {
       const auto pi = static_cast<std::size_t>(p);
@@ -734,10 +831,9 @@ int Builder::value_of(const std::string& name, const std::vector<int>& gathered,
 
 // --- embedding and head --------------------------------------------------------------------------
 
-// The embedding group's rows (each member's SP share, in group order): their ids are looked up
-// in this rank's vocabulary shard, and a reduce-scatter sums the shards and returns each rank
-// its own rows (Megatron's vocab-parallel embedding with sequence parallelism).
-int Builder::embed_forward(int mb) {
+// The embedding group's ids and labels of micro-batch mb (the first stage reads the ids, the
+// last the labels; one stage without a pipeline).
+void Builder::tokens(int mb) {
   const auto m = static_cast<std::size_t>(mb);
   ids_[m] = tensor(fmt::format("ids mb{}", mb), {rows_e_}, TensorRole::index, Element::i32);
   labels_[m] = tensor(fmt::format("labels mb{}", mb), {rows_e_}, TensorRole::index, Element::i32);
@@ -749,7 +845,15 @@ int Builder::embed_forward(int mb) {
   t.attrs.sequence_parallel = true;
   t.mb = mb;
   emit(std::move(t));
-  const int b = bucket_of_param("embedding");
+}
+
+// The embedding group's rows (each member's SP share, in group order): their ids are looked up
+// in this rank's vocabulary shard, and a reduce-scatter sums the shards and returns each rank
+// its own rows (Megatron's vocab-parallel embedding with sequence parallelism).
+int Builder::embed_forward(int mb) {
+  const auto m = static_cast<std::size_t>(mb);
+  tokens(mb);
+  const int b = s_.params[static_cast<std::size_t>(emb_param_)].bucket;
   const std::vector<int> w = use_bucket(b, "fwd", -1, mb);
   const int y = tensor(fmt::format("embedded mb{}", mb), {rows_e_, h_}, TensorRole::activation);
   simple(fmt::format("embedding.mb{}", mb), Kernel::embedding_fwd,
@@ -765,7 +869,7 @@ void Builder::embed_backward(int mb, int dx) {
   const int dyg =
       collective(fmt::format("embedding_sp_gather.mb{}.bwd", mb), OpKind::all_gather,
                  Category::tp_comm, kTp, g_etp_, dx, {rows_e_, h_}, TensorRole::activation, -1, mb);
-  const int p = find_param("embedding");
+  const int p = emb_param_;
   OpSpec o;
   o.name = fmt::format("embedding.mb{}.bwd", mb);
   o.kernel = Kernel::embedding_bwd;
@@ -781,6 +885,8 @@ void Builder::embed_backward(int mb, int dx) {
 // the forward pass, as fused kernels do.
 void Builder::head_forward(int mb, int x) {
   const auto m = static_cast<std::size_t>(mb);
+  if (labels_[m] < 0) // the last stage of a pipeline: its own copy of the labels
+    tokens(mb);
   HeadSaved& hs = head_[m];
   hs.x = x;
   const int bn = bucket_of_param("final_norm");
@@ -795,7 +901,7 @@ void Builder::head_forward(int mb, int x) {
                      kTp, g_etp_, xn, {rows_e_, h_}, TensorRole::saved, -1, mb);
   const bool tied = m_.tied_embeddings;
   const std::string wname = tied ? "embedding" : "lm_head";
-  const int bw = bucket_of_param(wname);
+  const int bw = s_.params[static_cast<std::size_t>(head_param_)].bucket;
   const std::vector<int> w = use_bucket(bw, "head", -1, mb);
   const int logits = tensor(fmt::format("logits mb{}", mb), {rows_e_, vl_}, TensorRole::activation);
   matmul(fmt::format("lm_head.mb{}", mb), {hs.xg}, {value_of(wname, w, bw)}, {logits}, false, tied,
@@ -870,18 +976,16 @@ int Builder::head_backward(int mb) {
   HeadSaved& hs = head_[m];
   const bool tied = m_.tied_embeddings;
   const std::string wname = tied ? "embedding" : "lm_head";
-  const int bw = bucket_of_param(wname);
+  const int bw = s_.params[static_cast<std::size_t>(head_param_)].bucket;
   const std::vector<int> w = use_bucket(bw, "head.bwd", -1, mb);
   const int dxg = tensor(fmt::format("head dx mb{}", mb), {rows_e_, h_}, TensorRole::activation);
   matmul(fmt::format("lm_head.mb{}.dgrad", mb), {hs.dlogits}, {value_of(wname, w, bw)}, {dxg},
          false, !tied, false, Category::backward, -1, mb);
-  const int g = pt_[static_cast<std::size_t>(find_param(wname))].grad;
+  const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
   if (tied) // dE[v, h] += dlogitsᵀ · x
-    matmul(fmt::format("lm_head.mb{}.wgrad", mb), {hs.dlogits}, {hs.xg}, {g}, true, false, true,
-           Category::backward, -1, mb);
+    wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.dlogits}, {hs.xg}, {g}, true, -1, mb);
   else // dW[h, v] += xᵀ · dlogits
-    matmul(fmt::format("lm_head.mb{}.wgrad", mb), {hs.xg}, {hs.dlogits}, {g}, true, false, true,
-           Category::backward, -1, mb);
+    wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.xg}, {hs.dlogits}, {g}, true, -1, mb);
   const int dxn =
       collective(fmt::format("head_sp_scatter.mb{}.bwd", mb), OpKind::reduce_scatter,
                  Category::tp_comm, kTp, g_etp_, dxg, {n_, h_}, TensorRole::activation, -1, mb);
@@ -982,8 +1086,7 @@ int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
   const int dout = tensor(nm("d attn out"), {ng_, hl_, d_}, TensorRole::activation);
   matmul(nm("o_proj.dgrad"), {dyg}, {value_of(pname(l, "attn.wo"), w, b)}, {dout}, false, true,
          false, Category::backward, l, mb);
-  matmul(nm("o_proj.wgrad"), {s.o}, {dyg}, {grad("attn.wo")}, true, false, true, Category::backward,
-         l, mb);
+  wgrad(nm("o_proj.wgrad"), {s.o}, {dyg}, {grad("attn.wo")}, true, l, mb);
   int dq = -1, dk = -1, dv = -1;
   core_backward(l, mb, s, dout, dq, dk, dv);
   sim::Attrs inv;
@@ -1032,9 +1135,8 @@ int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
          {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
           value_of(pname(l, "attn.wv"), w, b)},
          {dxg}, false, true, false, Category::backward, l, mb);
-  matmul(nm("qkv_proj.wgrad"), {s.xg}, {dq, dk, dv},
-         {grad("attn.wq"), grad("attn.wk"), grad("attn.wv")}, true, false, true, Category::backward,
-         l, mb);
+  wgrad(nm("qkv_proj.wgrad"), {s.xg}, {dq, dk, dv},
+        {grad("attn.wq"), grad("attn.wk"), grad("attn.wv")}, true, l, mb);
   const int dxn = collective(nm("attn_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
                              g_tp_, dxg, {n_, h_}, TensorRole::activation, l, mb);
   const int dxa = tensor(nm("d attn norm input"), {n_, h_}, TensorRole::activation);
@@ -1284,16 +1386,14 @@ int Builder::dense_backward(int l, int mb, const MlpSaved& s, int dy) {
   const int dact = tensor(nm("d mlp act"), {rows_d_, f_}, TensorRole::activation);
   matmul(nm("mlp_down.dgrad"), {dyg}, {value_of(pname(l, "mlp.down"), w, b)}, {dact}, false, true,
          false, Category::backward, l, mb);
-  matmul(nm("mlp_down.wgrad"), {s.act}, {dyg}, {grad("mlp.down")}, true, false, true,
-         Category::backward, l, mb);
+  wgrad(nm("mlp_down.wgrad"), {s.act}, {dyg}, {grad("mlp.down")}, true, l, mb);
   const int dgu = tensor(nm("d gate_up"), {rows_d_, 2 * f_}, TensorRole::activation);
   simple(nm("mlp_act"), Kernel::swiglu_bwd, {s.gu, dact}, {dgu}, Category::backward, l, mb);
   const int dxg = tensor(nm("d mlp input"), {rows_d_, h_}, TensorRole::activation);
   matmul(nm("mlp_gate_up.dgrad"), {dgu},
          {value_of(pname(l, "mlp.gate"), w, b), value_of(pname(l, "mlp.up"), w, b)}, {dxg}, false,
          true, false, Category::backward, l, mb);
-  matmul(nm("mlp_gate_up.wgrad"), {s.xg}, {dgu}, {grad("mlp.gate"), grad("mlp.up")}, true, false,
-         true, Category::backward, l, mb);
+  wgrad(nm("mlp_gate_up.wgrad"), {s.xg}, {dgu}, {grad("mlp.gate"), grad("mlp.up")}, true, l, mb);
   const int dxn = collective(nm("mlp_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
                              g_dtp_, dxg, {n_, h_}, TensorRole::activation, l, mb);
   const int dxa = tensor(nm("d mlp norm input"), {n_, h_}, TensorRole::activation);
@@ -1769,18 +1869,24 @@ std::vector<int> Builder::reduce_bucket(int b) {
   for (int p : bk.params)
     grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
   const int layer = bucket_keys_[bi].layer;
+  std::vector<int> owned = grads;
   if (bk.zero <= 1) {
     dp_comm(bk.name + ".grad_all_reduce", OpKind::all_reduce, group(group_name(bk.grads), bk.grads),
             grads, grads, layer, false);
-    return grads;
+  } else {
+    dp_comm(bk.name + ".grad_reduce_scatter", OpKind::reduce_scatter,
+            group(group_name(bk.shard), bk.shard), grads, {bt.grad_shard}, layer, false);
+    if (!bk.replicas.dims.empty())
+      dp_comm(bk.name + ".grad_replica_all_reduce", OpKind::all_reduce,
+              group(group_name(bk.replicas), bk.replicas), {bt.grad_shard}, {bt.grad_shard}, layer,
+              false);
+    owned = {bt.grad_shard};
   }
-  dp_comm(bk.name + ".grad_reduce_scatter", OpKind::reduce_scatter,
-          group(group_name(bk.shard), bk.shard), grads, {bt.grad_shard}, layer, false);
-  if (!bk.replicas.dims.empty())
-    dp_comm(bk.name + ".grad_replica_all_reduce", OpKind::all_reduce,
-            group(group_name(bk.replicas), bk.replicas), {bt.grad_shard}, {bt.grad_shard}, layer,
+  // Tied embeddings under a pipeline: the first and the last stage's copies sum their gradients.
+  if (!bk.tied.dims.empty())
+    dp_comm(bk.name + ".tied_grad_all_reduce", OpKind::all_reduce, g_tied_, owned, owned, layer,
             false);
-  return {bt.grad_shard};
+  return owned;
 }
 
 // AdamW over what the rank owns of bucket b from its reduced gradients `owned_grads`: on the
@@ -1878,29 +1984,82 @@ bool Builder::streams_forward(int b) const {
          bucket_keys_[static_cast<std::size_t>(b)].layer >= 0;
 }
 
-sim::Schedule Builder::run() {
-  s_.world = p_.world;
-  s_.gpus_per_node = c_.gpus_per_node;
-  s_.mesh = strategy::plan_mesh(p_, c_.gpus_per_node);
-  s_.tokens_per_step = static_cast<double>(p_.global_batch) * static_cast<double>(c_.seq);
-  s_.tokens.seq_len = static_cast<int>(c_.seq);
-  s_.tokens.micro_batch = p_.micro_batch;
-  s_.tokens.global_batch = p_.global_batch;
-  s_.tokens.cp_dims = {"cp.ulysses", "cp.ring"};
-  s_.tokens.cp_balanced = ring_ > 1;
-  s_.classes.resize(1);
-  rc_ = &s_.classes[0];
-  rc_->name = "stage 0 of 1";
-  rc_->multiplicity = p_.world;
+// --- the pipeline --------------------------------------------------------------------------------
+
+// Pipeline neighbours, as the CPU executor pairs them: forward activations go to the next virtual
+// stage (the next stage, or from the last stage to the first for the next chunk), gradients
+// come back the same way.
+int Builder::neighbour(int chunk, bool fwd, bool sending, int* peer_chunk) const {
+  const int dir = (fwd == sending) ? +1 : -1; // towards later virtual stages?
+  int ps = stage_ + dir, pc = chunk;
+  if (ps == p_.pp) {
+    ps = 0;
+    pc = chunk + 1;
+  } else if (ps < 0) {
+    ps = p_.pp - 1;
+    pc = chunk - 1;
+  }
+  *peer_chunk = pc;
+  return ps;
+}
+
+// The residual stream of one micro-batch ([rows, hidden], this rank's SP share) to the same
+// place in the neighbouring stage.
+void Builder::send_activation(int mb, int chunk, int x, bool fwd) {
+  int pc = 0;
+  const int to = neighbour(chunk, fwd, true, &pc);
+  const int op =
+      emit(OpSpec{fmt::format("pp.send_{}.chunk{}.mb{}", fwd ? "act" : "grad", chunk, mb),
+                  Kernel::collective,
+                  OpKind::send,
+                  Category::pp_comm,
+                  kPp,
+                  g_pp_,
+                  {x},
+                  {},
+                  {},
+                  -1,
+                  mb});
+  rc_->ops[static_cast<std::size_t>(op)].peer_class = to;
+  sends_[PipeKey{stage_, fwd ? 1 : 0, chunk, mb}] = op;
+}
+
+int Builder::recv_activation(int mb, int chunk, bool fwd) {
+  int pc = 0;
+  const int from = neighbour(chunk, fwd, false, &pc);
+  const std::string name = fmt::format("pp.recv_{}.chunk{}.mb{}", fwd ? "act" : "grad", chunk, mb);
+  const int x = tensor(name, {n_, h_}, TensorRole::activation);
+  const int op = emit(OpSpec{
+      name, Kernel::collective, OpKind::recv, Category::pp_comm, kPp, g_pp_, {}, {x}, {}, -1, mb});
+  rc_->ops[static_cast<std::size_t>(op)].peer_class = from;
+  recvs_.push_back(PendingRecv{stage_, op, PipeKey{from, fwd ? 1 : 0, pc, mb}});
+  return x;
+}
+
+// Each recv depends on the send it receives (the old lowering's pairing, strategies/lower.cpp).
+void Builder::pair_pipeline() {
+  for (const PendingRecv& r : recvs_) {
+    const auto it = sends_.find(r.send);
+    if (it == sends_.end())
+      throw std::logic_error(fmt::format("stage {} receives micro-batch {} chunk {} that stage {} "
+                                         "never sends",
+                                         r.stage, r.send.mb, r.send.chunk, r.send.stage));
+    s_.classes[static_cast<std::size_t>(r.stage)]
+        .ops[static_cast<std::size_t>(r.op)]
+        .remote_deps.push_back(sim::RemoteDep{r.send.stage, it->second});
+  }
+}
+
+// One stage's program: its state, every (micro-batch, chunk) pass in the pipeline order
+// (strategy::pipeline_order, with zero-bubble's held-back weight gradients flushed where it
+// says), then its buckets' reductions and optimizer steps.
+void Builder::build_stage(int stage) {
+  stage_ = stage;
+  rc_ = &s_.classes[static_cast<std::size_t>(stage)];
+  rc_->stage = stage;
+  rc_->name = fmt::format("stage {} of {}", stage, p_.pp);
+  rc_->multiplicity = p_.ranks_per_stage();
   rc_->streams.assign(kStreamNames, kStreamNames + kNumStreams);
-  g_tp_ = group("attention.tp", strategy::tp_group());
-  g_dtp_ = group("dense.tp", strategy::dense_tp_group());
-  g_etp_ = group("embed.tp", strategy::embed_tp_group());
-  g_uly_ = group("attention.cp.ulysses", strategy::cp_ulysses_group());
-  g_ring_ = group("attention.cp.ring", strategy::cp_ring_group());
-  g_ep_ = group("moe.ep", strategy::ep_group());
-  g_xtp_ = group("moe.etp", strategy::etp_group());
-  declare_params();
   make_state();
   const int micro = p_.micro_batches();
   const int layers = static_cast<int>(m_.num_layers());
@@ -1909,14 +2068,37 @@ sim::Schedule Builder::run() {
   head_.assign(static_cast<std::size_t>(micro), {});
   ids_.assign(static_cast<std::size_t>(micro), -1);
   labels_.assign(static_cast<std::size_t>(micro), -1);
-  const int nb = static_cast<int>(s_.buckets.size());
-  for (int b = 0; b < nb; ++b)
+  const bool first = stage == 0, last = stage == p_.pp - 1;
+  std::vector<int> here; // the stage's buckets
+  for (int b = 0; b < static_cast<int>(s_.buckets.size()); ++b)
+    if (on_stage(b))
+      here.push_back(b);
+  for (int b : here)
     if (!streams_forward(b))
       zero_grads(b, false);
-  std::vector<bool> reduced(static_cast<std::size_t>(nb), false);
-  auto forward = [&](int mb, int /*chunk*/) {
-    int x = embed_forward(mb);
-    for (int l = 0; l < layers; ++l) {
+  std::vector<bool> reduced(s_.buckets.size(), false);
+  const int stage_layers = [&] {
+    int n = 0;
+    for (int ch = 0; ch < chunks_; ++ch) {
+      const auto v = static_cast<std::size_t>(ch * p_.pp + stage);
+      n += bounds_[v + 1] - bounds_[v];
+    }
+    return n;
+  }();
+  auto index_in_stage = [&](int l) { // the stage's layers in chunk order
+    int i = 0;
+    for (int ch = 0; ch < chunks_; ++ch) {
+      const auto v = static_cast<std::size_t>(ch * p_.pp + stage);
+      for (int k = bounds_[v]; k < bounds_[v + 1]; ++k, ++i)
+        if (k == l)
+          return i;
+    }
+    return i;
+  };
+  auto forward = [&](int mb, int chunk) {
+    const auto v = static_cast<std::size_t>(chunk * p_.pp + stage);
+    int x = first && chunk == 0 ? embed_forward(mb) : recv_activation(mb, chunk, true);
+    for (int l = bounds_[v]; l < bounds_[v + 1]; ++l) {
       if (mb == 0) // the layer's first forward: the previous step's update streamed in
         for (int b : layer_buckets(l))
           if (streams_forward(b)) {
@@ -1926,14 +2108,18 @@ sim::Schedule Builder::run() {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       x = attn_forward(l, mb, x, sv.a);
       x = is_moe(l) ? moe_forward(l, mb, x, sv.e) : dense_forward(l, mb, x, sv.m);
-      if (offloads(l, layers))
+      if (offloads(index_in_stage(l), stage_layers))
         offload(l, mb, sv);
     }
-    head_forward(mb, x);
+    if (last && chunk == chunks_ - 1)
+      head_forward(mb, x);
+    else
+      send_activation(mb, chunk, x, true);
   };
-  auto backward = [&](int mb, int /*chunk*/) {
-    int dx = head_backward(mb);
-    for (int l = layers - 1; l >= 0; --l) {
+  auto backward = [&](int mb, int chunk) {
+    const auto v = static_cast<std::size_t>(chunk * p_.pp + stage);
+    int dx = last && chunk == chunks_ - 1 ? head_backward(mb) : recv_activation(mb, chunk, false);
+    for (int l = bounds_[v + 1] - 1; l >= bounds_[v]; --l) {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       reload(l, mb, sv);
       if (is_moe(l)) {
@@ -1944,30 +2130,71 @@ sim::Schedule Builder::run() {
       }
       recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
-      if (mb == micro - 1 && p_.optimizer_on_host &&
+      if (mb == micro - 1 && !defer_wgrad_ && p_.optimizer_on_host &&
           p_.overlap == strategy::OptimizerOverlap::stream_backward)
         for (int b : layer_buckets(l)) { // reduced and stepped as soon as the layer is done
           step_bucket(b, reduce_bucket(b), false);
           reduced[static_cast<std::size_t>(b)] = true;
         }
     }
-    embed_backward(mb, dx);
+    if (first && chunk == 0)
+      embed_backward(mb, dx);
+    else
+      send_activation(mb, chunk, dx, false);
   };
+  defer_wgrad_ = strategy::defers_weight_gradients(p_);
   strategy::play_pipeline(
-      p_, 0, [] {}, forward, backward);
-  for (int b = 0; b < nb; ++b) {
+      p_, stage, [&] { flush_wgrad(); }, forward, backward);
+  defer_wgrad_ = false;
+  for (int b : here) {
     if (reduced[static_cast<std::size_t>(b)])
       continue;
     const std::vector<int> owned = reduce_bucket(b);
     if (!streams_forward(b))
       step_bucket(b, owned, false);
   }
+}
+
+sim::Schedule Builder::run() {
+  s_.world = p_.world;
+  s_.gpus_per_node = c_.gpus_per_node;
+  s_.mesh = strategy::plan_mesh(p_, c_.gpus_per_node);
+  s_.tokens_per_step = static_cast<double>(p_.global_batch) * static_cast<double>(c_.seq);
+  s_.tokens.seq_len = static_cast<int>(c_.seq);
+  s_.tokens.micro_batch = p_.micro_batch;
+  s_.tokens.global_batch = p_.global_batch;
+  s_.tokens.cp_dims = {"cp.ulysses", "cp.ring"};
+  s_.tokens.cp_balanced = ring_ > 1;
+  g_tp_ = group("attention.tp", strategy::tp_group());
+  g_dtp_ = group("dense.tp", strategy::dense_tp_group());
+  g_etp_ = group("embed.tp", strategy::embed_tp_group());
+  g_uly_ = group("attention.cp.ulysses", strategy::cp_ulysses_group());
+  g_ring_ = group("attention.cp.ring", strategy::cp_ring_group());
+  g_ep_ = group("moe.ep", strategy::ep_group());
+  g_xtp_ = group("moe.etp", strategy::etp_group());
+  chunks_ = strategy::chunks_per_stage(p_);
+  bounds_ = strategy::virtual_stage_bounds(p_, static_cast<int>(m_.num_layers()));
+  if (p_.pp > 1) {
+    // Point to point between the same place of adjacent stages: on one node when both stages'
+    // ranks fit in it (as the old lowering prices it).
+    const int per_stage = p_.ranks_per_stage(), gpn = c_.gpus_per_node;
+    s_.groups.push_back(
+        sim::Group{"pp", 2, per_stage >= gpn ? 1 : (2 * per_stage <= gpn ? 2 : 1), {}});
+    g_pp_ = static_cast<int>(s_.groups.size()) - 1;
+  }
+  declare_params();
+  s_.classes.resize(static_cast<std::size_t>(p_.pp));
+  for (int stage = 0; stage < p_.pp; ++stage)
+    build_stage(stage);
+  pair_pipeline();
   double flops = 0;
-  for (const sim::Op& op : rc_->ops)
-    flops += op.model_flops;
-  s_.model_flops_per_step = flops * rc_->multiplicity;
-  derive_dependencies(*rc_);
-  derive_liveness(*rc_);
+  for (sim::RankClass& rc : s_.classes) {
+    for (const sim::Op& op : rc.ops)
+      flops += op.model_flops * rc.multiplicity;
+    derive_dependencies(rc);
+    derive_liveness(rc);
+  }
+  s_.model_flops_per_step = flops;
   return s_;
 }
 
@@ -1992,8 +2219,6 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
   }
   if (m.attention.kind != workload::AttentionKind::gqa)
     not_yet("multi-head latent attention");
-  if (p.pp > 1)
-    not_yet("pipeline parallelism");
   if (p.attention.cp > 1) {
     // Ring (and hybrid) CP balances the causal work over 2·cp chunks; Ulysses splits heads.
     const strategy::CpSplit cp = strategy::cp_split(p, c.gpus_per_node);
@@ -2032,6 +2257,12 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
         fmt::format("embedding tp {} does not divide the vocabulary {}", p.embed.tp, m.vocab_size));
   if (p.global_batch <= 0 || p.micro_batches() < 1)
     throw InputError("the plan has no micro-batch per step");
+  const auto bounds = strategy::virtual_stage_bounds(p, static_cast<int>(m.num_layers()));
+  for (std::size_t v = 0; v + 1 < bounds.size(); ++v)
+    if (bounds[v + 1] <= bounds[v])
+      throw InputError(fmt::format("virtual pipeline stage {} holds no layer ({} layers over {} "
+                                   "stages)",
+                                   v, m.num_layers(), bounds.size() - 1));
 }
 
 sim::Schedule lower_program(const Plan& p, const ProgramContext& c) {

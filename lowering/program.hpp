@@ -8,9 +8,11 @@
 //
 // It is built in passes (lowering/passes.hpp): the per-block emission, which shards every
 // block by the plan's mesh (TP/SP, vocabulary parallelism, ring/Ulysses/hybrid context
-// parallelism) and writes its backward by a rule per kernel; ZeRO (parameter gathers, gradient
-// reduction, the sharded optimizer step); then dependencies from the operands and allocations
-// from the tensors' liveness.
+// parallelism, EP/ETP experts) and writes its backward by a rule per kernel, one rank class per
+// pipeline stage in the schedule's order (send/recv between stages, zero-bubble's held-back
+// weight gradients, tied embeddings' copies); recompute, activation offload; ZeRO (parameter
+// gathers, gradient reduction, the sharded optimizer step on the GPU or the host); then
+// dependencies from the operands and allocations from the tensors' liveness.
 //
 // The features it covers grow toward the whole Plan; check_programmable names the first one a
 // plan uses that it does not build yet.

@@ -91,6 +91,8 @@ int MeshView::group_size(const GroupSpec& spec) const {
       throw std::invalid_argument("mesh view '" + name_ + "' has no dimension '" + d + "'");
     n *= extent(d);
   }
+  if (spec.ends_only)
+    return n > 1 ? 2 : 1;
   if (spec.block <= 0)
     return static_cast<int>(n);
   if (n % spec.block != 0)
@@ -101,6 +103,8 @@ int MeshView::group_size(const GroupSpec& spec) const {
 
 std::vector<int> MeshView::members(int rank, const GroupSpec& spec) const {
   const std::vector<int> all = full_group(rank, spec.dims);
+  if (spec.ends_only)
+    return all.size() > 1 ? std::vector<int>{all.front(), all.back()} : all;
   if (spec.block <= 0)
     return all;
   group_size(spec); // checks the block divides the group
@@ -121,6 +125,10 @@ int MeshView::ranks_per_node(const GroupSpec& spec, int gpus_per_node) const {
   const int size = group_size(spec);
   if (gpus_per_node < 1)
     throw std::invalid_argument("a node needs at least one GPU");
+  if (spec.ends_only) { // rank 0's pair: rank 0 and its group's last member
+    const std::vector<int> ends = members(0, spec);
+    return ends.back() < gpus_per_node ? size : 1;
+  }
   // Rank 0's group, enumerated only below the first node's end: members grow with every
   // coordinate, so a partial sum past the node prunes the rest of its subtree.
   std::vector<std::pair<int, int>> dims; // (stride, extent), by increasing stride

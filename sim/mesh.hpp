@@ -20,12 +20,18 @@ struct MeshDim {
 };
 
 // Which ranks form one communicator: the dimensions it spans in a view, and optionally a cut
-// of that group into blocks of `block` consecutive members.
+// of that group into blocks of `block` consecutive members, or only its two ends.
 struct GroupSpec {
   std::string view;              // "attention", "moe", "dense", "embed"
   std::vector<std::string> dims; // dimensions of the view the group spans
   int block = 0;                 // > 0: cut the group into blocks of this many members
   bool across_blocks = false;    // with block: the members at my position in every block
+  // Only the first and the last member of the group (one member when the group has one): the
+  // pipeline's first and last stages, which hold the two copies of tied embeddings (Megatron's
+  // embedding group), as {"embed", {"pp"}} with ends_only. A rank between the ends belongs to
+  // no such group. Not combined with block.
+  bool ends_only = false;
+  bool operator==(const GroupSpec&) const = default;
 };
 
 class MeshView {

@@ -178,6 +178,11 @@ enum class Kernel {
   //   count tables send_counts, recv_counts (all-to-all-v, attrs.count_inputs = 2) the input's
   //   rows are cut by send_counts: its elements cut into group-size equal parts, rank j gets
   //   the sum of part j rows; from rank j come the sum of part j of recv_counts rows.
+  //   Pipeline send (inputs, no outputs) and recv (outputs, no inputs) talk to the rank at this
+  //   rank's place (its coordinates but "pp") in the stage of Op::peer_class; a recv's first
+  //   remote dependency names the send it receives, and between two ranks messages arrive in
+  //   the order they were sent. Their group is the point-to-point group (empty spec): the
+  //   simulator prices the link, the executor needs none.
   collective,
   // --- Mixture-of-Experts (dropless top-k routing) ---------------------------------------------
   // Count tables are Element::i64 index tensors of rows per expert. Rows whose number depends
@@ -260,7 +265,9 @@ struct AxisSplit {
   std::string dim;
 };
 
-// A model parameter as the program refers to it.
+// A model parameter as the program refers to it. A parameter held by two stages (tied
+// embeddings under a pipeline) is listed once per copy, under the same name, each in its own
+// bucket.
 struct ParamSpec {
   std::string name;                // the model's name for it ("L1.attn.wq")
   std::vector<std::int64_t> shape; // full, unsharded
@@ -273,12 +280,18 @@ struct ParamSpec {
 // slices, flattened in member order and zero-padded to a multiple of the shard group, is cut
 // into equal flat shards over `shard` (no dims: not sharded). Gradients sum over `grads` (the
 // ranks holding the same slices); with HSDP the shards' gradients then sum over `replicas`.
+// A bucket's members all live on one pipeline stage.
 struct Bucket {
   std::string name;        // "L3.attention", "L3.attention.replicated", "embedding"
   std::vector<int> params; // members, indices into Schedule::params
   GroupSpec grads;
   GroupSpec shard;
   GroupSpec replicas;
+  // Tied parameters held by two stages (the embedding and the LM head's copy of it, on the
+  // first and last pipeline stage): after the reduction above, the owned gradients sum over
+  // this group ({"embed", {"pp"}} with ends_only); each copy steps identically, and only the
+  // group's first member writes the state back. Empty dims: not tied.
+  GroupSpec tied;
   int zero = 0; // 0 replicate, 1 shard optimizer state, 2 + gradients, 3 + parameters
 };
 

@@ -80,10 +80,16 @@ public:
         rc_ = &s_.classes[k];
     if (rc_ == nullptr)
       bug(fmt::format("no rank class runs stage {} (rank {})", stage, rank));
-    for (const sim::Group& g : s_.groups)
-      comms_.push_back(g.spec.view.empty()
-                           ? Comm{}
-                           : w_.group(s_.mesh.view(g.spec.view).members(rank_, g.spec), rank_));
+    // The communicators this rank's ops use (a group of other stages, such as the tied
+    // embeddings' ends, may not hold it); point-to-point groups need none.
+    comms_.resize(s_.groups.size());
+    for (const sim::Op& op : rc_->ops) {
+      if (op.group < 0 || comms_[sz(op.group)].size() > 1)
+        continue;
+      const sim::GroupSpec& g = s_.groups[sz(op.group)].spec;
+      if (!g.view.empty())
+        comms_[sz(op.group)] = w_.group(s_.mesh.view(g.view).members(rank_, g), rank_);
+    }
     bind_params();
     real_.resize(rc_->tensors.size());
     ints_.resize(rc_->tensors.size());
@@ -214,6 +220,9 @@ private:
       b.slice_writer = members(bk.grads).front() == rank_;
       if (!b.sharded)
         b.writer = b.slice_writer;
+      // Tied copies hold the same values: the first stage's writes them back.
+      if (!bk.tied.dims.empty() && members(bk.tied).front() != rank_)
+        b.writer = b.slice_writer = false;
       bb_.push_back(std::move(b));
     }
   }
@@ -1096,6 +1105,37 @@ private:
     }
   }
 
+  // The rank at this rank's place in the stage of rank class c.
+  int peer_rank(int c) const {
+    const sim::MeshView& v = s_.mesh.view(s_.tokens.view);
+    const int stage = s_.classes[sz(c)].stage;
+    return rank_ + (stage - v.coord(rank_, "pp")) * v.stride("pp");
+  }
+
+  // Pipeline point to point: the message carries the send's op index after its payload, and
+  // the recv checks it is the send its first remote dependency names (a Schedule pairing
+  // them wrongly fails here instead of training on the wrong activations).
+  void point_to_point(const sim::Op& op) {
+    const int peer = peer_rank(op.peer_class);
+    if (op.kind == OpKind::send) {
+      std::vector<T> msg = concat(op.inputs);
+      msg.push_back(static_cast<T>(&op - rc_->ops.data()));
+      w_.send(rank_, peer, msg.data(), msg.size());
+      return;
+    }
+    Index n = 0;
+    for (int t : op.outputs)
+      n += R(t).size();
+    std::vector<T> msg(n + 1);
+    w_.recv(rank_, peer, msg.data(), msg.size());
+    const auto sent_by = static_cast<int>(msg.back());
+    if (op.remote_deps.empty() || op.remote_deps.front().op != sent_by)
+      bug(fmt::format("op '{}' of rank {} received the message of op {} of rank {}", op.name, rank_,
+                      sent_by, peer));
+    msg.pop_back();
+    scatter_to(msg, op.outputs);
+  }
+
   // Count tables move as integers: an equal all-to-all (the EP count exchange) or an
   // all-gather (ETP's tables).
   void count_collective(const sim::Op& op) {
@@ -1132,6 +1172,8 @@ private:
   }
 
   void collective(const sim::Op& op) {
+    if (op.kind == OpKind::send || op.kind == OpKind::recv)
+      return point_to_point(op);
     if (is_long(op.inputs[0]))
       return count_collective(op);
     const Comm& g = comm(op.group);

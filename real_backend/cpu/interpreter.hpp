@@ -4,8 +4,9 @@
 // (its pipeline stage), builds its communicators from the groups' specs, binds its parameter
 // slices and ZeRO shards from the full training state, and walks its class's program op by op:
 // allocating and freeing tensors where the Schedule says, calling the CPU kernels
-// (real_backend/cpu/kernels.hpp) and the in-process collectives (real_backend/cpu/comm.hpp).
-// It knows no Plan: what it runs is what the simulator prices.
+// (real_backend/cpu/kernels.hpp) and the in-process collectives (real_backend/cpu/comm.hpp);
+// pipeline sends and recvs go to the rank at its place in the peer class's stage. It knows no Plan:
+// what it runs is what the simulator prices.
 #include "real_backend/cpu/training.hpp"
 #include "sim/schedule.hpp"
 

@@ -70,12 +70,13 @@ TEST_CASE("program lowering: names what it does not build yet" * doctest::test_s
           lowering::lower_program(dropping, {&moe, 64, 8});
         }) == "the program lowering does not build token-dropping MoE (a capacity factor) yet");
   const workload::ModelSpec m = workload::load_model("tiny-dense");
-  Plan p = plan(2, 4, 1);
-  p.pp = 2;
+  Plan p = plan(2, 4, 2);
+  p.attention.sp = false;
   strategy::complete_plan(p);
   CHECK(test::input_error_of([&] {
           lowering::lower_program(p, {&m, 64, 8});
-        }) == "the program lowering does not build pipeline parallelism yet");
+        }) == "the program lowering does not build tensor parallelism without sequence "
+              "parallelism yet");
 }
 
 TEST_CASE("program lowering: recompute lowers the activation peak, full more than selective" *

@@ -75,6 +75,24 @@ TEST_CASE("mesh: ranks per node count the group's members on one node" *
   CHECK(v.ranks_per_node(GroupSpec{"attention", {"tp", "cp", "dp"}}, 64) == 64);
 }
 
+TEST_CASE("mesh: the ends of a pipeline group are its first and last stage" *
+          doctest::test_suite("independent")) {
+  // 4 stages of 2 ranks (tp 2 innermost): rank 3's pipeline group is 1, 3, 5, 7; its ends
+  // (tied embeddings' copies) are 1 and 7. Stages 0 and 3 of rank 0 (0 and 6) share an
+  // 8-GPU node, not a 4-GPU one.
+  const MeshView v("embed", {{"tp", 2}, {"pp", 4}});
+  GroupSpec ends{"embed", {"pp"}};
+  ends.ends_only = true;
+  CHECK(v.members(3, ends) == std::vector<int>{1, 7});
+  CHECK(v.group_size(ends) == 2);
+  CHECK(v.ranks_per_node(ends, 8) == 2);
+  CHECK(v.ranks_per_node(ends, 4) == 1);
+  // One stage: one member.
+  const MeshView one("embed", {{"tp", 2}, {"pp", 1}});
+  CHECK(one.members(1, ends) == std::vector<int>{1});
+  CHECK(one.group_size(ends) == 1);
+}
+
 TEST_CASE("mesh: refuses what is not a layout" * doctest::test_suite("plumbing")) {
   CHECK_THROWS_AS(MeshView("v", {{"tp", 0}}), std::invalid_argument);
   CHECK_THROWS_AS(MeshView("v", {{"tp", 2}, {"tp", 2}}), std::invalid_argument);

@@ -41,10 +41,10 @@ struct Case {
   sim::Schedule schedule;
 };
 
-inline Case make_case(const std::string& id, int world, int global_batch, int seq,
+inline Case make_case(const workload::ModelSpec& spec, int world, int global_batch, int seq,
                       const std::function<void(strategy::Plan&)>& edit) {
   Case k;
-  k.spec = workload::load_model(id);
+  k.spec = spec;
   k.config = real::tiny_config(k.spec);
   k.plan.world = world;
   k.plan.global_batch = global_batch;
@@ -53,6 +53,20 @@ inline Case make_case(const std::string& id, int world, int global_batch, int se
   k.schedule = lowering::lower_program(k.plan, {&k.spec, seq, 8});
   sim::check_schedule(k.schedule);
   return k;
+}
+
+inline Case make_case(const std::string& id, int world, int global_batch, int seq,
+                      const std::function<void(strategy::Plan&)>& edit) {
+  return make_case(workload::load_model(id), world, global_batch, seq, edit);
+}
+
+// A catalog model with at least `layers` decoder layers: deeper copies repeat its layer pattern
+// (as the executor's equivalence matrix builds them for pipelines).
+inline workload::ModelSpec deeper(const std::string& id, int layers) {
+  workload::ModelSpec m = workload::load_model(id);
+  while (layers > m.num_layers())
+    m.layers.push_back(m.layers[m.layers.size() % 2]);
+  return m;
 }
 
 // The rank class a rank runs: its pipeline stage.

@@ -1,0 +1,140 @@
+// Pipeline parallelism in the program IR: one rank class per stage, activations and their
+// gradients sent between the same places of neighbouring stages, every schedule's order
+// (strategies/pipeline.hpp), zero-bubble's held-back weight gradients and tied embeddings across
+// the first and last stage. Each case of the executor's pipeline matrix
+// (tests/real_backend/cpu/executor_test.cpp) is held together with the float64 reference, the
+// Schedule's ops and its memory tracker (tests/support/program_case.hpp).
+#include "tests/support/program_case.hpp"
+
+#include <doctest/doctest.h>
+
+using mop::strategy::PipelineSchedule;
+using mop::strategy::Plan;
+using mop::test::deeper;
+using mop::test::expect_held_together;
+using mop::test::make_case;
+
+TEST_CASE("interpreter: two pipeline stages under GPipe, 1F1B and zero-bubble" *
+          doctest::test_suite("independent")) {
+  for (auto s :
+       {PipelineSchedule::gpipe, PipelineSchedule::one_f_one_b, PipelineSchedule::zero_bubble}) {
+    CAPTURE(static_cast<int>(s));
+    const auto k = make_case(deeper("tiny-dense", 4), 2, 4, 16, [&](Plan& p) {
+      p.pp = 2;
+      p.schedule = s;
+    });
+    REQUIRE(k.schedule.classes.size() == 2);
+    expect_held_together(k);
+  }
+}
+
+TEST_CASE("interpreter: interleaved 1F1B with two model chunks per stage" *
+          doctest::test_suite("independent")) {
+  // Four layers over 2 stages x 2 chunks: stage 0 holds layers 0 and 2, stage 1 layers 1 and 3,
+  // so activations cross from the last stage back to the first between the chunks.
+  expect_held_together(make_case(deeper("tiny-dense", 4), 2, 4, 16, [](Plan& p) {
+    p.pp = 2;
+    p.vp = 2;
+    p.schedule = PipelineSchedule::interleaved_1f1b;
+  }));
+}
+
+TEST_CASE("interpreter: a pipeline accumulates gradients over many micro-batches" *
+          doctest::test_suite("independent")) {
+  // Sixteen micro-batches of one sequence through two stages: 1F1B's steady state and
+  // zero-bubble's held-back weight gradients over many passes; the reference sees the sixteen
+  // sequences at once.
+  for (auto s : {PipelineSchedule::one_f_one_b, PipelineSchedule::zero_bubble}) {
+    CAPTURE(static_cast<int>(s));
+    expect_held_together(make_case(deeper("tiny-dense", 4), 2, 16, 16, [&](Plan& p) {
+      p.pp = 2;
+      p.micro_batch = 1;
+      p.schedule = s;
+    }));
+  }
+}
+
+TEST_CASE("interpreter: tied embeddings across pipeline stages, vocabulary parallel" *
+          doctest::test_suite("independent")) {
+  // tiny-dense ties the LM head to the embedding: stage 0 and the last stage hold copies whose
+  // gradients are summed (Megatron's embedding group), under every ZeRO stage.
+  const auto spec = deeper("tiny-dense", 4);
+  REQUIRE(spec.tied_embeddings);
+  for (int zero = 0; zero <= 3; ++zero) {
+    CAPTURE(zero);
+    expect_held_together(make_case(spec, 4, 4, 16, [&](Plan& p) {
+      p.pp = 2;
+      p.embed.tp = 2;
+      for (auto& s : p.state)
+        s.zero = zero;
+    }));
+  }
+  // Four stages: the tied group skips the two middle ones.
+  expect_held_together(make_case(spec, 4, 4, 16, [&](Plan& p) { p.pp = 4; }));
+}
+
+TEST_CASE("interpreter: an untied LM head on the last stage" * doctest::test_suite("independent")) {
+  auto spec = deeper("tiny-dense", 4);
+  spec.tied_embeddings = false;
+  expect_held_together(make_case(spec, 4, 4, 16, [](Plan& p) {
+    p.pp = 2;
+    p.embed.tp = 2;
+    for (auto& s : p.state)
+      s.zero = 3;
+  }));
+}
+
+TEST_CASE("interpreter: pipeline with tensor and data parallelism" *
+          doctest::test_suite("independent")) {
+  // Eight ranks: two stages of TP 2 x DP 2, a different ZeRO stage per kind, zero-bubble.
+  expect_held_together(make_case(deeper("tiny-dense", 4), 8, 8, 16, [](Plan& p) {
+    p.pp = 2;
+    p.attention.tp = 2;
+    p.dense.tp = 2;
+    p.embed.tp = 2;
+    p.schedule = PipelineSchedule::zero_bubble;
+    p.state[0].zero = 3;
+    p.state[1].zero = 1;
+    p.state[2].zero = 3;
+    p.state[3].zero = 2;
+  }));
+}
+
+TEST_CASE("interpreter: pipelines with every other feature of the program" *
+          doctest::test_suite("independent")) {
+  using mop::strategy::CpKind;
+  using mop::strategy::OptimizerOverlap;
+  using mop::strategy::PipelineSchedule;
+  using mop::strategy::Placement;
+  using mop::strategy::Recompute;
+  // The 8-rank mixture (PP 2, TP 2 x ring CP 2, a ZeRO stage per kind, recompute, offload, the
+  // host optimizer streamed into the next forward), on a dense model.
+  mop::test::expect_held_together(mop::test::make_case(mop::test::deeper("tiny-dense", 4), 8, 4, 32,
+                                                       [](Plan& p) {
+                                                         p.pp = 2;
+                                                         p.schedule = PipelineSchedule::one_f_one_b;
+                                                         p.attention.tp = 2;
+                                                         p.dense.tp = 2;
+                                                         p.embed.tp = 2;
+                                                         p.attention.cp = 2;
+                                                         p.attention.cp_kind = CpKind::ring;
+                                                         p.state[0].zero = 3;
+                                                         p.state[2].zero = 1;
+                                                         p.state[3].zero = 2;
+                                                         for (auto& r : p.recompute)
+                                                           r = Recompute::selective;
+                                                         p.activation_offload = 0.5;
+                                                         p.optimizer_on_host = true;
+                                                         p.optimizer = Placement::host;
+                                                         p.overlap =
+                                                             OptimizerOverlap::stream_forward;
+                                                       }),
+                                  3);
+  // Experts under a zero-bubble pipeline.
+  mop::test::expect_held_together(
+      mop::test::make_case(mop::test::deeper("tiny-moe", 4), 4, 4, 16, [](Plan& p) {
+        p.pp = 2;
+        p.schedule = PipelineSchedule::zero_bubble;
+        p.moe.ep = 2;
+      }));
+}
