@@ -618,6 +618,20 @@ private:
            index_in_stage < std::ceil(p_.activation_offload * layers_in_stage - 1e-9);
   }
   std::vector<int*> backward_reads(LayerSaved& sv);
+  // A tensor like `t` (shape, element, dtype, runtime rows and reserved bytes) under a new name.
+  int clone(int t, std::string name, TensorRole role, sim::Device device) {
+    const sim::Tensor src = rc_->tensors[static_cast<std::size_t>(t)];
+    sim::Tensor c = src;
+    c.name = std::move(name);
+    c.role = role;
+    c.kind = memory_kind(role);
+    c.device = device;
+    c.resident = false;
+    c.param = -1;
+    c.bucket = -1;
+    rc_->tensors.push_back(std::move(c));
+    return static_cast<int>(rc_->tensors.size()) - 1;
+  }
   void offload(int l, int mb, LayerSaved& sv);
   void reload(int l, int mb, LayerSaved& sv);
   std::map<std::pair<int, int>, std::vector<int>> host_copies_; // (layer, mb) -> host tensors
@@ -626,7 +640,8 @@ private:
   bool is_moe(int l) const {
     return m_.layers[static_cast<std::size_t>(l)].mlp == workload::MlpKind::moe;
   }
-  int moe_forward(int l, int mb, int x, MoeSaved& s);
+  int moe_forward(int l, int mb, int x, MoeSaved& s, Category cat = Category::forward);
+  void recompute_moe(int l, int mb, MoeSaved& s);
   int moe_backward(int l, int mb, const MoeSaved& s, int dy);
   void head_forward(int mb, int x);
   int head_backward(int mb);
@@ -1439,6 +1454,17 @@ std::vector<int*> Builder::backward_reads(LayerSaved& sv) {
     if (rm == Recompute::none)
       out.push_back(&m.act);
   }
+  // An MoE block's real-valued saved tensors (its index and count tables are small and stay).
+  MoeSaved& e = sv.e;
+  const Recompute re = p_.recompute[static_cast<int>(LayerKind::moe)];
+  if (re == Recompute::full) {
+    out.push_back(&e.x);
+  } else {
+    for (int* f : {&e.x, &e.rstd, &e.xn, &e.probs, &e.weights, &e.rows_in, &e.gu, &e.ret})
+      out.push_back(f);
+    if (re == Recompute::none)
+      out.push_back(&e.act);
+  }
   std::erase_if(out, [](const int* f) { return *f < 0; });
   return out;
 }
@@ -1449,12 +1475,9 @@ void Builder::offload(int l, int mb, LayerSaved& sv) {
     if (std::find(dev.begin(), dev.end(), *f) == dev.end())
       dev.push_back(*f);
   std::vector<int> host;
-  for (int t : dev) {
-    const sim::Tensor src = rc_->tensors[static_cast<std::size_t>(t)];
-    host.push_back(
-        tensor(src.name + " (host)", src.shape, TensorRole::host_copy, src.element, src.dtype));
-    rc_->tensors.back().device = sim::Device::host;
-  }
+  for (int t : dev)
+    host.push_back(clone(t, rc_->tensors[static_cast<std::size_t>(t)].name + " (host)",
+                         TensorRole::host_copy, sim::Device::host));
   emit(OpSpec{fmt::format("L{}.act_offload.mb{}", l, mb),
               Kernel::copy,
               OpKind::copy_d2h,
@@ -1478,11 +1501,9 @@ void Builder::reload(int l, int mb, LayerSaved& sv) {
   for (int* f : fields)
     if (std::find(dev.begin(), dev.end(), *f) == dev.end())
       dev.push_back(*f);
-  for (int t : dev) {
-    const sim::Tensor src = rc_->tensors[static_cast<std::size_t>(t)];
-    back.push_back(
-        tensor(src.name + " (reloaded)", src.shape, TensorRole::saved, src.element, src.dtype));
-  }
+  for (int t : dev)
+    back.push_back(clone(t, rc_->tensors[static_cast<std::size_t>(t)].name + " (reloaded)",
+                         TensorRole::saved, sim::Device::hbm));
   emit(OpSpec{fmt::format("L{}.act_reload.mb{}", l, mb),
               Kernel::copy,
               OpKind::copy_h2d,
@@ -1510,6 +1531,19 @@ void Builder::recompute_mlp(int l, int mb, MlpSaved& s) {
         tensor(fmt::format("L{}.mlp act.mb{}.recompute", l, mb), {rows_d_, f_}, TensorRole::saved);
     simple(fmt::format("L{}.mlp_act.mb{}.recompute", l, mb), Kernel::swiglu_fwd, {s.gu}, {s.act},
            Category::recompute, l, mb);
+  }
+}
+
+void Builder::recompute_moe(int l, int mb, MoeSaved& s) {
+  const strategy::Recompute r = p_.recompute[static_cast<int>(LayerKind::moe)];
+  if (r == strategy::Recompute::full) {
+    moe_forward(l, mb, s.x, s, Category::recompute);
+  } else if (r == strategy::Recompute::selective) { // the experts' activation function only
+    const int act = clone(s.act, fmt::format("L{}.experts act.mb{}.recompute", l, mb),
+                          TensorRole::saved, sim::Device::hbm);
+    simple(fmt::format("L{}.experts_act.mb{}.recompute", l, mb), Kernel::swiglu_fwd, {s.gu}, {act},
+           Category::recompute, l, mb);
+    s.act = act;
   }
 }
 
@@ -1542,24 +1576,28 @@ void Builder::declare_moe_params(int l) {
 // ETP gather the group's count tables and rows, grouped SwiGLU GEMMs over my experts' columns,
 // reduce-scatter over ETP, combine (all-to-all-v back), unpermute weighted by the routing
 // weights, residual.
-int Builder::moe_forward(int l, int mb, int x, MoeSaved& s) {
-  auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}", l, what, mb); };
+int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
+  const bool again = cat == Category::recompute;
+  auto nm = [&](const char* what) {
+    return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
+  };
+  const char* pass = again ? "bwd" : "fwd";
   const workload::MoeSpec& e = m_.moe;
   const std::int64_t experts = e.num_routed_experts, k = e.experts_per_token;
   const std::int64_t ep = p_.moe.ep, etp = p_.moe.etp, per_rank = experts / ep;
   const std::int64_t f = e.expert_intermediate_size / etp, routed_rows = n_ * k;
   const int be = bucket_of_param(pname(l, "moe.experts.gate"));
   const int br = bucket_of_param(pname(l, "mlp.norm"));
-  const std::vector<int> w = use_bucket(be, "fwd", l, mb);
-  const std::vector<int> wr = use_bucket(br, "fwd", l, mb);
+  const std::vector<int> w = use_bucket(be, pass, l, mb);
+  const std::vector<int> wr = use_bucket(br, pass, l, mb);
   s.x = x;
   s.xn = tensor(nm("mlp_norm"), {n_, h_}, TensorRole::saved);
   s.rstd = tensor(nm("mlp_norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
   simple(nm("mlp_norm"), Kernel::rmsnorm_fwd, {x, value_of(pname(l, "mlp.norm"), wr, br)},
-         {s.xn, s.rstd}, Category::forward, l, mb, norm_attrs());
+         {s.xn, s.rstd}, cat, l, mb, norm_attrs());
   const int logits = tensor(nm("router logits"), {n_, experts}, TensorRole::activation);
   matmul(nm("router"), {s.xn}, {value_of(pname(l, "moe.router"), wr, br)}, {logits}, false, false,
-         false, Category::forward, l, mb);
+         false, cat, l, mb);
   s.probs =
       tensor(nm("router probs"), {n_, experts}, TensorRole::saved, Element::real, sim::Dtype::fp32);
   s.idx = tensor(nm("router idx"), {n_, k}, TensorRole::index, Element::i32);
@@ -1568,13 +1606,12 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s) {
   sim::Attrs route;
   route.top_k = static_cast<int>(k);
   route.normalize = true; // norm_topk_prob, as the executable model routes
-  simple(nm("router_topk"), Kernel::router_topk_fwd, {logits}, {s.probs, s.idx, s.weights},
-         Category::forward, l, mb, route);
+  simple(nm("router_topk"), Kernel::router_topk_fwd, {logits}, {s.probs, s.idx, s.weights}, cat, l,
+         mb, route);
   const int xp = tensor(nm("permuted"), {routed_rows, h_}, TensorRole::activation);
   s.order = tensor(nm("permute order"), {routed_rows}, TensorRole::index, Element::i32);
   s.counts = tensor(nm("expert counts"), {experts}, TensorRole::index, Element::i64);
-  simple(nm("permute"), Kernel::permute, {s.xn, s.idx}, {xp, s.order, s.counts}, Category::forward,
-         l, mb);
+  simple(nm("permute"), Kernel::permute, {s.xn, s.idx}, {xp, s.order, s.counts}, cat, l, mb);
   // One all-to-all of per-expert counts: row j says how many rows of each of my experts EP rank
   // j sends; rows arrive grouped by source rank, then expert, so it also names their experts.
   s.recv_counts = s.counts;
@@ -1645,12 +1682,12 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s) {
   grouped_matmul(
       nm("experts_gate_up"), {s.rows_in},
       {value_of(pname(l, "moe.experts.gate"), w, be), value_of(pname(l, "moe.experts.up"), w, be)},
-      {s.gu}, s.table, false, false, false, Category::forward, l, mb);
+      {s.gu}, s.table, false, false, false, cat, l, mb);
   s.act = rows_like(s.rows_in, nm("experts act"), f, TensorRole::saved);
-  simple(nm("experts_act"), Kernel::swiglu_fwd, {s.gu}, {s.act}, Category::forward, l, mb);
+  simple(nm("experts_act"), Kernel::swiglu_fwd, {s.gu}, {s.act}, cat, l, mb);
   const int out = rows_like(s.rows_in, nm("experts out"), h_, TensorRole::activation);
   grouped_matmul(nm("experts_down"), {s.act}, {value_of(pname(l, "moe.experts.down"), w, be)},
-                 {out}, s.table, false, false, false, Category::forward, l, mb);
+                 {out}, s.table, false, false, false, cat, l, mb);
   int mine = out;
   if (g_xtp_ >= 0) {
     mine = rows_like(s.recv, nm("etp scattered"), h_, TensorRole::activation);
@@ -1684,10 +1721,9 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s) {
     emit(std::move(o));
   }
   const int y = tensor(nm("moe out"), {n_, h_}, TensorRole::activation);
-  simple(nm("unpermute"), Kernel::unpermute, {s.ret, s.order, s.weights}, {y}, Category::forward, l,
-         mb);
+  simple(nm("unpermute"), Kernel::unpermute, {s.ret, s.order, s.weights}, {y}, cat, l, mb);
   const int o = tensor(nm("mlp residual"), {n_, h_}, TensorRole::activation);
-  simple(nm("mlp_residual"), Kernel::add, {x, y}, {o}, Category::forward, l, mb);
+  simple(nm("mlp_residual"), Kernel::add, {x, y}, {o}, cat, l, mb);
   return o;
 }
 
@@ -2123,6 +2159,7 @@ void Builder::build_stage(int stage) {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       reload(l, mb, sv);
       if (is_moe(l)) {
+        recompute_moe(l, mb, sv.e);
         dx = moe_backward(l, mb, sv.e, dx);
       } else {
         recompute_mlp(l, mb, sv.m);
@@ -2237,9 +2274,6 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
   // Host gradients are the host optimizer's downloaded copies (step_bucket).
   if (p.grads == strategy::Placement::host && !p.optimizer_on_host)
     not_yet("gradients in host memory for an optimizer on the GPU");
-  if (m.is_moe() && (p.recompute[static_cast<int>(LayerKind::moe)] != strategy::Recompute::none ||
-                     p.activation_offload > 0))
-    not_yet("recompute or activation offload of Mixture-of-Experts layers");
   const int any_tp = std::max({p.attention.tp, p.dense.tp, p.embed.tp, p.moe.etp});
   if (any_tp > 1 && !p.attention.sp)
     not_yet("tensor parallelism without sequence parallelism");

@@ -145,3 +145,27 @@ TEST_CASE("interpreter MoE: the program issues the CPU executor's expert all-to-
     CHECK(count(program) == (k.plan.moe.ep > 1 ? 4 * 5 : 0));
   }
 }
+
+TEST_CASE("interpreter: experts under recompute and activation offload" *
+          doctest::test_suite("independent")) {
+  using mop::strategy::LayerKind;
+  using mop::strategy::Recompute;
+  // The executor matrix's case: EP 2, half the layers offloaded, attention fully recomputed.
+  mop::test::expect_held_together(mop::test::make_case("tiny-moe", 2, 4, 16, [](Plan& p) {
+    p.moe.ep = 2;
+    p.activation_offload = 0.5;
+    p.recompute[static_cast<int>(LayerKind::attention)] = Recompute::full;
+  }));
+  for (Recompute r : {Recompute::selective, Recompute::full}) {
+    CAPTURE(static_cast<int>(r));
+    mop::test::expect_held_together(mop::test::make_case("tiny-moe", 4, 4, 16, [&](Plan& p) {
+      p.moe.ep = 2;
+      p.moe.etp = 2;
+      p.activation_offload = 1;
+      for (auto& k : p.recompute)
+        k = r;
+      for (auto& s : p.state)
+        s.zero = 3;
+    }));
+  }
+}
