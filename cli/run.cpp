@@ -1,8 +1,6 @@
 // mop run: execute a plan's training steps with real arithmetic. With `--executor cpu` the plan is
 // lowered to its executable Schedule (lowering/program.hpp) and the CPU interpreter runs it on
-// `--ranks` threads, the very program the simulator prices; a plan whose features the program
-// lowering does not build yet runs on the Plan-playing reference executor instead. The CUDA
-// executor is not built yet.
+// `--ranks` threads. The CUDA executor is not built yet.
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
@@ -12,7 +10,6 @@
 #include "hw_models/cluster.hpp"
 #include "lowering/program.hpp"
 #include "real_backend/cpu/checkpoint.hpp"
-#include "real_backend/cpu/executor.hpp"
 #include "real_backend/cpu/interpreter.hpp"
 #include "sim/engine.hpp"
 #include "strategies/hardware.hpp"
@@ -41,10 +38,10 @@ struct RunArgs {
   bool batch_given = false, save_given = false, resume_given = false;
 };
 
-// A preset resolves over its family's plans that the CPU executor can run; a path is checked
+// A preset resolves over its family's plans that the program lowering builds; a path is checked
 // as it is.
-strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec,
-                           const real::TinyConfig& c, std::int64_t seq, int batch) {
+strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec, std::int64_t seq,
+                           int batch) {
   strategy::PlanContext ctx;
   ctx.model = &spec;
   ctx.seq = seq;
@@ -57,7 +54,7 @@ strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec,
         if (q.world != a.ranks)
           throw InputError(fmt::format("the plan '{}' is for {} ranks, not --ranks {}", a.plan,
                                        q.world, a.ranks));
-        real::check_executable(c, q, static_cast<int>(seq));
+        lowering::check_programmable(q, lowering::ProgramContext{&spec, seq, a.ranks});
       }).plan;
   return p;
 }
@@ -98,7 +95,7 @@ void run(const RunArgs& a) {
                                  "(got {})",
                                  limits::max_cpu_seq, seq));
   const int batch = a.batch_given ? static_cast<int>(a.batch) : 4 * a.ranks;
-  const strategy::Plan plan = choose_plan(a, spec, c, seq, batch);
+  const strategy::Plan plan = choose_plan(a, spec, seq, batch);
   if (plan.global_batch > limits::max_cpu_tokens_per_step / seq)
     throw InputError(fmt::format("a step of {} sequences of {} tokens is more than the CPU "
                                  "executor's {} tokens per step",
@@ -134,20 +131,13 @@ void run(const RunArgs& a) {
                              "plan ({}): {}\n",
                              spec.name, a.ranks, seq, plan.global_batch, start.step, plan.family,
                              strategy::summary(plan));
-  // The executable Schedule when the program lowering builds this plan, and what the simulator
-  // predicts for it on the reference cluster (per rank over the run: op time by kind, peak
-  // memory of each rank's class).
+  // The plan's executable Schedule, interpreted, and what the simulator predicts for it on the
+  // reference cluster (per rank over the run: op time by kind, peak memory of each rank's class).
   const lowering::ProgramContext pc{&spec, seq, a.ranks};
-  bool programmable = true;
-  try {
-    lowering::check_programmable(plan, pc);
-  } catch (const InputError&) {
-    programmable = false;
-  }
   real::RunResult<float> r;
   std::map<std::string, double> predicted_s;
   std::vector<double> simulated_peak;
-  if (programmable) {
+  {
     const sim::Schedule schedule = lowering::lower_program(plan, pc);
     sim::check_schedule(schedule);
     r = real::interpret<float>(schedule, c, data, start, o);
@@ -166,8 +156,6 @@ void run(const RunArgs& a) {
         if (schedule.classes[k].stage == stage)
           simulated_peak.push_back(sr.classes[k].memory.peak_hbm_bytes);
     }
-  } else {
-    r = real::run_plan<float>(c, plan, data, start, o);
   }
   for (std::size_t k = 0; k < r.losses.size(); ++k)
     if (!std::isfinite(r.losses[k]))
@@ -201,10 +189,9 @@ void run(const RunArgs& a) {
            {"tokens_per_s", static_cast<double>(plan.global_batch) * static_cast<double>(seq) /
                                 std::max(median(r.step_time_s), 1e-12)},
            {"ops", ops},
-           {"program", programmable},
+           {"program", true},
            {"plan", strategy::to_json(plan)}};
-    if (programmable)
-      j["memory"] = Json{{"peak_bytes", r.peak_bytes}, {"simulated_peak_bytes", simulated_peak}};
+    j["memory"] = Json{{"peak_bytes", r.peak_bytes}, {"simulated_peak_bytes", simulated_peak}};
     if (a.check)
       j["check"] = Json{{"max_loss_rel_diff", r.max_loss_rel_diff},
                         {"max_grad_rel_diff", r.max_grad_rel_diff},
@@ -226,11 +213,7 @@ void run(const RunArgs& a) {
                       sched == r.scheduled.end() ? "-" : std::to_string(sched->second),
                       format_seconds(op.seconds)});
   }
-  std::cout << "\n"
-            << (programmable ? "the plan's executable Schedule, run by the CPU interpreter\n"
-                             : "run by the plan executor (the program lowering does not build "
-                               "this plan yet)\n")
-            << t.render();
+  std::cout << "\nthe plan's executable Schedule, run by the CPU interpreter\n" << t.render();
   if (a.check)
     std::cout << fmt::format("\ncheck against the single-rank float64 reference: loss {:.2e}, "
                              "gradients {:.2e}, parameters {:.2e} (largest relative differences)\n",
