@@ -673,6 +673,26 @@ private:
     a.eps = m_.norm_eps;
     return a;
   }
+  // RMSNorm's backward: dx (a new tensor shaped like x) from dy, the weight's gradient
+  // accumulated into dw. Returns dx.
+  int norm_backward(const std::string& name, const std::string& dx_name, int x, int w, int rstd,
+                    int dy, int dw, int layer, int mb) {
+    const int dx = tensor(dx_name, shape(x), TensorRole::activation);
+    sim::Attrs a = norm_attrs();
+    a.accumulate = true;
+    emit(OpSpec{name,
+                Kernel::rmsnorm_bwd,
+                OpKind::elementwise,
+                Category::backward,
+                kCompute,
+                -1,
+                {x, w, rstd, dy},
+                {dx, dw},
+                a,
+                layer,
+                mb});
+    return dx;
+  }
 };
 
 void Builder::declare_params() {
@@ -766,12 +786,15 @@ void Builder::make_state() {
                   TensorRole::optimizer_state, Element::real, sim::Dtype::fp32);
       rc_->tensors.back().bucket = bi;
       rc_->tensors.back().resident = true;
+      rc_->tensors.back().slot =
+          t == &bt_[b].m ? sim::Tensor::Slot::first_moment : sim::Tensor::Slot::second_moment;
       if (state_on_host)
         rc_->tensors.back().device = sim::Device::host;
     }
     if (p_.optimizer_on_host && p_.params != strategy::Placement::host) {
       bt_[b].master = tensor(bk.name + ".master", {owned}, TensorRole::optimizer_state,
                              Element::real, sim::Dtype::fp32);
+      rc_->tensors.back().slot = sim::Tensor::Slot::master_weights;
       rc_->tensors.back().bucket = bi;
       rc_->tensors.back().resident = true;
       rc_->tensors.back().device = sim::Device::host;
@@ -1006,18 +1029,10 @@ int Builder::head_backward(int mb) {
                  Category::tp_comm, kTp, g_etp_, dxg, {n_, h_}, TensorRole::activation, -1, mb);
   const int bn = bucket_of_param("final_norm");
   const std::vector<int> wn = use_bucket(bn, "bwd", -1, mb);
-  const int dx = tensor(fmt::format("final_norm dx mb{}", mb), {n_, h_}, TensorRole::activation);
-  OpSpec o;
-  o.name = fmt::format("final_norm.mb{}.bwd", mb);
-  o.kernel = Kernel::rmsnorm_bwd;
-  o.category = Category::backward;
-  o.in = {hs.x, value_of("final_norm", wn, bn), hs.rstd, dxn};
-  o.out = {dx, pt_[static_cast<std::size_t>(find_param("final_norm"))].grad};
-  o.attrs = norm_attrs();
-  o.attrs.accumulate = true;
-  o.mb = mb;
-  emit(std::move(o));
-  return dx;
+  return norm_backward(fmt::format("final_norm.mb{}.bwd", mb),
+                       fmt::format("final_norm dx mb{}", mb), hs.x, value_of("final_norm", wn, bn),
+                       hs.rstd, dxn, pt_[static_cast<std::size_t>(find_param("final_norm"))].grad,
+                       -1, mb);
 }
 
 // --- attention -----------------------------------------------------------------------------------
@@ -1114,36 +1129,12 @@ int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
   dq = dqr;
   dk = dkr;
   if (m_.attention.qk_norm) {
-    const int dqp = tensor(nm("dq pre-norm"), {ng_, hl_, d_}, TensorRole::activation);
-    const int dkp = tensor(nm("dk pre-norm"), {ng_, kvl_, d_}, TensorRole::activation);
-    sim::Attrs a = norm_attrs();
-    a.accumulate = true;
-    OpSpec qn{nm("q_norm"),
-              Kernel::rmsnorm_bwd,
-              OpKind::elementwise,
-              Category::backward,
-              kCompute,
-              -1,
-              {s.q_pre, value_of(pname(l, "attn.q_norm"), wr, br), s.q_rstd, dq},
-              {dqp, grad("attn.q_norm")},
-              a,
-              l,
-              mb};
-    emit(std::move(qn));
-    OpSpec kn{nm("k_norm"),
-              Kernel::rmsnorm_bwd,
-              OpKind::elementwise,
-              Category::backward,
-              kCompute,
-              -1,
-              {s.k_pre, value_of(pname(l, "attn.k_norm"), wr, br), s.k_rstd, dk},
-              {dkp, grad("attn.k_norm")},
-              a,
-              l,
-              mb};
-    emit(std::move(kn));
-    dq = dqp;
-    dk = dkp;
+    dq = norm_backward(nm("q_norm"), nm("dq pre-norm"), s.q_pre,
+                       value_of(pname(l, "attn.q_norm"), wr, br), s.q_rstd, dq, grad("attn.q_norm"),
+                       l, mb);
+    dk = norm_backward(nm("k_norm"), nm("dk pre-norm"), s.k_pre,
+                       value_of(pname(l, "attn.k_norm"), wr, br), s.k_rstd, dk, grad("attn.k_norm"),
+                       l, mb);
   }
   const int dxg = tensor(nm("d attn input"), {ng_, h_}, TensorRole::activation);
   matmul(nm("qkv_proj.dgrad"), {dq, dk, dv},
@@ -1154,20 +1145,9 @@ int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
         {grad("attn.wq"), grad("attn.wk"), grad("attn.wv")}, true, l, mb);
   const int dxn = collective(nm("attn_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
                              g_tp_, dxg, {n_, h_}, TensorRole::activation, l, mb);
-  const int dxa = tensor(nm("d attn norm input"), {n_, h_}, TensorRole::activation);
-  sim::Attrs a = norm_attrs();
-  a.accumulate = true;
-  emit(OpSpec{nm("attn_norm"),
-              Kernel::rmsnorm_bwd,
-              OpKind::elementwise,
-              Category::backward,
-              kCompute,
-              -1,
-              {s.x, value_of(pname(l, "attn.norm"), wr, br), s.rstd, dxn},
-              {dxa, grad("attn.norm")},
-              a,
-              l,
-              mb});
+  const int dxa =
+      norm_backward(nm("attn_norm"), nm("d attn norm input"), s.x,
+                    value_of(pname(l, "attn.norm"), wr, br), s.rstd, dxn, grad("attn.norm"), l, mb);
   const int dx = tensor(nm("d layer input"), {n_, h_}, TensorRole::activation);
   simple(nm("attn_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
   return dx;
@@ -1411,20 +1391,9 @@ int Builder::dense_backward(int l, int mb, const MlpSaved& s, int dy) {
   wgrad(nm("mlp_gate_up.wgrad"), {s.xg}, {dgu}, {grad("mlp.gate"), grad("mlp.up")}, true, l, mb);
   const int dxn = collective(nm("mlp_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
                              g_dtp_, dxg, {n_, h_}, TensorRole::activation, l, mb);
-  const int dxa = tensor(nm("d mlp norm input"), {n_, h_}, TensorRole::activation);
-  sim::Attrs a = norm_attrs();
-  a.accumulate = true;
-  emit(OpSpec{nm("mlp_norm"),
-              Kernel::rmsnorm_bwd,
-              OpKind::elementwise,
-              Category::backward,
-              kCompute,
-              -1,
-              {s.x, value_of(pname(l, "mlp.norm"), wr, br), s.rstd, dxn},
-              {dxa, grad("mlp.norm")},
-              a,
-              l,
-              mb});
+  const int dxa =
+      norm_backward(nm("mlp_norm"), nm("d mlp norm input"), s.x,
+                    value_of(pname(l, "mlp.norm"), wr, br), s.rstd, dxn, grad("mlp.norm"), l, mb);
   const int dx = tensor(nm("d mlp block input"), {n_, h_}, TensorRole::activation);
   simple(nm("mlp_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
   return dx;
@@ -1841,20 +1810,9 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
          true, true, Category::backward, l, mb);
   matmul(nm("router.wgrad"), {s.xn}, {dlogits}, {grad("moe.router")}, true, false, true,
          Category::backward, l, mb);
-  const int dxa = tensor(nm("d mlp norm input"), {n_, h_}, TensorRole::activation);
-  sim::Attrs a = norm_attrs();
-  a.accumulate = true;
-  emit(OpSpec{nm("mlp_norm"),
-              Kernel::rmsnorm_bwd,
-              OpKind::elementwise,
-              Category::backward,
-              kCompute,
-              -1,
-              {s.x, value_of(pname(l, "mlp.norm"), wr, br), s.rstd, dxn},
-              {dxa, grad("mlp.norm")},
-              a,
-              l,
-              mb});
+  const int dxa =
+      norm_backward(nm("mlp_norm"), nm("d mlp norm input"), s.x,
+                    value_of(pname(l, "mlp.norm"), wr, br), s.rstd, dxn, grad("mlp.norm"), l, mb);
   const int dx = tensor(nm("d mlp block input"), {n_, h_}, TensorRole::activation);
   simple(nm("mlp_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
   return dx;

@@ -382,8 +382,10 @@ struct Tensor {
   Element element = Element::real;
   Dtype dtype = Dtype::bf16; // of real elements, as the memory model counts them
   TensorRole role = TensorRole::activation;
-  int param = -1;   // a member's slice: index into Schedule::params
-  int bucket = -1;  // a bucket's flat shard (param_shard, grad, optimizer_state): its index
+  int param = -1;  // a member's slice: index into Schedule::params
+  int bucket = -1; // a bucket's flat shard (param_shard, grad, optimizer_state): its index
+  // Which optimizer state an optimizer_state tensor holds (what a checkpoint stores it as).
+  enum class Slot { none, first_moment, second_moment, master_weights } slot = Slot::none;
   RuntimeRows rows; // routing-dependent rows (MoE); counts < 0 for a static shape
 };
 

@@ -185,12 +185,9 @@ int Lowering::comm_group(const std::string& name, sim::GroupSpec spec) {
   const int ranks = v.group_size(spec);
   if (ranks <= 1)
     return -1;
-  for (std::size_t i = 0; i < s_.groups.size(); ++i) {
-    const sim::GroupSpec& g = s_.groups[i].spec;
-    if (g.view == spec.view && g.dims == spec.dims && g.block == spec.block &&
-        g.across_blocks == spec.across_blocks)
+  for (std::size_t i = 0; i < s_.groups.size(); ++i)
+    if (s_.groups[i].spec == spec)
       return static_cast<int>(i);
-  }
   s_.groups.push_back(
       sim::Group{name, ranks, v.ranks_per_node(spec, c_.gpus_per_node), std::move(spec)});
   return static_cast<int>(s_.groups.size()) - 1;

@@ -259,14 +259,15 @@ private:
     }
   }
 
-  // Which list of the training state an optimizer-state tensor holds: the AdamW moments by
-  // name (".adam_m", ".adam_v"), the host optimizer's master weights (".master") the
-  // parameters themselves.
-  static bool is_master(const sim::Tensor& t) { return t.name.ends_with(".master"); }
+  // Which list of the training state an optimizer-state tensor holds: the AdamW moments, or
+  // for the host optimizer's master weights the parameters themselves.
+  static bool is_master(const sim::Tensor& t) {
+    return t.slot == sim::Tensor::Slot::master_weights;
+  }
   static std::vector<std::vector<T>>& state_list(const sim::Tensor& t, TrainState<T>& st) {
     if (is_master(t))
       return st.params;
-    return t.name.ends_with(".adam_m") ? st.adam_m : st.adam_v;
+    return t.slot == sim::Tensor::Slot::first_moment ? st.adam_m : st.adam_v;
   }
 
   void load_state() {
