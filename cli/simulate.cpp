@@ -19,6 +19,7 @@ namespace {
 struct SimulateOptions : PlanOptions {
   std::string trace;
   bool full = false;
+  std::string lowering = "cost";
 };
 
 struct Report {
@@ -64,6 +65,7 @@ Json simulate_json(const strategy::ResolvedPlan& plan, const planner::StepEvalua
   j["tokens_per_s_per_gpu"] = rep.tokens_per_s_per_gpu;
   j["mfu"] = rep.mfu;
   j["tflops_per_gpu"] = rep.tflops_per_gpu;
+  j["lowering"] = e.program ? "program" : "cost";
   const sim::Breakdown& b = rep.result.breakdown;
   Json by_kind = Json::object();
   for (int c = 0; c < 10; ++c)
@@ -150,6 +152,12 @@ void add_simulate_command(CLI::App& app) {
   cmd->add_flag("--full", opt->full,
                 std::string("simulate every micro-batch instead of extrapolating the steady "
                             "state from two shorter runs"));
+  cmd->add_option("--lowering", opt->lowering,
+                  "which lowering writes the simulated schedule: cost (the cost-only lowering) or "
+                  "program (the executable program mop run interprets, where it builds the plan; "
+                  "docs/SIMULATOR.md)")
+      ->check(CLI::IsMember({"cost", "program"}))
+      ->capture_default_str();
   cmd->callback([opt] {
     if (!opt->trace.empty())
       check_output_path(opt->trace); // refused before minutes of simulation, not after
@@ -161,7 +169,8 @@ void add_simulate_command(CLI::App& app) {
     const planner::StepEvaluation e = planner::evaluate_step(
         plan.plan,
         strategy::LoweringContext{&in.model, in.seq, in.cluster.node.gpus_per_node, ctx.hw, {}},
-        in.cluster, cal, opt->full ? 0 : 16);
+        in.cluster, cal, opt->full ? 0 : 16,
+        opt->lowering == "program" ? planner::Lowering::program : planner::Lowering::cost_only);
     const sim::Schedule& s = e.schedule;
     const Report rep = report_of(e, in, ctx.hw);
     if (!opt->trace.empty()) {

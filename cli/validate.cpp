@@ -25,6 +25,7 @@ void add_validate_command(CLI::App& app) {
   struct Options {
     std::vector<std::string> datasets;
     bool json = false;
+    std::string lowering = "cost";
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -34,6 +35,12 @@ void add_validate_command(CLI::App& app) {
                   "JSON Lines files of the schema in validation/data/README.md (default: the "
                   "project's own dataset)");
   cmd->add_flag("--json", opt->json, std::string("print one JSON object"));
+  cmd->add_option(
+         "--lowering", opt->lowering,
+         "which lowering writes the simulated schedules: cost (the cost-only lowering) "
+         "or program (the executable program, where it builds the plan; docs/SIMULATOR.md)")
+      ->check(CLI::IsMember({"cost", "program"}))
+      ->capture_default_str();
   cmd->callback([opt] {
     std::vector<validation::Row> rows;
     const std::vector<std::string> files =
@@ -43,7 +50,9 @@ void add_validate_command(CLI::App& app) {
       std::vector<validation::Row> r = validation::read_dataset(f);
       rows.insert(rows.end(), r.begin(), r.end());
     }
-    const validation::Report rep = validation::validate(rows);
+    const validation::Report rep =
+        validation::validate(rows, opt->lowering == "program" ? planner::Lowering::program
+                                                              : planner::Lowering::cost_only);
     if (opt->json) {
       Json points = Json::array();
       for (const auto& p : rep.points) {

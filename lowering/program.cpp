@@ -219,6 +219,8 @@ private:
     op.layer = o.layer;
     op.micro_batch = o.mb;
     price(op);
+    if ((op.kind == OpKind::gemm || op.kind == OpKind::grouped_gemm) && op.layer >= 0)
+      op.dtype = c_.gemm_dtype;
     rc_->ops.push_back(std::move(op));
     return static_cast<int>(rc_->ops.size()) - 1;
   }

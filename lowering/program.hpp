@@ -28,6 +28,9 @@ struct ProgramContext {
   const workload::ModelSpec* model = nullptr;
   std::int64_t seq = 0;
   int gpus_per_node = 8;
+  // Precision of the layers' GEMMs (FP8 recipes run them in FP8 and keep attention, the LM head
+  // and everything else in BF16): what the simulator charges them as.
+  sim::Dtype gemm_dtype = sim::Dtype::bf16;
 };
 
 // Throws InputError with one sentence naming the first feature of `plan` the program lowering

@@ -1,12 +1,13 @@
 #include "planner/evaluate.hpp"
 
+#include "common/error.hpp"
+#include "lowering/program.hpp"
 #include "sim/engine.hpp"
 
 #include <algorithm>
 
 namespace mop::planner {
 
-using strategy::lower;
 using strategy::LoweringContext;
 using strategy::PipelineSchedule;
 using strategy::Plan;
@@ -18,11 +19,30 @@ Plan with_micro_batches(Plan p, int micro) {
   return p;
 }
 
+// The plan's Schedule from the chosen lowering; `program` says which one wrote it.
+sim::Schedule lower(const Plan& p, const LoweringContext& c, Lowering lowering, bool& program) {
+  program = false;
+  if (lowering == Lowering::program) {
+    const lowering::ProgramContext pc{c.model, c.seq, c.gpus_per_node, c.gemm_dtype};
+    bool builds = true;
+    try {
+      lowering::check_programmable(p, pc);
+    } catch (const InputError&) {
+      builds = false;
+    }
+    if (builds) {
+      program = true;
+      return lowering::lower_program(p, pc);
+    }
+  }
+  return strategy::lower(p, c);
+}
+
 } // namespace
 
 StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
                              const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
-                             int max_simulated) {
+                             int max_simulated, Lowering lowering) {
   StepEvaluation e;
   e.micro_batches = plan.micro_batches();
   e.tokens_per_step = static_cast<double>(plan.global_batch) * static_cast<double>(ctx.seq);
@@ -33,7 +53,7 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   const bool extrapolate =
       max_simulated > 0 && plan.schedule != PipelineSchedule::gpipe && e.micro_batches > m2;
   if (!extrapolate) {
-    e.schedule = lower(plan, ctx);
+    e.schedule = lower(plan, ctx, lowering, e.program);
     e.result = sim::simulate(e.schedule, cluster, calibration);
     e.micro_batches_simulated = e.micro_batches;
     e.step_time_s = e.result.step_time_s;
@@ -41,14 +61,15 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
     return e;
   }
   const int m1 = m2 - pp * std::max(1, m2 / (2 * pp)); // about half, a multiple of pp
-  e.schedule = lower(with_micro_batches(plan, m2), ctx);
+  e.schedule = lower(with_micro_batches(plan, m2), ctx, lowering, e.program);
   e.result = sim::simulate(e.schedule, cluster, calibration);
   // The shorter run has the same structure as the checked one: only its times are needed.
   sim::EngineOptions quick;
   quick.check_schedule_first = false;
   quick.record_memory_timeline = false;
-  const sim::SimResult r1 =
-      sim::simulate(lower(with_micro_batches(plan, m1), ctx), cluster, calibration, quick);
+  bool program1 = false;
+  const sim::SimResult r1 = sim::simulate(
+      lower(with_micro_batches(plan, m1), ctx, lowering, program1), cluster, calibration, quick);
   e.micro_batches_simulated = m2;
   const double k = static_cast<double>(e.micro_batches - m2) / (m2 - m1);
   auto extend = [k](double at_m2, double at_m1) { return at_m2 + k * (at_m2 - at_m1); };

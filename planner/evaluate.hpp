@@ -14,6 +14,11 @@
 
 namespace mop::planner {
 
+// Which lowering writes the Schedule the engine plays: the cost-only lowering
+// (strategies/lower.cpp), or the program lowering (lowering/program.hpp) the executors run, for
+// every plan it builds (the cost-only one for the others: check_programmable names why).
+enum class Lowering { cost_only, program };
+
 struct StepEvaluation {
   sim::Schedule schedule; // the schedule simulated last (m2 micro-batches when extrapolated)
   sim::SimResult result;  // its result, with step_time_s and breakdown extrapolated to the plan
@@ -22,12 +27,13 @@ struct StepEvaluation {
   double step_time_s = 0;
   double tokens_per_step = 0;      // the plan's whole batch
   double model_flops_per_step = 0; // the plan's whole batch
+  bool program = false;            // the program lowering wrote `schedule`
 };
 
 // `max_simulated`: simulate at most this many micro-batches (at least 2·pp, so both runs reach
 // the pipeline's steady state); 0 simulates every micro-batch.
 StepEvaluation evaluate_step(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
                              const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
-                             int max_simulated = 16);
+                             int max_simulated = 16, Lowering lowering = Lowering::cost_only);
 
 } // namespace mop::planner

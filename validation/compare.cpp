@@ -29,7 +29,7 @@ double mape(const std::vector<Point>& points, auto keep) {
 
 } // namespace
 
-Report validate(const std::vector<Row>& rows) {
+Report validate(const std::vector<Row>& rows, planner::Lowering lowering) {
   Report rep;
   rep.rows = static_cast<int>(rows.size());
   for (const Row& row : rows) {
@@ -44,7 +44,7 @@ Report validate(const std::vector<Row>& rows) {
         strategy::LoweringContext lc{&*t.model, row.seq_len, cluster.node.gpus_per_node, mh, {}};
         lc.gemm_dtype = row.precision == "fp8" ? sim::Dtype::fp8 : sim::Dtype::bf16;
         const planner::StepEvaluation e =
-            planner::evaluate_step(*t.plan, lc, cluster, hw::Calibration{});
+            planner::evaluate_step(*t.plan, lc, cluster, hw::Calibration{}, 16, lowering);
         const double gpus = row.num_gpus;
         const double tflops = e.model_flops_per_step / e.step_time_s / gpus / 1e12;
         double peak = 0;

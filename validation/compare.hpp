@@ -1,6 +1,7 @@
 #pragma once
 // Predicted against measured: each row of a dataset becomes a fixed plan (its published
 // degrees), is simulated, and each measured metric is compared.
+#include "planner/evaluate.hpp"
 #include "validation/dataset.hpp"
 
 #include <optional>
@@ -28,6 +29,8 @@ struct Report {
   int rows = 0, rows_predicted = 0;
 };
 
-Report validate(const std::vector<Row>& rows);
+// `lowering`: which lowering writes the Schedules the rows are predicted from.
+Report validate(const std::vector<Row>& rows,
+                planner::Lowering lowering = planner::Lowering::cost_only);
 
 } // namespace mop::validation

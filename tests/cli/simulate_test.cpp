@@ -69,3 +69,24 @@ TEST_CASE("mop simulate refuses bad input with one sentence and writes no trace"
                 "--global-batch 7")
             .status == 1);
 }
+
+TEST_CASE("mop simulate --lowering program plays the executable program where it builds the "
+          "plan, and the cost-only lowering where it does not" *
+          doctest::test_suite("plumbing")) {
+  const auto dense = run_mop("simulate --model llama3-8b --cluster h100 --nodes 1 --seq 8K "
+                             "--global-batch 16 --plan fsdp2 --lowering program --json");
+  REQUIRE(dense.status == 0);
+  CHECK(Json::parse(dense.out)["lowering"] == "program");
+  const auto cost = run_mop("simulate --model llama3-8b --cluster h100 --nodes 1 --seq 8K "
+                            "--global-batch 16 --plan fsdp2 --json");
+  REQUIRE(cost.status == 0);
+  CHECK(Json::parse(cost.out)["lowering"] == "cost");
+  // Multi-head latent attention is not in the program yet: the cost-only lowering prices it.
+  const auto mla = run_mop("simulate --model deepseek-v3 --cluster h200 --nodes 12 --seq 4K "
+                           "--lowering program --json");
+  REQUIRE(mla.status == 0);
+  CHECK(Json::parse(mla.out)["lowering"] == "cost");
+  const auto bad = run_mop("simulate --model llama3-8b --cluster h100 --nodes 1 --seq 8K "
+                           "--lowering fast");
+  CHECK(bad.status == 2);
+}
