@@ -2192,7 +2192,7 @@ sim::Schedule Builder::run() {
     derive_liveness(rc);
   }
   s_.model_flops_per_step = flops;
-  return s_;
+  return std::move(s_);
 }
 
 } // namespace
