@@ -71,6 +71,21 @@ TEST_CASE("interpreter: tied embeddings across pipeline stages, vocabulary paral
   }
   // Four stages: the tied group skips the two middle ones.
   expect_held_together(make_case(spec, 4, 4, 16, [&](Plan& p) { p.pp = 4; }));
+  // Data parallel copies of both ends, their state sharded: the last stage's copy shards as the
+  // first stage's table does (the final norm in a bucket of its own).
+  for (int zero : {1, 3}) {
+    CAPTURE(zero);
+    const auto k = make_case(spec, 4, 4, 16, [&](Plan& p) {
+      p.pp = 2;
+      for (auto& s : p.state)
+        s.zero = zero;
+    });
+    int final_norm = 0;
+    for (const auto& b : k.schedule.buckets)
+      final_norm += b.name == "final norm" ? 1 : 0;
+    CHECK(final_norm == 1);
+    expect_held_together(k);
+  }
 }
 
 TEST_CASE("interpreter: an untied LM head on the last stage" * doctest::test_suite("independent")) {
