@@ -1,9 +1,9 @@
 // Pipeline parallelism in the program IR: one rank class per stage, activations and their
 // gradients sent between the same places of neighbouring stages, every schedule's order
 // (strategies/pipeline.hpp), zero-bubble's held-back weight gradients and tied embeddings across
-// the first and last stage. Each case of the executor's pipeline matrix
-// (tests/real_backend/cpu/executor_test.cpp) is held together with the float64 reference, the
-// Schedule's ops and its memory tracker (tests/support/program_case.hpp).
+// the first and last stage. Each case of the equivalence matrix's pipelines (docs/EXECUTOR.md)
+// is held together with the float64 reference, the Schedule's ops and its memory tracker
+// (tests/support/program_case.hpp).
 #include "tests/support/program_case.hpp"
 
 #include <doctest/doctest.h>
