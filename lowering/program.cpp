@@ -2216,7 +2216,7 @@ void Builder::build_stage(int stage) {
   for (int b : here)
     if (!streams_forward(b))
       zero_grads(b, false);
-  std::vector<bool> reduced(s_.buckets.size(), false);
+  std::vector<bool> reduced(s_.buckets.size(), false), stepped(s_.buckets.size(), false);
   const int stage_layers = [&] {
     int n = 0;
     for (int ch = 0; ch < chunks_; ++ch) {
@@ -2273,11 +2273,17 @@ void Builder::build_stage(int stage) {
       recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
       scatter_layer_grads(l, mb);
-      if (mb == micro - 1 && !defer_wgrad_ && p_.optimizer_on_host &&
-          p_.overlap == strategy::OptimizerOverlap::stream_backward)
-        for (int b : layer_buckets(l)) { // reduced and stepped as soon as the layer is done
-          step_bucket(b, reduce_bucket(b), false);
+      // A layer's buckets reduce as soon as its last micro-batch's backward is done, under the
+      // rest of the backward (Megatron's overlap_grad_reduce; FSDP2's last reduce-scatter), and
+      // with the host optimizer streamed into the backward step there too.
+      if (mb == micro - 1 && !defer_wgrad_)
+        for (int b : layer_buckets(l)) {
+          const std::vector<int> owned = reduce_bucket(b);
           reduced[static_cast<std::size_t>(b)] = true;
+          if (p_.optimizer_on_host && p_.overlap == strategy::OptimizerOverlap::stream_backward) {
+            step_bucket(b, owned, false);
+            stepped[static_cast<std::size_t>(b)] = true;
+          }
         }
     }
     if (first && chunk == 0)
@@ -2290,9 +2296,10 @@ void Builder::build_stage(int stage) {
       p_, stage, [&] { flush_wgrad(); }, forward, backward);
   defer_wgrad_ = false;
   for (int b : here) {
-    if (reduced[static_cast<std::size_t>(b)])
+    const auto bi = static_cast<std::size_t>(b);
+    if (stepped[bi])
       continue;
-    const std::vector<int> owned = reduce_bucket(b);
+    const std::vector<int> owned = reduced[bi] ? owned_grads(b) : reduce_bucket(b);
     if (!streams_forward(b))
       step_bucket(b, owned, false);
   }
