@@ -727,8 +727,7 @@ void Builder::declare_params() {
   const AxisSplit d_tp_cols{1, "dense", "tp"}, d_tp_rows{0, "dense", "tp"};
   const bool pipe = p_.pp > 1;
   // The embedding and the head are separate buckets (torchtitan's fully_shard of
-  // tok_embeddings and of [norm, output]; the executor's head module), on the first and the
-  // last stage.
+  // tok_embeddings and of [norm, output]), on the first and the last stage.
   const BucketKey emb{-1, LayerKind::embedding, false, false};
   const BucketKey head{-1, LayerKind::embedding, false, true};
   const BucketKey head_rep{-1, LayerKind::embedding, true, true};
@@ -1891,7 +1890,7 @@ std::vector<int> Builder::owned_grads(int b) const {
 }
 
 // The replicated members' gradients of bucket b summed over their TP group, in one all-reduce
-// (Megatron's _allreduce_layernorm_grads; the executor's tp_sum).
+// (Megatron's _allreduce_layernorm_grads).
 void Builder::sum_partial_grads(int b, const std::vector<int>& grads, int layer, int mb) {
   const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
   std::vector<int> partial;
@@ -1994,9 +1993,8 @@ void Builder::begin_layer_grads(int l, int mb) {
 }
 
 // After layer l's backward of micro-batch mb (after its held-back weight gradients under
-// zero-bubble, as the executor queues it): FSDP2's post-backward reduce-scatter of each ZeRO-3
-// bucket, summed into the owned gradient shard, the replicated members' gradients summed over
-// their TP group first.
+// zero-bubble): FSDP2's post-backward reduce-scatter of each ZeRO-3 bucket, summed into the
+// owned gradient shard, the replicated members' gradients summed over their TP group first.
 void Builder::scatter_layer_grads(int l, int mb) {
   for (int b : layer_buckets(l)) {
     if (!scatters_every_micro_batch(b))

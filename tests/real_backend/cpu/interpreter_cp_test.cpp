@@ -53,7 +53,7 @@ TEST_CASE("interpreter: ring context parallelism over 2 and 4 ranks" *
     CAPTURE(cp);
     const auto k = make_case("tiny-dense", cp, 2, 16, [&](Plan& p) { p.attention.cp = cp; });
     // Per layer and micro-batch: cp - 1 K/V hops forward; backward cp - 1 K/V hops and cp
-    // dK/dV hops (the executor's ring_shift calls).
+    // dK/dV hops.
     const int per = static_cast<int>(k.spec.num_layers()) * k.plan.micro_batches();
     CHECK(count(k.schedule, mop::sim::OpKind::send_recv, "attention.cp.ring") ==
           per * ((cp - 1) + (cp - 1) + cp));
@@ -70,8 +70,8 @@ TEST_CASE("interpreter: Ulysses context parallelism" * doctest::test_suite("inde
       p.attention.cp_kind = CpKind::ulysses;
       p.micro_batch = mb;
     });
-    // The executor's count: q, k, v and o forward, dO, dq, dk, dv backward, per layer and
-    // micro-batch (no all-to-all of the log-sum-exp).
+    // By hand: q, k, v and o forward, dO, dq, dk, dv backward, per layer and micro-batch (no
+    // all-to-all of the log-sum-exp).
     const int per = static_cast<int>(k.spec.num_layers()) * k.plan.micro_batches();
     CHECK(count(k.schedule, mop::sim::OpKind::all_to_all, "attention.cp.ulysses") == per * 8);
     expect_held_together(k);

@@ -144,7 +144,7 @@ TEST_CASE("interpreter: experts under recompute and activation offload" *
           doctest::test_suite("independent")) {
   using mop::strategy::LayerKind;
   using mop::strategy::Recompute;
-  // The executor matrix's case: EP 2, half the layers offloaded, attention fully recomputed.
+  // The equivalence matrix's case: EP 2, half the layers offloaded, attention fully recomputed.
   mop::test::expect_held_together(mop::test::make_case("tiny-moe", 2, 4, 16, [](Plan& p) {
     p.moe.ep = 2;
     p.activation_offload = 0.5;
