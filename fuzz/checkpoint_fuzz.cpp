@@ -1,4 +1,4 @@
-// CPU-executor checkpoint bytes -> TrainState, as `mop run --resume FILE` reads them, for a
+// CPU checkpoint bytes -> TrainState, as `mop run --resume FILE` reads them, for a
 // two-layer MoE small enough that a whole checkpoint is a few kilobytes. An InputError is the
 // accepted answer to a bad file; anything else is a finding.
 //
@@ -9,7 +9,7 @@
 #include "common/json_io.hpp"
 #include "fuzz/fuzz_support.hpp"
 #include "real_backend/cpu/checkpoint.hpp"
-#include "real_backend/cpu/executor.hpp"
+#include "real_backend/cpu/training.hpp"
 #include "strategies/plan.hpp"
 #include "workload/hf_config.hpp"
 

@@ -71,14 +71,16 @@ std::string group_name(const sim::GroupSpec& g) {
   return s;
 }
 
-// The parameters of one layer kind in one layer (or the embedding and head), split by the group
-// their gradients sum over: sharded by the kind's TP (or EP) and summed over its data-parallel
-// ranks, or replicated over the stage (norms, the router) and summed over all of it. Under a
-// pipeline the embedding (first stage) and the head (last stage) are separate buckets.
+// The parameters of one layer kind in one layer (or the embedding and head), reduced together
+// over the kind's data-parallel ranks. A `replicated` parameter (a norm, the router) is held
+// whole by every rank of the kind's TP group, each seeing other tokens under SP: its gradient is
+// first summed over that group (Megatron's _allreduce_layernorm_grads in finalize_model_grads),
+// then reduced in its kind's bucket with the rest. Under a pipeline the embedding (first stage)
+// and the head (last stage) are separate buckets.
 struct BucketKey {
   int layer = -1;
   LayerKind kind = LayerKind::embedding;
-  bool replicated = false;
+  bool replicated = false; // the parameter, not the bucket: buckets ignore it
   bool head = false; // the last stage's final norm and LM head, under a pipeline
   bool operator==(const BucketKey&) const = default;
 };
@@ -459,20 +461,27 @@ private:
         return static_cast<int>(i);
     return -1;
   }
-  int bucket_of(const BucketKey& key) {
+  bool shards_state(LayerKind kind) const {
+    const sim::GroupSpec g = strategy::data_parallel_group(kind);
+    return (p_.state[static_cast<int>(kind)].zero >= 1 || p_.params == strategy::Placement::host) &&
+           s_.mesh.view(g.view).group_size(g) > 1;
+  }
+  int bucket_of(BucketKey key) {
+    // The last stage's copy of tied embeddings sums its gradient with the first stage's after
+    // the data-parallel reduction: with sharded state the final norm keeps a bucket of its own
+    // there, so that both copies' buckets shard alike (Megatron's
+    // _does_param_require_new_bucket for the shared embedding under the distributed optimizer).
+    if (!(key.head && m_.tied_embeddings && p_.pp > 1 && shards_state(key.kind)))
+      key.replicated = false;
     for (std::size_t i = 0; i < bucket_keys_.size(); ++i)
       if (bucket_keys_[i] == key)
         return static_cast<int>(i);
     sim::Bucket b;
     if (key.layer >= 0)
       b.name = fmt::format("L{}.{}", key.layer, strategy::layer_kind_name(key.kind));
-    else if (p_.pp == 1)
-      b.name = "embedding and head";
     else
-      b.name = key.head ? "head" : "embedding";
-    if (key.replicated)
-      b.name += ".replicated";
-    b.grads = key.replicated ? strategy::stage_group() : strategy::data_parallel_group(key.kind);
+      b.name = key.head ? (key.replicated ? "final norm" : "head") : "embedding";
+    b.grads = strategy::data_parallel_group(key.kind);
     const int zero_kind = static_cast<int>(key.kind);
     b.zero = p_.state[zero_kind].zero;
     if (p_.params == strategy::Placement::host)
@@ -492,7 +501,7 @@ private:
     s_.buckets.push_back(std::move(b));
     bucket_keys_.push_back(key);
     bucket_stage_.push_back(key.layer >= 0 ? stage_of_layer(key.layer)
-                                           : (key.head || key.replicated ? p_.pp - 1 : 0));
+                                           : (key.head ? p_.pp - 1 : 0));
     return static_cast<int>(s_.buckets.size()) - 1;
   }
   // Declares a parameter: its full shape and which axes the plan splits.
@@ -503,6 +512,13 @@ private:
     ps.shape = full;
     ps.splits = std::move(splits);
     ps.bucket = bucket_of(key);
+    if (key.replicated) {
+      sim::GroupSpec tp = key.kind == LayerKind::attention   ? strategy::tp_group()
+                          : key.kind == LayerKind::embedding ? strategy::embed_tp_group()
+                                                             : strategy::dense_tp_group();
+      if (s_.mesh.view(tp.view).group_size(tp) > 1)
+        ps.partial_grads = std::move(tp);
+    }
     s_.params.push_back(std::move(ps));
     s_.buckets[static_cast<std::size_t>(s_.params.back().bucket)].params.push_back(
         static_cast<int>(s_.params.size()) - 1);
@@ -650,6 +666,13 @@ private:
   void dp_comm(std::string name, OpKind kind, int g, std::vector<int> in, std::vector<int> out,
                int layer, bool deferred);
   std::vector<int> reduce_bucket(int b); // returns the rank's reduced gradients of the bucket
+  void sum_partial_grads(int b, const std::vector<int>& grads, int layer, int mb);
+  bool scatters_every_micro_batch(int b) const {
+    return s_.buckets[static_cast<std::size_t>(b)].zero >= 3 &&
+           bucket_keys_[static_cast<std::size_t>(b)].layer >= 0;
+  }
+  void begin_layer_grads(int l, int mb);
+  void scatter_layer_grads(int l, int mb);
   void step_bucket(int b, const std::vector<int>& owned_grads, bool deferred);
   void zero_grads(int b, bool deferred);
   bool streams_forward(int b) const; // the bucket's update runs in the next step's forward
@@ -703,9 +726,11 @@ void Builder::declare_params() {
   const AxisSplit a_tp_cols{1, "attention", "tp"}, a_tp_rows{0, "attention", "tp"};
   const AxisSplit d_tp_cols{1, "dense", "tp"}, d_tp_rows{0, "dense", "tp"};
   const bool pipe = p_.pp > 1;
+  // The embedding and the head are separate buckets (torchtitan's fully_shard of
+  // tok_embeddings and of [norm, output]), on the first and the last stage.
   const BucketKey emb{-1, LayerKind::embedding, false, false};
-  const BucketKey head{-1, LayerKind::embedding, false, pipe};
-  const BucketKey head_rep{-1, LayerKind::embedding, true, pipe};
+  const BucketKey head{-1, LayerKind::embedding, false, true};
+  const BucketKey head_rep{-1, LayerKind::embedding, true, true};
   emb_param_ = param("embedding", {m_.vocab_size, h}, {{0, "embed", "tp"}}, emb);
   for (int l = 0; l < static_cast<int>(m_.num_layers()); ++l) {
     const BucketKey att{l, LayerKind::attention, false}, att_rep{l, LayerKind::attention, true};
@@ -748,7 +773,8 @@ void Builder::declare_params() {
 }
 
 // Resident state: each parameter's slice (ZeRO 0-2) or each bucket's flat shard (ZeRO-3), the
-// slices' gradients, the moments, and the step's loss.
+// slices' gradients (a ZeRO-3 layer's live only from its backward to their reduce-scatter, per
+// micro-batch), the reduced gradient shard (ZeRO >= 1), the moments, and the step's loss.
 void Builder::make_state() {
   pt_.assign(s_.params.size(), {});
   bt_.assign(s_.buckets.size(), {});
@@ -766,6 +792,8 @@ void Builder::make_state() {
         rc_->tensors.back().param = p;
         rc_->tensors.back().resident = true;
       }
+      if (scatters_every_micro_batch(bi))
+        continue; // one gradient per micro-batch (begin_layer_grads)
       pt_[pi].grad =
           tensor(name + ".grad", local_shape(p), TensorRole::grad, Element::real, sim::Dtype::fp32);
       rc_->tensors.back().param = p;
@@ -776,7 +804,7 @@ void Builder::make_state() {
       rc_->tensors.back().bucket = bi;
       rc_->tensors.back().resident = true;
     }
-    if (bk.zero >= 2) {
+    if (bk.zero >= 1) {
       bt_[b].grad_shard = tensor(bk.name + ".grad_shard", {chunk(bi)}, TensorRole::grad,
                                  Element::real, sim::Dtype::fp32);
       rc_->tensors.back().bucket = bi;
@@ -930,7 +958,7 @@ void Builder::head_forward(int mb, int x) {
   HeadSaved& hs = head_[m];
   hs.x = x;
   const int bn = bucket_of_param("final_norm");
-  const std::vector<int> wn = use_bucket(bn, "fwd", -1, mb);
+  const std::vector<int> wn = use_bucket(bn, "head", -1, mb);
   const int xn = tensor(fmt::format("final_norm mb{}", mb), {n_, h_}, TensorRole::activation);
   hs.rstd = tensor(fmt::format("final_norm rstd mb{}", mb), {n_}, TensorRole::saved, Element::real,
                    sim::Dtype::fp32);
@@ -1030,7 +1058,7 @@ int Builder::head_backward(int mb) {
       collective(fmt::format("head_sp_scatter.mb{}.bwd", mb), OpKind::reduce_scatter,
                  Category::tp_comm, kTp, g_etp_, dxg, {n_, h_}, TensorRole::activation, -1, mb);
   const int bn = bucket_of_param("final_norm");
-  const std::vector<int> wn = use_bucket(bn, "bwd", -1, mb);
+  const std::vector<int> wn = use_bucket(bn, "head.bwd", -1, mb);
   return norm_backward(fmt::format("final_norm.mb{}.bwd", mb),
                        fmt::format("final_norm dx mb{}", mb), hs.x, value_of("final_norm", wn, bn),
                        hs.rstd, dxn, pt_[static_cast<std::size_t>(find_param("final_norm"))].grad,
@@ -1822,10 +1850,14 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
 
 // --- gradients and the optimizer -----------------------------------------------------------------
 
-// Per bucket, after the last micro-batch's backward: the gradient sum over the ranks holding
-// the same slices (an all-reduce under ZeRO 0-1, a reduce-scatter to the owned shard under
-// ZeRO 2-3 and with HSDP an all-reduce of the shards across replicas), then AdamW over what the
-// rank owns and, under ZeRO 1-2, an all-gather of the updated parameters.
+// Per bucket, after the last micro-batch's backward (Megatron's finalize_model_grads): the
+// replicated parameters' gradients summed over the kind's TP group, then the sum over the
+// ranks holding the same slices: an all-reduce under ZeRO-0, a reduce-scatter to the owned
+// shard under ZeRO 1-2 (Megatron's distributed optimizer, DeepSpeed ZeRO-2) and with HSDP an
+// all-reduce of the shards across replicas; then AdamW over what the rank owns and, under
+// ZeRO 1-2, an all-gather of the updated parameters. A ZeRO-3 layer (FSDP2) reduce-scatters
+// each micro-batch's gradients after its backward instead (scatter_layer_grads), summing them
+// into the owned shard; the embedding and head once per step.
 // A collective of the optimizer's part over group g (no op for a group of one rank).
 void Builder::dp_comm(std::string name, OpKind kind, int g, std::vector<int> in,
                       std::vector<int> out, int layer, bool deferred) {
@@ -1849,7 +1881,7 @@ void Builder::dp_comm(std::string name, OpKind kind, int g, std::vector<int> in,
 std::vector<int> Builder::owned_grads(int b) const {
   const auto bi = static_cast<std::size_t>(b);
   const sim::Bucket& bk = s_.buckets[bi];
-  if (bk.zero >= 2)
+  if (bk.zero >= 1)
     return {bt_[bi].grad_shard};
   std::vector<int> grads;
   for (int p : bk.params)
@@ -1857,32 +1889,139 @@ std::vector<int> Builder::owned_grads(int b) const {
   return grads;
 }
 
+// The replicated members' gradients of bucket b summed over their TP group, in one all-reduce
+// (Megatron's _allreduce_layernorm_grads).
+void Builder::sum_partial_grads(int b, const std::vector<int>& grads, int layer, int mb) {
+  const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
+  std::vector<int> partial;
+  const sim::GroupSpec* spec = nullptr;
+  for (std::size_t i = 0; i < bk.params.size(); ++i) {
+    const sim::ParamSpec& ps = s_.params[static_cast<std::size_t>(bk.params[i])];
+    if (ps.partial_grads.dims.empty())
+      continue;
+    spec = &ps.partial_grads;
+    partial.push_back(grads[i]);
+  }
+  if (spec == nullptr)
+    return;
+  OpSpec o{fmt::format("{}.grad_tp_sum{}", bk.name, mb >= 0 ? fmt::format(".mb{}", mb) : ""),
+           Kernel::collective,
+           OpKind::all_reduce,
+           Category::tp_comm,
+           kTp,
+           group(group_name(*spec), *spec),
+           partial,
+           partial,
+           {},
+           layer,
+           mb};
+  if (defer_wgrad_)
+    held_wgrad_.push_back(std::move(o));
+  else
+    emit(std::move(o));
+}
+
 std::vector<int> Builder::reduce_bucket(int b) {
   const auto bi = static_cast<std::size_t>(b);
   const sim::Bucket& bk = s_.buckets[bi];
   const BucketTensors& bt = bt_[bi];
-  std::vector<int> grads;
-  for (int p : bk.params)
-    grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
   const int layer = bucket_keys_[bi].layer;
-  std::vector<int> owned = grads;
-  if (bk.zero <= 1) {
-    dp_comm(bk.name + ".grad_all_reduce", OpKind::all_reduce, group(group_name(bk.grads), bk.grads),
-            grads, grads, layer, false);
+  std::vector<int> owned;
+  if (scatters_every_micro_batch(b)) {
+    owned = {bt.grad_shard}; // reduce-scattered micro-batch by micro-batch already
   } else {
-    dp_comm(bk.name + ".grad_reduce_scatter", OpKind::reduce_scatter,
-            group(group_name(bk.shard), bk.shard), grads, {bt.grad_shard}, layer, false);
-    if (!bk.replicas.dims.empty())
-      dp_comm(bk.name + ".grad_replica_all_reduce", OpKind::all_reduce,
-              group(group_name(bk.replicas), bk.replicas), {bt.grad_shard}, {bt.grad_shard}, layer,
-              false);
-    owned = {bt.grad_shard};
+    std::vector<int> grads;
+    for (int p : bk.params)
+      grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
+    sum_partial_grads(b, grads, layer, -1);
+    owned = grads;
+    if (bk.zero == 0) {
+      dp_comm(bk.name + ".grad_all_reduce", OpKind::all_reduce,
+              group(group_name(bk.grads), bk.grads), grads, grads, layer, false);
+    } else {
+      dp_comm(bk.name + ".grad_reduce_scatter", OpKind::reduce_scatter,
+              group(group_name(bk.shard), bk.shard), grads, {bt.grad_shard}, layer, false);
+      owned = {bt.grad_shard};
+    }
   }
-  // Tied embeddings under a pipeline: the first and the last stage's copies sum their gradients.
-  if (!bk.tied.dims.empty())
-    dp_comm(bk.name + ".tied_grad_all_reduce", OpKind::all_reduce, g_tied_, owned, owned, layer,
+  if (bk.zero >= 1 && !bk.replicas.dims.empty())
+    dp_comm(bk.name + ".grad_replica_all_reduce", OpKind::all_reduce,
+            group(group_name(bk.replicas), bk.replicas), owned, owned, layer, false);
+  // Tied embeddings under a pipeline: the first and the last stage's copies sum their gradients
+  // (unsharded: the copy's own, not the final norm's beside it).
+  if (!bk.tied.dims.empty()) {
+    std::vector<int> tied = owned;
+    if (bk.zero == 0) {
+      tied.clear();
+      for (int p : bk.params)
+        if (p == emb_param_ || p == head_param_)
+          tied.push_back(pt_[static_cast<std::size_t>(p)].grad);
+    }
+    dp_comm(bk.name + ".tied_grad_all_reduce", OpKind::all_reduce, g_tied_, tied, tied, layer,
             false);
+  }
   return owned;
+}
+
+// A ZeRO-3 layer's gradients of micro-batch mb: fresh tensors the backward accumulates into,
+// zeroed as it starts (FSDP2's unsharded gradients live from the layer's backward to their
+// reduce-scatter).
+void Builder::begin_layer_grads(int l, int mb) {
+  for (int b : layer_buckets(l)) {
+    if (!scatters_every_micro_batch(b))
+      continue;
+    std::vector<int> grads;
+    for (int p : s_.buckets[static_cast<std::size_t>(b)].params) {
+      const auto pi = static_cast<std::size_t>(p);
+      pt_[pi].grad = tensor(fmt::format("{}.grad (mb{})", s_.params[pi].name, mb), local_shape(p),
+                            TensorRole::grad, Element::real, sim::Dtype::fp32);
+      rc_->tensors.back().param = p;
+      grads.push_back(pt_[pi].grad);
+    }
+    emit(OpSpec{fmt::format("{}.zero_grads.mb{}", s_.buckets[static_cast<std::size_t>(b)].name, mb),
+                Kernel::zero,
+                OpKind::elementwise,
+                Category::backward,
+                kCompute,
+                -1,
+                {},
+                grads,
+                {},
+                l,
+                mb});
+  }
+}
+
+// After layer l's backward of micro-batch mb (after its held-back weight gradients under
+// zero-bubble): FSDP2's post-backward reduce-scatter of each ZeRO-3 bucket, summed into the
+// owned gradient shard, the replicated members' gradients summed over their TP group first.
+void Builder::scatter_layer_grads(int l, int mb) {
+  for (int b : layer_buckets(l)) {
+    if (!scatters_every_micro_batch(b))
+      continue;
+    const auto bi = static_cast<std::size_t>(b);
+    const sim::Bucket& bk = s_.buckets[bi];
+    std::vector<int> grads;
+    for (int p : bk.params)
+      grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
+    sum_partial_grads(b, grads, l, mb);
+    OpSpec o{fmt::format("{}.grad_reduce_scatter.mb{}", bk.name, mb),
+             Kernel::collective,
+             OpKind::reduce_scatter,
+             Category::dp_comm,
+             kDp,
+             group(group_name(bk.shard), bk.shard),
+             grads,
+             {bt_[bi].grad_shard},
+             {},
+             l,
+             mb};
+    o.attrs.accumulate = true;
+    if (defer_wgrad_)
+      held_wgrad_.push_back(std::move(o));
+    else
+      emit(std::move(o));
+  }
 }
 
 // AdamW over what the rank owns of bucket b from its reduced gradients `owned_grads`: on the
@@ -1958,8 +2097,11 @@ void Builder::step_bucket(int b, const std::vector<int>& owned_grads, bool defer
 void Builder::zero_grads(int b, bool deferred) {
   const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
   std::vector<int> grads;
-  for (int p : bk.params)
-    grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
+  if (scatters_every_micro_batch(b)) // the shard the micro-batches' reduce-scatters sum into
+    grads.push_back(bt_[static_cast<std::size_t>(b)].grad_shard);
+  else
+    for (int p : bk.params)
+      grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
   OpSpec o{bk.name + ".zero_grads",
            Kernel::zero,
            OpKind::elementwise,
@@ -2072,7 +2214,7 @@ void Builder::build_stage(int stage) {
   for (int b : here)
     if (!streams_forward(b))
       zero_grads(b, false);
-  std::vector<bool> reduced(s_.buckets.size(), false);
+  std::vector<bool> reduced(s_.buckets.size(), false), stepped(s_.buckets.size(), false);
   const int stage_layers = [&] {
     int n = 0;
     for (int ch = 0; ch < chunks_; ++ch) {
@@ -2118,6 +2260,7 @@ void Builder::build_stage(int stage) {
     for (int l = bounds_[v + 1] - 1; l >= bounds_[v]; --l) {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       reload(l, mb, sv);
+      begin_layer_grads(l, mb);
       if (is_moe(l)) {
         recompute_moe(l, mb, sv.e);
         dx = moe_backward(l, mb, sv.e, dx);
@@ -2127,11 +2270,18 @@ void Builder::build_stage(int stage) {
       }
       recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
-      if (mb == micro - 1 && !defer_wgrad_ && p_.optimizer_on_host &&
-          p_.overlap == strategy::OptimizerOverlap::stream_backward)
-        for (int b : layer_buckets(l)) { // reduced and stepped as soon as the layer is done
-          step_bucket(b, reduce_bucket(b), false);
+      scatter_layer_grads(l, mb);
+      // A layer's buckets reduce as soon as its last micro-batch's backward is done, under the
+      // rest of the backward (Megatron's overlap_grad_reduce; FSDP2's last reduce-scatter), and
+      // with the host optimizer streamed into the backward step there too.
+      if (mb == micro - 1 && !defer_wgrad_)
+        for (int b : layer_buckets(l)) {
+          const std::vector<int> owned = reduce_bucket(b);
           reduced[static_cast<std::size_t>(b)] = true;
+          if (p_.optimizer_on_host && p_.overlap == strategy::OptimizerOverlap::stream_backward) {
+            step_bucket(b, owned, false);
+            stepped[static_cast<std::size_t>(b)] = true;
+          }
         }
     }
     if (first && chunk == 0)
@@ -2144,9 +2294,10 @@ void Builder::build_stage(int stage) {
       p_, stage, [&] { flush_wgrad(); }, forward, backward);
   defer_wgrad_ = false;
   for (int b : here) {
-    if (reduced[static_cast<std::size_t>(b)])
+    const auto bi = static_cast<std::size_t>(b);
+    if (stepped[bi])
       continue;
-    const std::vector<int> owned = reduce_bucket(b);
+    const std::vector<int> owned = reduced[bi] ? owned_grads(b) : reduce_bucket(b);
     if (!streams_forward(b))
       step_bucket(b, owned, false);
   }

@@ -169,9 +169,10 @@ enum class Kernel {
   //   contribution is its inputs zero-padded to 1/group of the output (ETP's gather of routed
   //   rows, padded to the group's largest count). reduce_scatter sums the group's inputs,
   //   zero-padded to a multiple of the group, and keeps this rank's part (outputs take its first
-  //   elements); all_reduce sums (attrs.reduce_max: the maximum) into outputs of the inputs'
-  //   sizes; send_recv passes the input to the next ring rank and receives the previous one's.
-  //   K and V travel a ring hop in one message as inputs {k, v}, outputs {k', v'}.
+  //   elements; with attrs.accumulate they add into them: FSDP2's micro-batches summed into the
+  //   gradient shard); all_reduce sums (attrs.reduce_max: the maximum) into outputs of the
+  //   inputs' sizes; send_recv passes the input to the next ring rank and receives the previous
+  //   one's. K and V travel a ring hop in one message as inputs {k, v}, outputs {k', v'}.
   //   all_to_all: without count tables the input is cut into group-size equal parts, part j
   //   going to group rank j, and the output holds the parts received, in group-rank order
   //   (NCCL's equal-split all-to-all: Ulysses' layout changes are transpose ops around it). With
@@ -273,6 +274,11 @@ struct ParamSpec {
   std::vector<std::int64_t> shape; // full, unsharded
   std::vector<AxisSplit> splits;   // the slice each rank holds
   int bucket = -1;                 // index into Schedule::buckets
+  // A parameter the ranks of this group all hold whole while each sees other tokens (a
+  // sequence-parallel norm or router): their gradients are first summed over it (Megatron's
+  // _allreduce_layernorm_grads), then reduced with the bucket; its first member writes the
+  // parameter back. No dims: none.
+  GroupSpec partial_grads;
 };
 
 // Parameters whose gradients are reduced and whose state is sharded together (FSDP's flat
@@ -282,7 +288,7 @@ struct ParamSpec {
 // ranks holding the same slices); with HSDP the shards' gradients then sum over `replicas`.
 // A bucket's members all live on one pipeline stage.
 struct Bucket {
-  std::string name;        // "L3.attention", "L3.attention.replicated", "embedding"
+  std::string name;        // "L3.attention", "L3.dense", "embedding"
   std::vector<int> params; // members, indices into Schedule::params
   GroupSpec grads;
   GroupSpec shard;

@@ -251,8 +251,15 @@ std::vector<ParamBucket> Lowering::embedding_buckets(bool first, bool last) {
   }
   if (last) {
     const double head = m_.tied_embeddings && first ? 0 : table;
+    const bool tied_copy = m_.tied_embeddings && !first;
     out.push_back(param_bucket("head", LayerKind::embedding, head + h));
-    out.back().embedding = m_.tied_embeddings && !first;
+    out.back().embedding = tied_copy;
+    // Under sharded state the tied copy is a bucket of its own, so that it shards as the first
+    // stage's table does (Megatron's _does_param_require_new_bucket): the final norm apart.
+    if (tied_copy && out.back().shard >= 0) {
+      out.back().params = head;
+      out.push_back(param_bucket("final_norm", LayerKind::embedding, h));
+    }
     if (etp > 1) {
       out.back().tp_sum = comm_group("tp.embedding", embed_tp_group());
       out.back().tp_sum_params = h;

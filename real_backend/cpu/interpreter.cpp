@@ -167,6 +167,7 @@ private:
   struct ParamBind {
     int layout = -1;
     Slice slice;
+    bool writer = true; // writes the parameter back (the first of its ParamSpec::partial_grads)
   };
   std::vector<ParamBind> pb_;
   struct BucketBind {
@@ -199,6 +200,8 @@ private:
         const sim::MeshView& v = s_.mesh.view(sp.view);
         split(b.slice, off + sp.axis, v.coord(rank_, sp.dim), v.extent(sp.dim));
       }
+      if (!ps.partial_grads.dims.empty())
+        b.writer = members(ps.partial_grads).front() == rank_;
       pb_.push_back(b);
     }
     for (const sim::Bucket& bk : s_.buckets) {
@@ -220,9 +223,17 @@ private:
       b.slice_writer = members(bk.grads).front() == rank_;
       if (!b.sharded)
         b.writer = b.slice_writer;
-      // Tied copies hold the same values: the first stage's writes them back.
+      // Tied copies (a parameter listed once per copy) hold the same values: the first stage's
+      // writes them back; the members beside them (the final norm) are the bucket's own.
       if (!bk.tied.dims.empty() && members(bk.tied).front() != rank_)
-        b.writer = b.slice_writer = false;
+        for (int p : bk.params) {
+          const auto copies =
+              std::count_if(s_.params.begin(), s_.params.end(), [&](const sim::ParamSpec& q) {
+                return q.name == s_.params[sz(p)].name;
+              });
+          if (copies > 1)
+            pb_[sz(p)].writer = false;
+        }
       bb_.push_back(std::move(b));
     }
   }
@@ -252,6 +263,8 @@ private:
     const BucketBind& bb = bb_[sz(b)];
     for (std::size_t i = 0; i < bk.params.size(); ++i) {
       const ParamBind& pb = pb_[sz(bk.params[i])];
+      if (!pb.writer)
+        continue;
       const std::int64_t begin = bb.offset[i];
       const auto n = static_cast<std::int64_t>(pb.slice.numel());
       for (std::int64_t k = std::max(lo, begin); k < std::min(lo + count, begin + n); ++k)
@@ -298,7 +311,7 @@ private:
       if (bb.slice_writer)
         for (int p : s_.buckets[b].params) {
           const int t = resident_param(p);
-          if (t >= 0)
+          if (t >= 0 && pb_[sz(p)].writer)
             insert(real_[sz(t)], pb_[sz(p)].slice, st.params[sz(pb_[sz(p)].layout)]);
         }
       if (!bb.writer)
@@ -334,7 +347,7 @@ private:
         continue;
       }
       for (int p : bk.params)
-        for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
+        for (std::size_t t = 0; t < rc_->tensors.size() && pb_[sz(p)].writer; ++t)
           if (rc_->tensors[t].resident && rc_->tensors[t].param == p &&
               rc_->tensors[t].role == TensorRole::grad)
             insert(real_[t], pb_[sz(p)].slice, sh_.grads[sz(pb_[sz(p)].layout)]);
@@ -1218,6 +1231,11 @@ private:
       x.resize(chunk * n, T(0));
       std::vector<T> y(chunk);
       g.reduce_scatter(x.data(), chunk, y.data());
+      if (op.attrs.accumulate) { // summed into the outputs (a gradient shard over micro-batches)
+        const std::vector<T> was = concat(op.outputs);
+        for (Index i = 0; i < std::min(was.size(), y.size()); ++i)
+          y[i] += was[i];
+      }
       return scatter_to(y, op.outputs);
     }
     case OpKind::all_reduce:

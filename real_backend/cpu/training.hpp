@@ -1,7 +1,7 @@
 #pragma once
-// What a CPU training run starts from and reports, shared by the executors: the training state
-// (what a checkpoint holds), the run's options and results, and the single-rank reference
-// trained alongside for --check.
+// What a CPU training run starts from and reports: the training state (what a checkpoint
+// holds), the run's options and results, and the single-rank reference trained alongside for
+// --check.
 #include "real_backend/cpu/kernels.hpp"
 #include "real_backend/cpu/reference.hpp"
 #include "real_backend/cpu/tiny_model.hpp"
@@ -22,7 +22,16 @@ template <class T> struct TrainState {
   std::vector<std::vector<T>> params, adam_m, adam_v;
   std::int64_t step = 0;
 };
-template <class T> TrainState<T> initial_state(const TinyConfig& c, std::uint64_t seed);
+// The model's initial parameters (init_params) and zero moments, at step 0.
+template <class T> TrainState<T> initial_state(const TinyConfig& c, std::uint64_t seed) {
+  TrainState<T> s;
+  s.params = init_params<T>(c, seed);
+  for (const auto& v : s.params) {
+    s.adam_m.emplace_back(v.size(), T(0));
+    s.adam_v.emplace_back(v.size(), T(0));
+  }
+  return s;
+}
 
 struct RunOptions {
   int seq_len = 64;

@@ -13,10 +13,11 @@ set(MOP_LAYERING_RULES
     "lowering|sim/result.hpp"
     "lowering|planner/"
     # The executors run a program; pricing and searching plans is not theirs, nor is making
-    # the program.
+    # the program, nor reading the Plan it was made from.
     "real_backend|sim/engine.hpp"
     "real_backend|planner/"
     "real_backend|lowering/"
+    "real_backend|strategies/"
     # The IR stands alone.
     "sim|strategies/"
     "sim|lowering/")

@@ -200,7 +200,7 @@ TEST_CASE("the executable layer's indices must be in range" * doctest::test_suit
   CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("has a negative dimension"),
                        std::invalid_argument);
   s = two_stages();
-  s.params.push_back(ParamSpec{"w", {4}, {}, 3});
+  s.params.push_back(ParamSpec{"w", {4}, {}, 3, {}});
   CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("is in bucket 3"),
                        std::invalid_argument);
 }

@@ -61,7 +61,7 @@ inline Case make_case(const std::string& id, int world, int global_batch, int se
 }
 
 // A catalog model with at least `layers` decoder layers: deeper copies repeat its layer pattern
-// (as the executor's equivalence matrix builds them for pipelines).
+// (as the equivalence matrix builds them for pipelines).
 inline workload::ModelSpec deeper(const std::string& id, int layers) {
   workload::ModelSpec m = workload::load_model(id);
   while (layers > m.num_layers())

@@ -1,9 +1,9 @@
 // Pipeline parallelism in the program IR: one rank class per stage, activations and their
 // gradients sent between the same places of neighbouring stages, every schedule's order
 // (strategies/pipeline.hpp), zero-bubble's held-back weight gradients and tied embeddings across
-// the first and last stage. Each case of the executor's pipeline matrix
-// (tests/real_backend/cpu/executor_test.cpp) is held together with the float64 reference, the
-// Schedule's ops and its memory tracker (tests/support/program_case.hpp).
+// the first and last stage. Each case of the equivalence matrix's pipelines (docs/EXECUTOR.md)
+// is held together with the float64 reference, the Schedule's ops and its memory tracker
+// (tests/support/program_case.hpp).
 #include "tests/support/program_case.hpp"
 
 #include <doctest/doctest.h>
@@ -71,6 +71,21 @@ TEST_CASE("interpreter: tied embeddings across pipeline stages, vocabulary paral
   }
   // Four stages: the tied group skips the two middle ones.
   expect_held_together(make_case(spec, 4, 4, 16, [&](Plan& p) { p.pp = 4; }));
+  // Data parallel copies of both ends, their state sharded: the last stage's copy shards as the
+  // first stage's table does (the final norm in a bucket of its own).
+  for (int zero : {1, 3}) {
+    CAPTURE(zero);
+    const auto k = make_case(spec, 4, 4, 16, [&](Plan& p) {
+      p.pp = 2;
+      for (auto& s : p.state)
+        s.zero = zero;
+    });
+    int final_norm = 0;
+    for (const auto& b : k.schedule.buckets)
+      final_norm += b.name == "final norm" ? 1 : 0;
+    CHECK(final_norm == 1);
+    expect_held_together(k);
+  }
 }
 
 TEST_CASE("interpreter: an untied LM head on the last stage" * doctest::test_suite("independent")) {

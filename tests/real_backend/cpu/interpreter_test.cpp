@@ -5,6 +5,7 @@
 // (c) each rank's peak live bytes equal the simulator's memory tracker replaying its class's
 //     allocations in program order (no allocator allowance: the interpreter allocates exactly
 //     the Schedule's tensors).
+#include "common/error.hpp"
 #include "tests/support/program_case.hpp"
 
 #include <doctest/doctest.h>
@@ -129,4 +130,11 @@ TEST_CASE("interpreter: activation offload moves what the backward reads out and
     p.activation_offload = 1;
     p.recompute[static_cast<int>(mop::strategy::LayerKind::attention)] = Recompute::full;
   }));
+}
+
+TEST_CASE("interpreter: a plan the program cannot lower is refused with one sentence" *
+          doctest::test_suite("plumbing")) {
+  // TP 4 over tiny-dense's 2 key/value heads would replicate them: not lowered yet.
+  CHECK_THROWS_AS(make_case("tiny-dense", 4, 4, 16, [](Plan& p) { p.attention.tp = 4; }),
+                  mop::InputError);
 }

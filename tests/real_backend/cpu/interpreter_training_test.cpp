@@ -1,11 +1,12 @@
 // Training through the program interpreter: precision, learning, checkpoints and resharding,
-// end to end (the executor's matrix cases that are not about one feature).
+// end to end (the equivalence matrix's cases that are not about one feature).
 #include "real_backend/cpu/checkpoint.hpp"
 #include "tests/support/program_case.hpp"
 
 #include <cmath>
 #include <cstdio>
 #include <doctest/doctest.h>
+#include <string>
 
 using namespace mop;
 using mop::strategy::Plan;
@@ -46,13 +47,18 @@ TEST_CASE("interpreter in float agrees with the float64 reference" *
           doctest::test_suite("independent")) {
   // float rounding (2^-24 ~ 6e-8 per operation) accumulated over a few hundred operations per
   // value bounds the loss at 1e-6 and the gradients at 1e-4 of their largest element.
-  const auto k = make_case("tiny-dense", 4, 4, 32, [](Plan& q) {
-    q.attention.tp = 2;
-    q.dense.tp = 2;
-  });
-  const auto r = train<float>(k, real::initial_state<float>(k.config, 5), 1, 3, 1e-3, true);
-  CHECK(r.max_loss_rel_diff < 1e-6);
-  CHECK(r.max_grad_rel_diff < 1e-4);
+  for (const char* id : {"tiny-dense", "tiny-moe"}) {
+    CAPTURE(id);
+    const auto k = make_case(id, 4, 4, 32, [&](Plan& q) {
+      q.attention.tp = 2;
+      q.dense.tp = 2;
+      if (std::string(id) == "tiny-moe")
+        q.moe.ep = 2;
+    });
+    const auto r = train<float>(k, real::initial_state<float>(k.config, 5), 1, 3, 1e-3, true);
+    CHECK(r.max_loss_rel_diff < 1e-6);
+    CHECK(r.max_grad_rel_diff < 1e-4);
+  }
 }
 
 TEST_CASE("interpreter training lowers the loss" * doctest::test_suite("independent")) {
