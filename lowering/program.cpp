@@ -83,6 +83,35 @@ struct BucketKey {
   bool operator==(const BucketKey&) const = default;
 };
 
+// The activation collectives of tensor, expert and Ulysses context parallelism block the compute
+// stream in issue order, as the cost-only lowering chains them on the data path: each starts after
+// the compute op issued before it (a backward's reduce-scatter after the weight-gradient GEMM that
+// precedes it, as autograd issues them) and the compute op issued after it waits for it (the
+// compute stream waits for a blocking collective's result). The ring's hops and the data-parallel
+// and pipeline traffic overlap: their dependencies are their operands'.
+bool blocks_compute(const sim::Op& op) {
+  return op.kernel == Kernel::collective &&
+         (op.stream == kTp || op.stream == kEp ||
+          (op.stream == kCp && op.kind == OpKind::all_to_all));
+}
+
+void order_blocking_collectives(sim::RankClass& rc) {
+  int last_compute = -1;
+  std::vector<int> pending; // blocking collectives issued since the last compute op
+  for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+    sim::Op& op = rc.ops[i];
+    if (blocks_compute(op)) {
+      if (last_compute >= 0)
+        op.deps.push_back(last_compute);
+      pending.push_back(static_cast<int>(i));
+    } else if (op.stream == kCompute) {
+      op.deps.insert(op.deps.end(), pending.begin(), pending.end());
+      pending.clear();
+      last_compute = static_cast<int>(i);
+    }
+  }
+}
+
 class Builder {
 public:
   Builder(const Plan& p, const ProgramContext& c) : p_(p), c_(c), m_(*c.model) {
@@ -636,6 +665,10 @@ private:
   }
   void offload(int l, int mb, LayerSaved& sv);
   void reload(int l, int mb, LayerSaved& sv);
+  // FSDP2's prefetch bound (strategies/lower.cpp's gates): the ZeRO-3 parameter gathers, their
+  // host uploads and the activation reloads among ops [begin, end of program) wait for op `gate`
+  // (none when -1), a control dependency on top of the operands'.
+  void gate_prefetch(int begin, int gate);
   std::map<std::pair<int, int>, std::vector<int>> host_copies_; // (layer, mb) -> host tensors
   void recompute_attention(int l, int mb, AttnSaved& s);
   int dense_backward(int l, int mb, const MlpSaved& s, int dy);
@@ -1491,6 +1524,20 @@ void Builder::reload(int l, int mb, LayerSaved& sv) {
   host_copies_.erase(it);
 }
 
+void Builder::gate_prefetch(int begin, int gate) {
+  if (gate < 0)
+    return;
+  for (std::size_t i = static_cast<std::size_t>(begin); i < rc_->ops.size(); ++i) {
+    sim::Op& op = rc_->ops[i];
+    const bool gather = op.kernel == Kernel::collective && op.kind == OpKind::all_gather &&
+                        op.stream == kDp;
+    const bool upload = op.kernel == Kernel::copy && op.kind == OpKind::copy_h2d &&
+                        op.category == Category::offload;
+    if (gather || upload)
+      op.deps.push_back(gate);
+  }
+}
+
 // --- recompute ----------------------------------------------------------------------------------
 
 void Builder::recompute_mlp(int l, int mb, MlpSaved& s) {
@@ -2091,6 +2138,18 @@ void Builder::build_stage(int stage) {
     }
     return i;
   };
+  // The last op of each of the stage's layers' latest forward and backward (by index in the
+  // stage): layer i's gathers wait for layer i - 2's forward end (i + 2's backward end), so that
+  // parameters are prefetched one layer ahead (FSDP2's default; the cost-only lowering's gates).
+  // FSDP2 issues layer i + 1's gather as layer i starts (layer i - 1's in backward, explicit
+  // backward prefetch): emitted there, ahead of layer i's gradient reductions on the DP stream.
+  std::vector<int> fwd_end(static_cast<std::size_t>(stage_layers), -1), bwd_end = fwd_end;
+  auto prefetch = [&](int l, int mb, const char* pass, int gate) {
+    const int begin = static_cast<int>(rc_->ops.size());
+    for (int b : layer_buckets(l))
+      use_bucket(b, pass, l, mb);
+    gate_prefetch(begin, gate);
+  };
   auto forward = [&](int mb, int chunk) {
     const auto v = static_cast<std::size_t>(chunk * p_.pp + stage);
     int x = first && chunk == 0 ? embed_forward(mb) : recv_activation(mb, chunk, true);
@@ -2102,9 +2161,19 @@ void Builder::build_stage(int stage) {
             zero_grads(b, true);
           }
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
+      const int i = index_in_stage(l);
+      prefetch(l, mb, "fwd", i >= 2 ? fwd_end[static_cast<std::size_t>(i - 2)] : -1);
+      // (Not ahead of the next layer's update streamed into this forward: it writes the shard.)
+      const auto streamed = [&](int k) {
+        const std::vector<int> bs = layer_buckets(k);
+        return mb == 0 && std::any_of(bs.begin(), bs.end(), [&](int b) { return streams_forward(b); });
+      };
+      if (l + 1 < bounds_[v + 1] && !streamed(l + 1))
+        prefetch(l + 1, mb, "fwd", i >= 1 ? fwd_end[static_cast<std::size_t>(i - 1)] : -1);
       x = attn_forward(l, mb, x, sv.a);
       x = is_moe(l) ? moe_forward(l, mb, x, sv.e) : dense_forward(l, mb, x, sv.m);
-      if (offloads(index_in_stage(l), stage_layers))
+      fwd_end[static_cast<std::size_t>(i)] = static_cast<int>(rc_->ops.size()) - 1;
+      if (offloads(i, stage_layers))
         offload(l, mb, sv);
     }
     if (last && chunk == chunks_ - 1)
@@ -2117,7 +2186,16 @@ void Builder::build_stage(int stage) {
     int dx = last && chunk == chunks_ - 1 ? head_backward(mb) : recv_activation(mb, chunk, false);
     for (int l = bounds_[v + 1] - 1; l >= bounds_[v]; --l) {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
+      const int i = index_in_stage(l);
+      auto bwd_gate = [&](int j) {
+        return j < stage_layers ? bwd_end[static_cast<std::size_t>(j)] : -1;
+      };
+      const int begin = static_cast<int>(rc_->ops.size());
       reload(l, mb, sv);
+      gate_prefetch(begin, bwd_gate(i + 2));
+      prefetch(l, mb, "bwd", bwd_gate(i + 2));
+      if (l - 1 >= bounds_[v])
+        prefetch(l - 1, mb, "bwd", bwd_gate(i + 1));
       if (is_moe(l)) {
         recompute_moe(l, mb, sv.e);
         dx = moe_backward(l, mb, sv.e, dx);
@@ -2127,6 +2205,7 @@ void Builder::build_stage(int stage) {
       }
       recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
+      bwd_end[static_cast<std::size_t>(i)] = static_cast<int>(rc_->ops.size()) - 1;
       if (mb == micro - 1 && !defer_wgrad_ && p_.optimizer_on_host &&
           p_.overlap == strategy::OptimizerOverlap::stream_backward)
         for (int b : layer_buckets(l)) { // reduced and stepped as soon as the layer is done
@@ -2188,6 +2267,7 @@ sim::Schedule Builder::run() {
   for (sim::RankClass& rc : s_.classes) {
     for (const sim::Op& op : rc.ops)
       flops += op.model_flops * rc.multiplicity;
+    order_blocking_collectives(rc);
     derive_dependencies(rc);
     derive_liveness(rc);
   }
