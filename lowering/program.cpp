@@ -1326,7 +1326,14 @@ void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq
                               TensorRole::comm_buffer)
                      : tensor(nm(what + heads), ks, TensorRole::activation);
   };
-  int kb = s.ck, vb = s.cv, dkb = block("dk", 0), dvb = block("dv", 0);
+  // With a ring, each step writes its own share of the block's gradient; once the block's
+  // travelling gradient has arrived (the previous step's hop) it is added and sent on, so the next
+  // step's attention overlaps the hop (Transformer Engine's ring: compute, wait, add, send).
+  int kb = s.ck, vb = s.cv, dkb = -1, dvb = -1;
+  if (ring_ == 1) {
+    dkb = block("dk", 0);
+    dvb = block("dv", 0);
+  }
   for (int i = 0; i < ring_; ++i) {
     int kn = -1, vn = -1;
     if (i + 1 < ring_) {
@@ -1337,13 +1344,18 @@ void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq
       cp_collective(fmt::format("{}.ring_kv.{}", nm("attn_core"), i), OpKind::send_recv, g_ring_,
                     {kb, vb}, {kn, vn}, l, mb);
     }
+    int dkp = dkb, dvp = dvb; // this step's share of the block's gradient
+    if (ring_ > 1) {
+      dkp = tensor(fmt::format("{} dk share {}", nm("attn_core"), i), ks, TensorRole::comm_buffer);
+      dvp = tensor(fmt::format("{} dv share {}", nm("attn_core"), i), ks, TensorRole::comm_buffer);
+    }
     OpSpec core;
     core.name = ring_ > 1 ? fmt::format("{}.{}", nm("attn_core"), i) : nm("attn_core");
     core.kernel = Kernel::attention_bwd;
     core.kind = OpKind::attention_bwd;
     core.category = bwd;
     core.in = {s.cq, kb, vb, s.co, s.lse, cdo};
-    core.out = {cdq, dkb, dvb};
+    core.out = {cdq, dkp, dvp};
     core.attrs = core_attrs(l);
     core.attrs.ring_step = i;
     core.attrs.accumulate = true;
@@ -1351,6 +1363,21 @@ void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq
     core.mb = mb;
     emit(std::move(core));
     if (ring_ > 1) {
+      if (i == 0) {
+        dkb = dkp;
+        dvb = dvp;
+      } else { // the arrived gradient plus this step's share
+        const int dks = tensor(fmt::format("{} dk sum {}", nm("attn_core"), i), ks,
+                               TensorRole::comm_buffer);
+        const int dvs = tensor(fmt::format("{} dv sum {}", nm("attn_core"), i), ks,
+                               TensorRole::comm_buffer);
+        simple(fmt::format("{}.dk_add.{}", nm("attn_core"), i), Kernel::add, {dkb, dkp}, {dks},
+               bwd, l, mb);
+        simple(fmt::format("{}.dv_add.{}", nm("attn_core"), i), Kernel::add, {dvb, dvp}, {dvs},
+               bwd, l, mb);
+        dkb = dks;
+        dvb = dvs;
+      }
       const int dkn = block("dk", i + 1), dvn = block("dv", i + 1);
       cp_collective(fmt::format("{}.ring_dkv.{}", nm("attn_core"), i), OpKind::send_recv, g_ring_,
                     {dkb, dvb}, {dkn, dvn}, l, mb);
