@@ -2323,6 +2323,15 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
   }
   if (m.attention.kind != workload::AttentionKind::gqa)
     not_yet("multi-head latent attention");
+  // The program builds RMSNorm, bias-free projections, RoPE and SwiGLU MLPs: a GPT-style model
+  // (GELU MLP, LayerNorm, biases, learned positions) would be priced and run as another model.
+  const bool dense_layers = m.num_moe_layers() < m.num_layers();
+  if (dense_layers && (!m.dense_mlp.gated || m.dense_mlp.bias))
+    not_yet("dense MLPs other than bias-free SwiGLU");
+  if (m.attention.qkv_bias || m.attention.out_bias || m.attention.sinks)
+    not_yet("attention projections with biases or attention sinks");
+  if (m.norm_bias || m.learned_positions > 0)
+    not_yet("LayerNorm or learned position embeddings");
   if (p.attention.cp > 1) {
     // Ring (and hybrid) CP balances the causal work over 2·cp chunks; Ulysses splits heads.
     const strategy::CpSplit cp = strategy::cp_split(p, c.gpus_per_node);
