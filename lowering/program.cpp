@@ -482,11 +482,11 @@ private:
   }
 
   // --- parameters ----------------------------------------------------------------------------
+  // The first parameter of that name (a lookup per weight use: indexed, not searched).
+  std::map<std::string, int, std::less<>> param_index_;
   int find_param(const std::string& name) const {
-    for (std::size_t i = 0; i < s_.params.size(); ++i)
-      if (s_.params[i].name == name)
-        return static_cast<int>(i);
-    return -1;
+    const auto it = param_index_.find(name);
+    return it == param_index_.end() ? -1 : it->second;
   }
   int bucket_of(const BucketKey& key) {
     for (std::size_t i = 0; i < bucket_keys_.size(); ++i)
@@ -532,6 +532,7 @@ private:
     ps.shape = full;
     ps.splits = std::move(splits);
     ps.bucket = bucket_of(key);
+    param_index_.emplace(name, static_cast<int>(s_.params.size()));
     s_.params.push_back(std::move(ps));
     s_.buckets[static_cast<std::size_t>(s_.params.back().bucket)].params.push_back(
         static_cast<int>(s_.params.size()) - 1);
@@ -2299,7 +2300,7 @@ sim::Schedule Builder::run() {
     derive_liveness(rc);
   }
   s_.model_flops_per_step = flops;
-  return s_;
+  return std::move(s_);
 }
 
 } // namespace
