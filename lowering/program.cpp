@@ -495,7 +495,7 @@ private:
     sim::Bucket b;
     if (key.layer >= 0)
       b.name = fmt::format("L{}.{}", key.layer, strategy::layer_kind_name(key.kind));
-    else if (p_.pp == 1)
+    else if (p_.pp == 1 && (key.replicated || m_.tied_embeddings))
       b.name = "embedding and head";
     else
       b.name = key.head ? "head" : "embedding";
@@ -738,7 +738,9 @@ void Builder::declare_params() {
   const AxisSplit d_tp_cols{1, "dense", "tp"}, d_tp_rows{0, "dense", "tp"};
   const bool pipe = p_.pp > 1;
   const BucketKey emb{-1, LayerKind::embedding, false, false};
-  const BucketKey head{-1, LayerKind::embedding, false, pipe};
+  // An untied LM head is its own bucket (FSDP2 wraps the embedding and the output apart): the
+  // embedding lookup does not gather the head's weight, nor the head the table.
+  const BucketKey head{-1, LayerKind::embedding, false, pipe || !m_.tied_embeddings};
   const BucketKey head_rep{-1, LayerKind::embedding, true, pipe};
   emb_param_ = param("embedding", {m_.vocab_size, h}, {{0, "embed", "tp"}}, emb);
   for (int l = 0; l < static_cast<int>(m_.num_layers()); ++l) {
