@@ -85,6 +85,35 @@ struct BucketKey {
   bool operator==(const BucketKey&) const = default;
 };
 
+// The activation collectives of tensor, expert and Ulysses context parallelism block the compute
+// stream in issue order, as the cost-only lowering chains them on the data path: each starts after
+// the compute op issued before it (a backward's reduce-scatter after the weight-gradient GEMM that
+// precedes it, as autograd issues them) and the compute op issued after it waits for it (the
+// compute stream waits for a blocking collective's result). The ring's hops and the data-parallel
+// and pipeline traffic overlap: their dependencies are their operands'.
+bool blocks_compute(const sim::Op& op) {
+  return op.kernel == Kernel::collective &&
+         (op.stream == kTp || op.stream == kEp ||
+          (op.stream == kCp && op.kind == OpKind::all_to_all));
+}
+
+void order_blocking_collectives(sim::RankClass& rc) {
+  int last_compute = -1;
+  std::vector<int> pending; // blocking collectives issued since the last compute op
+  for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+    sim::Op& op = rc.ops[i];
+    if (blocks_compute(op)) {
+      if (last_compute >= 0)
+        op.deps.push_back(last_compute);
+      pending.push_back(static_cast<int>(i));
+    } else if (op.stream == kCompute) {
+      op.deps.insert(op.deps.end(), pending.begin(), pending.end());
+      pending.clear();
+      last_compute = static_cast<int>(i);
+    }
+  }
+}
+
 class Builder {
 public:
   Builder(const Plan& p, const ProgramContext& c) : p_(p), c_(c), m_(*c.model) {
@@ -455,11 +484,11 @@ private:
   }
 
   // --- parameters ----------------------------------------------------------------------------
+  // The first parameter of that name (a lookup per weight use: indexed, not searched).
+  std::map<std::string, int, std::less<>> param_index_;
   int find_param(const std::string& name) const {
-    for (std::size_t i = 0; i < s_.params.size(); ++i)
-      if (s_.params[i].name == name)
-        return static_cast<int>(i);
-    return -1;
+    const auto it = param_index_.find(name);
+    return it == param_index_.end() ? -1 : it->second;
   }
   bool shards_state(LayerKind kind) const {
     const sim::GroupSpec g = strategy::data_parallel_group(kind);
@@ -519,6 +548,7 @@ private:
       if (s_.mesh.view(tp.view).group_size(tp) > 1)
         ps.partial_grads = std::move(tp);
     }
+    param_index_.emplace(name, static_cast<int>(s_.params.size()));
     s_.params.push_back(std::move(ps));
     s_.buckets[static_cast<std::size_t>(s_.params.back().bucket)].params.push_back(
         static_cast<int>(s_.params.size()) - 1);
@@ -652,6 +682,10 @@ private:
   }
   void offload(int l, int mb, LayerSaved& sv);
   void reload(int l, int mb, LayerSaved& sv);
+  // FSDP2's prefetch bound (strategies/lower.cpp's gates): the ZeRO-3 parameter gathers, their
+  // host uploads and the activation reloads among ops [begin, end of program) wait for op `gate`
+  // (none when -1), a control dependency on top of the operands'.
+  void gate_prefetch(int begin, int gate);
   std::map<std::pair<int, int>, std::vector<int>> host_copies_; // (layer, mb) -> host tensors
   void recompute_attention(int l, int mb, AttnSaved& s);
   int dense_backward(int l, int mb, const MlpSaved& s, int dy);
@@ -1321,7 +1355,14 @@ void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq
                               TensorRole::comm_buffer)
                      : tensor(nm(what + heads), ks, TensorRole::activation);
   };
-  int kb = s.ck, vb = s.cv, dkb = block("dk", 0), dvb = block("dv", 0);
+  // With a ring, each step writes its own share of the block's gradient; once the block's
+  // travelling gradient has arrived (the previous step's hop) it is added and sent on, so the next
+  // step's attention overlaps the hop (Transformer Engine's ring: compute, wait, add, send).
+  int kb = s.ck, vb = s.cv, dkb = -1, dvb = -1;
+  if (ring_ == 1) {
+    dkb = block("dk", 0);
+    dvb = block("dv", 0);
+  }
   for (int i = 0; i < ring_; ++i) {
     int kn = -1, vn = -1;
     if (i + 1 < ring_) {
@@ -1332,13 +1373,18 @@ void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq
       cp_collective(fmt::format("{}.ring_kv.{}", nm("attn_core"), i), OpKind::send_recv, g_ring_,
                     {kb, vb}, {kn, vn}, l, mb);
     }
+    int dkp = dkb, dvp = dvb; // this step's share of the block's gradient
+    if (ring_ > 1) {
+      dkp = tensor(fmt::format("{} dk share {}", nm("attn_core"), i), ks, TensorRole::comm_buffer);
+      dvp = tensor(fmt::format("{} dv share {}", nm("attn_core"), i), ks, TensorRole::comm_buffer);
+    }
     OpSpec core;
     core.name = ring_ > 1 ? fmt::format("{}.{}", nm("attn_core"), i) : nm("attn_core");
     core.kernel = Kernel::attention_bwd;
     core.kind = OpKind::attention_bwd;
     core.category = bwd;
     core.in = {s.cq, kb, vb, s.co, s.lse, cdo};
-    core.out = {cdq, dkb, dvb};
+    core.out = {cdq, dkp, dvp};
     core.attrs = core_attrs(l);
     core.attrs.ring_step = i;
     core.attrs.accumulate = true;
@@ -1346,6 +1392,21 @@ void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq
     core.mb = mb;
     emit(std::move(core));
     if (ring_ > 1) {
+      if (i == 0) {
+        dkb = dkp;
+        dvb = dvp;
+      } else { // the arrived gradient plus this step's share
+        const int dks = tensor(fmt::format("{} dk sum {}", nm("attn_core"), i), ks,
+                               TensorRole::comm_buffer);
+        const int dvs = tensor(fmt::format("{} dv sum {}", nm("attn_core"), i), ks,
+                               TensorRole::comm_buffer);
+        simple(fmt::format("{}.dk_add.{}", nm("attn_core"), i), Kernel::add, {dkb, dkp}, {dks},
+               bwd, l, mb);
+        simple(fmt::format("{}.dv_add.{}", nm("attn_core"), i), Kernel::add, {dvb, dvp}, {dvs},
+               bwd, l, mb);
+        dkb = dks;
+        dvb = dvs;
+      }
       const int dkn = block("dk", i + 1), dvn = block("dv", i + 1);
       cp_collective(fmt::format("{}.ring_dkv.{}", nm("attn_core"), i), OpKind::send_recv, g_ring_,
                     {dkb, dvb}, {dkn, dvn}, l, mb);
@@ -1517,6 +1578,20 @@ void Builder::reload(int l, int mb, LayerSaved& sv) {
   for (int* f : fields)
     *f = back[static_cast<std::size_t>(std::find(dev.begin(), dev.end(), *f) - dev.begin())];
   host_copies_.erase(it);
+}
+
+void Builder::gate_prefetch(int begin, int gate) {
+  if (gate < 0)
+    return;
+  for (std::size_t i = static_cast<std::size_t>(begin); i < rc_->ops.size(); ++i) {
+    sim::Op& op = rc_->ops[i];
+    const bool gather = op.kernel == Kernel::collective && op.kind == OpKind::all_gather &&
+                        op.stream == kDp;
+    const bool upload = op.kernel == Kernel::copy && op.kind == OpKind::copy_h2d &&
+                        op.category == Category::offload;
+    if (gather || upload)
+      op.deps.push_back(gate);
+  }
 }
 
 // --- recompute ----------------------------------------------------------------------------------
@@ -2233,6 +2308,18 @@ void Builder::build_stage(int stage) {
     }
     return i;
   };
+  // The last op of each of the stage's layers' latest forward and backward (by index in the
+  // stage): layer i's gathers wait for layer i - 2's forward end (i + 2's backward end), so that
+  // parameters are prefetched one layer ahead (FSDP2's default; the cost-only lowering's gates).
+  // FSDP2 issues layer i + 1's gather as layer i starts (layer i - 1's in backward, explicit
+  // backward prefetch): emitted there, ahead of layer i's gradient reductions on the DP stream.
+  std::vector<int> fwd_end(static_cast<std::size_t>(stage_layers), -1), bwd_end = fwd_end;
+  auto prefetch = [&](int l, int mb, const char* pass, int gate) {
+    const int begin = static_cast<int>(rc_->ops.size());
+    for (int b : layer_buckets(l))
+      use_bucket(b, pass, l, mb);
+    gate_prefetch(begin, gate);
+  };
   auto forward = [&](int mb, int chunk) {
     const auto v = static_cast<std::size_t>(chunk * p_.pp + stage);
     int x = first && chunk == 0 ? embed_forward(mb) : recv_activation(mb, chunk, true);
@@ -2244,9 +2331,19 @@ void Builder::build_stage(int stage) {
             zero_grads(b, true);
           }
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
+      const int i = index_in_stage(l);
+      prefetch(l, mb, "fwd", i >= 2 ? fwd_end[static_cast<std::size_t>(i - 2)] : -1);
+      // (Not ahead of the next layer's update streamed into this forward: it writes the shard.)
+      const auto streamed = [&](int k) {
+        const std::vector<int> bs = layer_buckets(k);
+        return mb == 0 && std::any_of(bs.begin(), bs.end(), [&](int b) { return streams_forward(b); });
+      };
+      if (l + 1 < bounds_[v + 1] && !streamed(l + 1))
+        prefetch(l + 1, mb, "fwd", i >= 1 ? fwd_end[static_cast<std::size_t>(i - 1)] : -1);
       x = attn_forward(l, mb, x, sv.a);
       x = is_moe(l) ? moe_forward(l, mb, x, sv.e) : dense_forward(l, mb, x, sv.m);
-      if (offloads(index_in_stage(l), stage_layers))
+      fwd_end[static_cast<std::size_t>(i)] = static_cast<int>(rc_->ops.size()) - 1;
+      if (offloads(i, stage_layers))
         offload(l, mb, sv);
     }
     if (last && chunk == chunks_ - 1)
@@ -2259,7 +2356,16 @@ void Builder::build_stage(int stage) {
     int dx = last && chunk == chunks_ - 1 ? head_backward(mb) : recv_activation(mb, chunk, false);
     for (int l = bounds_[v + 1] - 1; l >= bounds_[v]; --l) {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
+      const int i = index_in_stage(l);
+      auto bwd_gate = [&](int j) {
+        return j < stage_layers ? bwd_end[static_cast<std::size_t>(j)] : -1;
+      };
+      const int begin = static_cast<int>(rc_->ops.size());
       reload(l, mb, sv);
+      gate_prefetch(begin, bwd_gate(i + 2));
+      prefetch(l, mb, "bwd", bwd_gate(i + 2));
+      if (l - 1 >= bounds_[v])
+        prefetch(l - 1, mb, "bwd", bwd_gate(i + 1));
       begin_layer_grads(l, mb);
       if (is_moe(l)) {
         recompute_moe(l, mb, sv.e);
@@ -2270,6 +2376,7 @@ void Builder::build_stage(int stage) {
       }
       recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
+      bwd_end[static_cast<std::size_t>(i)] = static_cast<int>(rc_->ops.size()) - 1;
       scatter_layer_grads(l, mb);
       // A layer's buckets reduce as soon as its last micro-batch's backward is done, under the
       // rest of the backward (Megatron's overlap_grad_reduce; FSDP2's last reduce-scatter), and
@@ -2339,6 +2446,7 @@ sim::Schedule Builder::run() {
   for (sim::RankClass& rc : s_.classes) {
     for (const sim::Op& op : rc.ops)
       flops += op.model_flops * rc.multiplicity;
+    order_blocking_collectives(rc);
     derive_dependencies(rc);
     derive_liveness(rc);
   }
@@ -2367,6 +2475,15 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
   }
   if (m.attention.kind != workload::AttentionKind::gqa)
     not_yet("multi-head latent attention");
+  // The program builds RMSNorm, bias-free projections, RoPE and SwiGLU MLPs: a GPT-style model
+  // (GELU MLP, LayerNorm, biases, learned positions) would be priced and run as another model.
+  const bool dense_layers = m.num_moe_layers() < m.num_layers();
+  if (dense_layers && (!m.dense_mlp.gated || m.dense_mlp.bias))
+    not_yet("dense MLPs other than bias-free SwiGLU");
+  if (m.attention.qkv_bias || m.attention.out_bias || m.attention.sinks)
+    not_yet("attention projections with biases or attention sinks");
+  if (m.norm_bias || m.learned_positions > 0)
+    not_yet("LayerNorm or learned position embeddings");
   if (p.attention.cp > 1) {
     // Ring (and hybrid) CP balances the causal work over 2·cp chunks; Ulysses splits heads.
     const strategy::CpSplit cp = strategy::cp_split(p, c.gpus_per_node);

@@ -258,40 +258,40 @@ void check_indices(const Schedule& s) {
     const int ci = static_cast<int>(c);
     for (std::size_t i = 0; i < rc.ops.size(); ++i) {
       const Op& op = rc.ops[i];
-      const std::string at = where(s, ci, static_cast<int>(i));
+      const auto at = [&] { return where(s, ci, static_cast<int>(i)); };
       if (!in_range(op.stream, rc.streams.size()))
-        fail(at + " runs on stream " + std::to_string(op.stream) + ", but the class has " +
+        fail(at() + " runs on stream " + std::to_string(op.stream) + ", but the class has " +
              std::to_string(rc.streams.size()) + " streams");
       for (int d : op.deps)
         if (!in_range(d, rc.ops.size()))
-          fail(at + " depends on op " + std::to_string(d) + ", but the class has " +
+          fail(at() + " depends on op " + std::to_string(d) + ", but the class has " +
                std::to_string(rc.ops.size()) + " ops");
       for (const RemoteDep& r : op.remote_deps) {
         if (!in_range(r.rank_class, classes) || r.rank_class == ci)
-          fail(at + " has a remote dependency on rank class " + std::to_string(r.rank_class) +
+          fail(at() + " has a remote dependency on rank class " + std::to_string(r.rank_class) +
                ", which must be another of the schedule's " + std::to_string(classes) + " classes");
         const std::size_t other_ops = s.classes[static_cast<std::size_t>(r.rank_class)].ops.size();
         if (!in_range(r.op, other_ops))
-          fail(at + " has a remote dependency on op " + std::to_string(r.op) + " of rank class " +
+          fail(at() + " has a remote dependency on op " + std::to_string(r.op) + " of rank class " +
                std::to_string(r.rank_class) + ", which has " + std::to_string(other_ops) + " ops");
       }
       for (int t : op.allocs)
         if (!in_range(t, rc.tensors.size()))
-          fail(at + " allocates tensor " + std::to_string(t) + ", but the class has " +
+          fail(at() + " allocates tensor " + std::to_string(t) + ", but the class has " +
                std::to_string(rc.tensors.size()) + " tensors");
       for (int t : op.frees)
         if (!in_range(t, rc.tensors.size()))
-          fail(at + " frees tensor " + std::to_string(t) + ", but the class has " +
+          fail(at() + " frees tensor " + std::to_string(t) + ", but the class has " +
                std::to_string(rc.tensors.size()) + " tensors");
       // A recv takes no time of its own, so it may leave its group unset; every other
       // collective is priced over its group.
       const bool needs_group = is_collective(op.kind) && op.kind != OpKind::recv;
       if ((needs_group || op.group != -1) && !in_range(op.group, s.groups.size()))
-        fail(at + " (" + op_kind_name(op.kind) + ") names group " + std::to_string(op.group) +
+        fail(at() + " (" + op_kind_name(op.kind) + ") names group " + std::to_string(op.group) +
              ", but the schedule has " + std::to_string(s.groups.size()) + " groups");
       if ((op.kind == OpKind::send || op.kind == OpKind::recv) &&
           (!in_range(op.peer_class, classes) || op.peer_class == ci))
-        fail(at + " (" + op_kind_name(op.kind) + ") names peer class " +
+        fail(at() + " (" + op_kind_name(op.kind) + ") names peer class " +
              std::to_string(op.peer_class) + ", which must be another of the schedule's " +
              std::to_string(classes) + " classes");
     }
@@ -476,16 +476,16 @@ void check_executable(const Schedule& s) {
     }
     for (std::size_t i = 0; i < rc.ops.size(); ++i) {
       const Op& op = rc.ops[i];
-      const std::string at = where(s, static_cast<int>(c), static_cast<int>(i));
+      const auto at = [&] { return where(s, static_cast<int>(c), static_cast<int>(i)); };
       for (const auto* list : {&op.inputs, &op.outputs})
         for (int t : *list)
           if (!in_range(t, rc.tensors.size()))
-            fail(at + " has operand tensor " + std::to_string(t) + ", but the class has " +
+            fail(at() + " has operand tensor " + std::to_string(t) + ", but the class has " +
                  std::to_string(rc.tensors.size()) + " tensors");
       if (op.kernel == Kernel::matmul &&
           (op.attrs.a_blocks < 1 ||
            static_cast<std::size_t>(op.attrs.a_blocks) >= op.inputs.size() || op.outputs.empty()))
-        fail(at + " is a matmul of " + std::to_string(op.inputs.size()) + " inputs with " +
+        fail(at() + " is a matmul of " + std::to_string(op.inputs.size()) + " inputs with " +
              std::to_string(op.attrs.a_blocks) + " of them A blocks and " +
              std::to_string(op.outputs.size()) + " outputs");
     }
