@@ -544,9 +544,10 @@ private:
   void declare_params();
   void declare_moe_params(int l);
   void make_state();
+  void resident_costs();
   // The tensors a pass computes with for the parameters of bucket b: the resident slices, or
   // under ZeRO-3 a fresh gather of the bucket's shard.
-  std::vector<int> use_bucket(int b, const std::string& pass, int layer, int mb);
+  std::vector<int> use_bucket(int b, std::string pass, int layer, int mb);
   int bucket_of_param(const std::string& name) const {
     const int p = find_param(name);
     if (p < 0)
@@ -638,6 +639,12 @@ private:
   void reload(int l, int mb, LayerSaved& sv);
   std::map<std::pair<int, int>, std::vector<int>> host_copies_; // (layer, mb) -> host tensors
   void recompute_attention(int l, int mb, AttnSaved& s);
+  // Full recompute of both of a layer's blocks checkpoints the layer's input alone (Megatron's
+  // full recompute of a transformer layer, torchtitan's full activation checkpointing of a
+  // TransformerBlock, the memory model's one checkpoint): its backward first re-runs the
+  // attention block, whose output is the MLP block's input, then the MLP block.
+  bool checkpoints_layer(int l) const;
+  void recompute_layer(int l, int mb, LayerSaved& sv);
   int dense_backward(int l, int mb, const MlpSaved& s, int dy);
   bool is_moe(int l) const {
     return m_.layers[static_cast<std::size_t>(l)].mlp == workload::MlpKind::moe;
@@ -806,12 +813,50 @@ void Builder::make_state() {
   }
   loss_ = tensor("loss", {1}, TensorRole::loss, Element::real, sim::Dtype::fp32);
   rc_->tensors.back().resident = true;
+  resident_costs();
 }
 
-std::vector<int> Builder::use_bucket(int b, const std::string& pass, int layer, int mb) {
+// What the frameworks hold for the whole step besides the program's tensors, as the memory
+// model counts it (strategies/memory.cpp), as resident cost tensors no executor binds: the
+// CUDA context (cuBLAS workspaces, kernels), NCCL's buffers per communicator and the
+// all-to-all buffers (strategy::resident_comm_bytes), and under a GPU optimizer the FP32
+// master weights of what the rank owns (mixed-precision AdamW: Megatron's distributed
+// optimizer, FSDP2's sharded FP32 parameters; 4 of the memory model's 12 optimizer bytes per
+// parameter, the moments being the program's adam_m and adam_v). The program's AdamW updates
+// the BF16 parameters it computes with; the master copy is the memory it stands for.
+void Builder::resident_costs() {
+  using sim::MemoryKind;
+  auto add = [&](const char* name, double bytes, sim::Device device, MemoryKind kind) {
+    if (bytes > 0)
+      rc_->tensors.push_back(sim::cost_tensor(name, bytes, device, kind, true));
+  };
+  add("CUDA context", c_.hw.cuda_context_bytes, sim::Device::hbm, MemoryKind::other);
+  add("NCCL and all-to-all buffers", strategy::resident_comm_bytes(p_, c_.hw), sim::Device::hbm,
+      MemoryKind::comm_buffers);
+  if (p_.optimizer_on_host)
+    return; // the host step's master weights are the program's own tensors (make_state)
+  double owned = 0;
+  for (std::size_t b = 0; b < s_.buckets.size(); ++b)
+    if (on_stage(static_cast<int>(b)))
+      owned += static_cast<double>(s_.buckets[b].zero >= 1 ? chunk(static_cast<int>(b))
+                                                           : bucket_numel(static_cast<int>(b)));
+  add("FP32 master weights", 4 * owned,
+      p_.optimizer == strategy::Placement::host ? sim::Device::host : sim::Device::hbm,
+      MemoryKind::optimizer);
+}
+
+std::vector<int> Builder::use_bucket(int b, std::string pass, int layer, int mb) {
   const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
   std::vector<int> out;
-  // One gather per bucket, pass and micro-batch: a recompute reuses the backward's.
+  // One gather per bucket, pass and micro-batch: a recompute reuses the backward's. Under a
+  // pipeline, one per step: FSDP2 under torch.distributed.pipelining keeps the parameters
+  // gathered from the first forward to the last backward (torchtitan's reshard_after_forward
+  // is off when pp is on, "to avoid per-microbatch all-gathers"; the pipeline stage turns
+  // reshard_after_backward off but for the last backward).
+  if (bk.zero >= 3 && p_.pp > 1) {
+    pass = "step";
+    mb = -1;
+  }
   const auto key = std::make_tuple(b, pass, mb);
   if (const auto it = gathered_.find(key); it != gathered_.end())
     return it->second;
@@ -946,7 +991,10 @@ void Builder::head_forward(int mb, int x) {
   const int logits = tensor(fmt::format("logits mb{}", mb), {rows_e_, vl_}, TensorRole::activation);
   matmul(fmt::format("lm_head.mb{}", mb), {hs.xg}, {value_of(wname, w, bw)}, {logits}, false, tied,
          false, Category::forward, -1, mb);
-  hs.dlogits = tensor(fmt::format("dlogits mb{}", mb), {rows_e_, vl_}, TensorRole::saved);
+  // The logits' gradient in FP32, as PyTorch's cross-entropy forms it from the FP32 upcast of
+  // the BF16 logits (the memory model's 2 + 4 bytes per logit while both live).
+  hs.dlogits = tensor(fmt::format("dlogits mb{}", mb), {rows_e_, vl_}, TensorRole::saved,
+                      Element::real, sim::Dtype::fp32);
   if (g_etp_ < 0) {
     simple(fmt::format("loss.mb{}", mb), Kernel::cross_entropy, {logits, labels_[m]},
            {hs.dlogits, loss_}, Category::forward, -1, mb);
@@ -1409,6 +1457,9 @@ std::vector<int*> Builder::backward_reads(LayerSaved& sv) {
   const Recompute rm = p_.recompute[static_cast<int>(LayerKind::dense)];
   AttnSaved& a = sv.a;
   MlpSaved& m = sv.m;
+  const LayerKind mlp = sv.e.x >= 0 ? LayerKind::moe : LayerKind::dense;
+  if (ra == Recompute::full && p_.recompute[static_cast<int>(mlp)] == Recompute::full)
+    return {&a.x}; // the layer's one checkpoint (checkpoints_layer)
   std::vector<int*> out;
   if (ra == Recompute::full)
     out = {&a.x};
@@ -1516,6 +1567,21 @@ void Builder::recompute_moe(int l, int mb, MoeSaved& s) {
            Category::recompute, l, mb);
     s.act = act;
   }
+}
+
+bool Builder::checkpoints_layer(int l) const {
+  using strategy::Recompute;
+  const LayerKind mlp = is_moe(l) ? LayerKind::moe : LayerKind::dense;
+  return p_.recompute[static_cast<int>(LayerKind::attention)] == Recompute::full &&
+         p_.recompute[static_cast<int>(mlp)] == Recompute::full;
+}
+
+void Builder::recompute_layer(int l, int mb, LayerSaved& sv) {
+  const int h = attn_forward(l, mb, sv.a.x, sv.a, Category::recompute);
+  if (is_moe(l))
+    moe_forward(l, mb, h, sv.e, Category::recompute);
+  else
+    dense_forward(l, mb, h, sv.m, Category::recompute);
 }
 
 void Builder::recompute_attention(int l, int mb, AttnSaved& s) {
@@ -2118,14 +2184,20 @@ void Builder::build_stage(int stage) {
     for (int l = bounds_[v + 1] - 1; l >= bounds_[v]; --l) {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       reload(l, mb, sv);
+      const bool whole = checkpoints_layer(l);
+      if (whole)
+        recompute_layer(l, mb, sv);
       if (is_moe(l)) {
-        recompute_moe(l, mb, sv.e);
+        if (!whole)
+          recompute_moe(l, mb, sv.e);
         dx = moe_backward(l, mb, sv.e, dx);
       } else {
-        recompute_mlp(l, mb, sv.m);
+        if (!whole)
+          recompute_mlp(l, mb, sv.m);
         dx = dense_backward(l, mb, sv.m, dx);
       }
-      recompute_attention(l, mb, sv.a);
+      if (!whole)
+        recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
       if (mb == micro - 1 && !defer_wgrad_ && p_.optimizer_on_host &&
           p_.overlap == strategy::OptimizerOverlap::stream_backward)

@@ -274,7 +274,7 @@ private:
     TrainState<T>& st = sh_.state; // read only
     for (std::size_t t = 0; t < rc_->tensors.size(); ++t) {
       const sim::Tensor& ten = rc_->tensors[t];
-      if (!ten.resident)
+      if (!ten.resident || ten.shape.empty()) // a cost tensor binds nothing
         continue;
       if (ten.role == TensorRole::param && ten.param >= 0) {
         const ParamBind& pb = pb_[sz(ten.param)];
@@ -375,6 +375,13 @@ private:
   }
   void allocate(int t) {
     const sim::Tensor& ten = info(t);
+    if (ten.shape.empty()) { // a cost tensor (sim::cost_tensor): its bytes count, nothing binds
+      if (ten.device == sim::Device::hbm) {
+        live_ += ten.bytes;
+        peak_ = std::max(peak_, live_);
+      }
+      return;
+    }
     const Index n = elements(t);
     if (is_long(t))
       longs_[sz(t)].assign(n, 0);
@@ -389,6 +396,11 @@ private:
   }
   void release(int t) {
     const sim::Tensor& ten = info(t);
+    if (ten.shape.empty()) {
+      if (ten.device == sim::Device::hbm)
+        live_ -= ten.bytes;
+      return;
+    }
     if (ten.device == sim::Device::hbm)
       live_ -= static_cast<double>(stored(t)) * element_bytes(ten);
     std::vector<T>().swap(real_[sz(t)]);
