@@ -584,6 +584,7 @@ private:
   };
   struct HeadSaved {
     int x = -1, rstd = -1, xg = -1, dlogits = -1;
+    int dx = -1; // chunked loss: the head's input gradient, formed in the forward
   };
   std::vector<std::vector<LayerSaved>> saved_;
   std::vector<HeadSaved> head_;
@@ -638,6 +639,7 @@ private:
   void offload(int l, int mb, LayerSaved& sv);
   void reload(int l, int mb, LayerSaved& sv);
   std::map<std::pair<int, int>, std::vector<int>> host_copies_; // (layer, mb) -> host tensors
+  std::map<std::pair<int, int>, int> layer_bwd_end_; // (layer, mb) -> its backward's last op
   void recompute_attention(int l, int mb, AttnSaved& s);
   // Full recompute of both of a layer's blocks checkpoints the layer's input alone (Megatron's
   // full recompute of a transformer layer, torchtitan's full activation checkpointing of a
@@ -653,6 +655,9 @@ private:
   void recompute_moe(int l, int mb, MoeSaved& s);
   int moe_backward(int l, int mb, const MoeSaved& s, int dy);
   void head_forward(int mb, int x);
+  void loss(const std::string& what, int mb, int logits, int labels, int dlogits);
+  int loss_chunks() const;
+  void chunked_loss(int mb, int w);
   int head_backward(int mb);
   void dp_comm(std::string name, OpKind kind, int g, std::vector<int> in, std::vector<int> out,
                int layer, bool deferred);
@@ -988,27 +993,38 @@ void Builder::head_forward(int mb, int x) {
   const std::string wname = tied ? "embedding" : "lm_head";
   const int bw = s_.params[static_cast<std::size_t>(head_param_)].bucket;
   const std::vector<int> w = use_bucket(bw, "head", -1, mb);
+  const int head_w = value_of(wname, w, bw);
+  if (loss_chunks() > 1) {
+    chunked_loss(mb, head_w);
+    return;
+  }
   const int logits = tensor(fmt::format("logits mb{}", mb), {rows_e_, vl_}, TensorRole::activation);
-  matmul(fmt::format("lm_head.mb{}", mb), {hs.xg}, {value_of(wname, w, bw)}, {logits}, false, tied,
-         false, Category::forward, -1, mb);
+  matmul(fmt::format("lm_head.mb{}", mb), {hs.xg}, {head_w}, {logits}, false, tied, false,
+         Category::forward, -1, mb);
   // The logits' gradient in FP32, as PyTorch's cross-entropy forms it from the FP32 upcast of
   // the BF16 logits (the memory model's 2 + 4 bytes per logit while both live).
   hs.dlogits = tensor(fmt::format("dlogits mb{}", mb), {rows_e_, vl_}, TensorRole::saved,
                       Element::real, sim::Dtype::fp32);
+  loss(fmt::format("mb{}", mb), mb, logits, labels_[m], hs.dlogits);
+}
+
+// Cross-entropy of `logits` against `labels` (rows of the embedding group), its gradient into
+// `dlogits` and the loss into the step's sum; over the vocabulary shards with embedding TP.
+void Builder::loss(const std::string& what, int mb, int logits, int labels, int dlogits) {
   if (g_etp_ < 0) {
-    simple(fmt::format("loss.mb{}", mb), Kernel::cross_entropy, {logits, labels_[m]},
-           {hs.dlogits, loss_}, Category::forward, -1, mb);
+    simple(fmt::format("loss.{}", what), Kernel::cross_entropy, {logits, labels}, {dlogits, loss_},
+           Category::forward, -1, mb);
     return;
   }
-  const Shape rows{rows_e_};
-  auto f32 = [&](const char* what) {
-    return tensor(fmt::format("{} mb{}", what, mb), rows, TensorRole::activation, Element::real,
+  const Shape rows{shape(logits)[0]};
+  auto f32 = [&](const char* name) {
+    return tensor(fmt::format("{} {}", name, what), rows, TensorRole::activation, Element::real,
                   sim::Dtype::fp32);
   };
   const int mx = f32("logit max");
-  simple(fmt::format("loss.max.mb{}", mb), Kernel::ce_max, {logits}, {mx}, Category::forward, -1,
+  simple(fmt::format("loss.max.{}", what), Kernel::ce_max, {logits}, {mx}, Category::forward, -1,
          mb);
-  OpSpec mx_all{fmt::format("loss.max_all_reduce.mb{}", mb),
+  OpSpec mx_all{fmt::format("loss.max_all_reduce.{}", what),
                 Kernel::collective,
                 OpKind::all_reduce,
                 Category::tp_comm,
@@ -1023,19 +1039,19 @@ void Builder::head_forward(int mb, int x) {
   emit(std::move(mx_all));
   const int sum = f32("exp sum"), target = f32("target logit");
   // The vocabulary shard is this rank's place in the embedding TP group.
-  emit(OpSpec{fmt::format("loss.sums.mb{}", mb),
+  emit(OpSpec{fmt::format("loss.sums.{}", what),
               Kernel::ce_sums,
               OpKind::elementwise,
               Category::forward,
               kCompute,
               g_etp_,
-              {logits, mx, labels_[m]},
+              {logits, mx, labels},
               {sum, target},
               {},
               -1,
               mb});
   for (int t : {sum, target})
-    emit(OpSpec{fmt::format("loss.{}_all_reduce.mb{}", t == sum ? "sum" : "target", mb),
+    emit(OpSpec{fmt::format("loss.{}_all_reduce.{}", t == sum ? "sum" : "target", what),
                 Kernel::collective,
                 OpKind::all_reduce,
                 Category::tp_comm,
@@ -1046,17 +1062,74 @@ void Builder::head_forward(int mb, int x) {
                 {},
                 -1,
                 mb});
-  emit(OpSpec{fmt::format("loss.mb{}", mb),
+  emit(OpSpec{fmt::format("loss.{}", what),
               Kernel::ce_finish,
               OpKind::elementwise,
               Category::forward,
               kCompute,
               g_etp_,
-              {logits, mx, sum, target, labels_[m]},
-              {hs.dlogits, loss_},
+              {logits, mx, sum, target, labels},
+              {dlogits, loss_},
               {},
               -1,
               mb});
+}
+
+// Chunked loss (Plan::chunked_loss: Liger's fused linear cross-entropy, TRL's chunked NLL): the
+// head's rows in chunks of about ProgramContext::loss_chunk_tokens per sequence of the
+// micro-batch (the memory model's kLossChunkTokens), each chunk's logits, loss, logits' gradient and the head's input
+// and weight gradients formed in the forward, so one chunk's logits live at a time.
+int Builder::loss_chunks() const {
+  if (!p_.chunked_loss)
+    return 1;
+  const std::int64_t target = c_.loss_chunk_tokens * static_cast<std::int64_t>(p_.micro_batch);
+  std::int64_t c = (rows_e_ + target - 1) / target;
+  while (c < rows_e_ && rows_e_ % c != 0)
+    ++c;
+  return static_cast<int>(c);
+}
+
+void Builder::chunked_loss(int mb, int w) {
+  const auto m = static_cast<std::size_t>(mb);
+  HeadSaved& hs = head_[m];
+  const bool tied = m_.tied_embeddings;
+  const int c = loss_chunks();
+  const std::int64_t rows = rows_e_ / c;
+  std::vector<int> xs, ls, dxs;
+  for (int i = 0; i < c; ++i) {
+    xs.push_back(tensor(fmt::format("head input chunk {} mb{}", i, mb), {rows, h_},
+                        TensorRole::activation));
+    ls.push_back(tensor(fmt::format("labels chunk {} mb{}", i, mb), {rows}, TensorRole::index,
+                        Element::i32));
+    dxs.push_back(
+        tensor(fmt::format("head dx chunk {} mb{}", i, mb), {rows, h_}, TensorRole::activation));
+  }
+  simple(fmt::format("head_input.split.mb{}", mb), Kernel::copy, {hs.xg}, xs, Category::forward,
+         -1, mb);
+  simple(fmt::format("labels.split.mb{}", mb), Kernel::copy, {labels_[m]}, ls, Category::forward,
+         -1, mb);
+  const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
+  for (int i = 0; i < c; ++i) {
+    const std::string what = fmt::format("chunk{}.mb{}", i, mb);
+    const int logits =
+        tensor(fmt::format("logits {}", what), {rows, vl_}, TensorRole::activation);
+    matmul(fmt::format("lm_head.{}", what), {xs[static_cast<std::size_t>(i)]}, {w}, {logits},
+           false, tied, false, Category::forward, -1, mb);
+    const int dlogits = tensor(fmt::format("dlogits {}", what), {rows, vl_},
+                               TensorRole::activation, Element::real, sim::Dtype::fp32);
+    loss(what, mb, logits, ls[static_cast<std::size_t>(i)], dlogits);
+    matmul(fmt::format("lm_head.{}.dgrad", what), {dlogits}, {w},
+           {dxs[static_cast<std::size_t>(i)]}, false, !tied, false, Category::backward, -1, mb);
+    if (tied) // dE[v, h] += dlogitsᵀ · x
+      matmul(fmt::format("lm_head.{}.wgrad", what), {dlogits}, {xs[static_cast<std::size_t>(i)]},
+             {g}, true, false, true, Category::backward, -1, mb);
+    else // dW[h, v] += xᵀ · dlogits
+      matmul(fmt::format("lm_head.{}.wgrad", what), {xs[static_cast<std::size_t>(i)]}, {dlogits},
+             {g}, true, false, true, Category::backward, -1, mb);
+  }
+  hs.dx = tensor(fmt::format("head dx mb{}", mb), {rows_e_, h_}, TensorRole::saved);
+  simple(fmt::format("head_dx.concat.mb{}", mb), Kernel::copy, dxs, {hs.dx}, Category::backward,
+         -1, mb);
 }
 
 int Builder::head_backward(int mb) {
@@ -1065,15 +1138,18 @@ int Builder::head_backward(int mb) {
   const bool tied = m_.tied_embeddings;
   const std::string wname = tied ? "embedding" : "lm_head";
   const int bw = s_.params[static_cast<std::size_t>(head_param_)].bucket;
-  const std::vector<int> w = use_bucket(bw, "head.bwd", -1, mb);
-  const int dxg = tensor(fmt::format("head dx mb{}", mb), {rows_e_, h_}, TensorRole::activation);
-  matmul(fmt::format("lm_head.mb{}.dgrad", mb), {hs.dlogits}, {value_of(wname, w, bw)}, {dxg},
-         false, !tied, false, Category::backward, -1, mb);
-  const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
-  if (tied) // dE[v, h] += dlogitsᵀ · x
-    wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.dlogits}, {hs.xg}, {g}, true, -1, mb);
-  else // dW[h, v] += xᵀ · dlogits
-    wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.xg}, {hs.dlogits}, {g}, true, -1, mb);
+  int dxg = hs.dx; // chunked loss: formed in the forward
+  if (dxg < 0) {
+    const std::vector<int> w = use_bucket(bw, "head.bwd", -1, mb);
+    dxg = tensor(fmt::format("head dx mb{}", mb), {rows_e_, h_}, TensorRole::activation);
+    matmul(fmt::format("lm_head.mb{}.dgrad", mb), {hs.dlogits}, {value_of(wname, w, bw)}, {dxg},
+           false, !tied, false, Category::backward, -1, mb);
+    const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
+    if (tied) // dE[v, h] += dlogitsᵀ · x
+      wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.dlogits}, {hs.xg}, {g}, true, -1, mb);
+    else // dW[h, v] += xᵀ · dlogits
+      wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.xg}, {hs.dlogits}, {g}, true, -1, mb);
+  }
   const int dxn =
       collective(fmt::format("head_sp_scatter.mb{}.bwd", mb), OpKind::reduce_scatter,
                  Category::tp_comm, kTp, g_etp_, dxg, {n_, h_}, TensorRole::activation, -1, mb);
@@ -1526,17 +1602,22 @@ void Builder::reload(int l, int mb, LayerSaved& sv) {
   for (int t : dev)
     back.push_back(clone(t, rc_->tensors[static_cast<std::size_t>(t)].name + " (reloaded)",
                          TensorRole::saved, sim::Device::hbm));
-  emit(OpSpec{fmt::format("L{}.act_reload.mb{}", l, mb),
-              Kernel::copy,
-              OpKind::copy_h2d,
-              Category::offload,
-              kH2d,
-              -1,
-              it->second,
-              back,
-              {},
-              l,
-              mb});
+  const int op = emit(OpSpec{fmt::format("L{}.act_reload.mb{}", l, mb),
+                             Kernel::copy,
+                             OpKind::copy_h2d,
+                             Category::offload,
+                             kH2d,
+                             -1,
+                             it->second,
+                             back,
+                             {},
+                             l,
+                             mb});
+  // Reloads run one layer ahead of the backward (the cost-only lowering's bound): layer l's
+  // starts once layer l + 2's backward has ended, so at most two layers' reloaded activations
+  // live at a time (the memory model's reload double buffer), not every layer's at once.
+  if (const auto gate = layer_bwd_end_.find({l + 2, mb}); gate != layer_bwd_end_.end())
+    rc_->ops[static_cast<std::size_t>(op)].deps.push_back(gate->second);
   for (int* f : fields)
     *f = back[static_cast<std::size_t>(std::find(dev.begin(), dev.end(), *f) - dev.begin())];
   host_copies_.erase(it);
@@ -2125,6 +2206,7 @@ void Builder::build_stage(int stage) {
   make_state();
   const int micro = p_.micro_batches();
   const int layers = static_cast<int>(m_.num_layers());
+  layer_bwd_end_.clear();
   saved_.assign(static_cast<std::size_t>(layers),
                 std::vector<LayerSaved>(static_cast<std::size_t>(micro)));
   head_.assign(static_cast<std::size_t>(micro), {});
@@ -2199,6 +2281,7 @@ void Builder::build_stage(int stage) {
       if (!whole)
         recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
+      layer_bwd_end_[{l, mb}] = static_cast<int>(rc_->ops.size()) - 1;
       if (mb == micro - 1 && !defer_wgrad_ && p_.optimizer_on_host &&
           p_.overlap == strategy::OptimizerOverlap::stream_backward)
         for (int b : layer_buckets(l)) { // reduced and stepped as soon as the layer is done

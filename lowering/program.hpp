@@ -36,6 +36,9 @@ struct ProgramContext {
   // (strategies/memory.hpp): the CUDA context and NCCL's per-communicator and all-to-all buffers.
   // Each rank class gets them as resident cost tensors (sim::cost_tensor); zeros add none.
   strategy::MemoryHardware hw{};
+  // Chunked loss (Plan::chunked_loss): tokens per sequence of the micro-batch in each of the
+  // head's chunks (the memory model's 4096, Liger's and torchtitan's chunk size).
+  std::int64_t loss_chunk_tokens = 4096;
 };
 
 // Throws InputError with one sentence naming the first feature of `plan` the program lowering
