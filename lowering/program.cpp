@@ -1077,8 +1077,9 @@ void Builder::loss(const std::string& what, int mb, int logits, int labels, int 
 
 // Chunked loss (Plan::chunked_loss: Liger's fused linear cross-entropy, TRL's chunked NLL): the
 // head's rows in chunks of about ProgramContext::loss_chunk_tokens per sequence of the
-// micro-batch (the memory model's kLossChunkTokens), each chunk's logits, loss, logits' gradient and the head's input
-// and weight gradients formed in the forward, so one chunk's logits live at a time.
+// micro-batch (the memory model's kLossChunkTokens), each chunk's logits, loss, logits' gradient
+// and the head's input and weight gradients formed in the forward, so one chunk's logits live at a
+// time.
 int Builder::loss_chunks() const {
   if (!p_.chunked_loss)
     return 1;
@@ -1097,26 +1098,25 @@ void Builder::chunked_loss(int mb, int w) {
   const std::int64_t rows = rows_e_ / c;
   std::vector<int> xs, ls, dxs;
   for (int i = 0; i < c; ++i) {
-    xs.push_back(tensor(fmt::format("head input chunk {} mb{}", i, mb), {rows, h_},
-                        TensorRole::activation));
+    xs.push_back(
+        tensor(fmt::format("head input chunk {} mb{}", i, mb), {rows, h_}, TensorRole::activation));
     ls.push_back(tensor(fmt::format("labels chunk {} mb{}", i, mb), {rows}, TensorRole::index,
                         Element::i32));
     dxs.push_back(
         tensor(fmt::format("head dx chunk {} mb{}", i, mb), {rows, h_}, TensorRole::activation));
   }
-  simple(fmt::format("head_input.split.mb{}", mb), Kernel::copy, {hs.xg}, xs, Category::forward,
-         -1, mb);
+  simple(fmt::format("head_input.split.mb{}", mb), Kernel::copy, {hs.xg}, xs, Category::forward, -1,
+         mb);
   simple(fmt::format("labels.split.mb{}", mb), Kernel::copy, {labels_[m]}, ls, Category::forward,
          -1, mb);
   const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
   for (int i = 0; i < c; ++i) {
     const std::string what = fmt::format("chunk{}.mb{}", i, mb);
-    const int logits =
-        tensor(fmt::format("logits {}", what), {rows, vl_}, TensorRole::activation);
-    matmul(fmt::format("lm_head.{}", what), {xs[static_cast<std::size_t>(i)]}, {w}, {logits},
-           false, tied, false, Category::forward, -1, mb);
-    const int dlogits = tensor(fmt::format("dlogits {}", what), {rows, vl_},
-                               TensorRole::activation, Element::real, sim::Dtype::fp32);
+    const int logits = tensor(fmt::format("logits {}", what), {rows, vl_}, TensorRole::activation);
+    matmul(fmt::format("lm_head.{}", what), {xs[static_cast<std::size_t>(i)]}, {w}, {logits}, false,
+           tied, false, Category::forward, -1, mb);
+    const int dlogits = tensor(fmt::format("dlogits {}", what), {rows, vl_}, TensorRole::activation,
+                               Element::real, sim::Dtype::fp32);
     loss(what, mb, logits, ls[static_cast<std::size_t>(i)], dlogits);
     matmul(fmt::format("lm_head.{}.dgrad", what), {dlogits}, {w},
            {dxs[static_cast<std::size_t>(i)]}, false, !tied, false, Category::backward, -1, mb);
@@ -1128,8 +1128,8 @@ void Builder::chunked_loss(int mb, int w) {
              {g}, true, false, true, Category::backward, -1, mb);
   }
   hs.dx = tensor(fmt::format("head dx mb{}", mb), {rows_e_, h_}, TensorRole::saved);
-  simple(fmt::format("head_dx.concat.mb{}", mb), Kernel::copy, dxs, {hs.dx}, Category::backward,
-         -1, mb);
+  simple(fmt::format("head_dx.concat.mb{}", mb), Kernel::copy, dxs, {hs.dx}, Category::backward, -1,
+         mb);
 }
 
 int Builder::head_backward(int mb) {

@@ -117,7 +117,7 @@ TEST_CASE("program: the simulated peak agrees with the analytic memory model" *
     const double model = strategy::analyze_memory(m, r.plan, r.seq, hw).peak_hbm_bytes;
     const double program = simulated_peak(m, r.plan, r.seq);
     MESSAGE(std::string(r.what) << ": model " << model / 1073741824.0 << " GiB, program "
-                   << program / 1073741824.0 << " GiB");
+                                << program / 1073741824.0 << " GiB");
     CHECK(program == mop::test::rel(model, 0.06));
   }
 }
@@ -130,9 +130,8 @@ TEST_CASE("program: the simulated peak agrees with the analytic memory model" *
 TEST_CASE("program: full recompute keeps one checkpoint per layer" *
           doctest::test_suite("independent")) {
   const int seq = 16;
-  const mop::test::Case k = mop::test::make_case("tiny-dense", 1, 1, seq, [](Plan& p) {
-    recompute(p, Recompute::full);
-  });
+  const mop::test::Case k =
+      mop::test::make_case("tiny-dense", 1, 1, seq, [](Plan& p) { recompute(p, Recompute::full); });
   const sim::RankClass& rc = k.schedule.classes[0];
   const double h = static_cast<double>(k.spec.hidden_size);
   const double layers = static_cast<double>(k.spec.num_layers());
@@ -156,8 +155,9 @@ TEST_CASE("program: full recompute keeps one checkpoint per layer" *
 // The resident cost tensors, by hand: on one node of 8 H100s the memory model counts one NCCL
 // communicator per parallel degree above 1: dp 8, and the expert data-parallel degree, 8 too
 // (complete_plan gives it to a dense model as well; the cost-only lowering counts it alike), so
-// NCCL holds 2 x 768 MiB (configs/clusters/h100.json) and the CUDA context 512 MiB; under ZeRO-1 each rank owns an eighth of the model's parameters (each
-// bucket's flat shard, padded to a multiple of 8 elements) and keeps their FP32 master copy.
+// NCCL holds 2 x 768 MiB (configs/clusters/h100.json) and the CUDA context 512 MiB; under ZeRO-1
+// each rank owns an eighth of the model's parameters (each bucket's flat shard, padded to a
+// multiple of 8 elements) and keeps their FP32 master copy.
 TEST_CASE("program: CUDA context, NCCL buffers and master weights are resident cost tensors" *
           doctest::test_suite("independent")) {
   const workload::ModelSpec m = workload::load_model("llama3-8b");
