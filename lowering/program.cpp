@@ -641,6 +641,7 @@ private:
   std::map<std::pair<int, int>, std::vector<int>> host_copies_; // (layer, mb) -> host tensors
   std::map<std::pair<int, int>, int> layer_bwd_end_; // (layer, mb) -> its backward's last op
   void recompute_attention(int l, int mb, AttnSaved& s);
+  void renorm(int l, int mb, const char* block, int x, int& rstd, int& xg);
   // Full recompute of both of a layer's blocks checkpoints the layer's input alone (Megatron's
   // full recompute of a transformer layer, torchtitan's full activation checkpointing of a
   // TransformerBlock, the memory model's one checkpoint): its backward first re-runs the
@@ -1540,17 +1541,21 @@ std::vector<int*> Builder::backward_reads(LayerSaved& sv) {
   if (ra == Recompute::full)
     out = {&a.x};
   else
-    out = {&a.x, &a.rstd, &a.xg, &a.q_pre, &a.k_pre, &a.q_rstd, &a.k_rstd, &a.q, &a.k, &a.v};
+    out = {&a.x, &a.q_pre, &a.k_pre, &a.q_rstd, &a.k_rstd, &a.q, &a.k, &a.v};
+  if (ra == Recompute::none) // selective recomputes the norm and its gather (renorm)
+    for (int* f : {&a.rstd, &a.xg})
+      out.push_back(f);
   if (ra == Recompute::none)
     for (int* f : {&a.o, &a.cq, &a.ck, &a.cv, &a.co, &a.lse})
       out.push_back(f);
   if (rm == Recompute::full) {
     out.push_back(&m.x);
   } else {
-    for (int* f : {&m.x, &m.rstd, &m.xg, &m.gu})
+    for (int* f : {&m.x, &m.gu})
       out.push_back(f);
     if (rm == Recompute::none)
-      out.push_back(&m.act);
+      for (int* f : {&m.rstd, &m.xg, &m.act})
+        out.push_back(f);
   }
   // An MoE block's real-valued saved tensors (its index and count tables are small and stay).
   MoeSaved& e = sv.e;
@@ -1630,6 +1635,7 @@ void Builder::recompute_mlp(int l, int mb, MlpSaved& s) {
   if (r == strategy::Recompute::full) {
     dense_forward(l, mb, s.x, s, Category::recompute);
   } else if (r == strategy::Recompute::selective) {
+    renorm(l, mb, "mlp", s.x, s.rstd, s.xg);
     s.act =
         tensor(fmt::format("L{}.mlp act.mb{}.recompute", l, mb), {rows_d_, f_}, TensorRole::saved);
     simple(fmt::format("L{}.mlp_act.mb{}.recompute", l, mb), Kernel::swiglu_fwd, {s.gu}, {s.act},
@@ -1667,8 +1673,32 @@ void Builder::recompute_layer(int l, int mb, LayerSaved& sv) {
 
 void Builder::recompute_attention(int l, int mb, AttnSaved& s) {
   const strategy::Recompute r = p_.recompute[static_cast<int>(LayerKind::attention)];
+  if (r == strategy::Recompute::selective)
+    renorm(l, mb, "attn", s.x, s.rstd, s.xg);
   if (r != strategy::Recompute::none)
     attn_forward(l, mb, s.x, s, Category::recompute, r == strategy::Recompute::selective);
+}
+
+// Selective recompute re-runs a block's norm and its sequence-parallel all-gather before the
+// backward, so the forward keeps the block's input alone of them (the memory model's selective
+// policy: no norm output saved). torchtitan's selective activation checkpointing saves neither
+// the norms' outputs nor the all-gathers' (its save list holds GEMMs, attention and
+// reduce-scatters); Megatron-LM saves the sequence-parallel shard and all-gathers it again in
+// the backward for the weight gradient.
+void Builder::renorm(int l, int mb, const char* block, int x, int& rstd, int& xg) {
+  const bool attn = std::string(block) == "attn";
+  auto nm = [&](const char* what) {
+    return fmt::format("L{}.{}_{}.mb{}.recompute", l, block, what, mb);
+  };
+  const std::string wname = pname(l, attn ? "attn.norm" : "mlp.norm");
+  const int br = bucket_of_param(wname);
+  const std::vector<int> wr = use_bucket(br, "bwd", l, mb);
+  const int xn = tensor(nm("norm"), {n_, h_}, TensorRole::activation);
+  rstd = tensor(nm("norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+  simple(nm("norm"), Kernel::rmsnorm_fwd, {x, value_of(wname, wr, br)}, {xn, rstd},
+         Category::recompute, l, mb, norm_attrs());
+  xg = collective(nm("sp_gather"), OpKind::all_gather, Category::tp_comm, kTp,
+                  attn ? g_tp_ : g_dtp_, xn, {attn ? ng_ : rows_d_, h_}, TensorRole::saved, l, mb);
 }
 
 // --- Mixture-of-Experts MLP ----------------------------------------------------------------------
