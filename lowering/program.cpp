@@ -590,9 +590,10 @@ private:
   void declare_params();
   void declare_moe_params(int l);
   void make_state();
+  void resident_costs();
   // The tensors a pass computes with for the parameters of bucket b: the resident slices, or
   // under ZeRO-3 a fresh gather of the bucket's shard.
-  std::vector<int> use_bucket(int b, const std::string& pass, int layer, int mb);
+  std::vector<int> use_bucket(int b, std::string pass, int layer, int mb);
   int bucket_of_param(const std::string& name) const {
     const int p = find_param(name);
     if (p < 0)
@@ -629,6 +630,7 @@ private:
   };
   struct HeadSaved {
     int x = -1, rstd = -1, xg = -1, dlogits = -1;
+    int dx = -1; // chunked loss: the head's input gradient, formed in the forward
   };
   std::vector<std::vector<LayerSaved>> saved_;
   std::vector<HeadSaved> head_;
@@ -687,7 +689,15 @@ private:
   // (none when -1), a control dependency on top of the operands'.
   void gate_prefetch(int begin, int gate);
   std::map<std::pair<int, int>, std::vector<int>> host_copies_; // (layer, mb) -> host tensors
+  std::map<std::pair<int, int>, int> layer_bwd_end_; // (layer, mb) -> its backward's last op
   void recompute_attention(int l, int mb, AttnSaved& s);
+  void renorm(int l, int mb, const char* block, int x, int& rstd, int& xg);
+  // Full recompute of both of a layer's blocks checkpoints the layer's input alone (Megatron's
+  // full recompute of a transformer layer, torchtitan's full activation checkpointing of a
+  // TransformerBlock, the memory model's one checkpoint): its backward first re-runs the
+  // attention block, whose output is the MLP block's input, then the MLP block.
+  bool checkpoints_layer(int l) const;
+  void recompute_layer(int l, int mb, LayerSaved& sv);
   int dense_backward(int l, int mb, const MlpSaved& s, int dy);
   bool is_moe(int l) const {
     return m_.layers[static_cast<std::size_t>(l)].mlp == workload::MlpKind::moe;
@@ -696,6 +706,9 @@ private:
   void recompute_moe(int l, int mb, MoeSaved& s);
   int moe_backward(int l, int mb, const MoeSaved& s, int dy);
   void head_forward(int mb, int x);
+  void loss(const std::string& what, int mb, int logits, int labels, int dlogits);
+  int loss_chunks() const;
+  void chunked_loss(int mb, int w);
   int head_backward(int mb);
   void dp_comm(std::string name, OpKind kind, int g, std::vector<int> in, std::vector<int> out,
                int layer, bool deferred);
@@ -868,12 +881,50 @@ void Builder::make_state() {
   }
   loss_ = tensor("loss", {1}, TensorRole::loss, Element::real, sim::Dtype::fp32);
   rc_->tensors.back().resident = true;
+  resident_costs();
 }
 
-std::vector<int> Builder::use_bucket(int b, const std::string& pass, int layer, int mb) {
+// What the frameworks hold for the whole step besides the program's tensors, as the memory
+// model counts it (strategies/memory.cpp), as resident cost tensors no executor binds: the
+// CUDA context (cuBLAS workspaces, kernels), NCCL's buffers per communicator and the
+// all-to-all buffers (strategy::resident_comm_bytes), and under a GPU optimizer the FP32
+// master weights of what the rank owns (mixed-precision AdamW: Megatron's distributed
+// optimizer, FSDP2's sharded FP32 parameters; 4 of the memory model's 12 optimizer bytes per
+// parameter, the moments being the program's adam_m and adam_v). The program's AdamW updates
+// the BF16 parameters it computes with; the master copy is the memory it stands for.
+void Builder::resident_costs() {
+  using sim::MemoryKind;
+  auto add = [&](const char* name, double bytes, sim::Device device, MemoryKind kind) {
+    if (bytes > 0)
+      rc_->tensors.push_back(sim::cost_tensor(name, bytes, device, kind, true));
+  };
+  add("CUDA context", c_.hw.cuda_context_bytes, sim::Device::hbm, MemoryKind::other);
+  add("NCCL and all-to-all buffers", strategy::resident_comm_bytes(p_, c_.hw), sim::Device::hbm,
+      MemoryKind::comm_buffers);
+  if (p_.optimizer_on_host)
+    return; // the host step's master weights are the program's own tensors (make_state)
+  double owned = 0;
+  for (std::size_t b = 0; b < s_.buckets.size(); ++b)
+    if (on_stage(static_cast<int>(b)))
+      owned += static_cast<double>(s_.buckets[b].zero >= 1 ? chunk(static_cast<int>(b))
+                                                           : bucket_numel(static_cast<int>(b)));
+  add("FP32 master weights", 4 * owned,
+      p_.optimizer == strategy::Placement::host ? sim::Device::host : sim::Device::hbm,
+      MemoryKind::optimizer);
+}
+
+std::vector<int> Builder::use_bucket(int b, std::string pass, int layer, int mb) {
   const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
   std::vector<int> out;
-  // One gather per bucket, pass and micro-batch: a recompute reuses the backward's.
+  // One gather per bucket, pass and micro-batch: a recompute reuses the backward's. Under a
+  // pipeline, one per step: FSDP2 under torch.distributed.pipelining keeps the parameters
+  // gathered from the first forward to the last backward (torchtitan's reshard_after_forward
+  // is off when pp is on, "to avoid per-microbatch all-gathers"; the pipeline stage turns
+  // reshard_after_backward off but for the last backward).
+  if (bk.zero >= 3 && p_.pp > 1) {
+    pass = "step";
+    mb = -1;
+  }
   const auto key = std::make_tuple(b, pass, mb);
   if (const auto it = gathered_.find(key); it != gathered_.end())
     return it->second;
@@ -1005,24 +1056,38 @@ void Builder::head_forward(int mb, int x) {
   const std::string wname = tied ? "embedding" : "lm_head";
   const int bw = s_.params[static_cast<std::size_t>(head_param_)].bucket;
   const std::vector<int> w = use_bucket(bw, "head", -1, mb);
-  const int logits = tensor(fmt::format("logits mb{}", mb), {rows_e_, vl_}, TensorRole::activation);
-  matmul(fmt::format("lm_head.mb{}", mb), {hs.xg}, {value_of(wname, w, bw)}, {logits}, false, tied,
-         false, Category::forward, -1, mb);
-  hs.dlogits = tensor(fmt::format("dlogits mb{}", mb), {rows_e_, vl_}, TensorRole::saved);
-  if (g_etp_ < 0) {
-    simple(fmt::format("loss.mb{}", mb), Kernel::cross_entropy, {logits, labels_[m]},
-           {hs.dlogits, loss_}, Category::forward, -1, mb);
+  const int head_w = value_of(wname, w, bw);
+  if (loss_chunks() > 1) {
+    chunked_loss(mb, head_w);
     return;
   }
-  const Shape rows{rows_e_};
-  auto f32 = [&](const char* what) {
-    return tensor(fmt::format("{} mb{}", what, mb), rows, TensorRole::activation, Element::real,
+  const int logits = tensor(fmt::format("logits mb{}", mb), {rows_e_, vl_}, TensorRole::activation);
+  matmul(fmt::format("lm_head.mb{}", mb), {hs.xg}, {head_w}, {logits}, false, tied, false,
+         Category::forward, -1, mb);
+  // The logits' gradient in FP32, as PyTorch's cross-entropy forms it from the FP32 upcast of
+  // the BF16 logits (the memory model's 2 + 4 bytes per logit while both live).
+  hs.dlogits = tensor(fmt::format("dlogits mb{}", mb), {rows_e_, vl_}, TensorRole::saved,
+                      Element::real, sim::Dtype::fp32);
+  loss(fmt::format("mb{}", mb), mb, logits, labels_[m], hs.dlogits);
+}
+
+// Cross-entropy of `logits` against `labels` (rows of the embedding group), its gradient into
+// `dlogits` and the loss into the step's sum; over the vocabulary shards with embedding TP.
+void Builder::loss(const std::string& what, int mb, int logits, int labels, int dlogits) {
+  if (g_etp_ < 0) {
+    simple(fmt::format("loss.{}", what), Kernel::cross_entropy, {logits, labels}, {dlogits, loss_},
+           Category::forward, -1, mb);
+    return;
+  }
+  const Shape rows{shape(logits)[0]};
+  auto f32 = [&](const char* name) {
+    return tensor(fmt::format("{} {}", name, what), rows, TensorRole::activation, Element::real,
                   sim::Dtype::fp32);
   };
   const int mx = f32("logit max");
-  simple(fmt::format("loss.max.mb{}", mb), Kernel::ce_max, {logits}, {mx}, Category::forward, -1,
+  simple(fmt::format("loss.max.{}", what), Kernel::ce_max, {logits}, {mx}, Category::forward, -1,
          mb);
-  OpSpec mx_all{fmt::format("loss.max_all_reduce.mb{}", mb),
+  OpSpec mx_all{fmt::format("loss.max_all_reduce.{}", what),
                 Kernel::collective,
                 OpKind::all_reduce,
                 Category::tp_comm,
@@ -1037,19 +1102,19 @@ void Builder::head_forward(int mb, int x) {
   emit(std::move(mx_all));
   const int sum = f32("exp sum"), target = f32("target logit");
   // The vocabulary shard is this rank's place in the embedding TP group.
-  emit(OpSpec{fmt::format("loss.sums.mb{}", mb),
+  emit(OpSpec{fmt::format("loss.sums.{}", what),
               Kernel::ce_sums,
               OpKind::elementwise,
               Category::forward,
               kCompute,
               g_etp_,
-              {logits, mx, labels_[m]},
+              {logits, mx, labels},
               {sum, target},
               {},
               -1,
               mb});
   for (int t : {sum, target})
-    emit(OpSpec{fmt::format("loss.{}_all_reduce.mb{}", t == sum ? "sum" : "target", mb),
+    emit(OpSpec{fmt::format("loss.{}_all_reduce.{}", t == sum ? "sum" : "target", what),
                 Kernel::collective,
                 OpKind::all_reduce,
                 Category::tp_comm,
@@ -1060,17 +1125,74 @@ void Builder::head_forward(int mb, int x) {
                 {},
                 -1,
                 mb});
-  emit(OpSpec{fmt::format("loss.mb{}", mb),
+  emit(OpSpec{fmt::format("loss.{}", what),
               Kernel::ce_finish,
               OpKind::elementwise,
               Category::forward,
               kCompute,
               g_etp_,
-              {logits, mx, sum, target, labels_[m]},
-              {hs.dlogits, loss_},
+              {logits, mx, sum, target, labels},
+              {dlogits, loss_},
               {},
               -1,
               mb});
+}
+
+// Chunked loss (Plan::chunked_loss: Liger's fused linear cross-entropy, TRL's chunked NLL): the
+// head's rows in chunks of about ProgramContext::loss_chunk_tokens per sequence of the
+// micro-batch (the memory model's kLossChunkTokens), each chunk's logits, loss, logits' gradient
+// and the head's input and weight gradients formed in the forward, so one chunk's logits live at a
+// time.
+int Builder::loss_chunks() const {
+  if (!p_.chunked_loss)
+    return 1;
+  const std::int64_t target = c_.loss_chunk_tokens * static_cast<std::int64_t>(p_.micro_batch);
+  std::int64_t c = (rows_e_ + target - 1) / target;
+  while (c < rows_e_ && rows_e_ % c != 0)
+    ++c;
+  return static_cast<int>(c);
+}
+
+void Builder::chunked_loss(int mb, int w) {
+  const auto m = static_cast<std::size_t>(mb);
+  HeadSaved& hs = head_[m];
+  const bool tied = m_.tied_embeddings;
+  const int c = loss_chunks();
+  const std::int64_t rows = rows_e_ / c;
+  std::vector<int> xs, ls, dxs;
+  for (int i = 0; i < c; ++i) {
+    xs.push_back(
+        tensor(fmt::format("head input chunk {} mb{}", i, mb), {rows, h_}, TensorRole::activation));
+    ls.push_back(tensor(fmt::format("labels chunk {} mb{}", i, mb), {rows}, TensorRole::index,
+                        Element::i32));
+    dxs.push_back(
+        tensor(fmt::format("head dx chunk {} mb{}", i, mb), {rows, h_}, TensorRole::activation));
+  }
+  simple(fmt::format("head_input.split.mb{}", mb), Kernel::copy, {hs.xg}, xs, Category::forward, -1,
+         mb);
+  simple(fmt::format("labels.split.mb{}", mb), Kernel::copy, {labels_[m]}, ls, Category::forward,
+         -1, mb);
+  const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
+  for (int i = 0; i < c; ++i) {
+    const std::string what = fmt::format("chunk{}.mb{}", i, mb);
+    const int logits = tensor(fmt::format("logits {}", what), {rows, vl_}, TensorRole::activation);
+    matmul(fmt::format("lm_head.{}", what), {xs[static_cast<std::size_t>(i)]}, {w}, {logits}, false,
+           tied, false, Category::forward, -1, mb);
+    const int dlogits = tensor(fmt::format("dlogits {}", what), {rows, vl_}, TensorRole::activation,
+                               Element::real, sim::Dtype::fp32);
+    loss(what, mb, logits, ls[static_cast<std::size_t>(i)], dlogits);
+    matmul(fmt::format("lm_head.{}.dgrad", what), {dlogits}, {w},
+           {dxs[static_cast<std::size_t>(i)]}, false, !tied, false, Category::backward, -1, mb);
+    if (tied) // dE[v, h] += dlogitsᵀ · x
+      matmul(fmt::format("lm_head.{}.wgrad", what), {dlogits}, {xs[static_cast<std::size_t>(i)]},
+             {g}, true, false, true, Category::backward, -1, mb);
+    else // dW[h, v] += xᵀ · dlogits
+      matmul(fmt::format("lm_head.{}.wgrad", what), {xs[static_cast<std::size_t>(i)]}, {dlogits},
+             {g}, true, false, true, Category::backward, -1, mb);
+  }
+  hs.dx = tensor(fmt::format("head dx mb{}", mb), {rows_e_, h_}, TensorRole::saved);
+  simple(fmt::format("head_dx.concat.mb{}", mb), Kernel::copy, dxs, {hs.dx}, Category::backward, -1,
+         mb);
 }
 
 int Builder::head_backward(int mb) {
@@ -1079,15 +1201,18 @@ int Builder::head_backward(int mb) {
   const bool tied = m_.tied_embeddings;
   const std::string wname = tied ? "embedding" : "lm_head";
   const int bw = s_.params[static_cast<std::size_t>(head_param_)].bucket;
-  const std::vector<int> w = use_bucket(bw, "head.bwd", -1, mb);
-  const int dxg = tensor(fmt::format("head dx mb{}", mb), {rows_e_, h_}, TensorRole::activation);
-  matmul(fmt::format("lm_head.mb{}.dgrad", mb), {hs.dlogits}, {value_of(wname, w, bw)}, {dxg},
-         false, !tied, false, Category::backward, -1, mb);
-  const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
-  if (tied) // dE[v, h] += dlogitsᵀ · x
-    wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.dlogits}, {hs.xg}, {g}, true, -1, mb);
-  else // dW[h, v] += xᵀ · dlogits
-    wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.xg}, {hs.dlogits}, {g}, true, -1, mb);
+  int dxg = hs.dx; // chunked loss: formed in the forward
+  if (dxg < 0) {
+    const std::vector<int> w = use_bucket(bw, "head.bwd", -1, mb);
+    dxg = tensor(fmt::format("head dx mb{}", mb), {rows_e_, h_}, TensorRole::activation);
+    matmul(fmt::format("lm_head.mb{}.dgrad", mb), {hs.dlogits}, {value_of(wname, w, bw)}, {dxg},
+           false, !tied, false, Category::backward, -1, mb);
+    const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
+    if (tied) // dE[v, h] += dlogitsᵀ · x
+      wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.dlogits}, {hs.xg}, {g}, true, -1, mb);
+    else // dW[h, v] += xᵀ · dlogits
+      wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.xg}, {hs.dlogits}, {g}, true, -1, mb);
+  }
   const int dxn =
       collective(fmt::format("head_sp_scatter.mb{}.bwd", mb), OpKind::reduce_scatter,
                  Category::tp_comm, kTp, g_etp_, dxg, {n_, h_}, TensorRole::activation, -1, mb);
@@ -1498,21 +1623,28 @@ std::vector<int*> Builder::backward_reads(LayerSaved& sv) {
   const Recompute rm = p_.recompute[static_cast<int>(LayerKind::dense)];
   AttnSaved& a = sv.a;
   MlpSaved& m = sv.m;
+  const LayerKind mlp = sv.e.x >= 0 ? LayerKind::moe : LayerKind::dense;
+  if (ra == Recompute::full && p_.recompute[static_cast<int>(mlp)] == Recompute::full)
+    return {&a.x}; // the layer's one checkpoint (checkpoints_layer)
   std::vector<int*> out;
   if (ra == Recompute::full)
     out = {&a.x};
   else
-    out = {&a.x, &a.rstd, &a.xg, &a.q_pre, &a.k_pre, &a.q_rstd, &a.k_rstd, &a.q, &a.k, &a.v};
+    out = {&a.x, &a.q_pre, &a.k_pre, &a.q_rstd, &a.k_rstd, &a.q, &a.k, &a.v};
+  if (ra == Recompute::none) // selective recomputes the norm and its gather (renorm)
+    for (int* f : {&a.rstd, &a.xg})
+      out.push_back(f);
   if (ra == Recompute::none)
     for (int* f : {&a.o, &a.cq, &a.ck, &a.cv, &a.co, &a.lse})
       out.push_back(f);
   if (rm == Recompute::full) {
     out.push_back(&m.x);
   } else {
-    for (int* f : {&m.x, &m.rstd, &m.xg, &m.gu})
+    for (int* f : {&m.x, &m.gu})
       out.push_back(f);
     if (rm == Recompute::none)
-      out.push_back(&m.act);
+      for (int* f : {&m.rstd, &m.xg, &m.act})
+        out.push_back(f);
   }
   // An MoE block's real-valued saved tensors (its index and count tables are small and stay).
   MoeSaved& e = sv.e;
@@ -1564,17 +1696,22 @@ void Builder::reload(int l, int mb, LayerSaved& sv) {
   for (int t : dev)
     back.push_back(clone(t, rc_->tensors[static_cast<std::size_t>(t)].name + " (reloaded)",
                          TensorRole::saved, sim::Device::hbm));
-  emit(OpSpec{fmt::format("L{}.act_reload.mb{}", l, mb),
-              Kernel::copy,
-              OpKind::copy_h2d,
-              Category::offload,
-              kH2d,
-              -1,
-              it->second,
-              back,
-              {},
-              l,
-              mb});
+  const int op = emit(OpSpec{fmt::format("L{}.act_reload.mb{}", l, mb),
+                             Kernel::copy,
+                             OpKind::copy_h2d,
+                             Category::offload,
+                             kH2d,
+                             -1,
+                             it->second,
+                             back,
+                             {},
+                             l,
+                             mb});
+  // Reloads run one layer ahead of the backward (the cost-only lowering's bound): layer l's
+  // starts once layer l + 2's backward has ended, so at most two layers' reloaded activations
+  // live at a time (the memory model's reload double buffer), not every layer's at once.
+  if (const auto gate = layer_bwd_end_.find({l + 2, mb}); gate != layer_bwd_end_.end())
+    rc_->ops[static_cast<std::size_t>(op)].deps.push_back(gate->second);
   for (int* f : fields)
     *f = back[static_cast<std::size_t>(std::find(dev.begin(), dev.end(), *f) - dev.begin())];
   host_copies_.erase(it);
@@ -1601,6 +1738,7 @@ void Builder::recompute_mlp(int l, int mb, MlpSaved& s) {
   if (r == strategy::Recompute::full) {
     dense_forward(l, mb, s.x, s, Category::recompute);
   } else if (r == strategy::Recompute::selective) {
+    renorm(l, mb, "mlp", s.x, s.rstd, s.xg);
     s.act =
         tensor(fmt::format("L{}.mlp act.mb{}.recompute", l, mb), {rows_d_, f_}, TensorRole::saved);
     simple(fmt::format("L{}.mlp_act.mb{}.recompute", l, mb), Kernel::swiglu_fwd, {s.gu}, {s.act},
@@ -1621,10 +1759,49 @@ void Builder::recompute_moe(int l, int mb, MoeSaved& s) {
   }
 }
 
+bool Builder::checkpoints_layer(int l) const {
+  using strategy::Recompute;
+  const LayerKind mlp = is_moe(l) ? LayerKind::moe : LayerKind::dense;
+  return p_.recompute[static_cast<int>(LayerKind::attention)] == Recompute::full &&
+         p_.recompute[static_cast<int>(mlp)] == Recompute::full;
+}
+
+void Builder::recompute_layer(int l, int mb, LayerSaved& sv) {
+  const int h = attn_forward(l, mb, sv.a.x, sv.a, Category::recompute);
+  if (is_moe(l))
+    moe_forward(l, mb, h, sv.e, Category::recompute);
+  else
+    dense_forward(l, mb, h, sv.m, Category::recompute);
+}
+
 void Builder::recompute_attention(int l, int mb, AttnSaved& s) {
   const strategy::Recompute r = p_.recompute[static_cast<int>(LayerKind::attention)];
+  if (r == strategy::Recompute::selective)
+    renorm(l, mb, "attn", s.x, s.rstd, s.xg);
   if (r != strategy::Recompute::none)
     attn_forward(l, mb, s.x, s, Category::recompute, r == strategy::Recompute::selective);
+}
+
+// Selective recompute re-runs a block's norm and its sequence-parallel all-gather before the
+// backward, so the forward keeps the block's input alone of them (the memory model's selective
+// policy: no norm output saved). torchtitan's selective activation checkpointing saves neither
+// the norms' outputs nor the all-gathers' (its save list holds GEMMs, attention and
+// reduce-scatters); Megatron-LM saves the sequence-parallel shard and all-gathers it again in
+// the backward for the weight gradient.
+void Builder::renorm(int l, int mb, const char* block, int x, int& rstd, int& xg) {
+  const bool attn = std::string(block) == "attn";
+  auto nm = [&](const char* what) {
+    return fmt::format("L{}.{}_{}.mb{}.recompute", l, block, what, mb);
+  };
+  const std::string wname = pname(l, attn ? "attn.norm" : "mlp.norm");
+  const int br = bucket_of_param(wname);
+  const std::vector<int> wr = use_bucket(br, "bwd", l, mb);
+  const int xn = tensor(nm("norm"), {n_, h_}, TensorRole::activation);
+  rstd = tensor(nm("norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+  simple(nm("norm"), Kernel::rmsnorm_fwd, {x, value_of(wname, wr, br)}, {xn, rstd},
+         Category::recompute, l, mb, norm_attrs());
+  xg = collective(nm("sp_gather"), OpKind::all_gather, Category::tp_comm, kTp,
+                  attn ? g_tp_ : g_dtp_, xn, {attn ? ng_ : rows_d_, h_}, TensorRole::saved, l, mb);
 }
 
 // --- Mixture-of-Experts MLP ----------------------------------------------------------------------
@@ -2276,6 +2453,7 @@ void Builder::build_stage(int stage) {
   make_state();
   const int micro = p_.micro_batches();
   const int layers = static_cast<int>(m_.num_layers());
+  layer_bwd_end_.clear();
   saved_.assign(static_cast<std::size_t>(layers),
                 std::vector<LayerSaved>(static_cast<std::size_t>(micro)));
   head_.assign(static_cast<std::size_t>(micro), {});
@@ -2367,15 +2545,22 @@ void Builder::build_stage(int stage) {
       if (l - 1 >= bounds_[v])
         prefetch(l - 1, mb, "bwd", bwd_gate(i + 1));
       begin_layer_grads(l, mb);
+      const bool whole = checkpoints_layer(l);
+      if (whole)
+        recompute_layer(l, mb, sv);
       if (is_moe(l)) {
-        recompute_moe(l, mb, sv.e);
+        if (!whole)
+          recompute_moe(l, mb, sv.e);
         dx = moe_backward(l, mb, sv.e, dx);
       } else {
-        recompute_mlp(l, mb, sv.m);
+        if (!whole)
+          recompute_mlp(l, mb, sv.m);
         dx = dense_backward(l, mb, sv.m, dx);
       }
-      recompute_attention(l, mb, sv.a);
+      if (!whole)
+        recompute_attention(l, mb, sv.a);
       dx = attn_backward(l, mb, sv.a, dx);
+      layer_bwd_end_[{l, mb}] = static_cast<int>(rc_->ops.size()) - 1;
       bwd_end[static_cast<std::size_t>(i)] = static_cast<int>(rc_->ops.size()) - 1;
       scatter_layer_grads(l, mb);
       // A layer's buckets reduce as soon as its last micro-batch's backward is done, under the

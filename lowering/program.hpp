@@ -17,6 +17,7 @@
 // The features it covers grow toward the whole Plan; check_programmable names the first one a
 // plan uses that it does not build yet.
 #include "sim/schedule.hpp"
+#include "strategies/memory.hpp"
 #include "strategies/plan.hpp"
 #include "workload/model_spec.hpp"
 
@@ -31,6 +32,13 @@ struct ProgramContext {
   // Precision of the layers' GEMMs (FP8 recipes run them in FP8 and keep attention, the LM head
   // and everything else in BF16): what the simulator charges them as.
   sim::Dtype gemm_dtype = sim::Dtype::bf16;
+  // The memory the frameworks hold besides the program's tensors, as the memory model counts it
+  // (strategies/memory.hpp): the CUDA context and NCCL's per-communicator and all-to-all buffers.
+  // Each rank class gets them as resident cost tensors (sim::cost_tensor); zeros add none.
+  strategy::MemoryHardware hw{};
+  // Chunked loss (Plan::chunked_loss): tokens per sequence of the micro-batch in each of the
+  // head's chunks (the memory model's 4096, Liger's and torchtitan's chunk size).
+  std::int64_t loss_chunk_tokens = 4096;
 };
 
 // Throws InputError with one sentence naming the first feature of `plan` the program lowering

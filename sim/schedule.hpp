@@ -157,7 +157,8 @@ enum class Kernel {
   //   unsharded, the members themselves.
   adamw,
   // copy: inputs read as a flat concatenation are written to the outputs' flat concatenation
-  //   (equal sizes): offload and reload (OpKind copy_d2h / copy_h2d), parameter uploads.
+  //   (equal sizes; real tensors, or i32 ones alike): offload and reload (OpKind copy_d2h /
+  //   copy_h2d), parameter uploads, the chunks of a chunked loss.
   copy,
   // zero: sets its outputs to 0 (gradient buffers at the start of a step).
   zero,

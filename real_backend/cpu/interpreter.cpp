@@ -287,7 +287,7 @@ private:
     TrainState<T>& st = sh_.state; // read only
     for (std::size_t t = 0; t < rc_->tensors.size(); ++t) {
       const sim::Tensor& ten = rc_->tensors[t];
-      if (!ten.resident)
+      if (!ten.resident || ten.shape.empty()) // a cost tensor binds nothing
         continue;
       if (ten.role == TensorRole::param && ten.param >= 0) {
         const ParamBind& pb = pb_[sz(ten.param)];
@@ -388,6 +388,13 @@ private:
   }
   void allocate(int t) {
     const sim::Tensor& ten = info(t);
+    if (ten.shape.empty()) { // a cost tensor (sim::cost_tensor): its bytes count, nothing binds
+      if (ten.device == sim::Device::hbm) {
+        live_ += ten.bytes;
+        peak_ = std::max(peak_, live_);
+      }
+      return;
+    }
     const Index n = elements(t);
     if (is_long(t))
       longs_[sz(t)].assign(n, 0);
@@ -402,6 +409,11 @@ private:
   }
   void release(int t) {
     const sim::Tensor& ten = info(t);
+    if (ten.shape.empty()) {
+      if (ten.device == sim::Device::hbm)
+        live_ -= ten.bytes;
+      return;
+    }
     if (ten.device == sim::Device::hbm)
       live_ -= static_cast<double>(stored(t)) * element_bytes(ten);
     std::vector<T>().swap(real_[sz(t)]);
@@ -750,6 +762,19 @@ private:
     case Kernel::adamw:
       return adam(op);
     case Kernel::copy:
+      if (is_int(in[0])) { // integer tensors (labels cut into the loss's chunks)
+        std::vector<std::int32_t> flat;
+        for (int t : in)
+          flat.insert(flat.end(), I(t).begin(), I(t).end());
+        Index at = 0;
+        for (int t : out) {
+          if (at + I(t).size() > flat.size())
+            bug("a copy's outputs are larger than its inputs");
+          std::copy_n(flat.begin() + static_cast<std::ptrdiff_t>(at), I(t).size(), I(t).begin());
+          at += I(t).size();
+        }
+        return;
+      }
       return scatter_to(concat(in), out);
     case Kernel::zero:
       for (int t : out)
