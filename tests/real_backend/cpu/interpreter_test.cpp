@@ -57,6 +57,29 @@ TEST_CASE("interpreter: tensor and sequence parallelism with a vocabulary-parall
   }));
 }
 
+TEST_CASE("interpreter: tensor parallelism without sequence parallelism all-reduces whole rows" *
+          doctest::test_suite("independent")) {
+  // Megatron's TP without SP: every TP rank holds the micro-batch's whole rows, the row-parallel
+  // GEMMs' outputs (and the column-parallel ones' input gradients) all-reduce, the norms'
+  // gradients are whole on each TP rank and sum over the data-parallel ranks only.
+  expect_held_together(make_case("tiny-dense", 2, 2, 16, [](Plan& p) {
+    p.attention.tp = 2;
+    p.attention.sp = false;
+    p.dense.tp = 2;
+    p.embed.tp = 2;
+  }));
+  // With DP and ZeRO-3 on top, and gradient accumulation.
+  expect_held_together(make_case("tiny-dense", 4, 8, 16, [](Plan& p) {
+    p.attention.tp = 2;
+    p.attention.sp = false;
+    p.dense.tp = 2;
+    p.embed.tp = 2;
+    p.micro_batch = 1;
+    for (auto& s : p.state)
+      s.zero = 3;
+  }));
+}
+
 TEST_CASE("interpreter: selective and full recompute run the blocks again before their backward" *
           doctest::test_suite("independent")) {
   using mop::strategy::Recompute;
