@@ -504,7 +504,7 @@ private:
     // Replicated parameters see other tokens on each TP rank under SP (or, tp_partial, other
     // heads' share): summed over the stage; without SP every TP rank has the whole gradient.
     b.grads = key.replicated && (sp_ || key.tp_partial) ? strategy::stage_group()
-                                                       : strategy::data_parallel_group(key.kind);
+                                                        : strategy::data_parallel_group(key.kind);
     const int zero_kind = static_cast<int>(key.kind);
     b.zero = p_.state[zero_kind].zero;
     if (p_.params == strategy::Placement::host)
@@ -1215,7 +1215,8 @@ void Builder::gqa_qkv_forward(int l, int mb, AttnSaved& s, Category cat, const s
     sim::Op& op = rc_->ops[static_cast<std::size_t>(price_only(proj))];
     const double kv = static_cast<double>(m_.attention.num_kv_heads) / p_.attention.tp;
     if (!again)
-      op.model_flops = 2.0 * static_cast<double>(ng_ * h_ * d_) * (static_cast<double>(hl_) + 2 * kv);
+      op.model_flops =
+          2.0 * static_cast<double>(ng_ * h_ * d_) * (static_cast<double>(hl_) + 2 * kv);
   }
   int qr = q, kr = k;
   if (qkn) {
@@ -1279,8 +1280,8 @@ void Builder::mla_qkv_forward(int l, int mb, AttnSaved& s, Category cat) {
   }
   s.kv_lat = tensor(nm("kv latent"), {ng_, a.kv_lora_rank}, TensorRole::saved);
   const int k_rope = tensor(nm("k rope"), {ng_, a.qk_rope_head_dim}, TensorRole::activation);
-  matmul(nm("kv_a_proj"), {s.xg}, {wt("attn.wkv_a"), wt("attn.wk_rope")}, {s.kv_lat, k_rope},
-         false, false, false, cat, l, mb);
+  matmul(nm("kv_a_proj"), {s.xg}, {wt("attn.wkv_a"), wt("attn.wk_rope")}, {s.kv_lat, k_rope}, false,
+         false, false, cat, l, mb);
   s.kv_latn = tensor(nm("kv latent normed"), {ng_, a.kv_lora_rank}, TensorRole::saved);
   s.kv_lat_rstd =
       tensor(nm("kv latent rstd"), {ng_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
@@ -1294,8 +1295,8 @@ void Builder::mla_qkv_forward(int l, int mb, AttnSaved& s, Category cat) {
   rope.theta = m_.rope_theta;
   s.q = tensor(nm("q rotated"), {ng_, hl_, d_}, TensorRole::saved);
   s.k = tensor(nm("k rotated"), {ng_, hl_, d_}, TensorRole::saved);
-  price_only(simple(nm("mla_rope"), Kernel::rope, {q, k_nope, k_rope}, {s.q, s.k}, cat, l, mb,
-                    rope));
+  price_only(
+      simple(nm("mla_rope"), Kernel::rope, {q, k_nope, k_rope}, {s.q, s.k}, cat, l, mb, rope));
 }
 
 int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
@@ -1307,8 +1308,8 @@ int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
   auto grad = [&](const char* role) {
     return pt_[static_cast<std::size_t>(find_param(pname(l, role)))].grad;
   };
-  const int dyg = sp_gather(nm("attn_sp_gather"), g_tp_, dy, {ng_, h_}, TensorRole::activation, l,
-                            mb);
+  const int dyg =
+      sp_gather(nm("attn_sp_gather"), g_tp_, dy, {ng_, h_}, TensorRole::activation, l, mb);
   const int dout = tensor(nm("d attn out"), {ng_, hl_, dv_}, TensorRole::activation);
   matmul(nm("o_proj.dgrad"), {dyg}, {value_of(pname(l, "attn.wo"), w, b)}, {dout}, false, true,
          false, Category::backward, l, mb);
@@ -1379,11 +1380,10 @@ int Builder::mla_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk,
   inv.theta = m_.rope_theta;
   inv.inverse = true;
   const int dqp = tensor(nm("dq unrotated"), {ng_, hl_, d_}, TensorRole::activation);
-  const int dk_nope =
-      tensor(nm("dk nope"), {ng_, hl_, a.qk_nope_head_dim}, TensorRole::activation);
+  const int dk_nope = tensor(nm("dk nope"), {ng_, hl_, a.qk_nope_head_dim}, TensorRole::activation);
   const int dk_rope = tensor(nm("dk rope"), {ng_, a.qk_rope_head_dim}, TensorRole::activation);
-  price_only(simple(nm("mla_rope"), Kernel::rope, {dq, dk}, {dqp, dk_nope, dk_rope}, bwd, l, mb,
-                    inv));
+  price_only(
+      simple(nm("mla_rope"), Kernel::rope, {dq, dk}, {dqp, dk_nope, dk_rope}, bwd, l, mb, inv));
   const int dkvn = tensor(nm("d kv latent normed"), {ng_, a.kv_lora_rank}, TensorRole::activation);
   matmul(nm("kv_b_proj.dgrad"), {dk_nope, dv}, {wt("attn.wk_b"), wt("attn.wv_b")}, {dkvn}, false,
          true, false, bwd, l, mb);
@@ -1397,8 +1397,7 @@ int Builder::mla_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk,
   wgrad(nm("kv_a_proj.wgrad"), {s.xg}, {dkv, dk_rope}, {grad("attn.wkv_a"), grad("attn.wk_rope")},
         true, l, mb);
   if (a.q_lora_rank > 0) {
-    const int dcqn =
-        tensor(nm("d q latent normed"), {ng_, a.q_lora_rank}, TensorRole::activation);
+    const int dcqn = tensor(nm("d q latent normed"), {ng_, a.q_lora_rank}, TensorRole::activation);
     matmul(nm("q_b_proj.dgrad"), {dqp}, {wt("attn.wq_b")}, {dcqn}, false, true, false, bwd, l, mb);
     wgrad(nm("q_b_proj.wgrad"), {s.q_latn}, {dqp}, {grad("attn.wq_b")}, true, l, mb);
     const int dcq = norm_backward(nm("q_a_norm"), nm("d q latent"), s.q_lat, wt("attn.q_a_norm"),
@@ -1687,8 +1686,8 @@ std::vector<int*> Builder::backward_reads(LayerSaved& sv) {
   if (ra == Recompute::full)
     out = {&a.x};
   else
-    out = {&a.x,      &a.rstd,   &a.xg,         &a.q_pre,  &a.k_pre,  &a.q_rstd,
-           &a.k_rstd, &a.q,      &a.k,          &a.v,      &a.q_lat,  &a.q_latn,
+    out = {&a.x,          &a.rstd,   &a.xg,      &a.q_pre,      &a.k_pre, &a.q_rstd,
+           &a.k_rstd,     &a.q,      &a.k,       &a.v,          &a.q_lat, &a.q_latn,
            &a.q_lat_rstd, &a.kv_lat, &a.kv_latn, &a.kv_lat_rstd};
   if (ra == Recompute::none)
     for (int* f : {&a.o, &a.cq, &a.ck, &a.cv, &a.co, &a.lse})
@@ -2096,8 +2095,8 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
                  true, false, true, Category::backward, l, mb);
   const int dgu =
       rows_like(s.rows_in, nm("d experts gate_up"), e.gated ? 2 * f : f, TensorRole::activation);
-  const int act = simple(nm("experts_act"), Kernel::swiglu_bwd, {s.gu, dact}, {dgu},
-                         Category::backward, l, mb);
+  const int act =
+      simple(nm("experts_act"), Kernel::swiglu_bwd, {s.gu, dact}, {dgu}, Category::backward, l, mb);
   if (!e.gated || e.expert_bias)
     price_only(act);
   const int dxr = rows_like(s.rows_in, nm("d experts input"), h_, TensorRole::activation);
@@ -2190,7 +2189,8 @@ int Builder::shared_forward(int l, int mb, MoeSaved& s, Category cat) {
   const std::int64_t fs = e.num_shared_experts * e.shared_intermediate_size / p_.dense.tp;
   const int b = bucket_of_param(pname(l, "moe.shared.up"));
   const std::vector<int> w = use_bucket(b, again ? "bwd" : "fwd", l, mb);
-  s.sh_xg = sp_gather(nm("shared_sp_gather"), g_dtp_, s.xn, {rows_d_, h_}, TensorRole::saved, l, mb);
+  s.sh_xg =
+      sp_gather(nm("shared_sp_gather"), g_dtp_, s.xn, {rows_d_, h_}, TensorRole::saved, l, mb);
   std::vector<int> wu;
   if (e.gated)
     wu.push_back(value_of(pname(l, "moe.shared.gate"), w, b));
@@ -2202,8 +2202,8 @@ int Builder::shared_forward(int l, int mb, MoeSaved& s, Category cat) {
   if (!e.gated)
     price_only(act);
   const int out = tensor(nm("shared out"), {rows_d_, h_}, TensorRole::activation);
-  matmul(nm("shared_down"), {s.sh_act}, {value_of(pname(l, "moe.shared.down"), w, b)}, {out},
-         false, false, false, cat, l, mb);
+  matmul(nm("shared_down"), {s.sh_act}, {value_of(pname(l, "moe.shared.down"), w, b)}, {out}, false,
+         false, false, cat, l, mb);
   return sp_scatter(nm("shared_sp_scatter"), g_dtp_, out, {n_, h_}, l, mb);
 }
 
@@ -2666,10 +2666,10 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
   if (p.attention.cp > 1) {
     const strategy::CpSplit cp = strategy::cp_split(p, c.gpus_per_node);
     const std::int64_t heads = m.attention.num_heads / p.attention.tp;
-    const std::int64_t kv = m.attention.kind == workload::AttentionKind::mla
-                                ? heads
-                                : std::max<std::int64_t>(1, m.attention.num_kv_heads /
-                                                                p.attention.tp);
+    const std::int64_t kv =
+        m.attention.kind == workload::AttentionKind::mla
+            ? heads
+            : std::max<std::int64_t>(1, m.attention.num_kv_heads / p.attention.tp);
     if (cp.ulysses > 1 && (heads % cp.ulysses != 0 || kv % cp.ulysses != 0))
       throw InputError(fmt::format("Ulysses cp {} must divide the heads left on a tp rank ({} "
                                    "query, {} key/value)",

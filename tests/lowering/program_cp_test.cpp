@@ -151,8 +151,9 @@ TEST_CASE("program lowering: Ulysses CP prices whole sequences and four all-to-a
   CHECK(b.attention_flops == rel(a.attention_flops));
 }
 
-TEST_CASE("program lowering: an uneven CP split is priced only, Ulysses over too few heads refused" *
-          doctest::test_suite("plumbing")) {
+TEST_CASE(
+    "program lowering: an uneven CP split is priced only, Ulysses over too few heads refused" *
+    doctest::test_suite("plumbing")) {
   const workload::ModelSpec m = workload::load_model("tiny-dense");
   // Ring CP 2 needs the sequence in 4 chunks: 6 tokens are priced as 8 (two chunks of 2 on each
   // rank), and no executor runs that token layout.
