@@ -104,12 +104,16 @@ public:
     lc_ = (c_.seq + cp_chunks - 1) / cp_chunks * (cp_chunks / p_.attention.cp);
     ng_ = p_.micro_batch * lc_;
     n_ = sp_ ? (ng_ + p_.attention.tp - 1) / p_.attention.tp : ng_;
+    // A vocabulary the embedding TP does not divide is padded to a multiple of it (Megatron pads
+    // to one of 128·tp); priced only, as the checkpoint's table has the model's rows.
+    vl_ = (m_.vocab_size + p_.embed.tp - 1) / p_.embed.tp;
+    vocab_ = vl_ * p_.embed.tp;
     // Without SP the ranks of every TP group must hold the same rows (one TP degree for all
     // kinds, as Megatron has); other degrees are priced only.
     inexact_ = lc_ * p_.attention.cp != c_.seq || (sp_ && n_ * p_.attention.tp != ng_) ||
-               (!sp_ && (p_.dense.tp != p_.attention.tp || p_.embed.tp != p_.attention.tp));
+               (!sp_ && (p_.dense.tp != p_.attention.tp || p_.embed.tp != p_.attention.tp)) ||
+               vocab_ != m_.vocab_size;
     f_ = m_.dense_mlp.intermediate_size / p_.dense.tp;
-    vl_ = m_.vocab_size / p_.embed.tp;
     rows_e_ = sp_ ? n_ * p_.embed.tp : n_;
     rows_d_ = sp_ ? n_ * p_.dense.tp : n_;
     const strategy::CpSplit cp = strategy::cp_split(p_, c_.gpus_per_node);
@@ -125,6 +129,7 @@ private:
   const workload::ModelSpec& m_;
   std::int64_t h_ = 0, d_ = 0, hl_ = 0, kvl_ = 0, lc_ = 0, ng_ = 0, n_ = 0, f_ = 0, vl_ = 0;
   std::int64_t dv_ = 0;        // the value head dim (d_ is q's and k's; they differ under MLA)
+  std::int64_t vocab_ = 0;     // the vocabulary, padded to a multiple of the embedding TP
   bool mla_ = false;           // multi-head latent attention
   bool kv_replicated_ = false; // fewer key/value heads than TP ranks: one replica per rank
   bool sp_ = true;             // sequence parallelism (without it: all-reduces, whole rows)
@@ -765,7 +770,7 @@ void Builder::declare_params() {
   const BucketKey emb{-1, LayerKind::embedding, false, false};
   const BucketKey head{-1, LayerKind::embedding, false, pipe};
   const BucketKey head_rep{-1, LayerKind::embedding, true, pipe};
-  emb_param_ = param("embedding", {m_.vocab_size, h}, {{0, "embed", "tp"}}, emb);
+  emb_param_ = param("embedding", {vocab_, h}, {{0, "embed", "tp"}}, emb);
   for (int l = 0; l < static_cast<int>(m_.num_layers()); ++l) {
     const BucketKey att{l, LayerKind::attention, false}, att_rep{l, LayerKind::attention, true};
     param(pname(l, "attn.norm"), {h}, {}, att_rep);
@@ -801,13 +806,13 @@ void Builder::declare_params() {
   }
   param("final_norm", {h}, {}, head_rep);
   if (!m_.tied_embeddings) {
-    head_param_ = param("lm_head", {h, m_.vocab_size}, {{1, "embed", "tp"}}, head);
+    head_param_ = param("lm_head", {h, vocab_}, {{1, "embed", "tp"}}, head);
   } else if (!pipe) {
     head_param_ = emb_param_;
   } else {
     // The last stage's copy of the tied table; the two copies' gradients sum over the first
     // and last stage (Megatron's embedding group).
-    head_param_ = param("embedding", {m_.vocab_size, h}, {{0, "embed", "tp"}}, head);
+    head_param_ = param("embedding", {vocab_, h}, {{0, "embed", "tp"}}, head);
     sim::GroupSpec ends{"embed", {"pp"}};
     ends.ends_only = true;
     g_tied_ = group(group_name(ends), ends);
@@ -2692,17 +2697,8 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
     throw InputError(fmt::format("dense tp {} does not divide the shared experts' width {}",
                                  p.dense.tp,
                                  m.moe.num_shared_experts * m.moe.shared_intermediate_size));
-  if (m.vocab_size % p.embed.tp != 0)
-    throw InputError(
-        fmt::format("embedding tp {} does not divide the vocabulary {}", p.embed.tp, m.vocab_size));
   if (p.global_batch <= 0 || p.micro_batches() < 1)
     throw InputError("the plan has no micro-batch per step");
-  const auto bounds = strategy::virtual_stage_bounds(p, static_cast<int>(m.num_layers()));
-  for (std::size_t v = 0; v + 1 < bounds.size(); ++v)
-    if (bounds[v + 1] <= bounds[v])
-      throw InputError(fmt::format("virtual pipeline stage {} holds no layer ({} layers over {} "
-                                   "stages)",
-                                   v, m.num_layers(), bounds.size() - 1));
 }
 
 sim::Schedule lower_program(const Plan& p, const ProgramContext& c) {
