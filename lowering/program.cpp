@@ -224,6 +224,7 @@ private:
     sim::Attrs attrs;
     int layer = -1;
     int mb = -1;
+    double flops_scale = 1; // of the model FLOPs counted (see scaled())
   };
   // Zero-bubble: weight-gradient GEMMs held back to the pipeline order's next flush.
   bool defer_wgrad_ = false;
@@ -400,14 +401,41 @@ private:
       emit(std::move(o));
   }
   void flush_wgrad() {
-    for (OpSpec& o : held_wgrad_)
-      emit(std::move(o));
+    for (OpSpec& o : held_wgrad_) {
+      const double f = o.flops_scale;
+      scaled(emit(std::move(o)), f);
+    }
     held_wgrad_.clear();
   }
   int simple(const std::string& name, Kernel k, std::vector<int> in, std::vector<int> out,
              Category cat, int layer, int mb, sim::Attrs attrs = {}) {
     return emit(OpSpec{name, k, OpKind::elementwise, cat, kCompute, -1, std::move(in),
                        std::move(out), attrs, layer, mb});
+  }
+  // Work the TP ranks repeat (MLA's down projections, replicated key/value heads) counts once
+  // in the model FLOPs: op's are scaled by f.
+  int scaled(int op, double f) {
+    rc_->ops[static_cast<std::size_t>(op)].model_flops *= f;
+    return op;
+  }
+  int replicated(int op) { return scaled(op, 1.0 / p_.attention.tp); }
+  // The share of the q/k/v projection's FLOPs the model counts: 1, or with replicated key/value
+  // heads each head once (the cost-only lowering's count).
+  double kv_share() const {
+    if (!kv_replicated_)
+      return 1;
+    const double kv = static_cast<double>(m_.attention.num_kv_heads) / p_.attention.tp;
+    return (static_cast<double>(hl_) + 2 * kv) / static_cast<double>(hl_ + 2 * kvl_);
+  }
+  // A weight-gradient GEMM of such work (held back under zero-bubble: scaled when placed).
+  void scaled_wgrad(double f, const std::string& name, std::vector<int> a, std::vector<int> b,
+                    std::vector<int> c, bool ta, int layer, int mb) {
+    const std::size_t before = rc_->ops.size();
+    wgrad(name, std::move(a), std::move(b), std::move(c), ta, layer, mb);
+    if (rc_->ops.size() > before)
+      scaled(static_cast<int>(before), f);
+    else
+      held_wgrad_.back().flops_scale = f;
   }
   // Op `op` keeps the price its kernel gave it but no executor runs it (Kernel::none): a
   // feature the executable layer does not express (MLA's split rotary heads, a sigmoid router,
@@ -1215,14 +1243,8 @@ void Builder::gqa_qkv_forward(int l, int mb, AttnSaved& s, Category cat, const s
                           {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
                            value_of(pname(l, "attn.wv"), w, b)},
                           {q, k, s.v}, false, false, false, cat, l, mb);
-  if (kv_replicated_) {
-    // Each rank computes its key/value head's replica; the model counts each head once.
-    sim::Op& op = rc_->ops[static_cast<std::size_t>(price_only(proj))];
-    const double kv = static_cast<double>(m_.attention.num_kv_heads) / p_.attention.tp;
-    if (!again)
-      op.model_flops =
-          2.0 * static_cast<double>(ng_ * h_ * d_) * (static_cast<double>(hl_) + 2 * kv);
-  }
+  if (kv_replicated_) // each rank computes its key/value head's replica
+    scaled(price_only(proj), kv_share());
   int qr = q, kr = k;
   if (qkn) {
     s.q_pre = q;
@@ -1273,7 +1295,8 @@ void Builder::mla_qkv_forward(int l, int mb, AttnSaved& s, Category cat) {
   const int q = tensor(nm("q"), {ng_, hl_, d_}, TensorRole::activation);
   if (a.q_lora_rank > 0) {
     s.q_lat = tensor(nm("q latent"), {ng_, a.q_lora_rank}, TensorRole::saved);
-    matmul(nm("q_a_proj"), {s.xg}, {wt("attn.wq_a")}, {s.q_lat}, false, false, false, cat, l, mb);
+    replicated(matmul(nm("q_a_proj"), {s.xg}, {wt("attn.wq_a")}, {s.q_lat}, false, false, false,
+                      cat, l, mb));
     s.q_latn = tensor(nm("q latent normed"), {ng_, a.q_lora_rank}, TensorRole::saved);
     s.q_lat_rstd =
         tensor(nm("q latent rstd"), {ng_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
@@ -1285,8 +1308,8 @@ void Builder::mla_qkv_forward(int l, int mb, AttnSaved& s, Category cat) {
   }
   s.kv_lat = tensor(nm("kv latent"), {ng_, a.kv_lora_rank}, TensorRole::saved);
   const int k_rope = tensor(nm("k rope"), {ng_, a.qk_rope_head_dim}, TensorRole::activation);
-  matmul(nm("kv_a_proj"), {s.xg}, {wt("attn.wkv_a"), wt("attn.wk_rope")}, {s.kv_lat, k_rope}, false,
-         false, false, cat, l, mb);
+  replicated(matmul(nm("kv_a_proj"), {s.xg}, {wt("attn.wkv_a"), wt("attn.wk_rope")}, {s.kv_lat, k_rope}, false,
+         false, false, cat, l, mb));
   s.kv_latn = tensor(nm("kv latent normed"), {ng_, a.kv_lora_rank}, TensorRole::saved);
   s.kv_lat_rstd =
       tensor(nm("kv latent rstd"), {ng_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
@@ -1357,12 +1380,13 @@ int Builder::gqa_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk,
                        l, mb);
   }
   const int dxg = tensor(nm("d attn input"), {ng_, h_}, TensorRole::activation);
-  matmul(nm("qkv_proj.dgrad"), {dq, dk, dv},
-         {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
-          value_of(pname(l, "attn.wv"), w, b)},
-         {dxg}, false, true, false, Category::backward, l, mb);
-  wgrad(nm("qkv_proj.wgrad"), {s.xg}, {dq, dk, dv},
-        {grad("attn.wq"), grad("attn.wk"), grad("attn.wv")}, true, l, mb);
+  scaled(matmul(nm("qkv_proj.dgrad"), {dq, dk, dv},
+                {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
+                 value_of(pname(l, "attn.wv"), w, b)},
+                {dxg}, false, true, false, Category::backward, l, mb),
+         kv_share());
+  scaled_wgrad(kv_share(), nm("qkv_proj.wgrad"), {s.xg}, {dq, dk, dv},
+               {grad("attn.wq"), grad("attn.wk"), grad("attn.wv")}, true, l, mb);
   return dxg;
 }
 
@@ -1397,9 +1421,9 @@ int Builder::mla_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk,
   const int dkv = norm_backward(nm("kv_a_norm"), nm("d kv latent"), s.kv_lat, wt("attn.kv_a_norm"),
                                 s.kv_lat_rstd, dkvn, grad("attn.kv_a_norm"), l, mb);
   const int dxg = tensor(nm("d attn input"), {ng_, h_}, TensorRole::activation);
-  matmul(nm("kv_a_proj.dgrad"), {dkv, dk_rope}, {wt("attn.wkv_a"), wt("attn.wk_rope")}, {dxg},
-         false, true, false, bwd, l, mb);
-  wgrad(nm("kv_a_proj.wgrad"), {s.xg}, {dkv, dk_rope}, {grad("attn.wkv_a"), grad("attn.wk_rope")},
+  replicated(matmul(nm("kv_a_proj.dgrad"), {dkv, dk_rope}, {wt("attn.wkv_a"), wt("attn.wk_rope")}, {dxg},
+         false, true, false, bwd, l, mb));
+  scaled_wgrad(1.0 / p_.attention.tp, nm("kv_a_proj.wgrad"), {s.xg}, {dkv, dk_rope}, {grad("attn.wkv_a"), grad("attn.wk_rope")},
         true, l, mb);
   if (a.q_lora_rank > 0) {
     const int dcqn = tensor(nm("d q latent normed"), {ng_, a.q_lora_rank}, TensorRole::activation);
@@ -1407,8 +1431,8 @@ int Builder::mla_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk,
     wgrad(nm("q_b_proj.wgrad"), {s.q_latn}, {dqp}, {grad("attn.wq_b")}, true, l, mb);
     const int dcq = norm_backward(nm("q_a_norm"), nm("d q latent"), s.q_lat, wt("attn.q_a_norm"),
                                   s.q_lat_rstd, dcqn, grad("attn.q_a_norm"), l, mb);
-    matmul(nm("q_a_proj.dgrad"), {dcq}, {wt("attn.wq_a")}, {dxg}, false, true, true, bwd, l, mb);
-    wgrad(nm("q_a_proj.wgrad"), {s.xg}, {dcq}, {grad("attn.wq_a")}, true, l, mb);
+    replicated(matmul(nm("q_a_proj.dgrad"), {dcq}, {wt("attn.wq_a")}, {dxg}, false, true, true, bwd, l, mb));
+    scaled_wgrad(1.0 / p_.attention.tp, nm("q_a_proj.wgrad"), {s.xg}, {dcq}, {grad("attn.wq_a")}, true, l, mb);
   } else {
     matmul(nm("q_proj.dgrad"), {dqp}, {wt("attn.wq")}, {dxg}, false, true, true, bwd, l, mb);
     wgrad(nm("q_proj.wgrad"), {s.xg}, {dqp}, {grad("attn.wq")}, true, l, mb);
@@ -1456,10 +1480,18 @@ int Builder::cp_collective(const std::string& name, OpKind kind, int g, std::vec
 // (the Ulysses group's chunks, in group order) with heads / ulysses heads [B·u·lc, hs, d]:
 // pack the block for Ulysses rank j (its heads j·hs ..) first, exchange equal blocks, then put
 // each sequence's u received chunks together (no copy for one sequence: already in order).
+// Key/value heads fewer than the Ulysses ranks are first repeated to one per rank (priced, not
+// executable; their gradients are summed back in to_tokens).
 int Builder::to_heads(const std::string& name, int x, std::int64_t heads, TensorRole role,
                       Category cat, int l, int mb) {
   if (uly_ == 1)
     return x;
+  if (heads < uly_) {
+    const int rep = tensor(name + " replicated", {ng_, uly_, shape(x)[2]}, TensorRole::activation);
+    price_only(simple(name + ".replicate", Kernel::transpose, {x}, {rep}, cat, l, mb));
+    x = rep;
+    heads = uly_;
+  }
   const std::int64_t hs = heads / uly_, B = p_.micro_batch, d = shape(x)[2];
   const int send = tensor(name + " packed", {uly_, ng_, hs, d}, TensorRole::comm_buffer);
   transpose(name + ".pack", x, send, ng_, uly_, cat, l, mb);
@@ -1478,6 +1510,12 @@ int Builder::to_tokens(const std::string& name, int x, std::int64_t heads, Tenso
                        Category cat, int l, int mb) {
   if (uly_ == 1)
     return x;
+  if (heads < uly_) { // replicated key/value heads: their gradients summed over the replicas
+    const int all = to_tokens(name + " replicas", x, uly_, TensorRole::activation, cat, l, mb);
+    const int y = tensor(name, {ng_, heads, shape(all)[2]}, role);
+    price_only(simple(name + ".sum_replicas", Kernel::transpose, {all}, {y}, cat, l, mb));
+    return y;
+  }
   const std::int64_t hs = heads / uly_, B = p_.micro_batch, d = shape(x)[2];
   int send = x;
   if (B > 1) {
@@ -2675,7 +2713,9 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
         m.attention.kind == workload::AttentionKind::mla
             ? heads
             : std::max<std::int64_t>(1, m.attention.num_kv_heads / p.attention.tp);
-    if (cp.ulysses > 1 && (heads % cp.ulysses != 0 || kv % cp.ulysses != 0))
+    // Key/value heads fewer than the Ulysses ranks are replicated to one per rank.
+    if (cp.ulysses > 1 &&
+        (heads % cp.ulysses != 0 || (kv % cp.ulysses != 0 && cp.ulysses % kv != 0)))
       throw InputError(fmt::format("Ulysses cp {} must divide the heads left on a tp rank ({} "
                                    "query, {} key/value)",
                                    cp.ulysses, heads, kv));

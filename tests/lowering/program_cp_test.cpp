@@ -165,16 +165,32 @@ TEST_CASE(
       CHECK(uneven.classes[0].tensors[static_cast<std::size_t>(op.outputs[0])].shape ==
             std::vector<std::int64_t>{4 * cp_plan(CpKind::ring).micro_batch});
     }
-  // Ulysses 4 over 2 key/value heads.
+  // Ulysses 4 over 2 key/value heads: each repeated to one per rank, priced only.
   Plan p;
   p.world = 4;
   p.global_batch = 4;
   p.attention.cp = 4;
   p.attention.cp_kind = CpKind::ulysses;
   strategy::complete_plan(p);
+  const sim::Schedule rep = lowering::lower_program(p, {&m, 64, 8});
+  int replicas = 0;
+  for (const sim::Op& op : rep.classes[0].ops)
+    if (op.name == "L0.k heads.mb0.replicate") {
+      ++replicas;
+      CHECK(op.kernel == sim::Kernel::none);
+      // [16 rows, 4 heads, 16] in BF16, from [16, 2, 16].
+      CHECK(op.bytes == 2 * 16 * (4 + 2) * 16);
+    }
+  CHECK(replicas == 1);
+  // Ulysses 3 splits neither the 4 query heads nor the 2 key/value heads.
+  p.world = 3;
+  p.global_batch = 3;
+  p.attention.cp = 3;
+  p.attention.dp = 0;
+  strategy::complete_plan(p);
   CHECK(test::input_error_of([&] {
-          lowering::lower_program(p, {&m, 64, 8});
-        }) == "Ulysses cp 4 must divide the heads left on a tp rank (4 query, 2 key/value)");
+          lowering::lower_program(p, {&m, 63, 8});
+        }) == "Ulysses cp 3 must divide the heads left on a tp rank (4 query, 2 key/value)");
 }
 
 TEST_CASE("program lowering: the simulator plays ring, Ulysses and hybrid CP" *
