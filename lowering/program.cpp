@@ -923,7 +923,9 @@ void Builder::make_state() {
       if (state_on_host)
         rc_->tensors.back().device = sim::Device::host;
     }
-    if (p_.optimizer_on_host && p_.params != strategy::Placement::host) {
+    // Parameters on the host are the ZeRO-3 shards; a bucket with nothing to shard over (one
+    // rank) keeps them in HBM, with master weights on the host like any host optimizer.
+    if (p_.optimizer_on_host && (p_.params != strategy::Placement::host || bk.zero < 3)) {
       bt_[b].master = tensor(bk.name + ".master", {owned}, TensorRole::optimizer_state,
                              Element::real, sim::Dtype::fp32);
       rc_->tensors.back().slot = sim::Tensor::Slot::master_weights;
@@ -2403,7 +2405,7 @@ void Builder::step_bucket(int b, const std::vector<int>& owned_grads, bool defer
        owned_grads, {gh});
     // With the parameters on the host (ZeRO-3 shards), the step updates them in place;
     // otherwise it updates the host's FP32 master weights, uploaded as the new parameters.
-    const bool params_on_host = p_.params == strategy::Placement::host;
+    const bool params_on_host = p_.params == strategy::Placement::host && bk.zero >= 3;
     const int master = params_on_host ? bt.shard : bt.master;
     const int a = op(bk.name + ".host_adamw", Kernel::adamw, OpKind::host_adam, Category::optimizer,
                      kHost, {master, gh, bt.m, bt.v}, {master, bt.m, bt.v});
