@@ -63,8 +63,8 @@ double executed_flops(const sim::Schedule& s) {
 TEST_CASE("program lowering: every preset of every catalog model lowers and simulates beside the "
           "cost-only lowering" *
           doctest::test_suite("independent")) {
-  // Every catalog model at 4K tokens on the planner tests' node counts, and the MLA models at
-  // 32K on twice as many; each family's resolved plan.
+  // Every catalog model at 4K tokens on the planner tests' node counts, each family's resolved
+  // plan; the MLA models also at 32K on twice as many (Megatron's and mop's plans: TP, hybrid CP).
   // Second method for the arithmetic: 3 x the workload model's forward FLOPs x the batch, exact.
   // The arithmetic the GEMMs and attention kernels execute (recompute included) agrees with the
   // cost-only lowering's within 1 %: the same shapes (M, N, K, experts' rows, heads, lengths,
@@ -88,6 +88,8 @@ TEST_CASE("program lowering: every preset of every catalog model lowers and simu
       points.emplace_back(32768, 2 * nodes);
     for (const auto& [seq, n] : points)
       for (const std::string& family : strategy::family_names()) {
+        if (seq > 4096 && family != "megatron" && family != "mop")
+          continue; // the long-sequence MLA plans of the two families that split heads
         CAPTURE(id);
         CAPTURE(seq);
         CAPTURE(n);
@@ -99,12 +101,10 @@ TEST_CASE("program lowering: every preset of every catalog model lowers and simu
         ctx.hw = strategy::memory_hardware(c);
         const strategy::ResolvedPlan r = strategy::resolve_plan(family, ctx);
         CAPTURE(strategy::summary(r.plan));
-        sim::Schedule s;
-        CHECK_NOTHROW(s = lowering::lower_program(r.plan, {&m, seq, 8}));
-        CHECK_NOTHROW(sim::check_schedule(s));
         const strategy::LoweringContext lc{&m, seq, 8, ctx.hw, {}};
         const planner::StepEvaluation prog =
             planner::evaluate_step(r.plan, lc, c, hw::Calibration{}, 4, planner::Lowering::program);
+        CHECK_NOTHROW(sim::check_schedule(prog.schedule)); // the program lowering's Schedule
         const planner::StepEvaluation cost =
             planner::evaluate_step(r.plan, lc, c, hw::Calibration{}, 4);
         REQUIRE(prog.program);
