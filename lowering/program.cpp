@@ -1310,8 +1310,8 @@ void Builder::mla_qkv_forward(int l, int mb, AttnSaved& s, Category cat) {
   }
   s.kv_lat = tensor(nm("kv latent"), {ng_, a.kv_lora_rank}, TensorRole::saved);
   const int k_rope = tensor(nm("k rope"), {ng_, a.qk_rope_head_dim}, TensorRole::activation);
-  replicated(matmul(nm("kv_a_proj"), {s.xg}, {wt("attn.wkv_a"), wt("attn.wk_rope")}, {s.kv_lat, k_rope}, false,
-         false, false, cat, l, mb));
+  replicated(matmul(nm("kv_a_proj"), {s.xg}, {wt("attn.wkv_a"), wt("attn.wk_rope")},
+                    {s.kv_lat, k_rope}, false, false, false, cat, l, mb));
   s.kv_latn = tensor(nm("kv latent normed"), {ng_, a.kv_lora_rank}, TensorRole::saved);
   s.kv_lat_rstd =
       tensor(nm("kv latent rstd"), {ng_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
@@ -1423,18 +1423,20 @@ int Builder::mla_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk,
   const int dkv = norm_backward(nm("kv_a_norm"), nm("d kv latent"), s.kv_lat, wt("attn.kv_a_norm"),
                                 s.kv_lat_rstd, dkvn, grad("attn.kv_a_norm"), l, mb);
   const int dxg = tensor(nm("d attn input"), {ng_, h_}, TensorRole::activation);
-  replicated(matmul(nm("kv_a_proj.dgrad"), {dkv, dk_rope}, {wt("attn.wkv_a"), wt("attn.wk_rope")}, {dxg},
-         false, true, false, bwd, l, mb));
-  scaled_wgrad(1.0 / p_.attention.tp, nm("kv_a_proj.wgrad"), {s.xg}, {dkv, dk_rope}, {grad("attn.wkv_a"), grad("attn.wk_rope")},
-        true, l, mb);
+  replicated(matmul(nm("kv_a_proj.dgrad"), {dkv, dk_rope}, {wt("attn.wkv_a"), wt("attn.wk_rope")},
+                    {dxg}, false, true, false, bwd, l, mb));
+  scaled_wgrad(1.0 / p_.attention.tp, nm("kv_a_proj.wgrad"), {s.xg}, {dkv, dk_rope},
+               {grad("attn.wkv_a"), grad("attn.wk_rope")}, true, l, mb);
   if (a.q_lora_rank > 0) {
     const int dcqn = tensor(nm("d q latent normed"), {ng_, a.q_lora_rank}, TensorRole::activation);
     matmul(nm("q_b_proj.dgrad"), {dqp}, {wt("attn.wq_b")}, {dcqn}, false, true, false, bwd, l, mb);
     wgrad(nm("q_b_proj.wgrad"), {s.q_latn}, {dqp}, {grad("attn.wq_b")}, true, l, mb);
     const int dcq = norm_backward(nm("q_a_norm"), nm("d q latent"), s.q_lat, wt("attn.q_a_norm"),
                                   s.q_lat_rstd, dcqn, grad("attn.q_a_norm"), l, mb);
-    replicated(matmul(nm("q_a_proj.dgrad"), {dcq}, {wt("attn.wq_a")}, {dxg}, false, true, true, bwd, l, mb));
-    scaled_wgrad(1.0 / p_.attention.tp, nm("q_a_proj.wgrad"), {s.xg}, {dcq}, {grad("attn.wq_a")}, true, l, mb);
+    replicated(matmul(nm("q_a_proj.dgrad"), {dcq}, {wt("attn.wq_a")}, {dxg}, false, true, true, bwd,
+                      l, mb));
+    scaled_wgrad(1.0 / p_.attention.tp, nm("q_a_proj.wgrad"), {s.xg}, {dcq}, {grad("attn.wq_a")},
+                 true, l, mb);
   } else {
     matmul(nm("q_proj.dgrad"), {dqp}, {wt("attn.wq")}, {dxg}, false, true, true, bwd, l, mb);
     wgrad(nm("q_proj.wgrad"), {s.xg}, {dqp}, {grad("attn.wq")}, true, l, mb);

@@ -175,8 +175,8 @@ TEST_CASE("program lowering: MLA's projections and attention core, by hand" *
   const double rows = 4096, h = 7168, heads = 64;
   // The down projections run on both TP ranks; the model counts them once.
   check_gemm(k.s, "L0.q_a_proj.mb0", rows, 1536, h, 0.5);
-  check_gemm(k.s, "L0.q_b_proj.mb0", rows, heads * (128 + 64), 1536); // the heads' q
-  check_gemm(k.s, "L0.kv_a_proj.mb0", rows, 512 + 64, h, 0.5); // latent and shared rope key
+  check_gemm(k.s, "L0.q_b_proj.mb0", rows, heads * (128 + 64), 1536);  // the heads' q
+  check_gemm(k.s, "L0.kv_a_proj.mb0", rows, 512 + 64, h, 0.5);         // latent and shared rope key
   check_gemm(k.s, "L0.kv_b_proj.mb0", rows, heads * (128 + 128), 512); // k_nope and v
   check_gemm(k.s, "L0.o_proj.mb0", rows, h, heads * 128);
   const sim::Op* core = find_op(k.s, "L0.attn_core.mb0");
