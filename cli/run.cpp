@@ -38,10 +38,10 @@ struct RunArgs {
   bool batch_given = false, save_given = false, resume_given = false;
 };
 
-// A preset resolves over its family's plans that the program lowering builds; a path is checked
-// as it is.
-strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec, std::int64_t seq,
-                           int batch) {
+// A preset resolves over its family's plans that the program lowering builds and the CPU
+// interpreter runs (no priced-only op); a path is checked as it is.
+strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec,
+                           const real::TinyConfig& c, std::int64_t seq, int batch) {
   strategy::PlanContext ctx;
   ctx.model = &spec;
   ctx.seq = seq;
@@ -54,7 +54,8 @@ strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec, st
         if (q.world != a.ranks)
           throw InputError(fmt::format("the plan '{}' is for {} ranks, not --ranks {}", a.plan,
                                        q.world, a.ranks));
-        lowering::check_programmable(q, lowering::ProgramContext{&spec, seq, a.ranks});
+        const lowering::ProgramContext pc{&spec, seq, a.ranks};
+        real::check_interpretable(lowering::lower_program(q, pc), c);
       }).plan;
   return p;
 }
@@ -95,7 +96,7 @@ void run(const RunArgs& a) {
                                  "(got {})",
                                  limits::max_cpu_seq, seq));
   const int batch = a.batch_given ? static_cast<int>(a.batch) : 4 * a.ranks;
-  const strategy::Plan plan = choose_plan(a, spec, seq, batch);
+  const strategy::Plan plan = choose_plan(a, spec, c, seq, batch);
   if (plan.global_batch > limits::max_cpu_tokens_per_step / seq)
     throw InputError(fmt::format("a step of {} sequences of {} tokens is more than the CPU "
                                  "executor's {} tokens per step",

@@ -74,7 +74,8 @@ void add_validate_command(CLI::App& app) {
                       {"mape_memory_dense", number_or_null(rep.mape_memory_dense)},
                       {"mape_memory_moe", number_or_null(rep.mape_memory_moe)},
                       {"rows", rep.rows},
-                      {"rows_predicted", rep.rows_predicted}});
+                      {"rows_predicted", rep.rows_predicted},
+                      {"rows_predicted_by_program", rep.rows_predicted_by_program}});
       return;
     }
     TextTable t{

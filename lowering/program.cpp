@@ -31,10 +31,6 @@ const char* const kStreamNames[kNumStreams] = {"compute",  "comm.tp",  "comm.cp"
                                                "comm.ep",  "comm.dp",  "comm.pp",
                                                "copy.h2d", "copy.d2h", "host"};
 
-[[noreturn]] void not_yet(const std::string& what) {
-  throw InputError(fmt::format("the program lowering does not build {} yet", what));
-}
-
 std::int64_t numel(const Shape& s) {
   std::int64_t n = 1;
   for (auto d : s)
@@ -81,7 +77,10 @@ struct BucketKey {
   int layer = -1;
   LayerKind kind = LayerKind::embedding;
   bool replicated = false; // the parameter, not the bucket: buckets ignore it
-  bool head = false; // the last stage's final norm and LM head, under a pipeline
+  bool head = false;       // the last stage's final norm and LM head, under a pipeline
+  // Replicated over TP but each rank holding a partial gradient (MLA's latent projections):
+  // summed over the stage even without sequence parallelism.
+  bool tp_partial = false;
   bool operator==(const BucketKey&) const = default;
 };
 
@@ -92,9 +91,8 @@ struct BucketKey {
 // compute stream waits for a blocking collective's result). The ring's hops and the data-parallel
 // and pipeline traffic overlap: their dependencies are their operands'.
 bool blocks_compute(const sim::Op& op) {
-  return op.kernel == Kernel::collective &&
-         (op.stream == kTp || op.stream == kEp ||
-          (op.stream == kCp && op.kind == OpKind::all_to_all));
+  return op.kernel == Kernel::collective && (op.stream == kTp || op.stream == kEp ||
+                                             (op.stream == kCp && op.kind == OpKind::all_to_all));
 }
 
 void order_blocking_collectives(sim::RankClass& rc) {
@@ -119,16 +117,35 @@ public:
   Builder(const Plan& p, const ProgramContext& c) : p_(p), c_(c), m_(*c.model) {
     const auto& a = m_.attention;
     h_ = m_.hidden_size;
-    d_ = a.head_dim;
+    mla_ = a.kind == workload::AttentionKind::mla;
+    d_ = a.qk_head_dim();
+    dv_ = a.v_dim();
     hl_ = a.num_heads / p_.attention.tp;
-    kvl_ = a.num_kv_heads / p_.attention.tp;
-    lc_ = c_.seq / p_.attention.cp;
+    // MLA expands its latent to every head; key/value heads fewer than the TP ranks are
+    // replicated, one on each rank (Megatron-Core).
+    kv_replicated_ = !mla_ && a.num_kv_heads % p_.attention.tp != 0;
+    kvl_ = mla_ ? hl_ : std::max<std::int64_t>(1, a.num_kv_heads / p_.attention.tp);
+    sp_ = p_.attention.sp ||
+          std::max({p_.attention.tp, p_.dense.tp, p_.embed.tp, p_.moe.etp}) == 1; // nothing split
+    // A sequence that does not split evenly over CP (2·cp chunks with a ring) or rows over TP
+    // are priced with the rounded-up share; such a program is priced only (tokens() says so).
+    const strategy::CpSplit cps = strategy::cp_split(p_, c_.gpus_per_node);
+    const std::int64_t cp_chunks = cps.ring > 1 ? 2 * p_.attention.cp : p_.attention.cp;
+    lc_ = (c_.seq + cp_chunks - 1) / cp_chunks * (cp_chunks / p_.attention.cp);
     ng_ = p_.micro_batch * lc_;
-    n_ = ng_ / p_.attention.tp;
+    n_ = sp_ ? (ng_ + p_.attention.tp - 1) / p_.attention.tp : ng_;
+    // A vocabulary the embedding TP does not divide is padded to a multiple of it (Megatron pads
+    // to one of 128·tp); priced only, as the checkpoint's table has the model's rows.
+    vl_ = (m_.vocab_size + p_.embed.tp - 1) / p_.embed.tp;
+    vocab_ = vl_ * p_.embed.tp;
+    // Without SP the ranks of every TP group must hold the same rows (one TP degree for all
+    // kinds, as Megatron has); other degrees are priced only.
+    inexact_ = lc_ * p_.attention.cp != c_.seq || (sp_ && n_ * p_.attention.tp != ng_) ||
+               (!sp_ && (p_.dense.tp != p_.attention.tp || p_.embed.tp != p_.attention.tp)) ||
+               vocab_ != m_.vocab_size;
     f_ = m_.dense_mlp.intermediate_size / p_.dense.tp;
-    vl_ = m_.vocab_size / p_.embed.tp;
-    rows_e_ = n_ * p_.embed.tp;
-    rows_d_ = n_ * p_.dense.tp;
+    rows_e_ = sp_ ? n_ * p_.embed.tp : n_;
+    rows_d_ = sp_ ? n_ * p_.dense.tp : n_;
     const strategy::CpSplit cp = strategy::cp_split(p_, c_.gpus_per_node);
     uly_ = cp.ulysses;
     ring_ = cp.ring;
@@ -141,6 +158,12 @@ private:
   const ProgramContext& c_;
   const workload::ModelSpec& m_;
   std::int64_t h_ = 0, d_ = 0, hl_ = 0, kvl_ = 0, lc_ = 0, ng_ = 0, n_ = 0, f_ = 0, vl_ = 0;
+  std::int64_t dv_ = 0;        // the value head dim (d_ is q's and k's; they differ under MLA)
+  std::int64_t vocab_ = 0;     // the vocabulary, padded to a multiple of the embedding TP
+  bool mla_ = false;           // multi-head latent attention
+  bool kv_replicated_ = false; // fewer key/value heads than TP ranks: one replica per rank
+  bool sp_ = true;             // sequence parallelism (without it: all-reduces, whole rows)
+  bool inexact_ = false;       // uneven CP or SP shares: priced with rounded-up shapes only
   std::int64_t rows_e_ = 0, rows_d_ = 0; // rows gathered over the embedding / dense TP group
   int uly_ = 1, ring_ = 1;               // context parallelism's Ulysses and ring parts
   int g_uly_ = -1, g_ring_ = -1;
@@ -231,6 +254,7 @@ private:
     sim::Attrs attrs;
     int layer = -1;
     int mb = -1;
+    double flops_scale = 1; // of the model FLOPs counted (see scaled())
   };
   // Zero-bubble: weight-gradient GEMMs held back to the pipeline order's next flush.
   bool defer_wgrad_ = false;
@@ -292,6 +316,9 @@ private:
       const sim::Attrs& a = op.attrs;
       const Shape& q = shape(op.inputs[0]);
       const Shape& k = shape(op.inputs[1]);
+      // q and k share a head dim; v's may differ (MLA: 192 and 128).
+      const double dqk = static_cast<double>(q[2]);
+      const double dv = static_cast<double>(shape(op.inputs[2])[2]);
       const double len = static_cast<double>(q[0]) / a.sequences;
       if (ring_ > 1) {
         // One step of the load-balanced ring (strategies/lower.cpp prices it so): my queries
@@ -302,12 +329,12 @@ private:
                                            static_cast<double>(k[1]),
                                            len,
                                            len / 2,
-                                           static_cast<double>(q[2]),
-                                           static_cast<double>(q[2]),
+                                           dqk,
+                                           dv,
                                            false,
                                            0};
         const double pairs = a.sequences * workload::attended_pairs(c_.seq, a.window) / ring_;
-        const double fwd = 2 * pairs * static_cast<double>(q[1] * 2 * q[2]) / ring_;
+        const double fwd = 2 * pairs * static_cast<double>(q[1]) * (dqk + dv) / ring_;
         op.model_flops = op.category == Category::recompute
                              ? 0
                              : (op.kernel == Kernel::attention_bwd ? 2 : 1) * fwd;
@@ -318,13 +345,13 @@ private:
                                          static_cast<double>(k[1]),
                                          len,
                                          static_cast<double>(k[0]) / a.sequences,
-                                         static_cast<double>(q[2]),
-                                         static_cast<double>(q[2]),
+                                         dqk,
+                                         dv,
                                          a.causal,
                                          static_cast<double>(a.window)};
       const double pairs =
           a.sequences * workload::attended_pairs(static_cast<std::int64_t>(len), a.window);
-      const double fwd = 2 * pairs * static_cast<double>(q[1] * 2 * q[2]);
+      const double fwd = 2 * pairs * static_cast<double>(q[1]) * (dqk + dv);
       op.model_flops = op.category == Category::recompute
                            ? 0
                            : (op.kernel == Kernel::attention_bwd ? 2 : 1) * fwd;
@@ -404,14 +431,48 @@ private:
       emit(std::move(o));
   }
   void flush_wgrad() {
-    for (OpSpec& o : held_wgrad_)
-      emit(std::move(o));
+    for (OpSpec& o : held_wgrad_) {
+      const double f = o.flops_scale;
+      scaled(emit(std::move(o)), f);
+    }
     held_wgrad_.clear();
   }
   int simple(const std::string& name, Kernel k, std::vector<int> in, std::vector<int> out,
              Category cat, int layer, int mb, sim::Attrs attrs = {}) {
     return emit(OpSpec{name, k, OpKind::elementwise, cat, kCompute, -1, std::move(in),
                        std::move(out), attrs, layer, mb});
+  }
+  // Work the TP ranks repeat (MLA's down projections, replicated key/value heads) counts once
+  // in the model FLOPs: op's are scaled by f.
+  int scaled(int op, double f) {
+    rc_->ops[static_cast<std::size_t>(op)].model_flops *= f;
+    return op;
+  }
+  int replicated(int op) { return scaled(op, 1.0 / p_.attention.tp); }
+  // The share of the q/k/v projection's FLOPs the model counts: 1, or with replicated key/value
+  // heads each head once (the cost-only lowering's count).
+  double kv_share() const {
+    if (!kv_replicated_)
+      return 1;
+    const double kv = static_cast<double>(m_.attention.num_kv_heads) / p_.attention.tp;
+    return (static_cast<double>(hl_) + 2 * kv) / static_cast<double>(hl_ + 2 * kvl_);
+  }
+  // A weight-gradient GEMM of such work (held back under zero-bubble: scaled when placed).
+  void scaled_wgrad(double f, const std::string& name, std::vector<int> a, std::vector<int> b,
+                    std::vector<int> c, bool ta, int layer, int mb) {
+    const std::size_t before = rc_->ops.size();
+    wgrad(name, std::move(a), std::move(b), std::move(c), ta, layer, mb);
+    if (rc_->ops.size() > before)
+      scaled(static_cast<int>(before), f);
+    else
+      held_wgrad_.back().flops_scale = f;
+  }
+  // Op `op` keeps the price its kernel gave it but no executor runs it (Kernel::none): a
+  // feature the executable layer does not express (MLA's split rotary heads, a sigmoid router,
+  // replicated key/value heads, ...). An executor refuses the program by the op's name.
+  int price_only(int op) {
+    rc_->ops[static_cast<std::size_t>(op)].kernel = Kernel::none;
+    return op;
   }
 
   // --- Mixture-of-Experts building blocks ---------------------------------------------------
@@ -502,6 +563,7 @@ private:
     // _does_param_require_new_bucket for the shared embedding under the distributed optimizer).
     if (!(key.head && m_.tied_embeddings && p_.pp > 1 && shards_state(key.kind)))
       key.replicated = false;
+    key.tp_partial = false; // summed over TP into the kind's bucket (partial_grads)
     for (std::size_t i = 0; i < bucket_keys_.size(); ++i)
       if (bucket_keys_[i] == key)
         return static_cast<int>(i);
@@ -541,7 +603,9 @@ private:
     ps.shape = full;
     ps.splits = std::move(splits);
     ps.bucket = bucket_of(key);
-    if (key.replicated) {
+    // Under SP each TP rank saw other tokens (or, tp_partial, other heads' share): the replicated
+    // parameter's gradient is summed over TP first; without SP every TP rank has all of it.
+    if (key.replicated && (sp_ || key.tp_partial)) {
       sim::GroupSpec tp = key.kind == LayerKind::attention   ? strategy::tp_group()
                           : key.kind == LayerKind::embedding ? strategy::embed_tp_group()
                                                              : strategy::dense_tp_group();
@@ -588,6 +652,7 @@ private:
   }
 
   void declare_params();
+  void declare_mla_params(int l);
   void declare_moe_params(int l);
   void make_state();
   void resident_costs();
@@ -609,6 +674,8 @@ private:
     // The attention core's operands: the token layout's, or after Ulysses' all-to-all whole
     // sequences (the Ulysses group's chunks) with heads / ulysses heads.
     int cq = -1, ck = -1, cv = -1, co = -1, lse = -1;
+    // MLA: the q and kv latents before and after their norms.
+    int q_lat = -1, q_latn = -1, q_lat_rstd = -1, kv_lat = -1, kv_latn = -1, kv_lat_rstd = -1;
   };
   struct MlpSaved {
     int x = -1, rstd = -1, xg = -1, gu = -1, act = -1;
@@ -622,6 +689,7 @@ private:
     int recv = -1;        // the rows dispatched to me (runtime rows)
     int rows_in = -1;     // the experts' input rows (after the ETP gather)
     int gu = -1, act = -1, ret = -1;
+    int sh_xg = -1, sh_gu = -1, sh_act = -1; // the shared experts'
   };
   struct LayerSaved {
     AttnSaved a;
@@ -657,7 +725,19 @@ private:
   int attn_forward(int l, int mb, int x, AttnSaved& s, Category cat = Category::forward,
                    bool core_only = false);
   int attn_backward(int l, int mb, const AttnSaved& s, int dy);
+  void gqa_qkv_forward(int l, int mb, AttnSaved& s, Category cat, const std::vector<int>& w, int b,
+                       const std::vector<int>& wr, int br);
+  int gqa_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk, int dv,
+                       const std::vector<int>& w, int b, const std::vector<int>& wr, int br);
+  void mla_qkv_forward(int l, int mb, AttnSaved& s, Category cat);
+  int mla_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk, int dv);
+  int attn_weight(int l, const char* role, const std::vector<int>& w, int b,
+                  const std::vector<int>& wr, int br) const;
+  int sp_scatter(const std::string& name, int g, int x, const Shape& scattered, int l, int mb);
+  int sp_gather(const std::string& name, int g, int x, const Shape& gathered, TensorRole role,
+                int l, int mb);
   int dense_forward(int l, int mb, int x, MlpSaved& s, Category cat = Category::forward);
+  std::vector<int> dense_up_weights(int l, const std::vector<int>& w, int b) const;
   // Recompute before a block's backward (the CPU executor's order): the MLP block, or under
   // selective recompute its activation function alone; the attention block, or its core alone.
   void recompute_mlp(int l, int mb, MlpSaved& s);
@@ -705,6 +785,16 @@ private:
   int moe_forward(int l, int mb, int x, MoeSaved& s, Category cat = Category::forward);
   void recompute_moe(int l, int mb, MoeSaved& s);
   int moe_backward(int l, int mb, const MoeSaved& s, int dy);
+  std::vector<int> expert_up_weights(int l, const std::vector<int>& w, int be) const;
+  int shared_forward(int l, int mb, MoeSaved& s, Category cat);
+  int shared_backward(int l, int mb, const MoeSaved& s, int dy);
+  // The executable router: softmax top-k without biases, on SP shares of the rows (without SP
+  // every TP rank would route the same rows: Megatron-Core refuses MoE with TP but no SP).
+  bool softmax_router() const {
+    const workload::MoeSpec& e = m_.moe;
+    return !e.router_bias && !e.router_score_correction &&
+           (sp_ || std::max(p_.attention.tp, p_.dense.tp) == 1);
+  }
   void head_forward(int mb, int x);
   void loss(const std::string& what, int mb, int logits, int labels, int dlogits);
   int loss_chunks() const;
@@ -722,6 +812,7 @@ private:
   void scatter_layer_grads(int l, int mb);
   void step_bucket(int b, const std::vector<int>& owned_grads, bool deferred);
   void zero_grads(int b, bool deferred);
+  void download_grads(int b, const std::vector<int>& owned_grads);
   bool streams_forward(int b) const; // the bucket's update runs in the next step's forward
   std::vector<int> layer_buckets(int l) const {
     std::vector<int> out;
@@ -778,14 +869,24 @@ void Builder::declare_params() {
   const BucketKey emb{-1, LayerKind::embedding, false, false};
   const BucketKey head{-1, LayerKind::embedding, false, true};
   const BucketKey head_rep{-1, LayerKind::embedding, true, true};
-  emb_param_ = param("embedding", {m_.vocab_size, h}, {{0, "embed", "tp"}}, emb);
+  emb_param_ = param("embedding", {vocab_, h}, {{0, "embed", "tp"}}, emb);
   for (int l = 0; l < static_cast<int>(m_.num_layers()); ++l) {
     const BucketKey att{l, LayerKind::attention, false}, att_rep{l, LayerKind::attention, true};
     param(pname(l, "attn.norm"), {h}, {}, att_rep);
-    param(pname(l, "attn.wq"), {h, hq}, {a_tp_cols}, att);
-    param(pname(l, "attn.wk"), {h, hkv}, {a_tp_cols}, att);
-    param(pname(l, "attn.wv"), {h, hkv}, {a_tp_cols}, att);
-    param(pname(l, "attn.wo"), {hq, h}, {a_tp_rows}, att);
+    if (mla_) {
+      declare_mla_params(l);
+    } else if (kv_replicated_) {
+      // Each rank holds the one key/value head its query heads use (a replica of it).
+      param(pname(l, "attn.wq"), {h, hq}, {a_tp_cols}, att);
+      param(pname(l, "attn.wk"), {h, kvl_ * d_}, {}, att);
+      param(pname(l, "attn.wv"), {h, kvl_ * d_}, {}, att);
+      param(pname(l, "attn.wo"), {hq, h}, {a_tp_rows}, att);
+    } else {
+      param(pname(l, "attn.wq"), {h, hq}, {a_tp_cols}, att);
+      param(pname(l, "attn.wk"), {h, hkv}, {a_tp_cols}, att);
+      param(pname(l, "attn.wv"), {h, hkv}, {a_tp_cols}, att);
+      param(pname(l, "attn.wo"), {hq, h}, {a_tp_rows}, att);
+    }
     if (m_.attention.qk_norm) {
       param(pname(l, "attn.q_norm"), {d_}, {}, att_rep);
       param(pname(l, "attn.k_norm"), {d_}, {}, att_rep);
@@ -797,19 +898,20 @@ void Builder::declare_params() {
       continue;
     }
     const std::int64_t f = m_.dense_mlp.intermediate_size;
-    param(pname(l, "mlp.gate"), {h, f}, {d_tp_cols}, mlp);
+    if (m_.dense_mlp.gated) // else one up projection and a GELU (GPT)
+      param(pname(l, "mlp.gate"), {h, f}, {d_tp_cols}, mlp);
     param(pname(l, "mlp.up"), {h, f}, {d_tp_cols}, mlp);
     param(pname(l, "mlp.down"), {f, h}, {d_tp_rows}, mlp);
   }
   param("final_norm", {h}, {}, head_rep);
   if (!m_.tied_embeddings) {
-    head_param_ = param("lm_head", {h, m_.vocab_size}, {{1, "embed", "tp"}}, head);
+    head_param_ = param("lm_head", {h, vocab_}, {{1, "embed", "tp"}}, head);
   } else if (!pipe) {
     head_param_ = emb_param_;
   } else {
     // The last stage's copy of the tied table; the two copies' gradients sum over the first
     // and last stage (Megatron's embedding group).
-    head_param_ = param("embedding", {m_.vocab_size, h}, {{0, "embed", "tp"}}, head);
+    head_param_ = param("embedding", {vocab_, h}, {{0, "embed", "tp"}}, head);
     sim::GroupSpec ends{"embed", {"pp"}};
     ends.ends_only = true;
     g_tied_ = group(group_name(ends), ends);
@@ -817,6 +919,33 @@ void Builder::declare_params() {
       s_.buckets[static_cast<std::size_t>(s_.params[static_cast<std::size_t>(p)].bucket)].tied =
           ends;
   }
+}
+
+// Multi-head latent attention (DeepSeek-V3, Kimi-K2; Megatron-Core's MLASelfAttention): the
+// down projections to the q and kv latents (with the shared rotary key, kv_a = [latent | k_rope])
+// and their norms are replicated on the TP ranks, each of which computes them on the gathered
+// rows and only its heads' share of their gradients: they sum over the whole stage. The up
+// projections (q_b: the heads' q; kv_b: the heads' k_nope and v) split by head, as does wo.
+void Builder::declare_mla_params(int l) {
+  const workload::AttentionSpec& a = m_.attention;
+  const std::int64_t h = h_, heads = a.num_heads;
+  const sim::AxisSplit cols{1, "attention", "tp"}, rows{0, "attention", "tp"};
+  const BucketKey att{l, LayerKind::attention, false};
+  // Without SP the norms' gradients are whole on every TP rank, the latents' still partial.
+  const BucketKey latent{l, LayerKind::attention, true, false, !sp_ && p_.attention.tp > 1};
+  if (a.q_lora_rank > 0) {
+    param(pname(l, "attn.wq_a"), {h, a.q_lora_rank}, {}, latent);
+    param(pname(l, "attn.q_a_norm"), {a.q_lora_rank}, {}, latent);
+    param(pname(l, "attn.wq_b"), {a.q_lora_rank, heads * d_}, {cols}, att);
+  } else {
+    param(pname(l, "attn.wq"), {h, heads * d_}, {cols}, att);
+  }
+  param(pname(l, "attn.wkv_a"), {h, a.kv_lora_rank}, {}, latent);
+  param(pname(l, "attn.wk_rope"), {h, a.qk_rope_head_dim}, {}, latent);
+  param(pname(l, "attn.kv_a_norm"), {a.kv_lora_rank}, {}, latent);
+  param(pname(l, "attn.wk_b"), {a.kv_lora_rank, heads * a.qk_nope_head_dim}, {cols}, att);
+  param(pname(l, "attn.wv_b"), {a.kv_lora_rank, heads * dv_}, {cols}, att);
+  param(pname(l, "attn.wo"), {heads * dv_, h}, {rows}, att);
 }
 
 // Resident state: each parameter's slice (ZeRO 0-2) or each bucket's flat shard (ZeRO-3), the
@@ -868,7 +997,9 @@ void Builder::make_state() {
       if (state_on_host)
         rc_->tensors.back().device = sim::Device::host;
     }
-    if (p_.optimizer_on_host && p_.params != strategy::Placement::host) {
+    // Parameters on the host are the ZeRO-3 shards; a bucket with nothing to shard over (one
+    // rank) keeps them in HBM, with master weights on the host like any host optimizer.
+    if (p_.optimizer_on_host && (p_.params != strategy::Placement::host || bk.zero < 3)) {
       bt_[b].master = tensor(bk.name + ".master", {owned}, TensorRole::optimizer_state,
                              Element::real, sim::Dtype::fp32);
       rc_->tensors.back().slot = sim::Tensor::Slot::master_weights;
@@ -993,11 +1124,13 @@ void Builder::tokens(int mb) {
   OpSpec t;
   t.name = fmt::format("tokens.mb{}", mb);
   t.kernel = Kernel::tokens;
-  t.group = g_etp_;
+  t.group = sp_ ? g_etp_ : -1; // without SP every rank of the group holds the same rows
   t.out = {ids_[m], labels_[m]};
-  t.attrs.sequence_parallel = true;
+  t.attrs.sequence_parallel = sp_;
   t.mb = mb;
-  emit(std::move(t));
+  const int op = emit(std::move(t));
+  if (inexact_) // rounded-up shares of an uneven split: no executor's token layout
+    price_only(op);
 }
 
 // The embedding group's rows (each member's SP share, in group order): their ids are looked up
@@ -1013,15 +1146,13 @@ int Builder::embed_forward(int mb) {
          {ids_[m], value_of("embedding", w, b)}, {y}, Category::forward, -1, mb);
   if (g_etp_ < 0)
     return y;
-  return collective(fmt::format("embedding_sp_scatter.mb{}", mb), OpKind::reduce_scatter,
-                    Category::tp_comm, kTp, g_etp_, y, {n_, h_}, TensorRole::activation, -1, mb);
+  return sp_scatter(fmt::format("embedding_sp_scatter.mb{}", mb), g_etp_, y, {n_, h_}, -1, mb);
 }
 
 void Builder::embed_backward(int mb, int dx) {
   const auto m = static_cast<std::size_t>(mb);
-  const int dyg =
-      collective(fmt::format("embedding_sp_gather.mb{}.bwd", mb), OpKind::all_gather,
-                 Category::tp_comm, kTp, g_etp_, dx, {rows_e_, h_}, TensorRole::activation, -1, mb);
+  const int dyg = sp_gather(fmt::format("embedding_sp_gather.mb{}.bwd", mb), g_etp_, dx,
+                            {rows_e_, h_}, TensorRole::activation, -1, mb);
   const int p = emb_param_;
   OpSpec o;
   o.name = fmt::format("embedding.mb{}.bwd", mb);
@@ -1050,8 +1181,8 @@ void Builder::head_forward(int mb, int x) {
   simple(fmt::format("final_norm.mb{}", mb), Kernel::rmsnorm_fwd,
          {x, value_of("final_norm", wn, bn)}, {xn, hs.rstd}, Category::forward, -1, mb,
          norm_attrs());
-  hs.xg = collective(fmt::format("head_sp_gather.mb{}", mb), OpKind::all_gather, Category::tp_comm,
-                     kTp, g_etp_, xn, {rows_e_, h_}, TensorRole::saved, -1, mb);
+  hs.xg = sp_gather(fmt::format("head_sp_gather.mb{}", mb), g_etp_, xn, {rows_e_, h_},
+                    TensorRole::saved, -1, mb);
   const bool tied = m_.tied_embeddings;
   const std::string wname = tied ? "embedding" : "lm_head";
   const int bw = s_.params[static_cast<std::size_t>(head_param_)].bucket;
@@ -1214,8 +1345,7 @@ int Builder::head_backward(int mb) {
       wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.xg}, {hs.dlogits}, {g}, true, -1, mb);
   }
   const int dxn =
-      collective(fmt::format("head_sp_scatter.mb{}.bwd", mb), OpKind::reduce_scatter,
-                 Category::tp_comm, kTp, g_etp_, dxg, {n_, h_}, TensorRole::activation, -1, mb);
+      sp_scatter(fmt::format("head_sp_scatter.mb{}.bwd", mb), g_etp_, dxg, {n_, h_}, -1, mb);
   const int bn = bucket_of_param("final_norm");
   const std::vector<int> wn = use_bucket(bn, "head.bwd", -1, mb);
   return norm_backward(fmt::format("final_norm.mb{}.bwd", mb),
@@ -1228,15 +1358,14 @@ int Builder::head_backward(int mb) {
 
 // RMSNorm, SP all-gather over TP, column-parallel q/k/v (one fused GEMM), per-head q/k norm,
 // RoPE, attention over the rank's heads, row-parallel output projection, SP reduce-scatter,
-// residual.
+// residual. Without SP every TP rank holds the whole rows and the output all-reduces.
 int Builder::attn_forward(int l, int mb, int x, AttnSaved& s, Category cat, bool core_only) {
-  const std::string pre = fmt::format("L{}.", l);
   const bool again = cat == Category::recompute;
   auto nm = [&](const char* what) {
     return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
   };
   const char* pass = again ? "bwd" : "fwd";
-  const int b = bucket_of_param(pname(l, "attn.wq"));
+  const int b = bucket_of_param(pname(l, "attn.wo"));
   const int br = bucket_of_param(pname(l, "attn.norm"));
   const std::vector<int> w = use_bucket(b, pass, l, mb);
   const std::vector<int> wr = use_bucket(br, pass, l, mb);
@@ -1246,37 +1375,11 @@ int Builder::attn_forward(int l, int mb, int x, AttnSaved& s, Category cat, bool
     s.rstd = tensor(nm("attn_norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
     simple(nm("attn_norm"), Kernel::rmsnorm_fwd, {x, value_of(pname(l, "attn.norm"), wr, br)},
            {s.xn, s.rstd}, cat, l, mb, norm_attrs());
-    s.xg = collective(nm("attn_sp_gather"), OpKind::all_gather, Category::tp_comm, kTp, g_tp_, s.xn,
-                      {ng_, h_}, TensorRole::saved, l, mb);
-    const bool qkn = m_.attention.qk_norm;
-    const int q = tensor(nm("q"), {ng_, hl_, d_}, TensorRole::saved);
-    const int k = tensor(nm("k"), {ng_, kvl_, d_}, TensorRole::saved);
-    s.v = tensor(nm("v"), {ng_, kvl_, d_}, TensorRole::saved);
-    matmul(nm("qkv_proj"), {s.xg},
-           {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
-            value_of(pname(l, "attn.wv"), w, b)},
-           {q, k, s.v}, false, false, false, cat, l, mb);
-    int qr = q, kr = k;
-    if (qkn) {
-      s.q_pre = q;
-      s.k_pre = k;
-      qr = tensor(nm("q normed"), {ng_, hl_, d_}, TensorRole::activation);
-      kr = tensor(nm("k normed"), {ng_, kvl_, d_}, TensorRole::activation);
-      s.q_rstd =
-          tensor(nm("q rstd"), {ng_ * hl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
-      s.k_rstd =
-          tensor(nm("k rstd"), {ng_ * kvl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
-      simple(nm("q_norm"), Kernel::rmsnorm_fwd, {q, value_of(pname(l, "attn.q_norm"), wr, br)},
-             {qr, s.q_rstd}, cat, l, mb, norm_attrs());
-      simple(nm("k_norm"), Kernel::rmsnorm_fwd, {k, value_of(pname(l, "attn.k_norm"), wr, br)},
-             {kr, s.k_rstd}, cat, l, mb, norm_attrs());
-    }
-    sim::Attrs rope;
-    rope.theta = m_.rope_theta;
-    s.q = tensor(nm("q rotated"), {ng_, hl_, d_}, TensorRole::saved);
-    s.k = tensor(nm("k rotated"), {ng_, kvl_, d_}, TensorRole::saved);
-    simple(nm("rope_q"), Kernel::rope, {qr}, {s.q}, cat, l, mb, rope);
-    simple(nm("rope_k"), Kernel::rope, {kr}, {s.k}, cat, l, mb, rope);
+    s.xg = sp_gather(nm("attn_sp_gather"), g_tp_, s.xn, {ng_, h_}, TensorRole::saved, l, mb);
+    if (mla_)
+      mla_qkv_forward(l, mb, s, cat);
+    else
+      gqa_qkv_forward(l, mb, s, cat, w, b, wr, br);
   }
   core_forward(l, mb, s, cat);
   if (core_only)
@@ -1284,30 +1387,169 @@ int Builder::attn_forward(int l, int mb, int x, AttnSaved& s, Category cat, bool
   const int out = tensor(nm("o_proj out"), {ng_, h_}, TensorRole::activation);
   matmul(nm("o_proj"), {s.o}, {value_of(pname(l, "attn.wo"), w, b)}, {out}, false, false, false,
          cat, l, mb);
-  const int y = collective(nm("attn_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
-                           g_tp_, out, {n_, h_}, TensorRole::activation, l, mb);
+  const int y = sp_scatter(nm("attn_sp_scatter"), g_tp_, out, {n_, h_}, l, mb);
   const int h = tensor(nm("attn residual"), {n_, h_}, TensorRole::saved);
   simple(nm("attn_residual"), Kernel::add, {x, y}, {h}, cat, l, mb);
   return h;
 }
 
+// The rows' reduction over TP after a row-parallel GEMM: a reduce-scatter to this rank's SP
+// share, or without SP an all-reduce (Megatron's RowParallelLinear either way).
+int Builder::sp_scatter(const std::string& name, int g, int x, const Shape& scattered, int l,
+                        int mb) {
+  if (sp_)
+    return collective(name, OpKind::reduce_scatter, Category::tp_comm, kTp, g, x, scattered,
+                      TensorRole::activation, l, mb);
+  std::string n = name;
+  for (const char* sp_name : {"_sp_scatter", "_sp_gather"})
+    if (const auto at = n.find(sp_name); at != std::string::npos)
+      n.replace(at, std::string(sp_name).size(), "_tp_all_reduce");
+  return collective(n, OpKind::all_reduce, Category::tp_comm, kTp, g, x, shape(x),
+                    TensorRole::activation, l, mb);
+}
+
+// The SP all-gather before a column-parallel GEMM (its input's rows of the whole TP group);
+// without SP the rows are already whole: no op.
+int Builder::sp_gather(const std::string& name, int g, int x, const Shape& gathered,
+                       TensorRole role, int l, int mb) {
+  if (!sp_)
+    return x;
+  return collective(name, OpKind::all_gather, Category::tp_comm, kTp, g, x, gathered, role, l, mb);
+}
+
+void Builder::gqa_qkv_forward(int l, int mb, AttnSaved& s, Category cat, const std::vector<int>& w,
+                              int b, const std::vector<int>& wr, int br) {
+  const bool again = cat == Category::recompute;
+  auto nm = [&](const char* what) {
+    return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
+  };
+  const bool qkn = m_.attention.qk_norm;
+  const int q = tensor(nm("q"), {ng_, hl_, d_}, TensorRole::saved);
+  const int k = tensor(nm("k"), {ng_, kvl_, d_}, TensorRole::saved);
+  s.v = tensor(nm("v"), {ng_, kvl_, d_}, TensorRole::saved);
+  const int proj = matmul(nm("qkv_proj"), {s.xg},
+                          {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
+                           value_of(pname(l, "attn.wv"), w, b)},
+                          {q, k, s.v}, false, false, false, cat, l, mb);
+  if (kv_replicated_) // each rank computes its key/value head's replica
+    scaled(price_only(proj), kv_share());
+  int qr = q, kr = k;
+  if (qkn) {
+    s.q_pre = q;
+    s.k_pre = k;
+    qr = tensor(nm("q normed"), {ng_, hl_, d_}, TensorRole::activation);
+    kr = tensor(nm("k normed"), {ng_, kvl_, d_}, TensorRole::activation);
+    s.q_rstd =
+        tensor(nm("q rstd"), {ng_ * hl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+    s.k_rstd =
+        tensor(nm("k rstd"), {ng_ * kvl_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+    simple(nm("q_norm"), Kernel::rmsnorm_fwd, {q, value_of(pname(l, "attn.q_norm"), wr, br)},
+           {qr, s.q_rstd}, cat, l, mb, norm_attrs());
+    simple(nm("k_norm"), Kernel::rmsnorm_fwd, {k, value_of(pname(l, "attn.k_norm"), wr, br)},
+           {kr, s.k_rstd}, cat, l, mb, norm_attrs());
+  }
+  sim::Attrs rope;
+  rope.theta = m_.rope_theta;
+  s.q = tensor(nm("q rotated"), {ng_, hl_, d_}, TensorRole::saved);
+  s.k = tensor(nm("k rotated"), {ng_, kvl_, d_}, TensorRole::saved);
+  simple(nm("rope_q"), Kernel::rope, {qr}, {s.q}, cat, l, mb, rope);
+  simple(nm("rope_k"), Kernel::rope, {kr}, {s.k}, cat, l, mb, rope);
+}
+
+// The value of layer l's attention parameter `role` from the pass's gathers of the head-split
+// bucket b and the replicated bucket br.
+int Builder::attn_weight(int l, const char* role, const std::vector<int>& w, int b,
+                         const std::vector<int>& wr, int br) const {
+  const std::string name = pname(l, role);
+  return bucket_of_param(name) == b ? value_of(name, w, b) : value_of(name, wr, br);
+}
+
+// MLA's projections on the gathered rows (Megatron-Core's MLASelfAttention): q = q_b(norm(q_a
+// x)) (or q_proj x), [c_kv | k_rope] = kv_a x, [k_nope | v] = kv_b(norm(c_kv)); then RoPE on
+// q's and the shared key's rotary parts and the heads' q and k put together, [nope | rope] of
+// qk_head_dim, priced as an elementwise pass, which the executable layer does not express.
+void Builder::mla_qkv_forward(int l, int mb, AttnSaved& s, Category cat) {
+  const bool again = cat == Category::recompute;
+  auto nm = [&](const char* what) {
+    return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
+  };
+  const char* pass = again ? "bwd" : "fwd";
+  const workload::AttentionSpec& a = m_.attention;
+  const int b = bucket_of_param(pname(l, "attn.wo"));
+  const int br = bucket_of_param(pname(l, "attn.wkv_a"));
+  const std::vector<int> w = use_bucket(b, pass, l, mb);
+  const std::vector<int> wr = use_bucket(br, pass, l, mb);
+  auto wt = [&](const char* role) { return attn_weight(l, role, w, b, wr, br); };
+  const int q = tensor(nm("q"), {ng_, hl_, d_}, TensorRole::activation);
+  if (a.q_lora_rank > 0) {
+    s.q_lat = tensor(nm("q latent"), {ng_, a.q_lora_rank}, TensorRole::saved);
+    replicated(matmul(nm("q_a_proj"), {s.xg}, {wt("attn.wq_a")}, {s.q_lat}, false, false, false,
+                      cat, l, mb));
+    s.q_latn = tensor(nm("q latent normed"), {ng_, a.q_lora_rank}, TensorRole::saved);
+    s.q_lat_rstd =
+        tensor(nm("q latent rstd"), {ng_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+    simple(nm("q_a_norm"), Kernel::rmsnorm_fwd, {s.q_lat, wt("attn.q_a_norm")},
+           {s.q_latn, s.q_lat_rstd}, cat, l, mb, norm_attrs());
+    matmul(nm("q_b_proj"), {s.q_latn}, {wt("attn.wq_b")}, {q}, false, false, false, cat, l, mb);
+  } else {
+    matmul(nm("q_proj"), {s.xg}, {wt("attn.wq")}, {q}, false, false, false, cat, l, mb);
+  }
+  s.kv_lat = tensor(nm("kv latent"), {ng_, a.kv_lora_rank}, TensorRole::saved);
+  const int k_rope = tensor(nm("k rope"), {ng_, a.qk_rope_head_dim}, TensorRole::activation);
+  replicated(matmul(nm("kv_a_proj"), {s.xg}, {wt("attn.wkv_a"), wt("attn.wk_rope")},
+                    {s.kv_lat, k_rope}, false, false, false, cat, l, mb));
+  s.kv_latn = tensor(nm("kv latent normed"), {ng_, a.kv_lora_rank}, TensorRole::saved);
+  s.kv_lat_rstd =
+      tensor(nm("kv latent rstd"), {ng_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
+  simple(nm("kv_a_norm"), Kernel::rmsnorm_fwd, {s.kv_lat, wt("attn.kv_a_norm")},
+         {s.kv_latn, s.kv_lat_rstd}, cat, l, mb, norm_attrs());
+  const int k_nope = tensor(nm("k nope"), {ng_, hl_, a.qk_nope_head_dim}, TensorRole::activation);
+  s.v = tensor(nm("v"), {ng_, hl_, dv_}, TensorRole::saved);
+  matmul(nm("kv_b_proj"), {s.kv_latn}, {wt("attn.wk_b"), wt("attn.wv_b")}, {k_nope, s.v}, false,
+         false, false, cat, l, mb);
+  sim::Attrs rope;
+  rope.theta = m_.rope_theta;
+  s.q = tensor(nm("q rotated"), {ng_, hl_, d_}, TensorRole::saved);
+  s.k = tensor(nm("k rotated"), {ng_, hl_, d_}, TensorRole::saved);
+  price_only(
+      simple(nm("mla_rope"), Kernel::rope, {q, k_nope, k_rope}, {s.q, s.k}, cat, l, mb, rope));
+}
+
 int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
   auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
-  const int b = bucket_of_param(pname(l, "attn.wq"));
+  const int b = bucket_of_param(pname(l, "attn.wo"));
   const int br = bucket_of_param(pname(l, "attn.norm"));
   const std::vector<int> w = use_bucket(b, "bwd", l, mb);
   const std::vector<int> wr = use_bucket(br, "bwd", l, mb);
   auto grad = [&](const char* role) {
     return pt_[static_cast<std::size_t>(find_param(pname(l, role)))].grad;
   };
-  const int dyg = collective(nm("attn_sp_gather"), OpKind::all_gather, Category::tp_comm, kTp,
-                             g_tp_, dy, {ng_, h_}, TensorRole::activation, l, mb);
-  const int dout = tensor(nm("d attn out"), {ng_, hl_, d_}, TensorRole::activation);
+  const int dyg =
+      sp_gather(nm("attn_sp_gather"), g_tp_, dy, {ng_, h_}, TensorRole::activation, l, mb);
+  const int dout = tensor(nm("d attn out"), {ng_, hl_, dv_}, TensorRole::activation);
   matmul(nm("o_proj.dgrad"), {dyg}, {value_of(pname(l, "attn.wo"), w, b)}, {dout}, false, true,
          false, Category::backward, l, mb);
   wgrad(nm("o_proj.wgrad"), {s.o}, {dyg}, {grad("attn.wo")}, true, l, mb);
   int dq = -1, dk = -1, dv = -1;
   core_backward(l, mb, s, dout, dq, dk, dv);
+  const int dxg = mla_ ? mla_qkv_backward(l, mb, s, dq, dk, dv)
+                       : gqa_qkv_backward(l, mb, s, dq, dk, dv, w, b, wr, br);
+  const int dxn = sp_scatter(nm("attn_sp_scatter"), g_tp_, dxg, {n_, h_}, l, mb);
+  const int dxa =
+      norm_backward(nm("attn_norm"), nm("d attn norm input"), s.x,
+                    value_of(pname(l, "attn.norm"), wr, br), s.rstd, dxn, grad("attn.norm"), l, mb);
+  const int dx = tensor(nm("d layer input"), {n_, h_}, TensorRole::activation);
+  simple(nm("attn_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
+  return dx;
+}
+
+int Builder::gqa_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk, int dv,
+                              const std::vector<int>& w, int b, const std::vector<int>& wr,
+                              int br) {
+  auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
+  auto grad = [&](const char* role) {
+    return pt_[static_cast<std::size_t>(find_param(pname(l, role)))].grad;
+  };
   sim::Attrs inv;
   inv.theta = m_.rope_theta;
   inv.inverse = true;
@@ -1326,20 +1568,66 @@ int Builder::attn_backward(int l, int mb, const AttnSaved& s, int dy) {
                        l, mb);
   }
   const int dxg = tensor(nm("d attn input"), {ng_, h_}, TensorRole::activation);
-  matmul(nm("qkv_proj.dgrad"), {dq, dk, dv},
-         {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
-          value_of(pname(l, "attn.wv"), w, b)},
-         {dxg}, false, true, false, Category::backward, l, mb);
-  wgrad(nm("qkv_proj.wgrad"), {s.xg}, {dq, dk, dv},
-        {grad("attn.wq"), grad("attn.wk"), grad("attn.wv")}, true, l, mb);
-  const int dxn = collective(nm("attn_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
-                             g_tp_, dxg, {n_, h_}, TensorRole::activation, l, mb);
-  const int dxa =
-      norm_backward(nm("attn_norm"), nm("d attn norm input"), s.x,
-                    value_of(pname(l, "attn.norm"), wr, br), s.rstd, dxn, grad("attn.norm"), l, mb);
-  const int dx = tensor(nm("d layer input"), {n_, h_}, TensorRole::activation);
-  simple(nm("attn_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
-  return dx;
+  scaled(matmul(nm("qkv_proj.dgrad"), {dq, dk, dv},
+                {value_of(pname(l, "attn.wq"), w, b), value_of(pname(l, "attn.wk"), w, b),
+                 value_of(pname(l, "attn.wv"), w, b)},
+                {dxg}, false, true, false, Category::backward, l, mb),
+         kv_share());
+  scaled_wgrad(kv_share(), nm("qkv_proj.wgrad"), {s.xg}, {dq, dk, dv},
+               {grad("attn.wq"), grad("attn.wk"), grad("attn.wv")}, true, l, mb);
+  return dxg;
+}
+
+// MLA's backward from the core's dq, dk, dv: the rotary pass undone (k's rotary part summed over
+// the heads), then each projection's data and weight gradient, the norms', the input gradients
+// of the latent paths summed into the rows' gradient.
+int Builder::mla_qkv_backward(int l, int mb, const AttnSaved& s, int dq, int dk, int dv) {
+  auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
+  const workload::AttentionSpec& a = m_.attention;
+  const Category bwd = Category::backward;
+  const int b = bucket_of_param(pname(l, "attn.wo"));
+  const int br = bucket_of_param(pname(l, "attn.wkv_a"));
+  const std::vector<int> w = use_bucket(b, "bwd", l, mb);
+  const std::vector<int> wr = use_bucket(br, "bwd", l, mb);
+  auto wt = [&](const char* role) { return attn_weight(l, role, w, b, wr, br); };
+  auto grad = [&](const char* role) {
+    return pt_[static_cast<std::size_t>(find_param(pname(l, role)))].grad;
+  };
+  sim::Attrs inv;
+  inv.theta = m_.rope_theta;
+  inv.inverse = true;
+  const int dqp = tensor(nm("dq unrotated"), {ng_, hl_, d_}, TensorRole::activation);
+  const int dk_nope = tensor(nm("dk nope"), {ng_, hl_, a.qk_nope_head_dim}, TensorRole::activation);
+  const int dk_rope = tensor(nm("dk rope"), {ng_, a.qk_rope_head_dim}, TensorRole::activation);
+  price_only(
+      simple(nm("mla_rope"), Kernel::rope, {dq, dk}, {dqp, dk_nope, dk_rope}, bwd, l, mb, inv));
+  const int dkvn = tensor(nm("d kv latent normed"), {ng_, a.kv_lora_rank}, TensorRole::activation);
+  matmul(nm("kv_b_proj.dgrad"), {dk_nope, dv}, {wt("attn.wk_b"), wt("attn.wv_b")}, {dkvn}, false,
+         true, false, bwd, l, mb);
+  wgrad(nm("kv_b_proj.wgrad"), {s.kv_latn}, {dk_nope, dv}, {grad("attn.wk_b"), grad("attn.wv_b")},
+        true, l, mb);
+  const int dkv = norm_backward(nm("kv_a_norm"), nm("d kv latent"), s.kv_lat, wt("attn.kv_a_norm"),
+                                s.kv_lat_rstd, dkvn, grad("attn.kv_a_norm"), l, mb);
+  const int dxg = tensor(nm("d attn input"), {ng_, h_}, TensorRole::activation);
+  replicated(matmul(nm("kv_a_proj.dgrad"), {dkv, dk_rope}, {wt("attn.wkv_a"), wt("attn.wk_rope")},
+                    {dxg}, false, true, false, bwd, l, mb));
+  scaled_wgrad(1.0 / p_.attention.tp, nm("kv_a_proj.wgrad"), {s.xg}, {dkv, dk_rope},
+               {grad("attn.wkv_a"), grad("attn.wk_rope")}, true, l, mb);
+  if (a.q_lora_rank > 0) {
+    const int dcqn = tensor(nm("d q latent normed"), {ng_, a.q_lora_rank}, TensorRole::activation);
+    matmul(nm("q_b_proj.dgrad"), {dqp}, {wt("attn.wq_b")}, {dcqn}, false, true, false, bwd, l, mb);
+    wgrad(nm("q_b_proj.wgrad"), {s.q_latn}, {dqp}, {grad("attn.wq_b")}, true, l, mb);
+    const int dcq = norm_backward(nm("q_a_norm"), nm("d q latent"), s.q_lat, wt("attn.q_a_norm"),
+                                  s.q_lat_rstd, dcqn, grad("attn.q_a_norm"), l, mb);
+    replicated(matmul(nm("q_a_proj.dgrad"), {dcq}, {wt("attn.wq_a")}, {dxg}, false, true, true, bwd,
+                      l, mb));
+    scaled_wgrad(1.0 / p_.attention.tp, nm("q_a_proj.wgrad"), {s.xg}, {dcq}, {grad("attn.wq_a")},
+                 true, l, mb);
+  } else {
+    matmul(nm("q_proj.dgrad"), {dqp}, {wt("attn.wq")}, {dxg}, false, true, true, bwd, l, mb);
+    wgrad(nm("q_proj.wgrad"), {s.xg}, {dqp}, {grad("attn.wq")}, true, l, mb);
+  }
+  return dxg;
 }
 
 // --- context parallelism -------------------------------------------------------------------------
@@ -1382,19 +1670,27 @@ int Builder::cp_collective(const std::string& name, OpKind kind, int g, std::vec
 // (the Ulysses group's chunks, in group order) with heads / ulysses heads [B·u·lc, hs, d]:
 // pack the block for Ulysses rank j (its heads j·hs ..) first, exchange equal blocks, then put
 // each sequence's u received chunks together (no copy for one sequence: already in order).
+// Key/value heads fewer than the Ulysses ranks are first repeated to one per rank (priced, not
+// executable; their gradients are summed back in to_tokens).
 int Builder::to_heads(const std::string& name, int x, std::int64_t heads, TensorRole role,
                       Category cat, int l, int mb) {
   if (uly_ == 1)
     return x;
-  const std::int64_t hs = heads / uly_, B = p_.micro_batch;
-  const int send = tensor(name + " packed", {uly_, ng_, hs, d_}, TensorRole::comm_buffer);
+  if (heads < uly_) {
+    const int rep = tensor(name + " replicated", {ng_, uly_, shape(x)[2]}, TensorRole::activation);
+    price_only(simple(name + ".replicate", Kernel::transpose, {x}, {rep}, cat, l, mb));
+    x = rep;
+    heads = uly_;
+  }
+  const std::int64_t hs = heads / uly_, B = p_.micro_batch, d = shape(x)[2];
+  const int send = tensor(name + " packed", {uly_, ng_, hs, d}, TensorRole::comm_buffer);
   transpose(name + ".pack", x, send, ng_, uly_, cat, l, mb);
-  const int recv = tensor(name + (B > 1 ? " received" : ""), {uly_ * ng_, hs, d_},
+  const int recv = tensor(name + (B > 1 ? " received" : ""), {uly_ * ng_, hs, d},
                           B > 1 ? TensorRole::comm_buffer : role);
   cp_collective(name + ".all_to_all", OpKind::all_to_all, g_uly_, {send}, {recv}, l, mb);
   if (B == 1)
     return recv;
-  const int y = tensor(name, {uly_ * ng_, hs, d_}, role);
+  const int y = tensor(name, {uly_ * ng_, hs, d}, role);
   transpose(name + ".unpack", recv, y, uly_, B, cat, l, mb);
   return y;
 }
@@ -1404,15 +1700,21 @@ int Builder::to_tokens(const std::string& name, int x, std::int64_t heads, Tenso
                        Category cat, int l, int mb) {
   if (uly_ == 1)
     return x;
-  const std::int64_t hs = heads / uly_, B = p_.micro_batch;
+  if (heads < uly_) { // replicated key/value heads: their gradients summed over the replicas
+    const int all = to_tokens(name + " replicas", x, uly_, TensorRole::activation, cat, l, mb);
+    const int y = tensor(name, {ng_, heads, shape(all)[2]}, role);
+    price_only(simple(name + ".sum_replicas", Kernel::transpose, {all}, {y}, cat, l, mb));
+    return y;
+  }
+  const std::int64_t hs = heads / uly_, B = p_.micro_batch, d = shape(x)[2];
   int send = x;
   if (B > 1) {
-    send = tensor(name + " packed", {uly_ * ng_, hs, d_}, TensorRole::comm_buffer);
+    send = tensor(name + " packed", {uly_ * ng_, hs, d}, TensorRole::comm_buffer);
     transpose(name + ".pack", x, send, B, uly_, cat, l, mb);
   }
-  const int recv = tensor(name + " received", {uly_, ng_, hs, d_}, TensorRole::comm_buffer);
+  const int recv = tensor(name + " received", {uly_, ng_, hs, d}, TensorRole::comm_buffer);
   cp_collective(name + ".all_to_all", OpKind::all_to_all, g_uly_, {send}, {recv}, l, mb);
-  const int y = tensor(name, {ng_, heads, d_}, role);
+  const int y = tensor(name, {ng_, heads, d}, role);
   transpose(name + ".unpack", recv, y, uly_, ng_, cat, l, mb);
   return y;
 }
@@ -1431,8 +1733,9 @@ void Builder::core_forward(int l, int mb, AttnSaved& s, Category cat) {
   s.cq = to_heads(nm("q heads"), s.q, hl_, TensorRole::saved, fwd, l, mb);
   s.ck = to_heads(nm("k heads"), s.k, kvl_, TensorRole::saved, fwd, l, mb);
   s.cv = to_heads(nm("v heads"), s.v, kvl_, TensorRole::saved, fwd, l, mb);
-  const Shape qs = shape(s.cq), ks = shape(s.ck); // copies: tensor() grows the list
-  s.co = tensor(nm("attn out"), qs, TensorRole::saved);
+  // Copies: tensor() grows the list. The output has v's head dim.
+  const Shape qs = shape(s.cq), ks = shape(s.ck), vs = shape(s.cv);
+  s.co = tensor(nm("attn out"), {qs[0], qs[1], vs[2]}, TensorRole::saved);
   s.lse =
       tensor(nm("attn lse"), {qs[0], qs[1]}, TensorRole::saved, Element::real, sim::Dtype::fp32);
   int kb = s.ck, vb = s.cv;
@@ -1442,7 +1745,7 @@ void Builder::core_forward(int l, int mb, AttnSaved& s, Category cat) {
       kn =
           tensor(fmt::format("{} k block {}", nm("attn_core"), i + 1), ks, TensorRole::comm_buffer);
       vn =
-          tensor(fmt::format("{} v block {}", nm("attn_core"), i + 1), ks, TensorRole::comm_buffer);
+          tensor(fmt::format("{} v block {}", nm("attn_core"), i + 1), vs, TensorRole::comm_buffer);
       cp_collective(fmt::format("{}.ring_kv.{}", nm("attn_core"), i), OpKind::send_recv, g_ring_,
                     {kb, vb}, {kn, vn}, l, mb);
     }
@@ -1472,13 +1775,14 @@ void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq
   auto nm = [&](const std::string& what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
   const Category bwd = Category::backward;
   const int cdo = to_heads(nm("d attn out heads"), dout, hl_, TensorRole::activation, bwd, l, mb);
-  const Shape qs = shape(s.cq), ks = shape(s.ck); // copies: tensor() grows the list
+  const Shape qs = shape(s.cq), ks = shape(s.ck), vs = shape(s.cv); // copies
   const std::string heads = uly_ > 1 ? " heads" : "";
   const int cdq = tensor(nm("dq" + heads), qs, TensorRole::activation);
   auto block = [&](const std::string& what, int i) {
-    return ring_ > 1 ? tensor(fmt::format("{} {} block {}", nm("attn_core"), what, i), ks,
+    const Shape& bs = what == "dv" ? vs : ks;
+    return ring_ > 1 ? tensor(fmt::format("{} {} block {}", nm("attn_core"), what, i), bs,
                               TensorRole::comm_buffer)
-                     : tensor(nm(what + heads), ks, TensorRole::activation);
+                     : tensor(nm(what + heads), bs, TensorRole::activation);
   };
   // With a ring, each step writes its own share of the block's gradient; once the block's
   // travelling gradient has arrived (the previous step's hop) it is added and sent on, so the next
@@ -1494,7 +1798,7 @@ void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq
       kn =
           tensor(fmt::format("{} k block {}", nm("attn_core"), i + 1), ks, TensorRole::comm_buffer);
       vn =
-          tensor(fmt::format("{} v block {}", nm("attn_core"), i + 1), ks, TensorRole::comm_buffer);
+          tensor(fmt::format("{} v block {}", nm("attn_core"), i + 1), vs, TensorRole::comm_buffer);
       cp_collective(fmt::format("{}.ring_kv.{}", nm("attn_core"), i), OpKind::send_recv, g_ring_,
                     {kb, vb}, {kn, vn}, l, mb);
     }
@@ -1521,14 +1825,14 @@ void Builder::core_backward(int l, int mb, const AttnSaved& s, int dout, int& dq
         dkb = dkp;
         dvb = dvp;
       } else { // the arrived gradient plus this step's share
-        const int dks = tensor(fmt::format("{} dk sum {}", nm("attn_core"), i), ks,
-                               TensorRole::comm_buffer);
-        const int dvs = tensor(fmt::format("{} dv sum {}", nm("attn_core"), i), ks,
-                               TensorRole::comm_buffer);
-        simple(fmt::format("{}.dk_add.{}", nm("attn_core"), i), Kernel::add, {dkb, dkp}, {dks},
-               bwd, l, mb);
-        simple(fmt::format("{}.dv_add.{}", nm("attn_core"), i), Kernel::add, {dvb, dvp}, {dvs},
-               bwd, l, mb);
+        const int dks =
+            tensor(fmt::format("{} dk sum {}", nm("attn_core"), i), ks, TensorRole::comm_buffer);
+        const int dvs =
+            tensor(fmt::format("{} dv sum {}", nm("attn_core"), i), ks, TensorRole::comm_buffer);
+        simple(fmt::format("{}.dk_add.{}", nm("attn_core"), i), Kernel::add, {dkb, dkp}, {dks}, bwd,
+               l, mb);
+        simple(fmt::format("{}.dv_add.{}", nm("attn_core"), i), Kernel::add, {dvb, dvp}, {dvs}, bwd,
+               l, mb);
         dkb = dks;
         dvb = dvs;
       }
@@ -1556,7 +1860,7 @@ int Builder::dense_forward(int l, int mb, int x, MlpSaved& s, Category cat) {
     return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
   };
   const char* pass = again ? "bwd" : "fwd";
-  const int b = bucket_of_param(pname(l, "mlp.gate"));
+  const int b = bucket_of_param(pname(l, "mlp.up"));
   const int br = bucket_of_param(pname(l, "mlp.norm"));
   const std::vector<int> w = use_bucket(b, pass, l, mb);
   const std::vector<int> wr = use_bucket(br, pass, l, mb);
@@ -1565,19 +1869,19 @@ int Builder::dense_forward(int l, int mb, int x, MlpSaved& s, Category cat) {
   s.rstd = tensor(nm("mlp_norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
   simple(nm("mlp_norm"), Kernel::rmsnorm_fwd, {x, value_of(pname(l, "mlp.norm"), wr, br)},
          {xn, s.rstd}, cat, l, mb, norm_attrs());
-  s.xg = collective(nm("mlp_sp_gather"), OpKind::all_gather, Category::tp_comm, kTp, g_dtp_, xn,
-                    {rows_d_, h_}, TensorRole::saved, l, mb);
-  s.gu = tensor(nm("gate_up"), {rows_d_, 2 * f_}, TensorRole::saved);
-  matmul(nm("mlp_gate_up"), {s.xg},
-         {value_of(pname(l, "mlp.gate"), w, b), value_of(pname(l, "mlp.up"), w, b)}, {s.gu}, false,
-         false, false, cat, l, mb);
+  s.xg = sp_gather(nm("mlp_sp_gather"), g_dtp_, xn, {rows_d_, h_}, TensorRole::saved, l, mb);
+  const bool gated = m_.dense_mlp.gated;
+  s.gu = tensor(nm("gate_up"), {rows_d_, (gated ? 2 : 1) * f_}, TensorRole::saved);
+  matmul(nm("mlp_gate_up"), {s.xg}, dense_up_weights(l, w, b), {s.gu}, false, false, false, cat, l,
+         mb);
   s.act = tensor(nm("mlp act"), {rows_d_, f_}, TensorRole::saved);
-  simple(nm("mlp_act"), Kernel::swiglu_fwd, {s.gu}, {s.act}, cat, l, mb);
+  const int act = simple(nm("mlp_act"), Kernel::swiglu_fwd, {s.gu}, {s.act}, cat, l, mb);
+  if (!gated) // GELU: priced like the SwiGLU pass, not in the executable layer
+    price_only(act);
   const int out = tensor(nm("mlp out"), {rows_d_, h_}, TensorRole::activation);
   matmul(nm("mlp_down"), {s.act}, {value_of(pname(l, "mlp.down"), w, b)}, {out}, false, false,
          false, cat, l, mb);
-  const int y = collective(nm("mlp_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
-                           g_dtp_, out, {n_, h_}, TensorRole::activation, l, mb);
+  const int y = sp_scatter(nm("mlp_sp_scatter"), g_dtp_, out, {n_, h_}, l, mb);
   const int o = tensor(nm("mlp residual"), {n_, h_}, TensorRole::activation);
   simple(nm("mlp_residual"), Kernel::add, {x, y}, {o}, cat, l, mb);
   return o;
@@ -1585,34 +1889,49 @@ int Builder::dense_forward(int l, int mb, int x, MlpSaved& s, Category cat) {
 
 int Builder::dense_backward(int l, int mb, const MlpSaved& s, int dy) {
   auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
-  const int b = bucket_of_param(pname(l, "mlp.gate"));
+  const int b = bucket_of_param(pname(l, "mlp.up"));
   const int br = bucket_of_param(pname(l, "mlp.norm"));
   const std::vector<int> w = use_bucket(b, "bwd", l, mb);
   const std::vector<int> wr = use_bucket(br, "bwd", l, mb);
   auto grad = [&](const char* role) {
     return pt_[static_cast<std::size_t>(find_param(pname(l, role)))].grad;
   };
-  const int dyg = collective(nm("mlp_sp_gather"), OpKind::all_gather, Category::tp_comm, kTp,
-                             g_dtp_, dy, {rows_d_, h_}, TensorRole::activation, l, mb);
+  const int dyg =
+      sp_gather(nm("mlp_sp_gather"), g_dtp_, dy, {rows_d_, h_}, TensorRole::activation, l, mb);
   const int dact = tensor(nm("d mlp act"), {rows_d_, f_}, TensorRole::activation);
   matmul(nm("mlp_down.dgrad"), {dyg}, {value_of(pname(l, "mlp.down"), w, b)}, {dact}, false, true,
          false, Category::backward, l, mb);
   wgrad(nm("mlp_down.wgrad"), {s.act}, {dyg}, {grad("mlp.down")}, true, l, mb);
-  const int dgu = tensor(nm("d gate_up"), {rows_d_, 2 * f_}, TensorRole::activation);
-  simple(nm("mlp_act"), Kernel::swiglu_bwd, {s.gu, dact}, {dgu}, Category::backward, l, mb);
+  const bool gated = m_.dense_mlp.gated;
+  const int dgu = tensor(nm("d gate_up"), {rows_d_, (gated ? 2 : 1) * f_}, TensorRole::activation);
+  const int act =
+      simple(nm("mlp_act"), Kernel::swiglu_bwd, {s.gu, dact}, {dgu}, Category::backward, l, mb);
+  if (!gated)
+    price_only(act);
   const int dxg = tensor(nm("d mlp input"), {rows_d_, h_}, TensorRole::activation);
-  matmul(nm("mlp_gate_up.dgrad"), {dgu},
-         {value_of(pname(l, "mlp.gate"), w, b), value_of(pname(l, "mlp.up"), w, b)}, {dxg}, false,
-         true, false, Category::backward, l, mb);
-  wgrad(nm("mlp_gate_up.wgrad"), {s.xg}, {dgu}, {grad("mlp.gate"), grad("mlp.up")}, true, l, mb);
-  const int dxn = collective(nm("mlp_sp_scatter"), OpKind::reduce_scatter, Category::tp_comm, kTp,
-                             g_dtp_, dxg, {n_, h_}, TensorRole::activation, l, mb);
+  matmul(nm("mlp_gate_up.dgrad"), {dgu}, dense_up_weights(l, w, b), {dxg}, false, true, false,
+         Category::backward, l, mb);
+  std::vector<int> up_grads;
+  if (gated)
+    up_grads.push_back(grad("mlp.gate"));
+  up_grads.push_back(grad("mlp.up"));
+  wgrad(nm("mlp_gate_up.wgrad"), {s.xg}, {dgu}, up_grads, true, l, mb);
+  const int dxn = sp_scatter(nm("mlp_sp_scatter"), g_dtp_, dxg, {n_, h_}, l, mb);
   const int dxa =
       norm_backward(nm("mlp_norm"), nm("d mlp norm input"), s.x,
                     value_of(pname(l, "mlp.norm"), wr, br), s.rstd, dxn, grad("mlp.norm"), l, mb);
   const int dx = tensor(nm("d mlp block input"), {n_, h_}, TensorRole::activation);
   simple(nm("mlp_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
   return dx;
+}
+
+// The dense MLP's first projection's weights: gate and up (SwiGLU), or up alone.
+std::vector<int> Builder::dense_up_weights(int l, const std::vector<int>& w, int b) const {
+  std::vector<int> out;
+  if (m_.dense_mlp.gated)
+    out.push_back(value_of(pname(l, "mlp.gate"), w, b));
+  out.push_back(value_of(pname(l, "mlp.up"), w, b));
+  return out;
 }
 
 // --- activation offload -------------------------------------------------------------------------
@@ -1630,7 +1949,8 @@ std::vector<int*> Builder::backward_reads(LayerSaved& sv) {
   if (ra == Recompute::full)
     out = {&a.x};
   else
-    out = {&a.x, &a.q_pre, &a.k_pre, &a.q_rstd, &a.k_rstd, &a.q, &a.k, &a.v};
+    out = {&a.x, &a.q_pre, &a.k_pre,  &a.q_rstd,     &a.k_rstd, &a.q,       &a.k,
+           &a.v, &a.q_lat, &a.q_latn, &a.q_lat_rstd, &a.kv_lat, &a.kv_latn, &a.kv_lat_rstd};
   if (ra == Recompute::none) // selective recomputes the norm and its gather (renorm)
     for (int* f : {&a.rstd, &a.xg})
       out.push_back(f);
@@ -1652,10 +1972,13 @@ std::vector<int*> Builder::backward_reads(LayerSaved& sv) {
   if (re == Recompute::full) {
     out.push_back(&e.x);
   } else {
-    for (int* f : {&e.x, &e.rstd, &e.xn, &e.probs, &e.weights, &e.rows_in, &e.gu, &e.ret})
+    for (int* f : {&e.x, &e.rstd, &e.xn, &e.probs, &e.weights, &e.rows_in, &e.gu, &e.ret, &e.sh_xg,
+                   &e.sh_gu})
       out.push_back(f);
-    if (re == Recompute::none)
+    if (re == Recompute::none) {
       out.push_back(&e.act);
+      out.push_back(&e.sh_act);
+    }
   }
   std::erase_if(out, [](const int* f) { return *f < 0; });
   return out;
@@ -1722,8 +2045,8 @@ void Builder::gate_prefetch(int begin, int gate) {
     return;
   for (std::size_t i = static_cast<std::size_t>(begin); i < rc_->ops.size(); ++i) {
     sim::Op& op = rc_->ops[i];
-    const bool gather = op.kernel == Kernel::collective && op.kind == OpKind::all_gather &&
-                        op.stream == kDp;
+    const bool gather =
+        op.kernel == Kernel::collective && op.kind == OpKind::all_gather && op.stream == kDp;
     const bool upload = op.kernel == Kernel::copy && op.kind == OpKind::copy_h2d &&
                         op.category == Category::offload;
     if (gather || upload)
@@ -1741,8 +2064,10 @@ void Builder::recompute_mlp(int l, int mb, MlpSaved& s) {
     renorm(l, mb, "mlp", s.x, s.rstd, s.xg);
     s.act =
         tensor(fmt::format("L{}.mlp act.mb{}.recompute", l, mb), {rows_d_, f_}, TensorRole::saved);
-    simple(fmt::format("L{}.mlp_act.mb{}.recompute", l, mb), Kernel::swiglu_fwd, {s.gu}, {s.act},
-           Category::recompute, l, mb);
+    const int op = simple(fmt::format("L{}.mlp_act.mb{}.recompute", l, mb), Kernel::swiglu_fwd,
+                          {s.gu}, {s.act}, Category::recompute, l, mb);
+    if (!m_.dense_mlp.gated)
+      price_only(op);
   }
 }
 
@@ -1753,9 +2078,20 @@ void Builder::recompute_moe(int l, int mb, MoeSaved& s) {
   } else if (r == strategy::Recompute::selective) { // the experts' activation function only
     const int act = clone(s.act, fmt::format("L{}.experts act.mb{}.recompute", l, mb),
                           TensorRole::saved, sim::Device::hbm);
-    simple(fmt::format("L{}.experts_act.mb{}.recompute", l, mb), Kernel::swiglu_fwd, {s.gu}, {act},
-           Category::recompute, l, mb);
+    const int op = simple(fmt::format("L{}.experts_act.mb{}.recompute", l, mb), Kernel::swiglu_fwd,
+                          {s.gu}, {act}, Category::recompute, l, mb);
+    if (!m_.moe.gated || m_.moe.expert_bias)
+      price_only(op);
     s.act = act;
+    if (s.sh_act >= 0) { // the shared experts' activation too
+      const int sh = clone(s.sh_act, fmt::format("L{}.shared act.mb{}.recompute", l, mb),
+                           TensorRole::saved, sim::Device::hbm);
+      const int sop = simple(fmt::format("L{}.shared_act.mb{}.recompute", l, mb),
+                             Kernel::swiglu_fwd, {s.sh_gu}, {sh}, Category::recompute, l, mb);
+      if (!m_.moe.gated)
+        price_only(sop);
+      s.sh_act = sh;
+    }
   }
 }
 
@@ -1816,9 +2152,29 @@ void Builder::declare_moe_params(int l) {
   const BucketKey rep{l, LayerKind::dense, true}, exp{l, LayerKind::moe, false};
   const sim::AxisSplit by_ep{0, "moe", "ep"};
   param(pname(l, "moe.router"), {h, experts}, {}, rep);
-  param(pname(l, "moe.experts.gate"), {experts, h, f}, {by_ep, {2, "moe", "etp"}}, exp);
+  if (e.router_bias)
+    param(pname(l, "moe.router.bias"), {experts}, {}, rep);
+  if (e.router_score_correction) // DeepSeek-V3's per-expert selection bias
+    param(pname(l, "moe.router.score_correction"), {experts}, {}, rep);
+  if (e.gated)
+    param(pname(l, "moe.experts.gate"), {experts, h, f}, {by_ep, {2, "moe", "etp"}}, exp);
   param(pname(l, "moe.experts.up"), {experts, h, f}, {by_ep, {2, "moe", "etp"}}, exp);
   param(pname(l, "moe.experts.down"), {experts, f, h}, {by_ep, {1, "moe", "etp"}}, exp);
+  if (e.expert_bias) {
+    param(pname(l, "moe.experts.up_bias"), {experts, (e.gated ? 2 : 1) * f},
+          {by_ep, {1, "moe", "etp"}}, exp);
+    param(pname(l, "moe.experts.down_bias"), {experts, h}, {by_ep}, exp);
+  }
+  if (e.num_shared_experts > 0) {
+    // Shared experts: a dense MLP under the dense TP (Megatron-Core's SharedExpertMLP).
+    const BucketKey mlp{l, LayerKind::dense, false};
+    const std::int64_t fs = e.num_shared_experts * e.shared_intermediate_size;
+    const sim::AxisSplit cols{1, "dense", "tp"}, rows{0, "dense", "tp"};
+    if (e.gated)
+      param(pname(l, "moe.shared.gate"), {h, fs}, {cols}, mlp);
+    param(pname(l, "moe.shared.up"), {h, fs}, {cols}, mlp);
+    param(pname(l, "moe.shared.down"), {fs, h}, {rows}, mlp);
+  }
 }
 
 // Dropless top-k MoE (Megatron-Core's all-to-all token dispatcher, as the CPU executor runs it):
@@ -1837,10 +2193,12 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
   const std::int64_t experts = e.num_routed_experts, k = e.experts_per_token;
   const std::int64_t ep = p_.moe.ep, etp = p_.moe.etp, per_rank = experts / ep;
   const std::int64_t f = e.expert_intermediate_size / etp, routed_rows = n_ * k;
-  const int be = bucket_of_param(pname(l, "moe.experts.gate"));
+  const int be = bucket_of_param(pname(l, "moe.experts.up"));
   const int br = bucket_of_param(pname(l, "mlp.norm"));
   const std::vector<int> w = use_bucket(be, pass, l, mb);
   const std::vector<int> wr = use_bucket(br, pass, l, mb);
+  auto wt = [&](const char* role) { return value_of(pname(l, role), w, be); };
+  auto wrt = [&](const char* role) { return value_of(pname(l, role), wr, br); };
   s.x = x;
   s.xn = tensor(nm("mlp_norm"), {n_, h_}, TensorRole::saved);
   s.rstd = tensor(nm("mlp_norm rstd"), {n_}, TensorRole::saved, Element::real, sim::Dtype::fp32);
@@ -1857,12 +2215,22 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
   sim::Attrs route;
   route.top_k = static_cast<int>(k);
   route.normalize = true; // norm_topk_prob, as the executable model routes
-  simple(nm("router_topk"), Kernel::router_topk_fwd, {logits}, {s.probs, s.idx, s.weights}, cat, l,
-         mb, route);
+  std::vector<int> router_in{logits};
+  if (e.router_bias)
+    router_in.push_back(wrt("moe.router.bias"));
+  if (e.router_score_correction)
+    router_in.push_back(wrt("moe.router.score_correction"));
+  const int topk = simple(nm("router_topk"), Kernel::router_topk_fwd, router_in,
+                          {s.probs, s.idx, s.weights}, cat, l, mb, route);
+  if (!softmax_router())
+    price_only(topk);
   const int xp = tensor(nm("permuted"), {routed_rows, h_}, TensorRole::activation);
   s.order = tensor(nm("permute order"), {routed_rows}, TensorRole::index, Element::i32);
   s.counts = tensor(nm("expert counts"), {experts}, TensorRole::index, Element::i64);
-  simple(nm("permute"), Kernel::permute, {s.xn, s.idx}, {xp, s.order, s.counts}, cat, l, mb);
+  const int perm =
+      simple(nm("permute"), Kernel::permute, {s.xn, s.idx}, {xp, s.order, s.counts}, cat, l, mb);
+  if (p_.moe.capacity_factor > 0) // token dropping: priced as dropless (balanced routing)
+    price_only(perm);
   // One all-to-all of per-expert counts: row j says how many rows of each of my experts EP rank
   // j sends; rows arrive grouped by source rank, then expert, so it also names their experts.
   s.recv_counts = s.counts;
@@ -1929,13 +2297,19 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
     o.attrs.count_inputs = 1;
     emit(std::move(o));
   }
-  s.gu = rows_like(s.rows_in, nm("experts gate_up"), 2 * f, TensorRole::saved);
-  grouped_matmul(
-      nm("experts_gate_up"), {s.rows_in},
-      {value_of(pname(l, "moe.experts.gate"), w, be), value_of(pname(l, "moe.experts.up"), w, be)},
-      {s.gu}, s.table, false, false, false, cat, l, mb);
+  const std::int64_t up = e.gated ? 2 * f : f;
+  s.gu = rows_like(s.rows_in, nm("experts gate_up"), up, TensorRole::saved);
+  grouped_matmul(nm("experts_gate_up"), {s.rows_in}, expert_up_weights(l, w, be), {s.gu}, s.table,
+                 false, false, false, cat, l, mb);
   s.act = rows_like(s.rows_in, nm("experts act"), f, TensorRole::saved);
-  simple(nm("experts_act"), Kernel::swiglu_fwd, {s.gu}, {s.act}, cat, l, mb);
+  std::vector<int> act_in{s.gu};
+  if (e.expert_bias) { // the projections' biases, added around the activation
+    act_in.push_back(wt("moe.experts.up_bias"));
+    act_in.push_back(wt("moe.experts.down_bias"));
+  }
+  const int act = simple(nm("experts_act"), Kernel::swiglu_fwd, act_in, {s.act}, cat, l, mb);
+  if (!e.gated || e.expert_bias)
+    price_only(act);
   const int out = rows_like(s.rows_in, nm("experts out"), h_, TensorRole::activation);
   grouped_matmul(nm("experts_down"), {s.act}, {value_of(pname(l, "moe.experts.down"), w, be)},
                  {out}, s.table, false, false, false, cat, l, mb);
@@ -1971,8 +2345,14 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
     o.attrs.count_inputs = 2;
     emit(std::move(o));
   }
-  const int y = tensor(nm("moe out"), {n_, h_}, TensorRole::activation);
+  int y = tensor(nm("moe out"), {n_, h_}, TensorRole::activation);
   simple(nm("unpermute"), Kernel::unpermute, {s.ret, s.order, s.weights}, {y}, cat, l, mb);
+  if (e.num_shared_experts > 0) {
+    const int ys = shared_forward(l, mb, s, cat);
+    const int sum = tensor(nm("moe and shared out"), {n_, h_}, TensorRole::activation);
+    simple(nm("shared_add"), Kernel::add, {y, ys}, {sum}, cat, l, mb);
+    y = sum;
+  }
   const int o = tensor(nm("mlp residual"), {n_, h_}, TensorRole::activation);
   simple(nm("mlp_residual"), Kernel::add, {x, y}, {o}, cat, l, mb);
   return o;
@@ -1987,7 +2367,7 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
   const workload::MoeSpec& e = m_.moe;
   const std::int64_t experts = e.num_routed_experts, k = e.experts_per_token;
   const std::int64_t f = e.expert_intermediate_size / p_.moe.etp, routed_rows = n_ * k;
-  const int be = bucket_of_param(pname(l, "moe.experts.gate"));
+  const int be = bucket_of_param(pname(l, "moe.experts.up"));
   const int br = bucket_of_param(pname(l, "mlp.norm"));
   const std::vector<int> w = use_bucket(be, "bwd", l, mb);
   const std::vector<int> wr = use_bucket(br, "bwd", l, mb);
@@ -2038,16 +2418,21 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
                  {dact}, s.table, false, true, false, Category::backward, l, mb);
   grouped_matmul(nm("experts_down.wgrad"), {s.act}, {dout}, {grad("moe.experts.down")}, s.table,
                  true, false, true, Category::backward, l, mb);
-  const int dgu = rows_like(s.rows_in, nm("d experts gate_up"), 2 * f, TensorRole::activation);
-  simple(nm("experts_act"), Kernel::swiglu_bwd, {s.gu, dact}, {dgu}, Category::backward, l, mb);
+  const int dgu =
+      rows_like(s.rows_in, nm("d experts gate_up"), e.gated ? 2 * f : f, TensorRole::activation);
+  const int act =
+      simple(nm("experts_act"), Kernel::swiglu_bwd, {s.gu, dact}, {dgu}, Category::backward, l, mb);
+  if (!e.gated || e.expert_bias)
+    price_only(act);
   const int dxr = rows_like(s.rows_in, nm("d experts input"), h_, TensorRole::activation);
-  grouped_matmul(
-      nm("experts_gate_up.dgrad"), {dgu},
-      {value_of(pname(l, "moe.experts.gate"), w, be), value_of(pname(l, "moe.experts.up"), w, be)},
-      {dxr}, s.table, false, true, false, Category::backward, l, mb);
-  grouped_matmul(nm("experts_gate_up.wgrad"), {s.rows_in}, {dgu},
-                 {grad("moe.experts.gate"), grad("moe.experts.up")}, s.table, true, false, true,
-                 Category::backward, l, mb);
+  grouped_matmul(nm("experts_gate_up.dgrad"), {dgu}, expert_up_weights(l, w, be), {dxr}, s.table,
+                 false, true, false, Category::backward, l, mb);
+  std::vector<int> up_grads;
+  if (e.gated)
+    up_grads.push_back(grad("moe.experts.gate"));
+  up_grads.push_back(grad("moe.experts.up"));
+  grouped_matmul(nm("experts_gate_up.wgrad"), {s.rows_in}, {dgu}, up_grads, s.table, true, false,
+                 true, Category::backward, l, mb);
   int dmine = dxr;
   if (g_xtp_ >= 0) {
     dmine = rows_like(s.recv, nm("d etp scattered"), h_, TensorRole::activation);
@@ -2086,18 +2471,101 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
   sim::Attrs route;
   route.top_k = static_cast<int>(k);
   route.normalize = true;
-  simple(nm("router_topk"), Kernel::router_topk_bwd, {s.probs, s.idx, dweights}, {dlogits},
-         Category::backward, l, mb, route);
+  const int topk = simple(nm("router_topk"), Kernel::router_topk_bwd, {s.probs, s.idx, dweights},
+                          {dlogits}, Category::backward, l, mb, route);
+  if (!softmax_router())
+    price_only(topk);
   matmul(nm("router.dgrad"), {dlogits}, {value_of(pname(l, "moe.router"), wr, br)}, {dxn}, false,
          true, true, Category::backward, l, mb);
   matmul(nm("router.wgrad"), {s.xn}, {dlogits}, {grad("moe.router")}, true, false, true,
          Category::backward, l, mb);
-  const int dxa =
-      norm_backward(nm("mlp_norm"), nm("d mlp norm input"), s.x,
-                    value_of(pname(l, "mlp.norm"), wr, br), s.rstd, dxn, grad("mlp.norm"), l, mb);
+  int dxn_all = dxn;
+  if (e.num_shared_experts > 0) {
+    const int dxs = shared_backward(l, mb, s, dy);
+    dxn_all = tensor(nm("d mlp norm out (with shared)"), {n_, h_}, TensorRole::activation);
+    simple(nm("shared_add"), Kernel::add, {dxn, dxs}, {dxn_all}, Category::backward, l, mb);
+  }
+  const int dxa = norm_backward(nm("mlp_norm"), nm("d mlp norm input"), s.x,
+                                value_of(pname(l, "mlp.norm"), wr, br), s.rstd, dxn_all,
+                                grad("mlp.norm"), l, mb);
   const int dx = tensor(nm("d mlp block input"), {n_, h_}, TensorRole::activation);
   simple(nm("mlp_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
   return dx;
+}
+
+// The experts' first projection's weights: gate and up (SwiGLU), or up alone.
+std::vector<int> Builder::expert_up_weights(int l, const std::vector<int>& w, int be) const {
+  std::vector<int> out;
+  if (m_.moe.gated)
+    out.push_back(value_of(pname(l, "moe.experts.gate"), w, be));
+  out.push_back(value_of(pname(l, "moe.experts.up"), w, be));
+  return out;
+}
+
+// The shared experts on the block's normed rows: SP all-gather over the dense TP group,
+// column-parallel gate|up, the activation, row-parallel down, reduce-scatter (Megatron-Core's
+// SharedExpertMLP, as the cost-only lowering prices it: after the routed experts' combine).
+int Builder::shared_forward(int l, int mb, MoeSaved& s, Category cat) {
+  const bool again = cat == Category::recompute;
+  auto nm = [&](const char* what) {
+    return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
+  };
+  const workload::MoeSpec& e = m_.moe;
+  const std::int64_t fs = e.num_shared_experts * e.shared_intermediate_size / p_.dense.tp;
+  const int b = bucket_of_param(pname(l, "moe.shared.up"));
+  const std::vector<int> w = use_bucket(b, again ? "bwd" : "fwd", l, mb);
+  s.sh_xg =
+      sp_gather(nm("shared_sp_gather"), g_dtp_, s.xn, {rows_d_, h_}, TensorRole::saved, l, mb);
+  std::vector<int> wu;
+  if (e.gated)
+    wu.push_back(value_of(pname(l, "moe.shared.gate"), w, b));
+  wu.push_back(value_of(pname(l, "moe.shared.up"), w, b));
+  s.sh_gu = tensor(nm("shared gate_up"), {rows_d_, (e.gated ? 2 : 1) * fs}, TensorRole::saved);
+  matmul(nm("shared_gate_up"), {s.sh_xg}, wu, {s.sh_gu}, false, false, false, cat, l, mb);
+  s.sh_act = tensor(nm("shared act"), {rows_d_, fs}, TensorRole::saved);
+  const int act = simple(nm("shared_act"), Kernel::swiglu_fwd, {s.sh_gu}, {s.sh_act}, cat, l, mb);
+  if (!e.gated)
+    price_only(act);
+  const int out = tensor(nm("shared out"), {rows_d_, h_}, TensorRole::activation);
+  matmul(nm("shared_down"), {s.sh_act}, {value_of(pname(l, "moe.shared.down"), w, b)}, {out}, false,
+         false, false, cat, l, mb);
+  return sp_scatter(nm("shared_sp_scatter"), g_dtp_, out, {n_, h_}, l, mb);
+}
+
+// Its backward: the gradient of the normed rows through the shared experts.
+int Builder::shared_backward(int l, int mb, const MoeSaved& s, int dy) {
+  auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
+  const workload::MoeSpec& e = m_.moe;
+  const std::int64_t fs = e.num_shared_experts * e.shared_intermediate_size / p_.dense.tp;
+  const int b = bucket_of_param(pname(l, "moe.shared.up"));
+  const std::vector<int> w = use_bucket(b, "bwd", l, mb);
+  auto grad = [&](const char* role) {
+    return pt_[static_cast<std::size_t>(find_param(pname(l, role)))].grad;
+  };
+  const int dyg =
+      sp_gather(nm("shared_sp_gather"), g_dtp_, dy, {rows_d_, h_}, TensorRole::activation, l, mb);
+  const int dact = tensor(nm("d shared act"), {rows_d_, fs}, TensorRole::activation);
+  matmul(nm("shared_down.dgrad"), {dyg}, {value_of(pname(l, "moe.shared.down"), w, b)}, {dact},
+         false, true, false, Category::backward, l, mb);
+  wgrad(nm("shared_down.wgrad"), {s.sh_act}, {dyg}, {grad("moe.shared.down")}, true, l, mb);
+  const int dgu =
+      tensor(nm("d shared gate_up"), {rows_d_, (e.gated ? 2 : 1) * fs}, TensorRole::activation);
+  const int act = simple(nm("shared_act"), Kernel::swiglu_bwd, {s.sh_gu, dact}, {dgu},
+                         Category::backward, l, mb);
+  if (!e.gated)
+    price_only(act);
+  std::vector<int> wu, gu;
+  if (e.gated) {
+    wu.push_back(value_of(pname(l, "moe.shared.gate"), w, b));
+    gu.push_back(grad("moe.shared.gate"));
+  }
+  wu.push_back(value_of(pname(l, "moe.shared.up"), w, b));
+  gu.push_back(grad("moe.shared.up"));
+  const int dxg = tensor(nm("d shared input"), {rows_d_, h_}, TensorRole::activation);
+  matmul(nm("shared_gate_up.dgrad"), {dgu}, wu, {dxg}, false, true, false, Category::backward, l,
+         mb);
+  wgrad(nm("shared_gate_up.wgrad"), {s.sh_xg}, {dgu}, gu, true, l, mb);
+  return sp_scatter(nm("shared_sp_scatter"), g_dtp_, dxg, {n_, h_}, l, mb);
 }
 
 // --- gradients and the optimizer -----------------------------------------------------------------
@@ -2328,7 +2796,7 @@ void Builder::step_bucket(int b, const std::vector<int>& owned_grads, bool defer
        owned_grads, {gh});
     // With the parameters on the host (ZeRO-3 shards), the step updates them in place;
     // otherwise it updates the host's FP32 master weights, uploaded as the new parameters.
-    const bool params_on_host = p_.params == strategy::Placement::host;
+    const bool params_on_host = p_.params == strategy::Placement::host && bk.zero >= 3;
     const int master = params_on_host ? bt.shard : bt.master;
     const int a = op(bk.name + ".host_adamw", Kernel::adamw, OpKind::host_adam, Category::optimizer,
                      kHost, {master, gh, bt.m, bt.v}, {master, bt.m, bt.v});
@@ -2342,6 +2810,33 @@ void Builder::step_bucket(int b, const std::vector<int>& owned_grads, bool defer
     dp_comm(bk.name + ".param_all_gather", OpKind::all_gather,
             group(group_name(bk.shard), bk.shard), {updated}, values, layer, deferred);
   }
+}
+
+// Gradients kept in host memory for an optimizer on the GPU (the cost-only lowering's
+// placement): the reduced gradients the rank owns are downloaded to their resident host copy
+// once reduced; the step then reads them on the GPU. No executor keeps such a copy.
+void Builder::download_grads(int b, const std::vector<int>& owned_grads) {
+  const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
+  std::int64_t n = 0;
+  for (int t : owned_grads)
+    n += numel(shape(t));
+  const int gh = tensor(bk.name + ".grads (host)", {n}, TensorRole::host_copy, Element::real,
+                        sim::Dtype::fp32);
+  rc_->tensors.back().device = sim::Device::host;
+  rc_->tensors.back().kind = sim::MemoryKind::grads;
+  rc_->tensors.back().resident = true;
+  rc_->tensors.back().bucket = b;
+  price_only(emit(OpSpec{bk.name + ".grad_download",
+                         Kernel::copy,
+                         OpKind::copy_d2h,
+                         Category::offload,
+                         kD2h,
+                         -1,
+                         owned_grads,
+                         {gh},
+                         {},
+                         bucket_keys_[static_cast<std::size_t>(b)].layer,
+                         -1}));
 }
 
 // Gradients are zeroed by the program: at the start of the step, or for a bucket whose update is
@@ -2514,7 +3009,8 @@ void Builder::build_stage(int stage) {
       // (Not ahead of the next layer's update streamed into this forward: it writes the shard.)
       const auto streamed = [&](int k) {
         const std::vector<int> bs = layer_buckets(k);
-        return mb == 0 && std::any_of(bs.begin(), bs.end(), [&](int b) { return streams_forward(b); });
+        return mb == 0 &&
+               std::any_of(bs.begin(), bs.end(), [&](int b) { return streams_forward(b); });
       };
       if (l + 1 < bounds_[v + 1] && !streamed(l + 1))
         prefetch(l + 1, mb, "fwd", i >= 1 ? fwd_end[static_cast<std::size_t>(i - 1)] : -1);
@@ -2590,6 +3086,8 @@ void Builder::build_stage(int stage) {
     if (stepped[bi])
       continue;
     const std::vector<int> owned = reduced[bi] ? owned_grads(b) : reduce_bucket(b);
+    if (p_.grads == strategy::Placement::host && !p_.optimizer_on_host)
+      download_grads(b, owned);
     if (!streams_forward(b))
       step_bucket(b, owned, false);
   }
@@ -2645,71 +3143,49 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
   if (c.model == nullptr || c.seq <= 0)
     throw InputError("lowering needs a model and a positive sequence length.");
   const workload::ModelSpec& m = *c.model;
+  // What the program prices but no executor runs (MLA, shared experts, other routers, token
+  // dropping, replicated key/value heads, uneven splits) it builds as priced-only ops; what is
+  // left here cannot be built at all.
   if (m.is_moe()) {
     const workload::MoeSpec& e = m.moe;
-    if (e.num_shared_experts > 0)
-      not_yet("shared experts");
-    if (!e.gated || e.expert_bias || e.router_bias || e.router_score_correction)
-      not_yet("experts other than bias-free SwiGLU with a softmax router");
-    if (p.moe.capacity_factor > 0)
-      not_yet("token-dropping MoE (a capacity factor)");
     if (e.num_routed_experts % p.moe.ep != 0 || e.expert_intermediate_size % p.moe.etp != 0)
       throw InputError(fmt::format("ep {} must divide the {} experts and etp {} their width {}",
                                    p.moe.ep, e.num_routed_experts, p.moe.etp,
                                    e.expert_intermediate_size));
   }
-  if (m.attention.kind != workload::AttentionKind::gqa)
-    not_yet("multi-head latent attention");
-  // The program builds RMSNorm, bias-free projections, RoPE and SwiGLU MLPs: a GPT-style model
-  // (GELU MLP, LayerNorm, biases, learned positions) would be priced and run as another model.
-  const bool dense_layers = m.num_moe_layers() < m.num_layers();
-  if (dense_layers && (!m.dense_mlp.gated || m.dense_mlp.bias))
-    not_yet("dense MLPs other than bias-free SwiGLU");
-  if (m.attention.qkv_bias || m.attention.out_bias || m.attention.sinks)
-    not_yet("attention projections with biases or attention sinks");
-  if (m.norm_bias || m.learned_positions > 0)
-    not_yet("LayerNorm or learned position embeddings");
   if (p.attention.cp > 1) {
-    // Ring (and hybrid) CP balances the causal work over 2·cp chunks; Ulysses splits heads.
     const strategy::CpSplit cp = strategy::cp_split(p, c.gpus_per_node);
-    const std::int64_t chunks = cp.ring > 1 ? 2 * p.attention.cp : p.attention.cp;
-    if (c.seq % chunks != 0)
-      throw InputError(fmt::format("the sequence length {} does not split into the {} chunks of "
-                                   "context parallelism {}",
-                                   c.seq, chunks, p.attention.cp));
     const std::int64_t heads = m.attention.num_heads / p.attention.tp;
-    const std::int64_t kv = m.attention.num_kv_heads / p.attention.tp;
-    if (cp.ulysses > 1 && (heads % cp.ulysses != 0 || kv % cp.ulysses != 0))
+    const std::int64_t kv =
+        m.attention.kind == workload::AttentionKind::mla
+            ? heads
+            : std::max<std::int64_t>(1, m.attention.num_kv_heads / p.attention.tp);
+    // Key/value heads fewer than the Ulysses ranks are replicated to one per rank.
+    if (cp.ulysses > 1 &&
+        (heads % cp.ulysses != 0 || (kv % cp.ulysses != 0 && cp.ulysses % kv != 0)))
       throw InputError(fmt::format("Ulysses cp {} must divide the heads left on a tp rank ({} "
                                    "query, {} key/value)",
                                    cp.ulysses, heads, kv));
   }
-  // Host gradients are the host optimizer's downloaded copies (step_bucket).
-  if (p.grads == strategy::Placement::host && !p.optimizer_on_host)
-    not_yet("gradients in host memory for an optimizer on the GPU");
-  const int any_tp = std::max({p.attention.tp, p.dense.tp, p.embed.tp, p.moe.etp});
-  if (any_tp > 1 && !p.attention.sp)
-    not_yet("tensor parallelism without sequence parallelism");
-  const std::int64_t rows = p.micro_batch * (c.seq / p.attention.cp);
-  if (rows % p.attention.tp != 0)
-    throw InputError(fmt::format("the {} tokens of a micro-batch do not split over tp {}", rows,
-                                 p.attention.tp));
-  if (m.attention.num_heads % p.attention.tp != 0 || m.attention.num_kv_heads % p.attention.tp != 0)
-    not_yet("key/value heads replicated over tensor-parallel ranks");
+  if (m.attention.num_heads % p.attention.tp != 0)
+    throw InputError(fmt::format("tp {} does not divide the {} attention heads", p.attention.tp,
+                                 m.attention.num_heads));
+  if (m.attention.kind != workload::AttentionKind::mla &&
+      m.attention.num_kv_heads % p.attention.tp != 0 &&
+      p.attention.tp % m.attention.num_kv_heads != 0)
+    throw InputError(fmt::format("tp {} neither divides nor is a multiple of the {} key/value "
+                                 "heads",
+                                 p.attention.tp, m.attention.num_kv_heads));
   if (m.dense_mlp.intermediate_size % p.dense.tp != 0)
     throw InputError(fmt::format("dense tp {} does not divide the MLP width {}", p.dense.tp,
                                  m.dense_mlp.intermediate_size));
-  if (m.vocab_size % p.embed.tp != 0)
-    throw InputError(
-        fmt::format("embedding tp {} does not divide the vocabulary {}", p.embed.tp, m.vocab_size));
+  if (m.is_moe() && m.moe.num_shared_experts > 0 &&
+      (m.moe.num_shared_experts * m.moe.shared_intermediate_size) % p.dense.tp != 0)
+    throw InputError(fmt::format("dense tp {} does not divide the shared experts' width {}",
+                                 p.dense.tp,
+                                 m.moe.num_shared_experts * m.moe.shared_intermediate_size));
   if (p.global_batch <= 0 || p.micro_batches() < 1)
     throw InputError("the plan has no micro-batch per step");
-  const auto bounds = strategy::virtual_stage_bounds(p, static_cast<int>(m.num_layers()));
-  for (std::size_t v = 0; v + 1 < bounds.size(); ++v)
-    if (bounds[v + 1] <= bounds[v])
-      throw InputError(fmt::format("virtual pipeline stage {} holds no layer ({} layers over {} "
-                                   "stages)",
-                                   v, m.num_layers(), bounds.size() - 1));
 }
 
 sim::Schedule lower_program(const Plan& p, const ProgramContext& c) {

@@ -60,6 +60,8 @@ Report validate(const std::vector<Row>& rows, planner::Lowering lowering) {
                      {"mfu", tflops * 1e12 / cluster.gpu.peak_flops_bf16},
                      {"peak_mem_gib", peak / (1024.0 * 1024.0 * 1024.0)}};
         ++rep.rows_predicted;
+        if (e.program)
+          ++rep.rows_predicted_by_program;
       } catch (const std::exception& ex) {
         reason = std::string("the simulation failed: ") + ex.what();
       }

@@ -27,6 +27,7 @@ struct Report {
   double mape_time = 0, mape_memory = 0;
   double mape_time_dense = 0, mape_time_moe = 0, mape_memory_dense = 0, mape_memory_moe = 0;
   int rows = 0, rows_predicted = 0;
+  int rows_predicted_by_program = 0; // of rows_predicted, those the program lowering priced
 };
 
 // `lowering`: which lowering writes the Schedules the rows are predicted from.

@@ -196,3 +196,20 @@ TEST_CASE("mop run resumes under another plan of the same model" *
   // bound of the --check test above.
   CHECK(b["loss"][0].get<double>() == mop::test::rel(w["loss"][2].get<double>(), 1e-5));
 }
+
+TEST_CASE("mop run refuses a plan whose program has priced-only ops, naming the op" *
+          doctest::test_suite("plumbing")) {
+  // Token dropping (a capacity factor) is priced as dropless routing; the permutation has no
+  // kernel in the executable layer, so the CPU interpreter refuses the program by that op.
+  TempDir t("mop-run-priced-only");
+  const std::string plan = t.path("dropping.json");
+  std::ofstream(plan) << R"({"world": 1, "global_batch": 2, "micro_batch": 1,
+                             "moe": {"capacity_factor": 1.25}})";
+  const auto r = run_mop("run --executor cpu --model tiny-moe --ranks 1 --seq 32 --plan " + plan);
+  CHECK(r.status == 1);
+  CHECK(count_lines(r.err) == 1);
+  CHECK(r.err.find("cannot run op 'L1.permute.mb0'") != std::string::npos);
+  // The same model's presets resolve to plans it runs.
+  CHECK(run_mop("run --executor cpu --model tiny-moe --ranks 2 --seq 32 --plan megatron").status ==
+        0);
+}

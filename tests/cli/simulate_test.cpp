@@ -70,8 +70,8 @@ TEST_CASE("mop simulate refuses bad input with one sentence and writes no trace"
             .status == 1);
 }
 
-TEST_CASE("mop simulate --lowering program plays the executable program where it builds the "
-          "plan, and the cost-only lowering where it does not" *
+TEST_CASE("mop simulate --lowering program plays the executable program, MLA included, and the "
+          "default plays the cost-only lowering" *
           doctest::test_suite("plumbing")) {
   const auto dense = run_mop("simulate --model llama3-8b --cluster h100 --nodes 1 --seq 8K "
                              "--global-batch 16 --plan fsdp2 --lowering program --json");
@@ -81,11 +81,12 @@ TEST_CASE("mop simulate --lowering program plays the executable program where it
                             "--global-batch 16 --plan fsdp2 --json");
   REQUIRE(cost.status == 0);
   CHECK(Json::parse(cost.out)["lowering"] == "cost");
-  // Multi-head latent attention is not in the program yet: the cost-only lowering prices it.
+  // Multi-head latent attention, shared experts and DeepSeek's router: in the program as
+  // priced-only ops where no executor runs them.
   const auto mla = run_mop("simulate --model deepseek-v3 --cluster h200 --nodes 12 --seq 4K "
                            "--lowering program --json");
   REQUIRE(mla.status == 0);
-  CHECK(Json::parse(mla.out)["lowering"] == "cost");
+  CHECK(Json::parse(mla.out)["lowering"] == "program");
   const auto bad = run_mop("simulate --model llama3-8b --cluster h100 --nodes 1 --seq 8K "
                            "--lowering fast");
   CHECK(bad.status == 2);

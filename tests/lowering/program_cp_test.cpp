@@ -151,23 +151,46 @@ TEST_CASE("program lowering: Ulysses CP prices whole sequences and four all-to-a
   CHECK(b.attention_flops == rel(a.attention_flops));
 }
 
-TEST_CASE("program lowering: refuses context parallelism that does not split" *
-          doctest::test_suite("plumbing")) {
+TEST_CASE(
+    "program lowering: an uneven CP split is priced only, Ulysses over too few heads refused" *
+    doctest::test_suite("plumbing")) {
   const workload::ModelSpec m = workload::load_model("tiny-dense");
-  // Ring CP 2 needs the sequence in 4 chunks.
-  CHECK(test::input_error_of([&] {
-          lowering::lower_program(cp_plan(CpKind::ring), {&m, 6, 8});
-        }) == "the sequence length 6 does not split into the 4 chunks of context parallelism 2");
-  // Ulysses 4 over 2 key/value heads.
+  // Ring CP 2 needs the sequence in 4 chunks: 6 tokens are priced as 8 (two chunks of 2 on each
+  // rank), and no executor runs that token layout.
+  const sim::Schedule uneven = lowering::lower_program(cp_plan(CpKind::ring), {&m, 6, 8});
+  for (const sim::Op& op : uneven.classes[0].ops)
+    if (op.name == "tokens.mb0") {
+      CHECK(op.kernel == sim::Kernel::none);
+      CHECK(op.outputs.size() == 2);
+      CHECK(uneven.classes[0].tensors[static_cast<std::size_t>(op.outputs[0])].shape ==
+            std::vector<std::int64_t>{4 * cp_plan(CpKind::ring).micro_batch});
+    }
+  // Ulysses 4 over 2 key/value heads: each repeated to one per rank, priced only.
   Plan p;
   p.world = 4;
   p.global_batch = 4;
   p.attention.cp = 4;
   p.attention.cp_kind = CpKind::ulysses;
   strategy::complete_plan(p);
+  const sim::Schedule rep = lowering::lower_program(p, {&m, 64, 8});
+  int replicas = 0;
+  for (const sim::Op& op : rep.classes[0].ops)
+    if (op.name == "L0.k heads.mb0.replicate") {
+      ++replicas;
+      CHECK(op.kernel == sim::Kernel::none);
+      // [16 rows, 4 heads, 16] in BF16, from [16, 2, 16].
+      CHECK(op.bytes == 2 * 16 * (4 + 2) * 16);
+    }
+  CHECK(replicas == 1);
+  // Ulysses 3 splits neither the 4 query heads nor the 2 key/value heads.
+  p.world = 3;
+  p.global_batch = 3;
+  p.attention.cp = 3;
+  p.attention.dp = 0;
+  strategy::complete_plan(p);
   CHECK(test::input_error_of([&] {
-          lowering::lower_program(p, {&m, 64, 8});
-        }) == "Ulysses cp 4 must divide the heads left on a tp rank (4 query, 2 key/value)");
+          lowering::lower_program(p, {&m, 63, 8});
+        }) == "Ulysses cp 3 must divide the heads left on a tp rank (4 query, 2 key/value)");
 }
 
 TEST_CASE("program lowering: the simulator plays ring, Ulysses and hybrid CP" *

@@ -62,21 +62,34 @@ TEST_CASE("program lowering: every op is sized from its operands" *
   CHECK(found);
 }
 
-TEST_CASE("program lowering: names what it does not build yet" * doctest::test_suite("plumbing")) {
+TEST_CASE("program lowering: prices what no executor runs as priced-only ops, named" *
+          doctest::test_suite("plumbing")) {
+  // Token dropping is priced as dropless routing; the permutation is not in the executable
+  // layer (Kernel::none), and an executor refuses the program by that op's name.
   const workload::ModelSpec moe = workload::load_model("tiny-moe");
   Plan dropping = plan(1, 2, 1);
   dropping.moe.capacity_factor = 1.25;
-  CHECK(test::input_error_of([&] {
-          lowering::lower_program(dropping, {&moe, 64, 8});
-        }) == "the program lowering does not build token-dropping MoE (a capacity factor) yet");
+  const sim::Schedule s = lowering::lower_program(dropping, {&moe, 64, 8});
+  sim::check_schedule(s);
+  std::vector<std::string> priced_only;
+  for (const sim::Op& op : s.classes[0].ops)
+    if (op.kernel == sim::Kernel::none)
+      priced_only.push_back(op.name);
+  CHECK(priced_only == std::vector<std::string>{"L1.permute.mb0", "L1.permute.mb1"});
+  // Without sequence parallelism TP is executable: all-reduces instead of reduce-scatters.
   const workload::ModelSpec m = workload::load_model("tiny-dense");
   Plan p = plan(2, 4, 2);
   p.attention.sp = false;
   strategy::complete_plan(p);
-  CHECK(test::input_error_of([&] {
-          lowering::lower_program(p, {&m, 64, 8});
-        }) == "the program lowering does not build tensor parallelism without sequence "
-              "parallelism yet");
+  const sim::Schedule t = lowering::lower_program(p, {&m, 64, 8});
+  int all_reduces = 0, scatters = 0;
+  for (const sim::Op& op : t.classes[0].ops) {
+    CHECK(op.kernel != sim::Kernel::none);
+    all_reduces += op.kind == sim::OpKind::all_reduce && op.category == sim::Category::tp_comm;
+    scatters += op.kind == sim::OpKind::reduce_scatter && op.category == sim::Category::tp_comm;
+  }
+  CHECK(scatters == 0);
+  CHECK(all_reduces > 0);
 }
 
 TEST_CASE("program lowering: recompute lowers the activation peak, full more than selective" *

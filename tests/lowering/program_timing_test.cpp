@@ -145,22 +145,30 @@ TEST_CASE("program timing: a ring step's attention backward overlaps the previou
   CHECK(waits_for(rc, index_of(rc, core + ".ring_dkv.1"), add1));
 }
 
-TEST_CASE("program lowering refuses GPT-style models it would build as another model" *
-          doctest::test_suite("plumbing")) {
+TEST_CASE("program lowering prices a GELU MLP's up projection at its own width, its activation "
+          "priced only" *
+          doctest::test_suite("independent")) {
+  // A non-gated MLP's up projection is hidden x intermediate (a gated one's gate|up is twice as
+  // wide); the interpreter has no GELU kernel, so the activation is a priced-only op.
   workload::ModelSpec m = model(2);
-  m.dense_mlp.gated = false; // GELU MLP
-  CHECK(test::input_error_of([&] {
-          lowering::check_programmable(plan(1, 1, 1), {&m, 64, 8});
-        }) == "the program lowering does not build dense MLPs other than bias-free SwiGLU yet");
-  m = model(2);
-  m.norm_bias = true;
-  CHECK(test::input_error_of([&] {
-          lowering::check_programmable(plan(1, 1, 1), {&m, 64, 8});
-        }) == "the program lowering does not build LayerNorm or learned position embeddings yet");
-  m = model(2);
-  m.attention.qkv_bias = true;
-  CHECK(test::input_error_of([&] {
-          lowering::check_programmable(plan(1, 1, 1), {&m, 64, 8});
-        }) == "the program lowering does not build attention projections with biases or attention "
-              "sinks yet");
+  m.dense_mlp.gated = false;
+  const sim::Schedule s = lowering::lower_program(plan(1, 1, 1), {&m, 64, 8});
+  const double inter = static_cast<double>(m.dense_mlp.intermediate_size);
+  int up = 0, wide = 0, priced_only = 0;
+  for (const sim::Op& op : s.classes[0].ops) {
+    if (op.layer != 0 || op.category != sim::Category::forward)
+      continue;
+    if (op.kind == sim::OpKind::gemm && op.name.starts_with("L0.mlp_gate_up")) {
+      ++up;
+      CHECK(op.gemm.n == inter);
+      CHECK(op.gemm.k == static_cast<double>(m.hidden_size));
+    }
+    if (op.kind == sim::OpKind::gemm && op.gemm.n == 2 * inter)
+      ++wide;
+    if (op.kernel == sim::Kernel::none)
+      ++priced_only;
+  }
+  CHECK(up == 1);
+  CHECK(wide == 0);
+  CHECK(priced_only >= 1);
 }
