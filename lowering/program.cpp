@@ -804,8 +804,13 @@ private:
                int layer, bool deferred);
   std::vector<int> reduce_bucket(int b); // returns the rank's reduced gradients of the bucket
   void sum_partial_grads(int b, const std::vector<int>& grads, int layer, int mb);
+  // A layer's bucket reduces every micro-batch's gradients into its owned shard after the
+  // layer's backward: under ZeRO-3 (FSDP2's post-backward reduce-scatter) and, with gradients
+  // kept on the host, under ZeRO 1-2 (DeepSpeed's ZeRO-Offload reduces each backward's
+  // gradients instead of holding the full ones on the GPU until the step).
   bool scatters_every_micro_batch(int b) const {
-    return s_.buckets[static_cast<std::size_t>(b)].zero >= 3 &&
+    const int zero = s_.buckets[static_cast<std::size_t>(b)].zero;
+    return (zero >= 3 || (zero >= 1 && p_.grads == strategy::Placement::host)) &&
            bucket_keys_[static_cast<std::size_t>(b)].layer >= 0;
   }
   void begin_layer_grads(int l, int mb);

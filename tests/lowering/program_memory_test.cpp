@@ -71,14 +71,14 @@ double simulated_peak(const workload::ModelSpec& m, const Plan& p, std::int64_t 
 // few tensors the model leaves out (the norms' FP32 rstd, the ids and labels), and its saved
 // set differs from the model's formula in detail (under selective recompute it recomputes the
 // attention output the model counts as saved). Those differences are a fraction of the
-// activations, themselves a fraction of the peak; the largest part of the rest is the model's allowance for a whole layer's activations
-// while it is recomputed, larger than the program's working set of that layer (by about 5 % of
-// the peak with TP and 32K sequences): 6 % of the peak holds all. The loss' logits kept whole
-// under chunked loss (a quarter of the third peak), every offloaded layer reloaded at once
-// (an eighth of it), or the resident buffers left out (the first's FP32 master weights alone
-// are 6 % of it) move these peaks by more; the tests below hold the pieces one by one.
-// (ZeRO-3 plans are left out: their gathered parameters' prefetch and their gradients'
-// reduce-scatter per micro-batch are the program's scheduling, not its tensors.)
+// activations, themselves a fraction of the peak; the largest part of the rest is the model's
+// allowance for a whole layer's activations while it is recomputed, larger than the program's
+// working set of that layer (by about 5 % of the peak with TP and 32K sequences): 6 % of the peak
+// holds all. The loss' logits kept whole under chunked loss (a quarter of the third peak), every
+// offloaded layer reloaded at once (an eighth of it), or the resident buffers left out (the first's
+// FP32 master weights alone are 6 % of it) move these peaks by more; the tests below hold the
+// pieces one by one. (ZeRO-3 plans are left out: their gathered parameters' prefetch and their
+// gradients' reduce-scatter per micro-batch are the program's scheduling, not its tensors.)
 TEST_CASE("program: the simulated peak agrees with the analytic memory model" *
           doctest::test_suite("independent")) {
   const workload::ModelSpec m = workload::load_model("llama3-8b");
@@ -222,4 +222,40 @@ TEST_CASE("program: chunked loss forms one chunk's logits at a time" *
     }
   CHECK(logits == 4 * 2); // 4 chunks of each of 2 micro-batches
   mop::test::expect_held_together(k);
+}
+
+TEST_CASE("program memory: with gradients on the host, ZeRO 1-2 layers reduce every micro-batch "
+          "instead of holding full gradients until the step" *
+          doctest::test_suite("independent")) {
+  // DeepSpeed's ZeRO-Offload reduces each backward's gradients; the memory model keeps none of
+  // a layer's full gradients on the GPU between micro-batches. tiny-moe on 2 ranks, 4 sequences
+  // of micro-batch 1 over DP 2: 2 micro-batches, so each layer bucket reduce-scatters twice.
+  for (auto mode :
+       {strategy::OptimizerOverlap::after_backward, strategy::OptimizerOverlap::stream_forward}) {
+    CAPTURE(static_cast<int>(mode));
+    const auto k = test::make_case("tiny-moe", 2, 4, 16, [&](Plan& p) {
+      p.optimizer_on_host = true;
+      p.optimizer = strategy::Placement::host;
+      p.grads = strategy::Placement::host;
+      p.overlap = mode;
+      for (auto& s : p.state)
+        s.zero = 2;
+    });
+    const sim::Schedule& s = k.schedule;
+    const sim::RankClass& rc = s.classes[0];
+    for (const sim::Tensor& t : rc.tensors)
+      if (t.resident && t.role == sim::TensorRole::grad && t.param >= 0) {
+        const int b = s.params[static_cast<std::size_t>(t.param)].bucket;
+        CAPTURE(t.name);
+        CHECK(s.buckets[static_cast<std::size_t>(b)].name.rfind("L", 0) != 0);
+      }
+    int layer_buckets = 0;
+    for (const sim::Bucket& b : s.buckets)
+      layer_buckets += b.name.rfind("L", 0) == 0 ? 1 : 0;
+    int per_micro_batch = 0;
+    for (const sim::Op& op : rc.ops)
+      per_micro_batch += op.name.find(".grad_reduce_scatter.mb") != std::string::npos ? 1 : 0;
+    CHECK(per_micro_batch == layer_buckets * 2);
+    test::expect_held_together(k, 3);
+  }
 }
