@@ -13,7 +13,8 @@
 namespace {
 
 void run(benchmark::State& state, const char* model_id, const char* cluster_id, int nodes,
-         std::int64_t seq, const char* family) {
+         std::int64_t seq, const char* family,
+         mop::planner::Lowering lowering = mop::planner::Lowering::cost_only) {
   const auto model = mop::workload::load_model(model_id);
   const auto cluster = mop::hw::load_cluster(cluster_id);
   mop::strategy::PlanContext ctx;
@@ -25,7 +26,8 @@ void run(benchmark::State& state, const char* model_id, const char* cluster_id, 
   const mop::strategy::LoweringContext lc{&model, seq, cluster.node.gpus_per_node, ctx.hw, {}};
   std::int64_t ops = 0, events = 0;
   for (auto _ : state) {
-    const auto e = mop::planner::evaluate_step(plan, lc, cluster, mop::hw::Calibration{});
+    const auto e =
+        mop::planner::evaluate_step(plan, lc, cluster, mop::hw::Calibration{}, 16, lowering);
     for (const auto& c : e.schedule.classes)
       ops += static_cast<std::int64_t>(c.ops.size()) * 1;
     events += e.result.events;
@@ -46,6 +48,17 @@ void BM_Llama3_405B_128xH100_8K_megatron(benchmark::State& state) {
   run(state, "llama3-405b", "h100", 128, 8192, "megatron");
 }
 BENCHMARK(BM_Llama3_405B_128xH100_8K_megatron)->Unit(benchmark::kMillisecond);
+
+// The same two evaluations with the program lowering (the Schedule the CPU interpreter runs).
+void BM_KimiK2_12xH200_1M_mop_program(benchmark::State& state) {
+  run(state, "kimi-k2", "h200", 12, std::int64_t{1} << 20, "mop", mop::planner::Lowering::program);
+}
+BENCHMARK(BM_KimiK2_12xH200_1M_mop_program)->Unit(benchmark::kMillisecond);
+
+void BM_Llama3_405B_128xH100_8K_megatron_program(benchmark::State& state) {
+  run(state, "llama3-405b", "h100", 128, 8192, "megatron", mop::planner::Lowering::program);
+}
+BENCHMARK(BM_Llama3_405B_128xH100_8K_megatron_program)->Unit(benchmark::kMillisecond);
 
 } // namespace
 
