@@ -390,8 +390,10 @@ private:
     emit(std::move(o));
     return y;
   }
-  int matmul(const std::string& name, std::vector<int> a, std::vector<int> b, std::vector<int> c,
-             bool ta, bool tb, bool acc, Category cat, int layer, int mb) {
+  // C (+)= op(A)·op(B) over column blocks (Kernel::matmul's operand convention).
+  static OpSpec matmul_spec(const std::string& name, std::vector<int> a, std::vector<int> b,
+                            std::vector<int> c, bool ta, bool tb, bool acc, Category cat, int layer,
+                            int mb) {
     OpSpec o;
     o.name = name;
     o.kernel = Kernel::matmul;
@@ -406,25 +408,19 @@ private:
     o.out = std::move(c);
     o.layer = layer;
     o.mb = mb;
-    return emit(std::move(o));
+    return o;
+  }
+  int matmul(const std::string& name, std::vector<int> a, std::vector<int> b, std::vector<int> c,
+             bool ta, bool tb, bool acc, Category cat, int layer, int mb) {
+    return emit(
+        matmul_spec(name, std::move(a), std::move(b), std::move(c), ta, tb, acc, cat, layer, mb));
   }
   // A weight-gradient GEMM (dW += ...): emitted now, or under zero-bubble held back until the
   // pipeline order's next flush (flush_wgrad), where the stage would otherwise wait.
   void wgrad(const std::string& name, std::vector<int> a, std::vector<int> b, std::vector<int> c,
              bool ta, int layer, int mb) {
-    OpSpec o;
-    o.name = name;
-    o.kernel = Kernel::matmul;
-    o.kind = OpKind::gemm;
-    o.category = Category::backward;
-    o.attrs.trans_a = ta;
-    o.attrs.accumulate = true;
-    o.attrs.a_blocks = static_cast<int>(a.size());
-    o.in = std::move(a);
-    o.in.insert(o.in.end(), b.begin(), b.end());
-    o.out = std::move(c);
-    o.layer = layer;
-    o.mb = mb;
+    OpSpec o = matmul_spec(name, std::move(a), std::move(b), std::move(c), ta, false, true,
+                           Category::backward, layer, mb);
     if (defer_wgrad_)
       held_wgrad_.push_back(std::move(o));
     else
