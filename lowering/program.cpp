@@ -270,7 +270,8 @@ private:
     op.group = o.group;
     op.inputs = std::move(o.in);
     op.outputs = std::move(o.out);
-    op.attrs = o.attrs;
+    if (!(o.attrs == sim::Attrs{}))
+      rc_->set_attrs(op) = o.attrs;
     op.layer = o.layer;
     op.micro_batch = o.mb;
     price(op);
@@ -284,14 +285,14 @@ private:
     double in = 0, out = 0;
     // Count tables (the trailing attrs.count_inputs inputs) size and split; they move nothing.
     const std::size_t data_inputs =
-        op.inputs.size() - static_cast<std::size_t>(op.attrs.count_inputs);
+        op.inputs.size() - static_cast<std::size_t>(rc_->attrs_of(op).count_inputs);
     for (std::size_t i = 0; i < data_inputs; ++i)
       in += bytes(op.inputs[i]);
     for (int t : op.outputs)
       out += bytes(t);
     switch (op.kernel) {
     case Kernel::matmul: {
-      const sim::Attrs& a = op.attrs;
+      const sim::Attrs& a = rc_->attrs_of(op);
       // Each operand is a matrix [shape[0], the rest]; blocks add columns.
       auto cols = [&](int t) {
         const Shape& sh = shape(t);
@@ -313,7 +314,7 @@ private:
     }
     case Kernel::attention_fwd:
     case Kernel::attention_bwd: {
-      const sim::Attrs& a = op.attrs;
+      const sim::Attrs& a = rc_->attrs_of(op);
       const Shape& q = shape(op.inputs[0]);
       const Shape& k = shape(op.inputs[1]);
       // q and k share a head dim; v's may differ (MLA: 192 and 128).
@@ -514,7 +515,7 @@ private:
   // One GEMM per group over its expected rows (balanced routing: the row-segmented operand's
   // expected rows, shared equally by the G groups of the count table).
   void price_grouped(sim::Op& op) const {
-    const sim::Attrs& a = op.attrs;
+    const sim::Attrs& a = rc_->attrs_of(op);
     const auto na = static_cast<std::size_t>(a.a_blocks);
     const std::size_t nb = op.inputs.size() - na - 1;
     const int counts = op.inputs.back();
@@ -2946,6 +2947,14 @@ void Builder::build_stage(int stage) {
   rc_->name = fmt::format("stage {} of {}", stage, p_.pp);
   rc_->multiplicity = p_.ranks_per_stage();
   rc_->streams.assign(kStreamNames, kStreamNames + kNumStreams);
+  // The stages' programs are about the same size: size this one as the previous one, so that
+  // building it does not copy growing lists.
+  if (stage > 0) {
+    const sim::RankClass& before = s_.classes[static_cast<std::size_t>(stage) - 1];
+    rc_->ops.reserve(before.ops.size() * 9 / 8);
+    rc_->tensors.reserve(before.tensors.size() * 9 / 8);
+    rc_->attrs.reserve(before.attrs.size() * 9 / 8);
+  }
   make_state();
   const int micro = p_.micro_batches();
   const int layers = static_cast<int>(m_.num_layers());

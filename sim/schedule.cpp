@@ -12,6 +12,19 @@
 
 namespace mop::sim {
 
+const Attrs& RankClass::attrs_of(const Op& op) const {
+  static const Attrs defaults;
+  return op.attrs < 0 ? defaults : attrs[static_cast<std::size_t>(op.attrs)];
+}
+
+Attrs& RankClass::set_attrs(Op& op) {
+  if (op.attrs < 0) {
+    op.attrs = static_cast<int>(attrs.size());
+    attrs.emplace_back();
+  }
+  return attrs[static_cast<std::size_t>(op.attrs)];
+}
+
 const char* kernel_name(Kernel k) {
   switch (k) {
   case Kernel::none:
@@ -482,11 +495,15 @@ void check_executable(const Schedule& s) {
           if (!in_range(t, rc.tensors.size()))
             fail(at() + " has operand tensor " + std::to_string(t) + ", but the class has " +
                  std::to_string(rc.tensors.size()) + " tensors");
+      if (op.attrs != -1 && !in_range(op.attrs, rc.attrs.size()))
+        fail(at() + " has attributes " + std::to_string(op.attrs) + ", but the class has " +
+             std::to_string(rc.attrs.size()));
+      const Attrs& a = rc.attrs_of(op);
       if (op.kernel == Kernel::matmul &&
-          (op.attrs.a_blocks < 1 ||
-           static_cast<std::size_t>(op.attrs.a_blocks) >= op.inputs.size() || op.outputs.empty()))
+          (a.a_blocks < 1 || static_cast<std::size_t>(a.a_blocks) >= op.inputs.size() ||
+           op.outputs.empty()))
         fail(at() + " is a matmul of " + std::to_string(op.inputs.size()) + " inputs with " +
-             std::to_string(op.attrs.a_blocks) + " of them A blocks and " +
+             std::to_string(a.a_blocks) + " of them A blocks and " +
              std::to_string(op.outputs.size()) + " outputs");
     }
   }

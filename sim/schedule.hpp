@@ -340,6 +340,7 @@ struct Attrs {
   int top_k = 0;                                 // router_topk: experts per token
   bool normalize = true; // router_topk: weights divided by their sum (norm_topk_prob)
   int count_inputs = 0;  // collectives, grouped_matmul: trailing inputs that are count tables
+  bool operator==(const Attrs&) const = default;
 };
 
 struct RemoteDep {
@@ -355,24 +356,26 @@ struct Op {
   Dtype dtype = Dtype::bf16;
   GemmShape gemm;
   AttentionShape attention;
-  double bytes = 0;          // elementwise: HBM bytes read+written; collective: per-rank size; copy
-  int group = -1;            // collectives: index into Schedule::groups
-  int peer_class = -1;       // send/recv: the rank class at the other end
-  double params = 0;         // host_adam: parameters updated
+  double bytes = 0;       // elementwise: HBM bytes read+written; collective: per-rank size; copy
+  double params = 0;      // host_adam: parameters updated
+  double model_flops = 0; // counted towards MFU (0 for recompute, communication, copies)
+  int group = -1;         // collectives: index into Schedule::groups
+  int peer_class = -1;    // send/recv: the rank class at the other end
+  int layer = -1;         // decoder layer it belongs to, -1 for none (trace grouping)
+  int micro_batch = -1;   // micro-batch it belongs to, -1 for none
+  // The executable layer: what an executor computes (below), and its attributes, an index into
+  // RankClass::attrs (-1: all defaults; most ops, and every cost-only one, have none, so the
+  // attributes stay out of the op record the simulator walks).
+  Kernel kernel = Kernel::none;
+  int attrs = -1;
   bool torch_kernel = false; // host_adam: torch's AdamW on the CPU instead of a vectorised
                              // CPU-Adam (DeepSpeed's); slower by the cluster's measured factor
-  double model_flops = 0;    // counted towards MFU (0 for recompute, communication, copies)
-  int layer = -1;            // decoder layer it belongs to, -1 for none (trace grouping)
-  int micro_batch = -1;      // micro-batch it belongs to, -1 for none
   std::vector<int> deps;     // ops of this class that must end before this one starts
   std::vector<RemoteDep> remote_deps; // ops of other classes that must end first
   std::vector<int> allocs;            // tensors (of this class) allocated when the op starts
   std::vector<int> frees;             // tensors freed when the op ends
-  // The executable layer.
-  Kernel kernel = Kernel::none;
-  std::vector<int> inputs;  // tensors read
-  std::vector<int> outputs; // tensors written
-  Attrs attrs;
+  std::vector<int> inputs;            // tensors read
+  std::vector<int> outputs;           // tensors written
 };
 
 struct Tensor {
@@ -423,7 +426,13 @@ struct RankClass {
   int stage = 0;
   std::vector<std::string> streams; // "compute", "comm.tp", "comm.dp", "copy.h2d", "host", ...
   std::vector<Tensor> tensors;
-  std::vector<Op> ops; // program order: on one stream, ops run in this order
+  std::vector<Op> ops;      // program order: on one stream, ops run in this order
+  std::vector<Attrs> attrs; // the executable attributes ops refer to (Op::attrs)
+
+  // An op's attributes (the defaults when it has none).
+  const Attrs& attrs_of(const Op& op) const;
+  // Gives op its own attributes (a copy of the defaults when it had none) to set.
+  Attrs& set_attrs(Op& op);
 };
 
 struct Schedule {

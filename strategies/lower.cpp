@@ -713,6 +713,10 @@ sim::Schedule Lowering::run() {
     rc.multiplicity = p_.ranks_per_stage();
     rc.name = mem.classes[static_cast<std::size_t>(stage)].name;
     rc.streams.assign(kStreamNames, kStreamNames + kNumStreams);
+    // The stages' programs are about the same size: size this one as the previous one, so that
+    // building it does not copy a growing op list.
+    if (stage > 0)
+      rc.ops.reserve(s_.classes[static_cast<std::size_t>(stage) - 1].ops.size() * 9 / 8);
     // The stage's layers, chunk by chunk: local index i is global layer layer_id[i].
     std::vector<int> layer_id, chunk_begin;
     for (int chunk = 0; chunk < vp; ++chunk) {

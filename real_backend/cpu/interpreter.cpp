@@ -120,8 +120,8 @@ public:
     // AdamW's step count: this step's, or for an update deferred from the previous step, that
     // one's.
     for (const sim::Op& op : rc_->ops)
-      if (!op.attrs.deferred || steps_run_ > 0) {
-        adam_count_ = op.attrs.deferred ? step_index_ : step_index_ + 1;
+      if (!rc_->attrs_of(op).deferred || steps_run_ > 0) {
+        adam_count_ = rc_->attrs_of(op).deferred ? step_index_ : step_index_ + 1;
         run(op);
       }
     ++steps_run_;
@@ -134,7 +134,7 @@ public:
   void finish_run() {
     adam_count_ = step_index_ + 1;
     for (const sim::Op& op : rc_->ops)
-      if (op.attrs.deferred)
+      if (rc_->attrs_of(op).deferred)
         run(op);
     publish_state();
   }
@@ -469,7 +469,8 @@ private:
   // The data inputs of an op: its inputs less the trailing count tables.
   std::vector<int> data_inputs(const sim::Op& op) const {
     return std::vector<int>(op.inputs.begin(),
-                            op.inputs.end() - static_cast<std::ptrdiff_t>(op.attrs.count_inputs));
+                            op.inputs.end() -
+                                static_cast<std::ptrdiff_t>(rc_->attrs_of(op).count_inputs));
   }
 
   // --- the token layout ----------------------------------------------------------------------
@@ -589,7 +590,7 @@ private:
   void execute(const sim::Op& op) {
     const std::vector<int>& in = op.inputs;
     const std::vector<int>& out = op.outputs;
-    const sim::Attrs& a = op.attrs;
+    const sim::Attrs& a = rc_->attrs_of(op);
     switch (op.kernel) {
     case Kernel::none:
       throw InputError(
@@ -802,16 +803,16 @@ private:
     switch (op.kernel) {
     case Kernel::router_topk_fwd: {
       const auto& sh = info(in[0]).shape;
-      router_topk_fwd<T>(static_cast<int>(sh[0]), static_cast<int>(sh[1]), op.attrs.top_k,
-                         op.attrs.normalize, R(in[0]).data(), R(out[0]).data(), I(out[1]).data(),
-                         R(out[2]).data());
+      router_topk_fwd<T>(static_cast<int>(sh[0]), static_cast<int>(sh[1]), rc_->attrs_of(op).top_k,
+                         rc_->attrs_of(op).normalize, R(in[0]).data(), R(out[0]).data(),
+                         I(out[1]).data(), R(out[2]).data());
       return;
     }
     case Kernel::router_topk_bwd: {
       const auto& sh = info(in[0]).shape;
-      router_topk_bwd<T>(static_cast<int>(sh[0]), static_cast<int>(sh[1]), op.attrs.top_k,
-                         op.attrs.normalize, R(in[0]).data(), I(in[1]).data(), R(in[2]).data(),
-                         R(out[0]).data());
+      router_topk_bwd<T>(static_cast<int>(sh[0]), static_cast<int>(sh[1]), rc_->attrs_of(op).top_k,
+                         rc_->attrs_of(op).normalize, R(in[0]).data(), I(in[1]).data(),
+                         R(in[2]).data(), R(out[0]).data());
       return;
     }
     case Kernel::permute: {
@@ -838,7 +839,7 @@ private:
       const auto& order = I(in[1]);
       auto& dx = R(out[0]);
       const auto k = static_cast<std::int32_t>(order.size() / (dx.size() / sz(dim)));
-      if (!op.attrs.accumulate)
+      if (!rc_->attrs_of(op).accumulate)
         std::fill(dx.begin(), dx.end(), T(0));
       std::vector<std::int32_t> rows(order.size());
       for (Index i = 0; i < order.size(); ++i)
@@ -954,7 +955,7 @@ private:
   }
 
   void grouped_matmul(const sim::Op& op) {
-    const sim::Attrs& a = op.attrs;
+    const sim::Attrs& a = rc_->attrs_of(op);
     const auto na = sz(a.a_blocks);
     const int table = op.inputs.back();
     const std::vector<int> as(op.inputs.begin(),
@@ -1053,7 +1054,7 @@ private:
   }
 
   void matmul(const sim::Op& op) {
-    const sim::Attrs& a = op.attrs;
+    const sim::Attrs& a = rc_->attrs_of(op);
     const auto na = sz(a.a_blocks);
     const std::vector<int> as(op.inputs.begin(),
                               op.inputs.begin() + static_cast<std::ptrdiff_t>(na));
@@ -1079,7 +1080,7 @@ private:
   }
 
   void attention(const sim::Op& op) {
-    const sim::Attrs& at = op.attrs;
+    const sim::Attrs& at = rc_->attrs_of(op);
     const auto& qs = info(op.inputs[0]).shape;
     const auto& ks = info(op.inputs[1]).shape;
     AttentionParams p;
@@ -1236,7 +1237,7 @@ private:
     }
     case OpKind::all_to_all: {
       std::vector<std::size_t> send(n, x.size() / n), recv = send;
-      if (op.attrs.count_inputs == 2) {
+      if (rc_->attrs_of(op).count_inputs == 2) {
         const auto& sh = info(data[0]).shape;
         const Index cols = sz(numel(sh) / sh[0]);
         send = split_of(op.inputs[op.inputs.size() - 2], n, cols);
@@ -1256,7 +1257,8 @@ private:
       x.resize(chunk * n, T(0));
       std::vector<T> y(chunk);
       g.reduce_scatter(x.data(), chunk, y.data());
-      if (op.attrs.accumulate) { // summed into the outputs (a gradient shard over micro-batches)
+      if (rc_->attrs_of(op)
+              .accumulate) { // summed into the outputs (a gradient shard over micro-batches)
         const std::vector<T> was = concat(op.outputs);
         for (Index i = 0; i < std::min(was.size(), y.size()); ++i)
           y[i] += was[i];
@@ -1264,7 +1266,7 @@ private:
       return scatter_to(y, op.outputs);
     }
     case OpKind::all_reduce:
-      if (op.attrs.reduce_max)
+      if (rc_->attrs_of(op).reduce_max)
         g.all_reduce_max(x.data(), x.size());
       else
         g.all_reduce(x.data(), x.size());
@@ -1282,7 +1284,7 @@ private:
 
   // AdamW over what this rank owns of the bucket (see sim::Kernel::adamw).
   void adam(const sim::Op& op) {
-    const auto np = sz(op.attrs.params);
+    const auto np = sz(rc_->attrs_of(op).params);
     const std::vector<int> ps(op.inputs.begin(),
                               op.inputs.begin() + static_cast<std::ptrdiff_t>(np));
     const std::vector<int> gs(op.inputs.begin() + static_cast<std::ptrdiff_t>(np),

@@ -102,7 +102,7 @@ inline double op_bytes(const sim::RankClass& rc, const sim::Op& op,
         bytes += b(t);
     else
       for (std::size_t i = 0;
-           i + static_cast<std::size_t>(op.attrs.count_inputs) < op.inputs.size(); ++i)
+           i + static_cast<std::size_t>(rc.attrs_of(op).count_inputs) < op.inputs.size(); ++i)
         bytes += b(op.inputs[i]);
   } else if (op.kernel != sim::Kernel::tokens) {
     for (const auto* list : {&op.inputs, &op.outputs})
@@ -167,7 +167,7 @@ inline void expect_held_together(const Case& k, int steps = 2) {
     for (int step = 0; step < steps; ++step)
       for (std::size_t i = 0; i < rc.ops.size(); ++i) {
         const sim::Op& op = rc.ops[i];
-        if (op.attrs.deferred && step == 0)
+        if (rc.attrs_of(op).deferred && step == 0)
           continue;
         double bytes = 0;
         if (runtime_kind(rc, op) == 0) {
@@ -181,7 +181,7 @@ inline void expect_held_together(const Case& k, int steps = 2) {
         want.push_back(real::ExecutedOp{real::op_count_key(op), op.group, bytes});
       }
     for (const sim::Op& op : rc.ops) // the deferred updates run once more after the last step
-      if (op.attrs.deferred)
+      if (rc.attrs_of(op).deferred)
         want.push_back(real::ExecutedOp{
             real::op_count_key(op), op.group,
             op.kernel == sim::Kernel::collective ? op.bytes : op_bytes(rc, op, {})});
