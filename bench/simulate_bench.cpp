@@ -1,5 +1,7 @@
 // Wall time of one `mop simulate` evaluation (lower + play, steady-state extrapolation) for the
-// issue's two reference cases; the plan is resolved once, outside the timed loop.
+// two reference cases; the plan is resolved once, outside the timed loop. The process allocates
+// as `mop` does (common/allocator.hpp).
+#include "common/allocator.hpp"
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
 #include "planner/bound.hpp"
@@ -11,6 +13,8 @@
 #include <benchmark/benchmark.h>
 
 namespace {
+
+const bool kAllocatorSet = (mop::keep_freed_memory(), true);
 
 void run(benchmark::State& state, const char* model_id, const char* cluster_id, int nodes,
          std::int64_t seq, const char* family,

@@ -1,5 +1,6 @@
 // mop: predicts, explores and runs parallelism mixes for training Mixture-of-Experts models.
 #include "cli/commands.hpp"
+#include "common/allocator.hpp"
 #include "common/error.hpp"
 #include "common/limits.hpp"
 
@@ -37,6 +38,7 @@ int finish(int status) {
 } // namespace
 
 int main(int argc, char** argv) {
+  mop::keep_freed_memory();
   CLI::App app{"mop: does this Mixture-of-Experts model train on this cluster, how fast, and with "
                "which mix of parallelisms?\n\nExample:\n  mop model show kimi-k2 --seq 128K"};
   app.name("mop");
