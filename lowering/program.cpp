@@ -804,10 +804,14 @@ private:
   // A layer's bucket reduces every micro-batch's gradients into its owned shard after the
   // layer's backward: under ZeRO-3 (FSDP2's post-backward reduce-scatter) and, with gradients
   // kept on the host, under ZeRO 1-2 (DeepSpeed's ZeRO-Offload reduces each backward's
-  // gradients instead of holding the full ones on the GPU until the step).
+  // gradients instead of holding the full ones on the GPU until the step). Under a pipeline
+  // a ZeRO-3 layer accumulates its unsharded gradients over the step and reduce-scatters them
+  // once after the last backward, as torch.distributed.pipelining drives FSDP2 (gradient sync
+  // off but for the last backward).
   bool scatters_every_micro_batch(int b) const {
     const int zero = s_.buckets[static_cast<std::size_t>(b)].zero;
-    return (zero >= 3 || (zero >= 1 && p_.grads == strategy::Placement::host)) &&
+    const bool host = p_.grads == strategy::Placement::host;
+    return ((zero >= 3 && (p_.pp == 1 || host)) || (zero >= 1 && host)) &&
            bucket_keys_[static_cast<std::size_t>(b)].layer >= 0;
   }
   void begin_layer_grads(int l, int mb);

@@ -289,8 +289,13 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     MemoryBreakdown& host = rc.host;
     for (int k = 0; k < kNumLayerKinds; ++k) {
       const int zero = p.state[k].zero;
-      const double w = kParamBytes * (zero >= 3 ? local[k] / shard[k] : local[k]);
-      const double g = kGradBytes * (zero >= 2 ? local[k] / shard[k] : local[k]);
+      // FSDP2 under torch's pipelining keeps a stage's layers gathered from the first forward
+      // to the last backward and accumulates their unsharded gradients over the step (with
+      // gradients on the host, each micro-batch's are reduced and downloaded instead).
+      const bool whole_step = zero >= 3 && p.pp > 1 && p.grads == Placement::hbm;
+      const double w = kParamBytes * (zero >= 3 ? local[k] / shard[k] : local[k]) +
+                       (whole_step ? kParamBytes * local[k] : 0);
+      const double g = kGradBytes * (zero >= 2 && !whole_step ? local[k] / shard[k] : local[k]);
       const double o = kOptimizerBytes * (zero >= 1 ? local[k] / shard[k] : local[k]);
       (p.params == Placement::hbm ? hbm : host).weights += w;
       (p.grads == Placement::hbm ? hbm : host).grads += g;

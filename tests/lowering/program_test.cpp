@@ -164,3 +164,48 @@ TEST_CASE("program lowering: activation offload moves the saved activations off 
   CHECK(b.peak_hbm_bytes < a.peak_hbm_bytes);
   CHECK(b.peak_host_bytes > 0);
 }
+
+TEST_CASE("program lowering: FSDP2 under a pipeline reduces its gradients once per step" *
+          doctest::test_suite("independent")) {
+  // tiny-dense (2 layers, tied embeddings) under ZeRO-3 over 4 micro-batches. Without a pipeline
+  // each layer bucket (attention and dense of each layer: 4) reduce-scatters after every
+  // micro-batch's backward (FSDP2's post-backward hook), the embedding and the final norm's
+  // buckets once: 4·4 + 2 = 18. Under two stages torch's pipelining turns gradient sync off but
+  // for the last backward: every bucket once (the 4 layer buckets, the first stage's embedding,
+  // the last stage's final norm and its copy of the tied table: 7), and each stage holds its
+  // layers' unsharded FP32 gradients for the step.
+  const workload::ModelSpec m = workload::load_model("tiny-dense");
+  auto zero3 = [](Plan p) {
+    for (strategy::StatePolicy& st : p.state)
+      st.zero = 3;
+    strategy::complete_plan(p);
+    return p;
+  };
+  auto reduce_scatters = [](const sim::Schedule& s) {
+    int n = 0;
+    for (const sim::RankClass& rc : s.classes)
+      for (const sim::Op& op : rc.ops)
+        n += op.kind == sim::OpKind::reduce_scatter && op.category == sim::Category::dp_comm;
+    return n;
+  };
+  Plan flat = plan(4, 16, 1);
+  const sim::Schedule s1 = lowering::lower_program(zero3(flat), {&m, 64, 8});
+  CHECK(reduce_scatters(s1) == 18);
+
+  Plan piped = plan(4, 8, 1);
+  piped.pp = 2;
+  piped = zero3(piped);
+  REQUIRE(piped.micro_batches() == 4);
+  const sim::Schedule s2 = lowering::lower_program(piped, {&m, 64, 8});
+  sim::check_schedule(s2);
+  CHECK(reduce_scatters(s2) == 7);
+  // The first stage's layer-0 query-key-value weight: its gradient is the whole slice in FP32,
+  // resident (hidden 64 x (4 + 2·2) heads · 16 = 8192 elements: 32 KiB).
+  bool found = false;
+  for (const sim::Tensor& t : s2.classes[0].tensors)
+    if (t.role == sim::TensorRole::grad && t.param >= 0 &&
+        s2.params[static_cast<std::size_t>(t.param)].name.find("L0.") == 0 && t.resident &&
+        t.bytes == 4.0 * 64 * 8 * 16)
+      found = true;
+  CHECK(found);
+}

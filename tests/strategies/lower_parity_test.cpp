@@ -229,7 +229,12 @@ bool known_difference(const Case& c, const std::string& k) {
   for (const strategy::StatePolicy& st : c.plan.state)
     zero3 = zero3 || st.zero >= 3;
   const bool zero3_pipeline = c.plan.pp > 1 && zero3;
-  if (zero3_pipeline && k.starts_with("all_gather dp_comm"))
+  // FSDP2 under torch's pipelining: the program gathers a stage's parameters once per step and
+  // reduces its gradients once, after the last backward (the sequence-parallel norms' TP sums
+  // with them); the cost-only lowering does both per micro-batch.
+  if (zero3_pipeline &&
+      (k.starts_with("all_gather dp_comm") || k.starts_with("reduce_scatter dp_comm") ||
+       k.starts_with("all_reduce tp_comm")))
     return true;
   return c.plan.recompute[static_cast<int>(strategy::LayerKind::attention)] ==
              strategy::Recompute::selective &&

@@ -157,3 +157,32 @@ TEST_CASE("a plan that does not fit names what runs out first" * doctest::test_s
   CHECK_FALSE(r.fits());
   CHECK(r.first_to_run_out.starts_with("HBM runs out first on every rank"));
 }
+
+TEST_CASE("FSDP2 under a pipeline holds the stage's parameters and gradients whole for the step" *
+          doctest::test_suite("independent")) {
+  // Llama-3-8B on 16 GPUs, PP 2 x DP 8, ZeRO-3 everywhere. torch's pipelining keeps FSDP2's
+  // parameters gathered from the first forward to the last backward and accumulates unsharded
+  // gradients until the last backward: per stage, the BF16 shard (local / 8) plus the gathered
+  // copy (local) of weights, and the whole local FP32 gradients. The same plan without ZeRO
+  // (each rank holds local whole) gives `local` to compare with.
+  const ModelSpec m = load_model("llama3-8b");
+  MemoryHardware hw{.hbm_bytes = 141e9, .host_bytes = 2e12, .gpus_per_node = 8};
+  Plan p;
+  p.world = 16;
+  p.pp = 2;
+  p.global_batch = 16;
+  for (StatePolicy& st : p.state)
+    st.zero = 0;
+  complete_plan(p);
+  const MemoryReport whole = analyze_memory(m, p, 4096, hw);
+  for (StatePolicy& st : p.state)
+    st.zero = 3;
+  complete_plan(p);
+  const MemoryReport fsdp = analyze_memory(m, p, 4096, hw);
+  for (std::size_t c = 0; c < 2; ++c) {
+    const double w = whole.classes[c].hbm.weights; // 2 bytes x local
+    CHECK(fsdp.classes[c].hbm.weights == mop::test::rel(w / 8 + w));
+    CHECK(fsdp.classes[c].hbm.grads == mop::test::rel(whole.classes[c].hbm.grads));
+    CHECK(fsdp.classes[c].hbm.optimizer == mop::test::rel(whole.classes[c].hbm.optimizer / 8));
+  }
+}
