@@ -1,5 +1,7 @@
 #include "common/allocator.hpp"
 
+#include <cstdlib> // defines __GLIBC__ where the C library is glibc
+
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
