@@ -197,16 +197,24 @@ private:
   // gradient, and the buckets' state.
   struct ParamTensors {
     int value = -1; // the slice (ZeRO 0-2: resident)
-    int grad = -1;  // the slice's gradient, accumulated over micro-batches (resident)
+    // The slice's gradient: accumulated over micro-batches (resident), or under a
+    // per-micro-batch flow (GradFlow) the current micro-batch's.
+    int grad = -1;
   };
   std::vector<ParamTensors> pt_;
   struct BucketTensors {
     int shard = -1;      // ZeRO-3: the flat parameter shard (resident)
-    int grad_shard = -1; // ZeRO >= 2: the reduced flat gradient shard
+    int grad_shard = -1; // ZeRO >= 1: the reduced flat gradient shard
     int m = -1, v = -1;  // AdamW moments over what the rank owns
     int master = -1;     // host optimizer: the FP32 master weights it owns (host memory)
+    int host_grad = -1;  // GradFlow::host: the reduced FP32 gradients it owns (host memory)
   };
   std::vector<BucketTensors> bt_;
+  // Per-micro-batch gradients being accumulated: (bucket, micro-batch) -> the members' tensors.
+  std::map<std::pair<int, int>, std::vector<int>> mb_grads_;
+  // GradFlow::host: whether the step's first download into the bucket's host gradients is
+  // emitted already (it overwrites them; later ones add).
+  std::vector<bool> downloaded_;
   std::vector<BucketKey> bucket_keys_;
   std::map<std::tuple<int, std::string, int>, std::vector<int>> gathered_;
   int loss_ = -1;
@@ -801,19 +809,47 @@ private:
                int layer, bool deferred);
   std::vector<int> reduce_bucket(int b); // returns the rank's reduced gradients of the bucket
   void sum_partial_grads(int b, const std::vector<int>& grads, int layer, int mb);
-  // A layer's bucket reduces every micro-batch's gradients into its owned shard after the
-  // layer's backward: under ZeRO-3 (FSDP2's post-backward reduce-scatter) and, with gradients
-  // kept on the host, under ZeRO 1-2 (DeepSpeed's ZeRO-Offload reduces each backward's
-  // gradients instead of holding the full ones on the GPU until the step). Under a pipeline
-  // a ZeRO-3 layer accumulates its unsharded gradients over the step and reduce-scatters them
-  // once after the last backward, as torch.distributed.pipelining drives FSDP2 (gradient sync
-  // off but for the last backward).
-  bool scatters_every_micro_batch(int b) const {
-    const int zero = s_.buckets[static_cast<std::size_t>(b)].zero;
-    const bool host = p_.grads == strategy::Placement::host;
-    return ((zero >= 3 && (p_.pp == 1 || host)) || (zero >= 1 && host)) &&
-           bucket_keys_[static_cast<std::size_t>(b)].layer >= 0;
+  // How a bucket's gradients travel over a step.
+  //   step: the members' FP32 gradients are resident and accumulate over the micro-batches;
+  //     they are reduced once, after the last micro-batch's backward (Megatron's
+  //     finalize_model_grads).
+  //   shard: a layer's bucket reduce-scatters every micro-batch's gradients after the layer's
+  //     backward into its resident FP32 gradient shard: under ZeRO-3 (FSDP2's post-backward
+  //     reduce-scatter) and, with gradients kept on the host for an optimizer on the GPU, under
+  //     ZeRO 1-2 (DeepSpeed reduces each backward's gradients). Under a pipeline a ZeRO-3
+  //     layer keeps the step flow: torch.distributed.pipelining turns FSDP2's gradient sync
+  //     off but for the last backward, so the unsharded gradients accumulate over the step.
+  //   host: with gradients kept on the host for the host optimizer, every micro-batch's
+  //     gradients are reduced once written (into a transient shard under ZeRO >= 1, in place
+  //     under ZeRO-0, not at all over a data-parallel group of one) and downloaded into the
+  //     bucket's resident FP32 host gradients, where they add up (DeepSpeed's ZeRO-Offload
+  //     copies each backward's reduced partition to the CPU and accumulates it there); the host
+  //     optimizer reads them in place. Tied copies across pipeline stages keep the step flow
+  //     (their sum over the stages runs once per step), and so does the LM head under GPipe
+  //     with a chunked loss, whose every micro-batch's forward would hold its own FP32 head
+  //     gradients until its backward.
+  enum class GradFlow { step, shard, host };
+  GradFlow grad_flow(int b) const {
+    const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
+    const BucketKey& key = bucket_keys_[static_cast<std::size_t>(b)];
+    const bool host_grads = p_.grads == strategy::Placement::host;
+    const bool head_in_forward = key.head && !key.replicated && p_.pp > 1 &&
+                                 p_.schedule == strategy::PipelineSchedule::gpipe &&
+                                 loss_chunks() > 1;
+    if (host_grads && p_.optimizer_on_host && bk.tied.dims.empty() && !head_in_forward)
+      return GradFlow::host;
+    if (((bk.zero >= 3 && (p_.pp == 1 || host_grads)) || (bk.zero >= 1 && host_grads)) &&
+        key.layer >= 0)
+      return GradFlow::shard;
+    return GradFlow::step;
   }
+  // Micro-batch mb's gradients of bucket b under a per-micro-batch flow: fresh FP32 tensors the
+  // backward accumulates into, zeroed before its first write (made once per micro-batch).
+  const std::vector<int>& begin_bucket_grads(int b, int layer, int mb);
+  // After the micro-batch's last write into them: their reduction (and download).
+  void finish_bucket_grads(int b, int layer, int mb);
+  // The gradient micro-batch mb's backward writes for parameter p (the embedding and head).
+  int grad_of(int p, int mb);
   void begin_layer_grads(int l, int mb);
   void scatter_layer_grads(int l, int mb);
   void step_bucket(int b, const std::vector<int>& owned_grads, bool deferred);
@@ -955,16 +991,20 @@ void Builder::declare_mla_params(int l) {
 }
 
 // Resident state: each parameter's slice (ZeRO 0-2) or each bucket's flat shard (ZeRO-3), the
-// slices' gradients (a ZeRO-3 layer's live only from its backward to their reduce-scatter, per
-// micro-batch), the reduced gradient shard (ZeRO >= 1), the moments, and the step's loss.
+// slices' gradients (under a per-micro-batch GradFlow they live only from the micro-batch's
+// backward to their reduction), the reduced gradient shard (ZeRO >= 1) or the host gradients
+// (GradFlow::host), the moments, and the step's loss.
 void Builder::make_state() {
   pt_.assign(s_.params.size(), {});
   bt_.assign(s_.buckets.size(), {});
+  mb_grads_.clear();
+  downloaded_.assign(s_.buckets.size(), false);
   for (std::size_t b = 0; b < s_.buckets.size(); ++b) {
     const sim::Bucket& bk = s_.buckets[b];
     const int bi = static_cast<int>(b);
     if (!on_stage(bi))
       continue;
+    const GradFlow flow = grad_flow(bi);
     const std::int64_t owned = bk.zero >= 1 ? chunk(bi) : bucket_numel(bi);
     for (int p : bk.params) {
       const auto pi = static_cast<std::size_t>(p);
@@ -974,8 +1014,8 @@ void Builder::make_state() {
         rc_->tensors.back().param = p;
         rc_->tensors.back().resident = true;
       }
-      if (scatters_every_micro_batch(bi))
-        continue; // one gradient per micro-batch (begin_layer_grads)
+      if (flow != GradFlow::step)
+        continue; // one gradient per micro-batch (begin_bucket_grads)
       pt_[pi].grad =
           tensor(name + ".grad", local_shape(p), TensorRole::grad, Element::real, sim::Dtype::fp32);
       rc_->tensors.back().param = p;
@@ -986,11 +1026,21 @@ void Builder::make_state() {
       rc_->tensors.back().bucket = bi;
       rc_->tensors.back().resident = true;
     }
-    if (bk.zero >= 1) {
+    if (bk.zero >= 1 && flow != GradFlow::host) {
       bt_[b].grad_shard = tensor(bk.name + ".grad_shard", {chunk(bi)}, TensorRole::grad,
                                  Element::real, sim::Dtype::fp32);
       rc_->tensors.back().bucket = bi;
       rc_->tensors.back().resident = true;
+    }
+    if (flow == GradFlow::host) {
+      // What the rank owns: its flat shard (ZeRO >= 1) or the whole bucket, flattened in member
+      // order.
+      bt_[b].host_grad = tensor(bk.name + ".grads (host)", {owned}, TensorRole::host_copy,
+                                Element::real, sim::Dtype::fp32);
+      rc_->tensors.back().kind = sim::MemoryKind::grads;
+      rc_->tensors.back().bucket = bi;
+      rc_->tensors.back().resident = true;
+      rc_->tensors.back().device = sim::Device::host;
     }
     const bool state_on_host = p_.optimizer == strategy::Placement::host;
     for (int* t : {&bt_[b].m, &bt_[b].v}) {
@@ -1165,7 +1215,7 @@ void Builder::embed_backward(int mb, int dx) {
   o.kernel = Kernel::embedding_bwd;
   o.category = Category::backward;
   o.in = {ids_[m], dyg};
-  o.out = {pt_[static_cast<std::size_t>(p)].grad};
+  o.out = {grad_of(p, mb)};
   o.attrs.accumulate = true;
   o.mb = mb;
   emit(std::move(o));
@@ -1309,7 +1359,7 @@ void Builder::chunked_loss(int mb, int w) {
          mb);
   simple(fmt::format("labels.split.mb{}", mb), Kernel::copy, {labels_[m]}, ls, Category::forward,
          -1, mb);
-  const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
+  const int g = grad_of(head_param_, mb);
   for (int i = 0; i < c; ++i) {
     const std::string what = fmt::format("chunk{}.mb{}", i, mb);
     const int logits = tensor(fmt::format("logits {}", what), {rows, vl_}, TensorRole::activation);
@@ -1344,7 +1394,7 @@ int Builder::head_backward(int mb) {
     dxg = tensor(fmt::format("head dx mb{}", mb), {rows_e_, h_}, TensorRole::activation);
     matmul(fmt::format("lm_head.mb{}.dgrad", mb), {hs.dlogits}, {value_of(wname, w, bw)}, {dxg},
            false, !tied, false, Category::backward, -1, mb);
-    const int g = pt_[static_cast<std::size_t>(head_param_)].grad;
+    const int g = grad_of(head_param_, mb);
     if (tied) // dE[v, h] += dlogitsᵀ · x
       wgrad(fmt::format("lm_head.mb{}.wgrad", mb), {hs.dlogits}, {hs.xg}, {g}, true, -1, mb);
     else // dW[h, v] += xᵀ · dlogits
@@ -1356,8 +1406,7 @@ int Builder::head_backward(int mb) {
   const std::vector<int> wn = use_bucket(bn, "head.bwd", -1, mb);
   return norm_backward(fmt::format("final_norm.mb{}.bwd", mb),
                        fmt::format("final_norm dx mb{}", mb), hs.x, value_of("final_norm", wn, bn),
-                       hs.rstd, dxn, pt_[static_cast<std::size_t>(find_param("final_norm"))].grad,
-                       -1, mb);
+                       hs.rstd, dxn, grad_of(find_param("final_norm"), mb), -1, mb);
 }
 
 // --- attention -----------------------------------------------------------------------------------
@@ -2583,7 +2632,9 @@ int Builder::shared_backward(int l, int mb, const MoeSaved& s, int dy) {
 // all-reduce of the shards across replicas; then AdamW over what the rank owns and, under
 // ZeRO 1-2, an all-gather of the updated parameters. A ZeRO-3 layer (FSDP2) reduce-scatters
 // each micro-batch's gradients after its backward instead (scatter_layer_grads), summing them
-// into the owned shard; the embedding and head once per step.
+// into the owned shard; the embedding and head once per step. With gradients on the host for
+// the host optimizer every bucket reduces each micro-batch's gradients and sums them on the
+// host (GradFlow::host).
 // A collective of the optimizer's part over group g (no op for a group of one rank).
 void Builder::dp_comm(std::string name, OpKind kind, int g, std::vector<int> in,
                       std::vector<int> out, int layer, bool deferred) {
@@ -2607,6 +2658,8 @@ void Builder::dp_comm(std::string name, OpKind kind, int g, std::vector<int> in,
 std::vector<int> Builder::owned_grads(int b) const {
   const auto bi = static_cast<std::size_t>(b);
   const sim::Bucket& bk = s_.buckets[bi];
+  if (bt_[bi].host_grad >= 0)
+    return {bt_[bi].host_grad};
   if (bk.zero >= 1)
     return {bt_[bi].grad_shard};
   std::vector<int> grads;
@@ -2652,8 +2705,11 @@ std::vector<int> Builder::reduce_bucket(int b) {
   const sim::Bucket& bk = s_.buckets[bi];
   const BucketTensors& bt = bt_[bi];
   const int layer = bucket_keys_[bi].layer;
+  const GradFlow flow = grad_flow(b);
+  if (flow == GradFlow::host) // reduced and downloaded micro-batch by micro-batch already
+    return {bt.host_grad};
   std::vector<int> owned;
-  if (scatters_every_micro_batch(b)) {
+  if (flow == GradFlow::shard) {
     owned = {bt.grad_shard}; // reduce-scattered micro-batch by micro-batch already
   } else {
     std::vector<int> grads;
@@ -2689,65 +2745,134 @@ std::vector<int> Builder::reduce_bucket(int b) {
   return owned;
 }
 
-// A ZeRO-3 layer's gradients of micro-batch mb: fresh tensors the backward accumulates into,
-// zeroed as it starts (FSDP2's unsharded gradients live from the layer's backward to their
-// reduce-scatter).
-void Builder::begin_layer_grads(int l, int mb) {
-  for (int b : layer_buckets(l)) {
-    if (!scatters_every_micro_batch(b))
-      continue;
-    std::vector<int> grads;
-    for (int p : s_.buckets[static_cast<std::size_t>(b)].params) {
-      const auto pi = static_cast<std::size_t>(p);
-      pt_[pi].grad = tensor(fmt::format("{}.grad (mb{})", s_.params[pi].name, mb), local_shape(p),
-                            TensorRole::grad, Element::real, sim::Dtype::fp32);
-      rc_->tensors.back().param = p;
-      grads.push_back(pt_[pi].grad);
-    }
-    emit(OpSpec{fmt::format("{}.zero_grads.mb{}", s_.buckets[static_cast<std::size_t>(b)].name, mb),
-                Kernel::zero,
-                OpKind::elementwise,
-                Category::backward,
-                kCompute,
-                -1,
-                {},
-                grads,
-                {},
-                l,
-                mb});
+// Micro-batch mb's gradients of bucket b: fresh tensors the backward accumulates into, zeroed
+// before its first write (FSDP2's unsharded gradients live from the layer's backward to their
+// reduce-scatter; DeepSpeed's gradient buckets from the backward to their copy to the host).
+const std::vector<int>& Builder::begin_bucket_grads(int b, int layer, int mb) {
+  const auto key = std::make_pair(b, mb);
+  if (const auto it = mb_grads_.find(key); it != mb_grads_.end())
+    return it->second;
+  std::vector<int> grads;
+  for (int p : s_.buckets[static_cast<std::size_t>(b)].params) {
+    const auto pi = static_cast<std::size_t>(p);
+    pt_[pi].grad = tensor(fmt::format("{}.grad (mb{})", s_.params[pi].name, mb), local_shape(p),
+                          TensorRole::grad, Element::real, sim::Dtype::fp32);
+    rc_->tensors.back().param = p;
+    grads.push_back(pt_[pi].grad);
   }
+  emit(OpSpec{fmt::format("{}.zero_grads.mb{}", s_.buckets[static_cast<std::size_t>(b)].name, mb),
+              Kernel::zero,
+              OpKind::elementwise,
+              Category::backward,
+              kCompute,
+              -1,
+              {},
+              grads,
+              {},
+              layer,
+              mb});
+  return mb_grads_[key] = std::move(grads);
 }
 
-// After layer l's backward of micro-batch mb (after its held-back weight gradients under
-// zero-bubble): FSDP2's post-backward reduce-scatter of each ZeRO-3 bucket, summed into the
-// owned gradient shard, the replicated members' gradients summed over their TP group first.
-void Builder::scatter_layer_grads(int l, int mb) {
-  for (int b : layer_buckets(l)) {
-    if (!scatters_every_micro_batch(b))
-      continue;
-    const auto bi = static_cast<std::size_t>(b);
-    const sim::Bucket& bk = s_.buckets[bi];
-    std::vector<int> grads;
-    for (int p : bk.params)
-      grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
-    sum_partial_grads(b, grads, l, mb);
-    OpSpec o{fmt::format("{}.grad_reduce_scatter.mb{}", bk.name, mb),
-             Kernel::collective,
-             OpKind::reduce_scatter,
-             Category::dp_comm,
-             kDp,
-             group(group_name(bk.shard), bk.shard),
-             grads,
-             {bt_[bi].grad_shard},
-             {},
-             l,
-             mb};
-    o.attrs.accumulate = true;
+// Micro-batch mb's gradients of bucket b, once written: the replicated members' summed over
+// their TP group first; then (GradFlow::shard) reduce-scattered and summed into the resident
+// gradient shard, or (GradFlow::host) reduced and copied to the host gradients, the step's first
+// copy overwriting them and the others adding to them. Under zero-bubble they wait, with the
+// weight-gradient GEMMs held back, for the pipeline order's next flush.
+void Builder::finish_bucket_grads(int b, int layer, int mb) {
+  const GradFlow flow = grad_flow(b);
+  if (flow == GradFlow::step)
+    return;
+  const auto it = mb_grads_.find({b, mb});
+  if (it == mb_grads_.end())
+    throw std::logic_error(fmt::format("bucket {} finishes micro-batch {}'s gradients that no "
+                                       "op wrote",
+                                       s_.buckets[static_cast<std::size_t>(b)].name, mb));
+  const std::vector<int> grads = it->second;
+  mb_grads_.erase(it);
+  const auto bi = static_cast<std::size_t>(b);
+  const sim::Bucket& bk = s_.buckets[bi];
+  auto place = [&](OpSpec o) {
     if (defer_wgrad_)
       held_wgrad_.push_back(std::move(o));
     else
       emit(std::move(o));
+  };
+  // `accumulate`: summed into the outputs (FSDP2's micro-batches into the gradient shard).
+  auto reduction = [&](const char* name, OpKind kind, const sim::GroupSpec& spec,
+                       std::vector<int> in, std::vector<int> out, bool accumulate = false) {
+    OpSpec o{fmt::format("{}.{}.mb{}", bk.name, name, mb),
+             Kernel::collective,
+             kind,
+             Category::dp_comm,
+             kDp,
+             group(group_name(spec), spec),
+             std::move(in),
+             std::move(out),
+             {},
+             layer,
+             mb};
+    o.attrs.accumulate = accumulate;
+    if (o.group >= 0) // a group of one rank has nothing to reduce
+      place(std::move(o));
+  };
+  sum_partial_grads(b, grads, layer, mb);
+  if (flow == GradFlow::shard) {
+    reduction("grad_reduce_scatter", OpKind::reduce_scatter, bk.shard, grads, {bt_[bi].grad_shard},
+              true);
+    return;
   }
+  std::vector<int> reduced = grads;
+  if (bk.zero == 0) {
+    reduction("grad_all_reduce", OpKind::all_reduce, bk.grads, grads, grads);
+  } else {
+    const int shard = tensor(fmt::format("{}.grad_shard (mb{})", bk.name, mb), {chunk(b)},
+                             TensorRole::grad, Element::real, sim::Dtype::fp32);
+    reduction("grad_reduce_scatter", OpKind::reduce_scatter, bk.shard, grads, {shard});
+    if (!bk.replicas.dims.empty())
+      reduction("grad_replica_all_reduce", OpKind::all_reduce, bk.replicas, {shard}, {shard});
+    reduced = {shard};
+  }
+  OpSpec d{fmt::format("{}.grad_download.mb{}", bk.name, mb),
+           Kernel::copy,
+           OpKind::copy_d2h,
+           Category::offload,
+           kD2h,
+           -1,
+           std::move(reduced),
+           {bt_[bi].host_grad},
+           {},
+           layer,
+           mb};
+  d.attrs.accumulate = downloaded_[bi];
+  downloaded_[bi] = true;
+  place(std::move(d));
+}
+
+int Builder::grad_of(int p, int mb) {
+  const int b = s_.params[static_cast<std::size_t>(p)].bucket;
+  if (grad_flow(b) == GradFlow::step)
+    return pt_[static_cast<std::size_t>(p)].grad;
+  const std::vector<int>& grads =
+      begin_bucket_grads(b, bucket_keys_[static_cast<std::size_t>(b)].layer, mb);
+  const std::vector<int>& members = s_.buckets[static_cast<std::size_t>(b)].params;
+  return grads[static_cast<std::size_t>(std::find(members.begin(), members.end(), p) -
+                                        members.begin())];
+}
+
+// Layer l's buckets' gradients of micro-batch mb, before its backward (a per-micro-batch
+// GradFlow).
+void Builder::begin_layer_grads(int l, int mb) {
+  for (int b : layer_buckets(l))
+    if (grad_flow(b) != GradFlow::step)
+      begin_bucket_grads(b, l, mb);
+}
+
+// After layer l's backward of micro-batch mb (after its held-back weight gradients under
+// zero-bubble).
+void Builder::scatter_layer_grads(int l, int mb) {
+  for (int b : layer_buckets(l))
+    finish_bucket_grads(b, l, mb);
 }
 
 // AdamW over what the rank owns of bucket b from its reduced gradients `owned_grads`: on the
@@ -2792,14 +2917,19 @@ void Builder::step_bucket(int b, const std::vector<int>& owned_grads, bool defer
     op(bk.name + ".adamw", Kernel::adamw, OpKind::elementwise, Category::optimizer, kCompute,
        std::move(in), std::move(out), np);
   } else {
-    std::int64_t n = 0;
-    for (int t : owned_grads)
-      n += numel(shape(t));
-    const int gh = tensor(bk.name + ".grads (host)", {n}, TensorRole::host_copy, Element::real,
-                          sim::Dtype::fp32);
-    rc_->tensors.back().device = sim::Device::host;
-    op(bk.name + ".grad_download", Kernel::copy, OpKind::copy_d2h, Category::offload, kD2h,
-       owned_grads, {gh});
+    // The host gradients the micro-batches' downloads summed (GradFlow::host), or the reduced
+    // gradients downloaded now.
+    int gh = bt.host_grad;
+    if (gh < 0) {
+      std::int64_t n = 0;
+      for (int t : owned_grads)
+        n += numel(shape(t));
+      gh = tensor(bk.name + ".grads (host)", {n}, TensorRole::host_copy, Element::real,
+                  sim::Dtype::fp32);
+      rc_->tensors.back().device = sim::Device::host;
+      op(bk.name + ".grad_download", Kernel::copy, OpKind::copy_d2h, Category::offload, kD2h,
+         owned_grads, {gh});
+    }
     // With the parameters on the host (ZeRO-3 shards), the step updates them in place;
     // otherwise it updates the host's FP32 master weights, uploaded as the new parameters.
     const bool params_on_host = p_.params == strategy::Placement::host && bk.zero >= 3;
@@ -2846,11 +2976,15 @@ void Builder::download_grads(int b, const std::vector<int>& owned_grads) {
 }
 
 // Gradients are zeroed by the program: at the start of the step, or for a bucket whose update is
-// streamed into the next forward, right after that update has read them.
+// streamed into the next forward, right after that update has read them. Host gradients need
+// none: the step's first download overwrites them.
 void Builder::zero_grads(int b, bool deferred) {
   const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
+  const GradFlow flow = grad_flow(b);
+  if (flow == GradFlow::host)
+    return;
   std::vector<int> grads;
-  if (scatters_every_micro_batch(b)) // the shard the micro-batches' reduce-scatters sum into
+  if (flow == GradFlow::shard) // the shard the micro-batches' reduce-scatters sum into
     grads.push_back(bt_[static_cast<std::size_t>(b)].grad_shard);
   else
     for (int p : bk.params)
@@ -3041,7 +3175,20 @@ void Builder::build_stage(int stage) {
   };
   auto backward = [&](int mb, int chunk) {
     const auto v = static_cast<std::size_t>(chunk * p_.pp + stage);
-    int dx = last && chunk == chunks_ - 1 ? head_backward(mb) : recv_activation(mb, chunk, false);
+    int dx = -1;
+    if (last && chunk == chunks_ - 1) {
+      dx = head_backward(mb);
+      // The head's gradients of the micro-batch are all written (with tied embeddings on one
+      // stage the table's are not until the embedding's backward).
+      const int head = s_.params[static_cast<std::size_t>(head_param_)].bucket;
+      const int norm = bucket_of_param("final_norm");
+      if (head_param_ != emb_param_)
+        finish_bucket_grads(head, -1, mb);
+      if (norm != head)
+        finish_bucket_grads(norm, -1, mb);
+    } else {
+      dx = recv_activation(mb, chunk, false);
+    }
     for (int l = bounds_[v + 1] - 1; l >= bounds_[v]; --l) {
       LayerSaved& sv = saved_[static_cast<std::size_t>(l)][static_cast<std::size_t>(mb)];
       const int i = index_in_stage(l);
@@ -3086,15 +3233,23 @@ void Builder::build_stage(int stage) {
           }
         }
     }
-    if (first && chunk == 0)
+    if (first && chunk == 0) {
       embed_backward(mb, dx);
-    else
+      finish_bucket_grads(s_.params[static_cast<std::size_t>(emb_param_)].bucket, -1, mb);
+    } else {
       send_activation(mb, chunk, dx, false);
+    }
   };
   defer_wgrad_ = strategy::defers_weight_gradients(p_);
   strategy::play_pipeline(
       p_, stage, [&] { flush_wgrad(); }, forward, backward);
   defer_wgrad_ = false;
+  if (!mb_grads_.empty())
+    throw std::logic_error(fmt::format(
+        "stage {} leaves bucket {}'s gradients of micro-batch {} "
+        "unreduced",
+        stage, s_.buckets[static_cast<std::size_t>(mb_grads_.begin()->first.first)].name,
+        mb_grads_.begin()->first.second));
   for (int b : here) {
     const auto bi = static_cast<std::size_t>(b);
     if (stepped[bi])

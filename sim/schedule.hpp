@@ -158,7 +158,10 @@ enum class Kernel {
   adamw,
   // copy: inputs read as a flat concatenation are written to the outputs' flat concatenation
   //   (equal sizes; real tensors, or i32 ones alike): offload and reload (OpKind copy_d2h /
-  //   copy_h2d), parameter uploads, the chunks of a chunked loss.
+  //   copy_h2d), parameter uploads, the chunks of a chunked loss. With attrs.accumulate (real
+  //   tensors) the inputs are added into the outputs' current values instead: each
+  //   micro-batch's reduced gradients summed into the host gradients (the step's first such
+  //   copy overwrites them). The simulator prices either by the bytes that cross the link.
   copy,
   // zero: sets its outputs to 0 (gradient buffers at the start of a step).
   zero,

@@ -334,11 +334,24 @@ private:
       const BucketBind& bb = bb_[b];
       const int bi = static_cast<int>(b);
       const sim::Bucket& bk = s_.buckets[b];
-      int shard = -1;
-      for (std::size_t t = 0; t < rc_->tensors.size(); ++t)
-        if (rc_->tensors[t].resident && rc_->tensors[t].bucket == bi &&
-            rc_->tensors[t].role == TensorRole::grad)
+      // The reduced gradient shard, or else the host gradients the micro-batches' downloads
+      // summed (what the rank owns: its shard, or the whole bucket's slices flattened).
+      int shard = -1, host = -1;
+      for (std::size_t t = 0; t < rc_->tensors.size(); ++t) {
+        const sim::Tensor& ten = rc_->tensors[t];
+        if (!ten.resident || ten.bucket != bi)
+          continue;
+        if (ten.role == TensorRole::grad)
           shard = static_cast<int>(t);
+        else if (ten.role == TensorRole::host_copy && ten.kind == sim::MemoryKind::grads)
+          host = static_cast<int>(t);
+      }
+      if (shard < 0 && host >= 0) {
+        if (bb.writer)
+          write_flat(bi, real_[sz(host)].data(), bb.lo, std::min(bb.n, bb.lo + bb.chunk) - bb.lo,
+                     sh_.grads);
+        continue;
+      }
       if (shard >= 0 ? !bb.writer : !bb.slice_writer)
         continue;
       if (shard >= 0) {
@@ -775,6 +788,15 @@ private:
           at += I(t).size();
         }
         return;
+      }
+      if (a.accumulate) { // added into the outputs (gradients summed on the host)
+        std::vector<T> flat = concat(in);
+        const std::vector<T> was = concat(out);
+        if (was.size() != flat.size())
+          bug(fmt::format("op '{}' adds {} elements into {}", op.name, flat.size(), was.size()));
+        for (Index i = 0; i < flat.size(); ++i)
+          flat[i] += was[i];
+        return scatter_to(flat, out);
       }
       return scatter_to(concat(in), out);
     case Kernel::zero:

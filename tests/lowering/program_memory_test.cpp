@@ -224,14 +224,17 @@ TEST_CASE("program: chunked loss forms one chunk's logits at a time" *
   mop::test::expect_held_together(k);
 }
 
-TEST_CASE("program memory: with gradients on the host, ZeRO 1-2 layers reduce every micro-batch "
-          "instead of holding full gradients until the step" *
+TEST_CASE("program memory: with gradients on the host, every micro-batch's reduced gradients are "
+          "downloaded and summed on the host" *
           doctest::test_suite("independent")) {
-  // DeepSpeed's ZeRO-Offload reduces each backward's gradients; the memory model keeps none of
-  // a layer's full gradients on the GPU between micro-batches. tiny-moe on 2 ranks, 4 sequences
-  // of micro-batch 1 over DP 2: 2 micro-batches, so each layer bucket reduce-scatters twice.
+  // DeepSpeed's ZeRO-Offload reduces each backward's gradients and accumulates the reduced
+  // partition on the CPU; the memory model keeps no FP32 gradients on the GPU. tiny-moe on 2
+  // ranks, 4 sequences of micro-batch 1 over DP 2: 2 micro-batches, so each bucket reduce-scatters
+  // twice into a transient shard and downloads it twice, the first download overwriting the host
+  // gradients and the second adding to them; the host optimizer reads them where they are.
   for (auto mode :
-       {strategy::OptimizerOverlap::after_backward, strategy::OptimizerOverlap::stream_forward}) {
+       {strategy::OptimizerOverlap::after_backward, strategy::OptimizerOverlap::stream_backward,
+        strategy::OptimizerOverlap::stream_forward}) {
     CAPTURE(static_cast<int>(mode));
     const auto k = test::make_case("tiny-moe", 2, 4, 16, [&](Plan& p) {
       p.optimizer_on_host = true;
@@ -243,19 +246,146 @@ TEST_CASE("program memory: with gradients on the host, ZeRO 1-2 layers reduce ev
     });
     const sim::Schedule& s = k.schedule;
     const sim::RankClass& rc = s.classes[0];
-    for (const sim::Tensor& t : rc.tensors)
-      if (t.resident && t.role == sim::TensorRole::grad && t.param >= 0) {
-        const int b = s.params[static_cast<std::size_t>(t.param)].bucket;
-        CAPTURE(t.name);
-        CHECK(s.buckets[static_cast<std::size_t>(b)].name.rfind("L", 0) != 0);
+    for (const sim::Tensor& t : rc.tensors) {
+      CAPTURE(t.name);
+      if (t.resident && t.device == sim::Device::hbm)
+        CHECK(t.kind != sim::MemoryKind::grads); // no FP32 gradient stays on the GPU
+      if (t.role == sim::TensorRole::grad)
+        CHECK(t.device == sim::Device::hbm);
+    }
+    for (std::size_t b = 0; b < s.buckets.size(); ++b) {
+      const std::string& name = s.buckets[b].name;
+      CAPTURE(name);
+      // The host gradients: what the rank owns, half of the bucket (rounded up).
+      std::int64_t numel = 0;
+      for (int p : s.buckets[b].params) {
+        std::int64_t n = 1;
+        for (std::int64_t d : s.params[static_cast<std::size_t>(p)].shape)
+          n *= d;
+        numel += n;
       }
-    int layer_buckets = 0;
-    for (const sim::Bucket& b : s.buckets)
-      layer_buckets += b.name.rfind("L", 0) == 0 ? 1 : 0;
-    int per_micro_batch = 0;
-    for (const sim::Op& op : rc.ops)
-      per_micro_batch += op.name.find(".grad_reduce_scatter.mb") != std::string::npos ? 1 : 0;
-    CHECK(per_micro_batch == layer_buckets * 2);
+      int host = -1;
+      for (std::size_t t = 0; t < rc.tensors.size(); ++t)
+        if (rc.tensors[t].bucket == static_cast<int>(b) &&
+            rc.tensors[t].role == sim::TensorRole::host_copy) {
+          CHECK(host < 0);
+          host = static_cast<int>(t);
+        }
+      REQUIRE(host >= 0);
+      const sim::Tensor& h = rc.tensors[static_cast<std::size_t>(host)];
+      CHECK(h.resident);
+      CHECK(h.device == sim::Device::host);
+      CHECK(h.kind == sim::MemoryKind::grads);
+      CHECK(h.shape == std::vector<std::int64_t>{(numel + 1) / 2});
+      std::vector<bool> accumulates;
+      int scatters = 0, readers = 0;
+      for (const sim::Op& op : rc.ops) {
+        if (op.name.rfind(name + ".grad_reduce_scatter.mb", 0) == 0)
+          ++scatters;
+        if (op.name.rfind(name + ".grad_download", 0) == 0) {
+          CHECK(op.kind == sim::OpKind::copy_d2h);
+          CHECK(op.kernel == sim::Kernel::copy);
+          CHECK(op.outputs == std::vector<int>{host});
+          accumulates.push_back(rc.attrs_of(op).accumulate);
+        }
+        if (std::find(op.inputs.begin(), op.inputs.end(), host) != op.inputs.end()) {
+          CHECK(op.kind == sim::OpKind::host_adam);
+          ++readers;
+        }
+      }
+      CHECK(scatters == 2);
+      CHECK(accumulates == std::vector<bool>{false, true});
+      CHECK(readers == 1);
+    }
     test::expect_held_together(k, 3);
+  }
+}
+
+// The FP32 gradients leave the GPU: tiny-dense, micro-batches of one sequence of 256 tokens,
+// the optimizer on the host, gradients in HBM or on the host. The peak of both programs (replayed
+// in program order, as the interpreter allocates) is the first micro-batch's loss in the forward
+// (the logits, 256 x 256 BF16, and their FP32 gradient), where no micro-batch's gradients are
+// made yet; the gradients on the host take off exactly the resident FP32 gradients:
+//   embedding (tied with the head) 256 x 64 = 16384
+//   per layer: attention  norm 64 + wq 64 x 64 + wk, wv 64 x 32 each + wo 64 x 64 = 12352
+//              MLP        norm 64 + gate, up, down 64 x 128 each              = 24640
+//   final norm 64
+//   P = 16384 + 2 x (12352 + 24640) + 64 = 90432 parameters, 4 P = 361728 bytes;
+// on one rank (a data-parallel group of one: nothing is reduced, each micro-batch's gradients
+// are downloaded as they are). Under ZeRO-1 over DP 2 each rank also keeps, with gradients in
+// HBM, the reduced FP32 shard, half of each bucket (every bucket has an even size): 4 P / 2 more.
+TEST_CASE("program memory: gradients on the host take the FP32 gradients off the GPU peak" *
+          doctest::test_suite("independent")) {
+  const double params = 16384 + 2 * (12352 + 24640) + 64;
+  struct Row {
+    int world, zero;
+    double fewer; // bytes
+  };
+  for (const Row& r : {Row{1, 0, 4 * params}, Row{2, 1, 4 * params * 1.5}}) {
+    CAPTURE(r.world);
+    double peak[2] = {0, 0};
+    for (int host = 0; host < 2; ++host) {
+      const auto k = test::make_case("tiny-dense", r.world, 2 * r.world, 256, [&](Plan& p) {
+        p.micro_batch = 1;
+        p.optimizer_on_host = true;
+        p.optimizer = strategy::Placement::host;
+        p.grads = host != 0 ? strategy::Placement::host : strategy::Placement::hbm;
+        for (auto& s : p.state)
+          s.zero = r.zero;
+      });
+      const sim::RankClass& rc = k.schedule.classes[0];
+      sim::MemoryTracker tracker(rc, false);
+      double t = 0;
+      for (const sim::Op& op : rc.ops) {
+        tracker.allocate(op.allocs, t);
+        tracker.free(op.frees, t + 0.5);
+        t += 1;
+      }
+      const sim::ClassMemory m = tracker.finish();
+      CHECK(rc.ops[static_cast<std::size_t>(m.peak_time_s)].name == "loss.mb0");
+      peak[host] = m.peak_hbm_bytes;
+    }
+    CHECK(peak[0] - peak[1] == mop::test::rel(r.fewer));
+  }
+}
+
+// Under GPipe every forward runs before any backward: with a chunked loss each micro-batch's
+// forward forms the LM head's weight gradient, so per-micro-batch head gradients would all live
+// until the backwards; the head keeps its resident gradients there (and downloads them at the
+// step), while under 1F1B the head downloads every micro-batch like the layers.
+TEST_CASE("program memory: with gradients on the host and a chunked loss, the head under GPipe "
+          "keeps its gradients until the step" *
+          doctest::test_suite("plumbing")) {
+  for (auto schedule :
+       {strategy::PipelineSchedule::gpipe, strategy::PipelineSchedule::one_f_one_b}) {
+    const bool gpipe = schedule == strategy::PipelineSchedule::gpipe;
+    CAPTURE(gpipe);
+    mop::test::Case k;
+    k.spec = mop::test::deeper("tiny-moe", 4);
+    k.config = real::tiny_config(k.spec);
+    k.plan = plan(2, 4, [&](Plan& p) {
+      p.pp = 2;
+      p.schedule = schedule;
+      p.chunked_loss = true;
+      p.optimizer_on_host = true;
+      p.optimizer = strategy::Placement::host;
+      p.grads = strategy::Placement::host;
+    });
+    lowering::ProgramContext c{&k.spec, 16, 8};
+    c.loss_chunk_tokens = 4; // 16 rows in 4 chunks
+    k.schedule = lowering::lower_program(k.plan, c);
+    sim::check_schedule(k.schedule);
+    const sim::RankClass& last = k.schedule.classes[1];
+    int resident = 0, head_downloads = 0, layer_downloads = 0;
+    for (const sim::Tensor& t : last.tensors)
+      resident += t.resident && t.role == sim::TensorRole::grad ? 1 : 0;
+    for (const sim::Op& op : last.ops) {
+      head_downloads += op.name.rfind("head.grad_download", 0) == 0 ? 1 : 0;
+      layer_downloads += op.name.rfind("L2.dense.grad_download.mb", 0) == 0 ? 1 : 0;
+    }
+    CHECK(resident == (gpipe ? 2 : 0)); // the final norm's and the LM head's
+    CHECK(head_downloads == (gpipe ? 1 : 4));
+    CHECK(layer_downloads == 4); // layer 2's MLP on the last stage, every micro-batch
+    mop::test::expect_held_together(k);
   }
 }

@@ -277,3 +277,50 @@ TEST_CASE("interpreter MoE: a mixture of every parallelism on 8 ranks" *
     p.overlap = mop::strategy::OptimizerOverlap::stream_forward;
   }));
 }
+
+TEST_CASE("interpreter: gradients summed on the host over the micro-batches, under every overlap "
+          "mode" *
+          doctest::test_suite("independent")) {
+  // Each micro-batch's reduced gradients are downloaded into the host gradients (the first
+  // download of a step overwrites them, the others add), which the host optimizer reads; under
+  // stream-forward it reads the previous step's before this step's first download replaces
+  // them. Four micro-batches of one sequence per rank, three steps (the last stream-forward
+  // update runs after the run): ZeRO-1 over DP 2 (reduce-scatter into a transient shard), the
+  // experts over EP 2 (their data-parallel group has one rank: nothing to reduce), one rank
+  // (no group at all), ZeRO-0 (an all-reduce in place) and ZeRO-3, and HSDP (the shard summed
+  // over the replicas every micro-batch).
+  using mop::strategy::OptimizerOverlap;
+  using mop::strategy::Placement;
+  struct Row {
+    const char* what;
+    int world, zero, ep, shard_group;
+  };
+  const Row rows[] = {{"ZeRO-1 over DP 2", 2, 1, 1, 0}, {"experts EP 2, edp 1", 2, 1, 2, 0},
+                      {"one rank", 1, 1, 1, 0},         {"ZeRO-0 over DP 2", 2, 0, 1, 0},
+                      {"ZeRO-3 over DP 2", 2, 3, 1, 0}, {"HSDP 2 x 2", 4, 3, 1, 2}};
+  for (auto mode : {OptimizerOverlap::after_backward, OptimizerOverlap::stream_backward,
+                    OptimizerOverlap::stream_forward})
+    for (const Row& r : rows) {
+      CAPTURE(static_cast<int>(mode));
+      CAPTURE(r.what);
+      const auto k = make_case("tiny-moe", r.world, 4 * r.world, 16, [&](Plan& p) {
+        p.micro_batch = 1;
+        p.moe.ep = r.ep;
+        p.optimizer_on_host = true;
+        p.optimizer = Placement::host;
+        p.grads = Placement::host;
+        p.overlap = mode;
+        for (auto& s : p.state) {
+          s.zero = r.zero;
+          s.shard_group = r.shard_group;
+        }
+      });
+      int downloads = 0;
+      for (const mop::sim::Op& op : k.schedule.classes[0].ops)
+        downloads += op.name.find(".grad_download.mb") != std::string::npos ? 1 : 0;
+      // Every bucket (embedding, head, two layers' attention and MLP or experts) downloads
+      // every micro-batch.
+      CHECK(downloads == static_cast<int>(k.schedule.buckets.size()) * 4);
+      expect_held_together(k, 3);
+    }
+}

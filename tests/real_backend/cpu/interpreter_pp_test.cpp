@@ -153,3 +153,44 @@ TEST_CASE("interpreter: pipelines with every other feature of the program" *
         p.moe.ep = 2;
       }));
 }
+
+TEST_CASE("interpreter: gradients summed on the host under pipelines" *
+          doctest::test_suite("independent")) {
+  using mop::strategy::OptimizerOverlap;
+  using mop::strategy::Placement;
+  auto host = [](Plan& p) {
+    p.optimizer_on_host = true;
+    p.optimizer = Placement::host;
+    p.grads = Placement::host;
+    p.overlap = OptimizerOverlap::stream_forward;
+  };
+  // Zero-bubble holds each micro-batch's reductions and downloads back with its weight
+  // gradients; an untied head on the last stage.
+  for (int zero : {1, 3}) {
+    CAPTURE(zero);
+    expect_held_together(make_case(deeper("tiny-moe", 4), 4, 8, 16,
+                                   [&](Plan& p) {
+                                     p.pp = 2;
+                                     p.schedule = PipelineSchedule::zero_bubble;
+                                     p.micro_batch = 1;
+                                     host(p);
+                                     for (auto& s : p.state)
+                                       s.zero = zero;
+                                   }),
+                         3);
+  }
+  // Tied embeddings across the stages sum the two copies' gradients once per step, so their
+  // buckets keep their gradients on the GPU until the step (the final norm's too, sharded beside
+  // them under ZeRO-1); interleaved 1F1B.
+  expect_held_together(make_case(deeper("tiny-dense", 4), 4, 8, 16,
+                                 [&](Plan& p) {
+                                   p.pp = 2;
+                                   p.vp = 2;
+                                   p.schedule = PipelineSchedule::interleaved_1f1b;
+                                   p.micro_batch = 1;
+                                   host(p);
+                                   for (auto& s : p.state)
+                                     s.zero = 1;
+                                 }),
+                       3);
+}
