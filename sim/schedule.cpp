@@ -1,6 +1,6 @@
 #include "sim/schedule.hpp"
 
-#include <boost/graph/adjacency_list.hpp>
+#include <boost/graph/compressed_sparse_row_graph.hpp>
 #include <boost/graph/depth_first_search.hpp>
 #include <boost/graph/topological_sort.hpp>
 
@@ -400,7 +400,9 @@ void check_recvs(const Schedule& s) {
   }
 }
 
-using DependencyGraph = boost::adjacency_list<boost::vecS, boost::vecS, boost::directedS>;
+// Compressed sparse rows: the edges of a schedule of a million ops in two arrays, not a vector
+// per op (building an adjacency list cost as much as lowering the program).
+using DependencyGraph = boost::compressed_sparse_row_graph<boost::directedS>;
 
 // Depth-first search stops at the first back edge (u → v): v is an ancestor of u, so both lie
 // on a cycle.
@@ -417,7 +419,7 @@ void check_acyclic(const Schedule& s) {
   std::vector<std::size_t> offset(s.classes.size() + 1, 0);
   for (std::size_t c = 0; c < s.classes.size(); ++c)
     offset[c + 1] = offset[c] + s.classes[c].ops.size();
-  DependencyGraph graph(offset.back());
+  std::vector<std::pair<std::size_t, std::size_t>> edges;
   for (std::size_t c = 0; c < s.classes.size(); ++c) {
     const RankClass& rc = s.classes[c];
     std::vector<int> last_on_stream(rc.streams.size(), -1);
@@ -426,16 +428,17 @@ void check_acyclic(const Schedule& s) {
       const std::size_t v = offset[c] + i;
       int& previous = last_on_stream[static_cast<std::size_t>(op.stream)];
       if (previous != -1)
-        boost::add_edge(offset[c] + static_cast<std::size_t>(previous), v, graph);
+        edges.emplace_back(offset[c] + static_cast<std::size_t>(previous), v);
       previous = static_cast<int>(i);
       for (int d : op.deps)
-        boost::add_edge(offset[c] + static_cast<std::size_t>(d), v, graph);
+        edges.emplace_back(offset[c] + static_cast<std::size_t>(d), v);
       for (const RemoteDep& r : op.remote_deps)
-        boost::add_edge(offset[static_cast<std::size_t>(r.rank_class)] +
-                            static_cast<std::size_t>(r.op),
-                        v, graph);
+        edges.emplace_back(
+            offset[static_cast<std::size_t>(r.rank_class)] + static_cast<std::size_t>(r.op), v);
     }
   }
+  const DependencyGraph graph(boost::edges_are_unsorted_multi_pass, edges.begin(), edges.end(),
+                              offset.back());
   std::vector<std::size_t> order;
   order.reserve(offset.back());
   try {
