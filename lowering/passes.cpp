@@ -32,28 +32,41 @@ double tensor_bytes(const sim::Tensor& t) {
 void derive_dependencies(sim::RankClass& rc) {
   const std::size_t n = rc.tensors.size();
   std::vector<int> last_writer(n, -1);
-  std::vector<std::vector<int>> readers(n);
+  // The readers of each tensor since its last write, as linked lists in one array (a list per
+  // tensor would be an allocation per tensor): reader_head[t] is the latest reader's node.
+  struct Reader {
+    int op, next;
+  };
+  std::vector<int> reader_head(n, -1);
+  std::vector<Reader> readers;
+  std::vector<int> deps; // one op's, gathered, then sorted and stored once
   for (std::size_t i = 0; i < rc.ops.size(); ++i) {
     sim::Op& op = rc.ops[i];
     const int me = static_cast<int>(i);
+    deps.assign(op.deps.begin(), op.deps.end());
     auto wait = [&](int other) {
       if (other >= 0 && other != me)
-        op.deps.push_back(other);
+        deps.push_back(other);
     };
     for (int t : op.inputs)
       wait(last_writer[static_cast<std::size_t>(t)]);
     for (int t : op.outputs) {
       wait(last_writer[static_cast<std::size_t>(t)]);
-      for (int r : readers[static_cast<std::size_t>(t)])
-        wait(r);
+      for (int r = reader_head[static_cast<std::size_t>(t)]; r >= 0;
+           r = readers[static_cast<std::size_t>(r)].next)
+        wait(readers[static_cast<std::size_t>(r)].op);
     }
-    std::sort(op.deps.begin(), op.deps.end());
-    op.deps.erase(std::unique(op.deps.begin(), op.deps.end()), op.deps.end());
-    for (int t : op.inputs)
-      readers[static_cast<std::size_t>(t)].push_back(me);
+    std::sort(deps.begin(), deps.end());
+    deps.erase(std::unique(deps.begin(), deps.end()), deps.end());
+    op.deps.assign(deps.begin(), deps.end());
+    for (int t : op.inputs) {
+      int& head = reader_head[static_cast<std::size_t>(t)];
+      readers.push_back({me, head});
+      head = static_cast<int>(readers.size()) - 1;
+    }
     for (int t : op.outputs) {
       last_writer[static_cast<std::size_t>(t)] = me;
-      readers[static_cast<std::size_t>(t)].clear();
+      reader_head[static_cast<std::size_t>(t)] = -1;
     }
   }
 }
