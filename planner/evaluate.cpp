@@ -42,8 +42,10 @@ sim::Schedule lower(const Plan& p, const LoweringContext& c, Lowering lowering, 
 
 StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
                              const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
-                             int max_simulated, Lowering lowering) {
+                             int max_simulated, Lowering lowering, Check check) {
   StepEvaluation e;
+  sim::EngineOptions checked;
+  checked.check_schedule_first = check == Check::schedule;
   e.micro_batches = plan.micro_batches();
   e.tokens_per_step = static_cast<double>(plan.global_batch) * static_cast<double>(ctx.seq);
   const int pp = plan.pp;
@@ -54,7 +56,7 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
       max_simulated > 0 && plan.schedule != PipelineSchedule::gpipe && e.micro_batches > m2;
   if (!extrapolate) {
     e.schedule = lower(plan, ctx, lowering, e.program);
-    e.result = sim::simulate(e.schedule, cluster, calibration);
+    e.result = sim::simulate(e.schedule, cluster, calibration, checked);
     e.micro_batches_simulated = e.micro_batches;
     e.step_time_s = e.result.step_time_s;
     e.model_flops_per_step = e.schedule.model_flops_per_step;
@@ -62,7 +64,7 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   }
   const int m1 = m2 - pp * std::max(1, m2 / (2 * pp)); // about half, a multiple of pp
   e.schedule = lower(with_micro_batches(plan, m2), ctx, lowering, e.program);
-  e.result = sim::simulate(e.schedule, cluster, calibration);
+  e.result = sim::simulate(e.schedule, cluster, calibration, checked);
   // The shorter run has the same structure as the checked one: only its times are needed.
   sim::EngineOptions quick;
   quick.check_schedule_first = false;

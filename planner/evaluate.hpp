@@ -30,10 +30,16 @@ struct StepEvaluation {
   bool program = false;            // the program lowering wrote `schedule`
 };
 
+// Whether the Schedule is checked (sim::check_schedule) before it is played: `mop simulate`
+// and the tests check every Schedule; the search, which plays thousands of Schedules of the
+// same lowerings, does not (a lowering's Schedules are held structurally sound by its tests).
+enum class Check { schedule, skip };
+
 // `max_simulated`: simulate at most this many micro-batches (at least 2·pp, so both runs reach
 // the pipeline's steady state); 0 simulates every micro-batch.
 StepEvaluation evaluate_step(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
                              const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
-                             int max_simulated = 16, Lowering lowering = Lowering::cost_only);
+                             int max_simulated = 16, Lowering lowering = Lowering::cost_only,
+                             Check check = Check::schedule);
 
 } // namespace mop::planner

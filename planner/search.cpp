@@ -38,7 +38,7 @@ RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpe
   r.lower_bound_s = c.bound;
   r.eval = evaluate_step(c.plan,
                          LoweringContext{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}},
-                         cluster, cal, max_micro);
+                         cluster, cal, max_micro, Lowering::cost_only, Check::skip);
   const double gpus = static_cast<double>(c.plan.world);
   r.tokens_per_s_per_gpu = r.eval.tokens_per_step / r.eval.step_time_s / gpus;
   r.tflops_per_gpu = r.eval.model_flops_per_step / r.eval.step_time_s / gpus / 1e12;

@@ -24,7 +24,8 @@ struct EngineOptions {
   double compute_slowdown_with_comm = 24.0 / 132.0;
   bool record_memory_timeline = true;
   // Run check_schedule first. simulate() indexes the Schedule without bounds checks, so turn this
-  // off only for a Schedule already checked (a search that re-simulates one Schedule).
+  // off only for a Schedule already checked or one written by a lowering whose tests check its
+  // Schedules (the planner's search, planner::Check::skip).
   bool check_schedule_first = true;
 };
 
