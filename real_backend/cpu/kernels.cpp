@@ -2,7 +2,11 @@
 
 #include "real_backend/kernels/math.hpp"
 
+#include <cblas.h>
+
+#include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <vector>
 
 namespace mop::real {
@@ -20,6 +24,17 @@ template <class T> T dot(int n, const T* a, const T* b) {
   return s;
 }
 
+// The one GEMM of the library's two precisions: c = op(a)·op(b) + beta·c, row-major. beta = 0
+// overwrites c whatever it held (BLAS does not read it then).
+void blas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, const float* a, int lda,
+               const float* b, int ldb, float beta, float* c, int ldc) {
+  cblas_sgemm(CblasRowMajor, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
+}
+void blas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, const double* a,
+               int lda, const double* b, int ldb, double beta, double* c, int ldc) {
+  cblas_dgemm(CblasRowMajor, ta, tb, m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc);
+}
+
 // Whether key position kp is visible from query position qp (the rule of kernels.hpp).
 bool visible(const AttentionParams& p, std::int64_t qp, std::int64_t kp) {
   return (!p.causal || kp <= qp) && (p.window == 0 || qp - kp < p.window);
@@ -30,38 +45,27 @@ bool visible(const AttentionParams& p, std::int64_t qp, std::int64_t kp) {
 template <class T>
 void gemm(int m, int n, int k, const T* a, bool trans_a, const T* b, bool trans_b, T* c,
           bool accumulate) {
-  const auto A = [&](int i, int l) { return trans_a ? a[sz(l) * m + i] : a[sz(i) * k + l]; };
-  if (trans_b) {
-    // Row i of op(a) against row j of b: one dot product per element, both operands read along
-    // k (contiguous when !trans_a).
-    for (int i = 0; i < m; ++i)
-      for (int j = 0; j < n; ++j) {
-        const T* bj = b + sz(j) * k;
-        T s = 0;
-        for (int l = 0; l < k; ++l)
-          s += A(i, l) * bj[l];
-        T& out = c[sz(i) * n + j];
-        out = accumulate ? out + s : s;
-      }
+  if (m == 0 || n == 0)
     return;
-  }
-  // i-k-j order: the inner loop runs along rows of b and of the row buffer, and each element's
-  // sum still runs over k in increasing order. The sum is formed apart from c so that
-  // accumulate adds the finished product, c + (a·b), as a BLAS beta = 1 would.
-  std::vector<T> row(sz(n));
-  for (int i = 0; i < m; ++i) {
-    for (auto& r : row)
-      r = 0;
-    for (int l = 0; l < k; ++l) {
-      const T ail = A(i, l);
-      const T* bl = b + sz(l) * n;
-      for (int j = 0; j < n; ++j)
-        row[sz(j)] += ail * bl[j];
-    }
-    T* ci = c + sz(i) * n;
-    for (int j = 0; j < n; ++j)
-      ci[j] = accumulate ? ci[j] + row[sz(j)] : row[sz(j)];
-  }
+  // Every rank is already a thread: OpenBLAS splitting a call over a pool of its own would
+  // oversubscribe the cores, so every call runs on the calling thread (set once per process,
+  // before the first call). The pthread flavour that CMake links is safe to call from several
+  // threads at once; Debian's serial flavour is not (it returns wrong products now and then), so
+  // a build linked against another flavour stops here rather than compute wrong numbers.
+  static const bool single_threaded = [] {
+    if (openblas_get_parallel() != 1) // 0: serial, 1: pthreads, 2: OpenMP
+      throw std::runtime_error("the CPU executor needs OpenBLAS's pthread flavour "
+                               "(libopenblas-pthread-dev), and this build links another");
+    openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)single_threaded;
+  // Row-major operands: a is [m,k] or [k,m], b is [k,n] or [n,k], so a row's length is the
+  // leading dimension. BLAS asks for at least 1 even when a dimension is empty (k = 0).
+  const int lda = std::max(1, trans_a ? m : k);
+  const int ldb = std::max(1, trans_b ? k : n);
+  blas_gemm(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m, n, k, a,
+            lda, b, ldb, accumulate ? T(1) : T(0), c, n);
 }
 
 template <class T>

@@ -1,15 +1,19 @@
 #pragma once
 // The CPU twins of the CUDA kernels: plain loops over the per-element math of
-// real_backend/kernels/math.hpp (shared, __host__ __device__). They are the specification of the
-// kernels' semantics; the CPU reference executor runs on them. Every function is instantiated
-// for float (the executor) and double (the references in tests). Row-major throughout.
+// real_backend/kernels/math.hpp (shared, __host__ __device__), except GEMM, which OpenBLAS runs.
+// They are the specification of the kernels' semantics; the CPU reference executor runs on them.
+// Every function is instantiated for float (the executor) and double (the references in tests).
+// Row-major throughout.
 #include <cstddef>
 #include <cstdint>
 
 namespace mop::real {
 
 // c[m,n] = (accumulate ? c : 0) + op(a)·op(b). a is [m,k] ([k,m] when trans_a), b is [k,n]
-// ([n,k] when trans_b). Sums run over k in increasing order.
+// ([n,k] when trans_b). cblas_sgemm / cblas_dgemm on the calling thread: the order in which a sum
+// runs over k is the library's (blocked, fused multiply-adds, and with accumulate the partial sums
+// of long k may be added into c block by block), the same on every call with the same shapes on
+// the same processor.
 template <class T>
 void gemm(int m, int n, int k, const T* a, bool trans_a, const T* b, bool trans_b, T* c,
           bool accumulate);

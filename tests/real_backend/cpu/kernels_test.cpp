@@ -13,11 +13,13 @@
 #include "tests/support/approx.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <doctest/doctest.h>
 #include <functional>
 #include <limits>
+#include <thread>
 #include <vector>
 
 using namespace mop::real;
@@ -134,6 +136,147 @@ TEST_CASE("kernels: gemm gradients dA = dC B^T and dB = A^T dC match finite diff
   gemm(k, n, m, a.data(), true, w.data(), false, db.data(), false);
   check_grad(da, loss, a);
   check_grad(db, loss, b);
+}
+
+// Integer-valued operands in [-lo, hi]: every product and partial sum of the GEMMs below is an
+// integer far under 2^24, so float and double hold it exactly and the result does not depend on
+// the order in which the library sums over k; the expected product comes from exact integer loops.
+template <class T> std::vector<T> small_ints(std::size_t n, std::uint64_t seed, int lo, int hi) {
+  std::vector<T> v(n);
+  for (std::size_t i = 0; i < n; ++i)
+    v[i] = static_cast<T>(
+        static_cast<int>(mix64(seed + i) % static_cast<std::uint64_t>(lo + hi + 1)) - lo);
+  return v;
+}
+
+// c = c0 + op(a)·op(b) in 64-bit integers, a and b stored as gemm takes them.
+template <class T>
+std::vector<T> exact_gemm(int m, int n, int k, const std::vector<T>& a, bool ta,
+                          const std::vector<T>& b, bool tb, const std::vector<T>& c0) {
+  const auto at = [&](int i, int l) {
+    return static_cast<std::int64_t>(ta ? a[static_cast<std::size_t>(l * m + i)]
+                                        : a[static_cast<std::size_t>(i * k + l)]);
+  };
+  const auto bt = [&](int l, int j) {
+    return static_cast<std::int64_t>(tb ? b[static_cast<std::size_t>(j * k + l)]
+                                        : b[static_cast<std::size_t>(l * n + j)]);
+  };
+  std::vector<T> c(c0);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      std::int64_t s = 0;
+      for (int l = 0; l < k; ++l)
+        s += at(i, l) * bt(l, j);
+      auto& out = c[static_cast<std::size_t>(i * n + j)];
+      out = static_cast<T>(static_cast<std::int64_t>(out) + s);
+    }
+  return c;
+}
+
+template <class T> void check_gemm_exact(int m, int n, int k) {
+  const auto a = small_ints<T>(static_cast<std::size_t>(m * k), 300, 6, 6);
+  const auto b = small_ints<T>(static_cast<std::size_t>(k * n), 301, 5, 5);
+  const auto c0 = small_ints<T>(static_cast<std::size_t>(m * n), 302, 100, 100);
+  const std::vector<T> zero(c0.size(), T(0));
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      CAPTURE(ta);
+      CAPTURE(tb);
+      // Overwrite: c starts as garbage that must not leak into the result.
+      std::vector<T> c(c0.size(), T(-12345));
+      gemm(m, n, k, a.data(), ta == 1, b.data(), tb == 1, c.data(), false);
+      CHECK(c == exact_gemm(m, n, k, a, ta == 1, b, tb == 1, zero));
+      std::vector<T> acc = c0;
+      gemm(m, n, k, a.data(), ta == 1, b.data(), tb == 1, acc.data(), true);
+      CHECK(acc == exact_gemm(m, n, k, a, ta == 1, b, tb == 1, c0));
+    }
+}
+
+TEST_CASE("kernels: gemm past the library's blocking equals exact integer products" *
+          doctest::test_suite("independent")) {
+  // |a| <= 6, |b| <= 5, k = 700: a sum's magnitude is at most 700 * 30 = 21,000 (plus 100 from
+  // c), exact in float (2^24 ~ 1.7e7). k = 700 runs past OpenBLAS's block of k (a few hundred),
+  // so accumulate also covers the partial sums added into c block by block; m = 131 and n = 67
+  // leave edges that the full-width micro-kernels do not cover.
+  check_gemm_exact<float>(131, 67, 700);
+  check_gemm_exact<double>(131, 67, 700);
+  // A single row and a single column: BLAS may route these through its matrix-vector code.
+  check_gemm_exact<float>(1, 37, 50);
+  check_gemm_exact<double>(29, 1, 50);
+}
+
+TEST_CASE("kernels: gemm with nothing to sum over or nothing to write" *
+          doctest::test_suite("independent")) {
+  // k = 0: op(a)·op(b) is the zero matrix, so c becomes 0, or keeps its values under accumulate.
+  Vec c = {1, 2, 3, 4, 5, 6};
+  const Vec none;
+  gemm(2, 3, 0, none.data(), false, none.data(), false, c.data(), true);
+  CHECK(c == Vec{1, 2, 3, 4, 5, 6});
+  gemm(2, 3, 0, none.data(), true, none.data(), true, c.data(), false);
+  CHECK(c == Vec{0, 0, 0, 0, 0, 0});
+  // m = 0 or n = 0 (an expert the routing left without rows): c is untouched.
+  Vec d = {7};
+  const Vec a = {1, 2}, b = {3, 4};
+  gemm(0, 1, 2, a.data(), false, b.data(), false, d.data(), false);
+  gemm(1, 0, 2, a.data(), false, b.data(), false, d.data(), false);
+  CHECK(d == Vec{7});
+}
+
+TEST_CASE("kernels: gemm called by several threads at once gives every thread its exact product" *
+          doctest::test_suite("independent")) {
+  // The ranks of the CPU executor are threads that multiply at the same time. A BLAS build
+  // without locking around its scratch buffers can give two calls that start at the same moment
+  // the same buffer, and both products come out wrong. The threads meet before each call at a
+  // barrier that releases them together (a spin: a futex wake-up would stagger them by
+  // microseconds); each has its own operands, and every product must equal its exact integer
+  // value (bounds as in the test above: 64 * 30 = 1,920). A race shows only when two threads run
+  // at once, so a pass is evidence, not proof: with its flavour check taken out, Debian's serial
+  // OpenBLAS (which has this fault) failed this test in 2 of 8 runs on a shared two-core machine,
+  // and a stand-alone program doing the same in about half its runs (up to 100 wrong products in
+  // 10,000 calls). gemm now refuses that flavour before its first product, which fails this test
+  // at the call made alone below.
+  constexpr int rounds = 5000, m = 48, n = 40, k = 64;
+  const int threads = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 2, 4);
+  std::vector<std::vector<double>> as, bs, expect;
+  for (int t = 0; t < threads; ++t) {
+    const auto ut = static_cast<std::uint64_t>(t);
+    as.push_back(small_ints<double>(m * k, 400 + 2 * ut, 6, 6));
+    bs.push_back(small_ints<double>(k * n, 401 + 2 * ut, 5, 5));
+    expect.push_back(exact_gemm(m, n, k, as.back(), false, bs.back(), false, Vec(m * n, 0.0)));
+  }
+  // One call alone first, on this thread.
+  Vec alone(m * n);
+  gemm(m, n, k, as[0].data(), false, bs[0].data(), false, alone.data(), false);
+  REQUIRE(alone == expect[0]);
+  std::vector<int> wrong(static_cast<std::size_t>(threads), 0);
+  std::atomic<int> arrived{0}, generation{0};
+  const auto together = [&] {
+    const int g = generation.load();
+    if (arrived.fetch_add(1) + 1 == threads) {
+      arrived.store(0);
+      generation.store(g + 1);
+    } else {
+      while (generation.load() == g)
+        std::this_thread::yield();
+    }
+  };
+  {
+    std::vector<std::jthread> pool;
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        const auto ut = static_cast<std::size_t>(t);
+        Vec c(m * n);
+        for (int r = 0; r < rounds; ++r) {
+          together();
+          gemm(m, n, k, as[ut].data(), false, bs[ut].data(), false, c.data(), false);
+          wrong[ut] += c == expect[ut] ? 0 : 1;
+        }
+      });
+  }
+  for (int t = 0; t < threads; ++t) {
+    CAPTURE(t);
+    CHECK(wrong[static_cast<std::size_t>(t)] == 0);
+  }
 }
 
 TEST_CASE("kernels: rmsnorm of one row by hand" * doctest::test_suite("independent")) {
