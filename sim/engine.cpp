@@ -13,6 +13,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace mop::sim {
@@ -29,6 +30,39 @@ hw::Dtype hw_dtype(Dtype d) {
   }
   return hw::Dtype::bf16;
 }
+
+// One GEMM's time by its shape: a Schedule repeats each layer's GEMMs for every micro-batch and
+// every layer of a kind, and pricing one (efficiency curves, wave quantisation) costs more than
+// playing it. An Engine prices each distinct shape once.
+class GemmTimes {
+public:
+  GemmTimes(const hw::ClusterSpec& c, const hw::Calibration& cal) : c_(c), cal_(cal) {}
+  double time_s(double m, double n, double k, Dtype dtype) {
+    const Key key{m, n, k, dtype};
+    const auto [it, added] = times_.try_emplace(key, 0.0);
+    if (added)
+      it->second = hw::gemm_time_s(c_, cal_, m, n, k, hw_dtype(dtype));
+    return it->second;
+  }
+
+private:
+  struct Key {
+    double m, n, k;
+    Dtype dtype;
+    bool operator==(const Key&) const = default;
+  };
+  struct Hash {
+    std::size_t operator()(const Key& x) const {
+      std::size_t h = std::hash<int>{}(static_cast<int>(x.dtype));
+      for (double v : {x.m, x.n, x.k})
+        h = h * 1000003u ^ std::hash<double>{}(v);
+      return h;
+    }
+  };
+  const hw::ClusterSpec& c_;
+  const hw::Calibration& cal_;
+  std::unordered_map<Key, double, Hash> times_;
+};
 
 hw::AttentionShape hw_attention(const AttentionShape& a) {
   hw::AttentionShape h;
@@ -261,13 +295,18 @@ void Engine::build_graph(const hw::ClusterSpec& c, const hw::Calibration& cal) {
   free_offset_.assign(1, 0);
   alloc_offset_.reserve(n + 1);
   free_offset_.reserve(n + 1);
+  GemmTimes gemm_times(c, cal);
   for (std::size_t k = 0; k < n_classes; ++k) {
     const RankClass& rc = s_.classes[k];
     for (std::size_t i = 0; i < rc.ops.size(); ++i) {
       const Op& op = rc.ops[i];
       OpRun& r = runs_[static_cast<std::size_t>(offset_[k]) + i];
       r.rank_class = static_cast<int>(k);
-      r.duration_s = op_duration_s(op, s_, c, cal);
+      // The same as op_duration_s, a GEMM's shape priced once.
+      r.duration_s =
+          op.kind == OpKind::gemm && op.gemm.instances != 0
+              ? gemm_times.time_s(op.gemm.m, op.gemm.n, op.gemm.k, op.dtype) * op.gemm.instances
+              : op_duration_s(op, s_, c, cal);
       r.resource = resource_of(op, s_);
       allocs_.insert(allocs_.end(), op.allocs.begin(), op.allocs.end());
       frees_.insert(frees_.end(), op.frees.begin(), op.frees.end());
