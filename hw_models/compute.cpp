@@ -75,10 +75,17 @@ double gemm_body_s(const GpuSpec& g, double m, double n, double k, Dtype dtype) 
 
 double grouped_body_s(const GpuSpec& g, std::span<const double> rows, double n, double k,
                       Dtype dtype) {
-  double t = 0;
+  // Experts with the rows of the one before (all of them under balanced routing) cost what it
+  // cost: priced once, summed in the same order.
+  double t = 0, last_m = -1, last_t = 0;
   for (double m : rows)
-    if (m > 0)
-      t += gemm_body_s(g, m, n, k, dtype);
+    if (m > 0) {
+      if (m != last_m) {
+        last_t = gemm_body_s(g, m, n, k, dtype);
+        last_m = m;
+      }
+      t += last_t;
+    }
   return t;
 }
 
