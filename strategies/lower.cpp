@@ -128,14 +128,14 @@ private:
   std::vector<ParamBucket> layer_buckets(const LayerSpec& layer, const KindParams& local);
   std::vector<ParamBucket> embedding_buckets(bool first, bool last);
   std::vector<Step> layer_steps(const LayerSpec& layer) const;
-  int add(sim::Op op, bool on_path = true);
+  int add(sim::Op&& op, bool on_path = true);
   int tensor(std::string name, double bytes, sim::Device device, sim::MemoryKind kind,
              bool resident = false);
   int emit_forward(const Step& st, const std::string& prefix, Category category, int layer, int mb);
   void emit_backward(const Step& st, const std::string& prefix, int layer, int mb);
   int emit_attention(const Step& st, const std::string& prefix, Category category, int layer,
                      int mb, bool backward);
-  void emit_wgrad(sim::Op wgrad);
+  void emit_wgrad(sim::Op&& wgrad);
   sim::Op host_adam_op(std::string name, double params, int layer) const;
   sim::Op pipeline_op(std::string name, OpKind kind, int peer, int mb, double bytes) const;
   sim::Op op_of(const Step& st, const std::string& name, Category category, int layer, int mb);
@@ -502,7 +502,7 @@ int Lowering::tensor(std::string name, double bytes, sim::Device device, sim::Me
   return static_cast<int>(rc_->tensors.size()) - 1;
 }
 
-int Lowering::add(sim::Op op, bool on_path) {
+int Lowering::add(sim::Op&& op, bool on_path) {
   if (on_path && cursor_ >= 0)
     op.deps.push_back(cursor_);
   std::sort(op.deps.begin(), op.deps.end());
@@ -617,7 +617,7 @@ sim::Op Lowering::host_adam_op(std::string name, double params, int layer) const
   return adam;
 }
 
-void Lowering::emit_wgrad(sim::Op wgrad) {
+void Lowering::emit_wgrad(sim::Op&& wgrad) {
   if (defer_wgrad_) {
     wgrad.deps.push_back(cursor_);
     pending_wgrad_.push_back(std::move(wgrad));
