@@ -808,6 +808,12 @@ private:
   void dp_comm(std::string name, OpKind kind, int g, std::vector<int> in, std::vector<int> out,
                int layer, bool deferred);
   std::vector<int> reduce_bucket(int b); // returns the rank's reduced gradients of the bucket
+  // The sum of bucket b's gradients `grads` over the ranks holding the same slices: in place under
+  // ZeRO-0 (all-reduce), else reduce-scattered into `shard`, then (HSDP) all-reduced over the
+  // replicas; returns what the rank owns of it. mb >= 0: one micro-batch's, named so and held
+  // back with the weight-gradient GEMMs under zero-bubble.
+  std::vector<int> reduce_over_data_parallel(int b, const std::vector<int>& grads, int shard,
+                                             int layer, int mb);
   void sum_partial_grads(int b, const std::vector<int>& grads, int layer, int mb);
   // How a bucket's gradients travel over a step.
   //   step: the members' FP32 gradients are resident and accumulate over the micro-batches;
@@ -2716,17 +2722,10 @@ std::vector<int> Builder::reduce_bucket(int b) {
     for (int p : bk.params)
       grads.push_back(pt_[static_cast<std::size_t>(p)].grad);
     sum_partial_grads(b, grads, layer, -1);
-    owned = grads;
-    if (bk.zero == 0) {
-      dp_comm(bk.name + ".grad_all_reduce", OpKind::all_reduce,
-              group(group_name(bk.grads), bk.grads), grads, grads, layer, false);
-    } else {
-      dp_comm(bk.name + ".grad_reduce_scatter", OpKind::reduce_scatter,
-              group(group_name(bk.shard), bk.shard), grads, {bt.grad_shard}, layer, false);
-      owned = {bt.grad_shard};
-    }
+    owned = reduce_over_data_parallel(b, grads, bt.grad_shard, layer, -1);
   }
-  if (bk.zero >= 1 && !bk.replicas.dims.empty())
+  // The micro-batches' reduce-scatters summed the shard over its group; the replicas sum once.
+  if (flow == GradFlow::shard && !bk.replicas.dims.empty())
     dp_comm(bk.name + ".grad_replica_all_reduce", OpKind::all_reduce,
             group(group_name(bk.replicas), bk.replicas), owned, owned, layer, false);
   // Tied embeddings under a pipeline: the first and the last stage's copies sum their gradients
@@ -2743,6 +2742,40 @@ std::vector<int> Builder::reduce_bucket(int b) {
             false);
   }
   return owned;
+}
+
+std::vector<int> Builder::reduce_over_data_parallel(int b, const std::vector<int>& grads, int shard,
+                                                    int layer, int mb) {
+  const sim::Bucket& bk = s_.buckets[static_cast<std::size_t>(b)];
+  const std::string suffix = mb >= 0 ? fmt::format(".mb{}", mb) : std::string();
+  auto reduction = [&](const char* name, OpKind kind, const sim::GroupSpec& spec,
+                       std::vector<int> in, std::vector<int> out) {
+    OpSpec o{bk.name + name + suffix,
+             Kernel::collective,
+             kind,
+             Category::dp_comm,
+             kDp,
+             group(group_name(spec), spec),
+             std::move(in),
+             std::move(out),
+             {},
+             layer,
+             mb};
+    if (o.group < 0) // a group of one rank has nothing to reduce
+      return;
+    if (mb >= 0 && defer_wgrad_)
+      held_wgrad_.push_back(std::move(o));
+    else
+      emit(std::move(o));
+  };
+  if (bk.zero == 0) {
+    reduction(".grad_all_reduce", OpKind::all_reduce, bk.grads, grads, grads);
+    return grads;
+  }
+  reduction(".grad_reduce_scatter", OpKind::reduce_scatter, bk.shard, grads, {shard});
+  if (!bk.replicas.dims.empty())
+    reduction(".grad_replica_all_reduce", OpKind::all_reduce, bk.replicas, {shard}, {shard});
+  return {shard};
 }
 
 // Micro-batch mb's gradients of bucket b: fresh tensors the backward accumulates into, zeroed
@@ -2798,41 +2831,29 @@ void Builder::finish_bucket_grads(int b, int layer, int mb) {
     else
       emit(std::move(o));
   };
-  // `accumulate`: summed into the outputs (FSDP2's micro-batches into the gradient shard).
-  auto reduction = [&](const char* name, OpKind kind, const sim::GroupSpec& spec,
-                       std::vector<int> in, std::vector<int> out, bool accumulate = false) {
-    OpSpec o{fmt::format("{}.{}.mb{}", bk.name, name, mb),
+  sum_partial_grads(b, grads, layer, mb);
+  if (flow == GradFlow::shard) { // summed into the resident shard (FSDP2's micro-batches)
+    OpSpec o{fmt::format("{}.grad_reduce_scatter.mb{}", bk.name, mb),
              Kernel::collective,
-             kind,
+             OpKind::reduce_scatter,
              Category::dp_comm,
              kDp,
-             group(group_name(spec), spec),
-             std::move(in),
-             std::move(out),
+             group(group_name(bk.shard), bk.shard),
+             grads,
+             {bt_[bi].grad_shard},
              {},
              layer,
              mb};
-    o.attrs.accumulate = accumulate;
+    o.attrs.accumulate = true;
     if (o.group >= 0) // a group of one rank has nothing to reduce
       place(std::move(o));
-  };
-  sum_partial_grads(b, grads, layer, mb);
-  if (flow == GradFlow::shard) {
-    reduction("grad_reduce_scatter", OpKind::reduce_scatter, bk.shard, grads, {bt_[bi].grad_shard},
-              true);
     return;
   }
-  std::vector<int> reduced = grads;
-  if (bk.zero == 0) {
-    reduction("grad_all_reduce", OpKind::all_reduce, bk.grads, grads, grads);
-  } else {
-    const int shard = tensor(fmt::format("{}.grad_shard (mb{})", bk.name, mb), {chunk(b)},
-                             TensorRole::grad, Element::real, sim::Dtype::fp32);
-    reduction("grad_reduce_scatter", OpKind::reduce_scatter, bk.shard, grads, {shard});
-    if (!bk.replicas.dims.empty())
-      reduction("grad_replica_all_reduce", OpKind::all_reduce, bk.replicas, {shard}, {shard});
-    reduced = {shard};
-  }
+  const int shard = bk.zero == 0
+                        ? -1
+                        : tensor(fmt::format("{}.grad_shard (mb{})", bk.name, mb), {chunk(b)},
+                                 TensorRole::grad, Element::real, sim::Dtype::fp32);
+  std::vector<int> reduced = reduce_over_data_parallel(b, grads, shard, layer, mb);
   OpSpec d{fmt::format("{}.grad_download.mb{}", bk.name, mb),
            Kernel::copy,
            OpKind::copy_d2h,

@@ -334,14 +334,7 @@ TEST_CASE("program memory: gradients on the host take the FP32 gradients off the
           s.zero = r.zero;
       });
       const sim::RankClass& rc = k.schedule.classes[0];
-      sim::MemoryTracker tracker(rc, false);
-      double t = 0;
-      for (const sim::Op& op : rc.ops) {
-        tracker.allocate(op.allocs, t);
-        tracker.free(op.frees, t + 0.5);
-        t += 1;
-      }
-      const sim::ClassMemory m = tracker.finish();
+      const sim::ClassMemory m = test::program_order_memory(rc);
       CHECK(rc.ops[static_cast<std::size_t>(m.peak_time_s)].name == "loss.mb0");
       peak[host] = m.peak_hbm_bytes;
     }

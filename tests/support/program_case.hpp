@@ -124,7 +124,9 @@ inline int runtime_kind(const sim::RankClass& rc, const sim::Op& op) {
   return kind;
 }
 
-inline double program_order_peak(const sim::RankClass& rc) {
+// A class's memory with its ops run one after another in program order, op i at time i (so the
+// peak's time is the index of the op that reaches it).
+inline sim::ClassMemory program_order_memory(const sim::RankClass& rc) {
   sim::MemoryTracker tracker(rc, false);
   double t = 0;
   for (const sim::Op& op : rc.ops) {
@@ -132,7 +134,11 @@ inline double program_order_peak(const sim::RankClass& rc) {
     tracker.free(op.frees, t + 0.5);
     t += 1;
   }
-  return tracker.finish().peak_hbm_bytes;
+  return tracker.finish();
+}
+
+inline double program_order_peak(const sim::RankClass& rc) {
+  return program_order_memory(rc).peak_hbm_bytes;
 }
 
 inline void expect_held_together(const Case& k, int steps = 2) {
