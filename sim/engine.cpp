@@ -64,6 +64,10 @@ private:
   std::unordered_map<Key, double, Hash> times_;
 };
 
+// op_duration_s, with a GEMM's shape priced through `gemms` (once per shape) when given.
+double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
+                 const hw::Calibration& cal, GemmTimes* gemms);
+
 hw::AttentionShape hw_attention(const AttentionShape& a) {
   hw::AttentionShape h;
   h.batch = a.batch;
@@ -302,11 +306,7 @@ void Engine::build_graph(const hw::ClusterSpec& c, const hw::Calibration& cal) {
       const Op& op = rc.ops[i];
       OpRun& r = runs_[static_cast<std::size_t>(offset_[k]) + i];
       r.rank_class = static_cast<int>(k);
-      // The same as op_duration_s, a GEMM's shape priced once.
-      r.duration_s =
-          op.kind == OpKind::gemm && op.gemm.instances != 0
-              ? gemm_times.time_s(op.gemm.m, op.gemm.n, op.gemm.k, op.dtype) * op.gemm.instances
-              : op_duration_s(op, s_, c, cal);
+      r.duration_s = op_time_s(op, s_, c, cal, &gemm_times);
       r.resource = resource_of(op, s_);
       allocs_.insert(allocs_.end(), op.allocs.begin(), op.allocs.end());
       frees_.insert(frees_.end(), op.frees.begin(), op.frees.end());
@@ -614,15 +614,15 @@ Breakdown Engine::breakdown(int rank_class, double step_time_s) const {
   return b;
 }
 
-} // namespace
-
-double op_duration_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
-                     const hw::Calibration& cal) {
+double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
+                 const hw::Calibration& cal, GemmTimes* gemms) {
   switch (op.kind) {
   case OpKind::gemm:
     if (op.gemm.instances == 0)
       return 0;
-    return hw::gemm_time_s(c, cal, op.gemm.m, op.gemm.n, op.gemm.k, hw_dtype(op.dtype)) *
+    return (gemms != nullptr
+                ? gemms->time_s(op.gemm.m, op.gemm.n, op.gemm.k, op.dtype)
+                : hw::gemm_time_s(c, cal, op.gemm.m, op.gemm.n, op.gemm.k, hw_dtype(op.dtype))) *
            op.gemm.instances;
   case OpKind::grouped_gemm:
     return hw::grouped_gemm_time_s(c, cal, op.gemm.rows_per_expert, op.gemm.n, op.gemm.k,
@@ -655,6 +655,13 @@ double op_duration_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
            (op.torch_kernel ? c.host_optimizer.torch_adam_slowdown : 1.0);
   }
   return 0;
+}
+
+} // namespace
+
+double op_duration_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
+                     const hw::Calibration& cal) {
+  return op_time_s(op, s, c, cal, nullptr);
 }
 
 SimResult simulate(const Schedule& s, const hw::ClusterSpec& c, const hw::Calibration& cal,
