@@ -98,7 +98,7 @@ void BM_AnalyticStage_KimiK2_12xH200_1M(benchmark::State& state) {
 }
 BENCHMARK(BM_AnalyticStage_KimiK2_12xH200_1M)->Unit(benchmark::kMillisecond);
 
-// The compute lower bound of one candidate (run on those that fit memory).
+// The analytic lower bound of one candidate (run on those that fit memory).
 void BM_LowerBound_KimiK2_1M(benchmark::State& state) {
   const auto model = mop::workload::load_model("kimi-k2");
   const auto cluster = mop::hw::load_cluster("h200");
@@ -107,7 +107,7 @@ void BM_LowerBound_KimiK2_1M(benchmark::State& state) {
   const mop::strategy::LoweringContext lc{&model, ctx.seq, 8, ctx.hw, {}};
   for (auto _ : state)
     benchmark::DoNotOptimize(
-        mop::planner::compute_lower_bound_s(plan, lc, cluster, mop::hw::Calibration{}));
+        mop::planner::step_lower_bound_s(plan, lc, cluster, mop::hw::Calibration{}));
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_LowerBound_KimiK2_1M);

@@ -1,104 +1,105 @@
 #include "planner/bound.hpp"
 
-#include "common/error.hpp"
 #include "sim/engine.hpp"
 #include "strategies/pipeline.hpp"
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 namespace mop::planner {
 
-using sim::OpKind;
-using strategy::LayerKind;
-using strategy::Recompute;
+using strategy::PassModel;
+using strategy::PassOps;
 
-double compute_lower_bound_s(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
-                             const hw::ClusterSpec& cluster, const hw::Calibration& calibration) {
-  if (ctx.model == nullptr || ctx.seq <= 0)
-    throw InputError("lowering needs a model and a positive sequence length.");
-  // Every compute op of a stage runs on its one compute stream at a rate of at most 1, so a
-  // stage takes at least the sum of its compute ops' standalone times: forward, backward (two
-  // GEMMs per GEMM, flash backward) and recompute, per micro-batch.
-  const workload::ModelSpec& m = *ctx.model;
-  const int L = static_cast<int>(m.num_layers());
-  const int micro = plan.micro_batches();
-  const Recompute rc_att = plan.recompute[static_cast<int>(LayerKind::attention)];
-  const bool any_rc = rc_att != Recompute::none ||
-                      plan.recompute[static_cast<int>(LayerKind::moe)] != Recompute::none ||
-                      plan.recompute[static_cast<int>(LayerKind::dense)] != Recompute::none;
-  // Compute kernels read no communicator: an empty Schedule prices them.
-  const sim::Schedule no_groups;
+double StepBound::seconds() const {
+  return std::max({compute, path, host});
+}
+
+StepBound step_lower_bound(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
+                           const hw::ClusterSpec& cluster, const hw::Calibration& calibration) {
+  const PassModel model = strategy::pass_model(plan, ctx);
   auto duration = [&](const sim::Op& op) {
-    return sim::op_duration_s(op, no_groups, cluster, calibration);
+    return sim::op_duration_s(op, model.groups, cluster, calibration);
   };
-  // Per layer kind (dense / MoE, window), one micro-batch: the compute ops' time.
-  auto layer_time = [&](std::vector<strategy::ForwardKernel>& kernels) {
-    double t = 0;
-    for (strategy::ForwardKernel& k : kernels) {
-      sim::Op& op = k.op;
-      const double steps = k.ring_steps;
-      const sim::GemmShape g = op.gemm;
-      double fwd = duration(op) * steps;
-      double bwd = 0;
-      if (op.kind == OpKind::gemm || op.kind == OpKind::grouped_gemm) {
-        // As the lowering's backward: dX = dY·Wᵀ and dW = Xᵀ·dY.
-        sim::Op d = op;
-        if (op.kind == OpKind::gemm)
-          d.gemm = sim::GemmShape{g.m, g.k, g.n, g.instances, {}};
-        else {
-          d.gemm.n = g.k;
-          d.gemm.k = g.n;
-        }
-        sim::Op w = op;
-        if (op.kind == OpKind::gemm)
-          w.gemm = sim::GemmShape{g.k, g.n, g.m, g.instances, {}};
-        bwd = duration(d) + duration(w);
-      } else if (op.kind == OpKind::attention_fwd) {
-        op.kind = OpKind::attention_bwd;
-        bwd = duration(op) * steps;
-      } else {
-        op.bytes *= 2;
-        bwd = duration(op);
-      }
-      const bool recomputed = any_rc && (rc_att == Recompute::full || k.selective_recompute);
-      t += fwd + bwd + (recomputed ? fwd : 0);
-    }
-    return t;
+  // Per pass, one micro-batch: its forward and backward path, and its compute-stream time.
+  struct Times {
+    double forward = 0, backward = 0, compute = 0;
   };
-  // The layers of one kind lower to the same kernels: one layer of each kind is priced.
-  std::vector<workload::LayerSpec> kinds;
-  std::vector<std::size_t> kind_of(static_cast<std::size_t>(L));
-  for (std::size_t l = 0; l < kind_of.size(); ++l) {
-    const workload::LayerSpec& layer = m.layers[l];
-    std::size_t k = 0;
-    while (k < kinds.size() &&
-           std::pair{kinds[k].mlp, kinds[k].window} != std::pair{layer.mlp, layer.window})
-      ++k;
-    if (k == kinds.size())
-      kinds.push_back(layer);
-    kind_of[l] = k;
-  }
-  std::vector<std::vector<strategy::ForwardKernel>> kernels =
-      strategy::layer_forward_kernels(plan, ctx, kinds);
-  std::vector<double> time_of_kind(kinds.size());
-  for (std::size_t k = 0; k < kinds.size(); ++k)
-    time_of_kind[k] = layer_time(kernels[k]);
-  double worst = 0;
-  const int vp = strategy::chunks_per_stage(plan);
-  const std::vector<int> bounds = strategy::virtual_stage_bounds(plan, L);
-  for (int stage = 0; stage < plan.pp; ++stage) {
-    double t = 0;
-    for (int chunk = 0; chunk < vp; ++chunk) {
-      const int v = chunk * plan.pp + stage;
-      for (int l = bounds[static_cast<std::size_t>(v)]; l < bounds[static_cast<std::size_t>(v + 1)];
-           ++l)
-        t += time_of_kind[kind_of[static_cast<std::size_t>(l)]];
+  std::vector<Times> times;
+  times.reserve(model.passes.size());
+  for (const PassOps& pass : model.passes) {
+    Times t;
+    auto compute = [&](const sim::Op& op, double d) {
+      if (!sim::is_collective(op.kind) && op.kind != sim::OpKind::send &&
+          op.kind != sim::OpKind::recv)
+        t.compute += d;
+    };
+    for (const sim::Op& op : pass.forward) {
+      const double d = duration(op);
+      t.forward += d;
+      compute(op, d);
     }
-    worst = std::max(worst, t * micro);
+    for (const sim::Op& op : pass.backward) {
+      const double d = duration(op);
+      t.backward += d;
+      compute(op, d);
+    }
+    for (const sim::Op& op : pass.off_path)
+      compute(op, duration(op));
+    times.push_back(t);
   }
-  return worst;
+  const double micro = plan.micro_batches();
+  // Interleaving aside, a stage waits for the first micro-batch's forward through every stage
+  // before it, and the last backward still passes through all of them after it: of each earlier
+  // stage, its first chunk at least (the virtual stages before this one's first chunk).
+  const bool drains_through = !strategy::defers_weight_gradients(plan);
+  StepBound b;
+  double fill = 0;
+  // Per earlier stage u: its first chunk's backward and its step if on the path; `drains[u]`
+  // is the time from the end of the stage after u's last backward to the end of u's step.
+  std::vector<double> drains;
+  for (std::size_t s = 0; s < model.stages.size(); ++s) {
+    const PassModel::Stage& st = model.stages[s];
+    double forward = 0, backward = 0, compute = 0, forward0 = 0, backward0 = 0;
+    for (std::size_t p = 0; p < times.size(); ++p) {
+      const double n = st.count[p], n0 = st.count_chunk0[p];
+      forward += n * times[p].forward;
+      backward += n * times[p].backward;
+      compute += n * times[p].compute;
+      forward0 += n0 * times[p].forward;
+      backward0 += n0 * times[p].backward;
+    }
+    const double step = st.has_gpu_step ? duration(st.gpu_step) : 0;
+    double host = 0;
+    for (const sim::Op& op : st.host_steps)
+      host += duration(op);
+    const double per_micro = forward + backward;
+    b.compute = std::max(b.compute, micro * compute + step);
+    // After the stage's last backward: its own step, or the last micro-batch's backward through
+    // each earlier stage and that stage's step.
+    const double own_step = st.step_on_path ? step + host : 0.0;
+    double after = own_step;
+    if (drains_through)
+      for (const double d : drains)
+        after = std::max(after, d);
+    b.path = std::max(b.path, fill + micro * per_micro + after);
+    double host_bound = host;
+    // Streamed into the forward without a pipeline: the last layer's first forward waits for
+    // every host step and its upload; the first micro-batch's backward and every later
+    // micro-batch follow it on the path.
+    if (plan.optimizer_on_host && plan.overlap == strategy::OptimizerOverlap::stream_forward &&
+        model.stages.size() == 1 && st.last_layer_pass >= 0 && !st.host_steps.empty())
+      host_bound = host + duration(st.upload_last) +
+                   times[static_cast<std::size_t>(st.last_layer_pass)].forward + backward +
+                   (micro - 1) * per_micro;
+    b.host = std::max(b.host, host_bound);
+    fill += forward0;
+    // Through this stage: the earlier stages' drains get longer by this stage's backward.
+    for (double& d : drains)
+      d += backward0;
+    drains.push_back(backward0 + own_step);
+  }
+  return b;
 }
 
 } // namespace mop::planner

@@ -3,8 +3,10 @@
 #include "common/error.hpp"
 #include "lowering/program.hpp"
 #include "sim/engine.hpp"
+#include "strategies/pipeline.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 namespace mop::planner {
 
@@ -38,6 +40,29 @@ sim::Schedule lower(const Plan& p, const LoweringContext& c, Lowering lowering, 
   return strategy::lower(p, c);
 }
 
+// Whether the pipeline's virtual stages differ: in their number of layers, or in their layers'
+// kinds (MLP and attention window).
+bool uneven_stages(const Plan& p, const workload::ModelSpec& m) {
+  if (p.pp <= 1)
+    return false;
+  const int L = static_cast<int>(m.num_layers());
+  const std::vector<int> bounds = strategy::virtual_stage_bounds(p, L);
+  auto same = [&](int a, int b) {
+    return m.layers[static_cast<std::size_t>(a)].mlp == m.layers[static_cast<std::size_t>(b)].mlp &&
+           m.layers[static_cast<std::size_t>(a)].window ==
+               m.layers[static_cast<std::size_t>(b)].window;
+  };
+  const int n = bounds[1] - bounds[0];
+  for (std::size_t v = 0; v + 1 < bounds.size(); ++v) {
+    if (bounds[v + 1] - bounds[v] != n)
+      return true;
+    for (int i = 0; i < n; ++i)
+      if (!same(bounds[v] + i, i))
+        return true;
+  }
+  return false;
+}
+
 } // namespace
 
 StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
@@ -62,16 +87,43 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
     e.model_flops_per_step = e.schedule.model_flops_per_step;
     return e;
   }
-  const int m1 = m2 - pp * std::max(1, m2 / (2 * pp)); // about half, a multiple of pp
-  e.schedule = lower(with_micro_batches(plan, m2), ctx, lowering, e.program);
-  e.result = sim::simulate(e.schedule, cluster, calibration, checked);
-  // The shorter run has the same structure as the checked one: only its times are needed.
+  int m1 = m2 - pp * std::max(1, m2 / (2 * pp)); // about half, a multiple of pp
+  // The shorter runs have the same structure as the checked one: only their times are needed.
   sim::EngineOptions quick;
   quick.check_schedule_first = false;
   quick.record_memory_timeline = false;
-  bool program1 = false;
-  const sim::SimResult r1 = sim::simulate(
-      lower(with_micro_batches(plan, m1), ctx, lowering, program1), cluster, calibration, quick);
+  auto step_at = [&](int micro) {
+    bool program = false;
+    return sim::simulate(lower(with_micro_batches(plan, micro), ctx, lowering, program), cluster,
+                         calibration, quick);
+  };
+  // The run at m2 is the one reported (its Schedule, memory and critical path).
+  auto reported_at = [&](int micro) {
+    e.schedule = lower(with_micro_batches(plan, micro), ctx, lowering, e.program);
+    e.result = sim::simulate(e.schedule, cluster, calibration, checked);
+  };
+  sim::SimResult r1 = step_at(m1);
+  reported_at(m2);
+  // Uneven stages (a stage with more layers, or other kinds of layers, than another) can settle
+  // into their steady state later than the pipeline fills: move the pair up by the same stride
+  // until the next stride adds the same time as this one (to a millionth of the step), or run
+  // every micro-batch when that comes first.
+  if (uneven_stages(plan, *ctx.model)) {
+    const int stride = m2 - m1;
+    for (;;) {
+      const int m3 = m2 + stride;
+      if (m3 >= e.micro_batches)
+        return evaluate_step(plan, ctx, cluster, calibration, 0, lowering, check);
+      const double before = e.result.step_time_s - r1.step_time_s;
+      r1 = std::move(e.result);
+      reported_at(m3);
+      const double after = e.result.step_time_s - r1.step_time_s;
+      m1 = m2;
+      m2 = m3;
+      if (std::fabs(after - before) <= 1e-6 * e.result.step_time_s)
+        break;
+    }
+  }
   e.micro_batches_simulated = m2;
   const double k = static_cast<double>(e.micro_batches - m2) / (m2 - m1);
   auto extend = [k](double at_m2, double at_m1) { return at_m2 + k * (at_m2 - at_m1); };

@@ -103,7 +103,7 @@ public:
   }
 
   sim::Schedule run();
-  std::vector<ForwardKernel> forward_kernels(const LayerSpec& layer);
+  PassModel pass_model();
 
 private:
   const Plan& p_;
@@ -121,6 +121,8 @@ private:
   // otherwise wait, after the next recv; each keeps its dependency on its input-gradient GEMM.
   bool defer_wgrad_ = false;
   std::vector<sim::Op> pending_wgrad_;
+  // When set, add() records here whether each op joined the data path (pass_model()).
+  std::vector<bool>* path_log_ = nullptr;
 
   void make_groups();
   int comm_group(const std::string& name, sim::GroupSpec spec);
@@ -133,6 +135,18 @@ private:
              bool resident = false);
   int emit_forward(const Step& st, const std::string& prefix, Category category, int layer, int mb);
   void emit_backward(const Step& st, const std::string& prefix, int layer, int mb);
+  void emit_layer_backward(const std::vector<Step>& steps, int layer, int mb);
+  PassOps layer_pass(const LayerSpec& layer);
+  sim::Op embedding_op(int mb) const;
+  sim::Op head_op(int mb, bool backward) const;
+  sim::Op loss_op(int mb) const;
+  sim::Op embedding_tp_op(const char* name, OpKind kind, int mb, int group) const;
+  double vocab_per_rank() const { return static_cast<double>(m_.vocab_size) / p_.embed.tp; }
+  // The parameters this stage's rank steps: its layers' (and, on the first and last stage, the
+  // embedding kind's) local shards.
+  double stage_shard_params(const std::vector<int>& layer_ids, bool first, bool last) const;
+  // Layer i's shard (stream-forward host steps).
+  double layer_shard_params(const LayerSpec& layer) const;
   int emit_attention(const Step& st, const std::string& prefix, Category category, int layer,
                      int mb, bool backward);
   void emit_wgrad(sim::Op&& wgrad);
@@ -508,6 +522,8 @@ int Lowering::add(sim::Op&& op, bool on_path) {
   std::sort(op.deps.begin(), op.deps.end());
   op.deps.erase(std::unique(op.deps.begin(), op.deps.end()), op.deps.end());
   rc_->ops.push_back(std::move(op));
+  if (path_log_ != nullptr)
+    path_log_->push_back(on_path);
   const int i = static_cast<int>(rc_->ops.size()) - 1;
   if (on_path)
     cursor_ = i;
@@ -615,6 +631,89 @@ sim::Op Lowering::host_adam_op(std::string name, double params, int layer) const
   adam.params = params;
   adam.layer = layer;
   return adam;
+}
+
+double Lowering::layer_shard_params(const LayerSpec& layer) const {
+  const KindParams local = layer_local_params(m_, layer, p_);
+  double shard = 0;
+  for (LayerKind k : {LayerKind::attention, LayerKind::moe, LayerKind::dense})
+    shard += local[k] / shard_degree(p_, k);
+  return shard;
+}
+
+double Lowering::stage_shard_params(const std::vector<int>& layer_ids, bool first,
+                                    bool last) const {
+  double shard = 0;
+  for (int l : layer_ids)
+    shard += layer_shard_params(m_.layers[static_cast<std::size_t>(l)]);
+  if (first || last)
+    shard += embedding_local_params(m_, p_) *
+             ((first ? 1 : 0) + (last && !(first && m_.tied_embeddings) ? 1 : 0)) /
+             shard_degree(p_, LayerKind::embedding);
+  return shard;
+}
+
+sim::Op Lowering::embedding_op(int mb) const {
+  sim::Op e;
+  e.name = fmt::format("embedding.mb{}", mb);
+  e.kind = OpKind::elementwise;
+  e.category = Category::forward;
+  e.bytes = 2 * kAct * tokens_ * static_cast<double>(m_.hidden_size);
+  e.micro_batch = mb;
+  return e;
+}
+
+// The LM head's GEMM; its backward prices the input and weight gradients as one op.
+sim::Op Lowering::head_op(int mb, bool backward) const {
+  sim::Op head;
+  head.name = backward ? fmt::format("lm_head.mb{}.bwd", mb) : fmt::format("lm_head.mb{}", mb);
+  head.kind = OpKind::gemm;
+  head.category = backward ? Category::backward : Category::forward;
+  const double v = vocab_per_rank();
+  const double h = static_cast<double>(m_.hidden_size);
+  head.gemm =
+      backward ? sim::GemmShape{tokens_, h, v, 2, {}} : sim::GemmShape{tokens_, v, h, 1, {}};
+  head.model_flops = (backward ? 4 : 2) * tokens_ * v * h;
+  head.micro_batch = mb;
+  return head;
+}
+
+sim::Op Lowering::loss_op(int mb) const {
+  sim::Op loss;
+  loss.name = fmt::format("loss.mb{}", mb);
+  loss.kind = OpKind::elementwise;
+  loss.category = Category::forward;
+  loss.bytes = kAct * tokens_ * vocab_per_rank() * 3;
+  loss.micro_batch = mb;
+  return loss;
+}
+
+// Vocabulary parallelism's collectives over the embedding TP group `group`.
+sim::Op Lowering::embedding_tp_op(const char* name, OpKind kind, int mb, int group) const {
+  sim::Op op;
+  op.name = fmt::format("{}.mb{}", name, mb);
+  op.kind = kind;
+  op.category = Category::tp_comm;
+  op.stream = kTp;
+  op.group = group;
+  op.bytes = kind == OpKind::all_reduce ? 4 * tokens_
+                                        : kAct * tokens_ * static_cast<double>(m_.hidden_size);
+  op.micro_batch = mb;
+  return op;
+}
+
+// Recompute (full: every step of the block, its collectives included; selective: the steps
+// marked for it), then the backward of every step in reverse.
+void Lowering::emit_layer_backward(const std::vector<Step>& steps, int layer, int mb) {
+  for (const Step& st : steps) {
+    const Recompute r = p_.recompute[static_cast<int>(st.owner)];
+    if (r == Recompute::none || (r == Recompute::selective && !st.selective_keep))
+      continue;
+    emit_forward(st, fmt::format("L{}.{}.mb{}.recompute", layer, st.name, mb), Category::recompute,
+                 layer, mb);
+  }
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it)
+    emit_backward(*it, fmt::format("L{}.{}.mb{}", layer, it->name, mb), layer, mb);
 }
 
 void Lowering::emit_wgrad(sim::Op&& wgrad) {
@@ -762,7 +861,6 @@ sim::Schedule Lowering::run() {
       full[static_cast<std::size_t>(i)] =
           layer_activation_bytes(m_, layer, p_, c_.seq, Recompute::none, c_.activations);
     }
-    constexpr LayerKind kLayerKinds[] = {LayerKind::attention, LayerKind::moe, LayerKind::dense};
     // The embedding kind on this stage; the buckets the embedding lookup reads, and those the LM
     // head reads (the final norm, the head weight or the tied table).
     const std::vector<ParamBucket> emb_buckets = embedding_buckets(first, last);
@@ -844,11 +942,7 @@ sim::Schedule Lowering::run() {
     // sequence-parallel rows (a reduce-scatter in backward) and the loss all-reduces each row's
     // max, its target logit and its sum of exponentials (FP32).
     auto embedding_tp_op = [&](const char* name, OpKind kind, int mb) {
-      sim::Op op = collective_op(fmt::format("{}.mb{}", name, mb), kind, Category::tp_comm, kTp,
-                                 etp_group, kAct * tokens_ * h, mb);
-      if (kind == OpKind::all_reduce)
-        op.bytes = 4 * tokens_;
-      return op;
+      return this->embedding_tp_op(name, kind, mb, etp_group);
     };
     // ZeRO 1 and 2: the all-gathers of `list`'s updated parameters after op `after`, chained on
     // the DP stream; returns the last (or `after` when there is none).
@@ -883,9 +977,8 @@ sim::Schedule Lowering::run() {
     std::vector<int> param_ready(static_cast<std::size_t>(n_layers), -1);
     if (host_opt && p_.overlap == OptimizerOverlap::stream_forward) {
       for (int i = 0; i < n_layers; ++i) {
-        double shard_params = 0;
-        for (LayerKind k : kLayerKinds)
-          shard_params += local[static_cast<std::size_t>(i)][k] / shard_degree(p_, k);
+        const double shard_params = layer_shard_params(
+            m_.layers[static_cast<std::size_t>(layer_id[static_cast<std::size_t>(i)])]);
         sim::Op adam = host_adam_op(fmt::format("L{}.adam", layer_id[static_cast<std::size_t>(i)]),
                                     shard_params, layer_id[static_cast<std::size_t>(i)]);
         const int a = add(std::move(adam), false);
@@ -923,12 +1016,7 @@ sim::Schedule Lowering::run() {
       } else {
         const std::vector<int> gathers =
             gather_buckets(table_buckets, "embedding", -1, mb, -1, "fwd");
-        sim::Op e;
-        e.name = fmt::format("embedding.mb{}", mb);
-        e.kind = OpKind::elementwise;
-        e.category = Category::forward;
-        e.bytes = 2 * kAct * tokens_ * h;
-        e.micro_batch = mb;
+        sim::Op e = embedding_op(mb);
         e.deps = gathers;
         free_gathered(gathers, add(std::move(e)));
         if (etp_group >= 0)
@@ -990,15 +1078,8 @@ sim::Schedule Lowering::run() {
           ag.deps = gathers;
           add(std::move(ag));
         }
-        sim::Op head;
+        sim::Op head = head_op(mb, false);
         head.deps = gathers;
-        head.name = fmt::format("lm_head.mb{}", mb);
-        head.kind = OpKind::gemm;
-        head.category = Category::forward;
-        const double v = static_cast<double>(m_.vocab_size) / p_.embed.tp;
-        head.gemm = sim::GemmShape{tokens_, v, h, 1, {}};
-        head.model_flops = 2 * tokens_ * v * h;
-        head.micro_batch = mb;
         logits[static_cast<std::size_t>(mb)] =
             tensor(fmt::format("logits mb{}", mb), logits_bytes(m_, p_, c_.seq), Device::hbm,
                    MemoryKind::activations);
@@ -1006,13 +1087,7 @@ sim::Schedule Lowering::run() {
         add(std::move(head));
         if (etp_group >= 0)
           add(embedding_tp_op("loss_max", OpKind::all_reduce, mb));
-        sim::Op loss;
-        loss.name = fmt::format("loss.mb{}", mb);
-        loss.kind = OpKind::elementwise;
-        loss.category = Category::forward;
-        loss.bytes = kAct * tokens_ * v * 3;
-        loss.micro_batch = mb;
-        add(std::move(loss));
+        add(loss_op(mb));
         if (etp_group >= 0) {
           add(embedding_tp_op("loss_target", OpKind::all_reduce, mb));
           add(embedding_tp_op("loss_sum_exp", OpKind::all_reduce, mb));
@@ -1123,15 +1198,8 @@ sim::Schedule Lowering::run() {
       const bool last_mb = mb == micro - 1;
       if (heads) {
         const std::vector<int> gathers = gather_buckets(head_buckets, "head", -1, mb, -1, "bwd");
-        sim::Op head;
+        sim::Op head = head_op(mb, true);
         head.deps = gathers;
-        head.name = fmt::format("lm_head.mb{}.bwd", mb);
-        head.kind = OpKind::gemm;
-        head.category = Category::backward;
-        const double v = static_cast<double>(m_.vocab_size) / p_.embed.tp;
-        head.gemm = sim::GemmShape{tokens_, h, v, 2, {}}; // dgrad and wgrad
-        head.model_flops = 4 * tokens_ * v * h;
-        head.micro_batch = mb;
         head.frees = {logits[static_cast<std::size_t>(mb)]};
         add(std::move(head));
         if (etp_group >= 0)
@@ -1180,20 +1248,7 @@ sim::Schedule Lowering::run() {
               fmt::format("L{} recomputed mb{}", l, mb),
               std::max(0.0, full[static_cast<std::size_t>(i)] - saved[static_cast<std::size_t>(i)]),
               Device::hbm, MemoryKind::activations);
-        // Each block follows its own kind's policy: full re-runs every step of the block, its
-        // collectives included; selective the steps marked for it.
-        if (any_rc) {
-          for (const Step& st : steps[static_cast<std::size_t>(i)]) {
-            const Recompute r = p_.recompute[static_cast<int>(st.owner)];
-            if (r == Recompute::none || (r == Recompute::selective && !st.selective_keep))
-              continue;
-            emit_forward(st, fmt::format("L{}.{}.mb{}.recompute", l, st.name, mb),
-                         Category::recompute, l, mb);
-          }
-        }
-        const auto& layer_steps_list = steps[static_cast<std::size_t>(i)];
-        for (auto it = layer_steps_list.rbegin(); it != layer_steps_list.rend(); ++it)
-          emit_backward(*it, fmt::format("L{}.{}.mb{}", l, it->name, mb), l, mb);
+        emit_layer_backward(steps[static_cast<std::size_t>(i)], l, mb);
         if (begin < static_cast<int>(rc.ops.size())) {
           sim::Op& o = rc.ops[static_cast<std::size_t>(begin)];
           for (int gi : gathers)
@@ -1250,16 +1305,7 @@ sim::Schedule Lowering::run() {
                       layer_id[static_cast<std::size_t>(i)], after);
       param_gathers(emb_buckets, "embedding", -1, after);
     };
-    double shard_params = 0;
-    for (int i = 0; i < n_layers; ++i)
-      for (LayerKind k : kLayerKinds)
-        shard_params += local[static_cast<std::size_t>(i)][k] / shard_degree(p_, k);
-    const double emb =
-        (first || last) ? embedding_local_params(m_, p_) *
-                              ((first ? 1 : 0) + (last && !(first && m_.tied_embeddings) ? 1 : 0)) /
-                              shard_degree(p_, LayerKind::embedding)
-                        : 0;
-    shard_params += emb;
+    const double shard_params = stage_shard_params(layer_id, first, last);
     if (!host_opt) {
       sim::Op adam;
       adam.name = "optimizer.adamw";
@@ -1289,7 +1335,8 @@ sim::Schedule Lowering::run() {
     } else {
       // Streamed into the next forward: the embedding's step and the gradient downloads end the
       // step; the layers' steps were placed before their forwards.
-      sim::Op adam = host_adam_op("optimizer.host_adamw.embedding", emb, -1);
+      sim::Op adam =
+          host_adam_op("optimizer.host_adamw.embedding", stage_shard_params({}, first, last), -1);
       adam.deps = grad_ready;
       param_gathers(emb_buckets, "embedding", -1, add(std::move(adam), false));
     }
@@ -1331,30 +1378,150 @@ sim::Schedule Lowering::run() {
 
 } // namespace
 
-std::vector<ForwardKernel> Lowering::forward_kernels(const LayerSpec& layer) {
+// One micro-batch through one layer, emitted into a scratch rank class by the same functions
+// run() uses, each op sorted by whether add() put it on the data path.
+PassOps Lowering::layer_pass(const LayerSpec& layer) {
+  sim::RankClass scratch;
+  std::vector<bool> on_path;
+  rc_ = &scratch;
+  cursor_ = -1;
+  path_log_ = &on_path;
+  defer_wgrad_ = defers_weight_gradients(p_);
   const std::vector<Step> steps = layer_steps(layer);
-  std::vector<ForwardKernel> out;
-  out.reserve(steps.size());
-  for (const Step& st : steps) {
-    if (sim::is_collective(st.kind))
-      continue;
-    out.push_back(ForwardKernel{op_of(st, st.name, Category::forward, 0, 0),
-                                std::max(1, st.ring_steps), st.selective_keep});
+  for (const Step& st : steps)
+    emit_forward(st, st.name, Category::forward, 0, 0);
+  const std::size_t forward_end = scratch.ops.size();
+  emit_layer_backward(steps, 0, 0);
+  PassOps out;
+  for (std::size_t i = 0; i < scratch.ops.size(); ++i) {
+    sim::Op& op = scratch.ops[i];
+    if (on_path[i])
+      (i < forward_end ? out.forward : out.backward).push_back(std::move(op));
+    else if (op.stream == kCompute)
+      out.off_path.push_back(std::move(op));
   }
+  for (sim::Op& w : pending_wgrad_)
+    out.off_path.push_back(std::move(w));
+  pending_wgrad_.clear();
+  defer_wgrad_ = false;
+  path_log_ = nullptr;
+  rc_ = nullptr;
+  cursor_ = -1;
   return out;
 }
 
-std::vector<std::vector<ForwardKernel>>
-layer_forward_kernels(const Plan& plan, const LoweringContext& ctx,
-                      std::span<const workload::LayerSpec> layers) {
+PassModel Lowering::pass_model() {
+  const int L = static_cast<int>(m_.num_layers());
+  PassModel out;
+  s_.world = p_.world;
+  s_.gpus_per_node = c_.gpus_per_node;
+  const int etp_group = comm_group("tp.embedding", embed_tp_group());
+  // The distinct layers (a layer's steps depend on its MLP kind and window only).
+  std::vector<LayerSpec> kinds;
+  std::vector<int> pass_of(static_cast<std::size_t>(L));
+  for (int l = 0; l < L; ++l) {
+    const LayerSpec& layer = m_.layers[static_cast<std::size_t>(l)];
+    std::size_t k = 0;
+    while (k < kinds.size() &&
+           std::pair{kinds[k].mlp, kinds[k].window} != std::pair{layer.mlp, layer.window})
+      ++k;
+    if (k == kinds.size()) {
+      kinds.push_back(layer);
+      out.passes.push_back(layer_pass(layer));
+    }
+    pass_of[static_cast<std::size_t>(l)] = static_cast<int>(k);
+  }
+  // The embedding and the head with the loss: their data-path ops as run() places them.
+  const int embedding_pass = static_cast<int>(out.passes.size());
+  {
+    PassOps e;
+    e.forward.push_back(embedding_op(0));
+    if (etp_group >= 0) {
+      e.forward.push_back(
+          embedding_tp_op("embedding_sp_scatter", OpKind::reduce_scatter, 0, etp_group));
+      e.backward.push_back(
+          embedding_tp_op("embedding_sp_scatter.bwd", OpKind::all_gather, 0, etp_group));
+    }
+    out.passes.push_back(std::move(e));
+  }
+  const int head_pass = static_cast<int>(out.passes.size());
+  {
+    PassOps hd;
+    if (etp_group >= 0)
+      hd.forward.push_back(embedding_tp_op("head_sp_gather", OpKind::all_gather, 0, etp_group));
+    hd.forward.push_back(head_op(0, false));
+    if (etp_group >= 0)
+      hd.forward.push_back(embedding_tp_op("loss_max", OpKind::all_reduce, 0, etp_group));
+    hd.forward.push_back(loss_op(0));
+    if (etp_group >= 0) {
+      hd.forward.push_back(embedding_tp_op("loss_target", OpKind::all_reduce, 0, etp_group));
+      hd.forward.push_back(embedding_tp_op("loss_sum_exp", OpKind::all_reduce, 0, etp_group));
+    }
+    hd.backward.push_back(head_op(0, true));
+    if (etp_group >= 0)
+      hd.backward.push_back(
+          embedding_tp_op("head_sp_gather.bwd", OpKind::reduce_scatter, 0, etp_group));
+    out.passes.push_back(std::move(hd));
+  }
+  const int vp = chunks_per_stage(p_);
+  const std::vector<int> virtual_begin = virtual_stage_bounds(p_, L);
+  const bool host_opt = p_.optimizer_on_host;
+  for (int stage = 0; stage < p_.pp; ++stage) {
+    PassModel::Stage st;
+    st.count.assign(out.passes.size(), 0);
+    st.count_chunk0.assign(out.passes.size(), 0);
+    std::vector<int> layer_ids;
+    for (int chunk = 0; chunk < vp; ++chunk) {
+      auto count = [&](int pass) {
+        ++st.count[static_cast<std::size_t>(pass)];
+        if (chunk == 0)
+          ++st.count_chunk0[static_cast<std::size_t>(pass)];
+      };
+      const int v = chunk * p_.pp + stage;
+      if (v == 0)
+        count(embedding_pass);
+      for (int l = virtual_begin[static_cast<std::size_t>(v)];
+           l < virtual_begin[static_cast<std::size_t>(v + 1)]; ++l) {
+        count(pass_of[static_cast<std::size_t>(l)]);
+        layer_ids.push_back(l);
+        st.last_layer_pass = pass_of[static_cast<std::size_t>(l)];
+      }
+      if (v == vp * p_.pp - 1)
+        count(head_pass);
+    }
+    const bool first = stage == 0, last = stage == p_.pp - 1;
+    const double shard = stage_shard_params(layer_ids, first, last);
+    if (!host_opt) {
+      st.gpu_step.name = "optimizer.adamw";
+      st.gpu_step.kind = OpKind::elementwise;
+      st.gpu_step.category = Category::optimizer;
+      st.gpu_step.bytes = kAdamBytesPerParam * shard;
+      st.has_gpu_step = true;
+      st.step_on_path = true;
+    } else if (p_.overlap != OptimizerOverlap::stream_forward) {
+      st.host_steps.push_back(host_adam_op("optimizer.host_adamw", shard, -1));
+      st.step_on_path = p_.overlap == OptimizerOverlap::after_backward;
+    } else {
+      for (int l : layer_ids) {
+        const double params = layer_shard_params(m_.layers[static_cast<std::size_t>(l)]);
+        st.host_steps.push_back(host_adam_op(fmt::format("L{}.adam", l), params, l));
+        st.upload_last.name = fmt::format("L{}.param_upload", l);
+        st.upload_last.kind = OpKind::copy_h2d;
+        st.upload_last.category = Category::optimizer;
+        st.upload_last.stream = kH2d;
+        st.upload_last.bytes = kAct * params;
+      }
+    }
+    out.stages.push_back(std::move(st));
+  }
+  out.groups = std::move(s_);
+  return out;
+}
+
+PassModel pass_model(const Plan& plan, const LoweringContext& ctx) {
   if (ctx.model == nullptr || ctx.seq <= 0)
     throw InputError("lowering needs a model and a positive sequence length.");
-  Lowering lowering(plan, ctx);
-  std::vector<std::vector<ForwardKernel>> out;
-  out.reserve(layers.size());
-  for (const LayerSpec& layer : layers)
-    out.push_back(lowering.forward_kernels(layer));
-  return out;
+  return Lowering(plan, ctx).pass_model();
 }
 
 sim::Schedule lower(const Plan& plan, const LoweringContext& ctx) {

@@ -29,19 +29,39 @@ struct LoweringContext {
 // step of layer l from the previous step's gradients runs just before layer l's forward).
 sim::Schedule lower(const Plan& plan, const LoweringContext& ctx);
 
-// One compute kernel of a layer's forward pass, for one micro-batch on one rank, as lower() emits
-// it; the planner's compute lower bound prices a layer from these.
-struct ForwardKernel {
-  sim::Op op;                       // the forward op (ring attention: one step's)
-  int ring_steps = 1;               // ring attention runs `op` once per ring step
-  bool selective_recompute = false; // recomputed under selective recompute
+// The ops of one micro-batch's pass through one part of a stage (a decoder layer of one kind,
+// the embedding, or the LM head and loss), exactly as lower() emits them, sorted by how they
+// bound the step: a stage's data path is one chain of dependencies through every micro-batch,
+// so the path ops' standalone times add up, whatever overlaps them.
+struct PassOps {
+  std::vector<sim::Op> forward;  // on the data path
+  std::vector<sim::Op> backward; // on the data path: recompute, input and weight gradients
+  std::vector<sim::Op> off_path; // compute-stream ops off the path (zero-bubble's weight grads)
 };
 
-// The compute kernels of one forward pass of each of `layers` under the plan (one list per
-// layer, each in order); collectives left out. Their cost needs no communicator:
-// sim::op_duration_s prices them with any Schedule.
-std::vector<std::vector<ForwardKernel>>
-layer_forward_kernels(const Plan& plan, const LoweringContext& ctx,
-                      std::span<const workload::LayerSpec> layers);
+// What the planner's analytic bound reads (planner/bound.hpp): the plan's communicators, its
+// distinct passes, and per stage how many of each one micro-batch runs and where the optimizer
+// step sits. Built from the same per-layer steps as lower(), without building the Schedule.
+struct PassModel {
+  sim::Schedule groups; // the plan's communicators, no ops: prices the collectives
+  std::vector<PassOps> passes;
+  struct Stage {
+    std::vector<int> count;        // per pass, per micro-batch, every chunk of the stage
+    std::vector<int> count_chunk0; // the same for the stage's first chunk only
+    // The optimizer step: `gpu_step` (compute stream) or the host AdamW ops in host-stream
+    // order; `step_on_path` when the step follows the last backward on the data path (GPU
+    // AdamW, host AdamW after backward). Streamed into the forward, host step i (and the
+    // upload after it) precedes the first forward of the stage's layer i.
+    std::vector<sim::Op> host_steps;
+    sim::Op upload_last; // stream into the forward: the last layer's parameter upload
+    sim::Op gpu_step;
+    bool has_gpu_step = false;
+    bool step_on_path = false;
+    int last_layer_pass = -1; // the pass of the stage's last layer
+  };
+  std::vector<Stage> stages;
+};
+
+PassModel pass_model(const Plan& plan, const LoweringContext& ctx);
 
 } // namespace mop::strategy

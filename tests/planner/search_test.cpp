@@ -8,7 +8,9 @@
 #include "tests/support/approx.hpp"
 #include "workload/catalog.hpp"
 
+#include <algorithm>
 #include <doctest/doctest.h>
+#include <set>
 
 using namespace mop;
 using namespace mop::planner;
@@ -27,52 +29,43 @@ PlanContext context(const workload::ModelSpec& m, std::int64_t seq, int nodes,
 }
 } // namespace
 
-TEST_CASE("the compute lower bound never exceeds the simulated step" *
-          doctest::test_suite("independent")) {
-  const workload::ModelSpec m = workload::load_model("qwen3-30b-a3b");
-  const hw::ClusterSpec c = hw::load_cluster("h100");
-  const PlanContext ctx = context(m, 4096, 2, c);
-  int checked = 0;
-  for (const std::string& family : family_names()) {
-    const std::vector<Plan> plans = enumerate_family(family, ctx);
-    for (std::size_t i = 0; i < plans.size(); i += std::max<std::size_t>(1, plans.size() / 6)) {
-      const LoweringContext lc{&m, 4096, 8, ctx.hw, {}};
-      const double bound = compute_lower_bound_s(plans[i], lc, c, hw::Calibration{});
-      const StepEvaluation e = evaluate_step(plans[i], lc, c, hw::Calibration{}, 4);
-      CAPTURE(summary(plans[i]));
-      CHECK(bound > 0);
-      CHECK(bound <= e.step_time_s * (1 + 1e-9));
-      ++checked;
-    }
-  }
-  CHECK(checked >= 20);
-}
-
 TEST_CASE("a pruned candidate never beats the reported best: the whole space simulated" *
           doctest::test_suite("independent")) {
+  // Every family of a small MoE on one node (pipelines with uneven splits, CP, EP/ETP, every ZeRO
+  // stage, offload and host optimizers included): the search's top three are the three best of
+  // every memory-fitting plan simulated.
   const workload::ModelSpec m = workload::load_model("tiny-moe");
   const hw::ClusterSpec c = hw::load_cluster("h100");
   const PlanContext ctx = context(m, 2048, 1, c);
   SearchOptions o;
-  o.families = {"fsdp2", "ulysses-zero3"};
-  o.top = 1;
+  o.top = 3;
   o.max_simulations = 1 << 30;
   const SearchResult s = search_plans(ctx, c, hw::Calibration{}, o);
   REQUIRE(s.exhaustive);
-  REQUIRE(s.results.size() == 1);
-  CHECK(s.simulated < s.fit_memory); // the bound pruned something
-  // Exhaustive second method: simulate every memory-fitting plan of the two families.
-  double best = 1e300;
-  for (const std::string& family : o.families)
+  REQUIRE(s.results.size() == 3);
+  CHECK(s.simulated < s.fit_memory / 4); // the bound pruned most of the space
+  MESSAGE(s.fit_memory, " plans fit, ", s.simulated, " simulated");
+  // Second method: simulate every memory-fitting plan of every family.
+  std::vector<double> all;
+  std::set<std::string> seen;
+  for (const std::string& family : family_names())
     for (const Plan& p : enumerate_family(family, ctx)) {
       if (!analyze_memory(m, p, 2048, ctx.hw).fits())
         continue;
+      Json j = to_json(p);
+      j.erase("family");
+      if (!seen.insert(j.dump()).second)
+        continue;
       const StepEvaluation e =
-          evaluate_step(p, LoweringContext{&m, 2048, 8, ctx.hw, {}}, c, hw::Calibration{}, 8);
-      best = std::min(best, e.step_time_s / e.tokens_per_step);
+          evaluate_step(p, LoweringContext{&m, 2048, 8, ctx.hw, {}}, c, hw::Calibration{}, 8,
+                        Lowering::cost_only, Check::skip);
+      all.push_back(e.step_time_s / e.tokens_per_step);
     }
-  const auto& r = s.results[0];
-  CHECK(r.eval.step_time_s / r.eval.tokens_per_step == mop::test::rel(best));
+  std::sort(all.begin(), all.end());
+  for (std::size_t i = 0; i < 3; ++i) {
+    const auto& r = s.results[i];
+    CHECK(r.eval.step_time_s / r.eval.tokens_per_step == mop::test::rel(all[i]));
+  }
 }
 
 TEST_CASE("the search gives the same answer on one thread and on two" *
