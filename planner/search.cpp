@@ -114,15 +114,22 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   }
   // The same plan can come from two families (e.g. pure FSDP): keep its first appearance.
   {
-    std::unordered_set<std::string> seen;
+    struct Hash {
+      std::size_t operator()(const Plan* p) const { return strategy::plan_hash(*p); }
+    };
+    struct Same {
+      bool operator()(const Plan* a, const Plan* b) const { return strategy::same_plan(*a, *b); }
+    };
+    std::unordered_set<const Plan*, Hash, Same> seen;
+    seen.reserve(plans.size());
+    std::vector<bool> keep(plans.size());
+    for (std::size_t i = 0; i < plans.size(); ++i)
+      keep[i] = seen.insert(&plans[i]).second;
     std::vector<Plan> unique;
-    for (Plan& p : plans) {
-      Json j = strategy::to_json(p);
-      j.erase("family");
-      j.erase("summary");
-      if (seen.insert(j.dump()).second)
-        unique.push_back(std::move(p));
-    }
+    unique.reserve(seen.size());
+    for (std::size_t i = 0; i < plans.size(); ++i)
+      if (keep[i])
+        unique.push_back(std::move(plans[i]));
     plans = std::move(unique);
   }
   out.candidates_evaluated = static_cast<std::int64_t>(plans.size());

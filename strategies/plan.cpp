@@ -4,8 +4,11 @@
 #include "common/error.hpp"
 #include "common/limits.hpp"
 
+#include <boost/container_hash/hash.hpp>
 #include <fmt/format.h>
 #include <numeric>
+#include <tuple>
+#include <type_traits>
 
 namespace mop::strategy {
 
@@ -235,6 +238,77 @@ void validate_plan(const Plan& p, const ModelShape& m, std::int64_t seq, const C
     bad(fmt::format("plan: interleaved 1F1B needs the micro-batches per step ({}) to be a "
                     "multiple of pp ({}).",
                     p.micro_batches(), p.pp));
+}
+
+namespace {
+// Every field of a plan but its family, as one tuple (a copy: stage_layers is short or empty).
+auto fields(const Plan& p) {
+  const AttentionMapping& a = p.attention;
+  const MoeMapping& m = p.moe;
+  return std::tuple{p.world,
+                    p.pp,
+                    p.vp,
+                    p.schedule,
+                    p.stage_layers,
+                    a.tp,
+                    a.sp,
+                    a.cp,
+                    a.cp_kind,
+                    a.dp,
+                    m.ep,
+                    m.etp,
+                    m.edp,
+                    m.capacity_factor,
+                    m.imbalance,
+                    p.dense.tp,
+                    p.dense.dp,
+                    p.embed.tp,
+                    p.embed.dp,
+                    p.state[0].zero,
+                    p.state[0].shard_group,
+                    p.state[1].zero,
+                    p.state[1].shard_group,
+                    p.state[2].zero,
+                    p.state[2].shard_group,
+                    p.state[3].zero,
+                    p.state[3].shard_group,
+                    p.micro_batch,
+                    p.global_batch,
+                    p.recompute[0],
+                    p.recompute[1],
+                    p.recompute[2],
+                    p.recompute[3],
+                    p.activation_offload,
+                    p.chunked_loss,
+                    p.params,
+                    p.grads,
+                    p.optimizer,
+                    p.optimizer_on_host,
+                    p.torch_host_optimizer,
+                    p.overlap};
+}
+} // namespace
+
+bool same_plan(const Plan& a, const Plan& b) {
+  static_assert(kNumLayerKinds == 4);
+  return fields(a) == fields(b);
+}
+
+std::size_t plan_hash(const Plan& plan) {
+  std::size_t seed = 0;
+  std::apply(
+      [&](const auto&... f) {
+        auto add = [&](const auto& v) {
+          using T = std::decay_t<decltype(v)>;
+          if constexpr (std::is_same_v<T, std::vector<int>>)
+            boost::hash_range(seed, v.begin(), v.end());
+          else
+            boost::hash_combine(seed, v);
+        };
+        (add(f), ...);
+      },
+      fields(plan));
+  return seed;
 }
 
 std::string summary(const Plan& p) {

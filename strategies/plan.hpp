@@ -122,6 +122,11 @@ void validate_plan(const Plan& plan, const ModelShape& model, std::int64_t seq,
 // opt=host/stream-fwd"
 std::string summary(const Plan& plan);
 
+// Equality and a hash over every field but `family` (two families can enumerate the same plan):
+// the search deduplicates with them.
+bool same_plan(const Plan& a, const Plan& b);
+std::size_t plan_hash(const Plan& plan);
+
 Json to_json(const Plan& plan);
 // Reads what to_json writes. An unknown key, or a count past its ceiling (common/limits.hpp:
 // degrees and ranks at most limits::max_gpus), is an InputError naming `origin` and the key.

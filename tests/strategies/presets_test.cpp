@@ -3,7 +3,10 @@
 #include "workload/catalog.hpp"
 #include "workload/params.hpp"
 
+#include <algorithm>
 #include <doctest/doctest.h>
+#include <map>
+#include <unordered_map>
 
 using namespace mop::strategy;
 using namespace mop::workload;
@@ -114,4 +117,51 @@ TEST_CASE(
       CHECK(r.memory.fits() == r.memory.first_to_run_out.empty());
     }
   }
+}
+
+TEST_CASE("plans deduplicate by their fields as by their JSON, whatever the family" *
+          doctest::test_suite("independent")) {
+  // Second method: a plan's JSON without its family names every field.
+  const ModelSpec m = load_model("qwen3-30b-a3b");
+  PlanContext ctx;
+  ctx.model = &m;
+  ctx.seq = 4096;
+  ctx.cluster = ClusterShape{8, 2};
+  ctx.global_batch = 64;
+  std::vector<Plan> plans;
+  for (const std::string& f : family_names())
+    for (Plan& p : enumerate_family(f, ctx))
+      plans.push_back(std::move(p));
+  REQUIRE(plans.size() > 1000);
+  std::map<std::string, std::size_t> by_json;
+  std::unordered_map<std::size_t, std::vector<std::size_t>> by_hash;
+  std::size_t distinct = 0;
+  for (std::size_t i = 0; i < plans.size(); ++i) {
+    mop::Json j = to_json(plans[i]);
+    j.erase("family");
+    const auto [it, fresh] = by_json.emplace(j.dump(), i);
+    std::vector<std::size_t>& bucket = by_hash[plan_hash(plans[i])];
+    const auto same = std::find_if(bucket.begin(), bucket.end(),
+                                   [&](std::size_t k) { return same_plan(plans[k], plans[i]); });
+    CHECK((same == bucket.end()) == fresh);
+    if (same == bucket.end()) {
+      bucket.push_back(i);
+      ++distinct;
+    } else {
+      CHECK(*same == it->second);
+    }
+  }
+  CHECK(distinct == by_json.size());
+  CHECK(distinct < plans.size()); // the families share plans
+  // Each field counts: change one and the plan differs.
+  Plan a = plans.front(), b = a;
+  b.activation_offload += 0.25;
+  CHECK_FALSE(same_plan(a, b));
+  b = a;
+  b.stage_layers = {1};
+  CHECK_FALSE(same_plan(a, b));
+  b = a;
+  b.family = "other";
+  CHECK(same_plan(a, b));
+  CHECK(plan_hash(a) == plan_hash(b));
 }
