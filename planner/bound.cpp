@@ -93,6 +93,10 @@ StepBound step_lower_bound(const strategy::Plan& plan, const strategy::LoweringC
                    times[static_cast<std::size_t>(st.last_layer_pass)].forward + backward +
                    (micro - 1) * per_micro;
     b.host = std::max(b.host, host_bound);
+    double dp = 0;
+    for (const auto& [op, count] : st.dp_ops)
+      dp += count * duration(op);
+    b.dp = std::max(b.dp, dp);
     fill += forward0;
     // Through this stage: the earlier stages' drains get longer by this stage's backward.
     for (double& d : drains)

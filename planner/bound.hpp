@@ -21,6 +21,8 @@ struct StepBound {
   // The host: every host AdamW of the step back to back; streamed into the forward, followed by
   // what the path runs after the last layer's first forward.
   double host = 0;
+  // The data-parallel stream: a stage's ZeRO gathers and gradient reductions back to back.
+  double dp = 0;
   double seconds() const;
 };
 

@@ -1490,6 +1490,47 @@ PassModel Lowering::pass_model() {
         count(head_pass);
     }
     const bool first = stage == 0, last = stage == p_.pp - 1;
+    // The DP stream, as run() emits it: per bucket, ZeRO-3 gathers its parameters before each
+    // forward and backward use and (a layer's) reduce-scatters its gradients every micro-batch;
+    // the rest reduce once a step, ZeRO-1/2 gather their updated shards after the step, HSDP
+    // sums the shards over the replicas once.
+    const double micro = p_.micro_batches();
+    auto dp_op = [&](OpKind kind, int group, double bytes, double count) {
+      if (group < 0 || count <= 0)
+        return;
+      sim::Op op;
+      op.name = "dp";
+      op.kind = kind;
+      op.category = Category::dp_comm;
+      op.stream = kDp;
+      op.group = group;
+      op.bytes = bytes;
+      st.dp_ops.emplace_back(std::move(op), count);
+    };
+    auto bucket_ops = [&](const ParamBucket& b, double gathers_per_micro, bool layer) {
+      if (b.zero >= 3 && b.shard >= 0)
+        dp_op(OpKind::all_gather, b.shard, kAct * b.params, gathers_per_micro * micro);
+      if (b.zero == 0)
+        dp_op(OpKind::all_reduce, b.all_reduce, kGrad * b.params, 1);
+      if (b.zero > 0)
+        dp_op(OpKind::reduce_scatter, b.shard, kGrad * b.params, b.zero >= 3 && layer ? micro : 1);
+      if (b.zero > 0 && b.replicas >= 0)
+        dp_op(OpKind::all_reduce, b.replicas, kGrad * b.params / b.shard_ranks, 1);
+      if (b.zero == 1 || b.zero == 2)
+        dp_op(OpKind::all_gather, b.shard, kAct * b.params, 1);
+    };
+    for (int l : layer_ids) {
+      const LayerSpec& layer = m_.layers[static_cast<std::size_t>(l)];
+      for (const ParamBucket& b : layer_buckets(layer, layer_local_params(m_, layer, p_)))
+        bucket_ops(b, 2, true);
+    }
+    for (const ParamBucket& b : embedding_buckets(first, last)) {
+      // The table is gathered for the embedding's forward; the head's buckets (the final norm,
+      // the head or the tied table) for the head's forward and backward.
+      const bool table = b.name == "embedding";
+      const bool head = !table || m_.tied_embeddings;
+      bucket_ops(b, (table && first ? 1 : 0) + (head && last ? 2 : 0), false);
+    }
     const double shard = stage_shard_params(layer_ids, first, last);
     if (!host_opt) {
       st.gpu_step.name = "optimizer.adamw";

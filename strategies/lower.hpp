@@ -7,6 +7,7 @@
 #include "workload/model_spec.hpp"
 
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace mop::strategy {
@@ -58,6 +59,9 @@ struct PassModel {
     bool has_gpu_step = false;
     bool step_on_path = false;
     int last_layer_pass = -1; // the pass of the stage's last layer
+    // The data-parallel stream's collectives of one step (ZeRO-3 gathers and reduce-scatters per
+    // micro-batch, the other reductions and ZeRO-1/2 gathers once), each with its count.
+    std::vector<std::pair<sim::Op, double>> dp_ops;
   };
   std::vector<Stage> stages;
 };
