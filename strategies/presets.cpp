@@ -202,43 +202,36 @@ void ulysses_zero3(const PlanContext& ctx, std::vector<Plan>& out) {
 
 void mop_family(const PlanContext& ctx, std::vector<Plan>& out) {
   const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
-  // Recompute per block (attention; the MLP or MoE block), the shard group (all data-parallel
-  // ranks, or HSDP within a node) and the micro-batch are chosen per plan.
   for (int cp : divisors(world))
     for (CpKind kind : {CpKind::ulysses, CpKind::hybrid, CpKind::ring})
       for (int ep : expert_degrees(ctx, world))
-        for (Recompute rc_attention : kRecomputes)
-          for (Recompute rc_mlp : kRecomputes)
-            for (int shard : {0, ctx.cluster.gpus_per_node})
-              for (int mb : micro_batches(ctx))
-                for (double offload : {0.0, 0.5, 1.0})
-                  for (bool host_optimizer : {false, true}) {
-                    if (cp == 1 && kind != CpKind::ring)
-                      continue;
-                    if (kind == CpKind::ulysses && cp > ctx.cluster.gpus_per_node)
-                      continue; // across nodes mop uses hybrid or ring
-                    Plan p;
-                    p.family = "mop";
-                    p.world = world;
-                    p.attention = AttentionMapping{1, false, cp, kind, 1};
-                    p.moe.ep = ep;
-                    set_zero(p, 3, shard == world ? 0 : shard);
-                    p.state[static_cast<int>(LayerKind::moe)] = StatePolicy{1, 0}; // experts stay
-                    set_recompute(p, rc_mlp);
-                    p.recompute[static_cast<int>(LayerKind::attention)] = rc_attention;
-                    p.micro_batch = mb;
-                    p.activation_offload = offload;
-                    p.chunked_loss = true;
-                    if (host_optimizer) {
-                      // Gradients stream to the host as backward produces them; the host holds
-                      // them until each layer's step runs before its next forward use.
-                      p.grads = Placement::host;
-                      p.optimizer = Placement::host;
-                      p.optimizer_on_host = true;
-                      p.overlap = OptimizerOverlap::stream_forward;
-                    }
-                    keep_if_valid(p, ctx, out);
-                  }
+        for (Recompute rc : {Recompute::selective, Recompute::full})
+          for (double offload : {0.0, 0.5, 1.0})
+            for (bool host_optimizer : {false, true}) {
+              if (cp == 1 && kind != CpKind::ring)
+                continue;
+              if (kind == CpKind::ulysses && cp > ctx.cluster.gpus_per_node)
+                continue; // across nodes mop uses hybrid or ring
+              Plan p;
+              p.family = "mop";
+              p.world = world;
+              p.attention = AttentionMapping{1, false, cp, kind, 1};
+              p.moe.ep = ep;
+              set_zero(p, 3);
+              p.state[static_cast<int>(LayerKind::moe)].zero = 1; // experts stay put
+              set_recompute(p, rc);
+              p.activation_offload = offload;
+              p.chunked_loss = true;
+              if (host_optimizer) {
+                // Gradients stream to the host as backward produces them; the host holds them
+                // until each layer's step runs before its next forward use.
+                p.grads = Placement::host;
+                p.optimizer = Placement::host;
+                p.optimizer_on_host = true;
+                p.overlap = OptimizerOverlap::stream_forward;
+              }
+              keep_if_valid(p, ctx, out);
+            }
 }
 
 } // namespace
