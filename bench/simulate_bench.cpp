@@ -1,4 +1,5 @@
-// Wall time of one `mop simulate` evaluation (lower + play, steady-state extrapolation) for the
+// Wall time of one evaluation as the search runs it (lower without op names, play, steady-state
+// extrapolation; no structural check: `mop simulate` adds it) for the
 // two reference cases; the plan is resolved once, outside the timed loop. The process allocates
 // as `mop` does (common/allocator.hpp).
 #include "common/allocator.hpp"
@@ -27,11 +28,14 @@ void run(benchmark::State& state, const char* model_id, const char* cluster_id, 
   ctx.cluster = {cluster.node.gpus_per_node, nodes};
   ctx.hw = mop::strategy::memory_hardware(cluster);
   const auto plan = mop::strategy::resolve_plan(family, ctx).plan;
-  const mop::strategy::LoweringContext lc{&model, seq, cluster.node.gpus_per_node, ctx.hw, {}};
+  // Evaluated as the search evaluates: no op names, no structural check.
+  mop::strategy::LoweringContext lc{&model, seq, cluster.node.gpus_per_node, ctx.hw, {}};
+  lc.names = false;
   std::int64_t ops = 0, events = 0;
   for (auto _ : state) {
     const auto e =
-        mop::planner::evaluate_step(plan, lc, cluster, mop::hw::Calibration{}, 16, lowering);
+        mop::planner::evaluate_step(plan, lc, cluster, mop::hw::Calibration{}, 16, lowering,
+                                    mop::planner::Check::skip);
     for (const auto& c : e.schedule.classes)
       ops += static_cast<std::int64_t>(c.ops.size()) * 1;
     events += e.result.events;

@@ -92,10 +92,12 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   sim::EngineOptions quick;
   quick.check_schedule_first = false;
   quick.record_memory_timeline = false;
+  LoweringContext unnamed = ctx;
+  unnamed.names = false;
   auto step_at = [&](int micro) {
     bool program = false;
-    return sim::simulate(lower(with_micro_batches(plan, micro), ctx, lowering, program), cluster,
-                         calibration, quick);
+    return sim::simulate(lower(with_micro_batches(plan, micro), unnamed, lowering, program),
+                         cluster, calibration, quick);
   };
   // The run at m2 is the one reported (its Schedule, memory and critical path).
   auto reported_at = [&](int micro) {

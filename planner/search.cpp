@@ -36,9 +36,10 @@ RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpe
   r.plan = c.plan;
   r.memory = c.memory;
   r.lower_bound_s = c.bound;
-  r.eval = evaluate_step(c.plan,
-                         LoweringContext{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}},
-                         cluster, cal, max_micro, Lowering::cost_only, Check::skip);
+  // Only the plan's numbers are kept: no op names, no structural check (tests hold both).
+  LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
+  lc.names = false;
+  r.eval = evaluate_step(c.plan, lc, cluster, cal, max_micro, Lowering::cost_only, Check::skip);
   const double gpus = static_cast<double>(c.plan.world);
   r.tokens_per_s_per_gpu = r.eval.tokens_per_step / r.eval.step_time_s / gpus;
   r.tflops_per_gpu = r.eval.model_flops_per_step / r.eval.step_time_s / gpus / 1e12;
@@ -52,6 +53,11 @@ RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpe
   }
   r.peak_host_bytes = r.peak_host_bytes * ctx.hw.gpus_per_node + ctx.hw.host_reserved_bytes;
   r.fits = r.peak_hbm_bytes <= ctx.hw.hbm_bytes && r.peak_host_bytes <= ctx.hw.host_bytes;
+  // A result keeps its numbers, not the Schedule and its timings (hundreds of megabytes for a
+  // deep pipeline): `mop simulate` rebuilds them for the plan it is asked about.
+  r.eval.schedule = sim::Schedule{};
+  r.eval.result.classes = {};
+  r.eval.result.critical_path = {};
   return r;
 }
 
@@ -155,7 +161,8 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   }
   out.fit_memory = static_cast<std::int64_t>(fit.size());
   // The lower bound of each survivor, then best-first by bound.
-  const LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
+  LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
+  lc.names = false;
   parallel_for(fit.size(), o.threads, [&](std::size_t i) {
     fit[i].bound = step_lower_bound_s(fit[i].plan, lc, cluster, cal) /
                    (static_cast<double>(fit[i].plan.global_batch) * static_cast<double>(ctx.seq));

@@ -32,7 +32,7 @@ struct SearchOptions {
 struct RankedPlan {
   strategy::Plan plan;
   strategy::MemoryReport memory; // analytic
-  StepEvaluation eval;           // simulated
+  StepEvaluation eval; // simulated: its numbers (no Schedule, no per-op timings)
   double lower_bound_s = 0;
   double peak_hbm_bytes = 0;  // the engine's peak plus the fragmentation allowance
   double peak_host_bytes = 0; // per node

@@ -561,18 +561,39 @@ Breakdown Engine::breakdown(int rank_class, double step_time_s) const {
   };
   const RankClass& rc = s_.classes[static_cast<std::size_t>(rank_class)];
   const int base = offset_[static_cast<std::size_t>(rank_class)];
-  std::vector<Edge> edges;
-  edges.reserve(2 * rc.ops.size());
+  // Ops of one stream run one after another in program order, so each stream's edges come out
+  // sorted by time: lay them out stream by stream, then merge the streams (n log streams, where
+  // sorting every edge would cost n log n). Edges at one instant are charged together, so their
+  // order among themselves does not matter.
+  const std::size_t streams = rc.streams.size();
+  std::vector<std::size_t> first(streams + 1, 0);
   for (std::size_t i = 0; i < rc.ops.size(); ++i) {
     const OpRun& r = runs_[static_cast<std::size_t>(base) + i];
-    if (r.end_s > r.start_s) {
-      edges.push_back({r.start_s, static_cast<int>(i), +1});
-      edges.push_back({r.end_s, static_cast<int>(i), -1});
+    if (r.end_s > r.start_s)
+      first[static_cast<std::size_t>(rc.ops[i].stream) + 1] += 2;
+  }
+  for (std::size_t k = 0; k < streams; ++k)
+    first[k + 1] += first[k];
+  std::vector<Edge> edges(first.back());
+  {
+    std::vector<std::size_t> fill(first.begin(), first.end() - 1);
+    for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+      const OpRun& r = runs_[static_cast<std::size_t>(base) + i];
+      if (r.end_s > r.start_s) {
+        std::size_t& at = fill[static_cast<std::size_t>(rc.ops[i].stream)];
+        edges[at++] = {r.start_s, static_cast<int>(i), +1};
+        edges[at++] = {r.end_s, static_cast<int>(i), -1};
+      }
     }
   }
-  std::sort(edges.begin(), edges.end(), [](const Edge& a, const Edge& b) {
-    return a.time_s != b.time_s ? a.time_s < b.time_s : a.op < b.op;
-  });
+  auto earlier = [](const Edge& a, const Edge& b) { return a.time_s < b.time_s; };
+  for (std::size_t width = 1; width < streams; width *= 2)
+    for (std::size_t k = 0; k + width < streams; k += 2 * width)
+      std::inplace_merge(edges.begin() + static_cast<std::ptrdiff_t>(first[k]),
+                         edges.begin() + static_cast<std::ptrdiff_t>(first[k + width]),
+                         edges.begin() +
+                             static_cast<std::ptrdiff_t>(first[std::min(streams, k + 2 * width)]),
+                         earlier);
   Breakdown b;
   int in_bucket[4] = {0, 0, 0, 0};
   int recomputing = 0;

@@ -131,6 +131,11 @@ private:
   std::vector<ParamBucket> embedding_buckets(bool first, bool last);
   std::vector<Step> layer_steps(const LayerSpec& layer) const;
   int add(sim::Op&& op, bool on_path = true);
+  // An op's or tensor's name, formatted only when the context asks for names (traces, reports,
+  // tests); the search's evaluations leave them empty.
+  template <class... A> std::string label(fmt::format_string<A...> f, A&&... a) const {
+    return c_.names ? fmt::format(f, std::forward<A>(a)...) : std::string();
+  }
   int tensor(std::string name, double bytes, sim::Device device, sim::MemoryKind kind,
              bool resident = false);
   int emit_forward(const Step& st, const std::string& prefix, Category category, int layer, int mb);
@@ -560,7 +565,7 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
   const int start = cursor_;
   auto ring_hop = [&](const char* what, int i, std::vector<int> deps) {
     sim::Op comm;
-    comm.name = fmt::format("{}.{}.{}", prefix, what, i);
+    comm.name = label("{}.{}.{}", prefix, what, i);
     comm.kind = OpKind::send_recv;
     comm.category = Category::cp_comm;
     comm.stream = kCp;
@@ -577,8 +582,8 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
     int kv = -1;
     if (i + 1 < steps)
       kv = add(ring_hop(backward ? "ring_kv_bwd" : "ring_kv", i, {start, prev_kv}), false);
-    const std::string name = steps > 1 ? fmt::format("{}{}.{}", prefix, backward ? ".bwd" : "", i)
-                                       : prefix + (backward ? ".bwd" : "");
+    const std::string name = steps > 1 ? label("{}{}.{}", prefix, backward ? ".bwd" : "", i)
+                                       : c_.names ? prefix + (backward ? ".bwd" : "") : std::string();
     sim::Op compute = op_of(st, name, category, layer, mb);
     if (backward) {
       compute.kind = OpKind::attention_bwd;
@@ -655,7 +660,7 @@ double Lowering::stage_shard_params(const std::vector<int>& layer_ids, bool firs
 
 sim::Op Lowering::embedding_op(int mb) const {
   sim::Op e;
-  e.name = fmt::format("embedding.mb{}", mb);
+  e.name = label("embedding.mb{}", mb);
   e.kind = OpKind::elementwise;
   e.category = Category::forward;
   e.bytes = 2 * kAct * tokens_ * static_cast<double>(m_.hidden_size);
@@ -666,7 +671,7 @@ sim::Op Lowering::embedding_op(int mb) const {
 // The LM head's GEMM; its backward prices the input and weight gradients as one op.
 sim::Op Lowering::head_op(int mb, bool backward) const {
   sim::Op head;
-  head.name = backward ? fmt::format("lm_head.mb{}.bwd", mb) : fmt::format("lm_head.mb{}", mb);
+  head.name = backward ? label("lm_head.mb{}.bwd", mb) : label("lm_head.mb{}", mb);
   head.kind = OpKind::gemm;
   head.category = backward ? Category::backward : Category::forward;
   const double v = vocab_per_rank();
@@ -680,7 +685,7 @@ sim::Op Lowering::head_op(int mb, bool backward) const {
 
 sim::Op Lowering::loss_op(int mb) const {
   sim::Op loss;
-  loss.name = fmt::format("loss.mb{}", mb);
+  loss.name = label("loss.mb{}", mb);
   loss.kind = OpKind::elementwise;
   loss.category = Category::forward;
   loss.bytes = kAct * tokens_ * vocab_per_rank() * 3;
@@ -691,7 +696,7 @@ sim::Op Lowering::loss_op(int mb) const {
 // Vocabulary parallelism's collectives over the embedding TP group `group`.
 sim::Op Lowering::embedding_tp_op(const char* name, OpKind kind, int mb, int group) const {
   sim::Op op;
-  op.name = fmt::format("{}.mb{}", name, mb);
+  op.name = label("{}.mb{}", name, mb);
   op.kind = kind;
   op.category = Category::tp_comm;
   op.stream = kTp;
@@ -709,11 +714,11 @@ void Lowering::emit_layer_backward(const std::vector<Step>& steps, int layer, in
     const Recompute r = p_.recompute[static_cast<int>(st.owner)];
     if (r == Recompute::none || (r == Recompute::selective && !st.selective_keep))
       continue;
-    emit_forward(st, fmt::format("L{}.{}.mb{}.recompute", layer, st.name, mb), Category::recompute,
+    emit_forward(st, label("L{}.{}.mb{}.recompute", layer, st.name, mb), Category::recompute,
                  layer, mb);
   }
   for (auto it = steps.rbegin(); it != steps.rend(); ++it)
-    emit_backward(*it, fmt::format("L{}.{}.mb{}", layer, it->name, mb), layer, mb);
+    emit_backward(*it, label("L{}.{}.mb{}", layer, it->name, mb), layer, mb);
 }
 
 void Lowering::emit_wgrad(sim::Op&& wgrad) {
@@ -731,25 +736,25 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
   switch (st.kind) {
   case OpKind::gemm: {
     // dX = dY·Wᵀ (m x k over n) and dW = Xᵀ·dY (k x n over m): twice the forward FLOPs.
-    sim::Op dgrad = op_of(st, prefix + ".dgrad", Category::backward, layer, mb);
+    sim::Op dgrad = op_of(st, (c_.names ? prefix + ".dgrad" : std::string()), Category::backward, layer, mb);
     dgrad.gemm = sim::GemmShape{st.gemm.m, st.gemm.k, st.gemm.n, st.gemm.instances, {}};
     dgrad.model_flops = st.flops;
     add(std::move(dgrad));
-    sim::Op wgrad = op_of(st, prefix + ".wgrad", Category::backward, layer, mb);
+    sim::Op wgrad = op_of(st, (c_.names ? prefix + ".wgrad" : std::string()), Category::backward, layer, mb);
     wgrad.gemm = sim::GemmShape{st.gemm.k, st.gemm.n, st.gemm.m, st.gemm.instances, {}};
     wgrad.model_flops = st.flops;
     emit_wgrad(std::move(wgrad));
     return;
   }
   case OpKind::grouped_gemm: {
-    sim::Op dgrad = op_of(st, prefix + ".dgrad", Category::backward, layer, mb);
+    sim::Op dgrad = op_of(st, (c_.names ? prefix + ".dgrad" : std::string()), Category::backward, layer, mb);
     dgrad.gemm.n = st.gemm.k;
     dgrad.gemm.k = st.gemm.n;
     dgrad.model_flops = st.flops;
     add(std::move(dgrad));
     // Weight gradient per expert: (k x n) over that expert's rows; priced as the same grouped
     // shape with the reduction over rows (FLOPs equal).
-    sim::Op wgrad = op_of(st, prefix + ".wgrad", Category::backward, layer, mb);
+    sim::Op wgrad = op_of(st, (c_.names ? prefix + ".wgrad" : std::string()), Category::backward, layer, mb);
     wgrad.model_flops = st.flops;
     emit_wgrad(std::move(wgrad));
     return;
@@ -758,7 +763,7 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     emit_attention(st, prefix, Category::backward, layer, mb, true);
     return;
   case OpKind::elementwise: {
-    sim::Op op = op_of(st, prefix + ".bwd", Category::backward, layer, mb);
+    sim::Op op = op_of(st, (c_.names ? prefix + ".bwd" : std::string()), Category::backward, layer, mb);
     op.bytes = 2 * st.bytes; // reads saved input and incoming gradient, writes the gradient
     add(std::move(op));
     return;
@@ -768,7 +773,7 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
   case OpKind::all_reduce:
   case OpKind::all_to_all:
   case OpKind::send_recv: { // a halo's gradients travel back the way it came
-    sim::Op op = op_of(st, prefix + ".bwd", Category::backward, layer, mb);
+    sim::Op op = op_of(st, (c_.names ? prefix + ".bwd" : std::string()), Category::backward, layer, mb);
     if (st.kind == OpKind::all_gather)
       op.kind = OpKind::reduce_scatter;
     else if (st.kind == OpKind::reduce_scatter)
@@ -894,7 +899,7 @@ sim::Schedule Lowering::run() {
         int upload = -1;
         if (p_.params == Placement::host) { // FSDP2 CPU offload: bring the shard to HBM first
           sim::Op up;
-          up.name = fmt::format("{}.{}.param_upload.{}", what, b.name, pass);
+          up.name = label("{}.{}.param_upload.{}", what, b.name, pass);
           up.kind = OpKind::copy_h2d;
           up.category = Category::offload;
           up.stream = kH2d;
@@ -906,7 +911,7 @@ sim::Schedule Lowering::run() {
           upload = add(std::move(up), false);
         }
         sim::Op op;
-        op.name = fmt::format("{}.{}.fsdp_gather.{}", what, b.name, pass);
+        op.name = label("{}.{}.fsdp_gather.{}", what, b.name, pass);
         op.kind = OpKind::all_gather;
         op.category = Category::dp_comm;
         op.stream = kDp;
@@ -918,7 +923,7 @@ sim::Schedule Lowering::run() {
           op.deps.push_back(gate);
         if (upload >= 0)
           op.deps.push_back(upload);
-        op.allocs.push_back(tensor(fmt::format("{}.{} gathered ({} mb{})", what, b.name, pass, mb),
+        op.allocs.push_back(tensor(label("{}.{} gathered ({} mb{})", what, b.name, pass, mb),
                                    kAct * b.params, Device::hbm, MemoryKind::comm_buffers));
         ops.push_back(add(std::move(op), false));
       }
@@ -953,7 +958,7 @@ sim::Schedule Lowering::run() {
         if ((b.zero != 1 && b.zero != 2) || b.shard < 0)
           continue;
         sim::Op op =
-            collective_op(fmt::format("{}.{}.param_gather", what, b.name), OpKind::all_gather,
+            collective_op(label("{}.{}.param_gather", what, b.name), OpKind::all_gather,
                           Category::dp_comm, kDp, b.shard, kAct * b.params, -1);
         op.layer = layer;
         op.deps = {last_op};
@@ -963,7 +968,7 @@ sim::Schedule Lowering::run() {
     };
     auto gather = [&](int i, int mb, int gate, const char* pass) {
       const int l = layer_id[static_cast<std::size_t>(i)];
-      return gather_buckets(buckets[static_cast<std::size_t>(i)], fmt::format("L{}", l), l, mb,
+      return gather_buckets(buckets[static_cast<std::size_t>(i)], label("L{}", l), l, mb,
                             gate, pass);
     };
     auto free_gathered = [&](const std::vector<int>& gathers, int at_op) {
@@ -979,11 +984,11 @@ sim::Schedule Lowering::run() {
       for (int i = 0; i < n_layers; ++i) {
         const double shard_params = layer_shard_params(
             m_.layers[static_cast<std::size_t>(layer_id[static_cast<std::size_t>(i)])]);
-        sim::Op adam = host_adam_op(fmt::format("L{}.adam", layer_id[static_cast<std::size_t>(i)]),
+        sim::Op adam = host_adam_op(label("L{}.adam", layer_id[static_cast<std::size_t>(i)]),
                                     shard_params, layer_id[static_cast<std::size_t>(i)]);
         const int a = add(std::move(adam), false);
         sim::Op up;
-        up.name = fmt::format("L{}.param_upload", layer_id[static_cast<std::size_t>(i)]);
+        up.name = label("L{}.param_upload", layer_id[static_cast<std::size_t>(i)]);
         up.kind = OpKind::copy_h2d;
         up.category = Category::optimizer;
         up.stream = kH2d;
@@ -992,7 +997,7 @@ sim::Schedule Lowering::run() {
         up.deps = {a};
         param_ready[static_cast<std::size_t>(i)] =
             param_gathers(buckets[static_cast<std::size_t>(i)],
-                          fmt::format("L{}", layer_id[static_cast<std::size_t>(i)]),
+                          label("L{}", layer_id[static_cast<std::size_t>(i)]),
                           layer_id[static_cast<std::size_t>(i)], add(std::move(up), false));
       }
     }
@@ -1010,7 +1015,7 @@ sim::Schedule Lowering::run() {
       const bool embeds = first && chunk == 0, heads = last && chunk == vp - 1;
       const std::size_t key = static_cast<std::size_t>(chunk * micro + mb);
       if (!embeds) {
-        sim::Op r = pipeline_op(fmt::format("recv_act.mb{}", mb), OpKind::recv,
+        sim::Op r = pipeline_op(label("recv_act.mb{}", mb), OpKind::recv,
                                 stage > 0 ? stage - 1 : p_.pp - 1, mb, 0);
         recv_fwd[static_cast<std::size_t>(stage)][key] = add(std::move(r));
       } else {
@@ -1031,15 +1036,15 @@ sim::Schedule Lowering::run() {
         Saved& sv = act[static_cast<std::size_t>(i)][static_cast<std::size_t>(mb)];
         const double s_bytes = saved[static_cast<std::size_t>(i)];
         const double off = p_.activation_offload;
-        sv.kept = tensor(fmt::format("L{} saved mb{}", l, mb), s_bytes * (1 - off), Device::hbm,
+        sv.kept = tensor(label("L{} saved mb{}", l, mb), s_bytes * (1 - off), Device::hbm,
                          MemoryKind::activations);
         if (off > 0)
-          sv.offloaded = tensor(fmt::format("L{} saved mb{} (to offload)", l, mb), s_bytes * off,
+          sv.offloaded = tensor(label("L{} saved mb{} (to offload)", l, mb), s_bytes * off,
                                 Device::hbm, MemoryKind::activations);
         bool first_op = true;
         for (const Step& st : steps[static_cast<std::size_t>(i)]) {
           const int before = static_cast<int>(rc.ops.size());
-          emit_forward(st, fmt::format("L{}.{}.mb{}", l, st.name, mb), Category::forward, l, mb);
+          emit_forward(st, label("L{}.{}.mb{}", l, st.name, mb), Category::forward, l, mb);
           if (first_op) {
             sim::Op& o = rc.ops[static_cast<std::size_t>(before)];
             for (int gi : gathers)
@@ -1056,7 +1061,7 @@ sim::Schedule Lowering::run() {
         free_gathered(gathers, cursor_);
         if (off > 0) {
           sim::Op d2h;
-          d2h.name = fmt::format("L{}.act_offload.mb{}", l, mb);
+          d2h.name = label("L{}.act_offload.mb{}", l, mb);
           d2h.kind = OpKind::copy_d2h;
           d2h.category = Category::offload;
           d2h.stream = kD2h;
@@ -1064,7 +1069,7 @@ sim::Schedule Lowering::run() {
           d2h.layer = l;
           d2h.micro_batch = mb;
           d2h.deps = {cursor_};
-          sv.host = tensor(fmt::format("L{} saved mb{} (host)", l, mb), s_bytes * off, Device::host,
+          sv.host = tensor(label("L{} saved mb{} (host)", l, mb), s_bytes * off, Device::host,
                            MemoryKind::activations);
           d2h.allocs = {sv.host};
           d2h.frees = {sv.offloaded};
@@ -1081,7 +1086,7 @@ sim::Schedule Lowering::run() {
         sim::Op head = head_op(mb, false);
         head.deps = gathers;
         logits[static_cast<std::size_t>(mb)] =
-            tensor(fmt::format("logits mb{}", mb), logits_bytes(m_, p_, c_.seq), Device::hbm,
+            tensor(label("logits mb{}", mb), logits_bytes(m_, p_, c_.seq), Device::hbm,
                    MemoryKind::activations);
         head.allocs = {logits[static_cast<std::size_t>(mb)]};
         add(std::move(head));
@@ -1094,7 +1099,7 @@ sim::Schedule Lowering::run() {
         }
         free_gathered(gathers, cursor_);
       } else {
-        sim::Op snd = pipeline_op(fmt::format("send_act.mb{}", mb), OpKind::send,
+        sim::Op snd = pipeline_op(label("send_act.mb{}", mb), OpKind::send,
                                   last ? 0 : stage + 1, mb, pp_bytes);
         snd.deps = {cursor_};
         send_fwd[static_cast<std::size_t>(stage)][key] = add(std::move(snd), false);
@@ -1113,7 +1118,7 @@ sim::Schedule Lowering::run() {
       if (!last_mb && !(b.zero >= 3 && layer >= 0))
         return;
       auto reduction = [&](std::string step, OpKind kind, int group, double bytes, int after) {
-        sim::Op op = collective_op(fmt::format("{}.{}.{}.mb{}", what, b.name, step, mb), kind,
+        sim::Op op = collective_op(label("{}.{}.{}.mb{}", what, b.name, step, mb), kind,
                                    Category::dp_comm, kDp, group, bytes, mb);
         op.layer = layer;
         op.deps = {after};
@@ -1141,7 +1146,7 @@ sim::Schedule Lowering::run() {
                                 kGrad * b.params / (b.zero > 0 ? b.shard_ranks : 1), end));
       if (ops.empty())
         return;
-      const int buf = tensor(fmt::format("{}.{} unsharded grads mb{}", what, b.name, mb),
+      const int buf = tensor(label("{}.{} unsharded grads mb{}", what, b.name, mb),
                              kGrad * b.params, Device::hbm, MemoryKind::comm_buffers);
       rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
       ops.front().frees = {buf};
@@ -1152,7 +1157,7 @@ sim::Schedule Lowering::run() {
       }
       if (last_mb && p_.grads == Placement::host) {
         sim::Op d2h;
-        d2h.name = fmt::format("{}.{}.grad_download", what, b.name);
+        d2h.name = label("{}.{}.grad_download", what, b.name);
         d2h.kind = OpKind::copy_d2h;
         d2h.category = Category::offload;
         d2h.stream = kD2h;
@@ -1167,7 +1172,7 @@ sim::Schedule Lowering::run() {
     auto reduce_grads = [&](int i, int mb, bool last_mb, int after) {
       const int l = layer_id[static_cast<std::size_t>(i)];
       for (const ParamBucket& b : buckets[static_cast<std::size_t>(i)])
-        reduce_bucket(b, fmt::format("L{}", l), l, mb, last_mb, after);
+        reduce_bucket(b, label("L{}", l), l, mb, last_mb, after);
     };
     struct PendingTail {
       int i, mb;
@@ -1206,7 +1211,7 @@ sim::Schedule Lowering::run() {
           add(embedding_tp_op("head_sp_gather.bwd", OpKind::reduce_scatter, mb));
         free_gathered(gathers, cursor_);
       } else {
-        sim::Op r = pipeline_op(fmt::format("recv_grad.mb{}", mb), OpKind::recv,
+        sim::Op r = pipeline_op(label("recv_grad.mb{}", mb), OpKind::recv,
                                 last ? 0 : stage + 1, mb, 0);
         recv_bwd[static_cast<std::size_t>(stage)][key] = add(std::move(r));
       }
@@ -1219,7 +1224,7 @@ sim::Schedule Lowering::run() {
         int reload = -1;
         if (sv.host >= 0) {
           sim::Op h2d;
-          h2d.name = fmt::format("L{}.act_reload.mb{}", l, mb);
+          h2d.name = label("L{}.act_reload.mb{}", l, mb);
           h2d.kind = OpKind::copy_h2d;
           h2d.category = Category::offload;
           h2d.stream = kH2d;
@@ -1229,7 +1234,7 @@ sim::Schedule Lowering::run() {
           h2d.deps = {sv.d2h};
           if (gate >= 0)
             h2d.deps.push_back(gate);
-          sv.reload = tensor(fmt::format("L{} saved mb{} (reloaded)", l, mb),
+          sv.reload = tensor(label("L{} saved mb{} (reloaded)", l, mb),
                              rc.tensors[static_cast<std::size_t>(sv.host)].bytes, Device::hbm,
                              MemoryKind::activations);
           h2d.allocs = {sv.reload};
@@ -1245,7 +1250,7 @@ sim::Schedule Lowering::run() {
         int work = -1;
         if (any_rc)
           work = tensor(
-              fmt::format("L{} recomputed mb{}", l, mb),
+              label("L{} recomputed mb{}", l, mb),
               std::max(0.0, full[static_cast<std::size_t>(i)] - saved[static_cast<std::size_t>(i)]),
               Device::hbm, MemoryKind::activations);
         emit_layer_backward(steps[static_cast<std::size_t>(i)], l, mb);
@@ -1280,7 +1285,7 @@ sim::Schedule Lowering::run() {
       if (embeds && etp_group >= 0)
         add(embedding_tp_op("embedding_sp_scatter.bwd", OpKind::all_gather, mb));
       if (!embeds) {
-        sim::Op snd = pipeline_op(fmt::format("send_grad.mb{}", mb), OpKind::send,
+        sim::Op snd = pipeline_op(label("send_grad.mb{}", mb), OpKind::send,
                                   stage > 0 ? stage - 1 : p_.pp - 1, mb, pp_bytes);
         snd.deps = {cursor_};
         send_bwd[static_cast<std::size_t>(stage)][key] = add(std::move(snd), false);
@@ -1301,7 +1306,7 @@ sim::Schedule Lowering::run() {
     auto param_gathers_after = [&](int after) {
       for (int i = 0; i < n_layers; ++i)
         param_gathers(buckets[static_cast<std::size_t>(i)],
-                      fmt::format("L{}", layer_id[static_cast<std::size_t>(i)]),
+                      label("L{}", layer_id[static_cast<std::size_t>(i)]),
                       layer_id[static_cast<std::size_t>(i)], after);
       param_gathers(emb_buckets, "embedding", -1, after);
     };
@@ -1545,8 +1550,8 @@ PassModel Lowering::pass_model() {
     } else {
       for (int l : layer_ids) {
         const double params = layer_shard_params(m_.layers[static_cast<std::size_t>(l)]);
-        st.host_steps.push_back(host_adam_op(fmt::format("L{}.adam", l), params, l));
-        st.upload_last.name = fmt::format("L{}.param_upload", l);
+        st.host_steps.push_back(host_adam_op(label("L{}.adam", l), params, l));
+        st.upload_last.name = label("L{}.param_upload", l);
         st.upload_last.kind = OpKind::copy_h2d;
         st.upload_last.category = Category::optimizer;
         st.upload_last.stream = kH2d;

@@ -21,6 +21,9 @@ struct LoweringContext {
   // Precision of the layers' GEMMs: fp8 recipes (Transformer Engine) run them in FP8 and keep
   // attention, the LM head and everything else in BF16.
   sim::Dtype gemm_dtype = sim::Dtype::bf16;
+  // Whether ops and tensors get their names ("L12.attention.mb3", ...): traces, reports and
+  // check_schedule's messages read them; a search, which keeps only a plan's numbers, does not.
+  bool names = true;
 };
 
 // The Schedule of one optimizer step in steady state: every micro-batch's forward and backward

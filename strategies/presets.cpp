@@ -102,6 +102,14 @@ std::vector<int> expert_degrees(const PlanContext& ctx, int ranks) {
   return v;
 }
 
+// Megatron's expert tensor parallelism: none, or the attention's TP degree. A dense model has
+// no experts, so the choice would only repeat the same plan.
+std::vector<int> expert_tp_degrees(const PlanContext& ctx, int tp) {
+  if (!ctx.model->is_moe() || tp == 1)
+    return {1};
+  return {1, tp};
+}
+
 std::vector<int> micro_batches(const PlanContext& ctx) {
   if (ctx.seq >= 32768)
     return {1};
@@ -145,12 +153,12 @@ void megatron(const PlanContext& ctx, std::vector<Plan>& out) {
     for (int cp : powers_of_two_up_to(world / tp))
       for (int pp : divisors(world / (tp * cp)))
         for (int vp : {1, 2, 4})
-          for (int etp : {1, tp})
+          for (int etp : expert_tp_degrees(ctx, tp))
             for (int ep : expert_degrees(ctx, world / pp / etp))
               for (Recompute rc : kRecomputes)
                 for (bool offload : {false, true})
                   for (int mb : micro_batches(ctx)) {
-                    if ((vp > 1 && pp == 1) || (etp == tp && tp == 1 && etp != 1))
+                    if (vp > 1 && pp == 1)
                       continue;
                     Plan p;
                     p.family = "megatron";

@@ -133,6 +133,12 @@ TEST_CASE("plans deduplicate by their fields as by their JSON, whatever the fami
     for (Plan& p : enumerate_family(f, ctx))
       plans.push_back(std::move(p));
   REQUIRE(plans.size() > 1000);
+  // Every tenth plan once more under another family's name: the same plan from two families.
+  for (std::size_t i = 0, n = plans.size(); i < n; i += 10) {
+    Plan again = plans[i];
+    again.family = "custom";
+    plans.push_back(std::move(again));
+  }
   std::map<std::string, std::size_t> by_json;
   std::unordered_map<std::size_t, std::vector<std::size_t>> by_hash;
   std::size_t distinct = 0;
@@ -152,7 +158,7 @@ TEST_CASE("plans deduplicate by their fields as by their JSON, whatever the fami
     }
   }
   CHECK(distinct == by_json.size());
-  CHECK(distinct < plans.size()); // the families share plans
+  CHECK(distinct < plans.size()); // the repeated plans were found
   // Each field counts: change one and the plan differs.
   Plan a = plans.front(), b = a;
   b.activation_offload += 0.25;
@@ -164,4 +170,20 @@ TEST_CASE("plans deduplicate by their fields as by their JSON, whatever the fami
   b.family = "other";
   CHECK(same_plan(a, b));
   CHECK(plan_hash(a) == plan_hash(b));
+}
+
+TEST_CASE("a dense model's megatron plans differ in more than their expert settings" *
+          doctest::test_suite("plumbing")) {
+  // A dense model has no experts: plans that differ only in the MoE mapping would train the same
+  // model the same way and be simulated twice.
+  const ModelSpec m = load_model("llama3-8b");
+  std::vector<Plan> plans = enumerate_family("megatron", context(m, 8192, 2));
+  REQUIRE(plans.size() > 100);
+  std::vector<Plan> without_moe = plans;
+  for (Plan& p : without_moe)
+    p.moe = MoeMapping{};
+  for (std::size_t i = 0; i < without_moe.size(); ++i)
+    for (std::size_t j = i + 1; j < without_moe.size(); ++j)
+      if (same_plan(without_moe[i], without_moe[j]))
+        FAIL_CHECK(summary(plans[i]) << " and " << summary(plans[j]) << " repeat one plan");
 }
