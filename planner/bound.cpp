@@ -15,39 +15,59 @@ double StepBound::seconds() const {
   return std::max({compute, path, host});
 }
 
+std::shared_ptr<const std::vector<PassTimesCache::Times>>
+PassTimesCache::find(const strategy::Plan& key) const {
+  std::lock_guard lock(mutex_);
+  const auto it = map_.find(key);
+  return it == map_.end() ? nullptr : it->second;
+}
+
+void PassTimesCache::store(strategy::Plan key,
+                           std::shared_ptr<const std::vector<Times>> times) {
+  std::lock_guard lock(mutex_);
+  map_.try_emplace(std::move(key), std::move(times));
+}
+
 StepBound step_lower_bound(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
-                           const hw::ClusterSpec& cluster, const hw::Calibration& calibration) {
-  const PassModel model = strategy::pass_model(plan, ctx);
+                           const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
+                           PassTimesCache* cache) {
+  using Times = PassTimesCache::Times;
+  const strategy::Plan key = cache != nullptr ? strategy::pass_key(plan) : strategy::Plan{};
+  std::shared_ptr<const std::vector<Times>> known = cache != nullptr ? cache->find(key) : nullptr;
+  const PassModel model = strategy::pass_model(plan, ctx, known == nullptr);
   auto duration = [&](const sim::Op& op) {
     return sim::op_duration_s(op, model.groups, cluster, calibration);
   };
   // Per pass, one micro-batch: its forward and backward path, and its compute-stream time.
-  struct Times {
-    double forward = 0, backward = 0, compute = 0;
-  };
-  std::vector<Times> times;
-  times.reserve(model.passes.size());
-  for (const PassOps& pass : model.passes) {
-    Times t;
-    auto compute = [&](const sim::Op& op, double d) {
-      if (!sim::is_collective(op.kind) && op.kind != sim::OpKind::send &&
-          op.kind != sim::OpKind::recv)
-        t.compute += d;
-    };
-    for (const sim::Op& op : pass.forward) {
-      const double d = duration(op);
-      t.forward += d;
-      compute(op, d);
+  if (known == nullptr) {
+    auto measured = std::make_shared<std::vector<Times>>();
+    measured->reserve(model.passes.size());
+    for (const PassOps& pass : model.passes) {
+      Times t;
+      auto compute = [&](const sim::Op& op, double d) {
+        if (!sim::is_collective(op.kind) && op.kind != sim::OpKind::send &&
+            op.kind != sim::OpKind::recv)
+          t.compute += d;
+      };
+      for (const sim::Op& op : pass.forward) {
+        const double d = duration(op);
+        t.forward += d;
+        compute(op, d);
+      }
+      for (const sim::Op& op : pass.backward) {
+        const double d = duration(op);
+        t.backward += d;
+        compute(op, d);
+      }
+      for (const sim::Op& op : pass.off_path)
+        compute(op, duration(op));
+      measured->push_back(t);
     }
-    for (const sim::Op& op : pass.backward) {
-      const double d = duration(op);
-      t.backward += d;
-      compute(op, d);
-    }
-    for (const sim::Op& op : pass.off_path)
-      compute(op, duration(op));
-    times.push_back(t);
+    known = measured;
+    if (cache != nullptr)
+      cache->store(key, measured);
   }
+  const std::vector<Times>& times = *known;
   const double micro = plan.micro_batches();
   // Interleaving aside, a stage waits for the first micro-batch's forward through every stage
   // before it, and the last backward still passes through all of them after it: of each earlier
@@ -71,8 +91,8 @@ StepBound step_lower_bound(const strategy::Plan& plan, const strategy::LoweringC
     }
     const double step = st.has_gpu_step ? duration(st.gpu_step) : 0;
     double host = 0;
-    for (const sim::Op& op : st.host_steps)
-      host += duration(op);
+    for (const auto& [op, count] : st.host_steps)
+      host += count * duration(op);
     const double per_micro = forward + backward;
     b.compute = std::max(b.compute, micro * compute + step);
     // After the stage's last backward: its own step, or the last micro-batch's backward through

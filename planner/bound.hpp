@@ -6,6 +6,11 @@
 #include "strategies/lower.hpp"
 #include "strategies/plan.hpp"
 
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
 namespace mop::planner {
 
 // The parts of the bound (seconds per step), each one a time the engine can only add to:
@@ -26,16 +31,43 @@ struct StepBound {
   double seconds() const;
 };
 
+// The per-pass times of plans already bounded, by their strategy::pass_key: a search's plans
+// often differ only in what no pass reads (where the optimizer runs, activation offload), and
+// then only their stages are rebuilt. One cache serves one model, sequence length, cluster and
+// calibration; it may be shared by threads.
+class PassTimesCache {
+public:
+  struct Times {
+    double forward = 0, backward = 0, compute = 0; // one micro-batch through the pass
+  };
+  // The times stored for `key`, or nullptr.
+  std::shared_ptr<const std::vector<Times>> find(const strategy::Plan& key) const;
+  void store(strategy::Plan key, std::shared_ptr<const std::vector<Times>> times);
+
+private:
+  struct Hash {
+    std::size_t operator()(const strategy::Plan& p) const { return strategy::plan_hash(p); }
+  };
+  struct Same {
+    bool operator()(const strategy::Plan& a, const strategy::Plan& b) const {
+      return strategy::same_plan(a, b);
+    }
+  };
+  mutable std::mutex mutex_;
+  std::unordered_map<strategy::Plan, std::shared_ptr<const std::vector<Times>>, Hash, Same> map_;
+};
+
 // The bound, every part over every stage. The event engine plays the same ops with dependencies
 // and shared resources, which only delay them, so a candidate whose bound exceeds a simulated
 // step time cannot beat that plan (tests/planner/search_test.cpp holds it to the engine).
 StepBound step_lower_bound(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
-                           const hw::ClusterSpec& cluster, const hw::Calibration& calibration);
+                           const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
+                           PassTimesCache* cache = nullptr);
 
 inline double step_lower_bound_s(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
-                                 const hw::ClusterSpec& cluster,
-                                 const hw::Calibration& calibration) {
-  return step_lower_bound(plan, ctx, cluster, calibration).seconds();
+                                 const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
+                                 PassTimesCache* cache = nullptr) {
+  return step_lower_bound(plan, ctx, cluster, calibration, cache).seconds();
 }
 
 } // namespace mop::planner

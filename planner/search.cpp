@@ -163,8 +163,9 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   // The lower bound of each survivor, then best-first by bound.
   LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
   lc.names = false;
+  PassTimesCache pass_times;
   parallel_for(fit.size(), o.threads, [&](std::size_t i) {
-    fit[i].bound = step_lower_bound_s(fit[i].plan, lc, cluster, cal) /
+    fit[i].bound = step_lower_bound_s(fit[i].plan, lc, cluster, cal, &pass_times) /
                    (static_cast<double>(fit[i].plan.global_batch) * static_cast<double>(ctx.seq));
   });
   std::stable_sort(fit.begin(), fit.end(), [](const Candidate& a, const Candidate& b) {

@@ -103,7 +103,7 @@ public:
   }
 
   sim::Schedule run();
-  PassModel pass_model();
+  PassModel pass_model(bool with_passes);
 
 private:
   const Plan& p_;
@@ -1415,7 +1415,7 @@ PassOps Lowering::layer_pass(const LayerSpec& layer) {
   return out;
 }
 
-PassModel Lowering::pass_model() {
+PassModel Lowering::pass_model(bool with_passes) {
   const int L = static_cast<int>(m_.num_layers());
   PassModel out;
   s_.world = p_.world;
@@ -1432,13 +1432,15 @@ PassModel Lowering::pass_model() {
       ++k;
     if (k == kinds.size()) {
       kinds.push_back(layer);
-      out.passes.push_back(layer_pass(layer));
+      out.passes.push_back(with_passes ? layer_pass(layer) : PassOps{});
     }
     pass_of[static_cast<std::size_t>(l)] = static_cast<int>(k);
   }
   // The embedding and the head with the loss: their data-path ops as run() places them.
   const int embedding_pass = static_cast<int>(out.passes.size());
-  {
+  if (!with_passes) {
+    out.passes.resize(out.passes.size() + 2);
+  } else {
     PassOps e;
     e.forward.push_back(embedding_op(0));
     if (etp_group >= 0) {
@@ -1449,8 +1451,8 @@ PassModel Lowering::pass_model() {
     }
     out.passes.push_back(std::move(e));
   }
-  const int head_pass = static_cast<int>(out.passes.size());
-  {
+  const int head_pass = embedding_pass + 1;
+  if (with_passes) {
     PassOps hd;
     if (etp_group >= 0)
       hd.forward.push_back(embedding_tp_op("head_sp_gather", OpKind::all_gather, 0, etp_group));
@@ -1471,6 +1473,14 @@ PassModel Lowering::pass_model() {
   const int vp = chunks_per_stage(p_);
   const std::vector<int> virtual_begin = virtual_stage_bounds(p_, L);
   const bool host_opt = p_.optimizer_on_host;
+  // Layers of one kind have the same buckets and the same shard: each kind's are built once
+  // and counted per stage.
+  std::vector<std::vector<ParamBucket>> kind_buckets;
+  std::vector<double> kind_shard;
+  for (const LayerSpec& layer : kinds) {
+    kind_buckets.push_back(layer_buckets(layer, layer_local_params(m_, layer, p_)));
+    kind_shard.push_back(layer_shard_params(layer));
+  }
   for (int stage = 0; stage < p_.pp; ++stage) {
     PassModel::Stage st;
     st.count.assign(out.passes.size(), 0);
@@ -1503,6 +1513,11 @@ PassModel Lowering::pass_model() {
     auto dp_op = [&](OpKind kind, int group, double bytes, double count) {
       if (group < 0 || count <= 0)
         return;
+      for (auto& [op, n] : st.dp_ops)
+        if (op.kind == kind && op.group == group && op.bytes == bytes) {
+          n += count;
+          return;
+        }
       sim::Op op;
       op.name = "dp";
       op.kind = kind;
@@ -1512,29 +1527,31 @@ PassModel Lowering::pass_model() {
       op.bytes = bytes;
       st.dp_ops.emplace_back(std::move(op), count);
     };
-    auto bucket_ops = [&](const ParamBucket& b, double gathers_per_micro, bool layer) {
+    // `layers`: how many of the stage's layers hold such a bucket.
+    auto bucket_ops = [&](const ParamBucket& b, double gathers_per_micro, bool layer,
+                          double layers) {
       if (b.zero >= 3 && b.shard >= 0)
-        dp_op(OpKind::all_gather, b.shard, kAct * b.params, gathers_per_micro * micro);
+        dp_op(OpKind::all_gather, b.shard, kAct * b.params, layers * gathers_per_micro * micro);
       if (b.zero == 0)
-        dp_op(OpKind::all_reduce, b.all_reduce, kGrad * b.params, 1);
+        dp_op(OpKind::all_reduce, b.all_reduce, kGrad * b.params, layers);
       if (b.zero > 0)
-        dp_op(OpKind::reduce_scatter, b.shard, kGrad * b.params, b.zero >= 3 && layer ? micro : 1);
+        dp_op(OpKind::reduce_scatter, b.shard, kGrad * b.params,
+              layers * (b.zero >= 3 && layer ? micro : 1));
       if (b.zero > 0 && b.replicas >= 0)
-        dp_op(OpKind::all_reduce, b.replicas, kGrad * b.params / b.shard_ranks, 1);
+        dp_op(OpKind::all_reduce, b.replicas, kGrad * b.params / b.shard_ranks, layers);
       if (b.zero == 1 || b.zero == 2)
-        dp_op(OpKind::all_gather, b.shard, kAct * b.params, 1);
+        dp_op(OpKind::all_gather, b.shard, kAct * b.params, layers);
     };
-    for (int l : layer_ids) {
-      const LayerSpec& layer = m_.layers[static_cast<std::size_t>(l)];
-      for (const ParamBucket& b : layer_buckets(layer, layer_local_params(m_, layer, p_)))
-        bucket_ops(b, 2, true);
-    }
+    for (std::size_t k = 0; k < kinds.size(); ++k)
+      if (st.count[k] > 0)
+        for (const ParamBucket& b : kind_buckets[k])
+          bucket_ops(b, 2, true, st.count[k]);
     for (const ParamBucket& b : embedding_buckets(first, last)) {
       // The table is gathered for the embedding's forward; the head's buckets (the final norm,
       // the head or the tied table) for the head's forward and backward.
       const bool table = b.name == "embedding";
       const bool head = !table || m_.tied_embeddings;
-      bucket_ops(b, (table && first ? 1 : 0) + (head && last ? 2 : 0), false);
+      bucket_ops(b, (table && first ? 1 : 0) + (head && last ? 2 : 0), false, 1);
     }
     const double shard = stage_shard_params(layer_ids, first, last);
     if (!host_opt) {
@@ -1545,17 +1562,19 @@ PassModel Lowering::pass_model() {
       st.has_gpu_step = true;
       st.step_on_path = true;
     } else if (p_.overlap != OptimizerOverlap::stream_forward) {
-      st.host_steps.push_back(host_adam_op("optimizer.host_adamw", shard, -1));
+      st.host_steps.emplace_back(host_adam_op("optimizer.host_adamw", shard, -1), 1);
       st.step_on_path = p_.overlap == OptimizerOverlap::after_backward;
     } else {
-      for (int l : layer_ids) {
-        const double params = layer_shard_params(m_.layers[static_cast<std::size_t>(l)]);
-        st.host_steps.push_back(host_adam_op(label("L{}.adam", l), params, l));
+      for (std::size_t k = 0; k < kinds.size(); ++k)
+        if (st.count[k] > 0)
+          st.host_steps.emplace_back(host_adam_op("L.adam", kind_shard[k], -1), st.count[k]);
+      if (!layer_ids.empty()) {
+        const int l = layer_ids.back();
         st.upload_last.name = label("L{}.param_upload", l);
         st.upload_last.kind = OpKind::copy_h2d;
         st.upload_last.category = Category::optimizer;
         st.upload_last.stream = kH2d;
-        st.upload_last.bytes = kAct * params;
+        st.upload_last.bytes = kAct * kind_shard[static_cast<std::size_t>(pass_of[static_cast<std::size_t>(l)])];
       }
     }
     out.stages.push_back(std::move(st));
@@ -1564,10 +1583,21 @@ PassModel Lowering::pass_model() {
   return out;
 }
 
-PassModel pass_model(const Plan& plan, const LoweringContext& ctx) {
+PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_passes) {
   if (ctx.model == nullptr || ctx.seq <= 0)
     throw InputError("lowering needs a model and a positive sequence length.");
-  return Lowering(plan, ctx).pass_model();
+  return Lowering(plan, ctx).pass_model(with_passes);
+}
+
+Plan pass_key(Plan p) {
+  p.family.clear();
+  p.global_batch = 0;
+  p.activation_offload = 0;
+  p.params = p.grads = p.optimizer = Placement::hbm;
+  p.optimizer_on_host = false;
+  p.torch_host_optimizer = false;
+  p.overlap = OptimizerOverlap::after_backward;
+  return p;
 }
 
 sim::Schedule lower(const Plan& plan, const LoweringContext& ctx) {

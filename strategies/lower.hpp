@@ -52,11 +52,12 @@ struct PassModel {
   struct Stage {
     std::vector<int> count;        // per pass, per micro-batch, every chunk of the stage
     std::vector<int> count_chunk0; // the same for the stage's first chunk only
-    // The optimizer step: `gpu_step` (compute stream) or the host AdamW ops in host-stream
-    // order; `step_on_path` when the step follows the last backward on the data path (GPU
-    // AdamW, host AdamW after backward). Streamed into the forward, host step i (and the
-    // upload after it) precedes the first forward of the stage's layer i.
-    std::vector<sim::Op> host_steps;
+    // The optimizer step: `gpu_step` (compute stream) or the host AdamW ops, each with how many
+    // run (streamed into the forward: one per layer, so one entry per kind of layer, counted);
+    // `step_on_path` when the step follows the last backward on the data path (GPU AdamW, host
+    // AdamW after backward). Streamed into the forward, layer i's host step (and the upload
+    // after it) precedes the first forward of the stage's layer i.
+    std::vector<std::pair<sim::Op, double>> host_steps;
     sim::Op upload_last; // stream into the forward: the last layer's parameter upload
     sim::Op gpu_step;
     bool has_gpu_step = false;
@@ -69,6 +70,14 @@ struct PassModel {
   std::vector<Stage> stages;
 };
 
-PassModel pass_model(const Plan& plan, const LoweringContext& ctx);
+// `with_passes` false: the stages only, each pass left empty (its times known from another plan
+// with the same pass_key).
+PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_passes = true);
+
+// The plan with what no pass reads set to defaults: the batch, the placements, the optimizer
+// and activation offload (run() emits their ops around the passes, pass_model() in its stages).
+// Two plans with the same key, lowered in the same context, have the same passes and the same
+// communicators (tests/planner/bound_test.cpp holds the bound to that).
+Plan pass_key(Plan plan);
 
 } // namespace mop::strategy

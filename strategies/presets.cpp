@@ -110,6 +110,17 @@ std::vector<int> expert_tp_degrees(const PlanContext& ctx, int tp) {
   return {1, tp};
 }
 
+// ZeRO-3 shard groups: every data-parallel rank (0), or HSDP shards of one or two nodes'
+// ranks (torchtitan's dp_shard), replicated across the others, where that is fewer than all.
+std::vector<int> hsdp_groups(const PlanContext& ctx) {
+  const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
+  std::vector<int> v{0};
+  for (int nodes : {1, 2})
+    if (nodes * ctx.cluster.gpus_per_node < world)
+      v.push_back(nodes * ctx.cluster.gpus_per_node);
+  return v;
+}
+
 std::vector<int> micro_batches(const PlanContext& ctx) {
   if (ctx.seq >= 32768)
     return {1};
@@ -210,36 +221,43 @@ void ulysses_zero3(const PlanContext& ctx, std::vector<Plan>& out) {
 
 void mop_family(const PlanContext& ctx, std::vector<Plan>& out) {
   const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
+  // Recompute per block (attention; the MLP or MoE block), the shard group (all data-parallel
+  // ranks, or HSDP over one or two nodes) and the micro-batch are chosen per plan.
   for (int cp : divisors(world))
     for (CpKind kind : {CpKind::ulysses, CpKind::hybrid, CpKind::ring})
       for (int ep : expert_degrees(ctx, world))
-        for (Recompute rc : {Recompute::selective, Recompute::full})
-          for (double offload : {0.0, 0.5, 1.0})
-            for (bool host_optimizer : {false, true}) {
-              if (cp == 1 && kind != CpKind::ring)
-                continue;
-              if (kind == CpKind::ulysses && cp > ctx.cluster.gpus_per_node)
-                continue; // across nodes mop uses hybrid or ring
-              Plan p;
-              p.family = "mop";
-              p.world = world;
-              p.attention = AttentionMapping{1, false, cp, kind, 1};
-              p.moe.ep = ep;
-              set_zero(p, 3);
-              p.state[static_cast<int>(LayerKind::moe)].zero = 1; // experts stay put
-              set_recompute(p, rc);
-              p.activation_offload = offload;
-              p.chunked_loss = true;
-              if (host_optimizer) {
-                // Gradients stream to the host as backward produces them; the host holds them
-                // until each layer's step runs before its next forward use.
-                p.grads = Placement::host;
-                p.optimizer = Placement::host;
-                p.optimizer_on_host = true;
-                p.overlap = OptimizerOverlap::stream_forward;
-              }
-              keep_if_valid(p, ctx, out);
-            }
+        for (Recompute rc_attention : kRecomputes)
+          for (Recompute rc_mlp : kRecomputes)
+            for (int shard : hsdp_groups(ctx))
+              for (int mb : micro_batches(ctx))
+                for (double offload : {0.0, 0.5, 1.0})
+                  for (bool host_optimizer : {false, true}) {
+                    if (cp == 1 && kind != CpKind::ring)
+                      continue;
+                    if (kind == CpKind::ulysses && cp > ctx.cluster.gpus_per_node)
+                      continue; // across nodes mop uses hybrid or ring
+                    Plan p;
+                    p.family = "mop";
+                    p.world = world;
+                    p.attention = AttentionMapping{1, false, cp, kind, 1};
+                    p.moe.ep = ep;
+                    set_zero(p, 3, shard);
+                    p.state[static_cast<int>(LayerKind::moe)] = StatePolicy{1, 0}; // experts stay
+                    set_recompute(p, rc_mlp);
+                    p.recompute[static_cast<int>(LayerKind::attention)] = rc_attention;
+                    p.micro_batch = mb;
+                    p.activation_offload = offload;
+                    p.chunked_loss = true;
+                    if (host_optimizer) {
+                      // Gradients stream to the host as backward produces them; the host holds
+                      // them until each layer's step runs before its next forward use.
+                      p.grads = Placement::host;
+                      p.optimizer = Placement::host;
+                      p.optimizer_on_host = true;
+                      p.overlap = OptimizerOverlap::stream_forward;
+                    }
+                    keep_if_valid(p, ctx, out);
+                  }
 }
 
 } // namespace

@@ -112,3 +112,38 @@ TEST_CASE("the analytic tier never exceeds the simulated step, over every family
   CHECK(checked >= 100);
   MESSAGE(checked, " plans, bound / step ", sum / checked, " on average");
 }
+
+TEST_CASE("plans that share their passes' key share their pass times: the cache leaves every "
+          "bound as it was" *
+          doctest::test_suite("independent")) {
+  // Second method: each plan's bound built from its own passes, against the bound that reuses
+  // the pass times of an earlier plan with the same strategy::pass_key (the search's order).
+  const hw::ClusterSpec c = hw::load_cluster("h200");
+  for (const char* id : {"qwen3-30b-a3b", "llama3-8b"}) {
+    CAPTURE(id);
+    const workload::ModelSpec m = workload::load_model(id);
+    PlanContext ctx;
+    ctx.model = &m;
+    ctx.seq = 4096;
+    ctx.cluster = ClusterShape{8, 2};
+    ctx.hw = memory_hardware(c);
+    LoweringContext lc{&m, ctx.seq, 8, ctx.hw, {}};
+    lc.names = false;
+    PassTimesCache cache;
+    std::size_t plans = 0, reused = 0;
+    for (const std::string& f : family_names())
+      for (const Plan& p : enumerate_family(f, ctx)) {
+        if (plans++ % 3 != 0)
+          continue; // a third of them keeps the test short; reuse stays frequent
+        reused += cache.find(pass_key(p)) != nullptr ? 1 : 0;
+        const StepBound alone = step_lower_bound(p, lc, c, hw::Calibration{});
+        const StepBound shared = step_lower_bound(p, lc, c, hw::Calibration{}, &cache);
+        CAPTURE(summary(p));
+        CHECK(shared.compute == alone.compute);
+        CHECK(shared.path == alone.path);
+        CHECK(shared.host == alone.host);
+        CHECK(shared.dp == alone.dp);
+      }
+    CHECK(reused > plans / 10);
+  }
+}
