@@ -22,8 +22,7 @@ PassTimesCache::find(const strategy::Plan& key) const {
   return it == map_.end() ? nullptr : it->second;
 }
 
-void PassTimesCache::store(strategy::Plan key,
-                           std::shared_ptr<const std::vector<Times>> times) {
+void PassTimesCache::store(strategy::Plan key, std::shared_ptr<const std::vector<Times>> times) {
   std::lock_guard lock(mutex_);
   map_.try_emplace(std::move(key), std::move(times));
 }

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
+#include <vector>
 
 namespace mop::planner {
 
@@ -63,6 +65,72 @@ bool uneven_stages(const Plan& p, const workload::ModelSpec& m) {
   return false;
 }
 
+// One period of a pipeline's steady state, found inside one run: per micro-batch, the time it
+// adds and what the critical class spends it on.
+struct Period {
+  double seconds = 0;
+  sim::Breakdown breakdown;
+};
+
+// Micro-batches `first` .. `last` (labels of the ops) are in the steady state when every stream
+// of every class ends each one's ops the same time after the previous one's: the pipeline
+// repeats itself, no stream (a data-parallel stream falling behind, a stage still filling)
+// drifts against another. Then each further micro-batch adds one period. Times must agree to a
+// billionth of the step.
+std::optional<Period> steady_period(const sim::Schedule& s, const sim::SimResult& r, int first,
+                                    int last) {
+  const int n = last - first + 1;
+  if (n < 4 || r.critical_path.empty())
+    return std::nullopt;
+  const double tolerance = 1e-9 * r.step_time_s;
+  double period = -1;
+  std::vector<double> critical_ends; // the critical class's first stream with ops in the window
+  const int critical = r.critical_path.back().rank_class;
+  for (std::size_t c = 0; c < s.classes.size(); ++c) {
+    const sim::RankClass& rc = s.classes[c];
+    const std::vector<sim::OpTiming>& times = r.classes[c].ops;
+    std::vector<double> ends(rc.streams.size() * static_cast<std::size_t>(n), -1.0);
+    for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+      const int mb = rc.ops[i].micro_batch;
+      if (mb < first || mb > last)
+        continue;
+      double& e = ends[static_cast<std::size_t>(rc.ops[i].stream) * static_cast<std::size_t>(n) +
+                       static_cast<std::size_t>(mb - first)];
+      e = std::max(e, times[i].end_s);
+    }
+    for (std::size_t st = 0; st < rc.streams.size(); ++st) {
+      const double* e = &ends[st * static_cast<std::size_t>(n)];
+      const bool any = std::any_of(e, e + n, [](double x) { return x >= 0; });
+      if (!any)
+        continue;
+      if (std::any_of(e, e + n, [](double x) { return x < 0; }))
+        return std::nullopt; // some micro-batches use this stream, others not
+      if (period < 0)
+        period = (e[n - 1] - e[0]) / (n - 1);
+      for (int i = 0; i + 1 < n; ++i)
+        if (std::fabs(e[i + 1] - e[i] - period) > tolerance)
+          return std::nullopt;
+      if (static_cast<int>(c) == critical && critical_ends.empty())
+        critical_ends.assign(e, e + n);
+    }
+  }
+  if (period <= 0 || critical_ends.empty())
+    return std::nullopt;
+  Period p;
+  p.seconds = period;
+  const auto k = static_cast<std::size_t>(critical);
+  p.breakdown = sim::breakdown_between(s.classes[k], r.classes[k].ops, critical_ends.front(),
+                                       critical_ends.back());
+  const double per = 1.0 / (n - 1);
+  sim::Breakdown& b = p.breakdown;
+  for (double* x :
+       {&b.compute, &b.recompute, &b.exposed_comm, &b.bubble, &b.offload_stall, &b.optimizer})
+    *x *= per;
+  for (double& x : b.exposed_comm_by_category)
+    x *= per;
+  return p;
+}
+
 } // namespace
 
 StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
@@ -74,6 +142,39 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   e.micro_batches = plan.micro_batches();
   e.tokens_per_step = static_cast<double>(plan.global_batch) * static_cast<double>(ctx.seq);
   const int pp = plan.pp;
+  // One run, folded: when the run's middle micro-batches repeat (steady_period), price that
+  // period once. 1F1B (and zero-bubble) stages run their micro-batches' forwards in the steady
+  // state from micro-batch pp on and their backwards until pp before the end, so a run of
+  // 2·pp + 4 has four steady micro-batches in the middle; interleaved schedules need whole
+  // rounds of pp micro-batches and take the two runs below.
+  if (max_simulated > 0 && plan.schedule != PipelineSchedule::gpipe &&
+      plan.schedule != PipelineSchedule::interleaved_1f1b) {
+    const int m_run = 2 * pp + 4;
+    if (e.micro_batches > m_run) {
+      e.schedule = lower(with_micro_batches(plan, m_run), ctx, lowering, e.program);
+      e.result = sim::simulate(e.schedule, cluster, calibration, checked);
+      if (const std::optional<Period> period =
+              steady_period(e.schedule, e.result, pp, m_run - pp - 1)) {
+        const double k = e.micro_batches - m_run;
+        sim::Breakdown& b = e.result.breakdown;
+        const sim::Breakdown& d = period->breakdown;
+        b.compute += k * d.compute;
+        b.recompute += k * d.recompute;
+        b.exposed_comm += k * d.exposed_comm;
+        for (int c = 0; c < 10; ++c)
+          b.exposed_comm_by_category[c] += k * d.exposed_comm_by_category[c];
+        b.bubble += k * d.bubble;
+        b.offload_stall += k * d.offload_stall;
+        b.optimizer += k * d.optimizer;
+        e.result.step_time_s += k * period->seconds;
+        e.step_time_s = e.result.step_time_s;
+        e.micro_batches_simulated = m_run;
+        e.model_flops_per_step =
+            e.schedule.model_flops_per_step * static_cast<double>(e.micro_batches) / m_run;
+        return e;
+      }
+    }
+  }
   // m2: a multiple of pp and at least 2·pp, so that m1 = m2 - pp·(...) >= pp: both runs have a
   // full pipeline (1F1B's step is linear in m from m = pp on; interleaving needs m % pp == 0).
   int m2 = std::max(max_simulated / pp * pp, 2 * pp);

@@ -145,9 +145,9 @@ Resource resource_of(const Op& op, const Schedule& s) {
 }
 
 // What the time breakdown charges an op's running time to (docs/ENGINE.md).
-enum Bucket : std::uint8_t { compute_bucket, optimizer_bucket, comm_bucket, copy_bucket };
+enum Charge : std::uint8_t { compute_bucket, optimizer_bucket, comm_bucket, copy_bucket };
 
-Bucket bucket_of(const Op& op) {
+Charge bucket_of(const Op& op) {
   if (op.kind == OpKind::host_adam || op.category == Category::optimizer)
     return optimizer_bucket;
   if (is_collective(op.kind))
@@ -231,7 +231,6 @@ private:
     }
   }
   std::vector<CriticalStep> critical_path() const;
-  Breakdown breakdown(int rank_class, double step_time_s) const;
 
   const Schedule& s_;
   EngineOptions options_;
@@ -513,8 +512,11 @@ SimResult Engine::run() {
     result.step_time_s = std::max(result.step_time_s, cr.end_s);
   }
   result.critical_path = critical_path();
-  if (!result.critical_path.empty())
-    result.breakdown = breakdown(result.critical_path.back().rank_class, result.step_time_s);
+  if (!result.critical_path.empty()) {
+    const std::size_t k = static_cast<std::size_t>(result.critical_path.back().rank_class);
+    result.breakdown =
+        breakdown_between(s_.classes[k], result.classes[k].ops, 0, result.step_time_s);
+  }
   return result;
 }
 
@@ -549,36 +551,35 @@ std::vector<CriticalStep> Engine::critical_path() const {
   return path;
 }
 
-// What the critical class's GPU was doing at each instant of [0, step]: compute if a compute
-// kernel runs, else the optimizer, else exposed communication, else an offload stall, else it
-// waits (bubble). docs/ENGINE.md explains why the breakdown is taken over the critical class's
+} // namespace
+
+// What the class's GPU was doing at each instant of [from, to): compute if a compute kernel
+// runs, else the optimizer, else exposed communication, else an offload stall, else it waits
+// (bubble). docs/ENGINE.md explains why the step's breakdown is taken over the critical class's
 // timeline rather than over the cross-class path.
-Breakdown Engine::breakdown(int rank_class, double step_time_s) const {
+Breakdown breakdown_between(const RankClass& rc, const std::vector<OpTiming>& times, double from_s,
+                            double to_s) {
   struct Edge {
     double time_s;
     int op;
     int delta;
   };
-  const RankClass& rc = s_.classes[static_cast<std::size_t>(rank_class)];
-  const int base = offset_[static_cast<std::size_t>(rank_class)];
   // Ops of one stream run one after another in program order, so each stream's edges come out
   // sorted by time: lay them out stream by stream, then merge the streams (n log streams, where
   // sorting every edge would cost n log n). Edges at one instant are charged together, so their
   // order among themselves does not matter.
   const std::size_t streams = rc.streams.size();
   std::vector<std::size_t> first(streams + 1, 0);
-  for (std::size_t i = 0; i < rc.ops.size(); ++i) {
-    const OpRun& r = runs_[static_cast<std::size_t>(base) + i];
-    if (r.end_s > r.start_s)
+  for (std::size_t i = 0; i < rc.ops.size(); ++i)
+    if (times[i].end_s > times[i].start_s)
       first[static_cast<std::size_t>(rc.ops[i].stream) + 1] += 2;
-  }
   for (std::size_t k = 0; k < streams; ++k)
     first[k + 1] += first[k];
   std::vector<Edge> edges(first.back());
   {
     std::vector<std::size_t> fill(first.begin(), first.end() - 1);
     for (std::size_t i = 0; i < rc.ops.size(); ++i) {
-      const OpRun& r = runs_[static_cast<std::size_t>(base) + i];
+      const OpTiming& r = times[i];
       if (r.end_s > r.start_s) {
         std::size_t& at = fill[static_cast<std::size_t>(rc.ops[i].stream)];
         edges[at++] = {r.start_s, static_cast<int>(i), +1};
@@ -598,8 +599,10 @@ Breakdown Engine::breakdown(int rank_class, double step_time_s) const {
   int in_bucket[4] = {0, 0, 0, 0};
   int recomputing = 0;
   int comm_by_category[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-  auto charge = [&](double from_s, double to_s) {
-    const double dt = to_s - from_s;
+  auto charge = [&](double a, double z) {
+    a = std::max(a, from_s);
+    z = std::min(z, to_s);
+    const double dt = z - a;
     if (dt <= 0)
       return;
     if (in_bucket[compute_bucket] > 0) {
@@ -623,7 +626,7 @@ Breakdown Engine::breakdown(int rank_class, double step_time_s) const {
     t = edges[e].time_s;
     for (; e < edges.size() && edges[e].time_s == t; ++e) {
       const Op& op = rc.ops[static_cast<std::size_t>(edges[e].op)];
-      const Bucket bucket = bucket_of(op);
+      const Charge bucket = bucket_of(op);
       in_bucket[bucket] += edges[e].delta;
       if (bucket == compute_bucket && op.category == Category::recompute)
         recomputing += edges[e].delta;
@@ -631,9 +634,11 @@ Breakdown Engine::breakdown(int rank_class, double step_time_s) const {
         comm_by_category[static_cast<int>(op.category)] += edges[e].delta;
     }
   }
-  charge(t, step_time_s);
+  charge(t, to_s);
   return b;
 }
+
+namespace {
 
 double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
                  const hw::Calibration& cal, GemmTimes* gemms) {

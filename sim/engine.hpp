@@ -35,6 +35,11 @@ struct EngineOptions {
 double op_duration_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
                      const hw::Calibration& cal);
 
+// What the class's GPU spent [from_s, to_s) on (the step's breakdown is that of the critical
+// class over [0, step]), from its ops' times in a SimResult.
+Breakdown breakdown_between(const RankClass& rc, const std::vector<OpTiming>& times, double from_s,
+                            double to_s);
+
 // Plays the Schedule. Throws std::invalid_argument when check_schedule fails or when some op can
 // never start (a dependency cycle the check was told to skip).
 SimResult simulate(const Schedule& s, const hw::ClusterSpec& c, const hw::Calibration& cal,

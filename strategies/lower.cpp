@@ -582,8 +582,9 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
     int kv = -1;
     if (i + 1 < steps)
       kv = add(ring_hop(backward ? "ring_kv_bwd" : "ring_kv", i, {start, prev_kv}), false);
-    const std::string name = steps > 1 ? label("{}{}.{}", prefix, backward ? ".bwd" : "", i)
-                                       : c_.names ? prefix + (backward ? ".bwd" : "") : std::string();
+    const std::string name = steps > 1  ? label("{}{}.{}", prefix, backward ? ".bwd" : "", i)
+                             : c_.names ? prefix + (backward ? ".bwd" : "")
+                                        : std::string();
     sim::Op compute = op_of(st, name, category, layer, mb);
     if (backward) {
       compute.kind = OpKind::attention_bwd;
@@ -714,8 +715,8 @@ void Lowering::emit_layer_backward(const std::vector<Step>& steps, int layer, in
     const Recompute r = p_.recompute[static_cast<int>(st.owner)];
     if (r == Recompute::none || (r == Recompute::selective && !st.selective_keep))
       continue;
-    emit_forward(st, label("L{}.{}.mb{}.recompute", layer, st.name, mb), Category::recompute,
-                 layer, mb);
+    emit_forward(st, label("L{}.{}.mb{}.recompute", layer, st.name, mb), Category::recompute, layer,
+                 mb);
   }
   for (auto it = steps.rbegin(); it != steps.rend(); ++it)
     emit_backward(*it, label("L{}.{}.mb{}", layer, it->name, mb), layer, mb);
@@ -736,25 +737,29 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
   switch (st.kind) {
   case OpKind::gemm: {
     // dX = dY·Wᵀ (m x k over n) and dW = Xᵀ·dY (k x n over m): twice the forward FLOPs.
-    sim::Op dgrad = op_of(st, (c_.names ? prefix + ".dgrad" : std::string()), Category::backward, layer, mb);
+    sim::Op dgrad =
+        op_of(st, (c_.names ? prefix + ".dgrad" : std::string()), Category::backward, layer, mb);
     dgrad.gemm = sim::GemmShape{st.gemm.m, st.gemm.k, st.gemm.n, st.gemm.instances, {}};
     dgrad.model_flops = st.flops;
     add(std::move(dgrad));
-    sim::Op wgrad = op_of(st, (c_.names ? prefix + ".wgrad" : std::string()), Category::backward, layer, mb);
+    sim::Op wgrad =
+        op_of(st, (c_.names ? prefix + ".wgrad" : std::string()), Category::backward, layer, mb);
     wgrad.gemm = sim::GemmShape{st.gemm.k, st.gemm.n, st.gemm.m, st.gemm.instances, {}};
     wgrad.model_flops = st.flops;
     emit_wgrad(std::move(wgrad));
     return;
   }
   case OpKind::grouped_gemm: {
-    sim::Op dgrad = op_of(st, (c_.names ? prefix + ".dgrad" : std::string()), Category::backward, layer, mb);
+    sim::Op dgrad =
+        op_of(st, (c_.names ? prefix + ".dgrad" : std::string()), Category::backward, layer, mb);
     dgrad.gemm.n = st.gemm.k;
     dgrad.gemm.k = st.gemm.n;
     dgrad.model_flops = st.flops;
     add(std::move(dgrad));
     // Weight gradient per expert: (k x n) over that expert's rows; priced as the same grouped
     // shape with the reduction over rows (FLOPs equal).
-    sim::Op wgrad = op_of(st, (c_.names ? prefix + ".wgrad" : std::string()), Category::backward, layer, mb);
+    sim::Op wgrad =
+        op_of(st, (c_.names ? prefix + ".wgrad" : std::string()), Category::backward, layer, mb);
     wgrad.model_flops = st.flops;
     emit_wgrad(std::move(wgrad));
     return;
@@ -763,7 +768,8 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     emit_attention(st, prefix, Category::backward, layer, mb, true);
     return;
   case OpKind::elementwise: {
-    sim::Op op = op_of(st, (c_.names ? prefix + ".bwd" : std::string()), Category::backward, layer, mb);
+    sim::Op op =
+        op_of(st, (c_.names ? prefix + ".bwd" : std::string()), Category::backward, layer, mb);
     op.bytes = 2 * st.bytes; // reads saved input and incoming gradient, writes the gradient
     add(std::move(op));
     return;
@@ -773,7 +779,8 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
   case OpKind::all_reduce:
   case OpKind::all_to_all:
   case OpKind::send_recv: { // a halo's gradients travel back the way it came
-    sim::Op op = op_of(st, (c_.names ? prefix + ".bwd" : std::string()), Category::backward, layer, mb);
+    sim::Op op =
+        op_of(st, (c_.names ? prefix + ".bwd" : std::string()), Category::backward, layer, mb);
     if (st.kind == OpKind::all_gather)
       op.kind = OpKind::reduce_scatter;
     else if (st.kind == OpKind::reduce_scatter)
@@ -957,9 +964,8 @@ sim::Schedule Lowering::run() {
       for (const ParamBucket& b : list) {
         if ((b.zero != 1 && b.zero != 2) || b.shard < 0)
           continue;
-        sim::Op op =
-            collective_op(label("{}.{}.param_gather", what, b.name), OpKind::all_gather,
-                          Category::dp_comm, kDp, b.shard, kAct * b.params, -1);
+        sim::Op op = collective_op(label("{}.{}.param_gather", what, b.name), OpKind::all_gather,
+                                   Category::dp_comm, kDp, b.shard, kAct * b.params, -1);
         op.layer = layer;
         op.deps = {last_op};
         last_op = add(std::move(op), false);
@@ -968,8 +974,8 @@ sim::Schedule Lowering::run() {
     };
     auto gather = [&](int i, int mb, int gate, const char* pass) {
       const int l = layer_id[static_cast<std::size_t>(i)];
-      return gather_buckets(buckets[static_cast<std::size_t>(i)], label("L{}", l), l, mb,
-                            gate, pass);
+      return gather_buckets(buckets[static_cast<std::size_t>(i)], label("L{}", l), l, mb, gate,
+                            pass);
     };
     auto free_gathered = [&](const std::vector<int>& gathers, int at_op) {
       for (int gi : gathers)
@@ -1099,8 +1105,8 @@ sim::Schedule Lowering::run() {
         }
         free_gathered(gathers, cursor_);
       } else {
-        sim::Op snd = pipeline_op(label("send_act.mb{}", mb), OpKind::send,
-                                  last ? 0 : stage + 1, mb, pp_bytes);
+        sim::Op snd = pipeline_op(label("send_act.mb{}", mb), OpKind::send, last ? 0 : stage + 1,
+                                  mb, pp_bytes);
         snd.deps = {cursor_};
         send_fwd[static_cast<std::size_t>(stage)][key] = add(std::move(snd), false);
       }
@@ -1211,8 +1217,8 @@ sim::Schedule Lowering::run() {
           add(embedding_tp_op("head_sp_gather.bwd", OpKind::reduce_scatter, mb));
         free_gathered(gathers, cursor_);
       } else {
-        sim::Op r = pipeline_op(label("recv_grad.mb{}", mb), OpKind::recv,
-                                last ? 0 : stage + 1, mb, 0);
+        sim::Op r =
+            pipeline_op(label("recv_grad.mb{}", mb), OpKind::recv, last ? 0 : stage + 1, mb, 0);
         recv_bwd[static_cast<std::size_t>(stage)][key] = add(std::move(r));
       }
       for (int i = chunk_begin[static_cast<std::size_t>(chunk + 1)] - 1;
@@ -1574,7 +1580,8 @@ PassModel Lowering::pass_model(bool with_passes) {
         st.upload_last.kind = OpKind::copy_h2d;
         st.upload_last.category = Category::optimizer;
         st.upload_last.stream = kH2d;
-        st.upload_last.bytes = kAct * kind_shard[static_cast<std::size_t>(pass_of[static_cast<std::size_t>(l)])];
+        st.upload_last.bytes =
+            kAct * kind_shard[static_cast<std::size_t>(pass_of[static_cast<std::size_t>(l)])];
       }
     }
     out.stages.push_back(std::move(st));
@@ -1592,6 +1599,7 @@ PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_pas
 Plan pass_key(Plan p) {
   p.family.clear();
   p.global_batch = 0;
+  p.stage_layers.clear();
   p.activation_offload = 0;
   p.params = p.grads = p.optimizer = Placement::hbm;
   p.optimizer_on_host = false;

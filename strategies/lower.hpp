@@ -74,8 +74,8 @@ struct PassModel {
 // with the same pass_key).
 PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_passes = true);
 
-// The plan with what no pass reads set to defaults: the batch, the placements, the optimizer
-// and activation offload (run() emits their ops around the passes, pass_model() in its stages).
+// The plan with what no pass reads set to defaults: the batch, the stages' layer counts, the
+// placements, the optimizer and activation offload (run() emits their ops around the passes, pass_model() in its stages).
 // Two plans with the same key, lowered in the same context, have the same passes and the same
 // communicators (tests/planner/bound_test.cpp holds the bound to that).
 Plan pass_key(Plan plan);

@@ -342,14 +342,29 @@ std::string summary(const Plan& p) {
   if (z.shard_group > 0)
     s += fmt::format("/{}", z.shard_group);
   s += fmt::format(" pp{}", p.pp);
+  if (!p.stage_layers.empty()) {
+    // Layers per stage, runs written once with their count: "layers=4x31,2".
+    s += " layers=";
+    for (std::size_t i = 0; i < p.stage_layers.size();) {
+      std::size_t j = i;
+      while (j < p.stage_layers.size() && p.stage_layers[j] == p.stage_layers[i])
+        ++j;
+      s += fmt::format("{}{}{}", i > 0 ? "," : "", p.stage_layers[i],
+                       j - i > 1 ? fmt::format("x{}", j - i) : "");
+      i = j;
+    }
+  }
   if (p.pp > 1)
     s += fmt::format(" {}{}", name(p.schedule), p.vp > 1 ? fmt::format(" vp{}", p.vp) : "");
   s += fmt::format(" mb{}", p.micro_batch);
   const Recompute rc = p.recompute[static_cast<int>(LayerKind::attention)];
   const Recompute rc_moe = p.recompute[static_cast<int>(LayerKind::moe)];
   s += fmt::format(" rc={}", name(rc));
+  const Recompute rc_dense = p.recompute[static_cast<int>(LayerKind::dense)];
   if (rc_moe != rc)
     s += fmt::format("/moe={}", name(rc_moe));
+  if (rc_dense != rc)
+    s += fmt::format("/dense={}", name(rc_dense));
   std::vector<std::string> off;
   if (p.activation_offload > 0)
     off.push_back(p.activation_offload < 1 ? fmt::format("act{:.0f}%", 100 * p.activation_offload)

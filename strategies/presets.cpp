@@ -1,4 +1,5 @@
 #include "strategies/presets.hpp"
+#include "strategies/mesh.hpp"
 
 #include "common/error.hpp"
 #include "common/json_io.hpp"
@@ -121,6 +122,16 @@ std::vector<int> hsdp_groups(const PlanContext& ctx) {
   return v;
 }
 
+// Hybrid CP whose Ulysses part (inside a node) or ring part (across) is a single rank is plain
+// ring or Ulysses CP: cp_split() splits it that way.
+bool genuine_hybrid(int cp, const PlanContext& ctx) {
+  Plan p;
+  p.attention.cp = cp;
+  p.attention.cp_kind = CpKind::hybrid;
+  const CpSplit split = cp_split(p, ctx.cluster.gpus_per_node);
+  return split.ulysses > 1 && split.ring > 1;
+}
+
 std::vector<int> micro_batches(const PlanContext& ctx) {
   if (ctx.seq >= 32768)
     return {1};
@@ -158,42 +169,71 @@ void fsdp2(const PlanContext& ctx, std::vector<Plan>& out) {
               }
 }
 
+// How a pipeline without virtual stages splits the layers: evenly (the first stages take the
+// remainder), or with the first, the last or both stages a layer lighter than an even share,
+// the rest spread evenly over the others: the stages that also hold the embedding and the LM
+// head and loss (Megatron-LM's --decoder-first-pipeline-num-layers and
+// --decoder-last-pipeline-num-layers).
+std::vector<std::vector<int>> stage_splits(int layers, int pp) {
+  std::vector<std::vector<int>> out{{}};
+  if (pp < 2)
+    return out;
+  const int lighter = layers / pp - 1;
+  for (const auto& [first, last] : {std::pair{true, false}, {false, true}, {true, true}}) {
+    const int cut = (first ? 1 : 0) + (last ? 1 : 0), rest = pp - cut;
+    if (lighter < 1 || rest < 1)
+      continue;
+    const int others = layers - cut * lighter;
+    std::vector<int> split;
+    for (int s = 0, i = 0; s < pp; ++s) {
+      const bool cut_here = (s == 0 && first) || (s == pp - 1 && last);
+      split.push_back(cut_here ? lighter : others / rest + (i++ < others % rest ? 1 : 0));
+    }
+    out.push_back(std::move(split));
+  }
+  return out;
+}
+
 void megatron(const PlanContext& ctx, std::vector<Plan>& out) {
   const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
+  const int layers = static_cast<int>(ctx.model->num_layers());
   for (int tp : powers_of_two_up_to(ctx.cluster.gpus_per_node))
     for (int cp : powers_of_two_up_to(world / tp))
       for (int pp : divisors(world / (tp * cp)))
         for (int vp : {1, 2, 4})
-          for (int etp : expert_tp_degrees(ctx, tp))
-            for (int ep : expert_degrees(ctx, world / pp / etp))
-              for (Recompute rc : kRecomputes)
-                for (bool offload : {false, true})
-                  for (int mb : micro_batches(ctx)) {
-                    if (vp > 1 && pp == 1)
-                      continue;
-                    Plan p;
-                    p.family = "megatron";
-                    p.world = world;
-                    p.pp = pp;
-                    p.vp = vp;
-                    p.schedule =
-                        vp > 1 ? PipelineSchedule::interleaved_1f1b : PipelineSchedule::one_f_one_b;
-                    p.attention = AttentionMapping{tp, true, cp, CpKind::ring, 1};
-                    p.moe.ep = ep;
-                    p.moe.etp = etp;
-                    p.dense.tp = tp;
-                    p.embed.tp = tp;
-                    set_zero(p, 1); // distributed optimizer
-                    set_recompute(p, rc);
-                    p.micro_batch = mb;
-                    if (offload) { // --optimizer-cpu-offload (HybridDeviceOptimizer: torch
-                      // optimizers on the CPU)
-                      p.optimizer = Placement::host;
-                      p.optimizer_on_host = true;
-                      p.torch_host_optimizer = true;
+          for (const std::vector<int>& split :
+               vp == 1 ? stage_splits(layers, pp) : std::vector<std::vector<int>>{{}})
+            for (int etp : expert_tp_degrees(ctx, tp))
+              for (int ep : expert_degrees(ctx, world / pp / etp))
+                for (Recompute rc : kRecomputes)
+                  for (bool offload : {false, true})
+                    for (int mb : micro_batches(ctx)) {
+                      if (vp > 1 && pp == 1)
+                        continue;
+                      Plan p;
+                      p.family = "megatron";
+                      p.world = world;
+                      p.pp = pp;
+                      p.vp = vp;
+                      p.stage_layers = split;
+                      p.schedule = vp > 1 ? PipelineSchedule::interleaved_1f1b
+                                          : PipelineSchedule::one_f_one_b;
+                      p.attention = AttentionMapping{tp, true, cp, CpKind::ring, 1};
+                      p.moe.ep = ep;
+                      p.moe.etp = etp;
+                      p.dense.tp = tp;
+                      p.embed.tp = tp;
+                      set_zero(p, 1); // distributed optimizer
+                      set_recompute(p, rc);
+                      p.micro_batch = mb;
+                      if (offload) { // --optimizer-cpu-offload (HybridDeviceOptimizer: torch
+                        // optimizers on the CPU)
+                        p.optimizer = Placement::host;
+                        p.optimizer_on_host = true;
+                        p.torch_host_optimizer = true;
+                      }
+                      keep_if_valid(p, ctx, out);
                     }
-                    keep_if_valid(p, ctx, out);
-                  }
 }
 
 void ulysses_zero3(const PlanContext& ctx, std::vector<Plan>& out) {
@@ -236,6 +276,8 @@ void mop_family(const PlanContext& ctx, std::vector<Plan>& out) {
                       continue;
                     if (kind == CpKind::ulysses && cp > ctx.cluster.gpus_per_node)
                       continue; // across nodes mop uses hybrid or ring
+                    if (kind == CpKind::hybrid && !genuine_hybrid(cp, ctx))
+                      continue; // the same plan as Ulysses or ring CP
                     Plan p;
                     p.family = "mop";
                     p.world = world;

@@ -15,6 +15,7 @@
 
 using namespace mop;
 using namespace mop::strategy;
+namespace planner = mop::planner;
 using mop::planner::evaluate_step;
 using mop::planner::StepEvaluation;
 
@@ -47,6 +48,53 @@ TEST_CASE("the steady-state extrapolation equals simulating every micro-batch" *
           1e-3 * full.step_time_s);
     CHECK(fast.model_flops_per_step == mop::test::rel(full.model_flops_per_step));
   }
+}
+
+TEST_CASE("a folded run prices the steady period once and equals simulating every micro-batch" *
+          doctest::test_suite("independent")) {
+  // Plans of every family: those whose 2·pp + 4 micro-batch run repeats itself in the middle are
+  // priced from that run alone (the period found inside it); the others take the two runs. A
+  // second method: every micro-batch simulated.
+  const workload::ModelSpec m = workload::load_model("qwen3-30b-a3b");
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  PlanContext ctx;
+  ctx.model = &m;
+  ctx.seq = 1024;
+  ctx.cluster = ClusterShape{8, 2};
+  ctx.hw = memory_hardware(c);
+  ctx.global_batch = 48;
+  LoweringContext lc{&m, ctx.seq, 8, ctx.hw, {}};
+  lc.names = false;
+  int checked = 0, folded = 0;
+  for (const std::string& f : family_names()) {
+    const std::vector<Plan> plans = enumerate_family(f, ctx);
+    // Eight plans of each family, spread over its enumeration.
+    for (std::size_t i = 0; i < plans.size(); i += std::max<std::size_t>(1, plans.size() / 8)) {
+      const Plan& p = plans[i];
+      if (p.micro_batches() <= 2 * p.pp + 4)
+        continue;
+      const StepEvaluation fast = evaluate_step(p, lc, c, hw::Calibration{}, 16,
+                                                planner::Lowering::cost_only, planner::Check::skip);
+      const StepEvaluation full = evaluate_step(p, lc, c, hw::Calibration{}, 0,
+                                                planner::Lowering::cost_only, planner::Check::skip);
+      CAPTURE(summary(p));
+      ++checked;
+      folded += fast.micro_batches_simulated == 2 * p.pp + 4 ? 1 : 0;
+      const double step = full.step_time_s;
+      CHECK(fast.step_time_s == mop::test::rel(step, 1e-6));
+      const sim::Breakdown& a = fast.result.breakdown;
+      const sim::Breakdown& b = full.result.breakdown;
+      if (p.schedule != PipelineSchedule::interleaved_1f1b) {
+        CHECK(std::fabs(a.compute - b.compute) < 1e-6 * step);
+        CHECK(std::fabs(a.exposed_comm - b.exposed_comm) < 1e-6 * step);
+        CHECK(std::fabs(a.bubble - b.bubble) < 1e-6 * step);
+        CHECK(std::fabs(a.optimizer - b.optimizer) < 1e-6 * step);
+      }
+      CHECK(fast.model_flops_per_step == mop::test::rel(full.model_flops_per_step));
+    }
+  }
+  CHECK(checked >= 16);
+  CHECK(folded * 2 >= checked);
 }
 
 TEST_CASE("under uneven stage splits the extrapolation still equals simulating every micro-batch" *
