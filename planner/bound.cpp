@@ -4,6 +4,8 @@
 #include "strategies/pipeline.hpp"
 
 #include <algorithm>
+#include <cstddef>
+#include <limits>
 #include <vector>
 
 namespace mop::planner {
@@ -14,6 +16,47 @@ using strategy::PassOps;
 double StepBound::seconds() const {
   return std::max({compute, path, host});
 }
+
+namespace {
+
+// From the moment a part of a pass (its forward, or its backward) starts on the data path to
+// the end of its last path op: the longest chain of its ops, each at its standalone duration
+// `d`, along the path (each path op waits for the one before it), their dependencies inside the
+// part and their streams' order. A path op cannot start before the part does; an op off the
+// path waits only for what it depends on here (without such a dependency it may have run
+// earlier, so it delays nothing). Dependencies and contention outside the part only add time.
+double longest_chain(const PassOps& pass, const std::vector<double>& d, std::size_t begin,
+                     std::size_t end, PassOps::Role path_role) {
+  constexpr double kNever = -std::numeric_limits<double>::infinity();
+  std::vector<double> finish(end - begin, kNever);
+  std::vector<std::ptrdiff_t> last_on_stream;
+  std::ptrdiff_t previous = -1;
+  double exit = 0;
+  for (std::size_t i = begin; i < end; ++i) {
+    const sim::Op& op = pass.ops[i];
+    const bool path = pass.roles[i] == path_role;
+    double start = path ? 0.0 : kNever;
+    if (path && previous >= 0)
+      start = std::max(start, finish[static_cast<std::size_t>(previous)]);
+    for (const int dep : op.deps)
+      if (dep >= static_cast<int>(begin) && dep < static_cast<int>(i))
+        start = std::max(start, finish[static_cast<std::size_t>(dep) - begin]);
+    const auto stream = static_cast<std::size_t>(op.stream);
+    if (stream >= last_on_stream.size())
+      last_on_stream.resize(stream + 1, -1);
+    if (last_on_stream[stream] >= 0)
+      start = std::max(start, finish[static_cast<std::size_t>(last_on_stream[stream])]);
+    finish[i - begin] = start + d[i];
+    last_on_stream[stream] = static_cast<std::ptrdiff_t>(i - begin);
+    if (path) {
+      previous = static_cast<std::ptrdiff_t>(i - begin);
+      exit = finish[i - begin];
+    }
+  }
+  return exit;
+}
+
+} // namespace
 
 std::shared_ptr<const std::vector<PassTimesCache::Times>>
 PassTimesCache::find(const strategy::Plan& key) const {
@@ -43,23 +86,20 @@ StepBound step_lower_bound(const strategy::Plan& plan, const strategy::LoweringC
     measured->reserve(model.passes.size());
     for (const PassOps& pass : model.passes) {
       Times t;
-      auto compute = [&](const sim::Op& op, double d) {
-        if (!sim::is_collective(op.kind) && op.kind != sim::OpKind::send &&
-            op.kind != sim::OpKind::recv)
-          t.compute += d;
-      };
-      for (const sim::Op& op : pass.forward) {
-        const double d = duration(op);
-        t.forward += d;
-        compute(op, d);
+      std::vector<double> d(pass.ops.size());
+      for (std::size_t i = 0; i < pass.ops.size(); ++i) {
+        const sim::Op& op = pass.ops[i];
+        d[i] = duration(op);
+        const PassOps::Role role = pass.roles[i];
+        const bool path = role == PassOps::Role::forward || role == PassOps::Role::backward;
+        if ((path && !sim::is_collective(op.kind) && op.kind != sim::OpKind::send &&
+             op.kind != sim::OpKind::recv) ||
+            role == PassOps::Role::off_path_compute)
+          t.compute += d[i];
       }
-      for (const sim::Op& op : pass.backward) {
-        const double d = duration(op);
-        t.backward += d;
-        compute(op, d);
-      }
-      for (const sim::Op& op : pass.off_path)
-        compute(op, duration(op));
+      t.forward = longest_chain(pass, d, 0, pass.forward_end, PassOps::Role::forward);
+      t.backward =
+          longest_chain(pass, d, pass.forward_end, pass.ops.size(), PassOps::Role::backward);
       measured->push_back(t);
     }
     known = measured;

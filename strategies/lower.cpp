@@ -1404,15 +1404,18 @@ PassOps Lowering::layer_pass(const LayerSpec& layer) {
   const std::size_t forward_end = scratch.ops.size();
   emit_layer_backward(steps, 0, 0);
   PassOps out;
-  for (std::size_t i = 0; i < scratch.ops.size(); ++i) {
-    sim::Op& op = scratch.ops[i];
-    if (on_path[i])
-      (i < forward_end ? out.forward : out.backward).push_back(std::move(op));
-    else if (op.stream == kCompute)
-      out.off_path.push_back(std::move(op));
+  out.forward_end = forward_end;
+  out.roles.reserve(scratch.ops.size() + pending_wgrad_.size());
+  for (std::size_t i = 0; i < scratch.ops.size(); ++i)
+    out.roles.push_back(on_path[i]
+                            ? (i < forward_end ? PassOps::Role::forward : PassOps::Role::backward)
+                        : scratch.ops[i].stream == kCompute ? PassOps::Role::off_path_compute
+                                                            : PassOps::Role::off_path);
+  out.ops = std::move(scratch.ops);
+  for (sim::Op& w : pending_wgrad_) {
+    out.ops.push_back(std::move(w));
+    out.roles.push_back(PassOps::Role::off_path_compute);
   }
-  for (sim::Op& w : pending_wgrad_)
-    out.off_path.push_back(std::move(w));
   pending_wgrad_.clear();
   defer_wgrad_ = false;
   path_log_ = nullptr;
@@ -1420,6 +1423,17 @@ PassOps Lowering::layer_pass(const LayerSpec& layer) {
   cursor_ = -1;
   return out;
 }
+
+namespace {
+// Every op of a pass built by hand on the data path, in order (the embedding's, the head's).
+void on_the_path(PassOps& pass) {
+  pass.roles.clear();
+  for (std::size_t i = 0; i < pass.ops.size(); ++i) {
+    pass.ops[i].deps.clear();
+    pass.roles.push_back(i < pass.forward_end ? PassOps::Role::forward : PassOps::Role::backward);
+  }
+}
+} // namespace
 
 PassModel Lowering::pass_model(bool with_passes) {
   const int L = static_cast<int>(m_.num_layers());
@@ -1448,32 +1462,35 @@ PassModel Lowering::pass_model(bool with_passes) {
     out.passes.resize(out.passes.size() + 2);
   } else {
     PassOps e;
-    e.forward.push_back(embedding_op(0));
-    if (etp_group >= 0) {
-      e.forward.push_back(
+    e.ops.push_back(embedding_op(0));
+    if (etp_group >= 0)
+      e.ops.push_back(
           embedding_tp_op("embedding_sp_scatter", OpKind::reduce_scatter, 0, etp_group));
-      e.backward.push_back(
+    e.forward_end = e.ops.size();
+    if (etp_group >= 0)
+      e.ops.push_back(
           embedding_tp_op("embedding_sp_scatter.bwd", OpKind::all_gather, 0, etp_group));
-    }
+    on_the_path(e);
     out.passes.push_back(std::move(e));
   }
   const int head_pass = embedding_pass + 1;
   if (with_passes) {
     PassOps hd;
     if (etp_group >= 0)
-      hd.forward.push_back(embedding_tp_op("head_sp_gather", OpKind::all_gather, 0, etp_group));
-    hd.forward.push_back(head_op(0, false));
+      hd.ops.push_back(embedding_tp_op("head_sp_gather", OpKind::all_gather, 0, etp_group));
+    hd.ops.push_back(head_op(0, false));
     if (etp_group >= 0)
-      hd.forward.push_back(embedding_tp_op("loss_max", OpKind::all_reduce, 0, etp_group));
-    hd.forward.push_back(loss_op(0));
+      hd.ops.push_back(embedding_tp_op("loss_max", OpKind::all_reduce, 0, etp_group));
+    hd.ops.push_back(loss_op(0));
     if (etp_group >= 0) {
-      hd.forward.push_back(embedding_tp_op("loss_target", OpKind::all_reduce, 0, etp_group));
-      hd.forward.push_back(embedding_tp_op("loss_sum_exp", OpKind::all_reduce, 0, etp_group));
+      hd.ops.push_back(embedding_tp_op("loss_target", OpKind::all_reduce, 0, etp_group));
+      hd.ops.push_back(embedding_tp_op("loss_sum_exp", OpKind::all_reduce, 0, etp_group));
     }
-    hd.backward.push_back(head_op(0, true));
+    hd.forward_end = hd.ops.size();
+    hd.ops.push_back(head_op(0, true));
     if (etp_group >= 0)
-      hd.backward.push_back(
-          embedding_tp_op("head_sp_gather.bwd", OpKind::reduce_scatter, 0, etp_group));
+      hd.ops.push_back(embedding_tp_op("head_sp_gather.bwd", OpKind::reduce_scatter, 0, etp_group));
+    on_the_path(hd);
     out.passes.push_back(std::move(hd));
   }
   const int vp = chunks_per_stage(p_);

@@ -6,6 +6,8 @@
 #include "strategies/plan.hpp"
 #include "workload/model_spec.hpp"
 
+#include <cstddef>
+#include <cstdint>
 #include <span>
 #include <utility>
 #include <vector>
@@ -34,13 +36,23 @@ struct LoweringContext {
 sim::Schedule lower(const Plan& plan, const LoweringContext& ctx);
 
 // The ops of one micro-batch's pass through one part of a stage (a decoder layer of one kind,
-// the embedding, or the LM head and loss), exactly as lower() emits them, sorted by how they
-// bound the step: a stage's data path is one chain of dependencies through every micro-batch,
-// so the path ops' standalone times add up, whatever overlaps them.
+// the embedding, or the LM head and loss), exactly as lower() emits them, each with its role in
+// bounding the step: a stage's data path is one chain of dependencies through every
+// micro-batch, so a pass lasts at least as long as the longest chain of its ops that ends on the
+// path (the path ops' standalone times, and what they wait for inside the pass: ring CP's hops),
+// whatever overlaps them.
 struct PassOps {
-  std::vector<sim::Op> forward;  // on the data path
-  std::vector<sim::Op> backward; // on the data path: recompute, input and weight gradients
-  std::vector<sim::Op> off_path; // compute-stream ops off the path (zero-bubble's weight grads)
+  enum class Role : std::uint8_t {
+    forward,          // on the data path
+    backward,         // on the data path: recompute, input and weight gradients
+    off_path_compute, // compute-stream ops off the path (zero-bubble's weight gradients)
+    off_path,         // other streams' ops off the path (ring CP's hops)
+  };
+  // In the order lower() emits them; an op's deps index this list (deps outside it are gone).
+  // Ops [0, forward_end) are the forward's; the path ops of each part chain in this order.
+  std::vector<sim::Op> ops;
+  std::vector<Role> roles;
+  std::size_t forward_end = 0;
 };
 
 // What the planner's analytic bound reads (planner/bound.hpp): the plan's communicators, its
@@ -75,9 +87,9 @@ struct PassModel {
 PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_passes = true);
 
 // The plan with what no pass reads set to defaults: the batch, the stages' layer counts, the
-// placements, the optimizer and activation offload (run() emits their ops around the passes, pass_model() in its stages).
-// Two plans with the same key, lowered in the same context, have the same passes and the same
-// communicators (tests/planner/bound_test.cpp holds the bound to that).
+// placements, the optimizer and activation offload (run() emits their ops around the passes,
+// pass_model() in its stages). Two plans with the same key, lowered in the same context, have the
+// same passes and the same communicators (tests/planner/bound_test.cpp holds the bound to that).
 Plan pass_key(Plan plan);
 
 } // namespace mop::strategy
