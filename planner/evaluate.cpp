@@ -65,6 +65,18 @@ bool uneven_stages(const Plan& p, const workload::ModelSpec& m) {
   return false;
 }
 
+// Applies f(part of a, part of b) to every part of two breakdowns, pairwise.
+template <class F> void each_part(sim::Breakdown& a, const sim::Breakdown& b, F f) {
+  f(a.compute, b.compute);
+  f(a.recompute, b.recompute);
+  f(a.exposed_comm, b.exposed_comm);
+  for (int c = 0; c < 10; ++c)
+    f(a.exposed_comm_by_category[c], b.exposed_comm_by_category[c]);
+  f(a.bubble, b.bubble);
+  f(a.offload_stall, b.offload_stall);
+  f(a.optimizer, b.optimizer);
+}
+
 // One period of a pipeline's steady state, found inside one run: per micro-batch, the time it
 // adds and what the critical class spends it on.
 struct Period {
@@ -122,12 +134,7 @@ std::optional<Period> steady_period(const sim::Schedule& s, const sim::SimResult
   p.breakdown = sim::breakdown_between(s.classes[k], r.classes[k].ops, critical_ends.front(),
                                        critical_ends.back());
   const double per = 1.0 / (n - 1);
-  sim::Breakdown& b = p.breakdown;
-  for (double* x :
-       {&b.compute, &b.recompute, &b.exposed_comm, &b.bubble, &b.offload_stall, &b.optimizer})
-    *x *= per;
-  for (double& x : b.exposed_comm_by_category)
-    x *= per;
+  each_part(p.breakdown, p.breakdown, [per](double& x, double) { x *= per; });
   return p;
 }
 
@@ -142,6 +149,12 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   e.micro_batches = plan.micro_batches();
   e.tokens_per_step = static_cast<double>(plan.global_batch) * static_cast<double>(ctx.seq);
   const int pp = plan.pp;
+  // The run reported (its Schedule, memory and critical path): the folded one, or the larger
+  // of the two extrapolated.
+  auto reported_at = [&](int micro) {
+    e.schedule = lower(with_micro_batches(plan, micro), ctx, lowering, e.program);
+    e.result = sim::simulate(e.schedule, cluster, calibration, checked);
+  };
   // One run, folded: when the run's middle micro-batches repeat (steady_period), price that
   // period once. 1F1B (and zero-bubble) stages run their micro-batches' forwards in the steady
   // state from micro-batch pp on and their backwards until pp before the end, so a run of
@@ -151,21 +164,12 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
       plan.schedule != PipelineSchedule::interleaved_1f1b) {
     const int m_run = 2 * pp + 4;
     if (e.micro_batches > m_run) {
-      e.schedule = lower(with_micro_batches(plan, m_run), ctx, lowering, e.program);
-      e.result = sim::simulate(e.schedule, cluster, calibration, checked);
+      reported_at(m_run);
       if (const std::optional<Period> period =
               steady_period(e.schedule, e.result, pp, m_run - pp - 1)) {
         const double k = e.micro_batches - m_run;
-        sim::Breakdown& b = e.result.breakdown;
-        const sim::Breakdown& d = period->breakdown;
-        b.compute += k * d.compute;
-        b.recompute += k * d.recompute;
-        b.exposed_comm += k * d.exposed_comm;
-        for (int c = 0; c < 10; ++c)
-          b.exposed_comm_by_category[c] += k * d.exposed_comm_by_category[c];
-        b.bubble += k * d.bubble;
-        b.offload_stall += k * d.offload_stall;
-        b.optimizer += k * d.optimizer;
+        each_part(e.result.breakdown, period->breakdown,
+                  [k](double& x, double per_micro) { x += k * per_micro; });
         e.result.step_time_s += k * period->seconds;
         e.step_time_s = e.result.step_time_s;
         e.micro_batches_simulated = m_run;
@@ -200,11 +204,6 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
     return sim::simulate(lower(with_micro_batches(plan, micro), unnamed, lowering, program),
                          cluster, calibration, quick);
   };
-  // The run at m2 is the one reported (its Schedule, memory and critical path).
-  auto reported_at = [&](int micro) {
-    e.schedule = lower(with_micro_batches(plan, micro), ctx, lowering, e.program);
-    e.result = sim::simulate(e.schedule, cluster, calibration, checked);
-  };
   sim::SimResult r1 = step_at(m1);
   reported_at(m2);
   // Uneven stages (a stage with more layers, or other kinds of layers, than another) can settle
@@ -229,19 +228,9 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   }
   e.micro_batches_simulated = m2;
   const double k = static_cast<double>(e.micro_batches - m2) / (m2 - m1);
-  auto extend = [k](double at_m2, double at_m1) { return at_m2 + k * (at_m2 - at_m1); };
-  sim::Breakdown& b = e.result.breakdown;
-  const sim::Breakdown& b1 = r1.breakdown;
-  b.compute = extend(b.compute, b1.compute);
-  b.recompute = extend(b.recompute, b1.recompute);
-  b.exposed_comm = extend(b.exposed_comm, b1.exposed_comm);
-  for (int c = 0; c < 10; ++c)
-    b.exposed_comm_by_category[c] =
-        extend(b.exposed_comm_by_category[c], b1.exposed_comm_by_category[c]);
-  b.bubble = extend(b.bubble, b1.bubble);
-  b.offload_stall = extend(b.offload_stall, b1.offload_stall);
-  b.optimizer = extend(b.optimizer, b1.optimizer);
-  e.result.step_time_s = extend(e.result.step_time_s, r1.step_time_s);
+  auto extend = [k](double& at_m2, double at_m1) { at_m2 += k * (at_m2 - at_m1); };
+  each_part(e.result.breakdown, r1.breakdown, extend);
+  extend(e.result.step_time_s, r1.step_time_s);
   e.result.events += r1.events;
   e.step_time_s = e.result.step_time_s;
   // Every micro-batch does the same arithmetic.

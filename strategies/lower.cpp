@@ -136,6 +136,10 @@ private:
   template <class... A> std::string label(fmt::format_string<A...> f, A&&... a) const {
     return c_.names ? fmt::format(f, std::forward<A>(a)...) : std::string();
   }
+  // `prefix` (a label) followed by `suffix`, or nothing without names.
+  std::string label_with(const std::string& prefix, const char* suffix) const {
+    return c_.names ? prefix + suffix : std::string();
+  }
   int tensor(std::string name, double bytes, sim::Device device, sim::MemoryKind kind,
              bool resident = false);
   int emit_forward(const Step& st, const std::string& prefix, Category category, int layer, int mb);
@@ -582,9 +586,8 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
     int kv = -1;
     if (i + 1 < steps)
       kv = add(ring_hop(backward ? "ring_kv_bwd" : "ring_kv", i, {start, prev_kv}), false);
-    const std::string name = steps > 1  ? label("{}{}.{}", prefix, backward ? ".bwd" : "", i)
-                             : c_.names ? prefix + (backward ? ".bwd" : "")
-                                        : std::string();
+    const std::string name = steps > 1 ? label("{}{}.{}", prefix, backward ? ".bwd" : "", i)
+                                       : label_with(prefix, backward ? ".bwd" : "");
     sim::Op compute = op_of(st, name, category, layer, mb);
     if (backward) {
       compute.kind = OpKind::attention_bwd;
@@ -737,29 +740,25 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
   switch (st.kind) {
   case OpKind::gemm: {
     // dX = dY·Wᵀ (m x k over n) and dW = Xᵀ·dY (k x n over m): twice the forward FLOPs.
-    sim::Op dgrad =
-        op_of(st, (c_.names ? prefix + ".dgrad" : std::string()), Category::backward, layer, mb);
+    sim::Op dgrad = op_of(st, label_with(prefix, ".dgrad"), Category::backward, layer, mb);
     dgrad.gemm = sim::GemmShape{st.gemm.m, st.gemm.k, st.gemm.n, st.gemm.instances, {}};
     dgrad.model_flops = st.flops;
     add(std::move(dgrad));
-    sim::Op wgrad =
-        op_of(st, (c_.names ? prefix + ".wgrad" : std::string()), Category::backward, layer, mb);
+    sim::Op wgrad = op_of(st, label_with(prefix, ".wgrad"), Category::backward, layer, mb);
     wgrad.gemm = sim::GemmShape{st.gemm.k, st.gemm.n, st.gemm.m, st.gemm.instances, {}};
     wgrad.model_flops = st.flops;
     emit_wgrad(std::move(wgrad));
     return;
   }
   case OpKind::grouped_gemm: {
-    sim::Op dgrad =
-        op_of(st, (c_.names ? prefix + ".dgrad" : std::string()), Category::backward, layer, mb);
+    sim::Op dgrad = op_of(st, label_with(prefix, ".dgrad"), Category::backward, layer, mb);
     dgrad.gemm.n = st.gemm.k;
     dgrad.gemm.k = st.gemm.n;
     dgrad.model_flops = st.flops;
     add(std::move(dgrad));
     // Weight gradient per expert: (k x n) over that expert's rows; priced as the same grouped
     // shape with the reduction over rows (FLOPs equal).
-    sim::Op wgrad =
-        op_of(st, (c_.names ? prefix + ".wgrad" : std::string()), Category::backward, layer, mb);
+    sim::Op wgrad = op_of(st, label_with(prefix, ".wgrad"), Category::backward, layer, mb);
     wgrad.model_flops = st.flops;
     emit_wgrad(std::move(wgrad));
     return;
@@ -768,8 +767,7 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     emit_attention(st, prefix, Category::backward, layer, mb, true);
     return;
   case OpKind::elementwise: {
-    sim::Op op =
-        op_of(st, (c_.names ? prefix + ".bwd" : std::string()), Category::backward, layer, mb);
+    sim::Op op = op_of(st, label_with(prefix, ".bwd"), Category::backward, layer, mb);
     op.bytes = 2 * st.bytes; // reads saved input and incoming gradient, writes the gradient
     add(std::move(op));
     return;
@@ -779,8 +777,7 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
   case OpKind::all_reduce:
   case OpKind::all_to_all:
   case OpKind::send_recv: { // a halo's gradients travel back the way it came
-    sim::Op op =
-        op_of(st, (c_.names ? prefix + ".bwd" : std::string()), Category::backward, layer, mb);
+    sim::Op op = op_of(st, label_with(prefix, ".bwd"), Category::backward, layer, mb);
     if (st.kind == OpKind::all_gather)
       op.kind = OpKind::reduce_scatter;
     else if (st.kind == OpKind::reduce_scatter)
@@ -1428,10 +1425,8 @@ namespace {
 // Every op of a pass built by hand on the data path, in order (the embedding's, the head's).
 void on_the_path(PassOps& pass) {
   pass.roles.clear();
-  for (std::size_t i = 0; i < pass.ops.size(); ++i) {
-    pass.ops[i].deps.clear();
+  for (std::size_t i = 0; i < pass.ops.size(); ++i)
     pass.roles.push_back(i < pass.forward_end ? PassOps::Role::forward : PassOps::Role::backward);
-  }
 }
 } // namespace
 

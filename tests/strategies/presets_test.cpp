@@ -1,4 +1,5 @@
 #include "common/error.hpp"
+#include "strategies/mesh.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
 #include "workload/params.hpp"
@@ -6,6 +7,7 @@
 #include <algorithm>
 #include <doctest/doctest.h>
 #include <map>
+#include <set>
 #include <unordered_map>
 
 using namespace mop::strategy;
@@ -186,4 +188,36 @@ TEST_CASE("a dense model's megatron plans differ in more than their expert setti
     for (std::size_t j = i + 1; j < without_moe.size(); ++j)
       if (same_plan(without_moe[i], without_moe[j]))
         FAIL_CHECK(summary(plans[i]) << " and " << summary(plans[j]) << " repeat one plan");
+}
+
+TEST_CASE("megatron splits a pipeline evenly or with a layer off the first, the last or both "
+          "stages" *
+          doctest::test_suite("independent")) {
+  // By hand, Llama-3-8B's 32 layers over 4 stages: an even share is 8; a lighter end stage holds
+  // 7 and the others share the rest, the earlier ones taking the remainder: 7,9,8,8; 9,8,8,7;
+  // 7,9,9,7 (--decoder-first/last-pipeline-num-layers 7).
+  const ModelSpec m = load_model("llama3-8b");
+  std::set<std::vector<int>> splits;
+  for (const Plan& p : enumerate_family("megatron", context(m, 8192, 2)))
+    if (p.pp == 4 && p.vp == 1)
+      splits.insert(p.stage_layers);
+  CHECK(splits == std::set<std::vector<int>>{{}, {7, 9, 8, 8}, {9, 8, 8, 7}, {7, 9, 9, 7}});
+}
+
+TEST_CASE("the mop family's hybrid CP has a Ulysses part and a ring part" *
+          doctest::test_suite("plumbing")) {
+  // Hybrid CP with one of its parts a single rank is plain ring or Ulysses CP, a plan the family
+  // already holds. Kimi-K2's CP degrees on 96 GPUs divide its 64 heads and its 65,536-token
+  // sequence in 2·cp chunks: 2, 4, 8, 16, 32. On 8-GPU nodes 2, 4 and 8 are all Ulysses (not
+  // hybrid); 16 (Ulysses 8 x ring 2) and 32 (8 x 4) are.
+  const ModelSpec m = load_model("kimi-k2");
+  std::set<int> hybrid;
+  for (const Plan& p : enumerate_family("mop", context(m, 65536, 12)))
+    if (p.attention.cp_kind == CpKind::hybrid) {
+      const CpSplit split = cp_split(p, 8);
+      CHECK(split.ulysses > 1);
+      CHECK(split.ring > 1);
+      hybrid.insert(p.attention.cp);
+    }
+  CHECK(hybrid == std::set<int>{16, 32});
 }
