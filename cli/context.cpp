@@ -11,6 +11,101 @@
 
 namespace mop::cli {
 
+namespace {
+
+void add_plan_flags(CLI::App* cmd, PlanFlags& f) {
+  const char* group = "Plan flags (fix these parts of the plan; on plan, sweep and fit they "
+                      "constrain the search)";
+  auto degree = [&](const char* flag, std::optional<int>& v, const char* what) {
+    cmd->add_option(flag, v, what)->group(group);
+  };
+  degree("--tp", f.tp,
+         "tensor parallel degree of attention (dense MLPs and the vocabulary follow "
+         "where the family ties them)");
+  CLI::Option* sp = cmd->add_flag("--sp", f.sp, "sequence parallelism with TP")->group(group);
+  cmd->add_flag("--no-sp", f.no_sp, "no sequence parallelism: TP all-reduces whole activations")
+      ->excludes(sp)
+      ->group(group);
+  degree("--cp", f.cp, "context parallel degree");
+  cmd->add_option("--cp-kind", f.cp_kind,
+                  "ring, ulysses or hybrid (Ulysses in a node, ring "
+                  "across nodes)")
+      ->check(CLI::IsMember({"ring", "ulysses", "hybrid"}))
+      ->group(group);
+  degree("--pp", f.pp, "pipeline stages");
+  degree("--vp", f.vp, "virtual stages per rank (more than 1: interleaved 1F1B)");
+  cmd->add_option("--pp-schedule", f.pp_schedule, "gpipe, 1f1b, interleaved-1f1b or zero-bubble")
+      ->check(CLI::IsMember({"gpipe", "1f1b", "interleaved-1f1b", "zero-bubble"}))
+      ->group(group);
+  degree("--ep", f.ep, "expert parallel degree");
+  degree("--etp", f.etp, "expert tensor parallel degree");
+  degree("--zero", f.zero, "ZeRO stage of every layer kind: 0, 1, 2 or 3 (3 = FSDP)");
+  degree("--micro-batch", f.micro_batch, "sequences per micro-batch");
+  cmd->add_option("--recompute", f.recompute,
+                  "activation recompute of every layer kind: none, "
+                  "selective or full")
+      ->check(CLI::IsMember({"none", "selective", "full"}))
+      ->group(group);
+  cmd->add_option("--offload", f.offload,
+                  "what lives on the host: none, or a comma-separated list of params, grads, opt "
+                  "(state and step on the CPU), act (checkpointed activations)")
+      ->group(group);
+  cmd->add_option("--precision", f.precision,
+                  "precision of the layers' GEMMs: bf16, fp8 or "
+                  "mxfp8 (Blackwell)")
+      ->check(CLI::IsMember({"bf16", "fp8", "mxfp8"}))
+      ->capture_default_str()
+      ->group(group);
+}
+
+strategy::PlanOverrides overrides_of(const PlanFlags& f) {
+  auto degree = [](const char* flag, const std::optional<int>& v, std::int64_t low,
+                   std::int64_t high) {
+    if (v && (*v < low || *v > high))
+      throw InputError(
+          fmt::format("{} must be a whole number from {} to {} (got {}).", flag, low, high, *v));
+    return v;
+  };
+  strategy::PlanOverrides o;
+  o.tp = degree("--tp", f.tp, 1, limits::max_gpus);
+  if (f.sp || f.no_sp)
+    o.sp = f.sp;
+  o.cp = degree("--cp", f.cp, 1, limits::max_gpus);
+  if (!f.cp_kind.empty())
+    o.cp_kind = strategy::parse_cp_kind(f.cp_kind, "--cp-kind");
+  o.pp = degree("--pp", f.pp, 1, limits::max_gpus);
+  o.vp = degree("--vp", f.vp, 1, limits::max_layers);
+  if (!f.pp_schedule.empty())
+    o.schedule = strategy::parse_schedule(f.pp_schedule, "--pp-schedule");
+  o.ep = degree("--ep", f.ep, 1, limits::max_gpus);
+  o.etp = degree("--etp", f.etp, 1, limits::max_gpus);
+  o.zero = degree("--zero", f.zero, 0, 3);
+  o.micro_batch = degree("--micro-batch", f.micro_batch, 1, limits::max_batch_sequences);
+  if (!f.recompute.empty())
+    o.recompute = strategy::parse_recompute(f.recompute, "--recompute");
+  if (!f.offload.empty())
+    o.offload = strategy::parse_offload(f.offload);
+  return o;
+}
+
+sim::Dtype precision_of(const std::string& precision, const hw::ClusterSpec& cluster) {
+  if (precision == "bf16")
+    return sim::Dtype::bf16;
+  if (cluster.gpu.peak_flops_fp8 <= 0)
+    throw InputError(fmt::format("--precision {}: {} ({}) has no FP8 tensor-core figure.",
+                                 precision, quote_for_message(cluster.name), cluster.gpu.name));
+  // MXFP8 (32-element blocks with E8M0 scales) is a Blackwell tensor-core format; it runs at
+  // the FP8 rate there. Hopper runs per-tensor or blockwise-scaled FP8 (--precision fp8).
+  if (precision == "mxfp8" && cluster.gpu.arch != hw::GpuArch::blackwell)
+    throw InputError(fmt::format("--precision mxfp8 needs a Blackwell GPU; {} is {} ({}): use "
+                                 "--precision fp8.",
+                                 quote_for_message(cluster.name), cluster.gpu.name,
+                                 hw::gpu_arch_name(cluster.gpu.arch)));
+  return sim::Dtype::fp8;
+}
+
+} // namespace
+
 void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
   cmd->add_option("--model", opt.model, "catalog id (mop model list) or a config.json path")
       ->required();
@@ -25,6 +120,11 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
     cmd->add_option("--plan", opt.plan,
                     "preset (fsdp2, megatron, ulysses-zero3, mop), auto-tuned, or a plan JSON")
         ->capture_default_str();
+  cmd->add_option("--global-batch-tokens", opt.global_batch_tokens,
+                  "the global batch in tokens (4M = 4,194,304), a whole number of sequences "
+                  "(torchtitan counts it so)")
+      ->excludes("--global-batch");
+  add_plan_flags(cmd, opt);
   cmd->add_option("--calibration", opt.calibration, "calibration JSON from mop calibrate");
   cmd->add_flag("--json", opt.json, std::string("print one JSON object"));
 }
@@ -61,6 +161,17 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
   }
   in.nodes = opt.nodes;
   in.global_batch = opt.global_batch;
+  if (!opt.global_batch_tokens.empty()) {
+    const std::int64_t tokens = parse_count(opt.global_batch_tokens, "--global-batch-tokens");
+    if (tokens % in.seq != 0 || tokens / in.seq > limits::max_batch_sequences)
+      throw InputError(fmt::format("--global-batch-tokens {} ({} tokens) must be a whole number "
+                                   "of sequences of {} tokens, at most {} of them.",
+                                   quote_for_message(opt.global_batch_tokens), tokens, in.seq,
+                                   limits::max_batch_sequences));
+    in.global_batch = static_cast<int>(tokens / in.seq);
+  }
+  in.overrides = overrides_of(opt);
+  in.gemm_dtype = precision_of(opt.precision, in.cluster);
   return in;
 }
 
@@ -79,6 +190,8 @@ strategy::PlanContext PlanInputs::context() const {
   c.cluster = strategy::ClusterShape{cluster.node.gpus_per_node, nodes};
   c.hw = strategy::memory_hardware(cluster);
   c.global_batch = global_batch;
+  c.overrides = overrides;
+  c.gemm_dtype = gemm_dtype;
   return c;
 }
 

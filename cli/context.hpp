@@ -6,18 +6,30 @@
 #include "workload/model_spec.hpp"
 
 #include <CLI/CLI.hpp>
+#include <optional>
 #include <string>
 
 namespace mop::cli {
 
-struct PlanOptions {
+// The plan flags (CLI.md "Common arguments"), as given.
+struct PlanFlags {
+  std::optional<int> tp, cp, pp, vp, ep, etp, zero, micro_batch;
+  bool sp = false, no_sp = false;
+  std::string cp_kind, pp_schedule, recompute, offload; // empty: not given
+  std::string global_batch_tokens;                      // "4M"; empty: not given
+  std::string precision = "bf16";
+};
+
+struct PlanOptions : PlanFlags {
   std::string model, cluster, seq, plan = "mop", calibration;
   int nodes = 1;
   int global_batch = 0;
   bool json = false;
 };
 
-// Adds --model --cluster --nodes --seq --global-batch --plan --calibration --json.
+// Adds --model --cluster --nodes --seq --global-batch --global-batch-tokens --plan
+// --calibration --json and the plan flags (--tp --sp --cp --cp-kind --pp --vp --pp-schedule
+// --ep --etp --zero --micro-batch --recompute --offload --precision).
 void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan = true);
 
 struct PlanInputs {
@@ -26,11 +38,14 @@ struct PlanInputs {
   int nodes = 1;
   std::int64_t seq = 0;
   int global_batch = 0;
+  strategy::PlanOverrides overrides;
+  sim::Dtype gemm_dtype = sim::Dtype::bf16;
   strategy::PlanContext context() const;
 };
 
 // Loads the model, the cluster and the calibration and checks every number against its ceiling
-// (common/limits.hpp): nodes, GPUs (nodes x GPUs per node), sequence length, global batch.
+// (common/limits.hpp): nodes, GPUs (nodes x GPUs per node), sequence length, global batch, the
+// plan flags' degrees; the precision against the GPU (MXFP8 needs Blackwell).
 PlanInputs resolve_inputs(const PlanOptions& opt);
 
 // InputError unless nodes x gpus_per_node is at most limits::max_gpus.

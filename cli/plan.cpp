@@ -45,7 +45,11 @@ std::vector<std::string> families_of(const std::string& family) {
 // What runs out first when nothing fits, and the nearest fix.
 std::string nothing_fits(const planner::SearchResult& s, const PlanInputs& in) {
   if (!s.closest)
-    return "no valid plan exists for this model, sequence length and cluster.";
+    return s.no_plan_reason.empty()
+               ? "no valid plan exists for this model, sequence length and cluster."
+               : fmt::format("no valid plan exists for this model, sequence length and "
+                             "cluster: {}",
+                             s.no_plan_reason);
   const strategy::MemoryReport& m = s.closest_memory;
   const double over = m.fits_hbm ? m.peak_host_bytes / m.host_capacity_bytes
                                  : m.peak_hbm_bytes / m.hbm_capacity_bytes;
@@ -119,6 +123,12 @@ void add_plan_command(CLI::App& app) {
     const PlanInputs in = resolve_inputs(*opt);
     const bool progress = !opt->json && ::isatty(2);
     const planner::SearchResult s = run_search(in, opt->family, opt->top, opt->threads, progress);
+    // Flags no plan can take are a bad request, not a result.
+    if (s.candidates_evaluated == 0 && !in.overrides.empty())
+      throw InputError(fmt::format("no {}plan for {} at {} tokens on {} GPUs has {}: {}",
+                                   opt->family == "all" ? "" : opt->family + " ", in.model.name,
+                                   in.seq, in.nodes * in.cluster.node.gpus_per_node,
+                                   strategy::describe(in.overrides), s.no_plan_reason));
     if (opt->json) {
       Json results = Json::array();
       for (const auto& r : s.results)

@@ -168,7 +168,7 @@ void add_simulate_command(CLI::App& app) {
         opt->calibration.empty() ? hw::Calibration{} : hw::load_calibration(opt->calibration);
     const planner::StepEvaluation e = planner::evaluate_step(
         plan.plan,
-        strategy::LoweringContext{&in.model, in.seq, in.cluster.node.gpus_per_node, ctx.hw, {}},
+        strategy::lowering_context(ctx),
         in.cluster, cal, opt->full ? 0 : 16,
         opt->lowering == "program" ? planner::Lowering::program : planner::Lowering::cost_only);
     const sim::Schedule& s = e.schedule;

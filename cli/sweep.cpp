@@ -79,10 +79,12 @@ void add_sweep_command(CLI::App& app) {
         } else {
           row["tokens_per_s_per_gpu"] = 0;
           row["peak_hbm_bytes"] = s.closest ? s.closest_memory.peak_hbm_bytes : 0.0;
-          row["why"] = s.closest ? s.closest_memory.first_to_run_out : "no valid plan";
+          const std::string why = s.closest                  ? s.closest_memory.first_to_run_out
+                                  : s.no_plan_reason.empty() ? std::string("no valid plan")
+                                                             : "no valid plan: " + s.no_plan_reason;
+          row["why"] = why;
           t.rows.push_back({std::to_string(in.seq), family, "no", "-", "-",
-                            s.closest ? format_bytes(s.closest_memory.peak_hbm_bytes) : "-",
-                            s.closest ? s.closest_memory.first_to_run_out : "no valid plan"});
+                            s.closest ? format_bytes(s.closest_memory.peak_hbm_bytes) : "-", why});
         }
         rows.push_back(std::move(row));
       }

@@ -37,7 +37,7 @@ RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpe
   r.memory = c.memory;
   r.lower_bound_s = c.bound;
   // Only the plan's numbers are kept: no op names, no structural check (tests hold both).
-  LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
+  LoweringContext lc = strategy::lowering_context(ctx);
   lc.names = false;
   r.eval = evaluate_step(c.plan, lc, cluster, cal, max_micro, Lowering::cost_only, Check::skip);
   const double gpus = static_cast<double>(c.plan.world);
@@ -112,7 +112,10 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   const std::vector<std::string>& families = o.families.empty() ? family_names() : o.families;
   std::vector<Plan> plans;
   for (const std::string& f : families) {
-    std::vector<Plan> fp = enumerate_family(f, ctx);
+    std::string rejection;
+    std::vector<Plan> fp = enumerate_family(f, ctx, &rejection);
+    if (fp.empty() && out.no_plan_reason.empty())
+      out.no_plan_reason = rejection;
     if (o.filter)
       std::erase_if(fp, [&](const Plan& p) { return !o.filter(p); });
     plans.insert(plans.end(), std::make_move_iterator(fp.begin()),
@@ -161,7 +164,7 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   }
   out.fit_memory = static_cast<std::int64_t>(fit.size());
   // The lower bound of each survivor, then best-first by bound.
-  LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
+  LoweringContext lc = strategy::lowering_context(ctx);
   lc.names = false;
   PassTimesCache pass_times;
   parallel_for(fit.size(), o.threads, [&](std::size_t i) {

@@ -32,7 +32,7 @@ struct SearchOptions {
 struct RankedPlan {
   strategy::Plan plan;
   strategy::MemoryReport memory; // analytic
-  StepEvaluation eval; // simulated: its numbers (no Schedule, no per-op timings)
+  StepEvaluation eval;           // simulated: its numbers (no Schedule, no per-op timings)
   double lower_bound_s = 0;
   double peak_hbm_bytes = 0;  // the engine's peak plus the fragmentation allowance
   double peak_host_bytes = 0; // per node
@@ -52,6 +52,9 @@ struct SearchResult {
   // When nothing fits: the candidate closest to fitting, and what ran out first.
   std::optional<strategy::Plan> closest;
   strategy::MemoryReport closest_memory;
+  // When no family has a valid plan at all: the rule the first candidate broke (with overrides,
+  // e.g. "--tp 3" on a model of 32 heads).
+  std::string no_plan_reason;
 };
 
 // Rank results by step time, then tokens per second, then enumeration order, so the answer

@@ -484,9 +484,8 @@ Plan plan_from_json(const Json& j, const std::string& origin) {
                 "overlap"});
   Plan p;
   p.family = f.string_or("family", "custom");
-  if (!f.has("world"))
-    f.fail("world", "a positive number of ranks");
-  p.world = int_field(f, "world", 0);
+  // 0: the command's world (its nodes x GPUs per node), for a partial plan.
+  p.world = f.has("world") ? int_field(f, "world", 0) : 0;
   p.pp = int_field(f, "pp", 1);
   p.vp = int_field(f, "vp", 1, limits::max_layers + 2);
   constexpr PipelineSchedule schedules[] = {PipelineSchedule::gpipe, PipelineSchedule::one_f_one_b,

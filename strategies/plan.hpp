@@ -128,7 +128,8 @@ bool same_plan(const Plan& a, const Plan& b);
 std::size_t plan_hash(const Plan& plan);
 
 Json to_json(const Plan& plan);
-// Reads what to_json writes. An unknown key, or a count past its ceiling (common/limits.hpp:
+// Reads what to_json writes; a key left out takes its default (`world` 0: the command's world).
+// An unknown key, or a count past its ceiling (common/limits.hpp:
 // degrees and ranks at most limits::max_gpus), is an InputError naming `origin` and the key.
 Plan plan_from_json(const Json& j, const std::string& origin);
 

@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <numeric>
+#include <unordered_map>
 
 namespace mop::strategy {
 
@@ -64,22 +65,34 @@ std::vector<int> powers_of_two_up_to(int n) {
   return v;
 }
 
-// Completes and validates; keeps the plan when every rule holds.
-void keep_if_valid(Plan p, const PlanContext& ctx, std::vector<Plan>& out) {
+// Where a family's generator puts its plans, and the first rule a candidate broke.
+struct Sink {
+  std::vector<Plan> plans;
+  std::string first_rejection;
+};
+
+// Applies the context's overrides, completes and validates; keeps the plan when every rule
+// holds.
+void keep_if_valid(Plan p, const PlanContext& ctx, Sink& out) {
   try {
+    apply_overrides(ctx.overrides, p);
     // The batch is the user's, or the default for this plan's replicas.
-    const int per_stage = p.world / p.pp;
-    if (per_stage % (p.attention.tp * p.attention.cp) != 0)
-      return;
-    const int replicas = per_stage / (p.attention.tp * p.attention.cp);
-    p.global_batch = ctx.global_batch > 0 ? ctx.global_batch
-                                          : default_global_batch(ctx.seq, replicas * p.micro_batch);
+    // (complete_plan names the rule a plan whose degrees do not divide its ranks breaks.)
+    const std::int64_t per_stage = p.pp > 0 && p.world % p.pp == 0 ? p.world / p.pp : 0;
+    const std::int64_t tp_cp = std::int64_t{p.attention.tp} * p.attention.cp;
+    if (per_stage > 0 && tp_cp > 0 && per_stage % tp_cp == 0)
+      p.global_batch =
+          ctx.global_batch > 0
+              ? ctx.global_batch
+              : default_global_batch(ctx.seq, per_stage / tp_cp * std::int64_t{p.micro_batch});
     // No extra micro-batches for pipelines: plans are compared at (nearly) the same batch, and
     // a pipeline with few micro-batches pays its bubble.
     complete_plan(p);
     validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
-    out.push_back(std::move(p));
-  } catch (const InputError&) {
+    out.plans.push_back(std::move(p));
+  } catch (const InputError& e) {
+    if (out.first_rejection.empty())
+      out.first_rejection = e.what();
   }
 }
 
@@ -140,7 +153,7 @@ std::vector<int> micro_batches(const PlanContext& ctx) {
 
 constexpr Recompute kRecomputes[] = {Recompute::none, Recompute::selective, Recompute::full};
 
-void fsdp2(const PlanContext& ctx, std::vector<Plan>& out) {
+void fsdp2(const PlanContext& ctx, Sink& out) {
   const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
   for (int tp : powers_of_two_up_to(ctx.cluster.gpus_per_node))
     for (int cp : powers_of_two_up_to(world / tp))
@@ -194,7 +207,7 @@ std::vector<std::vector<int>> stage_splits(int layers, int pp) {
   return out;
 }
 
-void megatron(const PlanContext& ctx, std::vector<Plan>& out) {
+void megatron(const PlanContext& ctx, Sink& out) {
   const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
   const int layers = static_cast<int>(ctx.model->num_layers());
   for (int tp : powers_of_two_up_to(ctx.cluster.gpus_per_node))
@@ -236,7 +249,7 @@ void megatron(const PlanContext& ctx, std::vector<Plan>& out) {
                     }
 }
 
-void ulysses_zero3(const PlanContext& ctx, std::vector<Plan>& out) {
+void ulysses_zero3(const PlanContext& ctx, Sink& out) {
   const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
   for (int cp : divisors(world))
     for (int ep : expert_degrees(ctx, world))
@@ -259,7 +272,7 @@ void ulysses_zero3(const PlanContext& ctx, std::vector<Plan>& out) {
           }
 }
 
-void mop_family(const PlanContext& ctx, std::vector<Plan>& out) {
+void mop_family(const PlanContext& ctx, Sink& out) {
   const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
   // Recompute per block (attention; the MLP or MoE block), the shard group (all data-parallel
   // ranks, or HSDP over one or two nodes) and the micro-batch are chosen per plan.
@@ -304,8 +317,15 @@ void mop_family(const PlanContext& ctx, std::vector<Plan>& out) {
 
 } // namespace
 
-std::vector<Plan> enumerate_family(const std::string& family, const PlanContext& ctx) {
-  std::vector<Plan> out;
+LoweringContext lowering_context(const PlanContext& ctx) {
+  LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
+  lc.gemm_dtype = ctx.gemm_dtype;
+  return lc;
+}
+
+std::vector<Plan> enumerate_family(const std::string& family, const PlanContext& ctx,
+                                   std::string* rejection) {
+  Sink out;
   if (family == "fsdp2")
     fsdp2(ctx, out);
   else if (family == "megatron")
@@ -317,7 +337,23 @@ std::vector<Plan> enumerate_family(const std::string& family, const PlanContext&
   else
     throw InputError(fmt::format("unknown plan family '{}'; families are {}.", family,
                                  fmt::join(family_names(), ", ")));
-  return out;
+  if (!ctx.overrides.empty()) {
+    // Overrides map different candidates onto one plan: keep the first of each.
+    std::unordered_multimap<std::size_t, std::size_t> by_hash; // hash -> index in `unique`
+    std::vector<Plan> unique;
+    for (Plan& p : out.plans) {
+      const std::size_t h = plan_hash(p);
+      const auto [first, last] = by_hash.equal_range(h);
+      if (std::any_of(first, last, [&](const auto& e) { return same_plan(p, unique[e.second]); }))
+        continue;
+      by_hash.emplace(h, unique.size());
+      unique.push_back(std::move(p));
+    }
+    out.plans = std::move(unique);
+  }
+  if (out.plans.empty() && rejection != nullptr)
+    *rejection = out.first_rejection;
+  return std::move(out.plans);
 }
 
 double preference_cost(const Plan& p) {
@@ -341,6 +377,36 @@ double preference_cost(const Plan& p) {
   return cost;
 }
 
+namespace {
+
+// A plan JSON may state the data-parallel degrees mop derives ("dp", "edp"): every plan mop
+// writes does. A stated degree that differs from the derived one is a mistake in the plan,
+// not something to recompute silently.
+void check_stated_degrees(const Json& stated, const Plan& p, const std::string& origin) {
+  struct Degree {
+    const char* section;
+    const char* key;
+    int derived;
+  };
+  const Degree degrees[] = {{"attention", "dp", p.attention.dp},
+                            {"moe", "edp", p.moe.edp},
+                            {"dense", "dp", p.dense.dp},
+                            {"embedding", "dp", p.embed.dp}};
+  for (const Degree& d : degrees) {
+    if (!stated.contains(d.section) || !stated[d.section].is_object() ||
+        !stated[d.section].contains(d.key))
+      continue;
+    const Json& v = stated[d.section][d.key];
+    if (!v.is_number_integer() || v.get<std::int64_t>() != d.derived)
+      throw InputError(fmt::format(
+          "{}: {}.{} is {}, but the plan's other degrees make it {} (it is derived: ranks per "
+          "stage / the other degrees); leave it out or correct it.",
+          origin, d.section, d.key, v.dump(), d.derived));
+  }
+}
+
+} // namespace
+
 ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ctx,
                           const std::function<void(const Plan&)>& admissible) {
   const auto& families = family_names();
@@ -351,7 +417,12 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
     if (!path)
       throw InputError(fmt::format("'{}' is neither a preset ({}) nor a plan JSON path.",
                                    name_or_path, fmt::join(families, ", ")));
-    Plan p = plan_from_json(read_json_file(name_or_path), name_or_path);
+    const Json stated = read_json_file(name_or_path);
+    Plan p = plan_from_json(stated, name_or_path);
+    const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
+    if (p.world == 0) // a partial plan: validate_plan holds a stated world to the cluster's
+      p.world = world;
+    apply_overrides(ctx.overrides, p);
     if (p.global_batch == 0 && ctx.global_batch > 0)
       p.global_batch = ctx.global_batch;
     if (p.global_batch == 0 && p.pp > 0 && p.world % p.pp == 0 && p.attention.tp > 0 &&
@@ -361,6 +432,7 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
       p.global_batch = default_global_batch(ctx.seq, replicas * p.micro_batch);
     }
     complete_plan(p);
+    check_stated_degrees(stated, p, name_or_path);
     validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
     if (admissible)
       admissible(p);
@@ -369,7 +441,13 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
     best.candidates = 1;
     return best;
   }
-  std::vector<Plan> plans = enumerate_family(name_or_path, ctx);
+  std::string rejection;
+  std::vector<Plan> plans = enumerate_family(name_or_path, ctx, &rejection);
+  if (plans.empty() && !ctx.overrides.empty())
+    throw InputError(fmt::format("no {} plan for {} at {} tokens on {} GPUs has {}: {}",
+                                 name_or_path, ctx.model->name, ctx.seq,
+                                 ctx.cluster.nodes * ctx.cluster.gpus_per_node,
+                                 describe(ctx.overrides), rejection));
   if (admissible && !plans.empty()) {
     std::string why;
     std::erase_if(plans, [&](const Plan& p) {

@@ -1,6 +1,9 @@
 #pragma once
 // Presets: each a family of Plans, auto-tuned for a model, sequence length and cluster.
+#include "sim/schedule.hpp"
+#include "strategies/lower.hpp"
 #include "strategies/memory.hpp"
+#include "strategies/overrides.hpp"
 #include "strategies/plan.hpp"
 #include "workload/model_spec.hpp"
 
@@ -15,8 +18,14 @@ struct PlanContext {
   std::int64_t seq = 0;
   ClusterShape cluster;
   MemoryHardware hw;
-  int global_batch = 0; // sequences per step; 0 = the default (default_global_batch)
+  int global_batch = 0;    // sequences per step; 0 = the default (default_global_batch)
+  PlanOverrides overrides; // parts of every plan fixed by the user (`--tp 2`, ...)
+  sim::Dtype gemm_dtype = sim::Dtype::bf16; // `--precision`: the layers' GEMMs
 };
+
+// The lowering's context for this planning context (its model, sequence, node size, memory
+// figures and GEMM precision).
+LoweringContext lowering_context(const PlanContext& ctx);
 
 const std::vector<std::string>& family_names(); // fsdp2, megatron, ulysses-zero3, mop
 
@@ -27,8 +36,11 @@ int default_global_batch(std::int64_t seq, std::int64_t replicas_times_micro_bat
 
 ModelShape model_shape(const workload::ModelSpec& m);
 
-// Every valid plan of a family for the context (completed and validated).
-std::vector<Plan> enumerate_family(const std::string& family, const PlanContext& ctx);
+// Every valid plan of a family for the context (completed and validated), with the context's
+// overrides applied (duplicates they create removed). When none is valid and `rejection` is
+// given, it receives the rule the first candidate broke (one sentence).
+std::vector<Plan> enumerate_family(const std::string& family, const PlanContext& ctx,
+                                   std::string* rejection = nullptr);
 
 // Until the analytic time model ranks plans, a preset resolves to the fitting plan with the
 // least expected overhead (recompute, pipeline bubble, offload, TP/CP communication): lower is

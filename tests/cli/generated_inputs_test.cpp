@@ -294,9 +294,19 @@ std::vector<Command> sane_commands(const Scratch& s, Rng& rng) {
         {"--bytes", "1M"},
         {"--ranks", "16"},
         {"--ranks-per-node", "8"}}},
-      {{"memory"}, "", planning({{"--plan", rng.pick(presets)}})},
-      {{"simulate"}, "", planning({{"--plan", rng.pick(presets)}, {"--trace", s.out_file}})},
-      {{"plan"}, "", planning({{"--family", "fsdp2"}, {"--top", "3"}, {"--threads", "2"}})},
+      {{"memory"},
+       "",
+       planning({{"--plan", rng.pick(presets)},
+                 {"--tp", rng.pick(std::vector<std::string>{"1", "2"})},
+                 {"--zero", rng.pick(std::vector<std::string>{"1", "3"})}})},
+      {{"simulate"},
+       "",
+       planning({{"--plan", rng.pick(presets)},
+                 {"--trace", s.out_file},
+                 {"--micro-batch", rng.pick(std::vector<std::string>{"1", "2"})}})},
+      {{"plan"},
+       "",
+       planning({{"--family", "fsdp2"}, {"--top", "3"}, {"--threads", "2"}, {"--pp", "1"}})},
       {{"fit"},
        "",
        {{"--model", model},
@@ -389,8 +399,9 @@ std::vector<std::string> absurd_outputs(const Scratch& s) {
 }
 
 bool is_numeric_flag(const std::string& f) {
-  for (const char* n : {"--nodes", "--seq", "--global-batch", "--threads", "--top", "--ranks",
-                        "--steps", "--bytes", "--ranks-per-node", "--max-nodes", "--batch"})
+  for (const char* n :
+       {"--nodes", "--seq", "--global-batch", "--threads", "--top", "--ranks", "--steps", "--bytes",
+        "--ranks-per-node", "--max-nodes", "--batch", "--tp", "--zero", "--micro-batch", "--pp"})
     if (f == n)
       return true;
   return false;
