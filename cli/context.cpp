@@ -1,12 +1,14 @@
 #include "cli/context.hpp"
 
 #include "common/error.hpp"
+#include "common/file_io.hpp"
 #include "common/limits.hpp"
 #include "common/units.hpp"
 #include "hw_models/calibration.hpp"
 #include "strategies/hardware.hpp"
 #include "workload/catalog.hpp"
 
+#include <cstdio>
 #include <fmt/format.h>
 
 namespace mop::cli {
@@ -51,10 +53,8 @@ void add_plan_flags(CLI::App* cmd, PlanFlags& f) {
                   "(state and step on the CPU), act (checkpointed activations)")
       ->group(group);
   cmd->add_option("--precision", f.precision,
-                  "precision of the layers' GEMMs: bf16, fp8 or "
-                  "mxfp8 (Blackwell)")
+                  "precision of the layers' GEMMs: bf16 (default), fp8 or mxfp8 (Blackwell)")
       ->check(CLI::IsMember({"bf16", "fp8", "mxfp8"}))
-      ->capture_default_str()
       ->group(group);
 }
 
@@ -107,19 +107,30 @@ sim::Dtype precision_of(const std::string& precision, const hw::ClusterSpec& clu
 } // namespace
 
 void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
-  cmd->add_option("--model", opt.model, "catalog id (mop model list) or a config.json path")
-      ->required();
+  cmd->add_option("--model", opt.model,
+                  "catalog id (mop model list) or a config.json path (required unless --from "
+                  "describes the model)");
   cmd->add_option("--cluster", opt.cluster, "node type (mop hw list) or a cluster JSON path")
       ->required();
-  cmd->add_option("--nodes", opt.nodes, "number of nodes")->capture_default_str();
-  cmd->add_option("--seq", opt.seq, "sequence length: 4096, 4K, 128K, 1M (K = 1024)")->required();
+  opt.nodes_option = cmd->add_option("--nodes", opt.nodes,
+                                     "number of nodes (default: the --from launcher's, else 1)")
+                         ->capture_default_str();
+  cmd->add_option("--seq", opt.seq,
+                  "sequence length: 4096, 4K, 128K, 1M (K = 1024) (required unless --from states "
+                  "it)");
+  CLI::Option* from =
+      cmd->add_option("--from", opt.from,
+                      "a framework's run configuration as the plan: megatron:FILE (Megatron-LM "
+                      "arguments or launch script) or deepspeed:FILE (ds.json); the model, "
+                      "sequence, batch and nodes come from it where it says");
   cmd->add_option("--global-batch", opt.global_batch,
                   "sequences per optimizer step (default: at least 4M tokens, a multiple of the "
                   "data-parallel replicas)");
   if (with_plan)
     cmd->add_option("--plan", opt.plan,
                     "preset (fsdp2, megatron, ulysses-zero3, mop), auto-tuned, or a plan JSON")
-        ->capture_default_str();
+        ->capture_default_str()
+        ->excludes(from);
   cmd->add_option("--global-batch-tokens", opt.global_batch_tokens,
                   "the global batch in tokens (4M = 4,194,304), a whole number of sequences "
                   "(torchtitan counts it so)")
@@ -142,8 +153,37 @@ void check_threads(int threads) {
         fmt::format("--threads must be between 1 and {} (got {}).", limits::max_threads, threads));
 }
 
+namespace {
+
+// --from FRAMEWORK:FILE, read with the model when --model names it.
+strategy::FrameworkRun read_from(const std::string& from, const workload::ModelSpec* model,
+                                 std::string& origin) {
+  const auto colon = from.find(':');
+  if (colon == std::string::npos || colon + 1 == from.size())
+    throw InputError(fmt::format("--from takes FRAMEWORK:FILE, e.g. megatron:run.sh (got {}).",
+                                 quote_for_message(from)));
+  const strategy::Framework fw = strategy::parse_framework(from.substr(0, colon));
+  origin = from.substr(colon + 1);
+  const std::string text = read_input_file(origin);
+  if (fw == strategy::Framework::megatron)
+    return strategy::read_megatron_args(text, origin, model);
+  if (model == nullptr)
+    throw InputError(fmt::format("{}: a DeepSpeed config does not describe the model; name it "
+                                 "with --model.",
+                                 origin));
+  return strategy::read_deepspeed_config(text, origin);
+}
+
+} // namespace
+
 PlanInputs resolve_inputs(const PlanOptions& opt) {
   PlanInputs in;
+  if (opt.from.empty()) {
+    if (opt.model.empty())
+      throw CLI::RequiredError("--model");
+    if (opt.seq.empty())
+      throw CLI::RequiredError("--seq");
+  }
   if (opt.nodes <= 0 || opt.nodes > limits::max_gpus)
     throw InputError(fmt::format("--nodes must be a number of nodes from 1 to {} (got {}).",
                                  limits::max_gpus, opt.nodes));
@@ -151,16 +191,42 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
     throw InputError(fmt::format("--global-batch must be a number of sequences from 1 to {} "
                                  "(got {}).",
                                  limits::max_batch_sequences, opt.global_batch));
-  in.seq = parse_seq(opt.seq);
-  in.model = workload::load_model(opt.model);
   in.cluster = hw::load_cluster(opt.cluster);
-  check_gpus(opt.nodes, in.cluster.node.gpus_per_node, in.cluster.name);
+  in.nodes = opt.nodes;
+  if (!opt.model.empty())
+    in.model = workload::load_model(opt.model);
+  if (!opt.from.empty()) {
+    in.run = read_from(opt.from, opt.model.empty() ? nullptr : &in.model, in.run_origin);
+    if (opt.model.empty()) {
+      if (!in.run->model)
+        throw InputError(fmt::format("{}: the configuration does not describe the model; name "
+                                     "it with --model.",
+                                     in.run_origin));
+      in.model = *in.run->model;
+    }
+    if (opt.seq.empty() && in.run->seq == 0)
+      throw InputError(fmt::format("{}: the configuration states no sequence length; give --seq.",
+                                   in.run_origin));
+    const bool nodes_given = opt.nodes_option != nullptr && opt.nodes_option->count() > 0;
+    if (!nodes_given && in.run->nodes > 0) {
+      const std::int64_t gpus = std::int64_t{in.run->nodes} * in.run->gpus_per_node;
+      const int per_node = in.cluster.node.gpus_per_node;
+      if (gpus % per_node != 0)
+        throw InputError(fmt::format("{}: its launcher starts {} ranks, not whole nodes of {} "
+                                     "GPUs; give --nodes.",
+                                     in.run_origin, gpus, per_node));
+      in.nodes = static_cast<int>(std::min<std::int64_t>(gpus / per_node, limits::max_gpus));
+    }
+  }
+  in.seq = opt.seq.empty() ? in.run->seq : parse_seq(opt.seq);
+  check_gpus(in.nodes, in.cluster.node.gpus_per_node, in.cluster.name);
   if (!opt.calibration.empty()) {
     const hw::Calibration cal = hw::load_calibration(opt.calibration);
     in.cluster.overheads = hw::memory_overheads(in.cluster, cal);
   }
-  in.nodes = opt.nodes;
   in.global_batch = opt.global_batch;
+  if (in.run && in.global_batch == 0)
+    in.global_batch = in.run->global_batch;
   if (!opt.global_batch_tokens.empty()) {
     const std::int64_t tokens = parse_count(opt.global_batch_tokens, "--global-batch-tokens");
     if (tokens % in.seq != 0 || tokens / in.seq > limits::max_batch_sequences)
@@ -171,7 +237,8 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
     in.global_batch = static_cast<int>(tokens / in.seq);
   }
   in.overrides = overrides_of(opt);
-  in.gemm_dtype = precision_of(opt.precision, in.cluster);
+  in.precision = !opt.precision.empty() ? opt.precision : in.run ? in.run->precision : "bf16";
+  in.gemm_dtype = precision_of(in.precision, in.cluster);
   return in;
 }
 
@@ -193,6 +260,27 @@ strategy::PlanContext PlanInputs::context() const {
   c.overrides = overrides;
   c.gemm_dtype = gemm_dtype;
   return c;
+}
+
+} // namespace mop::cli
+
+namespace mop::cli {
+
+strategy::ResolvedPlan resolve_command_plan(const PlanOptions& opt, const PlanInputs& in) {
+  if (in.run)
+    return strategy::resolve_given_plan(in.run->plan, in.context(), in.run_origin);
+  return strategy::resolve_plan(opt.plan, in.context());
+}
+
+Json report_not_represented(const PlanInputs& in) {
+  Json notes = Json::array();
+  if (!in.run)
+    return notes;
+  for (const std::string& n : in.run->not_represented) {
+    std::fputs(fmt::format("mop: note: {}: {}.\n", in.run_origin, n).c_str(), stderr);
+    notes.push_back(n);
+  }
+  return notes;
 }
 
 } // namespace mop::cli

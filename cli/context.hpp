@@ -1,7 +1,9 @@
 #pragma once
 // The arguments shared by the planning commands (CLI.md "Common arguments") and their
 // resolution into a model, a cluster and a planning context.
+#include "common/json_io.hpp"
 #include "hw_models/cluster.hpp"
+#include "strategies/frameworks.hpp"
 #include "strategies/presets.hpp"
 #include "workload/model_spec.hpp"
 
@@ -17,12 +19,14 @@ struct PlanFlags {
   bool sp = false, no_sp = false;
   std::string cp_kind, pp_schedule, recompute, offload; // empty: not given
   std::string global_batch_tokens;                      // "4M"; empty: not given
-  std::string precision = "bf16";
+  std::string precision; // bf16, fp8, mxfp8; empty: the configuration's, else bf16
 };
 
 struct PlanOptions : PlanFlags {
   std::string model, cluster, seq, plan = "mop", calibration;
+  std::string from; // FRAMEWORK:FILE
   int nodes = 1;
+  const CLI::Option* nodes_option = nullptr; // to tell a given --nodes from the default
   int global_batch = 0;
   bool json = false;
 };
@@ -40,8 +44,19 @@ struct PlanInputs {
   int global_batch = 0;
   strategy::PlanOverrides overrides;
   sim::Dtype gemm_dtype = sim::Dtype::bf16;
+  std::string precision = "bf16";
+  // --from: the framework's run (its plan before the flags apply) and the file it came from.
+  std::optional<strategy::FrameworkRun> run;
+  std::string run_origin;
   strategy::PlanContext context() const;
 };
+
+// The plan a memory or simulate command is about: the --from configuration's, else --plan's.
+strategy::ResolvedPlan resolve_command_plan(const PlanOptions& opt, const PlanInputs& in);
+
+// What the --from configuration sets that mop does not represent: one "mop: note:" line each
+// on stderr (so that stdout stays one JSON object), and the same sentences as a JSON array.
+Json report_not_represented(const PlanInputs& in);
 
 // Loads the model, the cluster and the calibration and checks every number against its ceiling
 // (common/limits.hpp): nodes, GPUs (nodes x GPUs per node), sequence length, global batch, the

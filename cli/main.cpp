@@ -9,8 +9,8 @@
 #include <cstring>
 #include <exception>
 #include <fmt/format.h>
-#include <new>
 #include <iostream>
+#include <new>
 
 namespace {
 

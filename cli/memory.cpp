@@ -85,10 +85,14 @@ void add_memory_command(CLI::App& app) {
   add_plan_options(cmd, *opt);
   cmd->callback([opt] {
     const PlanInputs in = resolve_inputs(*opt);
-    const strategy::ResolvedPlan r = strategy::resolve_plan(opt->plan, in.context());
-    if (opt->json)
-      print_json(memory_json(r));
-    else
+    const strategy::ResolvedPlan r = resolve_command_plan(*opt, in);
+    const Json notes = report_not_represented(in);
+    if (opt->json) {
+      Json j = memory_json(r);
+      if (in.run)
+        j["not_represented"] = notes;
+      print_json(j);
+    } else
       print_memory_text(r, in);
   });
 }

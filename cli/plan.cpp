@@ -6,6 +6,7 @@
 #include "common/limits.hpp"
 #include "common/units.hpp"
 #include "planner/search.hpp"
+#include "strategies/frameworks.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -27,9 +28,67 @@ extern "C" void on_interrupt(int) {
 
 struct PlanCommandOptions : PlanOptions {
   std::string family = "all";
+  std::string emit; // megatron, deepspeed; empty: none
   int top = 5;
   int threads = 2;
 };
+
+// A plan's summary line with its predicted numbers.
+std::string numbers(const planner::RankedPlan& r) {
+  return fmt::format("step {}, {:.1f} tokens/s/GPU, MFU {:.1f} %, HBM {}{}",
+                     format_seconds(r.eval.step_time_s), r.tokens_per_s_per_gpu, 100 * r.mfu,
+                     format_bytes(r.peak_hbm_bytes), r.fits ? "" : " (does not fit)");
+}
+
+// The configuration --from named, ranked beside the search's best.
+struct Imported {
+  planner::RankedPlan ranked;
+  Json notes;
+};
+
+Imported rank_imported(const PlanInputs& in) {
+  const strategy::PlanContext ctx = in.context();
+  const strategy::ResolvedPlan r = strategy::resolve_given_plan(in.run->plan, ctx, in.run_origin);
+  return {planner::rank_plan(r.plan, ctx, in.cluster, hw::Calibration{}),
+          report_not_represented(in)};
+}
+
+// --emit: the best plan as the framework's launch configuration or, when the framework cannot
+// run it, why, and the best plan it can run (the search again, over what it expresses).
+struct Emitted {
+  strategy::Framework framework = strategy::Framework::megatron;
+  std::vector<std::string> best_cannot;    // why the best plan is not expressible
+  std::optional<planner::RankedPlan> plan; // the plan written (the best, or the nearest)
+  std::string text;
+};
+
+Emitted emit(const PlanCommandOptions& opt, const PlanInputs& in, const planner::SearchResult& s) {
+  Emitted e;
+  e.framework = strategy::parse_framework(opt.emit);
+  if (s.results.empty())
+    return e;
+  // Into the user's own configuration when --from named one of this framework.
+  const std::string* base = in.run && in.run->framework == e.framework ? &in.run->text : nullptr;
+  auto write = [&](const strategy::Plan& p) {
+    return strategy::write_framework_config(e.framework, p, in.model, in.seq,
+                                            in.cluster.node.gpus_per_node, in.precision, base);
+  };
+  const strategy::FrameworkConfig best = write(s.results[0].plan);
+  if (best.cannot_express.empty()) {
+    e.plan = s.results[0];
+    e.text = best.text;
+    return e;
+  }
+  e.best_cannot = best.cannot_express;
+  const planner::SearchResult nearest =
+      run_search(in, opt.family, 1, opt.threads, false,
+                 [&](const strategy::Plan& p) { return write(p).cannot_express.empty(); });
+  if (!nearest.results.empty()) {
+    e.plan = nearest.results[0];
+    e.text = write(nearest.results[0].plan).text;
+  }
+  return e;
+}
 
 std::vector<std::string> families_of(const std::string& family) {
   if (family == "all")
@@ -85,8 +144,10 @@ Json ranked_json(const planner::RankedPlan& r) {
 }
 
 planner::SearchResult run_search(const PlanInputs& in, const std::string& family, int top,
-                                 int threads, bool show_progress) {
+                                 int threads, bool show_progress,
+                                 std::function<bool(const strategy::Plan&)> filter) {
   planner::SearchOptions so;
+  so.filter = std::move(filter);
   so.families = families_of(family);
   so.top = top;
   so.threads = threads;
@@ -116,6 +177,11 @@ void add_plan_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--top", opt->top, "how many plans to show")->capture_default_str();
   cmd->add_option("--threads", opt->threads, "threads for the search")->capture_default_str();
+  cmd->add_option("--emit", opt->emit,
+                  "print the best plan as a launch configuration: megatron (arguments) or "
+                  "deepspeed (ds.json); when the framework cannot run it, why, and the best plan "
+                  "it can")
+      ->check(CLI::IsMember({"megatron", "deepspeed"}));
   cmd->callback([opt] {
     if (opt->top <= 0)
       throw InputError(fmt::format("--top must be positive (got {}).", opt->top));
@@ -129,6 +195,10 @@ void add_plan_command(CLI::App& app) {
                                    opt->family == "all" ? "" : opt->family + " ", in.model.name,
                                    in.seq, in.nodes * in.cluster.node.gpus_per_node,
                                    strategy::describe(in.overrides), s.no_plan_reason));
+    const std::optional<Imported> imported =
+        in.run ? std::optional<Imported>(rank_imported(in)) : std::nullopt;
+    const std::optional<Emitted> emitted =
+        opt->emit.empty() ? std::nullopt : std::optional<Emitted>(emit(*opt, in, s));
     if (opt->json) {
       Json results = Json::array();
       for (const auto& r : s.results)
@@ -141,6 +211,19 @@ void add_plan_command(CLI::App& app) {
              {"results", results}};
       if (s.results.empty())
         j["nothing_fits"] = nothing_fits(s, in);
+      if (imported) {
+        j["imported"] = ranked_json(imported->ranked);
+        j["imported"]["origin"] = in.run_origin;
+        j["imported"]["not_represented"] = imported->notes;
+      }
+      if (emitted) {
+        Json em{{"framework", strategy::name(emitted->framework)},
+                {"best_cannot_express", emitted->best_cannot},
+                {"config", emitted->plan ? Json(emitted->text) : Json()}};
+        if (emitted->plan)
+          em["plan"] = ranked_json(*emitted->plan);
+        j["emit"] = em;
+      }
       print_json(j);
       return;
     }
@@ -171,6 +254,35 @@ void add_plan_command(CLI::App& app) {
     std::cout << t.render();
     if (s.results.size() > 1)
       std::cout << "\n" << planner::why_best(s.results[0], s.results[1]) << "\n";
+    if (imported) {
+      const planner::RankedPlan& r = imported->ranked;
+      std::cout << fmt::format("\nyour configuration ({}): {}\n  {}\n", in.run_origin,
+                               strategy::summary(r.plan), numbers(r));
+      if (r.fits)
+        std::cout << fmt::format(
+            "  the best plan above is {:.1f} % faster per token\n",
+            100 * (s.results[0].tokens_per_s_per_gpu / r.tokens_per_s_per_gpu - 1));
+    }
+    if (emitted) {
+      const char* fw =
+          emitted->framework == strategy::Framework::megatron ? "Megatron-LM" : "DeepSpeed";
+      std::cout << "\n";
+      if (!emitted->best_cannot.empty()) {
+        std::cout << fmt::format("{} cannot run the best plan:\n", fw);
+        for (const std::string& why : emitted->best_cannot)
+          std::cout << fmt::format("  - {}\n", why);
+        if (emitted->plan)
+          std::cout << fmt::format(
+              "the best plan it can run: {}: {}\n  {} ({:.1f} % slower per "
+              "token)\n\n",
+              emitted->plan->plan.family, strategy::summary(emitted->plan->plan),
+              numbers(*emitted->plan),
+              100 * (s.results[0].tokens_per_s_per_gpu / emitted->plan->tokens_per_s_per_gpu - 1));
+        else
+          std::cout << fmt::format("and no plan it can run fits.\n");
+      }
+      std::cout << emitted->text;
+    }
   });
 }
 

@@ -163,13 +163,12 @@ void add_simulate_command(CLI::App& app) {
       check_output_path(opt->trace); // refused before minutes of simulation, not after
     const PlanInputs in = resolve_inputs(*opt);
     const strategy::PlanContext ctx = in.context();
-    const strategy::ResolvedPlan plan = strategy::resolve_plan(opt->plan, ctx);
+    const strategy::ResolvedPlan plan = resolve_command_plan(*opt, in);
+    const Json notes = report_not_represented(in);
     const hw::Calibration cal =
         opt->calibration.empty() ? hw::Calibration{} : hw::load_calibration(opt->calibration);
     const planner::StepEvaluation e = planner::evaluate_step(
-        plan.plan,
-        strategy::lowering_context(ctx),
-        in.cluster, cal, opt->full ? 0 : 16,
+        plan.plan, strategy::lowering_context(ctx), in.cluster, cal, opt->full ? 0 : 16,
         opt->lowering == "program" ? planner::Lowering::program : planner::Lowering::cost_only);
     const sim::Schedule& s = e.schedule;
     const Report rep = report_of(e, in, ctx.hw);
@@ -179,9 +178,12 @@ void add_simulate_command(CLI::App& app) {
                              in.seq, in.nodes, in.cluster.name);
       trace::write_chrome_trace(opt->trace, s, rep.result, to);
     }
-    if (opt->json)
-      print_json(simulate_json(plan, e, rep, ctx.hw));
-    else
+    if (opt->json) {
+      Json j = simulate_json(plan, e, rep, ctx.hw);
+      if (in.run)
+        j["not_represented"] = notes;
+      print_json(j);
+    } else
       print_text(plan, e, rep, in, ctx.hw);
   });
 }

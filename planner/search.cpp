@@ -106,6 +106,12 @@ template <class F> void parallel_for(std::size_t n, int threads, F f) {
 
 } // namespace
 
+RankedPlan rank_plan(const Plan& plan, const PlanContext& ctx, const hw::ClusterSpec& cluster,
+                     const hw::Calibration& calibration, int max_simulated_micro_batches) {
+  const Candidate c{plan, strategy::analyze_memory(*ctx.model, plan, ctx.seq, ctx.hw), 0, 0};
+  return rank(c, ctx, cluster, calibration, max_simulated_micro_batches);
+}
+
 SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster,
                           const hw::Calibration& cal, const SearchOptions& o) {
   SearchResult out;

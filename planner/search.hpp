@@ -57,6 +57,12 @@ struct SearchResult {
   std::string no_plan_reason;
 };
 
+// One plan's evaluation as the search ranks it (the engine's peaks and the fragmentation
+// allowance decide `fits`), e.g. a framework configuration beside the search's best.
+RankedPlan rank_plan(const strategy::Plan& plan, const strategy::PlanContext& ctx,
+                     const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
+                     int max_simulated_micro_batches = 8);
+
 // Rank results by step time, then tokens per second, then enumeration order, so the answer
 // never depends on the number of threads.
 SearchResult search_plans(const strategy::PlanContext& ctx, const hw::ClusterSpec& cluster,

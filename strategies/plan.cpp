@@ -124,6 +124,12 @@ void complete_plan(Plan& p) {
   };
   if (p.attention.tp <= 0 || p.attention.cp <= 0)
     bad("plan: attention tp and cp must be positive.");
+  // One form for settings without effect, so that equal plans compare equal: sequence
+  // parallelism without TP, a CP kind without CP.
+  if (p.attention.tp == 1)
+    p.attention.sp = true;
+  if (p.attention.cp == 1)
+    p.attention.cp_kind = CpKind::ring;
   derive("attention tp x cp", std::int64_t{p.attention.tp} * p.attention.cp, p.attention.dp);
   if (p.moe.ep <= 0 || p.moe.etp <= 0)
     bad("plan: moe ep and etp must be positive.");

@@ -407,6 +407,33 @@ void check_stated_degrees(const Json& stated, const Plan& p, const std::string& 
 
 } // namespace
 
+ResolvedPlan resolve_given_plan(Plan p, const PlanContext& ctx, const std::string& origin,
+                                const Json* stated,
+                                const std::function<void(const Plan&)>& admissible) {
+  if (p.world == 0) // a partial plan: validate_plan holds a stated world to the cluster's
+    p.world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
+  apply_overrides(ctx.overrides, p);
+  if (ctx.global_batch > 0)
+    p.global_batch = ctx.global_batch;
+  if (p.global_batch == 0 && p.pp > 0 && p.world % p.pp == 0 && p.attention.tp > 0 &&
+      p.attention.cp > 0 && p.micro_batch > 0) {
+    const std::int64_t replicas =
+        std::max<std::int64_t>(1, p.world / p.pp / (std::int64_t{p.attention.tp} * p.attention.cp));
+    p.global_batch = default_global_batch(ctx.seq, replicas * p.micro_batch);
+  }
+  complete_plan(p);
+  if (stated != nullptr)
+    check_stated_degrees(*stated, p, origin);
+  validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
+  if (admissible)
+    admissible(p);
+  ResolvedPlan best;
+  best.plan = p;
+  best.memory = analyze_memory(*ctx.model, p, ctx.seq, ctx.hw);
+  best.candidates = 1;
+  return best;
+}
+
 ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ctx,
                           const std::function<void(const Plan&)>& admissible) {
   const auto& families = family_names();
@@ -418,28 +445,8 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
       throw InputError(fmt::format("'{}' is neither a preset ({}) nor a plan JSON path.",
                                    name_or_path, fmt::join(families, ", ")));
     const Json stated = read_json_file(name_or_path);
-    Plan p = plan_from_json(stated, name_or_path);
-    const int world = ctx.cluster.nodes * ctx.cluster.gpus_per_node;
-    if (p.world == 0) // a partial plan: validate_plan holds a stated world to the cluster's
-      p.world = world;
-    apply_overrides(ctx.overrides, p);
-    if (p.global_batch == 0 && ctx.global_batch > 0)
-      p.global_batch = ctx.global_batch;
-    if (p.global_batch == 0 && p.pp > 0 && p.world % p.pp == 0 && p.attention.tp > 0 &&
-        p.attention.cp > 0 && p.micro_batch > 0) {
-      const std::int64_t replicas = std::max<std::int64_t>(
-          1, p.world / p.pp / (std::int64_t{p.attention.tp} * p.attention.cp));
-      p.global_batch = default_global_batch(ctx.seq, replicas * p.micro_batch);
-    }
-    complete_plan(p);
-    check_stated_degrees(stated, p, name_or_path);
-    validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
-    if (admissible)
-      admissible(p);
-    best.plan = p;
-    best.memory = analyze_memory(*ctx.model, p, ctx.seq, ctx.hw);
-    best.candidates = 1;
-    return best;
+    return resolve_given_plan(plan_from_json(stated, name_or_path), ctx, name_or_path, &stated,
+                              admissible);
   }
   std::string rejection;
   std::vector<Plan> plans = enumerate_family(name_or_path, ctx, &rejection);

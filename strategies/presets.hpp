@@ -60,4 +60,12 @@ struct ResolvedPlan {
 ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ctx,
                           const std::function<void(const Plan&)>& admissible = {});
 
+// A plan given whole (a plan JSON, a framework's configuration): a `world` of 0 becomes the
+// cluster's, the context's overrides and batch apply (the default batch where neither the plan
+// nor the context gives one), then it is completed and validated. `stated`, the JSON it was
+// read from, has its derived degrees checked (they must be what the plan derives).
+ResolvedPlan resolve_given_plan(Plan plan, const PlanContext& ctx, const std::string& origin,
+                                const Json* stated = nullptr,
+                                const std::function<void(const Plan&)>& admissible = {});
+
 } // namespace mop::strategy
