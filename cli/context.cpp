@@ -121,7 +121,8 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
   CLI::Option* from =
       cmd->add_option("--from", opt.from,
                       "a framework's run configuration as the plan: megatron:FILE (Megatron-LM "
-                      "arguments or launch script) or deepspeed:FILE (ds.json); the model, "
+                      "arguments or launch script), torchtitan:FILE (job TOML or its "
+                      "--parallelism.* overrides) or deepspeed:FILE (ds.json); the model, "
                       "sequence, batch and nodes come from it where it says");
   cmd->add_option("--global-batch", opt.global_batch,
                   "sequences per optimizer step (default: at least 4M tokens, a multiple of the "
@@ -167,6 +168,8 @@ strategy::FrameworkRun read_from(const std::string& from, const workload::ModelS
   const std::string text = read_input_file(origin);
   if (fw == strategy::Framework::megatron)
     return strategy::read_megatron_args(text, origin, model);
+  if (fw == strategy::Framework::torchtitan)
+    return strategy::read_torchtitan_config(text, origin, model);
   if (model == nullptr)
     throw InputError(fmt::format("{}: a DeepSpeed config does not describe the model; name it "
                                  "with --model.",

@@ -178,10 +178,11 @@ void add_plan_command(CLI::App& app) {
   cmd->add_option("--top", opt->top, "how many plans to show")->capture_default_str();
   cmd->add_option("--threads", opt->threads, "threads for the search")->capture_default_str();
   cmd->add_option("--emit", opt->emit,
-                  "print the best plan as a launch configuration: megatron (arguments) or "
-                  "deepspeed (ds.json); when the framework cannot run it, why, and the best plan "
+                  "print the best plan as a launch configuration: megatron (arguments), "
+                  "torchtitan (overrides) or deepspeed (ds.json); when the framework cannot run "
+                  "it, why, and the best plan "
                   "it can")
-      ->check(CLI::IsMember({"megatron", "deepspeed"}));
+      ->check(CLI::IsMember({"megatron", "torchtitan", "deepspeed"}));
   cmd->callback([opt] {
     if (opt->top <= 0)
       throw InputError(fmt::format("--top must be positive (got {}).", opt->top));
@@ -264,8 +265,9 @@ void add_plan_command(CLI::App& app) {
             100 * (s.results[0].tokens_per_s_per_gpu / r.tokens_per_s_per_gpu - 1));
     }
     if (emitted) {
-      const char* fw =
-          emitted->framework == strategy::Framework::megatron ? "Megatron-LM" : "DeepSpeed";
+      const char* fw = emitted->framework == strategy::Framework::megatron     ? "Megatron-LM"
+                       : emitted->framework == strategy::Framework::torchtitan ? "torchtitan"
+                                                                               : "DeepSpeed";
       std::cout << "\n";
       if (!emitted->best_cannot.empty()) {
         std::cout << fmt::format("{} cannot run the best plan:\n", fw);

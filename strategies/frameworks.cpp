@@ -4,6 +4,7 @@
 #include "common/json_io.hpp"
 #include "common/limits.hpp"
 #include "strategies/mesh.hpp"
+#include "workload/catalog.hpp"
 
 #include <algorithm>
 #include <filesystem>
@@ -12,23 +13,41 @@
 #include <map>
 #include <regex>
 #include <set>
+#include <toml++/toml.h>
 
 namespace mop::strategy {
 
 const char* name(Framework f) {
-  return f == Framework::megatron ? "megatron" : "deepspeed";
+  switch (f) {
+  case Framework::megatron:
+    return "megatron";
+  case Framework::torchtitan:
+    return "torchtitan";
+  case Framework::deepspeed:
+    return "deepspeed";
+  }
+  return "?";
 }
 
 Framework parse_framework(const std::string& text) {
-  if (text == "megatron")
-    return Framework::megatron;
-  if (text == "deepspeed")
-    return Framework::deepspeed;
-  throw InputError(fmt::format("the framework must be megatron or deepspeed (got '{}').", text));
+  for (Framework f : {Framework::megatron, Framework::torchtitan, Framework::deepspeed})
+    if (text == name(f))
+      return f;
+  throw InputError(fmt::format("the framework must be megatron, torchtitan or deepspeed (got "
+                               "'{}').",
+                               text));
 }
 
 const char* family_of(Framework f) {
-  return f == Framework::megatron ? "megatron" : "ulysses-zero3";
+  switch (f) {
+  case Framework::megatron:
+    return "megatron";
+  case Framework::torchtitan:
+    return "fsdp2";
+  case Framework::deepspeed:
+    return "ulysses-zero3";
+  }
+  return "?";
 }
 
 namespace {
@@ -454,6 +473,299 @@ FrameworkRun read_megatron_args(const std::string& text, const std::string& orig
   return r;
 }
 
+// ---- torchtitan -----------------------------------------------------------------------------
+
+namespace {
+
+// A torchtitan job's settings as "section.key" -> text, from its TOML or its overrides.
+class TitanKeys {
+public:
+  TitanKeys(const std::string& text, const std::string& origin) : origin_(origin) {
+    if (text.find("--") == std::string::npos) {
+      try {
+        flatten(toml::parse(text, origin), "");
+      } catch (const toml::parse_error& e) {
+        throw InputError(fmt::format("{}: not valid TOML (line {}: {}).", origin,
+                                     e.source().begin.line, e.description()));
+      }
+      return;
+    }
+    std::string key;
+    for (const std::string& w : shell_words(text, origin)) {
+      if (w.starts_with("--") && w.size() > 2) {
+        std::string k = w.substr(2);
+        std::optional<std::string> inline_value;
+        if (const auto eq = k.find('='); eq != std::string::npos) {
+          inline_value = k.substr(eq + 1);
+          k = k.substr(0, eq);
+        }
+        std::replace(k.begin(), k.end(), '-', '_');
+        // tyro's negated booleans: --training.no_enable_cpu_offload
+        const auto dot = k.rfind('.');
+        const std::size_t leaf = dot == std::string::npos ? 0 : dot + 1;
+        if (!inline_value && k.compare(leaf, 3, "no_") == 0) {
+          values_[k.substr(0, leaf) + k.substr(leaf + 3)] = "false";
+          key.clear();
+          continue;
+        }
+        values_[k] = inline_value.value_or("true");
+        key = inline_value ? std::string() : k;
+      } else if (w.ends_with(".py")) {
+        key.clear();
+      } else if (!key.empty()) {
+        values_[key] = w;
+        key.clear();
+      }
+    }
+  }
+  bool has(const std::string& k) const { return values_.contains(k); }
+  std::string text(const std::string& k, const std::string& fallback) const {
+    const auto it = values_.find(k);
+    return it == values_.end() ? fallback : it->second;
+  }
+  std::int64_t integer(const std::string& k, std::int64_t low, std::int64_t high,
+                       std::int64_t fallback) const {
+    if (!has(k))
+      return fallback;
+    const std::string w = values_.at(k);
+    std::size_t used = 0;
+    std::int64_t n = 0;
+    try {
+      n = std::stoll(w, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used != w.size() || w.empty() || n < low || n > high)
+      throw InputError(fmt::format("{}: {} takes a whole number from {} to {} (got '{}').", origin_,
+                                   k, low, high, w));
+    return n;
+  }
+  bool flag(const std::string& k, bool fallback) const {
+    if (!has(k))
+      return fallback;
+    const std::string w = values_.at(k);
+    if (w == "true" || w == "True" || w == "1")
+      return true;
+    if (w == "false" || w == "False" || w == "0")
+      return false;
+    throw InputError(fmt::format("{}: {} takes true or false (got '{}').", origin_, k, w));
+  }
+  bool any_under(const std::string& prefix) const {
+    const auto it = values_.lower_bound(prefix);
+    return it != values_.end() && it->first.starts_with(prefix);
+  }
+
+private:
+  void flatten(const toml::table& t, const std::string& prefix) {
+    for (const auto& [k, v] : t) {
+      const std::string key = prefix + std::string(k.str());
+      if (const toml::table* sub = v.as_table()) {
+        values_[key] = "table";
+        flatten(*sub, key + ".");
+      } else if (const auto* str = v.as_string())
+        values_[key] = str->get();
+      else if (const auto* i = v.as_integer())
+        values_[key] = std::to_string(i->get());
+      else if (const auto* b = v.as_boolean())
+        values_[key] = b->get() ? "true" : "false";
+      else if (const auto* d = v.as_floating_point())
+        values_[key] = fmt::format("{}", d->get());
+      else if (const toml::array* a = v.as_array()) {
+        std::string joined;
+        for (const auto& e : *a)
+          if (const auto* es = e.as_string())
+            joined += (joined.empty() ? "" : ",") + es->get();
+        values_[key] = joined;
+      }
+    }
+  }
+  std::map<std::string, std::string> values_;
+  std::string origin_;
+};
+
+// The catalog model a torchtitan model name and flavor (legacy) or config function (current)
+// names, "" when none: "llama3" + "8B" and "llama3_8b" are llama3-8b.
+std::string titan_model_id(const TitanKeys& k) {
+  std::string id;
+  if (k.has("model.name"))
+    id = k.text("model.name", "") + (k.has("model.flavor") ? "-" + k.text("model.flavor", "") : "");
+  else if (k.has("config"))
+    id = k.text("config", "");
+  std::transform(id.begin(), id.end(), id.begin(), [](char c) {
+    return c == '_' ? '-' : static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  });
+  if (id == "deepseek-v3-671b")
+    id = "deepseek-v3";
+  const std::vector<std::string> ids = workload::catalog_ids();
+  return std::find(ids.begin(), ids.end(), id) != ids.end() ? id : "";
+}
+
+} // namespace
+
+FrameworkRun read_torchtitan_config(const std::string& text, const std::string& origin,
+                                    const workload::ModelSpec* model) {
+  const TitanKeys k(text, origin);
+  FrameworkRun r;
+  r.framework = Framework::torchtitan;
+  r.text = text;
+  r.model_id = titan_model_id(k);
+  if (model == nullptr) {
+    if (r.model_id.empty())
+      throw InputError(fmt::format("{}: the model it names is not in mop's catalog; name it "
+                                   "with --model.",
+                                   origin));
+    r.model = workload::load_model(r.model_id);
+  }
+  const workload::ModelSpec& m = model != nullptr ? *model : *r.model;
+  const int layers = static_cast<int>(m.num_layers());
+  if (k.has("nnodes") && k.has("nproc_per_node")) {
+    r.nodes = static_cast<int>(k.integer("nnodes", 1, limits::max_gpus, 1));
+    r.gpus_per_node = static_cast<int>(k.integer("nproc_per_node", 1, 64, 8));
+  }
+  const int world = r.nodes * r.gpus_per_node;
+  Plan& p = r.plan;
+  p.family = "fsdp2";
+  p.world = 0;
+  const std::string par = "parallelism.";
+  auto degree = [&](const std::string& key, int fallback) {
+    return static_cast<int>(k.integer(par + key, 1, limits::max_gpus, fallback));
+  };
+  const int tp = degree("tensor_parallel_degree", 1);
+  p.attention.tp = p.dense.tp = p.embed.tp = tp;
+  p.attention.sp = k.flag(par + "enable_sequence_parallel", true);
+  p.attention.cp = degree("context_parallel_degree", 1);
+  p.attention.cp_kind = CpKind::ring;
+  if (p.attention.cp > 1 &&
+      k.text(par + "context_parallel_rotate_method", "allgather") == "allgather")
+    r.not_represented.emplace_back("the all-gather exchange of keys and values "
+                                   "(context_parallel_rotate_method allgather) is priced as a "
+                                   "ring");
+  p.pp = degree("pipeline_parallel_degree", 1);
+  const std::string schedule = k.text(par + "pipeline_parallel_schedule", "1F1B");
+  if (p.pp > 1) {
+    if (schedule == "1F1B")
+      p.schedule = PipelineSchedule::one_f_one_b;
+    else if (schedule == "GPipe")
+      p.schedule = PipelineSchedule::gpipe;
+    else if (schedule == "Interleaved1F1B")
+      p.schedule = PipelineSchedule::interleaved_1f1b;
+    else if (schedule == "ZBVZeroBubble" || schedule == "InterleavedZeroBubble" ||
+             schedule == "DualPipeV") {
+      p.schedule = PipelineSchedule::zero_bubble;
+      r.not_represented.push_back(fmt::format(
+          "the {} schedule is priced as zero-bubble 1F1B (ZB-H1) on one stage per rank", schedule));
+    } else
+      throw InputError(fmt::format("{}: pipeline_parallel_schedule {} is not one mop reads "
+                                   "(1F1B, GPipe, Interleaved1F1B, ZBVZeroBubble, "
+                                   "InterleavedZeroBubble, DualPipeV).",
+                                   origin, quote_for_message(schedule)));
+    if (p.schedule == PipelineSchedule::interleaved_1f1b) {
+      const auto per = k.integer(par + "pipeline_parallel_layers_per_stage", 1, layers, 0);
+      if (per > 0 && layers % (per * p.pp) != 0)
+        throw InputError(fmt::format("{}: pipeline_parallel_layers_per_stage {} does not split "
+                                     "{} layers over {} ranks.",
+                                     origin, per, layers, p.pp));
+      p.vp = per > 0 ? static_cast<int>(layers / (per * p.pp)) : 2;
+    }
+    // torchtitan takes a layer off the first and the last stage by default (they hold the
+    // embedding and the head).
+    const int first_less = static_cast<int>(
+        k.integer(par + "pipeline_parallel_first_stage_less_layers", 0, layers, 1));
+    const int last_less =
+        static_cast<int>(k.integer(par + "pipeline_parallel_last_stage_less_layers", 0, layers, 1));
+    const int stages = p.pp * p.vp;
+    const int effective = layers + first_less + last_less;
+    if (p.vp == 1 && effective % stages == 0 &&
+        effective / stages > std::max(first_less, last_less)) {
+      std::vector<int> split(static_cast<std::size_t>(p.pp), effective / stages);
+      split.front() -= first_less;
+      split.back() -= last_less;
+      p.stage_layers = normal_split(split, p.pp, layers);
+    } else if (first_less + last_less > 0)
+      r.not_represented.emplace_back(
+          "the first and last stages' fewer layers are priced as an even split");
+  }
+  p.moe.ep = degree("expert_parallel_degree", 1);
+  p.moe.etp = degree("expert_tensor_parallel_degree", 1);
+  if (!m.is_moe())
+    p.moe.ep = p.moe.etp = 1;
+  // Data parallelism: FSDP over the shard dimension (with CP's ranks), replicated over the
+  // replicate dimension (HSDP, or DDP with no shard dimension).
+  const int replicate = degree("data_parallel_replicate_degree", 1);
+  int shard =
+      static_cast<int>(k.integer(par + "data_parallel_shard_degree", -1, limits::max_gpus, -1));
+  if (shard == 0)
+    throw InputError(
+        fmt::format("{}: data_parallel_shard_degree is -1 (the rest) or positive.", origin));
+  int zero = 3;
+  if (k.text(par + "fsdp_reshard_after_forward", "default") == "never")
+    zero = 2;
+  if (replicate > 1) {
+    if (shard == -1) {
+      if (world == 0)
+        throw InputError(fmt::format("{}: with data_parallel_replicate_degree, give "
+                                     "data_parallel_shard_degree or the torchrun line.",
+                                     origin));
+      shard = world / (replicate * p.attention.cp * tp * p.pp);
+    }
+    if (shard * p.attention.cp == 1)
+      zero = 0; // DDP (with CP, FSDP shards over the CP ranks even at a shard degree of 1)
+    else
+      for (int kind = 0; kind < kNumLayerKinds; ++kind)
+        p.state[kind].shard_group = kind == static_cast<int>(LayerKind::moe)
+                                        ? shard * p.attention.cp * tp / p.moe.ep
+                                        : shard * p.attention.cp;
+  }
+  for (StatePolicy& st : p.state)
+    st.zero = zero;
+  if (k.flag("training.enable_cpu_offload", false)) {
+    p.params = p.grads = p.optimizer = Placement::host;
+    p.optimizer_on_host = true;
+    p.torch_host_optimizer = true;
+  }
+  const std::string ac = k.text("activation_checkpoint.mode", "selective");
+  const Recompute rc = ac == "full"   ? Recompute::full
+                       : ac == "none" ? Recompute::none
+                                      : Recompute::selective;
+  if (ac == "memory_budget")
+    r.not_represented.emplace_back("the memory-budget activation checkpointing is priced as "
+                                   "selective recompute");
+  for (Recompute& x : p.recompute)
+    x = rc;
+  // The batch: in sequences (local_batch_size per rank, pipeline micro-batches) or in tokens.
+  r.seq = k.integer("training.seq_len", 1, limits::max_seq_tokens,
+                    k.integer("training.max_context_length", 1, limits::max_seq_tokens, 0));
+  const std::int64_t local =
+      k.integer("training.local_batch_size", 1, limits::max_batch_sequences, 0);
+  p.micro_batch = static_cast<int>(p.pp > 1 ? k.integer(par + "pipeline_parallel_microbatch_size",
+                                                        1, limits::max_batch_sequences, 1)
+                                            : std::max<std::int64_t>(local, 1));
+  const std::int64_t global =
+      k.integer("training.global_batch_size", -1, limits::max_batch_sequences, -1);
+  if (global > 0)
+    r.global_batch = static_cast<int>(global);
+  if (r.seq > 0) {
+    const std::int64_t micro_tokens =
+        k.integer("training.num_tokens_per_microbatch_per_dp_rank", 1, limits::max_seq_tokens, 0);
+    if (micro_tokens > 0)
+      p.micro_batch = static_cast<int>(std::max<std::int64_t>(1, micro_tokens / r.seq));
+    const std::int64_t step_tokens =
+        k.integer("training.num_tokens_per_train_step", 1, std::int64_t{1} << 50, 0);
+    if (step_tokens > 0)
+      r.global_batch = static_cast<int>(
+          std::min<std::int64_t>(step_tokens / r.seq, limits::max_batch_sequences));
+  }
+  p.global_batch = r.global_batch;
+  const std::string converters = k.text("model.converters", "");
+  if (k.any_under("quantize.linear.float8") || converters.find("float8") != std::string::npos)
+    r.precision = "fp8";
+  if (k.any_under("quantize.linear.mx") || converters.find("mx") != std::string::npos)
+    r.precision = "mxfp8";
+  if (k.flag("compile.enable", false))
+    r.not_represented.emplace_back("torch.compile's fused kernels are priced as eager ones");
+  return r;
+}
+
 // ---- DeepSpeed ------------------------------------------------------------------------------
 
 namespace {
@@ -820,6 +1132,130 @@ FrameworkConfig write_megatron(const Plan& p, const workload::ModelSpec& m, std:
   return c;
 }
 
+FrameworkConfig write_torchtitan(const Plan& p, const workload::ModelSpec& m, std::int64_t seq,
+                                 int gpus_per_node, const std::string& precision) {
+  FrameworkConfig c;
+  std::vector<std::string>& why = c.cannot_express;
+  if (p.chunked_loss)
+    why.emplace_back("a chunked loss is set in torchtitan's model registry, not its job config");
+  for (int k = 1; k < kNumLayerKinds; ++k)
+    if (p.state[k].zero != p.state[0].zero || p.recompute[k] != p.recompute[0]) {
+      why.emplace_back("torchtitan takes one FSDP setting and one activation checkpointing mode "
+                       "for every layer kind; the plan sets them per kind");
+      break;
+    }
+  if (p.state[0].zero == 1)
+    why.emplace_back("torchtitan has no ZeRO-1 (FSDP2 shards parameters: ZeRO-3, or ZeRO-2 with "
+                     "reshard_after_forward never)");
+  if (p.dense.tp != p.attention.tp || p.embed.tp != p.attention.tp)
+    why.emplace_back("torchtitan takes one TP for every layer");
+  if (p.attention.cp > 1 && p.attention.cp_kind != CpKind::ring)
+    why.emplace_back("torchtitan's context parallelism is ring attention, not Ulysses");
+  if (p.moe.etp > 1)
+    why.emplace_back("expert tensor parallelism is not expressed for torchtitan");
+  if (p.activation_offload > 0)
+    why.emplace_back("torchtitan does not offload activations");
+  const bool all_host = p.params == Placement::host && p.grads == Placement::host &&
+                        p.optimizer == Placement::host && p.optimizer_on_host &&
+                        p.torch_host_optimizer && p.overlap == OptimizerOverlap::after_backward;
+  const bool none_host = p.params == Placement::hbm && p.grads == Placement::hbm &&
+                         p.optimizer == Placement::hbm && !p.optimizer_on_host;
+  if (!all_host && !none_host)
+    why.emplace_back("torchtitan's CPU offload moves parameters, gradients and optimizer state "
+                     "together, stepped by torch's AdamW after the backward");
+  if (p.schedule == PipelineSchedule::zero_bubble && p.pp > 1)
+    why.emplace_back("zero-bubble on one stage per rank is not a torchtitan schedule");
+  const int layers = static_cast<int>(m.num_layers());
+  if (p.pp > 1 && (!p.stage_layers.empty() || layers % (p.pp * p.vp) != 0))
+    why.emplace_back("torchtitan's stage split is expressed here only when it is even");
+  // HSDP: the shard dimension takes the attention's shard group with CP's ranks inside it;
+  // the experts then shard over shard x cp x tp / ep ranks (torchtitan's efsdp).
+  const int att_ranks = p.attention.cp * p.attention.dp;
+  int replicate = 1, shard = -1;
+  if (p.state[0].shard_group > 0) {
+    const int g = p.state[0].shard_group;
+    if (g % p.attention.cp != 0 || att_ranks % g != 0)
+      why.push_back(fmt::format("an HSDP group of {} ranks does not hold whole CP groups", g));
+    else {
+      shard = g / p.attention.cp;
+      replicate = att_ranks / g;
+    }
+  } else if (p.state[0].zero == 0) {
+    if (p.attention.cp > 1)
+      why.emplace_back("torchtitan shards over the CP ranks: no replicated (ZeRO-0) plan with CP");
+    replicate = att_ranks;
+    shard = 1;
+  }
+  if (m.is_moe() && p.state[0].zero != 0) {
+    const int shard_ranks = (shard > 0 ? shard : att_ranks / (replicate * p.attention.cp)) *
+                            p.attention.cp * p.attention.tp;
+    const int efsdp = shard_ranks / p.moe.ep;
+    const int moe = static_cast<int>(LayerKind::moe);
+    const int expected = efsdp >= p.moe.edp ? 0 : efsdp;
+    if (p.state[moe].shard_group != expected)
+      why.push_back(
+          fmt::format("torchtitan shards the experts over {} ranks, the plan over {}",
+                      expected == 0 ? p.moe.edp : expected,
+                      p.state[moe].shard_group == 0 ? p.moe.edp : p.state[moe].shard_group));
+  }
+  if (!why.empty())
+    return c;
+  std::string module = m.name.substr(0, m.name.find('-'));
+  std::string config = m.name;
+  std::replace(config.begin(), config.end(), '-', '_');
+  std::string s;
+  s += fmt::format("# mop plan: {}\n", summary(p));
+  s += "# the module and config function of your model: torchtitan's own where the names match\n";
+  s += fmt::format("torchrun --nnodes {} --nproc-per-node {} -m torchtitan.train \\\n",
+                   std::max(1, p.world / gpus_per_node), std::min(p.world, gpus_per_node));
+  auto arg = [&](const std::string& text) { s += "  " + text + " \\\n"; };
+  arg(fmt::format("--module {} --config {}", module, config));
+  arg(fmt::format("--parallelism.data_parallel_replicate_degree {} "
+                  "--parallelism.data_parallel_shard_degree {}",
+                  replicate, shard));
+  if (p.state[0].zero == 2)
+    arg("--parallelism.fsdp_reshard_after_forward never");
+  arg(fmt::format("--parallelism.tensor_parallel_degree {}{}", p.attention.tp,
+                  p.attention.tp > 1 && !p.attention.sp
+                      ? " --parallelism.enable_sequence_parallel false"
+                      : ""));
+  if (p.attention.cp > 1)
+    arg(fmt::format("--parallelism.context_parallel_degree {} "
+                    "--parallelism.context_parallel_rotate_method alltoall",
+                    p.attention.cp));
+  if (p.pp > 1) {
+    const char* sched = p.schedule == PipelineSchedule::gpipe              ? "GPipe"
+                        : p.schedule == PipelineSchedule::interleaved_1f1b ? "Interleaved1F1B"
+                                                                           : "1F1B";
+    arg(fmt::format("--parallelism.pipeline_parallel_degree {} "
+                    "--parallelism.pipeline_parallel_schedule {}",
+                    p.pp, sched));
+    arg(fmt::format("--parallelism.pipeline_parallel_layers_per_stage {} "
+                    "--parallelism.pipeline_parallel_first_stage_less_layers 0 "
+                    "--parallelism.pipeline_parallel_last_stage_less_layers 0 "
+                    "--parallelism.pipeline_parallel_microbatch_size {}",
+                    layers / (p.pp * p.vp), p.micro_batch));
+  }
+  if (m.is_moe())
+    arg(fmt::format("--parallelism.expert_parallel_degree {}", p.moe.ep));
+  const std::int64_t local =
+      p.pp > 1 ? std::int64_t{p.global_batch} / p.attention.dp : std::int64_t{p.micro_batch};
+  arg(fmt::format("--training.local_batch_size {} --training.global_batch_size {} "
+                  "--training.seq_len {}",
+                  local, p.global_batch, seq));
+  arg(fmt::format("--activation_checkpoint.mode {}", name(p.recompute[0])));
+  if (all_host)
+    arg("--training.enable_cpu_offload");
+  if (precision == "fp8")
+    arg("--model.converters float8");
+  else if (precision == "mxfp8")
+    arg("--model.converters mx");
+  if (s.ends_with(" \\\n"))
+    s.replace(s.size() - 3, 3, "\n");
+  c.text = std::move(s);
+  return c;
+}
+
 FrameworkConfig write_deepspeed(const Plan& p, const workload::ModelSpec& m, int gpus_per_node,
                                 const std::string& precision, const std::string* base) {
   FrameworkConfig c;
@@ -907,8 +1343,15 @@ FrameworkConfig write_framework_config(Framework f, const Plan& plan,
                                        const workload::ModelSpec& model, std::int64_t seq,
                                        int gpus_per_node, const std::string& precision,
                                        const std::string* base) {
-  return f == Framework::megatron ? write_megatron(plan, model, seq, gpus_per_node, precision, base)
-                                  : write_deepspeed(plan, model, gpus_per_node, precision, base);
+  switch (f) {
+  case Framework::megatron:
+    return write_megatron(plan, model, seq, gpus_per_node, precision, base);
+  case Framework::torchtitan:
+    return write_torchtitan(plan, model, seq, gpus_per_node, precision);
+  case Framework::deepspeed:
+    break;
+  }
+  return write_deepspeed(plan, model, gpus_per_node, precision, base);
 }
 
 } // namespace mop::strategy

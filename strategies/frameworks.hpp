@@ -14,11 +14,11 @@
 
 namespace mop::strategy {
 
-enum class Framework { megatron, deepspeed };
+enum class Framework { megatron, torchtitan, deepspeed };
 const char* name(Framework f);
-// "megatron" or "deepspeed"; InputError naming the frameworks otherwise.
+// "megatron", "torchtitan" or "deepspeed"; InputError naming the frameworks otherwise.
 Framework parse_framework(const std::string& text);
-// The mop family whose space the framework expresses (megatron, ulysses-zero3).
+// The mop family whose space the framework expresses (megatron, fsdp2, ulysses-zero3).
 const char* family_of(Framework f);
 
 // What one run configuration says, in mop's terms.
@@ -33,6 +33,7 @@ struct FrameworkRun {
   // What the configuration sets that mop does not represent, one sentence each.
   std::vector<std::string> not_represented;
   std::string text; // the configuration as read (for writing the plan back into it)
+  std::string model_id; // a catalog model the configuration names (torchtitan), "" otherwise
 };
 
 // Megatron-LM's arguments as pretrain_gpt.py takes them: a launch script or an argument list
@@ -43,6 +44,15 @@ struct FrameworkRun {
 // that is not what the key takes, a shell variable, or a model the arguments cannot describe.
 FrameworkRun read_megatron_args(const std::string& text, const std::string& origin,
                                 const workload::ModelSpec* model);
+
+// A torchtitan job: its legacy TOML ([parallelism], [training], [activation_checkpoint],
+// [model] name and flavor) or its current command-line overrides (`--parallelism.
+// tensor_parallel_degree 2`, `--module llama3 --config llama3_8b`, after a torchrun prefix).
+// Batch in sequences (local_batch_size, global_batch_size, seq_len) or in tokens
+// (num_tokens_per_microbatch_per_dp_rank, num_tokens_per_train_step, max_context_length). The
+// model is the catalog's where its name and flavor name one (`model_id`), else --model's.
+FrameworkRun read_torchtitan_config(const std::string& text, const std::string& origin,
+                                    const workload::ModelSpec* model);
 
 // A DeepSpeed config (ds.json). Its Python-side degrees (EP, pipeline stages) are not in the
 // JSON: give them as plan flags (--ep, --pp).

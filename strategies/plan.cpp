@@ -138,6 +138,12 @@ void complete_plan(Plan& p) {
   // data-parallel ranks are everything but their own tp.
   derive("dense tp", p.dense.tp, p.dense.dp);
   derive("embedding tp", p.embed.tp, p.embed.dp);
+  // A shard group as large as a kind's data-parallel ranks shards over all of them: one form.
+  const int kind_ranks[kNumLayerKinds] = {p.attention.cp * p.attention.dp, p.moe.edp, p.dense.dp,
+                                          p.embed.dp};
+  for (int k = 0; k < kNumLayerKinds; ++k)
+    if (p.state[k].shard_group >= kind_ranks[k])
+      p.state[k].shard_group = 0;
   if (p.micro_batch <= 0)
     bad(fmt::format("plan: micro_batch must be positive (got {}).", p.micro_batch));
   if (p.global_batch <= 0)

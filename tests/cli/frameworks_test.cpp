@@ -97,11 +97,36 @@ TEST_CASE("--from: bad framework, missing file, --plan beside it" *
           doctest::test_suite("plumbing")) {
   const auto fw = run_mop("memory --cluster h100 --from nemo:x.yaml");
   CHECK(fw.status == 1);
-  CHECK(fw.err == "mop: the framework must be megatron or deepspeed (got 'nemo').\n");
+  CHECK(fw.err == "mop: the framework must be megatron, torchtitan or deepspeed (got 'nemo').\n");
   const auto shape = run_mop("memory --cluster h100 --from run.sh");
   CHECK(shape.status == 1);
   const auto both = run_mop("memory --cluster h100 --plan mop --from megatron:" + kLlamaScript);
   CHECK(both.status == 2);
   const auto none = run_mop("memory --cluster h100 --nodes 1 --seq 4K");
   CHECK(none.status == 2); // no --model and no --from
+}
+
+TEST_CASE("--from torchtitan: the job TOML names a catalog model, and --emit torchtitan reads "
+          "back as its plan" *
+          doctest::test_suite("plumbing")) {
+  const std::string toml =
+      std::string(MOP_SOURCE_DIR) + "/configs/frameworks/llama3-8b-torchtitan.toml";
+  const auto r = run_mop("plan --cluster h100 --nodes 2 --from torchtitan:" + toml +
+                         " --family fsdp2 --emit torchtitan --top 1 --json");
+  REQUIRE(r.status == 0);
+  const Json j = Json::parse(r.out);
+  CHECK(j["imported"]["plan"]["attention"]["tp"] == 2);
+  CHECK(j["imported"]["plan"]["state"]["attention"]["zero"] == 3);
+  REQUIRE(j["emit"]["config"].is_string());
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("mop-titan-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto script = dir / "best.sh";
+  std::ofstream(script) << j["emit"]["config"].get<std::string>();
+  const auto back =
+      run_mop("memory --cluster h100 --from torchtitan:" + script.string() + " --json");
+  REQUIRE(back.status == 0);
+  Json a = j["emit"]["plan"]["plan"], b = Json::parse(back.out)["plan"];
+  CHECK(a == b);
+  std::filesystem::remove_all(dir);
 }
