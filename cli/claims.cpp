@@ -70,7 +70,7 @@ void add_claims_command(CLI::App& app) {
   cmd->add_option("--model", opt->models, "models (default: kimi-k2 and deepseek-v3)");
   cmd->add_option("--cluster", opt->cluster, "node type or cluster JSON")->capture_default_str();
   cmd->add_option("--nodes", opt->nodes, "nodes")->capture_default_str();
-  cmd->add_flag("--json", opt->json, std::string("print one JSON object"));
+  add_output_options(cmd, opt->json);
   cmd->callback([opt] {
     const hw::ClusterSpec cluster = hw::load_cluster(opt->cluster);
     Json all = Json::array();

@@ -1,4 +1,5 @@
 #include "cli/context.hpp"
+#include "cli/output.hpp"
 
 #include "common/error.hpp"
 #include "common/file_io.hpp"
@@ -138,7 +139,7 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
       ->excludes("--global-batch");
   add_plan_flags(cmd, opt);
   cmd->add_option("--calibration", opt.calibration, "calibration JSON from mop calibrate");
-  cmd->add_flag("--json", opt.json, std::string("print one JSON object"));
+  add_output_options(cmd, opt.json);
 }
 
 void check_gpus(std::int64_t nodes, int gpus_per_node, const std::string& cluster_name) {

@@ -223,7 +223,7 @@ void add_hw_command(CLI::App& app) {
   auto json = std::make_shared<bool>(false);
   CLI::App* list =
       hw->add_subcommand("list", "List the built-in node types\n\nExample:\n  mop hw list");
-  list->add_flag("--json", *json, std::string("print one JSON object"));
+  add_output_options(list, *json);
   list->callback([json] { run_list(*json); });
 
   auto show_name = std::make_shared<std::string>();
@@ -232,7 +232,7 @@ void add_hw_command(CLI::App& app) {
               "DERIVED)\n\nExample:\n  mop hw show h200\n  mop hw show my-cluster.json --json");
   show->add_option("cluster", *show_name, "built-in node type (mop hw list) or a cluster JSON path")
       ->required();
-  show->add_flag("--json", *json, std::string("print one JSON object"));
+  add_output_options(show, *json);
   show->callback([show_name, json] { run_show(*show_name, *json); });
 
   auto opt = std::make_shared<CollectiveOptions>();
@@ -262,7 +262,7 @@ void add_hw_command(CLI::App& app) {
       ->capture_default_str();
   coll->add_option("--calibration", opt->calibration,
                    "a calibration JSON whose measured collectives override the model");
-  coll->add_flag("--json", opt->json, std::string("print one JSON object"));
+  add_output_options(coll, opt->json);
   coll->callback([opt] { run_collective(*opt); });
 }
 

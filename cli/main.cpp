@@ -1,5 +1,6 @@
 // mop: predicts, explores and runs parallelism mixes for training Mixture-of-Experts models.
 #include "cli/commands.hpp"
+#include "cli/output.hpp"
 #include "common/allocator.hpp"
 #include "common/error.hpp"
 #include "common/limits.hpp"
@@ -70,23 +71,30 @@ int main(int argc, char** argv) {
   }
   try {
     app.parse(argc, argv);
+    mop::cli::commit_output(); // -o FILE: what the command printed, whole
   } catch (const CLI::CallForHelp&) {
+    mop::cli::discard_output();
     std::fputs(app.help().c_str(), stdout);
     return finish(0);
   } catch (const CLI::CallForAllHelp&) {
+    mop::cli::discard_output();
     std::fputs(app.help("", CLI::AppFormatMode::All).c_str(), stdout);
     return finish(0);
   } catch (const CLI::CallForVersion& e) {
+    mop::cli::discard_output();
     std::fputs((std::string(e.what()) + "\n").c_str(), stdout);
     return finish(0);
   } catch (const CLI::ParseError& e) {
+    mop::cli::discard_output();
     // Usage errors: one sentence and a pointer to --help, exit 2 (CLI.md).
     std::fputs(fmt::format("mop: {} (see --help)\n", one_line(e.what())).c_str(), stderr);
     return 2;
   } catch (const mop::InputError& e) {
+    mop::cli::discard_output();
     std::fputs(fmt::format("mop: {}\n", e.what()).c_str(), stderr);
     return 1;
   } catch (const std::bad_alloc&) {
+    mop::cli::discard_output();
     // A last resort: the ceilings of common/limits.hpp keep every input's work far below any
     // machine's memory, so reaching here means an input still asked for more than it has.
     std::fputs("mop: out of memory while running this command; the inputs ask for more memory "
@@ -94,6 +102,7 @@ int main(int argc, char** argv) {
                stderr);
     return 1;
   } catch (const std::exception& e) {
+    mop::cli::discard_output();
     std::fputs(fmt::format("mop: internal error: {}\n", one_line(e.what())).c_str(), stderr);
     return 3;
   }

@@ -193,7 +193,7 @@ void add_model_command(CLI::App& app) {
 
   CLI::App* list = model->add_subcommand(
       "list", "List catalog models with total and active parameters\n\nExample:\n  mop model list");
-  list->add_flag("--json", opt->json, std::string("print one JSON object"));
+  add_output_options(list, opt->json);
   list->callback([opt] { run_list(opt->json); });
 
   CLI::App* show = model->add_subcommand(
@@ -204,7 +204,7 @@ void add_model_command(CLI::App& app) {
       ->required();
   show->add_option("--seq", opt->seq, "sequence length in tokens: 4096, 4K, 128K, 1M (K = 1024)")
       ->capture_default_str();
-  show->add_flag("--json", opt->json, std::string("print one JSON object"));
+  add_output_options(show, opt->json);
   show->callback([opt] { run_show(opt->model, opt->seq, opt->json); });
 }
 

@@ -253,7 +253,7 @@ void add_run_command(CLI::App& app) {
   CLI::Option* resume = cmd->add_option("--resume", a->resume, "start from this checkpoint");
   cmd->add_flag("--check", a->check,
                 std::string("compare every step with a single-rank float64 reference"));
-  cmd->add_flag("--json", a->json, std::string("print one JSON object"));
+  add_output_options(cmd, a->json);
   cmd->callback([a, batch, save, resume] {
     a->batch_given = batch->count() > 0;
     a->save_given = save->count() > 0;

@@ -43,9 +43,13 @@ void add_sweep_command(CLI::App& app) {
                   "comma-separated families (fsdp2, megatron, "
                   "ulysses-zero3, mop)")
       ->capture_default_str();
-  cmd->add_flag("--csv", opt->csv, std::string("print CSV"));
+  cmd->add_flag("--csv", opt->csv, std::string("print CSV (= --format csv)"))
+      ->excludes("--format")
+      ->excludes("--json");
   cmd->add_option("--threads", opt->threads, "threads for the search")->capture_default_str();
   cmd->callback([opt] {
+    if (opt->csv)
+      use_csv();
     const std::vector<std::string> seqs = split(opt->seq);
     const std::vector<std::string> families = split(opt->family);
     if (seqs.empty() || families.empty())
@@ -89,16 +93,8 @@ void add_sweep_command(CLI::App& app) {
         rows.push_back(std::move(row));
       }
     }
-    if (opt->json) {
+    if (opt->json || opt->csv) {
       print_json(Json{{"rows", rows}});
-    } else if (opt->csv) {
-      std::cout << "seq,family,fits,tokens_per_s_per_gpu,mfu,peak_hbm_bytes,plan\n";
-      for (const Json& r : rows)
-        std::cout << fmt::format("{},{},{},{},{},{},\"{}\"\n", r["seq"].get<std::int64_t>(),
-                                 r["family"].get<std::string>(), r["fits"].get<bool>(),
-                                 r["tokens_per_s_per_gpu"].get<double>(), r.value("mfu", 0.0),
-                                 r["peak_hbm_bytes"].get<double>(),
-                                 r.value("summary", std::string()));
     } else {
       std::cout << t.render();
     }

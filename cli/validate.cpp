@@ -34,7 +34,7 @@ void add_validate_command(CLI::App& app) {
   cmd->add_option("--dataset", opt->datasets,
                   "JSON Lines files of the schema in validation/data/README.md (default: the "
                   "project's own dataset)");
-  cmd->add_flag("--json", opt->json, std::string("print one JSON object"));
+  add_output_options(cmd, opt->json);
   cmd->add_option(
          "--lowering", opt->lowering,
          "which lowering writes the simulated schedules: cost (the cost-only lowering) "
