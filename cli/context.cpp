@@ -108,9 +108,11 @@ sim::Dtype precision_of(const std::string& precision, const hw::ClusterSpec& clu
 } // namespace
 
 void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
-  cmd->add_option("--model", opt.model,
-                  "catalog id (mop model list) or a config.json path (required unless --from "
-                  "describes the model)");
+  cmd->add_option(
+      "--model", opt.model,
+      "catalog id (mop model list), a config.json path or a Hugging Face snapshot folder "
+      "(required unless --from "
+      "describes the model)");
   cmd->add_option("--cluster", opt.cluster, "node type (mop hw list) or a cluster JSON path")
       ->required();
   opt.nodes_option = cmd->add_option("--nodes", opt.nodes,
@@ -128,6 +130,11 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
   cmd->add_option("--global-batch", opt.global_batch,
                   "sequences per optimizer step (default: at least 4M tokens, a multiple of the "
                   "data-parallel replicas)");
+  if (!with_plan)
+    cmd->add_option("--max-simulations", opt.max_simulations,
+                    "the search's budget of simulated plans: past it, the best so far without "
+                    "the proof that the rest are slower")
+        ->capture_default_str();
   if (with_plan)
     cmd->add_option("--plan", opt.plan,
                     "preset (fsdp2, megatron, ulysses-zero3, mop), auto-tuned, or a plan JSON")
@@ -240,6 +247,10 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
                                    limits::max_batch_sequences));
     in.global_batch = static_cast<int>(tokens / in.seq);
   }
+  if (opt.max_simulations < 1 || opt.max_simulations > 1000000)
+    throw InputError(fmt::format("--max-simulations must be between 1 and 1000000 (got {}).",
+                                 opt.max_simulations));
+  in.max_simulations = opt.max_simulations;
   in.overrides = overrides_of(opt);
   in.precision = !opt.precision.empty() ? opt.precision : in.run ? in.run->precision : "bf16";
   in.gemm_dtype = precision_of(in.precision, in.cluster);

@@ -27,6 +27,7 @@ struct PlanOptions : PlanFlags {
   std::string from; // FRAMEWORK:FILE
   int nodes = 1;
   const CLI::Option* nodes_option = nullptr; // to tell a given --nodes from the default
+  int max_simulations = 400;                 // plan, sweep, fit: the search's budget
   int global_batch = 0;
   bool json = false;
 };
@@ -45,6 +46,7 @@ struct PlanInputs {
   strategy::PlanOverrides overrides;
   sim::Dtype gemm_dtype = sim::Dtype::bf16;
   std::string precision = "bf16";
+  int max_simulations = 400;
   // --from: the framework's run (its plan before the flags apply) and the file it came from.
   std::optional<strategy::FrameworkRun> run;
   std::string run_origin;

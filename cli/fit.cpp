@@ -58,7 +58,7 @@ void add_fit_command(CLI::App& app) {
         break;
       in.nodes = nodes;
       const planner::SearchResult s =
-          run_search(in, opt->family, 1, opt->threads, !opt->json && ::isatty(2));
+          run_search(in, opt->family, 1, opt->threads, ::isatty(2) != 0);
       if (s.results.empty())
         continue;
       const auto& r = s.results[0];

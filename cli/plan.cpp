@@ -148,6 +148,7 @@ planner::SearchResult run_search(const PlanInputs& in, const std::string& family
                                  std::function<bool(const strategy::Plan&)> filter) {
   planner::SearchOptions so;
   so.filter = std::move(filter);
+  so.max_simulations = in.max_simulations;
   so.families = families_of(family);
   so.top = top;
   so.threads = threads;
@@ -188,7 +189,7 @@ void add_plan_command(CLI::App& app) {
       throw InputError(fmt::format("--top must be positive (got {}).", opt->top));
     check_threads(opt->threads);
     const PlanInputs in = resolve_inputs(*opt);
-    const bool progress = !opt->json && ::isatty(2);
+    const bool progress = ::isatty(2) != 0; // stderr: also with --json
     const planner::SearchResult s = run_search(in, opt->family, opt->top, opt->threads, progress);
     // Flags no plan can take are a bad request, not a result.
     if (s.candidates_evaluated == 0 && !in.overrides.empty())
@@ -241,18 +242,19 @@ void add_plan_command(CLI::App& app) {
       std::cout << nothing_fits(s, in) << "\n";
       return;
     }
-    TextTable t{{"#", "plan", "step", "tokens/s/GPU", "MFU", "HBM", "host/node"},
+    TextTable t{{"#", "plan", "batch", "step", "tokens/s/GPU", "MFU", "HBM", "host/node"},
                 {},
-                {true, false, true, true, true, true, true}};
+                {true, false, true, true, true, true, true, true}};
     for (std::size_t i = 0; i < s.results.size(); ++i) {
       const auto& r = s.results[i];
       t.rows.push_back(
           {std::to_string(i + 1), fmt::format("{}: {}", r.plan.family, strategy::summary(r.plan)),
-           format_seconds(r.eval.step_time_s), fmt::format("{:.1f}", r.tokens_per_s_per_gpu),
-           fmt::format("{:.1f} %", 100 * r.mfu), format_bytes(r.peak_hbm_bytes),
-           format_bytes(r.peak_host_bytes)});
+           std::to_string(r.plan.global_batch), format_seconds(r.eval.step_time_s),
+           fmt::format("{:.1f}", r.tokens_per_s_per_gpu), fmt::format("{:.1f} %", 100 * r.mfu),
+           format_bytes(r.peak_hbm_bytes), format_bytes(r.peak_host_bytes)});
     }
     std::cout << t.render();
+    std::cout << "(batch: sequences per step; plans: docs/PLANS.md \"Reading a summary\")\n";
     if (s.results.size() > 1)
       std::cout << "\n" << planner::why_best(s.results[0], s.results[1]) << "\n";
     if (imported) {

@@ -64,8 +64,7 @@ void add_sweep_command(CLI::App& app) {
       one.seq = seq;
       const PlanInputs in = resolve_inputs(one);
       for (const std::string& family : families) {
-        const planner::SearchResult s =
-            run_search(in, family, 1, opt->threads, !opt->json && !opt->csv && ::isatty(2));
+        const planner::SearchResult s = run_search(in, family, 1, opt->threads, ::isatty(2) != 0);
         Json row{{"seq", in.seq}, {"family", family}, {"fits", !s.results.empty()}};
         if (!s.results.empty()) {
           const auto& r = s.results[0];

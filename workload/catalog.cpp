@@ -29,6 +29,15 @@ ModelSpec load_model(const std::string& id_or_path) {
                                  "catalog models: {}.",
                                  id_or_path, fmt::join(catalog_ids(), ", ")));
   }
+  // A Hugging Face snapshot folder (what `huggingface-cli download` leaves): its config.json.
+  if (fs::is_directory(id_or_path, ec) &&
+      fs::is_regular_file(fs::path(id_or_path) / "config.json", ec)) {
+    fs::path folder = fs::path(id_or_path);
+    if (folder.filename().empty())
+      folder = folder.parent_path(); // "Kimi-K2/"
+    const std::string file = (folder / "config.json").string();
+    return from_hf_config(read_json_file(file), file, folder.filename().string());
+  }
   const Json config = read_json_file(id_or_path);
   std::string name = fs::path(id_or_path).stem().string();
   if (name == "config") // .../Kimi-K2/config.json: name it after its folder

@@ -43,5 +43,8 @@ TEST_CASE("a config.json path loads and is named after its folder" *
   CHECK(m.name == "My-Model");
   CHECK(m.attention.num_kv_heads == 4); // MHA when num_key_value_heads is absent
   CHECK_THROWS_AS(load_model((dir / "absent.json").string()), mop::InputError);
+  // A Hugging Face snapshot folder reads its config.json, with or without the last slash.
+  CHECK(load_model(dir.string()).name == "My-Model");
+  CHECK(load_model(dir.string() + "/").num_layers() == 2);
   fs::remove_all(dir.parent_path());
 }
