@@ -1,5 +1,6 @@
 #include "cli/context.hpp"
 #include "cli/output.hpp"
+#include "cli/plan.hpp"
 
 #include "common/error.hpp"
 #include "common/file_io.hpp"
@@ -284,6 +285,19 @@ namespace mop::cli {
 strategy::ResolvedPlan resolve_command_plan(const PlanOptions& opt, const PlanInputs& in) {
   if (in.run)
     return strategy::resolve_given_plan(in.run->plan, in.context(), in.run_origin);
+  const auto& families = strategy::family_names();
+  if (std::find(families.begin(), families.end(), opt.plan) != families.end()) {
+    // A preset is the fastest plan of its family, as `mop plan --family` finds it (one
+    // resolution for every command); when none fits, the one closest to fitting.
+    const planner::SearchResult s = run_search(in, opt.plan, 1, 2, false);
+    if (!s.results.empty()) {
+      strategy::ResolvedPlan r;
+      r.plan = s.results[0].plan;
+      r.memory = strategy::analyze_memory(in.model, r.plan, in.seq, in.context().hw);
+      r.candidates = static_cast<int>(s.candidates_evaluated);
+      return r;
+    }
+  }
   return strategy::resolve_plan(opt.plan, in.context());
 }
 
