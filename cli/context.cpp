@@ -146,6 +146,10 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
                   "(torchtitan counts it so)")
       ->excludes("--global-batch");
   add_plan_flags(cmd, opt);
+  cmd->add_option("--hbm-headroom", opt.hbm_headroom_gib,
+                  "GiB of HBM a plan must leave free to fit (allocator spikes, what no model "
+                  "counts)")
+      ->capture_default_str();
   cmd->add_option("--calibration", opt.calibration, "calibration JSON from mop calibrate");
   add_output_options(cmd, opt.json);
 }
@@ -252,6 +256,10 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
     throw InputError(fmt::format("--max-simulations must be between 1 and 1000000 (got {}).",
                                  opt.max_simulations));
   in.max_simulations = opt.max_simulations;
+  if (!(opt.hbm_headroom_gib >= 0 && opt.hbm_headroom_gib <= 1024))
+    throw InputError(fmt::format("--hbm-headroom must be between 0 and 1024 GiB (got {}).",
+                                 opt.hbm_headroom_gib));
+  in.hbm_headroom_bytes = opt.hbm_headroom_gib * 1024.0 * 1024.0 * 1024.0;
   in.overrides = overrides_of(opt);
   in.precision = !opt.precision.empty() ? opt.precision : in.run ? in.run->precision : "bf16";
   in.gemm_dtype = precision_of(in.precision, in.cluster);
@@ -272,6 +280,7 @@ strategy::PlanContext PlanInputs::context() const {
   c.seq = seq;
   c.cluster = strategy::ClusterShape{cluster.node.gpus_per_node, nodes};
   c.hw = strategy::memory_hardware(cluster);
+  c.hw.hbm_headroom_bytes = hbm_headroom_bytes;
   c.global_batch = global_batch;
   c.overrides = overrides;
   c.gemm_dtype = gemm_dtype;

@@ -28,6 +28,7 @@ struct PlanOptions : PlanFlags {
   int nodes = 1;
   const CLI::Option* nodes_option = nullptr; // to tell a given --nodes from the default
   int max_simulations = 400;                 // plan, sweep, fit: the search's budget
+  double hbm_headroom_gib = 2;               // HBM a fitting plan leaves free
   int global_batch = 0;
   bool json = false;
 };
@@ -47,6 +48,7 @@ struct PlanInputs {
   sim::Dtype gemm_dtype = sim::Dtype::bf16;
   std::string precision = "bf16";
   int max_simulations = 400;
+  double hbm_headroom_bytes = 0;
   // --from: the framework's run (its plan before the flags apply) and the file it came from.
   std::optional<strategy::FrameworkRun> run;
   std::string run_origin;

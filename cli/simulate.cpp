@@ -60,7 +60,7 @@ Json simulate_json(const strategy::ResolvedPlan& plan, const planner::StepEvalua
   j["analytic_peak_hbm_bytes"] = j["peak_hbm_bytes"];
   j["peak_hbm_bytes"] = rep.peak_hbm_bytes;
   j["peak_host_bytes"] = rep.peak_host_bytes;
-  j["fits"] = rep.peak_hbm_bytes <= hw.hbm_bytes && rep.peak_host_bytes <= hw.host_bytes;
+  j["fits"] = hw.fits_hbm(rep.peak_hbm_bytes) && rep.peak_host_bytes <= hw.host_bytes;
   j["step_time_s"] = rep.step_time_s;
   j["tokens_per_s_per_gpu"] = rep.tokens_per_s_per_gpu;
   j["mfu"] = rep.mfu;
@@ -132,8 +132,8 @@ void print_text(const strategy::ResolvedPlan& plan, const planner::StepEvaluatio
   std::cout << fmt::format(
       "\npeak HBM {} of {} per GPU; host {} of {} per node: {}\n", format_bytes(rep.peak_hbm_bytes),
       format_bytes(hw.hbm_bytes), format_bytes(rep.peak_host_bytes), format_bytes(hw.host_bytes),
-      rep.peak_hbm_bytes <= hw.hbm_bytes && rep.peak_host_bytes <= hw.host_bytes ? "fits"
-                                                                                 : "does not fit");
+      hw.fits_hbm(rep.peak_hbm_bytes) && rep.peak_host_bytes <= hw.host_bytes ? "fits"
+                                                                              : "does not fit");
 }
 
 } // namespace

@@ -52,7 +52,7 @@ RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpe
     r.peak_host_bytes = std::max(r.peak_host_bytes, cr.memory.peak_host_bytes);
   }
   r.peak_host_bytes = r.peak_host_bytes * ctx.hw.gpus_per_node + ctx.hw.host_reserved_bytes;
-  r.fits = r.peak_hbm_bytes <= ctx.hw.hbm_bytes && r.peak_host_bytes <= ctx.hw.host_bytes;
+  r.fits = ctx.hw.fits_hbm(r.peak_hbm_bytes) && r.peak_host_bytes <= ctx.hw.host_bytes;
   // A result keeps its numbers, not the Schedule and its timings (hundreds of megabytes for a
   // deep pipeline): `mop simulate` rebuilds them for the plan it is asked about.
   r.eval.schedule = sim::Schedule{};

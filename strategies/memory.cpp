@@ -352,14 +352,21 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     r.peak_hbm_bytes = std::max(r.peak_hbm_bytes, c.peak_hbm_bytes);
     r.peak_host_bytes = std::max(r.peak_host_bytes, c.host_bytes_per_node);
   }
-  r.fits_hbm = r.peak_hbm_bytes <= hw.hbm_bytes;
+  r.fits_hbm = hw.fits_hbm(r.peak_hbm_bytes);
   r.fits_host = r.peak_host_bytes <= hw.host_bytes;
   const RankClassMemory& w = r.classes[static_cast<std::size_t>(r.worst)];
   if (!r.fits_hbm) {
+    // Against the HBM less the headroom a plan must leave free (--hbm-headroom).
+    const double usable = hw.hbm_bytes - hw.hbm_headroom_bytes;
     r.first_to_run_out =
-        fmt::format("HBM runs out first on {}: {} needed of {} ({} over), {} the largest part ({})",
-                    w.name, format_bytes(w.peak_hbm_bytes), format_bytes(hw.hbm_bytes),
-                    format_bytes(w.peak_hbm_bytes - hw.hbm_bytes), w.dominant,
+        fmt::format("HBM runs out first on {}: {} needed of {}{}, {} over, {} the largest part "
+                    "({})",
+                    w.name, format_bytes(w.peak_hbm_bytes), format_bytes(usable),
+                    hw.hbm_headroom_bytes > 0
+                        ? fmt::format(" ({} less {} headroom)", format_bytes(hw.hbm_bytes),
+                                      format_bytes(hw.hbm_headroom_bytes))
+                        : std::string(),
+                    format_bytes(w.peak_hbm_bytes - usable), w.dominant,
                     format_bytes(std::max({w.hbm.weights, w.hbm.grads, w.hbm.optimizer,
                                            w.hbm.activations, w.hbm.comm_buffers, w.hbm.other})));
   } else if (!r.fits_host) {

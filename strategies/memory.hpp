@@ -18,6 +18,12 @@ struct MemoryHardware {
   double alltoall_buffer_bytes = 0; // once per process that runs an all-to-all (EP, Ulysses)
   double fragmentation = 0;         // allocator overhead as a fraction of activations and buffers
   double host_reserved_bytes = 0;   // per node: OS, framework, page cache the job cannot use
+  // HBM a plan must leave free to count as fitting (`--hbm-headroom`): allocator spikes and
+  // what no model counts, so that the best plan does not sit at 0.1 GiB from the limit.
+  double hbm_headroom_bytes = 0;
+  bool fits_hbm(double peak_hbm_bytes) const {
+    return peak_hbm_bytes + hbm_headroom_bytes <= hbm_bytes;
+  }
 };
 
 struct MemoryBreakdown {
