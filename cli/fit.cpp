@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <unistd.h>
 
 namespace mop::cli {
@@ -48,32 +49,54 @@ void add_fit_command(CLI::App& app) {
     if (opt->max_nodes <= 0)
       throw InputError("--max-nodes must be positive.");
     check_threads(opt->threads);
+    // --nodes, when given, is an upper bound on the node count.
+    const bool nodes_given = opt->nodes_option != nullptr && opt->nodes_option->count() > 0;
+    const int max_nodes = nodes_given ? std::min(opt->max_nodes, opt->nodes) : opt->max_nodes;
     PlanOptions first = *opt;
     first.nodes = 1;
     PlanInputs in = resolve_inputs(first);
     // Node counts past the GPU ceiling are not tried: "does not fit up to there" is the answer.
     const std::int64_t most = limits::max_gpus / in.cluster.node.gpus_per_node;
-    for (int nodes : node_counts(opt->max_nodes)) {
+    std::optional<std::pair<int, planner::RankedPlan>> fewest, cheapest;
+    for (int nodes : node_counts(max_nodes)) {
       if (nodes > most)
+        break;
+      // Past the fewest, the cheapest per token is looked for up to 4x the fewest (or --nodes).
+      if (fewest && !nodes_given && nodes > 4 * fewest->first)
         break;
       in.nodes = nodes;
       const planner::SearchResult s =
           run_search(in, opt->family, 1, opt->threads, ::isatty(2) != 0);
       if (s.results.empty())
         continue;
-      const auto& r = s.results[0];
+      if (!fewest)
+        fewest.emplace(nodes, s.results[0]);
+      if (!cheapest || s.results[0].tokens_per_s_per_gpu > cheapest->second.tokens_per_s_per_gpu)
+        cheapest.emplace(nodes, s.results[0]);
+    }
+    if (fewest) {
+      const int per_node = in.cluster.node.gpus_per_node;
       if (opt->json) {
-        Json j = ranked_json(r);
-        j["nodes"] = nodes;
-        j["gpus"] = nodes * in.cluster.node.gpus_per_node;
+        Json j = ranked_json(fewest->second);
+        j["nodes"] = fewest->first;
+        j["gpus"] = fewest->first * per_node;
+        Json c = ranked_json(cheapest->second);
+        c["nodes"] = cheapest->first;
+        c["gpus"] = cheapest->first * per_node;
+        j["cheapest_per_token"] = c;
         print_json(j);
       } else {
-        std::cout << fmt::format("{} nodes of {} ({} GPUs): {}: {}\n  {:.1f} tokens/s/GPU, MFU "
-                                 "{:.1f} %, peak HBM {}, host {} per node\n",
-                                 nodes, in.cluster.name, nodes * in.cluster.node.gpus_per_node,
-                                 r.plan.family, strategy::summary(r.plan), r.tokens_per_s_per_gpu,
-                                 100 * r.mfu, format_bytes(r.peak_hbm_bytes),
-                                 format_bytes(r.peak_host_bytes));
+        auto line = [&](const std::pair<int, planner::RankedPlan>& f) {
+          const planner::RankedPlan& r = f.second;
+          return fmt::format("{} nodes of {} ({} GPUs): {}: {}\n  {:.1f} tokens/s/GPU, MFU "
+                             "{:.1f} %, peak HBM {}, host {} per node\n",
+                             f.first, in.cluster.name, f.first * per_node, r.plan.family,
+                             strategy::summary(r.plan), r.tokens_per_s_per_gpu, 100 * r.mfu,
+                             format_bytes(r.peak_hbm_bytes), format_bytes(r.peak_host_bytes));
+        };
+        std::cout << "fewest nodes: " << line(*fewest);
+        std::cout << fmt::format("cheapest per token (most tokens/s per GPU, up to {} nodes): {}",
+                                 nodes_given ? max_nodes : 4 * fewest->first, line(*cheapest));
       }
       return;
     }
@@ -81,7 +104,7 @@ void add_fit_command(CLI::App& app) {
     const std::string why =
         fmt::format("no {}plan fits {} at {} tokens on up to {} nodes of {}.",
                     opt->family == "all" ? "" : opt->family + " ", opt->model, opt->seq,
-                    std::min<std::int64_t>(opt->max_nodes, most), opt->cluster);
+                    std::min<std::int64_t>(max_nodes, most), opt->cluster);
     if (opt->json)
       print_json(Json{{"nodes", nullptr}, {"plan", nullptr}, {"fits", false}, {"why", why}});
     else
