@@ -349,10 +349,19 @@ std::string summary(const Plan& p) {
   }
   if (p.dense.tp > 1)
     s += fmt::format(" dense[tp{}]", p.dense.tp);
+  // ZeRO: the attention's stage (and HSDP group), then each kind that differs
+  // ("zero3,moe=1": experts at ZeRO-1).
   const StatePolicy& z = p.state[static_cast<int>(LayerKind::attention)];
-  s += fmt::format(" zero{}", z.zero);
-  if (z.shard_group > 0)
-    s += fmt::format("/{}", z.shard_group);
+  auto zero_text = [](const StatePolicy& x) {
+    return x.shard_group > 0 ? fmt::format("{}/{}", x.zero, x.shard_group)
+                             : fmt::format("{}", x.zero);
+  };
+  s += " zero" + zero_text(z);
+  for (LayerKind k : {LayerKind::moe, LayerKind::dense, LayerKind::embedding}) {
+    const StatePolicy& x = p.state[static_cast<int>(k)];
+    if (x.zero != z.zero || x.shard_group != z.shard_group)
+      s += fmt::format(",{}={}", layer_kind_name(k), zero_text(x));
+  }
   s += fmt::format(" pp{}", p.pp);
   if (!p.stage_layers.empty()) {
     // Layers per stage, runs written once with their count: "layers=4x31,2".

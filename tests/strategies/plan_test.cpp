@@ -32,6 +32,11 @@ TEST_CASE("data-parallel degrees are what is left of each layer kind's mapping" 
   CHECK(p.micro_batches() == 1);
   validate_plan(p, kKimi, 1 << 20, kTwelveNodes);
   CHECK(summary(p).starts_with("attn[cp8h dp12] moe[ep96] zero1 pp1 mb1"));
+  // Kinds whose ZeRO stage or HSDP group differ from the attention's are named.
+  p.state[static_cast<int>(LayerKind::attention)] = StatePolicy{3, 0};
+  p.state[static_cast<int>(LayerKind::dense)] = StatePolicy{3, 8};
+  p.state[static_cast<int>(LayerKind::embedding)] = StatePolicy{3, 0};
+  CHECK(summary(p).find(" zero3,moe=1,dense=3/8 pp1") != std::string::npos);
 }
 
 TEST_CASE("each broken rule is one sentence" * doctest::test_suite("plumbing")) {
