@@ -54,8 +54,8 @@ TEST_CASE("global batch in tokens and the GEMM precision" * doctest::test_suite(
   CHECK(Json::parse(r.out)["plan"]["global_batch"] == 256); // 2^20 / 4096
   // FP8 GEMMs run at twice BF16's peak on H100: the step is shorter.
   auto step = [](const std::string& precision) {
-    const auto s = run_mop("simulate --model llama3-8b --cluster h100 --nodes 1 --seq 4K "
-                           "--plan megatron --tp 1 --pp 1 --precision " +
+    const auto s = run_mop("simulate --model llama3-8b --cluster h100 --nodes 1 --seq 1K "
+                           "--global-batch 16 --plan megatron --tp 1 --pp 1 --precision " +
                            precision + " --json");
     REQUIRE(s.status == 0);
     return Json::parse(s.out)["step_time_s"].get<double>();
