@@ -36,10 +36,11 @@ TEST_CASE("mop report writes one self-contained page that headless Chromium rend
   } else {
     const fs::path png = dir / "report.png";
     // Every host name resolves to nothing: the page renders offline or not at all.
-    const std::string cmd = "timeout 120 chromium --headless --no-sandbox --disable-gpu "
-                            "--hide-scrollbars --window-size=1200,1600 "
-                            "--host-resolver-rules='MAP * ~NOTFOUND' --screenshot=" +
-                            png.string() + " file://" + html.string() + " >/dev/null 2>&1";
+    const std::string cmd =
+        "timeout 120 chromium --headless --no-sandbox --disable-gpu --disable-dev-shm-usage "
+        "--hide-scrollbars --window-size=1200,1600 "
+        "--host-resolver-rules='MAP * ~NOTFOUND' --screenshot=" +
+        png.string() + " file://" + html.string() + " >/dev/null 2>&1";
     CHECK(std::system(cmd.c_str()) == 0);
     REQUIRE(fs::exists(png));
     CHECK(fs::file_size(png) > 10000); // a page with content, not a blank one
