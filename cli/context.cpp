@@ -54,6 +54,10 @@ void add_plan_flags(CLI::App* cmd, PlanFlags& f) {
                   "what lives on the host: none, or a comma-separated list of params, grads, opt "
                   "(state and step on the CPU), act (checkpointed activations)")
       ->group(group);
+  cmd->add_option("--capacity-factor", f.capacity_factor,
+                  "MoE token dropping: each expert takes at most this many times its mean "
+                  "tokens, the rest dropped (0: dropless)")
+      ->group(group);
   cmd->add_option("--precision", f.precision,
                   "precision of the layers' GEMMs: bf16 (default), fp8 or mxfp8 (Blackwell)")
       ->check(CLI::IsMember({"bf16", "fp8", "mxfp8"}))
@@ -87,6 +91,13 @@ strategy::PlanOverrides overrides_of(const PlanFlags& f) {
     o.recompute = strategy::parse_recompute(f.recompute, "--recompute");
   if (!f.offload.empty())
     o.offload = strategy::parse_offload(f.offload);
+  if (f.capacity_factor) {
+    if (!(*f.capacity_factor == 0 || (*f.capacity_factor >= 0.01 && *f.capacity_factor <= 1000)))
+      throw InputError(fmt::format("--capacity-factor must be 0 (dropless) or between 0.01 and "
+                                   "1000 (got {}).",
+                                   *f.capacity_factor));
+    o.capacity_factor = *f.capacity_factor;
+  }
   return o;
 }
 
@@ -146,6 +157,22 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
                   "(torchtitan counts it so)")
       ->excludes("--global-batch");
   add_plan_flags(cmd, opt);
+  const char* routing = "Expert routing (uneven: every expert-parallel rank simulated)";
+  CLI::Option* spec =
+      cmd->add_option("--routing", opt.routing,
+                      "how the router spreads tokens over experts: balanced (default), "
+                      "imbalance:R (max/mean expert load R in every layer), zipf:S, dirichlet:A, "
+                      "or a measured histogram file (JSON or CSV, docs/ROUTING.md)")
+          ->group(routing);
+  cmd->add_option("--routing-imbalance", opt.routing_imbalance,
+                  "the same as --routing imbalance:R: the hottest expert of every MoE layer "
+                  "takes R times the mean tokens")
+      ->excludes(spec)
+      ->group(routing);
+  cmd->add_option("--routing-seed", opt.routing_seed,
+                  "seed of the random routing models (which experts run hot)")
+      ->capture_default_str()
+      ->group(routing);
   cmd->add_option("--hbm-headroom", opt.hbm_headroom_gib,
                   "GiB of HBM a plan must leave free to fit (allocator spikes, what no model "
                   "counts)")
@@ -263,7 +290,26 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
   in.overrides = overrides_of(opt);
   in.precision = !opt.precision.empty() ? opt.precision : in.run ? in.run->precision : "bf16";
   in.gemm_dtype = precision_of(in.precision, in.cluster);
+  if (opt.routing_seed < 0)
+    throw InputError(
+        fmt::format("--routing-seed must be a non-negative number (got {}).", opt.routing_seed));
+  std::string routing = opt.routing;
+  if (opt.routing_imbalance)
+    routing = fmt::format("imbalance:{}", *opt.routing_imbalance);
+  if (!routing.empty()) {
+    in.routing = workload::parse_routing(routing, static_cast<std::uint64_t>(opt.routing_seed));
+    in.reseed_routing(in.routing.seed);
+  }
   return in;
+}
+
+void PlanInputs::reseed_routing(std::uint64_t seed) {
+  routing.seed = seed;
+  expert_loads = workload::expert_loads(routing, model);
+  uneven = false;
+  for (const auto& row : expert_loads)
+    for (double x : row)
+      uneven = uneven || x != 1.0;
 }
 
 std::int64_t parse_seq(const std::string& text) {
@@ -284,6 +330,7 @@ strategy::PlanContext PlanInputs::context() const {
   c.global_batch = global_batch;
   c.overrides = overrides;
   c.gemm_dtype = gemm_dtype;
+  c.expert_loads = uneven ? &expert_loads : nullptr;
   return c;
 }
 

@@ -6,6 +6,7 @@
 #include "strategies/frameworks.hpp"
 #include "strategies/presets.hpp"
 #include "workload/model_spec.hpp"
+#include "workload/routing.hpp"
 
 #include <CLI/CLI.hpp>
 #include <optional>
@@ -20,6 +21,7 @@ struct PlanFlags {
   std::string cp_kind, pp_schedule, recompute, offload; // empty: not given
   std::string global_batch_tokens;                      // "4M"; empty: not given
   std::string precision; // bf16, fp8, mxfp8; empty: the configuration's, else bf16
+  std::optional<double> capacity_factor; // MoE token dropping (0: dropless)
 };
 
 struct PlanOptions : PlanFlags {
@@ -31,6 +33,11 @@ struct PlanOptions : PlanFlags {
   double hbm_headroom_gib = 2;               // HBM a fitting plan leaves free
   int global_batch = 0;
   bool json = false;
+  // Uneven expert routing (workload/routing.hpp): --routing SPEC|FILE, --routing-imbalance R
+  // (= imbalance:R), --routing-seed N.
+  std::string routing;
+  std::optional<double> routing_imbalance;
+  std::int64_t routing_seed = 0;
 };
 
 // Adds --model --cluster --nodes --seq --global-batch --global-batch-tokens --plan
@@ -52,7 +59,14 @@ struct PlanInputs {
   // --from: the framework's run (its plan before the flags apply) and the file it came from.
   std::optional<strategy::FrameworkRun> run;
   std::string run_origin;
+  // --routing: the model's expert loads per layer; `uneven` when they are not all balanced.
+  workload::RoutingSpec routing;
+  std::vector<std::vector<double>> expert_loads;
+  bool uneven = false;
+  // The context points at this object's expert loads: keep it alive while the context is used.
   strategy::PlanContext context() const;
+  // The same inputs with the routing drawn from another seed (mop simulate --routing-seeds).
+  void reseed_routing(std::uint64_t seed);
 };
 
 // The plan a memory or simulate command is about: the --from configuration's, else --plan's.

@@ -4,6 +4,7 @@
 #include "cli/output.hpp"
 #include "common/units.hpp"
 #include "strategies/presets.hpp"
+#include "strategies/routing.hpp"
 
 #include <fmt/format.h>
 #include <iostream>
@@ -53,6 +54,35 @@ Json memory_json(const strategy::ResolvedPlan& r) {
   return j;
 }
 
+Json routing_json(const PlanInputs& in, const strategy::Plan& p) {
+  if (!in.uneven || !in.model.is_moe())
+    return nullptr;
+  const strategy::RankLoads loads = strategy::rank_loads(p, in.model, in.expert_loads);
+  const strategy::HotRank h = strategy::hottest_rank(loads);
+  const int first = h.ep_rank * loads.local_experts;
+  return Json{{"model", in.routing.source},
+              {"seed", in.routing.seed},
+              {"reserved_load", p.moe.imbalance},
+              {"worst_rank",
+               Json{{"ep_rank", h.ep_rank},
+                    {"experts", Json::array({first, first + loads.local_experts - 1})},
+                    {"mean_load", h.mean_load},
+                    {"peak_layer", h.layer},
+                    {"peak_load", h.load},
+                    {"hottest_expert", h.expert},
+                    {"hottest_expert_load", h.expert_load}}}};
+}
+
+std::string routing_text(const PlanInputs& in, const strategy::Plan& p) {
+  if (!in.uneven || !in.model.is_moe())
+    return "";
+  const strategy::RankLoads loads = strategy::rank_loads(p, in.model, in.expert_loads);
+  return fmt::format("routing {} (seed {}): routed buffers reserved for {:.2f}x the mean tokens\n"
+                     "most loaded: {}\n",
+                     in.routing.source, in.routing.seed, p.moe.imbalance,
+                     strategy::describe(strategy::hottest_rank(loads), loads.local_experts));
+}
+
 void print_memory_text(const strategy::ResolvedPlan& r, const PlanInputs& in) {
   const strategy::MemoryReport& m = r.memory;
   std::cout << fmt::format("{} on {} x {} ({} GPUs), seq {}, global batch {}\n", in.model.name,
@@ -69,6 +99,7 @@ void print_memory_text(const strategy::ResolvedPlan& r, const PlanInputs& in) {
                       b(c.hbm.optimizer), b(c.hbm.activations), b(c.hbm.comm_buffers),
                       b(c.hbm.other), b(c.peak_hbm_bytes), b(c.host_bytes_per_node)});
   std::cout << t.render() << "\n";
+  std::cout << routing_text(in, r.plan);
   std::cout << fmt::format("HBM {} of {} per GPU; host {} of {} per node\n", b(m.peak_hbm_bytes),
                            b(m.hbm_capacity_bytes), b(m.peak_host_bytes), b(m.host_capacity_bytes));
   if (m.fits())
@@ -89,6 +120,8 @@ void add_memory_command(CLI::App& app) {
     const Json notes = report_not_represented(in);
     if (opt->json) {
       Json j = memory_json(r);
+      if (in.uneven)
+        j["routing"] = routing_json(in, r.plan);
       if (in.run)
         j["not_represented"] = notes;
       print_json(j);

@@ -2,6 +2,7 @@
 #include "cli/commands.hpp"
 #include "cli/memory.hpp"
 #include "cli/output.hpp"
+#include "common/error.hpp"
 #include "common/file_io.hpp"
 #include "common/units.hpp"
 #include "hw_models/calibration.hpp"
@@ -9,6 +10,8 @@
 #include "sim/engine.hpp"
 #include "traces/chrome_trace.hpp"
 
+#include <algorithm>
+#include <cmath>
 #include <fmt/format.h>
 #include <iostream>
 #include <memory>
@@ -20,7 +23,54 @@ struct SimulateOptions : PlanOptions {
   std::string trace;
   bool full = false;
   std::string lowering = "cost";
+  int routing_seeds = 1;
 };
+
+// Step times over routing seeds: nearest-rank percentiles.
+struct SeedSpread {
+  std::vector<double> steps; // in seed order
+  double percentile(double q) const {
+    std::vector<double> v = steps;
+    std::sort(v.begin(), v.end());
+    const auto rank = static_cast<std::size_t>(std::ceil(q * static_cast<double>(v.size())));
+    return v[std::max<std::size_t>(rank, 1) - 1];
+  }
+};
+
+// The simulated classes that end last and peak highest (each a rank: uneven routing gives
+// every expert-parallel rank its own class).
+Json simulated_routing(const PlanInputs& in, const strategy::Plan& p,
+                       const planner::StepEvaluation& e, const SeedSpread& spread) {
+  Json j = routing_json(in, p);
+  // The ranks meet at every dispatch and combine, so they end together: the one the others
+  // wait for is the one whose routed work (expert GEMMs and activations) takes longest.
+  const auto& classes = e.result.classes;
+  std::vector<double> routed(classes.size(), 0.0);
+  for (std::size_t i = 0; i < classes.size(); ++i) {
+    const auto& ops = e.schedule.classes[i].ops;
+    for (std::size_t k = 0; k < ops.size(); ++k)
+      if (ops[k].routed == sim::Routed::rows)
+        routed[i] += classes[i].ops[k].end_s - classes[i].ops[k].start_s;
+  }
+  std::size_t slowest = 0, highest = 0;
+  for (std::size_t i = 1; i < classes.size(); ++i) {
+    if (routed[i] > routed[slowest])
+      slowest = i;
+    if (classes[i].memory.peak_hbm_bytes > classes[highest].memory.peak_hbm_bytes)
+      highest = i;
+  }
+  j["slowest_routed_s"] = routed[slowest];
+  j["slowest_class"] = e.schedule.classes[slowest].name;
+  j["highest_peak_class"] = e.schedule.classes[highest].name;
+  j["highest_peak_hbm_bytes"] = classes[highest].memory.peak_hbm_bytes;
+  if (spread.steps.size() > 1)
+    j["step_time_s"] = Json{{"seeds", spread.steps.size()},
+                            {"p50", spread.percentile(0.5)},
+                            {"p95", spread.percentile(0.95)},
+                            {"max", spread.percentile(1.0)},
+                            {"each", spread.steps}};
+  return j;
+}
 
 struct Report {
   double step_time_s = 0;
@@ -98,7 +148,8 @@ Json simulate_json(const strategy::ResolvedPlan& plan, const planner::StepEvalua
 }
 
 void print_text(const strategy::ResolvedPlan& plan, const planner::StepEvaluation& e,
-                const Report& rep, const PlanInputs& in, const strategy::MemoryHardware& hw) {
+                const Report& rep, const PlanInputs& in, const strategy::MemoryHardware& hw,
+                const SeedSpread& spread) {
   std::cout << fmt::format(
       "{} on {} x {} ({} GPUs), seq {}, global batch {} ({} tokens, {} "
       "micro-batches{})\n",
@@ -107,8 +158,14 @@ void print_text(const strategy::ResolvedPlan& plan, const planner::StepEvaluatio
       e.micro_batches_simulated < e.micro_batches
           ? fmt::format(", {} simulated and extrapolated", e.micro_batches_simulated)
           : "");
-  std::cout << fmt::format("plan ({}): {}\n\n", plan.plan.family, strategy::summary(plan.plan));
+  std::cout << fmt::format("plan ({}): {}\n", plan.plan.family, strategy::summary(plan.plan));
+  std::cout << routing_text(in, plan.plan) << "\n";
   std::cout << fmt::format("step time       {}\n", format_seconds(rep.step_time_s));
+  if (spread.steps.size() > 1)
+    std::cout << fmt::format("  over {} routing seeds: p50 {}, p95 {}, max {}\n",
+                             spread.steps.size(), format_seconds(spread.percentile(0.5)),
+                             format_seconds(spread.percentile(0.95)),
+                             format_seconds(spread.percentile(1.0)));
   std::cout << fmt::format("tokens/s/GPU    {:.1f}\n", rep.tokens_per_s_per_gpu);
   std::cout << fmt::format("TFLOPS/GPU      {:.1f} (MFU {:.1f} %)\n", rep.tflops_per_gpu,
                            100 * rep.mfu);
@@ -129,6 +186,15 @@ void print_text(const strategy::ResolvedPlan& plan, const planner::StepEvaluatio
   row("offload stall", b.offload_stall);
   row("optimizer", b.optimizer);
   std::cout << "\n" << t.render();
+  if (in.uneven) {
+    const Json r = simulated_routing(in, plan.plan, e, spread);
+    std::cout << fmt::format("\nslowest rank: {} ({} of expert work); highest HBM peak: {} "
+                             "({})\n",
+                             r["slowest_class"].get<std::string>(),
+                             format_seconds(r["slowest_routed_s"].get<double>()),
+                             r["highest_peak_class"].get<std::string>(),
+                             format_bytes(r["highest_peak_hbm_bytes"].get<double>()));
+  }
   std::cout << fmt::format(
       "\npeak HBM {} of {} per GPU; host {} of {} per node: {}\n", format_bytes(rep.peak_hbm_bytes),
       format_bytes(hw.hbm_bytes), format_bytes(rep.peak_host_bytes), format_bytes(hw.host_bytes),
@@ -158,10 +224,21 @@ void add_simulate_command(CLI::App& app) {
                   "docs/SIMULATOR.md)")
       ->check(CLI::IsMember({"cost", "program"}))
       ->capture_default_str();
+  cmd->add_option("--routing-seeds", opt->routing_seeds,
+                  "simulate the routing drawn from this many seeds (from --routing-seed on) and "
+                  "report the step time's p50, p95 and max")
+      ->capture_default_str()
+      ->group("Expert routing (uneven: every expert-parallel rank simulated)");
   cmd->callback([opt] {
     if (!opt->trace.empty())
       check_output_path(opt->trace); // refused before minutes of simulation, not after
+    if (opt->routing_seeds < 1 || opt->routing_seeds > 1000)
+      throw InputError(fmt::format("--routing-seeds must be between 1 and 1000 (got {}).",
+                                   opt->routing_seeds));
     const PlanInputs in = resolve_inputs(*opt);
+    if (in.uneven && opt->lowering == "program")
+      throw InputError("--lowering program simulates balanced routing only; uneven --routing "
+                       "is simulated on the cost-only lowering (leave out --lowering).");
     const strategy::PlanContext ctx = in.context();
     const strategy::ResolvedPlan plan = resolve_command_plan(*opt, in);
     const Json notes = report_not_represented(in);
@@ -170,6 +247,20 @@ void add_simulate_command(CLI::App& app) {
     const planner::StepEvaluation e = planner::evaluate_step(
         plan.plan, strategy::lowering_context(ctx), in.cluster, cal, opt->full ? 0 : 16,
         opt->lowering == "program" ? planner::Lowering::program : planner::Lowering::cost_only);
+    SeedSpread spread;
+    spread.steps.push_back(e.step_time_s);
+    if (in.uneven && opt->routing_seeds > 1) {
+      PlanInputs other = in;
+      for (int k = 1; k < opt->routing_seeds; ++k) {
+        other.reseed_routing(in.routing.seed + static_cast<std::uint64_t>(k));
+        spread.steps.push_back(planner::evaluate_step(plan.plan,
+                                                      strategy::lowering_context(other.context()),
+                                                      in.cluster, cal, opt->full ? 0 : 16,
+                                                      planner::Lowering::cost_only,
+                                                      planner::Check::skip)
+                                   .step_time_s);
+      }
+    }
     const sim::Schedule& s = e.schedule;
     const Report rep = report_of(e, in, ctx.hw);
     if (!opt->trace.empty()) {
@@ -180,11 +271,13 @@ void add_simulate_command(CLI::App& app) {
     }
     if (opt->json) {
       Json j = simulate_json(plan, e, rep, ctx.hw);
+      if (in.uneven)
+        j["routing"] = simulated_routing(in, plan.plan, e, spread);
       if (in.run)
         j["not_represented"] = notes;
       print_json(j);
     } else
-      print_text(plan, e, rep, in, ctx.hw);
+      print_text(plan, e, rep, in, ctx.hw, spread);
   });
 }
 

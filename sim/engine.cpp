@@ -140,6 +140,8 @@ Resource resource_of(const Op& op, const Schedule& s) {
     return pcie_d2h;
   case OpKind::host_adam:
     return host_cpu;
+  case OpKind::barrier: // no time, nothing occupied (as a group-less recv)
+    return nvlink;
   }
   return sms;
 }
@@ -671,6 +673,7 @@ double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
         .time_s;
   }
   case OpKind::recv:
+  case OpKind::barrier:
     return 0;
   case OpKind::copy_h2d:
     return hw::host_device_copy_time_s(c, cal, op.bytes, {hw::CopyDirection::host_to_device});

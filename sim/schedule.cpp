@@ -147,6 +147,8 @@ const char* op_kind_name(OpKind k) {
     return "copy_d2h";
   case OpKind::host_adam:
     return "host_adam";
+  case OpKind::barrier:
+    return "barrier";
   }
   return "?";
 }

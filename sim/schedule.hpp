@@ -37,6 +37,10 @@ enum class OpKind {
   copy_d2h,
   // host CPU
   host_adam, // AdamW over `params` parameters on the host, FP32 master weights and moments
+  // a meeting point of several rank classes: ends when its deps and remote deps have ended,
+  // takes no time and occupies nothing (a collective whose members run different programs
+  // waits on one: uneven expert routing, strategies/lower.hpp)
+  barrier,
 };
 const char* op_kind_name(OpKind k);
 bool is_collective(OpKind k); // all_gather .. recv (send_recv included)
@@ -346,6 +350,17 @@ struct Attrs {
   bool operator==(const Attrs&) const = default;
 };
 
+// How an op's size depends on the MoE routing. The op is sized for balanced routing; a
+// simulation of uneven routing (every expert-parallel rank its own class) rescales it by the
+// rank's tokens, as an executor's count tables would.
+enum class Routed : std::uint8_t {
+  no,
+  rows,     // work over this rank's routed rows (expert GEMMs and activations, ETP gathers)
+  exchange, // the expert-parallel dispatch or combine (all-to-all-v): its members wait for
+            // each other, and the rank receiving most sets its time
+  saved,    // a copy of a layer's saved activations (offload, reload): its routed share
+};
+
 struct RemoteDep {
   int rank_class = 0; // the other rank class
   int op = 0;         // index of the op in that class's program
@@ -371,6 +386,7 @@ struct Op {
   // attributes stay out of the op record the simulator walks).
   Kernel kernel = Kernel::none;
   int attrs = -1;
+  Routed routed = Routed::no;
   bool torch_kernel = false; // host_adam: torch's AdamW on the CPU instead of a vectorised
                              // CPU-Adam (DeepSpeed's); slower by the cluster's measured factor
   std::vector<int> deps;     // ops of this class that must end before this one starts

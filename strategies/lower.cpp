@@ -1,6 +1,7 @@
 #include "strategies/lower.hpp"
 #include "strategies/mesh.hpp"
 #include "strategies/pipeline.hpp"
+#include "strategies/routing.hpp"
 
 #include "common/error.hpp"
 #include "workload/flops.hpp"
@@ -8,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <stdexcept>
 #include <fmt/format.h>
 #include <numeric>
 
@@ -54,6 +57,7 @@ struct Step {
   double ring_bytes = 0; // K/V bytes passed per ring step
   bool selective_keep = false;            // recomputed under selective recompute
   bool forward_only = false;              // no transpose in backward (the MoE count exchanges)
+  sim::Routed routed = sim::Routed::no;   // how its size follows the routing (sim::Routed)
   LayerKind owner = LayerKind::attention; // whose recompute policy re-runs it
 };
 
@@ -123,6 +127,22 @@ private:
   std::vector<sim::Op> pending_wgrad_;
   // When set, add() records here whether each op joined the data path (pass_model()).
   std::vector<bool>* path_log_ = nullptr;
+  // Uneven routing: each stage's tensors holding a MoE layer's saved activations (tensor,
+  // layer), rescaled per expert-parallel rank by expand_routing().
+  // `work`: the recomputed layer's working set (its activations less the saved ones).
+  struct RoutedTensor {
+    int tensor = -1, layer = -1;
+    bool work = false;
+  };
+  std::vector<std::vector<RoutedTensor>> routed_tensors_;
+  void note_routed(int tensor, int layer, bool work = false) {
+    if (tensor < 0 || c_.expert_loads == nullptr ||
+        m_.layers[static_cast<std::size_t>(layer)].mlp != MlpKind::moe)
+      return;
+    routed_tensors_[static_cast<std::size_t>(rc_ - s_.classes.data())].push_back(
+        RoutedTensor{tensor, layer, work});
+  }
+  void expand_routing();
 
   void make_groups();
   int comm_group(const std::string& name, sim::GroupSpec spec);
@@ -457,7 +477,13 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     collective("ep_counts", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, 8 * experts);
     if (!out.empty() && out.back().name == "ep_counts")
       out.back().forward_only = true;
+    // What follows the routing: the exchanges, and the rows this rank's experts receive.
+    auto routed_last = [&](const char* name, sim::Routed how) {
+      if (!out.empty() && out.back().name == name)
+        out.back().routed = how;
+    };
     collective("ep_dispatch", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
+    routed_last("ep_dispatch", sim::Routed::exchange);
     const double local_experts = experts / p_.moe.ep;
     // Expert tensor parallelism: the etp ranks of an expert gather each other's count tables
     // (forward only), then their rows (padded to the largest count), compute their share of the
@@ -468,6 +494,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       out.back().forward_only = true;
     collective("etp_gather", OpKind::all_gather, Category::ep_comm, kEp, g_.etp,
                kAct * routed * p_.moe.etp * h);
+    routed_last("etp_gather", sim::Routed::rows);
     const double inter = static_cast<double>(e.expert_intermediate_size) / p_.moe.etp;
     // Expert tensor parallelism: the etp ranks of an expert see the tokens of all of them, each
     // computing 1/etp of the expert's width.
@@ -480,9 +507,11 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.gemm.k = h;
       st.gemm.m = expert_rows;
       st.flops = 2 * expert_rows * st.gemm.n * h;
+      st.routed = sim::Routed::rows;
       out.push_back(std::move(st));
     }
     elementwise("experts_act", 3 * kAct * expert_rows * inter, true);
+    routed_last("experts_act", sim::Routed::rows);
     {
       Step st = make_step("experts_down", OpKind::grouped_gemm);
       st.gemm.rows_per_expert.assign(static_cast<std::size_t>(local_experts),
@@ -491,11 +520,14 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.gemm.k = inter;
       st.gemm.m = expert_rows;
       st.flops = 2 * expert_rows * h * inter;
+      st.routed = sim::Routed::rows;
       out.push_back(std::move(st));
     }
     collective("etp_scatter", OpKind::reduce_scatter, Category::ep_comm, kEp, g_.etp,
                kAct * routed * p_.moe.etp * h);
+    routed_last("etp_scatter", sim::Routed::rows);
     collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
+    routed_last("ep_combine", sim::Routed::exchange);
     elementwise("experts_combine", kAct * routed * h + kAct * tm * h, false);
     if (e.num_shared_experts > 0) {
       // Shared experts are a dense MLP under the dense TP (Megatron-Core): on the gathered
@@ -552,6 +584,7 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   op.group = st.group;
   op.layer = layer;
   op.micro_batch = mb;
+  op.routed = st.routed;
   op.model_flops = category == Category::forward ? st.flops : 0;
   if (st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm)
     op.dtype = c_.gemm_dtype;
@@ -799,6 +832,7 @@ sim::Schedule Lowering::run() {
   s_.gpus_per_node = c_.gpus_per_node;
   s_.tokens_per_step = static_cast<double>(p_.global_batch) * static_cast<double>(c_.seq);
   s_.classes.resize(static_cast<std::size_t>(p_.pp));
+  routed_tensors_.assign(static_cast<std::size_t>(p_.pp), {});
   // Pipeline bookkeeping: the op index of each stage's send for (micro-batch, direction), and
   // the recvs that wait for them, patched once every stage is built.
   // Indexed [stage][chunk * micro + micro-batch]; a chunk is one of the stage's vp virtual
@@ -1041,9 +1075,12 @@ sim::Schedule Lowering::run() {
         const double off = p_.activation_offload;
         sv.kept = tensor(label("L{} saved mb{}", l, mb), s_bytes * (1 - off), Device::hbm,
                          MemoryKind::activations);
-        if (off > 0)
+        note_routed(sv.kept, l);
+        if (off > 0) {
           sv.offloaded = tensor(label("L{} saved mb{} (to offload)", l, mb), s_bytes * off,
                                 Device::hbm, MemoryKind::activations);
+          note_routed(sv.offloaded, l);
+        }
         bool first_op = true;
         for (const Step& st : steps[static_cast<std::size_t>(i)]) {
           const int before = static_cast<int>(rc.ops.size());
@@ -1074,6 +1111,9 @@ sim::Schedule Lowering::run() {
           d2h.deps = {cursor_};
           sv.host = tensor(label("L{} saved mb{} (host)", l, mb), s_bytes * off, Device::host,
                            MemoryKind::activations);
+          note_routed(sv.host, l);
+          if (m_.layers[static_cast<std::size_t>(l)].mlp == MlpKind::moe)
+            d2h.routed = sim::Routed::saved;
           d2h.allocs = {sv.host};
           d2h.frees = {sv.offloaded};
           sv.d2h = add(std::move(d2h), false);
@@ -1240,6 +1280,9 @@ sim::Schedule Lowering::run() {
           sv.reload = tensor(label("L{} saved mb{} (reloaded)", l, mb),
                              rc.tensors[static_cast<std::size_t>(sv.host)].bytes, Device::hbm,
                              MemoryKind::activations);
+          note_routed(sv.reload, l);
+          if (m_.layers[static_cast<std::size_t>(l)].mlp == MlpKind::moe)
+            h2d.routed = sim::Routed::saved;
           h2d.allocs = {sv.reload};
           h2d.frees = {sv.host};
           reload = add(std::move(h2d), false);
@@ -1256,6 +1299,7 @@ sim::Schedule Lowering::run() {
               label("L{} recomputed mb{}", l, mb),
               std::max(0.0, full[static_cast<std::size_t>(i)] - saved[static_cast<std::size_t>(i)]),
               Device::hbm, MemoryKind::activations);
+        note_routed(work, l, true);
         emit_layer_backward(steps[static_cast<std::size_t>(i)], l, mb);
         if (begin < static_cast<int>(rc.ops.size())) {
           sim::Op& o = rc.ops[static_cast<std::size_t>(begin)];
@@ -1381,7 +1425,174 @@ sim::Schedule Lowering::run() {
     for (const sim::Op& op : rc.ops)
       flops += op.model_flops * rc.multiplicity;
   s_.model_flops_per_step = flops;
+  if (c_.expert_loads != nullptr)
+    expand_routing();
   return std::move(s_);
+}
+
+// Uneven routing: every stage's class becomes one class per expert-parallel rank (the ranks
+// sharing an ep coordinate hold the same experts and receive the same share of tokens), each
+// the balanced program with its routed work rescaled by its rank's load:
+// - expert GEMMs over each local expert's rows, the activations and ETP exchanges by the
+//   rank's tokens;
+// - the dispatch and combine by the group's most loaded rank (an all-to-all-v lasts until the
+//   rank receiving most has its rows), every member starting once all are ready: each class's
+//   exchange waits on a barrier in the stage's first class, which waits for every class's
+//   predecessors of the exchange;
+// - a MoE layer's saved activations (and their offload copies) by the rank's share.
+void Lowering::expand_routing() {
+  const int L = static_cast<int>(m_.num_layers());
+  if (static_cast<int>(c_.expert_loads->size()) != L || !m_.is_moe())
+    return;
+  const RankLoads loads = rank_loads(p_, m_, *c_.expert_loads);
+  if (loads.uniform)
+    return; // balanced: the rank-class program as it is
+  const int ep = loads.ep;
+  const auto local = static_cast<std::size_t>(loads.local_experts);
+  const std::vector<std::vector<double>>& capped = loads.capped;
+  const std::vector<std::vector<double>>& rank_load = loads.rank;
+  const std::vector<double>& exchange = loads.exchange;
+  const double cap = p_.moe.capacity_factor > 0 ? p_.moe.capacity_factor
+                                                : std::numeric_limits<double>::infinity();
+  // Saved activations: bytes = base + load · unit (the memory model's), the plan's lowering
+  // sized at its own load (its imbalance, capped); a recomputed layer's working set (all its
+  // activations less the saved ones) likewise.
+  std::vector<double> base(static_cast<std::size_t>(L), 0), unit(static_cast<std::size_t>(L), 0);
+  std::vector<double> work_base = base, work_unit = unit;
+  {
+    Plan one = p_, two = p_;
+    one.moe.capacity_factor = two.moe.capacity_factor = 0;
+    one.moe.imbalance = 1;
+    two.moe.imbalance = 2;
+    for (int l = 0; l < L; ++l) {
+      const LayerSpec& layer = m_.layers[static_cast<std::size_t>(l)];
+      if (layer.mlp != MlpKind::moe)
+        continue;
+      const double s1 = saved_activation_bytes(m_, layer, one, c_.seq, c_.activations);
+      const double s2 = saved_activation_bytes(m_, layer, two, c_.seq, c_.activations);
+      unit[static_cast<std::size_t>(l)] = s2 - s1;
+      base[static_cast<std::size_t>(l)] = s1 - (s2 - s1);
+      const double w1 =
+          layer_activation_bytes(m_, layer, one, c_.seq, Recompute::none, c_.activations) - s1;
+      const double w2 =
+          layer_activation_bytes(m_, layer, two, c_.seq, Recompute::none, c_.activations) - s2;
+      work_unit[static_cast<std::size_t>(l)] = w2 - w1;
+      work_base[static_cast<std::size_t>(l)] = w1 - (w2 - w1);
+    }
+  }
+  const double plan_load = std::min(p_.moe.imbalance, cap);
+  auto saved_ratio = [&](int l, int r) {
+    const auto li = static_cast<std::size_t>(l);
+    const double planned = base[li] + plan_load * unit[li];
+    if (!(planned > 0))
+      return 1.0;
+    return (base[li] + rank_load[li][static_cast<std::size_t>(r)] * unit[li]) / planned;
+  };
+  auto work_bytes = [&](int l, int r) {
+    const auto li = static_cast<std::size_t>(l);
+    return std::max(0.0, work_base[li] + rank_load[li][static_cast<std::size_t>(r)] * work_unit[li]);
+  };
+
+  std::vector<sim::RankClass> old = std::move(s_.classes);
+  s_.classes.clear();
+  s_.classes.reserve(old.size() * static_cast<std::size_t>(ep));
+  const int stages = static_cast<int>(old.size());
+  for (int st = 0; st < stages; ++st) {
+    const sim::RankClass& from = old[static_cast<std::size_t>(st)];
+    // The stage's exchanges and, for each, the ops it waits for (deps and its stream's previous).
+    std::vector<int> exchanges;
+    std::vector<std::vector<int>> ready;
+    if (ep > 1) {
+      std::vector<int> last(from.streams.size(), -1);
+      for (std::size_t i = 0; i < from.ops.size(); ++i) {
+        const sim::Op& op = from.ops[i];
+        int& prev = last[static_cast<std::size_t>(op.stream)];
+        if (op.routed == sim::Routed::exchange) {
+          exchanges.push_back(static_cast<int>(i));
+          ready.push_back(op.deps);
+          if (prev >= 0)
+            ready.back().push_back(prev);
+        }
+        prev = static_cast<int>(i);
+      }
+    }
+    for (int r = 0; r < ep; ++r) {
+      sim::RankClass rc = from;
+      if (c_.names && ep > 1)
+        rc.name = p_.pp == 1 ? fmt::format("ep rank {}", r)
+                             : fmt::format("{}, ep rank {}", from.name, r);
+      rc.multiplicity = from.multiplicity / ep;
+      for (sim::Op& op : rc.ops) {
+        if (op.peer_class >= 0)
+          op.peer_class = op.peer_class * ep + r;
+        for (sim::RemoteDep& d : op.remote_deps)
+          d.rank_class = d.rank_class * ep + r;
+        if (op.routed == sim::Routed::no || op.layer < 0)
+          continue;
+        const auto li = static_cast<std::size_t>(op.layer);
+        if (rank_load[li].empty())
+          continue;
+        const double f = rank_load[li][static_cast<std::size_t>(r)];
+        switch (op.routed) {
+        case sim::Routed::rows:
+          if (op.kind == OpKind::grouped_gemm) {
+            double rows = 0;
+            for (std::size_t i = 0; i < op.gemm.rows_per_expert.size(); ++i) {
+              op.gemm.rows_per_expert[i] *= capped[li][static_cast<std::size_t>(r) * local + i];
+              rows += op.gemm.rows_per_expert[i];
+            }
+            op.gemm.m = rows;
+          } else {
+            op.bytes *= f;
+          }
+          op.model_flops *= f;
+          break;
+        case sim::Routed::exchange:
+          op.bytes *= exchange[li];
+          break;
+        case sim::Routed::saved:
+          op.bytes *= saved_ratio(op.layer, r);
+          break;
+        case sim::Routed::no:
+          break;
+        }
+      }
+      for (const RoutedTensor& t : routed_tensors_[static_cast<std::size_t>(st)]) {
+        double& bytes = rc.tensors[static_cast<std::size_t>(t.tensor)].bytes;
+        bytes = t.work ? work_bytes(t.layer, r) : bytes * saved_ratio(t.layer, r);
+      }
+      s_.classes.push_back(std::move(rc));
+    }
+    if (exchanges.empty())
+      continue;
+    // The barriers, in the stage's first class on a stream of their own.
+    sim::RankClass& hub = s_.classes[static_cast<std::size_t>(st * ep)];
+    const int sync_stream = static_cast<int>(hub.streams.size());
+    hub.streams.push_back("sync.ep");
+    for (std::size_t x = 0; x < exchanges.size(); ++x) {
+      const int i = exchanges[x];
+      sim::Op b;
+      b.kind = OpKind::barrier;
+      b.category = Category::ep_comm;
+      b.stream = sync_stream;
+      const sim::Op& op = hub.ops[static_cast<std::size_t>(i)];
+      b.layer = op.layer;
+      b.micro_batch = op.micro_batch;
+      if (c_.names)
+        b.name = op.name + ".barrier";
+      b.deps = ready[x];
+      for (int r = 1; r < ep; ++r)
+        for (int d : ready[x])
+          b.remote_deps.push_back(sim::RemoteDep{st * ep + r, d});
+      hub.ops.push_back(std::move(b));
+      const int bi = static_cast<int>(hub.ops.size()) - 1;
+      hub.ops[static_cast<std::size_t>(i)].deps.push_back(bi);
+      for (int r = 1; r < ep; ++r)
+        s_.classes[static_cast<std::size_t>(st * ep + r)]
+            .ops[static_cast<std::size_t>(i)]
+            .remote_deps.push_back(sim::RemoteDep{st * ep, bi});
+    }
+  }
 }
 
 } // namespace

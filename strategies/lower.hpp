@@ -1,6 +1,7 @@
 #pragma once
 // Lowering: a Plan for a model and sequence length becomes a Schedule (sim/schedule.hpp), the
-// program every executor plays. One rank class per pipeline stage.
+// program every executor plays. One rank class per pipeline stage (per stage and expert-parallel
+// rank under uneven routing: LoweringContext::expert_loads).
 #include "sim/schedule.hpp"
 #include "strategies/memory.hpp"
 #include "strategies/plan.hpp"
@@ -26,6 +27,13 @@ struct LoweringContext {
   // Whether ops and tensors get their names ("L12.attention.mb3", ...): traces, reports and
   // check_schedule's messages read them; a search, which keeps only a plan's numbers, does not.
   bool names = true;
+  // Uneven routing (workload/routing.hpp): the expert loads of every layer (mean 1; empty rows
+  // for dense layers). When they are not all 1, lower() gives every expert-parallel rank of a
+  // stage its own rank class, its expert work and saved activations scaled by its tokens, and
+  // the dispatch and combine meeting at a barrier across those classes: the step waits for the
+  // slowest rank, and each class's memory is its rank's (DESIGN.md's fidelity level 3).
+  // Null or all 1: one class per stage, as balanced routing.
+  const std::vector<std::vector<double>>* expert_loads = nullptr;
 };
 
 // The Schedule of one optimizer step in steady state: every micro-batch's forward and backward

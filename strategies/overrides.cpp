@@ -11,7 +11,7 @@ namespace mop::strategy {
 
 bool PlanOverrides::empty() const {
   return !tp && !sp && !cp && !cp_kind && !pp && !vp && !schedule && !ep && !etp && !zero &&
-         !micro_batch && !recompute && !offload;
+         !micro_batch && !recompute && !offload && !capacity_factor;
 }
 
 void apply_overrides(const PlanOverrides& o, Plan& p) {
@@ -58,6 +58,8 @@ void apply_overrides(const PlanOverrides& o, Plan& p) {
       s.zero = *o.zero;
   if (o.micro_batch)
     p.micro_batch = *o.micro_batch;
+  if (o.capacity_factor)
+    p.moe.capacity_factor = *o.capacity_factor;
   if (o.recompute)
     for (Recompute& r : p.recompute)
       r = *o.recompute;
@@ -106,6 +108,8 @@ std::string describe(const PlanOverrides& o) {
     parts.push_back(fmt::format("{} recompute", name(*o.recompute)));
   if (o.offload)
     parts.push_back(fmt::format("offload {}", offload_name(*o.offload)));
+  if (o.capacity_factor)
+    parts.push_back(fmt::format("capacity factor {:g}", *o.capacity_factor));
   return fmt::format("{}", fmt::join(parts, ", "));
 }
 

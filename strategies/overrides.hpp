@@ -35,6 +35,7 @@ struct PlanOverrides {
   std::optional<int> micro_batch;
   std::optional<Recompute> recompute; // every layer kind's
   std::optional<Offload> offload;
+  std::optional<double> capacity_factor; // MoE token dropping: 0 = dropless
 
   bool empty() const;
 };

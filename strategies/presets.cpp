@@ -1,4 +1,5 @@
 #include "strategies/presets.hpp"
+#include "strategies/routing.hpp"
 #include "strategies/mesh.hpp"
 
 #include "common/error.hpp"
@@ -89,6 +90,7 @@ void keep_if_valid(Plan p, const PlanContext& ctx, Sink& out) {
     // a pipeline with few micro-batches pays its bubble.
     complete_plan(p);
     validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
+    reserve_for_routing(p, ctx);
     out.plans.push_back(std::move(p));
   } catch (const InputError& e) {
     if (out.first_rejection.empty())
@@ -320,7 +322,15 @@ void mop_family(const PlanContext& ctx, Sink& out) {
 LoweringContext lowering_context(const PlanContext& ctx) {
   LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
   lc.gemm_dtype = ctx.gemm_dtype;
+  lc.expert_loads = ctx.expert_loads;
   return lc;
+}
+
+void reserve_for_routing(Plan& p, const PlanContext& ctx) {
+  if (ctx.expert_loads == nullptr || !ctx.model->is_moe())
+    return;
+  p.moe.imbalance = std::max(p.moe.imbalance,
+                             worst_rank_load(rank_loads(p, *ctx.model, *ctx.expert_loads)));
 }
 
 std::vector<Plan> enumerate_family(const std::string& family, const PlanContext& ctx,
@@ -425,6 +435,7 @@ ResolvedPlan resolve_given_plan(Plan p, const PlanContext& ctx, const std::strin
   if (stated != nullptr)
     check_stated_degrees(*stated, p, origin);
   validate_plan(p, model_shape(*ctx.model), ctx.seq, ctx.cluster);
+  reserve_for_routing(p, ctx);
   if (admissible)
     admissible(p);
   ResolvedPlan best;

@@ -21,7 +21,15 @@ struct PlanContext {
   int global_batch = 0;    // sequences per step; 0 = the default (default_global_batch)
   PlanOverrides overrides; // parts of every plan fixed by the user (`--tp 2`, ...)
   sim::Dtype gemm_dtype = sim::Dtype::bf16; // `--precision`: the layers' GEMMs
+  // `--routing`: every MoE layer's expert loads (workload::expert_loads); null for balanced.
+  // Each plan reserves its routed buffers for its worst rank's load (Plan::moe.imbalance), and
+  // the lowering simulates every expert-parallel rank (LoweringContext::expert_loads).
+  const std::vector<std::vector<double>>* expert_loads = nullptr;
 };
+
+// The plan's routed buffers reserved for the context's routing: Plan::moe.imbalance raised to
+// the worst rank's load (strategies/routing.hpp). Nothing without routing.
+void reserve_for_routing(Plan& p, const PlanContext& ctx);
 
 // The lowering's context for this planning context (its model, sequence, node size, memory
 // figures and GEMM precision).

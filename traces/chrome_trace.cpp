@@ -195,6 +195,8 @@ Json op_args(const sim::Schedule& s, const sim::Op& op, std::size_t index, bool 
   case OpKind::host_adam:
     a["params"] = number(op.params);
     break;
+  case OpKind::barrier:
+    break;
   }
   a["model_flops"] = number(op.model_flops);
   if (critical)
