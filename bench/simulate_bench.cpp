@@ -10,6 +10,7 @@
 #include "strategies/hardware.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
+#include "workload/routing.hpp"
 
 #include <benchmark/benchmark.h>
 
@@ -115,5 +116,52 @@ void BM_LowerBound_KimiK2_1M(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_LowerBound_KimiK2_1M);
+
+} // namespace
+
+namespace {
+
+// Full-rank simulation under uneven routing (docs/ROUTING.md): the plan resolved once with the
+// routing's reserve, then one evaluation as `mop simulate` runs it (names, no structural check)
+// with every expert-parallel rank its own class. Kimi-K2 at 128K on 12 x 8 H200 (EP 96), and
+// on 128 nodes (1,024 GPUs), with a max/mean expert load of 1.5.
+void full_rank(benchmark::State& state, int nodes) {
+  const auto model = mop::workload::load_model("kimi-k2");
+  const auto cluster = mop::hw::load_cluster("h200");
+  const auto loads =
+      mop::workload::expert_loads(mop::workload::parse_routing("imbalance:1.5", 0), model);
+  mop::strategy::PlanContext ctx;
+  ctx.model = &model;
+  ctx.seq = std::int64_t{128} << 10;
+  ctx.cluster = {cluster.node.gpus_per_node, nodes};
+  ctx.hw = mop::strategy::memory_hardware(cluster);
+  ctx.expert_loads = &loads;
+  const auto plan = mop::strategy::resolve_plan("mop", ctx).plan;
+  const mop::strategy::LoweringContext lc = mop::strategy::lowering_context(ctx);
+  std::int64_t classes = 0, ops = 0;
+  for (auto _ : state) {
+    const auto e = mop::planner::evaluate_step(plan, lc, cluster, mop::hw::Calibration{}, 16,
+                                               mop::planner::Lowering::cost_only,
+                                               mop::planner::Check::skip);
+    classes += static_cast<std::int64_t>(e.schedule.classes.size());
+    for (const auto& c : e.schedule.classes)
+      ops += static_cast<std::int64_t>(c.ops.size());
+    benchmark::DoNotOptimize(e.step_time_s);
+  }
+  state.counters["classes"] =
+      benchmark::Counter(static_cast<double>(classes), benchmark::Counter::kAvgIterations);
+  state.counters["ops_per_eval"] =
+      benchmark::Counter(static_cast<double>(ops), benchmark::Counter::kAvgIterations);
+}
+
+void BM_FullRank_KimiK2_12xH200_128K_imbalance1_5(benchmark::State& state) {
+  full_rank(state, 12);
+}
+BENCHMARK(BM_FullRank_KimiK2_12xH200_128K_imbalance1_5)->Unit(benchmark::kMillisecond);
+
+void BM_FullRank_KimiK2_128xH200_128K_imbalance1_5(benchmark::State& state) {
+  full_rank(state, 128);
+}
+BENCHMARK(BM_FullRank_KimiK2_128xH200_128K_imbalance1_5)->Unit(benchmark::kMillisecond);
 
 } // namespace

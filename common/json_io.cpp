@@ -182,16 +182,30 @@ std::optional<std::int64_t> whole_number(const Json& v) {
 
 } // namespace
 
-void JsonFields::allow_only(std::initializer_list<std::string_view> known) const {
-  for (const auto& [key, value] : object_.items()) {
+namespace {
+
+template <class List> void refuse_unknown(const Json& object, const List& known,
+                                          const std::string& origin) {
+  for (const auto& [key, value] : object.items()) {
     if (std::find(known.begin(), known.end(), std::string_view(key)) == known.end()) {
       std::string allowed;
       for (std::string_view k : known)
         allowed += fmt::format("{}{}", allowed.empty() ? "" : ", ", k);
-      throw InputError(fmt::format("{}: field '{}' is not known; allowed: {}.", origin_,
+      throw InputError(fmt::format("{}: field '{}' is not known; allowed: {}.", origin,
                                    quote_for_message(key, limits::max_quoted_chars), allowed));
     }
   }
+}
+
+} // namespace
+
+void JsonFields::allow_only(std::initializer_list<std::string_view> known) const {
+  refuse_unknown(object_, known, origin_);
+}
+
+void reject_unknown_keys(const Json& object, std::initializer_list<const char*> known,
+                         const std::string& origin) {
+  refuse_unknown(object, known, origin);
 }
 
 bool JsonFields::has(const std::string& key) const {

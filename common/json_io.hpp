@@ -22,6 +22,11 @@ Json read_json_file(const std::string& path);
 // a rename (never half-written); a FIFO or character device is written through.
 void write_file_atomically(const std::string& path, std::string_view text);
 
+// Refuses a key of `object` outside `known`, naming it and what is allowed (what
+// JsonFields::allow_only does, for a list of names kept apart from the reader).
+void reject_unknown_keys(const Json& object, std::initializer_list<const char*> known,
+                         const std::string& origin);
+
 // Typed field access with one-sentence errors: "config.json: field 'hidden_size' must be a
 // positive integer (got -3)." `origin` names the file.
 class JsonFields {

@@ -12,16 +12,6 @@
 namespace mop::hw {
 namespace {
 
-void reject_unknown(const Json& object, std::initializer_list<const char*> known,
-                    const std::string& origin) {
-  for (const auto& item : object.items()) {
-    const std::string& key = item.key();
-    if (std::none_of(known.begin(), known.end(), [&](const char* k) { return key == k; }))
-      throw InputError(fmt::format("{}: field '{}' is not known; allowed: {}.", origin,
-                                   quote_for_message(key), fmt::join(known, ", ")));
-  }
-}
-
 const Json& list_of(const JsonFields& top, const std::string& key) {
   const Json& v = top.at(key);
   if (!v.is_array())
@@ -92,7 +82,7 @@ bool Calibration::empty() const {
 
 Calibration calibration_from_json(const Json& json, const std::string& origin) {
   const JsonFields top(json, origin);
-  reject_unknown(json,
+  reject_unknown_keys(json,
                  {"schema", "description", "cluster", "gemm", "attention", "collectives",
                   "host_adam", "bandwidths", "overheads"},
                  origin);
@@ -106,7 +96,7 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
     for (std::size_t i = 0; i < list.size(); ++i) {
       const std::string o = entry_origin(origin, "gemm", i);
       const JsonFields e(list[i], o);
-      reject_unknown(list[i], {"dtype", "groups", "m", "n", "k", "time_s"}, o);
+      reject_unknown_keys(list[i], {"dtype", "groups", "m", "n", "k", "time_s"}, o);
       GemmPoint p;
       try {
         p.dtype = parse_dtype(e.string("dtype"));
@@ -130,7 +120,7 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
     for (std::size_t i = 0; i < list.size(); ++i) {
       const std::string o = entry_origin(origin, "attention", i);
       const JsonFields e(list[i], o);
-      reject_unknown(list[i],
+      reject_unknown_keys(list[i],
                      {"pass", "batch", "heads", "kv_heads", "q_len", "kv_len", "qk_head_dim",
                       "v_head_dim", "causal", "window", "time_s"},
                      o);
@@ -168,7 +158,7 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
     for (std::size_t i = 0; i < list.size(); ++i) {
       const std::string o = entry_origin(origin, "collectives", i);
       const JsonFields e(list[i], o);
-      reject_unknown(list[i], {"op", "ranks_per_node", "nodes", "bytes", "time_s"}, o);
+      reject_unknown_keys(list[i], {"op", "ranks_per_node", "nodes", "bytes", "time_s"}, o);
       CollectivePoint p;
       try {
         p.op = parse_collective_op(e.string("op"));
@@ -200,7 +190,7 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
     for (std::size_t i = 0; i < list.size(); ++i) {
       const std::string o = entry_origin(origin, "host_adam", i);
       const JsonFields e(list[i], o);
-      reject_unknown(list[i], {"cores", "params_per_s"}, o);
+      reject_unknown_keys(list[i], {"cores", "params_per_s"}, o);
       c.host_adam.push_back({e.count("cores"), e.positive_number("params_per_s")});
     }
     reject_duplicates(
@@ -211,7 +201,7 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
     const Json& b = top.at("bandwidths");
     const std::string o = fmt::format("{}, section 'bandwidths'", origin);
     const JsonFields f(b, o);
-    reject_unknown(b,
+    reject_unknown_keys(b,
                    {"hbm_bytes_per_s", "h2d_bytes_per_s", "d2h_bytes_per_s", "pcie_duplex_factor",
                     "nvlink_copy_bytes_per_s"},
                    o);

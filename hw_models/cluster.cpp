@@ -62,14 +62,6 @@ bool contains(std::initializer_list<const char*> list, std::string_view key) {
   return std::any_of(list.begin(), list.end(), [&](const char* k) { return key == k; });
 }
 
-void reject_unknown(const Json& object, std::initializer_list<const char*> known,
-                    const std::string& origin) {
-  for (const auto& [key, value] : object.items())
-    if (!contains(known, key))
-      throw InputError(fmt::format("{}: field '{}' is not known; allowed: {}.", origin,
-                                   quote_for_message(key), fmt::join(known, ", ")));
-}
-
 // A required object member of the top level ("gpu", "node", "fabric").
 const Json& section(const JsonFields& top, const std::string& key) {
   const Json& v = top.at(key);
@@ -97,7 +89,7 @@ std::vector<AttentionEfficiency> attention_curves(const JsonFields& gpu, const s
   for (std::size_t i = 0; i < list.size(); ++i) {
     const std::string origin = fmt::format("{}, {}[{}]", gpu.origin(), key, i);
     const JsonFields e(list[i], origin);
-    reject_unknown(list[i], {"head_dim", "efficiency_max", "half_efficiency_kv_len"}, origin);
+    reject_unknown_keys(list[i], {"head_dim", "efficiency_max", "half_efficiency_kv_len"}, origin);
     out.push_back({e.positive_number("head_dim"), fraction(e, "efficiency_max"),
                    e.positive_number("half_efficiency_kv_len")});
   }
@@ -108,7 +100,7 @@ std::vector<AttentionEfficiency> attention_curves(const JsonFields& gpu, const s
 
 GpuSpec read_gpu(const Json& object, const std::string& origin) {
   const JsonFields f(object, origin);
-  reject_unknown(object, kGpuFields, origin);
+  reject_unknown_keys(object, kGpuFields, origin);
   GpuSpec g;
   g.name = f.string("name");
   const std::string arch = f.string("arch");
@@ -138,7 +130,7 @@ GpuSpec read_gpu(const Json& object, const std::string& origin) {
 
 NodeSpec read_node(const Json& object, const std::string& origin) {
   const JsonFields f(object, origin);
-  reject_unknown(object, kNodeFields, origin);
+  reject_unknown_keys(object, kNodeFields, origin);
   NodeSpec n;
   n.gpus_per_node = f.count("gpus_per_node");
   n.nvlink_bandwidth = f.positive_number("nvlink_bandwidth");
@@ -185,7 +177,7 @@ NodeSpec read_node(const Json& object, const std::string& origin) {
 
 FabricSpec read_fabric(const Json& object, const std::string& origin) {
   const JsonFields f(object, origin);
-  reject_unknown(object, kFabricFields, origin);
+  reject_unknown_keys(object, kFabricFields, origin);
   FabricSpec fab;
   fab.kind = f.string("kind");
   fab.topology = f.string("topology");
@@ -197,7 +189,7 @@ FabricSpec read_fabric(const Json& object, const std::string& origin) {
 
 HostOptimizerSpec read_host_optimizer(const Json& object, const std::string& origin) {
   const JsonFields f(object, origin);
-  reject_unknown(object, kHostOptimizerFields, origin);
+  reject_unknown_keys(object, kHostOptimizerFields, origin);
   HostOptimizerSpec h;
   h.adam_params_per_s = f.positive_number_or("adam_params_per_s", h.adam_params_per_s);
   h.adam_bytes_per_param = f.positive_number_or("adam_bytes_per_param", h.adam_bytes_per_param);
@@ -256,7 +248,7 @@ std::vector<std::string> cluster_ids() {
 ClusterSpec cluster_from_json(const Json& json, const std::string& origin,
                               const std::string& default_name) {
   const JsonFields top(json, origin);
-  reject_unknown(json, kTopFields, origin);
+  reject_unknown_keys(json, kTopFields, origin);
   ClusterSpec c;
   c.name = top.string_or("name", default_name);
   c.description = top.string_or("description", "");

@@ -13,7 +13,7 @@
 namespace mop::validation {
 
 std::string default_dataset_path() {
-  return std::string(MOP_SOURCE_DIR) + "/validation/data/published.jsonl";
+  return fmt::format("{}/validation/data/published.jsonl", MOP_SOURCE_DIR);
 }
 
 std::vector<Row> read_dataset(const std::string& path) {
