@@ -7,6 +7,7 @@
 #include "hw_models/cluster.hpp"
 #include "planner/bound.hpp"
 #include "planner/evaluate.hpp"
+#include "planner/search.hpp"
 #include "strategies/hardware.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
@@ -121,9 +122,10 @@ BENCHMARK(BM_LowerBound_KimiK2_1M);
 
 namespace {
 
-// Full-rank simulation under uneven routing (docs/ROUTING.md): the plan resolved once with the
-// routing's reserve, then one evaluation as `mop simulate` runs it (names, no structural check)
-// with every expert-parallel rank its own class. Kimi-K2 at 128K on 12 x 8 H200 (EP 96), and
+// Full-rank simulation under uneven routing (docs/ROUTING.md): the best plan of `mop plan`
+// (found once, under balanced routing) with the routing's reserve, then one evaluation as
+// `mop simulate` runs it (names, no structural check) with every expert-parallel rank its own
+// class. Kimi-K2 at 128K on 12 x 8 H200 (EP 96), and
 // on 128 nodes (1,024 GPUs), with a max/mean expert load of 1.5.
 void full_rank(benchmark::State& state, int nodes) {
   const auto model = mop::workload::load_model("kimi-k2");
@@ -135,8 +137,13 @@ void full_rank(benchmark::State& state, int nodes) {
   ctx.seq = std::int64_t{128} << 10;
   ctx.cluster = {cluster.node.gpus_per_node, nodes};
   ctx.hw = mop::strategy::memory_hardware(cluster);
+  // The plan `mop plan` finds under balanced routing, reserving for this routing.
+  mop::planner::SearchOptions so;
+  so.top = 1;
+  auto plan = mop::planner::search_plans(ctx, cluster, mop::hw::Calibration{}, so).results.at(0).plan;
   ctx.expert_loads = &loads;
-  const auto plan = mop::strategy::resolve_plan("mop", ctx).plan;
+  ctx.routing_id = mop::strategy::next_routing_id();
+  mop::strategy::reserve_for_routing(plan, ctx);
   const mop::strategy::LoweringContext lc = mop::strategy::lowering_context(ctx);
   std::int64_t classes = 0, ops = 0;
   for (auto _ : state) {

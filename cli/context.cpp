@@ -306,6 +306,7 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
 void PlanInputs::reseed_routing(std::uint64_t seed) {
   routing.seed = seed;
   expert_loads = workload::expert_loads(routing, model);
+  routing_id = strategy::next_routing_id();
   uneven = false;
   for (const auto& row : expert_loads)
     for (double x : row)
@@ -331,6 +332,7 @@ strategy::PlanContext PlanInputs::context() const {
   c.overrides = overrides;
   c.gemm_dtype = gemm_dtype;
   c.expert_loads = uneven ? &expert_loads : nullptr;
+  c.routing_id = routing_id;
   return c;
 }
 

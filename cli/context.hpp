@@ -63,6 +63,7 @@ struct PlanInputs {
   workload::RoutingSpec routing;
   std::vector<std::vector<double>> expert_loads;
   bool uneven = false;
+  std::uint64_t routing_id = 0; // strategy::PlanContext::routing_id
   // The context points at this object's expert loads: keep it alive while the context is used.
   strategy::PlanContext context() const;
   // The same inputs with the routing drawn from another seed (mop simulate --routing-seeds).

@@ -11,6 +11,8 @@
 #include <filesystem>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <atomic>
+#include <mutex>
 #include <numeric>
 #include <unordered_map>
 
@@ -326,11 +328,42 @@ LoweringContext lowering_context(const PlanContext& ctx) {
   return lc;
 }
 
+std::uint64_t next_routing_id() {
+  static std::atomic<std::uint64_t> next{1};
+  return next++;
+}
+
 void reserve_for_routing(Plan& p, const PlanContext& ctx) {
   if (ctx.expert_loads == nullptr || !ctx.model->is_moe())
     return;
-  p.moe.imbalance = std::max(p.moe.imbalance,
-                             worst_rank_load(rank_loads(p, *ctx.model, *ctx.expert_loads)));
+  // The worst load depends on the loads, the EP degree and the capacity factor only: computed
+  // once for each (tens of thousands of plans share a handful).
+  struct Key {
+    std::uint64_t loads;
+    int ep;
+    double capacity;
+    bool operator==(const Key&) const = default;
+  };
+  static std::mutex mutex;
+  static std::vector<std::pair<Key, double>> cache;
+  const Key key{ctx.routing_id, p.moe.ep, p.moe.capacity_factor};
+  double worst = 0;
+  if (ctx.routing_id != 0) {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (const auto& [k, v] : cache)
+      if (k == key)
+        worst = v;
+  }
+  if (worst == 0) {
+    worst = worst_rank_load(rank_loads(p, *ctx.model, *ctx.expert_loads));
+    if (ctx.routing_id != 0) {
+      const std::lock_guard<std::mutex> lock(mutex);
+      if (cache.size() > 64)
+        cache.clear();
+      cache.emplace_back(key, worst);
+    }
+  }
+  p.moe.imbalance = std::max(p.moe.imbalance, worst);
 }
 
 std::vector<Plan> enumerate_family(const std::string& family, const PlanContext& ctx,

@@ -25,7 +25,13 @@ struct PlanContext {
   // Each plan reserves its routed buffers for its worst rank's load (Plan::moe.imbalance), and
   // the lowering simulates every expert-parallel rank (LoweringContext::expert_loads).
   const std::vector<std::vector<double>>* expert_loads = nullptr;
+  // Names those loads (a new id for every draw: next_routing_id()), so that what is derived
+  // from them can be kept across the plans of a search.
+  std::uint64_t routing_id = 0;
 };
+
+// A fresh PlanContext::routing_id.
+std::uint64_t next_routing_id();
 
 // The plan's routed buffers reserved for the context's routing: Plan::moe.imbalance raised to
 // the worst rank's load (strategies/routing.hpp). Nothing without routing.
