@@ -91,6 +91,8 @@ std::vector<double> loads_of(const std::vector<double>& counts, const std::strin
   }
   if (!(sum > 0))
     throw InputError(fmt::format("{}: no expert received a token (every count is 0).", what));
+  if (!std::isfinite(sum))
+    throw InputError(fmt::format("{}: the counts add up past what a number holds.", what));
   std::vector<double> out(counts.size());
   const double mean = sum / static_cast<double>(counts.size());
   for (std::size_t i = 0; i < counts.size(); ++i)
