@@ -170,7 +170,8 @@ void add_plan_options(CLI::App* cmd, PlanOptions& opt, bool with_plan) {
       ->excludes(spec)
       ->group(routing);
   cmd->add_option("--routing-seed", opt.routing_seed,
-                  "seed of the random routing models (which experts run hot)")
+                  "seed of the random routing models (which experts run hot), 0 to 2^53")
+      ->check(CLI::Range(std::int64_t{0}, std::int64_t{1} << 53))
       ->capture_default_str()
       ->group(routing);
   cmd->add_option("--hbm-headroom", opt.hbm_headroom_gib,
@@ -290,15 +291,17 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
   in.overrides = overrides_of(opt);
   in.precision = !opt.precision.empty() ? opt.precision : in.run ? in.run->precision : "bf16";
   in.gemm_dtype = precision_of(in.precision, in.cluster);
-  if (opt.routing_seed < 0)
-    throw InputError(
-        fmt::format("--routing-seed must be a non-negative number (got {}).", opt.routing_seed));
   std::string routing = opt.routing;
   if (opt.routing_imbalance)
     routing = fmt::format("imbalance:{}", *opt.routing_imbalance);
   if (!routing.empty()) {
     in.routing = workload::parse_routing(routing, static_cast<std::uint64_t>(opt.routing_seed));
     in.reseed_routing(in.routing.seed);
+    if (!in.model.is_moe())
+      std::fputs(fmt::format("mop: note: {} has no MoE layers; --routing changes nothing.\n",
+                             in.model.name)
+                     .c_str(),
+                 stderr);
   }
   return in;
 }

@@ -890,8 +890,8 @@ void common_limits(const Plan& p, const char* fw, std::vector<std::string>& why)
     why.push_back(fmt::format("{} steps the optimizer where its state lives", fw));
   if (p.grads == Placement::host)
     why.push_back(fmt::format("{} keeps gradients on the GPU", fw));
-  if (p.moe.imbalance != 1.0)
-    why.push_back("the routing imbalance is an assumption of mop's, not a setting");
+  // moe.imbalance is the buffer reserve mop assumes for uneven routing (docs/ROUTING.md), not a
+  // setting: the frameworks size their dropless buffers from the routing at run time.
 }
 
 std::string model_arguments(const workload::ModelSpec& m, std::vector<std::string>& notes) {

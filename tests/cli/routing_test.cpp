@@ -67,6 +67,12 @@ TEST_CASE("mop memory and plan take a measured histogram, and dropping caps the 
                             csv.string() + " --json");
   REQUIRE(plan.status == 0);
   CHECK(!Json::parse(plan.out)["results"].empty());
+  // The reserve is mop's assumption, not a framework setting: the plan still exports.
+  const auto emit = run_mop("plan --model tiny-moe --cluster h100 --nodes 1 --seq 4K --ep 4 "
+                            "--routing " +
+                            csv.string() + " --emit megatron");
+  CHECK(emit.status == 0);
+  CHECK(emit.out.find("--expert-model-parallel-size 4") != std::string::npos);
   fs::remove(csv);
 }
 
