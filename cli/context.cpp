@@ -58,6 +58,16 @@ void add_plan_flags(CLI::App* cmd, PlanFlags& f) {
                   "MoE token dropping: each expert takes at most this many times its mean "
                   "tokens, the rest dropped (0: dropless)")
       ->group(group);
+  cmd->add_option("--rebalance", f.rebalance,
+                  "MoE expert-load rebalancing at run time: none, or least-loaded (LLEP: a "
+                  "layer's excess tokens and the weights of their experts spill to the least "
+                  "loaded ranks)")
+      ->check(CLI::IsMember({"none", "least-loaded"}))
+      ->group(group);
+  cmd->add_option("--rebalance-threshold", f.rebalance_threshold,
+                  "least-loaded rebalancing starts when a rank holds more than this many times "
+                  "the mean tokens (default 1.3)")
+      ->group(group);
   cmd->add_option("--precision", f.precision,
                   "precision of the layers' GEMMs: bf16 (default), fp8 or mxfp8 (Blackwell)")
       ->check(CLI::IsMember({"bf16", "fp8", "mxfp8"}))
@@ -97,6 +107,15 @@ strategy::PlanOverrides overrides_of(const PlanFlags& f) {
                                    "1000 (got {}).",
                                    *f.capacity_factor));
     o.capacity_factor = *f.capacity_factor;
+  }
+  if (!f.rebalance.empty())
+    o.rebalance = f.rebalance == "none" ? strategy::Rebalance::none
+                                        : strategy::Rebalance::least_loaded;
+  if (f.rebalance_threshold) {
+    if (!(*f.rebalance_threshold >= 1 && *f.rebalance_threshold <= 1000))
+      throw InputError(fmt::format("--rebalance-threshold must be between 1 and 1000 (got {}).",
+                                   *f.rebalance_threshold));
+    o.rebalance_threshold = *f.rebalance_threshold;
   }
   return o;
 }

@@ -22,6 +22,8 @@ struct PlanFlags {
   std::string global_batch_tokens;                      // "4M"; empty: not given
   std::string precision; // bf16, fp8, mxfp8; empty: the configuration's, else bf16
   std::optional<double> capacity_factor; // MoE token dropping (0: dropless)
+  std::string rebalance;                      // none or least-loaded
+  std::optional<double> rebalance_threshold;  // its lambda
 };
 
 struct PlanOptions : PlanFlags {

@@ -892,6 +892,8 @@ void common_limits(const Plan& p, const char* fw, std::vector<std::string>& why)
     why.push_back(fmt::format("{} keeps gradients on the GPU", fw));
   // moe.imbalance is the buffer reserve mop assumes for uneven routing (docs/ROUTING.md), not a
   // setting: the frameworks size their dropless buffers from the routing at run time.
+  if (p.moe.rebalance == Rebalance::least_loaded)
+    why.push_back(fmt::format("{} has no least-loaded expert rebalancing (LLEP)", fw));
 }
 
 std::string model_arguments(const workload::ModelSpec& m, std::vector<std::string>& notes) {

@@ -4,6 +4,8 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+
+#include <algorithm>
 #include <sstream>
 #include <vector>
 
@@ -11,7 +13,8 @@ namespace mop::strategy {
 
 bool PlanOverrides::empty() const {
   return !tp && !sp && !cp && !cp_kind && !pp && !vp && !schedule && !ep && !etp && !zero &&
-         !micro_batch && !recompute && !offload && !capacity_factor;
+         !micro_batch && !recompute && !offload && !capacity_factor &&
+         !rebalance && !rebalance_threshold;
 }
 
 void apply_overrides(const PlanOverrides& o, Plan& p) {
@@ -60,6 +63,12 @@ void apply_overrides(const PlanOverrides& o, Plan& p) {
     p.micro_batch = *o.micro_batch;
   if (o.capacity_factor)
     p.moe.capacity_factor = *o.capacity_factor;
+  if (o.rebalance)
+    p.moe.rebalance = *o.rebalance;
+  if (o.rebalance_threshold) {
+    p.moe.rebalance_threshold = *o.rebalance_threshold;
+    p.moe.rebalance_capacity = std::min(p.moe.rebalance_capacity, p.moe.rebalance_threshold);
+  }
   if (o.recompute)
     for (Recompute& r : p.recompute)
       r = *o.recompute;
@@ -110,6 +119,11 @@ std::string describe(const PlanOverrides& o) {
     parts.push_back(fmt::format("offload {}", offload_name(*o.offload)));
   if (o.capacity_factor)
     parts.push_back(fmt::format("capacity factor {:g}", *o.capacity_factor));
+  if (o.rebalance)
+    parts.push_back(*o.rebalance == Rebalance::none ? "no rebalancing"
+                                                    : "least-loaded rebalancing");
+  if (o.rebalance_threshold)
+    parts.push_back(fmt::format("rebalance threshold {:g}", *o.rebalance_threshold));
   return fmt::format("{}", fmt::join(parts, ", "));
 }
 

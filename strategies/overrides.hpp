@@ -36,6 +36,8 @@ struct PlanOverrides {
   std::optional<Recompute> recompute; // every layer kind's
   std::optional<Offload> offload;
   std::optional<double> capacity_factor; // MoE token dropping: 0 = dropless
+  std::optional<Rebalance> rebalance;     // run-time expert-load rebalancing
+  std::optional<double> rebalance_threshold; // its λ (the capacity α follows when above it)
 
   bool empty() const;
 };

@@ -37,6 +37,15 @@ const char* name(CpKind k) {
   }
   return "?";
 }
+const char* name(Rebalance r) {
+  switch (r) {
+  case Rebalance::none:
+    return "none";
+  case Rebalance::least_loaded:
+    return "least_loaded";
+  }
+  return "?";
+}
 const char* name(Recompute r) {
   switch (r) {
   case Recompute::none:
@@ -159,6 +168,17 @@ void complete_plan(Plan& p) {
                     p.activation_offload));
   if (p.moe.capacity_factor < 0 || p.moe.imbalance < 1)
     bad("plan: moe capacity_factor must be >= 0 (0 = dropless) and imbalance >= 1.");
+  if (!(p.moe.rebalance_capacity >= 1 && p.moe.rebalance_threshold >= p.moe.rebalance_capacity &&
+        p.moe.rebalance_threshold <= 1e6))
+    bad(fmt::format("plan: moe rebalance_capacity must be at least 1 and at most "
+                    "rebalance_threshold (got capacity {} and threshold {}).",
+                    p.moe.rebalance_capacity, p.moe.rebalance_threshold));
+  if (!(p.moe.rebalance_min_tokens >= 0 && p.moe.rebalance_min_tokens <= 1e15) ||
+      !(p.moe.spill_copies >= 0 && p.moe.spill_copies <= 1e9))
+    bad("plan: moe rebalance_min_tokens and spill_copies must be >= 0.");
+  if (p.moe.rebalance != Rebalance::none && p.moe.capacity_factor > 0)
+    bad("plan: moe rebalance moves tokens instead of dropping them; it needs a dropless plan "
+        "(capacity_factor 0).");
   for (const StatePolicy& s : p.state) {
     if (s.zero < 0 || s.zero > 3)
       bad(fmt::format("plan: zero stage must be 0, 1, 2 or 3 (got {}).", s.zero));
@@ -272,6 +292,11 @@ auto fields(const Plan& p) {
                     m.edp,
                     m.capacity_factor,
                     m.imbalance,
+                    m.rebalance,
+                    m.rebalance_threshold,
+                    m.rebalance_capacity,
+                    m.rebalance_min_tokens,
+                    m.spill_copies,
                     p.dense.tp,
                     p.dense.dp,
                     p.embed.tp,
@@ -345,6 +370,8 @@ std::string summary(const Plan& p) {
       parts.push_back(fmt::format("etp{}", p.moe.etp));
     if (p.moe.edp > 1)
       parts.push_back(fmt::format("edp{}", p.moe.edp));
+    if (p.moe.rebalance == Rebalance::least_loaded)
+      parts.push_back(fmt::format("llep{:g}", p.moe.rebalance_threshold));
     s += " moe[" + join(parts) + "]";
   }
   if (p.dense.tp > 1)
@@ -458,7 +485,12 @@ Json to_json(const Plan& p) {
                       {"etp", p.moe.etp},
                       {"edp", p.moe.edp},
                       {"capacity_factor", p.moe.capacity_factor},
-                      {"imbalance", p.moe.imbalance}}},
+                      {"imbalance", p.moe.imbalance},
+                      {"rebalance", name(p.moe.rebalance)},
+                      {"rebalance_threshold", p.moe.rebalance_threshold},
+                      {"rebalance_capacity", p.moe.rebalance_capacity},
+                      {"rebalance_min_tokens", p.moe.rebalance_min_tokens},
+                      {"spill_copies", p.moe.spill_copies}}},
          {"dense", Json{{"tp", p.dense.tp}, {"dp", p.dense.dp}}},
          {"embedding", Json{{"tp", p.embed.tp}, {"dp", p.embed.dp}}},
          {"state", states},
@@ -546,11 +578,19 @@ Plan plan_from_json(const Json& j, const std::string& origin) {
   {
     const Json o = object("moe");
     const JsonFields e(o, origin + " moe");
-    e.allow_only({"ep", "etp", "edp", "capacity_factor", "imbalance"});
+    e.allow_only({"ep", "etp", "edp", "capacity_factor", "imbalance", "rebalance",
+                  "rebalance_threshold", "rebalance_capacity", "rebalance_min_tokens",
+                  "spill_copies"});
     p.moe.ep = int_field(e, "ep", 1);
     p.moe.etp = int_field(e, "etp", 1);
     p.moe.capacity_factor = e.number_or("capacity_factor", 0);
     p.moe.imbalance = e.number_or("imbalance", 1.0);
+    constexpr Rebalance rebalances[] = {Rebalance::none, Rebalance::least_loaded};
+    p.moe.rebalance = parse_enum(e, "rebalance", rebalances, Rebalance::none);
+    p.moe.rebalance_threshold = e.number_or("rebalance_threshold", 1.3);
+    p.moe.rebalance_capacity = e.number_or("rebalance_capacity", 1.1);
+    p.moe.rebalance_min_tokens = e.number_or("rebalance_min_tokens", 1024);
+    p.moe.spill_copies = e.number_or("spill_copies", 0);
   }
   {
     const Json o = object("dense");

@@ -12,6 +12,10 @@
 namespace mop::strategy {
 
 enum class CpKind { ring, ulysses, hybrid }; // hybrid: Ulysses inside a node, ring across nodes
+// Expert-load rebalancing at run time (docs/ROUTING.md): none, or least-loaded (LLEP): a layer
+// whose most loaded rank exceeds the threshold spills tokens and expert weights to the least
+// loaded ranks (workload/rebalance.hpp).
+enum class Rebalance { none, least_loaded };
 enum class Recompute { none, selective, full };
 enum class PipelineSchedule { gpipe, one_f_one_b, interleaved_1f1b, zero_bubble };
 enum class Placement { hbm, host };
@@ -38,6 +42,13 @@ struct MoeMapping {
   int edp = 1;                // derived: expert data parallel
   double capacity_factor = 0; // 0 = dropless (buffers sized by `imbalance`)
   double imbalance = 1.0;     // max/mean routed tokens per expert rank assumed for buffers
+  Rebalance rebalance = Rebalance::none;
+  double rebalance_threshold = 1.3;   // λ: rebalance a layer when max/mean rank tokens exceed it
+  double rebalance_capacity = 1.1;    // α: a rank then takes at most α · mean tokens (1 <= α <= λ)
+  double rebalance_min_tokens = 1024; // the smallest share worth a helper's GEMM
+  // Expert copies a rank may hold at once under rebalancing (a reserve, like `imbalance`): the
+  // weights it receives for one layer's spilled tokens.
+  double spill_copies = 0;
 };
 
 // Dense MLP blocks and embeddings/LM head: tensor (vocab) parallel or FSDP over the rest.
@@ -134,6 +145,7 @@ Json to_json(const Plan& plan);
 Plan plan_from_json(const Json& j, const std::string& origin);
 
 const char* name(CpKind k);
+const char* name(Rebalance r);
 const char* name(Recompute r);
 const char* name(PipelineSchedule s);
 const char* name(Placement p);
