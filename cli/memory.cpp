@@ -7,6 +7,8 @@
 #include "strategies/routing.hpp"
 
 #include <fmt/format.h>
+
+#include <algorithm>
 #include <iostream>
 #include <memory>
 
@@ -54,33 +56,92 @@ Json memory_json(const strategy::ResolvedPlan& r) {
   return j;
 }
 
+namespace {
+
+strategy::RankLoads loads_on(const PlanInputs& in, const strategy::Plan& p) {
+  return strategy::rank_loads(
+      p, in.model, in.expert_loads,
+      strategy::routing_scale(p, in.model, in.seq, in.cluster.node.gpus_per_node));
+}
+
+// What least-loaded rebalancing did: the worst rank's load before and after, the layers it
+// rebalanced, the most expert copies one rank received for a layer.
+struct RebalanceSummary {
+  double before = 1, after = 1;
+  int layers = 0, moe_layers = 0;
+  int copies = 0;
+};
+RebalanceSummary rebalance_summary(const strategy::RankLoads& loads) {
+  RebalanceSummary s;
+  s.after = strategy::worst_rank_load(loads);
+  s.copies = loads.most_copies_in;
+  for (std::size_t l = 0; l < loads.native.size(); ++l) {
+    if (loads.native[l].empty())
+      continue;
+    ++s.moe_layers;
+    s.before = std::max(s.before, *std::max_element(loads.native[l].begin(), loads.native[l].end()));
+    int moved = 0;
+    for (int c : loads.copies_in_node[l])
+      moved += c;
+    for (int c : loads.copies_in_net[l])
+      moved += c;
+    s.layers += moved > 0 ? 1 : 0;
+  }
+  return s;
+}
+
+} // namespace
+
 Json routing_json(const PlanInputs& in, const strategy::Plan& p) {
   if (!in.uneven || !in.model.is_moe())
     return nullptr;
-  const strategy::RankLoads loads = strategy::rank_loads(p, in.model, in.expert_loads);
+  const strategy::RankLoads loads = loads_on(in, p);
   const strategy::HotRank h = strategy::hottest_rank(loads);
   const int first = h.ep_rank * loads.local_experts;
-  return Json{{"model", in.routing.source},
-              {"seed", in.routing.seed},
-              {"reserved_load", p.moe.imbalance},
-              {"worst_rank",
-               Json{{"ep_rank", h.ep_rank},
-                    {"experts", Json::array({first, first + loads.local_experts - 1})},
-                    {"mean_load", h.mean_load},
-                    {"peak_layer", h.layer},
-                    {"peak_load", h.load},
-                    {"hottest_expert", h.expert},
-                    {"hottest_expert_load", h.expert_load}}}};
+  Json j{{"model", in.routing.source},
+         {"seed", in.routing.seed},
+         {"reserved_load", p.moe.imbalance},
+         {"worst_rank",
+          Json{{"ep_rank", h.ep_rank},
+               {"experts", Json::array({first, first + loads.local_experts - 1})},
+               {"mean_load", h.mean_load},
+               {"peak_layer", h.layer},
+               {"peak_load", h.load},
+               {"hottest_expert", h.expert},
+               {"hottest_expert_load", h.expert_load}}}};
+  if (loads.rebalanced) {
+    const RebalanceSummary s = rebalance_summary(loads);
+    j["rebalance"] = Json{{"kind", strategy::name(p.moe.rebalance)},
+                          {"threshold", p.moe.rebalance_threshold},
+                          {"capacity", p.moe.rebalance_capacity},
+                          {"min_tokens", p.moe.rebalance_min_tokens},
+                          {"worst_load_before", s.before},
+                          {"worst_load_after", s.after},
+                          {"layers_rebalanced", s.layers},
+                          {"moe_layers", s.moe_layers},
+                          {"most_copies_per_layer", s.copies}};
+  }
+  return j;
 }
 
 std::string routing_text(const PlanInputs& in, const strategy::Plan& p) {
   if (!in.uneven || !in.model.is_moe())
     return "";
-  const strategy::RankLoads loads = strategy::rank_loads(p, in.model, in.expert_loads);
-  return fmt::format("routing {} (seed {}): routed buffers reserved for {:.2f}x the mean tokens\n"
-                     "most loaded: {}\n",
-                     in.routing.source, in.routing.seed, p.moe.imbalance,
+  const strategy::RankLoads loads = loads_on(in, p);
+  std::string out =
+      fmt::format("routing {} (seed {}): routed buffers reserved for {:.2f}x the mean tokens\n",
+                  in.routing.source, in.routing.seed, p.moe.imbalance);
+  if (loads.rebalanced) {
+    const RebalanceSummary s = rebalance_summary(loads);
+    out += fmt::format("least-loaded rebalancing (threshold {:g}, capacity {:g}): {} of {} MoE "
+                       "layers rebalanced, the worst rank {:.2f}x -> {:.2f}x the mean, at most "
+                       "{} expert copies to a rank per layer\n",
+                       p.moe.rebalance_threshold, p.moe.rebalance_capacity, s.layers,
+                       s.moe_layers, s.before, s.after, s.copies);
+  }
+  out += fmt::format("most loaded: {}\n",
                      strategy::describe(strategy::hottest_rank(loads), loads.local_experts));
+  return out;
 }
 
 void print_memory_text(const strategy::ResolvedPlan& r, const PlanInputs& in) {

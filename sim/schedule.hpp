@@ -359,6 +359,8 @@ enum class Routed : std::uint8_t {
   exchange, // the expert-parallel dispatch or combine (all-to-all-v): its members wait for
             // each other, and the rank receiving most sets its time
   saved,    // a copy of a layer's saved activations (offload, reload): its routed share
+  spill,    // least-loaded rebalancing's expert copies (and their gradients' return): the
+            // copies this rank sends or receives, a barrier when it moves none
 };
 
 struct RemoteDep {

@@ -38,6 +38,7 @@ constexpr double kAdamBytesPerParam = 2 + 4 + 4 + 4 + 4 + 4 + 4 + 4 + 2;
 // The communicators a plan uses, as indices into Schedule::groups (-1: not used).
 struct Groups {
   int tp = -1, cp_a2a = -1, cp_ring = -1, ep = -1, etp = -1, pp = -1;
+  int spill_node = -1, spill_net = -1; // least-loaded rebalancing's weight copies (point to point)
   int fsdp[kNumLayerKinds] = {-1, -1, -1, -1};
 };
 
@@ -56,6 +57,7 @@ struct Step {
   double ring_bytes = 0; // K/V bytes passed per ring step
   bool selective_keep = false;            // recomputed under selective recompute
   bool forward_only = false;              // no transpose in backward (the MoE count exchanges)
+  bool backward_only = false;             // nothing in forward (rebalancing's backward fetch)
   sim::Routed routed = sim::Routed::no;   // how its size follows the routing (sim::Routed)
   LayerKind owner = LayerKind::attention; // whose recompute policy re-runs it
 };
@@ -102,6 +104,7 @@ public:
   Lowering(const Plan& p, const LoweringContext& c) : p_(p), c_(c), m_(*c.model) {
     tokens_ = static_cast<double>(p.micro_batch) * static_cast<double>(c.seq) / p.attention.cp;
     sp_ = p.attention.sp && p.attention.tp > 1 ? p.attention.tp : 1;
+    spill_copy_bytes_ = expert_copy_bytes(m_, p_);
     make_groups();
   }
 
@@ -124,6 +127,13 @@ private:
   // otherwise wait, after the next recv; each keeps its dependency on its input-gradient GEMM.
   bool defer_wgrad_ = false;
   std::vector<sim::Op> pending_wgrad_;
+  // Least-loaded rebalancing: the expert copies received for the layer being emitted, freed
+  // after the experts' last GEMM (forward) or with the gradients' return (backward).
+  int spill_copies_ = -1;
+  double spill_copy_bytes_ = 0; // one expert's weights as a rank holds them
+  bool rebalancing() const {
+    return p_.moe.rebalance == Rebalance::least_loaded && g_.ep >= 0;
+  }
   // When set, add() records here whether each op joined the data path (pass_model()).
   std::vector<bool>* path_log_ = nullptr;
   // Uneven routing: each stage's tensors holding a MoE layer's saved activations (tensor,
@@ -132,6 +142,7 @@ private:
   struct RoutedTensor {
     int tensor = -1, layer = -1;
     bool work = false;
+    double spill = 0; // > 0: expert copies, this many bytes per copy received
   };
   std::vector<std::vector<RoutedTensor>> routed_tensors_;
   void note_routed(int tensor, int layer, bool work = false) {
@@ -140,6 +151,13 @@ private:
       return;
     routed_tensors_[static_cast<std::size_t>(rc_ - s_.classes.data())].push_back(
         RoutedTensor{tensor, layer, work});
+  }
+  // Least-loaded rebalancing's copies (and, with `times` 2, their gradients): sized per rank.
+  void note_spill(int tensor, int layer, double times = 1) {
+    const auto st = static_cast<std::size_t>(rc_ - s_.classes.data());
+    if (c_.expert_loads == nullptr || st >= s_.classes.size())
+      return;
+    routed_tensors_[st].push_back(RoutedTensor{tensor, layer, false, times * spill_copy_bytes_});
   }
   void expand_routing();
 
@@ -207,6 +225,11 @@ void Lowering::make_groups() {
     g_.ep = add_group("ep", ep_group());
   if (p_.moe.etp > 1)
     g_.etp = add_group("etp", etp_group());
+  if (p_.moe.rebalance == Rebalance::least_loaded && g_.ep >= 0) {
+    // Expert copies travel point to point: on the node over NVLink, across nodes over the NIC.
+    g_.spill_node = add_group_p2p("ep.spill.node", 2);
+    g_.spill_net = add_group_p2p("ep.spill.net", 1);
+  }
   for (int k = 0; k < kNumLayerKinds; ++k) {
     const auto kind = static_cast<LayerKind>(k);
     sim::GroupSpec spec = shard_group(p_, kind);
@@ -476,6 +499,26 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     collective("ep_counts", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, 8 * experts);
     if (!out.empty() && out.back().name == "ep_counts")
       out.back().forward_only = true;
+    // Least-loaded rebalancing (LLEP): every rank gathers every rank's counts and computes the
+    // same assignment; the owners of spilled experts send copies of their weights to the
+    // helpers (their gradients come back in backward, where the copies are fetched again).
+    // Sized per rank by the full-rank expansion (expand_routing); balanced routing moves
+    // nothing, so the copies are zero-time barriers until then.
+    auto spill_step = [&](const char* name, int group, bool backward_only) {
+      Step st = make_step(name, OpKind::barrier, Category::ep_comm, kEp);
+      st.group = group;
+      st.bytes = spill_copy_bytes_;
+      st.routed = sim::Routed::spill;
+      st.backward_only = backward_only;
+      out.push_back(std::move(st));
+    };
+    if (rebalancing()) {
+      collective("llep_counts", OpKind::all_gather, Category::ep_comm, kEp, g_.ep,
+                 8 * experts * p_.moe.ep);
+      out.back().forward_only = true;
+      spill_step("llep_weights.node", g_.spill_node, false);
+      spill_step("llep_weights.net", g_.spill_net, false);
+    }
     // What follows the routing: the exchanges, and the rows this rank's experts receive.
     auto routed_last = [&](const char* name, sim::Routed how) {
       if (!out.empty() && out.back().name == name)
@@ -527,6 +570,10 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     routed_last("etp_scatter", sim::Routed::rows);
     collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
     routed_last("ep_combine", sim::Routed::exchange);
+    if (rebalancing()) {
+      spill_step("llep_refetch.node", g_.spill_node, true);
+      spill_step("llep_refetch.net", g_.spill_net, true);
+    }
     elementwise("experts_combine", kAct * routed * h + kAct * tm * h, false);
     if (e.num_shared_experts > 0) {
       // Shared experts are a dense MLP under the dense TP (Megatron-Core): on the gathered
@@ -642,9 +689,22 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
 
 int Lowering::emit_forward(const Step& st, const std::string& prefix, Category category, int layer,
                            int mb) {
+  if (st.backward_only)
+    return cursor_;
   if (st.kind == OpKind::attention_fwd)
     return emit_attention(st, prefix, category, layer, mb, false);
-  return add(op_of(st, prefix, category, layer, mb));
+  sim::Op op = op_of(st, prefix, category, layer, mb);
+  if (st.routed == sim::Routed::spill && spill_copies_ < 0) {
+    // The copies this rank receives for the layer: none until the expansion sizes them.
+    spill_copies_ = tensor(label("L{} expert copies mb{}", layer, mb), 0, sim::Device::hbm,
+                           sim::MemoryKind::comm_buffers);
+    note_spill(spill_copies_, layer);
+    op.allocs.push_back(spill_copies_);
+  } else if (st.name == "experts_down" && spill_copies_ >= 0) {
+    op.frees.push_back(spill_copies_);
+    spill_copies_ = -1;
+  }
+  return add(std::move(op));
 }
 
 // A pipeline send (of `bytes`) or recv between this stage and rank class `peer`.
@@ -798,6 +858,22 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
   case OpKind::attention_fwd:
     emit_attention(st, prefix, Category::backward, layer, mb, true);
     return;
+  case OpKind::barrier: { // rebalancing's copies: fetched again, or their gradients returned
+    sim::Op op = op_of(st, label_with(prefix, st.backward_only ? "" : ".bwd"),
+                       Category::backward, layer, mb);
+    if (st.backward_only && spill_copies_ < 0) {
+      // The copies and, beside them, their gradients until they return.
+      spill_copies_ = tensor(label("L{} expert copies and gradients mb{}", layer, mb), 0,
+                             sim::Device::hbm, sim::MemoryKind::comm_buffers);
+      note_spill(spill_copies_, layer, 2);
+      op.allocs.push_back(spill_copies_);
+    } else if (!st.backward_only && st.group == g_.spill_node && spill_copies_ >= 0) {
+      op.frees.push_back(spill_copies_); // the last of the returns
+      spill_copies_ = -1;
+    }
+    add(std::move(op));
+    return;
+  }
   case OpKind::elementwise: {
     sim::Op op = op_of(st, label_with(prefix, ".bwd"), Category::backward, layer, mb);
     op.bytes = 2 * st.bytes; // reads saved input and incoming gradient, writes the gradient
@@ -1443,9 +1519,10 @@ void Lowering::expand_routing() {
   const int L = static_cast<int>(m_.num_layers());
   if (!m_.is_moe())
     return;
-  const RankLoads loads = rank_loads(p_, m_, *c_.expert_loads);
+  const RankLoads loads =
+      rank_loads(p_, m_, *c_.expert_loads, routing_scale(p_, m_, c_.seq, c_.gpus_per_node));
   if (loads.uniform)
-    return; // balanced: the rank-class program as it is
+    return; // balanced: the rank-class program as it is (rebalancing's copies stay barriers)
   const int ep = loads.ep;
   const auto local = static_cast<std::size_t>(loads.local_experts);
   const std::vector<std::vector<double>>& capped = loads.capped;
@@ -1492,6 +1569,29 @@ void Lowering::expand_routing() {
     return std::max(0.0, work_base[li] + rank_load[li][static_cast<std::size_t>(r)] * work_unit[li]);
   };
 
+  // Rebalancing: the loads of the segments each rank's GEMMs take (its own experts' kept rows,
+  // then the spilled ones), per layer; and the expert copies it receives.
+  std::vector<std::vector<std::vector<double>>> segment_loads;
+  if (loads.rebalanced) {
+    segment_loads.resize(static_cast<std::size_t>(L));
+    for (int l = 0; l < L; ++l) {
+      const auto li = static_cast<std::size_t>(l);
+      if (loads.segments[li].empty() && loads.capped[li].empty())
+        continue;
+      auto& per_rank = segment_loads[li];
+      per_rank.assign(static_cast<std::size_t>(ep), {});
+      const auto experts = static_cast<std::int64_t>(loads.capped[li].size());
+      for (int own = 1; own >= 0; --own)
+        for (const workload::Segment& sg : loads.segments[li])
+          if ((workload::expert_owner(sg.expert, experts, ep) == sg.rank) == (own == 1))
+            per_rank[static_cast<std::size_t>(sg.rank)].push_back(sg.tokens());
+    }
+  }
+  auto copies_in = [&](std::size_t l, int r) {
+    return loads.copies_in_node[l][static_cast<std::size_t>(r)] +
+           loads.copies_in_net[l][static_cast<std::size_t>(r)];
+  };
+
   std::vector<sim::RankClass> old = std::move(s_.classes);
   s_.classes.clear();
   s_.classes.reserve(old.size() * static_cast<std::size_t>(ep));
@@ -1534,7 +1634,17 @@ void Lowering::expand_routing() {
         const double f = rank_load[li][static_cast<std::size_t>(r)];
         switch (op.routed) {
         case sim::Routed::rows:
-          if (op.kind == OpKind::grouped_gemm) {
+          if (op.kind == OpKind::grouped_gemm && loads.rebalanced) {
+            // Its segments' rows: the balanced program gives every local expert the same.
+            const double per = op.gemm.rows_per_expert.empty() ? 0 : op.gemm.rows_per_expert[0];
+            op.gemm.rows_per_expert.clear();
+            double rows = 0;
+            for (double x : segment_loads[li][static_cast<std::size_t>(r)]) {
+              op.gemm.rows_per_expert.push_back(per * x);
+              rows += per * x;
+            }
+            op.gemm.m = rows;
+          } else if (op.kind == OpKind::grouped_gemm) {
             double rows = 0;
             for (std::size_t i = 0; i < op.gemm.rows_per_expert.size(); ++i) {
               op.gemm.rows_per_expert[i] *= capped[li][static_cast<std::size_t>(r) * local + i];
@@ -1552,13 +1662,30 @@ void Lowering::expand_routing() {
         case sim::Routed::saved:
           op.bytes *= saved_ratio(op.layer, r);
           break;
+        case sim::Routed::spill: {
+          // The copies this rank sends or receives over this link (both ways at once).
+          const bool node = op.group == g_.spill_node;
+          const auto ri = static_cast<std::size_t>(r);
+          const int moved =
+              std::max((node ? loads.copies_in_node : loads.copies_in_net)[li][ri],
+                       (node ? loads.copies_out_node : loads.copies_out_net)[li][ri]);
+          if (moved > 0) {
+            op.kind = OpKind::send_recv;
+            op.bytes *= moved;
+          } else {
+            op.bytes = 0;
+          }
+          break;
+        }
         case sim::Routed::no:
           break;
         }
       }
       for (const RoutedTensor& t : routed_tensors_[static_cast<std::size_t>(st)]) {
         double& bytes = rc.tensors[static_cast<std::size_t>(t.tensor)].bytes;
-        bytes = t.work ? work_bytes(t.layer, r) : bytes * saved_ratio(t.layer, r);
+        bytes = t.spill > 0 ? t.spill * copies_in(static_cast<std::size_t>(t.layer), r)
+                : t.work    ? work_bytes(t.layer, r)
+                            : bytes * saved_ratio(t.layer, r);
       }
       s_.classes.push_back(std::move(rc));
     }

@@ -175,6 +175,14 @@ KindParams layer_local_params(const ModelSpec& m, const LayerSpec& layer, const 
   return k;
 }
 
+double expert_copy_bytes(const ModelSpec& m, const Plan& p) {
+  for (const LayerSpec& layer : m.layers)
+    if (layer.mlp == MlpKind::moe && m.moe.num_routed_experts > 0)
+      return kParamBytes * static_cast<double>(workload::layer_params(m, layer).routed_experts) /
+             static_cast<double>(m.moe.num_routed_experts) / p.moe.etp;
+  return 0;
+}
+
 double embedding_local_params(const ModelSpec& m, const Plan& p) {
   return static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size) / p.embed.tp;
 }
@@ -333,6 +341,10 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     }
     if (p.moe.ep > 1 || p.moe.etp > 1)
       hbm.comm_buffers += 2 * kAct * a2a_tokens * h; // dispatch and combine buffers
+    // Least-loaded rebalancing: the expert copies a rank receives for one layer, and in
+    // backward their gradients beside them (docs/ROUTING.md).
+    if (p.moe.rebalance == Rebalance::least_loaded)
+      hbm.comm_buffers += 2 * p.moe.spill_copies * expert_copy_bytes(m, p);
     hbm.comm_buffers += resident_comm_bytes(p, hw);
     hbm.other = hw.cuda_context_bytes + hw.fragmentation * (hbm.activations + hbm.comm_buffers);
     // Host: pinned staging for whatever moves over PCIe.

@@ -57,6 +57,9 @@ struct KindParams {
 };
 KindParams layer_local_params(const workload::ModelSpec& m, const workload::LayerSpec& layer,
                               const Plan& plan);
+// Bytes of one routed expert's weights as an expert-parallel rank holds them (its ETP share,
+// BF16): what least-loaded rebalancing copies to a helper rank.
+double expert_copy_bytes(const workload::ModelSpec& m, const Plan& plan);
 // Embedding table or LM head rows held by a rank (vocab-parallel split).
 double embedding_local_params(const workload::ModelSpec& m, const Plan& plan);
 // How many data-parallel ranks share (shard) one copy of a kind's states under ZeRO: dp·cp for

@@ -336,34 +336,58 @@ std::uint64_t next_routing_id() {
 void reserve_for_routing(Plan& p, const PlanContext& ctx) {
   if (ctx.expert_loads == nullptr || !ctx.model->is_moe())
     return;
-  // The worst load depends on the loads, the EP degree and the capacity factor only: computed
-  // once for each (tens of thousands of plans share a handful).
+  // The worst load depends on the loads, the EP degree and the capacity factor, and under
+  // rebalancing on its settings and the tokens per expert: computed once for each (tens of
+  // thousands of plans share a handful).
+  const bool rebalancing = p.moe.rebalance == Rebalance::least_loaded && p.moe.ep > 1;
+  const RoutingScale scale =
+      rebalancing ? routing_scale(p, *ctx.model, ctx.seq, ctx.cluster.gpus_per_node)
+                  : RoutingScale{};
   struct Key {
     std::uint64_t loads;
     int ep;
     double capacity;
+    bool rebalancing;
+    double threshold, alpha, min_tokens, expert_tokens;
+    int ep_per_node;
     bool operator==(const Key&) const = default;
   };
+  struct Reserve {
+    double worst = 0;
+    int copies = 0;
+  };
   static std::mutex mutex;
-  static std::vector<std::pair<Key, double>> cache;
-  const Key key{ctx.routing_id, p.moe.ep, p.moe.capacity_factor};
-  double worst = 0;
+  static std::vector<std::pair<Key, Reserve>> cache;
+  const Key key{ctx.routing_id,
+                p.moe.ep,
+                p.moe.capacity_factor,
+                rebalancing,
+                rebalancing ? p.moe.rebalance_threshold : 0,
+                rebalancing ? p.moe.rebalance_capacity : 0,
+                rebalancing ? p.moe.rebalance_min_tokens : 0,
+                scale.expert_tokens,
+                scale.ep_per_node};
+  Reserve reserve;
   if (ctx.routing_id != 0) {
     const std::lock_guard<std::mutex> lock(mutex);
     for (const auto& [k, v] : cache)
       if (k == key)
-        worst = v;
+        reserve = v;
   }
-  if (worst == 0) {
-    worst = worst_rank_load(rank_loads(p, *ctx.model, *ctx.expert_loads));
+  if (reserve.worst == 0) {
+    const RankLoads loads = rank_loads(p, *ctx.model, *ctx.expert_loads, scale);
+    reserve.worst = worst_rank_load(loads);
+    reserve.copies = loads.most_copies_in;
     if (ctx.routing_id != 0) {
       const std::lock_guard<std::mutex> lock(mutex);
-      if (cache.size() > 64)
+      if (cache.size() > 256)
         cache.clear();
-      cache.emplace_back(key, worst);
+      cache.emplace_back(key, reserve);
     }
   }
-  p.moe.imbalance = std::max(p.moe.imbalance, worst);
+  p.moe.imbalance = std::max(p.moe.imbalance, reserve.worst);
+  if (rebalancing)
+    p.moe.spill_copies = std::max(p.moe.spill_copies, static_cast<double>(reserve.copies));
 }
 
 std::vector<Plan> enumerate_family(const std::string& family, const PlanContext& ctx,

@@ -94,3 +94,50 @@ TEST_CASE("routing options refuse what they cannot use, in one sentence" *
   const auto cf = run_mop("memory" + kTiny + " --capacity-factor -1");
   CHECK(cf.status == 1);
 }
+
+TEST_CASE("mop memory and simulate --rebalance least-loaded: the worst rank brought under the "
+          "capacity, the copies reported, the plan refused where it cannot apply" *
+          doctest::test_suite("plumbing")) {
+  namespace fs = std::filesystem;
+  const fs::path csv = fs::temp_directory_path() / "mop-rebalance-hist.csv";
+  std::ofstream(csv) << "6,2,1,1,1,1,2,2\n"; // ranks of 2 experts: 2, .5, .5, 1 times the mean
+  const std::string routed = kTiny + " --routing " + csv.string();
+  const auto m = run_mop("memory" + routed + " --rebalance least-loaded --json");
+  REQUIRE(m.status == 0);
+  const Json j = Json::parse(m.out);
+  const Json& r = j["routing"]["rebalance"];
+  CHECK(r["kind"] == "least_loaded");
+  CHECK(r["threshold"].get<double>() == 1.3);
+  CHECK(r["worst_load_before"].get<double>() == mop::test::rel(2));
+  CHECK(r["worst_load_after"].get<double>() <= 1.1 + 1e-12);
+  CHECK(r["layers_rebalanced"] == 1);
+  CHECK(r["most_copies_per_layer"].get<int>() >= 1);
+  // The plan reserves for the rebalanced worst rank, and for the copies it may receive.
+  CHECK(j["routing"]["reserved_load"].get<double>() == r["worst_load_after"].get<double>());
+  CHECK(j["plan"]["moe"]["spill_copies"] == r["most_copies_per_layer"]);
+  CHECK(j["plan"]["moe"]["rebalance"] == "least_loaded");
+  // Above the threshold nothing moves: 2x < 2.5.
+  const auto high = run_mop("memory" + routed +
+                            " --rebalance least-loaded --rebalance-threshold 2.5 --json");
+  REQUIRE(high.status == 0);
+  CHECK(Json::parse(high.out)["routing"]["rebalance"]["layers_rebalanced"] == 0);
+  const auto sim = run_mop("simulate" + routed + " --rebalance least-loaded");
+  REQUIRE(sim.status == 0);
+  CHECK(sim.out.find("least-loaded rebalancing (threshold 1.3, capacity 1.1): 1 of 1 MoE layers "
+                     "rebalanced") != std::string::npos);
+  // Refusals: a threshold below 1, a mode that does not exist, token dropping with it, and a
+  // framework export says it cannot run the plan.
+  const auto low = run_mop("memory" + routed + " --rebalance least-loaded --rebalance-threshold 0.5");
+  CHECK(low.status == 1);
+  CHECK(low.err.find("--rebalance-threshold must be between 1 and 1000") != std::string::npos);
+  CHECK(run_mop("memory" + routed + " --rebalance round-robin").status == 2);
+  const auto dropping =
+      run_mop("memory" + routed + " --rebalance least-loaded --capacity-factor 1.2");
+  CHECK(dropping.status == 1);
+  CHECK(dropping.err.find("dropless") != std::string::npos);
+  const auto emit = run_mop("plan --model tiny-moe --cluster h100 --nodes 1 --seq 4K --ep 4 "
+                            "--rebalance least-loaded --emit megatron");
+  CHECK(emit.status == 0);
+  CHECK(emit.out.find("Megatron-LM has no least-loaded expert rebalancing") != std::string::npos);
+  fs::remove(csv);
+}
