@@ -126,8 +126,9 @@ namespace {
 // (found once, under balanced routing) with the routing's reserve, then one evaluation as
 // `mop simulate` runs it (names, no structural check) with every expert-parallel rank its own
 // class. Kimi-K2 at 128K on 12 x 8 H200 (EP 96), and
-// on 128 nodes (1,024 GPUs), with a max/mean expert load of 1.5.
-void full_rank(benchmark::State& state, int nodes) {
+// on 128 nodes (1,024 GPUs), with a max/mean expert load of 1.5; and on 12 nodes with
+// least-loaded rebalancing.
+void full_rank(benchmark::State& state, int nodes, bool rebalance = false) {
   const auto model = mop::workload::load_model("kimi-k2");
   const auto cluster = mop::hw::load_cluster("h200");
   const auto loads =
@@ -141,6 +142,10 @@ void full_rank(benchmark::State& state, int nodes) {
   mop::planner::SearchOptions so;
   so.top = 1;
   auto plan = mop::planner::search_plans(ctx, cluster, mop::hw::Calibration{}, so).results.at(0).plan;
+  if (rebalance) { // least-loaded rebalancing down to the mean (it triggers in every layer)
+    plan.moe.rebalance = mop::strategy::Rebalance::least_loaded;
+    plan.moe.rebalance_threshold = plan.moe.rebalance_capacity = 1.0;
+  }
   ctx.expert_loads = &loads;
   ctx.routing_id = mop::strategy::next_routing_id();
   mop::strategy::reserve_for_routing(plan, ctx);
@@ -170,5 +175,10 @@ void BM_FullRank_KimiK2_128xH200_128K_imbalance1_5(benchmark::State& state) {
   full_rank(state, 128);
 }
 BENCHMARK(BM_FullRank_KimiK2_128xH200_128K_imbalance1_5)->Unit(benchmark::kMillisecond);
+
+void BM_FullRank_KimiK2_12xH200_128K_imbalance1_5_rebalanced(benchmark::State& state) {
+  full_rank(state, 12, true);
+}
+BENCHMARK(BM_FullRank_KimiK2_12xH200_128K_imbalance1_5_rebalanced)->Unit(benchmark::kMillisecond);
 
 } // namespace
