@@ -137,6 +137,20 @@ TEST_CASE("interpreter LLEP: held together with and without a trigger" *
     }
 }
 
+TEST_CASE("interpreter LLEP: two EP groups side by side, each planning its own rows" *
+          doctest::test_suite("independent")) {
+  // World 4 as EP 2 x expert data parallelism 2: each EP pair all-gathers its own counts and
+  // rebalances them; the experts' gradients then sum over the pairs (ZeRO-1 over edp).
+  const auto k = make_case("tiny-moe", 4, 8, 16, [](Plan& p) {
+    p.moe.ep = 2;
+    for (auto& s : p.state)
+      s.zero = 1;
+    rebalance(p, 1.0, 1.0);
+  });
+  expect_held_together(k);
+  CHECK(copies_received(k, "L1.llep foreign up.mb") > 0);
+}
+
 TEST_CASE("interpreter LLEP: composes with a pipeline and ZeRO-3" *
           doctest::test_suite("independent")) {
   // Two stages (dense, MoE | dense, MoE), EP 2 within each stage, every kind under ZeRO-3 (the
