@@ -151,7 +151,7 @@ TEST_CASE("interpreter LLEP: two EP groups side by side, each planning its own r
   CHECK(copies_received(k, "L1.llep foreign up.mb") > 0);
 }
 
-TEST_CASE("interpreter LLEP: composes with a pipeline and ZeRO-3" *
+TEST_CASE("interpreter LLEP: composes with a pipeline and ZeRO-3, and with activation offload" *
           doctest::test_suite("independent")) {
   // Two stages (dense, MoE | dense, MoE), EP 2 within each stage, every kind under ZeRO-3 (the
   // experts' weights gathered before they are copied to helpers), full recompute of the MoE
@@ -163,6 +163,15 @@ TEST_CASE("interpreter LLEP: composes with a pipeline and ZeRO-3" *
       s.zero = 3;
     p.recompute[static_cast<int>(mop::strategy::LayerKind::moe)] =
         mop::strategy::Recompute::full;
+    rebalance(p, 1.0, 1.0);
+  }));
+  // Activation offload of every layer with selective recompute: the dispatched rows and the
+  // experts' activations go to the host and back, the received copies stay until the backward.
+  expect_held_together(make_case("tiny-moe", 2, 4, 16, [](Plan& p) {
+    p.moe.ep = 2;
+    p.activation_offload = 1;
+    for (auto& r : p.recompute)
+      r = mop::strategy::Recompute::selective;
     rebalance(p, 1.0, 1.0);
   }));
 }
