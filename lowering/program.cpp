@@ -499,9 +499,29 @@ private:
       return tensor(std::move(name), sh, role);
     return routed(std::move(name), sh, role, r.counts, r.padded);
   }
+  // Expert copies a rank may hold (LLEP's foreign weights and their gradients): shape[0] is the
+  // plan's reserve of copies per layer (at least one), sized at run time from `counts`.
+  int reserved(std::string name, Shape shape, TensorRole role, int counts,
+               sim::Dtype dtype = sim::Dtype::bf16) {
+    shape[0] = std::max<std::int64_t>(1, static_cast<std::int64_t>(std::ceil(p_.moe.spill_copies)));
+    const int t = tensor(std::move(name), std::move(shape), role, Element::real, dtype);
+    rc_->tensors.back().rows = sim::RuntimeRows{counts, false, true};
+    return t;
+  }
+  // The i-th of an expert's n weights as expert_up_weights and the down projection list them.
+  static const char* expert_weight_name(std::size_t i, std::size_t n) {
+    if (i + 1 == n)
+      return "down";
+    return i + 2 == n ? "up" : "gate";
+  }
+  // Least-loaded expert rebalancing runs in the program (docs/EXECUTOR.md).
+  bool llep() const {
+    return p_.moe.rebalance == strategy::Rebalance::least_loaded && g_ep_ >= 0;
+  }
+  // A grouped matmul over the table's groups [first, first + count) (count 0: all of them).
   int grouped_matmul(const std::string& name, std::vector<int> a, std::vector<int> b,
                      std::vector<int> c, int counts, bool ta, bool tb, bool acc, Category cat,
-                     int layer, int mb) {
+                     int layer, int mb, int first, int count) {
     OpSpec o;
     o.name = name;
     o.kernel = Kernel::grouped_matmul;
@@ -512,6 +532,8 @@ private:
     o.attrs.accumulate = acc;
     o.attrs.a_blocks = static_cast<int>(a.size());
     o.attrs.count_inputs = 1;
+    o.attrs.group_first = first;
+    o.attrs.group_count = count;
     o.in = std::move(a);
     o.in.insert(o.in.end(), b.begin(), b.end());
     o.in.push_back(counts);
@@ -520,6 +542,12 @@ private:
     o.mb = mb;
     return emit(std::move(o));
   }
+  int grouped_matmul(const std::string& name, std::vector<int> a, std::vector<int> b,
+                     std::vector<int> c, int counts, bool ta, bool tb, bool acc, Category cat,
+                     int layer, int mb) {
+    return grouped_matmul(name, std::move(a), std::move(b), std::move(c), counts, ta, tb, acc, cat,
+                          layer, mb, 0, 0);
+  }
   // One GEMM per group over its expected rows (balanced routing: the row-segmented operand's
   // expected rows, shared equally by the G groups of the count table).
   void price_grouped(sim::Op& op) const {
@@ -527,7 +555,8 @@ private:
     const auto na = static_cast<std::size_t>(a.a_blocks);
     const std::size_t nb = op.inputs.size() - na - 1;
     const int counts = op.inputs.back();
-    const double groups = static_cast<double>(shape(counts).back());
+    const double groups = a.group_count > 0 ? static_cast<double>(a.group_count)
+                                            : static_cast<double>(shape(counts).back());
     double a_cols = 0, b_cols = 0;
     for (std::size_t i = 0; i < na; ++i)
       a_cols += static_cast<double>(numel(shape(op.inputs[i])) / shape(op.inputs[i])[0]);
@@ -544,8 +573,12 @@ private:
         b_cols += static_cast<double>(shape(op.inputs[na + i])[2]);
       n = a.trans_b ? static_cast<double>(b0[1]) : b_cols;
     }
+    // A rebalanced block's received copies (groups after the own experts'): balanced routing
+    // spills nothing, so they are priced empty.
+    if (a.group_first > 0)
+      m = 0;
     op.gemm = sim::GemmShape{m, n, k, 1,
-                             std::vector<double>(static_cast<std::size_t>(groups), rows / groups)};
+                             std::vector<double>(static_cast<std::size_t>(groups), m / groups)};
     op.model_flops = op.category == Category::recompute ? 0 : 2 * m * n * k;
   }
 
@@ -695,6 +728,11 @@ private:
     int rows_in = -1;     // the experts' input rows (after the ETP gather)
     int gu = -1, act = -1, ret = -1;
     int sh_xg = -1, sh_gu = -1, sh_act = -1; // the shared experts'
+    // Least-loaded rebalancing (llep_plan's outputs; recv_counts is its recv_slots): the
+    // dispatch order, my rows per destination slot, the weight copies sent and received, and
+    // the received copies (gate, up, down as present).
+    int llep_order = -1, send_slots = -1, send_copies = -1, recv_copies = -1;
+    std::vector<int> foreign;
   };
   struct LayerSaved {
     AttnSaved a;
@@ -790,6 +828,10 @@ private:
   int moe_forward(int l, int mb, int x, MoeSaved& s, Category cat = Category::forward);
   void recompute_moe(int l, int mb, MoeSaved& s);
   int moe_backward(int l, int mb, const MoeSaved& s, int dy);
+  void llep_dispatch(int l, int mb, int xp, const std::vector<int>& w, int be, MoeSaved& s,
+                     Category cat);
+  void llep_return_grads(int l, int mb, const MoeSaved& s, const std::vector<int>& foreign_grads,
+                         const std::vector<int>& grads);
   std::vector<int> expert_up_weights(int l, const std::vector<int>& w, int be) const;
   int shared_forward(int l, int mb, MoeSaved& s, Category cat);
   int shared_backward(int l, int mb, const MoeSaved& s, int dy);
@@ -2296,7 +2338,10 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
   // j sends; rows arrive grouped by source rank, then expert, so it also names their experts.
   s.recv_counts = s.counts;
   s.recv = xp;
-  if (g_ep_ >= 0) {
+  const bool rebalance = llep();
+  if (rebalance) {
+    llep_dispatch(l, mb, xp, w, be, s, cat);
+  } else if (g_ep_ >= 0) {
     s.recv_counts = tensor(nm("ep counts"), {ep, per_rank}, TensorRole::index, Element::i64);
     emit(OpSpec{nm("ep_counts"),
                 Kernel::collective,
@@ -2360,8 +2405,16 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
   }
   const std::int64_t up = e.gated ? 2 * f : f;
   s.gu = rows_like(s.rows_in, nm("experts gate_up"), up, TensorRole::saved);
+  // With rebalancing the table's groups are my slots: my experts, then the received copies.
+  const int own = rebalance ? static_cast<int>(per_rank) : 0;
+  const int others = static_cast<int>(experts - per_rank);
+  const std::size_t nf = s.foreign.size();
   grouped_matmul(nm("experts_gate_up"), {s.rows_in}, expert_up_weights(l, w, be), {s.gu}, s.table,
-                 false, false, false, cat, l, mb);
+                 false, false, false, cat, l, mb, 0, own);
+  if (rebalance)
+    grouped_matmul(nm("experts_gate_up.foreign"), {s.rows_in},
+                   std::vector<int>(s.foreign.begin(), s.foreign.end() - 1), {s.gu}, s.table,
+                   false, false, true, cat, l, mb, own, others);
   s.act = rows_like(s.rows_in, nm("experts act"), f, TensorRole::saved);
   std::vector<int> act_in{s.gu};
   if (e.expert_bias) { // the projections' biases, added around the activation
@@ -2373,7 +2426,10 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
     price_only(act);
   const int out = rows_like(s.rows_in, nm("experts out"), h_, TensorRole::activation);
   grouped_matmul(nm("experts_down"), {s.act}, {value_of(pname(l, "moe.experts.down"), w, be)},
-                 {out}, s.table, false, false, false, cat, l, mb);
+                 {out}, s.table, false, false, false, cat, l, mb, 0, own);
+  if (rebalance)
+    grouped_matmul(nm("experts_down.foreign"), {s.act}, {s.foreign[nf - 1]}, {out}, s.table, false,
+                   false, true, cat, l, mb, own, others);
   int mine = out;
   if (g_xtp_ >= 0) {
     mine = rows_like(s.recv, nm("etp scattered"), h_, TensorRole::activation);
@@ -2390,7 +2446,27 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
                 mb});
   }
   s.ret = mine;
-  if (g_ep_ >= 0) {
+  if (rebalance) {
+    // Back to the senders (the dispatch's tables swapped), then each row to its permuted place.
+    const int back = tensor(nm("llep combined"), {routed_rows, h_}, TensorRole::activation);
+    OpSpec o{nm("ep_combine"),
+             Kernel::collective,
+             OpKind::all_to_all,
+             Category::ep_comm,
+             kEp,
+             g_ep_,
+             {mine, s.recv_counts, s.send_slots},
+             {back},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 2;
+    emit(std::move(o));
+    s.ret = tensor(nm("combined"), {routed_rows, h_}, TensorRole::saved);
+    sim::Attrs inv;
+    inv.inverse = true;
+    simple(nm("llep_unsort"), Kernel::index_rows, {back, s.llep_order}, {s.ret}, cat, l, mb, inv);
+  } else if (g_ep_ >= 0) {
     s.ret = tensor(nm("combined"), {routed_rows, h_}, TensorRole::saved);
     OpSpec o{nm("ep_combine"),
              Kernel::collective,
@@ -2419,12 +2495,145 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
   return o;
 }
 
+// Least-loaded expert rebalancing (LLEP, workload/rebalance.hpp): the EP ranks all-gather their
+// per-expert counts, each computes the same assignment (llep_plan), owners send a copy of each
+// spilled expert's weights to the ranks that got a segment of its rows (group_copies, one
+// all-to-all-v per weight), and the rows go out sorted by destination slot (index_rows, the
+// all-to-all-v dispatch). s.recv_counts becomes the slot table of the received rows.
+void Builder::llep_dispatch(int l, int mb, int xp, const std::vector<int>& w, int be, MoeSaved& s,
+                            Category cat) {
+  const bool again = cat == Category::recompute;
+  auto nm = [&](const std::string& what) {
+    return fmt::format("L{}.{}.mb{}{}", l, what, mb, again ? ".recompute" : "");
+  };
+  const workload::MoeSpec& e = m_.moe;
+  const std::int64_t experts = e.num_routed_experts, ep = p_.moe.ep, per = experts / ep;
+  const std::int64_t routed_rows = n_ * e.experts_per_token;
+  const int all = tensor(nm("llep counts"), {ep, experts}, TensorRole::index, Element::i64);
+  emit(OpSpec{nm("llep_counts"),
+              Kernel::collective,
+              OpKind::all_gather,
+              Category::ep_comm,
+              kEp,
+              g_ep_,
+              {s.counts},
+              {all},
+              {},
+              l,
+              mb});
+  s.llep_order = tensor(nm("llep order"), {routed_rows}, TensorRole::index, Element::i32);
+  s.send_slots = tensor(nm("llep send counts"), {ep, experts}, TensorRole::index, Element::i64);
+  s.recv_counts = tensor(nm("llep recv counts"), {ep, experts}, TensorRole::index, Element::i64);
+  s.send_copies = tensor(nm("llep send copies"), {ep, per}, TensorRole::index, Element::i64);
+  s.recv_copies = tensor(nm("llep recv copies"), {ep, per}, TensorRole::index, Element::i64);
+  OpSpec plan{nm("llep_plan"),
+              Kernel::llep_plan,
+              OpKind::elementwise,
+              cat,
+              kCompute,
+              g_ep_,
+              {all},
+              {s.llep_order, s.send_slots, s.recv_counts, s.send_copies, s.recv_copies},
+              {},
+              l,
+              mb};
+  plan.attrs.threshold = p_.moe.rebalance_threshold;
+  plan.attrs.capacity = p_.moe.rebalance_capacity;
+  plan.attrs.min_tokens = p_.moe.rebalance_min_tokens;
+  plan.attrs.ranks_per_node = s_.groups[static_cast<std::size_t>(g_ep_)].ranks_per_node;
+  emit(std::move(plan));
+  // The weights: my spilled experts' copies, by destination, then one all-to-all-v each.
+  std::vector<int> mine = expert_up_weights(l, w, be);
+  mine.push_back(value_of(pname(l, "moe.experts.down"), w, be));
+  std::vector<int> copies;
+  s.foreign.clear();
+  for (std::size_t i = 0; i < mine.size(); ++i) {
+    const Shape sh = shape(mine[i]);
+    const std::string what = expert_weight_name(i, mine.size());
+    copies.push_back(reserved(nm("llep copies " + what), sh, TensorRole::comm_buffer,
+                              s.send_copies));
+    s.foreign.push_back(reserved(nm("llep foreign " + what), sh, TensorRole::param, s.recv_copies));
+  }
+  OpSpec cp{nm("llep_weight_copies"), Kernel::group_copies, OpKind::elementwise, cat, kCompute,
+            -1, mine, copies, {}, l, mb};
+  cp.in.push_back(s.send_copies);
+  cp.attrs.count_inputs = 1;
+  emit(std::move(cp));
+  for (std::size_t i = 0; i < copies.size(); ++i) {
+    OpSpec o{nm(fmt::format("llep_weights{}", i)),
+             Kernel::collective,
+             OpKind::all_to_all,
+             Category::ep_comm,
+             kEp,
+             g_ep_,
+             {copies[i], s.send_copies, s.recv_copies},
+             {s.foreign[i]},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 2;
+    emit(std::move(o));
+  }
+  // The rows: sorted by destination slot, then dispatched.
+  const int sorted = tensor(nm("llep sorted"), {routed_rows, h_}, TensorRole::activation);
+  simple(nm("llep_sort"), Kernel::index_rows, {xp, s.llep_order}, {sorted}, cat, l, mb);
+  s.recv =
+      routed(nm("dispatched"), {routed_rows, h_}, TensorRole::activation, s.recv_counts, false);
+  OpSpec o{nm("ep_dispatch"),
+           Kernel::collective,
+           OpKind::all_to_all,
+           Category::ep_comm,
+           kEp,
+           g_ep_,
+           {sorted, s.send_slots, s.recv_counts},
+           {s.recv},
+           {},
+           l,
+           mb};
+  o.attrs.count_inputs = 2;
+  emit(std::move(o));
+}
+
+// The received copies' weight gradients go back to their owners (the weight exchange reversed)
+// and add into the owners' gradients of those experts, before the bucket is reduced.
+void Builder::llep_return_grads(int l, int mb, const MoeSaved& s,
+                                const std::vector<int>& foreign_grads,
+                                const std::vector<int>& grads) {
+  auto nm = [&](const std::string& what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
+  std::vector<int> back;
+  for (std::size_t i = 0; i < foreign_grads.size(); ++i) {
+    const int t = foreign_grads[i];
+    back.push_back(reserved(nm(std::string("llep returned grad ") +
+                               expert_weight_name(i, foreign_grads.size())),
+                            shape(t), TensorRole::comm_buffer, s.send_copies, sim::Dtype::fp32));
+    OpSpec o{nm(fmt::format("llep_grads{}", i)),
+             Kernel::collective,
+             OpKind::all_to_all,
+             Category::ep_comm,
+             kEp,
+             g_ep_,
+             {t, s.recv_copies, s.send_copies},
+             {back.back()},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 2;
+    emit(std::move(o));
+  }
+  OpSpec add{nm("llep_grad_add"), Kernel::group_copies_bwd, OpKind::elementwise,
+             Category::backward, kCompute, -1, back, grads, {}, l, mb};
+  add.in.push_back(s.send_copies);
+  add.attrs.count_inputs = 1;
+  add.attrs.accumulate = true;
+  emit(std::move(add));
+}
+
 // The forward in reverse: the combine's adjoint (and the routing weights' gradient), the
 // dispatch direction for the rows' gradients, the ETP gather, the grouped GEMMs' data and weight
 // gradients, the ETP reduce-scatter, the combine direction, the permutation's adjoint, the
 // router's backward and GEMMs, the norm.
 int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
-  auto nm = [&](const char* what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
+  auto nm = [&](const std::string& what) { return fmt::format("L{}.{}.mb{}.bwd", l, what, mb); };
   const workload::MoeSpec& e = m_.moe;
   const std::int64_t experts = e.num_routed_experts, k = e.experts_per_token;
   const std::int64_t f = e.expert_intermediate_size / p_.moe.etp, routed_rows = n_ * k;
@@ -2441,7 +2650,29 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
   simple(nm("unpermute"), Kernel::unpermute_bwd, {dy, s.ret, s.order, s.weights}, {dret, dweights},
          Category::backward, l, mb);
   int drecv = dret;
-  if (g_ep_ >= 0) {
+  const bool rebalance = s.llep_order >= 0;
+  const std::int64_t per = experts / p_.moe.ep;
+  const int own = rebalance ? static_cast<int>(per) : 0;
+  const int others = static_cast<int>(experts - per);
+  if (rebalance) {
+    const int dsorted = tensor(nm("d llep sorted"), {routed_rows, h_}, TensorRole::activation);
+    simple(nm("llep_sort"), Kernel::index_rows, {dret, s.llep_order}, {dsorted},
+           Category::backward, l, mb);
+    drecv = rows_like(s.recv, nm("d dispatched"), h_, TensorRole::activation);
+    OpSpec o{nm("ep_combine"),
+             Kernel::collective,
+             OpKind::all_to_all,
+             Category::ep_comm,
+             kEp,
+             g_ep_,
+             {dsorted, s.send_slots, s.recv_counts},
+             {drecv},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 2;
+    emit(std::move(o));
+  } else if (g_ep_ >= 0) {
     drecv = rows_like(s.recv, nm("d dispatched"), h_, TensorRole::activation);
     OpSpec o{nm("ep_combine"),
              Kernel::collective,
@@ -2475,10 +2706,24 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
     emit(std::move(o));
   }
   const int dact = rows_like(s.rows_in, nm("d experts act"), f, TensorRole::activation);
+  // With rebalancing: the received copies' slots too, their weight gradients into buffers of
+  // their own, which go back to the owners.
+  const std::size_t nf = s.foreign.size();
+  std::vector<int> fgrads;
+  for (int t : s.foreign)
+    fgrads.push_back(reserved(nm(fmt::format("llep foreign grad {}",
+                                             expert_weight_name(fgrads.size(), nf))),
+                              shape(t), TensorRole::grad, s.recv_copies, sim::Dtype::fp32));
   grouped_matmul(nm("experts_down.dgrad"), {dout}, {value_of(pname(l, "moe.experts.down"), w, be)},
-                 {dact}, s.table, false, true, false, Category::backward, l, mb);
+                 {dact}, s.table, false, true, false, Category::backward, l, mb, 0, own);
+  if (rebalance)
+    grouped_matmul(nm("experts_down.dgrad.foreign"), {dout}, {s.foreign[nf - 1]}, {dact}, s.table,
+                   false, true, true, Category::backward, l, mb, own, others);
   grouped_matmul(nm("experts_down.wgrad"), {s.act}, {dout}, {grad("moe.experts.down")}, s.table,
-                 true, false, true, Category::backward, l, mb);
+                 true, false, true, Category::backward, l, mb, 0, own);
+  if (rebalance)
+    grouped_matmul(nm("experts_down.wgrad.foreign"), {s.act}, {dout}, {fgrads[nf - 1]}, s.table,
+                   true, false, false, Category::backward, l, mb, own, others);
   const int dgu =
       rows_like(s.rows_in, nm("d experts gate_up"), e.gated ? 2 * f : f, TensorRole::activation);
   const int act =
@@ -2487,13 +2732,25 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
     price_only(act);
   const int dxr = rows_like(s.rows_in, nm("d experts input"), h_, TensorRole::activation);
   grouped_matmul(nm("experts_gate_up.dgrad"), {dgu}, expert_up_weights(l, w, be), {dxr}, s.table,
-                 false, true, false, Category::backward, l, mb);
+                 false, true, false, Category::backward, l, mb, 0, own);
+  if (rebalance)
+    grouped_matmul(nm("experts_gate_up.dgrad.foreign"), {dgu},
+                   std::vector<int>(s.foreign.begin(), s.foreign.end() - 1), {dxr}, s.table, false,
+                   true, true, Category::backward, l, mb, own, others);
   std::vector<int> up_grads;
   if (e.gated)
     up_grads.push_back(grad("moe.experts.gate"));
   up_grads.push_back(grad("moe.experts.up"));
   grouped_matmul(nm("experts_gate_up.wgrad"), {s.rows_in}, {dgu}, up_grads, s.table, true, false,
-                 true, Category::backward, l, mb);
+                 true, Category::backward, l, mb, 0, own);
+  if (rebalance) {
+    grouped_matmul(nm("experts_gate_up.wgrad.foreign"), {s.rows_in}, {dgu},
+                   std::vector<int>(fgrads.begin(), fgrads.end() - 1), s.table, true, false, false,
+                   Category::backward, l, mb, own, others);
+    std::vector<int> grads = up_grads;
+    grads.push_back(grad("moe.experts.down"));
+    llep_return_grads(l, mb, s, fgrads, grads);
+  }
   int dmine = dxr;
   if (g_xtp_ >= 0) {
     dmine = rows_like(s.recv, nm("d etp scattered"), h_, TensorRole::activation);
@@ -2510,7 +2767,27 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
                 mb});
   }
   int dsent = dmine;
-  if (g_ep_ >= 0) {
+  if (rebalance) {
+    const int back = tensor(nm("d llep sorted back"), {routed_rows, h_}, TensorRole::activation);
+    OpSpec o{nm("ep_dispatch"),
+             Kernel::collective,
+             OpKind::all_to_all,
+             Category::ep_comm,
+             kEp,
+             g_ep_,
+             {dmine, s.recv_counts, s.send_slots},
+             {back},
+             {},
+             l,
+             mb};
+    o.attrs.count_inputs = 2;
+    emit(std::move(o));
+    dsent = tensor(nm("d permuted"), {routed_rows, h_}, TensorRole::activation);
+    sim::Attrs inv;
+    inv.inverse = true;
+    simple(nm("llep_unsort"), Kernel::index_rows, {back, s.llep_order}, {dsent},
+           Category::backward, l, mb, inv);
+  } else if (g_ep_ >= 0) {
     dsent = tensor(nm("d permuted"), {routed_rows, h_}, TensorRole::activation);
     OpSpec o{nm("ep_dispatch"),
              Kernel::collective,
@@ -3343,6 +3620,11 @@ void check_programmable(const Plan& p, const ProgramContext& c) {
                                    p.moe.ep, e.num_routed_experts, p.moe.etp,
                                    e.expert_intermediate_size));
   }
+  if (m.is_moe() && p.moe.rebalance == strategy::Rebalance::least_loaded && p.moe.ep > 1 &&
+      p.moe.etp > 1)
+    throw InputError(fmt::format("least-loaded expert rebalancing is not built with expert tensor "
+                                 "parallelism (etp {}): use etp 1 or no rebalancing",
+                                 p.moe.etp));
   if (p.attention.cp > 1) {
     const strategy::CpSplit cp = strategy::cp_split(p, c.gpus_per_node);
     const std::int64_t heads = m.attention.num_heads / p.attention.tp;

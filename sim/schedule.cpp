@@ -85,6 +85,14 @@ const char* kernel_name(Kernel k) {
     return "unpermute_bwd";
   case Kernel::grouped_matmul:
     return "grouped_matmul";
+  case Kernel::llep_plan:
+    return "llep_plan";
+  case Kernel::index_rows:
+    return "index_rows";
+  case Kernel::group_copies:
+    return "group_copies";
+  case Kernel::group_copies_bwd:
+    return "group_copies_bwd";
   }
   return "?";
 }

@@ -230,7 +230,40 @@ enum class Kernel {
   //   C[rows of g] = A[rows of g] · op(B[g]). With trans_a, A and B are row-segmented and C is
   //   stacked per group: C[g] (+)= A[rows of g]ᵀ · B[rows of g] (expert weight gradients).
   //   Priced as OpKind::grouped_gemm, GemmShape::rows_per_expert the expected rows of each group.
+  //   attrs.group_count > 0: the op computes only the table's groups group_first ..
+  //   group_first + group_count, which are the stacked operand's groups 0, 1, ... (rows of the
+  //   other groups are not its own: C stays as it is there, or 0 without accumulate). A stacked
+  //   operand with runtime rows (received expert copies) may hold fewer groups; the groups
+  //   beyond them must have no rows.
   grouped_matmul,
+  // --- Least-loaded expert rebalancing (LLEP, workload/rebalance.hpp) --------------------------
+  // Every rank holds the same global count table and so computes the same assignment. A rank's
+  // slots are its own experts (per = experts / ep, the rows it keeps) then its foreign copies:
+  // the other ranks' experts it got a segment of, by expert index (so received source by
+  // source). An expert's rows in their global order are source rank 0's (in its permuted
+  // order), then source 1's, ...; the assignment cuts that order into contiguous segments.
+  // llep_plan: input counts [ep, experts] (i64: row j = what EP rank j routes to each expert,
+  //   the all-gather of the permute's counts); outputs, from workload::least_loaded on the
+  //   column sums (whole counts, attrs.threshold, capacity, min_tokens, ranks_per_node):
+  //   order [rows·k] (i32: my permuted rows in dispatch order: by destination rank, then its
+  //   slot, then permuted order), send_slots [ep, per + F] (i64: my rows for each rank's
+  //   slots), recv_slots [ep, per + F] (what each rank sends to my slots), send_copies
+  //   [ep, per] (1 where I send my expert e's weights to rank d), recv_copies [ep, per] (1 where
+  //   rank j sends me its expert e); F = experts - per, the most foreign slots a rank can have.
+  //   Without rebalancing (max <= λ·mean) every row stays with its expert's owner: order is the
+  //   identity and the tables are Megatron's dispatch counts.
+  llep_plan,
+  // index_rows: inputs x [rows, ...], index [rows'] (i32); output y [rows', ...], y[i] =
+  //   x[index[i]]; with attrs.inverse (index a permutation) y[index[i]] = x[i].
+  index_rows,
+  // group_copies: inputs x1 [, x2 ...] (stacked [G, ...]), counts (attrs.count_inputs = 1: a
+  //   table [..., G]); outputs y1 [, y2 ...] (runtime rows: the table's sum): segment i of the
+  //   table is counts[i] copies of block i mod G (an owner's expert weights for the ranks that
+  //   got its rows). group_copies_bwd: inputs dy1 [, dy2 ...], counts; outputs dx1 [, dx2 ...]:
+  //   each segment's blocks summed into block i mod G (attrs.accumulate: added to dx; the
+  //   helpers' gradients of a copy added to the owner's).
+  group_copies,
+  group_copies_bwd,
 };
 const char* kernel_name(Kernel k);
 
@@ -261,9 +294,13 @@ enum class Element { real, i32, i64 };
 // made): shape[0] = the sum of the table's elements, or with `padded` the table's shape[0]
 // times the largest sum over its first dimension (the ETP group's rows, each member's padded
 // to the largest). The other dimensions are static.
+// With `reserve` the rows are expert copies a rank may hold (LLEP's foreign weights and their
+// gradients): shape[0] is the plan's reserve, not a share of the routed rows, so the world's rows
+// need not sum to the expected ones.
 struct RuntimeRows {
   int counts = -1; // the count table; -1: a static shape
   bool padded = false;
+  bool reserve = false;
 };
 
 // How a parameter sits on the ranks: axis `axis` of its full shape is split into the `dim`
@@ -347,6 +384,10 @@ struct Attrs {
   int top_k = 0;                                 // router_topk: experts per token
   bool normalize = true; // router_topk: weights divided by their sum (norm_topk_prob)
   int count_inputs = 0;  // collectives, grouped_matmul: trailing inputs that are count tables
+  int group_first = 0, group_count = 0; // grouped_matmul: the table's groups it computes
+  // llep_plan: workload::RebalanceOptions (λ, α, the smallest helper share, EP ranks per node)
+  double threshold = 0, capacity = 0, min_tokens = 0;
+  int ranks_per_node = 1;
   bool operator==(const Attrs&) const = default;
 };
 

@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "real_backend/cpu/comm.hpp"
 #include "real_backend/cpu/slice.hpp"
+#include "workload/rebalance.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -814,6 +815,196 @@ private:
       return routing(op);
     case Kernel::grouped_matmul:
       return grouped_matmul(op);
+    case Kernel::llep_plan:
+      return llep_plan(op);
+    case Kernel::index_rows:
+      return index_rows(op);
+    case Kernel::group_copies:
+    case Kernel::group_copies_bwd:
+      return group_copies(op);
+    }
+  }
+
+  // --- Least-loaded expert rebalancing (sim::Kernel::llep_plan) ---------------------------------
+  // The assignment of workload::least_loaded on the experts' global counts, which every EP rank
+  // computes alike, turned into this rank's dispatch order and the count tables of the row and
+  // weight exchanges.
+  void llep_plan(const sim::Op& op) {
+    const sim::Attrs& a = rc_->attrs_of(op);
+    const Comm& g = comm(op.group);
+    const std::vector<std::int64_t>& counts = L(op.inputs[0]);
+    const auto& cs = info(op.inputs[0]).shape;
+    const Index ep = sz(cs[0]), E = sz(cs[1]);
+    if (op.outputs.size() != 5 || ep != sz(g.size()) || E % ep != 0)
+      bug(fmt::format("op '{}' plans {} experts over {} ranks in a group of {}", op.name, E, ep,
+                      g.size()));
+    const Index per = E / ep, S = E, me = sz(g.rank());
+    std::vector<double> tokens(E, 0.0);
+    // before[j][e]: expert e's rows routed by the sources before j (where j's rows start in
+    // e's global order).
+    std::vector<std::vector<std::int64_t>> before(ep + 1, std::vector<std::int64_t>(E, 0));
+    for (Index j = 0; j < ep; ++j)
+      for (Index e = 0; e < E; ++e) {
+        before[j + 1][e] = before[j][e] + counts[j * E + e];
+        tokens[e] += static_cast<double>(counts[j * E + e]);
+      }
+    workload::RebalanceOptions ro;
+    ro.threshold = a.threshold;
+    ro.capacity = a.capacity;
+    ro.min_tokens = a.min_tokens;
+    ro.ranks_per_node = a.ranks_per_node;
+    ro.whole = true;
+    const workload::Rebalanced rb = workload::least_loaded(tokens, static_cast<int>(ep), ro);
+    struct Seg {
+      Index rank;
+      std::int64_t begin, end;
+    };
+    std::vector<std::vector<Seg>> segs(E);
+    std::vector<std::vector<char>> holds(ep, std::vector<char>(E, 0));
+    for (const workload::Segment& sg : rb.segments) {
+      const Seg x{sz(sg.rank), std::llround(sg.begin), std::llround(sg.end)};
+      segs[sz(sg.expert)].push_back(x);
+      holds[x.rank][sz(sg.expert)] = 1;
+    }
+    for (Index e = 0; e < E; ++e) {
+      std::int64_t covered = 0;
+      for (const Seg& x : segs[e])
+        covered += x.end - x.begin;
+      if (covered != before[ep][e])
+        bug(fmt::format("op '{}': the assignment covers {} of expert {}'s {} rows", op.name,
+                        covered, e, before[ep][e]));
+    }
+    // Slots: a rank's own experts, then the others' experts it holds a segment of.
+    std::vector<std::vector<std::int64_t>> slot(ep, std::vector<std::int64_t>(E, -1));
+    for (Index d = 0; d < ep; ++d) {
+      Index foreign = per;
+      for (Index e = 0; e < E; ++e)
+        if (e / per == d)
+          slot[d][e] = static_cast<std::int64_t>(e - d * per);
+        else if (holds[d][e])
+          slot[d][e] = static_cast<std::int64_t>(foreign++);
+    }
+    std::vector<std::int32_t>& order = I(op.outputs[0]);
+    std::vector<std::int64_t>& send = L(op.outputs[1]);
+    std::vector<std::int64_t>& recv = L(op.outputs[2]);
+    std::vector<std::int64_t>& send_copies = L(op.outputs[3]);
+    std::vector<std::int64_t>& recv_copies = L(op.outputs[4]);
+    if (send.size() != ep * S || recv.size() != ep * S || send_copies.size() != ep * per ||
+        recv_copies.size() != ep * per)
+      bug(fmt::format("op '{}' writes tables of the wrong sizes", op.name));
+    std::fill(send.begin(), send.end(), 0);
+    std::fill(recv.begin(), recv.end(), 0);
+    std::fill(send_copies.begin(), send_copies.end(), 0);
+    std::fill(recv_copies.begin(), recv_copies.end(), 0);
+    struct Piece {
+      Index dest, slot;
+      std::int64_t first, rows; // in my permuted rows
+    };
+    std::vector<Piece> pieces;
+    for (Index j = 0; j < ep; ++j) {
+      std::int64_t base = 0; // expert e's first row in j's permuted rows
+      for (Index e = 0; e < E; ++e) {
+        const std::int64_t lo = before[j][e], hi = before[j + 1][e];
+        for (const Seg& x : segs[e]) {
+          const std::int64_t b = std::max(lo, x.begin), t = std::min(hi, x.end);
+          if (t <= b)
+            continue;
+          const Index s = sz(slot[x.rank][e]);
+          if (j == me) {
+            send[x.rank * S + s] += t - b;
+            pieces.push_back(Piece{x.rank, s, base + (b - lo), t - b});
+          }
+          if (x.rank == me)
+            recv[j * S + s] += t - b;
+        }
+        base += hi - lo;
+      }
+    }
+    std::stable_sort(pieces.begin(), pieces.end(), [](const Piece& p, const Piece& q) {
+      return p.dest != q.dest ? p.dest < q.dest : p.slot < q.slot;
+    });
+    Index at = 0;
+    for (const Piece& p : pieces)
+      for (std::int64_t r = 0; r < p.rows; ++r) {
+        if (at >= order.size())
+          bug(fmt::format("op '{}' dispatches more rows than its order holds", op.name));
+        order[at++] = static_cast<std::int32_t>(p.first + r);
+      }
+    if (at != order.size())
+      bug(fmt::format("op '{}' dispatches {} of its {} rows", op.name, at, order.size()));
+    for (Index e = 0; e < E; ++e) {
+      const Index owner = e / per;
+      for (const Seg& x : segs[e]) {
+        if (x.rank == owner)
+          continue;
+        if (owner == me)
+          send_copies[x.rank * per + e - owner * per] = 1;
+        if (x.rank == me)
+          recv_copies[owner * per + e - owner * per] = 1;
+      }
+    }
+  }
+
+  // y[i] = x[index[i]], or with attrs.inverse y[index[i]] = x[i] (sim::Kernel::index_rows).
+  void index_rows(const sim::Op& op) {
+    const std::vector<T>& x = R(op.inputs[0]);
+    const std::vector<std::int32_t>& index = I(op.inputs[1]);
+    std::vector<T>& y = R(op.outputs[0]);
+    const Index cols = cols_of(op.inputs[0]);
+    if (!rc_->attrs_of(op).inverse) {
+      if (y.size() != index.size() * cols)
+        bug(fmt::format("op '{}' gathers {} rows into {} elements", op.name, index.size(),
+                        y.size()));
+      gather_rows<T>(static_cast<int>(index.size()), static_cast<int>(cols), x.data(),
+                     index.data(), y.data());
+      return;
+    }
+    if (x.size() != index.size() * cols || y.size() != x.size())
+      bug(fmt::format("op '{}' scatters {} rows of {} elements into {}", op.name, index.size(),
+                      x.size(), y.size()));
+    for (Index i = 0; i < index.size(); ++i)
+      std::copy_n(x.begin() + static_cast<std::ptrdiff_t>(i * cols), cols,
+                  y.begin() + static_cast<std::ptrdiff_t>(sz(index[i]) * cols));
+  }
+
+  // Copies of stacked blocks by a count table, and the sum of the copies back into the blocks
+  // (sim::Kernel::group_copies, group_copies_bwd).
+  void group_copies(const sim::Op& op) {
+    const int table = op.inputs.back();
+    const std::vector<std::int64_t>& c = L(table);
+    const auto groups = sz(info(table).shape.back());
+    const bool bwd = op.kernel == Kernel::group_copies_bwd;
+    if (op.inputs.size() != op.outputs.size() + 1)
+      bug(fmt::format("op '{}' pairs {} inputs with {} outputs", op.name, op.inputs.size() - 1,
+                      op.outputs.size()));
+    for (Index k = 0; k < op.outputs.size(); ++k) {
+      const int x = op.inputs[k], y = op.outputs[k];
+      const int stacked = bwd ? y : x, copies = bwd ? x : y;
+      const Index block = cols_of(stacked);
+      if (cols_of(copies) != block || actual_rows(stacked) != groups)
+        bug(fmt::format("op '{}' copies blocks of {} elements into blocks of {}", op.name, block,
+                        cols_of(copies)));
+      std::vector<T>& out = R(y);
+      const std::vector<T>& in = R(x);
+      if (bwd && !rc_->attrs_of(op).accumulate)
+        std::fill(out.begin(), out.end(), T(0));
+      Index at = 0;
+      for (Index i = 0; i < c.size(); ++i)
+        for (std::int64_t n = 0; n < c[i]; ++n, ++at) {
+          if (at >= actual_rows(copies))
+            bug(fmt::format("op '{}': its table holds more copies than '{}'", op.name,
+                            info(copies).name));
+          const Index g = i % groups;
+          if (bwd)
+            for (Index v = 0; v < block; ++v)
+              out[g * block + v] += in[at * block + v];
+          else
+            std::copy_n(in.begin() + static_cast<std::ptrdiff_t>(g * block), block,
+                        out.begin() + static_cast<std::ptrdiff_t>(at * block));
+        }
+      if (at != actual_rows(copies))
+        bug(fmt::format("op '{}': its table holds {} copies, '{}' {}", op.name, at,
+                        info(copies).name, actual_rows(copies)));
     }
   }
 
@@ -987,15 +1178,28 @@ private:
     Index ar = 0, ac = 0;
     const std::vector<T> A = side_by_side(as, ar, ac);
     const std::vector<int> group = row_groups(table, info(as[0]).rows.padded, ar);
-    const auto groups = sz(info(table).shape.back());
+    // The table's groups this op computes: first .. first + groups, the stacked operand's
+    // groups 0 .. groups; a stacked operand of runtime rows (received expert copies) holds
+    // `held` of them, and the groups beyond must have no rows.
+    const auto first = sz(a.group_first);
+    const Index groups =
+        a.group_count > 0 ? sz(a.group_count) : sz(info(table).shape.back()) - first;
+    const Index held = actual_rows(a.trans_a ? op.outputs[0] : bs[0]);
+    auto rows_of_group = [&](Index g) {
+      std::vector<std::int32_t> sel;
+      for (Index r = 0; r < ar; ++r)
+        if (group[r] == static_cast<int>(first + g))
+          sel.push_back(static_cast<std::int32_t>(r));
+      if (g >= held && !sel.empty())
+        bug(fmt::format("op '{}' has rows of group {}, beyond the {} groups it holds", op.name,
+                        first + g, held));
+      return sel;
+    };
     if (a.trans_a) { // C[g] (+)= A[rows of g]ᵀ · B[rows of g]
       Index br = 0, bc = 0;
       const std::vector<T> B = side_by_side(bs, br, bc);
-      for (Index g = 0; g < groups; ++g) {
-        std::vector<std::int32_t> sel;
-        for (Index r = 0; r < ar; ++r)
-          if (group[r] == static_cast<int>(g))
-            sel.push_back(static_cast<std::int32_t>(r));
+      for (Index g = 0; g < std::min(groups, held); ++g) {
+        const std::vector<std::int32_t> sel = rows_of_group(g);
         Index cr = 0, cc = 0;
         std::vector<T> C = group_matrix(op.outputs, g, cr, cc);
         if (cr != ac || cc != bc)
@@ -1010,6 +1214,8 @@ private:
         }
         set_group_matrix(op.outputs, g, C);
       }
+      for (Index g = held; g < groups; ++g)
+        rows_of_group(g);
       return;
     }
     // C[rows of g] = A[rows of g] · op(B[g])
@@ -1018,10 +1224,7 @@ private:
     if (!a.accumulate)
       std::fill(C.begin(), C.end(), T(0));
     for (Index g = 0; g < groups; ++g) {
-      std::vector<std::int32_t> sel;
-      for (Index r = 0; r < ar; ++r)
-        if (group[r] == static_cast<int>(g))
-          sel.push_back(static_cast<std::int32_t>(r));
+      const std::vector<std::int32_t> sel = rows_of_group(g);
       if (sel.empty())
         continue;
       Index br = 0, bc = 0;
