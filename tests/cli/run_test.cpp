@@ -42,7 +42,9 @@ TEST_CASE("mop run interprets the plan's Schedule: every scheduled op ran, memor
   const Json j = Json::parse(r.out);
   CHECK(j["program"].get<bool>());
   CHECK(j["ops"].contains("matmul"));
-  for (const auto& [kind, op] : j["ops"].items()) {
+  for (const auto& item : j["ops"].items()) {
+    const std::string& kind = item.key();
+    const Json& op = item.value();
     CAPTURE(kind);
     CHECK(op["count"].get<std::int64_t>() == op["scheduled"].get<std::int64_t>());
     CHECK(op["predicted_s"].get<double>() >= 0);

@@ -86,8 +86,10 @@ TEST_CASE("program lowering: every preset of every catalog model lowers and simu
     std::vector<std::pair<std::int64_t, int>> points{{4096, nodes}};
     if (m.attention.kind == workload::AttentionKind::mla)
       points.emplace_back(32768, 2 * nodes);
-    for (const auto& [seq, n] : points)
+    for (const auto& point : points)
       for (const std::string& family : strategy::family_names()) {
+        const auto seq = point.first;
+        const auto n = point.second;
         if (seq > 4096 && family != "megatron" && family != "mop")
           continue; // the long-sequence MLA plans of the two families that split heads
         CAPTURE(id);

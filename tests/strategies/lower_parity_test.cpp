@@ -252,7 +252,8 @@ TEST_CASE("the cost-only lowering prices the collectives the program issues, kin
     const auto got = priced(c, m);
     std::map<std::string, double> all = want.n;
     all.insert(got.n.begin(), got.n.end());
-    for (const auto& [k, unused] : all) {
+    for (const auto& entry : all) {
+      const std::string& k = entry.first;
       CAPTURE(k);
       if (known_difference(c, k))
         continue;

@@ -123,8 +123,10 @@ TEST_CASE("zero-bubble fills part of 1F1B's bubble with held-back weight gradien
   const double model_flops = 3 * workload::count_flops(m, 4096).model_flops_fwd * 8;
   CHECK(flops_1f1b == mop::test::rel(model_flops, 1e-9));
   CHECK(flops_zb == mop::test::rel(model_flops, 1e-9));
-  CAPTURE(one.breakdown.bubble / one.step_time_s);
-  CAPTURE(zb.breakdown.bubble / zb.step_time_s);
+  const double bubble_1f1b = one.breakdown.bubble / one.step_time_s;
+  const double bubble_zb = zb.breakdown.bubble / zb.step_time_s;
+  CAPTURE(bubble_1f1b);
+  CAPTURE(bubble_zb);
   CHECK(zb.step_time_s < one.step_time_s);
   CHECK(zb.breakdown.bubble < 0.8 * one.breakdown.bubble);
 }

@@ -155,7 +155,9 @@ inline void expect_held_together(const Case& k, int steps = 2) {
   CHECK(r.max_grad_rel_diff < 1e-9);
   CHECK(r.max_param_rel_diff < 1e-9);
   // (b): per kind, and op by op.
-  for (const auto& [kind, count] : r.scheduled) {
+  for (const auto& entry : r.scheduled) {
+      const auto& kind = entry.first;
+      const auto& count = entry.second;
     CAPTURE(kind);
     CHECK(r.ops.at(kind).count == count);
   }

@@ -514,7 +514,9 @@ TEST_CASE("event shapes: the keys of each kind of event (format golden)" *
     if ((e["ph"] == "X" || e["ph"] == "i") && names.thread_of(e) != "critical path")
       seen["args " + e["args"]["kind"].get<std::string>()] = keys_of(e["args"]);
   }
-  for (const auto& [kind, keys] : golden.items()) {
+  for (const auto& item : golden.items()) {
+    const std::string& kind = item.key();
+    const auto& keys = item.value();
     CAPTURE(kind);
     CHECK(seen[kind] == keys.get<std::set<std::string>>());
   }

@@ -66,7 +66,8 @@ TEST_CASE("every predicted point stays within its recorded error bound" *
     CAPTURE(p.rel_error);
     CHECK(std::fabs(p.rel_error) <= bound);
   }
-  for (const auto& [key, entry] : points.items()) {
+  for (const auto& item : points.items()) {
+    const std::string& key = item.key();
     CAPTURE(key);
     CHECK_MESSAGE(seen.contains(key), "a bounded point is no longer predicted");
   }
@@ -95,7 +96,9 @@ TEST_CASE("each source's MAPE and the overall MAPEs stay within their recorded b
   mape["mape_memory"] = r.mape_memory;
   mape["mape_memory_dense"] = r.mape_memory_dense;
   const mop::Json& groups = bounds().at("groups");
-  for (const auto& [group, value] : mape) {
+  for (const auto& entry : mape) {
+    const auto& group = entry.first;
+    const auto& value = entry.second;
     CAPTURE(group);
     CAPTURE(value);
     if (std::isnan(value))

@@ -191,7 +191,9 @@ TEST_CASE("interpreter: expert parallelism with skewed routing" *
     CHECK(r.max_loss_rel_diff < 1e-12);
     CHECK(r.max_grad_rel_diff < 1e-9);
     CHECK(r.max_param_rel_diff < 1e-9);
-    for (const auto& [kind, count] : r.scheduled) {
+    for (const auto& entry : r.scheduled) {
+      const auto& kind = entry.first;
+      const auto& count = entry.second;
       CAPTURE(kind);
       CHECK(r.ops.at(kind).count == count);
     }
