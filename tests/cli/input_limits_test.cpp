@@ -133,9 +133,18 @@ TEST_CASE("mop validate: absurd degrees are a null prediction with a reason, or 
                          "4294967295).");
 }
 
+// AddressSanitizer's macro: GCC's, or clang's feature test.
+#if defined(__SANITIZE_ADDRESS__)
+#define MOP_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MOP_TEST_ASAN 1
+#endif
+#endif
+
 TEST_CASE("threads the system cannot create: the search runs on those it has, same answer" *
           doctest::test_suite("plumbing")) {
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(MOP_TEST_ASAN)
   // AddressSanitizer reserves terabytes of address space: it cannot run under `ulimit -v`.
   return;
 #else
