@@ -833,6 +833,11 @@ private:
   void llep_return_grads(int l, int mb, const MoeSaved& s, const std::vector<int>& foreign_grads,
                          const std::vector<int>& grads);
   std::vector<int> expert_up_weights(int l, const std::vector<int>& w, int be) const;
+  // Least-loaded rebalancing: rows computed by slot go back to their senders (`exchange`, the
+  // dispatch's tables swapped) and each to its permuted place; returns that tensor.
+  int llep_return(const std::string& exchange, const std::string& back_name,
+                  const std::string& unsort, int x, const MoeSaved& s, int out, Category cat,
+                  int l, int mb);
   int shared_forward(int l, int mb, MoeSaved& s, Category cat);
   int shared_backward(int l, int mb, const MoeSaved& s, int dy);
   // The executable router: softmax top-k without biases, on SP shares of the rows (without SP
@@ -2447,25 +2452,8 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
   }
   s.ret = mine;
   if (rebalance) {
-    // Back to the senders (the dispatch's tables swapped), then each row to its permuted place.
-    const int back = tensor(nm("llep combined"), {routed_rows, h_}, TensorRole::activation);
-    OpSpec o{nm("ep_combine"),
-             Kernel::collective,
-             OpKind::all_to_all,
-             Category::ep_comm,
-             kEp,
-             g_ep_,
-             {mine, s.recv_counts, s.send_slots},
-             {back},
-             {},
-             l,
-             mb};
-    o.attrs.count_inputs = 2;
-    emit(std::move(o));
-    s.ret = tensor(nm("combined"), {routed_rows, h_}, TensorRole::saved);
-    sim::Attrs inv;
-    inv.inverse = true;
-    simple(nm("llep_unsort"), Kernel::index_rows, {back, s.llep_order}, {s.ret}, cat, l, mb, inv);
+    s.ret = llep_return(nm("ep_combine"), nm("llep combined"), nm("llep_unsort"), mine, s,
+                        tensor(nm("combined"), {routed_rows, h_}, TensorRole::saved), cat, l, mb);
   } else if (g_ep_ >= 0) {
     s.ret = tensor(nm("combined"), {routed_rows, h_}, TensorRole::saved);
     OpSpec o{nm("ep_combine"),
@@ -2768,25 +2756,9 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
   }
   int dsent = dmine;
   if (rebalance) {
-    const int back = tensor(nm("d llep sorted back"), {routed_rows, h_}, TensorRole::activation);
-    OpSpec o{nm("ep_dispatch"),
-             Kernel::collective,
-             OpKind::all_to_all,
-             Category::ep_comm,
-             kEp,
-             g_ep_,
-             {dmine, s.recv_counts, s.send_slots},
-             {back},
-             {},
-             l,
-             mb};
-    o.attrs.count_inputs = 2;
-    emit(std::move(o));
-    dsent = tensor(nm("d permuted"), {routed_rows, h_}, TensorRole::activation);
-    sim::Attrs inv;
-    inv.inverse = true;
-    simple(nm("llep_unsort"), Kernel::index_rows, {back, s.llep_order}, {dsent},
-           Category::backward, l, mb, inv);
+    dsent = llep_return(nm("ep_dispatch"), nm("d llep sorted back"), nm("llep_unsort"), dmine, s,
+                        tensor(nm("d permuted"), {routed_rows, h_}, TensorRole::activation),
+                        Category::backward, l, mb);
   } else if (g_ep_ >= 0) {
     dsent = tensor(nm("d permuted"), {routed_rows, h_}, TensorRole::activation);
     OpSpec o{nm("ep_dispatch"),
@@ -2829,6 +2801,30 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
   const int dx = tensor(nm("d mlp block input"), {n_, h_}, TensorRole::activation);
   simple(nm("mlp_residual"), Kernel::add, {dxa, dy}, {dx}, Category::backward, l, mb);
   return dx;
+}
+
+int Builder::llep_return(const std::string& exchange, const std::string& back_name,
+                         const std::string& unsort, int x, const MoeSaved& s, int out,
+                         Category cat, int l, int mb) {
+  const std::int64_t rows = m_.moe.experts_per_token * n_;
+  const int back = tensor(back_name, {rows, h_}, TensorRole::activation);
+  OpSpec o{exchange,
+           Kernel::collective,
+           OpKind::all_to_all,
+           Category::ep_comm,
+           kEp,
+           g_ep_,
+           {x, s.recv_counts, s.send_slots},
+           {back},
+           {},
+           l,
+           mb};
+  o.attrs.count_inputs = 2;
+  emit(std::move(o));
+  sim::Attrs inv;
+  inv.inverse = true;
+  simple(unsort, Kernel::index_rows, {back, s.llep_order}, {out}, cat, l, mb, inv);
+  return out;
 }
 
 // The experts' first projection's weights: gate and up (SwiGLU), or up alone.

@@ -142,6 +142,33 @@ inline double program_order_peak(const sim::RankClass& rc) {
   return program_order_memory(rc).peak_hbm_bytes;
 }
 
+// Loss, gradients and parameters as the single-rank reference's (float64), and every kind of op
+// run as many times as the Schedule says.
+inline void expect_reference_and_counts(const real::RunResult<double>& r) {
+  CHECK(r.max_loss_rel_diff < 1e-12);
+  CHECK(r.max_grad_rel_diff < 1e-9);
+  CHECK(r.max_param_rel_diff < 1e-9);
+  for (const auto& entry : r.scheduled) {
+    const auto& kind = entry.first; // a named copy: clang 14 cannot capture a binding
+    CAPTURE(kind);
+    CHECK(r.ops.at(kind).count == entry.second);
+  }
+}
+
+// The start of "interpreter: expert parallelism with skewed routing": a router that scores only
+// expert 0 (all other logits exactly 0, ties to the lower index), so every token goes to experts
+// {0, 1} or {1, 2} and the first expert rank gets almost every row.
+inline real::TrainState<double> skewed_router_start(const Case& k) {
+  auto start = real::initial_state<double>(k.config, 11);
+  const auto layout = real::param_layout(k.config);
+  const int router = real::find_param(layout, real::ParamRole::router, 1);
+  REQUIRE(router >= 0);
+  auto& w = start.params[static_cast<std::size_t>(router)];
+  for (std::size_t i = 0; i < w.size(); ++i)
+    w[i] = i % static_cast<std::size_t>(k.config.experts) == 0 ? 0.5 : 0.0;
+  return start;
+}
+
 inline void expect_held_together(const Case& k, int steps = 2) {
   real::RunOptions o;
   o.steps = steps;
@@ -150,17 +177,9 @@ inline void expect_held_together(const Case& k, int steps = 2) {
   const auto data = real::DataSource::synthetic(k.config.vocab, 7);
   const real::RunResult<double> r = real::interpret<double>(
       k.schedule, k.config, data, real::initial_state<double>(k.config, 11), o);
-  // (a)
-  CHECK(r.max_loss_rel_diff < 1e-12);
-  CHECK(r.max_grad_rel_diff < 1e-9);
-  CHECK(r.max_param_rel_diff < 1e-9);
-  // (b): per kind, and op by op.
-  for (const auto& entry : r.scheduled) {
-      const auto& kind = entry.first;
-      const auto& count = entry.second;
-    CAPTURE(kind);
-    CHECK(r.ops.at(kind).count == count);
-  }
+  // (a), and (b) per kind
+  expect_reference_and_counts(r);
+  // (b) op by op
   CHECK(r.ops.size() == r.scheduled.size());
   // (b) for runtime-rows ops, over the world: [class, step, op] executed and expected bytes.
   std::map<std::tuple<const sim::RankClass*, int, std::size_t>, std::pair<double, double>> routed;

@@ -176,27 +176,13 @@ TEST_CASE("interpreter: expert parallelism with skewed routing" *
       q.moe.ep = 4 / etp;
       q.moe.etp = etp;
     });
-    auto start = mop::real::initial_state<double>(k.config, 11);
-    const auto layout = mop::real::param_layout(k.config);
-    const int router = mop::real::find_param(layout, mop::real::ParamRole::router, 1);
-    REQUIRE(router >= 0);
-    auto& w = start.params[static_cast<std::size_t>(router)];
-    for (std::size_t i = 0; i < w.size(); ++i)
-      w[i] = i % static_cast<std::size_t>(k.config.experts) == 0 ? 0.5 : 0.0;
     mop::real::RunOptions o;
     o.steps = 2;
     o.check = true;
     const auto r = mop::real::interpret<double>(
-        k.schedule, k.config, mop::real::DataSource::synthetic(k.config.vocab, 7), start, o);
-    CHECK(r.max_loss_rel_diff < 1e-12);
-    CHECK(r.max_grad_rel_diff < 1e-9);
-    CHECK(r.max_param_rel_diff < 1e-9);
-    for (const auto& entry : r.scheduled) {
-      const auto& kind = entry.first;
-      const auto& count = entry.second;
-      CAPTURE(kind);
-      CHECK(r.ops.at(kind).count == count);
-    }
+        k.schedule, k.config, mop::real::DataSource::synthetic(k.config.vocab, 7),
+        mop::test::skewed_router_start(k), o);
+    mop::test::expect_reference_and_counts(r);
   }
 }
 
