@@ -833,6 +833,8 @@ private:
   void llep_return_grads(int l, int mb, const MoeSaved& s, const std::vector<int>& foreign_grads,
                          const std::vector<int>& grads);
   std::vector<int> expert_up_weights(int l, const std::vector<int>& w, int be) const;
+  // An all-to-all-v over EP of `x` into `y`, sized by the count tables `send` and `recv`.
+  void ep_alltoallv(const std::string& name, int x, int send, int recv, int y, int l, int mb);
   // Least-loaded rebalancing: rows computed by slot go back to their senders (`exchange`, the
   // dispatch's tables swapped) and each to its permuted place; returns that tensor.
   int llep_return(const std::string& exchange, const std::string& back_name,
@@ -2361,19 +2363,7 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
                 mb});
     s.recv =
         routed(nm("dispatched"), {routed_rows, h_}, TensorRole::activation, s.recv_counts, false);
-    OpSpec o{nm("ep_dispatch"),
-             Kernel::collective,
-             OpKind::all_to_all,
-             Category::ep_comm,
-             kEp,
-             g_ep_,
-             {xp, s.counts, s.recv_counts},
-             {s.recv},
-             {},
-             l,
-             mb};
-    o.attrs.count_inputs = 2;
-    emit(std::move(o));
+    ep_alltoallv(nm("ep_dispatch"), xp, s.counts, s.recv_counts, s.recv, l, mb);
   }
   // ETP: the group's count tables (from which each rank sizes the others' rows and finds their
   // experts), then the rows, each member's padded to the group's largest count.
@@ -2456,19 +2446,7 @@ int Builder::moe_forward(int l, int mb, int x, MoeSaved& s, Category cat) {
                         tensor(nm("combined"), {routed_rows, h_}, TensorRole::saved), cat, l, mb);
   } else if (g_ep_ >= 0) {
     s.ret = tensor(nm("combined"), {routed_rows, h_}, TensorRole::saved);
-    OpSpec o{nm("ep_combine"),
-             Kernel::collective,
-             OpKind::all_to_all,
-             Category::ep_comm,
-             kEp,
-             g_ep_,
-             {mine, s.recv_counts, s.counts},
-             {s.ret},
-             {},
-             l,
-             mb};
-    o.attrs.count_inputs = 2;
-    emit(std::move(o));
+    ep_alltoallv(nm("ep_combine"), mine, s.recv_counts, s.counts, s.ret, l, mb);
   }
   int y = tensor(nm("moe out"), {n_, h_}, TensorRole::activation);
   simple(nm("unpermute"), Kernel::unpermute, {s.ret, s.order, s.weights}, {y}, cat, l, mb);
@@ -2548,38 +2526,15 @@ void Builder::llep_dispatch(int l, int mb, int xp, const std::vector<int>& w, in
   cp.attrs.count_inputs = 1;
   emit(std::move(cp));
   for (std::size_t i = 0; i < copies.size(); ++i) {
-    OpSpec o{nm(fmt::format("llep_weights{}", i)),
-             Kernel::collective,
-             OpKind::all_to_all,
-             Category::ep_comm,
-             kEp,
-             g_ep_,
-             {copies[i], s.send_copies, s.recv_copies},
-             {s.foreign[i]},
-             {},
-             l,
-             mb};
-    o.attrs.count_inputs = 2;
-    emit(std::move(o));
+    ep_alltoallv(nm(fmt::format("llep_weights{}", i)), copies[i], s.send_copies, s.recv_copies,
+                 s.foreign[i], l, mb);
   }
   // The rows: sorted by destination slot, then dispatched.
   const int sorted = tensor(nm("llep sorted"), {routed_rows, h_}, TensorRole::activation);
   simple(nm("llep_sort"), Kernel::index_rows, {xp, s.llep_order}, {sorted}, cat, l, mb);
   s.recv =
       routed(nm("dispatched"), {routed_rows, h_}, TensorRole::activation, s.recv_counts, false);
-  OpSpec o{nm("ep_dispatch"),
-           Kernel::collective,
-           OpKind::all_to_all,
-           Category::ep_comm,
-           kEp,
-           g_ep_,
-           {sorted, s.send_slots, s.recv_counts},
-           {s.recv},
-           {},
-           l,
-           mb};
-  o.attrs.count_inputs = 2;
-  emit(std::move(o));
+  ep_alltoallv(nm("ep_dispatch"), sorted, s.send_slots, s.recv_counts, s.recv, l, mb);
 }
 
 // The received copies' weight gradients go back to their owners (the weight exchange reversed)
@@ -2594,19 +2549,8 @@ void Builder::llep_return_grads(int l, int mb, const MoeSaved& s,
     back.push_back(reserved(nm(std::string("llep returned grad ") +
                                expert_weight_name(i, foreign_grads.size())),
                             shape(t), TensorRole::comm_buffer, s.send_copies, sim::Dtype::fp32));
-    OpSpec o{nm(fmt::format("llep_grads{}", i)),
-             Kernel::collective,
-             OpKind::all_to_all,
-             Category::ep_comm,
-             kEp,
-             g_ep_,
-             {t, s.recv_copies, s.send_copies},
-             {back.back()},
-             {},
-             l,
-             mb};
-    o.attrs.count_inputs = 2;
-    emit(std::move(o));
+    ep_alltoallv(nm(fmt::format("llep_grads{}", i)), t, s.recv_copies, s.send_copies,
+                 back.back(), l, mb);
   }
   OpSpec add{nm("llep_grad_add"), Kernel::group_copies_bwd, OpKind::elementwise,
              Category::backward, kCompute, -1, back, grads, {}, l, mb};
@@ -2647,34 +2591,10 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
     simple(nm("llep_sort"), Kernel::index_rows, {dret, s.llep_order}, {dsorted},
            Category::backward, l, mb);
     drecv = rows_like(s.recv, nm("d dispatched"), h_, TensorRole::activation);
-    OpSpec o{nm("ep_combine"),
-             Kernel::collective,
-             OpKind::all_to_all,
-             Category::ep_comm,
-             kEp,
-             g_ep_,
-             {dsorted, s.send_slots, s.recv_counts},
-             {drecv},
-             {},
-             l,
-             mb};
-    o.attrs.count_inputs = 2;
-    emit(std::move(o));
+    ep_alltoallv(nm("ep_combine"), dsorted, s.send_slots, s.recv_counts, drecv, l, mb);
   } else if (g_ep_ >= 0) {
     drecv = rows_like(s.recv, nm("d dispatched"), h_, TensorRole::activation);
-    OpSpec o{nm("ep_combine"),
-             Kernel::collective,
-             OpKind::all_to_all,
-             Category::ep_comm,
-             kEp,
-             g_ep_,
-             {dret, s.counts, s.recv_counts},
-             {drecv},
-             {},
-             l,
-             mb};
-    o.attrs.count_inputs = 2;
-    emit(std::move(o));
+    ep_alltoallv(nm("ep_combine"), dret, s.counts, s.recv_counts, drecv, l, mb);
   }
   int dout = drecv;
   if (g_xtp_ >= 0) {
@@ -2761,19 +2681,7 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
                         Category::backward, l, mb);
   } else if (g_ep_ >= 0) {
     dsent = tensor(nm("d permuted"), {routed_rows, h_}, TensorRole::activation);
-    OpSpec o{nm("ep_dispatch"),
-             Kernel::collective,
-             OpKind::all_to_all,
-             Category::ep_comm,
-             kEp,
-             g_ep_,
-             {dmine, s.recv_counts, s.counts},
-             {dsent},
-             {},
-             l,
-             mb};
-    o.attrs.count_inputs = 2;
-    emit(std::move(o));
+    ep_alltoallv(nm("ep_dispatch"), dmine, s.recv_counts, s.counts, dsent, l, mb);
   }
   const int dxn = tensor(nm("d mlp norm out"), {n_, h_}, TensorRole::activation);
   simple(nm("permute"), Kernel::permute_bwd, {dsent, s.order}, {dxn}, Category::backward, l, mb);
@@ -2803,24 +2711,20 @@ int Builder::moe_backward(int l, int mb, const MoeSaved& s, int dy) {
   return dx;
 }
 
+void Builder::ep_alltoallv(const std::string& name, int x, int send, int recv, int y, int l,
+                           int mb) {
+  OpSpec o{name, Kernel::collective, OpKind::all_to_all, Category::ep_comm, kEp, g_ep_,
+           {x, send, recv}, {y}, {}, l, mb};
+  o.attrs.count_inputs = 2;
+  emit(std::move(o));
+}
+
 int Builder::llep_return(const std::string& exchange, const std::string& back_name,
                          const std::string& unsort, int x, const MoeSaved& s, int out,
                          Category cat, int l, int mb) {
   const std::int64_t rows = m_.moe.experts_per_token * n_;
   const int back = tensor(back_name, {rows, h_}, TensorRole::activation);
-  OpSpec o{exchange,
-           Kernel::collective,
-           OpKind::all_to_all,
-           Category::ep_comm,
-           kEp,
-           g_ep_,
-           {x, s.recv_counts, s.send_slots},
-           {back},
-           {},
-           l,
-           mb};
-  o.attrs.count_inputs = 2;
-  emit(std::move(o));
+  ep_alltoallv(exchange, x, s.recv_counts, s.send_slots, back, l, mb);
   sim::Attrs inv;
   inv.inverse = true;
   simple(unsort, Kernel::index_rows, {back, s.llep_order}, {out}, cat, l, mb, inv);
