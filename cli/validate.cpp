@@ -26,6 +26,7 @@ void add_validate_command(CLI::App& app) {
     std::vector<std::string> datasets;
     bool json = false;
     std::string lowering = "cost";
+    std::string calibration;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -41,6 +42,7 @@ void add_validate_command(CLI::App& app) {
          "or program (the executable program, where it builds the plan; docs/SIMULATOR.md)")
       ->check(CLI::IsMember({"cost", "program"}))
       ->capture_default_str();
+  cmd->add_option("--calibration", opt->calibration, "calibration JSON from mop calibrate");
   cmd->callback([opt] {
     std::vector<validation::Row> rows;
     const std::vector<std::string> files =
@@ -50,9 +52,12 @@ void add_validate_command(CLI::App& app) {
       std::vector<validation::Row> r = validation::read_dataset(f);
       rows.insert(rows.end(), r.begin(), r.end());
     }
-    const validation::Report rep =
-        validation::validate(rows, opt->lowering == "program" ? planner::Lowering::program
-                                                              : planner::Lowering::cost_only);
+    const hw::Calibration calibration =
+        opt->calibration.empty() ? hw::Calibration{} : hw::load_calibration(opt->calibration);
+    const validation::Report rep = validation::validate(
+        rows,
+        opt->lowering == "program" ? planner::Lowering::program : planner::Lowering::cost_only,
+        calibration);
     if (opt->json) {
       Json points = Json::array();
       for (const auto& p : rep.points) {
@@ -66,7 +71,27 @@ void add_validate_command(CLI::App& app) {
           j["reason"] = p.reason;
         points.push_back(std::move(j));
       }
+      Json scores = Json::array();
+      for (const auto& s : rep.scores) {
+        Json j{{"id", s.id},
+               {"derived_from", s.derived_from.empty() ? Json(nullptr) : Json(s.derived_from)},
+               {"measured", s.measured ? Json(*s.measured) : Json(nullptr)},
+               {"predicted", s.predicted ? Json(*s.predicted) : Json(nullptr)},
+               {"rel_error", s.predicted ? Json(s.rel_error) : Json(nullptr)},
+               {"moe", s.row.moe},
+               {"framework", s.row.framework},
+               {"gpu", s.row.gpu},
+               {"seq_len", s.row.seq}};
+        if (!s.predicted)
+          j["reason"] = s.reason;
+        scores.push_back(std::move(j));
+      }
+      Json groups = Json::object();
+      for (const auto& g : rep.groups)
+        groups[g.key] = Json{{"points", g.points}, {"mape", number_or_null(g.mape)}};
       print_json(Json{{"points", points},
+                      {"scores", scores},
+                      {"groups", groups},
                       {"mape_time", number_or_null(rep.mape_time)},
                       {"mape_memory", number_or_null(rep.mape_memory)},
                       {"mape_time_dense", number_or_null(rep.mape_time_dense)},
@@ -78,15 +103,29 @@ void add_validate_command(CLI::App& app) {
                       {"rows_predicted_by_program", rep.rows_predicted_by_program}});
       return;
     }
-    TextTable t{
-        {"row", "metric", "measured", "predicted", "error"}, {}, {false, false, true, true, true}};
-    for (const auto& p : rep.points)
-      t.rows.push_back({p.id, p.metric, fmt::format("{:.4g}", p.measured),
-                        p.predicted ? fmt::format("{:.4g}", *p.predicted) : "-",
-                        p.predicted ? fmt::format("{:+.1f} %", 100 * p.rel_error) : p.reason});
+    // Time, scored in tokens/s per GPU (one line per row), then peak memory.
+    TextTable t{{"row", "tokens/s per GPU from", "measured", "predicted", "error"},
+                {},
+                {false, false, true, true, true}};
+    for (const auto& s : rep.scores)
+      t.rows.push_back({s.id, s.derived_from.empty() ? "-" : s.derived_from,
+                        s.measured ? fmt::format("{:.4g}", *s.measured) : "-",
+                        s.predicted ? fmt::format("{:.4g}", *s.predicted) : "-",
+                        s.predicted ? fmt::format("{:+.1f} %", 100 * s.rel_error) : s.reason});
     std::cout << t.render() << "\n";
-    std::cout << fmt::format("{} rows, {} predicted. MAPE: time-like {} (dense {}, MoE {}); peak "
-                             "memory {} (dense {}, MoE {})\n",
+    TextTable m{{"row", "peak memory GiB", "predicted", "error"}, {}, {false, true, true, true}};
+    for (const auto& p : rep.points)
+      if (!p.time_like)
+        m.rows.push_back({p.id, fmt::format("{:.4g}", p.measured),
+                          p.predicted ? fmt::format("{:.4g}", *p.predicted) : "-",
+                          p.predicted ? fmt::format("{:+.1f} %", 100 * p.rel_error) : p.reason});
+    std::cout << m.render() << "\n";
+    TextTable g{{"group", "points", "MAPE"}, {}, {false, true, true}};
+    for (const auto& x : rep.groups)
+      g.rows.push_back({x.key, std::to_string(x.points), pct(x.mape)});
+    std::cout << g.render() << "\n";
+    std::cout << fmt::format("{} rows, {} predicted. MAPE: time (tokens/s per GPU) {} (dense {}, "
+                             "MoE {}); peak memory {} (dense {}, MoE {})\n",
                              rep.rows, rep.rows_predicted, pct(rep.mape_time),
                              pct(rep.mape_time_dense), pct(rep.mape_time_moe), pct(rep.mape_memory),
                              pct(rep.mape_memory_dense), pct(rep.mape_memory_moe));

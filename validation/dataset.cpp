@@ -50,6 +50,9 @@ std::vector<Row> read_dataset(const std::string& path) {
     r.precision = f.string_or("precision", "bf16");
     r.framework = f.string_or("framework", "");
     r.recompute = f.string_or("recompute", "");
+    r.flop_convention = f.string_or("flop_convention", "");
+    if (!r.flop_convention.empty() && r.flop_convention != "causal" && r.flop_convention != "full")
+      f.fail("flop_convention", "\"causal\" or \"full\"");
     r.measured = f.at("measured");
     if (!r.measured.is_object() || r.measured.empty())
       f.fail("measured", "an object of metric names to numbers");

@@ -25,7 +25,12 @@ struct Row {
   std::string precision; // bf16, fp8
   std::string framework;
   std::string recompute; // none, selective, full, or "" when not stated
-  Json measured;         // metric -> value
+  // How the source counted the FLOPs behind its TFLOPS and MFU: "causal" (attention scores
+  // over the pairs a causal mask keeps, about half of S²) or "full" (all S² pairs: NeMo's
+  // formulas, Megatron-LM's before its 2025 correction, torchtitan's MFU); "" when the row
+  // reports neither.
+  std::string flop_convention;
+  Json measured; // metric -> value
 };
 
 // Reads a JSON Lines file (common/file_io.hpp: regular files only); a malformed line is an
