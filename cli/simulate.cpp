@@ -159,6 +159,18 @@ void print_text(const strategy::ResolvedPlan& plan, const planner::StepEvaluatio
           ? fmt::format(", {} simulated and extrapolated", e.micro_batches_simulated)
           : "");
   std::cout << fmt::format("plan ({}): {}\n", plan.plan.family, strategy::summary(plan.plan));
+  // The attention kernel the prediction assumes (the family's framework default,
+  // docs/HARDWARE.md "Attention kernels").
+  for (const sim::RankClass& rc : e.schedule.classes) {
+    const auto op = std::find_if(rc.ops.begin(), rc.ops.end(), [](const sim::Op& o) {
+      return o.kind == sim::OpKind::attention_fwd;
+    });
+    if (op != rc.ops.end()) {
+      std::cout << fmt::format("attention kernel: {}\n",
+                               sim::attention_kernel_name(op->attention.kernel));
+      break;
+    }
+  }
   std::cout << routing_text(in, plan.plan) << "\n";
   std::cout << fmt::format("step time       {}\n", format_seconds(rep.step_time_s));
   if (spread.steps.size() > 1)

@@ -26,7 +26,8 @@ constexpr std::initializer_list<const char*> kGpuFields = {"name",
                                                            "gemm_efficiency_fp32",
                                                            "kernel_launch_s",
                                                            "attention_fwd",
-                                                           "attention_bwd"};
+                                                           "attention_bwd",
+                                                           "attention_kernels"};
 constexpr std::initializer_list<const char*> kNodeFields = {"gpus_per_node",
                                                             "nvlink_bandwidth",
                                                             "nvlink_nccl_bandwidth",
@@ -123,6 +124,21 @@ GpuSpec read_gpu(const Json& object, const std::string& origin) {
   g.kernel_launch_s = f.non_negative_number("kernel_launch_s");
   g.attention_fwd = attention_curves(f, "attention_fwd");
   g.attention_bwd = attention_curves(f, "attention_bwd");
+  if (f.has("attention_kernels")) {
+    const Json& kernels = f.at("attention_kernels");
+    const std::string where = f.origin() + ", attention_kernels";
+    if (!kernels.is_object())
+      f.fail("attention_kernels", "an object of kernel names (flash2, cudnn) to their curves");
+    reject_unknown_keys(kernels, {"flash2", "cudnn"}, where);
+    for (const auto& [name, curves] : kernels.items()) {
+      const JsonFields k(curves, where + "." + name);
+      reject_unknown_keys(curves, {"attention_fwd", "attention_bwd"}, k.origin());
+      auto& fwd = name == "flash2" ? g.flash2_fwd : g.cudnn_fwd;
+      auto& bwd = name == "flash2" ? g.flash2_bwd : g.cudnn_bwd;
+      fwd = attention_curves(k, "attention_fwd");
+      bwd = attention_curves(k, "attention_bwd");
+    }
+  }
   if (g.hbm_bandwidth_achievable > g.hbm_bandwidth)
     f.fail("hbm_bandwidth_achievable", "at most hbm_bandwidth (the datasheet ceiling)");
   return g;
@@ -299,6 +315,20 @@ std::string_view cpu_vendor_name(CpuVendor vendor) {
 
 namespace {
 
+Json curves_json(const std::vector<AttentionEfficiency>& curves);
+
+// The other kernels' curves, those the GPU has.
+Json attention_kernels_json(const GpuSpec& g) {
+  Json out = Json::object();
+  if (!g.flash2_fwd.empty())
+    out["flash2"] = Json{{"attention_fwd", curves_json(g.flash2_fwd)},
+                         {"attention_bwd", curves_json(g.flash2_bwd)}};
+  if (!g.cudnn_fwd.empty())
+    out["cudnn"] = Json{{"attention_fwd", curves_json(g.cudnn_fwd)},
+                        {"attention_bwd", curves_json(g.cudnn_bwd)}};
+  return out;
+}
+
 Json curves_json(const std::vector<AttentionEfficiency>& curves) {
   Json out = Json::array();
   for (const auto& c : curves)
@@ -333,7 +363,8 @@ Json cluster_to_json(const ClusterSpec& c) {
                    {"gemm_efficiency_fp32", g.gemm_efficiency_fp32},
                    {"kernel_launch_s", g.kernel_launch_s},
                    {"attention_fwd", curves_json(g.attention_fwd)},
-                   {"attention_bwd", curves_json(g.attention_bwd)}}},
+                   {"attention_bwd", curves_json(g.attention_bwd)},
+                   {"attention_kernels", attention_kernels_json(g)}}},
       {"node", Json{{"gpus_per_node", n.gpus_per_node},
                     {"nvlink_bandwidth", n.nvlink_bandwidth},
                     {"nvlink_nccl_bandwidth", n.nvlink_nccl_bandwidth},

@@ -40,6 +40,9 @@ struct GpuSpec {
   double kernel_launch_s = 0; // fixed cost of one kernel (launch, prologue, epilogue)
   std::vector<AttentionEfficiency> attention_fwd; // sorted by head_dim, at least one
   std::vector<AttentionEfficiency> attention_bwd;
+  // Other attention kernels' curves (attention_kernels.flash2 / .cudnn in the JSON; empty: none
+  // published for this GPU, priced with the curves above).
+  std::vector<AttentionEfficiency> flash2_fwd, flash2_bwd, cudnn_fwd, cudnn_bwd;
 };
 
 struct NodeSpec {

@@ -142,8 +142,12 @@ double attention_time_s(const ClusterSpec& c, const Calibration& calibration,
   // Keys one query block iterates over: short loops pay the block's fixed prologue/epilogue,
   // which the saturating efficiency curve describes (fitted to the FA3 figures, hardware.md §1.3).
   const double keys_per_block = computed / (q_tiles * tile);
-  const AttentionEfficiency curve =
-      curve_at(backward ? g.attention_bwd : g.attention_fwd, (s.qk_head_dim + s.v_head_dim) / 2);
+  const std::vector<AttentionEfficiency>* curves = backward ? &g.attention_bwd : &g.attention_fwd;
+  if (s.kernel == AttentionKernel::flash2 && !g.flash2_fwd.empty())
+    curves = backward ? &g.flash2_bwd : &g.flash2_fwd;
+  else if (s.kernel == AttentionKernel::cudnn && !g.cudnn_fwd.empty())
+    curves = backward ? &g.cudnn_bwd : &g.cudnn_fwd;
+  const AttentionEfficiency curve = curve_at(*curves, (s.qk_head_dim + s.v_head_dim) / 2);
   const double efficiency =
       curve.efficiency_max * keys_per_block / (keys_per_block + curve.half_efficiency_kv_len);
   // Forward parallelizes over query blocks, backward over key blocks; fewer blocks than SMs

@@ -29,6 +29,13 @@ double grouped_gemm_time_s(const ClusterSpec& cluster, const Calibration& calibr
 // Attention of `batch` sequences: q_len queries against kv_len keys per head (queries are the
 // last q_len positions when q_len < kv_len). window > 0: causal sliding window, each query sees
 // at most `window` keys ending at its own position. BF16 FlashAttention.
+// The attention kernel a framework runs (docs/HARDWARE.md "Attention kernels"): `flash` the
+// newest FlashAttention the GPU has figures for (FA3 on Hopper, FA4 on Blackwell), `flash2`
+// FlashAttention-2 (PyTorch SDPA's flash backend, the flash-attn 2 package), `cudnn` cuDNN's
+// fused attention (Transformer Engine's choice on Hopper and Blackwell, PyTorch SDPA's cuDNN
+// backend). A GPU without figures for a kernel prices it as `flash`.
+enum class AttentionKernel { flash, flash2, cudnn };
+
 struct AttentionShape {
   double batch = 1;
   double heads = 1;    // query heads
@@ -39,6 +46,7 @@ struct AttentionShape {
   double v_head_dim = 128;
   bool causal = true;
   double window = 0; // 0: no window
+  AttentionKernel kernel = AttentionKernel::flash;
 };
 
 // Model FLOPs (the workload convention, README "FLOPs"): 2·pairs·heads·batch·(d_qk + d_v), pairs =

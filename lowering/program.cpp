@@ -341,7 +341,8 @@ private:
                                            dqk,
                                            dv,
                                            false,
-                                           0};
+                                           0,
+                                           c_.attention_kernel};
         const double pairs = a.sequences * workload::attended_pairs(c_.seq, a.window) / ring_;
         const double fwd = 2 * pairs * static_cast<double>(q[1]) * (dqk + dv) / ring_;
         op.model_flops = op.category == Category::recompute
@@ -357,7 +358,8 @@ private:
                                          dqk,
                                          dv,
                                          a.causal,
-                                         static_cast<double>(a.window)};
+                                         static_cast<double>(a.window),
+                                         c_.attention_kernel};
       const double pairs =
           a.sequences * workload::attended_pairs(static_cast<std::int64_t>(len), a.window);
       const double fwd = 2 * pairs * static_cast<double>(q[1]) * (dqk + dv);

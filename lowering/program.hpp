@@ -39,6 +39,8 @@ struct ProgramContext {
   // Chunked loss (Plan::chunked_loss): tokens per sequence of the micro-batch in each of the
   // head's chunks (the memory model's 4096, Liger's and torchtitan's chunk size).
   std::int64_t loss_chunk_tokens = 4096;
+  // The attention kernel the simulator prices attention as (strategy::attention_kernel).
+  sim::AttentionKernel attention_kernel = sim::AttentionKernel::flash;
 };
 
 // Throws InputError with one sentence naming the first feature of `plan` the program lowering

@@ -46,11 +46,14 @@ public:
 
 private:
   struct Hash {
-    std::size_t operator()(const strategy::Plan& p) const { return strategy::plan_hash(p); }
+    std::size_t operator()(const strategy::Plan& p) const {
+      return strategy::plan_hash(p) ^ std::hash<std::string>{}(p.family);
+    }
   };
+  // A pass key's family names its attention kernel (strategy::pass_key): compared too.
   struct Same {
     bool operator()(const strategy::Plan& a, const strategy::Plan& b) const {
-      return strategy::same_plan(a, b);
+      return strategy::same_plan(a, b) && a.family == b.family;
     }
   };
   mutable std::mutex mutex_;

@@ -27,7 +27,8 @@ Plan with_micro_batches(Plan p, int micro) {
 sim::Schedule lower(const Plan& p, const LoweringContext& c, Lowering lowering, bool& program) {
   program = false;
   if (lowering == Lowering::program) {
-    const lowering::ProgramContext pc{c.model, c.seq, c.gpus_per_node, c.gemm_dtype, c.hw};
+    lowering::ProgramContext pc{c.model, c.seq, c.gpus_per_node, c.gemm_dtype, c.hw};
+    pc.attention_kernel = strategy::attention_kernel(p, c);
     bool builds = true;
     try {
       lowering::check_programmable(p, pc);

@@ -79,6 +79,9 @@ hw::AttentionShape hw_attention(const AttentionShape& a) {
   h.v_head_dim = a.v_head_dim;
   h.causal = a.causal;
   h.window = a.window;
+  h.kernel = a.kernel == AttentionKernel::flash2  ? hw::AttentionKernel::flash2
+             : a.kernel == AttentionKernel::cudnn ? hw::AttentionKernel::cudnn
+                                                  : hw::AttentionKernel::flash;
   return h;
 }
 

@@ -12,6 +12,19 @@
 
 namespace mop::sim {
 
+const char* attention_kernel_name(AttentionKernel k) {
+  switch (k) {
+  case AttentionKernel::flash:
+    return "flash";
+  case AttentionKernel::flash2:
+    return "flash2";
+  case AttentionKernel::cudnn:
+    return "cudnn";
+  }
+  return "flash";
+}
+
+
 const Attrs& RankClass::attrs_of(const Op& op) const {
   static const Attrs defaults;
   return op.attrs < 0 ? defaults : attrs[static_cast<std::size_t>(op.attrs)];

@@ -74,6 +74,11 @@ struct GemmShape {
   std::vector<double> rows_per_expert; // grouped_gemm: rows of each expert's GEMM (m ignored)
 };
 
+// Which attention kernel runs the op (hw::AttentionKernel): the newest FlashAttention with
+// figures for the GPU, FlashAttention-2, or cuDNN's fused attention.
+enum class AttentionKernel : std::uint8_t { flash, flash2, cudnn };
+const char* attention_kernel_name(AttentionKernel k); // "flash", "flash2", "cudnn"
+
 struct AttentionShape {
   double batch = 0;    // sequences (or sequence chunks) in the call
   double heads = 0;    // query heads on this rank
@@ -84,6 +89,7 @@ struct AttentionShape {
   double v_head_dim = 0;
   bool causal = true;
   double window = 0; // sliding window in tokens; 0 = none
+  AttentionKernel kernel = AttentionKernel::flash;
 };
 
 // ---- The executable layer -------------------------------------------------------------------

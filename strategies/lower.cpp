@@ -101,7 +101,8 @@ double attention_flops(const sim::AttentionShape& a) {
 
 class Lowering {
 public:
-  Lowering(const Plan& p, const LoweringContext& c) : p_(p), c_(c), m_(*c.model) {
+  Lowering(const Plan& p, const LoweringContext& c)
+      : p_(p), c_(c), m_(*c.model), attention_kernel_(attention_kernel(p, c)) {
     tokens_ = static_cast<double>(p.micro_batch) * static_cast<double>(c.seq) / p.attention.cp;
     sp_ = p.attention.sp && p.attention.tp > 1 ? p.attention.tp : 1;
     spill_copy_bytes_ = expert_copy_bytes(m_, p_);
@@ -115,6 +116,7 @@ private:
   const Plan& p_;
   const LoweringContext& c_;
   const ModelSpec& m_;
+  sim::AttentionKernel attention_kernel_;
   double tokens_ = 0; // tokens of one micro-batch on a rank (sequence split over CP)
   int sp_ = 1;        // sequence-parallel divisor of norm/residual regions
   sim::Schedule s_;
@@ -603,6 +605,20 @@ int Lowering::tensor(std::string name, double bytes, sim::Device device, sim::Me
   return static_cast<int>(rc_->tensors.size()) - 1;
 }
 
+} // namespace
+
+sim::AttentionKernel attention_kernel(const Plan& plan, const LoweringContext& ctx) {
+  if (ctx.attention_kernel)
+    return *ctx.attention_kernel;
+  if (plan.family == "megatron" || plan.family == "fsdp2" || plan.family == "mop")
+    return sim::AttentionKernel::cudnn;
+  if (plan.family == "ulysses-zero3")
+    return sim::AttentionKernel::flash2;
+  return sim::AttentionKernel::flash;
+}
+
+namespace {
+
 int Lowering::add(sim::Op&& op, bool on_path) {
   if (on_path && cursor_ >= 0)
     op.deps.push_back(cursor_);
@@ -626,6 +642,7 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   op.stream = st.stream;
   op.gemm = st.gemm;
   op.attention = st.attention;
+  op.attention.kernel = attention_kernel_;
   op.bytes = st.bytes;
   op.group = st.group;
   op.layer = layer;
@@ -1946,7 +1963,7 @@ PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_pas
 }
 
 Plan pass_key(Plan p) {
-  p.family.clear();
+  p.family = sim::attention_kernel_name(attention_kernel(p, LoweringContext{}));
   p.global_batch = 0;
   p.stage_layers.clear();
   p.activation_offload = 0;

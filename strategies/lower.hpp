@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <span>
 #include <utility>
+#include <optional>
 #include <vector>
 
 namespace mop::strategy {
@@ -34,7 +35,16 @@ struct LoweringContext {
   // slowest rank, and each class's memory is its rank's (DESIGN.md's fidelity level 3).
   // Null or all 1: one class per stage, as balanced routing.
   const std::vector<std::vector<double>>* expert_loads = nullptr;
+  // The attention kernel the framework runs; unset: the plan family's (attention_kernel()).
+  std::optional<sim::AttentionKernel> attention_kernel = std::nullopt;
 };
+
+// The attention kernel a plan's attention runs as: the context's when set, else its family's
+// framework default (docs/HARDWARE.md "Attention kernels"): Megatron-Core (Transformer Engine
+// prefers cuDNN's fused attention on Hopper and Blackwell), FSDP2 (PyTorch SDPA prefers cuDNN on
+// sm90/sm100 from torch 2.9) and mop's own executor run cuDNN; DeepSpeed-Ulysses runs the
+// flash-attn 2 package; a custom plan the newest FlashAttention.
+sim::AttentionKernel attention_kernel(const Plan& plan, const LoweringContext& ctx);
 
 // The Schedule of one optimizer step in steady state: every micro-batch's forward and backward
 // under the pipeline schedule, FSDP gathers with one-layer prefetch, TP/SP, CP (ring, Ulysses,
@@ -96,7 +106,8 @@ PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_pas
 
 // The plan with what no pass reads set to defaults: the batch, the stages' layer counts, the
 // placements, the optimizer and activation offload (run() emits their ops around the passes,
-// pass_model() in its stages). Two plans with the same key, lowered in the same context, have the
+// pass_model() in its stages); its family replaced by the name of its attention kernel, the
+// one thing a pass takes from the family. Two plans with the same key, lowered in the same context, have the
 // same passes and the same communicators (tests/planner/bound_test.cpp holds the bound to that).
 Plan pass_key(Plan plan);
 

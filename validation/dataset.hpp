@@ -30,6 +30,9 @@ struct Row {
   // formulas, Megatron-LM's before its 2025 correction, torchtitan's MFU); "" when the row
   // reports neither.
   std::string flop_convention;
+  // The attention kernel the run used when the source's versions fix it ("flash", "flash2",
+  // "cudnn"); "" for the framework's default (strategy::attention_kernel).
+  std::string attention_kernel;
   Json measured; // metric -> value
 };
 
