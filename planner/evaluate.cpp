@@ -37,7 +37,9 @@ sim::Schedule lower(const Plan& p, const LoweringContext& c, Lowering lowering, 
     }
     if (builds) {
       program = true;
-      return lowering::lower_program(p, pc);
+      sim::Schedule s = lowering::lower_program(p, pc);
+      s.host_issue_s = strategy::host_issue_s(p); // the same framework's host
+      return s;
     }
   }
   return strategy::lower(p, c);

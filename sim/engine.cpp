@@ -175,6 +175,15 @@ bool later(const Event& a, const Event& b) {
 
 enum State : std::uint8_t { waiting, running, done };
 
+// Whether the host launches anything for the op (Schedule::host_issue_s).
+bool launches_kernels(const Op& op) {
+  return op.kind != OpKind::barrier && op.kind != OpKind::host_adam &&
+         !(op.kind == OpKind::recv && op.group < 0);
+}
+
+// An Event's version for an op's issue by the host (OpRun versions count re-ratings from 0).
+constexpr std::uint32_t kIssued = 0xFFFFFFFFu;
+
 struct OpRun {
   double duration_s = 0;
   double remaining_s = 0; // work left, in seconds at rate 1, as of last_s
@@ -217,6 +226,14 @@ private:
   void set_sharing(const hw::ClusterSpec& c, const hw::Calibration& cal);
   void start(int g);
   void complete(int g);
+  // The host side (Schedule::host_issue_s > 0): issue class k's ops in program order from its
+  // host clock, up to the next host_sync op; each op's issue is one more predecessor, released
+  // at its issue time.
+  void issue(int k);
+  void release(int g) {
+    if (--pending_[static_cast<std::size_t>(g)] == 0)
+      ready_.push_back(g);
+  }
   void rerate(int rank_class);
   double rate_of(const ClassRun& cr, Resource r) const;
   void push(const Event& e) {
@@ -250,6 +267,10 @@ private:
   std::vector<MemoryTracker> memory_;
   std::vector<Event> heap_;
   std::vector<int> ready_, touched_;
+  // Host issue (empty when the Schedule does not model it): each op's issue cost, and per class
+  // the next op to issue, the host's clock and the host_sync op it waits for (-1: none).
+  std::vector<double> issue_cost_, host_clock_;
+  std::vector<int> next_issue_, waiting_sync_;
   double now_ = 0;
   std::int64_t events_ = 0;
 };
@@ -298,6 +319,26 @@ void Engine::build_graph(const hw::ClusterSpec& c, const hw::Calibration& cal) {
   for_each_edge([&](int from, int to, bool) {
     successors_[static_cast<std::size_t>(fill[static_cast<std::size_t>(from)]++)] = to;
   });
+
+  if (s_.host_issue_s > 0) {
+    issue_cost_.assign(n, 0.0);
+    host_clock_.assign(n_classes, 0.0);
+    waiting_sync_.assign(n_classes, -1);
+    next_issue_.assign(offset_.begin(), offset_.end() - 1);
+    for (std::size_t k = 0; k < n_classes; ++k) {
+      const RankClass& rc = s_.classes[k];
+      for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+        const Op& op = rc.ops[i];
+        const std::size_t g = static_cast<std::size_t>(offset_[k]) + i;
+        // A barrier, a group-less recv and the host's own AdamW launch no kernel: the host does
+        // not issue them (a lowering may place a barrier after the ops that wait for it).
+        if (!launches_kernels(op))
+          continue;
+        ++pending_[g]; // its issue
+        issue_cost_[g] = s_.host_issue_s * op.kernels;
+      }
+    }
+  }
 
   alloc_offset_.assign(1, 0);
   free_offset_.assign(1, 0);
@@ -423,6 +464,13 @@ void Engine::complete(int g) {
     touch(r.rank_class);
   }
   const std::size_t gi = static_cast<std::size_t>(g);
+  if (!waiting_sync_.empty() && waiting_sync_[static_cast<std::size_t>(r.rank_class)] == g) {
+    // The host read what it waited for: it issues on from now.
+    waiting_sync_[static_cast<std::size_t>(r.rank_class)] = -1;
+    double& clock = host_clock_[static_cast<std::size_t>(r.rank_class)];
+    clock = std::max(clock, now_);
+    issue(r.rank_class);
+  }
   memory_[static_cast<std::size_t>(r.rank_class)].free(
       std::span<const int>(frees_).subspan(
           static_cast<std::size_t>(free_offset_[gi]),
@@ -432,6 +480,25 @@ void Engine::complete(int g) {
     const int next = successors_[static_cast<std::size_t>(k)];
     if (--pending_[static_cast<std::size_t>(next)] == 0)
       ready_.push_back(next);
+  }
+}
+
+void Engine::issue(int k) {
+  const std::size_t kk = static_cast<std::size_t>(k);
+  const int end = offset_[kk + 1];
+  int& next = next_issue_[kk];
+  double& clock = host_clock_[kk];
+  while (next < end && waiting_sync_[kk] < 0) {
+    const int g = next++;
+    if (!launches_kernels(op_at(g)))
+      continue;
+    clock += issue_cost_[static_cast<std::size_t>(g)];
+    if (clock <= now_)
+      release(g);
+    else
+      push({clock, g, kIssued});
+    if (op_at(g).host_sync)
+      waiting_sync_[kk] = g;
   }
 }
 
@@ -460,6 +527,9 @@ SimResult Engine::run() {
   for (int g = 0; g < n; ++g)
     if (pending_[static_cast<std::size_t>(g)] == 0)
       ready_.push_back(g);
+  if (!issue_cost_.empty())
+    for (int k = 0; k < static_cast<int>(s_.classes.size()); ++k)
+      issue(k);
   std::vector<int> starting;
   starting.reserve(64);
   for (;;) {
@@ -481,6 +551,12 @@ SimResult Engine::run() {
         break;
       std::pop_heap(heap_.begin(), heap_.end(), later);
       heap_.pop_back();
+      if (e.version == kIssued) { // the host issued the op
+        now_ = e.time_s;
+        any = true;
+        release(e.op);
+        continue;
+      }
       const OpRun& r = runs_[static_cast<std::size_t>(e.op)];
       if (r.state != running || r.version != e.version)
         continue; // superseded by a re-rating
@@ -488,8 +564,21 @@ SimResult Engine::run() {
       any = true;
       complete(e.op);
     }
-    if (!any)
+    if (!any) {
+      // Nothing left to end while a host waits on a sync that waits, in turn, on an op placed
+      // after it in program order: that host issues on rather than deadlock.
+      bool resumed = false;
+      for (std::size_t k = 0; k < waiting_sync_.size(); ++k)
+        if (waiting_sync_[k] >= 0) {
+          waiting_sync_[k] = -1;
+          host_clock_[k] = std::max(host_clock_[k], now_);
+          issue(static_cast<int>(k));
+          resumed = true;
+        }
+      if (resumed && (!ready_.empty() || !heap_.empty()))
+        continue;
       break;
+    }
   }
 
   for (int g = 0; g < n; ++g)

@@ -438,6 +438,11 @@ struct Op {
   Routed routed = Routed::no;
   bool torch_kernel = false; // host_adam: torch's AdamW on the CPU instead of a vectorised
                              // CPU-Adam (DeepSpeed's); slower by the cluster's measured factor
+  // The host's side (Schedule::host_issue_s): the kernels the framework launches for this op
+  // (0: none, e.g. a barrier), and whether the host waits for the op to end before it issues
+  // anything after it (a dropless MoE layer reading its expert counts on the CPU).
+  std::uint8_t kernels = 1;
+  bool host_sync = false;
   std::vector<int> deps;     // ops of this class that must end before this one starts
   std::vector<RemoteDep> remote_deps; // ops of other classes that must end first
   std::vector<int> allocs;            // tensors (of this class) allocated when the op starts
@@ -514,6 +519,11 @@ struct Schedule {
   TokenLayout tokens;              // the executable layer's token layout
   double tokens_per_step = 0;      // tokens the whole world trains on per optimizer step
   double model_flops_per_step = 0; // whole world, the model-FLOPs convention (README)
+  // The framework's CPU time to issue one kernel (docs/ENGINE.md "Host issue"): each rank's host
+  // issues its class's ops in program order, Op::kernels each, and an op cannot start before it
+  // is issued; Op::host_sync ops stall the host until they end. 0: the host is not modelled
+  // (every op issued at once, host_sync ignored).
+  double host_issue_s = 0;
 };
 
 // Structural checks, each a one-sentence std::invalid_argument naming the class and op:

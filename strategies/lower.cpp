@@ -60,6 +60,8 @@ struct Step {
   bool backward_only = false;             // nothing in forward (rebalancing's backward fetch)
   sim::Routed routed = sim::Routed::no;   // how its size follows the routing (sim::Routed)
   LayerKind owner = LayerKind::attention; // whose recompute policy re-runs it
+  std::uint8_t kernels = 1;               // kernels the framework launches for it (Op::kernels)
+  bool host_sync = false;                 // the host waits for it to end (Op::host_sync)
 };
 
 // Parameters gathered, reduced and stepped together: those of one layer (or of the embedding, or
@@ -370,8 +372,18 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   };
   const int tp_group = g_.tp;
   const bool sp = p_.attention.sp;
+  // Kernels the framework launches for the step just emitted, where it is more than one
+  // (Op::kernels, read in the frameworks' sources: docs/ENGINE.md "Host issue").
+  const bool te = p_.family == "megatron";  // Megatron-Core with Transformer Engine
+  const bool eager = p_.family == "fsdp2"; // torchtitan's eager PyTorch layer
+  auto kernels = [&](int te_count, int eager_count) {
+    const int k = te ? te_count : eager ? eager_count : 1;
+    out.back().kernels = static_cast<std::uint8_t>(std::clamp(k, 0, 255));
+  };
   // --- attention block ---
   elementwise("attn_norm", 2 * kAct * t * h / sp_, true);
+  kernels(1, 8); // TE's fused RMSNorm; torchtitan's Python RMSNorm (cast, pow, mean, add,
+                 // rsqrt, mul, cast, scale)
   // TP with SP: gather the sequence-sharded input; the size is the gathered buffer.
   if (sp)
     collective("attn_sp_gather", OpKind::all_gather, Category::tp_comm, kTp, tp_group,
@@ -400,6 +412,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     gemm("kv_b_proj", t, heads * (nope + dv), kvr);
   }
   elementwise("rope_qk_norm", 2 * kAct * t * (heads + kv_heads) * dqk, true);
+  kernels(4, 8); // TE: fused RoPE on q and k, the query reshape and v made contiguous; eager:
+                 // RoPE's casts and complex products on q and k (6), repeat_kv's two copies
   // Context parallelism.
   const double seq = static_cast<double>(c_.seq);
   const double b = p_.micro_batch;
@@ -453,6 +467,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     }
     st.selective_keep = true;
     out.push_back(std::move(st));
+    kernels(2, 2); // cuDNN's graph and TE's RNG-state kernel; SDPA and the output's transpose
   }
   if (ulysses > 1) {
     collective("ulysses_out_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
@@ -470,6 +485,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   const std::size_t mlp_begin = out.size();
   // --- MLP block ---
   elementwise("mlp_norm", 2 * kAct * t * h / sp_, true);
+  kernels(1, 8);
   if (layer.mlp == MlpKind::dense) {
     const double dtp = p_.dense.tp;
     const double inter = static_cast<double>(m_.dense_mlp.intermediate_size) / dtp;
@@ -479,6 +495,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
                  kAct * t * h);
     gemm("mlp_gate_up", t, up, h);
     elementwise("mlp_act", 3 * kAct * t * inter, true);
+    kernels(1, 2); // compiled bias-SwiGLU; eager silu and product
     gemm("mlp_down", t, h, inter);
     if (sp)
       collective("mlp_sp_scatter", OpKind::reduce_scatter, Category::tp_comm, kTp, tp_group,
@@ -493,14 +510,24 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     const double k = static_cast<double>(e.experts_per_token);
     gemm("router", tm, experts, h);
     elementwise("router_topk", kAct * tm * experts, false);
+    // Megatron-Core's router with its load-balancing loss launches 31 kernels with router
+    // fusion (72 without): the router GEMM and 30 more (NVIDIA/Megatron-LM DeepSeek-V3 GB200
+    // guide, eb0783b6, §2.1.4).
+    kernels(30, 1);
     // Dispatch: every token copy goes to its expert's rank (balanced routing). Dropless routing
     // first exchanges how many rows each rank sends to each expert (one int64 per expert of the
     // model; Megatron-Core's MoEAlltoAllTokenDispatcher), which also tells every rank the
     // expert of each row it receives; backward reuses the counts.
     const double routed = tm * k;
     collective("ep_counts", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, 8 * experts);
-    if (!out.empty() && out.back().name == "ep_counts")
+    if (!out.empty() && out.back().name == "ep_counts") {
       out.back().forward_only = true;
+      // Dropless dispatch sizes its all-to-all on the host: the host waits for the counts
+      // (Megatron-Core's MoEAlltoAllTokenDispatcher synchronises before the EP all-to-all;
+      // NCCL's all-to-all-v takes host-side counts). A capacity factor fixes the sizes.
+      out.back().host_sync = p_.moe.capacity_factor <= 0;
+      kernels(8, 1); // the dispatcher's preprocess: counts, splits, their copies to the host
+    }
     // Least-loaded rebalancing (LLEP): every rank gathers every rank's counts and computes the
     // same assignment; the owners of spilled experts send copies of their weights to the
     // helpers (their gradients come back in backward, where the copies are fetched again).
@@ -528,6 +555,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     };
     collective("ep_dispatch", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
     routed_last("ep_dispatch", sim::Routed::exchange);
+    if (!out.empty() && out.back().name == "ep_dispatch")
+      kernels(8, 1); // fused permute (4), tokens' and probabilities' all-to-alls, local sort (2)
     const double local_experts = experts / p_.moe.ep;
     // Expert tensor parallelism: the etp ranks of an expert gather each other's count tables
     // (forward only), then their rows (padded to the largest count), compute their share of the
@@ -553,6 +582,9 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.flops = 2 * expert_rows * st.gemm.n * h;
       st.routed = sim::Routed::rows;
       out.push_back(std::move(st));
+      // TE's GroupedLinear launches one cuBLAS GEMM per local expert (TransformerEngine v2.8
+      // pytorch/module/grouped_linear.py; issues #1386, #1499).
+      kernels(static_cast<int>(local_experts), 1);
     }
     elementwise("experts_act", 3 * kAct * expert_rows * inter, true);
     routed_last("experts_act", sim::Routed::rows);
@@ -566,12 +598,15 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.flops = 2 * expert_rows * h * inter;
       st.routed = sim::Routed::rows;
       out.push_back(std::move(st));
+      kernels(static_cast<int>(local_experts), 1);
     }
     collective("etp_scatter", OpKind::reduce_scatter, Category::ep_comm, kEp, g_.etp,
                kAct * routed * p_.moe.etp * h);
     routed_last("etp_scatter", sim::Routed::rows);
     collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
     routed_last("ep_combine", sim::Routed::exchange);
+    if (!out.empty() && out.back().name == "ep_combine")
+      kernels(4, 1); // the local sort back (3) and the all-to-all
     if (rebalancing()) {
       spill_step("llep_refetch.node", g_.spill_node, true);
       spill_step("llep_refetch.net", g_.spill_net, true);
@@ -606,6 +641,19 @@ int Lowering::tensor(std::string name, double bytes, sim::Device device, sim::Me
 }
 
 } // namespace
+
+double host_issue_s(const Plan& plan) {
+  // PyTorch eager: ~8 µs of host time per launched op (an eager `add` on A100 submits in 8 µs,
+  // flagos-ai/Torch-FL PR #27; pointwise ops ~7 µs, FlagGems #4812); whole eager models measure
+  // 39-44 µs per kernel with their Python module overheads, so this is a lower bound.
+  if (plan.family == "megatron" || plan.family == "fsdp2" || plan.family == "ulysses-zero3")
+    return 8e-6;
+  // mop's executor launches from C++: a raw cuLaunchKernel enqueue takes 2.6-2.8 µs (ocannl
+  // issue #488).
+  if (plan.family == "mop")
+    return 2.7e-6;
+  return 0;
+}
 
 sim::AttentionKernel attention_kernel(const Plan& plan, const LoweringContext& ctx) {
   if (ctx.attention_kernel)
@@ -648,6 +696,8 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   op.layer = layer;
   op.micro_batch = mb;
   op.routed = st.routed;
+  op.kernels = st.kernels;
+  op.host_sync = st.host_sync;
   op.model_flops = category == Category::forward ? st.flops : 0;
   if (st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm)
     op.dtype = c_.gemm_dtype;
@@ -923,6 +973,7 @@ sim::Schedule Lowering::run() {
   s_.world = p_.world;
   s_.gpus_per_node = c_.gpus_per_node;
   s_.tokens_per_step = static_cast<double>(p_.global_batch) * static_cast<double>(c_.seq);
+  s_.host_issue_s = host_issue_s(p_);
   s_.classes.resize(static_cast<std::size_t>(p_.pp));
   routed_tensors_.assign(static_cast<std::size_t>(p_.pp), {});
   // Pipeline bookkeeping: the op index of each stage's send for (micro-batch, direction), and

@@ -46,6 +46,11 @@ struct LoweringContext {
 // flash-attn 2 package; a custom plan the newest FlashAttention.
 sim::AttentionKernel attention_kernel(const Plan& plan, const LoweringContext& ctx);
 
+// The CPU time the plan's framework takes to issue one kernel (sim::Schedule::host_issue_s,
+// docs/ENGINE.md "Host issue"): PyTorch eager for Megatron-Core, FSDP2 and DeepSpeed, C++ for
+// mop's executor; 0 (not modelled) for a custom plan.
+double host_issue_s(const Plan& plan);
+
 // The Schedule of one optimizer step in steady state: every micro-batch's forward and backward
 // under the pipeline schedule, FSDP gathers with one-layer prefetch, TP/SP, CP (ring, Ulysses,
 // hybrid), EP dispatch/combine, pipeline send/recv, recompute, activation offload and reload,

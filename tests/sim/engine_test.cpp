@@ -517,3 +517,65 @@ TEST_CASE("torch's CPU AdamW takes the measured 5.8x of a vectorised CPU-Adam" *
   const double torch = mop::sim::op_duration_s(op, s, c, mop::hw::Calibration{});
   CHECK(torch / vectorised == mop::test::rel(5.8));
 }
+
+TEST_CASE("host issue: short kernels wait for the host, long ones hide it" *
+          doctest::test_suite("independent")) {
+  // Ten 1 MB kernels (0.25 µs of HBM + 2 µs launch = 2.249 µs each) issued at 10 µs a kernel:
+  // the host sets the pace, the last one starts at 100 µs and the step is 100 µs + one kernel.
+  Schedule s = one_class({"compute"});
+  for (int i = 0; i < 10; ++i)
+    ops(s).push_back(elementwise(op_name("k", i), 0, 1e6));
+  const double d = 1e6 / kHbm + kLaunch;
+  CHECK(simulate(s, h200(), kNone).step_time_s == mop::test::rel(10 * d));
+  s.host_issue_s = 10e-6;
+  const SimResult r = simulate(s, h200(), kNone);
+  CHECK(timing(r, 0, 0).start_s == mop::test::rel(10e-6));
+  CHECK(timing(r, 0, 9).start_s == mop::test::rel(100e-6));
+  CHECK(r.step_time_s == mop::test::rel(100e-6 + d));
+  // Long kernels (1.002 ms each): the host runs ahead and costs only the first issue.
+  Schedule long_ops = one_class({"compute"});
+  for (int i = 0; i < 10; ++i)
+    ops(long_ops).push_back(elementwise(op_name("k", i), 0, 4.01e9));
+  long_ops.host_issue_s = 10e-6;
+  const double dl = 4.01e9 / kHbm + kLaunch;
+  CHECK(simulate(long_ops, h200(), kNone).step_time_s == mop::test::rel(10e-6 + 10 * dl));
+}
+
+TEST_CASE("host issue: an op's kernels multiply its issue time, barriers launch none" *
+          doctest::test_suite("independent")) {
+  Schedule s = one_class({"compute"});
+  ops(s).push_back(elementwise("five", 0, 1e6));
+  ops(s).back().kernels = 5;
+  Op marker;
+  marker.name = "marker";
+  marker.kind = OpKind::barrier;
+  ops(s).push_back(marker);
+  ops(s).push_back(elementwise("one", 0, 1e6));
+  s.host_issue_s = 10e-6;
+  const SimResult r = simulate(s, h200(), kNone);
+  CHECK(timing(r, 0, 0).start_s == mop::test::rel(50e-6));
+  CHECK(timing(r, 0, 2).start_s == mop::test::rel(60e-6));
+}
+
+TEST_CASE("host issue: a host sync drains the device before anything after it is issued" *
+          doctest::test_suite("independent")) {
+  // A 1.002 ms kernel, a sync marker after it (the host reads a count), then a short kernel:
+  // without the sync the host issues the short kernel at 20 µs and it queues behind the long
+  // one; with it the host issues it only once the long kernel (and the marker) ended.
+  Schedule s = one_class({"compute"});
+  ops(s).push_back(elementwise("long", 0, 4.01e9));
+  ops(s).push_back(elementwise("counts", 0, 0));
+  ops(s).push_back(elementwise("short", 0, 1e6));
+  s.host_issue_s = 10e-6;
+  const double dl = 4.01e9 / kHbm + kLaunch, ds = 1e6 / kHbm + kLaunch;
+  const double marker = 0; // a zero-byte pass takes no time on the device
+  const double free_running = simulate(s, h200(), kNone).step_time_s;
+  CHECK(free_running == mop::test::rel(10e-6 + dl + marker + ds));
+  ops(s)[1].host_sync = true;
+  const SimResult r = simulate(s, h200(), kNone);
+  CHECK(timing(r, 0, 2).start_s == mop::test::rel(10e-6 + dl + marker + 10e-6));
+  CHECK(r.step_time_s == mop::test::rel(free_running + 10e-6));
+  // Unmodelled host (host_issue_s 0): the sync flag changes nothing.
+  s.host_issue_s = 0;
+  CHECK(simulate(s, h200(), kNone).step_time_s == mop::test::rel(dl + marker + ds));
+}
