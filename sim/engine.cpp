@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -227,12 +228,21 @@ private:
   void start(int g);
   void complete(int g);
   // The host side (Schedule::host_issue_s > 0): issue class k's ops in program order from its
-  // host clock, up to the next host_sync op; each op's issue is one more predecessor, released
-  // at its issue time.
+  // host clock, up to the next host_sync op. An op whose predecessors have ended is ready at
+  // its issue time: at once when that has passed, else by an issue event then (an event only
+  // where the host, not the device, holds the op).
   void issue(int k);
-  void release(int g) {
-    if (--pending_[static_cast<std::size_t>(g)] == 0)
+  void ready(int g) {
+    if (issue_time_.empty()) {
       ready_.push_back(g);
+      return;
+    }
+    const double t = issue_time_[static_cast<std::size_t>(g)];
+    if (t <= now_)
+      ready_.push_back(g);
+    else if (t < kNotIssued)
+      push({t, g, kIssued});
+    // else: not issued yet; issue() makes it ready
   }
   void rerate(int rank_class);
   double rate_of(const ClassRun& cr, Resource r) const;
@@ -269,7 +279,8 @@ private:
   std::vector<int> ready_, touched_;
   // Host issue (empty when the Schedule does not model it): each op's issue cost, and per class
   // the next op to issue, the host's clock and the host_sync op it waits for (-1: none).
-  std::vector<double> issue_cost_, host_clock_;
+  std::vector<double> issue_cost_, issue_time_, host_clock_;
+  static constexpr double kNotIssued = std::numeric_limits<double>::infinity();
   std::vector<int> next_issue_, waiting_sync_;
   double now_ = 0;
   std::int64_t events_ = 0;
@@ -322,6 +333,7 @@ void Engine::build_graph(const hw::ClusterSpec& c, const hw::Calibration& cal) {
 
   if (s_.host_issue_s > 0) {
     issue_cost_.assign(n, 0.0);
+    issue_time_.assign(n, -1.0); // ops the host does not issue: always issued
     host_clock_.assign(n_classes, 0.0);
     waiting_sync_.assign(n_classes, -1);
     next_issue_.assign(offset_.begin(), offset_.end() - 1);
@@ -334,7 +346,7 @@ void Engine::build_graph(const hw::ClusterSpec& c, const hw::Calibration& cal) {
         // not issue them (a lowering may place a barrier after the ops that wait for it).
         if (!launches_kernels(op))
           continue;
-        ++pending_[g]; // its issue
+        issue_time_[g] = kNotIssued;
         issue_cost_[g] = s_.host_issue_s * op.kernels;
       }
     }
@@ -479,7 +491,7 @@ void Engine::complete(int g) {
   for (int k = successor_offset_[gi]; k < successor_offset_[gi + 1]; ++k) {
     const int next = successors_[static_cast<std::size_t>(k)];
     if (--pending_[static_cast<std::size_t>(next)] == 0)
-      ready_.push_back(next);
+      ready(next);
   }
 }
 
@@ -493,10 +505,10 @@ void Engine::issue(int k) {
     if (!launches_kernels(op_at(g)))
       continue;
     clock += issue_cost_[static_cast<std::size_t>(g)];
-    if (clock <= now_)
-      release(g);
-    else
-      push({clock, g, kIssued});
+    issue_time_[static_cast<std::size_t>(g)] = clock;
+    const OpRun& r = runs_[static_cast<std::size_t>(g)];
+    if (pending_[static_cast<std::size_t>(g)] == 0 && r.state == waiting)
+      ready(g); // its predecessors ended before the host reached it
     if (op_at(g).host_sync)
       waiting_sync_[kk] = g;
   }
@@ -524,12 +536,13 @@ SimResult Engine::run() {
   const int n = offset_.back();
   heap_.reserve(static_cast<std::size_t>(n) + 16);
   ready_.reserve(64);
-  for (int g = 0; g < n; ++g)
-    if (pending_[static_cast<std::size_t>(g)] == 0)
-      ready_.push_back(g);
   if (!issue_cost_.empty())
     for (int k = 0; k < static_cast<int>(s_.classes.size()); ++k)
-      issue(k);
+      issue(k); // makes the ops without predecessors ready as the host reaches them
+  for (int g = 0; g < n; ++g)
+    if (pending_[static_cast<std::size_t>(g)] == 0 &&
+        (issue_time_.empty() || issue_time_[static_cast<std::size_t>(g)] < 0))
+      ready_.push_back(g); // no host, or not issued by it (issue() skipped it)
   std::vector<int> starting;
   starting.reserve(64);
   for (;;) {
@@ -551,10 +564,10 @@ SimResult Engine::run() {
         break;
       std::pop_heap(heap_.begin(), heap_.end(), later);
       heap_.pop_back();
-      if (e.version == kIssued) { // the host issued the op
+      if (e.version == kIssued) { // the host issued an op whose predecessors had ended
         now_ = e.time_s;
         any = true;
-        release(e.op);
+        ready_.push_back(e.op);
         continue;
       }
       const OpRun& r = runs_[static_cast<std::size_t>(e.op)];
