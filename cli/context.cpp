@@ -72,6 +72,12 @@ void add_plan_flags(CLI::App* cmd, PlanFlags& f) {
                   "precision of the layers' GEMMs: bf16 (default), fp8 or mxfp8 (Blackwell)")
       ->check(CLI::IsMember({"bf16", "fp8", "mxfp8"}))
       ->group(group);
+  cmd->add_option("--attention-kernel", f.attention_kernel,
+                  "the attention kernel the framework runs: cudnn, flash2 (FlashAttention-2, "
+                  "PyTorch SDPA's flash backend) or flash (the newest FlashAttention); default: "
+                  "the plan family's framework (docs/HARDWARE.md)")
+      ->check(CLI::IsMember({"flash", "flash2", "cudnn"}))
+      ->group(group);
 }
 
 strategy::PlanOverrides overrides_of(const PlanFlags& f) {
@@ -310,6 +316,12 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
   in.overrides = overrides_of(opt);
   in.precision = !opt.precision.empty() ? opt.precision : in.run ? in.run->precision : "bf16";
   in.gemm_dtype = precision_of(in.precision, in.cluster);
+  if (opt.attention_kernel == "flash")
+    in.attention_kernel = sim::AttentionKernel::flash;
+  else if (opt.attention_kernel == "flash2")
+    in.attention_kernel = sim::AttentionKernel::flash2;
+  else if (opt.attention_kernel == "cudnn")
+    in.attention_kernel = sim::AttentionKernel::cudnn;
   std::string routing = opt.routing;
   if (opt.routing_imbalance)
     routing = fmt::format("imbalance:{}", *opt.routing_imbalance);
@@ -353,6 +365,7 @@ strategy::PlanContext PlanInputs::context() const {
   c.global_batch = global_batch;
   c.overrides = overrides;
   c.gemm_dtype = gemm_dtype;
+  c.attention_kernel = attention_kernel;
   c.expert_loads = uneven ? &expert_loads : nullptr;
   c.routing_id = routing_id;
   return c;

@@ -21,6 +21,7 @@ struct PlanFlags {
   std::string cp_kind, pp_schedule, recompute, offload; // empty: not given
   std::string global_batch_tokens;                      // "4M"; empty: not given
   std::string precision; // bf16, fp8, mxfp8; empty: the configuration's, else bf16
+  std::string attention_kernel; // flash, flash2, cudnn; empty: the plan family's framework
   std::optional<double> capacity_factor; // MoE token dropping (0: dropless)
   std::string rebalance;                      // none or least-loaded
   std::optional<double> rebalance_threshold;  // its lambda
@@ -55,6 +56,7 @@ struct PlanInputs {
   int global_batch = 0;
   strategy::PlanOverrides overrides;
   sim::Dtype gemm_dtype = sim::Dtype::bf16;
+  std::optional<sim::AttentionKernel> attention_kernel; // `--attention-kernel`
   std::string precision = "bf16";
   int max_simulations = 400;
   double hbm_headroom_bytes = 0;

@@ -21,6 +21,9 @@ struct PlanContext {
   int global_batch = 0;    // sequences per step; 0 = the default (default_global_batch)
   PlanOverrides overrides; // parts of every plan fixed by the user (`--tp 2`, ...)
   sim::Dtype gemm_dtype = sim::Dtype::bf16; // `--precision`: the layers' GEMMs
+  // `--attention-kernel`: the attention kernel every plan runs; unset: each family's framework's
+  // (strategy::attention_kernel).
+  std::optional<sim::AttentionKernel> attention_kernel = std::nullopt;
   // `--routing`: every MoE layer's expert loads (workload::expert_loads); null for balanced.
   // Each plan reserves its routed buffers for its worst rank's load (Plan::moe.imbalance), and
   // the lowering simulates every expert-parallel rank (LoweringContext::expert_loads).

@@ -63,6 +63,27 @@ TEST_CASE("global batch in tokens and the GEMM precision" * doctest::test_suite(
   CHECK(step("fp8") < step("bf16"));
 }
 
+TEST_CASE("--attention-kernel: the kernel a prediction assumes, printed and priced" *
+          doctest::test_suite("plumbing")) {
+  // Llama 3 8B at 32K on one H100 node, Megatron's fixed plan: cuDNN by default (Transformer
+  // Engine's choice), FlashAttention-2 at about half its speed: a longer step.
+  const std::string args = "simulate --model llama3-8b --cluster h100 --nodes 1 --seq 32K "
+                           "--global-batch 8 --plan megatron --tp 1 --pp 1 --cp 1";
+  const auto text = run_mop(args);
+  REQUIRE(text.status == 0);
+  CHECK(text.out.find("attention kernel: cudnn") != std::string::npos);
+  const auto fa2 = run_mop(args + " --attention-kernel flash2");
+  REQUIRE(fa2.status == 0);
+  CHECK(fa2.out.find("attention kernel: flash2") != std::string::npos);
+  auto step = [&](const std::string& extra) {
+    const auto s = run_mop(args + extra + " --json");
+    REQUIRE(s.status == 0);
+    return Json::parse(s.out)["step_time_s"].get<double>();
+  };
+  CHECK(step(" --attention-kernel flash2") > step(""));
+  CHECK(run_mop(args + " --attention-kernel fa9").status == 2);
+}
+
 TEST_CASE("plan flags no plan can take, or that contradict, are one sentence" *
           doctest::test_suite("plumbing")) {
   struct Case {
