@@ -316,12 +316,7 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
   in.overrides = overrides_of(opt);
   in.precision = !opt.precision.empty() ? opt.precision : in.run ? in.run->precision : "bf16";
   in.gemm_dtype = precision_of(in.precision, in.cluster);
-  if (opt.attention_kernel == "flash")
-    in.attention_kernel = sim::AttentionKernel::flash;
-  else if (opt.attention_kernel == "flash2")
-    in.attention_kernel = sim::AttentionKernel::flash2;
-  else if (opt.attention_kernel == "cudnn")
-    in.attention_kernel = sim::AttentionKernel::cudnn;
+  in.attention_kernel = sim::parse_attention_kernel(opt.attention_kernel); // CLI11 checked it
   std::string routing = opt.routing;
   if (opt.routing_imbalance)
     routing = fmt::format("imbalance:{}", *opt.routing_imbalance);

@@ -24,6 +24,13 @@ const char* attention_kernel_name(AttentionKernel k) {
   return "flash";
 }
 
+std::optional<AttentionKernel> parse_attention_kernel(std::string_view name) {
+  for (AttentionKernel k : {AttentionKernel::flash, AttentionKernel::flash2, AttentionKernel::cudnn})
+    if (name == attention_kernel_name(k))
+      return k;
+  return std::nullopt;
+}
+
 
 const Attrs& RankClass::attrs_of(const Op& op) const {
   static const Attrs defaults;

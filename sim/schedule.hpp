@@ -10,7 +10,9 @@
 #include "sim/mesh.hpp"
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -78,6 +80,8 @@ struct GemmShape {
 // figures for the GPU, FlashAttention-2, or cuDNN's fused attention.
 enum class AttentionKernel : std::uint8_t { flash, flash2, cudnn };
 const char* attention_kernel_name(AttentionKernel k); // "flash", "flash2", "cudnn"
+// The kernel of that name; empty for any other text.
+std::optional<AttentionKernel> parse_attention_kernel(std::string_view name);
 
 struct AttentionShape {
   double batch = 0;    // sequences (or sequence chunks) in the call

@@ -72,12 +72,7 @@ Prediction predict(const Row& row, const Translation& t, planner::Lowering lower
   const strategy::MemoryHardware mh = strategy::memory_hardware(cluster);
   strategy::LoweringContext lc{&*t.model, row.seq_len, cluster.node.gpus_per_node, mh, {}};
   lc.gemm_dtype = row.precision == "fp8" ? sim::Dtype::fp8 : sim::Dtype::bf16;
-  if (row.attention_kernel == "flash")
-    lc.attention_kernel = sim::AttentionKernel::flash;
-  else if (row.attention_kernel == "flash2")
-    lc.attention_kernel = sim::AttentionKernel::flash2;
-  else if (row.attention_kernel == "cudnn")
-    lc.attention_kernel = sim::AttentionKernel::cudnn;
+  lc.attention_kernel = row.attention_kernel;
   const planner::StepEvaluation e =
       planner::evaluate_step(*t.plan, lc, cluster, calibration, 16, lowering);
   program = e.program;

@@ -53,10 +53,11 @@ std::vector<Row> read_dataset(const std::string& path) {
     r.flop_convention = f.string_or("flop_convention", "");
     if (!r.flop_convention.empty() && r.flop_convention != "causal" && r.flop_convention != "full")
       f.fail("flop_convention", "\"causal\" or \"full\"");
-    r.attention_kernel = f.string_or("attention_kernel", "");
-    if (!r.attention_kernel.empty() && r.attention_kernel != "flash" &&
-        r.attention_kernel != "flash2" && r.attention_kernel != "cudnn")
-      f.fail("attention_kernel", "\"flash\", \"flash2\" or \"cudnn\"");
+    if (f.has("attention_kernel")) {
+      r.attention_kernel = sim::parse_attention_kernel(f.string("attention_kernel"));
+      if (!r.attention_kernel)
+        f.fail("attention_kernel", "\"flash\", \"flash2\" or \"cudnn\"");
+    }
     r.measured = f.at("measured");
     if (!r.measured.is_object() || r.measured.empty())
       f.fail("measured", "an object of metric names to numbers");

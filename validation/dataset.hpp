@@ -2,6 +2,7 @@
 // Published measurements (validation/data/*.jsonl, schema in validation/data/README.md) and
 // their translation into fixed Plans: the published degrees, no auto-tuning.
 #include "common/json_io.hpp"
+#include "sim/schedule.hpp"
 #include "strategies/plan.hpp"
 #include "workload/model_spec.hpp"
 
@@ -31,8 +32,8 @@ struct Row {
   // reports neither.
   std::string flop_convention;
   // The attention kernel the run used when the source's versions fix it ("flash", "flash2",
-  // "cudnn"); "" for the framework's default (strategy::attention_kernel).
-  std::string attention_kernel;
+  // "cudnn"); empty for the framework's default (strategy::attention_kernel).
+  std::optional<sim::AttentionKernel> attention_kernel;
   Json measured; // metric -> value
 };
 

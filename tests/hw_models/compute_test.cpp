@@ -270,7 +270,7 @@ TEST_CASE("FlashAttention-2 on H100 follows the FA3 paper's FA2 series between i
   AttentionShape s = fa3_shape(8192, 128, true);
   const double fa3 = attention_tflops(h100, s, false);
   s.kernel = AttentionKernel::flash2;
-  CHECK(attention_tflops(h100, s, false) / fa3 == doctest::Approx(0.55).epsilon(0.1));
+  CHECK(attention_tflops(h100, s, false) / fa3 == mop::test::rel(0.55, 0.1));
 }
 
 TEST_CASE("cuDNN attention on H100 follows the FA3 paper's cuDNN series between its fit points" *

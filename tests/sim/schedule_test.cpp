@@ -204,3 +204,11 @@ TEST_CASE("the executable layer's indices must be in range" * doctest::test_suit
   CHECK_THROWS_WITH_AS(check_schedule(s), doctest::Contains("is in bucket 3"),
                        std::invalid_argument);
 }
+
+TEST_CASE("attention kernels read back from their names, and nothing else is one" *
+          doctest::test_suite("plumbing")) {
+  for (AttentionKernel k : {AttentionKernel::flash, AttentionKernel::flash2, AttentionKernel::cudnn})
+    CHECK(parse_attention_kernel(attention_kernel_name(k)) == k);
+  CHECK_FALSE(parse_attention_kernel("fa3").has_value());
+  CHECK_FALSE(parse_attention_kernel("").has_value());
+}
