@@ -1,12 +1,16 @@
 // mop validate: predicted against published measurements, row by row, with the error.
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
+#include "common/error.hpp"
 #include "validation/compare.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <fmt/format.h>
 #include <iostream>
+#include <map>
 #include <memory>
+#include <regex>
 
 namespace mop::cli {
 namespace {
@@ -19,6 +23,64 @@ std::string pct(double v) {
   return std::isnan(v) ? "-" : fmt::format("{:.1f} %", 100 * v);
 }
 
+// Where one row's predicted step goes: its plan, the critical path's breakdown, and the busiest
+// op types of the rank class that ends last (busy time per micro-batch simulated, layer and
+// micro-batch numbers folded: "attn.q_proj.fwd" sums every layer's).
+void explain_row(const validation::Row& row, planner::Lowering lowering,
+                 const hw::Calibration& calibration) {
+  const validation::Translation t = validation::translate(row);
+  std::cout << fmt::format("{}: {}\n", row.id, row.model_name);
+  if (!t.plan) {
+    std::cout << "  not predicted: " << t.reason << "\n\n";
+    return;
+  }
+  const planner::StepEvaluation e = validation::evaluate_row(row, t, lowering, calibration);
+  const sim::Breakdown& b = e.result.breakdown;
+  std::cout << fmt::format("  plan {} on {} x {}\n", strategy::summary(*t.plan), t.nodes,
+                           t.cluster_id);
+  std::cout << fmt::format("  step {:.4g} s: compute {:.4g} (recompute {:.4g}), exposed "
+                           "communication {:.4g}, bubble {:.4g}, offload stall {:.4g}, optimizer "
+                           "{:.4g}\n",
+                           e.step_time_s, b.compute, b.recompute, b.exposed_comm, b.bubble,
+                           b.offload_stall, b.optimizer);
+  if (e.result.classes.empty())
+    return;
+  std::size_t last = 0;
+  for (std::size_t c = 1; c < e.result.classes.size(); ++c)
+    if (e.result.classes[c].end_s > e.result.classes[last].end_s)
+      last = c;
+  const sim::RankClass& rc = e.schedule.classes[last];
+  const std::vector<sim::OpTiming>& timing = e.result.classes[last].ops;
+  static const std::regex numbered(R"((^|\.)(L|mb|s|v|stage|chunk)?[0-9]+(?=\.|$))");
+  std::map<std::string, std::pair<double, int>> by_type;
+  double busy = 0;
+  for (std::size_t i = 0; i < rc.ops.size() && i < timing.size(); ++i) {
+    const double d = timing[i].end_s - timing[i].start_s;
+    if (d <= 0)
+      continue;
+    std::string type = std::regex_replace(rc.ops[i].name, numbered, "$1#");
+    auto& [sum, count] = by_type[fmt::format("{:<10} {}", sim::category_name(rc.ops[i].category),
+                                             type)];
+    sum += d;
+    ++count;
+    busy += d;
+  }
+  std::vector<std::pair<std::string, std::pair<double, int>>> sorted(by_type.begin(),
+                                                                      by_type.end());
+  std::sort(sorted.begin(), sorted.end(),
+            [](const auto& x, const auto& y) { return x.second.first > y.second.first; });
+  const double per_mb = 1.0 / std::max(1, e.micro_batches_simulated);
+  TextTable ops{{"op (rank class " + std::to_string(last) + ")", "ops", "ms per micro-batch",
+                 "share"},
+                {},
+                {false, true, true, true}};
+  for (std::size_t i = 0; i < sorted.size() && i < 25; ++i)
+    ops.rows.push_back({sorted[i].first, std::to_string(sorted[i].second.second),
+                        fmt::format("{:.3f}", 1e3 * sorted[i].second.first * per_mb),
+                        fmt::format("{:.1f} %", 100 * sorted[i].second.first / busy)});
+  std::cout << ops.render() << "\n";
+}
+
 } // namespace
 
 void add_validate_command(CLI::App& app) {
@@ -27,6 +89,7 @@ void add_validate_command(CLI::App& app) {
     bool json = false;
     std::string lowering = "cost";
     std::string calibration;
+    std::vector<std::string> only;
   };
   auto opt = std::make_shared<Options>();
   CLI::App* cmd = app.add_subcommand(
@@ -43,6 +106,9 @@ void add_validate_command(CLI::App& app) {
       ->check(CLI::IsMember({"cost", "program"}))
       ->capture_default_str();
   cmd->add_option("--calibration", opt->calibration, "calibration JSON from mop calibrate");
+  cmd->add_option("--row", opt->only,
+                  "validate only the rows of this id (repeatable), and show where each one's "
+                  "predicted step goes: its plan, breakdown and busiest op types");
   cmd->callback([opt] {
     std::vector<validation::Row> rows;
     const std::vector<std::string> files =
@@ -51,6 +117,15 @@ void add_validate_command(CLI::App& app) {
     for (const std::string& f : files) {
       std::vector<validation::Row> r = validation::read_dataset(f);
       rows.insert(rows.end(), r.begin(), r.end());
+    }
+    if (!opt->only.empty()) {
+      for (const std::string& id : opt->only)
+        if (std::none_of(rows.begin(), rows.end(),
+                         [&](const validation::Row& r) { return r.id == id; }))
+          throw mop::InputError(fmt::format("no row of the dataset has the id '{}'.", id));
+      std::erase_if(rows, [&](const validation::Row& r) {
+        return std::find(opt->only.begin(), opt->only.end(), r.id) == opt->only.end();
+      });
     }
     const hw::Calibration calibration =
         opt->calibration.empty() ? hw::Calibration{} : hw::load_calibration(opt->calibration);
@@ -113,6 +188,12 @@ void add_validate_command(CLI::App& app) {
                         s.predicted ? fmt::format("{:.4g}", *s.predicted) : "-",
                         s.predicted ? fmt::format("{:+.1f} %", 100 * s.rel_error) : s.reason});
     std::cout << t.render() << "\n";
+    if (!opt->only.empty())
+      for (const validation::Row& row : rows)
+        explain_row(row,
+                    opt->lowering == "program" ? planner::Lowering::program
+                                               : planner::Lowering::cost_only,
+                    calibration);
     TextTable m{{"row", "peak memory GiB", "predicted", "error"}, {}, {false, true, true, true}};
     for (const auto& p : rep.points)
       if (!p.time_like)

@@ -747,6 +747,11 @@ Breakdown breakdown_between(const RankClass& rc, const std::vector<OpTiming>& ti
 
 namespace {
 
+// An FP8 GEMM's quantize kernels (Op::bytes), memory-bound, before it on its stream.
+double quantize_time_s(const Op& op, const hw::ClusterSpec& c, const hw::Calibration& cal) {
+  return op.bytes > 0 ? hw::memory_bound_time_s(c, cal, op.bytes) : 0;
+}
+
 double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
                  const hw::Calibration& cal, GemmTimes* gemms) {
   switch (op.kind) {
@@ -756,10 +761,12 @@ double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
     return (gemms != nullptr
                 ? gemms->time_s(op.gemm.m, op.gemm.n, op.gemm.k, op.dtype)
                 : hw::gemm_time_s(c, cal, op.gemm.m, op.gemm.n, op.gemm.k, hw_dtype(op.dtype))) *
-           op.gemm.instances;
+               op.gemm.instances +
+           quantize_time_s(op, c, cal);
   case OpKind::grouped_gemm:
     return hw::grouped_gemm_time_s(c, cal, op.gemm.rows_per_expert, op.gemm.n, op.gemm.k,
-                                   hw_dtype(op.dtype));
+                                   hw_dtype(op.dtype)) +
+           quantize_time_s(op, c, cal);
   case OpKind::attention_fwd:
     return hw::attention_fwd_time_s(c, cal, hw_attention(op.attention));
   case OpKind::attention_bwd:

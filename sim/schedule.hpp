@@ -427,7 +427,8 @@ struct Op {
   Dtype dtype = Dtype::bf16;
   GemmShape gemm;
   AttentionShape attention;
-  double bytes = 0;       // elementwise: HBM bytes read+written; collective: per-rank size; copy
+  double bytes = 0;       // elementwise: HBM bytes read+written; collective: per-rank size; copy;
+                          // FP8 GEMMs: their quantize kernels' HBM bytes (casts, amax, transposes)
   double params = 0;      // host_adam: parameters updated
   double model_flops = 0; // counted towards MFU (0 for recompute, communication, copies)
   int group = -1;         // collectives: index into Schedule::groups

@@ -62,6 +62,11 @@ struct Step {
   LayerKind owner = LayerKind::attention; // whose recompute policy re-runs it
   std::uint8_t kernels = 1;               // kernels the framework launches for it (Op::kernels)
   bool host_sync = false;                 // the host waits for it to end (Op::host_sync)
+  // GEMMs: FP8 quantize traffic (Op::bytes) of the output gradient, charged to the input
+  // gradient's GEMM (the forward's, of its input and weight, is `bytes`); `high_precision`:
+  // left out of the FP8 recipe (Megatron-Core's router, in FP32).
+  double grad_bytes = 0;
+  bool high_precision = false;
 };
 
 // Parameters gathered, reduced and stepped together: those of one layer (or of the embedding, or
@@ -104,7 +109,10 @@ double attention_flops(const sim::AttentionShape& a) {
 class Lowering {
 public:
   Lowering(const Plan& p, const LoweringContext& c)
-      : p_(p), c_(c), m_(*c.model), attention_kernel_(attention_kernel(p, c)) {
+      : p_(p), c_(c), m_(*c.model), attention_kernel_(attention_kernel(p, c)),
+        quantize_(c.gemm_dtype == sim::Dtype::fp8
+                      ? quantize_traffic(fp8_recipe(p, c), c.hw.fp8_transposes)
+                      : QuantizeTraffic{}) {
     tokens_ = static_cast<double>(p.micro_batch) * static_cast<double>(c.seq) / p.attention.cp;
     sp_ = p.attention.sp && p.attention.tp > 1 ? p.attention.tp : 1;
     spill_copy_bytes_ = expert_copy_bytes(m_, p_);
@@ -119,6 +127,7 @@ private:
   const LoweringContext& c_;
   const ModelSpec& m_;
   sim::AttentionKernel attention_kernel_;
+  QuantizeTraffic quantize_; // all 0 without FP8
   double tokens_ = 0; // tokens of one micro-batch on a rank (sequence split over CP)
   int sp_ = 1;        // sequence-parallel divisor of norm/residual regions
   sim::Schedule s_;
@@ -349,10 +358,24 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
                               : std::max(1.0, static_cast<double>(a.num_kv_heads) / tp);
   const double dqk = static_cast<double>(a.qk_head_dim());
   const double dv = static_cast<double>(a.v_dim());
+  // FP8: the quantize kernels around a GEMM (docs/HARDWARE.md "FP8 quantization"): its input
+  // (fused into the norm before it where the framework fuses one), its weight where the recipe
+  // casts it every micro-batch, and in backward its output's gradient.
+  const QuantizeTraffic& q = quantize_;
+  auto quantize = [&](Step& st, double m, double n, double k, bool after_norm) {
+    st.bytes = m * k * (after_norm ? q.input_after_norm : q.input) + n * k * q.weight;
+    st.grad_bytes = m * n * q.grad;
+    if (st.bytes > 0)
+      st.kernels = static_cast<std::uint8_t>(st.kernels + q.kernels);
+  };
   auto gemm = [&](std::string name, double m, double n, double k) {
+    const bool after_norm = name == "qkv_proj" || name == "q_proj" || name == "q_a_proj" ||
+                            name == "kv_a_proj" || name == "mlp_gate_up" ||
+                            name == "shared_gate_up";
     Step st = make_step(std::move(name), OpKind::gemm);
     st.gemm = sim::GemmShape{m, n, k, 1, {}};
     st.flops = 2 * m * n * k;
+    quantize(st, m, n, k, after_norm);
     out.push_back(std::move(st));
   };
   auto elementwise = [&](std::string name, double bytes, bool recomputed_by_selective) {
@@ -377,7 +400,10 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   const bool te = p_.family == "megatron";  // Megatron-Core with Transformer Engine
   const bool eager = p_.family == "fsdp2"; // torchtitan's eager PyTorch layer
   auto kernels = [&](int te_count, int eager_count) {
-    const int k = te ? te_count : eager ? eager_count : 1;
+    const Step& last = out.back();
+    const bool quantized = (last.kind == OpKind::gemm || last.kind == OpKind::grouped_gemm) &&
+                           last.bytes > 0;
+    const int k = (te ? te_count : eager ? eager_count : 1) + (quantized ? q.kernels : 0);
     out.back().kernels = static_cast<std::uint8_t>(std::clamp(k, 0, 255));
   };
   // --- attention block ---
@@ -509,6 +535,9 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     const double experts = static_cast<double>(e.num_routed_experts);
     const double k = static_cast<double>(e.experts_per_token);
     gemm("router", tm, experts, h);
+    out.back().high_precision = true;
+    out.back().bytes = out.back().grad_bytes = 0;
+    out.back().kernels = 1;
     elementwise("router_topk", kAct * tm * experts, false);
     // Megatron-Core's router with its load-balancing loss launches 31 kernels with router
     // fusion (72 without): the router GEMM and 30 more (NVIDIA/Megatron-LM DeepSeek-V3 GB200
@@ -581,6 +610,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.gemm.m = expert_rows;
       st.flops = 2 * expert_rows * st.gemm.n * h;
       st.routed = sim::Routed::rows;
+      quantize(st, expert_rows, st.gemm.n, h, false);
+      st.bytes += (local_experts - 1) * st.gemm.n * h * q.weight; // every expert's weight
       out.push_back(std::move(st));
       // TE's GroupedLinear launches one cuBLAS GEMM per local expert (TransformerEngine v2.8
       // pytorch/module/grouped_linear.py; issues #1386, #1499).
@@ -597,6 +628,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.gemm.m = expert_rows;
       st.flops = 2 * expert_rows * h * inter;
       st.routed = sim::Routed::rows;
+      quantize(st, expert_rows, h, inter, false);
+      st.bytes += (local_experts - 1) * h * inter * q.weight;
       out.push_back(std::move(st));
       kernels(static_cast<int>(local_experts), 1);
     }
@@ -665,6 +698,69 @@ sim::AttentionKernel attention_kernel(const Plan& plan, const LoweringContext& c
   return sim::AttentionKernel::flash;
 }
 
+const char* fp8_recipe_name(Fp8Recipe r) {
+  switch (r) {
+  case Fp8Recipe::delayed:
+    return "delayed";
+  case Fp8Recipe::current:
+    return "current";
+  case Fp8Recipe::mxfp8:
+    return "mxfp8";
+  case Fp8Recipe::tensorwise:
+    return "tensorwise";
+  case Fp8Recipe::rowwise:
+    return "rowwise";
+  }
+  return "delayed";
+}
+
+std::optional<Fp8Recipe> parse_fp8_recipe(std::string_view name) {
+  for (Fp8Recipe r : {Fp8Recipe::delayed, Fp8Recipe::current, Fp8Recipe::mxfp8,
+                      Fp8Recipe::tensorwise, Fp8Recipe::rowwise})
+    if (name == fp8_recipe_name(r))
+      return r;
+  return std::nullopt;
+}
+
+Fp8Recipe fp8_recipe(const Plan& plan, const LoweringContext& ctx) {
+  if (ctx.fp8_recipe)
+    return *ctx.fp8_recipe;
+  // torchtitan's float8 converter defaults to rowwise scaling (torchtitan
+  // components/quantization/float8.py); Megatron-Core's --fp8-recipe to delayed scaling, and so
+  // do DeepSpeed's and the other plans' Transformer Engine layers.
+  return plan.family == "fsdp2" ? Fp8Recipe::rowwise : Fp8Recipe::delayed;
+}
+
+QuantizeTraffic quantize_traffic(Fp8Recipe recipe, bool transposes) {
+  // Bytes per element of the tensor quantized (docs/HARDWARE.md "FP8 quantization"), read in
+  // TransformerEngine d0067d0 (pytorch/module/linear.py, layernorm_linear.py, tensor/
+  // float8_tensor.py, common/transpose/cast_transpose.cu) and torchao's float8 cost model
+  // (torchao/float8 roofline_utils.py), one cast reading BF16 (2 B) and writing FP8 (1 B):
+  switch (recipe) {
+  case Fp8Recipe::delayed:
+    // One cast-transpose kernel (amax computed inside) writes the FP8 copy and, on Hopper, its
+    // transpose: 4 B (3 without the transpose). After TE's LayerNormLinear the norm writes FP8
+    // itself; only the transpose remains (2 B; none on Blackwell). Weights: once per step.
+    return transposes ? QuantizeTraffic{4, 2, 4, 0, 1} : QuantizeTraffic{3, 0, 3, 0, 1};
+  case Fp8Recipe::current:
+    // A separate amax pass reads the tensor again (+2 B) and a scale kernel runs between; the
+    // norm computes the amax but writes BF16, which the cast reads back.
+    return transposes ? QuantizeTraffic{6, 4, 6, 0, 3} : QuantizeTraffic{5, 3, 5, 0, 3};
+  case Fp8Recipe::mxfp8:
+    // One kernel reads once and writes the row-wise and column-wise copies with their 1-in-32
+    // E8M0 scales; the norm is not fused by default.
+    return QuantizeTraffic{4.0625, 4.0625, 4.0625, 0, 1};
+  case Fp8Recipe::tensorwise:
+    // torchao: an amax then a cast per operand and direction, the weight cast every
+    // micro-batch (8 B per weight element).
+    return QuantizeTraffic{6, 6, 6, 8, 2};
+  case Fp8Recipe::rowwise:
+    // torchao row-wise: the column-wise scales need a BF16 transpose written first.
+    return QuantizeTraffic{8, 8, 8, 10, 2};
+  }
+  return {};
+}
+
 namespace {
 
 int Lowering::add(sim::Op&& op, bool on_path) {
@@ -699,7 +795,7 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   op.kernels = st.kernels;
   op.host_sync = st.host_sync;
   op.model_flops = category == Category::forward ? st.flops : 0;
-  if (st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm)
+  if ((st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm) && !st.high_precision)
     op.dtype = c_.gemm_dtype;
   return op;
 }
@@ -902,10 +998,12 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     sim::Op dgrad = op_of(st, label_with(prefix, ".dgrad"), Category::backward, layer, mb);
     dgrad.gemm = sim::GemmShape{st.gemm.m, st.gemm.k, st.gemm.n, st.gemm.instances, {}};
     dgrad.model_flops = st.flops;
+    dgrad.bytes = st.grad_bytes;
     add(std::move(dgrad));
     sim::Op wgrad = op_of(st, label_with(prefix, ".wgrad"), Category::backward, layer, mb);
     wgrad.gemm = sim::GemmShape{st.gemm.k, st.gemm.n, st.gemm.m, st.gemm.instances, {}};
     wgrad.model_flops = st.flops;
+    wgrad.bytes = 0;
     emit_wgrad(std::move(wgrad));
     return;
   }
@@ -914,11 +1012,13 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     dgrad.gemm.n = st.gemm.k;
     dgrad.gemm.k = st.gemm.n;
     dgrad.model_flops = st.flops;
+    dgrad.bytes = st.grad_bytes;
     add(std::move(dgrad));
     // Weight gradient per expert: (k x n) over that expert's rows; priced as the same grouped
     // shape with the reduction over rows (FLOPs equal).
     sim::Op wgrad = op_of(st, label_with(prefix, ".wgrad"), Category::backward, layer, mb);
     wgrad.model_flops = st.flops;
+    wgrad.bytes = 0;
     emit_wgrad(std::move(wgrad));
     return;
   }
@@ -1700,6 +1800,7 @@ void Lowering::expand_routing() {
         if (rank_load[li].empty())
           continue;
         const double f = rank_load[li][static_cast<std::size_t>(r)];
+        const double balanced_rows = op.gemm.m;
         switch (op.routed) {
         case sim::Routed::rows:
           if (op.kind == OpKind::grouped_gemm && loads.rebalanced) {
@@ -1722,6 +1823,8 @@ void Lowering::expand_routing() {
           } else {
             op.bytes *= f;
           }
+          if (op.kind == OpKind::grouped_gemm && balanced_rows > 0)
+            op.bytes *= op.gemm.m / balanced_rows; // its quantize traffic follows its rows
           op.model_flops *= f;
           break;
         case sim::Routed::exchange:
@@ -2014,7 +2117,8 @@ PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_pas
 }
 
 Plan pass_key(Plan p) {
-  p.family = sim::attention_kernel_name(attention_kernel(p, LoweringContext{}));
+  p.family = fmt::format("{}/{}", sim::attention_kernel_name(attention_kernel(p, LoweringContext{})),
+                         fp8_recipe_name(fp8_recipe(p, LoweringContext{})));
   p.global_batch = 0;
   p.stage_layers.clear();
   p.activation_offload = 0;

@@ -10,11 +10,29 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string_view>
 #include <utility>
 #include <optional>
 #include <vector>
 
 namespace mop::strategy {
+
+// How a framework scales and casts FP8 GEMM operands (docs/HARDWARE.md "FP8 quantization"):
+// Transformer Engine's delayed and current per-tensor scaling and MXFP8 blocks, torchao's
+// tensor-wise and row-wise dynamic scaling.
+enum class Fp8Recipe : std::uint8_t { delayed, current, mxfp8, tensorwise, rowwise };
+const char* fp8_recipe_name(Fp8Recipe r); // "delayed", "current", "mxfp8", "tensorwise", "rowwise"
+std::optional<Fp8Recipe> parse_fp8_recipe(std::string_view name);
+
+// HBM bytes the recipe's quantize kernels move per element of a GEMM operand: its input (plain,
+// or after a norm that can write FP8 itself), its output gradient, its weight when cast every
+// micro-batch (0: once per step), and the kernels each cast launches. `transposes`: the GPU's FP8
+// GEMMs read K-major operands only (Hopper), so a transposed copy is written too.
+struct QuantizeTraffic {
+  double input = 0, input_after_norm = 0, grad = 0, weight = 0;
+  int kernels = 0;
+};
+QuantizeTraffic quantize_traffic(Fp8Recipe recipe, bool transposes);
 
 struct LoweringContext {
   const workload::ModelSpec* model = nullptr;
@@ -37,6 +55,8 @@ struct LoweringContext {
   const std::vector<std::vector<double>>* expert_loads = nullptr;
   // The attention kernel the framework runs; unset: the plan family's (attention_kernel()).
   std::optional<sim::AttentionKernel> attention_kernel = std::nullopt;
+  // With FP8 GEMMs, how the framework quantizes their operands; unset: the family's (fp8_recipe()).
+  std::optional<Fp8Recipe> fp8_recipe = std::nullopt;
 };
 
 // The attention kernel a plan's attention runs as: the context's when set, else its family's
@@ -45,6 +65,10 @@ struct LoweringContext {
 // sm90/sm100 from torch 2.9) and mop's own executor run cuDNN; DeepSpeed-Ulysses runs the
 // flash-attn 2 package; a custom plan the newest FlashAttention.
 sim::AttentionKernel attention_kernel(const Plan& plan, const LoweringContext& ctx);
+
+// The FP8 recipe a plan's GEMMs run with: the context's when set, else its family's framework
+// default (Megatron-Core: delayed; torchtitan: row-wise).
+Fp8Recipe fp8_recipe(const Plan& plan, const LoweringContext& ctx);
 
 // The CPU time the plan's framework takes to issue one kernel (sim::Schedule::host_issue_s,
 // docs/ENGINE.md "Host issue"): PyTorch eager for Megatron-Core, FSDP2 and DeepSpeed, C++ for

@@ -17,6 +17,9 @@ struct MemoryHardware {
   double nccl_bytes_per_communicator = 0;
   double alltoall_buffer_bytes = 0; // once per process that runs an all-to-all (EP, Ulysses)
   double fragmentation = 0;         // allocator overhead as a fraction of activations and buffers
+  // Hopper's FP8 tensor cores read K-major operands only: an FP8 tensor used by two GEMMs in
+  // different orientations is written twice, once transposed (Blackwell reads either).
+  bool fp8_transposes = true;
   double host_reserved_bytes = 0;   // per node: OS, framework, page cache the job cannot use
   // HBM a plan must leave free to count as fitting (`--hbm-headroom`): allocator spikes and
   // what no model counts, so that the best plan does not sit at 0.1 GiB from the limit.

@@ -53,6 +53,18 @@ double source_flops_per_token(const workload::ModelSpec& m, std::int64_t seq,
   return mop_flops_per_token + 3.0 * dropped_fwd / static_cast<double>(seq);
 }
 
+planner::StepEvaluation evaluate_row(const Row& row, const Translation& t,
+                                     planner::Lowering lowering,
+                                     const hw::Calibration& calibration) {
+  const hw::ClusterSpec cluster = hw::load_cluster(t.cluster_id);
+  const strategy::MemoryHardware mh = strategy::memory_hardware(cluster);
+  strategy::LoweringContext lc{&*t.model, row.seq_len, cluster.node.gpus_per_node, mh, {}};
+  lc.gemm_dtype = row.precision == "fp8" ? sim::Dtype::fp8 : sim::Dtype::bf16;
+  lc.attention_kernel = row.attention_kernel;
+  lc.fp8_recipe = row.fp8_recipe;
+  return planner::evaluate_step(*t.plan, lc, cluster, calibration, 16, lowering);
+}
+
 namespace {
 
 // What mop predicts for one row.
@@ -70,11 +82,7 @@ Prediction predict(const Row& row, const Translation& t, planner::Lowering lower
                    const hw::Calibration& calibration, bool& program) {
   const hw::ClusterSpec cluster = hw::load_cluster(t.cluster_id);
   const strategy::MemoryHardware mh = strategy::memory_hardware(cluster);
-  strategy::LoweringContext lc{&*t.model, row.seq_len, cluster.node.gpus_per_node, mh, {}};
-  lc.gemm_dtype = row.precision == "fp8" ? sim::Dtype::fp8 : sim::Dtype::bf16;
-  lc.attention_kernel = row.attention_kernel;
-  const planner::StepEvaluation e =
-      planner::evaluate_step(*t.plan, lc, cluster, calibration, 16, lowering);
+  const planner::StepEvaluation e = evaluate_row(row, t, lowering, calibration);
   program = e.program;
   const double gpus = row.num_gpus;
   Prediction p;

@@ -78,6 +78,12 @@ std::vector<std::string> group_keys(const std::string& kind, const RowFacts& row
 double source_flops_per_token(const workload::ModelSpec& m, std::int64_t seq,
                               double mop_flops_per_token, const std::string& convention);
 
+// The simulation behind a row's prediction (its translation must hold a plan): the Schedule,
+// the engine's result and the step, as `validate` scores them.
+planner::StepEvaluation evaluate_row(const Row& row, const Translation& t,
+                                     planner::Lowering lowering = planner::Lowering::cost_only,
+                                     const hw::Calibration& calibration = {});
+
 // `lowering`: which lowering writes the Schedules the rows are predicted from; `calibration`:
 // the hardware model's measured corrections (mop calibrate), none by default.
 Report validate(const std::vector<Row>& rows,

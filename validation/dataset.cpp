@@ -3,6 +3,7 @@
 #include "common/error.hpp"
 #include "common/file_io.hpp"
 #include "common/limits.hpp"
+#include "hw_models/cluster.hpp"
 #include "strategies/presets.hpp"
 #include "workload/catalog.hpp"
 #include "workload/hf_config.hpp"
@@ -38,6 +39,7 @@ std::vector<Row> read_dataset(const std::string& path) {
     if (f.has("model_id"))
       r.model_id = f.string("model_id");
     r.gpu = f.string("gpu");
+    r.node_type = f.string_or("node_type", "");
     // Ceilings of common/limits.hpp: a count past one is a malformed row, like a negative one.
     r.num_gpus = static_cast<int>(f.int_in("num_gpus", 1, limits::max_gpus));
     r.seq_len = f.int_in("seq_len", 1, limits::max_seq_tokens);
@@ -57,6 +59,11 @@ std::vector<Row> read_dataset(const std::string& path) {
       r.attention_kernel = sim::parse_attention_kernel(f.string("attention_kernel"));
       if (!r.attention_kernel)
         f.fail("attention_kernel", "\"flash\", \"flash2\" or \"cudnn\"");
+    }
+    if (f.has("fp8_recipe")) {
+      r.fp8_recipe = strategy::parse_fp8_recipe(f.string("fp8_recipe"));
+      if (!r.fp8_recipe)
+        f.fail("fp8_recipe", "\"delayed\", \"current\", \"mxfp8\", \"tensorwise\" or \"rowwise\"");
     }
     r.measured = f.at("measured");
     if (!r.measured.is_object() || r.measured.empty())
@@ -88,6 +95,15 @@ Translation translate(const Row& row, int gpus_per_node) {
     return t;
   }
   t.cluster_id = gpu;
+  if (!row.node_type.empty()) {
+    const std::vector<std::string> ids = hw::cluster_ids();
+    if (std::find(ids.begin(), ids.end(), row.node_type) == ids.end()) {
+      t.reason = fmt::format("its node type '{}' is not in the catalog (mop hw list).",
+                             quote_for_message(row.node_type, limits::max_quoted_chars));
+      return t;
+    }
+    t.cluster_id = row.node_type;
+  }
   if (row.num_gpus % gpus_per_node != 0 && row.num_gpus > gpus_per_node) {
     t.reason = fmt::format("{} GPUs do not fill whole nodes of {}.", row.num_gpus, gpus_per_node);
     return t;

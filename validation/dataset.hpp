@@ -3,6 +3,7 @@
 // their translation into fixed Plans: the published degrees, no auto-tuning.
 #include "common/json_io.hpp"
 #include "sim/schedule.hpp"
+#include "strategies/lower.hpp"
 #include "strategies/plan.hpp"
 #include "workload/model_spec.hpp"
 
@@ -19,6 +20,9 @@ struct Row {
   std::string model_name;
   std::optional<std::string> model_id; // catalog id
   std::string gpu;                     // H100, H200, B200, A100, GB200, GB300
+  // The node type (hw::cluster_ids) of a GPU variant the `gpu` type does not describe (a power
+  // limit, another memory); empty: the type's own ("h100" for H100).
+  std::string node_type;
   int num_gpus = 0;
   std::int64_t seq_len = 0;
   std::optional<int> global_batch_size;
@@ -34,6 +38,9 @@ struct Row {
   // The attention kernel the run used when the source's versions fix it ("flash", "flash2",
   // "cudnn"); empty for the framework's default (strategy::attention_kernel).
   std::optional<sim::AttentionKernel> attention_kernel;
+  // How the run quantized its FP8 GEMMs' operands when the source says ("delayed", "current",
+  // "mxfp8", "tensorwise", "rowwise"); empty for the framework's default (strategy::fp8_recipe).
+  std::optional<strategy::Fp8Recipe> fp8_recipe;
   Json measured; // metric -> value
 };
 

@@ -69,3 +69,18 @@ TEST_CASE("an unknown command is a usage error even with --help" *
   CHECK(r.status == 2);
   CHECK(count_lines(r.err) == 1);
 }
+
+TEST_CASE("validate --row: that row only, its plan and where its step goes, and an unknown id is "
+          "refused" *
+          doctest::test_suite("plumbing")) {
+  const mop::test::MopResult r = mop::test::run_mop("validate --row nemo2407-h100-llama2-7b-8g");
+  REQUIRE(r.status == 0);
+  CHECK(r.out.find("nemo2407-h100-llama2-7b-8g: Llama 2 7B") != std::string::npos);
+  CHECK(r.out.find("plan attn[dp8]") != std::string::npos);
+  CHECK(r.out.find("mlp_gate_up") != std::string::npos);
+  CHECK(r.out.find("1 rows, 1 predicted") != std::string::npos);
+  CHECK(r.out.find("titan-h100-t1-1") == std::string::npos);
+  const mop::test::MopResult bad = mop::test::run_mop("validate --row no-such-row");
+  CHECK(bad.status == 1);
+  CHECK(bad.err.find("no row of the dataset has the id 'no-such-row'.") != std::string::npos);
+}

@@ -11,15 +11,15 @@ using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
 
-TEST_CASE("mop hw list shows the three node types in a table and as JSON" *
+TEST_CASE("mop hw list shows the four node types in a table and as JSON" *
           doctest::test_suite("plumbing")) {
   const auto text = run_mop("hw list");
   REQUIRE(text.status == 0);
-  for (const char* id : {"h100", "h200", "b200"})
+  for (const char* id : {"h100", "h100-96gb-500w", "h200", "b200"})
     CHECK(text.out.find(id) != std::string::npos);
   const auto json = run_mop("hw list --json");
   REQUIRE(json.status == 0);
-  CHECK(Json::parse(json.out)["clusters"].size() == 3);
+  CHECK(Json::parse(json.out)["clusters"].size() == 4);
 }
 
 TEST_CASE("mop hw show --json prints one object with the contract's keys" *

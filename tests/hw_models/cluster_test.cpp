@@ -35,8 +35,9 @@ std::string load_error(const std::string& path) {
 
 } // namespace
 
-TEST_CASE("the built-in node types are b200, h100 and h200" * doctest::test_suite("plumbing")) {
-  CHECK(cluster_ids() == std::vector<std::string>{"b200", "h100", "h200"});
+TEST_CASE("the built-in node types are b200, h100, h100-96gb-500w and h200" *
+          doctest::test_suite("plumbing")) {
+  CHECK(cluster_ids() == std::vector<std::string>{"b200", "h100", "h100-96gb-500w", "h200"});
 }
 
 TEST_CASE("h200 loads and each figure matches hardware.md" * doctest::test_suite("plumbing")) {
@@ -183,7 +184,7 @@ TEST_CASE("bad cluster files: one sentence naming the file, the field and what i
 TEST_CASE("an unknown node type lists the built-in ones" * doctest::test_suite("plumbing")) {
   CHECK_THROWS_WITH_AS(load_cluster("a100"),
                        "'a100' is neither a built-in node type nor a cluster JSON path; built-in: "
-                       "b200, h100, h200.",
+                       "b200, h100, h100-96gb-500w, h200.",
                        mop::InputError);
   CHECK_THROWS_AS(load_cluster("/nonexistent/cluster.json"), mop::InputError);
 }

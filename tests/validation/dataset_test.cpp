@@ -158,3 +158,58 @@ TEST_CASE("a last line without a newline and CRLF line ends are rows like the ot
   REQUIRE(rows.size() == 2);
   CHECK(rows[1].origin == path.string() + ":2");
 }
+
+namespace {
+// A row of Llama 3 8B on 8 H100s with extra fields (`"key": value, ` each).
+Row row_with_fields(const std::string& fields) {
+  const auto path = std::filesystem::temp_directory_path() / "mop-fields.jsonl";
+  std::ofstream(path) << R"({"id": "r", "model_id": "llama3-8b", "gpu": "H100", "num_gpus": 8, )"
+                      << fields
+                      << R"("seq_len": 4096, "parallelism": {"dp": 8}, "measured": {"mfu": 0.4}})"
+                      << "\n";
+  std::vector<Row> rows = read_dataset(path.string());
+  std::filesystem::remove(path);
+  REQUIRE(rows.size() == 1);
+  return rows[0];
+}
+} // namespace
+
+TEST_CASE("a row names the node type of its GPU variant, and an unknown one is a reason" *
+          doctest::test_suite("plumbing")) {
+  CHECK(translate(row_with_fields("")).cluster_id == "h100");
+  const Translation variant = translate(row_with_fields(R"("node_type": "h100-96gb-500w", )"));
+  CHECK(variant.reason.empty());
+  CHECK(variant.cluster_id == "h100-96gb-500w");
+  const Translation unknown = translate(row_with_fields(R"("node_type": "h100-1kw", )"));
+  CHECK_FALSE(unknown.plan);
+  CHECK(unknown.reason == "its node type 'h100-1kw' is not in the catalog (mop hw list).");
+  // Every torchtitan H100 row ran on the 500 W, 96 GB HBM2e variant its benchmarks describe.
+  for (const Row& r : read_dataset(default_dataset_path()))
+    if (r.framework == "torchtitan" && r.gpu == "H100")
+      CHECK(r.node_type == "h100-96gb-500w");
+}
+
+TEST_CASE("a row's FP8 recipe is one of the five, else the line is malformed" *
+          doctest::test_suite("plumbing")) {
+  CHECK(row_with_fields(R"("fp8_recipe": "current", )").fp8_recipe ==
+        strategy::Fp8Recipe::current);
+  CHECK_FALSE(row_with_fields("").fp8_recipe);
+  CHECK(mop::test::input_error_of([] { row_with_fields(R"("fp8_recipe": "hybrid", )"); })
+            .ends_with(":1: field 'fp8_recipe' must be \"delayed\", \"current\", \"mxfp8\", "
+                       "\"tensorwise\" or \"rowwise\" (got \"hybrid\")."));
+}
+
+TEST_CASE("the 500 W, 96 GB HBM2e H100: its sourced figures against the standard H100's" *
+          doctest::test_suite("independent")) {
+  // torchtitan's benchmarks: 96GB HBM2e at 2.4 TB/s, the default 500 W power limit; the tensor
+  // peak between H100 NVL (835 TFLOPS, 400 W) and SXM (989, 700 W), linear in the limit.
+  const hw::ClusterSpec v = hw::load_cluster("h100-96gb-500w");
+  const hw::ClusterSpec h = hw::load_cluster("h100");
+  CHECK(v.gpu.hbm_bandwidth == 2.4e12);
+  CHECK(v.gpu.peak_flops_bf16 == doctest::Approx(835e12 + (989e12 - 835e12) * (500.0 - 400) / 300).epsilon(0.001));
+  CHECK(v.gpu.peak_flops_fp8 / v.gpu.peak_flops_bf16 == doctest::Approx(2).epsilon(0.001));
+  CHECK(v.gpu.hbm_bandwidth_achievable / v.gpu.hbm_bandwidth ==
+        doctest::Approx(h.gpu.hbm_bandwidth_achievable / h.gpu.hbm_bandwidth).epsilon(0.001));
+  CHECK(v.gpu.hbm_bytes > h.gpu.hbm_bytes);
+  CHECK(v.node.gpus_per_node == 8);
+}

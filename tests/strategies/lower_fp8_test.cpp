@@ -1,0 +1,111 @@
+// FP8 quantization around the GEMMs (docs/HARDWARE.md "FP8 quantization"): the recipes' bytes per
+// element, where the lowering charges them, and what they cost in the engine.
+#include "hw_models/calibration.hpp"
+#include "hw_models/cluster.hpp"
+#include "hw_models/compute.hpp"
+#include "sim/engine.hpp"
+#include "strategies/hardware.hpp"
+#include "strategies/lower.hpp"
+#include "tests/support/approx.hpp"
+#include "workload/catalog.hpp"
+
+#include <doctest/doctest.h>
+#include <string>
+
+using namespace mop;
+using namespace mop::strategy;
+
+namespace {
+
+Plan dp8_plan(const std::string& family) {
+  Plan p;
+  p.family = family;
+  p.world = 8;
+  p.global_batch = 16;
+  complete_plan(p);
+  return p;
+}
+
+const sim::Op& op_named(const sim::Schedule& s, const std::string& name) {
+  for (const sim::Op& op : s.classes.front().ops)
+    if (op.name == name)
+      return op;
+  FAIL("no op named " << name);
+  return s.classes.front().ops.front();
+}
+
+} // namespace
+
+TEST_CASE("FP8 recipes: bytes per quantized element, by hand" * doctest::test_suite("independent")) {
+  // One cast reads BF16 (2 B) and writes FP8 (1 B). Transformer Engine's delayed scaling fuses
+  // the amax into a cast-transpose kernel: + 1 B for the transposed copy Hopper's GEMMs need.
+  const QuantizeTraffic delayed = quantize_traffic(Fp8Recipe::delayed, true);
+  CHECK(delayed.input == 2 + 1 + 1);
+  CHECK(delayed.input_after_norm == 1 + 1); // the norm writes FP8; the transpose reads it back
+  CHECK(delayed.grad == 4);
+  CHECK(delayed.weight == 0); // cached for the step's other micro-batches
+  // Current scaling reads the tensor once more for its amax.
+  const QuantizeTraffic current = quantize_traffic(Fp8Recipe::current, true);
+  CHECK(current.input == delayed.input + 2);
+  CHECK(current.grad == delayed.grad + 2);
+  // Blackwell reads either orientation: no transposed copy.
+  CHECK(quantize_traffic(Fp8Recipe::delayed, false).input == 3);
+  CHECK(quantize_traffic(Fp8Recipe::current, false).input == 5);
+  // MXFP8: both copies and one E8M0 scale per 32 elements each, from one read.
+  CHECK(quantize_traffic(Fp8Recipe::mxfp8, true).input == doctest::Approx(2 + 1 + 1 + 2.0 / 32));
+  // torchao casts the weight every micro-batch; row-wise writes a BF16 transpose first.
+  CHECK(quantize_traffic(Fp8Recipe::tensorwise, true).weight == 8);
+  CHECK(quantize_traffic(Fp8Recipe::rowwise, true).input == 8);
+  for (const char* name : {"delayed", "current", "mxfp8", "tensorwise", "rowwise"})
+    CHECK(std::string(fp8_recipe_name(*parse_fp8_recipe(name))) == name);
+  CHECK_FALSE(parse_fp8_recipe("hybrid"));
+}
+
+TEST_CASE("FP8 GEMMs carry their quantize traffic: input and weight forward, the output's "
+          "gradient in the input gradient's GEMM" *
+          doctest::test_suite("independent")) {
+  const workload::ModelSpec m = workload::load_model("llama3-8b");
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  LoweringContext ctx{&m, 4096, 8, memory_hardware(c), {}};
+  // BF16: no quantize traffic.
+  const sim::Schedule bf16 = lower(dp8_plan("megatron"), ctx);
+  CHECK(op_named(bf16, "L0.mlp_down.mb0").bytes == 0);
+  ctx.gemm_dtype = sim::Dtype::fp8;
+  ctx.fp8_recipe = Fp8Recipe::delayed;
+  const sim::Schedule s = lower(dp8_plan("megatron"), ctx);
+  const double t = 4096, h = 4096, inter = 14336;
+  // mlp_down's input (the SwiGLU output, t x inter) has no norm before it: cast-transposed.
+  CHECK(op_named(s, "L0.mlp_down.mb0").bytes == doctest::Approx(t * inter * 4));
+  // mlp_gate_up's input comes from the norm: only its transpose.
+  CHECK(op_named(s, "L0.mlp_gate_up.mb0").bytes == doctest::Approx(t * h * 2));
+  // The input gradient's GEMM quantizes the output's gradient (t x h for mlp_down); the weight
+  // gradient's GEMM reads the transposes already written.
+  CHECK(op_named(s, "L0.mlp_down.mb0.dgrad").bytes == doctest::Approx(t * h * 4));
+  CHECK(op_named(s, "L0.mlp_down.mb0.wgrad").bytes == 0);
+  // torchao row-wise also casts the weight (h x inter) every micro-batch.
+  ctx.fp8_recipe = std::nullopt; // FSDP2's default: row-wise
+  const sim::Schedule titan = lower(dp8_plan("fsdp2"), ctx);
+  CHECK(op_named(titan, "L0.mlp_down.mb0").bytes == doctest::Approx(t * inter * 8 + h * inter * 10));
+  // The engine charges the traffic at the HBM's achievable bandwidth, one more launch.
+  const sim::Op& down = op_named(s, "L0.mlp_down.mb0");
+  const double gemm = hw::gemm_time_s(c, hw::Calibration{}, t, h, inter, hw::Dtype::fp8);
+  CHECK(sim::op_duration_s(down, s, c, hw::Calibration{}) ==
+        doctest::Approx(gemm + t * inter * 4 / c.gpu.hbm_bandwidth_achievable +
+                        c.gpu.kernel_launch_s));
+}
+
+TEST_CASE("Megatron-Core's router stays out of the FP8 recipe" * doctest::test_suite("plumbing")) {
+  const workload::ModelSpec m = workload::load_model("tiny-moe");
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  LoweringContext ctx{&m, 1024, 8, memory_hardware(c), {}};
+  ctx.gemm_dtype = sim::Dtype::fp8;
+  Plan p = dp8_plan("megatron");
+  p.moe.ep = 4;
+  complete_plan(p);
+  const sim::Schedule s = lower(p, ctx);
+  const sim::Op& router = op_named(s, "L1.router.mb0");
+  CHECK(router.dtype == sim::Dtype::bf16);
+  CHECK(router.bytes == 0);
+  CHECK(op_named(s, "L1.experts_gate_up.mb0").dtype == sim::Dtype::fp8);
+  CHECK(op_named(s, "L1.experts_gate_up.mb0").bytes > 0);
+}
