@@ -57,6 +57,7 @@ struct PlanInputs {
   strategy::PlanOverrides overrides;
   sim::Dtype gemm_dtype = sim::Dtype::bf16;
   std::optional<sim::AttentionKernel> attention_kernel; // `--attention-kernel`
+  std::optional<bool> compiled; // a torchtitan job's compile.enable (--from)
   std::string precision = "bf16";
   int max_simulations = 400;
   double hbm_headroom_bytes = 0;

@@ -761,8 +761,7 @@ FrameworkRun read_torchtitan_config(const std::string& text, const std::string& 
     r.precision = "fp8";
   if (k.any_under("quantize.linear.mx") || converters.find("mx") != std::string::npos)
     r.precision = "mxfp8";
-  if (k.flag("compile.enable", false))
-    r.not_represented.emplace_back("torch.compile's fused kernels are priced as eager ones");
+  r.compiled = k.flag("compile.enable", false);
   return r;
 }
 

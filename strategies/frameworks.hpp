@@ -29,6 +29,7 @@ struct FrameworkRun {
   std::int64_t seq = 0;                     // 0: not stated
   int global_batch = 0;                     // sequences; 0: not stated
   std::string precision = "bf16";           // bf16, fp8, mxfp8
+  std::optional<bool> compiled;             // torchtitan's compile.enable; unset: not said
   int nodes = 0, gpus_per_node = 0;         // the launcher's (torchrun), 0: not stated
   // What the configuration sets that mop does not represent, one sentence each.
   std::vector<std::string> not_represented;

@@ -209,6 +209,8 @@ private:
   int emit_attention(const Step& st, const std::string& prefix, Category category, int layer,
                      int mb, bool backward);
   void emit_wgrad(sim::Op&& wgrad);
+  // The part of a step selective recompute re-runs (0 to 1).
+  double selective_share(const Step& st) const;
   sim::Op host_adam_op(std::string name, double params, int layer) const;
   sim::Op pipeline_op(std::string name, OpKind kind, int peer, int mb, double bytes) const;
   sim::Op op_of(const Step& st, const std::string& name, Category category, int layer, int mb);
@@ -397,8 +399,14 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   const bool sp = p_.attention.sp;
   // Kernels the framework launches for the step just emitted, where it is more than one
   // (Op::kernels, read in the frameworks' sources: docs/ENGINE.md "Host issue").
-  const bool te = p_.family == "megatron";  // Megatron-Core with Transformer Engine
-  const bool eager = p_.family == "fsdp2"; // torchtitan's eager PyTorch layer
+  const bool te = p_.family == "megatron"; // Megatron-Core with Transformer Engine
+  // torchtitan's PyTorch layer, eager unless compiled: then fused as the others are, but for
+  // RoPE, whose complex product Inductor leaves to eager kernels (torchtitan issue #15).
+  const bool torch_layer = p_.family == "fsdp2";
+  const bool eager = torch_layer && !c_.compiled.value_or(false);
+  EagerTraffic unfused = eager ? eager_traffic() : EagerTraffic{};
+  if (torch_layer)
+    unfused.rope = eager_traffic().rope;
   auto kernels = [&](int te_count, int eager_count) {
     const Step& last = out.back();
     const bool quantized = (last.kind == OpKind::gemm || last.kind == OpKind::grouped_gemm) &&
@@ -407,7 +415,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     out.back().kernels = static_cast<std::uint8_t>(std::clamp(k, 0, 255));
   };
   // --- attention block ---
-  elementwise("attn_norm", 2 * kAct * t * h / sp_, true);
+  elementwise("attn_norm", 2 * kAct * t * h / sp_ * unfused.norm, true);
   kernels(1, 8); // TE's fused RMSNorm; torchtitan's Python RMSNorm (cast, pow, mean, add,
                  // rsqrt, mul, cast, scale)
   // TP with SP: gather the sequence-sharded input; the size is the gathered buffer.
@@ -437,9 +445,12 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     replicated(1 / tp);
     gemm("kv_b_proj", t, heads * (nope + dv), kvr);
   }
-  elementwise("rope_qk_norm", 2 * kAct * t * (heads + kv_heads) * dqk, true);
-  kernels(4, 8); // TE: fused RoPE on q and k, the query reshape and v made contiguous; eager:
-                 // RoPE's casts and complex products on q and k (6), repeat_kv's two copies
+  elementwise("rope_qk_norm", 2 * kAct * t * (heads + kv_heads) * dqk * unfused.rope, true);
+  // TE: fused RoPE on q and k, the query reshape and v made contiguous; torchtitan, compiled or
+  // not: RoPE's casts and complex products on q and k (6), repeat_kv's two copies.
+  kernels(4, 8);
+  if (torch_layer)
+    out.back().kernels = 8;
   // Context parallelism.
   const double seq = static_cast<double>(c_.seq);
   const double b = p_.micro_batch;
@@ -510,7 +521,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   elementwise("attn_residual", 3 * kAct * t * h / sp_, false);
   const std::size_t mlp_begin = out.size();
   // --- MLP block ---
-  elementwise("mlp_norm", 2 * kAct * t * h / sp_, true);
+  elementwise("mlp_norm", 2 * kAct * t * h / sp_ * unfused.norm, true);
   kernels(1, 8);
   if (layer.mlp == MlpKind::dense) {
     const double dtp = p_.dense.tp;
@@ -520,7 +531,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       collective("mlp_sp_gather", OpKind::all_gather, Category::tp_comm, kTp, tp_group,
                  kAct * t * h);
     gemm("mlp_gate_up", t, up, h);
-    elementwise("mlp_act", 3 * kAct * t * inter, true);
+    elementwise("mlp_act", 3 * kAct * t * inter * unfused.activation, true);
     kernels(1, 2); // compiled bias-SwiGLU; eager silu and product
     gemm("mlp_down", t, h, inter);
     if (sp)
@@ -617,7 +628,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       // pytorch/module/grouped_linear.py; issues #1386, #1499).
       kernels(static_cast<int>(local_experts), 1);
     }
-    elementwise("experts_act", 3 * kAct * expert_rows * inter, true);
+    elementwise("experts_act", 3 * kAct * expert_rows * inter * unfused.activation, true);
     routed_last("experts_act", sim::Routed::rows);
     {
       Step st = make_step("experts_down", OpKind::grouped_gemm);
@@ -654,7 +665,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
         collective("shared_sp_gather", OpKind::all_gather, Category::tp_comm, kTp, tp_group,
                    kAct * t * h);
       gemm("shared_gate_up", t, (e.gated ? 2 : 1) * shared, h);
-      elementwise("shared_act", 3 * kAct * t * shared, true);
+      elementwise("shared_act", 3 * kAct * t * shared * unfused.activation, true);
       gemm("shared_down", t, h, shared);
       if (sp)
         collective("shared_sp_scatter", OpKind::reduce_scatter, Category::tp_comm, kTp, tp_group,
@@ -720,6 +731,17 @@ std::optional<Fp8Recipe> parse_fp8_recipe(std::string_view name) {
     if (name == fp8_recipe_name(r))
       return r;
   return std::nullopt;
+}
+
+EagerTraffic eager_traffic() {
+  // Bytes per element of the BF16 activation, against the fused kernel's (docs/HARDWARE.md):
+  // - RMSNorm (torchtitan models/norms.py): x.float() 2+4, pow(2) 4+4, mean 4, x * rsqrt 4+4,
+  //   type_as 4+2, * weight 2+2 = 36 B, against 4 fused (read 2, write 2): 9x.
+  // - RoPE (apply_rotary_emb): float() 2+4, complex product with freqs_cis 4+4, type_as 4+2 =
+  //   20 B, against 4 fused: 5x.
+  // - SwiGLU (F.silu(w1(x)) * w3(x)): silu 2+2, product 2+2+2 = 10 B per element of the
+  //   intermediate, against 6 fused: 5/3.
+  return EagerTraffic{36.0 / 4, 20.0 / 4, 10.0 / 6};
 }
 
 Fp8Recipe fp8_recipe(const Plan& plan, const LoweringContext& ctx) {
@@ -971,13 +993,44 @@ sim::Op Lowering::embedding_tp_op(const char* name, OpKind kind, int mb, int gro
 void Lowering::emit_layer_backward(const std::vector<Step>& steps, int layer, int mb) {
   for (const Step& st : steps) {
     const Recompute r = p_.recompute[static_cast<int>(st.owner)];
-    if (r == Recompute::none || (r == Recompute::selective && !st.selective_keep))
+    const double share = r == Recompute::selective ? selective_share(st) : 1;
+    if (r == Recompute::none || share == 0)
       continue;
-    emit_forward(st, label("L{}.{}.mb{}.recompute", layer, st.name, mb), Category::recompute, layer,
-                 mb);
+    const std::string name = label("L{}.{}.mb{}.recompute", layer, st.name, mb);
+    if (share == 1) {
+      emit_forward(st, name, Category::recompute, layer, mb);
+    } else { // part of a fused GEMM's columns (torchtitan's wk of wq/wk/wv, w3 of w1/w3)
+      Step part = st;
+      part.gemm.n *= share;
+      part.flops *= share;
+      part.bytes *= share;
+      emit_forward(part, name, Category::recompute, layer, mb);
+    }
   }
   for (auto it = steps.rbegin(); it != steps.rend(); ++it)
     emit_backward(*it, label("L{}.{}.mb{}", layer, it->name, mb), layer, mb);
+}
+
+double Lowering::selective_share(const Step& st) const {
+  if (p_.family != "fsdp2" || m_.attention.kind != AttentionKind::gqa)
+    return st.selective_keep ? 1 : 0;
+  // torchtitan's op-level SAC (torchtitan 9dec370 parallelize_llama.py, _save_list): matmul and
+  // flash-attention outputs are saved, but every second matmul of the block is recomputed (wk,
+  // wo, w3 of wq, wk, wv, wo, w1, w3, w2), with every elementwise op.
+  if (st.kind == OpKind::attention_fwd)
+    return 0;
+  if (st.name == "qkv_proj") {
+    const double heads = static_cast<double>(m_.attention.num_heads);
+    const double kv = static_cast<double>(m_.attention.num_kv_heads);
+    return kv / (heads + 2 * kv);
+  }
+  if (st.name == "o_proj")
+    return 1;
+  if (st.name == "mlp_gate_up")
+    return m_.dense_mlp.gated ? 0.5 : 0;
+  if (st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm)
+    return 0;
+  return st.selective_keep ? 1 : 0;
 }
 
 void Lowering::emit_wgrad(sim::Op&& wgrad) {
@@ -2117,8 +2170,11 @@ PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_pas
 }
 
 Plan pass_key(Plan p) {
-  p.family = fmt::format("{}/{}", sim::attention_kernel_name(attention_kernel(p, LoweringContext{})),
-                         fp8_recipe_name(fp8_recipe(p, LoweringContext{})));
+  // What a pass takes from the family: its attention kernel, FP8 recipe and (torchtitan's eager
+  // layer) elementwise traffic.
+  p.family = fmt::format("{}/{}{}", sim::attention_kernel_name(attention_kernel(p, LoweringContext{})),
+                         fp8_recipe_name(fp8_recipe(p, LoweringContext{})),
+                         p.family == "fsdp2" ? "/eager" : "");
   p.global_batch = 0;
   p.stage_layers.clear();
   p.activation_offload = 0;

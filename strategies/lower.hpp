@@ -57,7 +57,19 @@ struct LoweringContext {
   std::optional<sim::AttentionKernel> attention_kernel = std::nullopt;
   // With FP8 GEMMs, how the framework quantizes their operands; unset: the family's (fp8_recipe()).
   std::optional<Fp8Recipe> fp8_recipe = std::nullopt;
+  // Whether the PyTorch-eager family (fsdp2, torchtitan) runs its layers under torch.compile,
+  // which fuses each norm, RoPE and activation into one kernel; unset: torchtitan's default,
+  // eager (compile.enable = false), where each is a chain of kernels moving FP32 intermediates.
+  std::optional<bool> compiled = std::nullopt;
 };
+
+// Eager PyTorch's elementwise traffic against one fused kernel's, per op (docs/HARDWARE.md
+// "Eager elementwise ops"), read in torchtitan's model code: the RMSNorm, RoPE and SwiGLU.
+struct EagerTraffic {
+  double norm = 1, rope = 1, activation = 1;
+};
+// torchtitan's eager layer against the fused kernels the other families (and torch.compile) run.
+EagerTraffic eager_traffic();
 
 // The attention kernel a plan's attention runs as: the context's when set, else its family's
 // framework default (docs/HARDWARE.md "Attention kernels"): Megatron-Core (Transformer Engine

@@ -39,6 +39,11 @@ double sp_div(const Plan& p) {
   return p.attention.sp ? p.attention.tp : 1;
 }
 
+// The family's "selective" is torchtitan's op-level selective activation checkpointing.
+bool torch_op_sac(const Plan& p) {
+  return p.family == "fsdp2";
+}
+
 double attention_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq,
                              const LayerSpec& layer, Recompute rc, const ActivationOptions& o) {
   const double t = tokens_per_rank(p, seq);
@@ -52,6 +57,13 @@ double attention_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq
   if (rc == Recompute::full)
     return block_input;
   double bytes = block_input; // norm input
+  if (rc == Recompute::selective && torch_op_sac(p) && a.kind == AttentionKind::gqa) {
+    // torchtitan's op-level SAC keeps the outputs of every other matmul (wq and wv; wk and wo
+    // are recomputed) and of flash attention with its log-sum-exp (docs/PLANS.md).
+    const double kv = std::max(1.0, static_cast<double>(a.num_kv_heads) / tp);
+    return bytes + kAct * t * (heads / tp * dqk + kv * dv) + kAct * t * heads / tp * dv +
+           4 * t * heads / tp;
+  }
   if (rc != Recompute::selective)
     bytes += kAct * t * h / sp_div(p); // norm output = projection input
   if (a.kind == AttentionKind::gqa) {
@@ -96,6 +108,11 @@ double mlp_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq, cons
   };
   if (keep_norm_out)
     bytes += kAct * t * h / sp_div(p); // norm output = MLP / router input
+  if (rc == Recompute::selective && torch_op_sac(p) && layer.mlp == MlpKind::dense) {
+    // op-level SAC: w1's output and w2's are kept, w3's recomputed.
+    const double inter = static_cast<double>(m.dense_mlp.intermediate_size) / p.dense.tp;
+    return bytes + kAct * t * inter + kAct * t * h / sp_div(p) + (o.dropout ? t * h / sp_div(p) : 0);
+  }
   if (layer.mlp == MlpKind::dense) {
     bytes +=
         mlp(t, static_cast<double>(m.dense_mlp.intermediate_size), m.dense_mlp.gated, p.dense.tp);

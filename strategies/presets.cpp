@@ -325,6 +325,7 @@ LoweringContext lowering_context(const PlanContext& ctx) {
   LoweringContext lc{ctx.model, ctx.seq, ctx.cluster.gpus_per_node, ctx.hw, {}};
   lc.gemm_dtype = ctx.gemm_dtype;
   lc.attention_kernel = ctx.attention_kernel;
+  lc.compiled = ctx.compiled;
   lc.expert_loads = ctx.expert_loads;
   return lc;
 }

@@ -24,6 +24,9 @@ struct PlanContext {
   // `--attention-kernel`: the attention kernel every plan runs; unset: each family's framework's
   // (strategy::attention_kernel).
   std::optional<sim::AttentionKernel> attention_kernel = std::nullopt;
+  // torch.compile for the eager family (LoweringContext::compiled): a torchtitan job's
+  // compile.enable; unset: eager.
+  std::optional<bool> compiled = std::nullopt;
   // `--routing`: every MoE layer's expert loads (workload::expert_loads); null for balanced.
   // Each plan reserves its routed buffers for its worst rank's load (Plan::moe.imbalance), and
   // the lowering simulates every expert-parallel rank (LoweringContext::expert_loads).

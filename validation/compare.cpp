@@ -62,6 +62,7 @@ planner::StepEvaluation evaluate_row(const Row& row, const Translation& t,
   lc.gemm_dtype = row.precision == "fp8" ? sim::Dtype::fp8 : sim::Dtype::bf16;
   lc.attention_kernel = row.attention_kernel;
   lc.fp8_recipe = row.fp8_recipe;
+  lc.compiled = row.compiled;
   return planner::evaluate_step(*t.plan, lc, cluster, calibration, 16, lowering);
 }
 

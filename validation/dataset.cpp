@@ -65,6 +65,8 @@ std::vector<Row> read_dataset(const std::string& path) {
       if (!r.fp8_recipe)
         f.fail("fp8_recipe", "\"delayed\", \"current\", \"mxfp8\", \"tensorwise\" or \"rowwise\"");
     }
+    if (f.has("compile"))
+      r.compiled = f.required_bool("compile");
     r.measured = f.at("measured");
     if (!r.measured.is_object() || r.measured.empty())
       f.fail("measured", "an object of metric names to numbers");

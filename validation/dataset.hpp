@@ -41,6 +41,8 @@ struct Row {
   // How the run quantized its FP8 GEMMs' operands when the source says ("delayed", "current",
   // "mxfp8", "tensorwise", "rowwise"); empty for the framework's default (strategy::fp8_recipe).
   std::optional<strategy::Fp8Recipe> fp8_recipe;
+  // Whether the run used torch.compile (PyTorch-eager frameworks: torchtitan); unset: not said.
+  std::optional<bool> compiled;
   Json measured; // metric -> value
 };
 

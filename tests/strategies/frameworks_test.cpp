@@ -230,6 +230,9 @@ mode = "full"
   CHECK(p.params == Placement::host);
   CHECK(p.torch_host_optimizer);
   CHECK(p.recompute[0] == Recompute::full);
+  CHECK(a.compiled == false); // torchtitan's default: eager
+  CHECK(read_torchtitan_config(toml + "[compile]\nenable = true\n", "job.toml", nullptr)
+            .compiled == true);
   // The same job as the current form's overrides (tyro's dashes, a torchrun prefix).
   const std::string cli =
       "torchrun --nnodes 2 --nproc-per-node 8 -m torchtitan.train --module llama3 --config "
