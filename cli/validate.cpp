@@ -70,6 +70,14 @@ void explain_row(const validation::Row& row, planner::Lowering lowering,
   std::sort(sorted.begin(), sorted.end(),
             [](const auto& x, const auto& y) { return x.second.first > y.second.first; });
   const double per_mb = 1.0 / std::max(1, e.micro_batches_simulated);
+  double launches = 0;
+  for (const sim::Op& op : rc.ops)
+    if (op.kind != sim::OpKind::barrier && op.kind != sim::OpKind::host_adam)
+      launches += op.kernels;
+  std::cout << fmt::format("  host: {:.0f} kernels per micro-batch, {:.3f} ms to issue at {:.1f} us "
+                           "each\n",
+                           launches * per_mb, 1e3 * launches * per_mb * e.schedule.host_issue_s,
+                           1e6 * e.schedule.host_issue_s);
   TextTable ops{{"op (rank class " + std::to_string(last) + ")", "ops", "ms per micro-batch",
                  "share"},
                 {},
