@@ -25,6 +25,7 @@ constexpr std::initializer_list<const char*> kGpuFields = {"name",
                                                            "gemm_efficiency_fp8",
                                                            "gemm_efficiency_fp32",
                                                            "kernel_launch_s",
+                                                           "attention_sustained",
                                                            "attention_fwd",
                                                            "attention_bwd",
                                                            "attention_kernels"};
@@ -122,6 +123,7 @@ GpuSpec read_gpu(const Json& object, const std::string& origin) {
   g.gemm_efficiency_fp8 = fraction(f, "gemm_efficiency_fp8");
   g.gemm_efficiency_fp32 = fraction(f, "gemm_efficiency_fp32");
   g.kernel_launch_s = f.non_negative_number("kernel_launch_s");
+  g.attention_sustained = f.has("attention_sustained") ? fraction(f, "attention_sustained") : 1.0;
   g.attention_fwd = attention_curves(f, "attention_fwd");
   g.attention_bwd = attention_curves(f, "attention_bwd");
   if (f.has("attention_kernels")) {
@@ -362,6 +364,7 @@ Json cluster_to_json(const ClusterSpec& c) {
                    {"gemm_efficiency_fp8", g.gemm_efficiency_fp8},
                    {"gemm_efficiency_fp32", g.gemm_efficiency_fp32},
                    {"kernel_launch_s", g.kernel_launch_s},
+                   {"attention_sustained", g.attention_sustained},
                    {"attention_fwd", curves_json(g.attention_fwd)},
                    {"attention_bwd", curves_json(g.attention_bwd)},
                    {"attention_kernels", attention_kernels_json(g)}}},

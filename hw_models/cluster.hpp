@@ -38,6 +38,10 @@ struct GpuSpec {
   double gemm_efficiency_fp8 = 0;
   double gemm_efficiency_fp32 = 0;
   double kernel_launch_s = 0; // fixed cost of one kernel (launch, prologue, epilogue)
+  // The attention curves' figures come from benchmarks that rest the GPU between kernels; in
+  // training, back-to-back kernels hold it at its power limit and its clock drops: the fraction
+  // of the burst throughput sustained (1: no sustained measurement, burst figures used).
+  double attention_sustained = 1;
   std::vector<AttentionEfficiency> attention_fwd; // sorted by head_dim, at least one
   std::vector<AttentionEfficiency> attention_bwd;
   // Other attention kernels' curves (attention_kernels.flash2 / .cudnn in the JSON; empty: none

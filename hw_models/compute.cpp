@@ -148,8 +148,8 @@ double attention_time_s(const ClusterSpec& c, const Calibration& calibration,
   else if (s.kernel == AttentionKernel::cudnn && !g.cudnn_fwd.empty())
     curves = backward ? &g.cudnn_bwd : &g.cudnn_fwd;
   const AttentionEfficiency curve = curve_at(*curves, (s.qk_head_dim + s.v_head_dim) / 2);
-  const double efficiency =
-      curve.efficiency_max * keys_per_block / (keys_per_block + curve.half_efficiency_kv_len);
+  const double efficiency = g.attention_sustained * curve.efficiency_max * keys_per_block /
+                            (keys_per_block + curve.half_efficiency_kv_len);
   // Forward parallelizes over query blocks, backward over key blocks; fewer blocks than SMs
   // leaves SMs idle (FA3's persistent scheduler balances the tail otherwise).
   const double blocks = s.batch * s.heads * (backward ? kv_tiles : q_tiles);

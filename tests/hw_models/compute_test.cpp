@@ -242,8 +242,10 @@ TEST_CASE("FlashAttention-4 on B200 matches PR #2280, causal predicted from non-
   s.heads = s.kv_heads = 16;
   s.q_len = s.kv_len = 8192;
   s.causal = true;
-  CHECK(attention_tflops(b200, s, false) == mop::test::rel(1418, 0.10));
-  CHECK(attention_tflops(b200, s, true) == mop::test::rel(1209, 0.10));
+  // The PR's figures are bursts; the file derates them for back-to-back kernels.
+  const double burst = 1 / b200.gpu.attention_sustained;
+  CHECK(attention_tflops(b200, s, false) * burst == mop::test::rel(1418, 0.10));
+  CHECK(attention_tflops(b200, s, true) * burst == mop::test::rel(1209, 0.10));
 }
 
 TEST_CASE("FlashAttention-2 on H100 follows the FA3 paper's FA2 series between its fit points" *
@@ -312,11 +314,35 @@ TEST_CASE("cuDNN attention on H200 and B200, and FA2 on B200, between their fit 
   CHECK(attention_tflops(h200, s, true) == mop::test::rel(541, 0.08));
   const ClusterSpec b200 = load_cluster("b200");
   s.heads = 128;
-  CHECK(attention_tflops(b200, s, false) == mop::test::rel(1171.3, 0.05));
-  CHECK(attention_tflops(b200, s, true) == mop::test::rel(942.5, 0.05));
+  // cudnn-frontend's benchmark rests the GPU between kernels: burst figures, which the file
+  // derates for training (attention_sustained).
+  const double burst = 1 / b200.gpu.attention_sustained;
+  CHECK(attention_tflops(b200, s, false) * burst == mop::test::rel(1171.3, 0.05));
+  CHECK(attention_tflops(b200, s, true) * burst == mop::test::rel(942.5, 0.05));
   s.kernel = AttentionKernel::flash2;
-  CHECK(attention_tflops(b200, s, false) == mop::test::rel(373.4, 0.05));
-  CHECK(attention_tflops(b200, s, true) == mop::test::rel(298.9, 0.05));
+  CHECK(attention_tflops(b200, s, false) * burst == mop::test::rel(373.4, 0.05));
+  CHECK(attention_tflops(b200, s, true) * burst == mop::test::rel(298.9, 0.05));
+}
+
+TEST_CASE("B200's sustained attention: back-to-back kernels at its power limit run 0.853 of the "
+          "burst figures" *
+          doctest::test_suite("independent")) {
+  // flashinfer PR #2899: FlashAttention-4 back to back on B200, 1,237 TFLOPS against 1,450.
+  const ClusterSpec b200 = load_cluster("b200");
+  CHECK(b200.gpu.attention_sustained == doctest::Approx(1237.0 / 1450).epsilon(0.001));
+  AttentionShape s;
+  s.batch = 1;
+  s.heads = s.kv_heads = 32;
+  s.q_len = s.kv_len = 16384;
+  s.causal = true;
+  ClusterSpec burst = b200;
+  burst.gpu.attention_sustained = 1;
+  const double launch = b200.gpu.kernel_launch_s;
+  CHECK((attention_fwd_time_s(b200, Calibration{}, s) - launch) * 1237 ==
+        doctest::Approx((attention_fwd_time_s(burst, Calibration{}, s) - launch) * 1450)
+            .epsilon(0.001));
+  // No sustained measurement on Hopper: its curves stand as published.
+  CHECK(load_cluster("h100").gpu.attention_sustained == 1);
 }
 
 TEST_CASE("causal attention costs about half of non-causal at long sequences" *
