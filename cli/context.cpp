@@ -317,8 +317,11 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
   in.precision = !opt.precision.empty() ? opt.precision : in.run ? in.run->precision : "bf16";
   in.gemm_dtype = precision_of(in.precision, in.cluster);
   in.attention_kernel = sim::parse_attention_kernel(opt.attention_kernel); // CLI11 checked it
-  if (in.run)
+  if (in.run) {
     in.compiled = in.run->compiled;
+    in.fp8_recipe = in.run->fp8_recipe;
+    in.ep_dispatcher = in.run->ep_dispatcher;
+  }
   std::string routing = opt.routing;
   if (opt.routing_imbalance)
     routing = fmt::format("imbalance:{}", *opt.routing_imbalance);
@@ -364,6 +367,8 @@ strategy::PlanContext PlanInputs::context() const {
   c.gemm_dtype = gemm_dtype;
   c.attention_kernel = attention_kernel;
   c.compiled = compiled;
+  c.fp8_recipe = fp8_recipe;
+  c.ep_dispatcher = ep_dispatcher;
   c.expert_loads = uneven ? &expert_loads : nullptr;
   c.routing_id = routing_id;
   return c;

@@ -58,6 +58,8 @@ struct PlanInputs {
   sim::Dtype gemm_dtype = sim::Dtype::bf16;
   std::optional<sim::AttentionKernel> attention_kernel; // `--attention-kernel`
   std::optional<bool> compiled; // a torchtitan job's compile.enable (--from)
+  std::optional<strategy::Fp8Recipe> fp8_recipe;       // a Megatron-LM launch's (--from)
+  std::optional<strategy::EpDispatcher> ep_dispatcher; // a Megatron-LM launch's (--from)
   std::string precision = "bf16";
   int max_simulations = 400;
   double hbm_headroom_bytes = 0;

@@ -70,6 +70,11 @@ struct NodeSpec {
   int nics = 0;                                // compute-fabric NICs
   double nic_line_rate = 0;                    // per NIC per direction, bytes/s
   double nic_bandwidth = 0;                    // per NIC per direction that NCCL reaches
+  // Hierarchical MoE dispatch (DeepEP's normal kernels): per GPU, the bytes it sends across
+  // nodes (once per destination node) and the NVLink share that forwards them; default: the
+  // NIC's and NCCL's NVLink bandwidth.
+  double ep_rdma_bandwidth = 0;
+  double ep_nvlink_bandwidth = 0;
 };
 
 struct FabricSpec {

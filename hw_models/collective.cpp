@@ -400,6 +400,18 @@ CollectiveCost collective_cost(const ClusterSpec& c, const Calibration& calibrat
   return cost_of(best, op, bytes, n);
 }
 
+double hierarchical_dispatch_time_s(const ClusterSpec& c, double rdma_bytes, double nvlink_bytes,
+                                    GroupShape group) {
+  check_group(c, group);
+  check_bytes(rdma_bytes);
+  check_bytes(nvlink_bytes);
+  if (group.ranks() == 1)
+    return 0;
+  const double rdma = group.nodes > 1 ? rdma_bytes / c.node.ep_rdma_bandwidth : 0;
+  const double nvl = nvlink_bytes / c.node.ep_nvlink_bandwidth;
+  return std::max(rdma, nvl) + (group.nodes > 1 ? c.fabric.latency_s : 0);
+}
+
 std::vector<CollectiveCost> collective_candidates(const ClusterSpec& c, CollectiveOp op,
                                                   double bytes, GroupShape group) {
   check_group(c, group);

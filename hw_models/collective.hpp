@@ -57,6 +57,13 @@ CollectiveCost collective_cost(const ClusterSpec& cluster, const Calibration& ca
                                CollectiveOp op, double bytes, GroupShape group,
                                CollectiveAlgorithm algorithm = CollectiveAlgorithm::any);
 
+// A hierarchical MoE dispatch or combine (DeepEP's normal kernels) over `group`: each token
+// crosses to every remote node holding one of its experts once (`rdma_bytes` per rank), and its
+// copies reach their GPUs over NVLink (`nvlink_bytes`); the slower domain sets the time, plus the
+// fabric's latency (docs/HARDWARE.md "Hierarchical dispatch").
+double hierarchical_dispatch_time_s(const ClusterSpec& cluster, double rdma_bytes,
+                                    double nvlink_bytes, GroupShape group);
+
 // Every algorithm/protocol the model considers for this call, fastest first
 // (NCCL_DEBUG_SUBSYS=TUNING prints the same table); the calibration is not consulted.
 std::vector<CollectiveCost> collective_candidates(const ClusterSpec& cluster, CollectiveOp op,

@@ -430,6 +430,9 @@ struct Op {
   double bytes = 0;       // elementwise: HBM bytes read+written; collective: per-rank size; copy;
                           // FP8 GEMMs: their quantize kernels' HBM bytes (casts, amax, transposes)
   double params = 0;      // host_adam: parameters updated
+  // A hierarchical MoE dispatch or combine (all_to_all, DeepEP): the bytes this rank sends across
+  // nodes, each token once per destination node; 0 for NCCL's all-to-all of every copy.
+  double rdma_bytes = 0;
   double model_flops = 0; // counted towards MFU (0 for recompute, communication, copies)
   int group = -1;         // collectives: index into Schedule::groups
   int peer_class = -1;    // send/recv: the rank class at the other end

@@ -308,7 +308,6 @@ const std::map<std::string, std::string>& megatron_not_represented() {
       {"overlap-moe-expert-parallel-comm",
        "EP all-to-all overlap (--overlap-moe-expert-parallel-comm) is not modelled"},
       {"delay-wgrad-compute", "delayed weight gradients (--delay-wgrad-compute) are not modelled"},
-      {"moe-enable-deepep", "DeepEP dispatch (--moe-enable-deepep) is priced as NCCL all-to-all"},
       {"fp8-param-gather", "FP8 parameter gathers (--fp8-param-gather) are priced in BF16"},
       {"num-distributed-optimizer-instances",
        "several distributed-optimizer instances (--num-distributed-optimizer-instances) are "
@@ -464,9 +463,18 @@ FrameworkRun read_megatron_args(const std::string& text, const std::string& orig
   }
   if (a.has("fp8-format")) {
     r.precision = "fp8";
-    if (a.has("fp8-recipe") && a.word("fp8-recipe") == "mxfp8")
+    // Megatron-LM's --fp8-recipe (default delayed): tensorwise is Transformer Engine's current
+    // scaling; blockwise (1x128 / 128x128 scales, also computed per call) is priced as it.
+    const std::string recipe = a.has("fp8-recipe") ? a.word("fp8-recipe") : "delayed";
+    r.fp8_recipe = recipe == "mxfp8"     ? Fp8Recipe::mxfp8
+                   : recipe == "delayed" ? Fp8Recipe::delayed
+                                         : Fp8Recipe::current;
+    if (recipe == "mxfp8")
       r.precision = "mxfp8";
   }
+  if (a.has("moe-enable-deepep") ||
+      (a.has("moe-token-dispatcher-type") && a.word("moe-token-dispatcher-type") == "flex"))
+    r.ep_dispatcher = EpDispatcher::deepep;
   for (const auto& [key, why] : megatron_not_represented())
     if (a.has(key))
       r.not_represented.push_back(why);

@@ -4,6 +4,7 @@
 // as the arguments or JSON that launch it. The key mapping and its sources are in
 // docs/FRAMEWORKS.md. What a configuration says that mop cannot represent, or what of a plan a
 // framework cannot express, is returned as sentences, never dropped silently.
+#include "strategies/lower.hpp"
 #include "strategies/plan.hpp"
 #include "workload/model_spec.hpp"
 
@@ -30,6 +31,8 @@ struct FrameworkRun {
   int global_batch = 0;                     // sequences; 0: not stated
   std::string precision = "bf16";           // bf16, fp8, mxfp8
   std::optional<bool> compiled;             // torchtitan's compile.enable; unset: not said
+  std::optional<Fp8Recipe> fp8_recipe;      // Megatron-LM's --fp8-recipe; unset: not said
+  std::optional<EpDispatcher> ep_dispatcher; // Megatron-LM's DeepEP flags; unset: not said
   int nodes = 0, gpus_per_node = 0;         // the launcher's (torchrun), 0: not stated
   // What the configuration sets that mop does not represent, one sentence each.
   std::vector<std::string> not_represented;

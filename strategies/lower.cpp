@@ -67,6 +67,7 @@ struct Step {
   // left out of the FP8 recipe (Megatron-Core's router, in FP32).
   double grad_bytes = 0;
   bool high_precision = false;
+  double rdma_bytes = 0; // hierarchical EP dispatch/combine: bytes sent across nodes (Op::rdma_bytes)
 };
 
 // Parameters gathered, reduced and stepped together: those of one layer (or of the embedding, or
@@ -593,8 +594,18 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       if (!out.empty() && out.back().name == name)
         out.back().routed = how;
     };
+    // Hierarchical dispatch (DeepEP): each token crosses once to every other node holding one of
+    // its experts; over NVLink its copies reach their GPUs.
+    double rdma = 0;
+    if (c_.ep_dispatcher.value_or(EpDispatcher::alltoall) == EpDispatcher::deepep && g_.ep >= 0) {
+      const sim::Group& eg = s_.groups[static_cast<std::size_t>(g_.ep)];
+      const int ep_nodes = eg.ranks / std::max(1, eg.ranks_per_node);
+      rdma = kAct * tm * h * expected_remote_nodes(experts, k, ep_nodes);
+    }
     collective("ep_dispatch", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
     routed_last("ep_dispatch", sim::Routed::exchange);
+    if (!out.empty() && out.back().name == "ep_dispatch")
+      out.back().rdma_bytes = rdma;
     if (!out.empty() && out.back().name == "ep_dispatch")
       kernels(8, 1); // fused permute (4), tokens' and probabilities' all-to-alls, local sort (2)
     const double local_experts = experts / p_.moe.ep;
@@ -649,6 +660,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     routed_last("etp_scatter", sim::Routed::rows);
     collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
     routed_last("ep_combine", sim::Routed::exchange);
+    if (!out.empty() && out.back().name == "ep_combine")
+      out.back().rdma_bytes = rdma;
     if (!out.empty() && out.back().name == "ep_combine")
       kernels(4, 1); // the local sort back (3) and the all-to-all
     if (rebalancing()) {
@@ -733,6 +746,29 @@ std::optional<Fp8Recipe> parse_fp8_recipe(std::string_view name) {
   return std::nullopt;
 }
 
+const char* ep_dispatcher_name(EpDispatcher d) {
+  return d == EpDispatcher::deepep ? "deepep" : "alltoall";
+}
+
+std::optional<EpDispatcher> parse_ep_dispatcher(std::string_view name) {
+  if (name == "alltoall")
+    return EpDispatcher::alltoall;
+  if (name == "deepep")
+    return EpDispatcher::deepep;
+  return std::nullopt;
+}
+
+double expected_remote_nodes(double experts, double top_k, int nodes) {
+  if (nodes <= 1 || experts <= 0 || top_k <= 0)
+    return 0;
+  // P(a given node holds none of the k picks) = prod_{i<k} (E - E/n - i) / (E - i).
+  const double per_node = experts / nodes;
+  double miss = 1;
+  for (int i = 0; i < static_cast<int>(top_k); ++i)
+    miss *= std::max(0.0, experts - per_node - i) / (experts - i);
+  return (nodes - 1) * (1 - miss);
+}
+
 EagerTraffic eager_traffic() {
   // Bytes per element of the BF16 activation, against the fused kernel's (docs/HARDWARE.md):
   // - RMSNorm (torchtitan models/norms.py): x.float() 2+4, pow(2) 4+4, mean 4, x * rsqrt 4+4,
@@ -747,10 +783,15 @@ EagerTraffic eager_traffic() {
 Fp8Recipe fp8_recipe(const Plan& plan, const LoweringContext& ctx) {
   if (ctx.fp8_recipe)
     return *ctx.fp8_recipe;
-  // torchtitan's float8 converter defaults to rowwise scaling (torchtitan
-  // components/quantization/float8.py); Megatron-Core's --fp8-recipe to delayed scaling, and so
-  // do DeepSpeed's and the other plans' Transformer Engine layers.
-  return plan.family == "fsdp2" ? Fp8Recipe::rowwise : Fp8Recipe::delayed;
+  // torchtitan's float8 converter defaults to row-wise scaling (torchtitan
+  // components/quantization/float8.py); Megatron-Core plans run current scaling, the recipe
+  // Megatron-Bridge's FP8 tables use ("FP8-CS") and mop writes into a Megatron-LM launch
+  // (--fp8-recipe tensorwise); DeepSpeed's Transformer Engine layers TE's default, delayed.
+  if (plan.family == "fsdp2")
+    return Fp8Recipe::rowwise;
+  if (plan.family == "ulysses-zero3")
+    return Fp8Recipe::delayed;
+  return Fp8Recipe::current;
 }
 
 QuantizeTraffic quantize_traffic(Fp8Recipe recipe, bool transposes) {
@@ -816,6 +857,7 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   op.routed = st.routed;
   op.kernels = st.kernels;
   op.host_sync = st.host_sync;
+  op.rdma_bytes = st.rdma_bytes;
   op.model_flops = category == Category::forward ? st.flops : 0;
   if ((st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm) && !st.high_precision)
     op.dtype = c_.gemm_dtype;
@@ -1882,6 +1924,7 @@ void Lowering::expand_routing() {
           break;
         case sim::Routed::exchange:
           op.bytes *= exchange[li];
+          op.rdma_bytes *= exchange[li];
           break;
         case sim::Routed::saved:
           op.bytes *= saved_ratio(op.layer, r);

@@ -24,6 +24,19 @@ enum class Fp8Recipe : std::uint8_t { delayed, current, mxfp8, tensorwise, rowwi
 const char* fp8_recipe_name(Fp8Recipe r); // "delayed", "current", "mxfp8", "tensorwise", "rowwise"
 std::optional<Fp8Recipe> parse_fp8_recipe(std::string_view name);
 
+// How a framework moves MoE tokens to their experts' ranks: NCCL's all-to-all of every copy
+// (Megatron-Core's alltoall dispatcher, the default) or hierarchical kernels that send each token
+// once to every remote node holding one of its experts and forward it over NVLink there
+// (DeepEP's normal kernels: Megatron's flex dispatcher, NeMo AutoModel).
+enum class EpDispatcher : std::uint8_t { alltoall, deepep };
+const char* ep_dispatcher_name(EpDispatcher d); // "alltoall", "deepep"
+std::optional<EpDispatcher> parse_ep_dispatcher(std::string_view name);
+
+// The expected number of other nodes a token's top-k experts sit on, when `experts` experts are
+// spread evenly over `nodes` nodes and a token picks `top_k` distinct ones uniformly:
+// (nodes - 1) · (1 - C(E - E/nodes, k) / C(E, k)).
+double expected_remote_nodes(double experts, double top_k, int nodes);
+
 // HBM bytes the recipe's quantize kernels move per element of a GEMM operand: its input (plain,
 // or after a norm that can write FP8 itself), its output gradient, its weight when cast every
 // micro-batch (0: once per step), and the kernels each cast launches. `transposes`: the GPU's FP8
@@ -61,6 +74,8 @@ struct LoweringContext {
   // which fuses each norm, RoPE and activation into one kernel; unset: torchtitan's default,
   // eager (compile.enable = false), where each is a chain of kernels moving FP32 intermediates.
   std::optional<bool> compiled = std::nullopt;
+  // How MoE tokens reach their experts; unset: NCCL all-to-all (EpDispatcher::alltoall).
+  std::optional<EpDispatcher> ep_dispatcher = std::nullopt;
 };
 
 // Eager PyTorch's elementwise traffic against one fused kernel's, per op (docs/HARDWARE.md

@@ -326,6 +326,8 @@ LoweringContext lowering_context(const PlanContext& ctx) {
   lc.gemm_dtype = ctx.gemm_dtype;
   lc.attention_kernel = ctx.attention_kernel;
   lc.compiled = ctx.compiled;
+  lc.fp8_recipe = ctx.fp8_recipe;
+  lc.ep_dispatcher = ctx.ep_dispatcher;
   lc.expert_loads = ctx.expert_loads;
   return lc;
 }

@@ -27,6 +27,9 @@ struct PlanContext {
   // torch.compile for the eager family (LoweringContext::compiled): a torchtitan job's
   // compile.enable; unset: eager.
   std::optional<bool> compiled = std::nullopt;
+  // A framework configuration's FP8 recipe and EP dispatcher (--from); unset: the family's.
+  std::optional<Fp8Recipe> fp8_recipe = std::nullopt;
+  std::optional<EpDispatcher> ep_dispatcher = std::nullopt;
   // `--routing`: every MoE layer's expert loads (workload::expert_loads); null for balanced.
   // Each plan reserves its routed buffers for its worst rank's load (Plan::moe.imbalance), and
   // the lowering simulates every expert-parallel rank (LoweringContext::expert_loads).

@@ -65,6 +65,11 @@ std::vector<Row> read_dataset(const std::string& path) {
       if (!r.fp8_recipe)
         f.fail("fp8_recipe", "\"delayed\", \"current\", \"mxfp8\", \"tensorwise\" or \"rowwise\"");
     }
+    if (f.has("ep_dispatcher")) {
+      r.ep_dispatcher = strategy::parse_ep_dispatcher(f.string("ep_dispatcher"));
+      if (!r.ep_dispatcher)
+        f.fail("ep_dispatcher", "\"alltoall\" or \"deepep\"");
+    }
     if (f.has("compile"))
       r.compiled = f.required_bool("compile");
     r.measured = f.at("measured");

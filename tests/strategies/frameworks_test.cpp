@@ -165,6 +165,23 @@ TEST_CASE("Megatron-LM's defaults and derived keys: expert TP follows TP, layers
   CHECK(moe.model->layers[0].mlp == MlpKind::dense);
 }
 
+TEST_CASE("Megatron-LM's FP8 recipe and DeepEP flags reach the lowering" *
+          doctest::test_suite("plumbing")) {
+  const ModelSpec m = load_model("tiny-moe");
+  const std::string base = "--tensor-model-parallel-size 1 --expert-model-parallel-size 2 ";
+  CHECK(read_megatron_args(base + "--fp8-format hybrid", "a.sh", &m).fp8_recipe ==
+        Fp8Recipe::delayed); // Megatron-LM's default
+  CHECK(read_megatron_args(base + "--fp8-format e4m3 --fp8-recipe tensorwise", "a.sh", &m)
+            .fp8_recipe == Fp8Recipe::current);
+  CHECK_FALSE(read_megatron_args(base, "a.sh", &m).fp8_recipe);
+  const FrameworkRun deepep = read_megatron_args(base + "--moe-enable-deepep", "a.sh", &m);
+  CHECK(deepep.ep_dispatcher == EpDispatcher::deepep);
+  CHECK(deepep.not_represented.empty());
+  CHECK(read_megatron_args(base + "--moe-token-dispatcher-type flex", "a.sh", &m).ep_dispatcher ==
+        EpDispatcher::deepep);
+  CHECK_FALSE(read_megatron_args(base, "a.sh", &m).ep_dispatcher);
+}
+
 TEST_CASE("Megatron-LM arguments mop cannot read are one sentence" *
           doctest::test_suite("plumbing")) {
   const ModelSpec m = load_model("llama3-8b");

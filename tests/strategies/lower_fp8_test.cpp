@@ -2,6 +2,7 @@
 // element, where the lowering charges them, and what they cost in the engine.
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
+#include "hw_models/collective.hpp"
 #include "hw_models/compute.hpp"
 #include "sim/engine.hpp"
 #include "strategies/hardware.hpp"
@@ -108,4 +109,39 @@ TEST_CASE("Megatron-Core's router stays out of the FP8 recipe" * doctest::test_s
   CHECK(router.bytes == 0);
   CHECK(op_named(s, "L1.experts_gate_up.mb0").dtype == sim::Dtype::fp8);
   CHECK(op_named(s, "L1.experts_gate_up.mb0").bytes > 0);
+}
+
+TEST_CASE("hierarchical EP dispatch: a token crosses once to every other node holding one of its "
+          "experts" *
+          doctest::test_suite("independent")) {
+  // 128 experts on 4 nodes (32 each), top-8: a node holds none of the 8 picks with probability
+  // C(96, 8) / C(128, 8); three other nodes.
+  double miss = 1;
+  for (int i = 0; i < 8; ++i)
+    miss *= (96.0 - i) / (128.0 - i);
+  CHECK(expected_remote_nodes(128, 8, 4) == doctest::Approx(3 * (1 - miss)));
+  CHECK(expected_remote_nodes(128, 8, 1) == 0);
+  // One expert per token reaches another node with probability 3/4.
+  CHECK(expected_remote_nodes(128, 1, 4) == doctest::Approx(0.75));
+  // The engine: the slower of the NIC's share and NVLink's.
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  const double t = hw::hierarchical_dispatch_time_s(c, 1e9, 2e9, hw::GroupShape{8, 4});
+  CHECK(t == doctest::Approx(std::max(1e9 / c.node.ep_rdma_bandwidth,
+                                      2e9 / c.node.ep_nvlink_bandwidth) +
+                             c.fabric.latency_s));
+  // The lowering: a DeepEP plan's dispatch carries the bytes that cross nodes.
+  const workload::ModelSpec m = workload::load_model("tiny-moe");
+  LoweringContext ctx{&m, 1024, 2, memory_hardware(c), {}};
+  Plan p = dp8_plan("megatron");
+  p.moe.ep = 8;
+  complete_plan(p);
+  ctx.ep_dispatcher = EpDispatcher::deepep;
+  const sim::Schedule s = lower(p, ctx);
+  const sim::Op& d = op_named(s, "L1.ep_dispatch.mb0");
+  const double tokens = 1024.0 * p.micro_batch, h = static_cast<double>(m.hidden_size);
+  CHECK(d.rdma_bytes == doctest::Approx(2 * tokens * h *
+                                        expected_remote_nodes(m.moe.num_routed_experts,
+                                                              m.moe.experts_per_token, 4)));
+  ctx.ep_dispatcher = std::nullopt; // NCCL's all-to-all of every copy
+  CHECK(op_named(lower(p, ctx), "L1.ep_dispatch.mb0").rdma_bytes == 0);
 }

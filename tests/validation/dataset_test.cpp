@@ -193,6 +193,11 @@ TEST_CASE("a row's FP8 recipe is one of the five, else the line is malformed" *
           doctest::test_suite("plumbing")) {
   CHECK(row_with_fields(R"("fp8_recipe": "current", )").fp8_recipe ==
         strategy::Fp8Recipe::current);
+  CHECK(row_with_fields(R"("ep_dispatcher": "deepep", )").ep_dispatcher ==
+        strategy::EpDispatcher::deepep);
+  CHECK(mop::test::input_error_of([] { row_with_fields(R"("ep_dispatcher": "nccl", )"); })
+            .ends_with(":1: field 'ep_dispatcher' must be \"alltoall\" or \"deepep\" (got "
+                       "\"nccl\")."));
   CHECK_FALSE(row_with_fields("").fp8_recipe);
   CHECK(mop::test::input_error_of([] { row_with_fields(R"("fp8_recipe": "hybrid", )"); })
             .ends_with(":1: field 'fp8_recipe' must be \"delayed\", \"current\", \"mxfp8\", "
