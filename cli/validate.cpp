@@ -2,6 +2,7 @@
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
+#include "sim/engine.hpp"
 #include "validation/compare.hpp"
 
 #include <algorithm>
@@ -72,7 +73,7 @@ void explain_row(const validation::Row& row, planner::Lowering lowering,
   const double per_mb = 1.0 / std::max(1, e.micro_batches_simulated);
   double launches = 0;
   for (const sim::Op& op : rc.ops)
-    if (op.kind != sim::OpKind::barrier && op.kind != sim::OpKind::host_adam)
+    if (sim::launches_kernels(op))
       launches += op.kernels;
   std::cout << fmt::format("  host: {:.0f} kernels per micro-batch, {:.3f} ms to issue at {:.1f} us "
                            "each\n",

@@ -176,12 +176,6 @@ bool later(const Event& a, const Event& b) {
 
 enum State : std::uint8_t { waiting, running, done };
 
-// Whether the host launches anything for the op (Schedule::host_issue_s).
-bool launches_kernels(const Op& op) {
-  return op.kind != OpKind::barrier && op.kind != OpKind::host_adam &&
-         !(op.kind == OpKind::recv && op.group < 0);
-}
-
 // An Event's version for an op's issue by the host (OpRun versions count re-ratings from 0).
 constexpr std::uint32_t kIssued = 0xFFFFFFFFu;
 
@@ -803,6 +797,11 @@ double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
 }
 
 } // namespace
+
+bool launches_kernels(const Op& op) {
+  return op.kind != OpKind::barrier && op.kind != OpKind::host_adam &&
+         !(op.kind == OpKind::recv && op.group < 0);
+}
 
 double op_duration_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
                      const hw::Calibration& cal) {

@@ -29,6 +29,10 @@ struct EngineOptions {
   bool check_schedule_first = true;
 };
 
+// Whether the host launches anything for the op (Schedule::host_issue_s): not for a barrier, the
+// host's own AdamW or a recv without a communicator.
+bool launches_kernels(const Op& op);
+
 // Standalone duration of one op (no contention), from the hw cost functions. A recv takes 0: it
 // completes when its matching send does. Throws std::invalid_argument for a collective whose
 // group index is out of range; the hw functions throw mop::InputError for a bad shape.

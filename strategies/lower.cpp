@@ -1054,7 +1054,7 @@ void Lowering::emit_layer_backward(const std::vector<Step>& steps, int layer, in
 }
 
 double Lowering::selective_share(const Step& st) const {
-  if (p_.family != "fsdp2" || m_.attention.kind != AttentionKind::gqa)
+  if (!torch_op_sac(p_) || m_.attention.kind != AttentionKind::gqa)
     return st.selective_keep ? 1 : 0;
   // torchtitan's op-level SAC (torchtitan 9dec370 parallelize_llama.py, _save_list): matmul and
   // flash-attention outputs are saved, but every second matmul of the block is recomputed (wk,

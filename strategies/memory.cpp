@@ -39,10 +39,13 @@ double sp_div(const Plan& p) {
   return p.attention.sp ? p.attention.tp : 1;
 }
 
-// The family's "selective" is torchtitan's op-level selective activation checkpointing.
+} // namespace
+
 bool torch_op_sac(const Plan& p) {
   return p.family == "fsdp2";
 }
+
+namespace {
 
 double attention_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq,
                              const LayerSpec& layer, Recompute rc, const ActivationOptions& o) {

@@ -45,6 +45,10 @@ struct ActivationOptions {
   bool dropout = false;        // dropout masks saved (GPT-3-era models)
 };
 
+// Whether the plan's "selective" recompute is torchtitan's op-level selective checkpointing (the
+// fsdp2 family, docs/PLANS.md): what the layer saves here and what the lowering re-runs.
+bool torch_op_sac(const Plan& p);
+
 // Bytes of activations one decoder layer saves for its backward, per rank, for one micro-batch
 // (plan.micro_batch sequences of `seq` tokens), under the plan's mapping and recompute policy.
 double layer_activation_bytes(const workload::ModelSpec& m, const workload::LayerSpec& layer,

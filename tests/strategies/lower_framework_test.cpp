@@ -1,5 +1,7 @@
-// FP8 quantization around the GEMMs (docs/HARDWARE.md "FP8 quantization"): the recipes' bytes per
-// element, where the lowering charges them, and what they cost in the engine.
+// What the lowering takes from a plan's framework, beyond its parallelism: FP8 quantization
+// around the GEMMs (docs/HARDWARE.md "FP8 quantization"), torchtitan's eager elementwise traffic
+// ("Eager elementwise ops") and hierarchical EP dispatch ("Hierarchical dispatch"): the bytes
+// by hand, where the lowering charges them, and what they cost in the engine.
 #include "hw_models/calibration.hpp"
 #include "hw_models/cluster.hpp"
 #include "hw_models/collective.hpp"
@@ -53,7 +55,7 @@ TEST_CASE("FP8 recipes: bytes per quantized element, by hand" * doctest::test_su
   CHECK(quantize_traffic(Fp8Recipe::delayed, false).input == 3);
   CHECK(quantize_traffic(Fp8Recipe::current, false).input == 5);
   // MXFP8: both copies and one E8M0 scale per 32 elements each, from one read.
-  CHECK(quantize_traffic(Fp8Recipe::mxfp8, true).input == doctest::Approx(2 + 1 + 1 + 2.0 / 32));
+  CHECK(quantize_traffic(Fp8Recipe::mxfp8, true).input == mop::test::rel(2 + 1 + 1 + 2.0 / 32));
   // torchao casts the weight every micro-batch; row-wise writes a BF16 transpose first.
   CHECK(quantize_traffic(Fp8Recipe::tensorwise, true).weight == 8);
   CHECK(quantize_traffic(Fp8Recipe::rowwise, true).input == 8);
@@ -76,23 +78,23 @@ TEST_CASE("FP8 GEMMs carry their quantize traffic: input and weight forward, the
   const sim::Schedule s = lower(dp8_plan("megatron"), ctx);
   const double t = 4096, h = 4096, inter = 14336;
   // mlp_down's input (the SwiGLU output, t x inter) has no norm before it: cast-transposed.
-  CHECK(op_named(s, "L0.mlp_down.mb0").bytes == doctest::Approx(t * inter * 4));
+  CHECK(op_named(s, "L0.mlp_down.mb0").bytes == mop::test::rel(t * inter * 4));
   // mlp_gate_up's input comes from the norm: only its transpose.
-  CHECK(op_named(s, "L0.mlp_gate_up.mb0").bytes == doctest::Approx(t * h * 2));
+  CHECK(op_named(s, "L0.mlp_gate_up.mb0").bytes == mop::test::rel(t * h * 2));
   // The input gradient's GEMM quantizes the output's gradient (t x h for mlp_down); the weight
   // gradient's GEMM reads the transposes already written.
-  CHECK(op_named(s, "L0.mlp_down.mb0.dgrad").bytes == doctest::Approx(t * h * 4));
+  CHECK(op_named(s, "L0.mlp_down.mb0.dgrad").bytes == mop::test::rel(t * h * 4));
   CHECK(op_named(s, "L0.mlp_down.mb0.wgrad").bytes == 0);
   // torchao row-wise also casts the weight (h x inter) every micro-batch.
   ctx.fp8_recipe = std::nullopt; // FSDP2's default: row-wise
   const sim::Schedule titan = lower(dp8_plan("fsdp2"), ctx);
-  CHECK(op_named(titan, "L0.mlp_down.mb0").bytes == doctest::Approx(t * inter * 8 + h * inter * 10));
+  CHECK(op_named(titan, "L0.mlp_down.mb0").bytes == mop::test::rel(t * inter * 8 + h * inter * 10));
   // The engine charges the traffic at the HBM's achievable bandwidth, one more launch.
   const sim::Op& down = op_named(s, "L0.mlp_down.mb0");
   const double gemm = hw::gemm_time_s(c, hw::Calibration{}, t, h, inter, hw::Dtype::fp8);
   CHECK(sim::op_duration_s(down, s, c, hw::Calibration{}) ==
-        doctest::Approx(gemm + t * inter * 4 / c.gpu.hbm_bandwidth_achievable +
-                        c.gpu.kernel_launch_s));
+        mop::test::rel(gemm + t * inter * 4 / c.gpu.hbm_bandwidth_achievable +
+                       c.gpu.kernel_launch_s));
 }
 
 TEST_CASE("Megatron-Core's router stays out of the FP8 recipe" * doctest::test_suite("plumbing")) {
@@ -119,16 +121,16 @@ TEST_CASE("hierarchical EP dispatch: a token crosses once to every other node ho
   double miss = 1;
   for (int i = 0; i < 8; ++i)
     miss *= (96.0 - i) / (128.0 - i);
-  CHECK(expected_remote_nodes(128, 8, 4) == doctest::Approx(3 * (1 - miss)));
+  CHECK(expected_remote_nodes(128, 8, 4) == mop::test::rel(3 * (1 - miss)));
   CHECK(expected_remote_nodes(128, 8, 1) == 0);
   // One expert per token reaches another node with probability 3/4.
-  CHECK(expected_remote_nodes(128, 1, 4) == doctest::Approx(0.75));
+  CHECK(expected_remote_nodes(128, 1, 4) == mop::test::rel(0.75));
   // The engine: the slower of the NIC's share and NVLink's.
   const hw::ClusterSpec c = hw::load_cluster("h100");
   const double t = hw::hierarchical_dispatch_time_s(c, 1e9, 2e9, hw::GroupShape{8, 4});
-  CHECK(t == doctest::Approx(std::max(1e9 / c.node.ep_rdma_bandwidth,
-                                      2e9 / c.node.ep_nvlink_bandwidth) +
-                             c.fabric.latency_s));
+  CHECK(t == mop::test::rel(std::max(1e9 / c.node.ep_rdma_bandwidth,
+                                     2e9 / c.node.ep_nvlink_bandwidth) +
+                            c.fabric.latency_s));
   // The lowering: a DeepEP plan's dispatch carries the bytes that cross nodes.
   const workload::ModelSpec m = workload::load_model("tiny-moe");
   LoweringContext ctx{&m, 1024, 2, memory_hardware(c), {}};
@@ -139,9 +141,38 @@ TEST_CASE("hierarchical EP dispatch: a token crosses once to every other node ho
   const sim::Schedule s = lower(p, ctx);
   const sim::Op& d = op_named(s, "L1.ep_dispatch.mb0");
   const double tokens = 1024.0 * p.micro_batch, h = static_cast<double>(m.hidden_size);
-  CHECK(d.rdma_bytes == doctest::Approx(2 * tokens * h *
+  CHECK(d.rdma_bytes == mop::test::rel(2 * tokens * h *
                                         expected_remote_nodes(m.moe.num_routed_experts,
                                                               m.moe.experts_per_token, 4)));
   ctx.ep_dispatcher = std::nullopt; // NCCL's all-to-all of every copy
   CHECK(op_named(lower(p, ctx), "L1.ep_dispatch.mb0").rdma_bytes == 0);
+}
+
+TEST_CASE("eager RMSNorm, RoPE and SwiGLU move what their PyTorch ops move, and "
+          "compiled they fuse but RoPE" *
+          doctest::test_suite("independent")) {
+  const workload::ModelSpec m = workload::load_model("llama3-8b");
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  LoweringContext ctx{&m, 4096, 8, memory_hardware(c), {}};
+  const double t = 4096, h = 4096, inter = 14336, qk = (32 + 8) * 128;
+  // Eager (torchtitan's default): per BF16 element, the norm moves x.float() 2+4, pow 4+4,
+  // mean 4, x * rsqrt 4+4, type_as 4+2, * weight 2+2 = 36 B; RoPE float() 2+4, the complex
+  // product 4+4, type_as 4+2 = 20 B; SwiGLU silu 2+2 and the product 2+2+2 = 10 B.
+  const sim::Schedule eager = lower(dp8_plan("fsdp2"), ctx);
+  CHECK(op_named(eager, "L0.attn_norm.mb0").bytes == mop::test::rel(36 * t * h));
+  CHECK(op_named(eager, "L0.rope_qk_norm.mb0").bytes == mop::test::rel(20 * t * qk));
+  CHECK(op_named(eager, "L0.mlp_act.mb0").bytes == mop::test::rel(10 * t * inter));
+  CHECK(op_named(eager, "L0.attn_norm.mb0").kernels == 8);
+  // Compiled: read the input, write the output (SwiGLU reads two); RoPE's complex product is
+  // not code Inductor generates, so it stays eager.
+  ctx.compiled = true;
+  const sim::Schedule compiled = lower(dp8_plan("fsdp2"), ctx);
+  CHECK(op_named(compiled, "L0.attn_norm.mb0").bytes == mop::test::rel(4 * t * h));
+  CHECK(op_named(compiled, "L0.rope_qk_norm.mb0").bytes == mop::test::rel(20 * t * qk));
+  CHECK(op_named(compiled, "L0.mlp_act.mb0").bytes == mop::test::rel(6 * t * inter));
+  CHECK(op_named(compiled, "L0.attn_norm.mb0").kernels == 1);
+  // Transformer Engine's fused kernels whatever the flag says.
+  ctx.compiled = false;
+  CHECK(op_named(lower(dp8_plan("megatron"), ctx), "L0.attn_norm.mb0").bytes ==
+        mop::test::rel(4 * t * h));
 }
