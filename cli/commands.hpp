@@ -16,6 +16,7 @@ void add_fit_command(CLI::App& app);
 void add_validate_command(CLI::App& app);
 void add_claims_command(CLI::App& app);
 void add_run_command(CLI::App& app);
+void add_calibrate_command(CLI::App& app);
 void add_report_command(CLI::App& app);
 
 } // namespace mop::cli

@@ -291,7 +291,7 @@ PlanInputs resolve_inputs(const PlanOptions& opt) {
   check_gpus(in.nodes, in.cluster.node.gpus_per_node, in.cluster.name);
   if (!opt.calibration.empty()) {
     const hw::Calibration cal = hw::load_calibration(opt.calibration);
-    in.cluster.overheads = hw::memory_overheads(in.cluster, cal);
+    in.cluster = hw::calibrated_cluster(in.cluster, cal);
   }
   in.global_batch = opt.global_batch;
   if (in.run && in.global_batch == 0)

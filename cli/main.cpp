@@ -55,6 +55,7 @@ int main(int argc, char** argv) {
   mop::cli::add_validate_command(app);
   mop::cli::add_claims_command(app);
   mop::cli::add_run_command(app);
+  mop::cli::add_calibrate_command(app);
   mop::cli::add_report_command(app);
   // CLI11 answers --help before it notices an unknown command ("mop nosuch --help" would exit
   // 0): refuse unknown commands first, so that exit 0 from --help means the command exists.

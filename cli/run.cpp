@@ -1,6 +1,8 @@
 // mop run: execute a plan's training steps with real arithmetic. With `--executor cpu` the plan is
 // lowered to its executable Schedule (lowering/program.hpp) and the CPU interpreter runs it on
-// `--ranks` threads. The CUDA executor is not built yet.
+// `--ranks` threads. With `--executor cuda` (the default) it is one process per GPU: started by
+// torchrun, Slurm or MPI (real_backend/launch), or by `--nproc-per-node` on one machine; each
+// process finds its rank and its GPU and stops with one sentence where what it needs is missing.
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
@@ -11,6 +13,8 @@
 #include "lowering/program.hpp"
 #include "real_backend/cpu/checkpoint.hpp"
 #include "real_backend/cpu/interpreter.hpp"
+#include "real_backend/cuda/api.hpp"
+#include "real_backend/launch/launch.hpp"
 #include "sim/engine.hpp"
 #include "strategies/hardware.hpp"
 #include "strategies/presets.hpp"
@@ -21,7 +25,10 @@
 #include <fmt/format.h>
 #include <iostream>
 #include <map>
+#include <fstream>
+#include <iterator>
 #include <memory>
+#include <unistd.h>
 
 namespace mop::cli {
 
@@ -29,7 +36,7 @@ namespace {
 
 struct RunArgs {
   std::string model, plan = "fsdp2", executor = "cuda", seq = "64", data, resume, save;
-  int ranks = 1, steps = 1;
+  int ranks = 1, steps = 1, nproc_per_node = 1;
   std::int64_t batch = 0;
   std::uint64_t seed = 1;
   double lr = 1e-3;
@@ -65,10 +72,69 @@ double median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
+// This program's path and arguments as it was started (/proc/self), to start it again.
+std::vector<std::string> own_command_line() {
+  std::vector<std::string> args;
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  const std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::size_t at = 0;
+  while (at < all.size()) {
+    const std::size_t end = all.find('\0', at);
+    args.push_back(all.substr(at, end == std::string::npos ? std::string::npos : end - at));
+    if (end == std::string::npos)
+      break;
+    at = end + 1;
+  }
+  char exe[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (args.empty() || n <= 0)
+    throw std::runtime_error("cannot read this program's own command line from /proc/self");
+  args[0] = std::string(exe, static_cast<std::size_t>(n));
+  return args;
+}
+
+// One process of the CUDA executor: where it stands in the world, and its GPU.
+void run_cuda(const RunArgs& a) {
+  if (a.nproc_per_node < 1 || a.nproc_per_node > limits::max_nproc_per_node)
+    throw InputError(fmt::format("--nproc-per-node must be between 1 and {} (got {})",
+                                 limits::max_nproc_per_node, a.nproc_per_node));
+  const real::LaunchEnv env = real::launch_env();
+  if (a.nproc_per_node > 1) {
+    if (env.launcher != real::Launcher::none && env.launcher != real::Launcher::mop)
+      throw InputError(fmt::format("--nproc-per-node starts the processes itself, but {} started "
+                                   "this one ({}); leave --nproc-per-node out",
+                                   real::launcher_name(env.launcher), env.describe()));
+    if (env.launcher == real::Launcher::none) {
+      const int rc = real::run_local_processes(own_command_line(), a.nproc_per_node);
+      if (rc != 0)
+        std::exit(rc <= 2 ? rc : 3); // a child that crashed is a bug
+      return;
+    }
+  }
+  std::string why;
+  const real::cuda::Api* api = real::cuda::load_api(why);
+  if (api == nullptr)
+    throw InputError(fmt::format("{}: {}; run the plan on the CPU reference executor with "
+                                 "--executor cpu",
+                                 env.describe(), why));
+  int gpus = 0;
+  const std::string reason = api->probe(gpus);
+  if (gpus == 0)
+    throw InputError(fmt::format("{}: {}; run the plan on the CPU reference executor with "
+                                 "--executor cpu",
+                                 env.describe(), reason));
+  if (env.local_rank >= gpus)
+    throw InputError(fmt::format("{}: this node has {} GPUs, so local rank {} has none",
+                                 env.describe(), gpus, env.local_rank));
+  throw InputError(fmt::format("{}: the CUDA interpreter of the Schedule is not part of this "
+                               "build yet (docs/EXECUTOR.md); run the plan on the CPU reference "
+                               "executor with --executor cpu",
+                               env.describe()));
+}
+
 void run(const RunArgs& a) {
   if (a.executor == "cuda")
-    throw InputError("the CUDA executor is not part of this build yet; run the same plan on the "
-                     "CPU reference executor with --executor cpu");
+    return run_cuda(a);
   if (a.executor != "cpu")
     throw InputError(fmt::format("--executor must be cpu or cuda (got '{}')",
                                  quote_for_message(a.executor, 40)));
@@ -238,6 +304,10 @@ void add_run_command(CLI::App& app) {
   cmd->add_option("--executor", a->executor, "cuda (one process per GPU) or cpu (threads)")
       ->capture_default_str();
   cmd->add_option("--ranks", a->ranks, "ranks (CPU executor: threads)")->capture_default_str();
+  cmd->add_option("--nproc-per-node", a->nproc_per_node,
+                  "CUDA executor on one machine: start this many processes, one per GPU "
+                  "(under torchrun, Slurm or MPI leave it out)")
+      ->capture_default_str();
   cmd->add_option("--steps", a->steps, "optimizer steps")->capture_default_str();
   cmd->add_option("--seq", a->seq, "tokens per sequence (64, 1K, ...)")->capture_default_str();
   CLI::Option* batch =

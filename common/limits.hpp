@@ -54,6 +54,8 @@ inline constexpr int max_threads = 256;
 // Ranks are threads sharing the machine's cores: beyond 64 the rendezvous, not the arithmetic,
 // is the run.
 inline constexpr int max_cpu_ranks = 64;
+// Processes `mop run --executor cuda --nproc-per-node` starts on one machine (one per GPU).
+inline constexpr int max_nproc_per_node = 64;
 // Optimizer steps in one run: a CPU step takes milliseconds to seconds, so a million is days.
 inline constexpr std::int64_t max_run_steps = 1'000'000;
 // Tokens per sequence on the CPU executor: attention costs seq^2 per head.

@@ -74,7 +74,8 @@ double lerp(double x0, double y0, double x1, double y1, double x) {
 bool Calibration::empty() const {
   return gemm.empty() && attention.empty() && collectives.empty() && host_adam.empty() &&
          !hbm_bytes_per_s && !h2d_bytes_per_s && !d2h_bytes_per_s && !pcie_duplex_factor &&
-         !nvlink_copy_bytes_per_s && !overheads.cuda_context_bytes &&
+         !nvlink_copy_bytes_per_s && !host_memory_bytes_per_s && !kernel_launch_s &&
+         !host_launch_s && !overheads.cuda_context_bytes &&
          !overheads.nccl_buffer_bytes_per_communicator &&
          !overheads.nvls_buffer_bytes_per_communicator && !overheads.alltoall_buffer_bytes &&
          !overheads.allocator_fragmentation;
@@ -83,8 +84,8 @@ bool Calibration::empty() const {
 Calibration calibration_from_json(const Json& json, const std::string& origin) {
   const JsonFields top(json, origin);
   reject_unknown_keys(json,
-                 {"schema", "description", "cluster", "gemm", "attention", "collectives",
-                  "host_adam", "bandwidths", "overheads"},
+                 {"schema", "description", "cluster", "device", "gemm", "attention", "collectives",
+                  "host_adam", "bandwidths", "launch", "overheads"},
                  origin);
   if (top.has("schema") && top.string("schema") != "mop-calibration-1")
     top.fail("schema", "\"mop-calibration-1\"");
@@ -203,7 +204,7 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
     const JsonFields f(b, o);
     reject_unknown_keys(b,
                    {"hbm_bytes_per_s", "h2d_bytes_per_s", "d2h_bytes_per_s", "pcie_duplex_factor",
-                    "nvlink_copy_bytes_per_s"},
+                    "nvlink_copy_bytes_per_s", "host_memory_bytes_per_s"},
                    o);
     auto optional = [&](const char* key) -> std::optional<double> {
       return f.has(key) ? std::optional<double>(f.positive_number(key)) : std::nullopt;
@@ -215,12 +216,110 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
     if (c.pcie_duplex_factor && (*c.pcie_duplex_factor < 1 || *c.pcie_duplex_factor > 2))
       f.fail("pcie_duplex_factor", "between 1 and 2");
     c.nvlink_copy_bytes_per_s = optional("nvlink_copy_bytes_per_s");
+    c.host_memory_bytes_per_s = optional("host_memory_bytes_per_s");
+  }
+  if (top.has("launch")) {
+    const Json& b = top.at("launch");
+    const std::string o = fmt::format("{}, section 'launch'", origin);
+    const JsonFields f(b, o);
+    reject_unknown_keys(b, {"kernel_s", "host_s"}, o);
+    if (f.has("kernel_s"))
+      c.kernel_launch_s = f.positive_number("kernel_s");
+    if (f.has("host_s"))
+      c.host_launch_s = f.positive_number("host_s");
+  }
+  if (top.has("device")) {
+    if (!top.at("device").is_object())
+      top.fail("device", "an object (the GPU and library versions it was measured with)");
+    c.device = top.at("device");
   }
 
   if (top.has("overheads"))
     c.overheads =
         read_memory_overheads(top.at("overheads"), fmt::format("{}, section 'overheads'", origin));
   return c;
+}
+
+Json calibration_to_json(const Calibration& c, const std::string& description,
+                         const std::string& cluster) {
+  Json j = Json::object();
+  j["schema"] = "mop-calibration-1";
+  if (!description.empty())
+    j["description"] = description;
+  if (!cluster.empty())
+    j["cluster"] = cluster;
+  if (!c.device.empty())
+    j["device"] = c.device;
+  if (!c.gemm.empty()) {
+    Json list = Json::array();
+    for (const GemmPoint& p : c.gemm) {
+      Json e{{"dtype", std::string(dtype_name(p.dtype))}, {"m", p.m}, {"n", p.n}, {"k", p.k},
+             {"time_s", p.time_s}};
+      if (p.groups != 1)
+        e["groups"] = p.groups;
+      list.push_back(e);
+    }
+    j["gemm"] = list;
+  }
+  if (!c.attention.empty()) {
+    Json list = Json::array();
+    for (const AttentionPoint& p : c.attention) {
+      const AttentionShape& s = p.shape;
+      list.push_back({{"pass", p.backward ? "bwd" : "fwd"}, {"batch", s.batch},
+                      {"heads", s.heads}, {"kv_heads", s.kv_heads}, {"q_len", s.q_len},
+                      {"kv_len", s.kv_len}, {"qk_head_dim", s.qk_head_dim},
+                      {"v_head_dim", s.v_head_dim}, {"causal", s.causal}, {"window", s.window},
+                      {"time_s", p.time_s}});
+    }
+    j["attention"] = list;
+  }
+  if (!c.collectives.empty()) {
+    Json list = Json::array();
+    for (const CollectivePoint& p : c.collectives)
+      list.push_back({{"op", std::string(collective_op_name(p.op))}, {"ranks_per_node", p.group.ranks_per_node},
+                      {"nodes", p.group.nodes}, {"bytes", p.bytes}, {"time_s", p.time_s}});
+    j["collectives"] = list;
+  }
+  if (!c.host_adam.empty()) {
+    Json list = Json::array();
+    for (const HostAdamPoint& p : c.host_adam)
+      list.push_back({{"cores", p.cores}, {"params_per_s", p.params_per_s}});
+    j["host_adam"] = list;
+  }
+  Json bw = Json::object();
+  auto put = [](Json& o, const char* key, const std::optional<double>& v) {
+    if (v)
+      o[key] = *v;
+  };
+  put(bw, "hbm_bytes_per_s", c.hbm_bytes_per_s);
+  put(bw, "h2d_bytes_per_s", c.h2d_bytes_per_s);
+  put(bw, "d2h_bytes_per_s", c.d2h_bytes_per_s);
+  put(bw, "pcie_duplex_factor", c.pcie_duplex_factor);
+  put(bw, "nvlink_copy_bytes_per_s", c.nvlink_copy_bytes_per_s);
+  put(bw, "host_memory_bytes_per_s", c.host_memory_bytes_per_s);
+  if (!bw.empty())
+    j["bandwidths"] = bw;
+  Json launch = Json::object();
+  put(launch, "kernel_s", c.kernel_launch_s);
+  put(launch, "host_s", c.host_launch_s);
+  if (!launch.empty())
+    j["launch"] = launch;
+  Json over = Json::object();
+  put(over, "cuda_context_bytes", c.overheads.cuda_context_bytes);
+  put(over, "nccl_buffer_bytes_per_communicator", c.overheads.nccl_buffer_bytes_per_communicator);
+  put(over, "nvls_buffer_bytes_per_communicator", c.overheads.nvls_buffer_bytes_per_communicator);
+  put(over, "alltoall_buffer_bytes", c.overheads.alltoall_buffer_bytes);
+  put(over, "allocator_fragmentation", c.overheads.allocator_fragmentation);
+  if (!over.empty())
+    j["overheads"] = over;
+  return j;
+}
+
+ClusterSpec calibrated_cluster(ClusterSpec cluster, const Calibration& calibration) {
+  cluster.overheads = memory_overheads(cluster, calibration);
+  if (calibration.kernel_launch_s)
+    cluster.gpu.kernel_launch_s = *calibration.kernel_launch_s;
+  return cluster;
 }
 
 Calibration load_calibration(const std::string& path) {
@@ -231,19 +330,31 @@ std::optional<double> calibrated_gemm_time_s(const Calibration& c, Dtype dtype, 
                                              double m, double n, double k) {
   if (c.gemm.empty())
     return std::nullopt;
-  const auto b = bracket(
-      c.gemm,
-      [&](const GemmPoint& p) {
-        return p.dtype == dtype && p.groups == groups && p.n == n && p.k == k;
-      },
-      [](const GemmPoint& p) { return p.m; }, m);
-  if (b.lo == nullptr || b.hi == nullptr)
-    return std::nullopt;
-  if (b.lo == b.hi)
-    return b.lo->time_s;
-  // Interpolate the achieved FLOP/s: time then grows with m as a GEMM's does.
-  auto rate = [](const GemmPoint& p) { return 2.0 * p.groups * p.m * p.n * p.k / p.time_s; };
-  return 2.0 * groups * m * n * k / lerp(b.lo->m, rate(*b.lo), b.hi->m, rate(*b.hi), m);
+  const double q[3] = {m, n, k};
+  // Along m (n, k fixed), then k (m, n fixed: a weight gradient's k is the tokens), then n.
+  for (const int along : {0, 2, 1}) {
+    auto dim = [](const GemmPoint& p, int d) { return d == 0 ? p.m : (d == 1 ? p.n : p.k); };
+    const auto b = bracket(
+        c.gemm,
+        [&](const GemmPoint& p) {
+          if (p.dtype != dtype || p.groups != groups)
+            return false;
+          for (int d = 0; d < 3; ++d)
+            if (d != along && dim(p, d) != q[d])
+              return false;
+          return true;
+        },
+        [&](const GemmPoint& p) { return dim(p, along); }, q[along]);
+    if (b.lo == nullptr || b.hi == nullptr)
+      continue;
+    if (b.lo == b.hi)
+      return b.lo->time_s;
+    // Interpolate the achieved FLOP/s: time then grows with the size as a GEMM's does.
+    auto rate = [](const GemmPoint& p) { return 2.0 * p.groups * p.m * p.n * p.k / p.time_s; };
+    return 2.0 * groups * m * n * k /
+           lerp(dim(*b.lo, along), rate(*b.lo), dim(*b.hi, along), rate(*b.hi), q[along]);
+  }
+  return std::nullopt;
 }
 
 std::optional<double> calibrated_attention_time_s(const Calibration& c, bool backward,

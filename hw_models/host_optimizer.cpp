@@ -19,8 +19,20 @@ double host_adam_params_per_s(const ClusterSpec& c, const Calibration& calibrati
   if (auto rate = calibrated_host_adam_params_per_s(calibration, cores_used))
     return *rate;
   const HostOptimizerSpec& h = c.host_optimizer;
-  const double per_core = h.adam_params_per_s / c.node.host_cores;
-  const double dram_ceiling = c.node.host_memory_bandwidth_achievable / h.adam_bytes_per_param;
+  const double dram_ceiling =
+      calibration.host_memory_bytes_per_s.value_or(c.node.host_memory_bandwidth_achievable) /
+      h.adam_bytes_per_param;
+  // Outside a calibration's measured core counts, the measured rate per core of the nearest
+  // count, times the cores, up to what the host's memory streams: a machine calibrated on 16
+  // cores still answers for the 112 of a node.
+  double per_core = h.adam_params_per_s / c.node.host_cores;
+  if (!calibration.host_adam.empty()) {
+    const HostAdamPoint* nearest = &calibration.host_adam.front();
+    for (const HostAdamPoint& p : calibration.host_adam)
+      if (std::abs(p.cores - cores_used) < std::abs(nearest->cores - cores_used))
+        nearest = &p;
+    per_core = nearest->params_per_s / nearest->cores;
+  }
   return std::min(per_core * cores_used, dram_ceiling);
 }
 

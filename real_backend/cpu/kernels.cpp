@@ -1,5 +1,7 @@
 #include "real_backend/cpu/kernels.hpp"
 
+#include "real_backend/cpu/host_adam.hpp"
+
 #include "real_backend/kernels/math.hpp"
 
 #include <cblas.h>
@@ -359,6 +361,13 @@ void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param, con
                        bc1, bc2);
 }
 
+// float: the host AdamW, vectorised for the processor and bit-identical to the loop above.
+template <>
+void adamw<float>(std::size_t n, const AdamWParams& p, std::int64_t step, float* param,
+                  const float* grad, float* m, float* v) {
+  host_adamw(n, p, step, param, grad, m, v);
+}
+
 #define MOP_INSTANTIATE_KERNELS(T)                                                                 \
   template void gemm<T>(int, int, int, const T*, bool, const T*, bool, T*, bool);                  \
   template void rmsnorm_fwd<T>(int, int, const T*, const T*, double, T*, T*);                      \
@@ -377,11 +386,12 @@ void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param, con
   template void router_topk_bwd<T>(int, int, int, bool, const T*, const std::int32_t*, const T*,   \
                                    T*);                                                            \
   template void gather_rows<T>(int, int, const T*, const std::int32_t*, T*);                       \
-  template void scatter_add_rows<T>(int, int, const T*, const std::int32_t*, T*);                  \
-  template void adamw<T>(std::size_t, const AdamWParams&, std::int64_t, T*, const T*, T*, T*);
+  template void scatter_add_rows<T>(int, int, const T*, const std::int32_t*, T*);
 
 MOP_INSTANTIATE_KERNELS(float)
 MOP_INSTANTIATE_KERNELS(double)
+template void adamw<double>(std::size_t, const AdamWParams&, std::int64_t, double*, const double*,
+                            double*, double*);
 
 #undef MOP_INSTANTIATE_KERNELS
 

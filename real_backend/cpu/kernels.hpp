@@ -107,5 +107,9 @@ struct AdamWParams {
 template <class T>
 void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param, const T* grad, T* m,
            T* v);
+// float runs the host AdamW (real_backend/cpu/host_adam.hpp): the same loop, vectorised.
+template <>
+void adamw<float>(std::size_t n, const AdamWParams& p, std::int64_t step, float* param,
+                  const float* grad, float* m, float* v);
 
 } // namespace mop::real

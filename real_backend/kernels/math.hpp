@@ -5,8 +5,13 @@
 // also provides in device code (sqrt, exp, log, pow).
 #if defined(__CUDACC__)
 #define MOP_HD __host__ __device__ inline
+#define MOP_HD_ALWAYS_INLINE __host__ __device__ __forceinline__
 #else
 #define MOP_HD inline
+// For functions that translation units compiled for other instruction sets use (the host AdamW
+// variants, real_backend/cpu/host_adam.hpp): inlined at every call, so no out-of-line copy built
+// for AVX-512 exists for the linker to share with code that must run without it.
+#define MOP_HD_ALWAYS_INLINE inline __attribute__((always_inline))
 #endif
 
 #include <cmath>
@@ -159,8 +164,9 @@ MOP_HD double adam_bias_correction(double beta, long long step) {
 // v = b2 v + (1 - b2) g^2, p -= lr * (m / bc1) / (sqrt(v / bc2) + eps), where bc1 and bc2 are
 // adam_bias_correction(beta1, step) and adam_bias_correction(beta2, step).
 template <class T>
-MOP_HD void adamw_update(T& p, T& m, T& v, T g, double lr, double beta1, double beta2, double eps,
-                         double weight_decay, double bc1, double bc2) {
+MOP_HD_ALWAYS_INLINE void adamw_update(T& p, T& m, T& v, T g, double lr, double beta1,
+                                       double beta2, double eps, double weight_decay, double bc1,
+                                       double bc2) {
   p -= static_cast<T>(lr * weight_decay) * p;
   m = static_cast<T>(beta1) * m + static_cast<T>(1 - beta1) * g;
   v = static_cast<T>(beta2) * v + static_cast<T>(1 - beta2) * g * g;

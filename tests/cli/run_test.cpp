@@ -83,7 +83,7 @@ TEST_CASE("mop run resumes from a checkpoint exactly" * doctest::test_suite("plu
 
 TEST_CASE("mop run refuses bad input with one sentence" * doctest::test_suite("plumbing")) {
   for (const char* args :
-       {"run --model tiny-moe --ranks 2 --steps 1",                           // no CUDA executor
+       {"run --model tiny-moe --ranks 2 --steps 1",                           // no GPU here
         "run --executor cpu --model tiny-moe --ranks 0",                      // no ranks
         "run --executor cpu --model tiny-moe --steps 0",                      // no steps
         "run --executor cpu --model kimi-k2 --ranks 2",                       // MLA attention
@@ -117,6 +117,58 @@ TEST_CASE("mop run refuses bad input with one sentence" * doctest::test_suite("p
   CHECK(run_mop("run --executor cpu").status == 2); // --model is required
   // Not an int at all: a usage error.
   CHECK(run_mop("run --executor cpu --model tiny-moe --steps 99999999999").status == 2);
+}
+
+TEST_CASE("mop run --executor cuda finds its rank from torchrun, Slurm and MPI and stops at the "
+          "GPU with one sentence" * doctest::test_suite("plumbing")) {
+  // Without a GPU (or without the CUDA backend) each process says where it stands and why it
+  // stops; the sentence names the rank the launcher gave it.
+  const std::string args = "run --executor cuda --model tiny-moe --steps 1";
+  const auto torchrun = run_mop(args, "RANK=3 WORLD_SIZE=4 LOCAL_RANK=3 LOCAL_WORLD_SIZE=4 "
+                                      "MASTER_ADDR=node0 MASTER_PORT=29500 ");
+  CHECK(torchrun.status == 1);
+  CHECK(count_lines(torchrun.err) == 1);
+  CHECK(torchrun.err.find("rank 3 of 4 (torchrun, local rank 3 of 4, rendezvous node0:29500)") !=
+        std::string::npos);
+  const auto slurm = run_mop(args, "SLURM_PROCID=5 SLURM_NTASKS=16 SLURM_LOCALID=1 SLURM_NODEID=2 "
+                                   "SLURM_STEP_TASKS_PER_NODE='4(x4)' "
+                                   "SLURM_STEP_NODELIST='gpu[10-13]' SLURM_JOB_ID=7 ");
+  CHECK(slurm.status == 1);
+  CHECK(slurm.err.find("rank 5 of 16 (Slurm, local rank 1 of 4, rendezvous gpu10:20007)") !=
+        std::string::npos);
+  const auto mpi = run_mop(args, "OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=2 "
+                                 "OMPI_COMM_WORLD_LOCAL_RANK=1 OMPI_COMM_WORLD_LOCAL_SIZE=2 ");
+  CHECK(mpi.status == 1);
+  CHECK(mpi.err.find("rank 1 of 2 (MPI, local rank 1 of 2, rendezvous 127.0.0.1:29500)") !=
+        std::string::npos);
+  // A launcher's malformed variable is bad input too.
+  const auto bad = run_mop(args, "RANK=9 WORLD_SIZE=4 LOCAL_RANK=0 ");
+  CHECK(bad.status == 1);
+  CHECK(bad.err.find("RANK is 9, outside a world of 4 processes") != std::string::npos);
+  // --nproc-per-node starts the processes itself; the first to fail reports (the others are
+  // stopped, as torchrun stops them) and the run fails with its status.
+  const auto local = run_mop(args + " --nproc-per-node 2");
+  CHECK(local.status == 1);
+  CHECK(local.err.find(" of 2 (mop --nproc-per-node, local rank ") != std::string::npos);
+  // Under a launcher it must be left out.
+  const auto both = run_mop(args + " --nproc-per-node 2", "RANK=0 WORLD_SIZE=2 LOCAL_RANK=0 "
+                                                          "MASTER_ADDR=a MASTER_PORT=1 ");
+  CHECK(both.status == 1);
+  CHECK(both.err.find("leave --nproc-per-node out") != std::string::npos);
+  CHECK(run_mop(args + " --nproc-per-node 0").status == 1);
+  CHECK(run_mop(args + " --nproc-per-node 1000").status == 1);
+}
+
+TEST_CASE("mop calibrate without a GPU refuses with one sentence and writes nothing" *
+          doctest::test_suite("plumbing")) {
+  const std::string out =
+      (std::filesystem::temp_directory_path() / ("mop-cal-" + std::to_string(::getpid()) + ".json"))
+          .string();
+  const auto r = run_mop("calibrate --quick --out " + out);
+  CHECK(r.status == 1);
+  CHECK(count_lines(r.err) == 1);
+  CHECK(r.err.find("mop calibrate") != std::string::npos);
+  CHECK(!std::filesystem::exists(out));
 }
 
 namespace {

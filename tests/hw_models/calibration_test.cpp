@@ -162,8 +162,56 @@ TEST_CASE("host AdamW overlay interpolates measured rates by core count" *
   // The file: 16 cores 2.0e8, 56 cores 6.5e8, 112 cores 1.2e9 params/s.
   CHECK(host_adam_params_per_s(h200, cal, 56) == 6.5e8);
   CHECK(host_adam_params_per_s(h200, cal, 36) == mop::test::rel(2.0e8 + (6.5e8 - 2.0e8) / 2));
-  // 8 cores is below the measured range: the model, 8/112 of 1.5e9.
-  CHECK(host_adam_params_per_s(h200, cal, 8) == mop::test::rel(1.5e9 * 8 / 112));
+  // 8 cores is below the measured range: the nearest measurement's rate per core (16 cores,
+  // 2.0e8/16) times 8, under the host memory's ceiling.
+  CHECK(host_adam_params_per_s(h200, cal, 8) == mop::test::rel(2.0e8 / 16 * 8));
+}
+
+TEST_CASE("host AdamW beyond the measured cores: the measured rate per core, capped by the host's "
+          "memory" * doctest::test_suite("independent")) {
+  ClusterSpec c = load_cluster("h200");
+  Calibration cal;
+  cal.host_adam.push_back({16, 3.2e8}); // 2e7 params/s per core
+  // 20 cores: 4e8, below the ceiling of the cluster's host memory.
+  const double ceiling =
+      c.node.host_memory_bandwidth_achievable / c.host_optimizer.adam_bytes_per_param;
+  REQUIRE(4e8 < ceiling);
+  CHECK(host_adam_params_per_s(c, cal, 20) == mop::test::rel(4e8));
+  // A measured host memory bandwidth of 28e8 bytes/s caps it at 28e8 / bytes per param.
+  cal.host_memory_bytes_per_s = 28e8;
+  CHECK(host_adam_params_per_s(c, cal, 20) ==
+        mop::test::rel(std::min(4e8, 28e8 / c.host_optimizer.adam_bytes_per_param)));
+}
+
+TEST_CASE("a weight-gradient GEMM is looked up along k, a calibration file round-trips, and the "
+          "measured launch cost replaces the cluster's" * doctest::test_suite("plumbing")) {
+  Calibration cal;
+  // Weight gradients: m = 4096, n = 14336 fixed, k (tokens) 4096 and 16384 measured.
+  cal.gemm.push_back({Dtype::bf16, 1, 4096, 14336, 4096, 1.0e-3});
+  cal.gemm.push_back({Dtype::bf16, 1, 4096, 14336, 16384, 3.0e-3});
+  CHECK(*calibrated_gemm_time_s(cal, Dtype::bf16, 1, 4096, 14336, 4096) == 1.0e-3);
+  // k = 8192, a third of the way: the rate interpolated (FLOPs / time at each end).
+  const double f = 2.0 * 4096 * 14336;
+  const double r1 = f * 4096 / 1.0e-3, r2 = f * 16384 / 3.0e-3;
+  const double rate = r1 + (r2 - r1) * (8192.0 - 4096) / (16384 - 4096);
+  CHECK(*calibrated_gemm_time_s(cal, Dtype::bf16, 1, 4096, 14336, 8192) ==
+        mop::test::rel(f * 8192 / rate));
+  CHECK(!calibrated_gemm_time_s(cal, Dtype::bf16, 1, 4096, 14336, 32768));
+  cal.kernel_launch_s = 3.5e-6;
+  cal.host_launch_s = 2.0e-6;
+  cal.host_memory_bytes_per_s = 1.5e11;
+  cal.hbm_bytes_per_s = 4.0e12;
+  cal.host_adam.push_back({1, 5e7});
+  cal.device = {{"name", "NVIDIA H200"}, {"sms", 132}};
+  const Json j = calibration_to_json(cal, "test", "h200");
+  const Calibration back = calibration_from_json(j, "round trip");
+  CHECK(calibration_to_json(back, "test", "h200") == j);
+  CHECK(*back.kernel_launch_s == 3.5e-6);
+  CHECK(back.device["name"] == "NVIDIA H200");
+  const ClusterSpec c = calibrated_cluster(load_cluster("h200"), back);
+  CHECK(c.gpu.kernel_launch_s == 3.5e-6);
+  CHECK(calibration_error({{"launch", {{"kernel_s", -1}}}}).find("kernel_s") != std::string::npos);
+  CHECK(calibration_error({{"device", 3}}).find("device") != std::string::npos);
 }
 
 TEST_CASE("measured bandwidths and overheads replace the cluster's" *
