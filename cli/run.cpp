@@ -14,6 +14,7 @@
 #include "real_backend/cpu/checkpoint.hpp"
 #include "real_backend/cpu/interpreter.hpp"
 #include "real_backend/cuda/api.hpp"
+#include "real_backend/cuda/backend.hpp"
 #include "real_backend/launch/launch.hpp"
 #include "sim/engine.hpp"
 #include "strategies/hardware.hpp"
@@ -93,8 +94,9 @@ std::vector<std::string> own_command_line() {
   return args;
 }
 
-// One process of the CUDA executor: where it stands in the world, and its GPU.
-void run_cuda(const RunArgs& a) {
+// One process of the CUDA executor: where it stands in the world, and its GPU. Returns false
+// when this process only started the processes of --nproc-per-node (they ran the plan).
+bool prepare_cuda(const RunArgs& a) {
   if (a.nproc_per_node < 1 || a.nproc_per_node > limits::max_nproc_per_node)
     throw InputError(fmt::format("--nproc-per-node must be between 1 and {} (got {})",
                                  limits::max_nproc_per_node, a.nproc_per_node));
@@ -108,7 +110,7 @@ void run_cuda(const RunArgs& a) {
       const int rc = real::run_local_processes(own_command_line(), a.nproc_per_node);
       if (rc != 0)
         std::exit(rc <= 2 ? rc : 3); // a child that crashed is a bug
-      return;
+      return false;
     }
   }
   std::string why;
@@ -126,16 +128,19 @@ void run_cuda(const RunArgs& a) {
   if (env.local_rank >= gpus)
     throw InputError(fmt::format("{}: this node has {} GPUs, so local rank {} has none",
                                  env.describe(), gpus, env.local_rank));
-  throw InputError(fmt::format("{}: the CUDA interpreter of the Schedule is not part of this "
-                               "build yet (docs/EXECUTOR.md); run the plan on the CPU reference "
-                               "executor with --executor cpu",
-                               env.describe()));
+  if (env.world_size > 1)
+    throw InputError(fmt::format("{}: the CUDA executor runs a plan's ranks as threads on one "
+                                 "GPU (--ranks); ranks in separate processes over NCCL are not "
+                                 "part of this build yet (docs/EXECUTOR.md)",
+                                 env.describe()));
+  real::cuda::select_device(env.local_rank);
+  return true;
 }
 
 void run(const RunArgs& a) {
-  if (a.executor == "cuda")
-    return run_cuda(a);
-  if (a.executor != "cpu")
+  if (a.executor == "cuda" && !prepare_cuda(a))
+    return;
+  if (a.executor != "cpu" && a.executor != "cuda")
     throw InputError(fmt::format("--executor must be cpu or cuda (got '{}')",
                                  quote_for_message(a.executor, 40)));
   if (a.ranks < 1 || a.ranks > limits::max_cpu_ranks)
@@ -194,10 +199,11 @@ void run(const RunArgs& a) {
   o.check = a.check;
   o.adam.lr = a.lr;
   if (!a.json)
-    std::cout << fmt::format("{} on {} CPU ranks, seq {}, global batch {} sequences, from step {}\n"
+    std::cout << fmt::format("{} on {} {}, seq {}, global batch {} sequences, from step {}\n"
                              "plan ({}): {}\n",
-                             spec.name, a.ranks, seq, plan.global_batch, start.step, plan.family,
-                             strategy::summary(plan));
+                             spec.name, a.ranks,
+                             a.executor == "cuda" ? "ranks on one GPU" : "CPU ranks", seq,
+                             plan.global_batch, start.step, plan.family, strategy::summary(plan));
   // The plan's executable Schedule, interpreted, and what the simulator predicts for it on the
   // reference cluster (per rank over the run: op time by kind, peak memory of each rank's class).
   const lowering::ProgramContext pc{&spec, seq, a.ranks};
@@ -207,7 +213,8 @@ void run(const RunArgs& a) {
   {
     const sim::Schedule schedule = lowering::lower_program(plan, pc);
     sim::check_schedule(schedule);
-    r = real::interpret<float>(schedule, c, data, start, o);
+    r = a.executor == "cuda" ? real::cuda::interpret(schedule, c, data, start, o)
+                             : real::interpret<float>(schedule, c, data, start, o);
     const sim::SimResult sr = sim::simulate(schedule, hw::load_cluster("h200"), hw::Calibration{});
     for (std::size_t k = 0; k < schedule.classes.size(); ++k) {
       const sim::RankClass& rc = schedule.classes[k];
@@ -244,7 +251,7 @@ void run(const RunArgs& a) {
                        {"predicted_s", pred == predicted_s.end() ? Json() : Json(pred->second)}};
     }
     Json j{{"model", spec.name},
-           {"executor", "cpu"},
+           {"executor", a.executor},
            {"ranks", a.ranks},
            {"seq", seq},
            {"global_batch", plan.global_batch},
@@ -280,7 +287,9 @@ void run(const RunArgs& a) {
                       sched == r.scheduled.end() ? "-" : std::to_string(sched->second),
                       format_seconds(op.seconds)});
   }
-  std::cout << "\nthe plan's executable Schedule, run by the CPU interpreter\n" << t.render();
+  std::cout << fmt::format("\nthe plan's executable Schedule, run by the {} interpreter\n",
+                           a.executor == "cuda" ? "CUDA" : "CPU")
+            << t.render();
   if (a.check)
     std::cout << fmt::format("\ncheck against the single-rank float64 reference: loss {:.2e}, "
                              "gradients {:.2e}, parameters {:.2e} (largest relative differences)\n",

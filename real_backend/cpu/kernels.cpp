@@ -19,12 +19,7 @@ std::size_t sz(std::int64_t v) {
   return static_cast<std::size_t>(v);
 }
 
-template <class T> T dot(int n, const T* a, const T* b) {
-  T s = 0;
-  for (int i = 0; i < n; ++i)
-    s += a[i] * b[i];
-  return s;
-}
+using math::dot;
 
 // The one GEMM of the library's two precisions: c = op(a)·op(b) + beta·c, row-major. beta = 0
 // overwrites c whatever it held (BLAS does not read it then).
@@ -39,7 +34,7 @@ void blas_gemm(CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k, cons
 
 // Whether key position kp is visible from query position qp (the rule of kernels.hpp).
 bool visible(const AttentionParams& p, std::int64_t qp, std::int64_t kp) {
-  return (!p.causal || kp <= qp) && (p.window == 0 || qp - kp < p.window);
+  return math::key_visible(p.causal, p.window, qp, kp);
 }
 
 } // namespace

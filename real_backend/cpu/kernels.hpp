@@ -6,6 +6,7 @@
 // Row-major throughout.
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 namespace mop::real {
 
@@ -111,5 +112,70 @@ void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param, con
 template <>
 void adamw<float>(std::size_t n, const AdamWParams& p, std::int64_t step, float* param,
                   const float* grad, float* m, float* v);
+
+// The CPU backend's policy for the program interpreter (interpreter_impl.hpp): tensors in
+// ordinary memory, the kernels above, nothing to wait for.
+template <class T> struct CpuKernels {
+  template <class X> using Alloc = std::allocator<X>;
+  static void sync() {}
+  static void gemm(int m, int n, int k, const T* a, bool trans_a, const T* b, bool trans_b, T* c,
+                   bool accumulate) {
+    real::gemm<T>(m, n, k, a, trans_a, b, trans_b, c, accumulate);
+  }
+  static void rmsnorm_fwd(int rows, int dim, const T* x, const T* w, double eps, T* y, T* rstd) {
+    real::rmsnorm_fwd<T>(rows, dim, x, w, eps, y, rstd);
+  }
+  static void rmsnorm_bwd(int rows, int dim, const T* x, const T* w, const T* rstd, const T* dy,
+                          T* dx, T* dw) {
+    real::rmsnorm_bwd<T>(rows, dim, x, w, rstd, dy, dx, dw);
+  }
+  static void rope(int tokens, int heads, int head_dim, const std::int64_t* positions,
+                   double theta, T* x, bool inverse) {
+    real::rope<T>(tokens, heads, head_dim, positions, theta, x, inverse);
+  }
+  static void swiglu_fwd(std::size_t n, const T* gate, const T* up, T* out) {
+    real::swiglu_fwd<T>(n, gate, up, out);
+  }
+  static void swiglu_bwd(std::size_t n, const T* gate, const T* up, const T* dout, T* dgate,
+                         T* dup) {
+    real::swiglu_bwd<T>(n, gate, up, dout, dgate, dup);
+  }
+  static void attention_fwd(const AttentionParams& p, int tq, int tk, const T* q, const T* k,
+                            const T* v, const std::int64_t* q_pos, const std::int64_t* k_pos,
+                            T* out, T* lse) {
+    real::attention_fwd<T>(p, tq, tk, q, k, v, q_pos, k_pos, out, lse);
+  }
+  static void attention_merge(int tq, int heads, int v_dim, T* out_a, T* lse_a, const T* out_b,
+                              const T* lse_b) {
+    real::attention_merge<T>(tq, heads, v_dim, out_a, lse_a, out_b, lse_b);
+  }
+  static void attention_bwd(const AttentionParams& p, int tq, int tk, const T* q, const T* k,
+                            const T* v, const std::int64_t* q_pos, const std::int64_t* k_pos,
+                            const T* out, const T* lse, const T* dout, T* dq, T* dk, T* dv) {
+    real::attention_bwd<T>(p, tq, tk, q, k, v, q_pos, k_pos, out, lse, dout, dq, dk, dv);
+  }
+  static double cross_entropy(int rows, int vocab, const T* logits, const std::int32_t* labels,
+                              double scale, T* dlogits) {
+    return real::cross_entropy<T>(rows, vocab, logits, labels, scale, dlogits);
+  }
+  static void router_topk_fwd(int rows, int experts, int k, bool normalize, const T* logits,
+                              T* probs, std::int32_t* idx, T* weights) {
+    real::router_topk_fwd<T>(rows, experts, k, normalize, logits, probs, idx, weights);
+  }
+  static void router_topk_bwd(int rows, int experts, int k, bool normalize, const T* probs,
+                              const std::int32_t* idx, const T* dweights, T* dlogits) {
+    real::router_topk_bwd<T>(rows, experts, k, normalize, probs, idx, dweights, dlogits);
+  }
+  static void gather_rows(int n, int dim, const T* src, const std::int32_t* index, T* dst) {
+    real::gather_rows<T>(n, dim, src, index, dst);
+  }
+  static void scatter_add_rows(int n, int dim, const T* src, const std::int32_t* index, T* dst) {
+    real::scatter_add_rows<T>(n, dim, src, index, dst);
+  }
+  static void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param,
+                    const T* grad, T* m, T* v) {
+    real::adamw<T>(n, p, step, param, grad, m, v);
+  }
+};
 
 } // namespace mop::real

@@ -47,7 +47,8 @@ template <class T> std::vector<T> extract(const std::vector<T>& full, const Slic
   return out;
 }
 
-template <class T> void insert(const std::vector<T>& part, const Slice& s, std::vector<T>& full) {
+// `part` may be any contiguous container of T (a backend's tensor storage).
+template <class P, class T> void insert(const P& part, const Slice& s, std::vector<T>& full) {
   std::size_t k = 0;
   for (auto i = s.lo[0]; i < s.hi[0]; ++i)
     for (auto j = s.lo[1]; j < s.hi[1]; ++j)

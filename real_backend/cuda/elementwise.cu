@@ -4,6 +4,8 @@
 // Reductions run in a fixed order, so results are deterministic from run to run.
 #include "real_backend/cuda/elementwise.hpp"
 
+#include "real_backend/cuda/device_kernels.hpp"
+
 #include "real_backend/cuda/check.hpp"
 #include "real_backend/kernels/math.hpp"
 
@@ -297,3 +299,63 @@ void adamw(const AdamWParams& p, std::int64_t step, std::vector<float>& param,
 }
 
 } // namespace mop::real::cuda
+
+// ---- on device pointers (device_kernels.hpp) ----
+namespace mop::real::cuda::dev {
+
+void swiglu_fwd(std::size_t n, const float* gate, const float* up, float* out) {
+  if (n == 0)
+    return;
+  swiglu_fwd_kernel<<<blocks_for(n), kThreads>>>(n, gate, up, out);
+  MOP_CUDA_CHECK(cudaGetLastError());
+}
+
+void swiglu_bwd(std::size_t n, const float* gate, const float* up, const float* dout,
+                float* dgate, float* dup) {
+  if (n == 0)
+    return;
+  swiglu_bwd_kernel<<<blocks_for(n), kThreads>>>(n, gate, up, dout, dgate, dup);
+  MOP_CUDA_CHECK(cudaGetLastError());
+}
+
+void rmsnorm_fwd(int rows, int dim, const float* x, const float* w, double eps, float* y,
+                 float* rstd) {
+  if (rows <= 0)
+    return;
+  rmsnorm_fwd_kernel<<<static_cast<unsigned>(rows), kThreads>>>(dim, x, w, eps, y, rstd);
+  MOP_CUDA_CHECK(cudaGetLastError());
+}
+
+void rmsnorm_bwd(int rows, int dim, const float* x, const float* w, const float* rstd,
+                 const float* dy, float* dx, float* dw) {
+  if (rows <= 0)
+    return;
+  rmsnorm_bwd_dx_kernel<<<static_cast<unsigned>(rows), kThreads>>>(dim, x, w, rstd, dy, dx);
+  MOP_CUDA_CHECK(cudaGetLastError());
+  rmsnorm_bwd_dw_kernel<<<blocks_for(static_cast<std::size_t>(dim)), kThreads>>>(rows, dim, x,
+                                                                                  rstd, dy, dw);
+  MOP_CUDA_CHECK(cudaGetLastError());
+}
+
+void rope(int tokens, int heads, int head_dim, const std::int64_t* positions, double theta,
+          float* x, bool inverse) {
+  const std::size_t pairs = static_cast<std::size_t>(tokens) * static_cast<std::size_t>(head_dim / 2);
+  if (pairs == 0 || heads == 0)
+    return;
+  rope_kernel<<<blocks_for(pairs), kThreads>>>(tokens, heads, head_dim, positions, theta, x,
+                                               inverse);
+  MOP_CUDA_CHECK(cudaGetLastError());
+}
+
+void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, float* param,
+           const float* grad, float* m, float* v) {
+  if (n == 0)
+    return;
+  const double bc1 = math::adam_bias_correction(p.beta1, step);
+  const double bc2 = math::adam_bias_correction(p.beta2, step);
+  adamw_kernel<<<blocks_for(n), kThreads>>>(n, p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, bc1,
+                                            bc2, param, grad, m, v);
+  MOP_CUDA_CHECK(cudaGetLastError());
+}
+
+} // namespace mop::real::cuda::dev

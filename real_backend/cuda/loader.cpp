@@ -2,6 +2,7 @@
 // program, with or without the CUDA toolkit: it needs only the dynamic loader.
 #include "real_backend/cuda/api.hpp"
 
+#include <cstdlib>
 #include <dlfcn.h>
 #include <mutex>
 #include <string>
@@ -18,10 +19,13 @@ const Api* load_api(std::string& why) {
     const ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
     std::string dir = n > 0 ? std::string(exe, static_cast<std::size_t>(n)) : std::string(".");
     dir = dir.substr(0, dir.find_last_of('/') == std::string::npos ? 0 : dir.find_last_of('/'));
-    const std::string path = (dir.empty() ? std::string(".") : dir) + "/libmop_cuda.so";
+    std::string path = (dir.empty() ? std::string(".") : dir) + "/libmop_cuda.so";
+    // MOP_CUDA_LIBRARY names another copy (the GPU tests, an installation elsewhere).
+    if (const char* other = std::getenv("MOP_CUDA_LIBRARY"); other != nullptr && *other != '\0')
+      path = other;
     if (::access(path.c_str(), F_OK) != 0) {
-      reason = "this build has no CUDA backend (libmop_cuda.so is not beside the program: nvcc "
-               "was not found when it was configured)";
+      reason = "this build has no CUDA backend (" + path +
+               " does not exist: nvcc was not found when it was configured)";
       return;
     }
     void* lib = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);

@@ -2,9 +2,14 @@
 // backend throws and returns it as a sentence.
 #include "real_backend/cuda/api.hpp"
 
+#include "real_backend/cuda/device_kernels.hpp"
 #include "real_backend/cuda/device_probe.hpp"
 
+#include <cuda_runtime_api.h>
+
 #include <exception>
+#include <stdexcept>
+#include <string>
 
 namespace mop::real::cuda {
 namespace {
@@ -39,11 +44,100 @@ std::string calibrate(const CalibrateOptions& options, DeviceMeasurements& out) 
   return guarded([&] { out = measure_device(options); });
 }
 
+// A kernel entry point of the table: nullptr, or the failure kept for this thread.
+template <class F> const char* status(F&& f) {
+  thread_local std::string last;
+  try {
+    f();
+    return nullptr;
+  } catch (const std::exception& e) {
+    last = e.what();
+  } catch (...) {
+    last = "a CUDA kernel failed with an unknown exception";
+  }
+  return last.c_str();
+}
+
+KernelTable kernel_table() {
+  KernelTable t{};
+  t.set_device = [](int device) {
+    return status([&] {
+      const cudaError_t e = cudaSetDevice(device);
+      if (e != cudaSuccess)
+        throw std::runtime_error(std::string("cudaSetDevice: ") + cudaGetErrorString(e));
+    });
+  };
+  t.managed_alloc = [](std::size_t bytes, void** out) {
+    return status([&] { *out = dev::managed_alloc(bytes); });
+  };
+  t.managed_free = [](void* p) { dev::managed_free(p); };
+  t.sync = [] { return status([] { dev::sync(); }); };
+  t.gemm = [](int m, int n, int k, const float* a, bool ta, const float* b, bool tb, float* c,
+              bool acc) { return status([&] { dev::gemm(m, n, k, a, ta, b, tb, c, acc); }); };
+  t.rmsnorm_fwd = [](int rows, int dim, const float* x, const float* w, double eps, float* y,
+                     float* rstd) {
+    return status([&] { dev::rmsnorm_fwd(rows, dim, x, w, eps, y, rstd); });
+  };
+  t.rmsnorm_bwd = [](int rows, int dim, const float* x, const float* w, const float* rstd,
+                     const float* dy, float* dx, float* dw) {
+    return status([&] { dev::rmsnorm_bwd(rows, dim, x, w, rstd, dy, dx, dw); });
+  };
+  t.rope = [](int tokens, int heads, int head_dim, const std::int64_t* pos, double theta, float* x,
+              bool inverse) {
+    return status([&] { dev::rope(tokens, heads, head_dim, pos, theta, x, inverse); });
+  };
+  t.swiglu_fwd = [](std::size_t n, const float* g, const float* u, float* o) {
+    return status([&] { dev::swiglu_fwd(n, g, u, o); });
+  };
+  t.swiglu_bwd = [](std::size_t n, const float* g, const float* u, const float* d, float* dg,
+                    float* du) { return status([&] { dev::swiglu_bwd(n, g, u, d, dg, du); }); };
+  t.attention_fwd = [](const AttentionParams& p, int tq, int tk, const float* q, const float* k,
+                       const float* v, const std::int64_t* qp, const std::int64_t* kp, float* o,
+                       float* lse) {
+    return status([&] { dev::attention_fwd(p, tq, tk, q, k, v, qp, kp, o, lse); });
+  };
+  t.attention_merge = [](int tq, int heads, int v_dim, float* oa, float* la, const float* ob,
+                         const float* lb) {
+    return status([&] { dev::attention_merge(tq, heads, v_dim, oa, la, ob, lb); });
+  };
+  t.attention_bwd = [](const AttentionParams& p, int tq, int tk, const float* q, const float* k,
+                       const float* v, const std::int64_t* qp, const std::int64_t* kp,
+                       const float* o, const float* lse, const float* d, float* dq, float* dk,
+                       float* dv) {
+    return status([&] { dev::attention_bwd(p, tq, tk, q, k, v, qp, kp, o, lse, d, dq, dk, dv); });
+  };
+  t.cross_entropy = [](int rows, int vocab, const float* logits, const std::int32_t* labels,
+                       double scale, float* dl, double* total) {
+    return status([&] { *total = dev::cross_entropy(rows, vocab, logits, labels, scale, dl); });
+  };
+  t.router_topk_fwd = [](int rows, int experts, int k, bool norm, const float* logits,
+                         float* probs, std::int32_t* idx, float* w) {
+    return status([&] { dev::router_topk_fwd(rows, experts, k, norm, logits, probs, idx, w); });
+  };
+  t.router_topk_bwd = [](int rows, int experts, int k, bool norm, const float* probs,
+                         const std::int32_t* idx, const float* dw, float* dl) {
+    return status([&] { dev::router_topk_bwd(rows, experts, k, norm, probs, idx, dw, dl); });
+  };
+  t.gather_rows = [](int n, int dim, const float* src, const std::int32_t* index, float* dst) {
+    return status([&] { dev::gather_rows(n, dim, src, index, dst); });
+  };
+  t.scatter_add_rows = [](int n, int dim, const float* src, const std::int32_t* index,
+                          float* dst) {
+    return status([&] { dev::scatter_add_rows(n, dim, src, index, dst); });
+  };
+  t.adamw = [](std::size_t n, const AdamWParams& p, std::int64_t step, float* param,
+               const float* grad, float* m, float* v) {
+    return status([&] { dev::adamw(n, p, step, param, grad, m, v); });
+  };
+  return t;
+}
+
 } // namespace
 } // namespace mop::real::cuda
 
 extern "C" const mop::real::cuda::Api* mop_cuda_api() {
   static const mop::real::cuda::Api api{mop::real::cuda::Api::kVersion, &mop::real::cuda::probe,
-                                        &mop::real::cuda::versions, &mop::real::cuda::calibrate};
+                                        &mop::real::cuda::versions, &mop::real::cuda::calibrate,
+                                        mop::real::cuda::kernel_table()};
   return &api;
 }

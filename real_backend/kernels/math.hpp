@@ -107,6 +107,22 @@ template <class T> MOP_HD T rmsnorm_dw(T x, T dy, T rstd) {
   return dy * x * rstd;
 }
 
+// ---- Attention's masks and dot products ----
+
+// Whether key position kp is visible from query position qp: causal (kp <= qp) when `causal`,
+// and within the last `window` positions when window > 0 (real::AttentionParams).
+MOP_HD bool key_visible(bool causal, long long window, long long qp, long long kp) {
+  return (!causal || kp <= qp) && (window == 0 || qp - kp < window);
+}
+
+// a · b over n elements, summed in index order.
+template <class T> MOP_HD T dot(int n, const T* a, const T* b) {
+  T s = 0;
+  for (int i = 0; i < n; ++i)
+    s += a[i] * b[i];
+  return s;
+}
+
 // ---- Softmax pieces (Milakov & Gimelshein 2018, "Online normalizer calculation for softmax";
 //      Dao 2023, FlashAttention-2) ----
 
