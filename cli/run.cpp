@@ -6,6 +6,7 @@
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
+#include "common/file_io.hpp"
 #include "common/limits.hpp"
 #include "common/units.hpp"
 #include "hw_models/calibration.hpp"
@@ -19,6 +20,7 @@
 #include "sim/engine.hpp"
 #include "strategies/hardware.hpp"
 #include "strategies/presets.hpp"
+#include "traces/chrome_trace.hpp"
 #include "workload/catalog.hpp"
 
 #include <algorithm>
@@ -37,6 +39,7 @@ namespace {
 
 struct RunArgs {
   std::string model, plan = "fsdp2", executor = "cuda", seq = "64", data, resume, save;
+  std::string trace, predicted_trace; // measured and predicted Perfetto traces of the last step
   int ranks = 1, steps = 1, nproc_per_node = 1;
   std::int64_t batch = 0;
   std::uint64_t seed = 1;
@@ -66,6 +69,36 @@ strategy::Plan choose_plan(const RunArgs& a, const workload::ModelSpec& spec,
         real::check_interpretable(lowering::lower_program(q, pc), c);
       }).plan;
   return p;
+}
+
+// The last step as the executor ran it, in the simulator's result shape so the trace writer
+// draws it as it draws a prediction: each rank class's ops as its first rank ran them, that
+// rank's live HBM after each op, and the step's end. No critical path: the ops ran one after
+// another on each rank.
+sim::SimResult measured_result(const sim::Schedule& s, const real::RunResult<float>& r) {
+  sim::SimResult m;
+  m.classes.resize(s.classes.size());
+  std::vector<bool> done(s.classes.size(), false);
+  for (int rank = 0; rank < s.world; ++rank) {
+    const int stage = s.mesh.view("attention").coord(rank, "pp");
+    for (std::size_t k = 0; k < s.classes.size(); ++k) {
+      if (s.classes[k].stage != stage || done[k])
+        continue;
+      done[k] = true;
+      sim::ClassResult& c = m.classes[k];
+      c.ops = r.timeline[static_cast<std::size_t>(rank)];
+      c.memory.timeline = r.memory_timeline[static_cast<std::size_t>(rank)];
+      for (const sim::OpTiming& t : c.ops)
+        c.end_s = std::max(c.end_s, t.end_s);
+      for (const sim::MemorySample& x : c.memory.timeline)
+        if (x.bytes > c.memory.peak_hbm_bytes) {
+          c.memory.peak_hbm_bytes = x.bytes;
+          c.memory.peak_time_s = x.time_s;
+        }
+      m.step_time_s = std::max(m.step_time_s, c.end_s);
+    }
+  }
+  return m;
 }
 
 double median(std::vector<double> v) {
@@ -198,6 +231,11 @@ void run(const RunArgs& a) {
   o.steps = a.steps;
   o.check = a.check;
   o.adam.lr = a.lr;
+  o.timeline = !a.trace.empty();
+  if (!a.trace.empty())
+    check_output_path(a.trace);
+  if (!a.predicted_trace.empty())
+    check_output_path(a.predicted_trace);
   if (!a.json)
     std::cout << fmt::format("{} on {} {}, seq {}, global batch {} sequences, from step {}\n"
                              "plan ({}): {}\n",
@@ -230,6 +268,13 @@ void run(const RunArgs& a) {
         if (schedule.classes[k].stage == stage)
           simulated_peak.push_back(sr.classes[k].memory.peak_hbm_bytes);
     }
+    if (!a.predicted_trace.empty())
+      trace::write_chrome_trace(a.predicted_trace, schedule, sr,
+                                {true, true, "predicted: " + strategy::summary(plan)});
+    if (!a.trace.empty())
+      trace::write_chrome_trace(a.trace, schedule, measured_result(schedule, r),
+                                {true, false, "measured (" + a.executor + " executor): " +
+                                                  strategy::summary(plan)});
   }
   for (std::size_t k = 0; k < r.losses.size(); ++k)
     if (!std::isfinite(r.losses[k]))
@@ -330,6 +375,10 @@ void add_run_command(CLI::App& app) {
   CLI::Option* save =
       cmd->add_option("--save-checkpoint", a->save, "write the state after the last step here");
   CLI::Option* resume = cmd->add_option("--resume", a->resume, "start from this checkpoint");
+  cmd->add_option("--trace", a->trace,
+                  "write the last step as the executor ran it (Chrome/Perfetto JSON)");
+  cmd->add_option("--predicted-trace", a->predicted_trace,
+                  "write the simulator's prediction of the same Schedule (Chrome/Perfetto JSON)");
   cmd->add_flag("--check", a->check,
                 std::string("compare every step with a single-rank float64 reference"));
   add_output_options(cmd, a->json);

@@ -12,6 +12,8 @@
 #include "workload/rebalance.hpp"
 
 #include <algorithm>
+#include <chrono>
+#include <limits>
 #include <cmath>
 #include <fmt/format.h>
 #include <memory>
@@ -75,7 +77,13 @@ template <class T> struct Shared {
   std::vector<double> peak;
   std::vector<std::vector<ExecutedOp>> trace;
   std::vector<std::vector<std::vector<std::int64_t>>> runtime_rows;
+  std::vector<std::vector<sim::OpTiming>> timeline; // absolute steady-clock seconds; -1: not run
+  std::vector<std::vector<sim::MemorySample>> memory;
 };
+
+inline double clock_s(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(t.time_since_epoch()).count();
+}
 
 // K<T> is the backend's kernel policy (CpuKernels here, the CUDA backend's in
 // real_backend/cuda): the storage every tensor lives in (K<T>::Alloc) and the kernels.
@@ -122,6 +130,15 @@ public:
     load_state();
   }
 
+  // Whether the next step records its ops' times (RunOptions::timeline, the last step).
+  void record(bool on) {
+    record_ = on;
+    if (on) {
+      sh_.timeline[sz(rank_)].assign(rc_->ops.size(), sim::OpTiming{-1, -1});
+      sh_.memory[sz(rank_)].clear();
+    }
+  }
+
   void step(std::int64_t step_index) {
     step_index_ = step_index;
     batch_ = data_.batch(step_index, s_.tokens.global_batch, s_.tokens.seq_len);
@@ -149,6 +166,7 @@ public:
 
   // The updates still pending (streamed into a next forward that will not come) run now.
   void finish_run() {
+    record_ = false; // the last step's times are kept as they were
     adam_count_ = step_index_ + 1;
     for (const sim::Op& op : rc_->ops)
       if (rc_->attrs_of(op).deferred)
@@ -178,6 +196,7 @@ private:
   std::int64_t adam_count_ = 1;
   Batch batch_;
   std::int64_t labelled_ = 0;
+  bool record_ = false;
 
   // Each parameter: its index in the model's layout and this rank's slice of it; each bucket:
   // its members' flat offsets, the padded shard size and this rank's shard.
@@ -600,7 +619,10 @@ private:
     const std::string key = op_count_key(op);
     auto& timing = sh_.ops[sz(rank_)][key];
     timing.count += 1;
-    timing.seconds += std::chrono::duration<double>(Clock::now() - t0).count();
+    const auto t1 = Clock::now();
+    timing.seconds += std::chrono::duration<double>(t1 - t0).count();
+    if (record_)
+      sh_.timeline[sz(rank_)][sz(&op - rc_->ops.data())] = sim::OpTiming{clock_s(t0), clock_s(t1)};
     if (o_.trace) {
       double b = 0;
       if (op.kernel == Kernel::collective)
@@ -617,6 +639,8 @@ private:
     for (int t : op.frees)
       release(t);
     sh_.peak[sz(rank_)] = peak_;
+    if (record_)
+      sh_.memory[sz(rank_)].push_back(sim::MemorySample{clock_s(t1), sim::Device::hbm, live_});
   }
 
   void execute(const sim::Op& op) {
@@ -1572,6 +1596,8 @@ RunResult<T> interpret_with(const sim::Schedule& s, const TinyConfig& c, const D
   sh.peak.assign(sz(s.world), 0.0);
   sh.trace.resize(sz(s.world));
   sh.runtime_rows.resize(sz(s.world));
+  sh.timeline.resize(sz(s.world));
+  sh.memory.resize(sz(s.world));
   RunResult<T> res;
   std::unique_ptr<ReferenceTrainer<double>> ref;
   if (o.check)
@@ -1583,6 +1609,7 @@ RunResult<T> interpret_with(const sim::Schedule& s, const TinyConfig& c, const D
     RankInterpreter<T, K> rank(w, r, s, c, sh, o, data);
     const Comm all = w.group(everyone, r);
     for (int k = 0; k < o.steps; ++k) {
+      rank.record(o.timeline && k + 1 == o.steps);
       const auto t0 = Clock::now();
       rank.step(start.step + k);
       all.barrier();
@@ -1628,6 +1655,21 @@ RunResult<T> interpret_with(const sim::Schedule& s, const TinyConfig& c, const D
   if (o.trace) {
     res.trace = std::move(sh.trace);
     res.runtime_rows = std::move(sh.runtime_rows);
+  }
+  if (o.timeline) { // seconds from the earliest start of the last step over all ranks
+    double origin = std::numeric_limits<double>::infinity();
+    for (const auto& ops : sh.timeline)
+      for (const sim::OpTiming& t : ops)
+        if (t.start_s >= 0)
+          origin = std::min(origin, t.start_s);
+    for (auto& ops : sh.timeline)
+      for (sim::OpTiming& t : ops)
+        t = t.start_s >= 0 ? sim::OpTiming{t.start_s - origin, t.end_s - origin} : sim::OpTiming{};
+    for (auto& samples : sh.memory)
+      for (sim::MemorySample& m : samples)
+        m.time_s -= origin;
+    res.timeline = std::move(sh.timeline);
+    res.memory_timeline = std::move(sh.memory);
   }
   return res;
 }

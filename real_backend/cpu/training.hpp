@@ -5,6 +5,7 @@
 #include "real_backend/cpu/kernels.hpp"
 #include "real_backend/cpu/reference.hpp"
 #include "real_backend/cpu/tiny_model.hpp"
+#include "sim/result.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -41,6 +42,9 @@ struct RunOptions {
   // reference trained alongside in double precision.
   bool check = false;
   bool trace = false; // interpreter: record every rank's executed ops (RunResult::trace)
+  // interpreter: when each op of the last step started and ended on every rank, and the rank's
+  // live HBM bytes after it (RunResult::timeline, memory_timeline): the measured trace.
+  bool timeline = false;
 };
 
 // One op as a rank ran it: its kind (op_count_key), its communicator (-1 for none) and the
@@ -71,6 +75,12 @@ template <class T> struct RunResult {
   // Routing-dependent sizes (sim::RuntimeRows): [rank][step][tensor] the rows each runtime-rows
   // tensor of the rank's class had in that step (-1 for static tensors). Recorded with trace.
   std::vector<std::vector<std::vector<std::int64_t>>> runtime_rows;
+  // With RunOptions::timeline: [rank][op of its class] the op's start and end in the last step,
+  // seconds from the earliest start over all ranks (an op the step did not run, an update
+  // deferred past a one-step run, stays at 0 with no duration), and [rank] the live HBM bytes
+  // after each op it ran, in order.
+  std::vector<std::vector<sim::OpTiming>> timeline;
+  std::vector<std::vector<sim::MemorySample>> memory_timeline;
   TrainState<T> state;                    // after the last step
   std::vector<std::vector<T>> last_grads; // the last step's reduced gradients, gathered
   // With RunOptions::check: the largest differences over all steps.

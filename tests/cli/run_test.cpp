@@ -8,6 +8,7 @@
 #include <doctest/doctest.h>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 using mop::Json;
 using mop::test::count_lines;
@@ -157,6 +158,47 @@ TEST_CASE("mop run --executor cuda finds its rank from torchrun, Slurm and MPI a
   CHECK(both.err.find("leave --nproc-per-node out") != std::string::npos);
   CHECK(run_mop(args + " --nproc-per-node 0").status == 1);
   CHECK(run_mop(args + " --nproc-per-node 1000").status == 1);
+}
+
+TEST_CASE("mop run --trace writes the last step as it ran, beside the prediction of the same "
+          "Schedule" * doctest::test_suite("plumbing")) {
+  const auto dir = std::filesystem::temp_directory_path();
+  const std::string m = (dir / ("mop-measured-" + std::to_string(::getpid()) + ".json")).string();
+  const std::string p = (dir / ("mop-predicted-" + std::to_string(::getpid()) + ".json")).string();
+  const auto r = run_mop("run --executor cpu --model tiny-moe --ranks 4 --plan mop --steps 2 "
+                         "--json --trace " + m + " --predicted-trace " + p);
+  REQUIRE(r.status == 0);
+  const Json measured = Json::parse(mop::test::slurp(m)), predicted = Json::parse(mop::test::slurp(p));
+  std::filesystem::remove(m);
+  std::filesystem::remove(p);
+  CHECK(measured["otherData"]["title"].get<std::string>().rfind("measured (cpu executor)", 0) == 0);
+  CHECK(predicted["otherData"]["title"].get<std::string>().rfind("predicted", 0) == 0);
+  // Every op slice of the prediction (not its critical-path copies) has its measured twin on the
+  // same rank class: the two traces draw the same Schedule.
+  auto slices = [](const Json& t) {
+    std::map<std::pair<int, std::string>, int> tracks_named, out;
+    std::map<std::pair<std::int64_t, std::int64_t>, std::string> thread;
+    for (const Json& e : t["traceEvents"])
+      if (e.value("ph", "") == "M" && e.value("name", "") == "thread_name")
+        thread[{e["pid"].get<std::int64_t>(), e["tid"].get<std::int64_t>()}] =
+            e["args"]["name"].get<std::string>();
+    for (const Json& e : t["traceEvents"])
+      if (e.value("ph", "") == "X" &&
+          thread[{e["pid"].get<std::int64_t>(), e["tid"].get<std::int64_t>()}] != "critical path")
+        out[{e["pid"].get<int>(), e["name"].get<std::string>()}] += 1;
+    return out;
+  };
+  const auto ms = slices(measured), ps = slices(predicted);
+  REQUIRE(!ps.empty());
+  for (const auto& [key, n] : ps) {
+    CAPTURE(key.second);
+    CHECK(ms.count(key) == 1);
+    CHECK(ms.at(key) >= n);
+  }
+  // A trace that cannot be written is refused before the run.
+  const auto bad = run_mop("run --executor cpu --model tiny-moe --steps 1 --trace /no/such/t.json");
+  CHECK(bad.status == 1);
+  CHECK(count_lines(bad.err) == 1);
 }
 
 TEST_CASE("mop calibrate without a GPU refuses with one sentence and writes nothing" *

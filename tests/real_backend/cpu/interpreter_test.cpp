@@ -163,3 +163,32 @@ TEST_CASE("interpreter: a plan the program cannot lower is refused with one sent
       expect_held_together(make_case("tiny-dense", 4, 4, 16, [](Plan& p) { p.attention.tp = 4; })),
       mop::InputError);
 }
+
+TEST_CASE("interpreter: the last step's timeline runs each rank's ops in program order, from 0" *
+          doctest::test_suite("plumbing")) {
+  const auto k = make_case("tiny-dense", 2, 4, 16, [](Plan& p) {
+    for (auto& s : p.state)
+      s.zero = 3;
+  });
+  mop::real::RunOptions o;
+  o.steps = 2;
+  o.timeline = true;
+  const auto data = mop::real::DataSource::synthetic(k.config.vocab, 3);
+  const auto r = mop::real::interpret<double>(k.schedule, k.config, data,
+                                              mop::real::initial_state<double>(k.config, 11), o);
+  REQUIRE(r.timeline.size() == 2);
+  double earliest = 1e30;
+  for (int rank = 0; rank < 2; ++rank) {
+    const auto& ops = r.timeline[static_cast<std::size_t>(rank)];
+    CHECK(ops.size() == mop::test::class_of(k.schedule, rank).ops.size());
+    double prev_end = 0;
+    for (const auto& t : ops) {
+      CHECK(t.start_s >= prev_end); // one after another, in program order
+      CHECK(t.end_s >= t.start_s);
+      prev_end = t.end_s;
+      earliest = std::min(earliest, t.start_s);
+    }
+    CHECK(r.memory_timeline[static_cast<std::size_t>(rank)].size() == ops.size());
+  }
+  CHECK(earliest == 0.0);
+}
