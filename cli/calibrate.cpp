@@ -28,8 +28,8 @@ struct CalibrateArgs {
 hw::Calibration to_calibration(const real::cuda::DeviceMeasurements& m) {
   hw::Calibration c;
   for (const real::cuda::GemmTiming& g : m.gemm)
-    c.gemm.push_back({hw::Dtype::bf16, g.groups, static_cast<double>(g.m),
-                      static_cast<double>(g.n), static_cast<double>(g.k), g.time_s});
+    c.gemm.push_back({hw::Dtype::bf16, g.groups, static_cast<double>(g.m), static_cast<double>(g.n),
+                      static_cast<double>(g.k), g.time_s});
   c.hbm_bytes_per_s = m.hbm_bytes_per_s;
   c.h2d_bytes_per_s = m.h2d_bytes_per_s;
   c.d2h_bytes_per_s = m.d2h_bytes_per_s;
@@ -80,9 +80,8 @@ void calibrate(const CalibrateArgs& a) {
   c.host_adam.push_back({1, real::measure_host_adam_params_per_s(params, 1, reps)});
   if (cores > 1)
     c.host_adam.push_back({cores, real::measure_host_adam_params_per_s(params, cores, reps)});
-  c.host_memory_bytes_per_s =
-      real::measure_host_copy_bytes_per_s(a.quick ? (std::size_t{256} << 20) : (std::size_t{1} << 30),
-                                          cores, reps);
+  c.host_memory_bytes_per_s = real::measure_host_copy_bytes_per_s(
+      a.quick ? (std::size_t{256} << 20) : (std::size_t{1} << 30), cores, reps);
   c.device["host_cores"] = cores;
   progress(fmt::format("host: AdamW {:.2e} params/s on 1 core, {:.2e} on {}; memory {:.0f} GB/s",
                        c.host_adam.front().params_per_s, c.host_adam.back().params_per_s, cores,

@@ -115,8 +115,8 @@ strategy::PlanOverrides overrides_of(const PlanFlags& f) {
     o.capacity_factor = *f.capacity_factor;
   }
   if (!f.rebalance.empty())
-    o.rebalance = f.rebalance == "none" ? strategy::Rebalance::none
-                                        : strategy::Rebalance::least_loaded;
+    o.rebalance =
+        f.rebalance == "none" ? strategy::Rebalance::none : strategy::Rebalance::least_loaded;
   if (f.rebalance_threshold) {
     if (!(*f.rebalance_threshold >= 1 && *f.rebalance_threshold <= 1000))
       throw InputError(fmt::format("--rebalance-threshold must be between 1 and 1000 (got {}).",

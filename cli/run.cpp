@@ -26,10 +26,10 @@
 #include <algorithm>
 #include <cmath>
 #include <fmt/format.h>
-#include <iostream>
-#include <map>
 #include <fstream>
+#include <iostream>
 #include <iterator>
+#include <map>
 #include <memory>
 #include <unistd.h>
 
@@ -272,9 +272,9 @@ void run(const RunArgs& a) {
       trace::write_chrome_trace(a.predicted_trace, schedule, sr,
                                 {true, true, "predicted: " + strategy::summary(plan)});
     if (!a.trace.empty())
-      trace::write_chrome_trace(a.trace, schedule, measured_result(schedule, r),
-                                {true, false, "measured (" + a.executor + " executor): " +
-                                                  strategy::summary(plan)});
+      trace::write_chrome_trace(
+          a.trace, schedule, measured_result(schedule, r),
+          {true, false, "measured (" + a.executor + " executor): " + strategy::summary(plan)});
   }
   for (std::size_t k = 0; k < r.losses.size(); ++k)
     if (!std::isfinite(r.losses[k]))

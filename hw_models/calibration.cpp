@@ -84,9 +84,9 @@ bool Calibration::empty() const {
 Calibration calibration_from_json(const Json& json, const std::string& origin) {
   const JsonFields top(json, origin);
   reject_unknown_keys(json,
-                 {"schema", "description", "cluster", "device", "gemm", "attention", "collectives",
-                  "host_adam", "bandwidths", "launch", "overheads"},
-                 origin);
+                      {"schema", "description", "cluster", "device", "gemm", "attention",
+                       "collectives", "host_adam", "bandwidths", "launch", "overheads"},
+                      origin);
   if (top.has("schema") && top.string("schema") != "mop-calibration-1")
     top.fail("schema", "\"mop-calibration-1\"");
   Calibration c;
@@ -122,9 +122,9 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
       const std::string o = entry_origin(origin, "attention", i);
       const JsonFields e(list[i], o);
       reject_unknown_keys(list[i],
-                     {"pass", "batch", "heads", "kv_heads", "q_len", "kv_len", "qk_head_dim",
-                      "v_head_dim", "causal", "window", "time_s"},
-                     o);
+                          {"pass", "batch", "heads", "kv_heads", "q_len", "kv_len", "qk_head_dim",
+                           "v_head_dim", "causal", "window", "time_s"},
+                          o);
       AttentionPoint p;
       const std::string pass = e.string("pass");
       if (pass != "fwd" && pass != "bwd")
@@ -203,9 +203,10 @@ Calibration calibration_from_json(const Json& json, const std::string& origin) {
     const std::string o = fmt::format("{}, section 'bandwidths'", origin);
     const JsonFields f(b, o);
     reject_unknown_keys(b,
-                   {"hbm_bytes_per_s", "h2d_bytes_per_s", "d2h_bytes_per_s", "pcie_duplex_factor",
-                    "nvlink_copy_bytes_per_s", "host_memory_bytes_per_s"},
-                   o);
+                        {"hbm_bytes_per_s", "h2d_bytes_per_s", "d2h_bytes_per_s",
+                         "pcie_duplex_factor", "nvlink_copy_bytes_per_s",
+                         "host_memory_bytes_per_s"},
+                        o);
     auto optional = [&](const char* key) -> std::optional<double> {
       return f.has(key) ? std::optional<double>(f.positive_number(key)) : std::nullopt;
     };
@@ -253,7 +254,10 @@ Json calibration_to_json(const Calibration& c, const std::string& description,
   if (!c.gemm.empty()) {
     Json list = Json::array();
     for (const GemmPoint& p : c.gemm) {
-      Json e{{"dtype", std::string(dtype_name(p.dtype))}, {"m", p.m}, {"n", p.n}, {"k", p.k},
+      Json e{{"dtype", std::string(dtype_name(p.dtype))},
+             {"m", p.m},
+             {"n", p.n},
+             {"k", p.k},
              {"time_s", p.time_s}};
       if (p.groups != 1)
         e["groups"] = p.groups;
@@ -265,10 +269,16 @@ Json calibration_to_json(const Calibration& c, const std::string& description,
     Json list = Json::array();
     for (const AttentionPoint& p : c.attention) {
       const AttentionShape& s = p.shape;
-      list.push_back({{"pass", p.backward ? "bwd" : "fwd"}, {"batch", s.batch},
-                      {"heads", s.heads}, {"kv_heads", s.kv_heads}, {"q_len", s.q_len},
-                      {"kv_len", s.kv_len}, {"qk_head_dim", s.qk_head_dim},
-                      {"v_head_dim", s.v_head_dim}, {"causal", s.causal}, {"window", s.window},
+      list.push_back({{"pass", p.backward ? "bwd" : "fwd"},
+                      {"batch", s.batch},
+                      {"heads", s.heads},
+                      {"kv_heads", s.kv_heads},
+                      {"q_len", s.q_len},
+                      {"kv_len", s.kv_len},
+                      {"qk_head_dim", s.qk_head_dim},
+                      {"v_head_dim", s.v_head_dim},
+                      {"causal", s.causal},
+                      {"window", s.window},
                       {"time_s", p.time_s}});
     }
     j["attention"] = list;
@@ -276,8 +286,11 @@ Json calibration_to_json(const Calibration& c, const std::string& description,
   if (!c.collectives.empty()) {
     Json list = Json::array();
     for (const CollectivePoint& p : c.collectives)
-      list.push_back({{"op", std::string(collective_op_name(p.op))}, {"ranks_per_node", p.group.ranks_per_node},
-                      {"nodes", p.group.nodes}, {"bytes", p.bytes}, {"time_s", p.time_s}});
+      list.push_back({{"op", std::string(collective_op_name(p.op))},
+                      {"ranks_per_node", p.group.ranks_per_node},
+                      {"nodes", p.group.nodes},
+                      {"bytes", p.bytes},
+                      {"time_s", p.time_s}});
     j["collectives"] = list;
   }
   if (!c.host_adam.empty()) {

@@ -2,6 +2,8 @@
 
 #include "real_backend/cpu/host_adam_loop.hpp"
 
+#include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 
 namespace mop::real {
@@ -49,6 +51,19 @@ void host_adamw_with(HostIsa isa, std::size_t n, const AdamWParams& p, std::int6
                                 " host AdamW");
   const double bc1 = math::adam_bias_correction(p.beta1, step);
   const double bc2 = math::adam_bias_correction(p.beta2, step);
+  // A scalar head up to the next 64-byte boundary of `param`: large blocks from malloc share one
+  // offset from it (16 bytes with glibc), so all four arrays are then aligned for the vector loop.
+  // Misaligned, AVX-512 streams at 1.2 G params/s on one core here, aligned 1.9 (AVX2 1.6 / 1.9).
+  const std::size_t off = reinterpret_cast<std::uintptr_t>(param) % 64;
+  const std::size_t head =
+      isa == HostIsa::scalar || off % sizeof(float) != 0 ? 0 : std::min(n, (64 - off) % 64 / 4);
+  detail::host_adamw_loop(head, p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, bc1, bc2, param,
+                          grad, m, v);
+  n -= head;
+  param += head;
+  grad += head;
+  m += head;
+  v += head;
   switch (isa) {
   case HostIsa::avx512:
     return detail::host_adamw_avx512(n, p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, bc1, bc2,

@@ -13,9 +13,9 @@
 
 #include <algorithm>
 #include <chrono>
-#include <limits>
 #include <cmath>
 #include <fmt/format.h>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <stdexcept>
@@ -187,9 +187,9 @@ private:
   std::vector<Comm> comms_;
   std::vector<Vec> real_;
   std::vector<Ints> ints_;
-  std::vector<Longs> longs_; // Element::i64 (count tables)
-  std::vector<std::int64_t> rows_;               // runtime rows, once their table is written
-  std::vector<std::vector<int>> sized_by_;       // count table -> the tensors it sizes
+  std::vector<Longs> longs_;               // Element::i64 (count tables)
+  std::vector<std::int64_t> rows_;         // runtime rows, once their table is written
+  std::vector<std::vector<int>> sized_by_; // count table -> the tensors it sizes
   double live_ = 0, peak_ = 0;
   std::int64_t step_index_ = 0;
   int steps_run_ = 0;
@@ -694,14 +694,14 @@ private:
       const auto dim = static_cast<int>(R(in[1]).size());
       const int rows = static_cast<int>(R(in[0]).size()) / dim;
       Kn::rmsnorm_fwd(rows, dim, R(in[0]).data(), R(in[1]).data(), a.eps, R(out[0]).data(),
-                     R(out[1]).data());
+                      R(out[1]).data());
       return;
     }
     case Kernel::rmsnorm_bwd: {
       const auto dim = static_cast<int>(R(in[1]).size());
       const int rows = static_cast<int>(R(in[0]).size()) / dim;
       Kn::rmsnorm_bwd(rows, dim, R(in[0]).data(), R(in[1]).data(), R(in[2]).data(), R(in[3]).data(),
-                     R(out[0]).data(), R(out[1]).data());
+                      R(out[0]).data(), R(out[1]).data());
       return;
     }
     case Kernel::rope: {
@@ -710,7 +710,7 @@ private:
       const auto pos = row_positions(sz(rows), a, 0);
       R(out[0]) = R(in[0]);
       Kn::rope(rows, static_cast<int>(sh[1]), static_cast<int>(sh[2]), pos.data(), a.theta,
-              R(out[0]).data(), a.inverse);
+               R(out[0]).data(), a.inverse);
       return;
     }
     case Kernel::swiglu_fwd:
@@ -745,8 +745,8 @@ private:
       const double scale = 1.0 / static_cast<double>(labelled_);
       R(out[1])
       [0] += static_cast<T>(Kn::cross_entropy(static_cast<int>(sh[0]), static_cast<int>(sh[1]),
-                                             R(in[0]).data(), I(in[1]).data(), scale,
-                                             R(out[0]).data()));
+                                              R(in[0]).data(), I(in[1]).data(), scale,
+                                              R(out[0]).data()));
       return;
     }
     case Kernel::ce_max: {
@@ -998,7 +998,7 @@ private:
         bug(fmt::format("op '{}' gathers {} rows into {} elements", op.name, index.size(),
                         y.size()));
       Kn::gather_rows(static_cast<int>(index.size()), static_cast<int>(cols), x.data(),
-                     index.data(), y.data());
+                      index.data(), y.data());
       return;
     }
     if (x.size() != index.size() * cols || y.size() != x.size())
@@ -1059,15 +1059,15 @@ private:
     case Kernel::router_topk_fwd: {
       const auto& sh = info(in[0]).shape;
       Kn::router_topk_fwd(static_cast<int>(sh[0]), static_cast<int>(sh[1]), rc_->attrs_of(op).top_k,
-                         rc_->attrs_of(op).normalize, R(in[0]).data(), R(out[0]).data(),
-                         I(out[1]).data(), R(out[2]).data());
+                          rc_->attrs_of(op).normalize, R(in[0]).data(), R(out[0]).data(),
+                          I(out[1]).data(), R(out[2]).data());
       return;
     }
     case Kernel::router_topk_bwd: {
       const auto& sh = info(in[0]).shape;
       Kn::router_topk_bwd(static_cast<int>(sh[0]), static_cast<int>(sh[1]), rc_->attrs_of(op).top_k,
-                         rc_->attrs_of(op).normalize, R(in[0]).data(), I(in[1]).data(),
-                         R(in[2]).data(), R(out[0]).data());
+                          rc_->attrs_of(op).normalize, R(in[0]).data(), I(in[1]).data(),
+                          R(in[2]).data(), R(out[0]).data());
       return;
     }
     case Kernel::permute: {
@@ -1086,7 +1086,7 @@ private:
         counts[sz(idx[sz(order[i])])] += 1;
       }
       Kn::gather_rows(static_cast<int>(rows.size()), static_cast<int>(dim), R(in[0]).data(),
-                     rows.data(), R(out[0]).data());
+                      rows.data(), R(out[0]).data());
       return;
     }
     case Kernel::permute_bwd: {
@@ -1100,7 +1100,7 @@ private:
       for (Index i = 0; i < order.size(); ++i)
         rows[i] = order[i] / k;
       Kn::scatter_add_rows(static_cast<int>(rows.size()), static_cast<int>(dim), R(in[0]).data(),
-                          rows.data(), dx.data());
+                           rows.data(), dx.data());
       return;
     }
     case Kernel::unpermute: {
@@ -1173,7 +1173,7 @@ private:
   static Vec take_rows(const Vec& m, Index cols, const Ints& sel) {
     Vec out(sel.size() * cols);
     Kn::gather_rows(static_cast<int>(sel.size()), static_cast<int>(cols), m.data(), sel.data(),
-                   out.data());
+                    out.data());
     return out;
   }
   // Group g's matrix of a list of stacked [G, rows, cols] tensors, side by side.
@@ -1251,7 +1251,7 @@ private:
         if (!sel.empty()) {
           const Vec x = take_rows(A, ac, sel), y = take_rows(B, bc, sel);
           Kn::gemm(static_cast<int>(ac), static_cast<int>(bc), static_cast<int>(sel.size()),
-                        x.data(), true, y.data(), false, C.data(), true);
+                   x.data(), true, y.data(), false, C.data(), true);
         }
         set_group_matrix(op.outputs, g, C);
       }
@@ -1276,8 +1276,8 @@ private:
                         cr, cc));
       const Vec x = take_rows(A, ac, sel);
       Vec y(sel.size() * n, T(0));
-      Kn::gemm(static_cast<int>(sel.size()), static_cast<int>(n), static_cast<int>(k),
-                    x.data(), false, B.data(), a.trans_b, y.data(), false);
+      Kn::gemm(static_cast<int>(sel.size()), static_cast<int>(n), static_cast<int>(k), x.data(),
+               false, B.data(), a.trans_b, y.data(), false);
       for (Index i = 0; i < sel.size(); ++i)
         for (Index j = 0; j < n; ++j)
           C[sz(sel[i]) * n + j] += y[i * n + j];
@@ -1333,8 +1333,8 @@ private:
     if ((a.trans_b ? bc : br) != k || cr != m || cc != n)
       bug(fmt::format("op '{}' multiplies [{}x{}] by [{}x{}] into [{}x{}]", op.name, m, k,
                       a.trans_b ? bc : br, n, cr, cc));
-    Kn::gemm(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), A.data(),
-                  a.trans_a, B.data(), a.trans_b, C.data(), a.accumulate);
+    Kn::gemm(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), A.data(), a.trans_a,
+             B.data(), a.trans_b, C.data(), a.accumulate);
     Index c0 = 0;
     for (int t : op.outputs) {
       const Index w = cols_of(t);
@@ -1373,11 +1373,11 @@ private:
         T* lse = R(op.outputs[1]).data() + rq * sz(p.heads);
         if (at.ring_step == 0) {
           Kn::attention_fwd(p, tq, tk, q.data() + rq * qh, k.data() + rk * kh, v.data() + rk * vh,
-                           qpos.data(), kpos.data(), o, lse);
+                            qpos.data(), kpos.data(), o, lse);
         } else {
           Vec po(sz(tq) * oh), pl(sz(tq) * sz(p.heads));
           Kn::attention_fwd(p, tq, tk, q.data() + rq * qh, k.data() + rk * kh, v.data() + rk * vh,
-                           qpos.data(), kpos.data(), po.data(), pl.data());
+                            qpos.data(), kpos.data(), po.data(), pl.data());
           Kn::attention_merge(tq, p.heads, p.v_dim, o, lse, po.data(), pl.data());
         }
       } else {
@@ -1385,10 +1385,10 @@ private:
         const auto& lse = R(op.inputs[4]);
         const auto& dout = R(op.inputs[5]);
         Kn::attention_bwd(p, tq, tk, q.data() + rq * qh, k.data() + rk * kh, v.data() + rk * vh,
-                         qpos.data(), kpos.data(), o.data() + rq * oh,
-                         lse.data() + rq * sz(p.heads), dout.data() + rq * oh,
-                         R(op.outputs[0]).data() + rq * qh, R(op.outputs[1]).data() + rk * kh,
-                         R(op.outputs[2]).data() + rk * vh);
+                          qpos.data(), kpos.data(), o.data() + rq * oh,
+                          lse.data() + rq * sz(p.heads), dout.data() + rq * oh,
+                          R(op.outputs[0]).data() + rq * qh, R(op.outputs[1]).data() + rk * kh,
+                          R(op.outputs[2]).data() + rk * vh);
       }
     }
   }

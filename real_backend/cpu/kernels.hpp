@@ -129,8 +129,8 @@ template <class T> struct CpuKernels {
                           T* dx, T* dw) {
     real::rmsnorm_bwd<T>(rows, dim, x, w, rstd, dy, dx, dw);
   }
-  static void rope(int tokens, int heads, int head_dim, const std::int64_t* positions,
-                   double theta, T* x, bool inverse) {
+  static void rope(int tokens, int heads, int head_dim, const std::int64_t* positions, double theta,
+                   T* x, bool inverse) {
     real::rope<T>(tokens, heads, head_dim, positions, theta, x, inverse);
   }
   static void swiglu_fwd(std::size_t n, const T* gate, const T* up, T* out) {
@@ -172,8 +172,8 @@ template <class T> struct CpuKernels {
   static void scatter_add_rows(int n, int dim, const T* src, const std::int32_t* index, T* dst) {
     real::scatter_add_rows<T>(n, dim, src, index, dst);
   }
-  static void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param,
-                    const T* grad, T* m, T* v) {
+  static void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param, const T* grad,
+                    T* m, T* v) {
     real::adamw<T>(n, p, step, param, grad, m, v);
   }
 };

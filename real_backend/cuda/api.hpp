@@ -42,9 +42,8 @@ struct KernelTable {
                                const float* k, const float* v, const std::int64_t* q_pos,
                                const std::int64_t* k_pos, const float* out, const float* lse,
                                const float* dout, float* dq, float* dk, float* dv);
-  const char* (*cross_entropy)(int rows, int vocab, const float* logits,
-                               const std::int32_t* labels, double scale, float* dlogits,
-                               double* total);
+  const char* (*cross_entropy)(int rows, int vocab, const float* logits, const std::int32_t* labels,
+                               double scale, float* dlogits, double* total);
   const char* (*router_topk_fwd)(int rows, int experts, int k, bool normalize, const float* logits,
                                  float* probs, std::int32_t* idx, float* weights);
   const char* (*router_topk_bwd)(int rows, int experts, int k, bool normalize, const float* probs,

@@ -53,8 +53,8 @@ template <> struct CudaKernels<float> {
                           T* dx, T* dw) {
     check(kernel_table().rmsnorm_bwd(rows, dim, x, w, rstd, dy, dx, dw));
   }
-  static void rope(int tokens, int heads, int head_dim, const std::int64_t* positions,
-                   double theta, T* x, bool inverse) {
+  static void rope(int tokens, int heads, int head_dim, const std::int64_t* positions, double theta,
+                   T* x, bool inverse) {
     check(kernel_table().rope(tokens, heads, head_dim, positions, theta, x, inverse));
   }
   static void swiglu_fwd(std::size_t n, const T* gate, const T* up, T* out) {
@@ -76,8 +76,8 @@ template <> struct CudaKernels<float> {
   static void attention_bwd(const AttentionParams& p, int tq, int tk, const T* q, const T* k,
                             const T* v, const std::int64_t* q_pos, const std::int64_t* k_pos,
                             const T* out, const T* lse, const T* dout, T* dq, T* dk, T* dv) {
-    check(kernel_table().attention_bwd(p, tq, tk, q, k, v, q_pos, k_pos, out, lse, dout, dq, dk,
-                                       dv));
+    check(
+        kernel_table().attention_bwd(p, tq, tk, q, k, v, q_pos, k_pos, out, lse, dout, dq, dk, dv));
   }
   static double cross_entropy(int rows, int vocab, const T* logits, const std::int32_t* labels,
                               double scale, T* dlogits) {
@@ -87,13 +87,12 @@ template <> struct CudaKernels<float> {
   }
   static void router_topk_fwd(int rows, int experts, int k, bool normalize, const T* logits,
                               T* probs, std::int32_t* idx, T* weights) {
-    check(kernel_table().router_topk_fwd(rows, experts, k, normalize, logits, probs, idx,
-                                         weights));
+    check(kernel_table().router_topk_fwd(rows, experts, k, normalize, logits, probs, idx, weights));
   }
   static void router_topk_bwd(int rows, int experts, int k, bool normalize, const T* probs,
                               const std::int32_t* idx, const T* dweights, T* dlogits) {
-    check(kernel_table().router_topk_bwd(rows, experts, k, normalize, probs, idx, dweights,
-                                         dlogits));
+    check(
+        kernel_table().router_topk_bwd(rows, experts, k, normalize, probs, idx, dweights, dlogits));
   }
   static void gather_rows(int n, int dim, const T* src, const std::int32_t* index, T* dst) {
     check(kernel_table().gather_rows(n, dim, src, index, dst));
@@ -101,8 +100,8 @@ template <> struct CudaKernels<float> {
   static void scatter_add_rows(int n, int dim, const T* src, const std::int32_t* index, T* dst) {
     check(kernel_table().scatter_add_rows(n, dim, src, index, dst));
   }
-  static void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param,
-                    const T* grad, T* m, T* v) {
+  static void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, T* param, const T* grad,
+                    T* m, T* v) {
     check(kernel_table().adamw(n, p, step, param, grad, m, v));
   }
 };

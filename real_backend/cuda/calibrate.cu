@@ -29,8 +29,7 @@ double median(std::vector<double> v) {
 
 // The median over `reps` timed repetitions of `body` issued on `stream`, each repetition running
 // it `inner` times, after `warmup` untimed runs; per run.
-template <class F>
-double time_on_stream(void* stream, int warmup, int reps, int inner, F&& body) {
+template <class F> double time_on_stream(void* stream, int warmup, int reps, int inner, F&& body) {
   for (int i = 0; i < warmup; ++i)
     body();
   MOP_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
@@ -69,9 +68,8 @@ DeviceMeasurements measure_device(const CalibrateOptions& o) {
   // its clock around the launch calls alone.
   {
     const int n = 2000;
-    r.kernel_launch_s = time_on_stream(stream.handle(), 100, reps, n, [&] {
-      empty_kernel<<<1, 32, 0, s>>>();
-    });
+    r.kernel_launch_s =
+        time_on_stream(stream.handle(), 100, reps, n, [&] { empty_kernel<<<1, 32, 0, s>>>(); });
     std::vector<double> host;
     for (int rep = 0; rep < reps; ++rep) {
       const auto t0 = std::chrono::steady_clock::now();
@@ -89,8 +87,8 @@ DeviceMeasurements measure_device(const CalibrateOptions& o) {
 
   // HBM: a copy over buffers 16 times the L2 (1 GiB each at least).
   {
-    const std::size_t bytes =
-        std::max<std::size_t>(std::size_t{1} << 30, static_cast<std::size_t>(16 * r.device.l2_bytes));
+    const std::size_t bytes = std::max<std::size_t>(
+        std::size_t{1} << 30, static_cast<std::size_t>(16 * r.device.l2_bytes));
     DeviceBuffer a(bytes), b(bytes);
     a.zero();
     const std::size_t n = bytes / sizeof(uint4);
@@ -109,25 +107,32 @@ DeviceMeasurements measure_device(const CalibrateOptions& o) {
     const std::size_t bytes = std::size_t{256} << 20;
     PinnedBuffer host_a(bytes), host_b(bytes);
     DeviceBuffer dev_a(bytes), dev_b(bytes);
-    r.h2d_bytes_per_s = static_cast<double>(bytes) / time_on_stream(stream.handle(), 1, reps, 1, [&] {
-      MOP_CUDA_CHECK(cudaMemcpyAsync(dev_a.data(), host_a.data(), bytes, cudaMemcpyHostToDevice, s));
-    });
-    r.d2h_bytes_per_s = static_cast<double>(bytes) / time_on_stream(stream.handle(), 1, reps, 1, [&] {
-      MOP_CUDA_CHECK(cudaMemcpyAsync(host_b.data(), dev_b.data(), bytes, cudaMemcpyDeviceToHost, s));
-    });
+    r.h2d_bytes_per_s =
+        static_cast<double>(bytes) / time_on_stream(stream.handle(), 1, reps, 1, [&] {
+          MOP_CUDA_CHECK(
+              cudaMemcpyAsync(dev_a.data(), host_a.data(), bytes, cudaMemcpyHostToDevice, s));
+        });
+    r.d2h_bytes_per_s =
+        static_cast<double>(bytes) / time_on_stream(stream.handle(), 1, reps, 1, [&] {
+          MOP_CUDA_CHECK(
+              cudaMemcpyAsync(host_b.data(), dev_b.data(), bytes, cudaMemcpyDeviceToHost, s));
+        });
     Stream other;
     const auto s2 = static_cast<cudaStream_t>(other.handle());
     std::vector<double> both;
     for (int rep = 0; rep < reps; ++rep) {
       MOP_CUDA_CHECK(cudaDeviceSynchronize());
       const auto t0 = std::chrono::steady_clock::now();
-      MOP_CUDA_CHECK(cudaMemcpyAsync(dev_a.data(), host_a.data(), bytes, cudaMemcpyHostToDevice, s));
-      MOP_CUDA_CHECK(cudaMemcpyAsync(host_b.data(), dev_b.data(), bytes, cudaMemcpyDeviceToHost, s2));
+      MOP_CUDA_CHECK(
+          cudaMemcpyAsync(dev_a.data(), host_a.data(), bytes, cudaMemcpyHostToDevice, s));
+      MOP_CUDA_CHECK(
+          cudaMemcpyAsync(host_b.data(), dev_b.data(), bytes, cudaMemcpyDeviceToHost, s2));
       MOP_CUDA_CHECK(cudaDeviceSynchronize());
       both.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     const double one_way = 0.5 * (r.h2d_bytes_per_s + r.d2h_bytes_per_s);
-    r.pcie_duplex_factor = std::clamp(2.0 * static_cast<double>(bytes) / median(both) / one_way, 1.0, 2.0);
+    r.pcie_duplex_factor =
+        std::clamp(2.0 * static_cast<double>(bytes) / median(both) / one_way, 1.0, 2.0);
     say(strf("PCIe (pinned): %.1f GB/s host to device, %.1f GB/s device to host, both at once "
              "%.2fx one direction",
              1e-9 * r.h2d_bytes_per_s, 1e-9 * r.d2h_bytes_per_s, r.pcie_duplex_factor));
@@ -143,19 +148,20 @@ DeviceMeasurements measure_device(const CalibrateOptions& o) {
                                           : std::vector<int>{256, 1024, 2048, 4096, 8192, 16384};
     const std::vector<std::pair<int, int>> nk =
         o.quick ? std::vector<std::pair<int, int>>{{4096, 4096}, {14336, 4096}, {4096, 14336}}
-                : std::vector<std::pair<int, int>>{{4096, 4096},  {6144, 4096},  {14336, 4096},
-                                                   {4096, 14336}, {8192, 8192},  {28672, 8192},
-                                                   {8192, 28672}, {4096, 7168},  {7168, 2048}};
+                : std::vector<std::pair<int, int>>{{4096, 4096},  {6144, 4096}, {14336, 4096},
+                                                   {4096, 14336}, {8192, 8192}, {28672, 8192},
+                                                   {8192, 28672}, {4096, 7168}, {7168, 2048}};
     for (auto [n, k] : nk)
       for (int m : rows)
         shapes.push_back({m, n, k});
-    const std::vector<int> tokens = o.quick ? std::vector<int>{4096, 16384}
-                                            : std::vector<int>{2048, 4096, 8192, 16384, 32768};
+    const std::vector<int> tokens =
+        o.quick ? std::vector<int>{4096, 16384} : std::vector<int>{2048, 4096, 8192, 16384, 32768};
     for (auto [m, n] : std::vector<std::pair<int, int>>{{4096, 4096}, {14336, 4096}, {8192, 8192}})
       for (int k : tokens)
         shapes.push_back({m, n, k});
     for (auto [n, k] : std::vector<std::pair<int, int>>{{2048, 7168}, {7168, 2048}, {768, 2048}})
-      for (int m : o.quick ? std::vector<int>{128, 1024} : std::vector<int>{32, 128, 512, 1024, 4096})
+      for (int m :
+           o.quick ? std::vector<int>{128, 1024} : std::vector<int>{32, 128, 512, 1024, 4096})
         shapes.push_back({m, n, k});
     std::size_t a_max = 0, b_max = 0, c_max = 0;
     for (const Shape& sh : shapes) {
@@ -194,8 +200,8 @@ DeviceMeasurements measure_device(const CalibrateOptions& o) {
     for (auto& e : joins)
       MOP_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     const std::vector<int> experts = o.quick ? std::vector<int>{8} : std::vector<int>{8, 32};
-    const std::vector<int> per_expert = o.quick ? std::vector<int>{256, 1024}
-                                                : std::vector<int>{64, 256, 1024, 4096};
+    const std::vector<int> per_expert =
+        o.quick ? std::vector<int>{256, 1024} : std::vector<int>{64, 256, 1024, 4096};
     for (auto [n, k] : std::vector<std::pair<int, int>>{{2048, 7168}, {7168, 2048}}) {
       for (int e : experts)
         for (int m : per_expert) {
@@ -209,7 +215,8 @@ DeviceMeasurements measure_device(const CalibrateOptions& o) {
           auto body = [&] {
             MOP_CUDA_CHECK(cudaEventRecord(fork, s));
             for (int i = 0; i < 4; ++i)
-              MOP_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(side[i]->handle()), fork));
+              MOP_CUDA_CHECK(
+                  cudaStreamWaitEvent(static_cast<cudaStream_t>(side[i]->handle()), fork));
             for (int x = 0; x < e; ++x) {
               const auto i = static_cast<std::size_t>(x % 4);
               runners[i]->run(g, static_cast<char*>(ga.data()) + 2 * std::size_t(x) * m * k,
@@ -217,7 +224,8 @@ DeviceMeasurements measure_device(const CalibrateOptions& o) {
                               static_cast<char*>(gc.data()) + 2 * std::size_t(x) * m * n);
             }
             for (int i = 0; i < 4; ++i) {
-              MOP_CUDA_CHECK(cudaEventRecord(joins[i], static_cast<cudaStream_t>(side[i]->handle())));
+              MOP_CUDA_CHECK(
+                  cudaEventRecord(joins[i], static_cast<cudaStream_t>(side[i]->handle())));
               MOP_CUDA_CHECK(cudaStreamWaitEvent(s, joins[i]));
             }
           };

@@ -25,10 +25,10 @@ struct GemmTiming {
 struct DeviceMeasurements {
   DeviceInfo device;
   LibraryVersions versions;
-  double kernel_launch_s = 0;  // GPU time per empty kernel, launched back to back
-  double host_launch_s = 0;    // CPU time per launch call
-  double hbm_bytes_per_s = 0;  // read + written by a copy kernel, over buffers far above L2
-  double h2d_bytes_per_s = 0;  // pinned, one direction at a time
+  double kernel_launch_s = 0; // GPU time per empty kernel, launched back to back
+  double host_launch_s = 0;   // CPU time per launch call
+  double hbm_bytes_per_s = 0; // read + written by a copy kernel, over buffers far above L2
+  double h2d_bytes_per_s = 0; // pinned, one direction at a time
   double d2h_bytes_per_s = 0;
   double pcie_duplex_factor = 0; // both directions at once, total over one direction's
   std::vector<GemmTiming> gemm;  // BF16

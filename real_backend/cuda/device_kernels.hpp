@@ -14,25 +14,25 @@
 namespace mop::real::cuda::dev {
 
 void swiglu_fwd(std::size_t n, const float* gate, const float* up, float* out);
-void swiglu_bwd(std::size_t n, const float* gate, const float* up, const float* dout,
-                float* dgate, float* dup);
+void swiglu_bwd(std::size_t n, const float* gate, const float* up, const float* dout, float* dgate,
+                float* dup);
 void rmsnorm_fwd(int rows, int dim, const float* x, const float* w, double eps, float* y,
                  float* rstd);
 void rmsnorm_bwd(int rows, int dim, const float* x, const float* w, const float* rstd,
                  const float* dy, float* dx, float* dw);
 void rope(int tokens, int heads, int head_dim, const std::int64_t* positions, double theta,
           float* x, bool inverse);
-void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, float* param,
-           const float* grad, float* m, float* v);
+void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, float* param, const float* grad,
+           float* m, float* v);
 
 // cuBLASLt FP32 (no TF32), one runner per host thread on the default stream.
-void gemm(int m, int n, int k, const float* a, bool trans_a, const float* b, bool trans_b,
-          float* c, bool accumulate);
+void gemm(int m, int n, int k, const float* a, bool trans_a, const float* b, bool trans_b, float* c,
+          bool accumulate);
 void attention_fwd(const AttentionParams& p, int tq, int tk, const float* q, const float* k,
-                   const float* v, const std::int64_t* q_pos, const std::int64_t* k_pos,
-                   float* out, float* lse);
-void attention_merge(int tq, int heads, int v_dim, float* out_a, float* lse_a,
-                     const float* out_b, const float* lse_b);
+                   const float* v, const std::int64_t* q_pos, const std::int64_t* k_pos, float* out,
+                   float* lse);
+void attention_merge(int tq, int heads, int v_dim, float* out_a, float* lse_a, const float* out_b,
+                     const float* lse_b);
 void attention_bwd(const AttentionParams& p, int tq, int tk, const float* q, const float* k,
                    const float* v, const std::int64_t* q_pos, const std::int64_t* k_pos,
                    const float* out, const float* lse, const float* dout, float* dq, float* dk,

@@ -310,8 +310,8 @@ void swiglu_fwd(std::size_t n, const float* gate, const float* up, float* out) {
   MOP_CUDA_CHECK(cudaGetLastError());
 }
 
-void swiglu_bwd(std::size_t n, const float* gate, const float* up, const float* dout,
-                float* dgate, float* dup) {
+void swiglu_bwd(std::size_t n, const float* gate, const float* up, const float* dout, float* dgate,
+                float* dup) {
   if (n == 0)
     return;
   swiglu_bwd_kernel<<<blocks_for(n), kThreads>>>(n, gate, up, dout, dgate, dup);
@@ -332,14 +332,15 @@ void rmsnorm_bwd(int rows, int dim, const float* x, const float* w, const float*
     return;
   rmsnorm_bwd_dx_kernel<<<static_cast<unsigned>(rows), kThreads>>>(dim, x, w, rstd, dy, dx);
   MOP_CUDA_CHECK(cudaGetLastError());
-  rmsnorm_bwd_dw_kernel<<<blocks_for(static_cast<std::size_t>(dim)), kThreads>>>(rows, dim, x,
-                                                                                  rstd, dy, dw);
+  rmsnorm_bwd_dw_kernel<<<blocks_for(static_cast<std::size_t>(dim)), kThreads>>>(rows, dim, x, rstd,
+                                                                                 dy, dw);
   MOP_CUDA_CHECK(cudaGetLastError());
 }
 
 void rope(int tokens, int heads, int head_dim, const std::int64_t* positions, double theta,
           float* x, bool inverse) {
-  const std::size_t pairs = static_cast<std::size_t>(tokens) * static_cast<std::size_t>(head_dim / 2);
+  const std::size_t pairs =
+      static_cast<std::size_t>(tokens) * static_cast<std::size_t>(head_dim / 2);
   if (pairs == 0 || heads == 0)
     return;
   rope_kernel<<<blocks_for(pairs), kThreads>>>(tokens, heads, head_dim, positions, theta, x,
@@ -347,8 +348,8 @@ void rope(int tokens, int heads, int head_dim, const std::int64_t* positions, do
   MOP_CUDA_CHECK(cudaGetLastError());
 }
 
-void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, float* param,
-           const float* grad, float* m, float* v) {
+void adamw(std::size_t n, const AdamWParams& p, std::int64_t step, float* param, const float* grad,
+           float* m, float* v) {
   if (n == 0)
     return;
   const double bc1 = math::adam_bias_correction(p.beta1, step);

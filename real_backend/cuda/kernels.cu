@@ -41,7 +41,12 @@ struct Attn {
 };
 
 Attn attn_of(const AttentionParams& p) {
-  return {p.heads, p.kv_heads, p.qk_dim, p.v_dim, p.causal, static_cast<long long>(p.window),
+  return {p.heads,
+          p.kv_heads,
+          p.qk_dim,
+          p.v_dim,
+          p.causal,
+          static_cast<long long>(p.window),
           static_cast<float>(p.scale)};
 }
 
@@ -87,7 +92,8 @@ __global__ void attention_merge_kernel(std::size_t rows, int v_dim, float* out_a
   for (std::size_t r = first(); r < rows; r += stride()) {
     const auto mg = math::lse_merge(lse_a[r], lse_b[r]);
     for (int d = 0; d < v_dim; ++d)
-      out_a[r * v_dim + d] = mg.weight_a * out_a[r * v_dim + d] + mg.weight_b * out_b[r * v_dim + d];
+      out_a[r * v_dim + d] =
+          mg.weight_a * out_a[r * v_dim + d] + mg.weight_b * out_b[r * v_dim + d];
     lse_a[r] = mg.lse;
   }
 }
@@ -189,9 +195,8 @@ __global__ void cross_entropy_kernel(int rows, int vocab, const float* logits,
 
 constexpr int kMaxExperts = 1024; // the router kernels' per-thread selection mask
 
-__global__ void router_fwd_kernel(int rows, int experts, int k, bool normalize,
-                                  const float* logits, float* probs, std::int32_t* idx,
-                                  float* weights) {
+__global__ void router_fwd_kernel(int rows, int experts, int k, bool normalize, const float* logits,
+                                  float* probs, std::int32_t* idx, float* weights) {
   for (std::size_t r = first(); r < static_cast<std::size_t>(rows); r += stride()) {
     const float* x = logits + r * experts;
     float* pr = probs + r * experts;
@@ -263,11 +268,12 @@ __global__ void gather_rows_kernel(int n, int dim, const float* src, const std::
 }
 
 // One thread per column, rows in order: dst[index[i]] += src[i] as the twin adds them.
-__global__ void scatter_add_rows_kernel(int n, int dim, const float* src,
-                                        const std::int32_t* index, float* dst) {
+__global__ void scatter_add_rows_kernel(int n, int dim, const float* src, const std::int32_t* index,
+                                        float* dst) {
   for (std::size_t c = first(); c < static_cast<std::size_t>(dim); c += stride())
     for (int i = 0; i < n; ++i)
-      dst[static_cast<std::size_t>(index[i]) * dim + c] += src[static_cast<std::size_t>(i) * dim + c];
+      dst[static_cast<std::size_t>(index[i]) * dim + c] +=
+          src[static_cast<std::size_t>(i) * dim + c];
 }
 
 void check_launch() {
@@ -276,8 +282,8 @@ void check_launch() {
 
 } // namespace
 
-void gemm(int m, int n, int k, const float* a, bool trans_a, const float* b, bool trans_b,
-          float* c, bool accumulate) {
+void gemm(int m, int n, int k, const float* a, bool trans_a, const float* b, bool trans_b, float* c,
+          bool accumulate) {
   if (m == 0 || n == 0)
     return;
   if (k == 0) { // no products: C is kept (accumulate) or zeroed, as in the CPU twin
@@ -292,8 +298,8 @@ void gemm(int m, int n, int k, const float* a, bool trans_a, const float* b, boo
 }
 
 void attention_fwd(const AttentionParams& p, int tq, int tk, const float* q, const float* k,
-                   const float* v, const std::int64_t* q_pos, const std::int64_t* k_pos,
-                   float* out, float* lse) {
+                   const float* v, const std::int64_t* q_pos, const std::int64_t* k_pos, float* out,
+                   float* lse) {
   const std::size_t rows = static_cast<std::size_t>(tq) * p.heads;
   if (rows == 0)
     return;
@@ -302,8 +308,8 @@ void attention_fwd(const AttentionParams& p, int tq, int tk, const float* q, con
   check_launch();
 }
 
-void attention_merge(int tq, int heads, int v_dim, float* out_a, float* lse_a,
-                     const float* out_b, const float* lse_b) {
+void attention_merge(int tq, int heads, int v_dim, float* out_a, float* lse_a, const float* out_b,
+                     const float* lse_b) {
   const std::size_t rows = static_cast<std::size_t>(tq) * heads;
   if (rows == 0)
     return;

@@ -115,9 +115,9 @@ NcclComm NcclComm::world(const std::string& rendezvous, int world_size, int rank
 
 NcclComm NcclComm::split(int color, int key) const {
   ncclComm_t out = nullptr;
-  check_nccl(ncclCommSplit(as_comm(comm_), color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &out,
-                           nullptr),
-             "ncclCommSplit");
+  check_nccl(
+      ncclCommSplit(as_comm(comm_), color < 0 ? NCCL_SPLIT_NOCOLOR : color, key, &out, nullptr),
+      "ncclCommSplit");
   NcclComm c;
   c.comm_ = out;
   return c;
@@ -149,9 +149,9 @@ void NcclComm::all_gather(const void* send, void* recv, std::size_t n, NcclType 
 
 void NcclComm::reduce_scatter(const void* send, void* recv, std::size_t n, NcclType t,
                               void* stream) const {
-  check_nccl(ncclReduceScatter(send, recv, n, type_of(t), ncclSum, as_comm(comm_),
-                               as_stream(stream)),
-             "ncclReduceScatter");
+  check_nccl(
+      ncclReduceScatter(send, recv, n, type_of(t), ncclSum, as_comm(comm_), as_stream(stream)),
+      "ncclReduceScatter");
 }
 
 void NcclComm::all_to_all_v(const void* send, const std::vector<std::size_t>& send_counts,

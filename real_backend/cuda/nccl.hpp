@@ -42,8 +42,7 @@ public:
 
   void all_reduce(void* data, std::size_t n, NcclType t, bool max, void* stream) const;
   void all_gather(const void* send, void* recv, std::size_t n, NcclType t, void* stream) const;
-  void reduce_scatter(const void* send, void* recv, std::size_t n, NcclType t,
-                      void* stream) const;
+  void reduce_scatter(const void* send, void* recv, std::size_t n, NcclType t, void* stream) const;
   // Blocks in member order: send_counts[r] elements to member r, recv_counts[r] from it.
   void all_to_all_v(const void* send, const std::vector<std::size_t>& send_counts, void* recv,
                     const std::vector<std::size_t>& recv_counts, NcclType t, void* stream) const;

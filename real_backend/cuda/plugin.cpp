@@ -110,8 +110,8 @@ KernelTable kernel_table() {
                        double scale, float* dl, double* total) {
     return status([&] { *total = dev::cross_entropy(rows, vocab, logits, labels, scale, dl); });
   };
-  t.router_topk_fwd = [](int rows, int experts, int k, bool norm, const float* logits,
-                         float* probs, std::int32_t* idx, float* w) {
+  t.router_topk_fwd = [](int rows, int experts, int k, bool norm, const float* logits, float* probs,
+                         std::int32_t* idx, float* w) {
     return status([&] { dev::router_topk_fwd(rows, experts, k, norm, logits, probs, idx, w); });
   };
   t.router_topk_bwd = [](int rows, int experts, int k, bool norm, const float* probs,
@@ -121,14 +121,12 @@ KernelTable kernel_table() {
   t.gather_rows = [](int n, int dim, const float* src, const std::int32_t* index, float* dst) {
     return status([&] { dev::gather_rows(n, dim, src, index, dst); });
   };
-  t.scatter_add_rows = [](int n, int dim, const float* src, const std::int32_t* index,
-                          float* dst) {
+  t.scatter_add_rows = [](int n, int dim, const float* src, const std::int32_t* index, float* dst) {
     return status([&] { dev::scatter_add_rows(n, dim, src, index, dst); });
   };
   t.adamw = [](std::size_t n, const AdamWParams& p, std::int64_t step, float* param,
-               const float* grad, float* m, float* v) {
-    return status([&] { dev::adamw(n, p, step, param, grad, m, v); });
-  };
+               const float* grad, float* m,
+               float* v) { return status([&] { dev::adamw(n, p, step, param, grad, m, v); }); };
   return t;
 }
 

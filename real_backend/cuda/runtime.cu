@@ -107,7 +107,8 @@ void DeviceBuffer::upload(const void* src, std::size_t bytes) {
 }
 void DeviceBuffer::download(void* dst, std::size_t bytes) const {
   if (bytes > bytes_)
-    throw std::invalid_argument(strf("a download of %zu bytes from a buffer of %zu", bytes, bytes_));
+    throw std::invalid_argument(
+        strf("a download of %zu bytes from a buffer of %zu", bytes, bytes_));
   MOP_CUDA_CHECK(cudaMemcpy(dst, p_, bytes, cudaMemcpyDeviceToHost));
 }
 void DeviceBuffer::zero() {
@@ -150,16 +151,18 @@ EventTimer::~EventTimer() {
     cudaEventDestroy(static_cast<cudaEvent_t>(end_));
 }
 void EventTimer::start(void* stream) {
-  MOP_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(begin_), static_cast<cudaStream_t>(stream)));
+  MOP_CUDA_CHECK(
+      cudaEventRecord(static_cast<cudaEvent_t>(begin_), static_cast<cudaStream_t>(stream)));
 }
 void EventTimer::stop(void* stream) {
-  MOP_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(end_), static_cast<cudaStream_t>(stream)));
+  MOP_CUDA_CHECK(
+      cudaEventRecord(static_cast<cudaEvent_t>(end_), static_cast<cudaStream_t>(stream)));
 }
 double EventTimer::seconds() const {
   MOP_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(end_)));
   float ms = 0;
-  MOP_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(begin_),
-                                      static_cast<cudaEvent_t>(end_)));
+  MOP_CUDA_CHECK(
+      cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(begin_), static_cast<cudaEvent_t>(end_)));
   return 1e-3 * ms;
 }
 
@@ -190,8 +193,8 @@ struct GemmRunner::Impl {
   }
 
   Plan& plan(const GemmShape& s) {
-    const auto key = std::tuple(s.m, s.n, s.k, s.trans_a, s.trans_b, static_cast<int>(s.type),
-                                s.accumulate);
+    const auto key =
+        std::tuple(s.m, s.n, s.k, s.trans_a, s.trans_b, static_cast<int>(s.type), s.accumulate);
     const auto it = plans.find(key);
     if (it != plans.end())
       return it->second;
@@ -202,10 +205,12 @@ struct GemmRunner::Impl {
     // First operand: row-major B, column-major view [n, k] (or its transpose).
     const cublasOperation_t op1 = s.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op2 = s.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-    check_blas(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op1, sizeof(op1)),
-               "cublasLtMatmulDescSetAttribute(TRANSA)");
-    check_blas(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op2, sizeof(op2)),
-               "cublasLtMatmulDescSetAttribute(TRANSB)");
+    check_blas(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op1, sizeof(op1)),
+        "cublasLtMatmulDescSetAttribute(TRANSA)");
+    check_blas(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op2, sizeof(op2)),
+        "cublasLtMatmulDescSetAttribute(TRANSB)");
     // Column-major layouts: B as stored is [n, k] col-major with ld n (not transposed) or
     // [k, n] with ld k (transposed); likewise A.
     const std::uint64_t m = static_cast<std::uint64_t>(s.m), n = static_cast<std::uint64_t>(s.n),
@@ -233,14 +238,16 @@ struct GemmRunner::Impl {
       cublasLtMatrixLayoutDestroy(p.b);
       cublasLtMatrixLayoutDestroy(p.c);
       cublasLtMatmulDescDestroy(p.desc);
-      throw std::runtime_error(strf("cuBLASLt has no algorithm for a %dx%dx%d GEMM", s.m, s.n, s.k));
+      throw std::runtime_error(
+          strf("cuBLASLt has no algorithm for a %dx%dx%d GEMM", s.m, s.n, s.k));
     }
     p.algo = result.algo;
     return plans.emplace(key, p).first->second;
   }
 };
 
-GemmRunner::GemmRunner(void* stream, std::size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
+GemmRunner::GemmRunner(void* stream, std::size_t workspace_bytes)
+    : impl_(std::make_unique<Impl>()) {
   impl_->stream = static_cast<cudaStream_t>(stream);
   check_blas(cublasLtCreate(&impl_->handle), "cublasLtCreate");
   impl_->workspace = DeviceBuffer(workspace_bytes);

@@ -180,9 +180,8 @@ MOP_HD double adam_bias_correction(double beta, long long step) {
 // v = b2 v + (1 - b2) g^2, p -= lr * (m / bc1) / (sqrt(v / bc2) + eps), where bc1 and bc2 are
 // adam_bias_correction(beta1, step) and adam_bias_correction(beta2, step).
 template <class T>
-MOP_HD_ALWAYS_INLINE void adamw_update(T& p, T& m, T& v, T g, double lr, double beta1,
-                                       double beta2, double eps, double weight_decay, double bc1,
-                                       double bc2) {
+MOP_HD_ALWAYS_INLINE void adamw_update(T& p, T& m, T& v, T g, double lr, double beta1, double beta2,
+                                       double eps, double weight_decay, double bc1, double bc2) {
   p -= static_cast<T>(lr * weight_decay) * p;
   m = static_cast<T>(beta1) * m + static_cast<T>(1 - beta1) * g;
   v = static_cast<T>(beta2) * v + static_cast<T>(1 - beta2) * g * g;

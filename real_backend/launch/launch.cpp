@@ -33,8 +33,8 @@ int parse_int(const EnvReader& env, const std::string& name, int lo, int hi) {
   const char* e = b + v->size();
   const auto [p, ec] = std::from_chars(b, e, x);
   if (ec != std::errc() || p != e || v->empty())
-    throw InputError(fmt::format("{} must be an integer (got '{}')", name,
-                                 quote_for_message(*v, 40)));
+    throw InputError(
+        fmt::format("{} must be an integer (got '{}')", name, quote_for_message(*v, 40)));
   if (x < lo || x > hi)
     throw InputError(fmt::format("{} must be between {} and {} (got {})", name, lo, hi, x));
   return x;
@@ -63,8 +63,8 @@ std::string host_of(const EnvReader& env, const std::string& name) {
 
 void check_places(const LaunchEnv& l, const std::string& rank_var, const std::string& local_var) {
   if (l.rank >= l.world_size)
-    throw InputError(fmt::format("{} is {}, outside a world of {} processes", rank_var, l.rank,
-                                 l.world_size));
+    throw InputError(
+        fmt::format("{} is {}, outside a world of {} processes", rank_var, l.rank, l.world_size));
   if (l.local_world_size > 0 && l.local_rank >= l.local_world_size)
     throw InputError(fmt::format("{} is {}, outside the {} processes of this node", local_var,
                                  l.local_rank, l.local_world_size));
@@ -164,8 +164,8 @@ std::string first_slurm_host(const std::string& nodelist) {
     out += c;
   }
   if (depth != 0 || out.empty())
-    throw InputError(fmt::format("the Slurm node list '{}' names no host",
-                                 quote_for_message(nodelist, 60)));
+    throw InputError(
+        fmt::format("the Slurm node list '{}' names no host", quote_for_message(nodelist, 60)));
   return out;
 }
 
@@ -239,9 +239,8 @@ LaunchEnv launch_env_from(const EnvReader& env) {
       if (env("MASTER_ADDR")) {
         host = host_of(env, "MASTER_ADDR");
       } else {
-        const std::optional<std::string> list = env("SLURM_STEP_NODELIST")
-                                                    ? env("SLURM_STEP_NODELIST")
-                                                    : env("SLURM_JOB_NODELIST");
+        const std::optional<std::string> list =
+            env("SLURM_STEP_NODELIST") ? env("SLURM_STEP_NODELIST") : env("SLURM_JOB_NODELIST");
         if (!list)
           throw InputError("Slurm set neither SLURM_STEP_NODELIST nor SLURM_JOB_NODELIST, and "
                            "MASTER_ADDR is not set: no host to meet at");

@@ -121,7 +121,8 @@ TEST_CASE("mop run refuses bad input with one sentence" * doctest::test_suite("p
 }
 
 TEST_CASE("mop run --executor cuda finds its rank from torchrun, Slurm and MPI and stops at the "
-          "GPU with one sentence" * doctest::test_suite("plumbing")) {
+          "GPU with one sentence" *
+          doctest::test_suite("plumbing")) {
   // Without a GPU (or without the CUDA backend) each process says where it stands and why it
   // stops; the sentence names the rank the launcher gave it.
   const std::string args = "run --executor cuda --model tiny-moe --steps 1";
@@ -161,14 +162,17 @@ TEST_CASE("mop run --executor cuda finds its rank from torchrun, Slurm and MPI a
 }
 
 TEST_CASE("mop run --trace writes the last step as it ran, beside the prediction of the same "
-          "Schedule" * doctest::test_suite("plumbing")) {
+          "Schedule" *
+          doctest::test_suite("plumbing")) {
   const auto dir = std::filesystem::temp_directory_path();
   const std::string m = (dir / ("mop-measured-" + std::to_string(::getpid()) + ".json")).string();
   const std::string p = (dir / ("mop-predicted-" + std::to_string(::getpid()) + ".json")).string();
   const auto r = run_mop("run --executor cpu --model tiny-moe --ranks 4 --plan mop --steps 2 "
-                         "--json --trace " + m + " --predicted-trace " + p);
+                         "--json --trace " +
+                         m + " --predicted-trace " + p);
   REQUIRE(r.status == 0);
-  const Json measured = Json::parse(mop::test::slurp(m)), predicted = Json::parse(mop::test::slurp(p));
+  const Json measured = Json::parse(mop::test::slurp(m)),
+             predicted = Json::parse(mop::test::slurp(p));
   std::filesystem::remove(m);
   std::filesystem::remove(p);
   CHECK(measured["otherData"]["title"].get<std::string>().rfind("measured (cpu executor)", 0) == 0);

@@ -168,7 +168,8 @@ TEST_CASE("host AdamW overlay interpolates measured rates by core count" *
 }
 
 TEST_CASE("host AdamW beyond the measured cores: the measured rate per core, capped by the host's "
-          "memory" * doctest::test_suite("independent")) {
+          "memory" *
+          doctest::test_suite("independent")) {
   ClusterSpec c = load_cluster("h200");
   Calibration cal;
   cal.host_adam.push_back({16, 3.2e8}); // 2e7 params/s per core
@@ -184,7 +185,8 @@ TEST_CASE("host AdamW beyond the measured cores: the measured rate per core, cap
 }
 
 TEST_CASE("a weight-gradient GEMM is looked up along k, a calibration file round-trips, and the "
-          "measured launch cost replaces the cluster's" * doctest::test_suite("plumbing")) {
+          "measured launch cost replaces the cluster's" *
+          doctest::test_suite("plumbing")) {
   Calibration cal;
   // Weight gradients: m = 4096, n = 14336 fixed, k (tokens) 4096 and 16384 measured.
   cal.gemm.push_back({Dtype::bf16, 1, 4096, 14336, 4096, 1.0e-3});

@@ -42,18 +42,21 @@ TEST_CASE("host AdamW: every instruction set gives the scalar loop's bits" *
     if (!host_runs(isa))
       continue;
     CAPTURE(host_isa_name(isa));
-    for (const std::size_t n : {0u, 1u, 7u, 15u, 17u, 1000u, 4099u}) {
-      CAPTURE(n);
-      State want = random_state(n, 11), got = want;
-      for (std::int64_t step = 1; step <= 3; ++step) {
-        host_adamw_with(HostIsa::scalar, n, a, step, want.p.data(), want.g.data(), want.m.data(),
-                        want.v.data());
-        host_adamw_with(isa, n, a, step, got.p.data(), got.g.data(), got.m.data(), got.v.data());
+    for (const std::size_t n : {0u, 1u, 7u, 15u, 17u, 1000u, 4099u})
+      for (const std::size_t off : {0u, 3u}) { // the aligned head varies with the start
+        CAPTURE(n);
+        CAPTURE(off);
+        State want = random_state(n + off, 11), got = want;
+        for (std::int64_t step = 1; step <= 3; ++step) {
+          host_adamw_with(HostIsa::scalar, n, a, step, want.p.data() + off, want.g.data() + off,
+                          want.m.data() + off, want.v.data() + off);
+          host_adamw_with(isa, n, a, step, got.p.data() + off, got.g.data() + off,
+                          got.m.data() + off, got.v.data() + off);
+        }
+        CHECK(same_bits(got.p, want.p));
+        CHECK(same_bits(got.m, want.m));
+        CHECK(same_bits(got.v, want.v));
       }
-      CHECK(same_bits(got.p, want.p));
-      CHECK(same_bits(got.m, want.m));
-      CHECK(same_bits(got.v, want.v));
-    }
   }
   // The float instance of real::adamw is the host AdamW.
   State x = random_state(333, 5), y = x;

@@ -48,7 +48,8 @@ void expect_same_on_gpu(const mop::test::Case& k) {
 } // namespace
 
 TEST_CASE("the CUDA interpreter trains as the CPU interpreter: one rank, data and tensor "
-          "parallelism, experts and a ring" * doctest::test_suite("independent")) {
+          "parallelism, experts and a ring" *
+          doctest::test_suite("independent")) {
   if (!mop::test::gpu_or_skip() || !backend_loaded())
     return;
   cuda::select_device(0);

@@ -72,7 +72,8 @@ double rel(const std::vector<float>& got, const std::vector<float>& want) {
 } // namespace
 
 TEST_CASE("CUDA attention forward, merge and backward equal the CPU twins, GQA, causal, windows "
-          "and a shifted key block" * doctest::test_suite("independent")) {
+          "and a shifted key block" *
+          doctest::test_suite("independent")) {
   if (!mop::test::gpu_or_skip())
     return;
   AttentionParams p;
@@ -135,7 +136,8 @@ TEST_CASE("CUDA cross-entropy, router and row permutations equal the CPU twins" 
   for (int r = 0; r < rows; ++r)
     labels[static_cast<std::size_t>(r)] = r == 3 ? -1 : (r * 7) % vocab;
   std::vector<float> dl(rows * vocab);
-  const double loss = cross_entropy<float>(rows, vocab, logits.data(), labels.data(), 0.1, dl.data());
+  const double loss =
+      cross_entropy<float>(rows, vocab, logits.data(), labels.data(), 0.1, dl.data());
   Managed<float> ml(logits), mdl(std::vector<float>(rows * vocab));
   Managed<std::int32_t> mlab(labels);
   const double got = cuda::dev::cross_entropy(rows, vocab, ml.get(), mlab.get(), 0.1, mdl.get());

@@ -69,7 +69,8 @@ TEST_CASE("the loaded CUDA libraries report their versions without a GPU" *
 }
 
 TEST_CASE("cuBLASLt GEMM equals the CPU twin for every transpose, FP32 and BF16, and plans a "
-          "shape once" * doctest::test_suite("independent")) {
+          "shape once" *
+          doctest::test_suite("independent")) {
   if (!mop::test::gpu_or_skip())
     return;
   const int m = 96, n = 80, k = 320;

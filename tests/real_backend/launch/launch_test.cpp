@@ -126,10 +126,8 @@ TEST_CASE("launch: Open MPI's and MPICH's variables, and MASTER_ADDR across node
   auto with_addr = two;
   with_addr["MASTER_ADDR"] = "node0";
   CHECK(launch_env_from(reader(with_addr)).rendezvous == "node0:29500");
-  const LaunchEnv pmi = launch_env_from(reader({{"PMI_RANK", "1"},
-                                                {"PMI_SIZE", "2"},
-                                                {"MPI_LOCALRANKID", "1"},
-                                                {"MPI_LOCALNRANKS", "2"}}));
+  const LaunchEnv pmi = launch_env_from(reader(
+      {{"PMI_RANK", "1"}, {"PMI_SIZE", "2"}, {"MPI_LOCALRANKID", "1"}, {"MPI_LOCALNRANKS", "2"}}));
   CHECK(pmi.launcher == Launcher::mpi);
   CHECK(pmi.rank == 1);
   CHECK(pmi.rendezvous == "127.0.0.1:29500");
@@ -159,14 +157,16 @@ TEST_CASE("launch: partial, malformed and inconsistent variables are refused wit
                   {"LOCAL_RANK", "4"},
                   {"LOCAL_WORLD_SIZE", "4"},
                   {"MASTER_ADDR", "a"},
-                  {"MASTER_PORT", "1"}}) == "LOCAL_RANK is 4, outside the 4 processes of this node");
+                  {"MASTER_PORT", "1"}}) ==
+        "LOCAL_RANK is 4, outside the 4 processes of this node");
   CHECK(error_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "0"}, {"MASTER_PORT", "1"}}) ==
         "the launcher set no MASTER_ADDR");
   CHECK(error_of({{"RANK", "0"},
                   {"WORLD_SIZE", "2"},
                   {"LOCAL_RANK", "0"},
                   {"MASTER_ADDR", "a"},
-                  {"MASTER_PORT", "70000"}}) == "MASTER_PORT must be between 1 and 65535 (got 70000)");
+                  {"MASTER_PORT", "70000"}}) ==
+        "MASTER_PORT must be between 1 and 65535 (got 70000)");
   CHECK(error_of({{"RANK", "0"},
                   {"WORLD_SIZE", "2"},
                   {"LOCAL_RANK", "0"},
@@ -207,7 +207,7 @@ TEST_CASE("launch: local processes get torchrun's variables and a failure stops 
   CHECK(port <= 65535);
   // Every child succeeds: 0. One child fails, the one that would sleep is stopped: its status.
   CHECK(run_local_processes({"/bin/sh", "-c", "test \"$WORLD_SIZE\" = 3"}, 3) == 0);
-  CHECK(run_local_processes({"/bin/sh", "-c", "if [ $RANK = 1 ]; then exit 5; fi; exec sleep 30"}, 2) ==
-        5);
+  CHECK(run_local_processes({"/bin/sh", "-c", "if [ $RANK = 1 ]; then exit 5; fi; exec sleep 30"},
+                            2) == 5);
   CHECK_THROWS_AS(run_local_processes({"/nonexistent/program"}, 1), std::runtime_error);
 }
