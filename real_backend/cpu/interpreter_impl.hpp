@@ -3,8 +3,10 @@
 // stores the tensors and runs the kernels: CpuKernels (real_backend/cpu/kernels.hpp) for the CPU
 // executor, the CUDA backend's policy for `mop run --executor cuda` (real_backend/cuda). A backend
 // policy K<T> provides Alloc<X> (the allocator of every tensor and every temporary a kernel
-// reads), sync() (waits for the kernels issued so far, after each op: the host then reads the
-// results) and the kernels with the CPU twins' signatures.
+// reads), sync() (waits for the kernels issued so far: after each op, and inside an op wherever
+// host code reads what a kernel of that op wrote) and the kernels with the CPU twins'
+// signatures. Kernels may return before they finish; host code may write a buffer before a
+// kernel that reads it is issued.
 #include "common/error.hpp"
 #include "real_backend/cpu/comm.hpp"
 #include "real_backend/cpu/interpreter.hpp"
@@ -1252,6 +1254,7 @@ private:
           const Vec x = take_rows(A, ac, sel), y = take_rows(B, bc, sel);
           Kn::gemm(static_cast<int>(ac), static_cast<int>(bc), static_cast<int>(sel.size()),
                    x.data(), true, y.data(), false, C.data(), true);
+          Kn::sync(); // the host reads C next
         }
         set_group_matrix(op.outputs, g, C);
       }
@@ -1278,6 +1281,7 @@ private:
       Vec y(sel.size() * n, T(0));
       Kn::gemm(static_cast<int>(sel.size()), static_cast<int>(n), static_cast<int>(k), x.data(),
                false, B.data(), a.trans_b, y.data(), false);
+      Kn::sync(); // the host adds y next
       for (Index i = 0; i < sel.size(); ++i)
         for (Index j = 0; j < n; ++j)
           C[sz(sel[i]) * n + j] += y[i * n + j];
@@ -1335,6 +1339,7 @@ private:
                       a.trans_b ? bc : br, n, cr, cc));
     Kn::gemm(static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), A.data(), a.trans_a,
              B.data(), a.trans_b, C.data(), a.accumulate);
+    Kn::sync(); // the host copies C into the outputs next
     Index c0 = 0;
     for (int t : op.outputs) {
       const Index w = cols_of(t);
@@ -1568,6 +1573,7 @@ private:
     const Vec gr = owned(gs);
     const std::int64_t count = bb.sharded ? std::min(bb.n, bb.lo + bb.chunk) - bb.lo : bb.n;
     Kn::adamw(sz(count), o_.adam, adam_count_, p.data(), gr.data(), R(mt).data(), R(vt).data());
+    Kn::sync(); // the host copies p into the outputs next
     const std::vector<int> outs(op.outputs.begin(), op.outputs.end() - 2);
     scatter_to(p, outs);
   }
