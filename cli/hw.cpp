@@ -44,7 +44,7 @@ std::string format_figure(const std::string& key, const Json& v) {
   return fmt::format("{:g}", x);
 }
 
-void run_list(bool json) {
+void run_hw_list(bool json) {
   Json out = Json::array();
   TextTable table{{"id", "GPU", "GPUs/node", "HBM", "HBM BW", "BF16 dense", "NVLink/dir", "NICs"},
                   {},
@@ -224,7 +224,7 @@ void add_hw_command(CLI::App& app) {
   CLI::App* list =
       hw->add_subcommand("list", "List the built-in node types\n\nExample:\n  mop hw list");
   add_output_options(list, *json);
-  list->callback([json] { run_list(*json); });
+  list->callback([json] { run_hw_list(*json); });
 
   auto show_name = std::make_shared<std::string>();
   CLI::App* show = hw->add_subcommand(

@@ -49,7 +49,7 @@ std::string layer_summary(const workload::ModelSpec& m) {
   return s;
 }
 
-void run_list(bool json) {
+void run_model_list(bool json) {
   Json out = Json::array();
   TextTable table{{"id", "name", "type", "layers", "experts", "total", "active"},
                   {},
@@ -194,7 +194,7 @@ void add_model_command(CLI::App& app) {
   CLI::App* list = model->add_subcommand(
       "list", "List catalog models with total and active parameters\n\nExample:\n  mop model list");
   add_output_options(list, opt->json);
-  list->callback([opt] { run_list(opt->json); });
+  list->callback([opt] { run_model_list(opt->json); });
 
   CLI::App* show = model->add_subcommand(
       "show", "Parameters by component and FLOPs per token of a model\n\nExample:\n"

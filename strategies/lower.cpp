@@ -9,8 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <fmt/format.h>
+#include <limits>
 #include <numeric>
 
 namespace mop::strategy {
@@ -30,7 +30,6 @@ const char* const kStreamNames[kNumStreams] = {"compute",  "comm.tp",  "comm.cp"
                                                "copy.h2d", "copy.d2h", "host"};
 
 // Bytes per element (mixed precision, as the memory model counts them).
-constexpr double kAct = 2;  // BF16 activations and weights
 constexpr double kGrad = 4; // FP32 gradients reduced
 // AdamW on the GPU reads BF16 param, FP32 grad, master, m, v and writes master, m, v, BF16 param.
 constexpr double kAdamBytesPerParam = 2 + 4 + 4 + 4 + 4 + 4 + 4 + 4 + 2;
@@ -67,7 +66,8 @@ struct Step {
   // left out of the FP8 recipe (Megatron-Core's router, in FP32).
   double grad_bytes = 0;
   bool high_precision = false;
-  double rdma_bytes = 0; // hierarchical EP dispatch/combine: bytes sent across nodes (Op::rdma_bytes)
+  double rdma_bytes =
+      0; // hierarchical EP dispatch/combine: bytes sent across nodes (Op::rdma_bytes)
 };
 
 // Parameters gathered, reduced and stepped together: those of one layer (or of the embedding, or
@@ -129,8 +129,8 @@ private:
   const ModelSpec& m_;
   sim::AttentionKernel attention_kernel_;
   QuantizeTraffic quantize_; // all 0 without FP8
-  double tokens_ = 0; // tokens of one micro-batch on a rank (sequence split over CP)
-  int sp_ = 1;        // sequence-parallel divisor of norm/residual regions
+  double tokens_ = 0;        // tokens of one micro-batch on a rank (sequence split over CP)
+  int sp_ = 1;               // sequence-parallel divisor of norm/residual regions
   sim::Schedule s_;
   Groups g_;
 
@@ -145,9 +145,7 @@ private:
   // after the experts' last GEMM (forward) or with the gradients' return (backward).
   int spill_copies_ = -1;
   double spill_copy_bytes_ = 0; // one expert's weights as a rank holds them
-  bool rebalancing() const {
-    return p_.moe.rebalance == Rebalance::least_loaded && g_.ep >= 0;
-  }
+  bool rebalancing() const { return p_.moe.rebalance == Rebalance::least_loaded && g_.ep >= 0; }
   // When set, add() records here whether each op joined the data path (pass_model()).
   std::vector<bool>* path_log_ = nullptr;
   // Uneven routing: each stage's tensors holding a MoE layer's saved activations (tensor,
@@ -410,19 +408,19 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     unfused.rope = eager_traffic().rope;
   auto kernels = [&](int te_count, int eager_count) {
     const Step& last = out.back();
-    const bool quantized = (last.kind == OpKind::gemm || last.kind == OpKind::grouped_gemm) &&
-                           last.bytes > 0;
+    const bool quantized =
+        (last.kind == OpKind::gemm || last.kind == OpKind::grouped_gemm) && last.bytes > 0;
     const int k = (te ? te_count : eager ? eager_count : 1) + (quantized ? q.kernels : 0);
     out.back().kernels = static_cast<std::uint8_t>(std::clamp(k, 0, 255));
   };
   // --- attention block ---
-  elementwise("attn_norm", 2 * kAct * t * h / sp_ * unfused.norm, true);
+  elementwise("attn_norm", 2 * workload::kActivationBytes * t * h / sp_ * unfused.norm, true);
   kernels(1, 8); // TE's fused RMSNorm; torchtitan's Python RMSNorm (cast, pow, mean, add,
                  // rsqrt, mul, cast, scale)
   // TP with SP: gather the sequence-sharded input; the size is the gathered buffer.
   if (sp)
     collective("attn_sp_gather", OpKind::all_gather, Category::tp_comm, kTp, tp_group,
-               kAct * t * h);
+               workload::kActivationBytes * t * h);
   // Work replicated across TP ranks (K/V heads when TP exceeds them, MLA's unsplit down
   // projections) runs on every rank but counts once in the model FLOPs.
   auto replicated = [&](double share) { out.back().flops *= share; };
@@ -446,7 +444,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     replicated(1 / tp);
     gemm("kv_b_proj", t, heads * (nope + dv), kvr);
   }
-  elementwise("rope_qk_norm", 2 * kAct * t * (heads + kv_heads) * dqk * unfused.rope, true);
+  elementwise("rope_qk_norm",
+              2 * workload::kActivationBytes * t * (heads + kv_heads) * dqk * unfused.rope, true);
   // TE: fused RoPE on q and k, the query reshape and v made contiguous; torchtitan, compiled or
   // not: RoPE's casts and complex products on q and k (6), repeat_kv's two copies.
   kernels(4, 8);
@@ -463,13 +462,13 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   // Transformer Engine's all-to-all context parallelism.
   if (ulysses > 1) {
     collective("ulysses_q_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
-               kAct * t * heads * dqk);
+               workload::kActivationBytes * t * heads * dqk);
     out.back().selective_keep = true;
     collective("ulysses_k_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
-               kAct * t * kv_heads * dqk);
+               workload::kActivationBytes * t * kv_heads * dqk);
     out.back().selective_keep = true;
     collective("ulysses_v_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
-               kAct * t * kv_heads * dv);
+               workload::kActivationBytes * t * kv_heads * dv);
     out.back().selective_keep = true;
   }
   {
@@ -487,7 +486,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       // keys and values arrive once (a halo), then the chunk attends locally.
       Step halo = make_step("window_halo", OpKind::send_recv, Category::cp_comm, kCp);
       halo.group = g_.cp_ring;
-      halo.bytes = kAct * b * window * std::max(1.0, kv_heads / ulysses) * (dqk + dv);
+      halo.bytes =
+          workload::kActivationBytes * b * window * std::max(1.0, kv_heads / ulysses) * (dqk + dv);
       out.push_back(std::move(halo));
       st.flops = attention_flops(whole_sequence);
     } else if (ring > 1) {
@@ -498,7 +498,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.attention = sim::AttentionShape{b,     heads / ulysses, std::max(1.0, kv_heads / ulysses),
                                          q_len, q_len / 2,       dqk,
                                          dv,    false,           0};
-      st.ring_bytes = kAct * b * q_len * std::max(1.0, kv_heads / ulysses) * (dqk + dv);
+      st.ring_bytes =
+          workload::kActivationBytes * b * q_len * std::max(1.0, kv_heads / ulysses) * (dqk + dv);
       st.flops = attention_flops(whole_sequence);
     } else {
       st.flops = attention_flops(st.attention);
@@ -509,20 +510,20 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   }
   if (ulysses > 1) {
     collective("ulysses_out_a2a", OpKind::all_to_all, Category::cp_comm, kCp, g_.cp_a2a,
-               kAct * t * heads * dv);
+               workload::kActivationBytes * t * heads * dv);
     out.back().selective_keep = true;
   }
   gemm("o_proj", t, h, heads * dv);
   if (sp)
     collective("attn_sp_scatter", OpKind::reduce_scatter, Category::tp_comm, kTp, tp_group,
-               kAct * t * h);
+               workload::kActivationBytes * t * h);
   else
     collective("attn_tp_reduce", OpKind::all_reduce, Category::tp_comm, kTp, tp_group,
-               kAct * t * h);
-  elementwise("attn_residual", 3 * kAct * t * h / sp_, false);
+               workload::kActivationBytes * t * h);
+  elementwise("attn_residual", 3 * workload::kActivationBytes * t * h / sp_, false);
   const std::size_t mlp_begin = out.size();
   // --- MLP block ---
-  elementwise("mlp_norm", 2 * kAct * t * h / sp_ * unfused.norm, true);
+  elementwise("mlp_norm", 2 * workload::kActivationBytes * t * h / sp_ * unfused.norm, true);
   kernels(1, 8);
   if (layer.mlp == MlpKind::dense) {
     const double dtp = p_.dense.tp;
@@ -530,17 +531,17 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     const double up = (m_.dense_mlp.gated ? 2 : 1) * inter;
     if (sp)
       collective("mlp_sp_gather", OpKind::all_gather, Category::tp_comm, kTp, tp_group,
-                 kAct * t * h);
+                 workload::kActivationBytes * t * h);
     gemm("mlp_gate_up", t, up, h);
-    elementwise("mlp_act", 3 * kAct * t * inter * unfused.activation, true);
+    elementwise("mlp_act", 3 * workload::kActivationBytes * t * inter * unfused.activation, true);
     kernels(1, 2); // compiled bias-SwiGLU; eager silu and product
     gemm("mlp_down", t, h, inter);
     if (sp)
       collective("mlp_sp_scatter", OpKind::reduce_scatter, Category::tp_comm, kTp, tp_group,
-                 kAct * t * h);
+                 workload::kActivationBytes * t * h);
     else
       collective("mlp_tp_reduce", OpKind::all_reduce, Category::tp_comm, kTp, tp_group,
-                 kAct * t * h);
+                 workload::kActivationBytes * t * h);
   } else {
     const workload::MoeSpec& e = m_.moe;
     const double tm = t / sp_; // tokens entering the MoE block on this rank
@@ -550,7 +551,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     out.back().high_precision = true;
     out.back().bytes = out.back().grad_bytes = 0;
     out.back().kernels = 1;
-    elementwise("router_topk", kAct * tm * experts, false);
+    elementwise("router_topk", workload::kActivationBytes * tm * experts, false);
     // Megatron-Core's router with its load-balancing loss launches 31 kernels with router
     // fusion (72 without): the router GEMM and 30 more (NVIDIA/Megatron-LM DeepSeek-V3 GB200
     // guide, eb0783b6, §2.1.4).
@@ -600,9 +601,10 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     if (c_.ep_dispatcher.value_or(EpDispatcher::alltoall) == EpDispatcher::deepep && g_.ep >= 0) {
       const sim::Group& eg = s_.groups[static_cast<std::size_t>(g_.ep)];
       const int ep_nodes = eg.ranks / std::max(1, eg.ranks_per_node);
-      rdma = kAct * tm * h * expected_remote_nodes(experts, k, ep_nodes);
+      rdma = workload::kActivationBytes * tm * h * expected_remote_nodes(experts, k, ep_nodes);
     }
-    collective("ep_dispatch", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
+    collective("ep_dispatch", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep,
+               workload::kActivationBytes * routed * h);
     routed_last("ep_dispatch", sim::Routed::exchange);
     if (!out.empty() && out.back().name == "ep_dispatch")
       out.back().rdma_bytes = rdma;
@@ -617,7 +619,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     if (!out.empty() && out.back().name == "etp_counts")
       out.back().forward_only = true;
     collective("etp_gather", OpKind::all_gather, Category::ep_comm, kEp, g_.etp,
-               kAct * routed * p_.moe.etp * h);
+               workload::kActivationBytes * routed * p_.moe.etp * h);
     routed_last("etp_gather", sim::Routed::rows);
     const double inter = static_cast<double>(e.expert_intermediate_size) / p_.moe.etp;
     // Expert tensor parallelism: the etp ranks of an expert see the tokens of all of them, each
@@ -639,7 +641,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       // pytorch/module/grouped_linear.py; issues #1386, #1499).
       kernels(static_cast<int>(local_experts), 1);
     }
-    elementwise("experts_act", 3 * kAct * expert_rows * inter * unfused.activation, true);
+    elementwise("experts_act",
+                3 * workload::kActivationBytes * expert_rows * inter * unfused.activation, true);
     routed_last("experts_act", sim::Routed::rows);
     {
       Step st = make_step("experts_down", OpKind::grouped_gemm);
@@ -656,9 +659,10 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       kernels(static_cast<int>(local_experts), 1);
     }
     collective("etp_scatter", OpKind::reduce_scatter, Category::ep_comm, kEp, g_.etp,
-               kAct * routed * p_.moe.etp * h);
+               workload::kActivationBytes * routed * p_.moe.etp * h);
     routed_last("etp_scatter", sim::Routed::rows);
-    collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, kAct * routed * h);
+    collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep,
+               workload::kActivationBytes * routed * h);
     routed_last("ep_combine", sim::Routed::exchange);
     if (!out.empty() && out.back().name == "ep_combine")
       out.back().rdma_bytes = rdma;
@@ -668,7 +672,9 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       spill_step("llep_refetch.node", g_.spill_node, true);
       spill_step("llep_refetch.net", g_.spill_net, true);
     }
-    elementwise("experts_combine", kAct * routed * h + kAct * tm * h, false);
+    elementwise("experts_combine",
+                workload::kActivationBytes * routed * h + workload::kActivationBytes * tm * h,
+                false);
     if (e.num_shared_experts > 0) {
       // Shared experts are a dense MLP under the dense TP (Megatron-Core): on the gathered
       // sequence with the width split, between the SP gather and scatter.
@@ -676,16 +682,17 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
           static_cast<double>(e.num_shared_experts * e.shared_intermediate_size) / p_.dense.tp;
       if (sp)
         collective("shared_sp_gather", OpKind::all_gather, Category::tp_comm, kTp, tp_group,
-                   kAct * t * h);
+                   workload::kActivationBytes * t * h);
       gemm("shared_gate_up", t, (e.gated ? 2 : 1) * shared, h);
-      elementwise("shared_act", 3 * kAct * t * shared * unfused.activation, true);
+      elementwise("shared_act", 3 * workload::kActivationBytes * t * shared * unfused.activation,
+                  true);
       gemm("shared_down", t, h, shared);
       if (sp)
         collective("shared_sp_scatter", OpKind::reduce_scatter, Category::tp_comm, kTp, tp_group,
-                   kAct * t * h);
+                   workload::kActivationBytes * t * h);
     }
   }
-  elementwise("mlp_residual", 3 * kAct * t * h / sp_, false);
+  elementwise("mlp_residual", 3 * workload::kActivationBytes * t * h / sp_, false);
   for (std::size_t i = mlp_begin; i < out.size(); ++i)
     out[i].owner = layer.mlp == MlpKind::moe ? LayerKind::moe : LayerKind::dense;
   return out;
@@ -986,7 +993,7 @@ sim::Op Lowering::embedding_op(int mb) const {
   e.name = label("embedding.mb{}", mb);
   e.kind = OpKind::elementwise;
   e.category = Category::forward;
-  e.bytes = 2 * kAct * tokens_ * static_cast<double>(m_.hidden_size);
+  e.bytes = 2 * workload::kActivationBytes * tokens_ * static_cast<double>(m_.hidden_size);
   e.micro_batch = mb;
   return e;
 }
@@ -1011,7 +1018,7 @@ sim::Op Lowering::loss_op(int mb) const {
   loss.name = label("loss.mb{}", mb);
   loss.kind = OpKind::elementwise;
   loss.category = Category::forward;
-  loss.bytes = kAct * tokens_ * vocab_per_rank() * 3;
+  loss.bytes = workload::kActivationBytes * tokens_ * vocab_per_rank() * 3;
   loss.micro_batch = mb;
   return loss;
 }
@@ -1024,8 +1031,9 @@ sim::Op Lowering::embedding_tp_op(const char* name, OpKind kind, int mb, int gro
   op.category = Category::tp_comm;
   op.stream = kTp;
   op.group = group;
-  op.bytes = kind == OpKind::all_reduce ? 4 * tokens_
-                                        : kAct * tokens_ * static_cast<double>(m_.hidden_size);
+  op.bytes = kind == OpKind::all_reduce
+                 ? 4 * tokens_
+                 : workload::kActivationBytes * tokens_ * static_cast<double>(m_.hidden_size);
   op.micro_batch = mb;
   return op;
 }
@@ -1121,8 +1129,8 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     emit_attention(st, prefix, Category::backward, layer, mb, true);
     return;
   case OpKind::barrier: { // rebalancing's copies: fetched again, or their gradients returned
-    sim::Op op = op_of(st, label_with(prefix, st.backward_only ? "" : ".bwd"),
-                       Category::backward, layer, mb);
+    sim::Op op = op_of(st, label_with(prefix, st.backward_only ? "" : ".bwd"), Category::backward,
+                       layer, mb);
     if (st.backward_only && spill_copies_ < 0) {
       // The copies and, beside them, their gradients until they return.
       spill_copies_ = tensor(label("L{} expert copies and gradients mb{}", layer, mb), 0,
@@ -1181,7 +1189,7 @@ sim::Schedule Lowering::run() {
   // Virtual stage v = chunk * pp + stage holds layers [virtual_begin[v], virtual_begin[v + 1]).
   const std::vector<int> virtual_begin = virtual_stage_bounds(p_, L);
   std::vector<std::vector<int>> send_bwd = send_fwd, recv_fwd = send_fwd, recv_bwd = send_fwd;
-  const double pp_bytes = kAct * tokens_ * h / sp_;
+  const double pp_bytes = workload::kActivationBytes * tokens_ * h / sp_;
   const bool host_opt = p_.optimizer_on_host;
   const Recompute rc_att = p_.recompute[static_cast<int>(LayerKind::attention)];
 
@@ -1279,7 +1287,7 @@ sim::Schedule Lowering::run() {
           up.kind = OpKind::copy_h2d;
           up.category = Category::offload;
           up.stream = kH2d;
-          up.bytes = kAct * b.params / b.shard_ranks;
+          up.bytes = workload::kActivationBytes * b.params / b.shard_ranks;
           up.layer = layer;
           up.micro_batch = mb;
           if (gate >= 0)
@@ -1291,7 +1299,7 @@ sim::Schedule Lowering::run() {
         op.kind = OpKind::all_gather;
         op.category = Category::dp_comm;
         op.stream = kDp;
-        op.bytes = kAct * b.params;
+        op.bytes = workload::kActivationBytes * b.params;
         op.group = b.shard;
         op.layer = layer;
         op.micro_batch = mb;
@@ -1300,7 +1308,8 @@ sim::Schedule Lowering::run() {
         if (upload >= 0)
           op.deps.push_back(upload);
         op.allocs.push_back(tensor(label("{}.{} gathered ({} mb{})", what, b.name, pass, mb),
-                                   kAct * b.params, Device::hbm, MemoryKind::comm_buffers));
+                                   workload::kActivationBytes * b.params, Device::hbm,
+                                   MemoryKind::comm_buffers));
         ops.push_back(add(std::move(op), false));
       }
       return ops;
@@ -1334,7 +1343,8 @@ sim::Schedule Lowering::run() {
         if ((b.zero != 1 && b.zero != 2) || b.shard < 0)
           continue;
         sim::Op op = collective_op(label("{}.{}.param_gather", what, b.name), OpKind::all_gather,
-                                   Category::dp_comm, kDp, b.shard, kAct * b.params, -1);
+                                   Category::dp_comm, kDp, b.shard,
+                                   workload::kActivationBytes * b.params, -1);
         op.layer = layer;
         op.deps = {last_op};
         last_op = add(std::move(op), false);
@@ -1367,7 +1377,7 @@ sim::Schedule Lowering::run() {
         up.kind = OpKind::copy_h2d;
         up.category = Category::optimizer;
         up.stream = kH2d;
-        up.bytes = kAct * shard_params;
+        up.bytes = workload::kActivationBytes * shard_params;
         up.layer = layer_id[static_cast<std::size_t>(i)];
         up.deps = {a};
         param_ready[static_cast<std::size_t>(i)] =
@@ -1718,7 +1728,7 @@ sim::Schedule Lowering::run() {
         up.kind = OpKind::copy_h2d;
         up.category = Category::optimizer;
         up.stream = kH2d;
-        up.bytes = kAct * shard_params;
+        up.bytes = workload::kActivationBytes * shard_params;
         up.deps = {a};
         param_gathers_after(add(std::move(up), false));
       }
@@ -1791,8 +1801,8 @@ void Lowering::expand_routing() {
   const std::vector<std::vector<double>>& capped = loads.capped;
   const std::vector<std::vector<double>>& rank_load = loads.rank;
   const std::vector<double>& exchange = loads.exchange;
-  const double cap = p_.moe.capacity_factor > 0 ? p_.moe.capacity_factor
-                                                : std::numeric_limits<double>::infinity();
+  const double cap =
+      p_.moe.capacity_factor > 0 ? p_.moe.capacity_factor : std::numeric_limits<double>::infinity();
   // Saved activations: bytes = base + load · unit (the memory model's), the plan's lowering
   // sized at its own load (its imbalance, capped); a recomputed layer's working set (all its
   // activations less the saved ones) likewise.
@@ -1829,7 +1839,8 @@ void Lowering::expand_routing() {
   };
   auto work_bytes = [&](int l, int r) {
     const auto li = static_cast<std::size_t>(l);
-    return std::max(0.0, work_base[li] + rank_load[li][static_cast<std::size_t>(r)] * work_unit[li]);
+    return std::max(0.0,
+                    work_base[li] + rank_load[li][static_cast<std::size_t>(r)] * work_unit[li]);
   };
 
   // Rebalancing: the loads of the segments each rank's GEMMs take (its own experts' kept rows,
@@ -1881,8 +1892,8 @@ void Lowering::expand_routing() {
     for (int r = 0; r < ep; ++r) {
       sim::RankClass rc = from;
       if (c_.names && ep > 1)
-        rc.name = p_.pp == 1 ? fmt::format("ep rank {}", r)
-                             : fmt::format("{}, ep rank {}", from.name, r);
+        rc.name =
+            p_.pp == 1 ? fmt::format("ep rank {}", r) : fmt::format("{}, ep rank {}", from.name, r);
       rc.multiplicity = from.multiplicity / ep;
       for (sim::Op& op : rc.ops) {
         if (op.peer_class >= 0)
@@ -1933,9 +1944,8 @@ void Lowering::expand_routing() {
           // The copies this rank sends or receives over this link (both ways at once).
           const bool node = op.group == g_.spill_node;
           const auto ri = static_cast<std::size_t>(r);
-          const int moved =
-              std::max((node ? loads.copies_in_node : loads.copies_in_net)[li][ri],
-                       (node ? loads.copies_out_node : loads.copies_out_net)[li][ri]);
+          const int moved = std::max((node ? loads.copies_in_node : loads.copies_in_net)[li][ri],
+                                     (node ? loads.copies_out_node : loads.copies_out_net)[li][ri]);
           if (moved > 0) {
             op.kind = OpKind::send_recv;
             op.bytes *= moved;
@@ -2153,7 +2163,8 @@ PassModel Lowering::pass_model(bool with_passes) {
     auto bucket_ops = [&](const ParamBucket& b, double gathers_per_micro, bool layer,
                           double layers) {
       if (b.zero >= 3 && b.shard >= 0)
-        dp_op(OpKind::all_gather, b.shard, kAct * b.params, layers * gathers_per_micro * micro);
+        dp_op(OpKind::all_gather, b.shard, workload::kActivationBytes * b.params,
+              layers * gathers_per_micro * micro);
       if (b.zero == 0)
         dp_op(OpKind::all_reduce, b.all_reduce, kGrad * b.params, layers);
       if (b.zero > 0)
@@ -2162,7 +2173,7 @@ PassModel Lowering::pass_model(bool with_passes) {
       if (b.zero > 0 && b.replicas >= 0)
         dp_op(OpKind::all_reduce, b.replicas, kGrad * b.params / b.shard_ranks, layers);
       if (b.zero == 1 || b.zero == 2)
-        dp_op(OpKind::all_gather, b.shard, kAct * b.params, layers);
+        dp_op(OpKind::all_gather, b.shard, workload::kActivationBytes * b.params, layers);
     };
     for (std::size_t k = 0; k < kinds.size(); ++k)
       if (st.count[k] > 0)
@@ -2197,7 +2208,8 @@ PassModel Lowering::pass_model(bool with_passes) {
         st.upload_last.category = Category::optimizer;
         st.upload_last.stream = kH2d;
         st.upload_last.bytes =
-            kAct * kind_shard[static_cast<std::size_t>(pass_of[static_cast<std::size_t>(l)])];
+            workload::kActivationBytes *
+            kind_shard[static_cast<std::size_t>(pass_of[static_cast<std::size_t>(l)])];
       }
     }
     out.stages.push_back(std::move(st));
@@ -2215,9 +2227,9 @@ PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_pas
 Plan pass_key(Plan p) {
   // What a pass takes from the family: its attention kernel, FP8 recipe and (torchtitan's eager
   // layer) elementwise traffic.
-  p.family = fmt::format("{}/{}{}", sim::attention_kernel_name(attention_kernel(p, LoweringContext{})),
-                         fp8_recipe_name(fp8_recipe(p, LoweringContext{})),
-                         p.family == "fsdp2" ? "/eager" : "");
+  p.family = fmt::format(
+      "{}/{}{}", sim::attention_kernel_name(attention_kernel(p, LoweringContext{})),
+      fp8_recipe_name(fp8_recipe(p, LoweringContext{})), p.family == "fsdp2" ? "/eager" : "");
   p.global_batch = 0;
   p.stage_layers.clear();
   p.activation_offload = 0;

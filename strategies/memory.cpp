@@ -2,6 +2,7 @@
 #include "strategies/mesh.hpp"
 
 #include "common/units.hpp"
+#include "workload/flops.hpp"
 #include "workload/params.hpp"
 
 #include <algorithm>
@@ -21,7 +22,6 @@ namespace {
 constexpr double kParamBytes = 2;      // BF16 weights used by the kernels
 constexpr double kGradBytes = 4;       // FP32 gradients accumulated and reduced
 constexpr double kOptimizerBytes = 12; // FP32 master weights + Adam m + Adam v
-constexpr double kAct = 2;             // BF16 activations
 // Chunked cross-entropy processes this many tokens' logits at a time (Liger / torchtitan style).
 constexpr double kLossChunkTokens = 4096;
 
@@ -56,7 +56,7 @@ double attention_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq
   const double heads = static_cast<double>(a.num_heads);
   const double dqk = static_cast<double>(a.qk_head_dim());
   const double dv = static_cast<double>(a.v_dim());
-  const double block_input = kAct * t * h / sp_div(p);
+  const double block_input = workload::kActivationBytes * t * h / sp_div(p);
   if (rc == Recompute::full)
     return block_input;
   double bytes = block_input; // norm input
@@ -64,21 +64,22 @@ double attention_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq
     // torchtitan's op-level SAC keeps the outputs of every other matmul (wq and wv; wk and wo
     // are recomputed) and of flash attention with its log-sum-exp (docs/PLANS.md).
     const double kv = std::max(1.0, static_cast<double>(a.num_kv_heads) / tp);
-    return bytes + kAct * t * (heads / tp * dqk + kv * dv) + kAct * t * heads / tp * dv +
-           4 * t * heads / tp;
+    return bytes + workload::kActivationBytes * t * (heads / tp * dqk + kv * dv) +
+           workload::kActivationBytes * t * heads / tp * dv + 4 * t * heads / tp;
   }
   if (rc != Recompute::selective)
-    bytes += kAct * t * h / sp_div(p); // norm output = projection input
+    bytes += workload::kActivationBytes * t * h / sp_div(p); // norm output = projection input
   if (a.kind == AttentionKind::gqa) {
     // K and V heads replicate when TP exceeds them.
     const double kv = std::max(1.0, static_cast<double>(a.num_kv_heads) / tp);
-    bytes += kAct * t * (heads / tp * dqk + kv * (dqk + dv)); // Q, K, V
+    bytes += workload::kActivationBytes * t * (heads / tp * dqk + kv * (dqk + dv)); // Q, K, V
   } else {
     // MLA: latents from the (unsplit) down projections, then per-head Q, K, V.
-    bytes += kAct * t * static_cast<double>(a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim);
-    bytes += kAct * t * heads / tp * (2 * dqk + dv);
+    bytes += workload::kActivationBytes * t *
+             static_cast<double>(a.q_lora_rank + a.kv_lora_rank + a.qk_rope_head_dim);
+    bytes += workload::kActivationBytes * t * heads / tp * (2 * dqk + dv);
   }
-  bytes += kAct * t * heads / tp * dv; // attention output = o_proj input
+  bytes += workload::kActivationBytes * t * heads / tp * dv; // attention output = o_proj input
   if (o.flash_attention) {
     bytes += 4 * t * heads / tp; // FP32 log-sum-exp per query and head
   } else if (rc == Recompute::none) {
@@ -97,24 +98,26 @@ double mlp_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq, cons
                        Recompute rc, const ActivationOptions& o) {
   const double t = tokens_per_rank(p, seq);
   const double h = static_cast<double>(m.hidden_size);
-  const double block_input = kAct * t * h / sp_div(p);
+  const double block_input = workload::kActivationBytes * t * h / sp_div(p);
   if (rc == Recompute::full)
     return block_input;
   double bytes = block_input; // norm input
   const bool keep_norm_out = rc != Recompute::selective;
   const bool keep_act_out = rc != Recompute::selective; // selective recomputes the activation
   auto mlp = [&](double tokens, double inter, bool gated, double split) {
-    double b = kAct * tokens * (gated ? 2 : 1) * inter / split; // gate/up outputs
+    double b =
+        workload::kActivationBytes * tokens * (gated ? 2 : 1) * inter / split; // gate/up outputs
     if (keep_act_out)
-      b += kAct * tokens * inter / split; // activation output
+      b += workload::kActivationBytes * tokens * inter / split; // activation output
     return b;
   };
   if (keep_norm_out)
-    bytes += kAct * t * h / sp_div(p); // norm output = MLP / router input
+    bytes += workload::kActivationBytes * t * h / sp_div(p); // norm output = MLP / router input
   if (rc == Recompute::selective && torch_op_sac(p) && layer.mlp == MlpKind::dense) {
     // op-level SAC: w1's output and w2's are kept, w3's recomputed.
     const double inter = static_cast<double>(m.dense_mlp.intermediate_size) / p.dense.tp;
-    return bytes + kAct * t * inter + kAct * t * h / sp_div(p) + (o.dropout ? t * h / sp_div(p) : 0);
+    return bytes + workload::kActivationBytes * t * inter +
+           workload::kActivationBytes * t * h / sp_div(p) + (o.dropout ? t * h / sp_div(p) : 0);
   }
   if (layer.mlp == MlpKind::dense) {
     bytes +=
@@ -129,9 +132,9 @@ double mlp_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq, cons
     if (p.moe.capacity_factor > 0)
       load = std::min(load, p.moe.capacity_factor);
     const double routed = t / sp_div(p) * static_cast<double>(e.experts_per_token) * load;
-    bytes += kAct * routed * h; // permuted expert inputs
+    bytes += workload::kActivationBytes * routed * h; // permuted expert inputs
     bytes += mlp(routed, static_cast<double>(e.expert_intermediate_size), e.gated, p.moe.etp);
-    bytes += kAct * routed * h; // expert outputs, for the combine's gradient
+    bytes += workload::kActivationBytes * routed * h; // expert outputs, for the combine's gradient
     if (e.num_shared_experts > 0)
       bytes += mlp(t, static_cast<double>(e.num_shared_experts * e.shared_intermediate_size),
                    e.gated, p.dense.tp);
@@ -176,7 +179,8 @@ double layer_activation_bytes(const ModelSpec& m, const LayerSpec& layer, const 
                               std::int64_t seq, Recompute recompute,
                               const ActivationOptions& options) {
   if (recompute == Recompute::full) // one checkpoint: the layer input
-    return kAct * tokens_per_rank(plan, seq) * static_cast<double>(m.hidden_size) / sp_div(plan);
+    return workload::kActivationBytes * tokens_per_rank(plan, seq) *
+           static_cast<double>(m.hidden_size) / sp_div(plan);
   return attention_block_bytes(m, plan, seq, layer, recompute, options) +
          mlp_block_bytes(m, plan, seq, layer, recompute, options);
 }
@@ -209,7 +213,9 @@ double embedding_local_params(const ModelSpec& m, const Plan& p) {
 
 double shard_degree(const Plan& p, LayerKind kind) {
   const int d = data_parallel_ranks(p, kind);
-  const int group = p.state[kind_index(kind)].shard_group;
+  // Bounds-checked: GCC's -Warray-bounds misreads this read once inlined into a unity batch.
+  const auto i = static_cast<std::size_t>(kind_index(kind));
+  const int group = i < std::size(p.state) ? p.state[i].shard_group : 0;
   return group > 0 ? std::min(d, group) : d;
 }
 
@@ -347,7 +353,7 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     hbm.comm_buffers += 2 * kParamBytes * largest_block; // ZeRO-3 gather: current + prefetch
     hbm.comm_buffers += kParamBytes * largest_block;     // unsharded gradients being reduced
     if (p.attention.tp > 1)
-      hbm.comm_buffers += kAct * tokens * h; // SP all-gathered layer input
+      hbm.comm_buffers += workload::kActivationBytes * tokens * h; // SP all-gathered layer input
     if (p.attention.cp > 1) {
       // Ring: K/V blocks in flight (double buffer); Ulysses: re-laid-out Q, K, V.
       const auto& a = m.attention;
@@ -357,10 +363,11 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
                     static_cast<double>(a.qk_head_dim() + a.v_dim())
               : std::max(1.0, static_cast<double>(a.num_kv_heads) / p.attention.tp) *
                     static_cast<double>(a.qk_head_dim() + a.v_dim());
-      hbm.comm_buffers += 2 * kAct * tokens * kv_width;
+      hbm.comm_buffers += 2 * workload::kActivationBytes * tokens * kv_width;
     }
     if (p.moe.ep > 1 || p.moe.etp > 1)
-      hbm.comm_buffers += 2 * kAct * a2a_tokens * h; // dispatch and combine buffers
+      hbm.comm_buffers +=
+          2 * workload::kActivationBytes * a2a_tokens * h; // dispatch and combine buffers
     // Least-loaded rebalancing: the expert copies a rank receives for one layer, and in
     // backward their gradients beside them (docs/ROUTING.md).
     if (p.moe.rebalance == Rebalance::least_loaded)

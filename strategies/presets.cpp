@@ -1,17 +1,17 @@
 #include "strategies/presets.hpp"
-#include "strategies/routing.hpp"
 #include "strategies/mesh.hpp"
+#include "strategies/routing.hpp"
 
 #include "common/error.hpp"
 #include "common/json_io.hpp"
 #include "common/limits.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <filesystem>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <atomic>
 #include <mutex>
 #include <numeric>
 #include <unordered_map>
@@ -344,9 +344,9 @@ void reserve_for_routing(Plan& p, const PlanContext& ctx) {
   // rebalancing on its settings and the tokens per expert: computed once for each (tens of
   // thousands of plans share a handful).
   const bool rebalancing = p.moe.rebalance == Rebalance::least_loaded && p.moe.ep > 1;
-  const RoutingScale scale =
-      rebalancing ? routing_scale(p, *ctx.model, ctx.seq, ctx.cluster.gpus_per_node)
-                  : RoutingScale{};
+  const RoutingScale scale = rebalancing
+                                 ? routing_scale(p, *ctx.model, ctx.seq, ctx.cluster.gpus_per_node)
+                                 : RoutingScale{};
   struct Key {
     std::uint64_t loads;
     int ep;
@@ -527,49 +527,50 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
                                  name_or_path, ctx.model->name, ctx.seq,
                                  ctx.cluster.nodes * ctx.cluster.gpus_per_node,
                                  describe(ctx.overrides), rejection));
-  if (admissible && !plans.empty()) {
-    std::string why;
-    std::erase_if(plans, [&](const Plan& p) {
-      try {
-        admissible(p);
-        return false;
-      } catch (const InputError& e) {
-        why = e.what();
-        return true;
-      }
-    });
-    if (plans.empty())
-      throw InputError(fmt::format("no {} plan for {} on {} ranks can be used: {}", name_or_path,
-                                   ctx.model->name, ctx.cluster.nodes * ctx.cluster.gpus_per_node,
-                                   why));
-  }
   if (plans.empty())
     throw InputError(fmt::format("no valid {} plan exists for {} at {} tokens on {} GPUs.",
                                  name_or_path, ctx.model->name, ctx.seq,
                                  ctx.cluster.nodes * ctx.cluster.gpus_per_node));
-  bool have_fit = false;
-  double best_cost = 0, best_ratio = 0;
-  for (const Plan& p : plans) {
-    MemoryReport mem = analyze_memory(*ctx.model, p, ctx.seq, ctx.hw);
-    const double ratio =
-        std::max(mem.peak_hbm_bytes / ctx.hw.hbm_bytes, mem.peak_host_bytes / ctx.hw.host_bytes);
-    if (mem.fits()) {
-      const double cost = preference_cost(p);
-      if (!have_fit || cost < best_cost) {
-        have_fit = true;
-        best_cost = cost;
-        best.plan = p;
-        best.memory = std::move(mem);
-      }
-    } else if (!have_fit && (best.candidates == 0 || ratio < best_ratio)) {
-      best_ratio = ratio;
-      best.plan = p;
-      best.memory = std::move(mem);
-      best.candidates = 1; // marks that a closest plan is held
-    }
+  // The plans in the order of choice: those that fit by preference cost, then the others by how
+  // far they are over (the first of equals as enumerated). `admissible` (a lowering and a check,
+  // far dearer than the memory model) runs down that order and stops at the first it accepts.
+  struct Ranked {
+    std::size_t index;
+    bool fits;
+    double key;
+  };
+  std::vector<Ranked> order;
+  std::vector<MemoryReport> memory(plans.size());
+  order.reserve(plans.size());
+  for (std::size_t i = 0; i < plans.size(); ++i) {
+    memory[i] = analyze_memory(*ctx.model, plans[i], ctx.seq, ctx.hw);
+    const bool fits = memory[i].fits();
+    const double key = fits ? preference_cost(plans[i])
+                            : std::max(memory[i].peak_hbm_bytes / ctx.hw.hbm_bytes,
+                                       memory[i].peak_host_bytes / ctx.hw.host_bytes);
+    order.push_back({i, fits, key});
   }
-  best.candidates = static_cast<int>(plans.size());
-  return best;
+  std::stable_sort(order.begin(), order.end(), [](const Ranked& a, const Ranked& b) {
+    return a.fits != b.fits ? a.fits : a.key < b.key;
+  });
+  std::string why;
+  for (const Ranked& r : order) {
+    if (admissible) {
+      try {
+        admissible(plans[r.index]);
+      } catch (const InputError& e) {
+        why = e.what();
+        continue;
+      }
+    }
+    best.plan = plans[r.index];
+    best.memory = std::move(memory[r.index]);
+    best.candidates = static_cast<int>(plans.size());
+    return best;
+  }
+  throw InputError(fmt::format("no {} plan for {} on {} ranks can be used: {}", name_or_path,
+                               ctx.model->name, ctx.cluster.nodes * ctx.cluster.gpus_per_node,
+                               why));
 }
 
 } // namespace mop::strategy

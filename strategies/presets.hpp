@@ -79,7 +79,8 @@ struct ResolvedPlan {
 // A preset name is auto-tuned over its family; a path is a plan JSON, checked as it is.
 // When no plan of a family fits, the one closest to fitting is returned (memory.fits() false).
 // `admissible`, when given, throws InputError for a plan the caller cannot use (an executor's
-// limits): such plans are skipped, and when none is left its last sentence is the error.
+// limits): it is asked down the order of choice, the first plan it accepts is returned, and when
+// it accepts none its last sentence is the error.
 ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ctx,
                           const std::function<void(const Plan&)>& admissible = {});
 

@@ -11,7 +11,7 @@ namespace mop::real {
 
 namespace {
 
-std::size_t sz(std::int64_t v) {
+std::size_t to_size(std::int64_t v) {
   return static_cast<std::size_t>(v);
 }
 
@@ -39,7 +39,7 @@ void validate(const TinyConfig& c, const std::vector<ParamInfo>& layout, std::si
     throw InputError(fmt::format("a batch needs at least one sequence of at least one token, not "
                                  "{} sequences of {}",
                                  b.sequences, b.seq_len));
-  const std::size_t n = sz(b.sequences) * sz(b.seq_len);
+  const std::size_t n = to_size(b.sequences) * to_size(b.seq_len);
   if (b.tokens.size() != n || b.labels.size() != n)
     throw InputError(fmt::format("a batch of {} sequences of {} tokens needs {} tokens and labels; "
                                  "it has {} tokens and {} labels",
@@ -84,24 +84,24 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
   const auto layout = param_layout(c);
   validate(c, layout, params.size(), batch);
   for (std::size_t p = 0; p < layout.size(); ++p)
-    if (params[p].size() != sz(layout[p].numel()))
+    if (params[p].size() != to_size(layout[p].numel()))
       throw InputError(fmt::format("parameter '{}' of model '{}' needs {} values; {} were given",
                                    layout[p].name, c.name, layout[p].numel(), params[p].size()));
 
   const int N = batch.sequences * batch.seq_len, S = batch.seq_len, H = c.hidden, V = c.vocab;
   const int D = c.head_dim, NH = c.heads, KH = c.kv_heads, QD = NH * D, KD = KH * D;
   const int K = c.top_k, E = c.experts;
-  const std::size_t n = sz(N);
+  const std::size_t n = to_size(N);
   const auto P = [&](ParamRole r, int l) -> const T* {
-    return params[sz(find_param(layout, r, l))].data();
+    return params[to_size(find_param(layout, r, l))].data();
   };
   const auto G = [&](ParamRole r, int l) -> T* {
-    return (*grads)[sz(find_param(layout, r, l))].data();
+    return (*grads)[to_size(find_param(layout, r, l))].data();
   };
 
   std::vector<std::int64_t> pos(n);
   for (std::size_t t = 0; t < n; ++t)
-    pos[t] = static_cast<std::int64_t>(t % sz(S));
+    pos[t] = static_cast<std::int64_t>(t % to_size(S));
   AttentionParams ap;
   ap.heads = NH;
   ap.kv_heads = KH;
@@ -115,11 +115,11 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
   const T* emb = P(ParamRole::embedding, -1);
   for (std::size_t t = 0; t < n; ++t)
     for (int j = 0; j < H; ++j)
-      x[t * H + j] = emb[sz(batch.tokens[t]) * H + j];
+      x[t * H + j] = emb[to_size(batch.tokens[t]) * H + j];
 
-  std::vector<LayerActs<T>> acts(sz(c.num_layers()));
+  std::vector<LayerActs<T>> acts(to_size(c.num_layers()));
   for (int l = 0; l < c.num_layers(); ++l) {
-    auto& a = acts[sz(l)];
+    auto& a = acts[to_size(l)];
     a.x_in = x;
     a.rstd1.resize(n);
     a.xn1.resize(n * H);
@@ -148,9 +148,9 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
     rope(N, KH, D, pos.data(), c.rope_theta, a.k.data(), false);
     a.attn.resize(n * QD);
     a.lse.resize(n * NH);
-    ap.window = c.layers[sz(l)].window;
+    ap.window = c.layers[to_size(l)].window;
     for (int s = 0; s < batch.sequences; ++s) {
-      const std::size_t t0 = sz(s) * S;
+      const std::size_t t0 = to_size(s) * S;
       attention_fwd(ap, S, S, a.q.data() + t0 * QD, a.k.data() + t0 * KD, a.v.data() + t0 * KD,
                     pos.data() + t0, pos.data() + t0, a.attn.data() + t0 * QD,
                     a.lse.data() + t0 * NH);
@@ -163,7 +163,7 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
     rmsnorm_fwd(N, H, a.h.data(), P(ParamRole::mlp_norm, l), c.norm_eps, a.xn2.data(),
                 a.rstd2.data());
     x = a.h;
-    if (!c.layers[sz(l)].moe) {
+    if (!c.layers[to_size(l)].moe) {
       const int F = c.dense_ffn;
       a.gate.resize(n * F);
       a.up.resize(n * F);
@@ -181,13 +181,13 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
       a.route_w.resize(n * K);
       router_topk_fwd(N, E, K, c.normalize_top_k, logits.data(), a.router_probs.data(),
                       a.route_idx.data(), a.route_w.data());
-      a.experts.resize(sz(E));
+      a.experts.resize(to_size(E));
       std::vector<T> scaled;
       for (int e = 0; e < E; ++e) {
-        auto& ex = a.experts[sz(e)];
+        auto& ex = a.experts[to_size(e)];
         for (int t = 0; t < N; ++t)
           for (int s = 0; s < K; ++s)
-            if (a.route_idx[sz(t) * K + s] == e) {
+            if (a.route_idx[to_size(t) * K + s] == e) {
               ex.tokens.push_back(t);
               ex.slots.push_back(t * K + s);
             }
@@ -195,24 +195,24 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
         if (ne == 0)
           continue;
         const std::size_t off_in =
-            sz(e) * H * F; // [experts, hidden, ffn] and [experts, ffn, hidden]
-        ex.x.resize(sz(ne) * H);
-        ex.gate.resize(sz(ne) * F);
-        ex.up.resize(sz(ne) * F);
-        ex.act.resize(sz(ne) * F);
-        ex.out.resize(sz(ne) * H);
+            to_size(e) * H * F; // [experts, hidden, ffn] and [experts, ffn, hidden]
+        ex.x.resize(to_size(ne) * H);
+        ex.gate.resize(to_size(ne) * F);
+        ex.up.resize(to_size(ne) * F);
+        ex.act.resize(to_size(ne) * F);
+        ex.out.resize(to_size(ne) * H);
         gather_rows(ne, H, a.xn2.data(), ex.tokens.data(), ex.x.data());
         gemm(ne, F, H, ex.x.data(), false, P(ParamRole::expert_gate, l) + off_in, false,
              ex.gate.data(), false);
         gemm(ne, F, H, ex.x.data(), false, P(ParamRole::expert_up, l) + off_in, false, ex.up.data(),
              false);
-        swiglu_fwd(sz(ne) * F, ex.gate.data(), ex.up.data(), ex.act.data());
+        swiglu_fwd(to_size(ne) * F, ex.gate.data(), ex.up.data(), ex.act.data());
         gemm(ne, H, F, ex.act.data(), false, P(ParamRole::expert_down, l) + off_in, false,
              ex.out.data(), false);
         scaled = ex.out;
         for (int r = 0; r < ne; ++r)
           for (int j = 0; j < H; ++j)
-            scaled[sz(r) * H + j] *= a.route_w[sz(ex.slots[sz(r)])];
+            scaled[to_size(r) * H + j] *= a.route_w[to_size(ex.slots[to_size(r)])];
         scatter_add_rows(ne, H, scaled.data(), ex.tokens.data(), x.data());
       }
     }
@@ -240,7 +240,7 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
   // ---- backward ----
   grads->assign(layout.size(), {});
   for (std::size_t p = 0; p < layout.size(); ++p)
-    (*grads)[p].assign(sz(layout[p].numel()), T(0));
+    (*grads)[p].assign(to_size(layout[p].numel()), T(0));
   T* demb = G(ParamRole::embedding, -1);
 
   std::vector<T> dxf(n * H);
@@ -258,11 +258,11 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
 
   std::vector<T> dbranch(n * H), dxn(n * H);
   for (int l = c.num_layers() - 1; l >= 0; --l) {
-    auto& a = acts[sz(l)];
+    auto& a = acts[to_size(l)];
     // x_out = h + mlp(norm(h)): dh = dx_out + norm_bwd(mlp_bwd(dx_out)).
     for (auto& d : dxn)
       d = 0;
-    if (!c.layers[sz(l)].moe) {
+    if (!c.layers[to_size(l)].moe) {
       const int F = c.dense_ffn;
       std::vector<T> dact(n * F), dgate(n * F), dup(n * F);
       gemm(N, F, H, dx.data(), false, P(ParamRole::dense_down, l), true, dact.data(), false);
@@ -277,32 +277,33 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
       std::vector<T> dw(n * K, T(0));
       std::vector<T> dy, dact, dgate, dup, dxe;
       for (int e = 0; e < E; ++e) {
-        const auto& ex = a.experts[sz(e)];
+        const auto& ex = a.experts[to_size(e)];
         const int ne = static_cast<int>(ex.tokens.size());
         if (ne == 0)
           continue;
-        const std::size_t off = sz(e) * H * F;
-        dy.resize(sz(ne) * H);
+        const std::size_t off = to_size(e) * H * F;
+        dy.resize(to_size(ne) * H);
         gather_rows(ne, H, dx.data(), ex.tokens.data(), dy.data());
         for (int r = 0; r < ne; ++r) {
           // y_t += w * out: dw = dy_t · out, d out = w dy_t.
-          const std::size_t slot = sz(ex.slots[sz(r)]);
+          const std::size_t slot = to_size(ex.slots[to_size(r)]);
           T s = 0;
           for (int j = 0; j < H; ++j)
-            s += dy[sz(r) * H + j] * ex.out[sz(r) * H + j];
+            s += dy[to_size(r) * H + j] * ex.out[to_size(r) * H + j];
           dw[slot] = s;
           for (int j = 0; j < H; ++j)
-            dy[sz(r) * H + j] *= a.route_w[slot];
+            dy[to_size(r) * H + j] *= a.route_w[slot];
         }
-        dact.resize(sz(ne) * F);
-        dgate.resize(sz(ne) * F);
-        dup.resize(sz(ne) * F);
-        dxe.resize(sz(ne) * H);
+        dact.resize(to_size(ne) * F);
+        dgate.resize(to_size(ne) * F);
+        dup.resize(to_size(ne) * F);
+        dxe.resize(to_size(ne) * H);
         gemm(ne, F, H, dy.data(), false, P(ParamRole::expert_down, l) + off, true, dact.data(),
              false);
         gemm(F, H, ne, ex.act.data(), true, dy.data(), false, G(ParamRole::expert_down, l) + off,
              true);
-        swiglu_bwd(sz(ne) * F, ex.gate.data(), ex.up.data(), dact.data(), dgate.data(), dup.data());
+        swiglu_bwd(to_size(ne) * F, ex.gate.data(), ex.up.data(), dact.data(), dgate.data(),
+                   dup.data());
         gemm(ne, H, F, dgate.data(), false, P(ParamRole::expert_gate, l) + off, true, dxe.data(),
              false);
         gemm(ne, H, F, dup.data(), false, P(ParamRole::expert_up, l) + off, true, dxe.data(), true);
@@ -327,9 +328,9 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
     std::vector<T> dattn(n * QD), dq(n * QD, T(0)), dk(n * KD, T(0)), dv(n * KD, T(0));
     gemm(N, QD, H, dx.data(), false, P(ParamRole::wo, l), true, dattn.data(), false);
     gemm(QD, H, N, a.attn.data(), true, dx.data(), false, G(ParamRole::wo, l), true);
-    ap.window = c.layers[sz(l)].window;
+    ap.window = c.layers[to_size(l)].window;
     for (int s = 0; s < batch.sequences; ++s) {
-      const std::size_t t0 = sz(s) * S;
+      const std::size_t t0 = to_size(s) * S;
       attention_bwd(ap, S, S, a.q.data() + t0 * QD, a.k.data() + t0 * KD, a.v.data() + t0 * KD,
                     pos.data() + t0, pos.data() + t0, a.attn.data() + t0 * QD,
                     a.lse.data() + t0 * NH, dattn.data() + t0 * QD, dq.data() + t0 * QD,
@@ -359,7 +360,7 @@ double reference_step(const TinyConfig& c, const std::vector<std::vector<T>>& pa
   }
   for (std::size_t t = 0; t < n; ++t)
     for (int j = 0; j < H; ++j)
-      demb[sz(batch.tokens[t]) * H + j] += dx[t * H + j];
+      demb[to_size(batch.tokens[t]) * H + j] += dx[t * H + j];
   return loss;
 }
 

@@ -4,6 +4,8 @@
 
 #include <doctest/doctest.h>
 
+namespace cli_cli_test {
+
 using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
@@ -84,3 +86,5 @@ TEST_CASE("validate --row: that row only, its plan and where its step goes, and 
   CHECK(bad.status == 1);
   CHECK(bad.err.find("no row of the dataset has the id 'no-such-row'.") != std::string::npos);
 }
+
+} // namespace cli_cli_test

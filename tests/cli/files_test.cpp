@@ -15,6 +15,8 @@
 #include <unistd.h>
 #include <vector>
 
+namespace cli_files_test {
+
 namespace fs = std::filesystem;
 using mop::test::count_lines;
 using mop::test::run_mop;
@@ -221,3 +223,5 @@ TEST_CASE("a file name that is not UTF-8 prints as valid JSON, not an internal e
   const mop::Json j = mop::parse_json(r.out, "stdout");
   CHECK(j.at("name").get<std::string>().find("\xef\xbf\xbd") != std::string::npos); // U+FFFD
 }
+
+} // namespace cli_files_test

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+namespace cli_frameworks_test {
+
 using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
@@ -130,3 +132,5 @@ TEST_CASE("--from torchtitan: the job TOML names a catalog model, and --emit tor
   CHECK(a == b);
   std::filesystem::remove_all(dir);
 }
+
+} // namespace cli_frameworks_test

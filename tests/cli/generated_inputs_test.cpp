@@ -24,6 +24,8 @@
 #include <sys/stat.h>
 #include <vector>
 
+namespace cli_generated_inputs_test {
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -591,3 +593,5 @@ TEST_CASE("generated invocations: a FIFO in place of any file keeps the exit con
     FAIL_CHECK(std::string("fifo: " + f));
   CHECK(failures.empty());
 }
+
+} // namespace cli_generated_inputs_test

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+namespace cli_hw_test {
+
 using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
@@ -137,3 +139,5 @@ TEST_CASE("mop hw usage errors exit 2 and every subcommand's help has an example
     CHECK(help.out.find("Example") != std::string::npos);
   }
 }
+
+} // namespace cli_hw_test

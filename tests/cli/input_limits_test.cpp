@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+namespace cli_input_limits_test {
+
 using mop::Json;
 using mop::test::count_lines;
 using mop::test::MopResult;
@@ -164,3 +166,5 @@ TEST_CASE("threads the system cannot create: the search runs on those it has, sa
   fs::remove(out);
 #endif
 }
+
+} // namespace cli_input_limits_test

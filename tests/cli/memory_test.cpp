@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+namespace cli_memory_test {
+
 using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
@@ -70,3 +72,5 @@ TEST_CASE("mop memory refuses bad input with one sentence" * doctest::test_suite
   }
   CHECK(run_mop("memory --no-such-flag").status == 2);
 }
+
+} // namespace cli_memory_test

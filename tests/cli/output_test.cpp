@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+namespace cli_output_test {
+
 using mop::Json;
 using mop::test::run_mop;
 using mop::test::slurp;
@@ -141,3 +143,5 @@ TEST_CASE("-o: a failed command leaves the file as it was, and --json beside --f
   const auto folder = run_mop("model list -o " + (s.dir / "missing" / "x").string());
   CHECK(folder.status == 1);
 }
+
+} // namespace cli_output_test

@@ -5,6 +5,8 @@
 
 #include <doctest/doctest.h>
 
+namespace cli_plan_flags_test {
+
 using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
@@ -141,3 +143,5 @@ TEST_CASE("sweep and fit treat flags no plan takes at a size as no plan there" *
   REQUIRE(f.status == 0);
   CHECK(Json::parse(f.out)["nodes"] == 2);
 }
+
+} // namespace cli_plan_flags_test

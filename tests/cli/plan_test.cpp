@@ -4,6 +4,8 @@
 
 #include <doctest/doctest.h>
 
+namespace cli_plan_test {
+
 using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
@@ -86,3 +88,5 @@ TEST_CASE("fit gives the fewest nodes and the cheapest per token, --nodes boundi
   REQUIRE(none.status == 0);
   CHECK(Json::parse(none.out)["nodes"].is_null());
 }
+
+} // namespace cli_plan_test

@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+namespace cli_report_test {
+
 using mop::test::run_mop;
 using mop::test::slurp;
 
@@ -51,3 +53,5 @@ TEST_CASE("mop report writes one self-contained page that headless Chromium rend
   }
   fs::remove_all(dir);
 }
+
+} // namespace cli_report_test

@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <fstream>
 
+namespace cli_routing_test {
+
 using mop::Json;
 using mop::test::run_mop;
 
@@ -141,3 +143,5 @@ TEST_CASE("mop memory and simulate --rebalance least-loaded: the worst rank brou
   CHECK(emit.out.find("Megatron-LM has no least-loaded expert rebalancing") != std::string::npos);
   fs::remove(csv);
 }
+
+} // namespace cli_routing_test

@@ -10,6 +10,8 @@
 #include <fstream>
 #include <map>
 
+namespace cli_run_test {
+
 using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
@@ -314,3 +316,5 @@ TEST_CASE("mop run refuses a plan whose program has priced-only ops, naming the 
   CHECK(run_mop("run --executor cpu --model tiny-moe --ranks 2 --seq 32 --plan megatron").status ==
         0);
 }
+
+} // namespace cli_run_test

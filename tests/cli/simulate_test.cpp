@@ -6,6 +6,8 @@
 #include <doctest/doctest.h>
 #include <filesystem>
 
+namespace cli_simulate_test {
+
 using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
@@ -91,3 +93,5 @@ TEST_CASE("mop simulate --lowering program plays the executable program, MLA inc
                            "--lowering fast");
   CHECK(bad.status == 2);
 }
+
+} // namespace cli_simulate_test

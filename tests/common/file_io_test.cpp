@@ -25,6 +25,8 @@
 #include <unistd.h>
 #include <vector>
 
+namespace common_file_io_test {
+
 namespace fs = std::filesystem;
 using mop::InputError;
 
@@ -315,3 +317,5 @@ TEST_CASE("check_output_path refuses up front what the writer would refuse, and 
   CHECK_NOTHROW(mop::check_output_path(s / "fifo")); // a reader may come later
   CHECK(s.names() == std::vector<std::string>{"dir", "fifo"});
 }
+
+} // namespace common_file_io_test

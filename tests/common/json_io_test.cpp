@@ -7,6 +7,8 @@
 #include <filesystem>
 #include <fstream>
 
+namespace common_json_io_test {
+
 namespace fs = std::filesystem;
 using mop::InputError;
 using mop::Json;
@@ -138,3 +140,5 @@ TEST_CASE("fields: a figure past the magnitudes a cost model can carry is refuse
   CHECK(f.positive_number("launch") == 2e-6);
   CHECK(f.positive_number("flops") == 9.89e14);
 }
+
+} // namespace common_json_io_test

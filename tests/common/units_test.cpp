@@ -3,6 +3,8 @@
 
 #include <doctest/doctest.h>
 
+namespace common_units_test {
+
 using mop::parse_count;
 
 TEST_CASE("sizes use binary suffixes as CLI.md defines them (K = 1024, 1M = 1,048,576)" *
@@ -40,3 +42,5 @@ TEST_CASE("durations print in the unit that keeps them readable" *
   CHECK(mop::format_seconds(0.00213) == "2.130 ms");
   CHECK(mop::format_seconds(41e-6) == "41.000 us");
 }
+
+} // namespace common_units_test

@@ -16,6 +16,8 @@
 #include <fstream>
 #include <vector>
 
+namespace hw_models_calibration_test {
+
 using namespace mop::hw;
 using mop::Json;
 
@@ -282,3 +284,5 @@ TEST_CASE("a measured collective's group is bounded so that its rank count fits 
   CHECK(msg.size() < 400);
   CHECK(msg.starts_with("cal.json: field 'kkk"));
 }
+
+} // namespace hw_models_calibration_test

@@ -8,6 +8,8 @@
 #include <fstream>
 #include <string>
 
+namespace hw_models_cluster_test {
+
 using namespace mop::hw;
 using mop::Json;
 
@@ -188,3 +190,5 @@ TEST_CASE("an unknown node type lists the built-in ones" * doctest::test_suite("
                        mop::InputError);
   CHECK_THROWS_AS(load_cluster("/nonexistent/cluster.json"), mop::InputError);
 }
+
+} // namespace hw_models_cluster_test

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <doctest/doctest.h>
 
+namespace hw_models_collective_test {
+
 using namespace mop::hw;
 
 namespace {
@@ -256,3 +258,5 @@ TEST_CASE("bad collectives: unknown op or algorithm, a group that does not fit t
   CHECK_THROWS_AS(collective_cost(h200, kNone, CollectiveOp::all_reduce, -1, kNode),
                   mop::InputError);
 }
+
+} // namespace hw_models_collective_test

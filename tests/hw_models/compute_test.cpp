@@ -10,6 +10,8 @@
 #include <doctest/doctest.h>
 #include <vector>
 
+namespace hw_models_compute_test {
+
 using namespace mop::hw;
 
 namespace {
@@ -415,3 +417,5 @@ TEST_CASE("bad compute shapes are one-sentence input errors" * doctest::test_sui
   CHECK_THROWS_AS(memory_bound_time_s(h200, kNone, -5), mop::InputError);
   CHECK(gemm_time_s(h200, kNone, 0, 4096, 4096, Dtype::bf16) == 0);
 }
+
+} // namespace hw_models_compute_test

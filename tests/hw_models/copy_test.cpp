@@ -6,6 +6,8 @@
 
 #include <doctest/doctest.h>
 
+namespace hw_models_copy_test {
+
 using namespace mop::hw;
 
 namespace {
@@ -85,3 +87,5 @@ TEST_CASE("bad copies are one-sentence input errors" * doctest::test_suite("plum
   CHECK_THROWS_AS(host_device_copy_time_s(h200, kNone, -1), mop::InputError);
   CHECK_THROWS_AS(nvlink_copy_time_s(h200, kNone, -1), mop::InputError);
 }
+
+} // namespace hw_models_copy_test

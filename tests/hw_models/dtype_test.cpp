@@ -4,6 +4,8 @@
 #include <doctest/doctest.h>
 #include <string>
 
+namespace hw_models_dtype_test {
+
 using namespace mop::hw;
 
 TEST_CASE("dtypes parse from their names and have their storage sizes" *
@@ -25,3 +27,5 @@ TEST_CASE("an unknown dtype is one sentence that lists the allowed names" *
     CHECK(std::string(e.what()) == "unknown dtype 'fp16'; allowed: bf16, fp8, fp32.");
   }
 }
+
+} // namespace hw_models_dtype_test

@@ -6,6 +6,8 @@
 
 #include <doctest/doctest.h>
 
+namespace hw_models_host_optimizer_test {
+
 using namespace mop::hw;
 
 namespace {
@@ -48,3 +50,5 @@ TEST_CASE("cores outside the node are an input error" * doctest::test_suite("plu
                        mop::InputError);
   CHECK_THROWS_AS(host_adam_params_per_s(h200, kNone, 113), mop::InputError);
 }
+
+} // namespace hw_models_host_optimizer_test

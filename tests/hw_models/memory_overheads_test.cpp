@@ -5,6 +5,8 @@
 
 #include <doctest/doctest.h>
 
+namespace hw_models_memory_overheads_test {
+
 using namespace mop::hw;
 using mop::Json;
 
@@ -46,3 +48,5 @@ TEST_CASE("bad overheads: negative bytes, a fragmentation outside [0, 1], an unk
                   mop::InputError);
   CHECK_THROWS_AS(read_memory_overheads(Json{{"context_bytes", 1}}, "c.json"), mop::InputError);
 }
+
+} // namespace hw_models_memory_overheads_test

@@ -4,6 +4,8 @@
 
 #include <stdexcept>
 
+namespace lowering_passes_test {
+
 using namespace mop;
 
 namespace {
@@ -54,3 +56,5 @@ TEST_CASE("lowering passes: each tensor lives from its first to its last use" *
   rc.tensors.back().name = "unused";
   CHECK_THROWS_AS(lowering::derive_liveness(rc), std::logic_error);
 }
+
+} // namespace lowering_passes_test

@@ -18,6 +18,8 @@
 #include <doctest/doctest.h>
 #include <string>
 
+namespace lowering_program_costonly_test {
+
 using namespace mop;
 using mop::test::rel;
 using strategy::Plan;
@@ -237,3 +239,5 @@ TEST_CASE("mop run's admissibility: a priced-only op is refused by name" *
   REQUIRE(permute != nullptr);
   CHECK(permute->kernel == sim::Kernel::none);
 }
+
+} // namespace lowering_program_costonly_test

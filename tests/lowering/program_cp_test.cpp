@@ -15,6 +15,8 @@
 #include <doctest/doctest.h>
 #include <string>
 
+namespace lowering_program_cp_test {
+
 using namespace mop;
 using strategy::CpKind;
 using strategy::Plan;
@@ -213,3 +215,5 @@ TEST_CASE("program lowering: the simulator plays ring, Ulysses and hybrid CP" *
     CHECK(r.classes[0].memory.peak_hbm_bytes > 0);
   }
 }
+
+} // namespace lowering_program_cp_test

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+namespace lowering_program_llep_test {
+
 using namespace mop;
 using strategy::Plan;
 
@@ -167,3 +169,5 @@ TEST_CASE("program lowering: refuses rebalancing with expert tensor parallelism"
         }) == "least-loaded expert rebalancing is not built with expert tensor parallelism "
               "(etp 2): use etp 1 or no rebalancing");
 }
+
+} // namespace lowering_program_llep_test

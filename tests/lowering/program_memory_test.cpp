@@ -20,6 +20,8 @@
 #include <functional>
 #include <string>
 
+namespace lowering_program_memory_test {
+
 using namespace mop;
 using strategy::Plan;
 using strategy::Recompute;
@@ -382,3 +384,5 @@ TEST_CASE("program memory: with gradients on the host and a chunked loss, the he
     mop::test::expect_held_together(k);
   }
 }
+
+} // namespace lowering_program_memory_test

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+namespace lowering_program_moe_test {
+
 using namespace mop;
 using strategy::Plan;
 
@@ -167,3 +169,5 @@ TEST_CASE("program lowering: the simulator plays an MoE program with expert para
   CHECK(r.step_time_s > 0);
   CHECK(r.classes[0].memory.peak_hbm_bytes > 0);
 }
+
+} // namespace lowering_program_moe_test

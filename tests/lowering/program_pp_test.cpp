@@ -16,6 +16,8 @@
 #include <functional>
 #include <string>
 
+namespace lowering_program_pp_test {
+
 using namespace mop;
 using strategy::PipelineSchedule;
 using strategy::Plan;
@@ -249,3 +251,5 @@ TEST_CASE("program lowering: a virtual stage without a layer relays the activati
   const sim::SimResult r = sim::simulate(s, hw::load_cluster("h100"), hw::Calibration{});
   CHECK(r.step_time_s > 0);
 }
+
+} // namespace lowering_program_pp_test

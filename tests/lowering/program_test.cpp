@@ -10,6 +10,8 @@
 
 #include <doctest/doctest.h>
 
+namespace lowering_program_test {
+
 using namespace mop;
 using strategy::Plan;
 
@@ -209,3 +211,5 @@ TEST_CASE("program lowering: FSDP2 under a pipeline reduces its gradients once p
       found = true;
   CHECK(found);
 }
+
+} // namespace lowering_program_test

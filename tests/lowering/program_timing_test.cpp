@@ -12,6 +12,8 @@
 #include <doctest/doctest.h>
 #include <string>
 
+namespace lowering_program_timing_test {
+
 using namespace mop;
 using strategy::Plan;
 
@@ -172,3 +174,5 @@ TEST_CASE("program lowering prices a GELU MLP's up projection at its own width, 
   CHECK(wide == 0);
   CHECK(priced_only >= 1);
 }
+
+} // namespace lowering_program_timing_test

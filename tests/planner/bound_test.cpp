@@ -11,6 +11,8 @@
 
 #include <doctest/doctest.h>
 
+namespace planner_bound_test {
+
 using namespace mop;
 using namespace mop::planner;
 using namespace mop::strategy;
@@ -147,3 +149,5 @@ TEST_CASE("plans that share their passes' key share their pass times: the cache 
     CHECK(reused > plans / 10);
   }
 }
+
+} // namespace planner_bound_test

@@ -13,6 +13,8 @@
 #include <cmath>
 #include <doctest/doctest.h>
 
+namespace planner_evaluate_test {
+
 using namespace mop;
 using namespace mop::strategy;
 namespace planner = mop::planner;
@@ -147,3 +149,5 @@ TEST_CASE("every preset simulates on every catalog model, doing exactly the mode
     }
   }
 }
+
+} // namespace planner_evaluate_test

@@ -12,6 +12,8 @@
 #include <doctest/doctest.h>
 #include <set>
 
+namespace planner_search_test {
+
 using namespace mop;
 using namespace mop::planner;
 using namespace mop::strategy;
@@ -87,3 +89,5 @@ TEST_CASE("the search gives the same answer on one thread and on two" *
   }
   CHECK(one.simulated == two.simulated);
 }
+
+} // namespace planner_search_test

@@ -10,6 +10,8 @@
 #include <utility>
 #include <vector>
 
+namespace sim_engine_test {
+
 using namespace mop;
 using namespace mop::sim;
 
@@ -579,3 +581,5 @@ TEST_CASE("host issue: a host sync drains the device before anything after it is
   s.host_issue_s = 0;
   CHECK(simulate(s, h200(), kNone).step_time_s == mop::test::rel(dl + marker + ds));
 }
+
+} // namespace sim_engine_test

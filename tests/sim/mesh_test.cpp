@@ -4,6 +4,8 @@
 
 #include <stdexcept>
 
+namespace sim_mesh_test {
+
 using mop::sim::GroupSpec;
 using mop::sim::Mesh;
 using mop::sim::MeshDim;
@@ -105,3 +107,5 @@ TEST_CASE("mesh: refuses what is not a layout" * doctest::test_suite("plumbing")
   CHECK(m.view("attention").size() == 16);
   CHECK_THROWS_AS(m.view("moe"), std::invalid_argument);
 }
+
+} // namespace sim_mesh_test

@@ -7,6 +7,8 @@
 #include <utility>
 #include <vector>
 
+namespace sim_schedule_test {
+
 using namespace mop::sim;
 
 namespace {
@@ -212,3 +214,5 @@ TEST_CASE("attention kernels read back from their names, and nothing else is one
   CHECK_FALSE(parse_attention_kernel("fa3").has_value());
   CHECK_FALSE(parse_attention_kernel("").has_value());
 }
+
+} // namespace sim_schedule_test

@@ -8,6 +8,8 @@
 
 #include <doctest/doctest.h>
 
+namespace strategies_frameworks_test {
+
 using namespace mop::strategy;
 using namespace mop::workload;
 
@@ -292,3 +294,5 @@ TEST_CASE("a plan a framework cannot run says which part" * doctest::test_suite(
       });
   CHECK(streams);
 }
+
+} // namespace strategies_frameworks_test

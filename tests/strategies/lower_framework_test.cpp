@@ -15,6 +15,8 @@
 #include <doctest/doctest.h>
 #include <string>
 
+namespace strategies_lower_framework_test {
+
 using namespace mop;
 using namespace mop::strategy;
 
@@ -176,3 +178,5 @@ TEST_CASE("eager RMSNorm, RoPE and SwiGLU move what their PyTorch ops move, and 
   CHECK(op_named(lower(dp8_plan("megatron"), ctx), "L0.attn_norm.mb0").bytes ==
         mop::test::rel(4 * t * h));
 }
+
+} // namespace strategies_lower_framework_test

@@ -11,6 +11,8 @@
 #include <doctest/doctest.h>
 #include <string>
 
+namespace strategies_lower_host_test {
+
 using namespace mop;
 using namespace mop::strategy;
 
@@ -81,3 +83,5 @@ TEST_CASE("the host only ever delays: a step with the host modelled is never sho
         issue += 8e-6 * op.kernels;
   CHECK(with_host <= device_only + issue);
 }
+
+} // namespace strategies_lower_host_test

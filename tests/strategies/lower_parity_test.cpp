@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+namespace strategies_lower_parity_test {
+
 using namespace mop;
 using strategy::Plan;
 
@@ -271,3 +273,5 @@ TEST_CASE("the cost-only lowering prices the collectives the program issues, kin
     }
   }
 }
+
+} // namespace strategies_lower_parity_test

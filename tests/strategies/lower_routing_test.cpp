@@ -17,6 +17,8 @@
 #include <fmt/format.h>
 #include <string>
 
+namespace strategies_lower_routing_test {
+
 using namespace mop;
 using namespace mop::strategy;
 using mop::test::rel;
@@ -275,3 +277,5 @@ TEST_CASE("least-loaded rebalancing: the skewed step gets faster, and balanced r
   CHECK(with >= plain);
   CHECK(with < plain * 1.01);
 }
+
+} // namespace strategies_lower_routing_test

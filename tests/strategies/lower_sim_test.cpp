@@ -14,6 +14,8 @@
 #include <cmath>
 #include <doctest/doctest.h>
 
+namespace strategies_lower_sim_test {
+
 using namespace mop;
 using namespace mop::strategy;
 
@@ -130,3 +132,5 @@ TEST_CASE("zero-bubble fills part of 1F1B's bubble with held-back weight gradien
   CHECK(zb.step_time_s < one.step_time_s);
   CHECK(zb.breakdown.bubble < 0.8 * one.breakdown.bubble);
 }
+
+} // namespace strategies_lower_sim_test

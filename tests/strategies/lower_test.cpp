@@ -9,6 +9,8 @@
 
 #include <doctest/doctest.h>
 
+namespace strategies_lower_test {
+
 using namespace mop;
 using namespace mop::strategy;
 
@@ -179,3 +181,5 @@ TEST_CASE("sliding-window layers under ring CP exchange a halo and keep the mode
   // 12 windowed layers, forward and backward, one micro-batch.
   CHECK(halos == 12 * 2);
 }
+
+} // namespace strategies_lower_test

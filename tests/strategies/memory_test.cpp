@@ -6,6 +6,8 @@
 
 #include <doctest/doctest.h>
 
+namespace strategies_memory_test {
+
 using namespace mop::strategy;
 using namespace mop::workload;
 
@@ -186,3 +188,5 @@ TEST_CASE("FSDP2 under a pipeline holds the stage's parameters and gradients who
     CHECK(fsdp.classes[c].hbm.optimizer == mop::test::rel(whole.classes[c].hbm.optimizer / 8));
   }
 }
+
+} // namespace strategies_memory_test

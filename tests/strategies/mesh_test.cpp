@@ -4,6 +4,8 @@
 
 #include <doctest/doctest.h>
 
+namespace strategies_mesh_test {
+
 using namespace mop::strategy;
 
 namespace {
@@ -79,3 +81,5 @@ TEST_CASE("plan mesh: HSDP shard groups must tile the data-parallel ranks" *
   CHECK(shard_group(p, LayerKind::attention).block == 0);
   CHECK(replica_group(p, LayerKind::attention).dims.empty());
 }
+
+} // namespace strategies_mesh_test

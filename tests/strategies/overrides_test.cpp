@@ -11,6 +11,8 @@
 #include <fstream>
 #include <unistd.h>
 
+namespace strategies_overrides_test {
+
 using namespace mop::strategy;
 using namespace mop::workload;
 
@@ -237,3 +239,5 @@ TEST_CASE("a partial plan JSON takes the cluster's world and the flags, and a st
   std::filesystem::remove(wrong);
   std::filesystem::remove(other_world);
 }
+
+} // namespace strategies_overrides_test

@@ -5,6 +5,8 @@
 
 #include <doctest/doctest.h>
 
+namespace strategies_plan_test {
+
 using namespace mop::strategy;
 using mop::Json;
 
@@ -150,3 +152,5 @@ TEST_CASE("degrees whose product passes an int are a sentence, not a wrapped pro
         "plan: the global batch (65536 sequences) must be a multiple of micro_batch (65536) x "
         "data-parallel replicas (1048576).");
 }
+
+} // namespace strategies_plan_test

@@ -10,6 +10,8 @@
 #include <set>
 #include <unordered_map>
 
+namespace strategies_presets_test {
+
 using namespace mop::strategy;
 using namespace mop::workload;
 
@@ -221,3 +223,5 @@ TEST_CASE("the mop family's hybrid CP has a Ulysses part and a ring part" *
     }
   CHECK(hybrid == std::set<int>{16, 32});
 }
+
+} // namespace strategies_presets_test

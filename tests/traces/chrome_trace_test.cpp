@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+namespace traces_chrome_trace_test {
+
 namespace fs = std::filesystem;
 using mop::Json;
 namespace sim = mop::sim;
@@ -571,3 +573,5 @@ TEST_CASE("a result that does not fit the schedule is refused" * doctest::test_s
   }
   CHECK_THROWS_AS(trace::chrome_trace_json(f.s, f.r), std::invalid_argument);
 }
+
+} // namespace traces_chrome_trace_test

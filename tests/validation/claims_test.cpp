@@ -6,6 +6,8 @@
 
 #include <doctest/doctest.h>
 
+namespace validation_claims_test {
+
 using namespace mop;
 
 TEST_CASE("Kimi-K2 at 1M on 12x8 H200: mop fits, FSDP2 without TP or CP runs out of HBM" *
@@ -26,3 +28,5 @@ TEST_CASE("Kimi-K2 at 1M on 12x8 H200: mop fits, FSDP2 without TP or CP runs out
   CHECK_FALSE(p.fsdp2_no_cp.has_value());
   CHECK(p.fsdp2_no_cp_why.starts_with("HBM runs out first"));
 }
+
+} // namespace validation_claims_test

@@ -13,6 +13,8 @@
 #include <set>
 #include <string>
 
+namespace validation_compare_test {
+
 using namespace mop::validation;
 
 TEST_CASE("every measured value of the dataset is a point, predicted or with a reason" *
@@ -184,3 +186,5 @@ TEST_CASE("each source's FLOP convention agrees with its own rows that report to
   }
   CHECK(checked >= 20);
 }
+
+} // namespace validation_compare_test

@@ -18,6 +18,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+namespace validation_dataset_test {
+
 using namespace mop;
 using namespace mop::validation;
 
@@ -215,3 +217,5 @@ TEST_CASE("the 500 W, 96 GB HBM2e H100: its sourced figures against the standard
   CHECK(v.gpu.hbm_bytes > h.gpu.hbm_bytes);
   CHECK(v.node.gpus_per_node == 8);
 }
+
+} // namespace validation_dataset_test

@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <fstream>
 
+namespace workload_catalog_test {
+
 using namespace mop::workload;
 
 TEST_CASE("the catalog holds the models the project promises, and each one loads" *
@@ -48,3 +50,5 @@ TEST_CASE("a config.json path loads and is named after its folder" *
   CHECK(load_model(dir.string() + "/").num_layers() == 2);
   fs::remove_all(dir.parent_path());
 }
+
+} // namespace workload_catalog_test

@@ -6,6 +6,8 @@
 
 #include <doctest/doctest.h>
 
+namespace workload_flops_test {
+
 using namespace mop::workload;
 
 TEST_CASE("kept (query, key) pairs equal a brute-force count of the mask" *
@@ -102,3 +104,5 @@ TEST_CASE("MoE expert GEMMs are grouped with tokens*k/E rows per expert" *
     }
   }
 }
+
+} // namespace workload_flops_test

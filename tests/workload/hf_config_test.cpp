@@ -6,6 +6,8 @@
 
 #include <doctest/doctest.h>
 
+namespace workload_hf_config_test {
+
 using namespace mop::workload;
 using mop::Json;
 
@@ -202,3 +204,5 @@ TEST_CASE("a model at the ceilings is accepted, their product past 64 bits is re
   CHECK(error_of(c) == "c.json: the model has 18014401194885120 parameters, above mop's ceiling "
                        "of 1125899906842624.");
 }
+
+} // namespace workload_hf_config_test

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <doctest/doctest.h>
 
+namespace workload_params_test {
+
 using namespace mop::workload;
 
 namespace {
@@ -153,3 +155,5 @@ TEST_CASE("a count past 64 bits throws instead of wrapping (a spec that skipped 
   CHECK_NOTHROW(layer_params(d, d.layers[0]));
   CHECK_THROWS_AS(count_params(d), ParamCountOverflow);
 }
+
+} // namespace workload_params_test

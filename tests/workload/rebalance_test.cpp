@@ -9,6 +9,8 @@
 #include <map>
 #include <numeric>
 
+namespace workload_rebalance_test {
+
 using namespace mop::workload;
 
 namespace {
@@ -121,3 +123,5 @@ TEST_CASE("rebalance: no rank above the capacity (<= λ · mean), over random sk
     }
   CHECK(triggered > 50);
 }
+
+} // namespace workload_rebalance_test

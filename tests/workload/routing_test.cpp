@@ -13,6 +13,8 @@
 #include <numeric>
 #include <string>
 
+namespace workload_routing_test {
+
 using namespace mop::workload;
 using mop::test::input_error_of;
 using mop::test::rel;
@@ -128,3 +130,5 @@ TEST_CASE("routing: malformed options are one sentence each" * doctest::test_sui
         std::string::npos);
   CHECK(input_error_of([] { (void)parse_routing("/nonexistent/loads.csv"); }) != "");
 }
+
+} // namespace workload_routing_test

@@ -20,6 +20,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+namespace real_backend_cpu_checkpoint_test {
+
 using namespace mop;
 using namespace mop::real;
 namespace fs = std::filesystem;
@@ -371,3 +373,5 @@ TEST_CASE("checkpoint: a write that fails leaves no temporary file behind" *
     left.push_back(e.path().filename().string());
   CHECK(left == std::vector<std::string>{"taken"});
 }
+
+} // namespace real_backend_cpu_checkpoint_test

@@ -14,6 +14,8 @@
 #include <thread>
 #include <vector>
 
+namespace real_backend_cpu_comm_test {
+
 using namespace mop::real;
 using namespace std::chrono_literals;
 
@@ -587,3 +589,5 @@ TEST_CASE("comm: group checks its members and numbers them in list order" *
   CHECK(y == 4);
   CHECK_THROWS_AS(Comm{}.barrier(), CommError);
 }
+
+} // namespace real_backend_cpu_comm_test

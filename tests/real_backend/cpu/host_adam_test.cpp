@@ -10,6 +10,8 @@
 #include <doctest/doctest.h>
 #include <vector>
 
+namespace real_backend_cpu_host_adam_test {
+
 using namespace mop::real;
 
 namespace {
@@ -67,3 +69,5 @@ TEST_CASE("host AdamW: every instruction set gives the scalar loop's bits" *
   CHECK(host_runs(HostIsa::scalar));
   CHECK(host_runs(host_adamw_isa()));
 }
+
+} // namespace real_backend_cpu_host_adam_test

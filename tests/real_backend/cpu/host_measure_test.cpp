@@ -6,6 +6,8 @@
 #include <doctest/doctest.h>
 #include <stdexcept>
 
+namespace real_backend_cpu_host_measure_test {
+
 using namespace mop::real;
 
 TEST_CASE("host measurements return finite positive rates and refuse empty work" *
@@ -19,3 +21,5 @@ TEST_CASE("host measurements return finite positive rates and refuse empty work"
   CHECK_THROWS_AS(measure_host_adam_params_per_s(0, 1, 1), std::invalid_argument);
   CHECK_THROWS_AS(measure_host_copy_bytes_per_s(16, 0, 1), std::invalid_argument);
 }
+
+} // namespace real_backend_cpu_host_measure_test

@@ -10,6 +10,8 @@
 #include <functional>
 #include <string>
 
+namespace real_backend_cpu_interpreter_cp_test {
+
 using mop::strategy::CpKind;
 using mop::strategy::Plan;
 using mop::test::expect_held_together;
@@ -201,3 +203,5 @@ TEST_CASE("interpreter: context parallelism under recompute and activation offlo
       }));
     }
 }
+
+} // namespace real_backend_cpu_interpreter_cp_test

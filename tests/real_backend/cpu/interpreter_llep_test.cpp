@@ -12,6 +12,8 @@
 #include <string>
 #include <vector>
 
+namespace real_backend_cpu_interpreter_llep_test {
+
 using mop::strategy::Plan;
 using mop::strategy::Rebalance;
 using mop::test::expect_held_together;
@@ -163,3 +165,5 @@ TEST_CASE("interpreter LLEP: composes with a pipeline and ZeRO-3, and with activ
     rebalance(p, 1.0, 1.0);
   }));
 }
+
+} // namespace real_backend_cpu_interpreter_llep_test

@@ -15,6 +15,8 @@
 #include <functional>
 #include <vector>
 
+namespace real_backend_cpu_interpreter_moe_test {
+
 using mop::strategy::Plan;
 using mop::test::expect_held_together;
 using mop::test::make_case;
@@ -312,3 +314,5 @@ TEST_CASE("interpreter: gradients summed on the host over the micro-batches, und
       expect_held_together(k, 3);
     }
 }
+
+} // namespace real_backend_cpu_interpreter_moe_test

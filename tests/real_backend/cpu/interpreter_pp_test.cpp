@@ -8,6 +8,8 @@
 
 #include <doctest/doctest.h>
 
+namespace real_backend_cpu_interpreter_pp_test {
+
 using mop::strategy::PipelineSchedule;
 using mop::strategy::Plan;
 using mop::test::deeper;
@@ -194,3 +196,5 @@ TEST_CASE("interpreter: gradients summed on the host under pipelines" *
                                  }),
                        3);
 }
+
+} // namespace real_backend_cpu_interpreter_pp_test

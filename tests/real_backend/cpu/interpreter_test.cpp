@@ -10,6 +10,8 @@
 
 #include <doctest/doctest.h>
 
+namespace real_backend_cpu_interpreter_test {
+
 using mop::strategy::Plan;
 using mop::test::expect_held_together;
 using mop::test::make_case;
@@ -192,3 +194,5 @@ TEST_CASE("interpreter: the last step's timeline runs each rank's ops in program
   }
   CHECK(earliest == 0.0);
 }
+
+} // namespace real_backend_cpu_interpreter_test

@@ -8,6 +8,8 @@
 #include <doctest/doctest.h>
 #include <string>
 
+namespace real_backend_cpu_interpreter_training_test {
+
 using namespace mop;
 using mop::strategy::Plan;
 using mop::test::expect_held_together;
@@ -124,3 +126,5 @@ TEST_CASE("interpreter resumes a state under another plan (resharding) as the sa
     CHECK(diff <= 1e-9 * scale);
   }
 }
+
+} // namespace real_backend_cpu_interpreter_training_test

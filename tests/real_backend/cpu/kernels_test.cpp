@@ -22,6 +22,8 @@
 #include <thread>
 #include <vector>
 
+namespace real_backend_cpu_kernels_test {
+
 using namespace mop::real;
 
 namespace {
@@ -815,3 +817,5 @@ TEST_CASE("kernels: float results agree with double within 1e-5" *
   }
   CHECK(float_err(pf, p) < 1e-5);
 }
+
+} // namespace real_backend_cpu_kernels_test

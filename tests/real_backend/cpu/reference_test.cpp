@@ -14,6 +14,8 @@
 #include <doctest/doctest.h>
 #include <vector>
 
+namespace real_backend_cpu_reference_test {
+
 using namespace mop::real;
 
 namespace {
@@ -193,3 +195,5 @@ TEST_CASE("reference: mismatched parameters and batches are input errors" *
   bad.seq_len = 15;
   CHECK_THROWS_AS(reference_step<double>(c, p, bad, nullptr), mop::InputError);
 }
+
+} // namespace real_backend_cpu_reference_test

@@ -11,6 +11,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+namespace real_backend_cpu_tiny_model_test {
+
 using namespace mop::real;
 namespace fs = std::filesystem;
 
@@ -89,3 +91,5 @@ TEST_CASE("data file: a FIFO, a folder and a missing file are refused without bl
   CHECK(message_of([&] { DataSource::text_file((s.dir / "none").string(), 256, 1); }) ==
         (s.dir / "none").string() + ": no such file.");
 }
+
+} // namespace real_backend_cpu_tiny_model_test

@@ -10,6 +10,8 @@
 #include <map>
 #include <string>
 
+namespace real_backend_launch_launch_test {
+
 using namespace mop::real;
 
 namespace {
@@ -211,3 +213,5 @@ TEST_CASE("launch: local processes get torchrun's variables and a failure stops 
                             2) == 5);
   CHECK_THROWS_AS(run_local_processes({"/nonexistent/program"}, 1), std::runtime_error);
 }
+
+} // namespace real_backend_launch_launch_test
