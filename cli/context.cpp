@@ -389,7 +389,8 @@ strategy::ResolvedPlan resolve_command_plan(const PlanOptions& opt, const PlanIn
     if (!s.results.empty()) {
       strategy::ResolvedPlan r;
       r.plan = s.results[0].plan;
-      r.memory = strategy::analyze_memory(in.model, r.plan, in.seq, in.context().hw);
+      r.memory = strategy::analyze_memory(in.model, r.plan, in.seq, in.context().hw,
+                                          strategy::activation_options(in.context()));
       r.candidates = static_cast<int>(s.candidates_evaluated);
       return r;
     }

@@ -108,7 +108,10 @@ template <class F> void parallel_for(std::size_t n, int threads, F f) {
 
 RankedPlan rank_plan(const Plan& plan, const PlanContext& ctx, const hw::ClusterSpec& cluster,
                      const hw::Calibration& calibration, int max_simulated_micro_batches) {
-  const Candidate c{plan, strategy::analyze_memory(*ctx.model, plan, ctx.seq, ctx.hw), 0, 0};
+  const Candidate c{plan,
+                    strategy::analyze_memory(*ctx.model, plan, ctx.seq, ctx.hw,
+                                             strategy::activation_options(ctx)),
+                    0, 0};
   return rank(c, ctx, cluster, calibration, max_simulated_micro_batches);
 }
 
@@ -151,7 +154,8 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   // Memory first: microseconds a plan.
   std::vector<MemoryReport> memory(plans.size());
   parallel_for(plans.size(), o.threads, [&](std::size_t i) {
-    memory[i] = analyze_memory(*ctx.model, plans[i], ctx.seq, ctx.hw);
+    memory[i] =
+        analyze_memory(*ctx.model, plans[i], ctx.seq, ctx.hw, strategy::activation_options(ctx));
   });
   std::vector<Candidate> fit;
   double closest_ratio = 0;

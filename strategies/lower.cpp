@@ -117,6 +117,8 @@ public:
     tokens_ = static_cast<double>(p.micro_batch) * static_cast<double>(c.seq) / p.attention.cp;
     sp_ = p.attention.sp && p.attention.tp > 1 ? p.attention.tp : 1;
     spill_copy_bytes_ = expert_copy_bytes(m_, p_);
+    activations_ = c.activations;
+    activations_.compiled = c.compiled.value_or(false);
     make_groups();
   }
 
@@ -128,9 +130,10 @@ private:
   const LoweringContext& c_;
   const ModelSpec& m_;
   sim::AttentionKernel attention_kernel_;
-  QuantizeTraffic quantize_; // all 0 without FP8
-  double tokens_ = 0;        // tokens of one micro-batch on a rank (sequence split over CP)
-  int sp_ = 1;               // sequence-parallel divisor of norm/residual regions
+  QuantizeTraffic quantize_;      // all 0 without FP8
+  ActivationOptions activations_; // the context's, with its torch.compile
+  double tokens_ = 0;             // tokens of one micro-batch on a rank (sequence split over CP)
+  int sp_ = 1;                    // sequence-parallel divisor of norm/residual regions
   sim::Schedule s_;
   Groups g_;
 
@@ -1172,7 +1175,7 @@ sim::Schedule Lowering::run() {
   const int L = static_cast<int>(m_.num_layers());
   const int micro = p_.micro_batches();
   const double h = static_cast<double>(m_.hidden_size);
-  const MemoryReport mem = analyze_memory(m_, p_, c_.seq, c_.hw, c_.activations);
+  const MemoryReport mem = analyze_memory(m_, p_, c_.seq, c_.hw, activations_);
   s_.world = p_.world;
   s_.gpus_per_node = c_.gpus_per_node;
   s_.tokens_per_step = static_cast<double>(p_.global_batch) * static_cast<double>(c_.seq);
@@ -1477,8 +1480,8 @@ sim::Schedule Lowering::run() {
         sim::Op head = head_op(mb, false);
         head.deps = gathers;
         logits[static_cast<std::size_t>(mb)] =
-            tensor(label("logits mb{}", mb), logits_bytes(m_, p_, c_.seq), Device::hbm,
-                   MemoryKind::activations);
+            tensor(label("logits mb{}", mb), logits_bytes(m_, p_, c_.seq, activations_),
+                   Device::hbm, MemoryKind::activations);
         head.allocs = {logits[static_cast<std::size_t>(mb)]};
         add(std::move(head));
         if (etp_group >= 0)

@@ -230,11 +230,19 @@ double saved_activation_bytes(const ModelSpec& m, const LayerSpec& layer, const 
          mlp_block_bytes(m, p, seq, layer, rc_mlp, options);
 }
 
-double logits_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq) {
+double logits_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq,
+                    const ActivationOptions& options) {
   const double tokens = tokens_per_rank(p, seq);
   const double loss_tokens =
       p.chunked_loss ? std::min(tokens, kLossChunkTokens * p.micro_batch) : tokens;
-  return loss_tokens * static_cast<double>(m.vocab_size) / p.embed.tp * (2 + 4);
+  // Bytes per logit at the loss. Megatron's fused cross-entropy: the BF16 logits and one FP32
+  // buffer (the softmax, then its gradient in place). The PyTorch family's loss upcasts the whole
+  // tensor first (torchtitan's cross_entropy(pred.flatten(0, 1).float(), ...); Hugging Face's
+  // ForCausalLMLoss, logits.float()): in eager PyTorch the BF16 logits, their FP32 copy and the
+  // FP32 log-softmax it saves are alive at once before the copy is freed. Compiled (torchtitan
+  // compiles the loss with the model, components/loss.py), the cast is fused away.
+  const double per_logit = p.family == "fsdp2" && !options.compiled ? 2 + 4 + 4 : 2 + 4;
+  return loss_tokens * static_cast<double>(m.vocab_size) / p.embed.tp * per_logit;
 }
 
 double resident_comm_bytes(const Plan& p, const MemoryHardware& hw) {
@@ -348,7 +356,7 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     if (p.activation_offload > 0)
       hbm.activations += 2 * largest_checkpoint * p.activation_offload; // reload double buffer
     if (last)
-      hbm.activations += logits_bytes(m, p, seq);
+      hbm.activations += logits_bytes(m, p, seq, options);
     // Communication buffers.
     hbm.comm_buffers += 2 * kParamBytes * largest_block; // ZeRO-3 gather: current + prefetch
     hbm.comm_buffers += kParamBytes * largest_block;     // unsharded gradients being reduced

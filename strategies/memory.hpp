@@ -20,7 +20,7 @@ struct MemoryHardware {
   // Hopper's FP8 tensor cores read K-major operands only: an FP8 tensor used by two GEMMs in
   // different orientations is written twice, once transposed (Blackwell reads either).
   bool fp8_transposes = true;
-  double host_reserved_bytes = 0;   // per node: OS, framework, page cache the job cannot use
+  double host_reserved_bytes = 0; // per node: OS, framework, page cache the job cannot use
   // HBM a plan must leave free to count as fitting (`--hbm-headroom`): allocator spikes and
   // what no model counts, so that the best plan does not sit at 0.1 GiB from the limit.
   double hbm_headroom_bytes = 0;
@@ -43,6 +43,9 @@ struct MemoryBreakdown {
 struct ActivationOptions {
   bool flash_attention = true; // no S x S scores saved
   bool dropout = false;        // dropout masks saved (GPT-3-era models)
+  // torch.compile over the PyTorch family's layers and loss (LoweringContext::compiled): the
+  // loss's FP32 upcast fused into its kernels (logits_bytes).
+  bool compiled = false;
 };
 
 // Whether the plan's "selective" recompute is torchtitan's op-level selective checkpointing (the
@@ -82,7 +85,8 @@ double saved_activation_bytes(const workload::ModelSpec& m, const workload::Laye
                               const ActivationOptions& options = {});
 
 // Bytes of logits (BF16) and their FP32 softmax/gradient held for the loss on the last stage.
-double logits_bytes(const workload::ModelSpec& m, const Plan& plan, std::int64_t seq);
+double logits_bytes(const workload::ModelSpec& m, const Plan& plan, std::int64_t seq,
+                    const ActivationOptions& options = {});
 
 // Communication buffers that live for the whole step: NCCL's per communicator and the
 // all-to-all buffers (not the transient gather/scatter buffers).

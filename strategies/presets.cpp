@@ -501,9 +501,15 @@ ResolvedPlan resolve_given_plan(Plan p, const PlanContext& ctx, const std::strin
     admissible(p);
   ResolvedPlan best;
   best.plan = p;
-  best.memory = analyze_memory(*ctx.model, p, ctx.seq, ctx.hw);
+  best.memory = analyze_memory(*ctx.model, p, ctx.seq, ctx.hw, activation_options(ctx));
   best.candidates = 1;
   return best;
+}
+
+ActivationOptions activation_options(const PlanContext& ctx) {
+  ActivationOptions o;
+  o.compiled = ctx.compiled.value_or(false);
+  return o;
 }
 
 ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ctx,
@@ -543,7 +549,7 @@ ResolvedPlan resolve_plan(const std::string& name_or_path, const PlanContext& ct
   std::vector<MemoryReport> memory(plans.size());
   order.reserve(plans.size());
   for (std::size_t i = 0; i < plans.size(); ++i) {
-    memory[i] = analyze_memory(*ctx.model, plans[i], ctx.seq, ctx.hw);
+    memory[i] = analyze_memory(*ctx.model, plans[i], ctx.seq, ctx.hw, activation_options(ctx));
     const bool fits = memory[i].fits();
     const double key = fits ? preference_cost(plans[i])
                             : std::max(memory[i].peak_hbm_bytes / ctx.hw.hbm_bytes,

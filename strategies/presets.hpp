@@ -76,6 +76,10 @@ struct ResolvedPlan {
   int candidates = 0; // plans of the family considered
 };
 
+// The training code's options the memory model reads (LoweringContext::compiled's twin), so that
+// the planner's memory check and the lowering's tracker count the same bytes.
+ActivationOptions activation_options(const PlanContext& ctx);
+
 // A preset name is auto-tuned over its family; a path is a plan JSON, checked as it is.
 // When no plan of a family fits, the one closest to fitting is returned (memory.fits() false).
 // `admissible`, when given, throws InputError for a plan the caller cannot use (an executor's

@@ -189,4 +189,29 @@ TEST_CASE("FSDP2 under a pipeline holds the stage's parameters and gradients who
   }
 }
 
+TEST_CASE("the loss holds two FP32 copies of the logits in eager PyTorch, one when fused" *
+          doctest::test_suite("independent")) {
+  // Hand count for Llama-3-8B (vocabulary 128,256), 2 sequences of 8,192 tokens on one rank:
+  // torchtitan's loss is cross_entropy(pred.flatten(0, 1).float(), ...): in eager PyTorch the
+  // BF16 logits (2 bytes), their FP32 copy (4) and the FP32 log-softmax (4) are alive at once.
+  // Compiled, or Megatron's fused cross-entropy: the BF16 logits and one FP32 buffer.
+  const ModelSpec m = load_model("llama3-8b");
+  Plan p;
+  p.world = 8;
+  p.global_batch = 16;
+  p.micro_batch = 2;
+  p.family = "fsdp2";
+  complete_plan(p);
+  const double logits = 2.0 * 8192 * 128256;
+  CHECK(logits_bytes(m, p, 8192) == mop::test::rel(logits * 10));
+  ActivationOptions compiled;
+  compiled.compiled = true;
+  CHECK(logits_bytes(m, p, 8192, compiled) == mop::test::rel(logits * 6));
+  p.family = "megatron";
+  CHECK(logits_bytes(m, p, 8192) == mop::test::rel(logits * 6));
+  // Vocabulary-parallel (torchtitan's loss_parallel, Megatron's TP): each rank its share.
+  p.embed.tp = 8;
+  CHECK(logits_bytes(m, p, 8192) == mop::test::rel(logits * 6 / 8));
+}
+
 } // namespace strategies_memory_test
