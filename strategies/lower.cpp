@@ -118,7 +118,7 @@ public:
     sp_ = p.attention.sp && p.attention.tp > 1 ? p.attention.tp : 1;
     spill_copy_bytes_ = expert_copy_bytes(m_, p_);
     activations_ = c.activations;
-    activations_.compiled = c.compiled.value_or(false);
+    activations_.compiled_loss = c.compiled_loss.value_or(c.compiled.value_or(false));
     make_groups();
   }
 

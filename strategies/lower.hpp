@@ -74,6 +74,9 @@ struct LoweringContext {
   // which fuses each norm, RoPE and activation into one kernel; unset: torchtitan's default,
   // eager (compile.enable = false), where each is a chain of kernels moving FP32 intermediates.
   std::optional<bool> compiled = std::nullopt;
+  // Whether the loss is compiled with them (its FP32 upcast fused: logits_bytes); unset: as
+  // `compiled` (torchtitan compiles its loss with the model since February 2025).
+  std::optional<bool> compiled_loss = std::nullopt;
   // How MoE tokens reach their experts; unset: NCCL all-to-all (EpDispatcher::alltoall).
   std::optional<EpDispatcher> ep_dispatcher = std::nullopt;
 };

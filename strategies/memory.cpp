@@ -240,8 +240,9 @@ double logits_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq,
   // tensor first (torchtitan's cross_entropy(pred.flatten(0, 1).float(), ...); Hugging Face's
   // ForCausalLMLoss, logits.float()): in eager PyTorch the BF16 logits, their FP32 copy and the
   // FP32 log-softmax it saves are alive at once before the copy is freed. Compiled (torchtitan
-  // compiles the loss with the model, components/loss.py), the cast is fused away.
-  const double per_logit = p.family == "fsdp2" && !options.compiled ? 2 + 4 + 4 : 2 + 4;
+  // compiles the loss with the model since February 2025, components/loss.py; before, its
+  // train.py left it eager), the cast is fused away.
+  const double per_logit = p.family == "fsdp2" && !options.compiled_loss ? 2 + 4 + 4 : 2 + 4;
   return loss_tokens * static_cast<double>(m.vocab_size) / p.embed.tp * per_logit;
 }
 

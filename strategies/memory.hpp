@@ -43,9 +43,9 @@ struct MemoryBreakdown {
 struct ActivationOptions {
   bool flash_attention = true; // no S x S scores saved
   bool dropout = false;        // dropout masks saved (GPT-3-era models)
-  // torch.compile over the PyTorch family's layers and loss (LoweringContext::compiled): the
-  // loss's FP32 upcast fused into its kernels (logits_bytes).
-  bool compiled = false;
+  // torch.compile over the PyTorch family's loss (LoweringContext::compiled_loss): its FP32
+  // upcast fused into its kernels (logits_bytes).
+  bool compiled_loss = false;
 };
 
 // Whether the plan's "selective" recompute is torchtitan's op-level selective checkpointing (the

@@ -508,7 +508,7 @@ ResolvedPlan resolve_given_plan(Plan p, const PlanContext& ctx, const std::strin
 
 ActivationOptions activation_options(const PlanContext& ctx) {
   ActivationOptions o;
-  o.compiled = ctx.compiled.value_or(false);
+  o.compiled_loss = ctx.compiled.value_or(false);
   return o;
 }
 

@@ -63,6 +63,7 @@ planner::StepEvaluation evaluate_row(const Row& row, const Translation& t,
   lc.attention_kernel = row.attention_kernel;
   lc.fp8_recipe = row.fp8_recipe;
   lc.compiled = row.compiled;
+  lc.compiled_loss = row.compiled_loss;
   lc.ep_dispatcher = row.ep_dispatcher;
   return planner::evaluate_step(*t.plan, lc, cluster, calibration, 16, lowering);
 }

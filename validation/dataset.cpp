@@ -72,6 +72,8 @@ std::vector<Row> read_dataset(const std::string& path) {
     }
     if (f.has("compile"))
       r.compiled = f.required_bool("compile");
+    if (f.has("compile_loss"))
+      r.compiled_loss = f.required_bool("compile_loss");
     r.measured = f.at("measured");
     if (!r.measured.is_object() || r.measured.empty())
       f.fail("measured", "an object of metric names to numbers");

@@ -43,6 +43,8 @@ struct Row {
   std::optional<strategy::Fp8Recipe> fp8_recipe;
   // Whether the run used torch.compile (PyTorch-eager frameworks: torchtitan); unset: not said.
   std::optional<bool> compiled;
+  // Whether its loss ran under torch.compile too; unset: as its layers (`compiled`).
+  std::optional<bool> compiled_loss;
   // How MoE tokens reached their experts when the source says ("alltoall", "deepep").
   std::optional<strategy::EpDispatcher> ep_dispatcher;
   Json measured; // metric -> value
