@@ -1,8 +1,10 @@
-// mop run: execute a plan's training steps with real arithmetic. With `--executor cpu` the plan is
-// lowered to its executable Schedule (lowering/program.hpp) and the CPU interpreter runs it on
-// `--ranks` threads. With `--executor cuda` (the default) it is one process per GPU: started by
-// torchrun, Slurm or MPI (real_backend/launch), or by `--nproc-per-node` on one machine; each
-// process finds its rank and its GPU and stops with one sentence where what it needs is missing.
+// mop run: execute a plan's training steps with real arithmetic. The plan is lowered to its
+// executable Schedule (lowering/program.hpp) and the program interpreter runs it with the CPU
+// executor's kernels (`--executor cpu`) or the CUDA backend's (`--executor cuda`, the default).
+// Its ranks are `--ranks` threads of this process, or one process each: started by torchrun,
+// Slurm or MPI (real_backend/launch), or by `--nproc-per-node` on one machine, meeting over TCP
+// (real_backend/cpu/socket_world.hpp); rank 0 reports. Each process finds its rank (and its
+// GPU) and stops with one sentence where what it needs is missing.
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
 #include "common/error.hpp"
@@ -14,6 +16,7 @@
 #include "lowering/program.hpp"
 #include "real_backend/cpu/checkpoint.hpp"
 #include "real_backend/cpu/interpreter.hpp"
+#include "real_backend/cpu/socket_world.hpp"
 #include "real_backend/cuda/api.hpp"
 #include "real_backend/cuda/backend.hpp"
 #include "real_backend/launch/launch.hpp"
@@ -31,6 +34,7 @@
 #include <iterator>
 #include <map>
 #include <memory>
+#include <optional>
 #include <unistd.h>
 
 namespace mop::cli {
@@ -46,7 +50,7 @@ struct RunArgs {
   double lr = 1e-3;
   bool check = false, json = false;
   // Whether the option was given at all (an empty path or --batch 0 is refused, not ignored).
-  bool batch_given = false, save_given = false, resume_given = false;
+  bool batch_given = false, save_given = false, resume_given = false, ranks_given = false;
 };
 
 // A preset resolves over its family's plans that the program lowering builds and the CPU
@@ -127,9 +131,9 @@ std::vector<std::string> own_command_line() {
   return args;
 }
 
-// One process of the CUDA executor: where it stands in the world, and its GPU. Returns false
-// when this process only started the processes of --nproc-per-node (they ran the plan).
-bool prepare_cuda(const RunArgs& a) {
+// Where this process stands: started by torchrun, Slurm or MPI, by `--nproc-per-node` (this
+// process then starts the others and returns nullopt once they ran the plan), or alone.
+std::optional<real::LaunchEnv> launch(const RunArgs& a) {
   if (a.nproc_per_node < 1 || a.nproc_per_node > limits::max_nproc_per_node)
     throw InputError(fmt::format("--nproc-per-node must be between 1 and {} (got {})",
                                  limits::max_nproc_per_node, a.nproc_per_node));
@@ -143,9 +147,14 @@ bool prepare_cuda(const RunArgs& a) {
       const int rc = real::run_local_processes(own_command_line(), a.nproc_per_node);
       if (rc != 0)
         std::exit(rc <= 2 ? rc : 3); // a child that crashed is a bug
-      return false;
+      return std::nullopt;
     }
   }
+  return env;
+}
+
+// The CUDA executor's GPU for this process.
+void prepare_cuda(const real::LaunchEnv& env) {
   std::string why;
   const real::cuda::Api* api = real::cuda::load_api(why);
   if (api == nullptr)
@@ -161,21 +170,28 @@ bool prepare_cuda(const RunArgs& a) {
   if (env.local_rank >= gpus)
     throw InputError(fmt::format("{}: this node has {} GPUs, so local rank {} has none",
                                  env.describe(), gpus, env.local_rank));
-  if (env.world_size > 1)
-    throw InputError(fmt::format("{}: the CUDA executor runs a plan's ranks as threads on one "
-                                 "GPU (--ranks); ranks in separate processes over NCCL are not "
-                                 "part of this build yet (docs/EXECUTOR.md)",
-                                 env.describe()));
   real::cuda::select_device(env.local_rank);
-  return true;
 }
 
-void run(const RunArgs& a) {
-  if (a.executor == "cuda" && !prepare_cuda(a))
-    return;
+void run(RunArgs a) {
   if (a.executor != "cpu" && a.executor != "cuda")
     throw InputError(fmt::format("--executor must be cpu or cuda (got '{}')",
                                  quote_for_message(a.executor, 40)));
+  const std::optional<real::LaunchEnv> env = launch(a);
+  if (!env)
+    return;
+  // A world of processes: one rank each; --ranks, when given, must say the same.
+  const bool processes = env->world_size > 1;
+  if (processes) {
+    if (a.ranks_given && a.ranks != env->world_size)
+      throw InputError(fmt::format("{}: the world has {} processes, one per rank, but --ranks is "
+                                   "{}; leave --ranks out",
+                                   env->describe(), env->world_size, a.ranks));
+    a.ranks = env->world_size;
+  }
+  const bool lead = env->rank == 0; // prints, writes traces and checkpoints
+  if (a.executor == "cuda")
+    prepare_cuda(*env);
   if (a.ranks < 1 || a.ranks > limits::max_cpu_ranks)
     throw InputError(fmt::format("--ranks must be between 1 and {} threads (got {})",
                                  limits::max_cpu_ranks, a.ranks));
@@ -190,7 +206,7 @@ void run(const RunArgs& a) {
                                  limits::max_learning_rate, a.lr));
   // Where the checkpoint goes, before any work: a run must not train for hours and then fail
   // to save.
-  if (a.save_given)
+  if (a.save_given && lead)
     real::check_checkpoint_target(a.save);
   const workload::ModelSpec spec = workload::load_model(a.model);
   const real::TinyConfig c = real::tiny_config(spec);
@@ -232,16 +248,18 @@ void run(const RunArgs& a) {
   o.check = a.check;
   o.adam.lr = a.lr;
   o.timeline = !a.trace.empty();
-  if (!a.trace.empty())
+  if (!a.trace.empty() && lead)
     check_output_path(a.trace);
-  if (!a.predicted_trace.empty())
+  if (!a.predicted_trace.empty() && lead)
     check_output_path(a.predicted_trace);
-  if (!a.json)
+  const char* hosted = processes               ? "ranks, one process each"
+                       : a.executor == "cuda" ? "ranks on one GPU"
+                                              : "CPU ranks";
+  if (!a.json && lead)
     std::cout << fmt::format("{} on {} {}, seq {}, global batch {} sequences, from step {}\n"
                              "plan ({}): {}\n",
-                             spec.name, a.ranks,
-                             a.executor == "cuda" ? "ranks on one GPU" : "CPU ranks", seq,
-                             plan.global_batch, start.step, plan.family, strategy::summary(plan));
+                             spec.name, a.ranks, hosted, seq, plan.global_batch, start.step,
+                             plan.family, strategy::summary(plan));
   // The plan's executable Schedule, interpreted, and what the simulator predicts for it on the
   // reference cluster (per rank over the run: op time by kind, peak memory of each rank's class).
   const lowering::ProgramContext pc{&spec, seq, a.ranks};
@@ -251,8 +269,23 @@ void run(const RunArgs& a) {
   {
     const sim::Schedule schedule = lowering::lower_program(plan, pc);
     sim::check_schedule(schedule);
-    r = a.executor == "cuda" ? real::cuda::interpret(schedule, c, data, start, o)
-                             : real::interpret<float>(schedule, c, data, start, o);
+    // A world of processes meets here (every process has checked its input by now).
+    // A failure of the world (a peer that crashed or never came, ranks started with different
+    // arguments) is the launch's, not a bug: exit 1 with the sentence.
+    try {
+      std::unique_ptr<real::World> world;
+      if (processes)
+        world = std::make_unique<real::World>(
+            real::socket_world(env->rendezvous, env->world_size, env->rank));
+      r = a.executor == "cuda" ? real::cuda::interpret(schedule, c, data, start, o, world.get())
+                               : real::interpret<float>(schedule, c, data, start, o, world.get());
+    } catch (const real::CommError& e) {
+      if (!processes)
+        throw;
+      throw InputError(fmt::format("{}: {}", env->describe(), e.what()));
+    }
+    if (!lead)
+      return; // the result is rank 0's to report
     const sim::SimResult sr = sim::simulate(schedule, hw::load_cluster("h200"), hw::Calibration{});
     for (std::size_t k = 0; k < schedule.classes.size(); ++k) {
       const sim::RankClass& rc = schedule.classes[k];
@@ -355,12 +388,17 @@ void add_run_command(CLI::App& app) {
       ->required();
   cmd->add_option("--plan", a->plan, "preset (fsdp2, megatron, ulysses-zero3, mop) or plan JSON")
       ->capture_default_str();
-  cmd->add_option("--executor", a->executor, "cuda (one process per GPU) or cpu (threads)")
+  cmd->add_option("--executor", a->executor,
+                  "cuda (real kernels on GPUs) or cpu (the float reference)")
       ->capture_default_str();
-  cmd->add_option("--ranks", a->ranks, "ranks (CPU executor: threads)")->capture_default_str();
+  CLI::Option* ranks =
+      cmd->add_option("--ranks", a->ranks,
+                      "ranks as threads of this process (under torchrun, Slurm, MPI or "
+                      "--nproc-per-node: one per process)")
+          ->capture_default_str();
   cmd->add_option("--nproc-per-node", a->nproc_per_node,
-                  "CUDA executor on one machine: start this many processes, one per GPU "
-                  "(under torchrun, Slurm or MPI leave it out)")
+                  "start this many processes on this machine, one rank each (CUDA: one per "
+                  "GPU; under torchrun, Slurm or MPI leave it out)")
       ->capture_default_str();
   cmd->add_option("--steps", a->steps, "optimizer steps")->capture_default_str();
   cmd->add_option("--seq", a->seq, "tokens per sequence (64, 1K, ...)")->capture_default_str();
@@ -382,7 +420,8 @@ void add_run_command(CLI::App& app) {
   cmd->add_flag("--check", a->check,
                 std::string("compare every step with a single-rank float64 reference"));
   add_output_options(cmd, a->json);
-  cmd->callback([a, batch, save, resume] {
+  cmd->callback([a, batch, save, resume, ranks] {
+    a->ranks_given = ranks->count() > 0;
     a->batch_given = batch->count() > 0;
     a->save_given = save->count() > 0;
     a->resume_given = resume->count() > 0;

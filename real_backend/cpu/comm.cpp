@@ -55,8 +55,6 @@ enum class Op {
   ring,
   barrier
 };
-enum class Elem { none, f32, f64, i32, i64 };
-
 const char* op_name(Op op) {
   switch (op) {
   case Op::all_reduce:
@@ -75,35 +73,6 @@ const char* op_name(Op op) {
     return "barrier";
   }
   return "?";
-}
-
-const char* elem_name(Elem e) {
-  switch (e) {
-  case Elem::none:
-    return "no";
-  case Elem::f32:
-    return "float";
-  case Elem::f64:
-    return "double";
-  case Elem::i32:
-    return "int32";
-  case Elem::i64:
-    return "int64";
-  }
-  return "?";
-}
-
-template <class T> constexpr Elem elem_of() {
-  if constexpr (std::is_same_v<T, float>)
-    return Elem::f32;
-  else if constexpr (std::is_same_v<T, double>)
-    return Elem::f64;
-  else if constexpr (std::is_same_v<T, std::int32_t>)
-    return Elem::i32;
-  else {
-    static_assert(std::is_same_v<T, std::int64_t>, "collectives take float, double, int32, int64");
-    return Elem::i64;
-  }
 }
 
 std::string list(const std::vector<int>& v) {
@@ -478,20 +447,58 @@ Mailbox& mailbox(WorldState& w, int from, int to) {
 
 // ---- Comm ----------------------------------------------------------------------------------
 
+const char* elem_name(Elem e) {
+  switch (e) {
+  case Elem::none:
+    return "no";
+  case Elem::f32:
+    return "float";
+  case Elem::f64:
+    return "double";
+  case Elem::i32:
+    return "int32";
+  case Elem::i64:
+    return "int64";
+  }
+  return "?";
+}
+
+std::size_t elem_size(Elem e) {
+  switch (e) {
+  case Elem::f32:
+  case Elem::i32:
+    return 4;
+  case Elem::f64:
+  case Elem::i64:
+    return 8;
+  case Elem::none:
+    break;
+  }
+  return 0;
+}
+
 const std::vector<int>& Comm::members() const {
   static const std::vector<int> none;
+  if (link_members_)
+    return *link_members_;
   return group_ ? group_->members : none;
 }
 
 template <class T> void Comm::all_reduce(T* data, std::size_t n) const {
+  if (link_)
+    return link_->all_reduce(data, n, elem_of<T>(), false);
   reduce_all(member(group_, world_, rank_), Op::all_reduce, data, n, add<T>);
 }
 
 template <class T> void Comm::all_reduce_max(T* data, std::size_t n) const {
+  if (link_)
+    return link_->all_reduce(data, n, elem_of<T>(), true);
   reduce_all(member(group_, world_, rank_), Op::all_reduce_max, data, n, larger<T>);
 }
 
 template <class T> void Comm::all_gather(const T* send, std::size_t n, T* recv) const {
+  if (link_)
+    return link_->all_gather(send, n, elem_of<T>(), recv);
   const Member m = member(group_, world_, rank_);
   Slot s;
   s.op = Op::all_gather;
@@ -509,6 +516,8 @@ template <class T> void Comm::all_gather(const T* send, std::size_t n, T* recv) 
 }
 
 template <class T> void Comm::reduce_scatter(const T* send, std::size_t n, T* recv) const {
+  if (link_)
+    return link_->reduce_scatter(send, n, elem_of<T>(), recv);
   const Member m = member(group_, world_, rank_);
   std::vector<T> acc(n);
   Slot s;
@@ -534,6 +543,8 @@ template <class T> void Comm::reduce_scatter(const T* send, std::size_t n, T* re
 template <class T>
 void Comm::all_to_all_v(const T* send, const std::vector<std::size_t>& send_counts, T* recv,
                         const std::vector<std::size_t>& recv_counts) const {
+  if (link_)
+    return link_->all_to_all_v(send, send_counts, recv, recv_counts, elem_of<T>());
   const Member m = member(group_, world_, rank_);
   Slot s;
   s.op = Op::all_to_all_v;
@@ -559,6 +570,8 @@ void Comm::all_to_all_v(const T* send, const std::vector<std::size_t>& send_coun
 
 template <class T>
 void Comm::send_recv_ring(const T* send, T* recv, std::size_t n, int shift) const {
+  if (link_)
+    return link_->send_recv_ring(send, recv, n, shift, elem_of<T>());
   const Member m = member(group_, world_, rank_);
   Slot s;
   s.op = Op::ring;
@@ -573,6 +586,8 @@ void Comm::send_recv_ring(const T* send, T* recv, std::size_t n, int shift) cons
 }
 
 void Comm::barrier() const {
+  if (link_)
+    return link_->barrier();
   arrive(member(group_, world_, rank_), Slot{});
 }
 
@@ -584,10 +599,21 @@ World::World(int ranks) {
   state_ = std::make_unique<WorldState>(ranks);
 }
 
+World::World(std::unique_ptr<ProcessWorld> process) {
+  if (!process)
+    throw std::invalid_argument("a world of processes needs its transport");
+  state_ = std::make_unique<WorldState>(process->size());
+  process_ = std::move(process);
+}
+
 World::~World() = default;
 
 int World::size() const {
   return state_->size;
+}
+
+int World::process_rank() const {
+  return process_ ? process_->rank() : -1;
 }
 
 Comm World::group(const std::vector<int>& members, int me) {
@@ -610,6 +636,17 @@ Comm World::group(const std::vector<int>& members, int me) {
         "world rank {} asked for group {}, which it is not a member of", me, list(members)));
   throw_if_aborted(w);
   Comm c;
+  if (process_) {
+    if (me != process_->rank())
+      throw std::invalid_argument(fmt::format("world rank {} asked for a group in the process of "
+                                              "rank {}",
+                                              me, process_->rank()));
+    c.link_ = process_->group(members);
+    c.link_members_ = std::make_shared<const std::vector<int>>(members);
+    c.rank_ = static_cast<int>(it - members.begin());
+    c.size_ = static_cast<int>(members.size());
+    return c;
+  }
   {
     std::lock_guard lock(w.m);
     auto& g = w.groups[members];
@@ -628,6 +665,12 @@ template <class T> void World::send(int from, int to, const T* data, std::size_t
   check_rank(w, from, "sending");
   check_rank(w, to, "receiving");
   throw_if_aborted(w);
+  if (process_) {
+    if (from != process_->rank())
+      throw std::invalid_argument(
+          fmt::format("rank {} sends from the process of rank {}", from, process_->rank()));
+    return process_->send(to, data, n, elem_of<T>());
+  }
   Message msg{elem_of<T>(), n, std::vector<std::byte>(n * sizeof(T))};
   if (n > 0)
     std::memcpy(msg.bytes.data(), data, n * sizeof(T));
@@ -645,6 +688,12 @@ template <class T> void World::recv(int to, int from, T* data, std::size_t n) {
   check_rank(w, to, "receiving");
   check_rank(w, from, "sending");
   throw_if_aborted(w);
+  if (process_) {
+    if (to != process_->rank())
+      throw std::invalid_argument(
+          fmt::format("rank {} receives in the process of rank {}", to, process_->rank()));
+    return process_->recv(from, data, n, elem_of<T>());
+  }
   Mailbox& box = mailbox(w, from, to);
   std::unique_lock lock(box.m);
   if (box.queue.empty()) {
@@ -677,6 +726,8 @@ template <class T> void World::recv(int to, int from, T* data, std::size_t n) {
 }
 
 void World::abort(const std::string& why) {
+  if (process_)
+    process_->abort(why);
   abort_world(*state_, why);
 }
 

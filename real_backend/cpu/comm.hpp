@@ -14,11 +14,20 @@
 // thread at a time. In place as in NCCL: all_gather with
 // send == recv + rank·n, reduce_scatter with recv == send + rank·n; all_to_all_v's buffers must
 // not overlap.
+//
+// A World is either in-process (its ranks are threads of this program: World::run) or one rank
+// of a world of processes (World(std::unique_ptr<ProcessWorld>)): then each process drives only
+// its own rank, and every call goes through the ProcessWorld's transport (TCP sockets for the CPU
+// executor, real_backend/cpu/socket_world.hpp; NCCL for the CUDA one) with the same semantics and
+// the same deterministic sums. A process world cannot see its peers wait, so it detects no
+// deadlock: it aborts a call that waits longer than its timeout.
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace mop::real {
@@ -26,6 +35,54 @@ namespace mop::real {
 class CommError : public std::runtime_error {
 public:
   explicit CommError(const std::string& sentence) : std::runtime_error(sentence) {}
+};
+
+// The element types the collectives take.
+enum class Elem { none, f32, f64, i32, i64 };
+const char* elem_name(Elem e);
+std::size_t elem_size(Elem e);
+template <class T> constexpr Elem elem_of() {
+  if constexpr (std::is_same_v<T, float>)
+    return Elem::f32;
+  else if constexpr (std::is_same_v<T, double>)
+    return Elem::f64;
+  else if constexpr (std::is_same_v<T, std::int32_t>)
+    return Elem::i32;
+  else {
+    static_assert(std::is_same_v<T, std::int64_t>, "collectives take float, double, int32, int64");
+    return Elem::i64;
+  }
+}
+
+// One process's handle on a group of a world of processes: Comm's collectives, type-erased
+// (counts in elements of `e`), with Comm's semantics and its sums in group-rank order.
+class Link {
+public:
+  virtual ~Link() = default;
+  virtual void all_reduce(void* data, std::size_t n, Elem e, bool max) = 0;
+  virtual void all_gather(const void* send, std::size_t n, Elem e, void* recv) = 0;
+  virtual void reduce_scatter(const void* send, std::size_t n, Elem e, void* recv) = 0;
+  virtual void all_to_all_v(const void* send, const std::vector<std::size_t>& send_counts,
+                            void* recv, const std::vector<std::size_t>& recv_counts, Elem e) = 0;
+  virtual void send_recv_ring(const void* send, void* recv, std::size_t n, int shift, Elem e) = 0;
+  virtual void barrier() = 0;
+};
+
+// One rank of a world whose ranks are processes: its transport. Every call comes from one thread.
+class ProcessWorld {
+public:
+  virtual ~ProcessWorld() = default;
+  virtual int size() const = 0;
+  virtual int rank() const = 0;
+  // The group over `members` (world ranks in group order, this rank among them, checked by the
+  // caller); every member asks for it with the same list.
+  virtual std::shared_ptr<Link> group(const std::vector<int>& members) = 0;
+  // Pipeline point-to-point: send is buffered (returns before the peer receives); recv waits for
+  // the next message from `from` and checks its type and size.
+  virtual void send(int to, const void* data, std::size_t n, Elem e) = 0;
+  virtual void recv(int from, void* data, std::size_t n, Elem e) = 0;
+  // Fails every waiting and later call here, and tells the peers so that theirs fail too.
+  virtual void abort(const std::string& why) = 0;
 };
 
 struct WorldState; // shared by all ranks of a World
@@ -64,6 +121,8 @@ public:
 private:
   friend class World;
   std::shared_ptr<GroupState> group_;
+  std::shared_ptr<Link> link_; // a world of processes: the group's transport
+  std::shared_ptr<const std::vector<int>> link_members_;
   WorldState* world_ = nullptr;
   int rank_ = 0;
   int size_ = 1;
@@ -72,10 +131,14 @@ private:
 class World {
 public:
   explicit World(int ranks);
+  // This process's rank of a world of processes.
+  explicit World(std::unique_ptr<ProcessWorld> process);
   ~World();
   World(const World&) = delete;
   World& operator=(const World&) = delete;
   int size() const;
+  // A world of processes: the one rank this process drives; -1 for an in-process world.
+  int process_rank() const;
 
   // The communicator over `members` (world ranks, in group order) for world rank `me`, which
   // must be one of them. Every member calls it with the same list; the same list always names
@@ -98,6 +161,7 @@ public:
 
 private:
   std::unique_ptr<WorldState> state_;
+  std::unique_ptr<ProcessWorld> process_;
 };
 
 } // namespace mop::real

@@ -34,15 +34,15 @@ void check_interpretable(const sim::Schedule& s, const TinyConfig& c) {
 
 template <class T>
 RunResult<T> interpret(const sim::Schedule& s, const TinyConfig& c, const DataSource& data,
-                       const TrainState<T>& start, const RunOptions& o) {
-  return interpret_with<T, CpuKernels>(s, c, data, start, o);
+                       const TrainState<T>& start, const RunOptions& o, World* process) {
+  return interpret_with<T, CpuKernels>(s, c, data, start, o, process);
 }
 
 template RunResult<float> interpret<float>(const sim::Schedule&, const TinyConfig&,
                                            const DataSource&, const TrainState<float>&,
-                                           const RunOptions&);
+                                           const RunOptions&, World*);
 template RunResult<double> interpret<double>(const sim::Schedule&, const TinyConfig&,
                                              const DataSource&, const TrainState<double>&,
-                                             const RunOptions&);
+                                             const RunOptions&, World*);
 
 } // namespace mop::real

@@ -1582,9 +1582,18 @@ private:
 } // namespace detail
 
 // interpret (interpreter.hpp) with the kernels and storage of backend K.
+//
+// Every rank keeps its own copy of what the run reports (Shared) and writes there only what it
+// holds; the ranks then all-reduce those copies, so every rank holds the whole result, whether
+// the ranks are threads of this process or processes of a world (`process`): one way of
+// gathering, the same bits. What one rank owns (its loss part, its ops' times, its peak) is
+// written into zeroes and summed (x + 0 = x). Gradients and state are written by every rank that
+// holds them (replicas hold the same bits) into -inf and max-reduced; an element no rank wrote
+// keeps its start (a state) or zero (a gradient).
 template <class T, template <class> class K>
 RunResult<T> interpret_with(const sim::Schedule& s, const TinyConfig& c, const DataSource& data,
-                            const TrainState<T>& start, const RunOptions& o) {
+                            const TrainState<T>& start, const RunOptions& o,
+                            World* process = nullptr) {
   using namespace detail;
   check_interpretable(s, c);
   data.check_sequence_length(s.tokens.seq_len);
@@ -1593,89 +1602,208 @@ RunResult<T> interpret_with(const sim::Schedule& s, const TinyConfig& c, const D
   const auto layout = param_layout(c);
   if (start.params.size() != layout.size())
     throw InputError("the starting state does not match the model's parameters");
-  Shared<T> sh;
-  sh.state = start;
-  for (const auto& p : start.params)
-    sh.grads.emplace_back(p.size(), T(0));
-  sh.loss_part.assign(sz(s.world), 0.0);
-  sh.ops.resize(sz(s.world));
-  sh.peak.assign(sz(s.world), 0.0);
-  sh.trace.resize(sz(s.world));
-  sh.runtime_rows.resize(sz(s.world));
-  sh.timeline.resize(sz(s.world));
-  sh.memory.resize(sz(s.world));
+  if (process != nullptr && process->size() != s.world)
+    throw InputError(fmt::format("the plan runs on {} ranks but {} {} started", s.world,
+                                 process->size(),
+                                 process->size() == 1 ? "process was" : "processes were"));
+  if (process != nullptr && o.trace)
+    throw InputError("the executed-op trace is recorded only when the ranks are threads of one "
+                     "process");
+  const auto world = sz(s.world);
+  const T unwritten = -std::numeric_limits<T>::infinity();
+  // Every op kind the Schedule holds, in one order on every rank (the times' all-reduce).
+  std::vector<std::string> keys;
+  for (const sim::RankClass& rc : s.classes)
+    for (const sim::Op& op : rc.ops)
+      keys.push_back(op_count_key(op));
+  std::sort(keys.begin(), keys.end());
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  // Each rank's ops in the flattened timeline: the ops of its stage's class.
+  std::vector<std::size_t> timeline_at(world + 1, 0);
+  for (std::size_t r = 0; r < world; ++r) {
+    const int stage = s.mesh.view(s.tokens.view).coord(static_cast<int>(r), "pp");
+    std::size_t n = 0;
+    for (const sim::RankClass& rc : s.classes)
+      if (rc.stage == stage)
+        n = rc.ops.size();
+    timeline_at[r + 1] = timeline_at[r] + n;
+  }
+
   RunResult<T> res;
   std::unique_ptr<ReferenceTrainer<double>> ref;
-  if (o.check)
+  const bool lead_process = process == nullptr || process->process_rank() == 0;
+  if (o.check && lead_process)
     ref = std::make_unique<ReferenceTrainer<double>>(c, to_double(start), o.adam);
-  std::vector<int> everyone(sz(s.world));
+  std::vector<int> everyone(world);
   std::iota(everyone.begin(), everyone.end(), 0);
+  std::vector<std::vector<ExecutedOp>> traces(world);
+  std::vector<std::vector<std::vector<std::int64_t>>> runtime_rows(world);
 
-  World::run(s.world, [&](World& w, int r) {
+  const auto body = [&](World& w, int r) {
+    const auto me = sz(r);
+    Shared<T> sh;
+    sh.state = start;
+    for (const auto& p : start.params)
+      sh.grads.emplace_back(p.size(), T(0));
+    sh.loss_part.assign(world, 0.0);
+    sh.ops.resize(world);
+    sh.peak.assign(world, 0.0);
+    sh.trace.resize(world);
+    sh.runtime_rows.resize(world);
+    sh.timeline.resize(world);
+    sh.memory.resize(world);
     RankInterpreter<T, K> rank(w, r, s, c, sh, o, data);
     const Comm all = w.group(everyone, r);
+    // Only one rank of an in-process world fills the result; every process of a world of
+    // processes fills its own.
+    const bool lead = process != nullptr || r == 0;
+    double origin = 0; // this rank's clock when the recorded step started
     for (int k = 0; k < o.steps; ++k) {
-      rank.record(o.timeline && k + 1 == o.steps);
+      const bool recording = o.timeline && k + 1 == o.steps;
+      const bool want_grads = o.check || k + 1 == o.steps;
+      rank.record(recording);
+      all.barrier(); // the ranks start the step together: its time, the trace's common origin
       const auto t0 = Clock::now();
+      if (recording)
+        origin = clock_s(t0);
+      std::fill(sh.loss_part.begin(), sh.loss_part.end(), 0.0);
+      for (auto& g : sh.grads)
+        std::fill(g.begin(), g.end(), unwritten);
       rank.step(start.step + k);
-      all.barrier();
-      if (r == 0) {
-        res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-        const Batch batch = data.batch(start.step + k, s.tokens.global_batch, s.tokens.seq_len);
-        double labelled = 0, loss = 0;
-        for (auto l : batch.labels)
-          labelled += l >= 0 ? 1 : 0;
-        for (double part : sh.loss_part)
-          loss += part;
-        loss /= labelled;
-        res.losses.push_back(loss);
-        if (ref) {
-          const double want = ref->step(batch);
-          res.max_loss_rel_diff =
-              std::max(res.max_loss_rel_diff, std::abs(loss - want) / std::abs(want));
-          res.max_grad_rel_diff =
-              std::max(res.max_grad_rel_diff, max_rel_diff(sh.grads, ref->grads()));
+      all.all_reduce(sh.loss_part.data(), world);
+      if (want_grads)
+        for (auto& g : sh.grads) {
+          all.all_reduce_max(g.data(), g.size());
+          for (T& x : g)
+            x = x == unwritten ? T(0) : x;
         }
-        if (k + 1 == o.steps)
-          res.last_grads = sh.grads;
+      if (!lead)
+        continue;
+      res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      const Batch batch = data.batch(start.step + k, s.tokens.global_batch, s.tokens.seq_len);
+      double labelled = 0, loss = 0;
+      for (auto l : batch.labels)
+        labelled += l >= 0 ? 1 : 0;
+      for (double part : sh.loss_part)
+        loss += part;
+      loss /= labelled;
+      res.losses.push_back(loss);
+      if (ref) {
+        const double want = ref->step(batch);
+        res.max_loss_rel_diff =
+            std::max(res.max_loss_rel_diff, std::abs(loss - want) / std::abs(want));
+        res.max_grad_rel_diff =
+            std::max(res.max_grad_rel_diff, max_rel_diff(sh.grads, ref->grads()));
       }
-      all.barrier();
+      if (k + 1 == o.steps)
+        res.last_grads = sh.grads;
     }
+    // The final state.
+    for (auto* list : {&sh.state.params, &sh.state.adam_m, &sh.state.adam_v})
+      for (auto& v : *list)
+        std::fill(v.begin(), v.end(), unwritten);
     rank.finish_run();
-  });
+    const TrainState<T>* from = &start;
+    for (auto [list, first] : {std::pair{&sh.state.params, &from->params},
+                               std::pair{&sh.state.adam_m, &from->adam_m},
+                               std::pair{&sh.state.adam_v, &from->adam_v}})
+      for (std::size_t i = 0; i < list->size(); ++i) {
+        auto& v = (*list)[i];
+        all.all_reduce_max(v.data(), v.size());
+        for (std::size_t j = 0; j < v.size(); ++j)
+          v[j] = v[j] == unwritten ? (*first)[i][j] : v[j];
+      }
+    // Op times and counts by kind, peaks.
+    std::vector<std::int64_t> counts(keys.size(), 0);
+    std::vector<double> seconds(keys.size(), 0.0);
+    for (const auto& [key, t] : sh.ops[me]) {
+      const auto at = sz(std::lower_bound(keys.begin(), keys.end(), key) - keys.begin());
+      counts[at] = t.count;
+      seconds[at] = t.seconds;
+    }
+    all.all_reduce(counts.data(), counts.size());
+    all.all_reduce(seconds.data(), seconds.size());
+    all.all_reduce(sh.peak.data(), world);
+    // The last step's timeline, in seconds from this rank's start of the step (-1: not run),
+    // and the memory samples (their counts first).
+    std::vector<double> times;
+    std::vector<std::int64_t> samples(world, 0);
+    if (o.timeline) {
+      times.assign(2 * timeline_at[world], 0.0);
+      const auto& mine = sh.timeline[me];
+      if (mine.size() != timeline_at[me + 1] - timeline_at[me])
+        bug(fmt::format("rank {} timed {} ops, its class holds {}", r, mine.size(),
+                        timeline_at[me + 1] - timeline_at[me]));
+      for (std::size_t i = 0; i < mine.size(); ++i) {
+        const bool ran = mine[i].start_s >= 0;
+        times[2 * (timeline_at[me] + i)] = ran ? mine[i].start_s - origin : -1;
+        times[2 * (timeline_at[me] + i) + 1] = ran ? mine[i].end_s - origin : -1;
+      }
+      all.all_reduce(times.data(), times.size());
+      samples[me] = static_cast<std::int64_t>(sh.memory[me].size());
+      all.all_reduce(samples.data(), world);
+    }
+    std::vector<std::size_t> sample_at(world + 1, 0);
+    for (std::size_t q = 0; q < world; ++q)
+      sample_at[q + 1] = sample_at[q] + sz(samples[q]);
+    std::vector<double> memory(2 * sample_at[world], 0.0);
+    if (o.timeline) {
+      for (std::size_t i = 0; i < sh.memory[me].size(); ++i) {
+        memory[2 * (sample_at[me] + i)] = sh.memory[me][i].time_s - origin;
+        memory[2 * (sample_at[me] + i) + 1] = sh.memory[me][i].bytes;
+      }
+      all.all_reduce(memory.data(), memory.size());
+    }
+    traces[me] = std::move(sh.trace[me]);
+    runtime_rows[me] = std::move(sh.runtime_rows[me]);
+    if (!lead)
+      return;
+    res.state = std::move(sh.state);
+    for (std::size_t i = 0; i < keys.size(); ++i)
+      if (counts[i] > 0)
+        res.ops[keys[i]] = OpTiming{counts[i], seconds[i] / s.world};
+    res.peak_bytes = std::move(sh.peak);
+    if (o.timeline) { // seconds from the earliest start over all ranks
+      double first = std::numeric_limits<double>::infinity();
+      for (std::size_t i = 0; i < timeline_at[world]; ++i)
+        if (times[2 * i] >= 0)
+          first = std::min(first, times[2 * i]);
+      if (!std::isfinite(first))
+        first = 0;
+      res.timeline.assign(world, {});
+      res.memory_timeline.assign(world, {});
+      for (std::size_t q = 0; q < world; ++q) {
+        for (std::size_t i = timeline_at[q]; i < timeline_at[q + 1]; ++i)
+          res.timeline[q].push_back(times[2 * i] >= 0 ? sim::OpTiming{times[2 * i] - first,
+                                                                      times[2 * i + 1] - first}
+                                                      : sim::OpTiming{});
+        for (std::size_t i = sample_at[q]; i < sample_at[q + 1]; ++i)
+          res.memory_timeline[q].push_back(
+              sim::MemorySample{memory[2 * i] - first, sim::Device::hbm, memory[2 * i + 1]});
+      }
+    }
+  };
 
-  res.state = std::move(sh.state);
+  if (process == nullptr) {
+    World::run(s.world, body);
+  } else {
+    try {
+      body(*process, process->process_rank());
+    } catch (const std::exception& e) {
+      process->abort(fmt::format("rank {} failed: {}", process->process_rank(), e.what()));
+      throw;
+    }
+  }
+
   res.state.step = start.step + o.steps;
   if (ref)
     res.max_param_rel_diff = max_rel_diff(res.state.params, ref->state().params);
-  for (const auto& per_rank : sh.ops)
-    for (const auto& [kind, t] : per_rank) {
-      auto& total = res.ops[kind];
-      total.count += t.count;
-      total.seconds += t.seconds / s.world;
-    }
   for (const sim::RankClass& rc : s.classes)
     for (const sim::Op& op : rc.ops)
       res.scheduled[op_count_key(op)] += static_cast<std::int64_t>(rc.multiplicity) * o.steps;
-  res.peak_bytes = std::move(sh.peak);
   if (o.trace) {
-    res.trace = std::move(sh.trace);
-    res.runtime_rows = std::move(sh.runtime_rows);
-  }
-  if (o.timeline) { // seconds from the earliest start of the last step over all ranks
-    double origin = std::numeric_limits<double>::infinity();
-    for (const auto& ops : sh.timeline)
-      for (const sim::OpTiming& t : ops)
-        if (t.start_s >= 0)
-          origin = std::min(origin, t.start_s);
-    for (auto& ops : sh.timeline)
-      for (sim::OpTiming& t : ops)
-        t = t.start_s >= 0 ? sim::OpTiming{t.start_s - origin, t.end_s - origin} : sim::OpTiming{};
-    for (auto& samples : sh.memory)
-      for (sim::MemorySample& m : samples)
-        m.time_s -= origin;
-    res.timeline = std::move(sh.timeline);
-    res.memory_timeline = std::move(sh.memory);
+    res.trace = std::move(traces);
+    res.runtime_rows = std::move(runtime_rows);
   }
   return res;
 }

@@ -106,10 +106,13 @@ template <> struct CudaKernels<float> {
   }
 };
 
-// The program interpreter on the GPU this process selected (select_device), ranks as threads
-// sharing it; the same contract as real::interpret (real_backend/cpu/interpreter.hpp).
+// The program interpreter on the GPU this process selected (select_device): ranks as threads
+// sharing it, or this process's rank of a world of processes (`process`, whose collectives read
+// the managed buffers from the host after each op's sync); the same contract as real::interpret
+// (real_backend/cpu/interpreter.hpp).
 void select_device(int device);
 RunResult<float> interpret(const sim::Schedule& s, const TinyConfig& c, const DataSource& data,
-                           const TrainState<float>& start, const RunOptions& options);
+                           const TrainState<float>& start, const RunOptions& options,
+                           World* process = nullptr);
 
 } // namespace mop::real::cuda

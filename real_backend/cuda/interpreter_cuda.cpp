@@ -19,8 +19,9 @@ void select_device(int device) {
 }
 
 RunResult<float> interpret(const sim::Schedule& s, const TinyConfig& c, const DataSource& data,
-                           const TrainState<float>& start, const RunOptions& options) {
-  return interpret_with<float, CudaKernels>(s, c, data, start, options);
+                           const TrainState<float>& start, const RunOptions& options,
+                           World* process) {
+  return interpret_with<float, CudaKernels>(s, c, data, start, options, process);
 }
 
 } // namespace mop::real::cuda

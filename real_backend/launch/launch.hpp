@@ -1,8 +1,9 @@
 #pragma once
 // Where a process of a multi-process run stands: its rank, the world's size, its place on its
-// node and the address NCCL's bootstrap meets at, read from the environment that the usual
-// launchers already set. mop starts no daemons and opens no sockets of its own: NCCL's bootstrap
-// (NCCL_COMM_ID=host:port, rank 0 listening) does the rendezvous.
+// node and the address its world meets at, read from the environment that the usual launchers
+// already set. mop starts no daemons and keeps no store: rank 0 listens at the meeting point
+// (NCCL's bootstrap as NCCL_COMM_ID=host:port; the ranks' TCP world, real_backend/cpu/
+// socket_world.hpp, at the same address).
 //
 //   launcher   rank / size / local rank / local size                      rendezvous host, port
 //   torchrun   RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE             MASTER_ADDR, MASTER_PORT
