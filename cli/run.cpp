@@ -19,6 +19,7 @@
 #include "real_backend/cpu/socket_world.hpp"
 #include "real_backend/cuda/api.hpp"
 #include "real_backend/cuda/backend.hpp"
+#include "real_backend/cuda/nccl_world.hpp"
 #include "real_backend/launch/launch.hpp"
 #include "sim/engine.hpp"
 #include "strategies/hardware.hpp"
@@ -44,6 +45,7 @@ namespace {
 struct RunArgs {
   std::string model, plan = "fsdp2", executor = "cuda", seq = "64", data, resume, save;
   std::string trace, predicted_trace; // measured and predicted Perfetto traces of the last step
+  std::string collectives;            // ranks in processes: nccl or tcp (default by executor)
   int ranks = 1, steps = 1, nproc_per_node = 1;
   std::int64_t batch = 0;
   std::uint64_t seed = 1;
@@ -190,6 +192,14 @@ void run(RunArgs a) {
     a.ranks = env->world_size;
   }
   const bool lead = env->rank == 0; // prints, writes traces and checkpoints
+  const std::string collectives =
+      !a.collectives.empty() ? a.collectives : a.executor == "cuda" ? "nccl" : "tcp";
+  if (collectives != "nccl" && collectives != "tcp")
+    throw InputError(fmt::format("--collectives must be nccl or tcp (got '{}')",
+                                 quote_for_message(collectives, 40)));
+  if (collectives == "nccl" && a.executor != "cuda")
+    throw InputError("--collectives nccl needs the CUDA executor; the CPU executor's ranks meet "
+                     "over tcp");
   if (a.executor == "cuda")
     prepare_cuda(*env);
   if (a.ranks < 1 || a.ranks > limits::max_cpu_ranks)
@@ -274,9 +284,12 @@ void run(RunArgs a) {
     // arguments) is the launch's, not a bug: exit 1 with the sentence.
     try {
       std::unique_ptr<real::World> world;
-      if (processes)
-        world = std::make_unique<real::World>(
-            real::socket_world(env->rendezvous, env->world_size, env->rank));
+      if (processes) {
+        auto tcp = real::socket_world(env->rendezvous, env->world_size, env->rank);
+        world = std::make_unique<real::World>(collectives == "nccl"
+                                                  ? real::cuda::nccl_world(std::move(tcp))
+                                                  : std::move(tcp));
+      }
       r = a.executor == "cuda" ? real::cuda::interpret(schedule, c, data, start, o, world.get())
                                : real::interpret<float>(schedule, c, data, start, o, world.get());
     } catch (const real::CommError& e) {
@@ -400,6 +413,9 @@ void add_run_command(CLI::App& app) {
                   "start this many processes on this machine, one rank each (CUDA: one per "
                   "GPU; under torchrun, Slurm or MPI leave it out)")
       ->capture_default_str();
+  cmd->add_option("--collectives", a->collectives,
+                  "ranks in separate processes: nccl (the CUDA executor's default) or tcp (the "
+                  "CPU executor's)");
   cmd->add_option("--steps", a->steps, "optimizer steps")->capture_default_str();
   cmd->add_option("--seq", a->seq, "tokens per sequence (64, 1K, ...)")->capture_default_str();
   CLI::Option* batch =

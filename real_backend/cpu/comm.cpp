@@ -612,6 +612,11 @@ int World::size() const {
   return state_->size;
 }
 
+void World::prepare(const std::vector<std::vector<int>>& groups) {
+  if (process_)
+    process_->prepare(groups);
+}
+
 int World::process_rank() const {
   return process_ ? process_->rank() : -1;
 }

@@ -74,6 +74,10 @@ public:
   virtual ~ProcessWorld() = default;
   virtual int size() const = 0;
   virtual int rank() const = 0;
+  // Called once by every rank before its first group(), with the same number of lists in the
+  // same order on every rank: this rank's member list of each group the program may use. A
+  // transport whose groups must be made collectively (NCCL's splits) makes them here.
+  virtual void prepare(const std::vector<std::vector<int>>& groups) { (void)groups; }
   // The group over `members` (world ranks in group order, this rank among them, checked by the
   // caller); every member asks for it with the same list.
   virtual std::shared_ptr<Link> group(const std::vector<int>& members) = 0;
@@ -139,6 +143,9 @@ public:
   int size() const;
   // A world of processes: the one rank this process drives; -1 for an in-process world.
   int process_rank() const;
+
+  // A world of processes: ProcessWorld::prepare; nothing for an in-process world.
+  void prepare(const std::vector<std::vector<int>>& groups);
 
   // The communicator over `members` (world ranks, in group order) for world rank `me`, which
   // must be one of them. Every member calls it with the same list; the same list always names

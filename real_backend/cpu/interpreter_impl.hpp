@@ -1788,7 +1788,14 @@ RunResult<T> interpret_with(const sim::Schedule& s, const TinyConfig& c, const D
     World::run(s.world, body);
   } else {
     try {
-      body(*process, process->process_rank());
+      // Every group this rank may use, in the Schedule's order (the same count on every rank).
+      const int me = process->process_rank();
+      std::vector<std::vector<int>> groups{everyone};
+      for (const sim::Group& g : s.groups)
+        if (!g.spec.view.empty())
+          groups.push_back(s.mesh.view(g.spec.view).members(me, g.spec));
+      process->prepare(groups);
+      body(*process, me);
     } catch (const std::exception& e) {
       process->abort(fmt::format("rank {} failed: {}", process->process_rank(), e.what()));
       throw;

@@ -56,14 +56,35 @@ struct KernelTable {
                        const float* grad, float* m, float* v);
 };
 
+// NCCL for ranks in separate processes (nccl.hpp): communicators as opaque handles, the
+// interpreter's collectives each waiting for its result (host buffers staged through the device).
+// Element types are Elem's (real_backend/cpu/comm.hpp) as an int. Each returns nullptr on success,
+// else what failed (valid until the next call on the same thread).
+struct NcclTable {
+  const char* (*new_id)(unsigned char* out, std::size_t size); // rank 0's bootstrap id
+  const char* (*world)(const unsigned char* id, std::size_t size, int ranks, int rank,
+                       void** comm);
+  const char* (*split)(void* comm, int color, int key, void** out); // color < 0: *out = nullptr
+  void (*destroy)(void* comm);
+  const char* (*all_reduce)(void* comm, void* data, std::size_t n, int elem, bool max);
+  const char* (*all_gather)(void* comm, const void* send, void* recv, std::size_t n, int elem);
+  const char* (*reduce_scatter)(void* comm, const void* send, void* recv, std::size_t n,
+                                int elem);
+  const char* (*all_to_all_v)(void* comm, const void* send, const std::size_t* send_counts,
+                              void* recv, const std::size_t* recv_counts, int elem);
+  const char* (*ring)(void* comm, const void* send, void* recv, std::size_t n, int shift,
+                      int elem);
+};
+
 struct Api {
-  static constexpr int kVersion = 2; // the table's layout; the loader refuses another
+  static constexpr int kVersion = 3; // the table's layout; the loader refuses another
   int version = kVersion;
   // GPUs this process can use (0 with the reason when none).
   std::string (*probe)(int& device_count) = nullptr;
   std::string (*versions)(LibraryVersions& out) = nullptr;
   std::string (*calibrate)(const CalibrateOptions& options, DeviceMeasurements& out) = nullptr;
   KernelTable kernels{};
+  NcclTable nccl{};
 };
 
 // The backend's table, loaded once from libmop_cuda.so in the program's own folder (or the file

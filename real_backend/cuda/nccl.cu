@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <cuda_runtime.h>
 #include <mutex>
 #include <nccl.h>
@@ -113,6 +114,19 @@ NcclComm NcclComm::world(const std::string& rendezvous, int world_size, int rank
   return c;
 }
 
+NcclComm NcclComm::world_from_id(const std::vector<unsigned char>& bytes, int world_size,
+                                 int rank) {
+  ncclUniqueId id;
+  if (bytes.size() != sizeof(id))
+    throw std::invalid_argument(strf("an NCCL id is %zu bytes, not %zu", sizeof(id), bytes.size()));
+  std::memcpy(&id, bytes.data(), sizeof(id));
+  ncclComm_t comm = nullptr;
+  check_nccl(ncclCommInitRank(&comm, world_size, id, rank), "ncclCommInitRank");
+  NcclComm c;
+  c.comm_ = comm;
+  return c;
+}
+
 NcclComm NcclComm::split(int color, int key) const {
   ncclComm_t out = nullptr;
   check_nccl(
@@ -197,6 +211,151 @@ void NcclComm::send_recv(const void* send, std::size_t send_n, int to, void* rec
     check_nccl(ncclRecv(recv, recv_n, type_of(t), from, as_comm(comm_), as_stream(stream)),
                "ncclRecv");
   check_nccl(ncclGroupEnd(), "ncclGroupEnd");
+}
+
+// ---- synchronous calls with host staging ----------------------------------------------------
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* call) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(strf("%s failed: %s", call, cudaGetErrorString(e)));
+}
+
+// The stream the synchronous calls run on, made once per process.
+cudaStream_t collective_stream() {
+  static cudaStream_t s = [] {
+    cudaStream_t made = nullptr;
+    check_cuda(cudaStreamCreateWithFlags(&made, cudaStreamNonBlocking), "cudaStreamCreate");
+    return made;
+  }();
+  return s;
+}
+
+bool device_reachable(const void* p) {
+  if (p == nullptr)
+    return true;
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    (void)cudaGetLastError(); // an unregistered host pointer on older runtimes
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
+// A buffer NCCL can use: `p` itself, or a device copy of its `bytes` (copied in when `in`,
+// back out by finish() when `out`).
+class Staged {
+public:
+  Staged(const void* p, std::size_t bytes, bool in, bool out)
+      : host_(const_cast<void*>(p)), bytes_(bytes), out_(out) {
+    if (device_reachable(p) || bytes == 0) {
+      dev_ = host_;
+      return;
+    }
+    check_cuda(cudaMalloc(&dev_, bytes), "cudaMalloc");
+    owned_ = true;
+    if (in)
+      check_cuda(cudaMemcpyAsync(dev_, host_, bytes, cudaMemcpyHostToDevice, collective_stream()),
+                 "cudaMemcpyAsync");
+  }
+  ~Staged() {
+    if (owned_)
+      cudaFree(dev_);
+  }
+  Staged(const Staged&) = delete;
+  Staged& operator=(const Staged&) = delete;
+  void* get() const { return dev_; }
+  void finish() {
+    if (owned_ && out_)
+      check_cuda(cudaMemcpyAsync(host_, dev_, bytes_, cudaMemcpyDeviceToHost, collective_stream()),
+                 "cudaMemcpyAsync");
+  }
+
+private:
+  void* host_;
+  void* dev_ = nullptr;
+  std::size_t bytes_;
+  bool out_;
+  bool owned_ = false;
+};
+
+void wait() {
+  check_cuda(cudaStreamSynchronize(collective_stream()), "cudaStreamSynchronize");
+}
+
+std::size_t sum(const std::vector<std::size_t>& v) {
+  std::size_t s = 0;
+  for (std::size_t x : v)
+    s += x;
+  return s;
+}
+
+} // namespace
+
+void sync_all_reduce(const NcclComm& c, void* data, std::size_t n, NcclType t, bool max) {
+  Staged d(data, n * size_of(t), true, true);
+  c.all_reduce(d.get(), n, t, max, collective_stream());
+  d.finish();
+  wait();
+}
+
+void sync_all_gather(const NcclComm& c, const void* send, void* recv, std::size_t n, NcclType t) {
+  const std::size_t bytes = n * size_of(t);
+  Staged r(recv, bytes * static_cast<std::size_t>(c.size()), true, true);
+  // In place (send inside recv) stays in place in the staged copy.
+  const auto* s = static_cast<const char*>(send);
+  const auto* base = static_cast<const char*>(recv);
+  const bool inside = s >= base && s < base + bytes * static_cast<std::size_t>(c.size());
+  std::unique_ptr<Staged> own;
+  const void* sp = nullptr;
+  if (inside) {
+    sp = static_cast<char*>(r.get()) + (s - base);
+  } else {
+    own = std::make_unique<Staged>(send, bytes, true, false);
+    sp = own->get();
+  }
+  c.all_gather(sp, r.get(), n, t, collective_stream());
+  r.finish();
+  wait();
+}
+
+void sync_reduce_scatter(const NcclComm& c, const void* send, void* recv, std::size_t n,
+                         NcclType t) {
+  const std::size_t bytes = n * size_of(t);
+  Staged s(send, bytes * static_cast<std::size_t>(c.size()), true, true);
+  const auto* sb = static_cast<const char*>(send);
+  const auto* rb = static_cast<const char*>(recv);
+  const bool inside = rb >= sb && rb < sb + bytes * static_cast<std::size_t>(c.size());
+  if (inside) { // in place: the result lands inside the staged send buffer, copied back whole
+    c.reduce_scatter(s.get(), static_cast<char*>(s.get()) + (rb - sb), n, t, collective_stream());
+    s.finish();
+    wait();
+    return;
+  }
+  Staged r(recv, bytes, false, true);
+  c.reduce_scatter(s.get(), r.get(), n, t, collective_stream());
+  r.finish();
+  wait();
+}
+
+void sync_all_to_all_v(const NcclComm& c, const void* send,
+                       const std::vector<std::size_t>& send_counts, void* recv,
+                       const std::vector<std::size_t>& recv_counts, NcclType t) {
+  Staged s(send, sum(send_counts) * size_of(t), true, false);
+  Staged r(recv, sum(recv_counts) * size_of(t), false, true);
+  c.all_to_all_v(s.get(), send_counts, r.get(), recv_counts, t, collective_stream());
+  r.finish();
+  wait();
+}
+
+void sync_send_recv_ring(const NcclComm& c, const void* send, void* recv, std::size_t n, int shift,
+                         NcclType t) {
+  Staged s(send, n * size_of(t), true, false);
+  Staged r(recv, n * size_of(t), false, true);
+  c.send_recv_ring(s.get(), r.get(), n, shift, t, collective_stream());
+  r.finish();
+  wait();
 }
 
 } // namespace mop::real::cuda

@@ -31,6 +31,8 @@ public:
 
   // The world: `world_size` processes meeting at `rendezvous` (empty for a world of one).
   static NcclComm world(const std::string& rendezvous, int world_size, int rank);
+  // The world from an id that rank 0 made (nccl_unique_id("")) and handed to every rank.
+  static NcclComm world_from_id(const std::vector<unsigned char>& id, int world_size, int rank);
   // Collective over this communicator: every member calls it, in the same order; members with
   // the same color >= 0 form a new communicator ranked by key; color < 0 joins none (the result
   // belongs to no group).
@@ -57,5 +59,18 @@ public:
 private:
   void* comm_ = nullptr; // ncclComm_t
 };
+
+// The interpreter's collectives on a communicator, each waiting for its result (the interpreter
+// syncs after every op): on a stream of the backend's own; host buffers (the results the ranks
+// gather) are staged through device memory.
+void sync_all_reduce(const NcclComm& c, void* data, std::size_t n, NcclType t, bool max);
+void sync_all_gather(const NcclComm& c, const void* send, void* recv, std::size_t n, NcclType t);
+void sync_reduce_scatter(const NcclComm& c, const void* send, void* recv, std::size_t n,
+                         NcclType t);
+void sync_all_to_all_v(const NcclComm& c, const void* send,
+                       const std::vector<std::size_t>& send_counts, void* recv,
+                       const std::vector<std::size_t>& recv_counts, NcclType t);
+void sync_send_recv_ring(const NcclComm& c, const void* send, void* recv, std::size_t n, int shift,
+                         NcclType t);
 
 } // namespace mop::real::cuda

@@ -4,9 +4,11 @@
 
 #include "real_backend/cuda/device_kernels.hpp"
 #include "real_backend/cuda/device_probe.hpp"
+#include "real_backend/cuda/nccl.hpp"
 
 #include <cuda_runtime_api.h>
 
+#include <cstring>
 #include <exception>
 #include <stdexcept>
 #include <string>
@@ -130,12 +132,86 @@ KernelTable kernel_table() {
   return t;
 }
 
+// Elem (real_backend/cpu/comm.hpp: none, f32, f64, i32, i64) as NCCL's type.
+NcclType nccl_type(int elem) {
+  switch (elem) {
+  case 1:
+    return NcclType::f32;
+  case 2:
+    return NcclType::f64;
+  case 3:
+    return NcclType::i32;
+  case 4:
+    return NcclType::i64;
+  default:
+    break;
+  }
+  throw std::invalid_argument("a collective of no element type");
+}
+
+const NcclComm& comm_of(void* c) {
+  if (c == nullptr)
+    throw std::invalid_argument("a collective on a communicator this rank is not part of");
+  return *static_cast<const NcclComm*>(c);
+}
+
+std::vector<std::size_t> counts(const std::size_t* c, std::size_t n) {
+  return std::vector<std::size_t>(c, c + n);
+}
+
+NcclTable nccl_table() {
+  NcclTable t{};
+  t.new_id = [](unsigned char* out, std::size_t size) {
+    return status([&] {
+      const std::vector<unsigned char> id = nccl_unique_id("");
+      if (id.size() != size)
+        throw std::invalid_argument("the NCCL id's size is not the caller's");
+      std::memcpy(out, id.data(), size);
+    });
+  };
+  t.world = [](const unsigned char* id, std::size_t size, int ranks, int rank, void** comm) {
+    return status([&] {
+      *comm = new NcclComm(
+          NcclComm::world_from_id(std::vector<unsigned char>(id, id + size), ranks, rank));
+    });
+  };
+  t.split = [](void* comm, int color, int key, void** out) {
+    return status([&] {
+      NcclComm part = comm_of(comm).split(color, key);
+      *out = part.valid() ? new NcclComm(std::move(part)) : nullptr;
+    });
+  };
+  t.destroy = [](void* comm) { delete static_cast<NcclComm*>(comm); };
+  t.all_reduce = [](void* c, void* data, std::size_t n, int elem, bool max) {
+    return status([&] { sync_all_reduce(comm_of(c), data, n, nccl_type(elem), max); });
+  };
+  t.all_gather = [](void* c, const void* send, void* recv, std::size_t n, int elem) {
+    return status([&] { sync_all_gather(comm_of(c), send, recv, n, nccl_type(elem)); });
+  };
+  t.reduce_scatter = [](void* c, const void* send, void* recv, std::size_t n, int elem) {
+    return status([&] { sync_reduce_scatter(comm_of(c), send, recv, n, nccl_type(elem)); });
+  };
+  t.all_to_all_v = [](void* c, const void* send, const std::size_t* sc, void* recv,
+                      const std::size_t* rc, int elem) {
+    return status([&] {
+      const auto n = static_cast<std::size_t>(comm_of(c).size());
+      sync_all_to_all_v(comm_of(c), send, counts(sc, n), recv, counts(rc, n), nccl_type(elem));
+    });
+  };
+  t.ring = [](void* c, const void* send, void* recv, std::size_t n, int shift, int elem) {
+    return status(
+        [&] { sync_send_recv_ring(comm_of(c), send, recv, n, shift, nccl_type(elem)); });
+  };
+  return t;
+}
+
 } // namespace
 } // namespace mop::real::cuda
 
 extern "C" const mop::real::cuda::Api* mop_cuda_api() {
   static const mop::real::cuda::Api api{mop::real::cuda::Api::kVersion, &mop::real::cuda::probe,
                                         &mop::real::cuda::versions, &mop::real::cuda::calibrate,
-                                        mop::real::cuda::kernel_table()};
+                                        mop::real::cuda::kernel_table(),
+                                        mop::real::cuda::nccl_table()};
   return &api;
 }

@@ -10,6 +10,8 @@
 #include "real_backend/cuda/backend.hpp"
 
 #include "real_backend/cpu/interpreter.hpp"
+#include "real_backend/cpu/socket_world.hpp"
+#include "real_backend/cuda/nccl_world.hpp"
 #include "tests/real_backend/cuda/gpu.hpp"
 #include "tests/support/program_case.hpp"
 
@@ -65,4 +67,38 @@ TEST_CASE("the CUDA interpreter trains as the CPU interpreter: one rank, data an
   }));
   expect_same_on_gpu(make_case("tiny-moe", 2, 4, 16, [](Plan& p) { p.moe.ep = 2; }));
   expect_same_on_gpu(make_case("tiny-dense", 2, 2, 16, [](Plan& p) { p.attention.cp = 2; }));
+}
+
+TEST_CASE("the CUDA interpreter in a world of processes over NCCL: a world of one trains as "
+          "ranks as threads, and its collectives take host and managed buffers" *
+          doctest::test_suite("independent")) {
+  if (!mop::test::gpu_or_skip() || !backend_loaded())
+    return;
+  cuda::select_device(0);
+  // The collectives on a host vector (staged through the device) and on managed memory.
+  World w(cuda::nccl_world(socket_world("", 1, 0)));
+  w.prepare({{0}, {0}});
+  const Comm c = w.group({0}, 0);
+  std::vector<double> host{1.5, -2, 3};
+  c.all_reduce(host.data(), host.size());
+  CHECK(host == std::vector<double>{1.5, -2, 3});
+  std::vector<std::int64_t> gathered(2, 0);
+  gathered[0] = 41;
+  c.all_gather(gathered.data(), 1, gathered.data());
+  CHECK(gathered[0] == 41);
+  c.barrier();
+  // The interpreter over that world: the same run as its rank as a thread.
+  const auto k = make_case("tiny-moe", 1, 2, 16, [](Plan&) {});
+  const DataSource data = DataSource::synthetic(k.config.vocab, 3);
+  RunOptions o;
+  o.steps = 2;
+  const TrainState<float> start = initial_state<float>(k.config, 7);
+  const RunResult<float> threads = cuda::interpret(k.schedule, k.config, data, start, o);
+  World one(cuda::nccl_world(socket_world("", 1, 0)));
+  const RunResult<float> process = cuda::interpret(k.schedule, k.config, data, start, o, &one);
+  // The same kernels on the same GPU; only atomics' order may differ between the two runs.
+  REQUIRE(process.losses.size() == threads.losses.size());
+  for (std::size_t s = 0; s < threads.losses.size(); ++s)
+    CHECK(std::abs(process.losses[s] - threads.losses[s]) <= 1e-6 * std::abs(threads.losses[s]));
+  CHECK(max_rel_diff(process.state.params, threads.state.params) <= 1e-5);
 }
