@@ -1670,7 +1670,8 @@ RunResult<T> interpret_with(const sim::Schedule& s, const TinyConfig& c, const D
       for (auto& g : sh.grads)
         std::fill(g.begin(), g.end(), unwritten);
       rank.step(start.step + k);
-      all.all_reduce(sh.loss_part.data(), world);
+      all.all_reduce(sh.loss_part.data(), world); // also the step's end on every rank
+      const double step_s = std::chrono::duration<double>(Clock::now() - t0).count();
       if (want_grads)
         for (auto& g : sh.grads) {
           all.all_reduce_max(g.data(), g.size());
@@ -1679,7 +1680,7 @@ RunResult<T> interpret_with(const sim::Schedule& s, const TinyConfig& c, const D
         }
       if (!lead)
         continue;
-      res.step_time_s.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      res.step_time_s.push_back(step_s);
       const Batch batch = data.batch(start.step + k, s.tokens.global_batch, s.tokens.seq_len);
       double labelled = 0, loss = 0;
       for (auto l : batch.labels)
