@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fmt/format.h>
+#include <map>
 #include <limits>
 #include <numeric>
 
@@ -126,6 +127,18 @@ public:
   PassModel pass_model(bool with_passes);
 
 private:
+  // FSDP2 under torch.distributed.pipelining (torchtitan, NeMo AutoModel): reshard_after_forward
+  // is off when pp is on, "to avoid per-microbatch all-gathers" (torchtitan's
+  // parallelize_llama.py since July 2024), and the stage's backward turns reshard_after_backward
+  // and gradient sync off but for the last backward (pipelining's stage.py,
+  // backward_maybe_with_nosync). So a ZeRO-3 bucket of a pipeline stage is gathered once per step
+  // (its first forward) and reduce-scattered once (its last backward), holding the unsharded
+  // parameters and gradients between, as the memory model counts them (strategies/memory.cpp)
+  // and the program lowering builds them (lowering/program.cpp). With gradients on the host each
+  // micro-batch's are reduced and downloaded instead.
+  bool whole_step(const ParamBucket& b) const {
+    return b.zero >= 3 && p_.pp > 1 && p_.grads == Placement::hbm;
+  }
   const Plan& p_;
   const LoweringContext& c_;
   const ModelSpec& m_;
@@ -1275,6 +1288,7 @@ sim::Schedule Lowering::run() {
       tied_group = static_cast<int>(s_.groups.size()) - 1;
     }
 
+    std::map<std::string, int> step_gathers; // whole_step buckets: their one gather
     // ZeRO-3 gathers of `list` (one all-gather per bucket, over its shard group); returns the ops
     // the compute must wait for. `gate` is the op that bounds prefetch to one layer ahead.
     auto gather_buckets = [&](const std::vector<ParamBucket>& list, const std::string& what,
@@ -1283,6 +1297,14 @@ sim::Schedule Lowering::run() {
       for (const ParamBucket& b : list) {
         if (b.zero < 3 || b.shard < 0)
           continue;
+        const bool once = whole_step(b);
+        const std::string key = what + "." + b.name;
+        if (once) {
+          if (const auto it = step_gathers.find(key); it != step_gathers.end()) {
+            ops.push_back(it->second);
+            continue;
+          }
+        }
         int upload = -1;
         if (p_.params == Placement::host) { // FSDP2 CPU offload: bring the shard to HBM first
           sim::Op up;
@@ -1310,10 +1332,15 @@ sim::Schedule Lowering::run() {
           op.deps.push_back(gate);
         if (upload >= 0)
           op.deps.push_back(upload);
-        op.allocs.push_back(tensor(label("{}.{} gathered ({} mb{})", what, b.name, pass, mb),
-                                   workload::kActivationBytes * b.params, Device::hbm,
-                                   MemoryKind::comm_buffers));
-        ops.push_back(add(std::move(op), false));
+        // A whole-step gather lands in the unsharded parameters the resident weights count.
+        if (!once)
+          op.allocs.push_back(tensor(label("{}.{} gathered ({} mb{})", what, b.name, pass, mb),
+                                     workload::kActivationBytes * b.params, Device::hbm,
+                                     MemoryKind::comm_buffers));
+        const int id = add(std::move(op), false);
+        if (once)
+          step_gathers[key] = id;
+        ops.push_back(id);
       }
       return ops;
     };
@@ -1502,14 +1529,15 @@ sim::Schedule Lowering::run() {
 
     std::vector<int> layer_bwd_end(static_cast<std::size_t>(n_layers), -1);
     // Gradient reduction of a bucket after op `after`: ZeRO-3 (FSDP2) reduce-scatters a layer's
-    // buckets every micro-batch; the others, and the embedding kind, reduce on the last
+    // buckets every micro-batch (once per step in a pipeline stage: whole_step above); the
+    // others, and the embedding kind, reduce on the last
     // (Megatron's overlap_grad_reduce): ZeRO-0 all-reduces, ZeRO 1 and 2 reduce-scatter (each
     // rank steps only its shard). HSDP then all-reduces the shard over the replicas once per
     // step, and tied embeddings sum the first and last stages' copies.
     std::vector<int> grad_ready; // ops after which this step's gradients are reduced / on host
     auto reduce_bucket = [&](const ParamBucket& b, const std::string& what, int layer, int mb,
                              bool last_mb, int end) {
-      if (!last_mb && !(b.zero >= 3 && layer >= 0))
+      if (!last_mb && !(b.zero >= 3 && layer >= 0 && !whole_step(b)))
         return;
       auto reduction = [&](std::string step, OpKind kind, int group, double bytes, int after) {
         sim::Op op = collective_op(label("{}.{}.{}.mb{}", what, b.name, step, mb), kind,
@@ -2141,9 +2169,9 @@ PassModel Lowering::pass_model(bool with_passes) {
     }
     const bool first = stage == 0, last = stage == p_.pp - 1;
     // The DP stream, as run() emits it: per bucket, ZeRO-3 gathers its parameters before each
-    // forward and backward use and (a layer's) reduce-scatters its gradients every micro-batch;
-    // the rest reduce once a step, ZeRO-1/2 gather their updated shards after the step, HSDP
-    // sums the shards over the replicas once.
+    // forward and backward use and (a layer's) reduce-scatters its gradients every micro-batch
+    // (once a step each in a pipeline stage: whole_step); the rest reduce once a step, ZeRO-1/2
+    // gather their updated shards after the step, HSDP sums the shards over the replicas once.
     const double micro = p_.micro_batches();
     auto dp_op = [&](OpKind kind, int group, double bytes, double count) {
       if (group < 0 || count <= 0)
@@ -2165,14 +2193,15 @@ PassModel Lowering::pass_model(bool with_passes) {
     // `layers`: how many of the stage's layers hold such a bucket.
     auto bucket_ops = [&](const ParamBucket& b, double gathers_per_micro, bool layer,
                           double layers) {
+      const bool once = whole_step(b);
       if (b.zero >= 3 && b.shard >= 0)
         dp_op(OpKind::all_gather, b.shard, workload::kActivationBytes * b.params,
-              layers * gathers_per_micro * micro);
+              once ? (gathers_per_micro > 0 ? layers : 0) : layers * gathers_per_micro * micro);
       if (b.zero == 0)
         dp_op(OpKind::all_reduce, b.all_reduce, kGrad * b.params, layers);
       if (b.zero > 0)
         dp_op(OpKind::reduce_scatter, b.shard, kGrad * b.params,
-              layers * (b.zero >= 3 && layer ? micro : 1));
+              layers * (b.zero >= 3 && layer && !once ? micro : 1));
       if (b.zero > 0 && b.replicas >= 0)
         dp_op(OpKind::all_reduce, b.replicas, kGrad * b.params / b.shard_ranks, layers);
       if (b.zero == 1 || b.zero == 2)

@@ -191,6 +191,13 @@ Translation translate(const Row& row, int gpus_per_node) {
   // formed in double and checked against the ceiling before it becomes an int. replicas is 0
   // when the degrees do not divide the GPUs, which complete_plan then names.
   const std::int64_t replicas = p.world / p.pp / (std::int64_t{tp} * p.attention.cp);
+  // torchtitan splits a data-parallel rank's batch into as many micro-batches as there are
+  // pipeline stages unless told otherwise (config_manager.py, --experimental.
+  // pipeline_parallel_microbatches: "The default value will be the number of pipeline stages";
+  // pipeline_llama.py, commit f6a9daa).
+  if (!row.micro_batch_size && row.framework == "torchtitan" && p.pp > 1 && replicas > 0 &&
+      row.global_batch_size && *row.global_batch_size % (replicas * p.pp) == 0)
+    p.micro_batch = static_cast<int>(*row.global_batch_size / (replicas * p.pp));
   const double default_batch =
       static_cast<double>(replicas) * p.micro_batch * (p.pp > 1 ? 2.0 * p.pp * p.vp : 1.0);
   if (!row.global_batch_size && default_batch > static_cast<double>(limits::max_batch_sequences)) {

@@ -162,6 +162,60 @@ TEST_CASE("features appear as the ops they promise" * doctest::test_suite("indep
   CHECK(count(s, sim::OpKind::send_recv) == 4 * layers * micro);
 }
 
+TEST_CASE("FSDP2 in a pipeline gathers a stage's layers once per step and reduces their "
+          "gradients once, as torch's pipelining runs it" *
+          doctest::test_suite("independent")) {
+  // Llama-3-8B's 32 layers over 2 stages of 4 ranks (ZeRO-3 over dp 4), 8 micro-batches per
+  // step. Without a pipeline FSDP2 gathers each layer's bucket in forward and again in backward
+  // and reduce-scatters it every micro-batch; torchtitan turns reshard_after_forward off under
+  // PP and pipelining's stage turns reshard_after_backward and gradient sync off but for the
+  // last backward: one gather and one reduce-scatter per layer bucket and step. A stage of 16
+  // dense layers has two buckets per layer (attention, dense MLP).
+  const workload::ModelSpec m = workload::load_model("llama3-8b");
+  auto collectives = [&](int pp, const char* what, sim::OpKind kind) {
+    Plan p = base(8);
+    p.pp = pp;
+    p.global_batch = 8 * 8 / pp; // 8 micro-batches of one sequence per replica
+    complete_plan(p);
+    REQUIRE(p.micro_batches() == 8);
+    const sim::Schedule s = lower(p, LoweringContext{&m, 4096, 8, kH200, {}});
+    int n = 0;
+    for (const sim::Op& op : s.classes[0].ops)
+      n += op.kind == kind && op.layer >= 0 && op.name.find(what) != std::string::npos ? 1 : 0;
+    return n;
+  };
+  const int micro = 8;
+  // One stage: 32 layers, per micro-batch a forward and a backward gather, one reduce-scatter.
+  CHECK(collectives(1, "fsdp_gather", sim::OpKind::all_gather) == 2 * 2 * 32 * micro);
+  CHECK(collectives(1, "grad_reduce", sim::OpKind::reduce_scatter) == 2 * 32 * micro);
+  // Stage 0 of two: 16 layers, once per step.
+  CHECK(collectives(2, "fsdp_gather", sim::OpKind::all_gather) == 2 * 16);
+  CHECK(collectives(2, "grad_reduce", sim::OpKind::reduce_scatter) == 2 * 16);
+  // The analytic tier's data-parallel stream counts the same collectives as the Schedule's
+  // data-parallel stream, stage by stage, with and without the pipeline.
+  for (int pp : {1, 2}) {
+    CAPTURE(pp);
+    Plan p = base(8);
+    p.pp = pp;
+    p.global_batch = 8 * 8 / pp;
+    complete_plan(p);
+    const LoweringContext ctx{&m, 4096, 8, kH200, {}};
+    const sim::Schedule s = lower(p, ctx);
+    const PassModel pm = pass_model(p, ctx);
+    REQUIRE(pm.stages.size() == s.classes.size());
+    for (std::size_t k = 0; k < s.classes.size(); ++k)
+      for (sim::OpKind kind : {sim::OpKind::all_gather, sim::OpKind::reduce_scatter}) {
+        double counted = 0;
+        for (const auto& [op, n] : pm.stages[k].dp_ops)
+          counted += op.kind == kind ? n : 0;
+        int lowered = 0;
+        for (const sim::Op& op : s.classes[k].ops)
+          lowered += op.kind == kind && op.category == sim::Category::dp_comm ? 1 : 0;
+        CHECK(counted == lowered);
+      }
+  }
+}
+
 TEST_CASE("sliding-window layers under ring CP exchange a halo and keep the model's FLOPs" *
           doctest::test_suite("independent")) {
   // gpt-oss: every other layer attends to 128 tokens. With ring CP of 4 over 8192 tokens, each

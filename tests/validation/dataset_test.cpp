@@ -126,6 +126,29 @@ TEST_CASE("absurd parallel degrees: past the ceiling a sentence naming the row, 
                        "4294967304)."));
 }
 
+TEST_CASE("a torchtitan pipeline without a stated micro-batch splits each replica's batch "
+          "into one micro-batch per stage" *
+          doctest::test_suite("plumbing")) {
+  // 64 GPUs as dp 4 x tp 2 x pp 8, global batch 128: 32 sequences per replica, torchtitan's
+  // default of pp = 8 micro-batches makes them micro-batches of 4 (config_manager.py).
+  const std::string par = R"({"dp": 4, "tp": 2, "pp": 8, "pp_schedule": "1f1b"})";
+  const Translation t = translate(
+      row_with("64", par, R"("framework": "torchtitan", "global_batch_size": 128, )"));
+  REQUIRE(t.plan);
+  CHECK(t.plan->micro_batch == 4);
+  CHECK(t.plan->micro_batches() == 8);
+  // Stated, it stands; another framework keeps one sequence per micro-batch (Megatron's default
+  // micro_batch_size); a batch the stages do not divide keeps one as well.
+  CHECK(translate(row_with("64", par,
+                           R"("framework": "torchtitan", "global_batch_size": 128, )"
+                           R"("micro_batch_size": 2, )"))
+            .plan->micro_batch == 2);
+  CHECK(translate(row_with("64", par, R"("framework": "Megatron-LM", "global_batch_size": 128, )"))
+            .plan->micro_batch == 1);
+  CHECK(translate(row_with("64", par, R"("framework": "torchtitan", "global_batch_size": 36, )"))
+            .plan->micro_batch == 1);
+}
+
 TEST_CASE("a dataset without rows, a folder and a FIFO are refused with one sentence" *
           doctest::test_suite("plumbing")) {
   namespace fs = std::filesystem;
