@@ -179,6 +179,14 @@ void run(RunArgs a) {
   if (a.executor != "cpu" && a.executor != "cuda")
     throw InputError(fmt::format("--executor must be cpu or cuda (got '{}')",
                                  quote_for_message(a.executor, 40)));
+  const std::string collectives =
+      !a.collectives.empty() ? a.collectives : a.executor == "cuda" ? "nccl" : "tcp";
+  if (collectives != "nccl" && collectives != "tcp")
+    throw InputError(fmt::format("--collectives must be nccl or tcp (got '{}')",
+                                 quote_for_message(collectives, 40)));
+  if (collectives == "nccl" && a.executor != "cuda")
+    throw InputError("--collectives nccl needs the CUDA executor; the CPU executor's ranks meet "
+                     "over tcp");
   const std::optional<real::LaunchEnv> env = launch(a);
   if (!env)
     return;
@@ -192,14 +200,6 @@ void run(RunArgs a) {
     a.ranks = env->world_size;
   }
   const bool lead = env->rank == 0; // prints, writes traces and checkpoints
-  const std::string collectives =
-      !a.collectives.empty() ? a.collectives : a.executor == "cuda" ? "nccl" : "tcp";
-  if (collectives != "nccl" && collectives != "tcp")
-    throw InputError(fmt::format("--collectives must be nccl or tcp (got '{}')",
-                                 quote_for_message(collectives, 40)));
-  if (collectives == "nccl" && a.executor != "cuda")
-    throw InputError("--collectives nccl needs the CUDA executor; the CPU executor's ranks meet "
-                     "over tcp");
   if (a.executor == "cuda")
     prepare_cuda(*env);
   if (a.ranks < 1 || a.ranks > limits::max_cpu_ranks)

@@ -127,18 +127,10 @@ public:
   PassModel pass_model(bool with_passes);
 
 private:
-  // FSDP2 under torch.distributed.pipelining (torchtitan, NeMo AutoModel): reshard_after_forward
-  // is off when pp is on, "to avoid per-microbatch all-gathers" (torchtitan's
-  // parallelize_llama.py since July 2024), and the stage's backward turns reshard_after_backward
-  // and gradient sync off but for the last backward (pipelining's stage.py,
-  // backward_maybe_with_nosync). So a ZeRO-3 bucket of a pipeline stage is gathered once per step
-  // (its first forward) and reduce-scattered once (its last backward), holding the unsharded
-  // parameters and gradients between, as the memory model counts them (strategies/memory.cpp)
-  // and the program lowering builds them (lowering/program.cpp). With gradients on the host each
-  // micro-batch's are reduced and downloaded instead.
-  bool whole_step(const ParamBucket& b) const {
-    return b.zero >= 3 && p_.pp > 1 && p_.grads == Placement::hbm;
-  }
+  // A ZeRO-3 bucket of a pipeline stage is gathered once per step (its first forward) and
+  // reduce-scattered once (its last backward): unsharded_for_step (strategies/memory.hpp), as
+  // the program lowering builds it (lowering/program.cpp).
+  bool whole_step(const ParamBucket& b) const { return unsharded_for_step(p_, b.zero); }
   const Plan& p_;
   const LoweringContext& c_;
   const ModelSpec& m_;

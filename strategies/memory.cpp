@@ -211,6 +211,10 @@ double embedding_local_params(const ModelSpec& m, const Plan& p) {
   return static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size) / p.embed.tp;
 }
 
+bool unsharded_for_step(const Plan& plan, int zero) {
+  return zero >= 3 && plan.pp > 1 && plan.grads == Placement::hbm;
+}
+
 double shard_degree(const Plan& p, LayerKind kind) {
   const int d = data_parallel_ranks(p, kind);
   // Bounds-checked: GCC's -Warray-bounds misreads this read once inlined into a unity batch.
@@ -332,10 +336,7 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
     MemoryBreakdown& host = rc.host;
     for (int k = 0; k < kNumLayerKinds; ++k) {
       const int zero = p.state[k].zero;
-      // FSDP2 under torch's pipelining keeps a stage's layers gathered from the first forward
-      // to the last backward and accumulates their unsharded gradients over the step (with
-      // gradients on the host, each micro-batch's are reduced and downloaded instead).
-      const bool whole_step = zero >= 3 && p.pp > 1 && p.grads == Placement::hbm;
+      const bool whole_step = unsharded_for_step(p, zero);
       const double w = kParamBytes * (zero >= 3 ? local[k] / shard[k] : local[k]) +
                        (whole_step ? kParamBytes * local[k] : 0);
       const double g = kGradBytes * (zero >= 2 && !whole_step ? local[k] / shard[k] : local[k]);

@@ -72,6 +72,13 @@ KindParams layer_local_params(const workload::ModelSpec& m, const workload::Laye
 double expert_copy_bytes(const workload::ModelSpec& m, const Plan& plan);
 // Embedding table or LM head rows held by a rank (vocab-parallel split).
 double embedding_local_params(const workload::ModelSpec& m, const Plan& plan);
+// Whether states under ZeRO stage `zero` stay unsharded for the whole step: FSDP2 under
+// torch.distributed.pipelining (torchtitan, NeMo AutoModel) keeps a pipeline stage's layers
+// gathered from the first forward to the last backward (reshard_after_forward off under PP,
+// "to avoid per-microbatch all-gathers") and reduces their gradients once, at the last backward
+// (pipelining's backward_maybe_with_nosync). With gradients on the host each micro-batch's are
+// reduced and downloaded instead. The memory model and the cost-only lowering both ask this.
+bool unsharded_for_step(const Plan& plan, int zero);
 // How many data-parallel ranks share (shard) one copy of a kind's states under ZeRO: dp·cp for
 // attention (CP ranks hold the same weights), edp for experts, the rest for dense and embedding;
 // capped by the kind's HSDP shard_group.

@@ -463,6 +463,31 @@ const char* elem_name(Elem e) {
   return "?";
 }
 
+namespace {
+template <class T> void combine_as(T* acc, const T* src, std::size_t n, bool max) {
+  for (std::size_t i = 0; i < n; ++i)
+    acc[i] = max ? larger(acc[i], src[i]) : add(acc[i], src[i]);
+}
+} // namespace
+
+void combine(Elem e, void* acc, const void* src, std::size_t n, bool max) {
+  switch (e) {
+  case Elem::f32:
+    return combine_as(static_cast<float*>(acc), static_cast<const float*>(src), n, max);
+  case Elem::f64:
+    return combine_as(static_cast<double*>(acc), static_cast<const double*>(src), n, max);
+  case Elem::i32:
+    return combine_as(static_cast<std::int32_t*>(acc), static_cast<const std::int32_t*>(src), n,
+                      max);
+  case Elem::i64:
+    return combine_as(static_cast<std::int64_t*>(acc), static_cast<const std::int64_t*>(src), n,
+                      max);
+  case Elem::none:
+    break;
+  }
+  throw std::logic_error("a reduction of no element type");
+}
+
 std::size_t elem_size(Elem e) {
   switch (e) {
   case Elem::f32:

@@ -54,6 +54,10 @@ template <class T> constexpr Elem elem_of() {
   }
 }
 
+// acc[i] = acc[i] + src[i], or with `max` the larger (NaN-propagating), for n elements of type
+// e: the arithmetic of every reduction of a Comm, whatever carries its data.
+void combine(Elem e, void* acc, const void* src, std::size_t n, bool max);
+
 // One process's handle on a group of a world of processes: Comm's collectives, type-erased
 // (counts in elements of `e`), with Comm's semantics and its sums in group-rank order.
 class Link {

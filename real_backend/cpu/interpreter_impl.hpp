@@ -87,6 +87,16 @@ inline double clock_s(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(t.time_since_epoch()).count();
 }
 
+// The rank class that runs world rank `rank`: its pipeline stage's; nullptr for none.
+inline const sim::RankClass* class_of_rank(const sim::Schedule& s, int rank) {
+  const int stage = s.mesh.view(s.tokens.view).coord(rank, "pp");
+  const sim::RankClass* found = nullptr;
+  for (const sim::RankClass& rc : s.classes)
+    if (rc.stage == stage)
+      found = &rc;
+  return found;
+}
+
 // K<T> is the backend's kernel policy (CpuKernels here, the CUDA backend's in
 // real_backend/cuda): the storage every tensor lives in (K<T>::Alloc) and the kernels.
 template <class T, template <class> class K> class RankInterpreter {
@@ -100,13 +110,9 @@ public:
   RankInterpreter(World& w, int rank, const sim::Schedule& s, const TinyConfig& c, Shared<T>& sh,
                   const RunOptions& o, const DataSource& data)
       : w_(w), rank_(rank), s_(s), c_(c), sh_(sh), o_(o), data_(data), layout_(param_layout(c)) {
-    const sim::MeshView& a = s_.mesh.view(s_.tokens.view);
-    const int stage = a.coord(rank, "pp");
-    for (std::size_t k = 0; k < s_.classes.size(); ++k)
-      if (s_.classes[k].stage == stage)
-        rc_ = &s_.classes[k];
+    rc_ = class_of_rank(s_, rank);
     if (rc_ == nullptr)
-      bug(fmt::format("no rank class runs stage {} (rank {})", stage, rank));
+      bug(fmt::format("no rank class runs the stage of rank {}", rank));
     // The communicators this rank's ops use (a group of other stages, such as the tied
     // embeddings' ends, may not hold it); point-to-point groups need none.
     comms_.resize(s_.groups.size());
@@ -1621,12 +1627,8 @@ RunResult<T> interpret_with(const sim::Schedule& s, const TinyConfig& c, const D
   // Each rank's ops in the flattened timeline: the ops of its stage's class.
   std::vector<std::size_t> timeline_at(world + 1, 0);
   for (std::size_t r = 0; r < world; ++r) {
-    const int stage = s.mesh.view(s.tokens.view).coord(static_cast<int>(r), "pp");
-    std::size_t n = 0;
-    for (const sim::RankClass& rc : s.classes)
-      if (rc.stage == stage)
-        n = rc.ops.size();
-    timeline_at[r + 1] = timeline_at[r] + n;
+    const sim::RankClass* rc = class_of_rank(s, static_cast<int>(r));
+    timeline_at[r + 1] = timeline_at[r] + (rc != nullptr ? rc->ops.size() : 0);
   }
 
   RunResult<T> res;

@@ -266,42 +266,6 @@ std::uint64_t channel_of(const std::vector<int>& members) {
   return h == kP2p ? 1 : h;
 }
 
-template <class T> T add(T a, T b) {
-  return a + b;
-}
-
-// NaN-propagating, as the in-process world's.
-template <class T> T larger(T a, T b) {
-  if constexpr (std::is_floating_point_v<T>) {
-    if (b != b)
-      return b;
-  }
-  return b > a ? b : a;
-}
-
-template <class T>
-void combine_into(T* acc, const std::byte* src, std::size_t n, bool max) {
-  const T* s = reinterpret_cast<const T*>(src);
-  for (std::size_t i = 0; i < n; ++i)
-    acc[i] = max ? larger(acc[i], s[i]) : add(acc[i], s[i]);
-}
-
-void combine(Elem e, void* acc, const std::byte* src, std::size_t n, bool max) {
-  switch (e) {
-  case Elem::f32:
-    return combine_into(static_cast<float*>(acc), src, n, max);
-  case Elem::f64:
-    return combine_into(static_cast<double*>(acc), src, n, max);
-  case Elem::i32:
-    return combine_into(static_cast<std::int32_t*>(acc), src, n, max);
-  case Elem::i64:
-    return combine_into(static_cast<std::int64_t*>(acc), src, n, max);
-  case Elem::none:
-    break;
-  }
-  throw std::logic_error("a reduction of no element type");
-}
-
 class SocketWorld;
 
 class SocketLink : public Link {

@@ -117,6 +117,14 @@ TEST_CASE("mop run in one process per rank: a world that cannot run ends each pr
   CHECK(count_lines(ranks.err) == 1);
   CHECK(ranks.err.find("the world has 2 processes, one per rank, but --ranks is 3") !=
         std::string::npos);
+  // --collectives: nccl or tcp, and nccl only for the CUDA executor; refused before any process
+  // starts.
+  for (const char* bad : {"--collectives x", "--collectives nccl --nproc-per-node 2"}) {
+    CAPTURE(bad);
+    const auto r = run_mop(std::string("run --executor cpu --model tiny-dense ") + bad);
+    CHECK(r.status == 1);
+    CHECK(count_lines(r.err) == 1);
+  }
   // Ranks started with different arguments: neither hangs, neither reports a bug.
   const std::vector<std::string> args = {"run --executor cpu --model tiny-dense --steps 3",
                                          "run --executor cpu --model tiny-dense --steps 1"};

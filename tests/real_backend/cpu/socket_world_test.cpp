@@ -156,7 +156,7 @@ TEST_CASE("socket world: mismatched calls fail on both sides with one sentence" 
 
 TEST_CASE("socket world: a failing rank ends its peers' waits with its reason, not a timeout" *
           doctest::test_suite("independent")) {
-  const auto t0 = std::chrono::steady_clock::now();
+  // The peers' sentence is the failing rank's, not the timeout's ("waited ... sent nothing").
   const auto errors = run_processes(3, [](World& w, int r) {
     const Comm all = w.group({0, 1, 2}, r);
     if (r == 1) {
@@ -165,7 +165,6 @@ TEST_CASE("socket world: a failing rank ends its peers' waits with its reason, n
     }
     all.barrier();
   });
-  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20));
   CHECK(errors[0] == "rank 1 failed: out of memory");
   CHECK(errors[2] == "rank 1 failed: out of memory");
 }
@@ -173,12 +172,10 @@ TEST_CASE("socket world: a failing rank ends its peers' waits with its reason, n
 TEST_CASE("socket world: a wait for a rank that finished fails at once, one for a silent rank at "
           "the timeout" *
           doctest::test_suite("independent")) {
-  const auto t0 = std::chrono::steady_clock::now();
   auto errors = run_processes(2, [](World& w, int r) {
     if (r == 0)
       w.group({0, 1}, r).barrier();
   });
-  CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(20));
   CHECK(errors[0] == "rank 0 waits in barrier on group [0, 1] for rank 1, which has finished: "
                      "were the ranks started with different arguments?");
   CHECK(errors[1] == "");
