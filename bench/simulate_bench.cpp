@@ -1,5 +1,6 @@
 // Wall time of one evaluation as the search runs it (lower without op names, play, steady-state
-// extrapolation; no structural check: `mop simulate` adds it) for the
+// extrapolation; no structural check: `mop simulate` adds it; an interleaved pipeline replayed
+// on chunks, planner/replay.hpp) for the
 // two reference cases; the plan is resolved once, outside the timed loop. The process allocates
 // as `mop` does (common/allocator.hpp).
 #include "common/allocator.hpp"
@@ -7,6 +8,7 @@
 #include "hw_models/cluster.hpp"
 #include "planner/bound.hpp"
 #include "planner/evaluate.hpp"
+#include "planner/replay.hpp"
 #include "planner/search.hpp"
 #include "strategies/hardware.hpp"
 #include "strategies/presets.hpp"
@@ -21,7 +23,8 @@ const bool kAllocatorSet = (mop::keep_freed_memory(), true);
 
 void run(benchmark::State& state, const char* model_id, const char* cluster_id, int nodes,
          std::int64_t seq, const char* family,
-         mop::planner::Lowering lowering = mop::planner::Lowering::cost_only) {
+         mop::planner::Lowering lowering = mop::planner::Lowering::cost_only,
+         bool engine = false) {
   const auto model = mop::workload::load_model(model_id);
   const auto cluster = mop::hw::load_cluster(cluster_id);
   mop::strategy::PlanContext ctx;
@@ -36,13 +39,16 @@ void run(benchmark::State& state, const char* model_id, const char* cluster_id, 
   std::int64_t ops = 0, events = 0;
   for (auto _ : state) {
     const auto e =
-        mop::planner::evaluate_step(plan, lc, cluster, mop::hw::Calibration{}, 16, lowering,
-                                    mop::planner::Check::skip);
+        lowering == mop::planner::Lowering::cost_only && !engine
+            ? mop::planner::evaluate_for_search(plan, lc, cluster, mop::hw::Calibration{}, 16)
+            : mop::planner::evaluate_step(plan, lc, cluster, mop::hw::Calibration{}, 16, lowering,
+                                          mop::planner::Check::skip);
     for (const auto& c : e.schedule.classes)
       ops += static_cast<std::int64_t>(c.ops.size()) * 1;
     events += e.result.events;
     benchmark::DoNotOptimize(e.step_time_s);
   }
+  state.SetLabel(mop::strategy::summary(plan));
   state.counters["ops_per_eval"] =
       benchmark::Counter(static_cast<double>(ops), benchmark::Counter::kAvgIterations);
   state.counters["events_per_s"] =
@@ -58,6 +64,13 @@ void BM_Llama3_405B_128xH100_8K_megatron(benchmark::State& state) {
   run(state, "llama3-405b", "h100", 128, 8192, "megatron");
 }
 BENCHMARK(BM_Llama3_405B_128xH100_8K_megatron)->Unit(benchmark::kMillisecond);
+
+// The same interleaved plan (PP 32 × VP 4) on the event engine, op by op, where the search
+// replays it on chunks (planner/replay.hpp).
+void BM_Llama3_405B_128xH100_8K_megatron_engine(benchmark::State& state) {
+  run(state, "llama3-405b", "h100", 128, 8192, "megatron", mop::planner::Lowering::cost_only, true);
+}
+BENCHMARK(BM_Llama3_405B_128xH100_8K_megatron_engine)->Unit(benchmark::kMillisecond);
 
 // The same two evaluations with the program lowering (the Schedule the CPU interpreter runs).
 void BM_KimiK2_12xH200_1M_mop_program(benchmark::State& state) {

@@ -2,6 +2,7 @@
 
 #include "common/units.hpp"
 #include "planner/bound.hpp"
+#include "planner/replay.hpp"
 
 #include <algorithm>
 #include <fmt/format.h>
@@ -39,19 +40,27 @@ RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpe
   // Only the plan's numbers are kept: no op names, no structural check (tests hold both).
   LoweringContext lc = strategy::lowering_context(ctx);
   lc.names = false;
-  r.eval = evaluate_step(c.plan, lc, cluster, cal, max_micro, Lowering::cost_only, Check::skip);
+  // An interleaved pipeline is played on its chunks (planner/replay.hpp), its memory the
+  // analytic model's; every other plan on the event engine, its memory the engine's.
+  bool replayed = false;
+  r.eval = evaluate_for_search(c.plan, lc, cluster, cal, max_micro, &replayed);
   const double gpus = static_cast<double>(c.plan.world);
   r.tokens_per_s_per_gpu = r.eval.tokens_per_step / r.eval.step_time_s / gpus;
   r.tflops_per_gpu = r.eval.model_flops_per_step / r.eval.step_time_s / gpus / 1e12;
   r.mfu = r.tflops_per_gpu * 1e12 / cluster.gpu.peak_flops_bf16;
-  for (const sim::ClassResult& cr : r.eval.result.classes) {
-    const double dynamic = cr.memory.at_peak[static_cast<int>(sim::MemoryKind::activations)] +
-                           cr.memory.at_peak[static_cast<int>(sim::MemoryKind::comm_buffers)];
-    r.peak_hbm_bytes =
-        std::max(r.peak_hbm_bytes, cr.memory.peak_hbm_bytes + ctx.hw.fragmentation * dynamic);
-    r.peak_host_bytes = std::max(r.peak_host_bytes, cr.memory.peak_host_bytes);
+  if (replayed) {
+    r.peak_hbm_bytes = c.memory.peak_hbm_bytes;
+    r.peak_host_bytes = c.memory.peak_host_bytes;
+  } else {
+    for (const sim::ClassResult& cr : r.eval.result.classes) {
+      const double dynamic = cr.memory.at_peak[static_cast<int>(sim::MemoryKind::activations)] +
+                             cr.memory.at_peak[static_cast<int>(sim::MemoryKind::comm_buffers)];
+      r.peak_hbm_bytes =
+          std::max(r.peak_hbm_bytes, cr.memory.peak_hbm_bytes + ctx.hw.fragmentation * dynamic);
+      r.peak_host_bytes = std::max(r.peak_host_bytes, cr.memory.peak_host_bytes);
+    }
+    r.peak_host_bytes = r.peak_host_bytes * ctx.hw.gpus_per_node + ctx.hw.host_reserved_bytes;
   }
-  r.peak_host_bytes = r.peak_host_bytes * ctx.hw.gpus_per_node + ctx.hw.host_reserved_bytes;
   r.fits = ctx.hw.fits_hbm(r.peak_hbm_bytes) && r.peak_host_bytes <= ctx.hw.host_bytes;
   // A result keeps its numbers, not the Schedule and its timings (hundreds of megabytes for a
   // deep pipeline): `mop simulate` rebuilds them for the plan it is asked about.

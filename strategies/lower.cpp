@@ -25,7 +25,7 @@ using workload::ModelSpec;
 
 namespace {
 
-enum Stream { kCompute, kTp, kCp, kEp, kDp, kPp, kH2d, kD2h, kHost, kNumStreams };
+enum Stream { kCompute = kComputeStream, kTp, kCp, kEp, kDp, kPp, kH2d, kD2h, kHost, kNumStreams };
 const char* const kStreamNames[kNumStreams] = {"compute",  "comm.tp",  "comm.cp",
                                                "comm.ep",  "comm.dp",  "comm.pp",
                                                "copy.h2d", "copy.d2h", "host"};
@@ -220,6 +220,14 @@ private:
   double selective_share(const Step& st) const;
   sim::Op host_adam_op(std::string name, double params, int layer) const;
   sim::Op pipeline_op(std::string name, OpKind kind, int peer, int mb, double bytes) const;
+  // The reductions of bucket b's gradients after a backward of micro-batch mb (of the step's
+  // last one: `last_mb`), in order, each to wait for the one before it: none when the bucket
+  // reduces on another micro-batch. `tied_group`: the tied embedding's pair (-1: none).
+  std::vector<sim::Op> reduction_chain(const ParamBucket& b, const std::string& what, int layer,
+                                       int mb, bool last_mb, int tied_group) const;
+  // ZeRO 1 and 2: the all-gathers of `list`'s updated parameters after the step, in order.
+  std::vector<sim::Op> param_gather_ops(const std::vector<ParamBucket>& list,
+                                        const std::string& what, int layer) const;
   sim::Op op_of(const Step& st, const std::string& name, Category category, int layer, int mb);
 };
 
@@ -963,6 +971,60 @@ sim::Op Lowering::pipeline_op(std::string name, OpKind kind, int peer, int mb, d
   return op;
 }
 
+std::vector<sim::Op> Lowering::reduction_chain(const ParamBucket& b, const std::string& what,
+                                               int layer, int mb, bool last_mb,
+                                               int tied_group) const {
+  std::vector<sim::Op> ops;
+  if (!last_mb && !(b.zero >= 3 && layer >= 0 && !whole_step(b)))
+    return ops;
+  auto reduction = [&](const char* step, OpKind kind, int group, double bytes) {
+    sim::Op op;
+    op.name = label("{}.{}.{}.mb{}", what, b.name, step, mb);
+    op.kind = kind;
+    op.category = Category::dp_comm;
+    op.stream = kDp;
+    op.group = group;
+    op.bytes = bytes;
+    op.micro_batch = mb;
+    op.layer = layer;
+    ops.push_back(std::move(op));
+  };
+  if (b.tp_sum >= 0) {
+    reduction("grad_tp_sum", OpKind::all_reduce, b.tp_sum, kGrad * b.tp_sum_params);
+    ops.back().category = Category::tp_comm;
+    ops.back().stream = kTp;
+  }
+  if (b.zero == 0 && b.all_reduce >= 0)
+    reduction("grad_reduce", OpKind::all_reduce, b.all_reduce, kGrad * b.params);
+  if (b.zero > 0 && b.shard >= 0)
+    reduction("grad_reduce", OpKind::reduce_scatter, b.shard, kGrad * b.params);
+  if (last_mb && b.zero > 0 && b.replicas >= 0)
+    reduction("grad_replicas", OpKind::all_reduce, b.replicas, kGrad * b.params / b.shard_ranks);
+  if (last_mb && b.embedding && tied_group >= 0)
+    reduction("tied_grad_sum", OpKind::all_reduce, tied_group,
+              kGrad * b.params / (b.zero > 0 ? b.shard_ranks : 1));
+  return ops;
+}
+
+std::vector<sim::Op> Lowering::param_gather_ops(const std::vector<ParamBucket>& list,
+                                                const std::string& what, int layer) const {
+  std::vector<sim::Op> ops;
+  for (const ParamBucket& b : list) {
+    if ((b.zero != 1 && b.zero != 2) || b.shard < 0)
+      continue;
+    sim::Op op;
+    op.name = label("{}.{}.param_gather", what, b.name);
+    op.kind = OpKind::all_gather;
+    op.category = Category::dp_comm;
+    op.stream = kDp;
+    op.group = b.shard;
+    op.bytes = workload::kActivationBytes * b.params;
+    op.layer = layer;
+    ops.push_back(std::move(op));
+  }
+  return ops;
+}
+
 // AdamW over `params` parameters on the host CPU, with the plan's optimizer implementation.
 sim::Op Lowering::host_adam_op(std::string name, double params, int layer) const {
   sim::Op adam;
@@ -1336,18 +1398,6 @@ sim::Schedule Lowering::run() {
       }
       return ops;
     };
-    auto collective_op = [&](std::string name, OpKind kind, Category category, int stream,
-                             int group, double bytes, int mb) {
-      sim::Op op;
-      op.name = std::move(name);
-      op.kind = kind;
-      op.category = category;
-      op.stream = stream;
-      op.group = group;
-      op.bytes = bytes;
-      op.micro_batch = mb;
-      return op;
-    };
     // Vocabulary parallelism with SP (Megatron's VocabParallelEmbedding and
     // vocab_parallel_cross_entropy): the embedding's partial rows reduce-scatter over the
     // embedding tp group (an all-gather of their gradients in backward); the head gathers the
@@ -1361,13 +1411,7 @@ sim::Schedule Lowering::run() {
     auto param_gathers = [&](const std::vector<ParamBucket>& list, const std::string& what,
                              int layer, int after) {
       int last_op = after;
-      for (const ParamBucket& b : list) {
-        if ((b.zero != 1 && b.zero != 2) || b.shard < 0)
-          continue;
-        sim::Op op = collective_op(label("{}.{}.param_gather", what, b.name), OpKind::all_gather,
-                                   Category::dp_comm, kDp, b.shard,
-                                   workload::kActivationBytes * b.params, -1);
-        op.layer = layer;
+      for (sim::Op& op : param_gather_ops(list, what, layer)) {
         op.deps = {last_op};
         last_op = add(std::move(op), false);
       }
@@ -1529,37 +1573,11 @@ sim::Schedule Lowering::run() {
     std::vector<int> grad_ready; // ops after which this step's gradients are reduced / on host
     auto reduce_bucket = [&](const ParamBucket& b, const std::string& what, int layer, int mb,
                              bool last_mb, int end) {
-      if (!last_mb && !(b.zero >= 3 && layer >= 0 && !whole_step(b)))
-        return;
-      auto reduction = [&](std::string step, OpKind kind, int group, double bytes, int after) {
-        sim::Op op = collective_op(label("{}.{}.{}.mb{}", what, b.name, step, mb), kind,
-                                   Category::dp_comm, kDp, group, bytes, mb);
-        op.layer = layer;
-        op.deps = {after};
-        return op;
-      };
       int r = -1;
-      std::vector<sim::Op> ops;
-      if (b.tp_sum >= 0) {
-        ops.push_back(
-            reduction("grad_tp_sum", OpKind::all_reduce, b.tp_sum, kGrad * b.tp_sum_params, end));
-        ops.back().category = Category::tp_comm;
-        ops.back().stream = kTp;
-      }
-      if (b.zero == 0 && b.all_reduce >= 0)
-        ops.push_back(
-            reduction("grad_reduce", OpKind::all_reduce, b.all_reduce, kGrad * b.params, end));
-      if (b.zero > 0 && b.shard >= 0)
-        ops.push_back(
-            reduction("grad_reduce", OpKind::reduce_scatter, b.shard, kGrad * b.params, end));
-      if (last_mb && b.zero > 0 && b.replicas >= 0)
-        ops.push_back(reduction("grad_replicas", OpKind::all_reduce, b.replicas,
-                                kGrad * b.params / b.shard_ranks, end));
-      if (last_mb && b.embedding && tied_group >= 0)
-        ops.push_back(reduction("tied_grad_sum", OpKind::all_reduce, tied_group,
-                                kGrad * b.params / (b.zero > 0 ? b.shard_ranks : 1), end));
+      std::vector<sim::Op> ops = reduction_chain(b, what, layer, mb, last_mb, tied_group);
       if (ops.empty())
         return;
+      ops.front().deps = {end};
       const int buf = tensor(label("{}.{} unsharded grads mb{}", what, b.name, mb),
                              kGrad * b.params, Device::hbm, MemoryKind::comm_buffers);
       rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
@@ -2136,16 +2154,31 @@ PassModel Lowering::pass_model(bool with_passes) {
     kind_buckets.push_back(layer_buckets(layer, layer_local_params(m_, layer, p_)));
     kind_shard.push_back(layer_shard_params(layer));
   }
+  // The chunk replay's pieces: the pipeline's transfer and, per kind of layer, its once-a-step
+  // reductions and parameter gathers.
+  out.pp_send = pipeline_op("send", OpKind::send, 0, 0,
+                            workload::kActivationBytes * tokens_ * static_cast<double>(m_.hidden_size) /
+                                sp_);
+  out.reductions.resize(out.passes.size());
+  out.param_gathers.resize(out.passes.size());
+  for (std::size_t k = 0; k < kinds.size(); ++k) {
+    for (const ParamBucket& b : kind_buckets[k])
+      if (std::vector<sim::Op> chain = reduction_chain(b, "L", 0, 0, true, -1); !chain.empty())
+        out.reductions[k].push_back(std::move(chain));
+    out.param_gathers[k] = param_gather_ops(kind_buckets[k], "L", 0);
+  }
   for (int stage = 0; stage < p_.pp; ++stage) {
     PassModel::Stage st;
     st.count.assign(out.passes.size(), 0);
     st.count_chunk0.assign(out.passes.size(), 0);
+    st.chunks.resize(static_cast<std::size_t>(vp));
     std::vector<int> layer_ids;
     for (int chunk = 0; chunk < vp; ++chunk) {
       auto count = [&](int pass) {
         ++st.count[static_cast<std::size_t>(pass)];
         if (chunk == 0)
           ++st.count_chunk0[static_cast<std::size_t>(pass)];
+        st.chunks[static_cast<std::size_t>(chunk)].push_back(pass);
       };
       const int v = chunk * p_.pp + stage;
       if (v == 0)
@@ -2203,13 +2236,18 @@ PassModel Lowering::pass_model(bool with_passes) {
       if (st.count[k] > 0)
         for (const ParamBucket& b : kind_buckets[k])
           bucket_ops(b, 2, true, st.count[k]);
-    for (const ParamBucket& b : embedding_buckets(first, last)) {
+    const std::vector<ParamBucket> emb_buckets = embedding_buckets(first, last);
+    for (const ParamBucket& b : emb_buckets) {
       // The table is gathered for the embedding's forward; the head's buckets (the final norm,
       // the head or the tied table) for the head's forward and backward.
       const bool table = b.name == "embedding";
       const bool head = !table || m_.tied_embeddings;
       bucket_ops(b, (table && first ? 1 : 0) + (head && last ? 2 : 0), false, 1);
+      if (std::vector<sim::Op> chain = reduction_chain(b, "embedding", -1, 0, true, -1);
+          !chain.empty())
+        st.embedding_reductions.push_back(std::move(chain));
     }
+    st.embedding_gathers = param_gather_ops(emb_buckets, "embedding", -1);
     const double shard = stage_shard_params(layer_ids, first, last);
     if (!host_opt) {
       st.gpu_step.name = "optimizer.adamw";
@@ -2246,6 +2284,25 @@ PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_pas
   if (ctx.model == nullptr || ctx.seq <= 0)
     throw InputError("lowering needs a model and a positive sequence length.");
   return Lowering(plan, ctx).pass_model(with_passes);
+}
+
+bool chunk_replayable(const Plan& plan, const LoweringContext& ctx) {
+  if (plan.pp <= 1 || plan.schedule != PipelineSchedule::interleaved_1f1b || ctx.model == nullptr)
+    return false;
+  for (const StatePolicy& state : plan.state)
+    if (state.zero >= 3)
+      return false;
+  if (plan.activation_offload > 0 || plan.optimizer_on_host || plan.params != Placement::hbm ||
+      plan.grads != Placement::hbm || plan.optimizer != Placement::hbm)
+    return false;
+  if (ctx.expert_loads != nullptr || ctx.model->tied_embeddings)
+    return false;
+  // A dropless MoE layer's host sync (its expert counts read on the CPU) with a modelled host.
+  const bool dropless_moe =
+      plan.moe.capacity_factor <= 0 &&
+      std::any_of(ctx.model->layers.begin(), ctx.model->layers.end(),
+                  [](const LayerSpec& l) { return l.mlp == MlpKind::moe; });
+  return !(dropless_moe && host_issue_s(plan) > 0);
 }
 
 Plan pass_key(Plan p) {

@@ -118,6 +118,10 @@ sim::Schedule lower(const Plan& plan, const LoweringContext& ctx);
 // micro-batch, so a pass lasts at least as long as the longest chain of its ops that ends on the
 // path (the path ops' standalone times, and what they wait for inside the pass: ring CP's hops),
 // whatever overlaps them.
+// The stream lower() runs kernels on (RankClass::streams[0], "compute"); the others carry
+// collectives, copies and the host's work.
+inline constexpr int kComputeStream = 0;
+
 struct PassOps {
   enum class Role : std::uint8_t {
     forward,          // on the data path
@@ -155,9 +159,27 @@ struct PassModel {
     // The data-parallel stream's collectives of one step (ZeRO-3 gathers and reduce-scatters per
     // micro-batch, the other reductions and ZeRO-1/2 gathers once), each with its count.
     std::vector<std::pair<sim::Op, double>> dp_ops;
+    // The chunk replay (planner/replay.hpp): per chunk, its passes in forward order (the
+    // embedding's first, the head's last), and the embedding kind's buckets' once-a-step
+    // reductions (chains, one per bucket) and updated-parameter gathers.
+    std::vector<std::vector<int>> chunks;
+    std::vector<std::vector<sim::Op>> embedding_reductions;
+    std::vector<sim::Op> embedding_gathers;
   };
   std::vector<Stage> stages;
+  // The chunk replay: one micro-batch's activations (or their gradient) sent to the next stage;
+  // per pass, the once-a-step reductions of one of its layer's gradients after its last
+  // backward (chains, one per bucket: each op waits for the one before it) and its updated
+  // parameters' gathers after the step (ZeRO 1 and 2), as lower() emits them.
+  sim::Op pp_send;
+  std::vector<std::vector<std::vector<sim::Op>>> reductions;
+  std::vector<std::vector<sim::Op>> param_gathers;
 };
+
+// Whether planner::replay_step can play the plan on chunks: an interleaved 1F1B pipeline whose
+// stages' work is their passes, the pipeline's transfers and once-a-step reductions (no ZeRO-3,
+// offload, host optimizer, uneven routing, host syncs or tied embeddings across stages).
+bool chunk_replayable(const Plan& plan, const LoweringContext& ctx);
 
 // `with_passes` false: the stages only, each pass left empty (its times known from another plan
 // with the same pass_key).
