@@ -18,7 +18,8 @@ namespace {
 struct Part {
   double gpu_s = 0;         // from its start to the end of its last op on the data path
   double host_s = 0;        // the host's time to issue its kernels
-  double link_s[2] = {0, 0}; // of gpu_s, collectives on the path over NVLink, over the NIC
+  double link_s[2] = {0, 0}; // collectives' time in it over NVLink, over the NIC (the path's
+                             // and those it waits for: ring hops)
   sim::Breakdown breakdown; // what the GPU spent those gpu_s on
 };
 
@@ -92,7 +93,7 @@ Part play_part(const PassOps& pass, std::size_t begin, std::size_t end, PassOps:
   part.breakdown = sim::breakdown_between(s.classes[0], r.classes[0].ops, 0, part.gpu_s);
   for (std::size_t i = begin; i < end; ++i) {
     const sim::Op& op = pass.ops[i];
-    if (pass.roles[i] == role && sim::is_collective(op.kind) && op.group >= 0)
+    if (sim::is_collective(op.kind) && op.group >= 0)
       part.link_s[link_of(op, groups)] += r.classes[0].ops[i - begin].end_s -
                                           r.classes[0].ops[i - begin].start_s;
   }
@@ -104,7 +105,7 @@ Part play_part(const PassOps& pass, std::size_t begin, std::size_t end, PassOps:
 StepEvaluation replay_step(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
                            const hw::ClusterSpec& cluster, const hw::Calibration& calibration) {
   if (!strategy::chunk_replayable(plan, ctx))
-    throw std::logic_error("replay_step: the plan is not an interleaved pipeline the replay "
+    throw std::logic_error("replay_step: the plan is not a pipeline the replay "
                            "plays (strategy::chunk_replayable).");
   const PassModel model = strategy::pass_model(plan, ctx, true);
   const double host_issue = strategy::host_issue_s(plan);

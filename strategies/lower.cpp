@@ -1578,10 +1578,15 @@ sim::Schedule Lowering::run() {
       if (ops.empty())
         return;
       ops.front().deps = {end};
-      const int buf = tensor(label("{}.{} unsharded grads mb{}", what, b.name, mb),
-                             kGrad * b.params, Device::hbm, MemoryKind::comm_buffers);
-      rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
-      ops.front().frees = {buf};
+      // ZeRO 0 and 1 keep every gradient whole (the resident gradients) and reduce them in
+      // place (Megatron-Core's grad buffer: an all-reduce, or a reduce-scatter into the rank's
+      // view of it); sharded gradients are written whole first, then reduced into the shard.
+      if (b.zero >= 2) {
+        const int buf = tensor(label("{}.{} unsharded grads mb{}", what, b.name, mb),
+                               kGrad * b.params, Device::hbm, MemoryKind::comm_buffers);
+        rc.ops[static_cast<std::size_t>(end)].allocs.push_back(buf);
+        ops.front().frees = {buf};
+      }
       for (sim::Op& op : ops) {
         if (r >= 0)
           op.deps = {r};
@@ -2287,7 +2292,9 @@ PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_pas
 }
 
 bool chunk_replayable(const Plan& plan, const LoweringContext& ctx) {
-  if (plan.pp <= 1 || plan.schedule != PipelineSchedule::interleaved_1f1b || ctx.model == nullptr)
+  if (plan.pp <= 1 || ctx.model == nullptr ||
+      (plan.schedule != PipelineSchedule::interleaved_1f1b &&
+       plan.schedule != PipelineSchedule::one_f_one_b))
     return false;
   for (const StatePolicy& state : plan.state)
     if (state.zero >= 3)

@@ -176,9 +176,9 @@ struct PassModel {
   std::vector<std::vector<sim::Op>> param_gathers;
 };
 
-// Whether planner::replay_step can play the plan on chunks: an interleaved 1F1B pipeline whose
-// stages' work is their passes, the pipeline's transfers and once-a-step reductions (no ZeRO-3,
-// offload, host optimizer, uneven routing, host syncs or tied embeddings across stages).
+// Whether planner::replay_step can play the plan on chunks: a 1F1B or interleaved 1F1B pipeline
+// whose stages' work is their passes, the pipeline's transfers and once-a-step reductions (no
+// ZeRO-3, offload, host optimizer, uneven routing, host syncs or tied embeddings across stages).
 bool chunk_replayable(const Plan& plan, const LoweringContext& ctx);
 
 // `with_passes` false: the stages only, each pass left empty (its times known from another plan

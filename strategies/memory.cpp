@@ -1,5 +1,6 @@
 #include "strategies/memory.hpp"
 #include "strategies/mesh.hpp"
+#include "strategies/pipeline.hpp"
 
 #include "common/units.hpp"
 #include "workload/flops.hpp"
@@ -144,7 +145,7 @@ double mlp_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq, cons
   return bytes;
 }
 
-double in_flight(const Plan& p, int stage) {
+double in_flight(const Plan& p, int stage, int num_layers) {
   const int m = p.micro_batches();
   if (p.pp == 1)
     return 1;
@@ -154,10 +155,38 @@ double in_flight(const Plan& p, int stage) {
   case PipelineSchedule::one_f_one_b:
   case PipelineSchedule::zero_bubble: // ZB-H1 keeps 1F1B's activation memory
     return std::min(m, p.pp - stage);
-  case PipelineSchedule::interleaved_1f1b:
-    // Megatron-LM theoretical_memory_usage.py: interleaving adds (pp-1)/(pp·vp) of a stage's
-    // activations on the first stage.
-    return std::min(m, p.pp - stage) * (1.0 + (p.pp - 1.0) / (p.pp * p.vp));
+  case PipelineSchedule::interleaved_1f1b: {
+    // Stage s runs 2·(pp - s - 1) + (vp - 1)·pp forwards of its chunks before its first
+    // backward, then one forward and one backward at a time (strategies/pipeline.cpp, as
+    // Megatron-Core's interleaved schedule): the most layers' activations it holds at once,
+    // counted over that order with each chunk's layers (chunks of a stage may differ by one),
+    // as a share of the stage's layers. With even chunks the first stage holds Megatron-LM's
+    // theoretical_memory_usage.py figure, pp · (1 + (pp - 1)/(pp · vp)) micro-batches; the last
+    // holds more than plain 1F1B's one.
+    const std::vector<int> bounds = virtual_stage_bounds(p, num_layers);
+    auto layers = [&](long chunk) {
+      const auto v = static_cast<std::size_t>(chunk * p.pp + stage);
+      return static_cast<double>(bounds[v + 1] - bounds[v]);
+    };
+    double stage_layers = 0;
+    for (int c = 0; c < p.vp; ++c)
+      stage_layers += layers(c);
+    if (stage_layers <= 0)
+      return 0;
+    const long items = static_cast<long>(m) * p.vp, pp = p.pp, vp = p.vp;
+    const long warmup = std::min(items, 2 * (pp - stage - 1) + (vp - 1) * pp);
+    double held = 0;
+    for (long k = 0; k < warmup; ++k)
+      held += layers((k / pp) % vp);
+    double most = held;
+    // The steady phase repeats every pp · vp items.
+    for (long f = warmup, b = 0; f < items && b < pp * vp; ++f, ++b) {
+      held += layers((f / pp) % vp);
+      most = std::max(most, held);
+      held -= layers(vp - 1 - (b / pp) % vp);
+    }
+    return most / stage_layers;
+  }
   }
   return 1;
 }
@@ -331,7 +360,7 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
                                       first  ? " (first)"
                                       : last ? " (last)"
                                              : "");
-    rc.micro_batches_in_flight = in_flight(p, stage);
+    rc.micro_batches_in_flight = in_flight(p, stage, static_cast<int>(m.num_layers()));
     MemoryBreakdown& hbm = rc.hbm;
     MemoryBreakdown& host = rc.host;
     for (int k = 0; k < kNumLayerKinds; ++k) {
@@ -361,7 +390,11 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
       hbm.activations += logits_bytes(m, p, seq, options);
     // Communication buffers.
     hbm.comm_buffers += 2 * kParamBytes * largest_block; // ZeRO-3 gather: current + prefetch
-    hbm.comm_buffers += kParamBytes * largest_block;     // unsharded gradients being reduced
+    // Unsharded gradients being reduced (ZeRO 2 and 3; ZeRO 0 and 1 reduce them in place).
+    if (p.params == Placement::host ||
+        std::any_of(std::begin(p.state), std::end(p.state),
+                    [](const StatePolicy& s) { return s.zero >= 2; }))
+      hbm.comm_buffers += kParamBytes * largest_block;
     if (p.attention.tp > 1)
       hbm.comm_buffers += workload::kActivationBytes * tokens * h; // SP all-gathered layer input
     if (p.attention.cp > 1) {

@@ -28,12 +28,12 @@ struct Case {
   int global_batch;
 };
 
-TEST_CASE("the chunk replay of an interleaved pipeline agrees with simulating every op" *
+TEST_CASE("the chunk replay of a pipeline agrees with simulating every op" *
           doctest::test_suite("independent")) {
-  // Interleaved plans of the megatron family (TP with SP, ring CP, ZeRO 1, recompute), spread
-  // over each enumeration: each step within 0.6 % of the full simulation (the largest
-  // difference seen is 0.42 %: what the replay leaves out is reductions sharing a link with the
-  // collectives on the data path), its model FLOPs equal.
+  // Interleaved and 1F1B plans of the megatron family (TP with SP, ring CP, ZeRO 1, recompute,
+  // even and uneven stages), spread over each enumeration: each step within 1 % of the full
+  // simulation (what the replay leaves out is contention between passes: a reduction sharing a
+  // link with a ring hop the attention waits for), its model FLOPs equal.
   const Case cases[] = {{"llama3-8b", "h100", 2, 4096, 64}, {"llama3-70b", "h100", 4, 16384, 32}};
   int checked = 0;
   double worst = 0;
@@ -48,9 +48,12 @@ TEST_CASE("the chunk replay of an interleaved pipeline agrees with simulating ev
     ctx.global_batch = k.global_batch;
     LoweringContext lc = lowering_context(ctx);
     lc.names = false;
+    const std::vector<Plan> all = enumerate_family("megatron", ctx);
+    for (const PipelineSchedule schedule :
+         {PipelineSchedule::interleaved_1f1b, PipelineSchedule::one_f_one_b}) {
     std::vector<Plan> plans;
-    for (const Plan& p : enumerate_family("megatron", ctx))
-      if (p.schedule == PipelineSchedule::interleaved_1f1b && chunk_replayable(p, lc))
+    for (const Plan& p : all)
+      if (p.schedule == schedule && chunk_replayable(p, lc))
         plans.push_back(p);
     REQUIRE(!plans.empty());
     for (std::size_t i = 0; i < plans.size(); i += std::max<std::size_t>(1, plans.size() / 6)) {
@@ -62,7 +65,7 @@ TEST_CASE("the chunk replay of an interleaved pipeline agrees with simulating ev
       CAPTURE(summary(p));
       const double error = replay.step_time_s / full.step_time_s - 1;
       CAPTURE(error);
-      CHECK(std::fabs(error) < 0.006);
+      CHECK(std::fabs(error) < 0.01);
       CHECK(replay.model_flops_per_step == mop::test::rel(full.model_flops_per_step));
       CHECK(replay.tokens_per_step == full.tokens_per_step);
       // Where the step goes, on the stage that ends it: each part within 2 % of the step.
@@ -72,12 +75,26 @@ TEST_CASE("the chunk replay of an interleaved pipeline agrees with simulating ev
       CHECK(std::fabs(a.exposed_comm - b.exposed_comm) < 0.02 * full.step_time_s);
       CHECK(std::fabs(a.bubble - b.bubble) < 0.02 * full.step_time_s);
       CHECK(a.optimizer == mop::test::rel(b.optimizer, 1e-6));
+      // The search takes a replayed plan's memory from the analytic model: on these plans it is
+      // never more than 1 % under the engine's tracker, and at most 5 % over (+4.5 % seen).
+      const MemoryReport memory = analyze_memory(m, p, k.seq, ctx.hw, activation_options(ctx));
+      double engine_peak = 0;
+      for (const sim::ClassResult& cr : full.result.classes) {
+        const double dynamic =
+            cr.memory.at_peak[static_cast<int>(sim::MemoryKind::activations)] +
+            cr.memory.at_peak[static_cast<int>(sim::MemoryKind::comm_buffers)];
+        engine_peak =
+            std::max(engine_peak, cr.memory.peak_hbm_bytes + ctx.hw.fragmentation * dynamic);
+      }
+      CHECK(memory.peak_hbm_bytes > 0.99 * engine_peak);
+      CHECK(memory.peak_hbm_bytes < 1.05 * engine_peak);
       worst = std::max(worst, std::fabs(error));
       ++checked;
     }
+    }
   }
   MESSAGE("plans checked: " << checked << ", largest error " << worst * 100 << " %");
-  CHECK(checked >= 10);
+  CHECK(checked >= 20);
 }
 
 TEST_CASE("the chunk replay of an interleaved MoE pipeline agrees with simulating every op" *
@@ -148,7 +165,15 @@ TEST_CASE("plans the replay does not play are told apart" * doctest::test_suite(
   Plan one_f_one_b = p;
   one_f_one_b.schedule = PipelineSchedule::one_f_one_b;
   one_f_one_b.vp = 1;
-  CHECK_FALSE(chunk_replayable(one_f_one_b, lc));
+  CHECK(chunk_replayable(one_f_one_b, lc));
+  Plan zero_bubble = one_f_one_b;
+  zero_bubble.schedule = PipelineSchedule::zero_bubble;
+  CHECK_FALSE(chunk_replayable(zero_bubble, lc));
+  Plan no_pipeline = one_f_one_b;
+  no_pipeline.pp = 1;
+  no_pipeline.global_batch = 32;
+  complete_plan(no_pipeline);
+  CHECK_FALSE(chunk_replayable(no_pipeline, lc));
   Plan fsdp = p;
   for (auto& s : fsdp.state)
     s.zero = 3;
@@ -156,7 +181,7 @@ TEST_CASE("plans the replay does not play are told apart" * doctest::test_suite(
   Plan host = p;
   host.optimizer_on_host = true;
   CHECK_FALSE(chunk_replayable(host, lc));
-  CHECK_THROWS_AS(planner::replay_step(one_f_one_b, lc, c, hw::Calibration{}), std::logic_error);
+  CHECK_THROWS_AS(planner::replay_step(zero_bubble, lc, c, hw::Calibration{}), std::logic_error);
 }
 
 } // namespace planner_replay_test
