@@ -24,6 +24,10 @@
 
 namespace mop::planner {
 
+// How far a replayed step may lie from the engine's (tests/planner/replay_test.cpp holds it):
+// the search lowers a replayed plan's bound by as much, so that pruning stays exact.
+inline constexpr double kReplayTolerance = 0.01;
+
 // The plan's step, played on chunks; the plan must be strategy::chunk_replayable (1F1B or
 // interleaved 1F1B, pp > 1). The result
 // has no Schedule and no rank classes (the analytic memory model gives the memory):

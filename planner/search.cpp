@@ -187,7 +187,10 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   lc.names = false;
   PassTimesCache pass_times;
   parallel_for(fit.size(), o.threads, [&](std::size_t i) {
-    fit[i].bound = step_lower_bound_s(fit[i].plan, lc, cluster, cal, &pass_times) /
+    // The bound holds for the engine's step; a replayed step may lie below it by the replay's
+    // tolerance, and the bound with it.
+    const double margin = strategy::chunk_replayable(fit[i].plan, lc) ? 1 - kReplayTolerance : 1;
+    fit[i].bound = margin * step_lower_bound_s(fit[i].plan, lc, cluster, cal, &pass_times) /
                    (static_cast<double>(fit[i].plan.global_batch) * static_cast<double>(ctx.seq));
   });
   std::stable_sort(fit.begin(), fit.end(), [](const Candidate& a, const Candidate& b) {
