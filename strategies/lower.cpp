@@ -1320,6 +1320,16 @@ sim::Schedule Lowering::run() {
       full[static_cast<std::size_t>(i)] =
           layer_activation_bytes(m_, layer, p_, c_.seq, Recompute::none, c_.activations);
     }
+    if (stage == 0) {
+      // The first stage's program, sized from its layers' steps (a forward op per step, a ring
+      // step per hop, two or three per step in backward, with recompute): growing it op by op
+      // would move every op several times.
+      std::size_t per_micro = 32;
+      for (const std::vector<Step>& layer_steps : steps)
+        for (const Step& st : layer_steps)
+          per_micro += 5 + 3 * static_cast<std::size_t>(std::max(0, st.ring_steps));
+      rc.ops.reserve(per_micro * static_cast<std::size_t>(micro));
+    }
     // The embedding kind on this stage; the buckets the embedding lookup reads, and those the LM
     // head reads (the final norm, the head weight or the tied table).
     const std::vector<ParamBucket> emb_buckets = embedding_buckets(first, last);
