@@ -150,6 +150,11 @@ StepEvaluation replay_step(const strategy::Plan& plan, const strategy::LoweringC
     std::vector<Busy> busy;
     std::size_t busy_from = 0; // busy intervals before it end before anything still to run
     double reduced = 0;
+    // ZeRO-3 in the stage: each layer's (by its place in the stage, chunk by chunk) latest
+    // forward's end, and how many layers' gathers are queued.
+    std::vector<double> forward_end;
+    std::size_t gathers_queued = 0;
+    std::vector<double> gathered; // when each queued layer's gathers end
     sim::Breakdown work; // its chunks' parts, summed
     double end = 0;
     bool done = false;
@@ -178,6 +183,26 @@ StepEvaluation replay_step(const strategy::Plan& plan, const strategy::LoweringC
         add_to(st.work, fwd[pi].breakdown, micro);
         add_to(st.work, bwd[pi].breakdown, micro);
       }
+  }
+
+  // ZeRO-3 stages: each stage's layers in order (their passes), and where each chunk's start.
+  bool zero3 = false;
+  for (const std::vector<sim::Op>& g : model.step_gathers)
+    zero3 = zero3 || !g.empty();
+  for (const PassModel::Stage& ms : model.stages)
+    zero3 = zero3 || !ms.table_step_gathers.empty() || !ms.head_step_gathers.empty();
+  std::vector<std::vector<int>> layer_pass(static_cast<std::size_t>(pp));
+  std::vector<std::vector<std::size_t>> layers_before(static_cast<std::size_t>(pp));
+  for (int s = 0; s < pp; ++s) {
+    const auto si = static_cast<std::size_t>(s);
+    for (const std::vector<int>& chunk : model.stages[si].chunks) {
+      layers_before[si].push_back(layer_pass[si].size());
+      for (const int p : chunk)
+        if (p != model.embedding_pass && p != model.head_pass)
+          layer_pass[si].push_back(p);
+    }
+    stages[si].forward_end.assign(layer_pass[si].size(), -1.0);
+    stages[si].gathered.assign(layer_pass[si].size(), 0.0);
   }
 
   // A chain of ops on stage st's streams, the first after `after`; returns when the last ends.
@@ -275,11 +300,58 @@ StepEvaluation replay_step(const strategy::Plan& plan, const strategy::LoweringC
         // A chunk that receives nothing may start while the stage's last send still runs,
         // slower for that while.
         double t = start + slowdown * std::clamp(st.pp_stream - start, 0.0, gpu);
-        if (!it.forward && it.micro_batch == micro - 1) {
+        const std::vector<int>& chunk_passes =
+            model.stages[static_cast<std::size_t>(s)].chunks[static_cast<std::size_t>(it.chunk)];
+        if (it.forward && zero3) {
+          // The step's first forward of each layer (micro-batch 0) waits for its ZeRO-3
+          // gathers, which start once the layer two before it has run its latest forward (one
+          // layer of prefetch); the embedding's and the head's buckets just before them.
+          const PassModel::Stage& ms = model.stages[static_cast<std::size_t>(s)];
+          const std::size_t first_layer = layers_before[static_cast<std::size_t>(s)]
+                                                       [static_cast<std::size_t>(it.chunk)];
+          std::size_t local = first_layer;
+          const std::size_t chunk_end =
+              static_cast<std::size_t>(it.chunk) + 1 < layers_before[static_cast<std::size_t>(s)].size()
+                  ? layers_before[static_cast<std::size_t>(s)][static_cast<std::size_t>(it.chunk) + 1]
+                  : layer_pass[static_cast<std::size_t>(s)].size();
+          const bool first_use = it.micro_batch == 0;
+          auto queue_layer = [&](std::size_t i) {
+            // Layer i's gathers, once the layer two before it has run its latest forward.
+            while (first_use && st.gathers_queued <= i &&
+                   st.gathers_queued < st.gathered.size()) {
+              const std::size_t q = st.gathers_queued;
+              if (q >= 2 && st.forward_end[q - 2] < 0)
+                break;
+              const double gate = q >= 2 ? st.forward_end[q - 2] : 0.0;
+              st.gathered[q] = run_chain(st, model.step_gathers[static_cast<std::size_t>(
+                                                 layer_pass[static_cast<std::size_t>(s)][q])],
+                                         gate);
+              ++st.gathers_queued;
+            }
+          };
+          for (const int p : chunk_passes) {
+            const auto pi = static_cast<std::size_t>(p);
+            if (first_use && p == model.embedding_pass)
+              t = std::max(t, run_chain(st, ms.table_step_gathers, t));
+            else if (first_use && p == model.head_pass)
+              t = std::max(t, run_chain(st, ms.head_step_gathers, t));
+            const bool layer = p != model.embedding_pass && p != model.head_pass;
+            if (layer && first_use) {
+              queue_layer(local);
+              t = std::max(t, st.gathered[local]);
+              if (local + 1 < chunk_end) // the next layer's prefetch overlaps this one; the
+                queue_layer(local + 1);  // next chunk's first layer waits for that chunk
+            }
+            const double from = t;
+            t += fwd[pi].gpu_s;
+            t += lost(st, from, t, fwd[pi].link_s);
+            if (layer)
+              st.forward_end[local++] = t;
+          }
+        } else if (!it.forward && it.micro_batch == micro - 1) {
           // The step's last backward of each layer, the chunk's last layer first: its
           // gradients' reductions start as it ends.
-          const std::vector<int>& passes =
-              model.stages[static_cast<std::size_t>(s)].chunks[static_cast<std::size_t>(it.chunk)];
+          const std::vector<int>& passes = chunk_passes;
           for (auto p = passes.rbegin(); p != passes.rend(); ++p) {
             const double from = t;
             t += bwd[static_cast<std::size_t>(*p)].gpu_s;

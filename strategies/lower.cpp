@@ -228,6 +228,12 @@ private:
   // ZeRO 1 and 2: the all-gathers of `list`'s updated parameters after the step, in order.
   std::vector<sim::Op> param_gather_ops(const std::vector<ParamBucket>& list,
                                         const std::string& what, int layer) const;
+  // ZeRO-3: the all-gather of bucket b's parameters before a use (`pass`: "fwd" or "bwd").
+  sim::Op fsdp_gather_op(const ParamBucket& b, const std::string& what, const char* pass,
+                         int layer, int mb) const;
+  // ZeRO-3 buckets of a pipeline stage, gathered once per step (whole_step): their gathers.
+  std::vector<sim::Op> step_gather_ops(const std::vector<ParamBucket>& list,
+                                       const std::string& what) const;
   sim::Op op_of(const Step& st, const std::string& name, Category category, int layer, int mb);
 };
 
@@ -1025,6 +1031,29 @@ std::vector<sim::Op> Lowering::param_gather_ops(const std::vector<ParamBucket>& 
   return ops;
 }
 
+sim::Op Lowering::fsdp_gather_op(const ParamBucket& b, const std::string& what, const char* pass,
+                                 int layer, int mb) const {
+  sim::Op op;
+  op.name = label("{}.{}.fsdp_gather.{}", what, b.name, pass);
+  op.kind = OpKind::all_gather;
+  op.category = Category::dp_comm;
+  op.stream = kDp;
+  op.bytes = workload::kActivationBytes * b.params;
+  op.group = b.shard;
+  op.layer = layer;
+  op.micro_batch = mb;
+  return op;
+}
+
+std::vector<sim::Op> Lowering::step_gather_ops(const std::vector<ParamBucket>& list,
+                                               const std::string& what) const {
+  std::vector<sim::Op> ops;
+  for (const ParamBucket& b : list)
+    if (b.zero >= 3 && b.shard >= 0 && whole_step(b))
+      ops.push_back(fsdp_gather_op(b, what, "fwd", 0, 0));
+  return ops;
+}
+
 // AdamW over `params` parameters on the host CPU, with the plan's optimizer implementation.
 sim::Op Lowering::host_adam_op(std::string name, double params, int layer) const {
   sim::Op adam;
@@ -1383,15 +1412,7 @@ sim::Schedule Lowering::run() {
             up.deps.push_back(gate);
           upload = add(std::move(up), false);
         }
-        sim::Op op;
-        op.name = label("{}.{}.fsdp_gather.{}", what, b.name, pass);
-        op.kind = OpKind::all_gather;
-        op.category = Category::dp_comm;
-        op.stream = kDp;
-        op.bytes = workload::kActivationBytes * b.params;
-        op.group = b.shard;
-        op.layer = layer;
-        op.micro_batch = mb;
+        sim::Op op = fsdp_gather_op(b, what, pass, layer, mb);
         if (gate >= 0)
           op.deps.push_back(gate);
         if (upload >= 0)
@@ -2139,6 +2160,8 @@ PassModel Lowering::pass_model(bool with_passes) {
     out.passes.push_back(std::move(e));
   }
   const int head_pass = embedding_pass + 1;
+  out.embedding_pass = embedding_pass;
+  out.head_pass = head_pass;
   if (with_passes) {
     PassOps hd;
     if (etp_group >= 0)
@@ -2181,7 +2204,9 @@ PassModel Lowering::pass_model(bool with_passes) {
       if (std::vector<sim::Op> chain = reduction_chain(b, "L", 0, 0, true, -1); !chain.empty())
         out.reductions[k].push_back(std::move(chain));
     out.param_gathers[k] = param_gather_ops(kind_buckets[k], "L", 0);
+    out.step_gathers.push_back(step_gather_ops(kind_buckets[k], "L"));
   }
+  out.step_gathers.resize(out.passes.size());
   for (int stage = 0; stage < p_.pp; ++stage) {
     PassModel::Stage st;
     st.count.assign(out.passes.size(), 0);
@@ -2263,6 +2288,20 @@ PassModel Lowering::pass_model(bool with_passes) {
         st.embedding_reductions.push_back(std::move(chain));
     }
     st.embedding_gathers = param_gather_ops(emb_buckets, "embedding", -1);
+    {
+      // The table's buckets before the embedding's forward, the head's before the head's.
+      std::vector<ParamBucket> table, head;
+      for (const ParamBucket& b : emb_buckets) {
+        if (b.name == "embedding")
+          table.push_back(b);
+        if (b.name != "embedding" || m_.tied_embeddings)
+          head.push_back(b);
+      }
+      if (first)
+        st.table_step_gathers = step_gather_ops(table, "embedding");
+      if (last)
+        st.head_step_gathers = step_gather_ops(head, "head");
+    }
     const double shard = stage_shard_params(layer_ids, first, last);
     if (!host_opt) {
       st.gpu_step.name = "optimizer.adamw";
@@ -2306,8 +2345,9 @@ bool chunk_replayable(const Plan& plan, const LoweringContext& ctx) {
       (plan.schedule != PipelineSchedule::interleaved_1f1b &&
        plan.schedule != PipelineSchedule::one_f_one_b))
     return false;
+  // ZeRO-3 only as FSDP2 runs it in a pipeline stage: gathered once a step, reduced once.
   for (const StatePolicy& state : plan.state)
-    if (state.zero >= 3)
+    if (state.zero >= 3 && !unsharded_for_step(plan, state.zero))
       return false;
   if (plan.activation_offload > 0 || plan.optimizer_on_host || plan.params != Placement::hbm ||
       plan.grads != Placement::hbm || plan.optimizer != Placement::hbm)

@@ -141,7 +141,8 @@ struct PassOps {
 // step sits. Built from the same per-layer steps as lower(), without building the Schedule.
 struct PassModel {
   sim::Schedule groups; // the plan's communicators, no ops: prices the collectives
-  std::vector<PassOps> passes;
+  std::vector<PassOps> passes; // the distinct decoder layers', then the embedding's and the head's
+  int embedding_pass = -1, head_pass = -1;
   struct Stage {
     std::vector<int> count;        // per pass, per micro-batch, every chunk of the stage
     std::vector<int> count_chunk0; // the same for the stage's first chunk only
@@ -165,6 +166,9 @@ struct PassModel {
     std::vector<std::vector<int>> chunks;
     std::vector<std::vector<sim::Op>> embedding_reductions;
     std::vector<sim::Op> embedding_gathers;
+    // ZeRO-3 in a pipeline stage (gathered once a step, at the first forward): the embedding
+    // table's gathers before the first stage's embedding, the head's before the last's head.
+    std::vector<sim::Op> table_step_gathers, head_step_gathers;
   };
   std::vector<Stage> stages;
   // The chunk replay: one micro-batch's activations (or their gradient) sent to the next stage;
@@ -174,11 +178,16 @@ struct PassModel {
   sim::Op pp_send;
   std::vector<std::vector<std::vector<sim::Op>>> reductions;
   std::vector<std::vector<sim::Op>> param_gathers;
+  // Per pass: ZeRO-3's once-a-step gathers of one of its layers in a pipeline stage, before the
+  // layer's first forward; each may start once the stage's layer two before it has run its
+  // first forward (FSDP2's one-layer prefetch).
+  std::vector<std::vector<sim::Op>> step_gathers;
 };
 
 // Whether planner::replay_step can play the plan on chunks: a 1F1B or interleaved 1F1B pipeline
-// whose stages' work is their passes, the pipeline's transfers and once-a-step reductions (no
-// ZeRO-3, offload, host optimizer, uneven routing, host syncs or tied embeddings across stages).
+// whose stages' work is their passes, the pipeline's transfers and once-a-step gathers and
+// reductions (ZeRO-3 only as FSDP2 in a pipeline stage; no offload, host optimizer, uneven
+// routing, host syncs or tied embeddings across stages).
 bool chunk_replayable(const Plan& plan, const LoweringContext& ctx);
 
 // `with_passes` false: the stages only, each pass left empty (its times known from another plan
