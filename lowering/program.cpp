@@ -3215,17 +3215,10 @@ bool Builder::streams_forward(int b) const {
 // stage (the next stage, or from the last stage to the first for the next chunk), gradients
 // come back the same way.
 int Builder::neighbour(int chunk, bool fwd, bool sending, int* peer_chunk) const {
-  const int dir = (fwd == sending) ? +1 : -1; // towards later virtual stages?
-  int ps = stage_ + dir, pc = chunk;
-  if (ps == p_.pp) {
-    ps = 0;
-    pc = chunk + 1;
-  } else if (ps < 0) {
-    ps = p_.pp - 1;
-    pc = chunk - 1;
-  }
-  *peer_chunk = pc;
-  return ps;
+  const strategy::VirtualStage peer =
+      strategy::virtual_neighbour(p_, stage_, chunk, fwd == sending ? +1 : -1);
+  *peer_chunk = peer.chunk;
+  return peer.stage;
 }
 
 // The residual stream of one micro-batch ([rows, hidden], this rank's SP share) to the same

@@ -68,18 +68,6 @@ bool uneven_stages(const Plan& p, const workload::ModelSpec& m) {
   return false;
 }
 
-// Applies f(part of a, part of b) to every part of two breakdowns, pairwise.
-template <class F> void each_part(sim::Breakdown& a, const sim::Breakdown& b, F f) {
-  f(a.compute, b.compute);
-  f(a.recompute, b.recompute);
-  f(a.exposed_comm, b.exposed_comm);
-  for (int c = 0; c < 10; ++c)
-    f(a.exposed_comm_by_category[c], b.exposed_comm_by_category[c]);
-  f(a.bubble, b.bubble);
-  f(a.offload_stall, b.offload_stall);
-  f(a.optimizer, b.optimizer);
-}
-
 // One period of a pipeline's steady state, found inside one run: per micro-batch, the time it
 // adds and what the critical class spends it on.
 struct Period {
@@ -137,7 +125,7 @@ std::optional<Period> steady_period(const sim::Schedule& s, const sim::SimResult
   p.breakdown = sim::breakdown_between(s.classes[k], r.classes[k].ops, critical_ends.front(),
                                        critical_ends.back());
   const double per = 1.0 / (n - 1);
-  each_part(p.breakdown, p.breakdown, [per](double& x, double) { x *= per; });
+  sim::each_part(p.breakdown, p.breakdown, [per](double& x, double) { x *= per; });
   return p;
 }
 
@@ -171,7 +159,7 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
       if (const std::optional<Period> period =
               steady_period(e.schedule, e.result, pp, m_run - pp - 1)) {
         const double k = e.micro_batches - m_run;
-        each_part(e.result.breakdown, period->breakdown,
+        sim::each_part(e.result.breakdown, period->breakdown,
                   [k](double& x, double per_micro) { x += k * per_micro; });
         e.result.step_time_s += k * period->seconds;
         e.step_time_s = e.result.step_time_s;
@@ -232,7 +220,7 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
   e.micro_batches_simulated = m2;
   const double k = static_cast<double>(e.micro_batches - m2) / (m2 - m1);
   auto extend = [k](double& at_m2, double at_m1) { at_m2 += k * (at_m2 - at_m1); };
-  each_part(e.result.breakdown, r1.breakdown, extend);
+  sim::each_part(e.result.breakdown, r1.breakdown, extend);
   extend(e.result.step_time_s, r1.step_time_s);
   e.result.events += r1.events;
   e.step_time_s = e.result.step_time_s;

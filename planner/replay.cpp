@@ -23,21 +23,9 @@ struct Part {
   sim::Breakdown breakdown; // what the GPU spent those gpu_s on
 };
 
-void add_to(sim::Breakdown& a, const sim::Breakdown& b, double times = 1) {
-  a.compute += times * b.compute;
-  a.recompute += times * b.recompute;
-  a.exposed_comm += times * b.exposed_comm;
-  for (int c = 0; c < 10; ++c)
-    a.exposed_comm_by_category[c] += times * b.exposed_comm_by_category[c];
-  a.bubble += times * b.bubble;
-  a.offload_stall += times * b.offload_stall;
-  a.optimizer += times * b.optimizer;
-}
-
 // Which link a collective crosses: 0 NVLink (its group inside a node), 1 the NIC.
 int link_of(const sim::Op& op, const sim::Schedule& groups) {
-  const sim::Group& g = groups.groups[static_cast<std::size_t>(op.group)];
-  return g.ranks_per_node == g.ranks ? 0 : 1;
+  return groups.groups[static_cast<std::size_t>(op.group)].inside_node() ? 0 : 1;
 }
 
 Part play_part(const PassOps& pass, std::size_t begin, std::size_t end, PassOps::Role role,
@@ -180,8 +168,9 @@ StepEvaluation replay_step(const strategy::Plan& plan, const strategy::LoweringC
           ch.forward_link[l] += fwd[pi].link_s[l];
           ch.backward_link[l] += bwd[pi].link_s[l];
         }
-        add_to(st.work, fwd[pi].breakdown, micro);
-        add_to(st.work, bwd[pi].breakdown, micro);
+        for (const Part* part : {&fwd[pi], &bwd[pi]})
+          sim::each_part(st.work, part->breakdown,
+                         [micro](double& sum, double x) { sum += micro * x; });
       }
   }
 
@@ -277,12 +266,11 @@ StepEvaluation replay_step(const strategy::Plan& plan, const strategy::LoweringC
                                 static_cast<std::size_t>(it.micro_batch);
         if (it.forward ? !embeds : !heads) {
           // The receive: the previous virtual stage's activations, or the next one's gradient.
-          const int from = it.forward ? (s > 0 ? s - 1 : pp - 1) : (s < pp - 1 ? s + 1 : 0);
-          const int from_chunk =
-              it.forward ? (s > 0 ? it.chunk : it.chunk - 1) : (s < pp - 1 ? it.chunk : it.chunk + 1);
+          const strategy::VirtualStage from =
+              strategy::virtual_neighbour(plan, s, it.chunk, it.forward ? -1 : +1);
           const double sent =
-              (it.forward ? send_fwd : send_bwd)[static_cast<std::size_t>(from)]
-                                                [static_cast<std::size_t>(from_chunk) *
+              (it.forward ? send_fwd : send_bwd)[static_cast<std::size_t>(from.stage)]
+                                                [static_cast<std::size_t>(from.chunk) *
                                                      static_cast<std::size_t>(micro) +
                                                  static_cast<std::size_t>(it.micro_batch)];
           if (sent < 0)

@@ -135,8 +135,7 @@ Resource resource_of(const Op& op, const Schedule& s) {
   case OpKind::recv: {
     if (op.group < 0) // a recv without a group takes no time and occupies nothing
       return nvlink;
-    const Group& g = s.groups[static_cast<std::size_t>(op.group)];
-    return g.ranks_per_node == g.ranks ? nvlink : nic;
+    return s.groups[static_cast<std::size_t>(op.group)].inside_node() ? nvlink : nic;
   }
   case OpKind::copy_h2d:
     return pcie_h2d;

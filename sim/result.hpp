@@ -46,6 +46,19 @@ struct Breakdown {
   double optimizer = 0;     // the optimizer step
 };
 
+// Applies f(part of a, part of b) to every part of two breakdowns, pairwise (scaling one,
+// adding or extrapolating another into it).
+template <class F> void each_part(Breakdown& a, const Breakdown& b, F f) {
+  f(a.compute, b.compute);
+  f(a.recompute, b.recompute);
+  f(a.exposed_comm, b.exposed_comm);
+  for (int c = 0; c < 10; ++c)
+    f(a.exposed_comm_by_category[c], b.exposed_comm_by_category[c]);
+  f(a.bubble, b.bubble);
+  f(a.offload_stall, b.offload_stall);
+  f(a.optimizer, b.optimizer);
+}
+
 struct CriticalStep {
   int rank_class = 0;
   int op = 0;

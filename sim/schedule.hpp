@@ -499,6 +499,8 @@ struct Group {
   int ranks = 1;
   int ranks_per_node = 1; // ranks of the group that share a node
   GroupSpec spec;         // empty view: point-to-point between stages (pipeline)
+  // Its collectives stay on NVLink (every member in one node), else they cross the NIC.
+  bool inside_node() const { return ranks_per_node == ranks; }
 };
 
 struct RankClass {

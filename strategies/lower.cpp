@@ -107,6 +107,34 @@ double attention_flops(const sim::AttentionShape& a) {
                : a.batch * a.q_len * (a.window > 0 ? std::min(a.window, a.kv_len) : a.kv_len);
   return 2 * pairs * a.heads * (a.qk_head_dim + a.v_head_dim);
 }
+// Dropless dispatch sizes its all-to-all on the host: the host waits for the counts
+// (Megatron-Core's MoEAlltoAllTokenDispatcher synchronises before the EP all-to-all; NCCL's
+// all-to-all-v takes host-side counts). A capacity factor fixes the sizes.
+bool syncs_host_per_moe_layer(const Plan& p) {
+  return p.moe.capacity_factor <= 0;
+}
+
+// Of the embedding kind's buckets, those the embedding lookup reads (the table) and those the LM
+// head reads (the final norm, the head weight, or the table when tied).
+bool read_by_lookup(const ParamBucket& b) {
+  return b.name == "embedding";
+}
+bool read_by_head(const ParamBucket& b, bool tied_embeddings) {
+  return b.name != "embedding" || tied_embeddings;
+}
+struct EmbeddingBuckets {
+  std::vector<ParamBucket> table, head;
+};
+EmbeddingBuckets split_embedding_buckets(const std::vector<ParamBucket>& list, bool tied) {
+  EmbeddingBuckets out;
+  for (const ParamBucket& b : list) {
+    if (read_by_lookup(b))
+      out.table.push_back(b);
+    if (read_by_head(b, tied))
+      out.head.push_back(b);
+  }
+  return out;
+}
 
 class Lowering {
 public:
@@ -586,10 +614,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     collective("ep_counts", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep, 8 * experts);
     if (!out.empty() && out.back().name == "ep_counts") {
       out.back().forward_only = true;
-      // Dropless dispatch sizes its all-to-all on the host: the host waits for the counts
-      // (Megatron-Core's MoEAlltoAllTokenDispatcher synchronises before the EP all-to-all;
-      // NCCL's all-to-all-v takes host-side counts). A capacity factor fixes the sizes.
-      out.back().host_sync = p_.moe.capacity_factor <= 0;
+      out.back().host_sync = syncs_host_per_moe_layer(p_);
       kernels(8, 1); // the dispatcher's preprocess: counts, splits, their copies to the host
     }
     // Least-loaded rebalancing (LLEP): every rank gathers every rank's counts and computes the
@@ -1362,13 +1387,9 @@ sim::Schedule Lowering::run() {
     // The embedding kind on this stage; the buckets the embedding lookup reads, and those the LM
     // head reads (the final norm, the head weight or the tied table).
     const std::vector<ParamBucket> emb_buckets = embedding_buckets(first, last);
-    std::vector<ParamBucket> table_buckets, head_buckets;
-    for (const ParamBucket& b : emb_buckets) {
-      if (b.name == "embedding")
-        table_buckets.push_back(b);
-      if (b.name != "embedding" || m_.tied_embeddings)
-        head_buckets.push_back(b);
-    }
+    const EmbeddingBuckets emb_split = split_embedding_buckets(emb_buckets, m_.tied_embeddings);
+    const std::vector<ParamBucket>& table_buckets = emb_split.table;
+    const std::vector<ParamBucket>& head_buckets = emb_split.head;
     const int etp_group = comm_group("tp.embedding", embed_tp_group());
     // The tied table's copies on the first and last stage: a pair of ranks at the same place in
     // their stages (on one node only if both stages fit in it).
@@ -1828,19 +1849,17 @@ sim::Schedule Lowering::run() {
         auto& ops = s_.classes[static_cast<std::size_t>(stage)].ops;
         const int rf = recv_fwd[static_cast<std::size_t>(stage)][key];
         if (rf >= 0) {
-          const int from = stage > 0 ? stage - 1 : p_.pp - 1;
-          const int from_chunk = stage > 0 ? chunk : chunk - 1;
-          ops[static_cast<std::size_t>(rf)].remote_deps.push_back(
-              sim::RemoteDep{from, send_fwd[static_cast<std::size_t>(from)]
-                                           [static_cast<std::size_t>(from_chunk * micro + mb)]});
+          const VirtualStage from = virtual_neighbour(p_, stage, chunk, -1);
+          ops[static_cast<std::size_t>(rf)].remote_deps.push_back(sim::RemoteDep{
+              from.stage, send_fwd[static_cast<std::size_t>(from.stage)]
+                                  [static_cast<std::size_t>(from.chunk * micro + mb)]});
         }
         const int rb = recv_bwd[static_cast<std::size_t>(stage)][key];
         if (rb >= 0) {
-          const int from = stage < p_.pp - 1 ? stage + 1 : 0;
-          const int from_chunk = stage < p_.pp - 1 ? chunk : chunk + 1;
-          ops[static_cast<std::size_t>(rb)].remote_deps.push_back(
-              sim::RemoteDep{from, send_bwd[static_cast<std::size_t>(from)]
-                                           [static_cast<std::size_t>(from_chunk * micro + mb)]});
+          const VirtualStage from = virtual_neighbour(p_, stage, chunk, +1);
+          ops[static_cast<std::size_t>(rb)].remote_deps.push_back(sim::RemoteDep{
+              from.stage, send_bwd[static_cast<std::size_t>(from.stage)]
+                                  [static_cast<std::size_t>(from.chunk * micro + mb)]});
         }
       }
     }
@@ -2280,8 +2299,7 @@ PassModel Lowering::pass_model(bool with_passes) {
     for (const ParamBucket& b : emb_buckets) {
       // The table is gathered for the embedding's forward; the head's buckets (the final norm,
       // the head or the tied table) for the head's forward and backward.
-      const bool table = b.name == "embedding";
-      const bool head = !table || m_.tied_embeddings;
+      const bool table = read_by_lookup(b), head = read_by_head(b, m_.tied_embeddings);
       bucket_ops(b, (table && first ? 1 : 0) + (head && last ? 2 : 0), false, 1);
       if (std::vector<sim::Op> chain = reduction_chain(b, "embedding", -1, 0, true, -1);
           !chain.empty())
@@ -2290,17 +2308,11 @@ PassModel Lowering::pass_model(bool with_passes) {
     st.embedding_gathers = param_gather_ops(emb_buckets, "embedding", -1);
     {
       // The table's buckets before the embedding's forward, the head's before the head's.
-      std::vector<ParamBucket> table, head;
-      for (const ParamBucket& b : emb_buckets) {
-        if (b.name == "embedding")
-          table.push_back(b);
-        if (b.name != "embedding" || m_.tied_embeddings)
-          head.push_back(b);
-      }
+      const EmbeddingBuckets split = split_embedding_buckets(emb_buckets, m_.tied_embeddings);
       if (first)
-        st.table_step_gathers = step_gather_ops(table, "embedding");
+        st.table_step_gathers = step_gather_ops(split.table, "embedding");
       if (last)
-        st.head_step_gathers = step_gather_ops(head, "head");
+        st.head_step_gathers = step_gather_ops(split.head, "head");
     }
     const double shard = stage_shard_params(layer_ids, first, last);
     if (!host_opt) {
@@ -2354,12 +2366,12 @@ bool chunk_replayable(const Plan& plan, const LoweringContext& ctx) {
     return false;
   if (ctx.expert_loads != nullptr || ctx.model->tied_embeddings)
     return false;
-  // A dropless MoE layer's host sync (its expert counts read on the CPU) with a modelled host.
-  const bool dropless_moe =
-      plan.moe.capacity_factor <= 0 &&
+  // A MoE layer's host sync (its expert counts read on the CPU) with a modelled host.
+  const bool host_syncs =
+      syncs_host_per_moe_layer(plan) &&
       std::any_of(ctx.model->layers.begin(), ctx.model->layers.end(),
                   [](const LayerSpec& l) { return l.mlp == MlpKind::moe; });
-  return !(dropless_moe && host_issue_s(plan) > 0);
+  return !(host_syncs && host_issue_s(plan) > 0);
 }
 
 Plan pass_key(Plan p) {

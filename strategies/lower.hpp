@@ -180,7 +180,7 @@ struct PassModel {
   std::vector<std::vector<sim::Op>> param_gathers;
   // Per pass: ZeRO-3's once-a-step gathers of one of its layers in a pipeline stage, before the
   // layer's first forward; each may start once the stage's layer two before it has run its
-  // first forward (FSDP2's one-layer prefetch).
+  // latest forward (lower()'s one-layer prefetch).
   std::vector<std::vector<sim::Op>> step_gathers;
 };
 

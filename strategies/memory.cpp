@@ -156,15 +156,14 @@ double in_flight(const Plan& p, int stage, int num_layers) {
   case PipelineSchedule::zero_bubble: // ZB-H1 keeps 1F1B's activation memory
     return std::min(m, p.pp - stage);
   case PipelineSchedule::interleaved_1f1b: {
-    // Stage s runs 2·(pp - s - 1) + (vp - 1)·pp forwards of its chunks before its first
-    // backward, then one forward and one backward at a time (strategies/pipeline.cpp, as
-    // Megatron-Core's interleaved schedule): the most layers' activations it holds at once,
-    // counted over that order with each chunk's layers (chunks of a stage may differ by one),
-    // as a share of the stage's layers. With even chunks the first stage holds Megatron-LM's
-    // theoretical_memory_usage.py figure, pp · (1 + (pp - 1)/(pp · vp)) micro-batches; the last
-    // holds more than plain 1F1B's one.
+    // The stage's warm-up forwards, then one forward and one backward at a time, in its
+    // pipeline order (strategies/pipeline.hpp, as Megatron-Core's interleaved schedule): the
+    // most layers' activations it holds at once, each chunk with its own layers (a stage's
+    // chunks may differ by one), as a share of the stage's layers. With even chunks the first
+    // stage holds Megatron-LM's theoretical_memory_usage.py figure, pp · (1 + (pp - 1)/(pp ·
+    // vp)) micro-batches; the last holds more than plain 1F1B's one.
     const std::vector<int> bounds = virtual_stage_bounds(p, num_layers);
-    auto layers = [&](long chunk) {
+    auto layers = [&](int chunk) {
       const auto v = static_cast<std::size_t>(chunk * p.pp + stage);
       return static_cast<double>(bounds[v + 1] - bounds[v]);
     };
@@ -173,17 +172,17 @@ double in_flight(const Plan& p, int stage, int num_layers) {
       stage_layers += layers(c);
     if (stage_layers <= 0)
       return 0;
-    const long items = static_cast<long>(m) * p.vp, pp = p.pp, vp = p.vp;
-    const long warmup = std::min(items, 2 * (pp - stage - 1) + (vp - 1) * pp);
+    const long items = static_cast<long>(m) * p.vp, period = static_cast<long>(p.pp) * p.vp;
+    const long warmup = warmup_forwards(p, stage);
     double held = 0;
     for (long k = 0; k < warmup; ++k)
-      held += layers((k / pp) % vp);
+      held += layers(forward_chunk(p, k));
     double most = held;
-    // The steady phase repeats every pp · vp items.
-    for (long f = warmup, b = 0; f < items && b < pp * vp; ++f, ++b) {
-      held += layers((f / pp) % vp);
+    // The steady phase repeats every pp · vp forwards.
+    for (long f = warmup, b = 0; f < items && b < period; ++f, ++b) {
+      held += layers(forward_chunk(p, f));
       most = std::max(most, held);
-      held -= layers(vp - 1 - (b / pp) % vp);
+      held -= layers(backward_chunk(p, b));
     }
     return most / stage_layers;
   }

@@ -19,6 +19,15 @@ std::vector<int> virtual_stage_bounds(const Plan& p, int num_layers) {
   return bounds;
 }
 
+VirtualStage virtual_neighbour(const Plan& p, int stage, int chunk, int direction) {
+  const int next = stage + direction;
+  if (next >= p.pp)
+    return {0, chunk + 1};
+  if (next < 0)
+    return {p.pp - 1, chunk - 1};
+  return {next, chunk};
+}
+
 bool defers_weight_gradients(const Plan& p) {
   return p.pp > 1 && p.schedule == PipelineSchedule::zero_bubble;
 }
@@ -35,24 +44,35 @@ std::vector<PipelineStep> pipeline_order(const Plan& p, int stage) {
   }
   const int vp = chunks_per_stage(p), items = micro * vp;
   auto mb_of = [&](int k) { return (k / (p.pp * vp)) * p.pp + k % p.pp; };
-  auto fwd_chunk = [&](int k) { return (k / p.pp) % vp; };
-  auto bwd_chunk = [&](int k) { return vp - 1 - (k / p.pp) % vp; };
-  int warmup = items;
-  if (p.schedule != PipelineSchedule::gpipe)
-    warmup = vp == 1 ? std::min(micro, p.pp - stage - 1)
-                     : std::min(items, 2 * (p.pp - stage - 1) + (vp - 1) * p.pp);
+  const int warmup = static_cast<int>(warmup_forwards(p, stage));
   int next_f = 0, next_b = 0;
   for (; next_f < warmup; ++next_f)
-    order.push_back({true, mb_of(next_f), fwd_chunk(next_f), false});
+    order.push_back({true, mb_of(next_f), forward_chunk(p, next_f), false});
   while (next_b < items) {
     if (next_f < items) {
-      order.push_back({true, mb_of(next_f), fwd_chunk(next_f), true});
+      order.push_back({true, mb_of(next_f), forward_chunk(p, next_f), true});
       ++next_f;
     }
-    order.push_back({false, mb_of(next_b), bwd_chunk(next_b), true});
+    order.push_back({false, mb_of(next_b), backward_chunk(p, next_b), true});
     ++next_b;
   }
   return order;
+}
+
+long warmup_forwards(const Plan& p, int stage) {
+  const long vp = chunks_per_stage(p), items = static_cast<long>(p.micro_batches()) * vp;
+  if (p.schedule == PipelineSchedule::gpipe)
+    return items;
+  return vp == 1 ? std::min<long>(p.micro_batches(), p.pp - stage - 1)
+                 : std::min(items, 2L * (p.pp - stage - 1) + (vp - 1) * p.pp);
+}
+
+int forward_chunk(const Plan& p, long k) {
+  return static_cast<int>((k / p.pp) % chunks_per_stage(p));
+}
+
+int backward_chunk(const Plan& p, long k) {
+  return chunks_per_stage(p) - 1 - forward_chunk(p, k);
 }
 
 } // namespace mop::strategy

@@ -17,6 +17,25 @@ int chunks_per_stage(const Plan& p);
 // evenly over the virtual stages (the first ones take one more).
 std::vector<int> virtual_stage_bounds(const Plan& p, int num_layers);
 
+// A virtual stage: chunk `chunk` of pipeline stage `stage` (virtual stage chunk * pp + stage).
+struct VirtualStage {
+  int stage = 0;
+  int chunk = 0;
+};
+// The virtual stage next to (stage, chunk) towards later ones (direction +1: where its
+// activations go, and whence its gradient comes) or earlier ones (-1): the next (previous)
+// stage's same chunk, or past the last (first) stage the first (last) stage's next (previous)
+// chunk. Its chunk may fall outside [0, chunks): no such neighbour.
+VirtualStage virtual_neighbour(const Plan& p, int stage, int chunk, int direction);
+
+// The order's pieces (pipeline_order below builds it from them): how many of the stage's
+// forwards run before its first backward (all of them with GPipe); which chunk a stage's k-th
+// forward and k-th backward run (interleaved 1F1B goes round its chunks every pp
+// micro-batches, forwards first to last and backwards last to first; 0 otherwise).
+long warmup_forwards(const Plan& p, int stage);
+int forward_chunk(const Plan& p, long k);
+int backward_chunk(const Plan& p, long k);
+
 struct PipelineStep {
   bool forward = true;
   int micro_batch = 0;

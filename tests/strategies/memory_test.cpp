@@ -148,6 +148,31 @@ TEST_CASE("1F1B keeps pp - i micro-batches in flight on stage i, so the first st
   CHECK(r.classes[0].layers == 20);
 }
 
+TEST_CASE("interleaving holds Megatron-LM's in-flight figure on the first stage and its warm-up "
+          "on the last" * doctest::test_suite("independent")) {
+  // 80 layers over 4 stages × 2 chunks: 10 a chunk, half a stage's activations each.
+  // Megatron-Core's interleaved schedule warms up with 2·(pp - s - 1) + (vp - 1)·pp chunk
+  // forwards, then holds one more: by hand, stage 0 runs 2·3 + 4 = 10 and holds 11 chunks = 5.5
+  // micro-batches, Megatron-LM's theoretical_memory_usage.py figure pp · (1 + (pp - 1)/(pp · vp))
+  // = 4 · 11/8; stage 3 runs 4 and holds 5 chunks = 2.5 (plain 1F1B's count there is 1).
+  const ModelSpec m = load_model("llama3-70b");
+  MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
+  Plan p;
+  p.world = 32;
+  p.pp = 4;
+  p.vp = 2;
+  p.schedule = PipelineSchedule::interleaved_1f1b;
+  p.attention.tp = 8;
+  p.dense.tp = 8;
+  p.embed.tp = 8;
+  p.global_batch = 64;
+  complete_plan(p);
+  const MemoryReport r = analyze_memory(m, p, 4096, hw);
+  REQUIRE(r.classes.size() == 4);
+  CHECK(r.classes[0].micro_batches_in_flight == mop::test::rel(4 * (1 + 3.0 / 8)));
+  CHECK(r.classes[3].micro_batches_in_flight == mop::test::rel(2.5));
+}
+
 TEST_CASE("a plan that does not fit names what runs out first" * doctest::test_suite("plumbing")) {
   const ModelSpec m = load_model("llama3-70b");
   MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
