@@ -1,6 +1,6 @@
 // Wall time of one evaluation as the search runs it (lower without op names, play, steady-state
 // extrapolation; no structural check: `mop simulate` adds it; an interleaved pipeline replayed
-// on chunks, planner/replay.hpp) for the
+// on chunks, planner/replay.hpp; a single stage's repeated layers folded, planner/fold.hpp) for the
 // two reference cases; the plan is resolved once, outside the timed loop. The process allocates
 // as `mop` does (common/allocator.hpp).
 #include "common/allocator.hpp"
@@ -59,6 +59,13 @@ void BM_KimiK2_12xH200_1M_mop(benchmark::State& state) {
   run(state, "kimi-k2", "h200", 12, std::int64_t{1} << 20, "mop");
 }
 BENCHMARK(BM_KimiK2_12xH200_1M_mop)->Unit(benchmark::kMillisecond);
+
+// The same plan with every layer played (the search folds its 60 MoE layers, planner/fold.hpp).
+void BM_KimiK2_12xH200_1M_mop_every_layer(benchmark::State& state) {
+  run(state, "kimi-k2", "h200", 12, std::int64_t{1} << 20, "mop", mop::planner::Lowering::cost_only,
+      true);
+}
+BENCHMARK(BM_KimiK2_12xH200_1M_mop_every_layer)->Unit(benchmark::kMillisecond);
 
 void BM_Llama3_405B_128xH100_8K_megatron(benchmark::State& state) {
   run(state, "llama3-405b", "h100", 128, 8192, "megatron");

@@ -133,10 +133,12 @@ std::optional<Period> steady_period(const sim::Schedule& s, const sim::SimResult
 
 StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
                              const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
-                             int max_simulated, Lowering lowering, Check check) {
+                             int max_simulated, Lowering lowering, Check check,
+                             bool memory_by_layer) {
   StepEvaluation e;
   sim::EngineOptions checked;
   checked.check_schedule_first = check == Check::schedule;
+  checked.memory_by_layer = memory_by_layer;
   e.micro_batches = plan.micro_batches();
   e.tokens_per_step = static_cast<double>(plan.global_batch) * static_cast<double>(ctx.seq);
   const int pp = plan.pp;
@@ -206,7 +208,8 @@ StepEvaluation evaluate_step(const Plan& plan, const LoweringContext& ctx,
     for (;;) {
       const int m3 = m2 + stride;
       if (m3 >= e.micro_batches)
-        return evaluate_step(plan, ctx, cluster, calibration, 0, lowering, check);
+        return evaluate_step(plan, ctx, cluster, calibration, 0, lowering, check,
+                             memory_by_layer);
       const double before = e.result.step_time_s - r1.step_time_s;
       r1 = std::move(e.result);
       reported_at(m3);

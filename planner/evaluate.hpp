@@ -28,6 +28,7 @@ struct StepEvaluation {
   double tokens_per_step = 0;      // the plan's whole batch
   double model_flops_per_step = 0; // the plan's whole batch
   bool program = false;            // the program lowering wrote `schedule`
+  int folded_layers = 0; // layers of the model `schedule` leaves out (planner/fold.hpp)
 };
 
 // Whether the Schedule is checked (sim::check_schedule) before it is played: `mop simulate`
@@ -36,10 +37,11 @@ struct StepEvaluation {
 enum class Check { schedule, skip };
 
 // `max_simulated`: simulate at most this many micro-batches (at least 2·pp, so both runs reach
-// the pipeline's steady state); 0 simulates every micro-batch.
+// the pipeline's steady state); 0 simulates every micro-batch. `memory_by_layer`: the reported
+// run keeps each class's memory peak per layer (sim::ClassMemory::by_layer).
 StepEvaluation evaluate_step(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
                              const hw::ClusterSpec& cluster, const hw::Calibration& calibration,
                              int max_simulated = 16, Lowering lowering = Lowering::cost_only,
-                             Check check = Check::schedule);
+                             Check check = Check::schedule, bool memory_by_layer = false);
 
 } // namespace mop::planner

@@ -1,5 +1,7 @@
 #include "planner/replay.hpp"
 
+#include "planner/fold.hpp"
+
 #include "sim/engine.hpp"
 #include "strategies/pipeline.hpp"
 
@@ -398,13 +400,22 @@ StepEvaluation replay_step(const strategy::Plan& plan, const strategy::LoweringC
 StepEvaluation evaluate_for_search(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
                                    const hw::ClusterSpec& cluster,
                                    const hw::Calibration& calibration, int max_simulated,
-                                   bool* replayed) {
+                                   bool* replayed, bool fold) {
   const bool replay = strategy::chunk_replayable(plan, ctx);
   if (replayed != nullptr)
     *replayed = replay;
-  return replay ? replay_step(plan, ctx, cluster, calibration)
-                : evaluate_step(plan, ctx, cluster, calibration, max_simulated, Lowering::cost_only,
-                                Check::skip);
+  if (replay)
+    return replay_step(plan, ctx, cluster, calibration);
+  if (fold)
+    if (std::optional<StepEvaluation> folded =
+            fold_layers(plan, ctx, cluster, calibration, max_simulated))
+      return std::move(*folded);
+  return evaluate_step(plan, ctx, cluster, calibration, max_simulated, Lowering::cost_only,
+                       Check::skip);
+}
+
+bool approximated_for_search(const strategy::Plan& plan, const strategy::LoweringContext& ctx) {
+  return strategy::chunk_replayable(plan, ctx) || foldable_layers(plan, ctx).has_value();
 }
 
 } // namespace mop::planner

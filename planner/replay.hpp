@@ -24,8 +24,9 @@
 
 namespace mop::planner {
 
-// How far a replayed step may lie from the engine's (tests/planner/replay_test.cpp holds it):
-// the search lowers a replayed plan's bound by as much, so that pruning stays exact.
+// How far a replayed step (or a folded one, planner/fold.hpp) may lie from the engine's
+// (tests/planner/replay_test.cpp and fold_test.cpp hold it): the search lowers such a plan's
+// bound by as much, so that pruning stays exact.
 inline constexpr double kReplayTolerance = 0.01;
 
 // The plan's step, played on chunks; the plan must be strategy::chunk_replayable (1F1B or
@@ -38,10 +39,14 @@ StepEvaluation replay_step(const strategy::Plan& plan, const strategy::LoweringC
 
 // A step as the search evaluates it: replayed on chunks when strategy::chunk_replayable, else
 // played on the event engine (evaluate_step with at most `max_simulated` micro-batches, no
-// structural check). `replayed` says which.
+// structural check), its repeated layers folded where they settle (fold_layers) unless `fold`
+// is false. `replayed` says whether it was replayed.
 StepEvaluation evaluate_for_search(const strategy::Plan& plan, const strategy::LoweringContext& ctx,
                                    const hw::ClusterSpec& cluster,
                                    const hw::Calibration& calibration, int max_simulated,
-                                   bool* replayed = nullptr);
+                                   bool* replayed = nullptr, bool fold = true);
+
+// Whether evaluate_for_search may replay or fold the plan's step rather than play it whole.
+bool approximated_for_search(const strategy::Plan& plan, const strategy::LoweringContext& ctx);
 
 } // namespace mop::planner

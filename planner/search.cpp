@@ -31,8 +31,9 @@ struct Candidate {
   std::size_t order = 0;
 };
 
+// `fold`: the plan's repeated layers may be folded (planner/fold.hpp).
 RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpec& cluster,
-                const hw::Calibration& cal, int max_micro) {
+                const hw::Calibration& cal, int max_micro, bool fold) {
   RankedPlan r;
   r.plan = c.plan;
   r.memory = c.memory;
@@ -41,9 +42,10 @@ RankedPlan rank(const Candidate& c, const PlanContext& ctx, const hw::ClusterSpe
   LoweringContext lc = strategy::lowering_context(ctx);
   lc.names = false;
   // An interleaved pipeline is played on its chunks (planner/replay.hpp), its memory the
-  // analytic model's; every other plan on the event engine, its memory the engine's.
+  // analytic model's; every other plan on the event engine (its repeated layers folded,
+  // planner/fold.hpp), its memory the engine's.
   bool replayed = false;
-  r.eval = evaluate_for_search(c.plan, lc, cluster, cal, max_micro, &replayed);
+  r.eval = evaluate_for_search(c.plan, lc, cluster, cal, max_micro, &replayed, fold);
   const double gpus = static_cast<double>(c.plan.world);
   r.tokens_per_s_per_gpu = r.eval.tokens_per_step / r.eval.step_time_s / gpus;
   r.tflops_per_gpu = r.eval.model_flops_per_step / r.eval.step_time_s / gpus / 1e12;
@@ -121,7 +123,7 @@ RankedPlan rank_plan(const Plan& plan, const PlanContext& ctx, const hw::Cluster
                     strategy::analyze_memory(*ctx.model, plan, ctx.seq, ctx.hw,
                                              strategy::activation_options(ctx)),
                     0, 0};
-  return rank(c, ctx, cluster, calibration, max_simulated_micro_batches);
+  return rank(c, ctx, cluster, calibration, max_simulated_micro_batches, false);
 }
 
 SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster,
@@ -187,9 +189,9 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
   lc.names = false;
   PassTimesCache pass_times;
   parallel_for(fit.size(), o.threads, [&](std::size_t i) {
-    // The bound holds for the engine's step; a replayed step may lie below it by the replay's
-    // tolerance, and the bound with it.
-    const double margin = strategy::chunk_replayable(fit[i].plan, lc) ? 1 - kReplayTolerance : 1;
+    // The bound holds for the engine's step; a replayed or folded step may lie below it by the
+    // tolerance of either, and the bound with it.
+    const double margin = approximated_for_search(fit[i].plan, lc) ? 1 - kReplayTolerance : 1;
     fit[i].bound = margin * step_lower_bound_s(fit[i].plan, lc, cluster, cal, &pass_times) /
                    (static_cast<double>(fit[i].plan.global_batch) * static_cast<double>(ctx.seq));
   });
@@ -219,7 +221,7 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
     const std::size_t n = std::min(kBatch, fit.size() - next);
     std::vector<RankedPlan> batch(n);
     parallel_for(n, o.threads, [&](std::size_t i) {
-      batch[i] = rank(fit[next + i], ctx, cluster, cal, o.max_simulated_micro_batches);
+      batch[i] = rank(fit[next + i], ctx, cluster, cal, o.max_simulated_micro_batches, true);
     });
     for (std::size_t i = 0; i < n; ++i)
       if (batch[i].fits)
@@ -234,6 +236,17 @@ SearchResult search_plans(const PlanContext& ctx, const hw::ClusterSpec& cluster
     if (o.progress)
       o.progress(static_cast<std::int64_t>(next), static_cast<std::int64_t>(fit.size()));
   }
+  // The plans kept are reported as the engine plays every layer: a folded step lies within
+  // 1e-4 of it, a part of its breakdown within 2 % (tests/planner/fold_test.cpp).
+  parallel_for(best.size(), o.threads, [&](std::size_t i) {
+    RankedPlan& r = best[i].first;
+    if (r.eval.folded_layers > 0)
+      r = rank(Candidate{r.plan, r.memory, r.lower_bound_s, best[i].second}, ctx, cluster, cal,
+               o.max_simulated_micro_batches, false);
+  });
+  std::sort(best.begin(), best.end(), [](const auto& a, const auto& b) {
+    return better(a.first, a.second, b.first, b.second);
+  });
   for (auto& [r, order] : best)
     out.results.push_back(std::move(r));
   return out;

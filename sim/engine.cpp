@@ -384,7 +384,7 @@ void Engine::set_sharing(const hw::ClusterSpec& c, const hw::Calibration& cal) {
   }
   for (std::size_t k = 0; k < s_.classes.size(); ++k) {
     const RankClass& rc = s_.classes[k];
-    memory_.emplace_back(rc, options_.record_memory_timeline);
+    memory_.emplace_back(rc, options_.record_memory_timeline, options_.memory_by_layer);
     ClassRun& cr = classes_[k];
     cr.running.reserve(rc.streams.size());
     cr.nic_rate_with_copy = nic_rate_with_copy;
@@ -437,7 +437,7 @@ void Engine::start(int g) {
       std::span<const int>(allocs_).subspan(
           static_cast<std::size_t>(alloc_offset_[gi]),
           static_cast<std::size_t>(alloc_offset_[gi + 1] - alloc_offset_[gi])),
-      now_);
+      now_, g - offset_[static_cast<std::size_t>(r.rank_class)]);
   if (r.duration_s <= 0) {
     // Takes no time and occupies nothing: ends at once, after this batch's starts.
     push({now_, g, r.version});

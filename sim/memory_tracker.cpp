@@ -10,8 +10,8 @@ namespace {
 constexpr std::int64_t kNever = std::numeric_limits<std::int64_t>::max();
 }
 
-MemoryTracker::MemoryTracker(const RankClass& rank_class, bool record_timeline)
-    : rank_class_(&rank_class), record_timeline_(record_timeline),
+MemoryTracker::MemoryTracker(const RankClass& rank_class, bool record_timeline, bool by_layer)
+    : rank_class_(&rank_class), record_timeline_(record_timeline), by_layer_(by_layer),
       alloc_step_(rank_class.tensors.size(), kNever),
       free_step_(rank_class.tensors.size(), kNever) {
   const std::size_t n = rank_class.tensors.size();
@@ -41,11 +41,33 @@ MemoryTracker::MemoryTracker(const RankClass& rank_class, bool record_timeline)
     memory_.timeline.push_back({0, Device::hbm, hbm_bytes_});
     memory_.timeline.push_back({0, Device::host, host_bytes_});
   }
+  if (by_layer_) {
+    ProgramPieces pieces = program_pieces(rank_class);
+    piece_of_op_ = std::move(pieces.of_op);
+    memory_.by_layer.resize(pieces.layer.size());
+    for (std::size_t i = 0; i < pieces.layer.size(); ++i) {
+      memory_.by_layer[i].layer = pieces.layer[i];
+      memory_.by_layer[i].pass = pieces.pass[i];
+    }
+    note_piece(0);
+  }
 }
 
-void MemoryTracker::allocate(std::span<const int> tensors, double time_s) {
-  if (!tensors.empty())
-    change(tensors, time_s, +1);
+void MemoryTracker::allocate(std::span<const int> tensors, double time_s, int op) {
+  if (tensors.empty())
+    return;
+  change(tensors, time_s, +1);
+  if (by_layer_)
+    note_piece(piece_of_op_[static_cast<std::size_t>(op)]);
+}
+
+void MemoryTracker::note_piece(int piece) {
+  ClassMemory::LayerPeak& p = memory_.by_layer[static_cast<std::size_t>(piece)];
+  p.host_bytes = std::max(p.host_bytes, host_bytes_);
+  if (hbm_bytes_ > p.hbm_bytes) {
+    p.hbm_bytes = hbm_bytes_;
+    std::copy(std::begin(hbm_by_kind_), std::end(hbm_by_kind_), std::begin(p.at_peak));
+  }
 }
 
 void MemoryTracker::free(std::span<const int> tensors, double time_s) {

@@ -12,11 +12,13 @@ namespace mop::sim {
 
 class MemoryTracker {
 public:
-  // Resident tensors are allocated at t = 0.
-  MemoryTracker(const RankClass& rank_class, bool record_timeline);
+  // Resident tensors are allocated at t = 0. `by_layer`: keep each layer's peak as well
+  // (ClassMemory::by_layer).
+  MemoryTracker(const RankClass& rank_class, bool record_timeline, bool by_layer = false);
 
-  // One op's allocations (at its start) or frees (at its end), all at `time_s`.
-  void allocate(std::span<const int> tensors, double time_s);
+  // One op's allocations (at its start) or frees (at its end), all at `time_s`; `op` is the
+  // allocating op's index in the class.
+  void allocate(std::span<const int> tensors, double time_s, int op = 0);
   void free(std::span<const int> tensors, double time_s);
 
   // The class's memory at the end of the step, with the names of up to `largest` biggest HBM
@@ -25,9 +27,11 @@ public:
 
 private:
   void change(std::span<const int> tensors, double time_s, double sign);
+  void note_piece(int piece);
 
   const RankClass* rank_class_;
   bool record_timeline_;
+  bool by_layer_;
   double hbm_bytes_ = 0, host_bytes_ = 0;
   double hbm_by_kind_[6] = {0, 0, 0, 0, 0, 0};
   // Each change is a numbered step; a tensor is live at step p when alloc_step <= p < free_step.
@@ -36,6 +40,7 @@ private:
   // Flat copies of each tensor's size and where it counts: the hot loop reads only these.
   std::vector<double> bytes_;
   std::vector<std::uint8_t> on_host_, kind_;
+  std::vector<int> piece_of_op_; // by_layer: index into memory_.by_layer of each op
   ClassMemory memory_;
 };
 

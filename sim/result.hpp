@@ -27,6 +27,21 @@ struct ClassMemory {
   double at_peak[6] = {0, 0, 0, 0, 0, 0};   // HBM bytes by MemoryKind when HBM peaked
   std::vector<std::string> largest_at_peak; // names of the largest live tensors at the peak
   std::vector<MemorySample> timeline;
+  // With EngineOptions::memory_by_layer: the highest HBM and host use reached as the ops of each
+  // piece of the class's program allocated, each with its HBM breakdown at that moment. A piece
+  // is a stretch of consecutive ops of one decoder layer (with the ops of no layer that follow
+  // it): `layer`, and `pass`, which of that layer's stretches it is in program order (its
+  // forward, its backward, once per micro-batch); the ops before any layer's, with the resident
+  // tensors, are layer -1. The peak is the largest of them (planner/fold.hpp extrapolates them
+  // to a deeper model).
+  struct LayerPeak {
+    int layer = -1;
+    int pass = 0;
+    double hbm_bytes = 0;
+    double host_bytes = 0;
+    double at_peak[6] = {0, 0, 0, 0, 0, 0};
+  };
+  std::vector<LayerPeak> by_layer;
 };
 
 struct ClassResult {

@@ -32,6 +32,27 @@ std::optional<AttentionKernel> parse_attention_kernel(std::string_view name) {
 }
 
 
+ProgramPieces program_pieces(const RankClass& rc) {
+  ProgramPieces p;
+  p.of_op.resize(rc.ops.size());
+  p.layer.push_back(-1);
+  p.pass.push_back(0);
+  std::vector<int> passes; // of each layer so far
+  int layer = -1;
+  for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+    const int l = rc.ops[i].layer;
+    if (l >= 0 && l != layer) {
+      layer = l;
+      if (static_cast<std::size_t>(l) >= passes.size())
+        passes.resize(static_cast<std::size_t>(l) + 1, 0);
+      p.layer.push_back(l);
+      p.pass.push_back(passes[static_cast<std::size_t>(l)]++);
+    }
+    p.of_op[i] = static_cast<int>(p.layer.size()) - 1;
+  }
+  return p;
+}
+
 const Attrs& RankClass::attrs_of(const Op& op) const {
   static const Attrs defaults;
   return op.attrs < 0 ? defaults : attrs[static_cast<std::size_t>(op.attrs)];

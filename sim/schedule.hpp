@@ -518,6 +518,17 @@ struct RankClass {
   Attrs& set_attrs(Op& op);
 };
 
+// The pieces of a class's program: stretches of consecutive ops of one decoder layer (with the
+// ops of no layer that follow them), numbered in program order; piece 0 holds the ops before
+// any layer's. Each piece's layer (-1 for piece 0) and pass: which of its layer's stretches it
+// is (its forward, its backward, once per micro-batch). The memory tracker's per-layer peaks
+// and planner/fold.hpp's settling check read them.
+struct ProgramPieces {
+  std::vector<int> of_op; // parallel to RankClass::ops
+  std::vector<int> layer, pass;
+};
+ProgramPieces program_pieces(const RankClass& rc);
+
 struct Schedule {
   std::vector<RankClass> classes;
   std::vector<Group> groups;

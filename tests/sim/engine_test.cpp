@@ -433,6 +433,57 @@ TEST_CASE("the memory tracker finds the HBM peak, its breakdown and its largest 
   CHECK(simulate(s, h200(), kNone, quiet).classes[0].memory.timeline.empty());
 }
 
+TEST_CASE("the memory tracker keeps the peak of each piece of the program" *
+          doctest::test_suite("independent")) {
+  // A two-layer program: an embedding (no layer), layer 0's and layer 1's forwards, a loss (no
+  // layer: it joins layer 1's piece), layer 1's and layer 0's backwards.
+  Schedule s = one_class({"compute"});
+  auto& tensors = s.classes[0].tensors;
+  const double GB = 1e9;
+  tensors.push_back(cost_tensor("weights", 10 * GB, Device::hbm, MemoryKind::weights, true));
+  tensors.push_back(cost_tensor("emb", 1 * GB, Device::hbm, MemoryKind::activations, false));
+  tensors.push_back(cost_tensor("L0 saved", 2 * GB, Device::hbm, MemoryKind::activations, false));
+  tensors.push_back(cost_tensor("L1 saved", 2 * GB, Device::hbm, MemoryKind::activations, false));
+  tensors.push_back(cost_tensor("logits", 5 * GB, Device::hbm, MemoryKind::activations, false));
+  tensors.push_back(cost_tensor("L1 grads", 3 * GB, Device::hbm, MemoryKind::grads, false));
+  tensors.push_back(cost_tensor("L0 staging", 4 * GB, Device::host, MemoryKind::comm_buffers, false));
+  const int layer[] = {-1, 0, 1, -1, 1, 0};
+  for (int i = 0; i < 6; ++i) {
+    ops(s).push_back(elementwise(op_name("op", i), 0, 4.01e9));
+    ops(s).back().layer = layer[i];
+  }
+  ops(s)[0].allocs = {1};    // emb: 11
+  ops(s)[1].allocs = {2};    // L0 saved: 13
+  ops(s)[1].frees = {1};     // 12
+  ops(s)[2].allocs = {3};    // L1 saved: 14
+  ops(s)[3].allocs = {4};    // logits: 19
+  ops(s)[3].frees = {4};     // 14
+  ops(s)[4].allocs = {5};    // L1 grads: 17
+  ops(s)[4].frees = {3, 5};  // 12
+  ops(s)[5].allocs = {6};    // host staging (HBM stays 12)
+  ops(s)[5].frees = {2, 6};  // 10
+  const ProgramPieces pieces = program_pieces(s.classes[0]);
+  CHECK(pieces.of_op == std::vector<int>{0, 1, 2, 2, 2, 3});
+  CHECK(pieces.layer == std::vector<int>{-1, 0, 1, 0});
+  CHECK(pieces.pass == std::vector<int>{0, 0, 0, 1});
+  EngineOptions by_layer;
+  by_layer.memory_by_layer = true;
+  const ClassMemory mem = simulate(s, h200(), kNone, by_layer).classes[0].memory;
+  REQUIRE(mem.by_layer.size() == 4);
+  // The embedding's piece holds the resident weights and the embedding: 11; layer 0's forward
+  // 13; layer 1's forward, the loss and layer 1's backward 19 (the logits); layer 0's backward
+  // 12 in HBM and the 4 GB of host staging.
+  CHECK(mem.by_layer[0].hbm_bytes == 11 * GB);
+  CHECK(mem.by_layer[1].hbm_bytes == 13 * GB);
+  CHECK(mem.by_layer[2].hbm_bytes == 19 * GB);
+  CHECK(mem.by_layer[2].at_peak[static_cast<int>(MemoryKind::activations)] == 9 * GB);
+  CHECK(mem.by_layer[3].hbm_bytes == 12 * GB);
+  CHECK(mem.by_layer[3].host_bytes == 4 * GB);
+  CHECK(mem.by_layer[2].host_bytes == 0);
+  CHECK(mem.peak_hbm_bytes == 19 * GB); // the largest piece's
+  CHECK(simulate(s, h200(), kNone).classes[0].memory.by_layer.empty());
+}
+
 TEST_CASE("the breakdown charges each instant to compute, optimizer, comm, copy or waiting" *
           doctest::test_suite("independent")) {
   // One stream, in order: a forward kernel, a recompute kernel, an exposed TP all-reduce, an
