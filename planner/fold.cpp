@@ -1,11 +1,14 @@
 #include "planner/fold.hpp"
 
 #include "sim/engine.hpp"
+#include "strategies/lower.hpp"
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <map>
+#include <span>
+#include <variant>
 #include <utility>
 #include <vector>
 
@@ -14,7 +17,7 @@ namespace mop::planner {
 namespace {
 
 constexpr int kMinRun = 12;
-constexpr std::array<int, 3> kShort = {2, 3, 4}; // the run's length in the three short models
+constexpr int kFirst = 2; // the run's length in the shortest model
 // How far the three short models may lie from a straight line, relative to the longest one's
 // step (or its class's peak): each further layer must add the same time and memory.
 constexpr double kSettled = 1e-4;
@@ -50,15 +53,16 @@ bool settled(double a, double b, double c, double scale) {
   return std::fabs(c - 2 * b + a) <= kSettled * scale;
 }
 
-// Whether the run's layers repeat alike in the short model `e` (its run of k layers from
-// run.begin): on every stream of every class, each pass of a layer in the run's middle (its
-// forward, its backward) ends the same time after the same pass of the layer before it, the same
-// time on every stream. A stream that drifts against the others (offload copies falling behind
-// the compute they follow) builds a queue that grows with depth. The run's first and last
-// layers border other pieces (the last one's forward runs on into its backward) and are left
-// out. Nor may the host fall behind: where issuing a pass's kernels takes it longer than the
-// period, the lead it gained elsewhere (over the embedding, the loss) runs out a few layers on,
-// and from then on each layer waits for it.
+// Whether the run's layers have settled in the short model `e` (its run of k layers from
+// run.begin), judged on the layers in the run's middle (its first and last border other pieces:
+// the last one's forward runs on into its backward). No stream may fall behind the compute
+// stream: in each pass (a forward, a backward, per micro-batch) a middle layer may add no more
+// time on any stream than it adds on the compute stream, the pace. A stream slower than the
+// pace (offload copies behind the compute they follow) builds a queue that grows with depth and
+// changes the step's slope further on; a faster one (a prefetch still catching up from the
+// first, ungated layers) is settling. Nor may the host fall behind: where issuing a layer's
+// kernels takes it longer than the pace, the lead it gained elsewhere (over the embedding, the
+// loss) runs out a few layers on, and from then on each layer waits for it.
 std::optional<Unfolded> unsettled(const StepEvaluation& e, const LayerRun& run, int k) {
   const double tolerance = 1e-6 * e.step_time_s;
   for (std::size_t c = 0; c < e.schedule.classes.size(); ++c) {
@@ -69,7 +73,10 @@ std::optional<Unfolded> unsettled(const StepEvaluation& e, const LayerRun& run, 
     // When each stream's ops of each piece end (-1: none).
     std::vector<double> ends(rc.streams.size() * n_pieces, -1.0);
     std::vector<double> issue(n_pieces, 0.0); // the host's time to issue each piece's kernels
+    std::vector<bool> copies(rc.streams.size(), false); // streams of host-device copies
     for (std::size_t i = 0; i < rc.ops.size(); ++i) {
+      if (sim::is_copy(rc.ops[i].kind))
+        copies[static_cast<std::size_t>(rc.ops[i].stream)] = true;
       if (sim::launches_kernels(rc.ops[i]))
         issue[static_cast<std::size_t>(pieces.of_op[i])] +=
             e.schedule.host_issue_s * rc.ops[i].kernels;
@@ -92,29 +99,42 @@ std::optional<Unfolded> unsettled(const StepEvaluation& e, const LayerRun& run, 
     if (std::any_of(piece.begin(), piece.end(), [](int p) { return p < 0; }))
       return Unfolded::drifts; // the middle layers' programs differ
     for (int pass = 0; pass < passes; ++pass) {
-      std::optional<double> period;
+      auto end_of = [&](std::size_t stream, int j) {
+        return ends[stream * n_pieces +
+                    static_cast<std::size_t>(piece[static_cast<std::size_t>(pass * middle + j)])];
+      };
       for (std::size_t st = 0; st < rc.streams.size(); ++st) {
-        const double* end = &ends[st * n_pieces];
-        auto at = [&](int j) { return end[piece[static_cast<std::size_t>(pass * middle + j)]]; };
         int used = 0;
         for (int j = 0; j < middle; ++j)
-          used += at(j) >= 0;
-        if (used == 0)
-          continue;
-        if (used != middle)
+          used += end_of(st, j) >= 0;
+        if (used != 0 && used != middle)
           return Unfolded::drifts; // some layers use this stream in this pass, others not
-        for (int j = 0; j + 1 < middle; ++j) {
-          const double d = at(j + 1) - at(j);
-          if (!period)
-            period = d;
-          else if (std::fabs(d - *period) > tolerance)
+      }
+      const auto compute = static_cast<std::size_t>(strategy::kComputeStream);
+      if (end_of(compute, 0) < 0)
+        continue;
+      for (int j = 0; j + 1 < middle; ++j) {
+        // The pace: what a layer adds on the compute stream (backward passes run the layers
+        // down, so the differences are negative there).
+        const double pace = std::fabs(end_of(compute, j + 1) - end_of(compute, j));
+        for (std::size_t st = 0; st < rc.streams.size(); ++st) {
+          if (end_of(st, j) < 0)
+            continue;
+          const double d = std::fabs(end_of(st, j + 1) - end_of(st, j));
+          if (d > pace + tolerance)
+            return Unfolded::drifts;
+          // Host copies must keep the pace exactly: a copy stream a little slower than the
+          // compute on average, its copies started as each layer's compute ends, keeps pace
+          // for a layer or two and then slips one copy behind, again and again (the copies
+          // awaiting their turn, and the memory they hold, grow in steps the short models
+          // do not see).
+          if (copies[st] && std::fabs(d - pace) > tolerance)
             return Unfolded::drifts;
         }
-      }
-      for (int j = 0; period && j < middle; ++j)
-        if (issue[static_cast<std::size_t>(piece[static_cast<std::size_t>(pass * middle + j)])] >
-            std::fabs(*period) + tolerance)
+        if (issue[static_cast<std::size_t>(piece[static_cast<std::size_t>(pass * middle + j + 1)])] >
+            pace + tolerance)
           return Unfolded::host_behind;
+      }
     }
   }
   return std::nullopt;
@@ -141,6 +161,70 @@ std::optional<LayerRun> foldable_layers(const strategy::Plan& plan,
   return best;
 }
 
+namespace {
+
+// The step folded from three short models `e` whose runs have k, k + 1 and k + 2 layers
+// (see fold_layers), or why not. Moves the longest one's evaluation out when it folds.
+std::variant<StepEvaluation, Unfolded> fold_from(std::span<StepEvaluation, 3> e, const LayerRun& run,
+                                                 int k) {
+  StepEvaluation& last = e[2];
+  const std::size_t n_classes = last.result.classes.size();
+  for (const StepEvaluation& x : e)
+    if (x.result.classes.size() != n_classes)
+      return Unfolded::not_linear;
+  if (!settled(e[0].step_time_s, e[1].step_time_s, last.step_time_s, last.step_time_s))
+    return Unfolded::not_linear;
+  if (const std::optional<Unfolded> reason = unsettled(last, run, k + 2))
+    return *reason;
+  // Each further layer of the run adds what the longest model's last one added.
+  const double more = run.length - (k + 2);
+  auto extend = [more](double& at_last, double at_before) {
+    at_last += more * (at_last - at_before);
+  };
+  std::vector<sim::ClassMemory> memory(n_classes);
+  for (std::size_t c = 0; c < n_classes; ++c) {
+    std::array<Pieces, 3> pieces;
+    for (int r = 0; r < 3; ++r)
+      pieces[static_cast<std::size_t>(r)] =
+          in_full_model(e[static_cast<std::size_t>(r)].result.classes[c].memory.by_layer, run, k + r);
+    const sim::ClassMemory& m = last.result.classes[c].memory;
+    const double scale = std::max(m.peak_hbm_bytes, m.peak_host_bytes);
+    LayerPeak top;
+    double host = 0;
+    for (auto [at, p] : pieces[2]) {
+      const auto before = pieces[1].find(at);
+      if (before == pieces[1].end())
+        continue; // a piece of the run's middle, no higher than those at its ends
+      const auto first = pieces[0].find(at);
+      if (first != pieces[0].end() &&
+          (!settled(first->second.hbm_bytes, before->second.hbm_bytes, p.hbm_bytes, scale) ||
+           !settled(first->second.host_bytes, before->second.host_bytes, p.host_bytes, scale)))
+        return Unfolded::not_linear;
+      extend(p.hbm_bytes, before->second.hbm_bytes);
+      extend(p.host_bytes, before->second.host_bytes);
+      for (int kind = 0; kind < 6; ++kind)
+        extend(p.at_peak[kind], before->second.at_peak[kind]);
+      if (p.hbm_bytes > top.hbm_bytes)
+        top = p;
+      host = std::max(host, p.host_bytes);
+    }
+    memory[c].peak_hbm_bytes = top.hbm_bytes;
+    std::copy(std::begin(top.at_peak), std::end(top.at_peak), std::begin(memory[c].at_peak));
+    memory[c].peak_host_bytes = host; // peak_time_s: not known for the full model
+  }
+  for (std::size_t c = 0; c < n_classes; ++c)
+    last.result.classes[c].memory = std::move(memory[c]);
+  extend(last.step_time_s, e[1].step_time_s);
+  last.result.step_time_s = last.step_time_s;
+  sim::each_part(last.result.breakdown, e[1].result.breakdown, extend);
+  extend(last.model_flops_per_step, e[1].model_flops_per_step);
+  last.result.events += e[0].result.events + e[1].result.events;
+  last.folded_layers = static_cast<int>(more);
+  return std::move(last);
+}
+
+} // namespace
+
 std::optional<StepEvaluation> fold_layers(const strategy::Plan& plan,
                                           const strategy::LoweringContext& ctx,
                                           const hw::ClusterSpec& cluster,
@@ -154,71 +238,29 @@ std::optional<StepEvaluation> fold_layers(const strategy::Plan& plan,
   const std::optional<LayerRun> run = foldable_layers(plan, ctx);
   if (!run)
     return refuse(Unfolded::no_run);
-  std::array<StepEvaluation, kShort.size()> e;
   workload::ModelSpec cut = *ctx.model;
   strategy::LoweringContext lc = ctx;
   lc.model = &cut;
-  for (std::size_t r = 0; r < kShort.size(); ++r) {
+  auto play = [&](int k) {
     cut.layers = ctx.model->layers;
-    cut.layers.erase(cut.layers.begin() + run->begin + kShort[r],
+    cut.layers.erase(cut.layers.begin() + run->begin + k,
                      cut.layers.begin() + run->begin + run->length);
-    e[r] = evaluate_step(plan, lc, cluster, calibration, max_simulated, Lowering::cost_only,
+    return evaluate_step(plan, lc, cluster, calibration, max_simulated, Lowering::cost_only,
                          Check::skip, true);
-  }
-  StepEvaluation& last = e.back();
-  const std::size_t n_classes = last.result.classes.size();
-  for (const StepEvaluation& x : e)
-    if (x.result.classes.size() != n_classes)
-      return refuse(Unfolded::not_linear);
-  if (!settled(e[0].step_time_s, e[1].step_time_s, last.step_time_s, last.step_time_s))
-    return refuse(Unfolded::not_linear);
-  if (const std::optional<Unfolded> reason = unsettled(last, *run, kShort.back()))
-    return refuse(*reason);
-  // Each further layer of the run adds what the fourth added to the third.
-  const double more = run->length - kShort.back();
-  auto extend = [more](double& at_last, double at_before) {
-    at_last += more * (at_last - at_before);
   };
-  for (std::size_t c = 0; c < n_classes; ++c) {
-    std::array<Pieces, kShort.size()> pieces;
-    for (std::size_t r = 0; r < kShort.size(); ++r)
-      pieces[r] = in_full_model(e[r].result.classes[c].memory.by_layer, *run, kShort[r]);
-    sim::ClassMemory& m = last.result.classes[c].memory;
-    const double scale = std::max(m.peak_hbm_bytes, m.peak_host_bytes);
-    LayerPeak top;
-    double host = 0;
-    for (auto [at, p] : pieces[2]) {
-      const auto before = pieces[1].find(at);
-      if (before == pieces[1].end())
-        continue; // a piece of the run's middle, no higher than those at its ends
-      const auto first = pieces[0].find(at);
-      if (first != pieces[0].end() &&
-          (!settled(first->second.hbm_bytes, before->second.hbm_bytes, p.hbm_bytes, scale) ||
-           !settled(first->second.host_bytes, before->second.host_bytes, p.host_bytes, scale)))
-        return refuse(Unfolded::not_linear);
-      extend(p.hbm_bytes, before->second.hbm_bytes);
-      extend(p.host_bytes, before->second.host_bytes);
-      for (int k = 0; k < 6; ++k)
-        extend(p.at_peak[k], before->second.at_peak[k]);
-      if (p.hbm_bytes > top.hbm_bytes)
-        top = p;
-      host = std::max(host, p.host_bytes);
-    }
-    m.peak_hbm_bytes = top.hbm_bytes;
-    std::copy(std::begin(top.at_peak), std::end(top.at_peak), std::begin(m.at_peak));
-    m.peak_host_bytes = host;
-    m.peak_time_s = 0; // not known for the full model
-    m.largest_at_peak.clear();
-    m.timeline.clear();
-    m.by_layer.clear();
+  // Runs of 2, 3 and 4 layers; where they are not yet on a line (the 2-layer model's
+  // micro-batches settle otherwise, or its first layer still fills a prefetch), 3, 4 and 5.
+  std::array<StepEvaluation, 4> e{play(kFirst), play(kFirst + 1), play(kFirst + 2), {}};
+  std::variant<StepEvaluation, Unfolded> folded =
+      fold_from(std::span<StepEvaluation, 3>(e.data(), 3), *run, kFirst);
+  if (std::holds_alternative<Unfolded>(folded) &&
+      std::get<Unfolded>(folded) == Unfolded::not_linear) {
+    e[3] = play(kFirst + 3);
+    folded = fold_from(std::span<StepEvaluation, 3>(e.data() + 1, 3), *run, kFirst + 1);
   }
-  extend(last.step_time_s, e[1].step_time_s);
-  last.result.step_time_s = last.step_time_s;
-  sim::each_part(last.result.breakdown, e[1].result.breakdown, extend);
-  extend(last.model_flops_per_step, e[1].model_flops_per_step);
-  last.result.events += e[0].result.events + e[1].result.events;
-  last.folded_layers = static_cast<int>(more);
-  return std::move(last);
+  if (const Unfolded* reason = std::get_if<Unfolded>(&folded))
+    return refuse(*reason);
+  return std::move(std::get<StepEvaluation>(folded));
 }
 
 } // namespace mop::planner

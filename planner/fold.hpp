@@ -9,7 +9,9 @@
 // is played on models whose run is cut to n = 2, 3 and 4 layers and extrapolated to the run's
 // length R: T(R) = T(4) + (R - 4)·(T(4) - T(3)), each part of the breakdown and the model's FLOPs
 // likewise. The third run checks the first two: when T(4) - T(3) differs from T(3) - T(2) the
-// program has not settled in so few layers, and the plan is played in full.
+// program has not settled in so few layers, and 3, 4 and 5 layers are tried; nor may a stream
+// or the host fall behind the compute stream's pace (a queue that grows with depth). Where the
+// plan has not settled, it is played in full.
 //
 // Memory folds the same way, but not as one number: a rank's peak is the largest of several
 // moments whose heights grow at different rates with depth (a transient in the first layers
@@ -46,10 +48,10 @@ enum class Unfolded {
   host_behind, // the host issues a layer's kernels slower than the GPU runs them
 };
 
-// The plan's step with its run of layers folded (evaluate_step on the three short models, at
-// most `max_simulated` micro-batches each, no structural check); std::nullopt when the plan
-// has no such run or the short models show it has not settled (`why` says which). The result's
-// Schedule and per-op times are those of the 4-layer model; step time, breakdown, model FLOPs
+// The plan's step with its run of layers folded (evaluate_step on the short models, at most
+// `max_simulated` micro-batches each, no structural check); std::nullopt when the plan has no
+// such run or the short models show it has not settled (`why` says which). The result's
+// Schedule and per-op times are those of the longest short model; step time, breakdown, model FLOPs
 // and each class's memory peak (peak_hbm_bytes, at_peak, peak_host_bytes) are the full model's.
 std::optional<StepEvaluation> fold_layers(const strategy::Plan& plan,
                                           const strategy::LoweringContext& ctx,
