@@ -16,10 +16,11 @@
 // Memory folds the same way, but not as one number: a rank's peak is the largest of several
 // moments whose heights grow at different rates with depth (a transient in the first layers
 // against every layer's saved activations at the turn to backward), so the peak of a short
-// model says little about the full one. The engine keeps the peak reached while each layer's
-// ops allocate (sim::ClassMemory::by_layer); layers before the run, the first half of the run,
-// the second half (counted from its end) and the layers after it keep their place in the full
-// model, and each such moment is linear in the run's length. The layers in the middle of the
+// model says little about the full one. The engine keeps the peak reached while each piece of
+// the program allocates (sim::ClassMemory::by_layer: one layer's stretch of ops, a forward or a
+// backward of a micro-batch); pieces of the layers before the run and of its first half keep
+// their place counted from the model's start, those of its second half and after it from the
+// end, and each such moment is linear in the run's length. The layers in the middle of the
 // full run lie between its ends (each holds one more layer's state than the one before), so
 // the largest extrapolated moment is the peak. tests/planner/fold_test.cpp holds step and peak
 // to the full simulation.
@@ -44,7 +45,7 @@ std::optional<LayerRun> foldable_layers(const strategy::Plan& plan,
 enum class Unfolded {
   no_run,      // no foldable run (foldable_layers)
   not_linear,  // the three short models' steps or memory pieces do not lie on a line
-  drifts,      // a stream's passes do not keep the others' period (a growing queue)
+  drifts,      // a stream falls behind the compute stream's pace (a queue growing with depth)
   host_behind, // the host issues a layer's kernels slower than the GPU runs them
 };
 

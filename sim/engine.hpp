@@ -23,7 +23,7 @@ struct EngineOptions {
   // coefficient of 1.1–1.3 (reference/simulator-anchors.md §2.13) means 9–23 % lost. Calibratable.
   double compute_slowdown_with_comm = 24.0 / 132.0;
   bool record_memory_timeline = true;
-  // Keep each class's memory peak per decoder layer as well (ClassMemory::by_layer).
+  // Keep each class's memory peak per piece of its program as well (ClassMemory::by_layer).
   bool memory_by_layer = false;
   // Run check_schedule first. simulate() indexes the Schedule without bounds checks, so turn this
   // off only for a Schedule already checked or one written by a lowering whose tests check its

@@ -12,8 +12,8 @@ namespace mop::sim {
 
 class MemoryTracker {
 public:
-  // Resident tensors are allocated at t = 0. `by_layer`: keep each layer's peak as well
-  // (ClassMemory::by_layer).
+  // Resident tensors are allocated at t = 0. `by_layer`: keep each program piece's peak as
+  // well (ClassMemory::by_layer).
   MemoryTracker(const RankClass& rank_class, bool record_timeline, bool by_layer = false);
 
   // One op's allocations (at its start) or frees (at its end), all at `time_s`; `op` is the
