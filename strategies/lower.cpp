@@ -244,8 +244,8 @@ private:
   int emit_attention(const Step& st, const std::string& prefix, Category category, int layer,
                      int mb, bool backward);
   void emit_wgrad(sim::Op&& wgrad);
-  // The part of a step selective recompute re-runs (0 to 1).
-  double selective_share(const Step& st) const;
+  // Whether selective recompute re-runs the step.
+  bool selective_recomputes(const Step& st) const;
   sim::Op host_adam_op(std::string name, double params, int layer) const;
   sim::Op pipeline_op(std::string name, OpKind kind, int peer, int mb, double bytes) const;
   // The reductions of bucket b's gradients after a backward of micro-batch mb (of the step's
@@ -413,20 +413,24 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   // (fused into the norm before it where the framework fuses one), its weight where the recipe
   // casts it every micro-batch, and in backward its output's gradient.
   const QuantizeTraffic& q = quantize_;
-  auto quantize = [&](Step& st, double m, double n, double k, bool after_norm) {
-    st.bytes = m * k * (after_norm ? q.input_after_norm : q.input) + n * k * q.weight;
+  // `input_cast`: false where the GEMM shares an input another GEMM of the block has already
+  // cast (separate projections of one input under torch.compile, whose graph CSE keeps one cast).
+  auto quantize = [&](Step& st, double m, double n, double k, bool after_norm, bool input_cast) {
+    st.bytes = (input_cast ? m * k * (after_norm ? q.input_after_norm : q.input) : 0) +
+               n * k * q.weight;
     st.grad_bytes = m * n * q.grad;
-    if (st.bytes > 0)
+    if (st.bytes > 0 || st.grad_bytes > 0)
       st.kernels = static_cast<std::uint8_t>(st.kernels + q.kernels);
   };
-  auto gemm = [&](std::string name, double m, double n, double k) {
-    const bool after_norm = name == "qkv_proj" || name == "q_proj" || name == "q_a_proj" ||
-                            name == "kv_a_proj" || name == "mlp_gate_up" ||
+  auto gemm = [&](std::string name, double m, double n, double k, bool input_cast = true) {
+    const bool after_norm = name == "qkv_proj" || name == "q_proj" || name == "k_proj" ||
+                            name == "v_proj" || name == "q_a_proj" || name == "kv_a_proj" ||
+                            name == "mlp_gate_up" || name == "mlp_gate" || name == "mlp_up" ||
                             name == "shared_gate_up";
     Step st = make_step(std::move(name), OpKind::gemm);
     st.gemm = sim::GemmShape{m, n, k, 1, {}};
     st.flops = 2 * m * n * k;
-    quantize(st, m, n, k, after_norm);
+    quantize(st, m, n, k, after_norm, input_cast);
     out.push_back(std::move(st));
   };
   auto elementwise = [&](std::string name, double bytes, bool recomputed_by_selective) {
@@ -456,10 +460,33 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   EagerTraffic unfused = eager ? eager_traffic() : EagerTraffic{};
   if (torch_layer)
     unfused.rope = eager_traffic().rope;
+  // torchtitan's and Hugging Face's layers keep the query, key and value projections and the
+  // MLP's gate and up projections as separate nn.Linear modules (torchtitan models/llama/
+  // model.py wq, wk, wv, w1, w3 at f6a9daa; transformers' q_proj, k_proj, v_proj, gate_proj,
+  // up_proj) where Megatron-Core fuses each group into one GEMM: every projection reads the
+  // shared input again, writes its own input gradient, and autograd sums the gradients
+  // (docs/HARDWARE.md "Separate projections").
+  const bool separate_projections = torch_layer;
+  const bool compiled_layer = torch_layer && !eager;
+  // The sum of `uses` input gradients, a backward-only kernel before the projections' input
+  // gradient leaves for the norm: eager autograd adds them in place one at a time (uses − 1
+  // adds, each reading two and writing one); compiled, Inductor sums them in one kernel (uses
+  // reads, a write) or, without SP's reduce-scatter in between, inside the norm's backward
+  // (only the extra reads).
+  auto input_gradient_sum = [&](std::string name, double uses) {
+    const double grad = workload::kActivationBytes * t * h;
+    Step st = make_step(std::move(name), OpKind::elementwise);
+    st.backward_only = true;
+    const bool scattered = sp_ > 1; // SP's reduce-scatter follows the sum
+    st.bytes = (!compiled_layer ? 3 * (uses - 1) : scattered ? uses + 1 : uses - 1) * grad;
+    if (compiled_layer && !scattered)
+      st.kernels = 0;
+    out.push_back(std::move(st));
+  };
   auto kernels = [&](int te_count, int eager_count) {
     const Step& last = out.back();
-    const bool quantized =
-        (last.kind == OpKind::gemm || last.kind == OpKind::grouped_gemm) && last.bytes > 0;
+    const bool quantized = (last.kind == OpKind::gemm || last.kind == OpKind::grouped_gemm) &&
+                           (last.bytes > 0 || last.grad_bytes > 0);
     const int k = (te ? te_count : eager ? eager_count : 1) + (quantized ? q.kernels : 0);
     out.back().kernels = static_cast<std::uint8_t>(std::clamp(k, 0, 255));
   };
@@ -474,7 +501,15 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   // Work replicated across TP ranks (K/V heads when TP exceeds them, MLA's unsplit down
   // projections) runs on every rank but counts once in the model FLOPs.
   auto replicated = [&](double share) { out.back().flops *= share; };
-  if (a.kind == AttentionKind::gqa) {
+  if (a.kind == AttentionKind::gqa && separate_projections) {
+    const double kv_true = static_cast<double>(a.num_kv_heads) / tp; // may be below 1
+    input_gradient_sum("attn_grad_sum", 3);
+    gemm("q_proj", t, heads * dqk, h);
+    gemm("k_proj", t, kv_heads * dqk, h, !compiled_layer);
+    out.back().flops = 2 * t * h * kv_true * dqk;
+    gemm("v_proj", t, kv_heads * dqk, h, !compiled_layer);
+    out.back().flops = 2 * t * h * kv_true * dqk;
+  } else if (a.kind == AttentionKind::gqa) {
     gemm("qkv_proj", t, (heads + 2 * kv_heads) * dqk, h);
     const double kv_true = static_cast<double>(a.num_kv_heads) / tp; // may be below 1
     out.back().flops = 2 * t * h * (heads + 2 * kv_true) * dqk;
@@ -582,7 +617,13 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     if (sp)
       collective("mlp_sp_gather", OpKind::all_gather, Category::tp_comm, kTp, tp_group,
                  workload::kActivationBytes * t * h);
-    gemm("mlp_gate_up", t, up, h);
+    if (separate_projections && m_.dense_mlp.gated) {
+      input_gradient_sum("mlp_grad_sum", 2);
+      gemm("mlp_gate", t, inter, h);
+      gemm("mlp_up", t, inter, h, !compiled_layer);
+    } else {
+      gemm("mlp_gate_up", t, up, h);
+    }
     elementwise("mlp_act", 3 * workload::kActivationBytes * t * inter * unfused.activation, true);
     kernels(1, 2); // compiled bias-SwiGLU; eager silu and product
     gemm("mlp_down", t, h, inter);
@@ -681,7 +722,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.gemm.m = expert_rows;
       st.flops = 2 * expert_rows * st.gemm.n * h;
       st.routed = sim::Routed::rows;
-      quantize(st, expert_rows, st.gemm.n, h, false);
+      quantize(st, expert_rows, st.gemm.n, h, false, true);
       st.bytes += (local_experts - 1) * st.gemm.n * h * q.weight; // every expert's weight
       out.push_back(std::move(st));
       // TE's GroupedLinear launches one cuBLAS GEMM per local expert (TransformerEngine v2.8
@@ -700,7 +741,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.gemm.m = expert_rows;
       st.flops = 2 * expert_rows * h * inter;
       st.routed = sim::Routed::rows;
-      quantize(st, expert_rows, h, inter, false);
+      quantize(st, expert_rows, h, inter, false, true);
       st.bytes += (local_experts - 1) * h * inter * q.weight;
       out.push_back(std::move(st));
       kernels(static_cast<int>(local_experts), 1);
@@ -1167,44 +1208,28 @@ sim::Op Lowering::embedding_tp_op(const char* name, OpKind kind, int mb, int gro
 void Lowering::emit_layer_backward(const std::vector<Step>& steps, int layer, int mb) {
   for (const Step& st : steps) {
     const Recompute r = p_.recompute[static_cast<int>(st.owner)];
-    const double share = r == Recompute::selective ? selective_share(st) : 1;
-    if (r == Recompute::none || share == 0)
+    if (r == Recompute::none || (r == Recompute::selective && !selective_recomputes(st)))
       continue;
-    const std::string name = label("L{}.{}.mb{}.recompute", layer, st.name, mb);
-    if (share == 1) {
-      emit_forward(st, name, Category::recompute, layer, mb);
-    } else { // part of a fused GEMM's columns (torchtitan's wk of wq/wk/wv, w3 of w1/w3)
-      Step part = st;
-      part.gemm.n *= share;
-      part.flops *= share;
-      part.bytes *= share;
-      emit_forward(part, name, Category::recompute, layer, mb);
-    }
+    emit_forward(st, label("L{}.{}.mb{}.recompute", layer, st.name, mb), Category::recompute,
+                 layer, mb);
   }
   for (auto it = steps.rbegin(); it != steps.rend(); ++it)
     emit_backward(*it, label("L{}.{}.mb{}", layer, it->name, mb), layer, mb);
 }
 
-double Lowering::selective_share(const Step& st) const {
+bool Lowering::selective_recomputes(const Step& st) const {
   if (!torch_op_sac(p_) || m_.attention.kind != AttentionKind::gqa)
-    return st.selective_keep ? 1 : 0;
+    return st.selective_keep;
   // torchtitan's op-level SAC (torchtitan 9dec370 parallelize_llama.py, _save_list): matmul and
   // flash-attention outputs are saved, but every second matmul of the block is recomputed (wk,
   // wo, w3 of wq, wk, wv, wo, w1, w3, w2), with every elementwise op.
   if (st.kind == OpKind::attention_fwd)
-    return 0;
-  if (st.name == "qkv_proj") {
-    const double heads = static_cast<double>(m_.attention.num_heads);
-    const double kv = static_cast<double>(m_.attention.num_kv_heads);
-    return kv / (heads + 2 * kv);
-  }
-  if (st.name == "o_proj")
-    return 1;
-  if (st.name == "mlp_gate_up")
-    return m_.dense_mlp.gated ? 0.5 : 0;
+    return false;
+  if (st.name == "k_proj" || st.name == "o_proj" || st.name == "mlp_up")
+    return true;
   if (st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm)
-    return 0;
-  return st.selective_keep ? 1 : 0;
+    return false;
+  return st.selective_keep;
 }
 
 void Lowering::emit_wgrad(sim::Op&& wgrad) {
@@ -1269,8 +1294,11 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
     return;
   }
   case OpKind::elementwise: {
-    sim::Op op = op_of(st, label_with(prefix, ".bwd"), Category::backward, layer, mb);
-    op.bytes = 2 * st.bytes; // reads saved input and incoming gradient, writes the gradient
+    sim::Op op = op_of(st, label_with(prefix, st.backward_only ? "" : ".bwd"), Category::backward,
+                       layer, mb);
+    // Reads the saved input and the incoming gradient, writes the gradient; a backward-only
+    // kernel says its own traffic.
+    op.bytes = st.backward_only ? st.bytes : 2 * st.bytes;
     add(std::move(op));
     return;
   }

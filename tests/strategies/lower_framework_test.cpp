@@ -179,4 +179,47 @@ TEST_CASE("eager RMSNorm, RoPE and SwiGLU move what their PyTorch ops move, and 
         mop::test::rel(4 * t * h));
 }
 
+TEST_CASE("torchtitan's separate projections: each reads the shared input, autograd sums their "
+          "input gradients, compiled FP8 casts the input once" *
+          doctest::test_suite("independent")) {
+  const workload::ModelSpec m = workload::load_model("llama3-8b");
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  LoweringContext ctx{&m, 4096, 8, memory_hardware(c), {}};
+  const double t = 4096, h = 4096, inter = 14336, d = 128, grad = 2 * t * h;
+  // Megatron-Core fuses q, k, v into one GEMM and the gate and up projections into another.
+  const sim::Schedule te = lower(dp8_plan("megatron"), ctx);
+  CHECK(op_named(te, "L0.qkv_proj.mb0").gemm.n == (32 + 2 * 8) * d);
+  CHECK(op_named(te, "L0.mlp_gate_up.mb0").gemm.n == 2 * inter);
+  // torchtitan (models/llama/model.py: wq, wk, wv, w1, w3): one GEMM per projection, the same
+  // FLOPs; in backward one kernel per pair of input gradients summed in place (eager autograd:
+  // two adds for three uses, one for two, each reading two tensors and writing one).
+  const sim::Schedule eager = lower(dp8_plan("fsdp2"), ctx);
+  CHECK(op_named(eager, "L0.q_proj.mb0").gemm.n == 32 * d);
+  CHECK(op_named(eager, "L0.k_proj.mb0").gemm.n == 8 * d);
+  CHECK(op_named(eager, "L0.v_proj.mb0").gemm.n == 8 * d);
+  CHECK(op_named(eager, "L0.mlp_gate.mb0").gemm.n == inter);
+  CHECK(op_named(eager, "L0.mlp_up.mb0").gemm.n == inter);
+  CHECK(op_named(eager, "L0.attn_grad_sum.mb0").bytes == mop::test::rel(2 * 3 * grad));
+  CHECK(op_named(eager, "L0.mlp_grad_sum.mb0").bytes == mop::test::rel(1 * 3 * grad));
+  CHECK(op_named(eager, "L0.attn_grad_sum.mb0").category == sim::Category::backward);
+  // Compiled without SP: Inductor reads the other gradients inside the norm's backward.
+  ctx.compiled = true;
+  const sim::Schedule compiled = lower(dp8_plan("fsdp2"), ctx);
+  CHECK(op_named(compiled, "L0.attn_grad_sum.mb0").bytes == mop::test::rel(2 * grad));
+  CHECK(op_named(compiled, "L0.mlp_grad_sum.mb0").bytes == mop::test::rel(1 * grad));
+  // FP8 (torchao row-wise): eager, every projection casts its input (8 B per element) and its
+  // weight (10 B); compiled, graph CSE leaves one cast of the shared input.
+  ctx.gemm_dtype = sim::Dtype::fp8;
+  ctx.compiled = false;
+  const sim::Schedule eager8 = lower(dp8_plan("fsdp2"), ctx);
+  CHECK(op_named(eager8, "L0.k_proj.mb0").bytes == mop::test::rel(t * h * 8 + 8 * d * h * 10));
+  ctx.compiled = true;
+  const sim::Schedule compiled8 = lower(dp8_plan("fsdp2"), ctx);
+  CHECK(op_named(compiled8, "L0.q_proj.mb0").bytes == mop::test::rel(t * h * 8 + 32 * d * h * 10));
+  CHECK(op_named(compiled8, "L0.k_proj.mb0").bytes == mop::test::rel(8 * d * h * 10));
+  CHECK(op_named(compiled8, "L0.mlp_up.mb0").bytes == mop::test::rel(inter * h * 10));
+  // Each projection's input gradient still quantizes its own output gradient.
+  CHECK(op_named(compiled8, "L0.k_proj.mb0.dgrad").bytes == mop::test::rel(t * 8 * d * 8));
+}
+
 } // namespace strategies_lower_framework_test
