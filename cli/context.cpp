@@ -129,15 +129,19 @@ strategy::PlanOverrides overrides_of(const PlanFlags& f) {
 sim::Dtype precision_of(const std::string& precision, const hw::ClusterSpec& cluster) {
   if (precision == "bf16")
     return sim::Dtype::bf16;
-  if (cluster.gpu.peak_flops_fp8 <= 0)
-    throw InputError(fmt::format("--precision {}: {} ({}) has no FP8 tensor-core figure.",
-                                 precision, quote_for_message(cluster.name), cluster.gpu.name));
   // MXFP8 (32-element blocks with E8M0 scales) is a Blackwell tensor-core format; it runs at
   // the FP8 rate there. Hopper runs per-tensor or blockwise-scaled FP8 (--precision fp8).
   if (precision == "mxfp8" && cluster.gpu.arch != hw::GpuArch::blackwell)
     throw InputError(fmt::format("--precision mxfp8 needs a Blackwell GPU; {} is {} ({}): use "
-                                 "--precision fp8.",
+                                 "--precision {}.",
                                  quote_for_message(cluster.name), cluster.gpu.name,
+                                 hw::gpu_arch_name(cluster.gpu.arch),
+                                 cluster.gpu.peak_flops_fp8 > 0 ? "fp8" : "bf16"));
+  // Ampere (A100) has no FP8 tensor cores: its cluster file says peak_flops_fp8 = 0.
+  if (cluster.gpu.peak_flops_fp8 <= 0)
+    throw InputError(fmt::format("--precision {} needs FP8 tensor cores (Hopper or Blackwell); "
+                                 "{} is {} ({}), which has none: use --precision bf16.",
+                                 precision, quote_for_message(cluster.name), cluster.gpu.name,
                                  hw::gpu_arch_name(cluster.gpu.arch)));
   return sim::Dtype::fp8;
 }

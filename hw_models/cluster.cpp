@@ -108,21 +108,27 @@ GpuSpec read_gpu(const Json& object, const std::string& origin) {
   GpuSpec g;
   g.name = f.string("name");
   const std::string arch = f.string("arch");
-  if (arch == "hopper")
+  if (arch == "ampere")
+    g.arch = GpuArch::ampere;
+  else if (arch == "hopper")
     g.arch = GpuArch::hopper;
   else if (arch == "blackwell")
     g.arch = GpuArch::blackwell;
   else
-    f.fail("arch", "\"hopper\" or \"blackwell\"");
+    f.fail("arch", "\"ampere\", \"hopper\" or \"blackwell\"");
   g.hbm_bytes = f.positive_number("hbm_bytes");
   g.hbm_bandwidth = f.positive_number("hbm_bandwidth");
   g.hbm_bandwidth_achievable = f.positive_number("hbm_bandwidth_achievable");
   g.peak_flops_bf16 = f.positive_number("peak_flops_bf16");
-  g.peak_flops_fp8 = f.positive_number("peak_flops_fp8");
+  // 0 says the GPU has no FP8 tensor cores (Ampere); its FP8 efficiency is then 0 as well.
+  g.peak_flops_fp8 = f.non_negative_number("peak_flops_fp8");
   g.peak_flops_fp32 = f.positive_number("peak_flops_fp32");
   g.sm_count = f.count("sm_count");
   g.gemm_efficiency_bf16 = fraction(f, "gemm_efficiency_bf16");
-  g.gemm_efficiency_fp8 = fraction(f, "gemm_efficiency_fp8");
+  if (g.peak_flops_fp8 > 0)
+    g.gemm_efficiency_fp8 = fraction(f, "gemm_efficiency_fp8");
+  else if (f.non_negative_number("gemm_efficiency_fp8") != 0)
+    f.fail("gemm_efficiency_fp8", "0 when peak_flops_fp8 is 0 (no FP8 tensor cores)");
   g.gemm_efficiency_fp32 = fraction(f, "gemm_efficiency_fp32");
   g.kernel_launch_s = f.non_negative_number("kernel_launch_s");
   g.attention_sustained = f.has("attention_sustained") ? fraction(f, "attention_sustained") : 1.0;
@@ -157,7 +163,11 @@ NodeSpec read_node(const Json& object, const std::string& origin) {
   n.nvlink_nccl_bandwidth = f.positive_number("nvlink_nccl_bandwidth");
   n.nvlink_copy_bandwidth = f.positive_number("nvlink_copy_bandwidth");
   n.nvls = f.required_bool("nvls");
-  n.nvls_efficiency = fraction(f, "nvls_efficiency");
+  // NCCL's nvlsEfficiency is 0 where the switches do no NVLS (tuning.cc: Volta, Ampere).
+  n.nvls_efficiency =
+      n.nvls ? fraction(f, "nvls_efficiency") : f.non_negative_number("nvls_efficiency");
+  if (n.nvls_efficiency > 1)
+    f.fail("nvls_efficiency", "a fraction in (0, 1]");
   n.pcie_bandwidth = f.positive_number("pcie_bandwidth");
   n.pcie_h2d_bandwidth = f.positive_number("pcie_h2d_bandwidth");
   n.pcie_d2h_bandwidth = f.positive_number("pcie_d2h_bandwidth");
@@ -312,7 +322,15 @@ ClusterSpec load_cluster(const std::string& name_or_path) {
 }
 
 std::string_view gpu_arch_name(GpuArch arch) {
-  return arch == GpuArch::blackwell ? "blackwell" : "hopper";
+  switch (arch) {
+  case GpuArch::ampere:
+    return "ampere";
+  case GpuArch::hopper:
+    return "hopper";
+  case GpuArch::blackwell:
+    return "blackwell";
+  }
+  return "hopper";
 }
 
 std::string_view cpu_vendor_name(CpuVendor vendor) {

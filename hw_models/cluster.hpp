@@ -11,8 +11,9 @@
 
 namespace mop::hw {
 
-// Selects NCCL's per-architecture tuner constants (src/graph/tuning.cc: compCapIndex).
-enum class GpuArch { hopper, blackwell };
+// Selects NCCL's per-architecture tuner constants (src/graph/tuning.cc: compCapIndex) and the
+// tensor-core formats the GPU has (Ampere: no FP8; MXFP8 on Blackwell only).
+enum class GpuArch { ampere, hopper, blackwell };
 // NCCL charges a different network post overhead per host CPU vendor (tuning.cc getNetOverhead).
 enum class CpuVendor { intel, amd };
 
@@ -31,11 +32,11 @@ struct GpuSpec {
   double hbm_bandwidth = 0;            // datasheet ceiling, bytes/s
   double hbm_bandwidth_achievable = 0; // STREAM-style copy, bytes/s
   double peak_flops_bf16 = 0;          // dense tensor core
-  double peak_flops_fp8 = 0;           // dense tensor core
+  double peak_flops_fp8 = 0;           // dense tensor core; 0: no FP8 tensor cores (Ampere)
   double peak_flops_fp32 = 0;          // non-tensor FP32
   int sm_count = 0;
   double gemm_efficiency_bf16 = 0; // large-GEMM fraction of peak (cuBLAS, best shapes)
-  double gemm_efficiency_fp8 = 0;
+  double gemm_efficiency_fp8 = 0; // 0 where peak_flops_fp8 is 0
   double gemm_efficiency_fp32 = 0;
   double kernel_launch_s = 0; // fixed cost of one kernel (launch, prologue, epilogue)
   // The attention curves' figures come from benchmarks that rest the GPU between kernels; in
@@ -55,7 +56,7 @@ struct NodeSpec {
   double nvlink_nccl_bandwidth = 0; // per direction per GPU that NCCL's ring reaches (busbw)
   double nvlink_copy_bandwidth = 0; // copy-engine GPU→GPU, one direction
   bool nvls = false;                // NVSwitch multicast/reduction (NVLink SHARP)
-  double nvls_efficiency = 0;       // NCCL tuning.cc nvlsEfficiency
+  double nvls_efficiency = 0;       // NCCL tuning.cc nvlsEfficiency (0 on Ampere: no NVLS)
   double pcie_bandwidth = 0;        // host↔device per GPU per direction, datasheet
   double pcie_h2d_bandwidth = 0;    // pinned, copy engine, measured
   double pcie_d2h_bandwidth = 0;
@@ -105,7 +106,7 @@ struct ClusterSpec {
   std::vector<std::pair<std::string, std::string>> sources;
 };
 
-// The node types compiled in: "b200", "h100", "h200".
+// The node types compiled in: "a100", "b200", "h100", "h100-96gb-500w", "h200".
 std::vector<std::string> cluster_ids();
 // A catalog id, or a path (contains '/', ends in .json, or names an existing file).
 ClusterSpec load_cluster(const std::string& name_or_path);

@@ -32,6 +32,8 @@ constexpr double kNetOverheadIntel = 1.0, kNetOverheadAmd = 2.0;
 // tuning.cc llMaxBws (GB/s = 1e9 B/s): single node by GPU architecture, multi-node by CPU vendor
 // and node count (2 nodes, more).
 constexpr double kLlMaxHopper = 141.0, kLlMaxBlackwell = 2 * 141.0;
+// tuning.cc llMaxBws row "Ampere-N1/AMD-N2/AMD-N4": Ampere on one node (NCCL 2.30, 5067397).
+constexpr double kLlMaxAmpere = 87.7;
 constexpr std::array<double, 2> kLlMaxIntel = {39.0, 20.4};
 constexpr std::array<double, 2> kLlMaxAmd = {22.5, 19.0};
 // tuning.cc model refinements: Ring LL halves the bandwidth, LL128 keeps 120/128 of it; Tree
@@ -83,7 +85,10 @@ Topology topology_of(const ClusterSpec& c, GroupShape g) {
   t.nvls_efficiency = c.node.nvls_efficiency;
   const bool amd = c.node.cpu_vendor == CpuVendor::amd;
   if (t.nodes == 1)
-    t.ll_max = (c.gpu.arch == GpuArch::blackwell ? kLlMaxBlackwell : kLlMaxHopper) * 1e9;
+    t.ll_max = (c.gpu.arch == GpuArch::blackwell ? kLlMaxBlackwell
+                : c.gpu.arch == GpuArch::ampere  ? kLlMaxAmpere
+                                                 : kLlMaxHopper) *
+               1e9;
   else
     t.ll_max = (amd ? kLlMaxAmd : kLlMaxIntel)[t.nodes == 2 ? 0 : 1] * 1e9;
   t.net_overhead_us = amd ? kNetOverheadAmd : kNetOverheadIntel;

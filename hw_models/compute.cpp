@@ -34,6 +34,13 @@ void check_size(double v, const char* what) {
     throw InputError(fmt::format("{} must be a non-negative number (got {}).", what, v));
 }
 
+// A GPU without FP8 tensor cores (peak_flops_fp8 = 0, Ampere) cannot price an FP8 GEMM.
+void check_dtype(const ClusterSpec& c, Dtype dtype) {
+  if (dtype == Dtype::fp8 && c.gpu.peak_flops_fp8 <= 0)
+    throw InputError(fmt::format("an FP8 GEMM cannot run on {} ({}): it has no FP8 tensor cores.",
+                                 c.name, c.gpu.name));
+}
+
 double gemm_efficiency(const GpuSpec& g, Dtype dtype) {
   switch (dtype) {
   case Dtype::bf16:
@@ -176,6 +183,7 @@ double gemm_time_s(const ClusterSpec& c, const Calibration& calibration, double 
   check_size(m, "GEMM m");
   check_size(n, "GEMM n");
   check_size(k, "GEMM k");
+  check_dtype(c, dtype);
   if (m == 0 || n == 0 || k == 0)
     return 0;
   if (auto t = calibrated_gemm_time_s(calibration, dtype, 1, m, n, k))
@@ -188,6 +196,7 @@ double grouped_gemm_time_s(const ClusterSpec& c, const Calibration& calibration,
                            Dtype dtype) {
   check_size(n, "grouped GEMM n");
   check_size(k, "grouped GEMM k");
+  check_dtype(c, dtype);
   double total_rows = 0;
   int experts = 0;
   for (double m : rows_per_expert) {

@@ -262,20 +262,36 @@ double saved_activation_bytes(const ModelSpec& m, const LayerSpec& layer, const 
          mlp_block_bytes(m, p, seq, layer, rc_mlp, options);
 }
 
+double loss_bytes_per_logit(const Plan& p, const ActivationOptions& options) {
+  // Megatron's fused cross-entropy: the BF16 logits and one FP32 buffer (the softmax, then its
+  // gradient in place). Compiled PyTorch (torchtitan compiles the loss with the model since
+  // February 2025, components/loss.py; before, its train.py left it eager) fuses the upcast
+  // away likewise.
+  if (p.family != "fsdp2" || options.compiled_loss)
+    return 2 + 4;
+  // The PyTorch family's eager loss upcasts the whole tensor (torchtitan's cross_entropy(
+  // pred.flatten(0, 1).float(), ...); Hugging Face's ForCausalLMLoss, logits.float()). Forward:
+  // the BF16 logits, their FP32 copy and the FP32 log-softmax (2 + 4 + 4 B). Backward, after
+  // train.py's `del pred`: the saved log-softmax, nll_loss's FP32 gradient and log-softmax's
+  // gradient (4 + 4 + 4 B). With the vocabulary sharded over TP, torch's loss_parallel
+  // (torch/distributed/tensor/parallel/loss.py) decomposes log-softmax, one FP32 tensor more
+  // each way: the shifted logits beside the exponentials in forward (2 + 4 + 4 + 4), the zeroed
+  // gradient, its sum with the exponentials and the product in backward (4 + 4 + 4 + 4). In a
+  // pipeline stage the schedule keeps the stage's output until its backward (torch
+  // distributed.pipelining's fwd_cache): + 2 B in backward.
+  const bool sharded = p.embed.tp > 1;
+  const double forward = sharded ? 2 + 4 + 4 + 4 : 2 + 4 + 4;
+  const double backward = (sharded ? 4 + 4 + 4 + 4 : 4 + 4 + 4) + (p.pp > 1 ? 2 : 0);
+  return std::max(forward, backward);
+}
+
 double logits_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq,
                     const ActivationOptions& options) {
   const double tokens = tokens_per_rank(p, seq);
   const double loss_tokens =
       p.chunked_loss ? std::min(tokens, kLossChunkTokens * p.micro_batch) : tokens;
-  // Bytes per logit at the loss. Megatron's fused cross-entropy: the BF16 logits and one FP32
-  // buffer (the softmax, then its gradient in place). The PyTorch family's loss upcasts the whole
-  // tensor first (torchtitan's cross_entropy(pred.flatten(0, 1).float(), ...); Hugging Face's
-  // ForCausalLMLoss, logits.float()): in eager PyTorch the BF16 logits, their FP32 copy and the
-  // FP32 log-softmax it saves are alive at once before the copy is freed. Compiled (torchtitan
-  // compiles the loss with the model since February 2025, components/loss.py; before, its
-  // train.py left it eager), the cast is fused away.
-  const double per_logit = p.family == "fsdp2" && !options.compiled_loss ? 2 + 4 + 4 : 2 + 4;
-  return loss_tokens * static_cast<double>(m.vocab_size) / p.embed.tp * per_logit;
+  return loss_tokens * static_cast<double>(m.vocab_size) / p.embed.tp *
+         loss_bytes_per_logit(p, options);
 }
 
 double resident_comm_bytes(const Plan& p, const MemoryHardware& hw) {

@@ -91,6 +91,8 @@ double saved_activation_bytes(const workload::ModelSpec& m, const workload::Laye
                               const Plan& plan, std::int64_t seq,
                               const ActivationOptions& options = {});
 
+// Bytes per logit at the peak of the loss's forward or backward, by framework (memory.cpp).
+double loss_bytes_per_logit(const Plan& plan, const ActivationOptions& options = {});
 // Bytes of logits (BF16) and their FP32 softmax/gradient held for the loss on the last stage.
 double logits_bytes(const workload::ModelSpec& m, const Plan& plan, std::int64_t seq,
                     const ActivationOptions& options = {});

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 namespace mop::validation {
 
@@ -98,14 +99,17 @@ std::string lower(std::string s) {
 
 Translation translate(const Row& row, int gpus_per_node) {
   Translation t;
+  // A row's GPU names the catalog's node type of that GPU (a100, h100, h200, b200), unless the
+  // row names another (node_type).
   const std::string gpu = lower(row.gpu);
-  if (gpu != "h100" && gpu != "h200" && gpu != "b200") {
-    t.reason = fmt::format("no node type for {} GPUs yet (catalog: h100, h200, b200).", row.gpu);
+  const std::vector<std::string> ids = hw::cluster_ids();
+  if (std::find(ids.begin(), ids.end(), gpu) == ids.end()) {
+    t.reason = fmt::format("no node type for {} GPUs yet (catalog: {}).", row.gpu,
+                           fmt::join(ids, ", "));
     return t;
   }
   t.cluster_id = gpu;
   if (!row.node_type.empty()) {
-    const std::vector<std::string> ids = hw::cluster_ids();
     if (std::find(ids.begin(), ids.end(), row.node_type) == ids.end()) {
       t.reason = fmt::format("its node type '{}' is not in the catalog (mop hw list).",
                              quote_for_message(row.node_type, limits::max_quoted_chars));

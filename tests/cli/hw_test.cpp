@@ -13,15 +13,15 @@ using mop::Json;
 using mop::test::count_lines;
 using mop::test::run_mop;
 
-TEST_CASE("mop hw list shows the four node types in a table and as JSON" *
+TEST_CASE("mop hw list shows the five node types in a table and as JSON" *
           doctest::test_suite("plumbing")) {
   const auto text = run_mop("hw list");
   REQUIRE(text.status == 0);
-  for (const char* id : {"h100", "h100-96gb-500w", "h200", "b200"})
+  for (const char* id : {"a100", "h100", "h100-96gb-500w", "h200", "b200"})
     CHECK(text.out.find(id) != std::string::npos);
   const auto json = run_mop("hw list --json");
   REQUIRE(json.status == 0);
-  CHECK(Json::parse(json.out)["clusters"].size() == 4);
+  CHECK(Json::parse(json.out)["clusters"].size() == 5);
 }
 
 TEST_CASE("mop hw show --json prints one object with the contract's keys" *
@@ -115,8 +115,8 @@ TEST_CASE("mop hw bad input: one sentence on stderr, exit 1, nothing on stdout" 
         std::string("hw collective --cluster h200 --op all_reduce --bytes 0 --ranks 8"),
         std::string(
             "hw collective --cluster h200 --op all_to_all --bytes 1G --ranks 8 --algo nvls"),
-        std::string("hw collective --cluster a100 --op all_reduce --bytes 1G --ranks 8"),
-        std::string("hw show a100"), bad_cluster}) {
+        std::string("hw collective --cluster v100 --op all_reduce --bytes 1G --ranks 8"),
+        std::string("hw show v100"), bad_cluster}) {
     CAPTURE(args);
     const auto r = run_mop(args);
     CHECK(r.status == 1);

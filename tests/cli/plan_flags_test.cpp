@@ -100,6 +100,12 @@ TEST_CASE("plan flags no plan can take, or that contradict, are one sentence" *
       {"simulate --model llama3-8b --cluster h100 --nodes 1 --seq 4K --precision mxfp8", 1,
        "mop: --precision mxfp8 needs a Blackwell GPU; h100 is NVIDIA H100 80GB HBM3 (hopper): "
        "use --precision fp8.\n"},
+      {"simulate --model llama3-8b --cluster a100 --nodes 1 --seq 4K --precision fp8", 1,
+       "mop: --precision fp8 needs FP8 tensor cores (Hopper or Blackwell); a100 is NVIDIA "
+       "A100-SXM4-80GB (ampere), which has none: use --precision bf16.\n"},
+      {"simulate --model llama3-8b --cluster a100 --nodes 1 --seq 4K --precision mxfp8", 1,
+       "mop: --precision mxfp8 needs a Blackwell GPU; a100 is NVIDIA A100-SXM4-80GB (ampere): "
+       "use --precision bf16.\n"},
       {"memory --model llama3-8b --cluster h100 --nodes 1 --seq 4K --zero 4", 1,
        "mop: --zero must be a whole number from 0 to 3 (got 4).\n"},
       {"memory --model llama3-8b --cluster h100 --nodes 1 --seq 3000 --global-batch-tokens 1M", 1,

@@ -37,9 +37,10 @@ std::string load_error(const std::string& path) {
 
 } // namespace
 
-TEST_CASE("the built-in node types are b200, h100, h100-96gb-500w and h200" *
+TEST_CASE("the built-in node types are a100, b200, h100, h100-96gb-500w and h200" *
           doctest::test_suite("plumbing")) {
-  CHECK(cluster_ids() == std::vector<std::string>{"b200", "h100", "h100-96gb-500w", "h200"});
+  CHECK(cluster_ids() ==
+        std::vector<std::string>{"a100", "b200", "h100", "h100-96gb-500w", "h200"});
 }
 
 TEST_CASE("h200 loads and each figure matches hardware.md" * doctest::test_suite("plumbing")) {
@@ -161,8 +162,18 @@ TEST_CASE("bad cluster files: one sentence naming the file, the field and what i
        ", section 'node': field 'nvlink_bandwidth' must be a positive number (got 0)."},
       {"negative", [](Json& j) { j["node"]["nic_bandwidth"] = -47e9; },
        ", section 'node': field 'nic_bandwidth' must be a positive number (got -47000000000.0)."},
-      {"arch", [](Json& j) { j["gpu"]["arch"] = "ampere"; },
-       ", section 'gpu': field 'arch' must be \"hopper\" or \"blackwell\" (got \"ampere\")."},
+      {"arch", [](Json& j) { j["gpu"]["arch"] = "volta"; },
+       ", section 'gpu': field 'arch' must be \"ampere\", \"hopper\" or \"blackwell\" (got "
+       "\"volta\")."},
+      {"fp8-efficiency-without-fp8",
+       [](Json& j) {
+         j["gpu"]["peak_flops_fp8"] = 0;
+         j["gpu"]["gemm_efficiency_fp8"] = 0.7;
+       },
+       ", section 'gpu': field 'gemm_efficiency_fp8' must be 0 when peak_flops_fp8 is 0 (no FP8 "
+       "tensor cores) (got 0.7)."},
+      {"nvls-without-efficiency", [](Json& j) { j["node"]["nvls_efficiency"] = 0; },
+       ", section 'node': field 'nvls_efficiency' must be a positive number (got 0)."},
       {"above-line-rate", [](Json& j) { j["node"]["nic_bandwidth"] = 60e9; },
        ", section 'node': field 'nic_bandwidth' must be at most nic_line_rate (got "
        "60000000000.0)."},
@@ -184,9 +195,9 @@ TEST_CASE("bad cluster files: one sentence naming the file, the field and what i
 }
 
 TEST_CASE("an unknown node type lists the built-in ones" * doctest::test_suite("plumbing")) {
-  CHECK_THROWS_WITH_AS(load_cluster("a100"),
-                       "'a100' is neither a built-in node type nor a cluster JSON path; built-in: "
-                       "b200, h100, h100-96gb-500w, h200.",
+  CHECK_THROWS_WITH_AS(load_cluster("v100"),
+                       "'v100' is neither a built-in node type nor a cluster JSON path; built-in: "
+                       "a100, b200, h100, h100-96gb-500w, h200.",
                        mop::InputError);
   CHECK_THROWS_AS(load_cluster("/nonexistent/cluster.json"), mop::InputError);
 }

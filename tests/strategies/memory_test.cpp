@@ -214,12 +214,14 @@ TEST_CASE("FSDP2 under a pipeline holds the stage's parameters and gradients who
   }
 }
 
-TEST_CASE("the loss holds two FP32 copies of the logits in eager PyTorch, one when fused" *
+TEST_CASE("the eager PyTorch loss peaks in its backward: 12 bytes a logit, 16 under "
+          "loss_parallel, 6 fused" *
           doctest::test_suite("independent")) {
-  // Hand count for Llama-3-8B (vocabulary 128,256), 2 sequences of 8,192 tokens on one rank:
-  // torchtitan's loss is cross_entropy(pred.flatten(0, 1).float(), ...): in eager PyTorch the
-  // BF16 logits (2 bytes), their FP32 copy (4) and the FP32 log-softmax (4) are alive at once.
-  // Compiled, or Megatron's fused cross-entropy: the BF16 logits and one FP32 buffer.
+  // Hand count for Llama-3-8B (vocabulary 128,256), 2 sequences of 8,192 tokens on one rank.
+  // torchtitan's loss is cross_entropy(pred.flatten(0, 1).float(), ...). Forward: the BF16
+  // logits (2 bytes), their FP32 copy (4) and the FP32 log-softmax (4) = 10. Backward, after
+  // train.py's `del pred`: the saved log-softmax (4), nll_loss_backward's zeroed-and-scattered
+  // FP32 gradient (4) and _log_softmax_backward_data's output (4) = 12, the larger.
   const ModelSpec m = load_model("llama3-8b");
   Plan p;
   p.world = 8;
@@ -228,15 +230,25 @@ TEST_CASE("the loss holds two FP32 copies of the logits in eager PyTorch, one wh
   p.family = "fsdp2";
   complete_plan(p);
   const double logits = 2.0 * 8192 * 128256;
-  CHECK(logits_bytes(m, p, 8192) == mop::test::rel(logits * 10));
+  CHECK(logits_bytes(m, p, 8192) == mop::test::rel(logits * 12));
+  // Compiled, or Megatron's fused cross-entropy: the BF16 logits and one FP32 buffer.
   ActivationOptions compiled;
   compiled.compiled_loss = true;
   CHECK(logits_bytes(m, p, 8192, compiled) == mop::test::rel(logits * 6));
-  p.family = "megatron";
-  CHECK(logits_bytes(m, p, 8192) == mop::test::rel(logits * 6));
-  // Vocabulary-parallel (torchtitan's loss_parallel, Megatron's TP): each rank its share.
+  // Vocabulary-parallel: each rank its share. torch's loss_parallel (tensor/parallel/loss.py)
+  // decomposes log-softmax: forward the BF16 logits, the FP32 copy, the shifted logits and the
+  // exponentials (2 + 4 + 4 + 4 = 14); backward the saved log-softmax, the zeroed gradient,
+  // its sum with exp(log-softmax) and that sum times the output gradient (4 + 4 + 4 + 4 = 16).
   p.embed.tp = 8;
-  CHECK(logits_bytes(m, p, 8192) == mop::test::rel(logits * 6 / 8));
+  CHECK(logits_bytes(m, p, 8192) == mop::test::rel(logits * 16 / 8));
+  // In a pipeline stage the schedule holds the stage's output (the BF16 logits) to its backward.
+  p.pp = 2;
+  CHECK(loss_bytes_per_logit(p) == 18);
+  p.embed.tp = 1;
+  CHECK(loss_bytes_per_logit(p) == 14);
+  p.family = "megatron";
+  CHECK(loss_bytes_per_logit(p) == 6);
+  CHECK(loss_bytes_per_logit(p, compiled) == 6);
 }
 
 } // namespace strategies_memory_test
