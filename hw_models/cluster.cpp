@@ -50,7 +50,8 @@ constexpr std::initializer_list<const char*> kNodeFields = {"gpus_per_node",
                                                             "nic_line_rate",
                                                             "nic_bandwidth",
                                                             "ep_rdma_bandwidth",
-                                                            "ep_nvlink_bandwidth"};
+                                                            "ep_nvlink_bandwidth",
+                                                            "ep_nvlink_intranode_bandwidth"};
 constexpr std::initializer_list<const char*> kFabricFields = {"kind", "topology", "latency_s"};
 constexpr std::initializer_list<const char*> kHostOptimizerFields = {
     "adam_params_per_s", "adam_bytes_per_param", "torch_adam_slowdown"};
@@ -202,6 +203,8 @@ NodeSpec read_node(const Json& object, const std::string& origin) {
     f.fail("nic_bandwidth", "at most nic_line_rate");
   n.ep_rdma_bandwidth = f.positive_number_or("ep_rdma_bandwidth", n.nic_bandwidth);
   n.ep_nvlink_bandwidth = f.positive_number_or("ep_nvlink_bandwidth", n.nvlink_nccl_bandwidth);
+  n.ep_nvlink_intranode_bandwidth =
+      f.positive_number_or("ep_nvlink_intranode_bandwidth", n.nvlink_nccl_bandwidth);
   if (n.host_memory_bandwidth_achievable > n.host_memory_bandwidth)
     f.fail("host_memory_bandwidth_achievable", "at most host_memory_bandwidth");
   return n;
@@ -411,7 +414,8 @@ Json cluster_to_json(const ClusterSpec& c) {
                     {"nic_line_rate", n.nic_line_rate},
                     {"nic_bandwidth", n.nic_bandwidth},
                     {"ep_rdma_bandwidth", n.ep_rdma_bandwidth},
-                    {"ep_nvlink_bandwidth", n.ep_nvlink_bandwidth}}},
+                    {"ep_nvlink_bandwidth", n.ep_nvlink_bandwidth},
+                    {"ep_nvlink_intranode_bandwidth", n.ep_nvlink_intranode_bandwidth}}},
       {"fabric", Json{{"kind", c.fabric.kind},
                       {"topology", c.fabric.topology},
                       {"latency_s", c.fabric.latency_s}}},

@@ -76,6 +76,8 @@ struct NodeSpec {
   // NIC's and NCCL's NVLink bandwidth.
   double ep_rdma_bandwidth = 0;
   double ep_nvlink_bandwidth = 0;
+  // DeepEP's intranode kernels (an EP group inside one node); default: NCCL's NVLink bandwidth.
+  double ep_nvlink_intranode_bandwidth = 0;
 };
 
 struct FabricSpec {

@@ -412,8 +412,11 @@ double hierarchical_dispatch_time_s(const ClusterSpec& c, double rdma_bytes, dou
   check_bytes(nvlink_bytes);
   if (group.ranks() == 1)
     return 0;
+  // Across nodes DeepEP's internode kernels forward over NVLink at their share; inside one node
+  // its intranode kernels move the copies GPU to GPU directly.
   const double rdma = group.nodes > 1 ? rdma_bytes / c.node.ep_rdma_bandwidth : 0;
-  const double nvl = nvlink_bytes / c.node.ep_nvlink_bandwidth;
+  const double nvl = nvlink_bytes / (group.nodes > 1 ? c.node.ep_nvlink_bandwidth
+                                                     : c.node.ep_nvlink_intranode_bandwidth);
   return std::max(rdma, nvl) + (group.nodes > 1 ? c.fabric.latency_s : 0);
 }
 

@@ -57,10 +57,11 @@ CollectiveCost collective_cost(const ClusterSpec& cluster, const Calibration& ca
                                CollectiveOp op, double bytes, GroupShape group,
                                CollectiveAlgorithm algorithm = CollectiveAlgorithm::any);
 
-// A hierarchical MoE dispatch or combine (DeepEP's normal kernels) over `group`: each token
-// crosses to every remote node holding one of its experts once (`rdma_bytes` per rank), and its
-// copies reach their GPUs over NVLink (`nvlink_bytes`); the slower domain sets the time, plus the
-// fabric's latency (docs/HARDWARE.md "Hierarchical dispatch").
+// A MoE dispatch or combine by DeepEP's normal kernels over `group`: each token crosses to every
+// remote node holding one of its experts once (`rdma_bytes` per rank), and reaches every other
+// GPU holding one once (`nvlink_bytes`), at the internode kernels' NVLink share across nodes or
+// the intranode kernels' rate inside one; the slower domain sets the time, plus the fabric's
+// latency across nodes (docs/HARDWARE.md "Hierarchical dispatch").
 double hierarchical_dispatch_time_s(const ClusterSpec& cluster, double rdma_bytes,
                                     double nvlink_bytes, GroupShape group);
 

@@ -67,8 +67,11 @@ struct Step {
   // left out of the FP8 recipe (Megatron-Core's router, in FP32).
   double grad_bytes = 0;
   bool high_precision = false;
-  double rdma_bytes =
-      0; // hierarchical EP dispatch/combine: bytes sent across nodes (Op::rdma_bytes)
+  // DeepEP's dispatch/combine: bytes sent across nodes and to other GPUs (Op::rdma_bytes,
+  // Op::nvl_bytes).
+  bool deepep = false;
+  double rdma_bytes = 0;
+  double nvl_bytes = 0;
 };
 
 // Parameters gathered, reduced and stepped together: those of one layer (or of the embedding, or
@@ -683,19 +686,30 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       if (!out.empty() && out.back().name == name)
         out.back().routed = how;
     };
-    // Hierarchical dispatch (DeepEP): each token crosses once to every other node holding one of
-    // its experts; over NVLink its copies reach their GPUs.
-    double rdma = 0;
-    if (c_.ep_dispatcher.value_or(EpDispatcher::alltoall) == EpDispatcher::deepep && g_.ep >= 0) {
+    // DeepEP (docs/HARDWARE.md "Hierarchical dispatch"): each token crosses once to every other
+    // node holding one of its experts and reaches once every other GPU holding one (its layout
+    // kernel counts tokens per rank: get_dispatch_layout's is_token_in_rank), where NCCL's
+    // all-to-all sends one copy per (token, expert).
+    const bool deepep =
+        c_.ep_dispatcher.value_or(EpDispatcher::alltoall) == EpDispatcher::deepep && g_.ep >= 0;
+    double rdma = 0, nvl = 0;
+    if (deepep) {
       const sim::Group& eg = s_.groups[static_cast<std::size_t>(g_.ep)];
       const int ep_nodes = eg.ranks / std::max(1, eg.ranks_per_node);
       rdma = workload::kActivationBytes * tm * h * expected_remote_nodes(experts, k, ep_nodes);
+      nvl = workload::kActivationBytes * tm * h * expected_remote_nodes(experts, k, eg.ranks);
     }
+    auto deepep_bytes = [&](const char* name) {
+      if (deepep && !out.empty() && out.back().name == name) {
+        out.back().deepep = true;
+        out.back().rdma_bytes = rdma;
+        out.back().nvl_bytes = nvl;
+      }
+    };
     collective("ep_dispatch", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep,
                workload::kActivationBytes * routed * h);
     routed_last("ep_dispatch", sim::Routed::exchange);
-    if (!out.empty() && out.back().name == "ep_dispatch")
-      out.back().rdma_bytes = rdma;
+    deepep_bytes("ep_dispatch");
     if (!out.empty() && out.back().name == "ep_dispatch")
       kernels(8, 1); // fused permute (4), tokens' and probabilities' all-to-alls, local sort (2)
     const double local_experts = experts / p_.moe.ep;
@@ -752,8 +766,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     collective("ep_combine", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep,
                workload::kActivationBytes * routed * h);
     routed_last("ep_combine", sim::Routed::exchange);
-    if (!out.empty() && out.back().name == "ep_combine")
-      out.back().rdma_bytes = rdma;
+    deepep_bytes("ep_combine");
     if (!out.empty() && out.back().name == "ep_combine")
       kernels(4, 1); // the local sort back (3) and the all-to-all
     if (rebalancing()) {
@@ -952,7 +965,9 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   op.routed = st.routed;
   op.kernels = st.kernels;
   op.host_sync = st.host_sync;
+  op.deepep = st.deepep;
   op.rdma_bytes = st.rdma_bytes;
+  op.nvl_bytes = st.nvl_bytes;
   op.model_flops = category == Category::forward ? st.flops : 0;
   if ((st.kind == OpKind::gemm || st.kind == OpKind::grouped_gemm) && !st.high_precision)
     op.dtype = c_.gemm_dtype;
@@ -2060,6 +2075,7 @@ void Lowering::expand_routing() {
         case sim::Routed::exchange:
           op.bytes *= exchange[li];
           op.rdma_bytes *= exchange[li];
+          op.nvl_bytes *= exchange[li];
           break;
         case sim::Routed::saved:
           op.bytes *= saved_ratio(op.layer, r);

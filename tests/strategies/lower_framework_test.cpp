@@ -127,12 +127,15 @@ TEST_CASE("hierarchical EP dispatch: a token crosses once to every other node ho
   CHECK(expected_remote_nodes(128, 8, 1) == 0);
   // One expert per token reaches another node with probability 3/4.
   CHECK(expected_remote_nodes(128, 1, 4) == mop::test::rel(0.75));
-  // The engine: the slower of the NIC's share and NVLink's.
+  // The engine: the slower of the NIC's share and NVLink's; inside one node, the intranode
+  // kernels' rate and no fabric.
   const hw::ClusterSpec c = hw::load_cluster("h100");
   const double t = hw::hierarchical_dispatch_time_s(c, 1e9, 2e9, hw::GroupShape{8, 4});
   CHECK(t == mop::test::rel(std::max(1e9 / c.node.ep_rdma_bandwidth,
                                      2e9 / c.node.ep_nvlink_bandwidth) +
                             c.fabric.latency_s));
+  CHECK(hw::hierarchical_dispatch_time_s(c, 0, 2e9, hw::GroupShape{8, 1}) ==
+        mop::test::rel(2e9 / c.node.ep_nvlink_intranode_bandwidth));
   // The lowering: a DeepEP plan's dispatch carries the bytes that cross nodes.
   const workload::ModelSpec m = workload::load_model("tiny-moe");
   LoweringContext ctx{&m, 1024, 2, memory_hardware(c), {}};
@@ -146,8 +149,18 @@ TEST_CASE("hierarchical EP dispatch: a token crosses once to every other node ho
   CHECK(d.rdma_bytes == mop::test::rel(2 * tokens * h *
                                         expected_remote_nodes(m.moe.num_routed_experts,
                                                               m.moe.experts_per_token, 4)));
+  // ... and, once per destination GPU, the bytes to the other GPUs (expected_remote_nodes over
+  // the group's 8 ranks: the same draw, one holder per rank).
+  CHECK(d.deepep);
+  CHECK(d.nvl_bytes == mop::test::rel(2 * tokens * h *
+                                       expected_remote_nodes(m.moe.num_routed_experts,
+                                                             m.moe.experts_per_token, 8)));
   ctx.ep_dispatcher = std::nullopt; // NCCL's all-to-all of every copy
-  CHECK(op_named(lower(p, ctx), "L1.ep_dispatch.mb0").rdma_bytes == 0);
+  const sim::Schedule all_to_all = lower(p, ctx);
+  const sim::Op& nccl = op_named(all_to_all, "L1.ep_dispatch.mb0");
+  CHECK(!nccl.deepep);
+  CHECK(nccl.rdma_bytes == 0);
+  CHECK(nccl.nvl_bytes == 0);
 }
 
 TEST_CASE("eager RMSNorm, RoPE and SwiGLU move what their PyTorch ops move, and "
