@@ -474,7 +474,10 @@ FrameworkRun read_megatron_args(const std::string& text, const std::string& orig
   }
   if (a.has("moe-enable-deepep") ||
       (a.has("moe-token-dispatcher-type") && a.word("moe-token-dispatcher-type") == "flex"))
-    r.ep_dispatcher = EpDispatcher::deepep;
+    r.ep_dispatcher = a.has("moe-flex-dispatcher-backend") &&
+                              a.word("moe-flex-dispatcher-backend") == "hybridep"
+                          ? EpDispatcher::hybridep
+                          : EpDispatcher::deepep;
   for (const auto& [key, why] : megatron_not_represented())
     if (a.has(key))
       r.not_represented.push_back(why);

@@ -28,8 +28,12 @@ std::optional<Fp8Recipe> parse_fp8_recipe(std::string_view name);
 // (Megatron-Core's alltoall dispatcher, the default) or hierarchical kernels that send each token
 // once to every remote node holding one of its experts and forward it over NVLink there
 // (DeepEP's normal kernels: Megatron's flex dispatcher, NeMo AutoModel).
-enum class EpDispatcher : std::uint8_t { alltoall, deepep };
-const char* ep_dispatcher_name(EpDispatcher d); // "alltoall", "deepep"
+// NCCL's all-to-all of every (token, expert) copy, or a dispatcher that sends each token once to
+// each node and GPU holding its experts: DeepEP's normal kernels, or Megatron's HybridEP backend
+// (--moe-flex-dispatcher-backend hybridep), priced alike (docs/HARDWARE.md "Hierarchical
+// dispatch").
+enum class EpDispatcher : std::uint8_t { alltoall, deepep, hybridep };
+const char* ep_dispatcher_name(EpDispatcher d); // "alltoall", "deepep", "hybridep"
 std::optional<EpDispatcher> parse_ep_dispatcher(std::string_view name);
 
 // The expected number of other nodes a token's top-k experts sit on, when `experts` experts are

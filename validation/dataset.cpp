@@ -69,7 +69,7 @@ std::vector<Row> read_dataset(const std::string& path) {
     if (f.has("ep_dispatcher")) {
       r.ep_dispatcher = strategy::parse_ep_dispatcher(f.string("ep_dispatcher"));
       if (!r.ep_dispatcher)
-        f.fail("ep_dispatcher", "\"alltoall\" or \"deepep\"");
+        f.fail("ep_dispatcher", "\"alltoall\", \"deepep\" or \"hybridep\"");
     }
     if (f.has("compile"))
       r.compiled = f.required_bool("compile");

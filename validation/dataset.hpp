@@ -45,7 +45,8 @@ struct Row {
   std::optional<bool> compiled;
   // Whether its loss ran under torch.compile too; unset: as its layers (`compiled`).
   std::optional<bool> compiled_loss;
-  // How MoE tokens reached their experts when the source says ("alltoall", "deepep").
+  // How MoE tokens reached their experts when the source says ("alltoall", "deepep",
+  // "hybridep").
   std::optional<strategy::EpDispatcher> ep_dispatcher;
   Json measured; // metric -> value
 };

@@ -181,6 +181,10 @@ TEST_CASE("Megatron-LM's FP8 recipe and DeepEP flags reach the lowering" *
   CHECK(deepep.not_represented.empty());
   CHECK(read_megatron_args(base + "--moe-token-dispatcher-type flex", "a.sh", &m).ep_dispatcher ==
         EpDispatcher::deepep);
+  CHECK(read_megatron_args(base + "--moe-token-dispatcher-type flex "
+                                  "--moe-flex-dispatcher-backend hybridep",
+                           "a.sh", &m)
+            .ep_dispatcher == EpDispatcher::hybridep);
   CHECK_FALSE(read_megatron_args(base, "a.sh", &m).ep_dispatcher);
 }
 

@@ -218,8 +218,10 @@ TEST_CASE("a row's FP8 recipe is one of the five, else the line is malformed" *
   CHECK(row_with_fields(R"("ep_dispatcher": "deepep", )").ep_dispatcher ==
         strategy::EpDispatcher::deepep);
   CHECK(mop::test::input_error_of([] { row_with_fields(R"("ep_dispatcher": "nccl", )"); })
-            .ends_with(":1: field 'ep_dispatcher' must be \"alltoall\" or \"deepep\" (got "
-                       "\"nccl\")."));
+            .ends_with(":1: field 'ep_dispatcher' must be \"alltoall\", \"deepep\" or "
+                       "\"hybridep\" (got \"nccl\")."));
+  CHECK(row_with_fields(R"("ep_dispatcher": "hybridep", )").ep_dispatcher ==
+        strategy::EpDispatcher::hybridep);
   CHECK_FALSE(row_with_fields("").fp8_recipe);
   CHECK(mop::test::input_error_of([] { row_with_fields(R"("fp8_recipe": "hybrid", )"); })
             .ends_with(":1: field 'fp8_recipe' must be \"delayed\", \"current\", \"mxfp8\", "
