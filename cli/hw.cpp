@@ -87,18 +87,29 @@ void run_show(const std::string& name, bool json) {
   };
   TextTable t{{"figure", "value", "tag"}, {}, {false, true, false}};
   std::vector<std::string> cited;
+  // An attention curve list: one row per head dimension.
+  auto curve_rows = [&](const std::string& label, const Json& curves, const std::string& field) {
+    for (const Json& curve : curves)
+      t.rows.push_back({fmt::format("{} (d={})", label, curve["head_dim"].get<double>()),
+                        fmt::format("eta_max {:.3f}, half at {:.0f} keys",
+                                    curve["efficiency_max"].get<double>(),
+                                    curve["half_efficiency_kv_len"].get<double>()),
+                        tag_of(field)});
+  };
   for (const char* section : {"gpu", "node", "fabric", "host_optimizer", "overheads"}) {
     for (const auto& [key, value] : j[section].items()) {
       const std::string field = fmt::format("{}.{}", section, key);
       if (!hw::source_of(c, field).empty())
         cited.push_back(field);
       if (value.is_array()) {
-        for (const Json& curve : value)
-          t.rows.push_back({fmt::format("{} (d={})", field, curve["head_dim"].get<double>()),
-                            fmt::format("eta_max {:.3f}, half at {:.0f} keys",
-                                        curve["efficiency_max"].get<double>(),
-                                        curve["half_efficiency_kv_len"].get<double>()),
-                            tag_of(field)});
+        curve_rows(field, value, field);
+        continue;
+      }
+      if (value.is_object()) { // the curves of each named attention kernel
+        for (const auto& [kernel, curves] : value.items())
+          for (const auto& [pass, list] : curves.items())
+            if (list.is_array())
+              curve_rows(fmt::format("{}.{}.{}", field, kernel, pass), list, field);
         continue;
       }
       t.rows.push_back({field, format_figure(key, value), tag_of(field)});

@@ -3,6 +3,7 @@
 #include "tests/cli/run_mop.hpp"
 #include "tests/support/approx.hpp"
 
+#include <algorithm>
 #include <doctest/doctest.h>
 #include <filesystem>
 #include <fstream>
@@ -41,6 +42,20 @@ TEST_CASE("mop hw show --json prints one object with the contract's keys" *
   const auto text = run_mop("hw show b200");
   CHECK(text.status == 0);
   CHECK(text.out.find("sources:") != std::string::npos);
+  // The table keeps to a terminal's width: each attention kernel's curves are rows of their own
+  // (a cluster's nested figures used to print as one JSON cell hundreds of characters wide).
+  const auto h100 = run_mop("hw show h100");
+  REQUIRE(h100.status == 0);
+  const std::string table = h100.out.substr(0, h100.out.find("sources:"));
+  std::size_t widest = 0, start = 0;
+  while (start < table.size()) {
+    const std::size_t end = std::min(table.find('\n', start), table.size());
+    if (start > 0) // the first line is the node type's description
+      widest = std::max(widest, end - start);
+    start = end + 1;
+  }
+  CHECK(widest < 120);
+  CHECK(table.find("gpu.attention_kernels.cudnn.attention_fwd (d=128)") != std::string::npos);
 }
 
 TEST_CASE("mop hw show accepts a cluster JSON path" * doctest::test_suite("plumbing")) {
