@@ -773,7 +773,7 @@ double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
   case OpKind::send_recv:
   case OpKind::send: {
     const Group& g = group_of_op(op, s);
-    if (op.kind == OpKind::all_to_all && op.deepep)
+    if (op.kind == OpKind::all_to_all && (op.rdma_bytes > 0 || op.nvl_bytes > 0))
       return hw::hierarchical_dispatch_time_s(
           c, op.rdma_bytes, op.nvl_bytes,
           hw::GroupShape{g.ranks_per_node, g.ranks / g.ranks_per_node});

@@ -430,11 +430,10 @@ struct Op {
   double bytes = 0;       // elementwise: HBM bytes read+written; collective: per-rank size; copy;
                           // FP8 GEMMs: their quantize kernels' HBM bytes (casts, amax, transposes)
   double params = 0;      // host_adam: parameters updated
-  // A MoE dispatch or combine by DeepEP (all_to_all with `deepep`): the bytes this rank sends
+  // A MoE dispatch or combine by DeepEP or HybridEP (all_to_all): the bytes this rank sends
   // across nodes, each token once per destination node, and the bytes it sends to other GPUs,
   // each token once per destination GPU (over NVLink, directly or after its RDMA hop). Both 0:
   // NCCL's all-to-all of every (token, expert) copy.
-  bool deepep = false;
   double rdma_bytes = 0;
   double nvl_bytes = 0;
   double model_flops = 0; // counted towards MFU (0 for recompute, communication, copies)

@@ -69,7 +69,6 @@ struct Step {
   bool high_precision = false;
   // DeepEP's dispatch/combine: bytes sent across nodes and to other GPUs (Op::rdma_bytes,
   // Op::nvl_bytes).
-  bool deepep = false;
   double rdma_bytes = 0;
   double nvl_bytes = 0;
 };
@@ -703,7 +702,6 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     }
     auto deepep_bytes = [&](const char* name) {
       if (deepep && !out.empty() && out.back().name == name) {
-        out.back().deepep = true;
         out.back().rdma_bytes = rdma;
         out.back().nvl_bytes = nvl;
       }
@@ -977,7 +975,6 @@ sim::Op Lowering::op_of(const Step& st, const std::string& name, Category catego
   op.routed = st.routed;
   op.kernels = st.kernels;
   op.host_sync = st.host_sync;
-  op.deepep = st.deepep;
   op.rdma_bytes = st.rdma_bytes;
   op.nvl_bytes = st.nvl_bytes;
   op.model_flops = category == Category::forward ? st.flops : 0;

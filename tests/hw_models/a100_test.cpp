@@ -23,8 +23,7 @@ constexpr GroupShape kNode{8, 1};
 
 } // namespace
 
-TEST_CASE("a100 loads with the DGX A100 figures of its sources" *
-          doctest::test_suite("plumbing")) {
+TEST_CASE("a100 loads with the DGX A100 figures of its sources" * doctest::test_suite("plumbing")) {
   const ClusterSpec c = load_cluster("a100");
   CHECK(c.name == "a100");
   CHECK(c.gpu.arch == GpuArch::ampere);
@@ -80,12 +79,11 @@ TEST_CASE("a100 has no NVLS: one node's all-reduce runs NCCL's Ring, and NVLS is
   const ClusterSpec c = load_cluster("a100");
   CHECK(collective_cost(c, kNone, CollectiveOp::all_reduce, 8 * GiB, kNode).algorithm ==
         std::string("Ring"));
-  for (const CollectiveCost& k :
-       collective_candidates(c, CollectiveOp::all_reduce, 8 * GiB, kNode))
+  for (const CollectiveCost& k : collective_candidates(c, CollectiveOp::all_reduce, 8 * GiB, kNode))
     CHECK(k.algorithm != std::string("NVLS"));
-  CHECK_THROWS_AS(
-      collective_cost(c, kNone, CollectiveOp::all_reduce, 8 * GiB, kNode, CollectiveAlgorithm::nvls),
-      mop::InputError);
+  CHECK_THROWS_AS(collective_cost(c, kNone, CollectiveOp::all_reduce, 8 * GiB, kNode,
+                                  CollectiveAlgorithm::nvls),
+                  mop::InputError);
 }
 
 TEST_CASE("Ampere's single-node LL bandwidth is NCCL's 87.7 GB/s cap" *

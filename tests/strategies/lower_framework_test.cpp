@@ -151,14 +151,12 @@ TEST_CASE("hierarchical EP dispatch: a token crosses once to every other node ho
                                                               m.moe.experts_per_token, 4)));
   // ... and, once per destination GPU, the bytes to the other GPUs (expected_remote_nodes over
   // the group's 8 ranks: the same draw, one holder per rank).
-  CHECK(d.deepep);
   CHECK(d.nvl_bytes == mop::test::rel(2 * tokens * h *
                                        expected_remote_nodes(m.moe.num_routed_experts,
                                                              m.moe.experts_per_token, 8)));
   ctx.ep_dispatcher = std::nullopt; // NCCL's all-to-all of every copy
   const sim::Schedule all_to_all = lower(p, ctx);
   const sim::Op& nccl = op_named(all_to_all, "L1.ep_dispatch.mb0");
-  CHECK(!nccl.deepep);
   CHECK(nccl.rdma_bytes == 0);
   CHECK(nccl.nvl_bytes == 0);
 }
