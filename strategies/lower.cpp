@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <fmt/format.h>
-#include <map>
 #include <limits>
+#include <map>
 #include <numeric>
 
 namespace mop::strategy {
@@ -259,8 +259,8 @@ private:
   std::vector<sim::Op> param_gather_ops(const std::vector<ParamBucket>& list,
                                         const std::string& what, int layer) const;
   // ZeRO-3: the all-gather of bucket b's parameters before a use (`pass`: "fwd" or "bwd").
-  sim::Op fsdp_gather_op(const ParamBucket& b, const std::string& what, const char* pass,
-                         int layer, int mb) const;
+  sim::Op fsdp_gather_op(const ParamBucket& b, const std::string& what, const char* pass, int layer,
+                         int mb) const;
   // ZeRO-3 buckets of a pipeline stage, gathered once per step (whole_step): their gathers.
   std::vector<sim::Op> step_gather_ops(const std::vector<ParamBucket>& list,
                                        const std::string& what) const;
@@ -418,8 +418,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
   // `input_cast`: false where the GEMM shares an input another GEMM of the block has already
   // cast (separate projections of one input under torch.compile, whose graph CSE keeps one cast).
   auto quantize = [&](Step& st, double m, double n, double k, bool after_norm, bool input_cast) {
-    st.bytes = (input_cast ? m * k * (after_norm ? q.input_after_norm : q.input) : 0) +
-               n * k * q.weight;
+    st.bytes =
+        (input_cast ? m * k * (after_norm ? q.input_after_norm : q.input) : 0) + n * k * q.weight;
     st.grad_bytes = m * n * q.grad;
     if (st.bytes > 0 || st.grad_bytes > 0)
       st.kernels = static_cast<std::uint8_t>(st.kernels + q.kernels);
@@ -706,13 +706,40 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
         out.back().nvl_bytes = nvl;
       }
     };
+    const double local_experts = experts / p_.moe.ep;
+    // The token permutations around the exchange (docs/HARDWARE.md "Token permutation"):
+    // memory-bound copies of every routed row, which Megatron-Core's dispatchers run as their
+    // own kernels (token_dispatcher.py: permute, sort_chunks_by_idxs, unpermute; TE's
+    // moe_permute / moe_sort_chunks_by_index when fused). Their backward moves the same bytes
+    // the other way (a gather's transpose is a scatter).
+    const double row = workload::kActivationBytes * h;
+    auto permutation = [&](const char* name, double bytes, sim::Routed how, int te_kernels) {
+      elementwise(name, bytes, false);
+      out.back().grad_bytes = bytes;
+      out.back().routed = how;
+      kernels(te_kernels, te_kernels);
+    };
+    if (!deepep)
+      // All-to-all: every copy of a token is gathered into destination order before the
+      // exchange (reads the token rows, writes the copies).
+      permutation("ep_permute", row * (tm + routed), sim::Routed::no, 4);
     collective("ep_dispatch", OpKind::all_to_all, Category::ep_comm, kEp, g_.ep,
                workload::kActivationBytes * routed * h);
     routed_last("ep_dispatch", sim::Routed::exchange);
     deepep_bytes("ep_dispatch");
     if (!out.empty() && out.back().name == "ep_dispatch")
-      kernels(8, 1); // fused permute (4), tokens' and probabilities' all-to-alls, local sort (2)
-    const double local_experts = experts / p_.moe.ep;
+      kernels(2, 1); // the tokens' and the probabilities' exchanges
+    if (deepep) {
+      // DeepEP and HybridEP deliver one copy per destination GPU; the rows are then expanded
+      // into expert order (the manager's permute, or HybridEP's permute blocks).
+      const double gpus = std::max(1.0, expected_remote_nodes(experts, k, p_.moe.ep) * p_.moe.ep /
+                                            (p_.moe.ep - 1.0));
+      permutation("ep_permute", row * (tm * gpus + routed), sim::Routed::rows, 4);
+    } else if (local_experts > 1) {
+      // All-to-all: the rows arrive grouped by source rank (and gathered over the expert's
+      // tensor-parallel ranks) and are sorted by local expert.
+      permutation("ep_sort", 2 * row * routed * p_.moe.etp, sim::Routed::rows, 2);
+    }
     // Expert tensor parallelism: the etp ranks of an expert gather each other's count tables
     // (forward only), then their rows (padded to the largest count), compute their share of the
     // expert's width on all of them, and reduce-scatter the partial outputs back.
@@ -760,6 +787,8 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       out.push_back(std::move(st));
       kernels(static_cast<int>(local_experts), 1);
     }
+    if (!deepep && local_experts > 1)
+      permutation("ep_unsort", 2 * row * routed * p_.moe.etp, sim::Routed::rows, 3);
     collective("etp_scatter", OpKind::reduce_scatter, Category::ep_comm, kEp, g_.etp,
                workload::kActivationBytes * routed * p_.moe.etp * h);
     routed_last("etp_scatter", sim::Routed::rows);
@@ -767,8 +796,6 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
                workload::kActivationBytes * routed * h);
     routed_last("ep_combine", sim::Routed::exchange);
     deepep_bytes("ep_combine");
-    if (!out.empty() && out.back().name == "ep_combine")
-      kernels(4, 1); // the local sort back (3) and the all-to-all
     if (rebalancing()) {
       spill_step("llep_refetch.node", g_.spill_node, true);
       spill_step("llep_refetch.net", g_.spill_net, true);
@@ -1234,8 +1261,8 @@ void Lowering::emit_layer_backward(const std::vector<Step>& steps, int layer, in
     const Recompute r = p_.recompute[static_cast<int>(st.owner)];
     if (r == Recompute::none || (r == Recompute::selective && !selective_recomputes(st)))
       continue;
-    emit_forward(st, label("L{}.{}.mb{}.recompute", layer, st.name, mb), Category::recompute,
-                 layer, mb);
+    emit_forward(st, label("L{}.{}.mb{}.recompute", layer, st.name, mb), Category::recompute, layer,
+                 mb);
   }
   for (auto it = steps.rbegin(); it != steps.rend(); ++it)
     emit_backward(*it, label("L{}.{}.mb{}", layer, it->name, mb), layer, mb);
@@ -1322,7 +1349,8 @@ void Lowering::emit_backward(const Step& st, const std::string& prefix, int laye
                        layer, mb);
     // Reads the saved input and the incoming gradient, writes the gradient; a backward-only
     // kernel says its own traffic.
-    op.bytes = st.backward_only ? st.bytes : 2 * st.bytes;
+    // A pure copy (a token permutation) says its backward's bytes in grad_bytes.
+    op.bytes = st.backward_only ? st.bytes : st.grad_bytes > 0 ? st.grad_bytes : 2 * st.bytes;
     add(std::move(op));
     return;
   }
@@ -2266,9 +2294,9 @@ PassModel Lowering::pass_model(bool with_passes) {
   }
   // The chunk replay's pieces: the pipeline's transfer and, per kind of layer, its once-a-step
   // reductions and parameter gathers.
-  out.pp_send = pipeline_op("send", OpKind::send, 0, 0,
-                            workload::kActivationBytes * tokens_ * static_cast<double>(m_.hidden_size) /
-                                sp_);
+  out.pp_send =
+      pipeline_op("send", OpKind::send, 0, 0,
+                  workload::kActivationBytes * tokens_ * static_cast<double>(m_.hidden_size) / sp_);
   out.reductions.resize(out.passes.size());
   out.param_gathers.resize(out.passes.size());
   for (std::size_t k = 0; k < kinds.size(); ++k) {
@@ -2420,10 +2448,9 @@ bool chunk_replayable(const Plan& plan, const LoweringContext& ctx) {
   if (ctx.expert_loads != nullptr || ctx.model->tied_embeddings)
     return false;
   // A MoE layer's host sync (its expert counts read on the CPU) with a modelled host.
-  const bool host_syncs =
-      syncs_host_per_moe_layer(plan) &&
-      std::any_of(ctx.model->layers.begin(), ctx.model->layers.end(),
-                  [](const LayerSpec& l) { return l.mlp == MlpKind::moe; });
+  const bool host_syncs = syncs_host_per_moe_layer(plan) &&
+                          std::any_of(ctx.model->layers.begin(), ctx.model->layers.end(),
+                                      [](const LayerSpec& l) { return l.mlp == MlpKind::moe; });
   return !(host_syncs && host_issue_s(plan) > 0);
 }
 

@@ -101,7 +101,8 @@ TEST_CASE("b200 loads with its own figures from hardware.md §1.1 and §6.3" *
   const ClusterSpec c = load_cluster("b200");
   CHECK(c.gpu.arch == GpuArch::blackwell);
   CHECK(c.gpu.hbm_bytes == 182631 * MiB); // pytorch/ao PR #4002: 178.35 GiB
-  CHECK(c.gpu.hbm_bandwidth == 8.0e12);
+  // pytorch/ao PR #4002: a 7,680-bit bus at 3,996 MHz, double data rate.
+  CHECK(c.gpu.hbm_bandwidth == mop::test::rel(7680.0 / 8 * 3996e6 * 2, 0.001));
   CHECK(c.gpu.peak_flops_bf16 == 2250e12);
   CHECK(c.gpu.peak_flops_fp8 == 4500e12);
   CHECK(c.gpu.sm_count == 148);

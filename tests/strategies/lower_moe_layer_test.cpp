@@ -104,12 +104,12 @@ TEST_CASE("a Megatron MoE layer on 8 H100s follows Megatron-LM's moe_perf baseli
                                    {"first_k_dense_replace", 0},
                                    {"vocab_size", 32000}};
   // baseline.json, forward / backward (ms), and mop's: all-to-all, Mixtral 4.327 / 7.684 (mop
-  // 4.50 / 8.39, +4 / +9 %), DeepSeek 7.119 / 10.483 (7.22 / 11.73, +1 / +12 %): the layer's
-  // GEMMs and exchanges are priced right where they dominate. DeepEP sends a token once to each
-  // GPU holding one of its experts: DeepSeek's top-8 of 32 experts on 8 GPUs reaches 5.6 other
-  // GPUs where the all-to-all sends 7 copies, Mixtral's top-2 of 8 the same 1.75 either way;
-  // Mixtral 4.636 / 7.854 (4.39 / 8.28, -5 / +5 %), DeepSeek 5.682 / 9.055 (6.38 / 10.89, +12 /
-  // +20 %).
+  // 4.50 / 8.42, +4 / +10 %), DeepSeek 7.119 / 10.483 (8.02 / 12.57, +13 / +20 %, of which the
+  // token permutations and sorts are 0.8 ms each way): the layer's GEMMs and exchanges are priced
+  // right where they dominate. DeepEP sends a token once to each GPU holding one of its experts:
+  // DeepSeek's top-8 of 32 experts on 8 GPUs reaches 5.6 other GPUs where the all-to-all sends 7
+  // copies, Mixtral's top-2 of 8 the same 1.75 either way; Mixtral 4.636 / 7.854 (4.39 / 8.32,
+  // -5 / +6 %), DeepSeek 5.682 / 9.055 (6.61 / 11.17, +16 / +23 %).
   struct Case {
     const char* name;
     const nlohmann::json* config;
@@ -134,6 +134,49 @@ TEST_CASE("a Megatron MoE layer on 8 H100s follows Megatron-LM's moe_perf baseli
   // on Mixtral's; mop has DeepEP faster on DeepSeek's and within 5 % on Mixtral's.
   CHECK(spans[3].forward_s < 0.95 * spans[1].forward_s);
   CHECK(spans[2].forward_s == mop::test::rel(spans[0].forward_s, 0.05));
+}
+
+TEST_CASE("the token permutations copy every routed row: the all-to-all's permute, sort and "
+          "unsort, DeepEP's one expansion, each as many bytes back in backward" *
+          doctest::test_suite("independent")) {
+  // 32 experts, top-4, hidden 1024, on 8 ranks of EP: 4 local experts, 4,096 tokens a rank.
+  const nlohmann::json config = {
+      {"model_type", "mixtral"},  {"hidden_size", 1024},      {"num_hidden_layers", 2},
+      {"num_attention_heads", 8}, {"num_key_value_heads", 8}, {"intermediate_size", 2048},
+      {"num_local_experts", 32},  {"num_experts_per_tok", 4}, {"vocab_size", 32000}};
+  const workload::ModelSpec m = workload::from_hf_config(config, "permutation", "permutation");
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  Plan p;
+  p.family = "megatron";
+  p.world = 8;
+  p.moe.ep = 8;
+  p.micro_batch = 1;
+  p.global_batch = 8;
+  complete_plan(p);
+  auto bytes_of = [&](EpDispatcher d, const std::string& name) {
+    LoweringContext ctx{&m, 4096, 8, memory_hardware(c), {}};
+    ctx.ep_dispatcher = d;
+    const sim::Schedule s = lower(p, ctx);
+    for (const sim::Op& op : s.classes.front().ops)
+      if (op.name == name)
+        return op.bytes;
+    return -1.0;
+  };
+  // By hand: a row is 1,024 BF16 values (2,048 B); 4,096 tokens make 16,384 routed rows.
+  const double row = 2048, t = 4096, routed = 4 * t;
+  CHECK(bytes_of(EpDispatcher::alltoall, "L1.ep_permute.mb0") ==
+        mop::test::rel(row * (t + routed)));
+  CHECK(bytes_of(EpDispatcher::alltoall, "L1.ep_permute.mb0.bwd") ==
+        mop::test::rel(row * (t + routed)));
+  CHECK(bytes_of(EpDispatcher::alltoall, "L1.ep_sort.mb0") == mop::test::rel(2 * row * routed));
+  CHECK(bytes_of(EpDispatcher::alltoall, "L1.ep_unsort.mb0.bwd") ==
+        mop::test::rel(2 * row * routed));
+  // DeepEP: a token's 4 experts among 8 GPUs of 4 experts each miss a given GPU with
+  // probability (28·27·26·25)/(32·31·30·29) = 0.5709, so it reaches 8·(1 − 0.5709) = 3.43 GPUs.
+  const double gpus = 8 * (1 - (28.0 * 27 * 26 * 25) / (32.0 * 31 * 30 * 29));
+  CHECK(bytes_of(EpDispatcher::deepep, "L1.ep_permute.mb0") ==
+        mop::test::rel(row * (t * gpus + routed)));
+  CHECK(bytes_of(EpDispatcher::deepep, "L1.ep_sort.mb0") < 0); // no sort: rows come in order
 }
 
 } // namespace strategies_lower_moe_layer_test
