@@ -474,10 +474,10 @@ FrameworkRun read_megatron_args(const std::string& text, const std::string& orig
   }
   if (a.has("moe-enable-deepep") ||
       (a.has("moe-token-dispatcher-type") && a.word("moe-token-dispatcher-type") == "flex"))
-    r.ep_dispatcher = a.has("moe-flex-dispatcher-backend") &&
-                              a.word("moe-flex-dispatcher-backend") == "hybridep"
-                          ? EpDispatcher::hybridep
-                          : EpDispatcher::deepep;
+    r.ep_dispatcher =
+        a.has("moe-flex-dispatcher-backend") && a.word("moe-flex-dispatcher-backend") == "hybridep"
+            ? EpDispatcher::hybridep
+            : EpDispatcher::deepep;
   for (const auto& [key, why] : megatron_not_represented())
     if (a.has(key))
       r.not_represented.push_back(why);
@@ -646,11 +646,13 @@ FrameworkRun read_torchtitan_config(const std::string& text, const std::string& 
   p.attention.sp = k.flag(par + "enable_sequence_parallel", true);
   p.attention.cp = degree("context_parallel_degree", 1);
   p.attention.cp_kind = CpKind::ring;
+  // mop's plans pass K/V a hop a step (PyTorch's all-to-all rotater, docs/HARDWARE.md
+  // "PyTorch's ring").
   if (p.attention.cp > 1 &&
       k.text(par + "context_parallel_rotate_method", "allgather") == "allgather")
     r.not_represented.emplace_back("the all-gather exchange of keys and values "
-                                   "(context_parallel_rotate_method allgather) is priced as a "
-                                   "ring");
+                                   "(context_parallel_rotate_method allgather) is priced as the "
+                                   "all-to-all rotation, a block a step");
   p.pp = degree("pipeline_parallel_degree", 1);
   const std::string schedule = k.text(par + "pipeline_parallel_schedule", "1F1B");
   if (p.pp > 1) {

@@ -55,6 +55,14 @@ struct Step {
   double flops = 0;      // forward model FLOPs
   int ring_steps = 0;    // > 0: ring attention over this many steps (attention shape per step)
   double ring_bytes = 0; // K/V bytes passed per ring step
+  // PyTorch's ring (torch.distributed.tensor.experimental context_parallel, the fsdp2 family):
+  // the K/V gradients travel in FP32 and each step's partial output or gradient is merged by
+  // eager FP32 kernels (the bytes those move per step, forward and backward); with its default
+  // rotater (`ring_gather`) the K/V blocks arrive in one all-gather instead of per-step hops
+  // (docs/HARDWARE.md "PyTorch's ring").
+  bool ring_torch = false, ring_gather = false;
+  double ring_merge_bytes = 0, ring_merge_grad_bytes = 0;
+  double ring_grad_buffer_bytes = 0;      // backward's FP32 Q and K/V gradient accumulators
   bool selective_keep = false;            // recomputed under selective recompute
   bool forward_only = false;              // no transpose in backward (the MoE count exchanges)
   bool backward_only = false;             // nothing in forward (rebalancing's backward fetch)
@@ -585,9 +593,33 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.attention = sim::AttentionShape{b,     heads / ulysses, std::max(1.0, kv_heads / ulysses),
                                          q_len, q_len / 2,       dqk,
                                          dv,    false,           0};
-      st.ring_bytes =
-          workload::kActivationBytes * b * q_len * std::max(1.0, kv_heads / ulysses) * (dqk + dv);
+      // The K/V the ring passes are those the attention kernel gets: the query heads' count
+      // where the framework repeats K/V heads first (torchtitan's repeat_kv before SDPA).
+      const double ring_kv_heads = c_.kv_heads_repeated.value_or(false)
+                                       ? heads / ulysses
+                                       : std::max(1.0, kv_heads / ulysses);
+      st.ring_bytes = workload::kActivationBytes * b * q_len * ring_kv_heads * (dqk + dv);
       st.flops = attention_flops(whole_sequence);
+      if (torch_layer && ulysses == 1) {
+        // PyTorch's _templated_ring_attention (convert_to_f32, load balancing): after every
+        // step but the first, _SDPAMerger casts the step's output to FP32
+        // (2 + 4 B an element) and merges it, out − sigmoid(lse' − lse)·(out − out'), in eager
+        // kernels (12 + 8 + 12 B); the steps where only the later half of the queries attend
+        // (half of them) do it on half the rows and then rebuild the whole FP32 output with
+        // torch.cat (8 B an element of it). In backward every step adds its query gradient into
+        // an FP32 accumulator (4 + 2 + 4 B) and its key and value gradients into the FP32 ones
+        // that arrived (the same), on half the rows with a torch.cat rebuild (8 B) on half the
+        // steps, then packs the K/V gradients for the next rank (torch.cat, 8 B).
+        const double outputs = b * q_len * (heads / ulysses) * dv;
+        const double queries = b * q_len * (heads / ulysses) * dqk;
+        const double keys_values = b * q_len * ring_kv_heads * (dqk + dv);
+        st.ring_torch = true;
+        st.ring_gather = c_.cp_gathers_kv.value_or(false);
+        st.ring_merge_bytes = 34 * 0.75 * outputs + 8 * 0.5 * outputs;
+        st.ring_merge_grad_bytes =
+            (10 * 0.75 + 8 * 0.5) * (queries + keys_values) + 8 * keys_values;
+        st.ring_grad_buffer_bytes = 4 * queries + 2 * 4 * keys_values; // K/V: own and arrived
+      }
     } else {
       st.flops = attention_flops(st.attention);
     }
@@ -1033,10 +1065,41 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
     comm.deps.erase(std::remove(comm.deps.begin(), comm.deps.end(), -1), comm.deps.end());
     return comm;
   };
+  // PyTorch's all-gather rotater gathers every K/V block at once, forward and again in
+  // backward. The gathered blocks, and in backward PyTorch's FP32 gradient accumulators, live
+  // until the attention ends.
+  int gathered = -1, buffers = -1;
+  if (st.ring_torch && steps > 1) {
+    const double gathered_bytes = st.ring_gather ? st.ring_bytes * steps : 0;
+    const double bytes = gathered_bytes + (backward ? st.ring_grad_buffer_bytes : 0);
+    if (bytes > 0)
+      buffers = tensor(
+          label("{} {}", prefix, st.ring_gather ? "gathered K/V" : "FP32 K/V and query gradients"),
+          bytes, sim::Device::hbm, sim::MemoryKind::comm_buffers);
+    if (st.ring_gather) {
+      sim::Op gather = ring_hop(backward ? "ring_kv_gather_bwd" : "ring_kv_gather", 0, {start});
+      gather.kind = OpKind::all_gather;
+      gather.bytes = gathered_bytes;
+      gathered = add(std::move(gather), false);
+    }
+  }
+  auto merge = [&](int i, double bytes) {
+    sim::Op op;
+    op.name = label("{}.merge{}.{}", prefix, backward ? ".bwd" : "", i);
+    op.kind = OpKind::elementwise;
+    op.category = category;
+    op.bytes = bytes;
+    op.layer = layer;
+    op.micro_batch = mb;
+    op.kernels = 6;
+    return add(std::move(op));
+  };
   int prev_kv = -1, prev_dkv = -1, last = -1;
   for (int i = 0; i < steps; ++i) {
     int kv = -1;
-    if (i + 1 < steps)
+    if (gathered >= 0)
+      kv = i + 1 < steps ? gathered : -1;
+    else if (i + 1 < steps)
       kv = add(ring_hop(backward ? "ring_kv_bwd" : "ring_kv", i, {start, prev_kv}), false);
     const std::string name = steps > 1 ? label("{}{}.{}", prefix, backward ? ".bwd" : "", i)
                                        : label_with(prefix, backward ? ".bwd" : "");
@@ -1049,14 +1112,26 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
     }
     if (prev_kv >= 0)
       compute.deps.push_back(prev_kv);
-    last = add(std::move(compute));
+    const int computed = add(std::move(compute));
+    if (i == 0 && buffers >= 0)
+      rc_->ops[static_cast<std::size_t>(gathered >= 0 ? gathered : computed)].allocs.push_back(
+          buffers);
+    last = computed;
+    if (st.ring_torch && (backward || i > 0))
+      last = merge(i, backward ? st.ring_merge_grad_bytes : st.ring_merge_bytes);
     // The block's accumulated gradient leaves once this step's share is added to what arrived
     // with it (the next step accumulates locally meanwhile, as Transformer Engine's ring does);
     // the last hop brings my own block's gradient home, on the data path.
-    if (backward && steps > 1)
-      prev_dkv = last = add(ring_hop("ring_dkv", i, {last, prev_dkv}), i + 1 == steps);
+    if (backward && steps > 1) {
+      sim::Op dkv = ring_hop("ring_dkv", i, {last, prev_dkv});
+      if (st.ring_torch)
+        dkv.bytes *= 2; // FP32
+      prev_dkv = last = add(std::move(dkv), i + 1 == steps);
+    }
     prev_kv = kv;
   }
+  if (buffers >= 0)
+    rc_->ops[static_cast<std::size_t>(last)].frees.push_back(buffers);
   return last;
 }
 

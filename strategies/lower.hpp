@@ -9,10 +9,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <utility>
-#include <optional>
 #include <vector>
 
 namespace mop::strategy {
@@ -81,6 +81,15 @@ struct LoweringContext {
   // Whether the loss is compiled with them (its FP32 upcast fused: logits_bytes); unset: as
   // `compiled` (torchtitan compiles its loss with the model since February 2025).
   std::optional<bool> compiled_loss = std::nullopt;
+  // Whether the framework repeats the K/V heads up to the query heads before its attention
+  // kernel (torchtitan's Llama: repeat_kv before SDPA), so that ring context parallelism passes
+  // the repeated K/V; unset: not repeated.
+  std::optional<bool> kv_heads_repeated = std::nullopt;
+  // Whether ring context parallelism gathers every rank's K/V block at once instead of passing
+  // one a hop a step: PyTorch's default all-gather rotater, which torchtitan and Accelerate
+  // keep (docs/HARDWARE.md "PyTorch's ring"); unset: a hop a step (its all-to-all rotater, the
+  // one mop's plans and `--emit torchtitan` use).
+  std::optional<bool> cp_gathers_kv = std::nullopt;
   // How MoE tokens reach their experts; unset: NCCL all-to-all (EpDispatcher::alltoall).
   std::optional<EpDispatcher> ep_dispatcher = std::nullopt;
 };
@@ -144,7 +153,7 @@ struct PassOps {
 // distinct passes, and per stage how many of each one micro-batch runs and where the optimizer
 // step sits. Built from the same per-layer steps as lower(), without building the Schedule.
 struct PassModel {
-  sim::Schedule groups; // the plan's communicators, no ops: prices the collectives
+  sim::Schedule groups;        // the plan's communicators, no ops: prices the collectives
   std::vector<PassOps> passes; // the distinct decoder layers', then the embedding's and the head's
   int embedding_pass = -1, head_pass = -1;
   struct Stage {
@@ -201,8 +210,9 @@ PassModel pass_model(const Plan& plan, const LoweringContext& ctx, bool with_pas
 // The plan with what no pass reads set to defaults: the batch, the stages' layer counts, the
 // placements, the optimizer and activation offload (run() emits their ops around the passes,
 // pass_model() in its stages); its family replaced by the name of its attention kernel, the
-// one thing a pass takes from the family. Two plans with the same key, lowered in the same context, have the
-// same passes and the same communicators (tests/planner/bound_test.cpp holds the bound to that).
+// one thing a pass takes from the family. Two plans with the same key, lowered in the same context,
+// have the same passes and the same communicators (tests/planner/bound_test.cpp holds the bound to
+// that).
 Plan pass_key(Plan plan);
 
 } // namespace mop::strategy

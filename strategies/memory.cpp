@@ -422,6 +422,13 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
               : std::max(1.0, static_cast<double>(a.num_kv_heads) / p.attention.tp) *
                     static_cast<double>(a.qk_head_dim() + a.v_dim());
       hbm.comm_buffers += 2 * workload::kActivationBytes * tokens * kv_width;
+      if (p.family == "fsdp2" && p.attention.cp_kind == CpKind::ring) {
+        // PyTorch's ring (docs/HARDWARE.md "PyTorch's ring"): in backward, the FP32 gradient
+        // accumulators of the queries and of the K/V (own and arrived).
+        const double q_width = static_cast<double>(a.num_heads) / p.attention.tp *
+                               static_cast<double>(a.qk_head_dim());
+        hbm.comm_buffers += 4 * tokens * q_width + 2 * 4 * tokens * kv_width;
+      }
     }
     if (p.moe.ep > 1 || p.moe.etp > 1)
       hbm.comm_buffers +=

@@ -65,6 +65,11 @@ planner::StepEvaluation evaluate_row(const Row& row, const Translation& t,
   lc.compiled = row.compiled;
   lc.compiled_loss = row.compiled_loss;
   lc.ep_dispatcher = row.ep_dispatcher;
+  // torchtitan's Llama repeats K/V heads before SDPA (models/llama/model.py, repeat_kv); the
+  // PyTorch family's published runs keep context parallelism's default all-gather rotater
+  // (torchtitan's context_parallel_rotate_method, Accelerate's cp_comm_strategy).
+  lc.kv_heads_repeated = row.framework == "torchtitan";
+  lc.cp_gathers_kv = t.plan->family == "fsdp2";
   return planner::evaluate_step(*t.plan, lc, cluster, calibration, 16, lowering);
 }
 

@@ -233,4 +233,53 @@ TEST_CASE("torchtitan's separate projections: each reads the shared input, autog
   CHECK(op_named(compiled8, "L0.k_proj.mb0.dgrad").bytes == mop::test::rel(t * 8 * d * 8));
 }
 
+TEST_CASE("PyTorch's ring attention: K/V gathered at once, FP32 K/V gradients, eager FP32 "
+          "merges, and torchtitan's repeated K/V heads travel whole" *
+          doctest::test_suite("independent")) {
+  // Llama 3 8B (32 query heads, 8 K/V heads of 128) at 32K over a ring of 4: 8,192 tokens a rank.
+  const workload::ModelSpec m = workload::load_model("llama3-8b");
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  LoweringContext ctx{&m, 32768, 8, memory_hardware(c), {}};
+  auto ring4 = [](const std::string& family) {
+    Plan p;
+    p.family = family;
+    p.world = 8;
+    p.attention.cp = 4;
+    p.global_batch = 4;
+    complete_plan(p);
+    return p;
+  };
+  const double t = 8192, d = 128, kv = 2 * t * 8 * d * 2; // this rank's K and V, BF16
+  // Transformer Engine's ring: one block a hop, three hops forward; BF16 gradients back.
+  const sim::Schedule te = lower(ring4("megatron"), ctx);
+  CHECK(op_named(te, "L0.attn_core.mb0.ring_kv.0").bytes == mop::test::rel(kv));
+  CHECK(op_named(te, "L0.attn_core.mb0.ring_dkv.0").bytes == mop::test::rel(kv));
+  // PyTorch (torch/distributed/tensor/experimental/_attention.py): its all-to-all rotater passes
+  // a block a step, its default all-gather rotater brings all four in one collective; the K/V
+  // gradients travel in FP32 either way.
+  const sim::Schedule a2a = lower(ring4("fsdp2"), ctx);
+  CHECK(op_named(a2a, "L0.attn_core.mb0.ring_kv.0").bytes == mop::test::rel(kv));
+  CHECK(op_named(a2a, "L0.attn_core.mb0.ring_dkv.0").bytes == mop::test::rel(2 * kv));
+  ctx.cp_gathers_kv = true;
+  const sim::Schedule torch = lower(ring4("fsdp2"), ctx);
+  const sim::Op& gather = op_named(torch, "L0.attn_core.mb0.ring_kv_gather.0");
+  CHECK(gather.kind == sim::OpKind::all_gather);
+  CHECK(gather.bytes == mop::test::rel(4 * kv));
+  CHECK(op_named(torch, "L0.attn_core.mb0.ring_dkv.0").bytes == mop::test::rel(2 * kv));
+  // Merges, by hand: a step after the first casts its output to FP32 and merges it (34 B an
+  // element) on all rows or, on half the (rank, step) pairs, on half of them plus a torch.cat
+  // rebuild of the whole FP32 output (8 B): 34·3/4 + 8/2 = 29.5 B per output element.
+  const double out = t * 32 * d;
+  CHECK(op_named(torch, "L0.attn_core.mb0.merge.1").bytes == mop::test::rel(29.5 * out));
+  // Backward: Q and K/V gradients added into FP32 accumulators (10 B an element, half the rows
+  // with an 8 B rebuild on half the steps: 7.5 + 4) and the K/V gradients packed (8 B).
+  const double q = t * 32 * d, kv_elements = 2 * t * 8 * d;
+  CHECK(op_named(torch, "L0.attn_core.mb0.merge.bwd.0").bytes ==
+        mop::test::rel(11.5 * (q + kv_elements) + 8 * kv_elements));
+  // torchtitan repeats K/V to the 32 query heads before SDPA: four times the bytes travel.
+  ctx.kv_heads_repeated = true;
+  const sim::Schedule titan = lower(ring4("fsdp2"), ctx);
+  CHECK(op_named(titan, "L0.attn_core.mb0.ring_kv_gather.0").bytes == mop::test::rel(16 * kv));
+}
+
 } // namespace strategies_lower_framework_test

@@ -251,4 +251,25 @@ TEST_CASE("the eager PyTorch loss peaks in its backward: 12 bytes a logit, 16 un
   CHECK(loss_bytes_per_logit(p, compiled) == 6);
 }
 
+TEST_CASE("PyTorch's ring holds FP32 query and K/V gradient accumulators in backward beside "
+          "the K/V blocks in flight" *
+          doctest::test_suite("independent")) {
+  // Llama 3 8B at 32K over a ring of 4: 8,192 tokens a rank, 8 K/V heads and 32 query heads of
+  // 128. The same plan under both families; only the ring's buffers differ.
+  const ModelSpec m = load_model("llama3-8b");
+  const MemoryHardware hw{.hbm_bytes = 80e9, .host_bytes = 2e12, .gpus_per_node = 8};
+  auto comm = [&](const std::string& family) {
+    Plan p;
+    p.family = family;
+    p.world = 8;
+    p.attention.cp = 4;
+    p.global_batch = 4;
+    complete_plan(p);
+    return analyze_memory(m, p, 32768, hw).classes[0].hbm.comm_buffers;
+  };
+  const double t = 8192, kv_width = 8 * 256.0, q_width = 32 * 128.0;
+  // By hand: FP32 query gradients, and FP32 K/V gradients, this rank's and the arrived ones.
+  CHECK(comm("fsdp2") - comm("megatron") == mop::test::rel(4 * t * q_width + 8 * t * kv_width));
+}
+
 } // namespace strategies_memory_test
