@@ -745,7 +745,9 @@ double quantize_time_s(const Op& op, const hw::ClusterSpec& c, const hw::Calibra
   return op.bytes > 0 ? hw::memory_bound_time_s(c, cal, op.bytes) : 0;
 }
 
-double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
+// An op's time on its resource, each kernel's fixed cost counted once (op_time_s adds those of
+// the kernels beyond the ones priced here).
+double op_body_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
                  const hw::Calibration& cal, GemmTimes* gemms) {
   switch (op.kind) {
   case OpKind::gemm:
@@ -793,6 +795,32 @@ double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
            (op.torch_kernel ? c.host_optimizer.torch_adam_slowdown : 1.0);
   }
   return 0;
+}
+
+// An op of several kernels (Op::kernels: an eager chain, a grouped GEMM's per-expert GEMMs and
+// casts) pays the GPU's per-kernel fixed cost for each kernel beyond those its price holds: one
+// for a memory-bound op or attention, the GEMM and its quantize pass for a GEMM (docs/ENGINE.md
+// "Host issue"). A collective's kernels are the host's count; its time is the collective's.
+double op_time_s(const Op& op, const Schedule& s, const hw::ClusterSpec& c,
+                 const hw::Calibration& cal, GemmTimes* gemms) {
+  const double body = op_body_s(op, s, c, cal, gemms);
+  int priced = 0;
+  switch (op.kind) {
+  case OpKind::gemm:
+  case OpKind::grouped_gemm:
+    priced = op.bytes > 0 ? 2 : 1;
+    break;
+  case OpKind::elementwise:
+  case OpKind::attention_fwd:
+  case OpKind::attention_bwd:
+    priced = 1;
+    break;
+  default:
+    return body;
+  }
+  if (body <= 0)
+    return body;
+  return body + std::max(0, static_cast<int>(op.kernels) - priced) * c.gpu.kernel_launch_s;
 }
 
 } // namespace

@@ -493,6 +493,15 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.kernels = 0;
     out.push_back(std::move(st));
   };
+  // A grouped GEMM's kernels beyond its quantize kernels (which kernels() adds once): a GEMM
+  // per expert and, unless one fused kernel casts every expert's rows (delayed scaling), each
+  // expert's own quantize kernels.
+  const bool fused_group_cast = c_.gemm_dtype != sim::Dtype::fp8 ||
+                                fp8_recipe(p_, c_) == Fp8Recipe::delayed;
+  auto grouped_kernels = [&](double experts) {
+    return static_cast<int>(experts) +
+           (fused_group_cast ? 0 : (static_cast<int>(experts) - 1) * quantize_.kernels);
+  };
   auto kernels = [&](int te_count, int eager_count) {
     const Step& last = out.back();
     const bool quantized = (last.kind == OpKind::gemm || last.kind == OpKind::grouped_gemm) &&
@@ -799,8 +808,11 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       st.bytes += (local_experts - 1) * st.gemm.n * h * q.weight; // every expert's weight
       out.push_back(std::move(st));
       // TE's GroupedLinear launches one cuBLAS GEMM per local expert (TransformerEngine v2.8
-      // pytorch/module/grouped_linear.py; issues #1386, #1499).
-      kernels(static_cast<int>(local_experts), 1);
+      // pytorch/module/grouped_linear.py; issues #1386, #1499) and quantizes each expert's rows
+      // with its own quantizer: one fused cast-transpose for all of them under delayed scaling,
+      // each expert's own kernels under the other recipes (csrc/extensions/cast.cpp
+      // split_quantize → multi_tensor_quantize_impl at d0067d0).
+      kernels(grouped_kernels(local_experts), 1);
     }
     elementwise("experts_act",
                 3 * workload::kActivationBytes * expert_rows * inter * unfused.activation, true);
@@ -817,7 +829,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       quantize(st, expert_rows, h, inter, false, true);
       st.bytes += (local_experts - 1) * h * inter * q.weight;
       out.push_back(std::move(st));
-      kernels(static_cast<int>(local_experts), 1);
+      kernels(grouped_kernels(local_experts), 1);
     }
     if (!deepep && local_experts > 1)
       permutation("ep_unsort", 2 * row * routed * p_.moe.etp, sim::Routed::rows, 3);

@@ -128,6 +128,32 @@ TEST_CASE("op durations come from the hardware cost functions" *
         mop::test::rel(3 * op_duration_s(one, s, h200(), kNone)));
 }
 
+TEST_CASE("an op of several kernels pays the per-kernel fixed cost for each" *
+          doctest::test_suite("independent")) {
+  Schedule s = one_class({"compute"});
+  // An eager chain of 8 kernels moving 4.01 GB: 1 ms of traffic and 8 launches.
+  Op chain = elementwise("e", 0, 4.01e9);
+  chain.kernels = 8;
+  CHECK(op_duration_s(chain, s, h200(), kNone) == mop::test::rel(1e-3 + 8 * kLaunch));
+  // A grouped GEMM of 4 experts with FP8 casts, 4 GEMMs and 4 casts: the model prices one GEMM
+  // launch and the casts' pass, 6 more launches here.
+  Op grouped;
+  grouped.kind = OpKind::grouped_gemm;
+  grouped.dtype = Dtype::fp8;
+  grouped.gemm.rows_per_expert = {2048, 2048, 2048, 2048};
+  grouped.gemm.n = 4096;
+  grouped.gemm.k = 4096;
+  grouped.bytes = 1e8;
+  const double single = op_duration_s(grouped, s, h200(), kNone);
+  grouped.kernels = 8;
+  CHECK(op_duration_s(grouped, s, h200(), kNone) == mop::test::rel(single + 6 * kLaunch));
+  // A collective's kernels are the host's business: its time is the collective's.
+  Op a2a = collective("a", OpKind::all_to_all, 0, 1, 64e6);
+  const double one_kernel = op_duration_s(a2a, s, h200(), kNone);
+  a2a.kernels = 4;
+  CHECK(op_duration_s(a2a, s, h200(), kNone) == one_kernel);
+}
+
 TEST_CASE("two ops on one stream run back to back" * doctest::test_suite("independent")) {
   Schedule s = one_class({"compute"});
   ops(s).push_back(elementwise("a", 0, 4.01e9));
@@ -607,7 +633,10 @@ TEST_CASE("host issue: an op's kernels multiply its issue time, barriers launch 
   s.host_issue_s = 10e-6;
   const SimResult r = simulate(s, h200(), kNone);
   CHECK(timing(r, 0, 0).start_s == mop::test::rel(50e-6));
-  CHECK(timing(r, 0, 2).start_s == mop::test::rel(60e-6));
+  // The last op is issued at 60 µs and starts then or when the five kernels end (each paying
+  // the per-kernel fixed cost), whichever is later.
+  const double five_end = 50e-6 + 1e6 / kHbm + 5 * kLaunch;
+  CHECK(timing(r, 0, 2).start_s == mop::test::rel(std::max(60e-6, five_end)));
 }
 
 TEST_CASE("host issue: a host sync drains the device before anything after it is issued" *

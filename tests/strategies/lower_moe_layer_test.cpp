@@ -179,4 +179,38 @@ TEST_CASE("the token permutations copy every routed row: the all-to-all's permut
   CHECK(bytes_of(EpDispatcher::deepep, "L1.ep_sort.mb0") < 0); // no sort: rows come in order
 }
 
+TEST_CASE("Transformer Engine's grouped GEMM launches a GEMM per local expert and, except under "
+          "delayed scaling, each expert's own casts" *
+          doctest::test_suite("plumbing")) {
+  // 32 experts on 8 ranks of EP: 4 local experts.
+  const nlohmann::json config = {
+      {"model_type", "mixtral"},   {"hidden_size", 1024},      {"num_hidden_layers", 2},
+      {"num_attention_heads", 8},  {"num_key_value_heads", 8}, {"intermediate_size", 2048},
+      {"num_local_experts", 32},   {"num_experts_per_tok", 4}, {"vocab_size", 32000}};
+  const workload::ModelSpec m = workload::from_hf_config(config, "grouped", "grouped");
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  Plan p;
+  p.family = "megatron";
+  p.world = 8;
+  p.moe.ep = 8;
+  p.global_batch = 8;
+  complete_plan(p);
+  auto kernels_of = [&](sim::Dtype dtype, Fp8Recipe recipe) {
+    LoweringContext ctx{&m, 4096, 8, memory_hardware(c), {}};
+    ctx.gemm_dtype = dtype;
+    ctx.fp8_recipe = recipe;
+    const sim::Schedule s = lower(p, ctx);
+    for (const sim::Op& op : s.classes.front().ops)
+      if (op.name == "L1.experts_gate_up.mb0")
+        return static_cast<int>(op.kernels);
+    return -1;
+  };
+  // multi_tensor_quantize_impl (TransformerEngine csrc/extensions/cast.cpp at d0067d0): one
+  // fused cast-transpose for every expert under delayed scaling, else each expert's quantizer.
+  CHECK(kernels_of(sim::Dtype::bf16, Fp8Recipe::delayed) == 4);
+  CHECK(kernels_of(sim::Dtype::fp8, Fp8Recipe::delayed) == 4 + 1);
+  CHECK(kernels_of(sim::Dtype::fp8, Fp8Recipe::current) == 4 + 4 * 3); // amax, scale, cast
+  CHECK(kernels_of(sim::Dtype::fp8, Fp8Recipe::mxfp8) == 4 + 4 * 1);
+}
+
 } // namespace strategies_lower_moe_layer_test
