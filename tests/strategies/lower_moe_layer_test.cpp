@@ -75,6 +75,27 @@ Span moe_layer_span(const nlohmann::json& config, EpDispatcher dispatcher) {
   return Span{f1 - f0, b1 - b0};
 }
 
+// A small Mixtral-shaped MoE (32 experts, top-4, hidden 1024, two layers) and a Megatron plan
+// of 8 ranks of EP: 4 local experts, one micro-batch of 4,096 tokens a rank.
+workload::ModelSpec small_moe() {
+  const nlohmann::json config = {
+      {"model_type", "mixtral"},  {"hidden_size", 1024},      {"num_hidden_layers", 2},
+      {"num_attention_heads", 8}, {"num_key_value_heads", 8}, {"intermediate_size", 2048},
+      {"num_local_experts", 32},  {"num_experts_per_tok", 4}, {"vocab_size", 32000}};
+  return workload::from_hf_config(config, "small MoE", "small-moe");
+}
+
+Plan ep8_plan() {
+  Plan p;
+  p.family = "megatron";
+  p.world = 8;
+  p.moe.ep = 8;
+  p.micro_batch = 1;
+  p.global_batch = 8;
+  complete_plan(p);
+  return p;
+}
+
 } // namespace
 
 TEST_CASE("a Megatron MoE layer on 8 H100s follows Megatron-LM's moe_perf baselines within 25 %: "
@@ -140,19 +161,9 @@ TEST_CASE("the token permutations copy every routed row: the all-to-all's permut
           "unsort, DeepEP's one expansion, each as many bytes back in backward" *
           doctest::test_suite("independent")) {
   // 32 experts, top-4, hidden 1024, on 8 ranks of EP: 4 local experts, 4,096 tokens a rank.
-  const nlohmann::json config = {
-      {"model_type", "mixtral"},  {"hidden_size", 1024},      {"num_hidden_layers", 2},
-      {"num_attention_heads", 8}, {"num_key_value_heads", 8}, {"intermediate_size", 2048},
-      {"num_local_experts", 32},  {"num_experts_per_tok", 4}, {"vocab_size", 32000}};
-  const workload::ModelSpec m = workload::from_hf_config(config, "permutation", "permutation");
+  const workload::ModelSpec m = small_moe();
   const hw::ClusterSpec c = hw::load_cluster("h100");
-  Plan p;
-  p.family = "megatron";
-  p.world = 8;
-  p.moe.ep = 8;
-  p.micro_batch = 1;
-  p.global_batch = 8;
-  complete_plan(p);
+  const Plan p = ep8_plan();
   auto bytes_of = [&](EpDispatcher d, const std::string& name) {
     LoweringContext ctx{&m, 4096, 8, memory_hardware(c), {}};
     ctx.ep_dispatcher = d;
@@ -183,18 +194,9 @@ TEST_CASE("Transformer Engine's grouped GEMM launches a GEMM per local expert an
           "delayed scaling, each expert's own casts" *
           doctest::test_suite("plumbing")) {
   // 32 experts on 8 ranks of EP: 4 local experts.
-  const nlohmann::json config = {
-      {"model_type", "mixtral"},   {"hidden_size", 1024},      {"num_hidden_layers", 2},
-      {"num_attention_heads", 8},  {"num_key_value_heads", 8}, {"intermediate_size", 2048},
-      {"num_local_experts", 32},   {"num_experts_per_tok", 4}, {"vocab_size", 32000}};
-  const workload::ModelSpec m = workload::from_hf_config(config, "grouped", "grouped");
+  const workload::ModelSpec m = small_moe();
   const hw::ClusterSpec c = hw::load_cluster("h100");
-  Plan p;
-  p.family = "megatron";
-  p.world = 8;
-  p.moe.ep = 8;
-  p.global_batch = 8;
-  complete_plan(p);
+  const Plan p = ep8_plan();
   auto kernels_of = [&](sim::Dtype dtype, Fp8Recipe recipe) {
     LoweringContext ctx{&m, 4096, 8, memory_hardware(c), {}};
     ctx.gemm_dtype = dtype;
