@@ -55,14 +55,14 @@ struct Step {
   double flops = 0;      // forward model FLOPs
   int ring_steps = 0;    // > 0: ring attention over this many steps (attention shape per step)
   double ring_bytes = 0; // K/V bytes passed per ring step
-  // PyTorch's ring (torch.distributed.tensor.experimental context_parallel, the fsdp2 family):
-  // the K/V gradients travel in FP32 and each step's partial output or gradient is merged by
-  // eager FP32 kernels (the bytes those move per step, forward and backward); with its default
-  // rotater (`ring_gather`) the K/V blocks arrive in one all-gather instead of per-step hops
-  // (docs/HARDWARE.md "PyTorch's ring").
-  bool ring_torch = false, ring_gather = false;
+  // PyTorch's ring (torch_ring_cp, docs/HARDWARE.md "PyTorch's ring"): each step's partial
+  // output or gradient merged by eager FP32 kernels (the bytes those move per step, forward and
+  // backward; 0: Transformer Engine's ring), the K/V gradients sent in FP32, the backward's FP32
+  // accumulators; with its default rotater (`ring_gather`) the K/V blocks arrive in one
+  // all-gather instead of per-step hops.
+  bool ring_gather = false;
   double ring_merge_bytes = 0, ring_merge_grad_bytes = 0;
-  double ring_grad_buffer_bytes = 0;      // backward's FP32 Q and K/V gradient accumulators
+  double ring_grad_buffer_bytes = 0;
   bool selective_keep = false;            // recomputed under selective recompute
   bool forward_only = false;              // no transpose in backward (the MoE count exchanges)
   bool backward_only = false;             // nothing in forward (rebalancing's backward fetch)
@@ -71,8 +71,10 @@ struct Step {
   std::uint8_t kernels = 1;               // kernels the framework launches for it (Op::kernels)
   bool host_sync = false;                 // the host waits for it to end (Op::host_sync)
   // GEMMs: FP8 quantize traffic (Op::bytes) of the output gradient, charged to the input
-  // gradient's GEMM (the forward's, of its input and weight, is `bytes`); `high_precision`:
-  // left out of the FP8 recipe (Megatron-Core's router, in FP32).
+  // gradient's GEMM (the forward's, of its input and weight, is `bytes`); elementwise: the
+  // backward's bytes where they are not twice the forward's (a token permutation's transpose
+  // moves as much as it); `high_precision`: left out of the FP8 recipe (Megatron-Core's router,
+  // in FP32).
   double grad_bytes = 0;
   bool high_precision = false;
   // DeepEP's dispatch/combine: bytes sent across nodes and to other GPUs (Op::rdma_bytes,
@@ -609,7 +611,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
                                        : std::max(1.0, kv_heads / ulysses);
       st.ring_bytes = workload::kActivationBytes * b * q_len * ring_kv_heads * (dqk + dv);
       st.flops = attention_flops(whole_sequence);
-      if (torch_layer && ulysses == 1) {
+      if (torch_ring_cp(p_)) {
         // PyTorch's _templated_ring_attention (convert_to_f32, load balancing): after every
         // step but the first, _SDPAMerger casts the step's output to FP32
         // (2 + 4 B an element) and merges it, out − sigmoid(lse' − lse)·(out − out'), in eager
@@ -622,12 +624,11 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
         const double outputs = b * q_len * (heads / ulysses) * dv;
         const double queries = b * q_len * (heads / ulysses) * dqk;
         const double keys_values = b * q_len * ring_kv_heads * (dqk + dv);
-        st.ring_torch = true;
         st.ring_gather = c_.cp_gathers_kv.value_or(false);
         st.ring_merge_bytes = 34 * 0.75 * outputs + 8 * 0.5 * outputs;
         st.ring_merge_grad_bytes =
             (10 * 0.75 + 8 * 0.5) * (queries + keys_values) + 8 * keys_values;
-        st.ring_grad_buffer_bytes = 4 * queries + 2 * 4 * keys_values; // K/V: own and arrived
+        st.ring_grad_buffer_bytes = torch_ring_accumulator_bytes(queries, keys_values);
       }
     } else {
       st.flops = attention_flops(st.attention);
@@ -734,12 +735,15 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     // baselines time its MoE layer within 6 % of DeepEP's on H100.
     const bool deepep =
         c_.ep_dispatcher.value_or(EpDispatcher::alltoall) != EpDispatcher::alltoall && g_.ep >= 0;
-    double rdma = 0, nvl = 0;
+    double rdma = 0, nvl = 0, reached_gpus = 1;
     if (deepep) {
       const sim::Group& eg = s_.groups[static_cast<std::size_t>(g_.ep)];
       const int ep_nodes = eg.ranks / std::max(1, eg.ranks_per_node);
+      const double other_gpus = expected_remote_nodes(experts, k, eg.ranks);
       rdma = workload::kActivationBytes * tm * h * expected_remote_nodes(experts, k, ep_nodes);
-      nvl = workload::kActivationBytes * tm * h * expected_remote_nodes(experts, k, eg.ranks);
+      nvl = workload::kActivationBytes * tm * h * other_gpus;
+      // The GPUs a token reaches, its own included (by symmetry, the same share of every GPU).
+      reached_gpus = std::max(1.0, other_gpus * eg.ranks / (eg.ranks - 1.0));
     }
     auto deepep_bytes = [&](const char* name) {
       if (deepep && !out.empty() && out.back().name == name) {
@@ -773,9 +777,7 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
     if (deepep) {
       // DeepEP and HybridEP deliver one copy per destination GPU; the rows are then expanded
       // into expert order (the manager's permute, or HybridEP's permute blocks).
-      const double gpus = std::max(1.0, expected_remote_nodes(experts, k, p_.moe.ep) * p_.moe.ep /
-                                            (p_.moe.ep - 1.0));
-      permutation("ep_permute", row * (tm * gpus + routed), sim::Routed::rows, 4);
+      permutation("ep_permute", row * (tm * reached_gpus + routed), sim::Routed::rows, 4);
     } else if (local_experts > 1) {
       // All-to-all: the rows arrive grouped by source rank (and gathered over the expert's
       // tensor-parallel ranks) and are sorted by local expert.
@@ -1081,7 +1083,8 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
   // backward. The gathered blocks, and in backward PyTorch's FP32 gradient accumulators, live
   // until the attention ends.
   int gathered = -1, buffers = -1;
-  if (st.ring_torch && steps > 1) {
+  const bool torch_ring = st.ring_merge_bytes > 0;
+  if (torch_ring && steps > 1) {
     const double gathered_bytes = st.ring_gather ? st.ring_bytes * steps : 0;
     const double bytes = gathered_bytes + (backward ? st.ring_grad_buffer_bytes : 0);
     if (bytes > 0)
@@ -1129,14 +1132,14 @@ int Lowering::emit_attention(const Step& st, const std::string& prefix, Category
       rc_->ops[static_cast<std::size_t>(gathered >= 0 ? gathered : computed)].allocs.push_back(
           buffers);
     last = computed;
-    if (st.ring_torch && (backward || i > 0))
+    if (torch_ring && (backward || i > 0))
       last = merge(i, backward ? st.ring_merge_grad_bytes : st.ring_merge_bytes);
     // The block's accumulated gradient leaves once this step's share is added to what arrived
     // with it (the next step accumulates locally meanwhile, as Transformer Engine's ring does);
     // the last hop brings my own block's gradient home, on the data path.
     if (backward && steps > 1) {
       sim::Op dkv = ring_hop("ring_dkv", i, {last, prev_dkv});
-      if (st.ring_torch)
+      if (torch_ring)
         dkv.bytes *= 2; // FP32
       prev_dkv = last = add(std::move(dkv), i + 1 == steps);
     }

@@ -46,6 +46,14 @@ bool torch_op_sac(const Plan& p) {
   return p.family == "fsdp2";
 }
 
+bool torch_ring_cp(const Plan& p) {
+  return p.family == "fsdp2" && p.attention.cp > 1 && p.attention.cp_kind == CpKind::ring;
+}
+
+double torch_ring_accumulator_bytes(double query_elements, double kv_elements) {
+  return 4 * query_elements + 2 * 4 * kv_elements;
+}
+
 namespace {
 
 double attention_block_bytes(const ModelSpec& m, const Plan& p, std::int64_t seq,
@@ -422,12 +430,10 @@ MemoryReport analyze_memory(const ModelSpec& m, const Plan& p, std::int64_t seq,
               : std::max(1.0, static_cast<double>(a.num_kv_heads) / p.attention.tp) *
                     static_cast<double>(a.qk_head_dim() + a.v_dim());
       hbm.comm_buffers += 2 * workload::kActivationBytes * tokens * kv_width;
-      if (p.family == "fsdp2" && p.attention.cp_kind == CpKind::ring) {
-        // PyTorch's ring (docs/HARDWARE.md "PyTorch's ring"): in backward, the FP32 gradient
-        // accumulators of the queries and of the K/V (own and arrived).
+      if (torch_ring_cp(p)) {
         const double q_width = static_cast<double>(a.num_heads) / p.attention.tp *
                                static_cast<double>(a.qk_head_dim());
-        hbm.comm_buffers += 4 * tokens * q_width + 2 * 4 * tokens * kv_width;
+        hbm.comm_buffers += torch_ring_accumulator_bytes(tokens * q_width, tokens * kv_width);
       }
     }
     if (p.moe.ep > 1 || p.moe.etp > 1)

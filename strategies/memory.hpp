@@ -52,6 +52,13 @@ struct ActivationOptions {
 // fsdp2 family, docs/PLANS.md): what the layer saves here and what the lowering re-runs.
 bool torch_op_sac(const Plan& p);
 
+// Whether the plan's ring context parallelism is PyTorch's (the fsdp2 family: torch's
+// context_parallel, docs/HARDWARE.md "PyTorch's ring"), and the FP32 gradient accumulators its
+// backward holds: the queries' (`query_elements`) and the K/V's, this rank's block and the one
+// that arrived (`kv_elements` each).
+bool torch_ring_cp(const Plan& p);
+double torch_ring_accumulator_bytes(double query_elements, double kv_elements);
+
 // Bytes of activations one decoder layer saves for its backward, per rank, for one micro-batch
 // (plan.micro_batch sequences of `seq` tokens), under the plan's mapping and recompute policy.
 double layer_activation_bytes(const workload::ModelSpec& m, const workload::LayerSpec& layer,
