@@ -881,12 +881,23 @@ int Lowering::tensor(std::string name, double bytes, sim::Device device, sim::Me
 } // namespace
 
 double host_issue_s(const Plan& plan) {
-  // PyTorch eager: ~8 µs of host time per launched op (an eager `add` on A100 submits in 8 µs,
-  // flagos-ai/Torch-FL PR #27; pointwise ops ~7 µs, FlagGems #4812); whole eager models measure
-  // 39-44 µs per kernel with their Python module overheads, so this is a lower bound.
-  if (plan.family == "megatron" || plan.family == "fsdp2" || plan.family == "ulysses-zero3")
-    return 8e-6;
-  // mop's executor launches from C++: a raw cuLaunchKernel enqueue takes 2.6-2.8 µs (ocannl
+  // Megatron-Core launches its GEMMs, norms and casts through Transformer Engine's modules, whose
+  // Python and C++ prologues cost far more host time than the kernels they launch. On GB200's
+  // Grace, forward and backward (TransformerEngine PR #3523, 2026-09, before its change): Linear
+  // BF16 311 us for 3 kernels (GEMM, dgrad, wgrad); Linear MXFP8 441 us for 6 (the input's, the
+  // weight's and the gradient's casts besides); LayerNormLinear BF16 398 us for 6 (the norm and
+  // its two backward kernels besides) and MXFP8 519 us for 8: 65-104 us a kernel, 77 on average.
+  // A Grace core runs the same module code 2.75x slower than the Xeon 8480C of a DGX H100 (torch
+  // Linear forward 37.08 vs 13.48 us, TransformerEngine issue #2053): 77 / 2.75 = 28 us a kernel
+  // on an x86 host, which every node type in the catalog has.
+  if (plan.family == "megatron")
+    return 28e-6;
+  // PyTorch eager without Transformer Engine (torchtitan, DeepSpeed-Ulysses): torch's Linear
+  // forward, one GEMM, takes 13.48 us of CPU time on a DGX H100 (TransformerEngine issue #2053);
+  // a bare eager op submits in ~8 us (flagos-ai/Torch-FL PR #27, FlagGems #4812).
+  if (plan.family == "fsdp2" || plan.family == "ulysses-zero3")
+    return 13.5e-6;
+  // mop's executor launches from C++: a raw cuLaunchKernel enqueue takes 2.6-2.8 us (ocannl
   // issue #488).
   if (plan.family == "mop")
     return 2.7e-6;

@@ -124,7 +124,10 @@ TEST_CASE("program lowering: every preset of every catalog model lowers and simu
         hi = std::max(hi, ratio);
         CHECK(math > 0.99);
         CHECK(math < 1.01);
-        CHECK(ratio > 0.4);
+        // The cost-only lowering launches a GEMM per local expert as Transformer Engine does and
+        // the program one grouped GEMM: all 128 experts of Qwen3-235B on every GPU (etp 8) are
+        // host-bound at Megatron-Core's 32 us a kernel in the one and not in the other.
+        CHECK(ratio > 0.3);
         CHECK(ratio < 1.5);
       }
   }

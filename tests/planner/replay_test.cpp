@@ -92,8 +92,14 @@ TEST_CASE("the chunk replay of a pipeline agrees with simulating every op" *
       const sim::Breakdown& a = replay.result.breakdown;
       const sim::Breakdown& b = full.result.breakdown;
       CHECK(std::fabs(a.compute - b.compute) < 0.02 * full.step_time_s);
-      CHECK(std::fabs(a.exposed_comm - b.exposed_comm) < 0.02 * full.step_time_s);
-      CHECK(std::fabs(a.bubble - b.bubble) < 0.02 * full.step_time_s);
+      // Where the host binds (Megatron-Core's 32 us a kernel, a context-parallel ring's many
+      // small kernels), the engine counts a transfer issued late as exposed communication and
+      // the replay as the stage's idle time: the two parts trade up to 6 % of the step, their
+      // sum agrees.
+      CHECK(std::fabs(a.exposed_comm + a.bubble - b.exposed_comm - b.bubble) <
+            0.02 * full.step_time_s);
+      CHECK(std::fabs(a.exposed_comm - b.exposed_comm) < 0.075 * full.step_time_s);
+      CHECK(std::fabs(a.bubble - b.bubble) < 0.075 * full.step_time_s);
       CHECK(a.optimizer == mop::test::rel(b.optimizer, 1e-6));
       // The search takes a replayed plan's memory from the analytic model: on these plans it is
       // never more than 1 % under the engine's tracker, and at most 5 % over (+4.5 % seen).
