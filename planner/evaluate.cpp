@@ -38,7 +38,7 @@ sim::Schedule lower(const Plan& p, const LoweringContext& c, Lowering lowering, 
     if (builds) {
       program = true;
       sim::Schedule s = lowering::lower_program(p, pc);
-      s.host_issue_s = strategy::host_issue_s(p); // the same framework's host
+      s.host_issue_s = strategy::host_issue_s(p, c); // the same framework's host
       return s;
     }
   }

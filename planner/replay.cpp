@@ -98,7 +98,7 @@ StepEvaluation replay_step(const strategy::Plan& plan, const strategy::LoweringC
     throw std::logic_error("replay_step: the plan is not a pipeline the replay "
                            "plays (strategy::chunk_replayable).");
   const PassModel model = strategy::pass_model(plan, ctx, true);
-  const double host_issue = strategy::host_issue_s(plan);
+  const double host_issue = strategy::host_issue_s(plan, ctx);
   auto duration = [&](const sim::Op& op) {
     return sim::op_duration_s(op, model.groups, cluster, calibration);
   };

@@ -8,6 +8,7 @@
 #include "workload/params.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <fmt/format.h>
 #include <limits>
@@ -880,7 +881,7 @@ int Lowering::tensor(std::string name, double bytes, sim::Device device, sim::Me
 
 } // namespace
 
-double host_issue_s(const Plan& plan) {
+double host_issue_s(const Plan& plan, const LoweringContext& ctx) {
   // Megatron-Core launches its GEMMs, norms and casts through Transformer Engine's modules, whose
   // Python and C++ prologues cost far more host time than the kernels they launch. On GB200's
   // Grace, forward and backward (TransformerEngine PR #3523, 2026-09, before its change): Linear
@@ -890,8 +891,12 @@ double host_issue_s(const Plan& plan) {
   // A Grace core runs the same module code 2.75x slower than the Xeon 8480C of a DGX H100 (torch
   // Linear forward 37.08 vs 13.48 us, TransformerEngine issue #2053): 77 / 2.75 = 28 us a kernel
   // on an x86 host, which every node type in the catalog has.
+  // Before Transformer Engine 2.10 (its first CPU-overhead reductions, PRs #2377 and #2400,
+  // November 2025) the same Linear forward took 99.66 us on GB200 (issue #2053, August 2025)
+  // against 59.19 us (PR #3523): 1.68x, 47 us a kernel.
   if (plan.family == "megatron")
-    return 28e-6;
+    return ctx.transformer_engine && *ctx.transformer_engine < 210 ? 28e-6 * 99.66 / 59.19
+                                                                   : 28e-6;
   // PyTorch eager without Transformer Engine (torchtitan, DeepSpeed-Ulysses): torch's Linear
   // forward, one GEMM, takes 13.48 us of CPU time on a DGX H100 (TransformerEngine issue #2053);
   // a bare eager op submits in ~8 us (flagos-ai/Torch-FL PR #27, FlagGems #4812).
@@ -902,6 +907,19 @@ double host_issue_s(const Plan& plan) {
   if (plan.family == "mop")
     return 2.7e-6;
   return 0;
+}
+
+std::optional<int> parse_transformer_engine(std::string_view version) {
+  int major = 0, minor = 0;
+  const char* const end = version.data() + version.size();
+  auto [p, ec] = std::from_chars(version.data(), end, major);
+  if (ec != std::errc{} || p == end || *p != '.')
+    return std::nullopt;
+  auto [q, ec2] = std::from_chars(p + 1, end, minor);
+  if (ec2 != std::errc{} || (q != end && *q != '.') || major < 0 || major > 99 || minor < 0 ||
+      minor > 99)
+    return std::nullopt;
+  return major * 100 + minor;
 }
 
 sim::AttentionKernel attention_kernel(const Plan& plan, const LoweringContext& ctx) {
@@ -1481,7 +1499,7 @@ sim::Schedule Lowering::run() {
   s_.world = p_.world;
   s_.gpus_per_node = c_.gpus_per_node;
   s_.tokens_per_step = static_cast<double>(p_.global_batch) * static_cast<double>(c_.seq);
-  s_.host_issue_s = host_issue_s(p_);
+  s_.host_issue_s = host_issue_s(p_, c_);
   s_.classes.resize(static_cast<std::size_t>(p_.pp));
   routed_tensors_.assign(static_cast<std::size_t>(p_.pp), {});
   // Pipeline bookkeeping: the op index of each stage's send for (micro-batch, direction), and
@@ -2552,7 +2570,7 @@ bool chunk_replayable(const Plan& plan, const LoweringContext& ctx) {
   const bool host_syncs = syncs_host_per_moe_layer(plan) &&
                           std::any_of(ctx.model->layers.begin(), ctx.model->layers.end(),
                                       [](const LayerSpec& l) { return l.mlp == MlpKind::moe; });
-  return !(host_syncs && host_issue_s(plan) > 0);
+  return !(host_syncs && host_issue_s(plan, ctx) > 0);
 }
 
 Plan pass_key(Plan p) {

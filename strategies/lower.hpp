@@ -90,6 +90,9 @@ struct LoweringContext {
   // keep (docs/HARDWARE.md "PyTorch's ring"); unset: a hop a step (its all-to-all rotater, the
   // one mop's plans and `--emit torchtitan` use).
   std::optional<bool> cp_gathers_kv = std::nullopt;
+  // The Transformer Engine release Megatron-Core runs on, major * 100 + minor (2.9: 209); unset:
+  // a current one. Its modules' CPU time per kernel fell from 2.10 on (host_issue_s).
+  std::optional<int> transformer_engine = std::nullopt;
   // How MoE tokens reach their experts; unset: NCCL all-to-all (EpDispatcher::alltoall).
   std::optional<EpDispatcher> ep_dispatcher = std::nullopt;
 };
@@ -114,9 +117,13 @@ sim::AttentionKernel attention_kernel(const Plan& plan, const LoweringContext& c
 Fp8Recipe fp8_recipe(const Plan& plan, const LoweringContext& ctx);
 
 // The CPU time the plan's framework takes to issue one kernel (sim::Schedule::host_issue_s,
-// docs/ENGINE.md "Host issue"): PyTorch eager for Megatron-Core, FSDP2 and DeepSpeed, C++ for
-// mop's executor; 0 (not modelled) for a custom plan.
-double host_issue_s(const Plan& plan);
+// docs/ENGINE.md "Host issue"): Transformer Engine's modules for Megatron-Core (by its release,
+// LoweringContext::transformer_engine), PyTorch eager for FSDP2 and DeepSpeed, C++ for mop's
+// executor; 0 (not modelled) for a custom plan.
+double host_issue_s(const Plan& plan, const LoweringContext& ctx);
+
+// Parses a Transformer Engine release ("2.9", "2.10.0") into major * 100 + minor.
+std::optional<int> parse_transformer_engine(std::string_view version);
 
 // The Schedule of one optimizer step in steady state: every micro-batch's forward and backward
 // under the pipeline schedule, FSDP gathers with one-layer prefetch, TP/SP, CP (ring, Ulysses,

@@ -65,6 +65,7 @@ planner::StepEvaluation evaluate_row(const Row& row, const Translation& t,
   lc.compiled = row.compiled;
   lc.compiled_loss = row.compiled_loss;
   lc.ep_dispatcher = row.ep_dispatcher;
+  lc.transformer_engine = row.transformer_engine;
   // torchtitan's Llama repeats K/V heads before SDPA (models/llama/model.py, repeat_kv); the
   // PyTorch family's published runs keep context parallelism's default all-gather rotater
   // (torchtitan's context_parallel_rotate_method, Accelerate's cp_comm_strategy).

@@ -75,6 +75,11 @@ std::vector<Row> read_dataset(const std::string& path) {
       r.compiled = f.required_bool("compile");
     if (f.has("compile_loss"))
       r.compiled_loss = f.required_bool("compile_loss");
+    if (f.has("transformer_engine")) {
+      r.transformer_engine = strategy::parse_transformer_engine(f.string("transformer_engine"));
+      if (!r.transformer_engine)
+        f.fail("transformer_engine", "a release such as \"2.9\"");
+    }
     r.measured = f.at("measured");
     if (!r.measured.is_object() || r.measured.empty())
       f.fail("measured", "an object of metric names to numbers");

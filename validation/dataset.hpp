@@ -45,6 +45,9 @@ struct Row {
   std::optional<bool> compiled;
   // Whether its loss ran under torch.compile too; unset: as its layers (`compiled`).
   std::optional<bool> compiled_loss;
+  // The Transformer Engine release a Megatron-Core run used (major * 100 + minor), or the newest
+  // it could have used; unset: a current one (strategy::LoweringContext::transformer_engine).
+  std::optional<int> transformer_engine;
   // How MoE tokens reached their experts when the source says ("alltoall", "deepep",
   // "hybridep").
   std::optional<strategy::EpDispatcher> ep_dispatcher;

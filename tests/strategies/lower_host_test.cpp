@@ -53,6 +53,16 @@ TEST_CASE("each family's framework: host time per kernel, kernels per op, the di
   // a Grace core's slowdown against a DGX H100's Xeon (TE issue #2053).
   const double grace_us = (311.30 / 3 + 440.93 / 6 + 397.73 / 6 + 518.67 / 8) / 4;
   CHECK(megatron.host_issue_s == mop::test::rel(grace_us / (37.08 / 13.48) * 1e-6, 0.02));
+  // Transformer Engine before 2.10, before its CPU work: the same Linear forward on GB200 took
+  // 99.66 us in August 2025 (TE issue #2053) and 59.19 us in 2026 (TE PR #3523).
+  LoweringContext te29 = ctx;
+  te29.transformer_engine = 209;
+  CHECK(lower(ep4_plan("megatron"), te29).host_issue_s ==
+        mop::test::rel(megatron.host_issue_s * 99.66 / 59.19, 1e-9));
+  te29.transformer_engine = 210;
+  CHECK(lower(ep4_plan("megatron"), te29).host_issue_s == megatron.host_issue_s);
+  te29.transformer_engine = 109; // 1.9: older still
+  CHECK(lower(ep4_plan("megatron"), te29).host_issue_s > megatron.host_issue_s);
   // Eager PyTorch: torch's Linear forward on a DGX H100 (TE issue #2053).
   CHECK(lower(ep4_plan("fsdp2"), ctx).host_issue_s == mop::test::rel(13.48e-6, 0.01));
   CHECK(lower(ep4_plan("mop"), ctx).host_issue_s == 2.7e-6);

@@ -228,6 +228,22 @@ TEST_CASE("a row's FP8 recipe is one of the five, else the line is malformed" *
                        "\"tensorwise\" or \"rowwise\" (got \"hybrid\")."));
 }
 
+TEST_CASE("a row's Transformer Engine release is major.minor, else the line is malformed" *
+          doctest::test_suite("plumbing")) {
+  CHECK(row_with_fields(R"("transformer_engine": "2.9", )").transformer_engine == 209);
+  CHECK(row_with_fields(R"("transformer_engine": "2.10.1", )").transformer_engine == 210);
+  CHECK_FALSE(row_with_fields("").transformer_engine);
+  for (const char* bad : {R"("transformer_engine": "2", )", R"("transformer_engine": "v2.9", )",
+                          R"("transformer_engine": "2.x", )", R"("transformer_engine": "2.9rc", )"})
+    CHECK(mop::test::input_error_of([&] { row_with_fields(bad); })
+              .find("field 'transformer_engine' must be a release such as \"2.9\"") !=
+          std::string::npos);
+  // Every Megatron-Core row of the 25.11 tables ran Megatron-Bridge v0.2.0's pinned 2.9.
+  for (const Row& r : read_dataset(default_dataset_path()))
+    if (r.id.starts_with("mb2511-"))
+      CHECK(r.transformer_engine == 209);
+}
+
 TEST_CASE("the 500 W, 96 GB HBM2e H100: its sourced figures against the standard H100's" *
           doctest::test_suite("independent")) {
   // torchtitan's benchmarks: 96GB HBM2e at 2.4 TB/s, the default 500 W power limit; the tensor
