@@ -834,6 +834,19 @@ std::vector<Step> Lowering::layer_steps(const LayerSpec& layer) const {
       out.push_back(std::move(st));
       kernels(grouped_kernels(local_experts), 1);
     }
+    if (te && e.expert_bias) {
+      // Megatron-Core adds the down projection's biases outside Transformer Engine's grouped
+      // GEMM, weighted by each row's routing probability, expert by expert in eager PyTorch
+      // (TEGroupedMLP._apply_bias, moe/experts.py from a329dd6, 2025-09, until the packed path of
+      // #6000, 2026-08: `t + b * p` per expert, then torch.cat). Per BF16 element of the output:
+      // b * p written (2 B), read with the output and the sum written (6 B), the cat's copy
+      // (4 B); backward, autograd's mul gives the bias's and the probability's gradients, each a
+      // product and a reduction over the rows (6 + 6 B). Kernels: two per expert and the cat.
+      elementwise("experts_bias", 6 * workload::kActivationBytes * expert_rows * h, false);
+      out.back().grad_bytes = 6 * workload::kActivationBytes * expert_rows * h;
+      out.back().routed = sim::Routed::rows;
+      kernels(2 * local_experts + 1, 1);
+    }
     if (!deepep && local_experts > 1)
       permutation("ep_unsort", 2 * row * routed * p_.moe.etp, sim::Routed::rows, 3);
     collective("etp_scatter", OpKind::reduce_scatter, Category::ep_comm, kEp, g_.etp,

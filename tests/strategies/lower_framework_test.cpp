@@ -161,6 +161,40 @@ TEST_CASE("hierarchical EP dispatch: a token crosses once to every other node ho
   CHECK(nccl.nvl_bytes == 0);
 }
 
+TEST_CASE("gpt-oss's expert biases: Megatron-Core adds them expert by expert in eager PyTorch" *
+          doctest::test_suite("independent")) {
+  // TEGroupedMLP._apply_bias: per expert `t + b * p` (b * p written, 2 B an element; read with
+  // the output, the sum written, 6 B), then torch.cat (4 B); backward, autograd's mul: for each
+  // of b and p a product (4 B) and a reduction (2 B). Two kernels per expert and the cat.
+  workload::ModelSpec m = workload::load_model("tiny-moe");
+  m.moe.expert_bias = true;
+  const hw::ClusterSpec c = hw::load_cluster("h100");
+  const LoweringContext ctx{&m, 1024, 8, memory_hardware(c), {}};
+  Plan p = dp8_plan("megatron");
+  p.moe.ep = 8;
+  complete_plan(p);
+  const sim::Schedule s = lower(p, ctx);
+  const sim::Op& bias = op_named(s, "L1.experts_bias.mb0");
+  const double rows = 1024.0 * p.micro_batch * static_cast<double>(m.moe.experts_per_token);
+  const double h = static_cast<double>(m.hidden_size);
+  CHECK(bias.bytes == mop::test::rel((2 + 6 + 4) * rows * h));
+  CHECK(op_named(s, "L1.experts_bias.mb0.bwd").bytes == mop::test::rel(2 * (4 + 2) * rows * h));
+  const int local = static_cast<int>(m.moe.num_routed_experts) / 8;
+  CHECK(bias.kernels == 2 * local + 1);
+  // Not without biases, and not in the other frameworks' experts.
+  m.moe.expert_bias = false;
+  const sim::Schedule unbiased = lower(p, ctx);
+  for (const sim::Op& op : unbiased.classes.front().ops)
+    CHECK(op.name.find("experts_bias") == std::string::npos);
+  m.moe.expert_bias = true;
+  Plan fsdp = dp8_plan("fsdp2");
+  fsdp.moe.ep = 8;
+  complete_plan(fsdp);
+  const sim::Schedule f = lower(fsdp, ctx);
+  for (const sim::Op& op : f.classes.front().ops)
+    CHECK(op.name.find("experts_bias") == std::string::npos);
+}
+
 TEST_CASE("eager RMSNorm, RoPE and SwiGLU move what their PyTorch ops move, and "
           "compiled they fuse but RoPE" *
           doctest::test_suite("independent")) {
