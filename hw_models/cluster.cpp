@@ -94,9 +94,28 @@ std::vector<AttentionEfficiency> attention_curves(const JsonFields& gpu, const s
   for (std::size_t i = 0; i < list.size(); ++i) {
     const std::string origin = fmt::format("{}, {}[{}]", gpu.origin(), key, i);
     const JsonFields e(list[i], origin);
-    reject_unknown_keys(list[i], {"head_dim", "efficiency_max", "half_efficiency_kv_len"}, origin);
-    out.push_back({e.positive_number("head_dim"), fraction(e, "efficiency_max"),
-                   e.positive_number("half_efficiency_kv_len")});
+    reject_unknown_keys(list[i],
+                        {"head_dim", "efficiency_max", "half_efficiency_kv_len", "points"},
+                        origin);
+    AttentionEfficiency curve{e.positive_number("head_dim"), fraction(e, "efficiency_max"),
+                              e.positive_number("half_efficiency_kv_len"), {}};
+    if (e.has("points")) {
+      const Json& points = list[i].at("points");
+      if (!points.is_array() || points.size() < 2)
+        e.fail("points", "a list of two or more {seq_len, tflops, causal}");
+      for (std::size_t j = 0; j < points.size(); ++j) {
+        const std::string at = fmt::format("{}, points[{}]", origin, j);
+        const JsonFields p(points[j], at);
+        reject_unknown_keys(points[j], {"seq_len", "tflops", "causal"}, at);
+        curve.points.push_back({p.positive_number("seq_len"), p.positive_number("tflops"),
+                                p.required_bool("causal")});
+        if (j > 0 && curve.points[j].seq_len <= curve.points[j - 1].seq_len)
+          p.fail("seq_len", "longer than the point before it");
+        if (curve.points[j].causal != curve.points.front().causal)
+          p.fail("causal", "the same for every point of a curve");
+      }
+    }
+    out.push_back(std::move(curve));
   }
   std::sort(out.begin(), out.end(),
             [](const auto& a, const auto& b) { return a.head_dim < b.head_dim; });
@@ -358,10 +377,18 @@ Json attention_kernels_json(const GpuSpec& g) {
 
 Json curves_json(const std::vector<AttentionEfficiency>& curves) {
   Json out = Json::array();
-  for (const auto& c : curves)
-    out.push_back(Json{{"head_dim", c.head_dim},
-                       {"efficiency_max", c.efficiency_max},
-                       {"half_efficiency_kv_len", c.half_efficiency_kv_len}});
+  for (const auto& c : curves) {
+    Json curve{{"head_dim", c.head_dim},
+               {"efficiency_max", c.efficiency_max},
+               {"half_efficiency_kv_len", c.half_efficiency_kv_len}};
+    if (!c.points.empty()) {
+      Json points = Json::array();
+      for (const auto& p : c.points)
+        points.push_back(Json{{"seq_len", p.seq_len}, {"tflops", p.tflops}, {"causal", p.causal}});
+      curve["points"] = std::move(points);
+    }
+    out.push_back(std::move(curve));
+  }
   return out;
 }
 

@@ -23,6 +23,16 @@ struct AttentionEfficiency {
   double head_dim = 128;
   double efficiency_max = 0;
   double half_efficiency_kv_len = 0;
+  // The kernel's benchmark at its upper fit point and at longer lengths, where the curve's rise
+  // no longer holds (cuDNN slows past 32K on Blackwell, its backward on Hopper): one call of
+  // seq_len queries and keys, causal or not, and its TFLOPS on the kept pairs as published. Past
+  // the first point's keys per block, η follows them, linear in log L, and the last one's beyond.
+  struct Point {
+    double seq_len = 0;
+    double tflops = 0;
+    bool causal = true;
+  };
+  std::vector<Point> points;
 };
 
 struct GpuSpec {

@@ -124,10 +124,46 @@ AttentionEfficiency curve_at(const std::vector<AttentionEfficiency>& curves, dou
       const double f = (head_dim - lo.head_dim) / (hi.head_dim - lo.head_dim);
       return {head_dim, lo.efficiency_max + f * (hi.efficiency_max - lo.efficiency_max),
               lo.half_efficiency_kv_len +
-                  f * (hi.half_efficiency_kv_len - lo.half_efficiency_kv_len)};
+                  f * (hi.half_efficiency_kv_len - lo.half_efficiency_kv_len),
+              {}};
     }
   }
   return curves.back();
+}
+
+// η at L keys per query block: the curve up to its first measured point (its upper fit point),
+// then through the others, linear in log L, and the last one's beyond. Each point's L and η as
+// attention_time_s counts them: a non-causal call of S tokens computes its S² pairs, S keys per
+// block; a causal one keeps S(S+1)/2 and computes half of each diagonal tile besides,
+// S/2 + 64 + 1/2 keys per block.
+double burst_efficiency(const AttentionEfficiency& curve, double keys_per_block, double peak) {
+  auto of_curve = [&](double L) {
+    return curve.efficiency_max * L / (L + curve.half_efficiency_kv_len);
+  };
+  const auto& points = curve.points;
+  if (points.empty())
+    return of_curve(keys_per_block);
+  auto keys = [](const AttentionEfficiency::Point& p) {
+    return p.causal ? (p.seq_len + 1) / 2 + kAttentionTile / 2 : p.seq_len;
+  };
+  auto eta = [&](const AttentionEfficiency::Point& p) {
+    if (!p.causal)
+      return p.tflops * 1e12 / peak;
+    const double kept = p.seq_len * (p.seq_len + 1) / 2;
+    const double computed = kept + p.seq_len * kAttentionTile / 2;
+    return p.tflops * 1e12 * (computed / kept) / peak;
+  };
+  if (keys_per_block <= keys(points.front()))
+    return of_curve(keys_per_block);
+  for (std::size_t i = 1; i < points.size(); ++i)
+    if (keys_per_block <= keys(points[i])) {
+      // From the curve's own value at the first point (its fit point), so η is continuous.
+      const double from = i == 1 ? of_curve(keys(points[0])) : eta(points[i - 1]);
+      const double f = std::log(keys_per_block / keys(points[i - 1])) /
+                       std::log(keys(points[i]) / keys(points[i - 1]));
+      return from + f * (eta(points[i]) - from);
+    }
+  return eta(points.back());
 }
 
 double attention_time_s(const ClusterSpec& c, const Calibration& calibration,
@@ -155,8 +191,8 @@ double attention_time_s(const ClusterSpec& c, const Calibration& calibration,
   else if (s.kernel == AttentionKernel::cudnn && !g.cudnn_fwd.empty())
     curves = backward ? &g.cudnn_bwd : &g.cudnn_fwd;
   const AttentionEfficiency curve = curve_at(*curves, (s.qk_head_dim + s.v_head_dim) / 2);
-  const double efficiency = g.attention_sustained * curve.efficiency_max * keys_per_block /
-                            (keys_per_block + curve.half_efficiency_kv_len);
+  const double efficiency =
+      g.attention_sustained * burst_efficiency(curve, keys_per_block, g.peak_flops_bf16);
   // Forward parallelizes over query blocks, backward over key blocks; fewer blocks than SMs
   // leaves SMs idle (FA3's persistent scheduler balances the tail otherwise).
   const double blocks = s.batch * s.heads * (backward ? kv_tiles : q_tiles);

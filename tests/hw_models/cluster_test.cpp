@@ -178,6 +178,16 @@ TEST_CASE("bad cluster files: one sentence naming the file, the field and what i
       {"above-line-rate", [](Json& j) { j["node"]["nic_bandwidth"] = 60e9; },
        ", section 'node': field 'nic_bandwidth' must be at most nic_line_rate (got "
        "60000000000.0)."},
+      {"points-order",
+       [](Json& j) {
+         j["gpu"]["attention_kernels"]["cudnn"]["attention_fwd"][0]["points"][1]["seq_len"] = 8192;
+       },
+       "points[1]: field 'seq_len' must be longer than the point before it (got 8192)."},
+      {"points-mixed",
+       [](Json& j) {
+         j["gpu"]["attention_kernels"]["cudnn"]["attention_bwd"][0]["points"][1]["causal"] = true;
+       },
+       "points[1]: field 'causal' must be the same for every point of a curve (got true)."},
       {"typo", [](Json& j) { j["gpu"]["hbm_bandwith"] = 1; },
        ", section 'gpu': field 'hbm_bandwith' is not known; allowed: name, arch, hbm_bytes,"},
       {"untagged", [](Json& j) { j["sources"]["gpu.hbm_bytes"] = "nvidia-smi"; },

@@ -326,6 +326,58 @@ TEST_CASE("cuDNN attention on H200 and B200, and FA2 on B200, between their fit 
   CHECK(attention_tflops(b200, s, true) * burst == mop::test::rel(298.9, 0.05));
 }
 
+TEST_CASE("past their upper fit point, cuDNN's curves follow the benchmark's longer points" *
+          doctest::test_suite("fitted")) {
+  // The points come from the same files as the fits (docs/HARDWARE.md "Attention kernels"): a
+  // guard that the lowering of a point (its keys per block, its pairs) reproduces it, and that
+  // past the last point the kernel keeps its last rate instead of the curve's rise.
+  AttentionShape s;
+  s.batch = 1;
+  s.heads = 128;
+  s.kv_heads = 8;
+  s.causal = true;
+  s.kernel = AttentionKernel::cudnn;
+  const ClusterSpec b200 = load_cluster("b200");
+  const double burst = 1 / b200.gpu.attention_sustained;
+  const double seqs[] = {32768, 65536, 131072};
+  const double fwd[] = {1419.0, 1382.3, 1355.4}, bwd[] = {1108.7, 1073.1, 1047.8};
+  for (int i = 0; i < 3; ++i) {
+    CAPTURE(seqs[i]);
+    s.q_len = s.kv_len = seqs[i];
+    CHECK(attention_tflops(b200, s, false) * burst == mop::test::rel(fwd[i], 0.005));
+    CHECK(attention_tflops(b200, s, true) * burst == mop::test::rel(bwd[i], 0.005));
+  }
+  // Between points, linear in the log of the keys a query block visits: 92K lies a half of the
+  // way from 64K to 128K in log L.
+  s.q_len = s.kv_len = std::sqrt(65536.0 * 131072.0);
+  CHECK(attention_tflops(b200, s, false) * burst ==
+        mop::test::rel((1382.3 + 1355.4) / 2, 0.005));
+  s.q_len = s.kv_len = 262144; // past the last point: the last point's rate
+  CHECK(attention_tflops(b200, s, false) * burst == mop::test::rel(1355.4, 0.005));
+  // H200 (non-causal points at 16k and 32k): the backward falls from 612 to 572 TFLOPS and stays
+  // there at 64k, where the curve alone would give 625.
+  const ClusterSpec h200 = load_cluster("h200");
+  s.heads = 64;
+  s.causal = false;
+  s.q_len = s.kv_len = 65536;
+  CHECK(attention_tflops(h200, s, true) == mop::test::rel(572, 0.005));
+}
+
+TEST_CASE("H200's causal cuDNN attention at 32k, predicted from the non-causal points" *
+          doctest::test_suite("independent")) {
+  // cudnn-frontend's H200 file (cuDNN 9.19), causal 32k, 64/8 heads: forward 688, backward 581.
+  AttentionShape s;
+  s.batch = 1;
+  s.heads = 64;
+  s.kv_heads = 8;
+  s.q_len = s.kv_len = 32768;
+  s.causal = true;
+  s.kernel = AttentionKernel::cudnn;
+  const ClusterSpec h200 = load_cluster("h200");
+  CHECK(attention_tflops(h200, s, false) == mop::test::rel(688, 0.03));
+  CHECK(attention_tflops(h200, s, true) == mop::test::rel(581, 0.06));
+}
+
 TEST_CASE("B200's sustained attention: back-to-back kernels at its power limit run 0.853 of the "
           "burst figures" *
           doctest::test_suite("independent")) {
