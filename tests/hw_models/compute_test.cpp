@@ -34,6 +34,18 @@ AttentionShape fa3_shape(double seq, double d, bool causal) {
   return s;
 }
 
+// One call of cudnn-frontend's training benchmark: batch 1, 8 KV heads, d = 128.
+AttentionShape cudnn_shape(double heads, double seq, bool causal) {
+  AttentionShape s;
+  s.batch = 1;
+  s.heads = heads;
+  s.kv_heads = 8;
+  s.q_len = s.kv_len = seq;
+  s.causal = causal;
+  s.kernel = AttentionKernel::cudnn;
+  return s;
+}
+
 double attention_tflops(const ClusterSpec& c, const AttentionShape& s, bool backward) {
   const double t = backward ? attention_bwd_time_s(c, kNone, s) : attention_fwd_time_s(c, kNone, s);
   return attention_flops(s, backward) / t / 1e12;
@@ -301,13 +313,7 @@ TEST_CASE("cuDNN attention on H200 and B200, and FA2 on B200, between their fit 
   // 9.19, d = 128, 64/8 heads, batch 1, non-causal (fitted at 4k and 16k): 8k forward 691,
   // backward 594; causal 644 / 541 (a prediction from the non-causal curve). B200, torch SDPA,
   // 128/8 heads, causal (fitted at 4k and 16k): 8k cuDNN 1171.3 / 942.5, flash 373.4 / 298.9.
-  AttentionShape s;
-  s.batch = 1;
-  s.heads = 64;
-  s.kv_heads = 8;
-  s.q_len = s.kv_len = 8192;
-  s.causal = false;
-  s.kernel = AttentionKernel::cudnn;
+  AttentionShape s = cudnn_shape(64, 8192, false);
   const ClusterSpec h200 = load_cluster("h200");
   CHECK(attention_tflops(h200, s, false) == mop::test::rel(691, 0.03));
   CHECK(attention_tflops(h200, s, true) == mop::test::rel(594, 0.03));
@@ -331,12 +337,7 @@ TEST_CASE("past their upper fit point, cuDNN's curves follow the benchmark's lon
   // The points come from the same files as the fits (docs/HARDWARE.md "Attention kernels"): a
   // guard that the lowering of a point (its keys per block, its pairs) reproduces it, and that
   // past the last point the kernel keeps its last rate instead of the curve's rise.
-  AttentionShape s;
-  s.batch = 1;
-  s.heads = 128;
-  s.kv_heads = 8;
-  s.causal = true;
-  s.kernel = AttentionKernel::cudnn;
+  AttentionShape s = cudnn_shape(128, 0, true);
   const ClusterSpec b200 = load_cluster("b200");
   const double burst = 1 / b200.gpu.attention_sustained;
   const double seqs[] = {32768, 65536, 131072};
@@ -366,13 +367,7 @@ TEST_CASE("past their upper fit point, cuDNN's curves follow the benchmark's lon
 TEST_CASE("H200's causal cuDNN attention at 32k, predicted from the non-causal points" *
           doctest::test_suite("independent")) {
   // cudnn-frontend's H200 file (cuDNN 9.19), causal 32k, 64/8 heads: forward 688, backward 581.
-  AttentionShape s;
-  s.batch = 1;
-  s.heads = 64;
-  s.kv_heads = 8;
-  s.q_len = s.kv_len = 32768;
-  s.causal = true;
-  s.kernel = AttentionKernel::cudnn;
+  const AttentionShape s = cudnn_shape(64, 32768, true);
   const ClusterSpec h200 = load_cluster("h200");
   CHECK(attention_tflops(h200, s, false) == mop::test::rel(688, 0.03));
   CHECK(attention_tflops(h200, s, true) == mop::test::rel(581, 0.06));
