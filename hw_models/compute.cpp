@@ -122,6 +122,7 @@ AttentionEfficiency curve_at(const std::vector<AttentionEfficiency>& curves, dou
     const auto& hi = curves[i];
     if (head_dim <= hi.head_dim) {
       const double f = (head_dim - lo.head_dim) / (hi.head_dim - lo.head_dim);
+      // Between two head dimensions' curves: their parameters blended, no measured points.
       return {head_dim, lo.efficiency_max + f * (hi.efficiency_max - lo.efficiency_max),
               lo.half_efficiency_kv_len +
                   f * (hi.half_efficiency_kv_len - lo.half_efficiency_kv_len),
@@ -131,8 +132,8 @@ AttentionEfficiency curve_at(const std::vector<AttentionEfficiency>& curves, dou
   return curves.back();
 }
 
-// η at L keys per query block: the curve up to its first measured point (its upper fit point),
-// then through the others, linear in log L, and the last one's beyond. Each point's L and η as
+// η at L keys per query block: the curve up to its first measured point (its upper fit point,
+// which the curve passes through), then through the others, linear in log L, and the last one's beyond. Each point's L and η as
 // attention_time_s counts them: a non-causal call of S tokens computes its S² pairs, S keys per
 // block; a causal one keeps S(S+1)/2 and computes half of each diagonal tile besides,
 // S/2 + 64 + 1/2 keys per block.
@@ -157,11 +158,9 @@ double burst_efficiency(const AttentionEfficiency& curve, double keys_per_block,
     return of_curve(keys_per_block);
   for (std::size_t i = 1; i < points.size(); ++i)
     if (keys_per_block <= keys(points[i])) {
-      // From the curve's own value at the first point (its fit point), so η is continuous.
-      const double from = i == 1 ? of_curve(keys(points[0])) : eta(points[i - 1]);
       const double f = std::log(keys_per_block / keys(points[i - 1])) /
                        std::log(keys(points[i]) / keys(points[i - 1]));
-      return from + f * (eta(points[i]) - from);
+      return eta(points[i - 1]) + f * (eta(points[i]) - eta(points[i - 1]));
     }
   return eta(points.back());
 }
